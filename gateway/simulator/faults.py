@@ -1,0 +1,35 @@
+"""Fault injection: what a test can make the simulated Exchange do wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Faults:
+    latency: dict[str, float] = field(default_factory=dict)  # operation (or "*") -> seconds added
+    http_503_next: int = 0  # answer the next N requests with HTTP 503
+    http_503_rate: float = 0.0  # and this fraction of the rest
+    seed: int = 0
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self._rng.seed(self.seed)
+
+    async def delay(self, operation: str) -> None:
+        seconds = self.latency.get(operation, self.latency.get("*", 0.0))
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
+    def take_503(self) -> bool:
+        if self.http_503_next > 0:
+            self.http_503_next -= 1
+            return True
+        return self.http_503_rate > 0 and self._rng.random() < self.http_503_rate
+
+    def clear(self) -> None:
+        self.latency.clear()
+        self.http_503_next = 0
+        self.http_503_rate = 0.0

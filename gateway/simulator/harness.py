@@ -1,0 +1,85 @@
+"""Run a simulator on a real socket in a background thread (tests, demo, benchmarks)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from gateway.simulator.server import Simulator, SimulatorConfig
+
+T = TypeVar("T")
+
+
+class SimulatorThread:
+    """``with SimulatorThread(...) as sim:`` serves EWS on 127.0.0.1 until the block ends."""
+
+    def __init__(self, config: SimulatorConfig | None = None, *, setup: Callable[[Simulator], Any] | None = None,
+                 host: str = "127.0.0.1", port: int = 0, tls: bool = False) -> None:
+        self.config = config or SimulatorConfig()
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.cert_pem: bytes | None = None
+        self._setup = setup
+        self.loop = asyncio.new_event_loop()
+        self.sim: Simulator
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ews-simulator", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def ews_url(self) -> str:
+        return f"{self.base_url}/EWS/Exchange.asmx"
+
+    def start(self) -> SimulatorThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=30)
+        return self
+
+    async def _start(self) -> None:
+        self.sim = Simulator(self.config)
+        if self._setup is not None:
+            self._setup(self.sim)
+        ssl_ctx = None
+        if self.tls:
+            from gateway.simulator.server import self_signed_context
+
+            ssl_ctx, self.cert_pem = self_signed_context(self.host)
+        self._runner = web.AppRunner(self.sim.make_app(), access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_ctx)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on the simulator's loop (its state is not thread-safe) and return the result."""
+        async def run() -> T:
+            result = fn(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                return await result  # type: ignore[no-any-return]
+            return result
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        return fut.result(timeout=60)
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=30)
+            self._runner = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> SimulatorThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,672 @@
+"""The XML form of calendar items: response shapes (FieldURI by FieldURI) and parsing of CreateItem/UpdateItem."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from lxml import etree
+
+from gateway.simulator import ids
+from gateway.simulator.calendar import (
+    MONTHS,
+    WEEK_INDEX,
+    WEEKDAYS,
+    Attendee,
+    CalendarItem,
+    Instance,
+    Recurrence,
+    zone,
+)
+from gateway.simulator.mailboxes import Directory
+from gateway.simulator.schema import TNS, child_order
+from gateway.simulator.soap import EwsError, parse_bool, parse_datetime, sub, t
+
+PSETID_MEETING = "6ed8da90-450b-101b-98da-00aa003f1305"
+PSETID_PUBLIC_STRINGS = "00020329-0000-0000-c000-000000000046"
+_SET_ALIASES = {PSETID_MEETING: "Meeting", PSETID_PUBLIC_STRINGS: "PublicStrings"}
+
+ExtKey = tuple[str, str, str]
+
+
+def ext_key(uri: etree._Element) -> ExtKey:
+    """Normalise an ExtendedFieldURI to (property set, name or id, type)."""
+    pset = uri.get("DistinguishedPropertySetId")
+    if pset is None and uri.get("PropertySetId"):
+        guid = uri.get("PropertySetId", "").strip("{}").lower()
+        pset = _SET_ALIASES.get(guid, guid)
+    if uri.get("PropertyTag"):
+        tag = uri.get("PropertyTag", "")
+        num = int(tag, 16) if tag.lower().startswith("0x") else int(tag)
+        return ("tag", str(num), uri.get("PropertyType", ""))
+    name = uri.get("PropertyName")
+    if name is None:
+        pid = uri.get("PropertyId", "0")
+        name = str(int(pid, 16) if pid.lower().startswith("0x") else int(pid))
+    return (pset or "", name, uri.get("PropertyType", ""))
+
+
+@dataclass
+class Shape:
+    """What an ItemShape asked for."""
+
+    base: str = "Default"
+    uris: list[str] = field(default_factory=list)
+    ext: list[etree._Element] = field(default_factory=list)
+    body_type: str = "Best"
+
+    @classmethod
+    def parse(cls, el: etree._Element | None) -> Shape:
+        shape = cls()
+        if el is None:
+            return shape
+        for child in el:
+            name = etree.QName(child).localname
+            if name == "BaseShape":
+                shape.base = (child.text or "Default").strip()
+            elif name == "BodyType":
+                shape.body_type = (child.text or "Best").strip()
+            elif name == "AdditionalProperties":
+                for p in child:
+                    pn = etree.QName(p).localname
+                    if pn == "FieldURI":
+                        shape.uris.append(p.get("FieldURI", ""))
+                    elif pn == "ExtendedFieldURI":
+                        shape.ext.append(p)
+        return shape
+
+    def field_uris(self) -> list[str]:
+        base = {"IdOnly": ["item:ItemId"], "Default": DEFAULT_FIELDS, "AllProperties": ALL_FIELDS}.get(
+            self.base, DEFAULT_FIELDS)
+        out = list(base)
+        for u in self.uris:
+            if u not in out:
+                out.append(u)
+        return out
+
+
+class View:
+    """An item, or one instance of a series, as it is about to be rendered."""
+
+    __slots__ = ("item", "inst", "directory")
+
+    def __init__(self, item: CalendarItem, inst: Instance | None, directory: Directory) -> None:
+        self.item = item
+        self.inst = inst if inst is not None and inst.original_start is not None else None
+        self.directory = directory
+
+    @property
+    def start(self) -> datetime:
+        return self.inst.start if self.inst else self.item.start
+
+    @property
+    def end(self) -> datetime:
+        return self.inst.end if self.inst else self.item.end
+
+    @property
+    def item_id(self) -> tuple[str, str]:
+        it = self.item
+        if self.inst is not None:
+            exc = self.inst.exception
+            version = exc.version if exc else it.version
+            return ids.occurrence_id(it.mailbox.idx, it.iid, self.inst.index), ids.change_key(it.iid, version)
+        return ids.item_id(it.mailbox.idx, it.iid), ids.change_key(it.iid, it.version)
+
+
+def _mailbox(parent: etree._Element, tag: str, person: Any) -> None:
+    mb = sub(parent, tag)
+    sub(mb, "t:Name", person.name)
+    sub(mb, "t:EmailAddress", person.email)
+    sub(mb, "t:RoutingType", person.routing)
+    sub(mb, "t:MailboxType", person.mailbox_type)
+
+
+def _attendees(tag: str, attendees: Iterable[Attendee]) -> Callable[[etree._Element, View], None]:
+    def write(parent: etree._Element, v: View) -> None:
+        atts = list(attendees)
+        if not atts:
+            return
+        el = sub(parent, tag)
+        for a in atts:
+            ae = sub(el, "t:Attendee")
+            _mailbox(ae, "t:Mailbox", a.person)
+            sub(ae, "t:ResponseType", a.response)
+            if a.response_time is not None:
+                sub(ae, "t:LastResponseTime", a.response_time)
+    return write
+
+
+def _duration(delta: timedelta) -> str:
+    secs = int(delta.total_seconds())
+    days, rem = divmod(secs, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes, seconds = divmod(rem, 60)
+    out = "P" + (f"{days}D" if days else "")
+    timepart = (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "") + (f"{seconds}S" if seconds else "")
+    if timepart or not days:
+        out += "T" + (timepart or "0S")
+    return out
+
+
+def _goid_with_instance(goid: bytes, original: datetime | None) -> bytes:
+    if original is None:
+        return goid
+    return goid[:16] + struct.pack(">HBB", original.year, original.month, original.day) + goid[20:]
+
+
+def write_recurrence(parent: etree._Element, rec: Recurrence, tag: str = "t:Recurrence") -> None:
+    el = sub(parent, tag)
+    k = rec.kind
+    p = sub(el, f"t:{k}Recurrence")
+    if k in ("Daily", "Weekly", "AbsoluteMonthly", "RelativeMonthly"):
+        sub(p, "t:Interval", rec.interval)
+    if k == "Weekly":
+        sub(p, "t:DaysOfWeek", " ".join(rec.days_of_week))
+        sub(p, "t:FirstDayOfWeek", rec.first_day_of_week)
+    elif k == "RelativeMonthly":
+        sub(p, "t:DaysOfWeek", rec.days_of_week[0] if rec.days_of_week else "Monday")
+        sub(p, "t:DayOfWeekIndex", rec.day_of_week_index)
+    elif k == "AbsoluteMonthly":
+        sub(p, "t:DayOfMonth", rec.day_of_month)
+    elif k == "RelativeYearly":
+        sub(p, "t:DaysOfWeek", rec.days_of_week[0] if rec.days_of_week else "Monday")
+        sub(p, "t:DayOfWeekIndex", rec.day_of_week_index)
+        sub(p, "t:Month", rec.month)
+    elif k == "AbsoluteYearly":
+        sub(p, "t:DayOfMonth", rec.day_of_month)
+        sub(p, "t:Month", rec.month)
+    if rec.end_date is not None:
+        r = sub(el, "t:EndDateRecurrence")
+        sub(r, "t:StartDate", rec.start_date)
+        sub(r, "t:EndDate", rec.end_date)
+    elif rec.count is not None:
+        r = sub(el, "t:NumberedRecurrence")
+        sub(r, "t:StartDate", rec.start_date)
+        sub(r, "t:NumberOfOccurrences", rec.count)
+    else:
+        r = sub(el, "t:NoEndRecurrence")
+        sub(r, "t:StartDate", rec.start_date)
+
+
+def _occurrence_info(parent: etree._Element, tag: str, v: View, inst: Instance) -> None:
+    el = sub(parent, tag)
+    it = v.item
+    sub(el, "t:ItemId", Id=ids.occurrence_id(it.mailbox.idx, it.iid, inst.index),
+        ChangeKey=ids.change_key(it.iid, it.version))
+    sub(el, "t:Start", inst.start)
+    sub(el, "t:End", inst.end)
+    sub(el, "t:OriginalStart", inst.original_start)
+
+
+def _w_first(parent: etree._Element, v: View) -> None:
+    if v.inst is None and v.item.recurrence is not None:
+        first, _ = v.item.first_last()
+        if first:
+            _occurrence_info(parent, "t:FirstOccurrence", v, first)
+
+
+def _w_last(parent: etree._Element, v: View) -> None:
+    if v.inst is None and v.item.recurrence is not None:
+        _, last = v.item.first_last()
+        if last:
+            _occurrence_info(parent, "t:LastOccurrence", v, last)
+
+
+def _w_modified(parent: etree._Element, v: View) -> None:
+    it = v.item
+    if v.inst is None and it.recurrence is not None and it.exceptions:
+        el = sub(parent, "t:ModifiedOccurrences")
+        for original in sorted(it.exceptions):
+            idx = it.index_of(original) or 0
+            _occurrence_info(el, "t:Occurrence", v, Instance(it, idx, original))
+
+
+def _w_deleted(parent: etree._Element, v: View) -> None:
+    it = v.item
+    if v.inst is None and it.recurrence is not None and it.deleted:
+        el = sub(parent, "t:DeletedOccurrences")
+        for original in sorted(it.deleted):
+            sub(sub(el, "t:DeletedOccurrence"), "t:Start", original)
+
+
+def _w_body(parent: etree._Element, v: View, body_type: str = "Best") -> None:
+    exc = v.inst.exception if v.inst else None
+    text = exc.body if exc is not None and exc.body is not None else v.item.body
+    if text is None:
+        return
+    kind = v.item.body_type if body_type == "Best" else body_type
+    if kind == "Text" and v.item.body_type == "HTML":
+        text = _strip_html(text)
+    elif kind == "HTML" and v.item.body_type == "Text":
+        text = f"<html><body>{_escape(text)}</body></html>"
+    sub(parent, "t:Body", text, BodyType=kind)
+
+
+def _w_text_body(parent: etree._Element, v: View) -> None:
+    if v.item.body is not None:
+        text = _strip_html(v.item.body) if v.item.body_type == "HTML" else v.item.body
+        sub(parent, "t:TextBody", text, BodyType="Text")
+
+
+def _strip_html(text: str) -> str:
+    try:
+        return "".join(etree.fromstring(f"<x>{text}</x>", etree.HTMLParser()).itertext())
+    except etree.XMLSyntaxError:
+        return text
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _tz_el(tag: str) -> Callable[[etree._Element, View], None]:
+    def write(parent: etree._Element, v: View) -> None:
+        sub(parent, tag, Id=v.item.tz, Name=v.item.tz)
+    return write
+
+
+def _state(it: CalendarItem) -> int:
+    state = 0
+    if it.is_meeting:
+        state |= 1
+        if it.my_response != "Organizer":
+            state |= 2
+    if it.is_cancelled:
+        state |= 4
+    return state
+
+
+def _display(atts: Iterable[Attendee]) -> str:
+    return "; ".join(a.person.name for a in atts)
+
+
+def _simple(tag: str, getter: Callable[[View], Any]) -> Callable[[etree._Element, View], None]:
+    def write(parent: etree._Element, v: View) -> None:
+        value = getter(v)
+        if value is not None and value != "":
+            sub(parent, tag, value)
+    return write
+
+
+def _w_item_id(parent: etree._Element, v: View) -> None:
+    iid, ck = v.item_id
+    sub(parent, "t:ItemId", Id=iid, ChangeKey=ck)
+
+
+def _w_parent(parent: etree._Element, v: View) -> None:
+    f = v.item.folder
+    sub(parent, "t:ParentFolderId", Id=f.id, ChangeKey=f.change_key)
+
+
+def _w_categories(parent: etree._Element, v: View) -> None:
+    if v.item.categories:
+        el = sub(parent, "t:Categories")
+        for c in v.item.categories:
+            sub(el, "t:String", c)
+
+
+def _w_organizer(parent: etree._Element, v: View) -> None:
+    person = v.item.organizer or v.item.mailbox.person
+    org = sub(parent, "t:Organizer")
+    _mailbox(org, "t:Mailbox", person)
+
+
+def _w_recurrence(parent: etree._Element, v: View) -> None:
+    if v.inst is None and v.item.recurrence is not None:
+        write_recurrence(parent, v.item.recurrence)
+
+
+def _w_start(parent: etree._Element, v: View) -> None:
+    sub(parent, "t:Start", v.start)
+
+
+def _w_end(parent: etree._Element, v: View) -> None:
+    sub(parent, "t:End", v.end)
+
+
+def _w_original_start(parent: etree._Element, v: View) -> None:
+    if v.inst is not None:
+        sub(parent, "t:OriginalStart", v.inst.original_start)
+
+
+def _w_recurrence_id(parent: etree._Element, v: View) -> None:
+    if v.inst is not None:
+        sub(parent, "t:RecurrenceId", v.inst.original_start)
+
+
+def _w_size(parent: etree._Element, v: View) -> None:
+    sub(parent, "t:Size", 900 + len(v.item.subject or "") + len(v.item.body or ""))
+
+
+WRITERS: dict[str, Callable[[etree._Element, View], None]] = {
+    "item:ItemId": _w_item_id,
+    "item:ParentFolderId": _w_parent,
+    "item:ItemClass": _simple("t:ItemClass", lambda v: v.item.item_class),
+    "item:Subject": _simple("t:Subject", lambda v: v.inst.subject if v.inst else v.item.subject),
+    "item:Sensitivity": _simple("t:Sensitivity", lambda v: v.item.sensitivity),
+    "item:Body": _w_body,
+    "item:DateTimeReceived": _simple("t:DateTimeReceived", lambda v: v.item.created),
+    "item:Size": _w_size,
+    "item:Categories": _w_categories,
+    "item:Importance": _simple("t:Importance", lambda v: v.item.importance),
+    "item:IsSubmitted": _simple("t:IsSubmitted", lambda v: False),
+    "item:IsDraft": _simple("t:IsDraft", lambda v: False),
+    "item:IsFromMe": _simple("t:IsFromMe", lambda v: False),
+    "item:IsResend": _simple("t:IsResend", lambda v: False),
+    "item:IsUnmodified": _simple("t:IsUnmodified", lambda v: v.item.version == 1),
+    "item:DateTimeSent": _simple("t:DateTimeSent", lambda v: v.item.created),
+    "item:DateTimeCreated": _simple("t:DateTimeCreated", lambda v: v.item.created),
+    "item:ReminderIsSet": _simple("t:ReminderIsSet", lambda v: v.item.reminder is not None),
+    "item:ReminderMinutesBeforeStart": _simple("t:ReminderMinutesBeforeStart", lambda v: v.item.reminder or 0),
+    "item:DisplayCc": _simple("t:DisplayCc", lambda v: _display(v.item.optional)),
+    "item:DisplayTo": _simple("t:DisplayTo", lambda v: _display(v.item.required)),
+    "item:HasAttachments": _simple("t:HasAttachments", lambda v: False),
+    "item:Culture": _simple("t:Culture", lambda v: "en-US"),
+    "item:LastModifiedName": _simple("t:LastModifiedName", lambda v: v.item.mailbox.name),
+    "item:LastModifiedTime": _simple("t:LastModifiedTime", lambda v: v.item.modified),
+    "item:IsAssociated": _simple("t:IsAssociated", lambda v: False),
+    "item:TextBody": lambda p, v: _w_text_body(p, v),
+    "calendar:UID": _simple("t:UID", lambda v: v.item.uid),
+    "calendar:RecurrenceId": _w_recurrence_id,
+    "calendar:DateTimeStamp": _simple("t:DateTimeStamp", lambda v: v.item.modified),
+    "calendar:Start": _w_start,
+    "calendar:End": _w_end,
+    "calendar:OriginalStart": _w_original_start,
+    "calendar:IsAllDayEvent": _simple("t:IsAllDayEvent", lambda v: v.item.all_day),
+    "calendar:LegacyFreeBusyStatus": _simple("t:LegacyFreeBusyStatus",
+                                             lambda v: v.inst.free_busy if v.inst else v.item.free_busy),
+    "calendar:Location": _simple("t:Location", lambda v: v.inst.location if v.inst else v.item.location),
+    "calendar:IsMeeting": _simple("t:IsMeeting", lambda v: v.item.is_meeting),
+    "calendar:IsCancelled": _simple("t:IsCancelled", lambda v: v.item.is_cancelled),
+    "calendar:IsRecurring": _simple("t:IsRecurring", lambda v: v.inst is not None),
+    "calendar:MeetingRequestWasSent": _simple("t:MeetingRequestWasSent", lambda v: v.item.request_sent),
+    "calendar:IsResponseRequested": _simple("t:IsResponseRequested", lambda v: v.item.response_requested),
+    "calendar:CalendarItemType": _simple("t:CalendarItemType",
+                                         lambda v: v.inst.item_type if v.inst else v.item.item_type),
+    "calendar:MyResponseType": _simple("t:MyResponseType", lambda v: v.item.my_response),
+    "calendar:Organizer": _w_organizer,
+    "calendar:ConflictingMeetingCount": _simple("t:ConflictingMeetingCount", lambda v: 0),
+    "calendar:AdjacentMeetingCount": _simple("t:AdjacentMeetingCount", lambda v: 0),
+    "calendar:Duration": _simple("t:Duration", lambda v: _duration(v.end - v.start)),
+    "calendar:TimeZone": _simple("t:TimeZone", lambda v: v.item.tz),
+    "calendar:AppointmentReplyTime": _simple("t:AppointmentReplyTime", lambda v: v.item.reply_time),
+    "calendar:AppointmentSequenceNumber": _simple("t:AppointmentSequenceNumber", lambda v: v.item.meeting_seq),
+    "calendar:AppointmentState": _simple("t:AppointmentState", lambda v: _state(v.item)),
+    "calendar:Recurrence": _w_recurrence,
+    "calendar:FirstOccurrence": _w_first,
+    "calendar:LastOccurrence": _w_last,
+    "calendar:ModifiedOccurrences": _w_modified,
+    "calendar:DeletedOccurrences": _w_deleted,
+    "calendar:StartTimeZone": _tz_el("t:StartTimeZone"),
+    "calendar:EndTimeZone": _tz_el("t:EndTimeZone"),
+    "calendar:ConferenceType": _simple("t:ConferenceType", lambda v: 0),
+    "calendar:AllowNewTimeProposal": _simple("t:AllowNewTimeProposal", lambda v: True),
+    "calendar:IsOnlineMeeting": _simple("t:IsOnlineMeeting", lambda v: v.item.online_url is not None),
+    "calendar:NetShowUrl": _simple("t:NetShowUrl", lambda v: v.item.online_url),
+}
+_ATTENDEE_URIS = {"calendar:RequiredAttendees": ("t:RequiredAttendees", "required"),
+                  "calendar:OptionalAttendees": ("t:OptionalAttendees", "optional"),
+                  "calendar:Resources": ("t:Resources", "resources")}
+# URIs Exchange accepts but this simulator has nothing to say about (returned as absent, as for empty values).
+IGNORED_URIS = {
+    "item:MimeContent", "item:Attachments", "item:InReplyTo", "item:InternetMessageHeaders", "item:ResponseObjects",
+    "item:ReminderDueBy", "item:EffectiveRights", "item:WebClientReadFormQueryString",
+    "item:WebClientEditFormQueryString", "item:ConversationId", "item:UniqueBody", "calendar:When",
+    "calendar:ConflictingMeetings", "calendar:AdjacentMeetings", "calendar:MeetingWorkspaceUrl",
+    "calendar:MeetingTimeZone", "item:StoreEntryId", "item:InstanceKey", "item:NormalizedBody",
+    "item:EntityExtractionResult", "item:Flag", "item:PolicyTag", "item:ArchiveTag", "item:RetentionDate",
+    "item:Preview", "calendar:EnhancedLocation", "calendar:StartWallClock",
+    "calendar:EndWallClock", "calendar:StartTimeZoneId", "calendar:EndTimeZoneId", "calendar:IntendedFreeBusyStatus",
+    "calendar:JoinOnlineMeetingUrl", "calendar:OnlineMeetingSettings", "calendar:IsOrganizer",
+    "calendar:InboundShadowAttendees",
+}
+
+DEFAULT_FIELDS = [
+    "item:ItemId", "item:ParentFolderId", "item:ItemClass", "item:Subject", "item:Sensitivity",
+    "item:HasAttachments", "item:IsAssociated", "calendar:Start", "calendar:End", "calendar:IsAllDayEvent",
+    "calendar:LegacyFreeBusyStatus", "calendar:Location", "calendar:CalendarItemType", "calendar:Organizer",
+]
+ALL_FIELDS = [
+    "item:ItemId", "item:ParentFolderId", "item:ItemClass", "item:Subject", "item:Sensitivity", "item:Body",
+    "item:DateTimeReceived", "item:Size", "item:Categories", "item:Importance", "item:IsSubmitted", "item:IsDraft",
+    "item:IsFromMe", "item:IsResend", "item:IsUnmodified", "item:DateTimeSent", "item:DateTimeCreated",
+    "item:ReminderIsSet", "item:ReminderMinutesBeforeStart", "item:DisplayCc", "item:DisplayTo",
+    "item:HasAttachments", "item:Culture", "item:LastModifiedName", "item:LastModifiedTime", "item:IsAssociated",
+    "calendar:UID", "calendar:RecurrenceId", "calendar:DateTimeStamp", "calendar:Start", "calendar:End",
+    "calendar:OriginalStart", "calendar:IsAllDayEvent", "calendar:LegacyFreeBusyStatus", "calendar:Location",
+    "calendar:IsMeeting", "calendar:IsCancelled", "calendar:IsRecurring", "calendar:MeetingRequestWasSent",
+    "calendar:IsResponseRequested", "calendar:CalendarItemType", "calendar:MyResponseType", "calendar:Organizer",
+    "calendar:RequiredAttendees", "calendar:OptionalAttendees", "calendar:Resources", "calendar:Duration",
+    "calendar:TimeZone", "calendar:AppointmentSequenceNumber", "calendar:AppointmentState", "calendar:Recurrence",
+    "calendar:FirstOccurrence", "calendar:LastOccurrence", "calendar:ModifiedOccurrences",
+    "calendar:DeletedOccurrences", "calendar:StartTimeZone", "calendar:EndTimeZone", "calendar:ConferenceType",
+    "calendar:AllowNewTimeProposal", "calendar:IsOnlineMeeting",
+]
+KNOWN_URIS = set(WRITERS) | set(_ATTENDEE_URIS) | IGNORED_URIS
+
+
+def check_shape(shape: Shape) -> None:
+    for uri in shape.uris:
+        if uri not in KNOWN_URIS and not uri.startswith(("item:", "calendar:", "message:", "meeting:",
+                                                          "meetingRequest:", "folder:", "contacts:",
+                                                          "task:", "postitem:", "conversation:", "persona:",
+                                                          "distributionlist:")):
+            raise EwsError("ErrorInvalidPropertyRequest", f"The property {uri} is not valid for this object type.")
+
+
+def _ext_value(v: View, key: ExtKey) -> Any:
+    pset, name, _ptype = key
+    if pset == "Meeting" and name == "35":
+        return v.item.goid
+    if pset == "Meeting" and name == "3":
+        return _goid_with_instance(v.item.goid, v.inst.original_start if v.inst else None)
+    return (v.item.ext or {}).get(key)
+
+
+def write_ext(parent: etree._Element, v: View, uri_el: etree._Element) -> None:
+    key = ext_key(uri_el)
+    value = _ext_value(v, key)
+    if value is None:
+        return
+    el = sub(parent, "t:ExtendedProperty")
+    copy = etree.SubElement(el, t("ExtendedFieldURI"), {k: uri_el.get(k) for k in uri_el.keys()})
+    del copy
+    values = value if isinstance(value, list) else None
+    if values is not None:
+        vs = sub(el, "t:Values")
+        for x in values:
+            sub(vs, "t:Value", _ext_text(x))
+    else:
+        sub(el, "t:Value", _ext_text(value))
+
+
+def _ext_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def render(parent: etree._Element, view: View, shape: Shape) -> etree._Element:
+    """Append one t:CalendarItem with the fields ``shape`` asks for, in schema order."""
+    el = etree.SubElement(parent, t("CalendarItem"))
+    for uri in shape.field_uris():
+        if uri in _ATTENDEE_URIS:
+            tag, attr = _ATTENDEE_URIS[uri]
+            _attendees(tag, getattr(view.item, attr))(el, view)
+            continue
+        writer = WRITERS.get(uri)
+        if writer is None:
+            continue
+        if uri == "item:Body":
+            _w_body(el, view, shape.body_type)
+        else:
+            writer(el, view)
+    for uri_el in shape.ext:
+        write_ext(el, view, uri_el)
+    order = child_order("CalendarItemType")
+    el[:] = sorted(el, key=lambda c: order.get(etree.QName(c).localname, 999))
+    return el
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+def _local(el: etree._Element) -> str:
+    return etree.QName(el).localname
+
+
+def parse_recurrence(el: etree._Element) -> Recurrence:
+    pattern, rng = el[0], el[1]
+    kind = _local(pattern).removesuffix("Recurrence")
+    vals = {_local(c): (c.text or "").strip() for c in pattern}
+    rec = Recurrence(kind=kind)
+    if "Interval" in vals:
+        rec.interval = max(1, int(vals["Interval"]))
+    if "DaysOfWeek" in vals:
+        days = tuple(vals["DaysOfWeek"].split())
+        for d in days:
+            if d not in WEEKDAYS and d not in ("Day", "Weekday", "WeekendDay"):
+                raise EwsError("ErrorInvalidRecurrence", f"Invalid day of week {d!r}.")
+        rec.days_of_week = days
+    if "FirstDayOfWeek" in vals:
+        rec.first_day_of_week = vals["FirstDayOfWeek"]
+    if "DayOfMonth" in vals:
+        rec.day_of_month = int(vals["DayOfMonth"])
+    if "DayOfWeekIndex" in vals:
+        if vals["DayOfWeekIndex"] not in WEEK_INDEX:
+            raise EwsError("ErrorInvalidRecurrence", "Invalid DayOfWeekIndex.")
+        rec.day_of_week_index = vals["DayOfWeekIndex"]
+    if "Month" in vals:
+        if vals["Month"] not in MONTHS:
+            raise EwsError("ErrorInvalidRecurrence", "Invalid Month.")
+        rec.month = vals["Month"]
+    rvals = {_local(c): (c.text or "").strip() for c in rng}
+    rec.start_date = _parse_date(rvals["StartDate"])
+    if _local(rng) == "EndDateRecurrence":
+        rec.end_date = _parse_date(rvals["EndDate"])
+        if rec.end_date < rec.start_date:
+            raise EwsError("ErrorInvalidRecurrence", "The recurrence ends before it starts.")
+    elif _local(rng) == "NumberedRecurrence":
+        rec.count = int(rvals["NumberOfOccurrences"])
+        if rec.count < 1:
+            raise EwsError("ErrorInvalidRecurrence", "NumberOfOccurrences must be positive.")
+    return rec
+
+
+def _parse_date(text: str) -> date:
+    # xs:date may carry an offset ("2026-11-23+01:00" or "2026-11-23Z"); the date part is what counts.
+    return date.fromisoformat(text[:10])
+
+
+@dataclass
+class ItemFields:
+    """The fields a CreateItem/UpdateItem carried, already typed."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    ext: dict[ExtKey, Any] = field(default_factory=dict)
+
+
+def parse_attendees(el: etree._Element, directory: Directory) -> tuple[Attendee, ...]:
+    out = []
+    for att in el:
+        mb_el = att.find(t("Mailbox"))
+        if mb_el is None:
+            continue
+        email = (mb_el.findtext(t("EmailAddress")) or "").strip()
+        name = (mb_el.findtext(t("Name")) or "").strip()
+        if not email:
+            raise EwsError("ErrorInvalidRecipients", "An attendee has no e-mail address.")
+        out.append(Attendee(directory.person(email, name)))
+    return tuple(out)
+
+
+def _ext_from_xml(prop: etree._Element) -> tuple[ExtKey, Any]:
+    uri = prop.find(t("ExtendedFieldURI"))
+    if uri is None:
+        raise EwsError("ErrorInvalidExtendedProperty", "ExtendedProperty without ExtendedFieldURI.")
+    key = ext_key(uri)
+    values = prop.find(t("Values"))
+    if values is not None:
+        return key, [_ext_parse(key[2], v.text or "") for v in values]
+    return key, _ext_parse(key[2], prop.findtext(t("Value")) or "")
+
+
+def _ext_parse(ptype: str, text: str) -> Any:
+    if ptype.startswith("Binary"):
+        try:
+            return base64.b64decode(text)
+        except ValueError as e:
+            raise EwsError("ErrorInvalidExtendedPropertyValue", "Invalid base64 value.") from e
+    return text
+
+
+def parse_item(el: etree._Element, directory: Directory, tz_context: str | None = None) -> ItemFields:
+    """Read a t:CalendarItem (CreateItem) into typed values; times without offset use StartTimeZone."""
+    out = ItemFields()
+    start_tz = tz_context
+    for c in el:
+        if _local(c) in ("StartTimeZone", "MeetingTimeZone") and c.get("Id"):
+            start_tz = c.get("Id")
+    for c in el:
+        name = _local(c)
+        text = (c.text or "").strip()
+        if name == "Subject":
+            out.values["subject"] = c.text or ""
+        elif name == "Body":
+            out.values["body"] = c.text or ""
+            out.values["body_type"] = c.get("BodyType", "HTML")
+        elif name == "Sensitivity":
+            out.values["sensitivity"] = text
+        elif name == "Importance":
+            out.values["importance"] = text
+        elif name == "Categories":
+            out.values["categories"] = tuple((s.text or "") for s in c)
+        elif name == "ReminderIsSet":
+            out.values["reminder_set"] = parse_bool(text)
+        elif name == "ReminderMinutesBeforeStart":
+            out.values["reminder"] = int(text)
+        elif name == "ExtendedProperty":
+            key, value = _ext_from_xml(c)
+            out.ext[key] = value
+        elif name == "UID":
+            out.values["uid"] = text
+        elif name in ("Start", "End"):
+            out.values[name.lower()] = parse_datetime(text, zone(start_tz) if start_tz else None)
+        elif name == "IsAllDayEvent":
+            out.values["all_day"] = parse_bool(text)
+        elif name == "LegacyFreeBusyStatus":
+            out.values["free_busy"] = text
+        elif name == "Location":
+            out.values["location"] = c.text or ""
+        elif name == "IsResponseRequested":
+            out.values["response_requested"] = parse_bool(text, True)
+        elif name in ("RequiredAttendees", "OptionalAttendees", "Resources"):
+            key = {"RequiredAttendees": "required", "OptionalAttendees": "optional", "Resources": "resources"}[name]
+            out.values[key] = parse_attendees(c, directory)
+        elif name == "Recurrence":
+            out.values["recurrence"] = parse_recurrence(c)
+        elif name in ("StartTimeZone", "MeetingTimeZone"):
+            out.values["tz"] = c.get("Id") or "UTC"
+        elif name == "NetShowUrl":
+            out.values["online_url"] = text
+        elif name == "ItemClass":
+            out.values["item_class"] = text
+    return out
+
+
+def all_day_bounds(start: datetime, end: datetime, tz: str) -> tuple[datetime, datetime]:
+    """Exchange pushes all-day items out to the surrounding midnights of the creating time zone."""
+    z = zone(tz)
+    ls, le = start.astimezone(z), end.astimezone(z)
+    s = datetime(ls.year, ls.month, ls.day, tzinfo=z)
+    e = datetime(le.year, le.month, le.day, tzinfo=z)
+    if e < le or e <= s:
+        e = e + timedelta(days=1) if e < le else s + timedelta(days=1)
+    return s.astimezone(UTC), e.astimezone(UTC)
+
+
+__all__ = ["TNS", "Shape", "View", "all_day_bounds", "parse_item", "render"]

@@ -1,0 +1,260 @@
+"""The simulated organisation: users, rooms, room lists, service accounts, folders and every item change.
+
+All mutations happen on the simulator's event loop; every change bumps the item's version (its ChangeKey) and
+the mailbox's change sequence (which SyncFolderItems and notifications read), and is announced to listeners.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.simulator import ids
+from gateway.simulator.calendar import CalendarItem, Person
+from gateway.simulator.soap import EwsError
+
+DISTINGUISHED = {
+    # name: (display name, folder class, element)
+    "root": ("", "", "Folder"),
+    "msgfolderroot": ("Top of Information Store", "IPF.Note", "Folder"),
+    "calendar": ("Calendar", "IPF.Appointment", "CalendarFolder"),
+    "inbox": ("Inbox", "IPF.Note", "Folder"),
+    "sentitems": ("Sent Items", "IPF.Note", "Folder"),
+    "deleteditems": ("Deleted Items", "IPF.Note", "Folder"),
+    "drafts": ("Drafts", "IPF.Note", "Folder"),
+    "outbox": ("Outbox", "IPF.Note", "Folder"),
+}
+
+
+@dataclass
+class CalendarProcessing:
+    """Set-CalendarProcessing for a room, with Exchange's defaults."""
+
+    automate_processing: str = "AutoAccept"  # None, AutoUpdate, AutoAccept
+    allow_conflicts: bool = False
+    booking_window_in_days: int = 180
+    enforce_scheduling_horizon: bool = True
+    maximum_duration_in_minutes: int = 1440
+    allow_recurring_meetings: bool = True
+    conflict_percentage_allowed: int = 0
+    maximum_conflict_instances: int = 0
+    add_organizer_to_subject: bool = True
+    delete_subject: bool = True
+    delete_comments: bool = True
+    remove_private_property: bool = True
+    process_external_meeting_messages: bool = False
+    all_book_in_policy: bool = True
+
+    def update(self, values: dict[str, Any]) -> None:
+        known = {f.name: f.type for f in fields(self)}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"unknown calendar-processing setting {key!r}; known: {sorted(known)}")
+            setattr(self, key, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Folder:
+    __slots__ = ("no", "mailbox", "distinguished", "name", "folder_class", "element", "items", "tombstones",
+                 "by_goid", "parent")
+
+    def __init__(self, no: int, mailbox: Mailbox, distinguished: str | None, name: str, folder_class: str,
+                 element: str, parent: Folder | None) -> None:
+        self.no = no
+        self.mailbox = mailbox
+        self.distinguished = distinguished
+        self.name = name
+        self.folder_class = folder_class
+        self.element = element
+        self.items: dict[int, CalendarItem] = {}
+        # (seq of deletion, iid, created_seq) for SyncFolderItems
+        self.tombstones: list[tuple[int, int, int]] = []
+        self.by_goid: dict[bytes, int] = {}
+        self.parent = parent
+
+    @property
+    def id(self) -> str:
+        return ids.folder_id(self.mailbox.idx, self.no)
+
+    @property
+    def change_key(self) -> str:
+        return ids.change_key(self.no, 1)
+
+
+@dataclass(eq=False)
+class Mailbox:
+    idx: int
+    smtp: str
+    name: str
+    kind: str = "user"  # user, room, service
+    username: str = ""
+    password: str | None = None
+    capacity: int | None = None
+    processing: CalendarProcessing | None = None
+    impersonation: str | frozenset[str] | None = None  # None, "rooms", "all", or explicit addresses
+    backend: int = 0
+    seq: int = 0
+    folders: dict[str, Folder] = field(default_factory=dict)
+    folder_list: list[Folder] = field(default_factory=list)
+    working_tz: str = "W. Europe Standard Time"
+
+    @property
+    def person(self) -> Person:
+        return Person(self.smtp, self.name, "SMTP", "Mailbox")
+
+    @property
+    def calendar(self) -> Folder:
+        return self.folders["calendar"]
+
+    def folder(self, name: str) -> Folder:
+        try:
+            return self.folders[name]
+        except KeyError:
+            raise EwsError("ErrorFolderNotFound", f"The distinguished folder {name!r} does not exist.") from None
+
+
+Listener = Callable[[str, "Folder", CalendarItem | None, int, "Folder | None", int | None], None]
+
+
+class Directory:
+    """Every mailbox and item of the simulated organisation."""
+
+    def __init__(self, domain: str = "contoso.com", netbios: str = "CONTOSO", backends: int = 2) -> None:
+        self.domain = domain
+        self.netbios = netbios
+        self.backends = max(1, backends)
+        self.mailboxes: dict[str, Mailbox] = {}
+        self.by_idx: list[Mailbox] = []
+        self.by_username: dict[str, Mailbox] = {}
+        self.room_lists: dict[str, tuple[str, list[str]]] = {}
+        self.items: dict[int, CalendarItem] = {}
+        self.next_iid = 1
+        self.listeners: list[Listener] = []
+
+    # -- directory ---------------------------------------------------------------------------------
+    def add_mailbox(self, smtp: str, name: str, kind: str = "user", *, password: str | None = None,
+                    capacity: int | None = None, impersonation: str | frozenset[str] | None = None) -> Mailbox:
+        smtp = smtp.lower()
+        if smtp in self.mailboxes:
+            raise ValueError(f"mailbox {smtp} exists already")
+        local = smtp.split("@", 1)[0]
+        mb = Mailbox(idx=len(self.by_idx), smtp=smtp, name=name, kind=kind, username=local, password=password,
+                     capacity=capacity, impersonation=impersonation,
+                     backend=zlib.crc32(smtp.encode()) % self.backends)
+        if kind == "room":
+            mb.processing = CalendarProcessing()
+        root = None
+        for i, (dname, (display, cls, element)) in enumerate(DISTINGUISHED.items()):
+            parent = None if dname == "root" else (root if dname == "msgfolderroot" else mb.folders["msgfolderroot"])
+            f = Folder(i, mb, dname, display, cls, element, parent)
+            if dname == "root":
+                root = f
+            mb.folders[dname] = f
+            mb.folder_list.append(f)
+        self.mailboxes[smtp] = mb
+        self.by_idx.append(mb)
+        if password is not None:
+            for name_form in (local, f"{self.netbios}\\{local}", smtp):
+                self.by_username[name_form.lower()] = mb
+        return mb
+
+    def add_room_list(self, smtp: str, name: str, rooms: list[str]) -> None:
+        self.room_lists[smtp.lower()] = (name, [r.lower() for r in rooms])
+
+    def get(self, smtp: str) -> Mailbox:
+        mb = self.mailboxes.get(smtp.lower())
+        if mb is None:
+            raise EwsError("ErrorNonExistentMailbox", f"The SMTP address has no mailbox associated with it: {smtp}")
+        return mb
+
+    def find(self, smtp: str) -> Mailbox | None:
+        return self.mailboxes.get(smtp.lower())
+
+    def logon(self, username: str) -> Mailbox | None:
+        """The mailbox behind a logon name: DOMAIN\\user, user, or a UPN."""
+        return self.by_username.get(username.lower())
+
+    def may_impersonate(self, account: Mailbox, target: Mailbox) -> bool:
+        scope = account.impersonation
+        if scope is None:
+            return False
+        if scope == "all":
+            return True
+        if scope == "rooms":
+            return target.kind == "room"
+        return isinstance(scope, frozenset) and target.smtp in scope
+
+    def person(self, email: str, name: str = "") -> Person:
+        mb = self.find(email)
+        if mb is not None:
+            return mb.person
+        return Person(email, name or email, "SMTP", "OneOff")
+
+    def rooms(self) -> Iterator[Mailbox]:
+        return (mb for mb in self.by_idx if mb.kind == "room")
+
+    # -- items -------------------------------------------------------------------------------------
+    def new_iid(self) -> int:
+        iid = self.next_iid
+        self.next_iid += 1
+        return iid
+
+    def item(self, iid: int) -> CalendarItem | None:
+        return self.items.get(iid)
+
+    def add_item(self, item: CalendarItem, *, notify: bool = True) -> CalendarItem:
+        folder = item.folder
+        mb = folder.mailbox
+        mb.seq += 1
+        item.seq = item.created_seq = mb.seq
+        folder.items[item.iid] = item
+        folder.by_goid[item.goid] = item.iid
+        self.items[item.iid] = item
+        if notify:
+            self._emit("CreatedEvent", folder, item, item.iid)
+            self._emit("FreeBusyChangedEvent", folder, item, item.iid)
+        return item
+
+    def touch(self, item: CalendarItem, *, free_busy: bool = True) -> None:
+        """Record a change: new ChangeKey, new sync sequence, Modified (and FreeBusyChanged) events."""
+        mb = item.folder.mailbox
+        mb.seq += 1
+        item.seq = mb.seq
+        item.version += 1
+        item.modified = datetime.now(UTC)
+        self._emit("ModifiedEvent", item.folder, item, item.iid)
+        if free_busy:
+            self._emit("FreeBusyChangedEvent", item.folder, item, item.iid)
+
+    def remove_item(self, item: CalendarItem, delete_type: str = "HardDelete") -> None:
+        folder = item.folder
+        mb = folder.mailbox
+        mb.seq += 1
+        folder.items.pop(item.iid, None)
+        if folder.by_goid.get(item.goid) == item.iid:
+            del folder.by_goid[item.goid]
+        self.items.pop(item.iid, None)
+        folder.tombstones.append((mb.seq, item.iid, item.created_seq))
+        old_iid = item.iid
+        if delete_type in ("MoveToDeletedItems", "SoftDelete") and folder.distinguished != "deleteditems":
+            target = mb.folders["deleteditems"]
+            item.iid = self.new_iid()  # an item that moves gets a new ItemId, as in Exchange
+            item.folder = target
+            mb.seq += 1
+            item.seq = item.created_seq = mb.seq
+            target.items[item.iid] = item
+            self.items[item.iid] = item
+            self._emit("MovedEvent", target, item, item.iid, folder, old_iid)
+        else:
+            self._emit("DeletedEvent", folder, None, old_iid)
+        self._emit("FreeBusyChangedEvent", folder, None, old_iid)
+
+    def _emit(self, kind: str, folder: Folder, item: CalendarItem | None, iid: int,
+              old_folder: Folder | None = None, old_iid: int | None = None) -> None:
+        for listener in self.listeners:
+            listener(kind, folder, item, iid, old_folder, old_iid)

@@ -1,0 +1,206 @@
+"""SOAP 1.1 envelopes as Exchange writes them: parsing (hardened), response messages and faults."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from lxml import etree
+
+from gateway.simulator.schema import MNS, TNS
+
+SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
+ENS = "http://schemas.microsoft.com/exchange/services/2006/errors"
+NSMAP = {"s": SOAP, "m": MNS, "t": TNS}
+RESP_NSMAP = {"m": MNS, "t": TNS}
+
+# Exchange 2016 CU23, as it reports itself in every response header.
+SERVER_VERSION = {
+    "MajorVersion": "15",
+    "MinorVersion": "1",
+    "MajorBuildNumber": "2507",
+    "MinorBuildNumber": "6",
+    "Version": "V2017_07_11",
+}
+ACCEPTED_VERSIONS = (
+    "Exchange2007_SP1",
+    "Exchange2010",
+    "Exchange2010_SP1",
+    "Exchange2010_SP2",
+    "Exchange2013",
+    "Exchange2013_SP1",
+    "Exchange2016",
+)
+
+_PARSER = etree.XMLParser(
+    resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_blank_text=True
+)
+
+
+class EwsError(Exception):
+    """An EWS ResponseCode: becomes an error response message (or a SOAP fault when ``fault`` is set)."""
+
+    def __init__(self, code: str, text: str = "", *, fault: bool = False, back_off_ms: int | None = None,
+                 http_status: int = 500, extra: dict[str, str] | None = None) -> None:
+        super().__init__(f"{code}: {text}")
+        self.code = code
+        self.text = text or code
+        self.fault = fault
+        self.back_off_ms = back_off_ms
+        self.http_status = http_status
+        self.extra = extra or {}
+
+
+def t(tag: str) -> str:
+    return f"{{{TNS}}}{tag}"
+
+
+def m(tag: str) -> str:
+    return f"{{{MNS}}}{tag}"
+
+
+def sub(parent: etree._Element, tag: str, text: Any = None, **attrs: Any) -> etree._Element:
+    """Append a child; ``tag`` is 't:Name' or 'm:Name'."""
+    prefix, name = tag.split(":", 1)
+    el = etree.SubElement(parent, f"{{{TNS if prefix == 't' else MNS}}}{name}",
+                          {k: _text(v) for k, v in attrs.items() if v is not None})
+    if text is not None:
+        el.text = _text(text)
+    return el
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def parse_bool(text: str | None, default: bool = False) -> bool:
+    if text is None:
+        return default
+    return text.strip().lower() in ("true", "1")
+
+
+def parse_datetime(text: str, tz: Any = None) -> datetime:
+    """xs:dateTime as Exchange reads it: an offset or Z means exactly that; none means ``tz`` (else UTC)."""
+    s = text.strip()
+    if s.endswith("Z"):
+        s = s[:-1] + "+00:00"
+    try:
+        value = datetime.fromisoformat(s)
+    except ValueError as e:
+        raise EwsError("ErrorInvalidRequest", f"Invalid dateTime {text!r}") from e
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=tz or UTC)
+    return value.astimezone(UTC)
+
+
+@dataclass
+class Request:
+    header: dict[str, etree._Element]
+    body: etree._Element
+    operation: str
+
+
+def parse_envelope(data: bytes) -> Request:
+    """Parse a SOAP request; DTDs (and with them entity expansion) are refused outright."""
+    if b"<!DOCTYPE" in data[:4096].upper() or b"<!ENTITY" in data.upper():
+        raise EwsError("ErrorSchemaValidation", "The request contains a DTD, which is prohibited.", fault=True,
+                       http_status=500)
+    try:
+        root = etree.fromstring(data, _PARSER)
+    except etree.XMLSyntaxError as e:
+        raise EwsError("ErrorSchemaValidation", f"The request failed schema validation: {e}", fault=True) from e
+    if root.tag != f"{{{SOAP}}}Envelope":
+        raise EwsError("ErrorSchemaValidation", "The request is not a SOAP 1.1 envelope.", fault=True)
+    header: dict[str, etree._Element] = {}
+    body_el = None
+    for child in root:
+        if child.tag == f"{{{SOAP}}}Header":
+            for h in child:
+                if isinstance(h.tag, str):
+                    header[etree.QName(h).localname] = h
+        elif child.tag == f"{{{SOAP}}}Body":
+            body_el = child
+    if body_el is None or len(body_el) == 0:
+        raise EwsError("ErrorSchemaValidation", "The SOAP body is empty.", fault=True)
+    op = body_el[0]
+    if not isinstance(op.tag, str) or etree.QName(op).namespace != MNS:
+        raise EwsError("ErrorInvalidRequest", "The request body is not an EWS operation.", fault=True)
+    return Request(header=header, body=op, operation=etree.QName(op).localname)
+
+
+def envelope(body_children: Iterable[etree._Element], header_children: Iterable[etree._Element] = ()) -> bytes:
+    env = etree.Element(f"{{{SOAP}}}Envelope", nsmap={"s": SOAP})
+    hdr = etree.SubElement(env, f"{{{SOAP}}}Header")
+    svi = etree.SubElement(hdr, t("ServerVersionInfo"), SERVER_VERSION, nsmap={"h": TNS})
+    del svi  # header element stays in the tree
+    for h in header_children:
+        hdr.append(h)
+    body = etree.SubElement(env, f"{{{SOAP}}}Body")
+    for b in body_children:
+        body.append(b)
+    return etree.tostring(env, xml_declaration=True, encoding="utf-8")
+
+
+def fault_body(err: EwsError) -> etree._Element:
+    f = etree.Element(f"{{{SOAP}}}Fault")
+    code = etree.SubElement(f, "faultcode", nsmap={"a": TNS})
+    code.text = f"a:{err.code}"
+    fs = etree.SubElement(f, "faultstring")
+    fs.set("{http://www.w3.org/XML/1998/namespace}lang", "en-US")
+    fs.text = err.text
+    detail = etree.SubElement(f, "detail")
+    e_code = etree.SubElement(detail, f"{{{ENS}}}ResponseCode", nsmap={"e": ENS})
+    e_code.text = err.code
+    e_msg = etree.SubElement(detail, f"{{{ENS}}}Message", nsmap={"e": ENS})
+    e_msg.text = err.text
+    if err.back_off_ms is not None or err.extra:
+        mx = etree.SubElement(detail, t("MessageXml"), nsmap={"t": TNS})
+        if err.back_off_ms is not None:
+            v = etree.SubElement(mx, t("Value"), Name="BackOffMilliseconds")
+            v.text = str(err.back_off_ms)
+        for k, val in err.extra.items():
+            v = etree.SubElement(mx, t("Value"), Name=k)
+            v.text = val
+    return f
+
+
+@dataclass
+class Responses:
+    """Collects the ResponseMessages of one operation."""
+
+    operation: str
+    message_tag: str = ""
+    root: etree._Element = field(init=False)
+    messages: etree._Element = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = etree.Element(m(f"{self.operation}Response"), nsmap=RESP_NSMAP)
+        self.messages = etree.SubElement(self.root, m("ResponseMessages"))
+        if not self.message_tag:
+            self.message_tag = f"{self.operation}ResponseMessage"
+
+    def success(self) -> etree._Element:
+        msg = etree.SubElement(self.messages, m(self.message_tag), ResponseClass="Success")
+        sub(msg, "m:ResponseCode", "NoError")
+        return msg
+
+    def error(self, err: EwsError) -> etree._Element:
+        msg = etree.SubElement(self.messages, m(self.message_tag), ResponseClass="Error")
+        sub(msg, "m:MessageText", err.text)
+        sub(msg, "m:ResponseCode", err.code)
+        sub(msg, "m:DescriptiveLinkKey", 0)
+        if err.back_off_ms is not None or err.extra:
+            mx = sub(msg, "m:MessageXml")
+            if err.back_off_ms is not None:
+                sub(mx, "t:Value", err.back_off_ms, Name="BackOffMilliseconds")
+            for k, v in err.extra.items():
+                sub(mx, "t:Value", v, Name=k)
+        return msg
