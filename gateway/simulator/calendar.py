@@ -67,7 +67,7 @@ def uid_of(goid: bytes) -> str:
 class Person:
     """A mailbox as EWS names it (EmailAddressType)."""
 
-    __slots__ = ("email", "name", "routing", "mailbox_type")
+    __slots__ = ("email", "mailbox_type", "name", "routing")
 
     def __init__(self, email: str, name: str = "", routing: str = "SMTP", mailbox_type: str = "Mailbox") -> None:
         self.email = email
@@ -108,13 +108,11 @@ class Recurrence:
 
     def local_dates(self) -> Iterator[date]:
         """Occurrence dates in the series' own time zone, in order, honouring the range."""
-        n = 0
-        for d in self._pattern_dates():
+        for n, d in enumerate(self._pattern_dates()):
             if self.end_date is not None and d > self.end_date:
                 return
             if self.count is not None and n >= self.count:
                 return
-            n += 1
             yield d
 
     def _pattern_dates(self) -> Iterator[date]:
@@ -176,8 +174,19 @@ class Recurrence:
 class Modified:
     """A modified occurrence (an exception) of a recurring master."""
 
-    __slots__ = ("iid", "original_start", "start", "end", "subject", "location", "body", "free_busy", "version",
-                 "modified", "response")
+    __slots__ = (
+        "body",
+        "end",
+        "free_busy",
+        "iid",
+        "location",
+        "modified",
+        "original_start",
+        "response",
+        "start",
+        "subject",
+        "version",
+    )
 
     def __init__(self, iid: int, original_start: datetime, start: datetime, end: datetime) -> None:
         self.iid = iid
@@ -197,11 +206,46 @@ class CalendarItem:
     """One mailbox's copy of a calendar item (single, or a recurring master holding its occurrences)."""
 
     __slots__ = (
-        "iid", "mailbox", "folder", "version", "goid", "subject", "body", "body_type", "location", "start", "end",
-        "all_day", "tz", "sensitivity", "free_busy", "importance", "organizer", "required", "optional", "resources",
-        "my_response", "is_meeting", "is_cancelled", "request_sent", "response_requested", "recurrence",
-        "exceptions", "deleted", "created", "modified", "seq", "created_seq", "ext", "categories", "meeting_seq",
-        "reminder", "reply_time", "online_url", "item_class", "__weakref__",
+        "__weakref__",
+        "all_day",
+        "body",
+        "body_type",
+        "categories",
+        "created",
+        "created_seq",
+        "deleted",
+        "end",
+        "exceptions",
+        "ext",
+        "folder",
+        "free_busy",
+        "goid",
+        "iid",
+        "importance",
+        "is_cancelled",
+        "is_meeting",
+        "item_class",
+        "location",
+        "mailbox",
+        "meeting_seq",
+        "modified",
+        "my_response",
+        "online_url",
+        "optional",
+        "organizer",
+        "recurrence",
+        "reminder",
+        "reply_time",
+        "request_sent",
+        "required",
+        "resources",
+        "response_requested",
+        "sensitivity",
+        "seq",
+        "start",
+        "subject",
+        "tz",
+        "version",
     )
 
     def __init__(self, iid: int, mailbox: Mailbox, folder: Folder, *, start: datetime, end: datetime,
@@ -282,7 +326,7 @@ class CalendarItem:
     def instances(self, start: datetime, end: datetime) -> Iterator[Instance]:
         """Instances overlapping [start, end): singles yield themselves; masters their live occurrences."""
         if self.recurrence is None:
-            if self.start < end and self.end > start or (self.start == self.end and start <= self.start < end):
+            if (self.start < end and self.end > start) or (self.start == self.end and start <= self.start < end):
                 yield Instance(self, 0, None)
             return
         duration = self.end - self.start
@@ -334,7 +378,7 @@ class CalendarItem:
 class Instance:
     """One instance seen through a CalendarView: the single item itself, or occurrence ``index`` of a master."""
 
-    __slots__ = ("item", "index", "original_start")
+    __slots__ = ("index", "item", "original_start")
 
     def __init__(self, item: CalendarItem, index: int, original_start: datetime | None) -> None:
         self.item = item

@@ -34,8 +34,7 @@ def _unpack(value: str, kind: int) -> tuple[int, int, int]:
         raise EwsError("ErrorInvalidIdMalformed", "Id is malformed.")
     k, a, b, c = struct.unpack(">BIIH", body)
     if k != kind:
-        raise EwsError("ErrorInvalidIdMalformed" if kind != _FOLDER else "ErrorInvalidIdMalformed",
-                       "Id is malformed.")
+        raise EwsError("ErrorInvalidIdMalformed", "Id is malformed.")
     return a, b, c
 
 

@@ -92,7 +92,7 @@ class Shape:
 class View:
     """An item, or one instance of a series, as it is about to be rendered."""
 
-    __slots__ = ("item", "inst", "directory")
+    __slots__ = ("directory", "inst", "item")
 
     def __init__(self, item: CalendarItem, inst: Instance | None, directory: Directory) -> None:
         self.item = item
@@ -473,8 +473,7 @@ def write_ext(parent: etree._Element, v: View, uri_el: etree._Element) -> None:
     if value is None:
         return
     el = sub(parent, "t:ExtendedProperty")
-    copy = etree.SubElement(el, t("ExtendedFieldURI"), {k: uri_el.get(k) for k in uri_el.keys()})
-    del copy
+    etree.SubElement(el, t("ExtendedFieldURI"), dict(uri_el.attrib))
     values = value if isinstance(value, list) else None
     if values is not None:
         vs = sub(el, "t:Values")
@@ -530,7 +529,7 @@ def parse_recurrence(el: etree._Element) -> Recurrence:
         days = tuple(vals["DaysOfWeek"].split())
         for d in days:
             if d not in WEEKDAYS and d not in ("Day", "Weekday", "WeekendDay"):
-                raise EwsError("ErrorInvalidRecurrence", f"Invalid day of week {d!r}.")
+                raise EwsError("ErrorCalendarInvalidRecurrence", f"Invalid day of week {d!r}.")
         rec.days_of_week = days
     if "FirstDayOfWeek" in vals:
         rec.first_day_of_week = vals["FirstDayOfWeek"]
@@ -538,22 +537,22 @@ def parse_recurrence(el: etree._Element) -> Recurrence:
         rec.day_of_month = int(vals["DayOfMonth"])
     if "DayOfWeekIndex" in vals:
         if vals["DayOfWeekIndex"] not in WEEK_INDEX:
-            raise EwsError("ErrorInvalidRecurrence", "Invalid DayOfWeekIndex.")
+            raise EwsError("ErrorCalendarInvalidRecurrence", "Invalid DayOfWeekIndex.")
         rec.day_of_week_index = vals["DayOfWeekIndex"]
     if "Month" in vals:
         if vals["Month"] not in MONTHS:
-            raise EwsError("ErrorInvalidRecurrence", "Invalid Month.")
+            raise EwsError("ErrorCalendarInvalidRecurrence", "Invalid Month.")
         rec.month = vals["Month"]
     rvals = {_local(c): (c.text or "").strip() for c in rng}
     rec.start_date = _parse_date(rvals["StartDate"])
     if _local(rng) == "EndDateRecurrence":
         rec.end_date = _parse_date(rvals["EndDate"])
         if rec.end_date < rec.start_date:
-            raise EwsError("ErrorInvalidRecurrence", "The recurrence ends before it starts.")
+            raise EwsError("ErrorCalendarInvalidRecurrence", "The recurrence ends before it starts.")
     elif _local(rng) == "NumberedRecurrence":
         rec.count = int(rvals["NumberOfOccurrences"])
         if rec.count < 1:
-            raise EwsError("ErrorInvalidRecurrence", "NumberOfOccurrences must be positive.")
+            raise EwsError("ErrorCalendarInvalidRecurrence", "NumberOfOccurrences must be positive.")
     return rec
 
 
@@ -651,6 +650,8 @@ def parse_item(el: etree._Element, directory: Directory, tz_context: str | None 
             out.values["recurrence"] = parse_recurrence(c)
         elif name in ("StartTimeZone", "MeetingTimeZone"):
             out.values["tz"] = c.get("Id") or "UTC"
+        elif name == "EndTimeZone":
+            out.values["end_tz"] = c.get("Id") or "UTC"  # one zone per item is modelled: the start's
         elif name == "NetShowUrl":
             out.values["online_url"] = text
         elif name == "ItemClass":

@@ -63,6 +63,7 @@ class Simulator:
     """An Exchange 2016 organisation: directory, calendars, notifications, booking attendant and the EWS endpoint."""
 
     def __init__(self, config: SimulatorConfig | None = None, directory: Directory | None = None) -> None:
+        from gateway.simulator.actions import Calendars
         from gateway.simulator.attendant import BookingAttendant
         from gateway.simulator.notifications import NotificationHub
 
@@ -71,6 +72,7 @@ class Simulator:
         self.throttle = Throttle(self.config.max_concurrent, self.config.max_streams, self.config.back_off_ms)
         self.faults = Faults()
         self.notifications = NotificationHub(self)
+        self.calendars = Calendars(self)
         self.attendant = BookingAttendant(self)
         self.calls: Counter[tuple[str, str]] = Counter()  # (operation, response code)
         self.generation = 0  # bumped by restart(); streams of an older generation end

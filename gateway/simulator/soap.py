@@ -178,6 +178,7 @@ class Responses:
 
     operation: str
     message_tag: str = ""
+    error_container: str | None = None  # a child the schema requires even in an error message (m:Items)
     root: etree._Element = field(init=False)
     messages: etree._Element = field(init=False)
 
@@ -203,4 +204,6 @@ class Responses:
                 sub(mx, "t:Value", err.back_off_ms, Name="BackOffMilliseconds")
             for k, v in err.extra.items():
                 sub(mx, "t:Value", v, Name=k)
+        if self.error_container:
+            sub(msg, self.error_container)
         return msg

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from exchangelib import DELEGATE, IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSTimeZone
+from exchangelib.protocol import BaseProtocol, close_connections
+
+from gateway.simulator.harness import SimulatorThread
+from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD, Org, standard_org
+from gateway.simulator.server import SimulatorConfig
+
+TZ = EWSTimeZone("Europe/Berlin")
+
+
+class SimFixture:
+    """A running simulator plus helpers to reach it with exchangelib over HTTP + NTLM."""
+
+    def __init__(self, thread: SimulatorThread, org: Org) -> None:
+        self.thread = thread
+        self.org = org
+        self._configs: dict[tuple[str, str], Configuration] = {}
+
+    @property
+    def sim(self):  # the Simulator object; touch its state only through .call()
+        return self.thread.sim
+
+    @property
+    def url(self) -> str:
+        return self.thread.ews_url
+
+    def call(self, fn, *args, **kwargs):
+        return self.thread.call(fn, *args, **kwargs)
+
+    def config(self, username: str = f"CONTOSO\\{SERVICE_ACCOUNT}", password: str = SERVICE_PASSWORD,
+               max_connections: int = 4) -> Configuration:
+        key = (username, password)
+        if key not in self._configs:
+            self._configs[key] = Configuration(service_endpoint=self.url, credentials=Credentials(username, password),
+                                               auth_type=NTLM, max_connections=max_connections)
+        return self._configs[key]
+
+    def room(self, smtp: str = "room1@contoso.com") -> Account:
+        """A room, impersonated by the rooms-scoped service account."""
+        return Account(smtp, config=self.config(), access_type=IMPERSONATION, autodiscover=False,
+                       default_timezone=TZ)
+
+    def organizer(self, smtp: str = "alice@contoso.com") -> Account:
+        """A person, impersonated by the organizer-scoped service account (write path (a))."""
+        return Account(smtp, config=self.config(f"CONTOSO\\{ORGANIZER_ACCOUNT}"), access_type=IMPERSONATION,
+                       autodiscover=False, default_timezone=TZ)
+
+    def user(self, smtp: str = "alice@contoso.com") -> Account:
+        """A person logged on as themselves (as Outlook would)."""
+        password = dict(self.org.users)[smtp]
+        return Account(smtp, config=self.config(smtp.split("@")[0], password), access_type=DELEGATE,
+                       autodiscover=False, default_timezone=TZ)
+
+
+@pytest.fixture
+def sim_factory() -> Iterator[Callable[..., SimFixture]]:
+    started: list[SimulatorThread] = []
+
+    def start(config: SimulatorConfig | None = None, rooms: int = 5, users: int = 5, tls: bool = False) -> SimFixture:
+        holder: dict[str, Org] = {}
+
+        def setup(sim) -> None:
+            holder["org"] = standard_org(sim.directory, rooms=rooms, users=users)
+
+        thread = SimulatorThread(config or SimulatorConfig(rba_delay=0.05), setup=setup, tls=tls).start()
+        started.append(thread)
+        return SimFixture(thread, holder["org"])
+
+    yield start
+    close_connections()
+    BaseProtocol._protocol_cache.clear() if hasattr(BaseProtocol, "_protocol_cache") else None
+    for thread in started:
+        thread.stop()
+
+
+@pytest.fixture
+def ews(sim_factory) -> SimFixture:
+    return sim_factory()
