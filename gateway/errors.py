@@ -63,7 +63,7 @@ class Throttled(TransientError):
     key = "throttled"
 
     def __init__(self, message: str, *, back_off: float | None = None, **kw: str) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+        super().__init__(message, key=kw.get("key"), remedy=kw.get("remedy"))
         self.back_off = back_off
 
 

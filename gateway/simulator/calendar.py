@@ -136,9 +136,9 @@ class Recurrence:
         elif self.kind in ("AbsoluteMonthly", "RelativeMonthly"):
             y, mo = s.year, s.month
             while True:
-                d = self._in_month(y, mo)
-                if d is not None and d >= s:
-                    yield d
+                found = self._in_month(y, mo)
+                if found is not None and found >= s:
+                    yield found
                 mo += self.interval
                 y, mo = y + (mo - 1) // 12, (mo - 1) % 12 + 1
                 if y > 9000:
@@ -147,9 +147,9 @@ class Recurrence:
             mo = MONTHS.index(self.month) + 1
             y = s.year
             while y < 9000:
-                d = self._in_month(y, mo)
-                if d is not None and d >= s:
-                    yield d
+                found = self._in_month(y, mo)
+                if found is not None and found >= s:
+                    yield found
                 y += 1
 
     def _in_month(self, y: int, mo: int) -> date | None:
@@ -287,7 +287,7 @@ class CalendarItem:
         self.ext: dict[tuple[str, str, str], Any] | None = None
         self.categories: tuple[str, ...] = ()
         self.meeting_seq = 0
-        self.reminder = 15
+        self.reminder: int | None = 15
         self.reply_time: datetime | None = None
         self.online_url: str | None = None
         self.item_class = "IPM.Appointment"

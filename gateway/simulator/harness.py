@@ -57,16 +57,16 @@ class SimulatorThread:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_ctx)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        server: Any = site._server
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the simulator's loop (its state is not thread-safe) and return the result."""
         async def run() -> T:
             result = fn(*args, **kwargs)
             if asyncio.iscoroutine(result):
-                return await result  # type: ignore[no-any-return]
+                return await result
             return result
         fut: Future[T] = asyncio.run_coroutine_threadsafe(run(), self.loop)
         return fut.result(timeout=60)

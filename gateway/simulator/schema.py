@@ -30,7 +30,7 @@ def _types_tree() -> etree._ElementTree:
 
 
 class _Resolver(etree.Resolver):
-    def resolve(self, system_url, public_id, context):  # type: ignore[no-untyped-def]
+    def resolve(self, system_url, public_id, context):  # type: ignore[no-untyped-def,unused-ignore]
         if system_url.endswith("types.xsd"):
             return self.resolve_string(etree.tostring(_types_tree()), context)
         if system_url.endswith("xml.xsd"):

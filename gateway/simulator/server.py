@@ -10,6 +10,7 @@ import ssl
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,8 @@ class Simulator:
         self.generation = 0  # bumped by restart(); streams of an older generation end
         self._conns: weakref.WeakKeyDictionary[Any, _ConnState] = weakref.WeakKeyDictionary()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Tests set this to see every (operation, request, response) exchange; streams are not recorded.
+        self.recorder: Callable[[str, bytes, bytes], None] | None = None
         load_all()
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -143,8 +146,8 @@ class Simulator:
                 raise EwsError("ErrorInvalidOperation", f"The simulator does not implement {operation}.",
                                fault=True)
             ctx = Context(self, user, target, impersonating, version, tz, request, req.header)
-            await self.faults.delay(operation)
             with self.throttle.request(user.smtp):
+                await self.faults.delay(operation)  # a slow call holds its slot, as on a real server
                 result = await handler(ctx, req.body)
         except EwsError as e:
             self.calls[(operation, e.code)] += 1
@@ -158,7 +161,10 @@ class Simulator:
             self.calls[(operation, "NoError")] += 1
             return result
         self._count(operation, result)
-        return self._respond(result, ctx)
+        response = self._respond(result, ctx)
+        if self.recorder is not None and isinstance(response.body, bytes):
+            self.recorder(operation, data, response.body)
+        return response
 
     def _count(self, operation: str, result: etree._Element) -> None:
         codes = result.iterfind(f".//{{{schema.MNS}}}ResponseCode")
