@@ -1,0 +1,39 @@
+"""The layer rules of docs/design.md, checked on the import statements: cheap, and it fails loudly."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "gateway"
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_production_code_never_imports_the_simulator():
+    # Only the CLI may start a simulator (gateway simulator / demo / bench).
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] == "simulator" or rel.name in ("cli.py", "__main__.py"):
+            continue
+        bad = {n for n in imports_of(path) if n.startswith("gateway.simulator")}
+        assert not bad, f"{rel} imports {bad}"
+
+
+def test_errors_and_observability_are_leaf_layers():
+    for rel in ("errors.py",):
+        assert not {n for n in imports_of(ROOT / rel) if n.startswith("gateway")}, rel
+    for path in (ROOT / "observability").rglob("*.py"):
+        assert not {n for n in imports_of(path) if n.startswith("gateway.") and
+                    not n.startswith(("gateway.errors", "gateway.observability"))}, path
+
+
+def test_no_grab_bag_modules():
+    assert not [p for p in ROOT.rglob("*.py") if p.stem in ("utils", "util", "helpers", "misc", "common")]
