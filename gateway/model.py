@@ -1,0 +1,239 @@
+"""The normalized booking and the events the gateway relays: pure data, standard library only.
+
+A booking is one room's reservation of one meeting instance. Its id is derived from what Exchange keeps stable
+across mailbox copies and item moves — the meeting's iCalendar UID (CleanGlobalObjectId) and, for an instance
+of a series, the occurrence's original start — plus the room, so two rooms in one meeting are two bookings
+that share a ``meeting_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, date, datetime
+from typing import Any
+
+SCHEMA_VERSION = "1.0"
+EVENT_TYPES = {
+    "created": "com.exchangegateway.booking.created.v1",
+    "updated": "com.exchangegateway.booking.updated.v1",
+    "deleted": "com.exchangegateway.booking.deleted.v1",
+    "room_state": "com.exchangegateway.room.state_changed.v1",
+}
+
+
+def _short_hash(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def meeting_id_for(uid: str) -> str:
+    return _short_hash("meeting", uid)
+
+
+def booking_id_for(room: str, uid: str, original_start: datetime | None) -> str:
+    anchor = original_start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if original_start else ""
+    return _short_hash("booking", room.lower(), uid, anchor)
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    email: str | None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attendee:
+    email: str
+    name: str | None
+    kind: str  # required, optional, resource
+    response: str  # accepted, tentative, declined, none, organizer, unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Booking:
+    room: str
+    uid: str  # the meeting's iCalendar UID (for Exchange: the CleanGlobalObjectId in hex)
+    start: datetime  # UTC
+    end: datetime  # UTC
+    timezone: str = "UTC"  # IANA zone the meeting was created in
+    original_start: datetime | None = None  # set for instances of a series
+    all_day: bool = False
+    start_date: date | None = None  # all-day bookings: first day
+    end_date: date | None = None  # all-day bookings: day after the last (exclusive)
+    subject: str | None = None
+    subject_is_organizer_name: bool = False  # Exchange replaced the subject with the organizer's name
+    organizer: Person | None = None
+    attendees: tuple[Attendee, ...] = ()
+    sensitivity: str = "normal"  # normal, personal, private, confidential
+    online_meeting_url: str | None = None
+    response: str = "accepted"  # the room's answer: accepted, tentative, declined, none, organizer
+    cancelled: bool = False
+    series_id: str | None = None
+    is_exception: bool = False
+    origin: str = "exchange"  # exchange, or gateway for bookings the gateway itself made
+    free_busy: str = "busy"
+    confirmed_at: datetime | None = None  # when the gateway last saw it in Exchange (not part of the content)
+
+    @property
+    def id(self) -> str:
+        return booking_id_for(self.room, self.uid, self.original_start)
+
+    @property
+    def meeting_id(self) -> str:
+        return meeting_id_for(self.uid)
+
+    def content(self) -> dict[str, Any]:
+        """Everything a consumer sees, minus freshness."""
+        d = to_json(self)
+        d.pop("confirmed_at", None)
+        return d
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:32]
+
+    def confirmed(self, at: datetime) -> Booking:
+        return replace(self, confirmed_at=at)
+
+
+def _iso(value: datetime | date | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.isoformat()
+
+
+def to_json(b: Booking) -> dict[str, Any]:
+    """The published JSON form (schemas/booking.v1.json)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "id": b.id,
+        "meeting_id": b.meeting_id,
+        "room": b.room,
+        "uid": b.uid,
+        "series_id": b.series_id,
+        "original_start": _iso(b.original_start),
+        "is_exception": b.is_exception,
+        "start": _iso(b.start),
+        "end": _iso(b.end),
+        "timezone": b.timezone,
+        "all_day": b.all_day,
+        "start_date": _iso(b.start_date),
+        "end_date": _iso(b.end_date),
+        "subject": b.subject,
+        "subject_is_organizer_name": b.subject_is_organizer_name,
+        "organizer": asdict(b.organizer) if b.organizer else None,
+        "attendees": [asdict(a) for a in b.attendees],
+        "sensitivity": b.sensitivity,
+        "online_meeting_url": b.online_meeting_url,
+        "response": b.response,
+        "free_busy": b.free_busy,
+        "cancelled": b.cancelled,
+        "origin": b.origin,
+        "confirmed_at": _iso(b.confirmed_at),
+    }
+
+
+def _dt(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _date(value: str | None) -> date | None:
+    return date.fromisoformat(value) if value else None
+
+
+def from_json(d: dict[str, Any]) -> Booking:
+    start, end = _dt(d["start"]), _dt(d["end"])
+    assert start is not None and end is not None
+    org = d.get("organizer")
+    return Booking(
+        room=d["room"], uid=d["uid"], start=start, end=end, timezone=d.get("timezone") or "UTC",
+        original_start=_dt(d.get("original_start")), all_day=bool(d.get("all_day")),
+        start_date=_date(d.get("start_date")), end_date=_date(d.get("end_date")), subject=d.get("subject"),
+        subject_is_organizer_name=bool(d.get("subject_is_organizer_name")),
+        organizer=Person(org.get("email"), org.get("name")) if org else None,
+        attendees=tuple(Attendee(a["email"], a.get("name"), a["kind"], a["response"])
+                        for a in d.get("attendees") or ()),
+        sensitivity=d.get("sensitivity") or "normal", online_meeting_url=d.get("online_meeting_url"),
+        response=d.get("response") or "accepted", cancelled=bool(d.get("cancelled")),
+        series_id=d.get("series_id"), is_exception=bool(d.get("is_exception")), origin=d.get("origin") or "exchange",
+        free_busy=d.get("free_busy") or "busy", confirmed_at=_dt(d.get("confirmed_at")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    email: str
+    name: str | None = None
+    capacity: int | None = None
+    timezone: str = "UTC"
+    state: str = "pending"  # see ROOM_STATES
+    reason: str = ""
+    remedy: str = ""
+
+
+ROOM_STATES = {
+    "pending": "waiting to be verified",
+    "verified": "connected and in sync",
+    "syncing": "importing its calendar",
+    "mailbox_not_found": "Exchange has no mailbox at this address; check the address in the configuration",
+    "impersonation_denied": "the service account may not impersonate this room; extend the "
+                            "ApplicationImpersonation scope to it",
+    "auth_required": "Exchange refused the service account's credentials; run `gateway credentials set`",
+    "throttled": "Exchange is throttling the service account; syncs resume after its back-off",
+    "cannot_connect": "Exchange cannot be reached; check the EWS URL and the network",
+    "suspect_empty": "the room suddenly lists no bookings although many were known; nothing was deleted; "
+                     "the next syncs confirm or clear it",
+    "disconnected": "removed from the configuration",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A CloudEvents 1.0 event as stored in the outbox and relayed."""
+
+    id: str
+    type: str
+    room: str
+    subject: str  # the booking id, or the room for room events
+    time: datetime
+    data: dict[str, Any]
+    sequence: int = 0  # per-room order, assigned by the store
+    source: str = "urn:exchange-gateway"
+
+    def to_cloudevent(self) -> dict[str, Any]:
+        return {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": f"{self.source}/rooms/{self.room}",
+            "type": self.type,
+            "subject": self.subject,
+            "time": _iso(self.time),
+            "datacontenttype": "application/json",
+            "dataschema": "https://exchange-gateway.dev/schemas/booking.v1.json" if "booking" in self.type else None,
+            "sequence": str(self.sequence),
+            "partitionkey": self.room,
+            "data": self.data,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    start: datetime
+    end: datetime
+
+    def contains(self, b: Booking) -> bool:
+        return b.start < self.end and b.end > self.start
+
+
+@dataclass
+class SyncCounts:
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    held_back: int = 0
+    notes: list[str] = field(default_factory=list)

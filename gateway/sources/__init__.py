@@ -1,0 +1,1 @@
+"""Calendar sources: adapters that read (and later write) room calendars."""

@@ -1,0 +1,1 @@
+"""On-premise Exchange through EWS (exchangelib, run in bounded thread pools)."""

@@ -1,0 +1,328 @@
+"""EwsSource: room calendars through EWS with exchangelib, which blocks, so it runs in a bounded thread pool.
+
+- One exchangelib Configuration (so one pooled HTTP session set) for the service account, FailFast: the
+  gateway, not exchangelib, decides when to retry, and one throttled room does not put every thread to sleep.
+- When Exchange answers ErrorServerBusy, every call of this source waits out its BackOffMilliseconds.
+- A CalendarView never spans more than ``chunk_days`` and is split further while a chunk comes back full, so
+  no request exceeds EWSFindCountLimit (1000) and busy rooms never silently lose bookings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import requests
+import structlog
+from exchangelib import (
+    BASIC,
+    IMPERSONATION,
+    NTLM,
+    Account,
+    Build,
+    Configuration,
+    Credentials,
+    EWSDateTime,
+    EWSTimeZone,
+    FailFast,
+    Version,
+)
+from exchangelib import errors as xerr
+from exchangelib.protocol import BaseProtocol
+from exchangelib.services import SyncFolderItems
+from exchangelib.services.common import EWSService
+
+from gateway.errors import (
+    AuthError,
+    GatewayError,
+    ImpersonationDenied,
+    NotFound,
+    ProtocolError,
+    SyncStateInvalid,
+    Throttled,
+    TransientError,
+    Unavailable,
+)
+from gateway.model import Booking, Window
+from gateway.ports import Changes, RoomInfo
+from gateway.sources.ews.mapping import (
+    DETAIL_FIELDS,
+    SYNC_FIELDS,
+    VIEW_FIELDS,
+    meeting_uid,
+    register_properties,
+    to_booking,
+    utc,
+)
+
+log = structlog.get_logger("gateway.sources.ews")
+T = TypeVar("T")
+
+FIND_COUNT_LIMIT = 1000
+BUILDS = {"Exchange2013": Build(15, 0, 516), "Exchange2013_SP1": Build(15, 0, 847),
+          "Exchange2016": Build(15, 1, 225)}
+
+
+@dataclass(frozen=True)
+class EwsSettings:
+    ews_url: str
+    username: str
+    auth: str = "ntlm"  # ntlm or basic
+    version: str = "Exchange2013_SP1"
+    ca_bundle: str | None = None
+    timeout: float = 60.0
+    max_workers: int = 8  # concurrent EWS requests (Exchange's budget is 27; keep well below)
+    default_timezone: str = "UTC"
+    chunk_days: int = 400  # one CalendarView for the usual window; split only when a piece comes back full
+    sync_page_size: int = 512
+
+
+# -- instrumentation: every EWS request, by operation and answer ---------------------------------------------
+class CallCounter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[tuple[str, str], int] = {}
+        self.listeners: list[Callable[[str, str], None]] = []
+
+    def add(self, operation: str, code: str) -> None:
+        with self._lock:
+            self.counts[(operation, code)] = self.counts.get((operation, code), 0) + 1
+        for listener in self.listeners:
+            listener(operation, code)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+
+CALLS = CallCounter()
+_original_get_response_xml = EWSService._get_response_xml
+
+
+def _counted_get_response_xml(self: Any, payload: Any, **kwargs: Any) -> Any:
+    try:
+        result = _original_get_response_xml(self, payload, **kwargs)
+    except Exception as e:
+        CALLS.add(self.SERVICE_NAME, type(e).__name__)
+        raise
+    CALLS.add(self.SERVICE_NAME, "NoError")
+    return result
+
+
+EWSService._get_response_xml = _counted_get_response_xml
+
+
+@contextlib.contextmanager
+def map_ews_errors(room: str | None = None) -> Iterator[None]:
+    """Translate exchangelib and requests exceptions into the gateway's error tree."""
+    where = f" for {room}" if room else ""
+    try:
+        yield
+    except GatewayError:
+        raise
+    except xerr.ErrorServerBusy as e:
+        raise Throttled(f"Exchange is throttling the service account{where}", back_off=e.back_off) from e
+    except xerr.ErrorImpersonateUserDenied as e:
+        raise ImpersonationDenied(f"the service account may not impersonate {room}") from e
+    except (xerr.ErrorNonExistentMailbox, xerr.ErrorMailRecipientNotFound) as e:
+        raise NotFound(f"Exchange has no mailbox {room}", key="mailbox_not_found",
+                       remedy="check the room's address in the configuration") from e
+    except (xerr.UnauthorizedError, xerr.ErrorAccessDenied) as e:
+        raise AuthError(f"Exchange refused the service account{where}: {e}", key="auth_required",
+                        remedy="check the account and run `gateway credentials set exchange`") from e
+    except (xerr.ErrorInvalidSyncStateData, xerr.ErrorSyncFolderNotFound) as e:
+        raise SyncStateInvalid(f"Exchange rejected the sync state{where}") from e
+    except (xerr.ErrorItemNotFound, xerr.ErrorFolderNotFound) as e:
+        raise NotFound(f"{e}{where}") from e
+    except (xerr.TransportError, xerr.ErrorTimeoutExpired, xerr.ErrorMailboxStoreUnavailable,
+            xerr.ErrorMailboxMoveInProgress, xerr.ErrorInternalServerTransientError, xerr.RateLimitError,
+            xerr.ErrorExceededConnectionCount, requests.RequestException, ConnectionError, TimeoutError) as e:
+        raise Unavailable(f"Exchange did not answer{where}: {e}") from e
+    except xerr.ErrorCalendarViewRangeTooBig as e:
+        raise ProtocolError(f"calendar view too large{where}") from e
+    except xerr.EWSError as e:
+        raise TransientError(f"Exchange answered {type(e).__name__}{where}: {e}", key="ews_error") from e
+
+
+def _verifying_adapter(ca_bundle: str) -> type[requests.adapters.HTTPAdapter]:
+    class VerifyingAdapter(requests.adapters.HTTPAdapter):
+        def send(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs["verify"] = ca_bundle
+            return super().send(*args, **kwargs)
+    return VerifyingAdapter
+
+
+class EwsSource:
+    """A CalendarSource for on-premise Exchange 2013-2019."""
+
+    def __init__(self, settings: EwsSettings, password: str, *, extra_connections: int = 0) -> None:
+        register_properties()
+        self.settings = settings
+        if settings.ca_bundle:
+            BaseProtocol.HTTP_ADAPTER_CLS = _verifying_adapter(settings.ca_bundle)
+        BaseProtocol.TIMEOUT = int(settings.timeout)
+        self.config = Configuration(
+            service_endpoint=settings.ews_url,
+            credentials=Credentials(settings.username, password),
+            auth_type=BASIC if settings.auth == "basic" else NTLM,
+            version=Version(build=BUILDS.get(settings.version, BUILDS["Exchange2013_SP1"]),
+                            api_version=settings.version),
+            retry_policy=FailFast(),
+            max_connections=settings.max_workers + extra_connections,
+        )
+        self.tz = EWSTimeZone(settings.default_timezone)
+        self._pool = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="ews")
+        self._accounts: dict[str, Account] = {}
+        self._lock = threading.Lock()
+        self._gate_until = 0.0
+
+    # -- plumbing --------------------------------------------------------------------------------------------
+    def account(self, room: str) -> Account:
+        room = room.lower()
+        with self._lock:
+            acct = self._accounts.get(room)
+            if acct is None:
+                acct = Account(room, config=self.config, access_type=IMPERSONATION, autodiscover=False,
+                               default_timezone=self.tz)
+                self._accounts[room] = acct
+            return acct
+
+    async def _run(self, room: str | None, fn: Callable[[], T]) -> T:
+        wait = self._gate_until - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+        def call() -> T:
+            with map_ews_errors(room):
+                return fn()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except Throttled as e:
+            self._gate_until = max(self._gate_until, time.monotonic() + (e.back_off or 5.0))
+            raise
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            self.config.protocol.close()
+
+    # -- CalendarSource --------------------------------------------------------------------------------------
+    async def verify(self, room: str) -> RoomInfo:
+        def check() -> RoomInfo:
+            acct = self.account(room)
+            acct.calendar.refresh()
+            return RoomInfo(room.lower())
+        return await self._run(room, check)
+
+    def _ews(self, value: datetime) -> EWSDateTime:
+        utc = value.astimezone(UTC).replace(tzinfo=EWSTimeZone("UTC"))
+        return EWSDateTime.from_datetime(utc).astimezone(self.tz)
+
+    def _view(self, room: str, start: datetime, end: datetime, fields: tuple[str, ...]) -> list[Any]:
+        """A CalendarView, split until no piece comes back full."""
+        acct = self.account(room)
+        out: list[Any] = []
+        stack = [(start, end)]
+        step = timedelta(days=self.settings.chunk_days)
+        pieces: list[tuple[datetime, datetime]] = []
+        for s, e in stack:
+            cursor = s
+            while cursor < e:
+                pieces.append((cursor, min(e, cursor + step)))
+                cursor += step
+        while pieces:
+            s, e = pieces.pop(0)
+            items = list(acct.calendar.view(start=self._ews(s), end=self._ews(e),
+                                            max_items=FIND_COUNT_LIMIT).only(*fields))
+            if len(items) >= FIND_COUNT_LIMIT and e - s > timedelta(hours=1):
+                mid = s + (e - s) / 2
+                pieces[:0] = [(s, mid), (mid, e)]
+                continue
+            # An instance that spans a piece boundary appears in both pieces.
+            out.extend(i for i in items if _starts_in(i, s, e) or s == start)
+        return _dedupe(out)
+
+    async def read_window(self, room: str, window: Window) -> list[Booking]:
+        def read() -> list[Booking]:
+            items = self._view(room, window.start, window.end, VIEW_FIELDS + DETAIL_FIELDS)
+            return [b for b in (to_booking(i, room, self.settings.default_timezone) for i in items) if b]
+        return await self._run(room, read)
+
+    async def read_meetings(self, room: str, window: Window, uids: frozenset[str]) -> list[Booking]:
+        def read() -> list[Booking]:
+            acct = self.account(room)
+            instances = [i for i in self._view(room, window.start, window.end, VIEW_FIELDS)
+                         if meeting_uid(i) in uids]
+            if not instances:
+                return []
+            # The organizer and attendees of a meeting are the same on every instance: fetch them once per meeting.
+            first: dict[str, Any] = {}
+            for i in instances:
+                first.setdefault(meeting_uid(i) or "", i)
+            details = {}
+            for d in acct.fetch(ids=list(first.values()), only_fields=list(VIEW_FIELDS + DETAIL_FIELDS)):
+                if isinstance(d, Exception):
+                    continue
+                details[meeting_uid(d) or ""] = d
+            out = []
+            for i in instances:
+                b = to_booking(i, room, self.settings.default_timezone, details.get(meeting_uid(i) or ""))
+                if b is not None:
+                    out.append(b)
+            return out
+        return await self._run(room, read)
+
+    async def changes(self, room: str, sync_state: str | None) -> Changes:
+        def page() -> Changes:
+            acct = self.account(room)
+            folder = acct.calendar
+            svc = SyncFolderItems(account=acct)
+            fields = {f for f in folder.normalize_fields(fields=list(SYNC_FIELDS)) if not f.field.is_attribute}
+            changed: set[str] = set()
+            deleted: set[str] = set()
+            item_uids: dict[str, str] = {}
+            for change_type, item in svc.call(folder=folder, shape="IdOnly", additional_fields=fields,
+                                              sync_state=sync_state, ignore=None,
+                                              max_changes_returned=self.settings.sync_page_size, sync_scope=None):
+                if isinstance(item, Exception):
+                    raise item
+                if change_type == "delete":
+                    deleted.add(item.id)
+                elif change_type in ("create", "update"):
+                    uid = meeting_uid(item)
+                    if uid:
+                        changed.add(uid)
+                        item_uids[item.id] = uid
+            more = not svc.includes_last_item_in_range and svc.sync_state != sync_state
+            return Changes(frozenset(changed), frozenset(deleted), item_uids, svc.sync_state or "", more)
+        return await self._run(room, page)
+
+
+def _start_of(item: Any) -> datetime:
+    s = item.start
+    if isinstance(s, datetime):
+        return utc(s)
+    return datetime(s.year, s.month, s.day, tzinfo=UTC)
+
+
+def _starts_in(item: Any, s: datetime, e: datetime) -> bool:
+    return s <= _start_of(item) < e
+
+
+def _dedupe(items: list[Any]) -> list[Any]:
+    seen: set[tuple[str | None, Any]] = set()
+    out = []
+    for i in items:
+        key = (meeting_uid(i), getattr(i, "original_start", None) or i.start)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(i)
+    return out

@@ -1,0 +1,1 @@
+"""Deciding what changed (pure) and making it happen (the coordinator)."""

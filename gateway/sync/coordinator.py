@@ -1,0 +1,345 @@
+"""The sync coordinator: one worker per room owns all I/O for it; push (notifications) and poll feed one path.
+
+A room's life: verify -> import (sync state first, then the window, so nothing that changes in between is
+missed) -> incremental syncs whenever the room is marked dirty (a notification, a feed reconnect, the poll
+timer), each SyncFolderItems page committed together with its sync state -> a periodic full reconciliation
+that repairs (and counts) any drift. The window rolls forward: every ``roll_seconds`` the slice that entered
+the window is read, so long series keep producing occurrences.
+
+Network calls happen outside store transactions; every store call runs on the store's single writer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import structlog
+
+from gateway.errors import (
+    AuthError,
+    GatewayError,
+    ImpersonationDenied,
+    NotFound,
+    SyncStateInvalid,
+    Throttled,
+    Unavailable,
+)
+from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, Window, to_json
+from gateway.ports import CalendarSource, OutboxEntry, Store
+from gateway.sync import privacy
+from gateway.sync.engine import Plan, Scope, plan
+
+log = structlog.get_logger("gateway.sync")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    days_back: int = 7
+    days_ahead: int = 365
+    debounce_seconds: float = 2.0
+    poll_seconds: float = 0.0  # 0: rely on notifications (plus reconciliation)
+    reconcile_seconds: float = 3600.0
+    roll_seconds: float = 900.0
+    retry_seconds: float = 30.0  # after a transient failure
+    auth_retry_seconds: float = 300.0  # after an auth failure (stop-and-ask, but notice fixed credentials)
+    max_concurrent_rooms: int = 8
+
+
+class RoomWorker:
+    def __init__(self, coordinator: Coordinator, email: str) -> None:
+        self.c = coordinator
+        self.email = email.lower()
+        self.dirty = asyncio.Event()
+        self.dirty_since: float | None = None
+        self.reasons: set[str] = set()
+        self.state = "pending"
+        self.last_success: float | None = None
+        self.horizon: datetime | None = None
+        self.empty_reads = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def mark_dirty(self, why: str) -> None:
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+        self.reasons.add(why)
+        self.dirty.set()
+
+
+class Coordinator:
+    def __init__(self, source: CalendarSource, store: Store, settings: SyncSettings | None = None, *,
+                 policy: Callable[[str], privacy.PrivacyPolicy] | None = None, metrics: Any = None,
+                 clock: Callable[[], datetime] | None = None, source_name: str = "urn:exchange-gateway") -> None:
+        self.source = source
+        self.store = store
+        self.settings = settings or SyncSettings()
+        self.policy = policy or (lambda room: privacy.PrivacyPolicy())
+        self.metrics = metrics
+        self.now = clock or (lambda: datetime.now(UTC))
+        self.source_name = source_name
+        self.workers: dict[str, RoomWorker] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent_rooms)
+        self.listeners: list[Callable[[list[OutboxEntry]], None]] = []  # told after each commit (SSE wake-up)
+
+    # -- life cycle -----------------------------------------------------------------------------------------
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, lambda: fn(*args, **kwargs))
+
+    async def start(self, rooms: Sequence[str]) -> None:
+        known = {r.email for r in await self.db(self.store.rooms)}
+        wanted = {r.lower() for r in rooms}
+        for gone in known - wanted:
+            await self.disconnect(gone)
+        for email in sorted(wanted):
+            self.add_room(email)
+
+    def add_room(self, email: str) -> RoomWorker:
+        worker = self.workers.get(email.lower())
+        if worker is None:
+            worker = RoomWorker(self, email)
+            self.workers[worker.email] = worker
+            worker.task = asyncio.get_running_loop().create_task(self._run_room(worker), name=f"room:{email}")
+        return worker
+
+    async def stop(self) -> None:
+        tasks = [w.task for w in self.workers.values() if w.task]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._writer.shutdown(wait=True)
+
+    def mark_dirty(self, room: str, why: str = "notification") -> None:
+        worker = self.workers.get(room.lower())
+        if worker is not None:
+            worker.mark_dirty(why)
+
+    def window(self) -> Window:
+        now = self.now()
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return Window(day - timedelta(days=self.settings.days_back), now + timedelta(days=self.settings.days_ahead))
+
+    # -- one room -------------------------------------------------------------------------------------------
+    async def _run_room(self, w: RoomWorker) -> None:
+        s = self.settings
+        while True:
+            try:
+                await self._verify(w)
+                if await self.db(self.store.sync_state, w.email) is None:
+                    await self.import_room(w)
+                else:
+                    await self.reconcile(w)  # a restart may have missed anything; one full read repairs it
+                await self._loop(w)
+            except asyncio.CancelledError:
+                raise
+            except GatewayError as e:
+                delay = s.auth_retry_seconds if isinstance(e, AuthError) else s.retry_seconds
+                if isinstance(e, Throttled) and e.back_off:
+                    delay = max(e.back_off, 1.0)
+                await self._set_state(w, _state_key(e), str(e))
+                await asyncio.sleep(delay)
+            except Exception:
+                log.exception("sync.room_failed", room=w.email)
+                await self._set_state(w, "cannot_connect", "unexpected error; see the logs")
+                await asyncio.sleep(s.retry_seconds)
+
+    async def _verify(self, w: RoomWorker) -> None:
+        async with self._slots:
+            await self.source.verify(w.email)
+        if w.state not in ("verified", "suspect_empty"):
+            await self._set_state(w, "verified", "")
+
+    async def _loop(self, w: RoomWorker) -> None:
+        s = self.settings
+        last_reconcile = time.monotonic()
+        last_roll = time.monotonic()
+        while True:
+            timeouts = [s.reconcile_seconds - (time.monotonic() - last_reconcile),
+                        s.roll_seconds - (time.monotonic() - last_roll)]
+            if s.poll_seconds > 0:
+                timeouts.append(s.poll_seconds)
+            try:
+                await asyncio.wait_for(w.dirty.wait(), timeout=max(0.05, min(timeouts)))
+            except TimeoutError:
+                pass
+            if w.dirty.is_set():
+                await asyncio.sleep(s.debounce_seconds)  # one user action is several events
+                await self.sync_changes(w)
+            elif s.poll_seconds > 0:
+                await self.sync_changes(w)
+            if time.monotonic() - last_reconcile >= s.reconcile_seconds:
+                await self.reconcile(w)
+                last_reconcile = last_roll = time.monotonic()
+            elif time.monotonic() - last_roll >= s.roll_seconds:
+                await self.roll(w)
+                last_roll = time.monotonic()
+
+    async def import_room(self, w: RoomWorker) -> None:
+        """First connection: take the sync state first, then read the whole window."""
+        await self._set_state(w, "syncing", "")
+        state: str | None = None
+        while True:
+            async with self._slots:
+                page = await self.source.changes(w.email, state)
+            state = page.sync_state
+            await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(), events=(),
+                          item_uids=page.item_uids, sync_state=state)
+            if not page.more:
+                break
+        await self.reconcile(w, drift=False)
+        await self._set_state(w, "verified", "")
+
+    async def sync_changes(self, w: RoomWorker) -> None:
+        """Incremental: SyncFolderItems pages from the stored state; changed meetings re-read over the window."""
+        started = w.dirty_since
+        w.dirty.clear()
+        w.dirty_since = None
+        w.reasons.clear()
+        while True:
+            state = await self.db(self.store.sync_state, w.email)
+            try:
+                async with self._slots:
+                    page = await self.source.changes(w.email, state)
+            except SyncStateInvalid:
+                log.warning("sync.state_invalid", room=w.email)
+                await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(), events=(),
+                              clear_sync_state=True)
+                await self.import_room(w)
+                return
+            uids = set(page.changed_uids)
+            if page.deleted_item_ids:
+                uids |= await self.db(self.store.uids_for_items, w.email, page.deleted_item_ids)
+            window = self.window()
+            observed: list[Booking] = []
+            if uids:
+                async with self._slots:
+                    observed = await self.source.read_meetings(w.email, window, frozenset(uids))
+            result = plan(await self.db(self.store.known, w.email), self._private(w.email, observed),
+                          Scope(window, frozenset(uids)), self.now())
+            await self._commit(w, result, sync_state=page.sync_state, item_uids=page.item_uids,
+                               removed_items=page.deleted_item_ids, started=started)
+            if not page.more:
+                break
+        w.last_success = time.monotonic()
+
+    async def reconcile(self, w: RoomWorker, *, drift: bool = True) -> Plan:
+        """Compare the full window with what we hold; repair and count any difference."""
+        window = self.window()
+        async with self._slots:
+            observed = await self.source.read_window(w.email, window)
+        known = await self.db(self.store.known, w.email)
+        result = plan(known, self._private(w.email, observed), Scope(window), self.now(),
+                      empty_confirmed=w.empty_reads >= 1)
+        if result.held_back:
+            w.empty_reads += 1
+            await self._set_state(w, "suspect_empty", result.reason)
+            log.warning("sync.held_back", room=w.email, reason=result.reason)
+            return result
+        w.empty_reads = 0
+        await self._commit(w, result)
+        if w.state == "suspect_empty":
+            await self._set_state(w, "verified", "")
+        w.horizon = window.end
+        w.last_success = time.monotonic()
+        if drift and result.changes and self.metrics is not None:
+            self.metrics.reconcile_drift(w.email, result.changes)
+        if drift and result.changes:
+            log.info("sync.drift_repaired", room=w.email, created=len(result.created),
+                     updated=len(result.updated), deleted=len(result.deleted))
+        return result
+
+    async def roll(self, w: RoomWorker) -> None:
+        """Read the slice of time that entered the window since the last read."""
+        window = self.window()
+        if w.horizon is None or window.end <= w.horizon:
+            return
+        part = Window(w.horizon, window.end)
+        async with self._slots:
+            observed = await self.source.read_window(w.email, part)
+        observed = [b for b in observed if b.start >= part.start]
+        known = {k: v for k, v in (await self.db(self.store.known, w.email)).items() if v.booking.start >= part.start}
+        result = plan(known, self._private(w.email, observed), Scope(part), self.now(), empty_confirmed=True)
+        await self._commit(w, result)
+        w.horizon = window.end
+
+    async def disconnect(self, email: str) -> None:
+        """A room left the configuration: its bookings leave the relay with it."""
+        known = await self.db(self.store.known, email)
+        events = [self._event("deleted", k.booking, reason="room_disconnected") for k in known.values()]
+        room = Room(email, state="disconnected", reason=ROOM_STATES["disconnected"])
+        events.append(self._room_event(room))
+        await self.db(self.store.commit_sync, email, upserts=(), deletes=list(known), events=events,
+                      clear_sync_state=True)
+        await self.db(self.store.remove_room, email)
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _private(self, room: str, bookings: list[Booking]) -> list[Booking]:
+        policy = self.policy(room)
+        return [privacy.apply(b, policy) for b in bookings]
+
+    async def _commit(self, w: RoomWorker, result: Plan, *, sync_state: str | None = None,
+                      item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
+                      started: float | None = None) -> None:
+        events = [self._event("created", b) for b in result.created]
+        events += [self._event("updated", b) for b in result.updated]
+        events += [self._event("deleted", b, reason="removed_from_exchange") for b in result.deleted]
+        entries = await self.db(
+            self.store.commit_sync, w.email, upserts=result.created + result.updated,
+            deletes=[b.id for b in result.deleted], events=events, confirmed=[b.id for b in result.confirmed],
+            confirmed_at=self.now(), item_uids=item_uids, removed_items=removed_items, sync_state=sync_state)
+        if entries:
+            if self.metrics is not None and started is not None:
+                self.metrics.change_latency(time.monotonic() - started)
+            log.info("sync.committed", room=w.email, created=len(result.created), updated=len(result.updated),
+                     deleted=len(result.deleted))
+            for listener in self.listeners:
+                listener(entries)
+
+    def _event(self, kind: str, b: Booking, reason: str | None = None) -> Event:
+        data = to_json(b)
+        if reason:
+            data["reason"] = reason
+        return Event(id=str(uuid.uuid4()), type=EVENT_TYPES[kind], room=b.room, subject=b.id, time=self.now(),
+                     data=data, source=self.source_name)
+
+    def _room_event(self, room: Room) -> Event:
+        data = {"room": room.email, "state": room.state, "reason": room.reason, "remedy": room.remedy}
+        return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_state"], room=room.email, subject=room.email,
+                     time=self.now(), data=data, source=self.source_name)
+
+    async def _set_state(self, w: RoomWorker, state: str, reason: str) -> None:
+        if state == w.state:
+            return
+        previous, w.state = w.state, state
+        room = Room(w.email, state=state, reason=reason, remedy=ROOM_STATES.get(state, ""))
+        await self.db(self.store.upsert_room, room)
+        entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),
+                                events=[self._room_event(room)])
+        for listener in self.listeners:
+            listener(entries)
+        log_fn = log.warning if state not in ("verified", "syncing") else log.info
+        log_fn("room.state", room=w.email, state=state, previous=previous, reason=reason)
+        if self.metrics is not None:
+            self.metrics.room_state(w.email, state)
+
+
+def _state_key(e: GatewayError) -> str:
+    if isinstance(e, ImpersonationDenied):
+        return "impersonation_denied"
+    if isinstance(e, NotFound):
+        return "mailbox_not_found" if e.key == "mailbox_not_found" else "cannot_connect"
+    if isinstance(e, AuthError):
+        return "auth_required"
+    if isinstance(e, Throttled):
+        return "throttled"
+    if isinstance(e, Unavailable):
+        return "cannot_connect"
+    return e.key if e.key in ROOM_STATES else "cannot_connect"
+
