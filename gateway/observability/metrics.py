@@ -1,0 +1,86 @@
+"""Prometheus metrics on a registry the app factory passes in (no module-level singletons)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.ews_requests = Counter("gateway_ews_requests", "EWS requests by operation and answer",
+                                    ["operation", "code"], registry=self.registry)
+        self.ews_throttled = Counter("gateway_ews_throttled", "Times Exchange asked the gateway to back off",
+                                     registry=self.registry)
+        self.change_to_outbox = Histogram("gateway_sync_change_to_outbox_seconds",
+                                          "From a room being marked changed to its events being in the outbox",
+                                          buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.drift = Counter("gateway_sync_reconcile_drift", "Bookings a full reconciliation had to repair",
+                             ["room"], registry=self.registry)
+        self.room_transitions = Counter("gateway_room_state_transitions", "Room state changes", ["state"],
+                                        registry=self.registry)
+
+    # hooks the coordinator and adapters call
+    def ews_call(self, operation: str, code: str) -> None:
+        self.ews_requests.labels(operation, code).inc()
+        if code == "ErrorServerBusy":
+            self.ews_throttled.inc()
+
+    def change_latency(self, seconds: float) -> None:
+        self.change_to_outbox.observe(seconds)
+
+    def reconcile_drift(self, room: str, changes: int) -> None:
+        self.drift.labels(room).inc(changes)
+
+    def room_state(self, room: str, state: str) -> None:
+        self.room_transitions.labels(state).inc()
+
+    def watch(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time from the running parts (rooms, outbox, subscriptions)."""
+
+    def __init__(self, rooms: Callable[[], dict[str, tuple[str, float | None]]],
+                 outbox: Callable[[], tuple[int, datetime | None]],
+                 streams: Callable[[], tuple[int, int]] | None = None) -> None:
+        self.rooms = rooms
+        self.outbox = outbox
+        self.streams = streams
+
+    def collect(self) -> Iterator[Any]:
+        rooms = self.rooms()
+        by_state = GaugeMetricFamily("gateway_rooms", "Rooms by state", labels=["state"])
+        counts: dict[str, int] = {}
+        for state, _ in rooms.values():
+            counts[state] = counts.get(state, 0) + 1
+        for state, n in sorted(counts.items()):
+            by_state.add_metric([state], n)
+        yield by_state
+        age = GaugeMetricFamily("gateway_room_last_sync_age_seconds",
+                                "Seconds since the room's last successful sync", labels=["room"])
+        now = time.monotonic()
+        for room, (_, last) in sorted(rooms.items()):
+            if last is not None:
+                age.add_metric([room], now - last)
+        yield age
+        depth, oldest = self.outbox()
+        yield GaugeMetricFamily("gateway_outbox_depth", "Events not yet acknowledged", value=depth)
+        oldest_age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+        yield GaugeMetricFamily("gateway_outbox_oldest_age_seconds", "Age of the oldest unacknowledged event",
+                                value=oldest_age)
+        if self.streams is not None:
+            subs, conns = self.streams()
+            yield GaugeMetricFamily("gateway_ews_subscriptions", "Open EWS subscriptions", value=subs)
+            yield GaugeMetricFamily("gateway_ews_streaming_connections", "Open EWS streaming connections",
+                                    value=conns)

@@ -1,0 +1,152 @@
+"""The pure sync decision: unit cases and a Hypothesis state machine that churns a room."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from gateway.model import Booking, Person, Window, from_json, to_json
+from gateway.sync.engine import MASS_DELETE_MINIMUM, Known, Scope, plan
+
+NOW = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+WINDOW = Window(NOW - timedelta(days=7), NOW + timedelta(days=365))
+
+
+def booking(uid: str, hours: int = 1, subject: str = "Review", **kw) -> Booking:
+    start = NOW + timedelta(days=1, hours=hours)
+    return Booking(room="room1@contoso.com", uid=uid, start=start, end=start + timedelta(hours=1), subject=subject,
+                   organizer=Person("alice@contoso.com", "Alice"), **kw)
+
+
+def known(*bs: Booking) -> dict[str, Known]:
+    return {b.id: Known(b, b.content_hash()) for b in bs}
+
+
+def test_new_changed_and_gone_bookings():
+    a, b, c = booking("A"), booking("B"), booking("C")
+    result = plan(known(a, b), [replace(a, subject="Moved"), c], Scope(WINDOW), NOW)
+    assert [x.uid for x in result.created] == ["C"]
+    assert [x.uid for x in result.updated] == ["A"]
+    assert [x.uid for x in result.deleted] == ["B"]
+
+
+def test_identical_content_sends_nothing_even_if_exchange_restamped_it():
+    a = booking("A")
+    result = plan(known(a), [replace(a, confirmed_at=NOW)], Scope(WINDOW), NOW)
+    assert result.changes == 0 and [x.uid for x in result.confirmed] == ["A"]
+
+
+def test_cancelled_or_declined_items_are_deletions():
+    a, b = booking("A"), booking("B")
+    result = plan(known(a, b), [replace(a, cancelled=True), replace(b, response="declined")], Scope(WINDOW), NOW)
+    assert {x.uid for x in result.deleted} == {"A", "B"} and not result.created
+
+
+def test_a_room_that_suddenly_lists_nothing_is_held_back():
+    many = [booking(f"M{i}", hours=i) for i in range(MASS_DELETE_MINIMUM + 3)]
+    result = plan(known(*many), [], Scope(WINDOW), NOW)
+    assert result.held_back and not result.deleted and "were known" in result.reason
+    confirmed = plan(known(*many), [], Scope(WINDOW), NOW, empty_confirmed=True)
+    assert len(confirmed.deleted) == len(many)
+
+
+def test_a_partial_read_only_judges_the_meetings_it_covers():
+    a, b = booking("A"), booking("B")
+    result = plan(known(a, b), [], Scope(WINDOW, frozenset({"A"})), NOW)
+    assert [x.uid for x in result.deleted] == ["A"]
+
+
+def test_bookings_outside_the_window_are_ignored():
+    far = replace(booking("F"), start=NOW + timedelta(days=900), end=NOW + timedelta(days=900, hours=1))
+    assert plan({}, [far], Scope(WINDOW), NOW).changes == 0
+
+
+def test_instances_of_a_series_are_separate_bookings_with_stable_ids():
+    first = booking("S", original_start=NOW + timedelta(days=1), series_id="S")
+    second = replace(first, original_start=NOW + timedelta(days=8), start=first.start + timedelta(days=7),
+                     end=first.end + timedelta(days=7))
+    assert first.id != second.id
+    moved = replace(first, start=first.start + timedelta(hours=2), end=first.end + timedelta(hours=2),
+                    is_exception=True)
+    assert moved.id == first.id  # moving an instance keeps its identity
+    result = plan(known(first, second), [moved, second], Scope(WINDOW), NOW)
+    assert [x.id for x in result.updated] == [first.id]
+
+
+def test_json_round_trip_keeps_everything():
+    b = booking("J", all_day=False, sensitivity="private", series_id="J", original_start=NOW)
+    assert from_json(to_json(b)) == b
+
+
+class RoomChurn(RuleBasedStateMachine):
+    """Exchange churns a room; the gateway observes it fully, partially or through a broken (empty) read.
+
+    Invariant: a consumer that applies the planned events in order holds exactly what the gateway holds, and
+    after a full, truthful read both equal what Exchange has.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exchange: dict[str, Booking] = {}
+        self.store: dict[str, Known] = {}
+        self.consumer: dict[str, Booking] = {}
+        self.counter = 0
+
+    def _apply(self, result) -> None:  # type: ignore[no-untyped-def]
+        for b in result.created + result.updated:
+            self.store[b.id] = Known(b, b.content_hash())
+            self.consumer[b.id] = b
+        for b in result.deleted:
+            self.store.pop(b.id, None)
+            self.consumer.pop(b.id, None)
+
+    @rule(hours=st.integers(0, 200))
+    def create(self, hours: int) -> None:
+        self.counter += 1
+        b = booking(f"U{self.counter}", hours=hours)
+        self.exchange[b.id] = b
+
+    @rule(data=st.data())
+    def modify(self, data) -> None:  # type: ignore[no-untyped-def]
+        if self.exchange:
+            bid = data.draw(st.sampled_from(sorted(self.exchange)))
+            self.exchange[bid] = replace(self.exchange[bid], subject=data.draw(st.sampled_from(["x", "y", "z"])))
+
+    @rule(data=st.data())
+    def delete(self, data) -> None:  # type: ignore[no-untyped-def]
+        if self.exchange:
+            del self.exchange[data.draw(st.sampled_from(sorted(self.exchange)))]
+
+    @rule()
+    def full_read(self) -> None:
+        result = plan(self.store, list(self.exchange.values()), Scope(WINDOW), NOW,
+                      empty_confirmed=not self.exchange)
+        self._apply(result)
+        assert {k: v.booking.content() for k, v in self.store.items()} == \
+            {k: v.content() for k, v in self.exchange.items()}
+
+    @rule(data=st.data())
+    def partial_read(self, data) -> None:  # type: ignore[no-untyped-def]
+        uids = frozenset(data.draw(st.sets(st.sampled_from([f"U{i}" for i in range(1, self.counter + 2)]))))
+        observed = [b for b in self.exchange.values() if b.uid in uids]
+        self._apply(plan(self.store, observed, Scope(WINDOW, uids), NOW))
+
+    @rule()
+    def broken_empty_read(self) -> None:
+        before = dict(self.store)
+        result = plan(self.store, [], Scope(WINDOW), NOW)
+        if len(before) >= MASS_DELETE_MINIMUM:
+            assert result.held_back and not result.deleted
+        self._apply(result)
+
+    @invariant()
+    def consumer_mirrors_the_store(self) -> None:
+        assert {k: v.booking for k, v in self.store.items()} == self.consumer
+
+
+TestRoomChurn = RoomChurn.TestCase
+TestRoomChurn.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
