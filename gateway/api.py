@@ -105,7 +105,7 @@ class Api:
         try:
             after = int(raw)
         except ValueError:
-            raise _problem(400, "invalid_cursor", "Last-Event-ID must be the id of an event from this stream")
+            raise _problem(400, "invalid_cursor", "Last-Event-ID must be the id of an event from this stream") from None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -161,7 +161,8 @@ def _parse_time(value: str | None, name: str, default: datetime) -> datetime:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise _problem(400, "invalid_time", f"{name} must be an ISO 8601 date-time, e.g. 2026-11-23T08:00:00Z")
+        example = "2026-11-23T08:00:00Z"
+        raise _problem(400, "invalid_time", f"{name} must be an ISO 8601 date-time, e.g. {example}") from None
     if parsed.tzinfo is None:
         raise _problem(400, "invalid_time", f"{name} needs a time zone offset or Z")
     return parsed.astimezone(UTC)
