@@ -249,6 +249,12 @@ class EwsSource:
             out.extend(i for i in items if _starts_in(i, s, e) or s == start)
         return _dedupe(out)
 
+    async def room_list_members(self, room_list: str) -> list[str]:
+        """The rooms of an Exchange room list (GetRooms)."""
+        def members() -> list[str]:
+            return [r.email_address.lower() for r in self.config.protocol.get_rooms(room_list)]
+        return await self._run(room_list, members)
+
     async def read_window(self, room: str, window: Window) -> list[Booking]:
         def read() -> list[Booking]:
             items = self._view(room, window.start, window.end, VIEW_FIELDS + DETAIL_FIELDS)

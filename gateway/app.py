@@ -1,0 +1,150 @@
+"""The application factory: every long-lived part is one cleanup context, wired from typed options."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.api import Api, EventHub
+from gateway.model import ROOM_STATES
+from gateway.observability.metrics import Metrics, StateCollector
+from gateway.sources.ews.source import CALLS, EwsSettings, EwsSource
+from gateway.sources.ews.streaming import PullFeed, StreamingFeed
+from gateway.store.sqlite import SqliteStore
+from gateway.sync.coordinator import Coordinator, SyncSettings
+from gateway.sync.privacy import PrivacyPolicy
+
+log = structlog.get_logger("gateway.app")
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    ews: EwsSettings
+    password: str = field(repr=False)
+    rooms: tuple[str, ...] = ()
+    room_lists: tuple[str, ...] = ()
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    store_path: Path = Path("data/gateway.sqlite")
+    feed: str = "streaming"  # streaming, pull, poll
+    stream_timeout_minutes: int = 10
+    group_size: int = 200
+    pull_interval_seconds: float = 10.0
+    privacy: Callable[[str], PrivacyPolicy] | None = None
+    source_name: str = "urn:exchange-gateway"
+
+
+@dataclass
+class Gateway:
+    """The running parts, reachable from tests and the CLI through ``app[GATEWAY]``."""
+
+    options: GatewayOptions
+    metrics: Metrics
+    store: SqliteStore
+    source: EwsSource
+    coordinator: Coordinator
+    hub: EventHub
+    api: Api
+    feed: StreamingFeed | PullFeed | None = None
+    feed_task: asyncio.Task[None] | None = None
+    rooms: list[str] = field(default_factory=list)
+
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+
+
+def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.Application:
+    app = web.Application()
+    holder: dict[str, Api] = {}
+
+    async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
+        gw = await start_gateway(options, metrics or Metrics())
+        app[GATEWAY] = gw
+        holder["api"] = gw.api
+        yield
+        await stop_gateway(gw)
+
+    app.cleanup_ctx.append(gateway_ctx)
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        api = holder.get("api")
+        if api is None:
+            raise web.HTTPServiceUnavailable(text="starting")
+        handler = getattr(api, request.match_info.route.name or "", None)
+        assert handler is not None
+        return await handler(request)  # type: ignore[no-any-return]
+
+    for name, method, path in (("rooms", "GET", "/v1/rooms"), ("bookings", "GET", "/v1/rooms/{room}/bookings"),
+                               ("events", "GET", "/v1/events"), ("openapi", "GET", "/openapi.json"),
+                               ("prometheus", "GET", "/metrics"), ("healthz", "GET", "/healthz"),
+                               ("readyz", "GET", "/readyz")):
+        app.router.add_route(method, path, forward, name=name)
+    return app
+
+
+async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
+    options.store_path.parent.mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(options.store_path)
+    streams_expected = 0
+    if options.feed == "streaming":
+        streams_expected = max(1, len(options.rooms) // max(1, options.group_size) + 2)
+    source = EwsSource(options.ews, options.password, extra_connections=streams_expected)
+    CALLS.listeners.append(metrics.ews_call)
+    coordinator = Coordinator(source, store, options.sync, policy=options.privacy, metrics=metrics,
+                              source_name=options.source_name)
+    hub = EventHub()
+    coordinator.listeners.append(hub.notify)
+
+    def room_states() -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        return {email: {"state": w.state, "reason": "", "remedy": ROOM_STATES.get(w.state, ""),
+                        "last_sync_age_seconds": None if w.last_success is None else round(now - w.last_success, 3)}
+                for email, w in coordinator.workers.items()}
+
+    def ready() -> bool:
+        return bool(coordinator.workers) and any(w.state == "verified" for w in coordinator.workers.values())
+
+    api = Api(store, metrics, hub, room_states=room_states, ready=ready)
+    gw = Gateway(options, metrics, store, source, coordinator, hub, api)
+    metrics.watch(StateCollector(
+        rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
+        outbox=store.outbox_stats,
+        streams=(lambda: (gw.feed.subscriptions, gw.feed.open_streams)) if options.feed == "streaming" else None,
+    ))
+    rooms = list(options.rooms)
+    for room_list in options.room_lists:
+        rooms += await source.room_list_members(room_list)
+    gw.rooms = sorted({r.lower() for r in rooms})
+    await coordinator.start(gw.rooms)
+    if options.feed == "streaming":
+        gw.feed = StreamingFeed(source, connection_timeout=options.stream_timeout_minutes,
+                                group_size=options.group_size, metrics=metrics)
+    elif options.feed == "pull":
+        gw.feed = PullFeed(source, interval=options.pull_interval_seconds)
+    if gw.feed is not None:
+        gw.feed_task = asyncio.get_running_loop().create_task(gw.feed.watch(gw.rooms, coordinator.mark_dirty))
+    log.info("gateway.started", rooms=len(gw.rooms), feed=options.feed, store=str(options.store_path))
+    return gw
+
+
+async def stop_gateway(gw: Gateway) -> None:
+    if isinstance(gw.feed, StreamingFeed):
+        gw.feed.stop()
+    if gw.feed_task is not None:
+        gw.feed_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await gw.feed_task
+    await gw.coordinator.stop()
+    gw.api.close()
+    with contextlib.suppress(ValueError):
+        CALLS.listeners.remove(gw.metrics.ews_call)
+    await gw.source.close()
+    gw.store.close()
+    log.info("gateway.stopped")

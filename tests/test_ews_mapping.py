@@ -1,0 +1,81 @@
+"""Mapping Exchange calendar items to bookings: pure code, checked on a recorded GetItem response.
+
+tests/data/ews/room-calendar-getitem.xml is what the gateway's CalendarView read of a room returned: a private
+meeting (room with RemovePrivateProperty $false), an all-day event created in Pacific time, and a weekly series
+across the March 2026 DST change with one moved occurrence.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from exchangelib import CalendarItem
+from lxml import etree
+
+from gateway.model import to_json
+from gateway.sources.ews.mapping import register_properties, to_booking, uid_from_goid
+from gateway.sync.privacy import PrivacyPolicy, apply
+
+TNS = "http://schemas.microsoft.com/exchange/services/2006/types"
+ROOM = "room2@contoso.com"
+
+
+def recorded_items() -> list[CalendarItem]:
+    register_properties()
+    root = etree.fromstring((Path(__file__).parent / "data" / "ews" / "room-calendar-getitem.xml").read_bytes())
+    return [CalendarItem.from_xml(el, account=None) for el in root.iter(f"{{{TNS}}}CalendarItem")]
+
+
+def bookings():
+    out = [to_booking(i, ROOM, "Europe/Berlin") for i in recorded_items()]
+    assert all(b is not None for b in out)
+    return sorted(out, key=lambda b: b.start)  # type: ignore[union-attr]
+
+
+def test_every_instance_becomes_a_booking_keyed_by_the_meeting_uid():
+    bs = bookings()
+    assert len(bs) == 6
+    assert all(b.room == ROOM and len(b.uid) > 40 for b in bs)
+    assert len({b.id for b in bs}) == 6
+
+
+def test_private_meeting_subject_never_leaves():
+    private = next(b for b in bookings() if b.sensitivity == "private")
+    assert private.organizer is not None and private.organizer.email == "alice@contoso.com"
+    relayed = apply(private, PrivacyPolicy())
+    assert relayed.subject == "Private" and relayed.organizer is None
+    assert "Alice" not in str(to_json(relayed)["subject"])
+
+
+def test_room_subject_replaced_by_organizer_name_is_recognised():
+    single = bookings()[0]
+    assert single.subject == "Alice Anders" and single.subject_is_organizer_name
+
+
+def test_all_day_event_keeps_its_dates_in_the_creating_zone():
+    all_day = next(b for b in bookings() if b.all_day)
+    assert all_day.timezone == "America/Los_Angeles"
+    assert (all_day.start_date, all_day.end_date) == (date(2026, 3, 27), date(2026, 3, 28))
+    assert all_day.start == datetime(2026, 3, 27, 7, 0, tzinfo=UTC)  # midnight in Los Angeles (PDT)
+    assert all_day.end == datetime(2026, 3, 28, 7, 0, tzinfo=UTC)
+
+
+def test_series_instances_carry_original_start_and_exception_flag():
+    series = [b for b in bookings() if b.series_id]
+    assert len(series) == 4 and len({b.series_id for b in series}) == 1
+    moved = [b for b in series if b.is_exception]
+    assert len(moved) == 1
+    m = moved[0]
+    assert m.original_start == datetime(2026, 4, 2, 11, 0, tzinfo=UTC)
+    assert m.start == datetime(2026, 4, 2, 12, 0, tzinfo=UTC)
+    # Across the DST change the series keeps 13:00 Berlin wall-clock time.
+    assert [b.start.hour for b in series if not b.is_exception] == [12, 11, 11]
+
+
+def test_uid_from_goid_unwraps_external_icalendar_uids():
+    goid = bytes.fromhex("040000008200E00074C5B7101A82E008") + b"\x00" * 20 + b"\x1d\x00\x00\x00"
+    goid += b"vCal-Uid\x01\x00\x00\x00" + b"abc-123@example.org\x00"
+    assert uid_from_goid(goid) == "abc-123@example.org"
+    plain = bytes.fromhex("040000008200E00074C5B7101A82E0080000000000000000")
+    assert uid_from_goid(plain) == plain.hex().upper()
