@@ -43,6 +43,8 @@ class Context:
 
 
 Handler = Callable[[Context, etree._Element], Awaitable["etree._Element | web.StreamResponse"]]
+# The ResponseCode of a response a handler writes itself (web.StreamResponse), for the call counters.
+RESPONSE_CODE: web.ResponseKey[str] = web.ResponseKey("ews_response_code", str)
 OPERATIONS: dict[str, Handler] = {}
 
 
