@@ -22,7 +22,7 @@ from gateway.simulator import schema
 from gateway.simulator.faults import Faults
 from gateway.simulator.mailboxes import Directory, Mailbox
 from gateway.simulator.ntlm import NtlmAcceptor, NtlmError
-from gateway.simulator.ops import OPERATIONS, Context, load_all
+from gateway.simulator.ops import OPERATIONS, RESPONSE_CODE, Context, load_all
 from gateway.simulator.schema import TNS
 from gateway.simulator.soap import ACCEPTED_VERSIONS, EwsError, envelope, fault_body, parse_envelope
 from gateway.simulator.throttle import Throttle
@@ -158,7 +158,7 @@ class Simulator:
             self.calls[(operation, "ErrorInvalidRequest")] += 1
             return self._fault(EwsError("ErrorInvalidRequest", f"The request is invalid: {e}", fault=True))
         if isinstance(result, web.StreamResponse):
-            self.calls[(operation, "NoError")] += 1
+            self.calls[(operation, result.get(RESPONSE_CODE, "NoError"))] += 1
             return result
         self._count(operation, result)
         response = self._respond(result, ctx)
