@@ -1,0 +1,406 @@
+"""The Store port on one SQLite file: rooms, sync states, the booking snapshot and the outbox.
+
+Threading: sqlite3 is synchronous. All writes go through one writer connection behind a lock (the sync
+coordinator calls from its dedicated writer thread; an ack from another thread simply waits its turn). Reads
+borrow a connection from a small pool, one thread at a time, so HTTP handlers in other threads never share a
+connection with the writer; in WAL mode they read the last committed state without blocking it.
+
+Transactions: every write is ``BEGIN IMMEDIATE`` ... ``COMMIT`` (the write lock is taken up front, so a write
+never fails half-way with SQLITE_BUSY), rolled back on any exception. ``commit_sync`` applies a whole sync step,
+outbox events included, in one such transaction (design.md 2).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError, NotFound, PreconditionFailed, ProtocolError, TransientError
+from gateway.model import Booking, Event, Room, from_json
+from gateway.ports import OutboxEntry
+from gateway.store import migrations
+from gateway.sync.engine import Known
+
+BUSY_TIMEOUT_MS = 10_000
+IDLE_READERS = 8  # reader connections kept open between uses; more are opened (and closed) on demand
+SYNCHRONOUS = ("NORMAL", "FULL")
+
+
+def _ts(value: datetime) -> str:
+    """Fixed-width UTC text whose lexical order is time order."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _parse_ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """sqlite3 exceptions become the gateway's error tree at this boundary."""
+    try:
+        yield
+    except sqlite3.IntegrityError as e:
+        raise PreconditionFailed(f"store constraint violated: {e}", key="store_conflict") from e
+    except sqlite3.OperationalError as e:
+        text = str(e).lower()
+        if "locked" in text or "busy" in text:
+            raise TransientError(f"store busy: {e}", key="store_busy",
+                                 remedy="another process holds the database; retried automatically") from e
+        if "disk" in text or "full" in text or "i/o" in text or "readonly" in text:
+            raise TransientError(f"store cannot write: {e}", key="store_unavailable",
+                                 remedy="check free space and permissions on the gateway's data volume") from e
+        raise
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.ProgrammingError | sqlite3.InterfaceError):
+            raise
+        raise ConfigError(f"store database unusable: {e}", key="store_corrupt",
+                          remedy="restore the database file from a backup, or move it aside to start empty "
+                                 "(every room then resyncs from Exchange)") from e
+
+
+class SqliteStore:
+    """The gateway's durable state in one SQLite file (WAL mode).
+
+    Durability: ``synchronous=NORMAL`` in WAL mode means a commit is in the operating system's hands before
+    ``commit_sync`` returns, so a crashed or killed process loses nothing it committed. Only a power loss or
+    kernel crash can lose the last few commits; the file is never corrupted either way. Pass
+    ``synchronous="FULL"`` to fsync every commit and survive power loss too, at some throughput cost.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL",
+                 clock: Callable[[], datetime] | None = None) -> None:
+        if synchronous.upper() not in SYNCHRONOUS:
+            raise ConfigError(f"unknown synchronous mode {synchronous!r}", remedy=f"use one of {SYNCHRONOUS}")
+        self.path = Path(path)
+        self._synchronous = synchronous.upper()
+        self._now = clock or (lambda: datetime.now(UTC))
+        self._write_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _mapped_errors():
+            self._writer = self._connect()
+            try:
+                mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise ConfigError(f"{self.path}: SQLite cannot use WAL mode here (got {mode!r})",
+                                      remedy="put the database on a local file system volume")
+                # NORMAL is safe against process crashes in WAL mode (see the class docstring).
+                self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
+                self._writer.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL after checkpoints
+                self._migrate()
+            except BaseException:
+                self._writer.close()
+                raise
+
+    # -- connections and transactions -----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; we issue BEGIN/COMMIT ourselves.
+        # check_same_thread=False: a connection is used by one thread at a time (lock or pool), not always the same.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock, _mapped_errors():
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._pool_lock:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            conn = self._idle.pop() if self._idle else None
+        try:
+            if conn is None:
+                with _mapped_errors():
+                    conn = self._connect()
+                    conn.execute("PRAGMA query_only=ON")
+            with _mapped_errors():
+                yield conn
+        finally:
+            if conn is not None:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                with self._pool_lock:
+                    keep = not self._closed and len(self._idle) < IDLE_READERS
+                    if keep:
+                        self._idle.append(conn)
+                if not keep:
+                    conn.close()
+
+    def close(self) -> None:
+        """Close every connection; readers still borrowed close when returned. Idempotent."""
+        with self._write_lock:
+            with self._pool_lock:
+                if self._closed:
+                    return
+                self._closed = True
+                idle, self._idle = self._idle, []
+            for conn in idle:
+                conn.close()
+            self._writer.close()  # the last connection to close checkpoints and removes the WAL
+
+    # -- schema -----------------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        conn = self._writer
+        steps = migrations.MIGRATIONS
+        for version, script in enumerate(steps, start=1):
+            conn.execute("BEGIN IMMEDIATE")  # taken before reading the version: two processes never both migrate
+            try:
+                current = conn.execute("PRAGMA user_version").fetchone()[0]
+                if current > len(steps):
+                    raise ConfigError(
+                        f"{self.path} has schema version {current}, written by a newer gateway; this one knows "
+                        f"versions up to {len(steps)}",
+                        key="store_too_new",
+                        remedy="run the gateway version that wrote it (or newer), or point the gateway at a new "
+                               "data directory and let every room resync from Exchange")
+                if current < version:
+                    for statement in migrations.statements(script):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={version}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- rooms ------------------------------------------------------------------------------------------------
+    def rooms(self) -> list[Room]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT email, name, capacity, timezone, state, reason, remedy FROM rooms "
+                                "ORDER BY email").fetchall()
+        return [Room(*row) for row in rows]
+
+    def upsert_room(self, room: Room) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO rooms (email, name, capacity, timezone, state, reason, remedy, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET name = excluded.name, "
+                "capacity = excluded.capacity, timezone = excluded.timezone, state = excluded.state, "
+                "reason = excluded.reason, remedy = excluded.remedy, updated_at = excluded.updated_at",
+                (room.email, room.name, room.capacity, room.timezone, room.state, room.reason, room.remedy,
+                 _ts(self._now())))
+
+    def remove_room(self, email: str) -> None:
+        """Forget a room: its sync state, snapshot and item map go with it; its outbox events stay for delivery."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM rooms WHERE email = ?", (email,))
+
+    # -- snapshot ---------------------------------------------------------------------------------------------
+    def sync_state(self, room: str) -> str | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT state FROM sync_states WHERE room = ?", (room,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def known(self, room: str) -> dict[str, Known]:
+        with self._read() as conn:
+            rows = conn.execute("SELECT id, content_hash, json, confirmed_at FROM bookings WHERE room = ?",
+                                (room,)).fetchall()
+        return {bid: Known(_booking(doc, confirmed_at), content_hash) for bid, content_hash, doc, confirmed_at in rows}
+
+    def bookings(self, room: str, start: datetime | None = None, end: datetime | None = None) -> list[Booking]:
+        """The room's bookings overlapping [start, end), by start time."""
+        sql = "SELECT json, confirmed_at FROM bookings WHERE room = ?"
+        args: list[Any] = [room]
+        if end is not None:
+            sql += " AND start_utc < ?"
+            args.append(_ts(end))
+        if start is not None:
+            sql += " AND end_utc > ?"
+            args.append(_ts(start))
+        sql += " ORDER BY start_utc, id"
+        with self._read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [_booking(doc, confirmed_at) for doc, confirmed_at in rows]
+
+    def uids_for_items(self, room: str, item_ids: frozenset[str]) -> frozenset[str]:
+        if not item_ids:
+            return frozenset()
+        with self._read() as conn:
+            rows = conn.execute("SELECT DISTINCT uid FROM item_map WHERE room = ? AND item_id IN "
+                                "(SELECT value FROM json_each(?))", (room, json.dumps(sorted(item_ids)))).fetchall()
+        return frozenset(row[0] for row in rows)
+
+    # -- the sync step ----------------------------------------------------------------------------------------
+    def commit_sync(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
+                    confirmed: Sequence[str] = (), confirmed_at: datetime | None = None,
+                    item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
+                    sync_state: str | None = None, clear_sync_state: bool = False) -> list[OutboxEntry]:
+        """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state.
+
+        Deletes apply before upserts, item removals before additions. Returns the appended outbox entries, each
+        event carrying its per-room ``sequence``. Raises NotFound for a room that is not in the store (removed
+        while a sync ran), and PreconditionFailed for a constraint violation such as a reused event id; either
+        way nothing of the step is kept.
+        """
+        for b in upserts:
+            if b.room.lower() != room.lower():
+                raise ValueError(f"booking {b.id} belongs to {b.room}, not {room}")
+        now = self._now()
+        created_at = _ts(now)
+        booking_rows = []
+        for b in upserts:
+            content = b.content()
+            booking_rows.append((room, b.id, b.uid, _ts(b.start), _ts(b.end), b.content_hash(),
+                                 json.dumps(content, separators=(",", ":")),
+                                 _ts(b.confirmed_at) if b.confirmed_at else None))
+        event_rows = [(e, json.dumps(e.data, separators=(",", ":"))) for e in events]
+        entries: list[OutboxEntry] = []
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM rooms WHERE email = ?", (room,)).fetchone() is None:
+                raise NotFound(f"room {room} is not in the store", key="room_not_in_store",
+                               remedy="add the room (upsert_room) before syncing it")
+            if deletes:
+                conn.executemany("DELETE FROM bookings WHERE room = ? AND id = ?", [(room, bid) for bid in deletes])
+            if booking_rows:
+                conn.executemany(
+                    "INSERT INTO bookings (room, id, uid, start_utc, end_utc, content_hash, json, confirmed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (room, id) DO UPDATE SET uid = excluded.uid, "
+                    "start_utc = excluded.start_utc, end_utc = excluded.end_utc, "
+                    "content_hash = excluded.content_hash, json = excluded.json, "
+                    "confirmed_at = excluded.confirmed_at", booking_rows)
+            if confirmed:
+                at = _ts(confirmed_at or now)
+                conn.executemany("UPDATE bookings SET confirmed_at = ? WHERE room = ? AND id = ?",
+                                 [(at, room, bid) for bid in confirmed])
+            if removed_items:
+                conn.executemany("DELETE FROM item_map WHERE room = ? AND item_id = ?",
+                                 [(room, item) for item in removed_items])
+            if item_uids:
+                conn.executemany("INSERT INTO item_map (room, item_id, uid) VALUES (?, ?, ?) "
+                                 "ON CONFLICT (room, item_id) DO UPDATE SET uid = excluded.uid",
+                                 [(room, item, uid) for item, uid in item_uids.items()])
+            if event_rows:
+                entries = self._append(conn, event_rows, now, created_at)
+            if clear_sync_state:
+                conn.execute("DELETE FROM sync_states WHERE room = ?", (room,))
+            elif sync_state is not None:
+                conn.execute("INSERT INTO sync_states (room, state, updated_at) VALUES (?, ?, ?) "
+                             "ON CONFLICT (room) DO UPDATE SET state = excluded.state, "
+                             "updated_at = excluded.updated_at", (room, sync_state, created_at))
+        return entries
+
+    @staticmethod
+    def _append(conn: sqlite3.Connection, rows: list[tuple[Event, str]], now: datetime,
+                created_at: str) -> list[OutboxEntry]:
+        last: dict[str, int] = {}
+        for e, _ in rows:
+            key = e.room.lower()
+            if key not in last:
+                row = conn.execute("SELECT last_seq FROM outbox_rooms WHERE room = ?", (e.room,)).fetchone()
+                last[key] = row[0] if row else 0
+        entries: list[OutboxEntry] = []
+        for e, data in rows:
+            key = e.room.lower()
+            last[key] += 1
+            room_seq = last[key]
+            (seq,) = conn.execute(
+                "INSERT INTO outbox (room, room_seq, event_id, type, subject, source, time, data, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                (e.room, room_seq, e.id, e.type, e.subject, e.source, _ts(e.time), data, created_at)).fetchone()
+            entries.append(OutboxEntry(seq=seq, room_seq=room_seq, event=replace(e, sequence=room_seq),
+                                       created_at=now))
+        rooms = {e.room.lower(): e.room for e, _ in rows}
+        conn.executemany("INSERT INTO outbox_rooms (room, last_seq) VALUES (?, ?) "
+                         "ON CONFLICT (room) DO UPDATE SET last_seq = excluded.last_seq",
+                         [(rooms[key], seq) for key, seq in last.items()])
+        return entries
+
+    # -- the outbox -------------------------------------------------------------------------------------------
+    def outbox_after(self, seq: int, limit: int = 500) -> list[OutboxEntry]:
+        """Events with a global seq above ``seq``, in order: the resume point after a reconnect or a crash."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT seq, room, room_seq, event_id, type, subject, source, time, data, created_at "
+                                "FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+        return [_entry(*row) for row in rows]
+
+    def last_seq(self) -> int:
+        """The highest seq ever handed out (0 for a new store), pruned events included."""
+        with self._read() as conn:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        return int(row[0]) if row else 0
+
+    def acked(self) -> int:
+        """The highest acknowledged seq: where delivery to the hub resumes."""
+        with self._read() as conn:
+            return int(conn.execute("SELECT seq FROM outbox_ack WHERE id = 1").fetchone()[0])
+
+    def ack(self, seq: int) -> None:
+        """Record that everything up to ``seq`` was delivered. Monotonic: acknowledging less is a no-op."""
+        with self._write() as conn:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            issued = row[0] if row else 0
+            if seq > issued:
+                # The peer is ahead of us: it acknowledges events this store never wrote (a restored backup, or
+                # the last commits lost to a power cut). Recording it would silently skip the next events.
+                raise ProtocolError(f"acknowledged seq {seq} was never issued (the last is {issued})",
+                                    key="ack_ahead_of_outbox")
+            conn.execute("UPDATE outbox_ack SET seq = MAX(seq, ?) WHERE id = 1", (seq,))
+
+    def outbox_stats(self) -> tuple[int, datetime | None]:
+        """(depth: events not yet acknowledged, time of the oldest of them)."""
+        with self._read() as conn:
+            depth, oldest = conn.execute(
+                "SELECT count(*), min(created_at) FROM outbox WHERE seq > (SELECT seq FROM outbox_ack WHERE id = 1)"
+            ).fetchone()
+        return int(depth), _parse_ts(oldest) if oldest else None
+
+    def prune(self, retain_acked_for: timedelta) -> int:
+        """Delete acknowledged events older than ``retain_acked_for``; never an unacknowledged one. Returns the count.
+
+        Local SSE consumers resuming from a pruned seq get what is left after it.
+        """
+        cutoff = _ts(self._now() - retain_acked_for)
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM outbox WHERE seq <= (SELECT seq FROM outbox_ack WHERE id = 1) "
+                               "AND created_at < ?", (cutoff,))
+            return cur.rowcount
+
+    def check(self) -> list[str]:
+        """``PRAGMA integrity_check`` plus foreign keys: an empty list when the file is sound (for ``doctor``)."""
+        with self._read() as conn:
+            problems = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]
+            problems += [f"foreign key: {r}" for r in conn.execute("PRAGMA foreign_key_check").fetchall()]
+        return problems
+
+
+def _booking(doc: str, confirmed_at: str | None) -> Booking:
+    d = json.loads(doc)
+    d["confirmed_at"] = confirmed_at
+    return from_json(d)
+
+
+def _entry(seq: int, room: str, room_seq: int, event_id: str, type_: str, subject: str, source: str, time: str,
+           data: str, created_at: str) -> OutboxEntry:
+    event = Event(id=event_id, type=type_, room=room, subject=subject, time=_parse_ts(time), data=json.loads(data),
+                  sequence=room_seq, source=source)
+    return OutboxEntry(seq=seq, room_seq=room_seq, event=event, created_at=_parse_ts(created_at))
+
