@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -123,8 +123,9 @@ def to_json(b: Booking) -> dict[str, Any]:
         "end_date": _iso(b.end_date),
         "subject": b.subject,
         "subject_is_organizer_name": b.subject_is_organizer_name,
-        "organizer": asdict(b.organizer) if b.organizer else None,
-        "attendees": [asdict(a) for a in b.attendees],
+        "organizer": {"email": b.organizer.email, "name": b.organizer.name} if b.organizer else None,
+        "attendees": [{"email": a.email, "name": a.name, "kind": a.kind, "response": a.response}
+                      for a in b.attendees],
         "sensitivity": b.sensitivity,
         "online_meeting_url": b.online_meeting_url,
         "response": b.response,

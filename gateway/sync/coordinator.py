@@ -318,7 +318,10 @@ class Coordinator:
         if state == w.state:
             return
         previous, w.state = w.state, state
-        room = Room(w.email, state=state, reason=reason, remedy=ROOM_STATES.get(state, ""))
+        stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email)
+        room = Room(w.email, name=stored.name if stored else None, capacity=stored.capacity if stored else None,
+                    timezone=stored.timezone if stored else "UTC", state=state, reason=reason,
+                    remedy=ROOM_STATES.get(state, ""))
         await self.db(self.store.upsert_room, room)
         entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),
                                 events=[self._room_event(room)])
