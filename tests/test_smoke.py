@@ -1,6 +1,6 @@
 import pytest
+from exchangelib import IMPERSONATION, NTLM, Account, Configuration, Credentials
 from exchangelib.errors import ErrorImpersonateUserDenied, UnauthorizedError
-from exchangelib import Account, IMPERSONATION, Configuration, Credentials, NTLM
 
 
 def test_service_account_reads_room_calendar_over_ntlm(ews):

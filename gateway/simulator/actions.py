@@ -159,9 +159,8 @@ class Calendars:
         if master.exceptions is None:
             master.exceptions = {}
         exc = master.exceptions.get(original)
-        duration = master.end - master.start
         if exc is None:
-            exc = Modified(self.directory.new_iid(), original, original, original + duration)
+            exc = Modified(self.directory.new_iid(), original, original, master.occurrence_end(original))
             master.exceptions[original] = exc
         else:
             exc.version += 1

@@ -9,14 +9,14 @@ the room's answer; a declined one leaves nothing in the room and a Decline on th
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
 
 from gateway.simulator.actions import Invitation, remove_instance
-from gateway.simulator.calendar import CalendarItem
+from gateway.simulator.calendar import CalendarItem, zone
 from gateway.simulator.mailboxes import CalendarProcessing, Mailbox
 
 if TYPE_CHECKING:
@@ -94,6 +94,8 @@ class BookingAttendant:
             return self._record(room, snap, "declined", reason)
         item = cal.place_copy(room, inv, existing, response="Accept", free_busy="Busy")
         self._apply_room_policy(item, settings)
+        if item.recurrence is not None and not settings.enforce_scheduling_horizon:
+            self._truncate(item, self.horizon(room, settings, datetime.now(UTC)))
         if declined:
             for original in declined:
                 remove_instance(item, original)
@@ -125,12 +127,11 @@ class BookingAttendant:
         duration = snap.end - snap.start
         if s.maximum_duration_in_minutes and duration > timedelta(minutes=s.maximum_duration_in_minutes):
             return "too_long", []
-        horizon = now + timedelta(days=s.booking_window_in_days)
+        horizon = self.horizon(room, s, now)
         instances = self._instances(snap, now, horizon)
-        if snap.recurrence is None:
-            if snap.start > horizon:
-                return "outside_booking_window", []
-        elif s.enforce_scheduling_horizon:
+        if snap.start > horizon:  # a single meeting, or a series whose first meeting is beyond the window
+            return "outside_booking_window", []
+        if snap.recurrence is not None and s.enforce_scheduling_horizon:
             rec = snap.recurrence
             if (rec.end_date is None and rec.count is None) or any(s_ > horizon for s_, _, _ in
                                                                    self._instances(snap, now, None, 2000)):
@@ -147,6 +148,15 @@ class BookingAttendant:
                 s.conflict_percentage_allowed * total:
             return "", [c for c in conflicts if c is not None]
         return "conflict", []
+
+    @staticmethod
+    def horizon(room: Mailbox, s: CalendarProcessing, now: datetime) -> datetime:
+        """The end of the booking window: BookingWindowInDays from now ("the value 0 means today")."""
+        if s.booking_window_in_days > 0:
+            return now + timedelta(days=s.booking_window_in_days)
+        tz = zone(room.working_tz)
+        tomorrow = now.astimezone(tz).date() + timedelta(days=1)
+        return datetime.combine(tomorrow, time(0), tzinfo=tz).astimezone(UTC)
 
     @staticmethod
     def _instances(snap: CalendarItem, now: datetime, horizon: datetime | None,
@@ -169,6 +179,25 @@ class BookingAttendant:
                 if inst.free_busy in CONFLICTING:
                     return True
         return False
+
+    @staticmethod
+    def _truncate(item: CalendarItem, horizon: datetime) -> None:
+        """EnforceSchedulingHorizon $false: the room keeps the series only up to the booking window's end."""
+        rec = item.recurrence
+        assert rec is not None
+        within = [original for _index, original in item.occurrence_starts(until=horizon + timedelta(seconds=1))]
+        if not within or (rec.count is not None and len(within) >= rec.count):
+            return
+        last = within[-1]
+        last_date = last.astimezone(zone(item.tz)).date()
+        if rec.end_date is not None and rec.end_date <= last_date:
+            return
+        # A new Recurrence object: the pattern is shared with the organizer's snapshot and must not change there.
+        item.recurrence = replace(rec, end_date=last_date, count=None)
+        if item.exceptions:
+            item.exceptions = {k: v for k, v in item.exceptions.items() if k <= last} or None
+        if item.deleted:
+            item.deleted = {d for d in item.deleted if d <= last} or None
 
     @staticmethod
     def _apply_room_policy(item: CalendarItem, s: CalendarProcessing, master: bool = True) -> None:

@@ -329,18 +329,36 @@ class CalendarItem:
             if (self.start < end and self.end > start) or (self.start == self.end and start <= self.start < end):
                 yield Instance(self, 0, None)
             return
-        duration = self.end - self.start
         exceptions = self.exceptions or {}
         deleted = self.deleted or ()
         # An exception can be moved away from its original slot, so look a little wider.
         widen = max((abs(x.start - x.original_start) for x in exceptions.values()), default=timedelta(0))
+        # A DST change moves an occurrence's end by at most a few hours: occurrences ending well before ``start``
+        # are skipped without working out their exact local end.
+        reach = self.end - self.start + timedelta(hours=3)
         for index, original in self.occurrence_starts(until=end + widen):
             if original in deleted:
                 continue
             exc = exceptions.get(original)
-            s, e = (exc.start, exc.end) if exc else (original, original + duration)
+            if exc is not None:
+                s, e = exc.start, exc.end
+            elif original + reach <= start:
+                continue
+            else:
+                s, e = original, self.occurrence_end(original)
             if s < end and e > start:
                 yield Instance(self, index, original)
+
+    def occurrence_end(self, original: datetime) -> datetime:
+        """The end of the occurrence starting at ``original``.
+
+        Exchange keeps a series' start and end as local wall-clock offsets in the series' time zone, so an
+        occurrence on a DST-change day keeps its local end (an all-day occurrence lasts 23 or 25 hours).
+        """
+        tz = zone(self.tz)
+        local_length = self.end.astimezone(tz).replace(tzinfo=None) - self.start.astimezone(tz).replace(tzinfo=None)
+        local_end = original.astimezone(tz).replace(tzinfo=None) + local_length
+        return local_end.replace(tzinfo=tz).astimezone(UTC)
 
     def find_instance(self, index: int) -> datetime | None:
         for i, original in self.occurrence_starts():
@@ -405,7 +423,7 @@ class Instance:
             return exc.end
         if self.original_start is None:
             return self.item.end
-        return self.original_start + (self.item.end - self.item.start)
+        return self.item.occurrence_end(self.original_start)
 
     @property
     def item_type(self) -> str:

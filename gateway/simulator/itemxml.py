@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -158,7 +159,17 @@ def _goid_with_instance(goid: bytes, original: datetime | None) -> bytes:
     return goid[:16] + struct.pack(">HBB", original.year, original.month, original.day) + goid[20:]
 
 
-def write_recurrence(parent: etree._Element, rec: Recurrence, tag: str = "t:Recurrence") -> None:
+def _xs_date(d: date, tz: str) -> str:
+    """A recurrence range date as Exchange writes it: with the series zone's offset ("2026-11-23+01:00")."""
+    offset = datetime.combine(d, datetime.min.time(), tzinfo=zone(tz)).utcoffset() or timedelta(0)
+    if not offset:
+        return f"{d.isoformat()}Z"
+    minutes = int(offset.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    return f"{d.isoformat()}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def write_recurrence(parent: etree._Element, rec: Recurrence, tag: str = "t:Recurrence", tz: str = "UTC") -> None:
     el = sub(parent, tag)
     k = rec.kind
     p = sub(el, f"t:{k}Recurrence")
@@ -181,15 +192,15 @@ def write_recurrence(parent: etree._Element, rec: Recurrence, tag: str = "t:Recu
         sub(p, "t:Month", rec.month)
     if rec.end_date is not None:
         r = sub(el, "t:EndDateRecurrence")
-        sub(r, "t:StartDate", rec.start_date)
-        sub(r, "t:EndDate", rec.end_date)
+        sub(r, "t:StartDate", _xs_date(rec.start_date, tz))
+        sub(r, "t:EndDate", _xs_date(rec.end_date, tz))
     elif rec.count is not None:
         r = sub(el, "t:NumberedRecurrence")
-        sub(r, "t:StartDate", rec.start_date)
+        sub(r, "t:StartDate", _xs_date(rec.start_date, tz))
         sub(r, "t:NumberOfOccurrences", rec.count)
     else:
         r = sub(el, "t:NoEndRecurrence")
-        sub(r, "t:StartDate", rec.start_date)
+        sub(r, "t:StartDate", _xs_date(rec.start_date, tz))
 
 
 def _occurrence_info(parent: etree._Element, tag: str, v: View, inst: Instance) -> None:
@@ -317,7 +328,7 @@ def _w_organizer(parent: etree._Element, v: View) -> None:
 
 def _w_recurrence(parent: etree._Element, v: View) -> None:
     if v.inst is None and v.item.recurrence is not None:
-        write_recurrence(parent, v.item.recurrence)
+        write_recurrence(parent, v.item.recurrence, tz=v.item.tz)
 
 
 def _w_start(parent: etree._Element, v: View) -> None:
@@ -508,9 +519,17 @@ def render(parent: etree._Element, view: View, shape: Shape) -> etree._Element:
             writer(el, view)
     for uri_el in shape.ext:
         write_ext(el, view, uri_el)
-    order = child_order("CalendarItemType")
-    el[:] = sorted(el, key=lambda c: order.get(etree.QName(c).localname, 999))
+    order = _tag_order("CalendarItemType")
+    keys = [order.get(c.tag, 999) for c in el]
+    if keys != sorted(keys):
+        el[:] = sorted(el, key=lambda c: order.get(c.tag, 999))
     return el
+
+
+@functools.cache
+def _tag_order(type_name: str) -> dict[str, int]:
+    """Child element (Clark name) -> position in the schema's sequence for ``type_name``."""
+    return {f"{{{TNS}}}{name}": i for name, i in child_order(type_name).items()}
 
 
 # -- parsing -----------------------------------------------------------------------------------------
@@ -644,8 +663,8 @@ def parse_item(el: etree._Element, directory: Directory, tz_context: str | None 
         elif name == "IsResponseRequested":
             out.values["response_requested"] = parse_bool(text, True)
         elif name in ("RequiredAttendees", "OptionalAttendees", "Resources"):
-            key = {"RequiredAttendees": "required", "OptionalAttendees": "optional", "Resources": "resources"}[name]
-            out.values[key] = parse_attendees(c, directory)
+            which = {"RequiredAttendees": "required", "OptionalAttendees": "optional", "Resources": "resources"}[name]
+            out.values[which] = parse_attendees(c, directory)
         elif name == "Recurrence":
             out.values["recurrence"] = parse_recurrence(c)
         elif name in ("StartTimeZone", "MeetingTimeZone"):

@@ -463,8 +463,7 @@ def _update_one(ctx: Context, change: etree._Element, conflict: str, send: str |
                 carrier = upd.find(_t("CalendarItem"))
                 if carrier is None:
                     raise EwsError("ErrorInvalidRequest", "SetItemField needs a CalendarItem.")
-                parsed = parse_item(carrier, ctx.directory, ctx.tz_context)
-                ext.update(parsed.ext)
+                ext.update(parse_item(carrier, ctx.directory, ctx.tz_context).ext)
             continue
         uri = path.get("FieldURI", "")
         attr = _SETTABLE.get(uri)
@@ -476,11 +475,11 @@ def _update_one(ctx: Context, change: etree._Element, conflict: str, send: str |
         carrier = upd.find(_t("CalendarItem"))
         if carrier is None:
             raise EwsError("ErrorIncorrectUpdatePropertyCount", "Each update must carry exactly one property.")
-        parsed = parse_item(carrier, ctx.directory, ctx.tz_context)
-        if attr not in parsed.values:
+        fields = parse_item(carrier, ctx.directory, ctx.tz_context)
+        if attr not in fields.values:
             raise EwsError("ErrorIncorrectUpdatePropertyCount",
                            f"Each update must carry exactly one property ({uri}: {etree.tostring(carrier)!r}).")
-        value = parsed.values[attr]
+        value = fields.values[attr]
         if kind == "AppendToItemField" and attr in ("required", "optional", "resources"):
             value = tuple(getattr(item, attr)) + value
         values[attr] = value
