@@ -1,8 +1,8 @@
 """Mapping Exchange calendar items to bookings: pure code, checked on a recorded GetItem response.
 
-tests/data/ews/room-calendar-getitem.xml is what the gateway's CalendarView read of a room returned: a private
-meeting (room with RemovePrivateProperty $false), an all-day event created in Pacific time, and a weekly series
-across the March 2026 DST change with one moved occurrence.
+tests/data/ews/room-calendar-getitem.xml is what a room's calendar returned: a private meeting (room with
+RemovePrivateProperty $false), an all-day event created in Pacific time, and a weekly series across the March
+2026 DST change with one moved occurrence.
 """
 
 from __future__ import annotations
@@ -10,25 +10,19 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from exchangelib import CalendarItem
 from lxml import etree
 
 from gateway.model import to_json
-from gateway.sources.ews.mapping import register_properties, to_booking, uid_from_goid
+from gateway.sources.ews.mapping import booking_from_xml, uid_from_goid
 from gateway.sync.privacy import PrivacyPolicy, apply
 
 TNS = "http://schemas.microsoft.com/exchange/services/2006/types"
 ROOM = "room2@contoso.com"
 
 
-def recorded_items() -> list[CalendarItem]:
-    register_properties()
-    root = etree.fromstring((Path(__file__).parent / "data" / "ews" / "room-calendar-getitem.xml").read_bytes())
-    return [CalendarItem.from_xml(el, account=None) for el in root.iter(f"{{{TNS}}}CalendarItem")]
-
-
 def bookings():
-    out = [to_booking(i, ROOM, "Europe/Berlin") for i in recorded_items()]
+    root = etree.fromstring((Path(__file__).parent / "data" / "ews" / "room-calendar-getitem.xml").read_bytes())
+    out = [booking_from_xml(el, ROOM, "Europe/Berlin") for el in root.iter(f"{{{TNS}}}CalendarItem")]
     assert all(b is not None for b in out)
     return sorted(out, key=lambda b: b.start)  # type: ignore[union-attr]
 
@@ -51,6 +45,7 @@ def test_private_meeting_subject_never_leaves():
 def test_room_subject_replaced_by_organizer_name_is_recognised():
     single = bookings()[0]
     assert single.subject == "Alice Anders" and single.subject_is_organizer_name
+    assert [a.email for a in single.attendees] == ["room2@contoso.com"]
 
 
 def test_all_day_event_keeps_its_dates_in_the_creating_zone():

@@ -35,8 +35,9 @@ from exchangelib import (
     Version,
 )
 from exchangelib import errors as xerr
-from exchangelib.protocol import BaseProtocol
-from exchangelib.services import SyncFolderItems
+from exchangelib.properties import CalendarView
+from exchangelib.protocol import BaseProtocol, Protocol
+from exchangelib.services import FindItem, GetItem, SyncFolderItems
 from exchangelib.services.common import EWSService
 
 from gateway.errors import (
@@ -56,16 +57,18 @@ from gateway.sources.ews.mapping import (
     DETAIL_FIELDS,
     SYNC_FIELDS,
     VIEW_FIELDS,
+    booking_from_xml,
+    element_uid,
+    item_id,
     meeting_uid,
     register_properties,
-    to_booking,
-    utc,
 )
 
 log = structlog.get_logger("gateway.sources.ews")
 T = TypeVar("T")
 
 FIND_COUNT_LIMIT = 1000
+_TNS = "http://schemas.microsoft.com/exchange/services/2006/types"
 BUILDS = {"Exchange2013": Build(15, 0, 516), "Exchange2013_SP1": Build(15, 0, 847),
           "Exchange2016": Build(15, 1, 225)}
 
@@ -82,6 +85,7 @@ class EwsSettings:
     default_timezone: str = "UTC"
     chunk_days: int = 400  # one CalendarView for the usual window; split only when a piece comes back full
     sync_page_size: int = 512
+    get_item_chunk: int = 100
 
 
 # -- instrumentation: every EWS request, by operation and answer ---------------------------------------------
@@ -117,6 +121,36 @@ def _counted_get_response_xml(self: Any, payload: Any, **kwargs: Any) -> Any:
 
 
 EWSService._get_response_xml = _counted_get_response_xml
+
+
+class _WholeBody:
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+    def iter_content(self) -> Iterator[bytes]:
+        return iter((self.content,))
+
+
+_original_soap_parts = EWSService._get_soap_parts.__func__
+
+
+def _whole_body_soap_parts(cls: Any, response: Any) -> Any:
+    """exchangelib 5.6 parses every response through iter_content() one byte at a time (about 1 s per MB);
+    a response that requests has already read in full is handed over in one piece."""
+    if isinstance(response, requests.Response) and response._content_consumed:
+        response = _WholeBody(response.content)
+    return _original_soap_parts(cls, response)
+
+
+EWSService._get_soap_parts = classmethod(_whole_body_soap_parts)
+
+
+def _keep_pool_size(self: Any) -> None:
+    """exchangelib 5.6 shrinks its session pool on every ErrorServerBusy and never grows it back, and doing so
+    under its pool lock can deadlock while a stream holds a session. The gateway does its own back-off."""
+
+
+Protocol.decrease_poolsize = _keep_pool_size
 
 
 @contextlib.contextmanager
@@ -157,6 +191,18 @@ def _verifying_adapter(ca_bundle: str) -> type[requests.adapters.HTTPAdapter]:
             kwargs["verify"] = ca_bundle
             return super().send(*args, **kwargs)
     return VerifyingAdapter
+
+
+class _RawFindItem(FindItem):
+    """FindItem through exchangelib's transport, handing back the t:CalendarItem elements unparsed."""
+
+    def _elem_to_obj(self, elem: Any) -> Any:
+        return elem
+
+
+class _RawGetItem(GetItem):
+    def _elem_to_obj(self, elem: Any) -> Any:
+        return elem
 
 
 class EwsSource:
@@ -225,29 +271,65 @@ class EwsSource:
         utc = value.astimezone(UTC).replace(tzinfo=EWSTimeZone("UTC"))
         return EWSDateTime.from_datetime(utc).astimezone(self.tz)
 
+    def _fields(self, room: str, names: tuple[str, ...]) -> Any:
+        folder = self.account(room).calendar
+        return {f for f in folder.normalize_fields(fields=list(names)) if not f.field.is_attribute}
+
     def _view(self, room: str, start: datetime, end: datetime, fields: tuple[str, ...]) -> list[Any]:
-        """A CalendarView, split until no piece comes back full."""
+        """t:CalendarItem elements of a CalendarView, split until no piece comes back full."""
         acct = self.account(room)
+        additional = self._fields(room, fields)
         out: list[Any] = []
-        stack = [(start, end)]
         step = timedelta(days=self.settings.chunk_days)
         pieces: list[tuple[datetime, datetime]] = []
-        for s, e in stack:
-            cursor = s
-            while cursor < e:
-                pieces.append((cursor, min(e, cursor + step)))
-                cursor += step
+        cursor = start
+        while cursor < end:
+            pieces.append((cursor, min(end, cursor + step)))
+            cursor += step
         while pieces:
             s, e = pieces.pop(0)
-            items = list(acct.calendar.view(start=self._ews(s), end=self._ews(e),
-                                            max_items=FIND_COUNT_LIMIT).only(*fields))
+            view = CalendarView(start=self._ews(s), end=self._ews(e), max_items=FIND_COUNT_LIMIT)
+            items = [i for i in _RawFindItem(account=acct).call(
+                folders=[acct.calendar], additional_fields=additional, restriction=None, order_fields=None,
+                shape="IdOnly", query_string=None, depth="Shallow", calendar_view=view, max_items=None, offset=0)
+                if not isinstance(i, Exception)]
             if len(items) >= FIND_COUNT_LIMIT and e - s > timedelta(hours=1):
                 mid = s + (e - s) / 2
                 pieces[:0] = [(s, mid), (mid, e)]
                 continue
-            # An instance that spans a piece boundary appears in both pieces.
-            out.extend(i for i in items if _starts_in(i, s, e) or s == start)
+            # An instance that spans a piece boundary appears in both pieces; the first piece keeps all.
+            out.extend(i for i in items if s == start or _starts_at_or_after(i, s))
         return _dedupe(out)
+
+    def _details(self, room: str, items: list[Any]) -> dict[str, Any]:
+        """GetItem once per meeting (organizer and attendees are the same on every instance)."""
+        first: dict[str, str] = {}
+        for i in items:
+            uid, ident = element_uid(i), item_id(i)
+            if uid and ident and uid not in first:
+                first[uid] = ident
+        if not first:
+            return {}
+        acct = self.account(room)
+        details: dict[str, Any] = {}
+        for d in _RawGetItem(account=acct, chunk_size=self.settings.get_item_chunk).call(
+                items=[(ident, None) for ident in first.values()],
+                additional_fields=self._fields(room, VIEW_FIELDS + DETAIL_FIELDS), shape="IdOnly"):
+            if isinstance(d, Exception):
+                continue
+            uid = element_uid(d)
+            if uid:
+                details[uid] = d
+        return details
+
+    def _bookings(self, room: str, items: list[Any]) -> list[Booking]:
+        details = self._details(room, items)
+        out = []
+        for i in items:
+            b = booking_from_xml(i, room, self.settings.default_timezone, details.get(element_uid(i) or ""))
+            if b is not None:
+                out.append(b)
+        return out
 
     async def room_list_members(self, room_list: str) -> list[str]:
         """The rooms of an Exchange room list (GetRooms)."""
@@ -257,32 +339,13 @@ class EwsSource:
 
     async def read_window(self, room: str, window: Window) -> list[Booking]:
         def read() -> list[Booking]:
-            items = self._view(room, window.start, window.end, VIEW_FIELDS + DETAIL_FIELDS)
-            return [b for b in (to_booking(i, room, self.settings.default_timezone) for i in items) if b]
+            return self._bookings(room, self._view(room, window.start, window.end, VIEW_FIELDS))
         return await self._run(room, read)
 
     async def read_meetings(self, room: str, window: Window, uids: frozenset[str]) -> list[Booking]:
         def read() -> list[Booking]:
-            acct = self.account(room)
-            instances = [i for i in self._view(room, window.start, window.end, VIEW_FIELDS)
-                         if meeting_uid(i) in uids]
-            if not instances:
-                return []
-            # The organizer and attendees of a meeting are the same on every instance: fetch them once per meeting.
-            first: dict[str, Any] = {}
-            for i in instances:
-                first.setdefault(meeting_uid(i) or "", i)
-            details = {}
-            for d in acct.fetch(ids=list(first.values()), only_fields=list(VIEW_FIELDS + DETAIL_FIELDS)):
-                if isinstance(d, Exception):
-                    continue
-                details[meeting_uid(d) or ""] = d
-            out = []
-            for i in instances:
-                b = to_booking(i, room, self.settings.default_timezone, details.get(meeting_uid(i) or ""))
-                if b is not None:
-                    out.append(b)
-            return out
+            items = [i for i in self._view(room, window.start, window.end, VIEW_FIELDS) if element_uid(i) in uids]
+            return self._bookings(room, items)
         return await self._run(room, read)
 
     async def changes(self, room: str, sync_state: str | None) -> Changes:
@@ -311,22 +374,18 @@ class EwsSource:
         return await self._run(room, page)
 
 
-def _start_of(item: Any) -> datetime:
-    s = item.start
-    if isinstance(s, datetime):
-        return utc(s)
-    return datetime(s.year, s.month, s.day, tzinfo=UTC)
-
-
-def _starts_in(item: Any, s: datetime, e: datetime) -> bool:
-    return s <= _start_of(item) < e
+def _starts_at_or_after(el: Any, when: datetime) -> bool:
+    text = el.findtext(f"{{{_TNS}}}Start")
+    if not text:
+        return True
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) >= when
 
 
 def _dedupe(items: list[Any]) -> list[Any]:
-    seen: set[tuple[str | None, Any]] = set()
+    seen: set[tuple[str | None, str | None]] = set()
     out = []
     for i in items:
-        key = (meeting_uid(i), getattr(i, "original_start", None) or i.start)
+        key = (element_uid(i), i.findtext(f"{{{_TNS}}}OriginalStart") or i.findtext(f"{{{_TNS}}}Start"))
         if key in seen:
             continue
         seen.add(key)
