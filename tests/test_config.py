@@ -1,0 +1,276 @@
+"""The configuration: one YAML file, environment overrides, every problem reported at once with its place."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.config import (
+    Config,
+    PrivacyPolicy,
+    SecretRef,
+    check_config,
+    load_config,
+    load_vault_config,
+)
+from gateway.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "gateway.example.yaml"
+
+MINIMAL = """\
+exchange:
+  ews_url: https://mail.contoso.com/EWS/Exchange.asmx
+  username: CONTOSO\\svc-gateway
+rooms:
+  mailboxes: [room1@contoso.com]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(path: Path | None, env: dict[str, str] | None = None) -> list[str]:
+    config, problems = check_config(path, env or {})
+    assert config is None and problems
+    return [str(p) for p in problems]
+
+
+def test_the_example_configuration_loads_with_the_documented_values():
+    config = load_config(EXAMPLE, env={})
+    ex = config.exchange
+    assert ex.ews_url == "https://mail.contoso.com/EWS/Exchange.asmx" and not ex.allow_insecure_http
+    assert ex.username == "CONTOSO\\svc-roomgateway" and ex.auth == "ntlm" and ex.version == "Exchange2013_SP1"
+    assert ex.password_ref == SecretRef("vault", "exchange") and str(ex.password_ref) == "vault:exchange"
+    assert ex.max_concurrent_requests <= 10 and ex.default_timezone == "Europe/Berlin"
+    assert config.rooms.mailboxes == ("room1@contoso.com", "room2@contoso.com")
+    assert (config.rooms.days_back, config.rooms.days_ahead) == (7, 365)
+    assert config.sync.mode == "streaming" and config.sync.debounce_seconds == 2.0
+    assert config.store.path == Path("data/gateway.sqlite")
+    assert config.vault.key_file == Path("secrets/vault.key") and config.vault.key_env is None
+    assert (config.api.host, config.api.port) == ("127.0.0.1", 8088)
+    assert config.source == EXAMPLE
+
+
+def test_settings_are_frozen():
+    config = load_config(EXAMPLE, env={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.exchange.ews_url = "https://elsewhere"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.rooms.privacy.rooms["x@contoso.com"] = PrivacyPolicy()  # type: ignore[index]
+
+
+def test_defaults_fill_everything_not_given(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), env={})
+    assert config.exchange.password_ref == SecretRef("vault", "exchange")
+    assert config.sync == dataclasses.replace(Config().sync)
+    assert config.exchange.timeout_seconds == 60.0 and config.exchange.default_timezone == "UTC"
+    assert config.rooms.privacy.for_room("room1@contoso.com") == PrivacyPolicy("keep", "Private", True)
+
+
+def test_environment_overrides_win_and_are_typed(tmp_path):
+    path = write(tmp_path, MINIMAL + "sync:\n  debounce_seconds: 2\n  group_size: 50\n")
+    env = {
+        "GATEWAY_EXCHANGE__EWS_URL": "https://ews.contoso.com/EWS/Exchange.asmx",
+        "GATEWAY_SYNC__DEBOUNCE_SECONDS": "5",
+        "GATEWAY_SYNC__GROUP_SIZE": "100",
+        "GATEWAY_EXCHANGE__ALLOW_INSECURE_HTTP": "yes",
+        "GATEWAY_ROOMS__MAILBOXES": "Room7@contoso.com, room8@contoso.com",
+        "GATEWAY_ROOMS__PRIVACY__SUBJECT": "hash",
+        "GATEWAY_STORE__PATH": "/var/lib/gateway/state.sqlite",
+        "GATEWAY_LOG_FORMAT": "json",  # not a setting (no "__"): ignored
+        "HOME": "/root",
+    }
+    config = load_config(path, env=env)
+    assert config.exchange.ews_url == "https://ews.contoso.com/EWS/Exchange.asmx"
+    assert config.sync.debounce_seconds == 5.0 and isinstance(config.sync.debounce_seconds, float)
+    assert config.sync.group_size == 100 and isinstance(config.sync.group_size, int)
+    assert config.exchange.allow_insecure_http is True
+    assert config.rooms.mailboxes == ("room7@contoso.com", "room8@contoso.com")
+    assert config.rooms.privacy.default.subject == "hash"
+    assert config.store.path == Path("/var/lib/gateway/state.sqlite")
+
+
+def test_configuration_from_the_environment_alone(tmp_path):
+    env = {
+        "GATEWAY_EXCHANGE__EWS_URL": "https://mail.contoso.com/EWS/Exchange.asmx",
+        "GATEWAY_EXCHANGE__USERNAME": "svc@contoso.com",
+        "GATEWAY_ROOMS__ROOM_LISTS": "allrooms@contoso.com",
+    }
+    config = load_config(None, env=env)
+    assert config.source is None and config.rooms.room_lists == ("allrooms@contoso.com",)
+    env["GATEWAY_CONFIG"] = str(write(tmp_path, MINIMAL))
+    assert load_config(None, env=env).source == tmp_path / "gateway.yaml"
+
+
+def test_every_problem_is_reported_at_once_with_its_place(tmp_path):
+    path = write(tmp_path, """\
+        exchange:
+          ews_url: https://mail.contoso.com/EWS/Exchange.asmx
+          username: svc-gateway
+          version: Exchange2019
+          max_concurrent_requests: 50
+          default_timezone: W. Europe Standard Time
+        rooms:
+          mailboxes:
+            - room1@contoso.com
+            - room2.contoso.com
+          days_ahead: "a year"
+        sync:
+          mode: push
+        """)
+    env = {"GATEWAY_SYNC__STREAMING_CONNECTION_TIMEOUT_MINUTES": "45", "GATEWAY_API__PORT": "eighty"}
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env=env)
+    text = str(err.value)
+    assert "has 9 problems" in text
+    expected = [
+        f"{path}:3: exchange.username: must be DOMAIN\\user or user@domain",
+        f"{path}:4: exchange.version: 'Exchange2019' is not one of",
+        f"{path}:5: exchange.max_concurrent_requests: must be between 1 and 27, not 50",
+        f"{path}:6: exchange.default_timezone: unknown time zone 'W. Europe Standard Time'; that is a Windows",
+        f"{path}:10: rooms.mailboxes[1]: 'room2.contoso.com' is not an email address",
+        f"{path}:11: rooms.days_ahead: must be a whole number, not text",
+        f"{path}:13: sync.mode: 'push' is not one of streaming, pull, poll",
+        "env GATEWAY_API__PORT: api.port: must be a whole number, not text",
+    ]
+    lines = [line.strip()[2:] for line in text.splitlines()[1:]]
+    for want in expected:
+        assert any(line.startswith(want) for line in lines), (want, lines)
+    assert "use Exchange2016" in text and "Europe/Berlin" in text
+    assert "env GATEWAY_SYNC__STREAMING_CONNECTION_TIMEOUT_MINUTES: sync.streaming_connection_timeout_minutes: " \
+           "must be between 1 and 30, not 45" in text
+    assert err.value.key == "invalid_config"
+
+
+def test_problems_from_the_file_come_first_then_those_from_the_environment(tmp_path):
+    path = write(tmp_path, MINIMAL + "api:\n  port: 0\n")
+    problems = problems_of(path, {"GATEWAY_SYNC__MODE": "sometimes", "GATEWAY_VAULT__KEY_ENV": "VAULT_KEY"})
+    assert problems == [
+        f"{path}:7: api.port: must be between 1 and 65535, not 0",
+        "env GATEWAY_SYNC__MODE: sync.mode: 'sometimes' is not one of streaming, pull, poll",
+        "env GATEWAY_VAULT__KEY_ENV: vault.key_env: the environment variable VAULT_KEY is not set; "
+        "set it to the vault key",
+    ]
+
+
+def test_a_password_in_the_file_is_refused_with_the_remedy_and_never_repeated(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("username:", "password: Hunter2-secret\n  username:"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    text = str(err.value)
+    assert f"{path}:3: exchange.password:" in text and "gateway credentials set exchange" in text
+    assert "Hunter2-secret" not in text
+
+    path = write(tmp_path, MINIMAL.replace("username:", "password_ref: Hunter2-secret\n  username:"))
+    text = "\n".join(problems_of(path))
+    assert "exchange.password_ref: must say where the password is kept" in text
+    assert "gateway credentials set exchange" in text and "Hunter2-secret" not in text
+
+
+def test_a_password_in_the_environment_is_refused_too(tmp_path):
+    env = {"GATEWAY_EXCHANGE__PASSWORD": "Hunter2-secret", "GATEWAY_EXCHANGE__PASSWORD_REF": "Hunter2-secret"}
+    text = "\n".join(problems_of(write(tmp_path, MINIMAL), env))
+    assert "env GATEWAY_EXCHANGE__PASSWORD: exchange.password: a password or secret must not" in text
+    assert "env GATEWAY_EXCHANGE__PASSWORD_REF: exchange.password_ref: must say where" in text
+    assert "Hunter2-secret" not in text
+
+
+def test_password_references_name_the_vault_or_an_environment_variable(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("username:", "password_ref: env:EXCHANGE_PASSWORD\n  username:"))
+    config = load_config(path, env={"EXCHANGE_PASSWORD": "x"})
+    assert config.exchange.password_ref == SecretRef("env", "EXCHANGE_PASSWORD")
+    assert "EXCHANGE_PASSWORD, which is not set" in "\n".join(problems_of(path, {}))
+
+
+def test_plain_http_is_refused_unless_explicitly_allowed_for_the_simulator(tmp_path):
+    http = MINIMAL.replace("https://mail.contoso.com", "http://127.0.0.1:8080")
+    text = "\n".join(problems_of(write(tmp_path, http)))
+    assert f"{tmp_path / 'gateway.yaml'}:2: exchange.ews_url: uses http://" in text
+    assert "use https://" in text and "allow_insecure_http" in text
+    path = write(tmp_path, http.replace("rooms:", "  allow_insecure_http: true  # the local simulator\nrooms:"))
+    config = load_config(path, env={})
+    assert config.exchange.insecure and config.exchange.ews_url == "http://127.0.0.1:8080/EWS/Exchange.asmx"
+    config = load_config(write(tmp_path, http), env={"GATEWAY_EXCHANGE__ALLOW_INSECURE_HTTP": "1"})
+    assert config.exchange.insecure and config.exchange.ews_url == "http://127.0.0.1:8080/EWS/Exchange.asmx"
+
+
+def test_unknown_settings_and_sections_are_reported_with_a_suggestion(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("ews_url:", "ews_ulr: x\n  ews_url:") + """\
+        synk:
+          mode: pull
+        rooms2: {}
+        """.replace("        ", ""))
+    problems = problems_of(path)
+    assert f"{path}:2: exchange.ews_ulr: unknown setting; did you mean 'ews_url'?" in problems
+    assert f"{path}:7: synk: unknown section; did you mean 'sync'?" in problems
+    assert any(p.startswith(f"{path}:9: rooms2: unknown section") for p in problems)
+
+
+def test_environment_typos_are_reported_not_ignored(tmp_path):
+    env = {"GATEWAY_EXCHANGE_EWS_URL": "https://x", "GATEWAY_EXCHANGE__EWSURL": "https://x",
+           "GATEWAY_SYNCH__MODE": "poll"}
+    problems = problems_of(write(tmp_path, MINIMAL), env)
+    assert ("env GATEWAY_EXCHANGE_EWS_URL: exchange.ews_url: ignored: write GATEWAY_EXCHANGE__EWS_URL "
+            "(two underscores between section and setting)") in problems
+    assert "env GATEWAY_EXCHANGE__EWSURL: exchange.ewsurl: unknown setting; did you mean 'ews_url'?" in problems
+    assert "env GATEWAY_SYNCH__MODE: synch: unknown section; did you mean 'sync'?" in problems
+
+
+def test_duplicate_keys_are_reported_because_yaml_would_keep_the_last(tmp_path):
+    path = write(tmp_path, MINIMAL + "  days_back: 3\n  days_back: 30\n")
+    assert f"{path}:7: rooms.days_back: appears twice (first on line 6); YAML would silently keep only the last " \
+           "one, so remove one" in problems_of(path)
+
+
+def test_yaml_syntax_errors_point_at_the_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "sync:\n  mode: [streaming\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:8:") and "(syntax)" in problem
+
+
+def test_a_missing_file_says_how_to_start(tmp_path):
+    (problem,) = problems_of(tmp_path / "nope.yaml")
+    assert "config/gateway.example.yaml" in problem
+
+
+def test_required_settings_are_named_when_missing(tmp_path):
+    problems = problems_of(write(tmp_path, "logging:\n  level: debug\n"))
+    assert any("exchange.ews_url: required: the EWS endpoint" in p for p in problems)
+    assert any("exchange.username: required: the service account" in p for p in problems)
+    assert any("rooms.mailboxes: required: list the room mailboxes" in p for p in problems)
+
+
+def test_per_room_privacy_inherits_the_default_policy(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + """\
+          privacy:
+            subject: hash
+            rooms:
+              BoardRoom@contoso.com:
+                subject: drop
+              lobby@contoso.com:
+                hide_private_organizer: false
+        """.replace("          ", "  ")), env={})
+    privacy = config.rooms.privacy
+    assert privacy.for_room("boardroom@contoso.com") == PrivacyPolicy("drop", "Private", True)
+    assert privacy.for_room("lobby@contoso.com") == PrivacyPolicy("hash", "Private", False)
+    assert privacy.for_room("room1@contoso.com") == PrivacyPolicy("hash", "Private", True)
+
+
+def test_per_room_privacy_is_validated_too(tmp_path):
+    path = write(tmp_path, MINIMAL + "  privacy:\n    rooms:\n      boardroom@contoso.com:\n        subjct: drop\n")
+    assert f"{path}:9: rooms.privacy.rooms.boardroom@contoso.com.subjct: unknown setting; did you mean " \
+           "'subject'?" in problems_of(path)
+
+
+def test_the_vault_section_loads_on_its_own_while_the_rest_is_unfinished(tmp_path):
+    path = write(tmp_path, "exchange:\n  username: nobody\nvault:\n  key_file: /etc/gateway/vault.key\n")
+    vault = load_vault_config(path, env={"GATEWAY_VAULT__PATH": "/var/lib/gateway/creds.vault"})
+    assert vault.key_file == Path("/etc/gateway/vault.key") and vault.path == Path("/var/lib/gateway/creds.vault")
+    with pytest.raises(ConfigError, match=r"vault\.key_fil: unknown setting"):
+        load_vault_config(write(tmp_path, "vault:\n  key_fil: x\n"), env={})
