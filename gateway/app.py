@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ import structlog
 from aiohttp import web
 
 from gateway.api import Api, EventHub
+from gateway.config import Config
+from gateway.credentials import resolve_password
+from gateway.errors import ConfigError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics, StateCollector
 from gateway.sources.ews.source import CALLS, EwsSettings, EwsSource
@@ -60,6 +64,41 @@ class Gateway:
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 
+def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> GatewayOptions:
+    """Typed options for the running gateway, from a validated configuration (the password from the vault)."""
+    ex = cfg.exchange
+    if not ex.ews_url:
+        raise ConfigError("exchange.ews_url is not set; Autodiscover is not supported yet",
+                          remedy="set exchange.ews_url to https://<your CAS>/EWS/Exchange.asmx")
+    password = resolve_password(cfg, env if env is not None else os.environ).reveal()
+
+    def policy_for(room: str) -> PrivacyPolicy:
+        p = cfg.rooms.privacy.rooms.get(room.lower(), cfg.rooms.privacy.default)
+        return PrivacyPolicy(subjects=p.subject, private_subject=p.private_subject,
+                             hide_private_organizer=p.hide_private_organizer)
+
+    s = cfg.sync
+    return GatewayOptions(
+        ews=EwsSettings(ews_url=ex.ews_url, username=ex.username, auth=ex.auth, version=ex.version,
+                        ca_bundle=str(ex.ca_bundle) if ex.ca_bundle else None, timeout=ex.timeout_seconds,
+                        max_workers=ex.max_concurrent_requests, default_timezone=ex.default_timezone),
+        password=password,
+        rooms=cfg.rooms.mailboxes,
+        room_lists=cfg.rooms.room_lists,
+        sync=SyncSettings(days_back=cfg.rooms.days_back, days_ahead=cfg.rooms.days_ahead,
+                          debounce_seconds=s.debounce_seconds,
+                          poll_seconds=s.poll_interval_seconds if s.mode == "poll" else 0.0,
+                          reconcile_seconds=s.reconcile_interval_seconds,
+                          max_concurrent_rooms=ex.max_concurrent_requests),
+        store_path=cfg.store.path,
+        feed=s.mode,
+        stream_timeout_minutes=s.streaming_connection_timeout_minutes,
+        group_size=s.group_size,
+        pull_interval_seconds=s.poll_interval_seconds,
+        privacy=policy_for,
+    )
+
+
 def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.Application:
     app = web.Application()
     holder: dict[str, Api] = {}
@@ -79,7 +118,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.
             raise web.HTTPServiceUnavailable(text="starting")
         handler = getattr(api, request.match_info.route.name or "", None)
         assert handler is not None
-        return await handler(request)  # type: ignore[no-any-return]
+        return await handler(request)
 
     for name, method, path in (("rooms", "GET", "/v1/rooms"), ("bookings", "GET", "/v1/rooms/{room}/bookings"),
                                ("events", "GET", "/v1/events"), ("openapi", "GET", "/openapi.json"),
@@ -116,7 +155,7 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     metrics.watch(StateCollector(
         rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
         outbox=store.outbox_stats,
-        streams=(lambda: (gw.feed.subscriptions, gw.feed.open_streams)) if options.feed == "streaming" else None,
+        streams=lambda: _stream_counts(gw.feed),
     ))
     rooms = list(options.rooms)
     for room_list in options.room_lists:
@@ -132,6 +171,12 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
         gw.feed_task = asyncio.get_running_loop().create_task(gw.feed.watch(gw.rooms, coordinator.mark_dirty))
     log.info("gateway.started", rooms=len(gw.rooms), feed=options.feed, store=str(options.store_path))
     return gw
+
+
+def _stream_counts(feed: StreamingFeed | PullFeed | None) -> tuple[int, int]:
+    if isinstance(feed, StreamingFeed):
+        return feed.subscriptions, feed.open_streams
+    return 0, 0
 
 
 async def stop_gateway(gw: Gateway) -> None:
