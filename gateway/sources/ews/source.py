@@ -35,6 +35,7 @@ from exchangelib import (
     Version,
 )
 from exchangelib import errors as xerr
+from exchangelib.errors import SessionPoolMinSizeReached
 from exchangelib.properties import CalendarView
 from exchangelib.protocol import BaseProtocol, Protocol
 from exchangelib.services import FindItem, GetItem, SyncFolderItems
@@ -147,7 +148,9 @@ EWSService._get_soap_parts = classmethod(_whole_body_soap_parts)
 
 def _keep_pool_size(self: Any) -> None:
     """exchangelib 5.6 shrinks its session pool on every ErrorServerBusy and never grows it back, and doing so
-    under its pool lock can deadlock while a stream holds a session. The gateway does its own back-off."""
+    under its pool lock can deadlock while a stream holds a session. Refusing (as at the minimum size) makes
+    exchangelib pass ErrorExceededConnectionCount on instead of retrying; the gateway does its own back-off."""
+    raise SessionPoolMinSizeReached("the gateway keeps exchangelib's session pool at its configured size")
 
 
 Protocol.decrease_poolsize = _keep_pool_size
