@@ -60,8 +60,18 @@ class CalendarProcessing:
 
 
 class Folder:
-    __slots__ = ("no", "mailbox", "distinguished", "name", "folder_class", "element", "items", "tombstones",
-                 "by_goid", "parent")
+    __slots__ = (
+        "by_goid",
+        "distinguished",
+        "element",
+        "folder_class",
+        "items",
+        "mailbox",
+        "name",
+        "no",
+        "parent",
+        "tombstones",
+    )
 
     def __init__(self, no: int, mailbox: Mailbox, distinguished: str | None, name: str, folder_class: str,
                  element: str, parent: Folder | None) -> None:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from spnego._ntlm_raw.crypto import compute_response_v2, ntowfv1, ntowfv2
 from spnego._ntlm_raw.messages import (
-    AvId,
     Authenticate,
+    AvId,
     Challenge,
     FileTime,
     Negotiate,

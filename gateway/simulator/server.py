@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import secrets
 import ssl
 import time
@@ -197,7 +198,7 @@ class Simulator:
     def _validate_request(self, header: dict[str, etree._Element], body: etree._Element) -> None:
         for el in header.values():
             if etree.QName(el).namespace == TNS:
-                problem = schema.validate(el)
+                problem = _header_problem(etree.tostring(el))
                 if problem:
                     raise EwsError("ErrorSchemaValidation", f"The request failed schema validation: {problem}",
                                    fault=True, extra={"Violation": problem})
@@ -325,6 +326,12 @@ class Simulator:
         if domain and domain.upper() not in (self.config.netbios.upper(), self.config.domain.upper()):
             return None
         return mb.password
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_problem(xml: bytes) -> str | None:
+    """Schema check of a SOAP header element, remembered: clients send the same few headers on every call."""
+    return schema.validate(etree.fromstring(xml))
 
 
 def self_signed_context(host: str = "localhost") -> tuple[ssl.SSLContext, bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -61,13 +62,21 @@ def m(tag: str) -> str:
     return f"{{{MNS}}}{tag}"
 
 
+_CLARK: dict[str, str] = {}  # 't:Name' -> '{types namespace}Name' (sub() runs ~15 times per rendered item)
+
+
 def sub(parent: etree._Element, tag: str, text: Any = None, **attrs: Any) -> etree._Element:
     """Append a child; ``tag`` is 't:Name' or 'm:Name'."""
-    prefix, name = tag.split(":", 1)
-    el = etree.SubElement(parent, f"{{{TNS if prefix == 't' else MNS}}}{name}",
-                          {k: _text(v) for k, v in attrs.items() if v is not None})
+    clark = _CLARK.get(tag)
+    if clark is None:
+        prefix, name = tag.split(":", 1)
+        clark = _CLARK[tag] = f"{{{TNS if prefix == 't' else MNS}}}{name}"
+    if attrs:
+        el = etree.SubElement(parent, clark, {k: _text(v) for k, v in attrs.items() if v is not None})
+    else:
+        el = etree.SubElement(parent, clark)
     if text is not None:
-        el.text = _text(text)
+        el.text = text if type(text) is str else _text(text)
     return el
 
 
@@ -75,7 +84,7 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return value.astimezone(UTC).isoformat(timespec="seconds")[:19] + "Z"  # isoformat: 3x faster than strftime
     if isinstance(value, date):
         return value.isoformat()
     return str(value)
@@ -137,6 +146,15 @@ def parse_envelope(data: bytes) -> Request:
 
 
 def envelope(body_children: Iterable[etree._Element], header_children: Iterable[etree._Element] = ()) -> bytes:
+    if header_children == ():
+        # The usual answer: splice the serialized body into a prebuilt envelope instead of moving the body's
+        # subtree into a new document (lxml walks every node of it to fix namespaces).
+        head, tail = _envelope_parts()
+        return head + b"".join(etree.tostring(b, with_tail=False) for b in body_children) + tail
+    return _build_envelope(body_children, header_children)
+
+
+def _build_envelope(body_children: Iterable[etree._Element], header_children: Iterable[etree._Element]) -> bytes:
     env = etree.Element(f"{{{SOAP}}}Envelope", nsmap={"s": SOAP})
     hdr = etree.SubElement(env, f"{{{SOAP}}}Header")
     svi = etree.SubElement(hdr, t("ServerVersionInfo"), SERVER_VERSION, nsmap={"h": TNS})
@@ -147,6 +165,13 @@ def envelope(body_children: Iterable[etree._Element], header_children: Iterable[
     for b in body_children:
         body.append(b)
     return etree.tostring(env, xml_declaration=True, encoding="utf-8")
+
+
+@functools.cache
+def _envelope_parts() -> tuple[bytes, bytes]:
+    head, body, tail = _build_envelope((), ()).partition(b"<s:Body/>")
+    assert body, "the envelope template lost its body"
+    return head + b"<s:Body>", b"</s:Body>" + tail
 
 
 def fault_body(err: EwsError) -> etree._Element:

@@ -1,0 +1,71 @@
+"""The ``gateway`` command: the simulator as a subprocess, as a developer or a CI job would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+
+from exchangelib import IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSDateTime
+from exchangelib.protocol import close_connections
+
+from tests.conftest import TZ
+
+ENV = {**os.environ, "GATEWAY_LOG_FORMAT": "json"}
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise AssertionError(f"no line on stdout within {timeout} s")
+    return proc.stdout.readline()
+
+
+def test_simulator_prints_one_json_line_serves_ews_and_stops_cleanly_on_sigterm() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", "3",
+                             "--users", "3", "--activity", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        ready = json.loads(_first_line(proc))
+        assert ready["ews_url"].startswith("http://127.0.0.1:") and ready["ews_url"].endswith("/EWS/Exchange.asmx")
+        assert [r["email"] for r in ready["rooms"]] == ["room1@contoso.com", "room2@contoso.com",
+                                                          "room3@contoso.com"]
+        assert len(ready["users"]) == 3 and all(u["password"] for u in ready["users"])
+        assert ready["control_url"].endswith("/control") and ready["control_token"]
+
+        svc = ready["service_account"]
+        cfg = Configuration(service_endpoint=ready["ews_url"], credentials=Credentials(svc["username"],
+                                                                                          svc["password"]),
+                            auth_type=NTLM)
+        room = Account("room1@contoso.com", config=cfg, access_type=IMPERSONATION, autodiscover=False,
+                       default_timezone=TZ)
+        lo = EWSDateTime.now(TZ)
+        bookings = list(room.calendar.view(start=lo, end=lo + timedelta(days=90)).only("subject", "start"))
+        assert bookings, "the room should hold seeded bookings"
+        close_connections()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert out == "", "stdout carries the one JSON line only"
+    events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
+    assert "simulator.ready" in events and events[-1] == "simulator.stopped"
+
+
+def test_help_reads_well() -> None:
+    top = subprocess.run([sys.executable, "-m", "gateway", "--help"], capture_output=True, text=True, timeout=30)
+    assert top.returncode == 0
+    assert "simulator" in top.stdout and "simulator-bench" in top.stdout
+    sim = subprocess.run([sys.executable, "-m", "gateway", "simulator", "--help"], capture_output=True, text=True,
+                         timeout=30)
+    assert sim.returncode == 0
+    for option in ("--port", "--rooms", "--users", "--seed", "--activity", "--rba-delay", "--tls", "--log-format"):
+        assert option in sim.stdout
+    bad = subprocess.run([sys.executable, "-m", "gateway", "simulator"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--port" in bad.stderr
