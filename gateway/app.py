@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from gateway.sync.coordinator import Coordinator, SyncSettings
 from gateway.sync.privacy import PrivacyPolicy
 
 log = structlog.get_logger("gateway.app")
+STOP_SECONDS = 10.0  # each part gets this long to stop before the next one is stopped anyway
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,10 @@ class GatewayOptions:
     stream_timeout_minutes: int = 10
     group_size: int = 200
     pull_interval_seconds: float = 10.0
+    feed_retry_seconds: float = 5.0  # first back-off before a room that could not be subscribed is tried again
     privacy: Callable[[str], PrivacyPolicy] | None = None
     source_name: str = "urn:exchange-gateway"
+    clock: Callable[[], datetime] | None = None  # the sync window's "now" (tests move it; default: the real clock)
 
 
 @dataclass
@@ -137,7 +141,7 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     source = EwsSource(options.ews, options.password, extra_connections=streams_expected)
     CALLS.listeners.append(metrics.ews_call)
     coordinator = Coordinator(source, store, options.sync, policy=options.privacy, metrics=metrics,
-                              source_name=options.source_name)
+                              clock=options.clock, source_name=options.source_name)
     hub = EventHub()
     coordinator.listeners.append(hub.notify)
 
@@ -164,7 +168,8 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     await coordinator.start(gw.rooms)
     if options.feed == "streaming":
         gw.feed = StreamingFeed(source, connection_timeout=options.stream_timeout_minutes,
-                                group_size=options.group_size, metrics=metrics)
+                                group_size=options.group_size, retry_seconds=options.feed_retry_seconds,
+                                metrics=metrics)
     elif options.feed == "pull":
         gw.feed = PullFeed(source, interval=options.pull_interval_seconds)
     if gw.feed is not None:
@@ -185,8 +190,9 @@ async def stop_gateway(gw: Gateway) -> None:
     if gw.feed_task is not None:
         gw.feed_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await gw.feed_task
-    await gw.coordinator.stop()
+            await asyncio.wait_for(asyncio.shield(gw.feed_task), STOP_SECONDS)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(gw.coordinator.stop(), STOP_SECONDS)
     gw.api.close()
     with contextlib.suppress(ValueError):
         CALLS.listeners.remove(gw.metrics.ews_call)

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 from exchangelib import errors as xerr
 
-from gateway.errors import GatewayError
+from gateway.errors import AuthError, GatewayError
 from gateway.ports import Dirty
 from gateway.sources.ews.source import EwsSource, map_ews_errors
 
@@ -50,83 +50,140 @@ class StreamingFeed:
     """ChangeFeed over EWS streaming notifications."""
 
     def __init__(self, source: EwsSource, *, connection_timeout: int = 10, group_size: int = 200,
-                 retry_seconds: float = 5.0, metrics: Any = None) -> None:
+                 retry_seconds: float = 5.0, max_retry_seconds: float = 300.0, metrics: Any = None) -> None:
         self.source = source
         self.connection_timeout = connection_timeout
         self.group_size = max(1, min(group_size, 200))
         self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
         self.metrics = metrics
         self._stop = threading.Event()
+        self._reported: frozenset[str] = frozenset()
         self.open_streams = 0
         self.subscriptions = 0
 
     async def watch(self, rooms: Sequence[str], on_dirty: Dirty) -> None:
+        """Every group's connection lives on its own: a room whose subscription is lost is resubscribed after
+        ``retry_seconds``, a room that cannot be subscribed (no mailbox, no impersonation right, refused
+        credentials) after a back-off that doubles up to ``max_retry_seconds``, and neither waits for the other
+        groups' connections to end."""
         loop = asyncio.get_running_loop()
 
         def dirty(room: str, why: str) -> None:
             loop.call_soon_threadsafe(on_dirty, room, why)
 
-        pending = sorted({r.lower() for r in rooms})
+        wanted = sorted({r.lower() for r in rooms})
+        # One thread per connection (exchangelib blocks for the whole life of a stream); a group holds a room.
+        threads = ThreadPoolExecutor(max(1, len(wanted)), thread_name_prefix="ews-stream")
+        running: dict[asyncio.Future[tuple[list[str], Group | None]], Group] = {}
+
+        def open_stream(group: Group) -> None:
+            running[loop.run_in_executor(threads, self._stream, group, dirty)] = group
+
+        due: list[str] = wanted  # rooms to subscribe now
+        waiting: list[str] = []  # rooms to subscribe at retry_at
+        refused: set[str] = set()  # rooms whose last Subscribe failed
+        failures, retry_at = 0, 0.0
         try:
-            while not self._stop.is_set():
-                groups = await self._subscribe(pending, dirty)
-                pending = []
-                # One thread per connection: exchangelib blocks for the whole life of a stream.
-                with ThreadPoolExecutor(max(1, len(groups)), thread_name_prefix="ews-stream") as threads:
-                    lost = await asyncio.gather(*(loop.run_in_executor(threads, self._stream, g, dirty)
-                                                  for g in groups))
-                for rooms_lost in lost:
-                    pending.extend(rooms_lost)
-                if pending:
-                    await asyncio.sleep(self.retry_seconds)
+            while not self._stop.is_set() and (due or waiting or running):
+                if waiting and time.monotonic() >= retry_at:
+                    due, waiting = due + waiting, []
+                if due:
+                    groups, failed = await self._subscribe(due, dirty)
+                    for g in groups:
+                        open_stream(g)
+                    refused = (refused - set(due)) | set(failed)
+                    due = []
+                    if failed:
+                        failures += 1
+                        retry_at = time.monotonic() + min(self.retry_seconds * 2 ** (failures - 1),
+                                                          self.max_retry_seconds)
+                        waiting += failed
+                    elif not refused:
+                        failures = 0
+                    self._report(refused)
+                self.subscriptions = sum(len(g.subscriptions) for g in running.values())
+                wait = max(0.0, retry_at - time.monotonic()) if waiting else None
+                if not running:
+                    await asyncio.sleep(wait or 0.0)
+                    continue
+                done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    del running[fut]
+                    lost, rest = fut.result()
+                    if rest is not None:
+                        open_stream(rest)
+                    if lost:  # a pause, so that a subscription lost again at once never loops tightly
+                        soon = time.monotonic() + self.retry_seconds
+                        retry_at = min(retry_at, soon) if waiting else soon
+                        waiting += lost
         finally:
             self._stop.set()
+            threads.shutdown(wait=False, cancel_futures=True)  # never block the loop; streams end on _stop
 
     def stop(self) -> None:
         self._stop.set()
 
-    async def _subscribe(self, rooms: list[str], dirty: Any) -> list[Group]:
-        """Subscribe every room; group them by the server (cookie) holding their subscription."""
+    def _report(self, refused: set[str]) -> None:
+        """Log the rooms that cannot be subscribed when that set changes, not on every retry."""
+        now = frozenset(refused)
+        if now == self._reported:
+            return
+        if now:
+            log.warning("streaming.rooms_without_subscription", rooms=len(now), first_retry_seconds=self.retry_seconds,
+                        max_retry_seconds=self.max_retry_seconds)
+        else:
+            log.info("streaming.rooms_subscribed_again", rooms=len(self._reported))
+        self._reported = now
+
+    async def _subscribe(self, rooms: list[str], dirty: Any) -> tuple[list[Group], list[str]]:
+        """Subscribe every room; group them by the server (cookie) holding their subscription. Returns the groups
+        and the rooms that could not be subscribed."""
         by_cookie: dict[str, Group] = {}
         failed: list[str] = []
 
-        def subscribe(room: str) -> tuple[str, str, str]:
+        def subscribe(room: str) -> tuple[str, str]:
             acct = self.source.account(room)
             acct.affinity_cookie = None  # route by the room itself, learn its server's cookie
             with map_ews_errors(room):
                 sub_id = acct.calendar.subscribe_to_streaming()
-            return room, sub_id, acct.affinity_cookie or ""
+            return sub_id, acct.affinity_cookie or ""
 
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(*(loop.run_in_executor(self.source._pool, subscribe, r) for r in rooms),
-                                       return_exceptions=True)
+
+        async def attempt(room: str) -> tuple[str, str] | Exception:
+            try:
+                return await loop.run_in_executor(self.source._pool, subscribe, room)
+            except Exception as e:
+                return e
+
+        # The first room alone: when Exchange refuses the account itself, every other logon would fail as well
+        # (and count towards the account's lockout threshold).
+        first = await attempt(rooms[0])
+        results = [first] * len(rooms) if _credentials_refused(first) else [
+            first, *await asyncio.gather(*(attempt(r) for r in rooms[1:]))]
         for room, res in zip(rooms, results):
-            if isinstance(res, BaseException):
+            if isinstance(res, Exception):
                 if not isinstance(res, GatewayError):
                     log.warning("streaming.subscribe_failed", room=room, error=repr(res))
                 failed.append(room)
                 continue
-            _, sub_id, cookie = res
+            sub_id, cookie = res
             group = by_cookie.setdefault(cookie, Group(cookie, []))
             group.rooms.append(room)
             group.subscriptions[sub_id] = room
             dirty(room, "subscribed")  # anything that happened before the subscription is fetched by a sync
-        self.subscriptions = sum(len(g.subscriptions) for g in by_cookie.values())
         groups: list[Group] = []
         for g in by_cookie.values():
             items = sorted(g.subscriptions.items(), key=lambda kv: kv[1])
             for i in range(0, len(items), self.group_size):
                 chunk = dict(items[i:i + self.group_size])
                 groups.append(Group(g.cookie, sorted(chunk.values()), chunk))
-        if failed:
-            log.warning("streaming.rooms_without_subscription", rooms=len(failed))
-            groups.append(Group("", failed, {}))  # retried on the next round
-        return groups
+        return groups, failed
 
-    def _stream(self, group: Group, dirty: Any) -> list[str]:
-        """Hold the group's connection open, reopening it, until a subscription is lost; return rooms to resubscribe."""
-        if not group.subscriptions:
-            return group.rooms
+    def _stream(self, group: Group, dirty: Any) -> tuple[list[str], Group | None]:
+        """Hold the group's connection open, reopening it, until a subscription is lost. Returns the rooms to
+        resubscribe and, when others in the group are still subscribed, the group that keeps streaming."""
         anchor = self.source.account(group.anchor)
         anchor.affinity_cookie = group.cookie or None
         failures = 0
@@ -149,9 +206,10 @@ class StreamingFeed:
                     log.info("streaming.subscriptions_lost", rooms=len(gone), anchor=group.anchor)
                     for room in group.rooms:
                         dirty(room, "stream_interrupted")
-                    if not group.subscriptions:
-                        return gone
-                    return gone + self._stream_rest(group, dirty)
+                    rest = None
+                    if group.subscriptions:
+                        rest = Group(group.cookie, sorted(group.subscriptions.values()), dict(group.subscriptions))
+                    return gone, rest
                 failures += 1
                 self._interrupted(group, dirty, e, failures)
             except Exception as e:  # dropped connection, reset, timeout
@@ -159,18 +217,19 @@ class StreamingFeed:
                 self._interrupted(group, dirty, e, failures)
             finally:
                 self.open_streams -= 1
-        return []
-
-    def _stream_rest(self, group: Group, dirty: Any) -> list[str]:
-        rest = Group(group.cookie, sorted(group.subscriptions.values()), dict(group.subscriptions))
-        return self._stream(rest, dirty)
+        return [], None
 
     def _interrupted(self, group: Group, dirty: Any, error: Exception, failures: int) -> None:
         if failures == 1:
             log.warning("streaming.interrupted", anchor=group.anchor, error=repr(error)[:200])
         for room in group.rooms:
             dirty(room, "stream_interrupted")
-        time.sleep(min(self.retry_seconds * failures, 60.0))
+        self._stop.wait(min(self.retry_seconds * failures, 60.0))  # stop() ends the pause
+
+
+def _credentials_refused(e: object) -> bool:
+    """Exchange refused the service account's own logon (a plain AuthError), not a right on one mailbox."""
+    return type(e) is AuthError and e.key == AuthError.key
 
 
 def _bad_ids(e: Exception) -> list[str]:
@@ -183,13 +242,17 @@ def _bad_ids(e: Exception) -> list[str]:
 class PullFeed:
     """ChangeFeed over EWS pull subscriptions (for networks where a hanging connection does not survive)."""
 
-    def __init__(self, source: EwsSource, *, interval: float = 10.0, timeout_minutes: int = 30) -> None:
+    def __init__(self, source: EwsSource, *, interval: float = 10.0, timeout_minutes: int = 30,
+                 max_retry_seconds: float = 300.0) -> None:
         self.source = source
         self.interval = interval
         self.timeout_minutes = timeout_minutes
+        self.max_retry_seconds = max_retry_seconds
 
     async def watch(self, rooms: Sequence[str], on_dirty: Dirty) -> None:
         subs: dict[str, tuple[str, str]] = {}
+        failures: dict[str, int] = {}
+        retry_at: dict[str, float] = {}  # a room that failed waits out a growing back-off
         loop = asyncio.get_running_loop()
 
         def poll(room: str) -> bool:
@@ -210,12 +273,24 @@ class PullFeed:
                 subs[room] = (sub_id, watermark)
                 return changed
 
+        names = sorted({r.lower() for r in rooms})
         while True:
-            for room in rooms:
+            for room in names:
+                if retry_at.get(room, 0.0) > time.monotonic():
+                    continue
                 try:
-                    if await loop.run_in_executor(self.source._pool, poll, room.lower()):
-                        on_dirty(room.lower(), "pull")
-                except GatewayError:
-                    subs.pop(room.lower(), None)
-                    on_dirty(room.lower(), "pull_interrupted")
+                    changed = await loop.run_in_executor(self.source._pool, poll, room)
+                except GatewayError as e:
+                    subs.pop(room, None)
+                    failures[room] = n = failures.get(room, 0) + 1
+                    pause = min(self.interval * 2 ** n, self.max_retry_seconds)
+                    on_dirty(room, "pull_interrupted")
+                    if _credentials_refused(e):  # every room would fail alike: try again later, with one room
+                        retry_at.update((r, time.monotonic() + pause) for r in names)
+                        break
+                    retry_at[room] = time.monotonic() + pause
+                    continue
+                failures.pop(room, None)
+                if changed:
+                    on_dirty(room, "pull")
             await asyncio.sleep(self.interval)

@@ -1,0 +1,240 @@
+"""`gateway bench`: the simulator on one core, the gateway on the other, and numbers.
+
+Measures, against a simulated Exchange with per-call latency:
+- the initial import (rooms x bookings, seconds, bookings per second);
+- change-to-event latency percentiles under a steady rate of changes (create, move, cancel of room bookings);
+- EWS calls the gateway makes per change in that steady state;
+- the gateway process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.app import GatewayOptions, start_gateway, stop_gateway
+from gateway.observability.metrics import Metrics
+from gateway.ports import OutboxEntry
+from gateway.sources.ews.source import CALLS, EwsSettings
+from gateway.sync.coordinator import SyncSettings
+
+
+@dataclass
+class BenchArgs:
+    rooms: int = 1000
+    rate: float = 20.0
+    duration: float = 30.0
+    latency_ms: float = 20.0
+    as_json: bool = False
+
+
+@dataclass
+class Results:
+    rooms: int = 0
+    bookings: int = 0
+    import_seconds: float = 0.0
+    changes: int = 0
+    latencies: list[float] = field(default_factory=list)
+    ews_calls: int = 0
+    missed: int = 0
+    rss_mb: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float | None:
+            if not lat:
+                return None
+            return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000, 1)
+        return {
+            "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": pct(100), "samples": len(lat)},
+            "ews_calls_per_change": round(self.ews_calls / self.changes, 2) if self.changes else None,
+            "import": {"rooms": self.rooms, "bookings": self.bookings, "seconds": round(self.import_seconds, 1),
+                       "bookings_per_second": round(self.bookings / self.import_seconds) if self.import_seconds
+                       else None},
+            "changes": self.changes,
+            "missed_changes": self.missed,
+            "rss_mb": round(self.rss_mb, 1),
+        }
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _pin(cpu: int) -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        if len(os.sched_getaffinity(0)) > 1:
+            os.sched_setaffinity(0, {cpu})
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_simulator(args: BenchArgs) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    cmd = [sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", str(args.rooms),
+           "--users", str(max(20, args.rooms // 10)), "--activity", "0", "--rba-delay", "0.05",
+           "--latency-ms", str(args.latency_ms),
+           "--log-level", "warning", "--log-format", "json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=lambda: _pin(0))
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit("the simulator did not start; run the command above by hand to see why")
+    return proc, json.loads(line)
+
+
+async def run(args: BenchArgs) -> Results:
+    _pin(1)
+    res = Results(rooms=args.rooms)
+    _say(f"starting the simulator: {args.rooms} rooms with a year of bookings, {args.latency_ms:g} ms per call")
+    t0 = time.monotonic()
+    proc, info = start_simulator(args)
+    _say(f"  simulator ready in {time.monotonic() - t0:.1f} s")
+    rooms = [r["email"] for r in info["rooms"]]
+    sa = info["service_account"]
+    store = Path(tempfile.mkdtemp(prefix="gateway-bench-")) / "gateway.sqlite"
+    options = GatewayOptions(
+        ews=EwsSettings(ews_url=info["ews_url"], username=sa["username"], default_timezone="Europe/Berlin",
+                        max_workers=10),
+        password=sa["password"], rooms=tuple(rooms),
+        sync=SyncSettings(debounce_seconds=0.1, max_concurrent_rooms=10, reconcile_seconds=24 * 3600,
+                          roll_seconds=24 * 3600),
+        store_path=store, feed="streaming", stream_timeout_minutes=30)
+    seen: dict[str, float] = {}
+    created = 0
+
+    def on_commit(entries: list[OutboxEntry]) -> None:
+        nonlocal created
+        now = time.monotonic()
+        for e in entries:
+            if e.event.type.endswith("booking.created.v1"):
+                created += 1
+            subject = (e.event.data or {}).get("subject") or ""
+            if subject.startswith("bench-"):
+                seen.setdefault(f"{subject}:{e.event.type.rsplit('.', 2)[-2]}", now)
+
+    gw = None
+    try:
+        t0 = time.monotonic()
+        gw = await start_gateway(options, Metrics())
+        gw.coordinator.listeners.append(on_commit)
+        last_report = time.monotonic()
+        workers = gw.coordinator.workers
+        while not all(w.last_success is not None for w in workers.values()):
+            await asyncio.sleep(0.2)
+            if time.monotonic() - last_report > 5:
+                last_report = time.monotonic()
+                done = sum(1 for w in workers.values() if w.last_success is not None)
+                _say(f"  import: {done}/{len(workers)} rooms, {created} bookings ({time.monotonic() - t0:.0f} s)")
+            if time.monotonic() - t0 > 1800:
+                _say("  import did not finish within 30 minutes; measuring what there is")
+                break
+        res.import_seconds = time.monotonic() - t0
+        res.bookings = created
+        _say(f"  imported {created} bookings in {res.import_seconds:.1f} s")
+        feed = gw.feed
+        while feed is not None and getattr(feed, "subscriptions", 0) < len(rooms):
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2.0)  # let the subscription round settle
+        await steady_state(args, info, rooms, seen, res)
+    finally:
+        res.rss_mb = peak_rss_mb()
+        if gw is not None:
+            await stop_gateway(gw)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return res
+
+
+async def steady_state(args: BenchArgs, info: dict[str, Any], rooms: list[str], seen: dict[str, float],
+                       res: Results) -> None:
+    rng = random.Random(1)
+    headers = {"Authorization": f"Bearer {info['control_token']}"}
+    base = info["control_url"].rstrip("/")
+    pending: dict[str, float] = {}  # expected event key -> time of the change
+    live: list[tuple[str, str, str]] = []  # (uid, subject, room)
+    total = int(args.rate * args.duration)
+    calls_before = CALLS.total()
+    _say(f"steady state: {total} changes at {args.rate:g}/s")
+    async with aiohttp.ClientSession(headers=headers) as http:
+        t_start = time.monotonic()
+        for n in range(total):
+            due = t_start + n / args.rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            room = rng.choice(rooms)
+            action = "create" if len(live) < 20 or rng.random() < 0.5 else rng.choice(["move", "cancel"])
+            sent = time.monotonic()
+            if action == "create":
+                subject = f"bench-{n}"
+                start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=rng.randint(1, 200),
+                                                                             minutes=rng.randint(0, 600))
+                body = {"organizer": room, "rooms": [], "subject": subject, "start": start.isoformat(),
+                        "end": (start + timedelta(minutes=30)).isoformat()}
+                async with http.post(f"{base}/meetings", json=body) as r:
+                    data = await r.json()
+                    uid = data.get("uid") or data.get("meeting", {}).get("uid")
+                live.append((uid, subject, room))
+                pending[f"{subject}:created"] = (sent + time.monotonic()) / 2
+            elif action == "move":
+                uid, subject, room = live[rng.randrange(len(live))]
+                start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=rng.randint(1, 200))
+                async with http.post(f"{base}/meetings/{uid}/move", json={"start": start.isoformat()}) as r:
+                    await r.read()
+                pending[f"{subject}:updated"] = (sent + time.monotonic()) / 2
+                seen.pop(f"{subject}:updated", None)
+            else:
+                uid, subject, room = live.pop(rng.randrange(len(live)))
+                async with http.delete(f"{base}/meetings/{uid}") as r:
+                    await r.read()
+                pending[f"{subject}:deleted"] = (sent + time.monotonic()) / 2
+            res.changes += 1
+            for key in [k for k in pending if k in seen]:
+                res.latencies.append(max(0.0, seen[key] - pending.pop(key)))
+            if n and n % max(1, total // 10) == 0:
+                _say(f"  {n}/{total} changes")
+        deadline = time.monotonic() + 20
+        while pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            for key in [k for k in pending if k in seen]:
+                res.latencies.append(max(0.0, seen[key] - pending.pop(key)))
+    res.missed = len(pending)
+    res.ews_calls = CALLS.total() - calls_before
+
+
+def main(args: BenchArgs) -> int:
+    res = asyncio.run(run(args))
+    out = res.as_dict()
+    if args.as_json:
+        print(json.dumps(out))
+    else:
+        lat = out["latency_ms"]
+        imp = out["import"]
+        print(f"import:   {imp['rooms']} rooms, {imp['bookings']} bookings in {imp['seconds']} s "
+              f"({imp['bookings_per_second']} bookings/s)")
+        print(f"latency:  p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, max {lat['max']} ms "
+              f"({lat['samples']} changes seen, {out['missed_changes']} missed)")
+        print(f"EWS calls per change: {out['ews_calls_per_change']}")
+        print(f"peak RSS: {out['rss_mb']} MB")
+    return 0

@@ -1,0 +1,132 @@
+"""Running the gateway: the long-lived service (`gateway run`) and one-shot operations (`rooms`, `sync-once`)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.app import GATEWAY, GatewayOptions, init_app, options_from_config
+from gateway.config import load_config
+from gateway.errors import GatewayError
+from gateway.model import ROOM_STATES
+from gateway.observability.metrics import Metrics
+from gateway.sources.ews.source import EwsSource
+from gateway.store.sqlite import SqliteStore
+from gateway.sync.coordinator import Coordinator, RoomWorker
+
+log = structlog.get_logger("gateway.service")
+
+
+async def serve(app: web.Application, host: str, port: int,
+                ready: Callable[[web.Application, int], Awaitable[None] | None] | None = None) -> int:
+    """Serve ``app`` until SIGINT or SIGTERM; returns the exit code."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise GatewayError(f"cannot listen on {host}:{port}: {e.strerror}", key="cannot_listen",
+                           remedy="choose a free port (api.port, or --port)") from e
+    server: Any = site._server
+    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if ready is not None:
+            result = ready(app, bound)
+            if asyncio.iscoroutine(result):
+                await result
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    return 0
+
+
+async def run(config_path: Path | None) -> int:
+    cfg = load_config(config_path)
+    options = options_from_config(cfg)
+    app = init_app(options)
+
+    def ready(app: web.Application, port: int) -> None:
+        gw = app[GATEWAY]
+        log.info("gateway.listening", api=f"http://{cfg.api.host}:{port}", rooms=len(gw.rooms),
+                 events=f"http://{cfg.api.host}:{port}/v1/events", metrics=f"http://{cfg.api.host}:{port}/metrics")
+    return await serve(app, cfg.api.host, cfg.api.port, ready)
+
+
+def rooms(config_path: Path | None) -> int:
+    """Print every room the store knows, its state, and what to do about it."""
+    cfg = load_config(config_path)
+    if not cfg.store.path.exists():
+        print(f"no store at {cfg.store.path} yet: start the gateway (`gateway run`) first", file=sys.stderr)
+        return 1
+    store = SqliteStore(cfg.store.path)
+    try:
+        known = store.rooms()
+        configured = set(cfg.rooms.mailboxes)
+        width = max([len(r.email) for r in known] + [len(c) for c in configured] + [4])
+        print(f"{'ROOM':<{width}}  {'STATE':<22} {'BOOKINGS':>8}  REMEDY")
+        seen = set()
+        for r in sorted(known, key=lambda r: r.email):
+            seen.add(r.email)
+            count = len(store.known(r.email))
+            remedy = "" if r.state == "verified" else (r.remedy or ROOM_STATES.get(r.state, ""))
+            print(f"{r.email:<{width}}  {r.state:<22} {count:>8}  {remedy}")
+        for email in sorted(configured - seen):
+            print(f"{email:<{width}}  {'pending':<22} {0:>8}  {ROOM_STATES['pending']}")
+    finally:
+        store.close()
+    return 0
+
+
+async def sync_once(config_path: Path | None, room: str) -> int:
+    """Verify one room and bring it up to date now; print what changed."""
+    cfg = load_config(config_path)
+    options = options_from_config(cfg)
+    return await sync_room_once(options, room)
+
+
+async def sync_room_once(options: GatewayOptions, room: str) -> int:
+    store = SqliteStore(options.store_path)
+    source = EwsSource(options.ews, options.password)
+    coordinator = Coordinator(source, store, options.sync, policy=options.privacy, metrics=Metrics(),
+                              source_name=options.source_name)
+    try:
+        worker = coordinator.workers.setdefault(room.lower(), RoomWorker(coordinator, room))
+        try:
+            await coordinator._verify(worker)
+        except GatewayError as e:
+            print(f"{room}: {e.key}: {e}", file=sys.stderr)
+            return 1
+        before = store.last_seq()
+        if store.sync_state(worker.email) is None:
+            await coordinator.import_room(worker)
+        else:
+            await coordinator.sync_changes(worker)
+            await coordinator.reconcile(worker)
+        entries = store.outbox_after(before, 1_000_000)
+        kinds: dict[str, int] = {}
+        for entry in entries:
+            kind = entry.event.type.rsplit(".", 2)[-2]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no changes"
+        print(f"{worker.email}: {worker.state}; {len(store.known(worker.email))} bookings; {summary}")
+        return 0
+    finally:
+        await source.close()
+        await coordinator.stop()
+        store.close()
+

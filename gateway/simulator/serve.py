@@ -1,0 +1,85 @@
+"""`gateway simulator`: serve a seeded simulated Exchange until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("gateway.simulator")
+
+
+async def run_simulator(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.simulator.control import Control
+    from gateway.simulator.seed import ORGANIZER_ACCOUNT, seed_bookings, standard_org
+    from gateway.simulator.server import Simulator, SimulatorConfig, self_signed_context
+
+    sim = Simulator(SimulatorConfig(rba_delay=args.rba_delay))
+    if getattr(args, "latency_ms", 0):
+        sim.faults.latency["*"] = args.latency_ms / 1000  # every EWS call takes this long, like a busy server
+    org = standard_org(sim.directory, rooms=args.rooms, users=args.users)
+    if not args.no_bookings and args.rooms:
+        started = time.perf_counter()
+        stats = seed_bookings(sim.directory, seed=args.seed)
+        gc.freeze()  # the seeded year lives as long as the process: keep it out of every later collection
+        log.info("simulator.seeded", rooms=stats.rooms, items=stats.items, occurrences=stats.occurrences,
+                 seconds=round(time.perf_counter() - started, 2))
+    ssl_ctx, cert_pem = (None, None)
+    if args.tls:
+        ssl_ctx, cert_pem = self_signed_context("localhost" if args.host in ("127.0.0.1", "::1") else args.host)
+    runner = web.AppRunner(sim.make_app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, ssl_context=ssl_ctx)
+    await site.start()
+    server: Any = site._server
+    port = server.sockets[0].getsockname()[1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    base = f"{'https' if args.tls else 'http'}://{netloc}"
+    ctl = Control.of(sim)
+    if args.activity > 0:
+        ctl.start_activity(args.activity, args.seed)
+    ready: dict[str, Any] = {
+        "ews_url": f"{base}/EWS/Exchange.asmx",
+        "service_account": {"username": org.service_account, "password": org.service_password},
+        "organizer_account": {"username": f"{sim.directory.netbios}\\{ORGANIZER_ACCOUNT}",
+                              "password": org.service_password},
+        "users": [{"email": email, "password": password} for email, password in org.users],
+        "rooms": [{"email": smtp, "name": sim.directory.get(smtp).name} for smtp in org.rooms],
+        "room_lists": org.room_lists,
+        "control_url": f"{base}/control",
+        "control_token": sim.config.control_token,
+    }
+    if cert_pem is not None:
+        ready["tls_certificate_pem"] = cert_pem.decode()
+    sys.stdout.write(json.dumps(ready) + "\n")
+    sys.stdout.flush()
+    log.info("simulator.ready", ews_url=ready["ews_url"], service_account=org.service_account,
+             control_url=ready["control_url"], rooms=len(org.rooms), users=len(org.users), activity=args.activity,
+             hint="point exchangelib at ews_url with service_account (NTLM or Basic, impersonating the rooms); "
+                  "the password and the control token are in the JSON line on stdout")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("simulator.stopping")
+        ctl.stop_activity()
+        await runner.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    log.info("simulator.stopped")
+    return 0
+
+
