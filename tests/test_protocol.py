@@ -192,7 +192,7 @@ def test_concurrency_budget_answers_server_busy_with_back_off(sim_factory):
 def test_exchangelib_sees_server_busy_with_its_back_off(sim_factory):
     ews = sim_factory(SimulatorConfig(max_concurrent=1, back_off_ms=2500))
     room = ews.room()
-    room.calendar  # noqa: B018  (warm the folder cache)
+    room.calendar  # warm the folder cache
     ews.call(lambda: ews.sim.faults.latency.update({"FindItem": 1.0}))
     errors: list[BaseException] = []
     start = EWSDateTime.now(TZ)
