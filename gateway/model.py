@@ -74,14 +74,14 @@ class Booking:
     origin: str = "exchange"  # exchange, or gateway for bookings the gateway itself made
     free_busy: str = "busy"
     confirmed_at: datetime | None = None  # when the gateway last saw it in Exchange (not part of the content)
+    # Derived once (hashing is the hot path of a large import); not constructor arguments.
+    id: str = field(init=False, compare=False, repr=False)
+    meeting_id: str = field(init=False, compare=False, repr=False)
+    _hash: str | None = field(init=False, compare=False, repr=False, default=None)
 
-    @property
-    def id(self) -> str:
-        return booking_id_for(self.room, self.uid, self.original_start)
-
-    @property
-    def meeting_id(self) -> str:
-        return meeting_id_for(self.uid)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", booking_id_for(self.room, self.uid, self.original_start))
+        object.__setattr__(self, "meeting_id", meeting_id_for(self.uid))
 
     def content(self) -> dict[str, Any]:
         """Everything a consumer sees, minus freshness."""
@@ -90,7 +90,10 @@ class Booking:
         return d
 
     def content_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:32]
+        if self._hash is None:
+            digest = hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:32]
+            object.__setattr__(self, "_hash", digest)
+        return self._hash  # type: ignore[return-value]
 
     def confirmed(self, at: datetime) -> Booking:
         return replace(self, confirmed_at=at)

@@ -69,7 +69,7 @@ def plan(previous: Mapping[str, Known], observed: Iterable[Booking], scope: Scop
     seen: dict[str, Booking] = {}
     for b in observed:
         if scope.covers(b) and is_live(b):
-            seen[b.id] = b.confirmed(now)
+            seen[b.id] = b
     known_in_scope = {bid: k for bid, k in previous.items() if scope.covers(k.booking)}
     if (scope.complete and not seen and len(known_in_scope) >= MASS_DELETE_MINIMUM and not empty_confirmed):
         result.held_back = True
@@ -78,9 +78,9 @@ def plan(previous: Mapping[str, Known], observed: Iterable[Booking], scope: Scop
     for bid, b in seen.items():
         old = previous.get(bid)
         if old is None:
-            result.created.append(b)
+            result.created.append(b.confirmed(now))
         elif old.content_hash != b.content_hash():
-            result.updated.append(b)
+            result.updated.append(b.confirmed(now))
         else:
             result.confirmed.append(b)
     for bid, k in known_in_scope.items():

@@ -61,7 +61,6 @@ from gateway.sources.ews.mapping import (
     booking_from_xml,
     element_uid,
     item_id,
-    meeting_uid,
     register_properties,
 )
 
@@ -171,9 +170,13 @@ def map_ews_errors(room: str | None = None) -> Iterator[None]:
     except (xerr.ErrorNonExistentMailbox, xerr.ErrorMailRecipientNotFound) as e:
         raise NotFound(f"Exchange has no mailbox {room}", key="mailbox_not_found",
                        remedy="check the room's address in the configuration") from e
-    except (xerr.UnauthorizedError, xerr.ErrorAccessDenied) as e:
-        raise AuthError(f"Exchange refused the service account{where}: {e}", key="auth_required",
+    except xerr.UnauthorizedError as e:
+        # The account's own logon failed: the plain AuthError (key invalid_auth), the same for every room.
+        raise AuthError(f"Exchange refused the service account's credentials{where}: {e}",
                         remedy="check the account and run `gateway credentials set exchange`") from e
+    except xerr.ErrorAccessDenied as e:
+        raise AuthError(f"Exchange refused the service account{where}: {e}", key="auth_required",
+                        remedy="check the account's rights on this mailbox") from e
     except (xerr.ErrorInvalidSyncStateData, xerr.ErrorSyncFolderNotFound) as e:
         raise SyncStateInvalid(f"Exchange rejected the sync state{where}") from e
     except (xerr.ErrorItemNotFound, xerr.ErrorFolderNotFound) as e:
@@ -206,6 +209,13 @@ class _RawFindItem(FindItem):
 class _RawGetItem(GetItem):
     def _elem_to_obj(self, elem: Any) -> Any:
         return elem
+
+
+class _RawSyncFolderItems(SyncFolderItems):
+    """SyncFolderItems handing back (change type, element): ids and meeting UIDs are all a page needs."""
+
+    def _elem_to_obj(self, elem: Any) -> Any:
+        return self.change_types_map.get(elem.tag, "other"), elem
 
 
 class EwsSource:
@@ -266,7 +276,10 @@ class EwsSource:
     async def verify(self, room: str) -> RoomInfo:
         def check() -> RoomInfo:
             acct = self.account(room)
-            acct.calendar.refresh()
+            if "calendar" in acct.__dict__:
+                acct.calendar.refresh()  # cached from an earlier check: ask Exchange again
+            else:
+                acct.calendar  # noqa: B018  (the first access is a GetFolder of the calendar)
             return RoomInfo(room.lower())
         return await self._run(room, check)
 
@@ -355,23 +368,26 @@ class EwsSource:
         def page() -> Changes:
             acct = self.account(room)
             folder = acct.calendar
-            svc = SyncFolderItems(account=acct)
-            fields = {f for f in folder.normalize_fields(fields=list(SYNC_FIELDS)) if not f.field.is_attribute}
+            svc = _RawSyncFolderItems(account=acct)
             changed: set[str] = set()
             deleted: set[str] = set()
             item_uids: dict[str, str] = {}
-            for change_type, item in svc.call(folder=folder, shape="IdOnly", additional_fields=fields,
-                                              sync_state=sync_state, ignore=None,
-                                              max_changes_returned=self.settings.sync_page_size, sync_scope=None):
-                if isinstance(item, Exception):
-                    raise item
+            for result in svc.call(folder=folder, shape="IdOnly", additional_fields=self._fields(room, SYNC_FIELDS),
+                                   sync_state=sync_state, ignore=None,
+                                   max_changes_returned=self.settings.sync_page_size, sync_scope=None):
+                if isinstance(result, Exception):
+                    raise result
+                change_type, elem = result
                 if change_type == "delete":
-                    deleted.add(item.id)
-                elif change_type in ("create", "update"):
-                    uid = meeting_uid(item)
-                    if uid:
+                    ident = item_id(elem)
+                    if ident:
+                        deleted.add(ident)
+                elif change_type in ("create", "update") and len(elem):
+                    item = elem[0]  # <t:Create><t:CalendarItem><t:ItemId .../>...
+                    uid, ident = element_uid(item), item_id(item)
+                    if uid and ident:
                         changed.add(uid)
-                        item_uids[item.id] = uid
+                        item_uids[ident] = uid
             more = not svc.includes_last_item_in_range and svc.sync_state != sync_state
             return Changes(frozenset(changed), frozenset(deleted), item_uids, svc.sync_state or "", more)
         return await self._run(room, page)
