@@ -29,6 +29,7 @@ from gateway.errors import (
     NotFound,
     SyncStateInvalid,
     Throttled,
+    TransientError,
     Unavailable,
 )
 from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, Window, to_json
@@ -88,6 +89,9 @@ class Coordinator:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_rooms)
         self.listeners: list[Callable[[list[OutboxEntry]], None]] = []  # told after each commit (SSE wake-up)
+        self._credentials_ok = asyncio.Event()  # cleared while Exchange refuses the service account
+        self._credentials_ok.set()
+        self._prober: RoomWorker | None = None  # the one room retrying refused credentials
 
     # -- life cycle -----------------------------------------------------------------------------------------
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -144,6 +148,11 @@ class Coordinator:
                 if isinstance(e, Throttled) and e.back_off:
                     delay = max(e.back_off, 1.0)
                 await self._set_state(w, _state_key(e), str(e))
+                if _credentials_refused(e):
+                    await self._credentials_refused(w, e)
+                    continue
+                if not isinstance(e, TransientError):
+                    self._credentials_accepted(w)  # Exchange got as far as judging the room itself
                 await asyncio.sleep(delay)
             except Exception:
                 log.exception("sync.room_failed", room=w.email)
@@ -153,6 +162,7 @@ class Coordinator:
     async def _verify(self, w: RoomWorker) -> None:
         async with self._slots:
             await self.source.verify(w.email)
+        self._credentials_accepted(w)
         if w.state not in ("verified", "suspect_empty"):
             await self._set_state(w, "verified", "")
 
@@ -166,7 +176,10 @@ class Coordinator:
             if s.poll_seconds > 0:
                 timeouts.append(s.poll_seconds)
             try:
-                await asyncio.wait_for(w.dirty.wait(), timeout=max(0.05, min(timeouts)))
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives just as the room is
+                # marked dirty (a feed reconnecting while the gateway stops), and stop() then waits forever.
+                async with asyncio.timeout(max(0.05, min(timeouts))):
+                    await w.dirty.wait()
             except TimeoutError:
                 pass
             if w.dirty.is_set():
@@ -273,11 +286,34 @@ class Coordinator:
         """A room left the configuration: its bookings leave the relay with it."""
         known = await self.db(self.store.known, email)
         events = [self._event("deleted", k.booking, reason="room_disconnected") for k in known.values()]
-        room = Room(email, state="disconnected", reason=ROOM_STATES["disconnected"])
+        room = Room(email, state="disconnected", reason="the room is no longer in the configuration",
+                    remedy=ROOM_STATES["disconnected"])
         events.append(self._room_event(room))
         await self.db(self.store.commit_sync, email, upserts=(), deletes=list(known), events=events,
                       clear_sync_state=True)
         await self.db(self.store.remove_room, email)
+
+    # -- the service account's credentials -------------------------------------------------------------------
+    async def _credentials_refused(self, w: RoomWorker, e: GatewayError) -> None:
+        """Exchange refused the service account itself, so every room fails alike: say so once, and let one room
+        retry every ``auth_retry_seconds`` while the others wait for it (each failed logon counts towards the
+        account's lockout threshold in Active Directory)."""
+        if self._credentials_ok.is_set():
+            self._credentials_ok.clear()
+            log.error("exchange.auth_failed", error=str(e), remedy=ROOM_STATES["auth_required"],
+                      retry_seconds=self.settings.auth_retry_seconds)
+        if self._prober is not None and self._prober is not w:
+            await self._credentials_ok.wait()
+            return
+        self._prober = w
+        await asyncio.sleep(self.settings.auth_retry_seconds)
+
+    def _credentials_accepted(self, w: RoomWorker) -> None:
+        if self._prober is w:
+            self._prober = None
+        if not self._credentials_ok.is_set():
+            self._credentials_ok.set()
+            log.info("exchange.auth_restored", room=w.email)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _private(self, room: str, bookings: list[Booking]) -> list[Booking]:
@@ -331,6 +367,11 @@ class Coordinator:
         log_fn("room.state", room=w.email, state=state, previous=previous, reason=reason)
         if self.metrics is not None:
             self.metrics.room_state(w.email, state)
+
+
+def _credentials_refused(e: GatewayError) -> bool:
+    """The service account's own logon failed (a plain AuthError), not a right on one mailbox."""
+    return type(e) is AuthError and e.key == AuthError.key
 
 
 def _state_key(e: GatewayError) -> str:

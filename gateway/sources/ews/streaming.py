@@ -11,6 +11,11 @@ the subscription. Rooms whose cookies match share one GetStreamingEvents connect
 ids), opened as the group's anchor (the first address alphabetically) with that cookie, so the request reaches
 the server that knows every subscription in it. Each connection runs in its own thread (exchangelib blocks for
 the whole connection) and is reopened as soon as it closes; ConnectionTimeout bounds how long one lasts.
+
+Groups live independently: rooms whose subscriptions a group loses are resubscribed after a short pause while
+the other groups keep streaming, and rooms that cannot be subscribed (no mailbox, no impersonation right) are
+retried with a doubling back-off, so a room fixed later is picked up. When Exchange refuses the service account
+itself, one room tries and the others wait: every failed logon counts towards the account's lockout threshold.
 """
 
 from __future__ import annotations

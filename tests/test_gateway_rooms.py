@@ -1,0 +1,414 @@
+"""End to end, room by room: what the gateway does when rooms are misconfigured, credentials are wrong,
+notifications are missed, time passes, feeds differ, rooms leave the configuration, or a read comes back empty.
+
+Every test runs the whole gateway (init_app, EWS over HTTP + NTLM to the simulator, SQLite on disk) and looks at
+what a consumer or an operator sees: GET /v1/rooms, /metrics, the outbox events and the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.app import GATEWAY, Gateway, GatewayOptions, init_app
+from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Window
+from gateway.simulator.calendar import Recurrence
+from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+from gateway.simulator.server import SimulatorConfig
+from gateway.sources.ews.source import EwsSettings
+from gateway.sources.ews.streaming import PullFeed
+from gateway.sync.coordinator import SyncSettings
+from tests.conftest import SimFixture
+
+ROOM1, ROOM2, ROOM3 = "room1@contoso.com", "room2@contoso.com", "room3@contoso.com"
+NOT_A_ROOM = "alice@contoso.com"  # a person: the rooms-scoped service account may not impersonate her
+NO_MAILBOX = "nobody@contoso.com"
+CREATED, UPDATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["updated"], EVENT_TYPES["deleted"]
+ROOM_STATE = EVENT_TYPES["room_state"]
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def soon(hours: float = 26) -> datetime:
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=hours)
+
+
+def appointment(ews: SimFixture, room: str, subject: str, start: datetime, *, minutes: int = 30,
+                notify: bool = True, recurrence: Recurrence | None = None) -> str:
+    """An appointment in the room's own calendar (a room panel booking); returns its UID."""
+    return ews.call(lambda: _appointment(ews, room, subject, start, minutes=minutes, notify=notify,
+                                         recurrence=recurrence))
+
+
+def _appointment(ews: SimFixture, room: str, subject: str, start: datetime, *, minutes: int = 30,
+                 notify: bool = True, recurrence: Recurrence | None = None) -> str:
+    """On the simulator's loop. ``notify=False`` stores the item the way a lost notification looks to a client:
+    it is there (SyncFolderItems and CalendarView show it) but no subscription hears of it."""
+    mb = ews.sim.directory.get(room)
+    values: dict[str, Any] = {"start": start, "end": start + timedelta(minutes=minutes), "subject": subject}
+    if recurrence is not None:
+        values["recurrence"] = recurrence
+    if notify:
+        return str(ews.sim.calendars.create(mb, values).uid)
+    item = ews.sim.calendars.new_item(mb, **values)
+    item.organizer = mb.person
+    ews.sim.directory.add_item(item, notify=False)
+    return str(item.uid)
+
+
+class Gw:
+    """One running gateway and what its consumers see."""
+
+    def __init__(self, ews: SimFixture, client: Any) -> None:
+        self.ews = ews
+        self.client = client
+        self.gw: Gateway = client.app[GATEWAY]
+
+    def events(self, room: str | None = None, type_: str | None = None) -> list[Any]:
+        return [e.event for e in self.gw.store.outbox_after(0, 100_000)
+                if (room is None or e.event.room == room) and (type_ is None or e.event.type == type_)]
+
+    def states(self, room: str) -> list[str]:
+        """The room.state_changed events of a room, in order."""
+        return [e.data["state"] for e in self.events(room, ROOM_STATE)]
+
+    def imported(self, *rooms: str) -> bool:
+        """Every room has announced the end of its import (syncing, then verified)."""
+        return all(self.states(r)[-2:] == ["syncing", "verified"] for r in rooms)
+
+    def state(self, room: str) -> str:
+        return self.gw.coordinator.workers[room].state
+
+    async def rooms(self) -> dict[str, dict[str, Any]]:
+        resp = await self.client.get("/v1/rooms")
+        assert resp.status == 200
+        return {r["email"]: r for r in (await resp.json())["rooms"]}
+
+    async def metrics(self) -> str:
+        return str(await (await self.client.get("/metrics")).text())
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """One sample's value from /metrics (0 when absent)."""
+        want = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
+        for line in (await self.metrics()).splitlines():
+            if line.startswith(name + want + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    async def ews_requests(self) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in (await self.metrics()).splitlines()
+                   if line.startswith("gateway_ews_requests_total{"))
+
+    async def settled(self, idle: float = 0.6, timeout: float = 15.0) -> None:
+        """Wait until no room is dirty and the outbox has not grown for ``idle`` seconds."""
+        last, since = -1, time.monotonic()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            n = len(self.events())
+            dirty = any(w.dirty.is_set() for w in self.gw.coordinator.workers.values())
+            if n != last or dirty:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= idle:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the gateway never settled")
+
+
+async def start(aiohttp_client: Any, ews: SimFixture, store: Path, rooms: tuple[str, ...], *,
+                feed: str = "streaming", password: str = SERVICE_PASSWORD,
+                clock: Callable[[], datetime] | None = None, pull_interval: float = 10.0, feed_retry: float = 5.0,
+                **sync: Any) -> Gw:
+    settings = {"debounce_seconds": 0.1, "retry_seconds": 0.3, "auth_retry_seconds": 1.0, **sync}
+    options = GatewayOptions(
+        ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{SERVICE_ACCOUNT}", default_timezone="Europe/Berlin",
+                        max_workers=4),
+        password=password, rooms=rooms, sync=SyncSettings(**settings), store_path=store, feed=feed,
+        stream_timeout_minutes=1, pull_interval_seconds=pull_interval, feed_retry_seconds=feed_retry, clock=clock)
+    return Gw(ews, await aiohttp_client(init_app(options)))
+
+
+@pytest.fixture
+def ews(sim_factory: Any) -> SimFixture:
+    return sim_factory(SimulatorConfig(rba_delay=0.05, stream_minute=2.0, keepalive_seconds=0.5, pull_minute=2.0))
+
+
+# -- 1. misconfigured rooms ---------------------------------------------------------------------------------------
+async def test_misconfigured_rooms_get_stable_states_and_never_stall_the_good_ones(ews, tmp_path, aiohttp_client):
+    g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1, ROOM2, NOT_A_ROOM, NO_MAILBOX))
+    expected = {ROOM1: "verified", ROOM2: "verified", NOT_A_ROOM: "impersonation_denied",
+                NO_MAILBOX: "mailbox_not_found"}
+    # The announced state (the room.state_changed event) is committed after the worker's own field changes.
+    await eventually(lambda: all(g.states(r)[-1:] == [s] for r, s in expected.items()), what="every room's state")
+    await eventually(lambda: g.gw.feed is not None and g.gw.feed.subscriptions >= 2,  # type: ignore[union-attr]
+                     what="the good rooms subscribed")
+
+    rooms = await g.rooms()
+    assert {r: rooms[r]["state"] for r in expected} == expected
+    for r in (NOT_A_ROOM, NO_MAILBOX):
+        assert rooms[r]["remedy"] == ROOM_STATES[expected[r]]
+        assert r in rooms[r]["reason"]  # says which address is wrong
+    assert "ApplicationImpersonation" in rooms[NOT_A_ROOM]["remedy"]
+    assert "address" in rooms[NO_MAILBOX]["remedy"]
+    for state, count in (("verified", 2), ("impersonation_denied", 1), ("mailbox_not_found", 1)):
+        assert await g.metric("gateway_rooms", state=state) == count, state
+    bad = g.events(NOT_A_ROOM, ROOM_STATE)[-1].data
+    assert bad == {"room": NOT_A_ROOM, "state": "impersonation_denied", "reason": rooms[NOT_A_ROOM]["reason"],
+                   "remedy": ROOM_STATES["impersonation_denied"]}
+
+    # The broken rooms keep being retried, but a room's state is announced once, not on every retry.
+    uid = appointment(ews, ROOM1, "Good room still syncs", soon())
+    created = await eventually(lambda: g.events(ROOM1, CREATED), what="a change in a good room")
+    assert created[0].data["uid"] == uid and created[0].data["subject"] == "Good room still syncs"
+    assert g.states(NO_MAILBOX) == ["mailbox_not_found"] and g.states(NOT_A_ROOM) == ["impersonation_denied"]
+
+    # The admin creates the missing mailbox: the room is picked up, and its changes arrive by notification too.
+    ews.call(lambda: ews.sim.directory.add_mailbox(NO_MAILBOX, "Annex Room 9", "room", capacity=6))
+    await eventually(lambda: g.imported(NO_MAILBOX), what="the new room imported")
+    uid = appointment(ews, NO_MAILBOX, "First booking in the new room", soon(30))
+    created = await eventually(lambda: g.events(NO_MAILBOX, CREATED), what="a change in the repaired room")
+    assert created[0].data["uid"] == uid
+    assert (await g.rooms())[NO_MAILBOX]["state"] == "verified"
+    assert g.state(NOT_A_ROOM) == "impersonation_denied"
+
+
+# -- 2. wrong password --------------------------------------------------------------------------------------------
+async def test_wrong_password_is_auth_required_for_every_room_logged_once_without_a_retry_storm(
+        ews, tmp_path, aiohttp_client):
+    rooms = (ROOM1, ROOM2, ROOM3)
+    with capture_logs() as logs:
+        # Short retry intervals, so that a couple of seconds show several retries of both the rooms and the feed.
+        g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", rooms, password="Not-the-password-1!",
+                        retry_seconds=0.05, auth_retry_seconds=1.0, feed_retry=0.25)
+        await eventually(lambda: all(g.state(r) == "auth_required" for r in rooms), what="auth_required")
+        before = await g.ews_requests()
+        t0 = time.monotonic()
+        await asyncio.sleep(2.5)  # an observation window: how often does it knock on Exchange's door?
+        calls = await g.ews_requests() - before
+        elapsed = time.monotonic() - t0
+        # Every failed logon counts towards the service account's lockout threshold in Active Directory: the
+        # rooms retry the account with one probe per auth_retry_seconds (not one each), the feed with a doubling
+        # back-off and one room at a time, and nothing loops tightly.
+        assert 1 <= calls <= (elapsed / 1.0 + 1) + (math.log2(elapsed / 0.25) + 1), calls
+        rows = await g.rooms()
+        assert all(rows[r]["state"] == "auth_required" for r in rooms)
+        assert all(rows[r]["remedy"] == ROOM_STATES["auth_required"] for r in rooms)
+        assert await g.metric("gateway_rooms", state="auth_required") == 3
+        assert all(g.states(r) == ["auth_required"] for r in rooms)
+
+        # The account's password is reset to the one the gateway holds: every room recovers, announced once.
+        ews.call(lambda: setattr(ews.sim.directory.get(f"{SERVICE_ACCOUNT}@contoso.com"), "password",
+                                 "Not-the-password-1!"))
+        await eventually(lambda: all(g.states(r)[-1] == "verified" for r in rooms), what="recovered")
+        await eventually(lambda: [e for e in logs if e["event"] == "exchange.auth_restored"], what="recovery log")
+        await eventually(lambda: len([e for e in logs if e["event"] == "room.state" and e["state"] == "verified"])
+                         >= len(rooms), what="room recovery logs")
+    failed = [e for e in logs if e["event"] == "exchange.auth_failed"]
+    assert len(failed) == 1, failed
+    assert failed[0]["log_level"] == "error" and "credentials" in failed[0]["remedy"]
+    assert len([e for e in logs if e["event"] == "exchange.auth_restored"]) == 1
+    for r in rooms:
+        transitions = [e["state"] for e in logs if e["event"] == "room.state" and e["room"] == r]
+        assert transitions.count("auth_required") == 1, (r, transitions)
+    assert len([e for e in logs if e["event"] == "streaming.rooms_without_subscription"]) <= 1
+
+
+# -- 3. reconciliation ---------------------------------------------------------------------------------------------
+async def test_reconciliation_repairs_and_counts_what_notifications_missed(ews, tmp_path, aiohttp_client):
+    with capture_logs() as logs:
+        g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1, ROOM2), reconcile_seconds=1.0)
+        await eventually(lambda: g.imported(ROOM1, ROOM2), what="imported")
+        await g.settled()
+        assert await g.metric("gateway_sync_reconcile_drift_total", room=ROOM1) == 0
+        # Both at once (one step on the simulator's loop), so one reconciliation finds both.
+        hidden = set(ews.call(lambda: [_appointment(ews, ROOM1, f"Missed {i}", soon(28 + i), notify=False)
+                                       for i in range(2)]))
+        created = await eventually(lambda: len(g.events(ROOM1, CREATED)) == 2 and g.events(ROOM1, CREATED),
+                                   what="the missed bookings")
+        assert {e.data["uid"] for e in created} == hidden
+        drift = "gateway_sync_reconcile_drift_total"
+        await eventually(lambda: g.metric(drift, room=ROOM1), what="the drift counted")
+        assert await g.metric(drift, room=ROOM1) == 2
+        assert await g.metric(drift, room=ROOM2) == 0
+        resp = await g.client.get(f"/v1/rooms/{ROOM1}/bookings", params={"end": _iso(soon(40))})
+        assert {b["uid"] for b in (await resp.json())["bookings"]} == hidden
+        # Repaired once: the next reconciliation finds nothing more to do.
+        worker = g.gw.coordinator.workers[ROOM1]
+        repaired_at = worker.last_success or 0.0
+        await eventually(lambda: (worker.last_success or 0.0) > repaired_at, what="a later reconciliation")
+        assert await g.metric(drift, room=ROOM1) == 2 and len(g.events(ROOM1, CREATED)) == 2
+    repaired = [e for e in logs if e["event"] == "sync.drift_repaired"]
+    assert len(repaired) == 1 and repaired[0]["room"] == ROOM1 and repaired[0]["created"] == 2
+
+
+# -- 4. the window rolls forward ------------------------------------------------------------------------------------
+async def test_window_rolls_forward_and_a_weekly_series_produces_its_next_occurrence(ews, tmp_path, aiohttp_client):
+    offset = [timedelta(0)]
+
+    def clock() -> datetime:
+        return datetime.now(UTC) + offset[0]
+    g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1,), clock=clock, days_back=1, days_ahead=2,
+                    roll_seconds=0.2, reconcile_seconds=3600.0)
+    await eventually(lambda: g.imported(ROOM1), what="imported")
+    first = soon(24)
+    rec = Recurrence(kind="Weekly", days_of_week=(first.strftime("%A"),), start_date=first.date(), count=4)
+    uid = appointment(ews, ROOM1, "Weekly planning", first, recurrence=rec)
+    created = await eventually(lambda: g.events(ROOM1, CREATED), what="the first occurrence")
+    await g.settled()
+    assert [e.data["original_start"] for e in g.events(ROOM1, CREATED)] == [_iso(first)]
+    assert created[0].data["uid"] == uid
+
+    offset[0] = timedelta(days=7)  # a week later the second occurrence has entered the two-day window
+    await eventually(lambda: len(g.events(ROOM1, CREATED)) == 2, what="the next occurrence")
+    await g.settled()
+    occurrences = [e.data["original_start"] for e in g.events(ROOM1, CREATED)]
+    assert occurrences == [_iso(first), _iso(first + timedelta(days=7))]
+    assert g.events(ROOM1, DELETED) == [] and g.events(ROOM1, UPDATED) == []
+    assert await g.metric("gateway_sync_reconcile_drift_total", room=ROOM1) == 0  # no reconciliation did it
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- 5. pull and poll -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("feed", ["pull", "poll"])
+async def test_pull_and_poll_modes_deliver_changes(feed, ews, tmp_path, aiohttp_client):
+    g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1, ROOM2), feed=feed, pull_interval=0.3,
+                    poll_seconds=0.3 if feed == "poll" else 0.0, reconcile_seconds=3600.0)
+    assert isinstance(g.gw.feed, PullFeed) if feed == "pull" else g.gw.feed is None
+    await eventually(lambda: g.imported(ROOM1, ROOM2), what="imported")
+    await g.settled()
+    uid = appointment(ews, ROOM2, f"By {feed}", soon())
+    created = await eventually(lambda: g.events(ROOM2, CREATED), what=f"created via {feed}")
+    assert created[0].data["uid"] == uid
+
+    def cancel() -> None:
+        mb = ews.sim.directory.get(ROOM2)
+        item = next(i for i in mb.calendar.items.values() if i.uid == uid)
+        ews.sim.directory.remove_item(item)
+    ews.call(cancel)
+    deleted = await eventually(lambda: g.events(ROOM2, DELETED), what=f"deleted via {feed}")
+    assert deleted[0].data["id"] == created[0].data["id"]
+    assert deleted[0].data["reason"] == "removed_from_exchange"
+    assert g.events(ROOM1, CREATED) == []
+    assert await g.metric("gateway_sync_reconcile_drift_total", room=ROOM2) == 0
+
+
+# -- 6. a room leaves the configuration ----------------------------------------------------------------------------
+async def test_disconnected_room_takes_its_bookings_with_it(ews, tmp_path, aiohttp_client):
+    store = tmp_path / "g.sqlite"
+    kept = appointment(ews, ROOM1, "Stays", soon())
+    gone = {appointment(ews, ROOM2, f"Leaves {i}", soon(26 + 2 * i)) for i in range(2)}
+    first = await start(aiohttp_client, ews, store, (ROOM1, ROOM2))
+    await eventually(lambda: len(first.events(type_=CREATED)) == 3, what="the initial import")
+    ids = {e.data["id"] for e in first.events(ROOM2, CREATED)}
+    assert {e.data["uid"] for e in first.events(ROOM2, CREATED)} == gone
+    await first.client.close()
+
+    second = await start(aiohttp_client, ews, store, (ROOM1,))
+    await eventually(lambda: second.state(ROOM1) == "verified", what="verified")
+    removed = second.events(ROOM2, DELETED)
+    assert {e.data["id"] for e in removed} == ids
+    assert all(e.data["reason"] == "room_disconnected" for e in removed)
+    state = second.events(ROOM2, ROOM_STATE)[-1]
+    assert state.data["state"] == "disconnected" and state.data["remedy"] == ROOM_STATES["disconnected"]
+    assert max(e.sequence for e in removed) < state.sequence  # the bookings go before the room says goodbye
+    assert ROOM2 not in await second.rooms()
+    resp = await second.client.get(f"/v1/rooms/{ROOM2}/bookings")
+    assert resp.status == 404 and (await resp.json())["error"] == "room_unknown"
+    assert second.gw.store.bookings(ROOM2) == []
+    resp = await second.client.get(f"/v1/rooms/{ROOM1}/bookings",
+                                   params={"end": _iso(soon(48))})
+    assert [b["uid"] for b in (await resp.json())["bookings"]] == [kept]
+    assert second.events(ROOM1, DELETED) == []
+    assert "disconnected" not in second.states(ROOM1)
+
+
+# -- 7. the mass-deletion guard ------------------------------------------------------------------------------------
+class EmptyReads:
+    """Wraps the gateway's source: the next ``empty`` full reads of one room come back with nothing, the way a
+    broken read (a wrong folder, a proxy answering for Exchange) looks; ``gate`` holds a read until released."""
+
+    def __init__(self, inner: Any, room: str) -> None:
+        self.inner = inner
+        self.room = room
+        self.empty = 0
+        self.reads = 0
+        self.gate: asyncio.Event | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_window(self, room: str, window: Window) -> list[Booking]:
+        if room != self.room:
+            return list(await self.inner.read_window(room, window))
+        self.reads += 1
+        if self.gate is not None and self.reads > 1:
+            await self.gate.wait()
+        if self.empty > 0:
+            self.empty -= 1
+            return []
+        return list(await self.inner.read_window(room, window))
+
+
+async def test_room_that_suddenly_reads_empty_is_held_back_until_confirmed(ews, tmp_path, aiohttp_client):
+    uids = {appointment(ews, ROOM1, f"Meeting {i}", soon(26 + 2 * i)) for i in range(6)}
+    g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1,), reconcile_seconds=0.3)
+    await eventually(lambda: len(g.events(ROOM1, CREATED)) == 6, what="the import")
+    reads = EmptyReads(g.gw.coordinator.source, ROOM1)
+    g.gw.coordinator.source = reads
+
+    # A single empty read: held back, then cleared by the next read; nothing was ever deleted.
+    reads.empty = 1
+    await eventually(lambda: "suspect_empty" in g.states(ROOM1), what="suspect_empty")
+    await eventually(lambda: g.states(ROOM1)[-1] == "verified", what="cleared")
+    assert g.events(ROOM1, DELETED) == [] and len(g.gw.store.bookings(ROOM1)) == 6
+
+    # From now on the room reads empty: the first read is held back, the second (held here until we have looked)
+    # confirms it.
+    reads.reads, reads.empty, reads.gate = 0, 1_000_000, asyncio.Event()
+    await eventually(lambda: g.states(ROOM1)[-1] == "suspect_empty" and reads.reads == 2, what="suspect_empty again")
+    row = (await g.rooms())[ROOM1]
+    assert row["state"] == "suspect_empty" and row["remedy"] == ROOM_STATES["suspect_empty"]
+    assert "6 were known" in row["reason"]
+    assert await g.metric("gateway_rooms", state="suspect_empty") == 1
+    assert g.events(ROOM1, DELETED) == [] and {b.uid for b in g.gw.store.bookings(ROOM1)} == uids
+    reads.gate.set()
+    deleted = await eventually(lambda: len(g.events(ROOM1, DELETED)) == 6 and g.events(ROOM1, DELETED),
+                               what="the confirmed deletions")
+    assert {e.data["uid"] for e in deleted} == uids
+    assert all(e.data["reason"] == "removed_from_exchange" for e in deleted)
+    await eventually(lambda: g.states(ROOM1)[-1] == "verified", what="verified after confirmation")
+    assert g.gw.store.bookings(ROOM1) == []
+
+
+# -- stopping ------------------------------------------------------------------------------------------------------
+async def test_gateway_stops_even_when_a_room_is_marked_dirty_as_it_stops(ews, tmp_path, aiohttp_client):
+    """A notification (or a feed reconnect) that lands just as the gateway stops must not keep its worker alive."""
+    g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1,), feed="poll", reconcile_seconds=3600.0)
+    await eventually(lambda: g.imported(ROOM1), what="imported")
+    await g.settled()
+    worker = g.gw.coordinator.workers[ROOM1]
+    g.gw.coordinator.mark_dirty(ROOM1, "notification")
+    await asyncio.wait_for(g.gw.coordinator.stop(), 5.0)
+    assert worker.task is not None and worker.task.cancelled()
