@@ -169,7 +169,13 @@ async def run(args: BenchArgs) -> Results:
         feed = gw.feed
         while feed is not None and getattr(feed, "subscriptions", 0) < len(rooms):
             await asyncio.sleep(0.2)
-        await asyncio.sleep(2.0)  # let the subscription round settle
+        # Every new subscription marks its room for a catch-up sync: let that wave pass before measuring.
+        quiet_since, deadline = time.monotonic(), time.monotonic() + 300
+        while time.monotonic() - quiet_since < 3.0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            if any(w.dirty.is_set() for w in gw.coordinator.workers.values()):
+                quiet_since = time.monotonic()
+        _say(f"  subscribed and idle after {time.monotonic() - t0 - res.import_seconds:.1f} s")
         await steady_state(args, info, rooms, seen, res)
     finally:
         res.rss_mb = peak_rss_mb()

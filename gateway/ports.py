@@ -29,6 +29,10 @@ class Changes:
     item_uids: dict[str, str] = field(default_factory=dict)  # item id -> uid for every changed item
     sync_state: str = ""
     more: bool = False
+    # Meetings the page already describes completely (single items read with all their fields), so they need
+    # no further read; their bookings are here.
+    complete_uids: frozenset[str] = frozenset()
+    bookings: tuple[Booking, ...] = ()
 
 
 class CalendarSource(Protocol):
@@ -46,8 +50,9 @@ class CalendarSource(Protocol):
         """The bookings of some meetings in the window (a changed series re-expanded)."""
         ...
 
-    async def changes(self, room: str, sync_state: str | None) -> Changes:
-        """The next page of changes since ``sync_state`` (None: from the beginning)."""
+    async def changes(self, room: str, sync_state: str | None, detailed: bool = True) -> Changes:
+        """The next page of changes since ``sync_state`` (None: from the beginning). ``detailed=False`` when only
+        the new state matters (an import reads the window anyway)."""
         ...
 
     async def close(self) -> None: ...

@@ -322,7 +322,8 @@ async def test_throttling_storm_loses_nothing(env: Env):
     room = ROOMS[2]
     env.ews.call(lambda: (setattr(env.ews.sim.throttle, "max_concurrent", 1),
                           setattr(env.ews.sim.throttle, "back_off_ms", 300),
-                          env.ews.sim.faults.latency.update({"FindItem": 0.2, "GetItem": 0.2})))
+                          env.ews.sim.faults.latency.update({"SyncFolderItems": 0.2, "FindItem": 0.2,
+                                                             "GetItem": 0.2})))
     for i in range(3):  # every room changes at once, so their syncs compete for a budget of one request
         await env.blocking(book, env.ews, f"Storm {i}", list(ROOMS), start_in(12, hour=8 + 2 * i))
     await eventually(lambda: all(len(env.of_type(CREATED, r)) == 3 for r in ROOMS), timeout=60,

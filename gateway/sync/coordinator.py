@@ -200,7 +200,7 @@ class Coordinator:
         state: str | None = None
         while True:
             async with self._slots:
-                page = await self.source.changes(w.email, state)
+                page = await self.source.changes(w.email, state, detailed=False)
             state = page.sync_state
             await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(), events=(),
                           item_uids=page.item_uids, sync_state=state)
@@ -230,10 +230,12 @@ class Coordinator:
             if page.deleted_item_ids:
                 uids |= await self.db(self.store.uids_for_items, w.email, page.deleted_item_ids)
             window = self.window()
-            observed: list[Booking] = []
-            if uids:
+            observed: list[Booking] = list(page.bookings)
+            # Series need their instances expanded; a meeting whose item is gone has nothing left to read.
+            to_read = frozenset(page.changed_uids - page.complete_uids)
+            if to_read:
                 async with self._slots:
-                    observed = await self.source.read_meetings(w.email, window, frozenset(uids))
+                    observed += await self.source.read_meetings(w.email, window, to_read)
             result = plan(await self.db(self.store.known, w.email), self._private(w.email, observed),
                           Scope(window, frozenset(uids)), self.now())
             await self._commit(w, result, sync_state=page.sync_state, item_uids=page.item_uids,
