@@ -125,7 +125,9 @@ class Api:
                     if len(entries) == SSE_BATCH:
                         continue
                 try:
-                    await asyncio.wait_for(wake.wait(), SSE_KEEPALIVE_SECONDS)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (shutdown).
+                    async with asyncio.timeout(SSE_KEEPALIVE_SECONDS):
+                        await wake.wait()
                 except TimeoutError:
                     await resp.write(b": keep-alive\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
