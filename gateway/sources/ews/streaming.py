@@ -21,7 +21,9 @@ itself, one room tries and the others wait: every failed logon counts towards th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ from typing import Any
 
 import structlog
 from exchangelib import errors as xerr
+from exchangelib.services import GetStreamingEvents
 
 from gateway.errors import AuthError, GatewayError
 from gateway.ports import Dirty
@@ -64,6 +67,8 @@ class StreamingFeed:
         self.metrics = metrics
         self._stop = threading.Event()
         self._reported: frozenset[str] = frozenset()
+        self._live: set[GetStreamingEvents] = set()
+        self._lock = threading.Lock()
         self.open_streams = 0
         self.subscriptions = 0
 
@@ -127,7 +132,17 @@ class StreamingFeed:
             threads.shutdown(wait=False, cancel_futures=True)  # never block the loop; streams end on _stop
 
     def stop(self) -> None:
+        """End every open stream now: exchangelib has no abort, so close the response under the reading thread
+        (otherwise a stream lasts up to ConnectionTimeout and the process cannot exit before it ends)."""
         self._stop.set()
+        with self._lock:
+            live = list(self._live)
+        for svc in live:
+            response = getattr(svc, "_streaming_response", None)
+            with contextlib.suppress(Exception):
+                response.raw._connection.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+            with contextlib.suppress(Exception):
+                response.close()  # type: ignore[union-attr]
 
     def _report(self, refused: set[str]) -> None:
         """Log the rooms that cannot be subscribed when that set changes, not on every retry."""
@@ -194,9 +209,12 @@ class StreamingFeed:
         failures = 0
         while not self._stop.is_set():
             self.open_streams += 1
+            svc = GetStreamingEvents(account=anchor)
+            with self._lock:
+                self._live.add(svc)
             try:
-                for notification in anchor.calendar.get_streaming_events(
-                        list(group.subscriptions), connection_timeout=self.connection_timeout):
+                for notification in svc.call(subscription_ids=list(group.subscriptions),
+                                             connection_timeout=self.connection_timeout):
                     room = group.subscriptions.get(notification.subscription_id)
                     if room is not None and notification.events:
                         dirty(room, "notification")
@@ -222,6 +240,10 @@ class StreamingFeed:
                 self._interrupted(group, dirty, e, failures)
             finally:
                 self.open_streams -= 1
+                with self._lock:
+                    self._live.discard(svc)
+                with contextlib.suppress(Exception):
+                    svc.stop_streaming()
         return [], None
 
     def _interrupted(self, group: Group, dirty: Any, error: Exception, failures: int) -> None:

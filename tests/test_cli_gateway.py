@@ -1,0 +1,117 @@
+"""The gateway's own commands as an admin runs them: credentials, sync-once, rooms, run — in subprocesses,
+against a simulator on a real socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "GATEWAY_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp: Path, url: str, rooms: list[str], port: int) -> Path:
+    cfg = tmp / "gateway.yaml"
+    cfg.write_text(f"""
+exchange:
+  ews_url: {url}
+  allow_insecure_http: true
+  username: 'CONTOSO\\{SERVICE_ACCOUNT}'
+  password_ref: vault:exchange
+  default_timezone: Europe/Berlin
+rooms:
+  mailboxes: [{", ".join(rooms)}]
+sync:
+  mode: streaming
+  debounce_seconds: 0.2
+  streaming_connection_timeout_minutes: 1
+store:
+  path: {tmp / "data" / "gateway.sqlite"}
+vault:
+  path: {tmp / "data" / "credentials.vault"}
+  key_file: {tmp / "secrets" / "vault.key"}
+api:
+  port: {port}
+""")
+    return cfg
+
+
+def gateway(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], input=stdin, capture_output=True, text=True,
+                          env=ENV, timeout=timeout, cwd=ROOT)
+
+
+def test_credentials_sync_once_rooms_and_run(ews, tmp_path):  # type: ignore[no-untyped-def]
+    port = free_port()
+    cfg = write_config(tmp_path, ews.url, ["room1@contoso.com", "room2@contoso.com", "alice@contoso.com"], port)
+
+    stored = gateway("credentials", "set", "exchange", "--config", str(cfg), "--stdin", stdin=SERVICE_PASSWORD)
+    assert stored.returncode == 0, stored.stderr
+    assert SERVICE_PASSWORD not in stored.stdout + stored.stderr
+    assert SERVICE_PASSWORD.encode() not in (tmp_path / "data" / "credentials.vault").read_bytes()
+
+    once = gateway("sync-once", "room1@contoso.com", "--config", str(cfg))
+    assert once.returncode == 0, once.stderr
+    assert once.stdout.startswith("room1@contoso.com: verified;")
+    denied = gateway("sync-once", "alice@contoso.com", "--config", str(cfg))
+    assert denied.returncode == 1 and "impersonation_denied" in denied.stderr
+
+    listing = gateway("rooms", "--config", str(cfg))
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line.split()[1] for line in listing.stdout.splitlines()[1:]}
+    assert rows["room1@contoso.com"] == "verified" and rows["room2@contoso.com"] == "pending"
+
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(cfg)], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/rooms", timeout=2) as resp:
+                    states = {r["email"]: r["state"] for r in json.load(resp)["rooms"]}
+            except OSError:
+                pass
+            if states.get("room2@contoso.com") == "verified" and states.get("alice@contoso.com"):
+                break
+            time.sleep(0.2)
+        assert states == {"room1@contoso.com": "verified", "room2@contoso.com": "verified",
+                          "alice@contoso.com": "impersonation_denied"}, states
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            assert json.load(resp)["status"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=10)
+            raise AssertionError(err[-6000:]) from None
+    assert proc.returncode == 0, err[-2000:]
+    assert SERVICE_PASSWORD not in err
+    assert '"event": "gateway.stopped"' in err
+
+
+def test_a_broken_configuration_is_reported_whole_with_locations(tmp_path):  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("exchange:\n  ews_url: http://mail.contoso.com/EWS/Exchange.asmx\n  password: hunter2\n"
+                   "rooms:\n  mailboxs: [room1@contoso.com]\n")
+    result = gateway("run", "--config", str(cfg))
+    assert result.returncode == 2
+    assert "exchange.ews_url" in result.stderr and "rooms.mailboxs" in result.stderr
+    assert "gateway credentials set" in result.stderr and "hunter2" not in result.stderr
