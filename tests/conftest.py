@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from exchangelib import DELEGATE, IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSTimeZone
@@ -11,6 +15,32 @@ from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_P
 from gateway.simulator.server import SimulatorConfig
 
 TZ = EWSTimeZone("Europe/Berlin")
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it is truthy (bounded; never a fixed sleep as the basis of an assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """The same inside a test's event loop; ``check`` may return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 class SimFixture:

@@ -8,7 +8,6 @@ what a consumer or an operator sees: GET /v1/rooms, /metrics, the outbox events 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -27,26 +26,13 @@ from gateway.simulator.server import SimulatorConfig
 from gateway.sources.ews.source import EwsSettings
 from gateway.sources.ews.streaming import PullFeed
 from gateway.sync.coordinator import SyncSettings
-from tests.conftest import SimFixture
+from tests.conftest import SimFixture, eventually
 
 ROOM1, ROOM2, ROOM3 = "room1@contoso.com", "room2@contoso.com", "room3@contoso.com"
 NOT_A_ROOM = "alice@contoso.com"  # a person: the rooms-scoped service account may not impersonate her
 NO_MAILBOX = "nobody@contoso.com"
 CREATED, UPDATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["updated"], EVENT_TYPES["deleted"]
 ROOM_STATE = EVENT_TYPES["room_state"]
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def soon(hours: float = 26) -> datetime:

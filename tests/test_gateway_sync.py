@@ -21,21 +21,10 @@ from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.ews.source import EwsSettings
 from gateway.sync.coordinator import SyncSettings
-from tests.conftest import TZ, SimFixture
+from tests.conftest import TZ, SimFixture, eventually
 
 ROOMS = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
 CREATED, UPDATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["updated"], EVENT_TYPES["deleted"]
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Env:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -31,24 +30,12 @@ from gateway.simulator.calendar import CalendarItem
 from gateway.simulator.notifications import AFFINITY_COOKIE, affinity_cookie
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
-from tests.conftest import TZ
+from tests.conftest import TZ, wait_for
 
 FAST = SimulatorConfig(rba_delay=0.05, stream_minute=20.0, keepalive_seconds=0.5)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``cond`` until it is truthy (bounded; never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def add_item(ews: Any, smtp: str, subject: str, hours: int = 1) -> int:
     """Create a calendar item directly in the simulator's store (as another client would); returns its iid."""
     def run() -> int:
