@@ -74,3 +74,19 @@ def test_uid_from_goid_unwraps_external_icalendar_uids():
     assert uid_from_goid(goid) == "abc-123@example.org"
     plain = bytes.fromhex("040000008200E00074C5B7101A82E0080000000000000000")
     assert uid_from_goid(plain) == plain.hex().upper()
+
+
+def test_relayed_bookings_validate_against_the_published_json_schema():
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parents[1] / "gateway" / "schemas" / "booking.v1.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    for b in bookings():
+        for relayed in (b, apply(b, PrivacyPolicy()), apply(b, PrivacyPolicy(subjects="hash"))):
+            validator.validate(to_json(relayed))
+    deleted = {**to_json(bookings()[0]), "reason": "room_disconnected"}
+    validator.validate(deleted)
+    wrong = {**to_json(bookings()[0]), "sensitivity": "secret"}
+    assert not validator.is_valid(wrong)
