@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run)
     _logging_options(run)
 
+    doctor = subs.add_parser("doctor", help="check the configuration, the vault, Exchange and every room",
+                             description="Check everything the gateway needs by doing it: read the configuration, "
+                                         "open the vault, log on to Exchange and verify every room. One line per "
+                                         "check, with a stable key and the remedy; exit 0 when all are green.")
+    _config_option(doctor)
+    _logging_options(doctor, default_level="error")
+
     rooms = subs.add_parser("rooms", help="list the rooms, their state and what to do about problems",
                             description="List the rooms the gateway knows, their state (verified, "
                                         "impersonation_denied, mailbox_not_found, ...) and the remedy.")
@@ -231,6 +238,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from gateway import service
 
         return asyncio.run(service.run(_config_path(args)))
+    if args.command == "doctor":
+        from gateway import service
+
+        return asyncio.run(service.doctor(_config_path(args)))
     if args.command == "rooms":
         from gateway import service
 

@@ -130,3 +130,65 @@ async def sync_room_once(options: GatewayOptions, room: str) -> int:
         await coordinator.stop()
         store.close()
 
+
+
+async def doctor(config_path: Path | None) -> int:
+    """Check everything the gateway needs, one line each with a stable key and, when red, the remedy.
+
+    Configuration by doing: it reads the file, opens the vault, logs on to Exchange and verifies every room.
+    """
+    from gateway.config import check_config
+
+    failed = False
+
+    def line(ok: bool, what: str, key: str = "ok", remedy: str = "") -> None:
+        nonlocal failed
+        failed = failed or not ok
+        mark = "ok  " if ok else "FAIL"
+        print(f"{mark}  {what:<48} {key}{'  -> ' + remedy if remedy else ''}")
+
+    cfg, problems = check_config(config_path)
+    if cfg is None:
+        for p in problems:
+            line(False, f"configuration {p.where or ''}".strip(), p.key, p.message)
+        return 1
+    line(True, f"configuration {cfg.source or '(defaults and environment)'}")
+    try:
+        options = options_from_config(cfg)
+    except GatewayError as e:
+        line(False, "service account password", e.key, e.remedy or str(e))
+        return 1
+    line(True, "service account password (from the vault)")
+    store_path = options.store_path
+    try:
+        store = SqliteStore(store_path)
+        issues = store.check()
+        store.close()
+        line(not issues, f"store {store_path}", "ok" if not issues else "store_corrupt",
+             "" if not issues else "; ".join(issues))
+    except GatewayError as e:
+        line(False, f"store {store_path}", e.key, e.remedy or str(e))
+    source = EwsSource(options.ews, options.password)
+    try:
+        rooms = list(options.rooms)
+        for room_list in options.room_lists:
+            try:
+                members = await source.room_list_members(room_list)
+                line(bool(members), f"room list {room_list}", "ok" if members else "room_list_empty",
+                     "" if members else "the list has no rooms; check its address and membership")
+                rooms += members
+            except GatewayError as e:
+                line(False, f"room list {room_list}", e.key, e.remedy or str(e))
+        if not rooms:
+            line(False, "rooms", "no_rooms", "list room mailboxes (rooms.mailboxes) or room lists (rooms.room_lists)")
+        for room in sorted({r.lower() for r in rooms}):
+            try:
+                await source.verify(room)
+                line(True, f"room {room}")
+            except GatewayError as e:
+                key = {"invalid_auth": "auth_required"}.get(e.key, e.key)
+                line(False, f"room {room}", key, e.remedy or ROOM_STATES.get(key, str(e)))
+    finally:
+        await source.close()
+    print("all green" if not failed else "some checks failed: fix them and run `gateway doctor` again")
+    return 1 if failed else 0

@@ -115,3 +115,26 @@ def test_a_broken_configuration_is_reported_whole_with_locations(tmp_path):  # t
     assert result.returncode == 2
     assert "exchange.ews_url" in result.stderr and "rooms.mailboxs" in result.stderr
     assert "gateway credentials set" in result.stderr and "hunter2" not in result.stderr
+
+
+def test_doctor_names_each_problem_with_its_key_and_turns_green(ews, tmp_path):  # type: ignore[no-untyped-def]
+    cfg = write_config(tmp_path, ews.url, ["room1@contoso.com", "nobody@contoso.com", "alice@contoso.com"],
+                       free_port())
+    no_password = gateway("doctor", "--config", str(cfg))
+    assert no_password.returncode == 1 and "FAIL" in no_password.stdout
+    assert "gateway credentials set" in no_password.stdout
+
+    assert gateway("credentials", "set", "exchange", "--config", str(cfg), "--stdin",
+                   stdin=SERVICE_PASSWORD).returncode == 0
+    report = gateway("doctor", "--config", str(cfg))
+    assert report.returncode == 1
+    rooms = {ln.split()[2]: ln for ln in report.stdout.splitlines() if ln.split()[1:2] == ["room"]}
+    assert rooms["room1@contoso.com"].startswith("ok")
+    assert rooms["nobody@contoso.com"].startswith("FAIL") and "mailbox_not_found" in rooms["nobody@contoso.com"]
+    assert "impersonation_denied" in rooms["alice@contoso.com"]
+    assert "ApplicationImpersonation" in rooms["alice@contoso.com"]
+
+    good = write_config(tmp_path, ews.url, ["room1@contoso.com", "room2@contoso.com"], free_port())
+    green = gateway("doctor", "--config", str(good))
+    assert green.returncode == 0, green.stdout + green.stderr
+    assert green.stdout.strip().endswith("all green")
