@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -66,6 +66,7 @@ class RoomWorker:
         self.horizon: datetime | None = None
         self.empty_reads = 0
         self.task: asyncio.Task[None] | None = None
+        self.stored: Room | None = None  # the room's row in the store (name, capacity, zone), kept in step
 
     def mark_dirty(self, why: str) -> None:
         if self.dirty_since is None:
@@ -98,12 +99,12 @@ class Coordinator:
         return await asyncio.get_running_loop().run_in_executor(self._writer, lambda: fn(*args, **kwargs))
 
     async def start(self, rooms: Sequence[str]) -> None:
-        known = {r.email for r in await self.db(self.store.rooms)}
+        stored = {r.email: r for r in await self.db(self.store.rooms)}
         wanted = {r.lower() for r in rooms}
-        for gone in known - wanted:
+        for gone in set(stored) - wanted:
             await self.disconnect(gone)
         for email in sorted(wanted):
-            self.add_room(email)
+            self.add_room(email).stored = stored.get(email)
 
     def add_room(self, email: str) -> RoomWorker:
         worker = self.workers.get(email.lower())
@@ -356,10 +357,10 @@ class Coordinator:
         if state == w.state:
             return
         previous, w.state = w.state, state
-        stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email)
-        room = Room(w.email, name=stored.name if stored else None, capacity=stored.capacity if stored else None,
-                    timezone=stored.timezone if stored else "UTC", state=state, reason=reason,
-                    remedy=ROOM_STATES.get(state, ""))
+        if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
+            w.stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email) or Room(w.email)
+        room = replace(w.stored, state=state, reason=reason, remedy=ROOM_STATES.get(state, ""))
+        w.stored = room
         await self.db(self.store.upsert_room, room)
         entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),
                                 events=[self._room_event(room)])
