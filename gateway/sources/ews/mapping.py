@@ -144,9 +144,10 @@ def zone_name(el: etree._Element, fallback: str) -> str:
 
 
 def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
-                     detail: etree._Element | None = None) -> Booking | None:
-    """One t:CalendarItem of a CalendarView (an instance), with its meeting's details from GetItem if given."""
-    uid = element_uid(el) or (element_uid(detail) if detail is not None else None)
+                     detail: etree._Element | None = None, uid: str | None = None) -> Booking | None:
+    """One t:CalendarItem of a CalendarView (an instance), with its meeting's details from GetItem if given.
+    ``uid``: the meeting's UID when the caller has already read it."""
+    uid = uid or element_uid(el) or (element_uid(detail) if detail is not None else None)
     start, end = _time(_text(el, "Start")), _time(_text(el, "End"))
     if not uid or start is None or end is None:
         return None  # a draft without identity or times is no booking

@@ -292,11 +292,12 @@ class EwsSource:
         folder = self.account(room).calendar
         return {f for f in folder.normalize_fields(fields=list(names)) if not f.field.is_attribute}
 
-    def _view(self, room: str, start: datetime, end: datetime, fields: tuple[str, ...]) -> list[Any]:
-        """t:CalendarItem elements of a CalendarView, split until no piece comes back full."""
+    def _view(self, room: str, start: datetime, end: datetime, fields: tuple[str, ...]) -> list[tuple[str, Any]]:
+        """(meeting UID, t:CalendarItem element) of a CalendarView, split until no piece comes back full.
+        Items without a UID (drafts) are no bookings and are left out."""
         acct = self.account(room)
         additional = self._fields(room, fields)
-        out: list[Any] = []
+        out: list[tuple[str, Any]] = []
         step = timedelta(days=self.settings.chunk_days)
         pieces: list[tuple[datetime, datetime]] = []
         cursor = start
@@ -315,15 +316,18 @@ class EwsSource:
                 pieces[:0] = [(s, mid), (mid, e)]
                 continue
             # An instance that spans a piece boundary appears in both pieces; the first piece keeps all.
-            out.extend(i for i in items if s == start or _starts_at_or_after(i, s))
+            for i in items:
+                uid = element_uid(i)
+                if uid and (s == start or _starts_at_or_after(i, s)):
+                    out.append((uid, i))
         return _dedupe(out)
 
-    def _details(self, room: str, items: list[Any]) -> dict[str, Any]:
+    def _details(self, room: str, items: list[tuple[str, Any]]) -> dict[str, Any]:
         """GetItem once per meeting (organizer and attendees are the same on every instance)."""
         first: dict[str, str] = {}
-        for i in items:
-            uid, ident = element_uid(i), item_id(i)
-            if uid and ident and uid not in first:
+        for uid, i in items:
+            ident = item_id(i)
+            if ident and uid not in first:
                 first[uid] = ident
         if not first:
             return {}
@@ -334,16 +338,16 @@ class EwsSource:
                 additional_fields=self._fields(room, VIEW_FIELDS + DETAIL_FIELDS), shape="IdOnly"):
             if isinstance(d, Exception):
                 continue
-            uid = element_uid(d)
-            if uid:
-                details[uid] = d
+            meeting = element_uid(d)
+            if meeting:
+                details[meeting] = d
         return details
 
-    def _bookings(self, room: str, items: list[Any]) -> list[Booking]:
+    def _bookings(self, room: str, items: list[tuple[str, Any]]) -> list[Booking]:
         details = self._details(room, items)
         out = []
-        for i in items:
-            b = booking_from_xml(i, room, self.settings.default_timezone, details.get(element_uid(i) or ""))
+        for uid, i in items:
+            b = booking_from_xml(i, room, self.settings.default_timezone, details.get(uid), uid=uid)
             if b is not None:
                 out.append(b)
         return out
@@ -361,7 +365,7 @@ class EwsSource:
 
     async def read_meetings(self, room: str, window: Window, uids: frozenset[str]) -> list[Booking]:
         def read() -> list[Booking]:
-            items = [i for i in self._view(room, window.start, window.end, VIEW_FIELDS) if element_uid(i) in uids]
+            items = [(u, i) for u, i in self._view(room, window.start, window.end, VIEW_FIELDS) if u in uids]
             return self._bookings(room, items)
         return await self._run(room, read)
 
@@ -413,13 +417,13 @@ def _starts_at_or_after(el: Any, when: datetime) -> bool:
     return datetime.fromisoformat(text.replace("Z", "+00:00")) >= when
 
 
-def _dedupe(items: list[Any]) -> list[Any]:
-    seen: set[tuple[str | None, str | None]] = set()
+def _dedupe(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    seen: set[tuple[str, str | None]] = set()
     out = []
-    for i in items:
-        key = (element_uid(i), i.findtext(f"{{{_TNS}}}OriginalStart") or i.findtext(f"{{{_TNS}}}Start"))
+    for uid, i in items:
+        key = (uid, i.findtext(f"{{{_TNS}}}OriginalStart") or i.findtext(f"{{{_TNS}}}Start"))
         if key in seen:
             continue
         seen.add(key)
-        out.append(i)
+        out.append((uid, i))
     return out
