@@ -151,6 +151,33 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The outbound tunnel to the booking vendor's hub. Off until `gateway enroll` has run and hub_url is set."""
+
+    enabled: bool = False
+    hub_url: str | None = None  # wss://hub.vendor.example/v1/tunnel (written by `gateway enroll`)
+    ca_bundle: Path | None = None  # PEM file of CAs to trust for the hub; the hub's certificate is verified anyway
+    proxy_url: str | None = None  # http://proxy.corp:3128 — the tunnel goes through it with CONNECT
+    proxy_username: str | None = None
+    proxy_password_ref: SecretRef | None = None  # vault:NAME or env:VARIABLE
+    heartbeat_seconds: float = 20.0  # WebSocket ping interval; a peer silent for two intervals is dropped
+    window: int = 2000  # events in flight without an acknowledgement
+    reconnect_max_seconds: float = 60.0  # the cap of the reconnect back-off (with full jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandsConfig:
+    """What the cloud (and local API clients with the book scope) may write into Exchange."""
+
+    enabled: bool = True
+    writable_rooms: tuple[str, ...] = ("*",)  # room addresses (lowercase) or "*" for every synced room
+    max_duration_minutes: int = 1440  # longest booking a command may make
+    rate_per_minute: int = 120  # commands per minute, over all clients (a token bucket)
+    burst: int = 30
+    attendant_timeout_seconds: float = 30.0  # how long a create/update waits for the room's booking attendant
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: LogLevel = "info"
     format: LogFormat = "auto"  # auto: console on a terminal, JSON lines otherwise
@@ -164,13 +191,16 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     vault: VaultConfig = field(default_factory=VaultConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: Path | None = None  # the file these settings came from (None: defaults and environment only)
 
 
 SECTIONS: Final[dict[str, type]] = {
     "exchange": ExchangeConfig, "rooms": RoomsConfig, "sync": SyncConfig, "store": StoreConfig,
-    "vault": VaultConfig, "api": ApiConfig, "logging": LoggingConfig,
+    "vault": VaultConfig, "api": ApiConfig, "relay": RelayConfig, "commands": CommandsConfig,
+    "logging": LoggingConfig,
 }
 
 
@@ -589,6 +619,8 @@ def _build(ctx: _Context) -> Config:
         store=_store(ctx.section("store")),
         vault=_vault(ctx, ctx.section("vault")),
         api=_api(ctx.section("api")),
+        relay=_relay(ctx.section("relay")),
+        commands=_commands(ctx.section("commands")),
         logging=_logging(ctx.section("logging")),
         source=ctx.file,
     )
@@ -775,6 +807,50 @@ def _api(r: _Reader) -> ApiConfig:
     port = r.integer("port", d.port, 1, 65535)
     r.finish()
     return ApiConfig(host=host, port=port)
+
+
+def _relay(r: _Reader) -> RelayConfig:
+    d = RelayConfig()
+    enabled = r.flag("enabled", d.enabled)
+    hub_url = r.optional_text("hub_url")
+    if hub_url is not None and urlsplit(hub_url).scheme not in ("wss", "https"):
+        r.problem("hub_url", "must be a wss:// address (the tunnel is always TLS), e.g. wss://hub.example.com/v1/tunnel")
+    if enabled and hub_url is None:
+        r.problem("hub_url", "is required when relay.enabled is true; `gateway enroll` writes it")
+    proxy_url = r.optional_text("proxy_url")
+    if proxy_url is not None and (urlsplit(proxy_url).scheme != "http" or not urlsplit(proxy_url).hostname):
+        r.problem("proxy_url", "must be an http:// proxy address such as http://proxy.corp:3128 (the tunnel "
+                               "inside it is TLS all the same)")
+    if proxy_url is not None and urlsplit(proxy_url).password:
+        r.problem("proxy_url", "must not contain a password; set proxy_username and proxy_password_ref")
+    ref_text = r.optional_text("proxy_password_ref")
+    ref = SecretRef.parse(ref_text) if ref_text else None
+    if ref_text and ref is None:
+        r.problem("proxy_password_ref", "must be vault:NAME or env:VARIABLE, never the password itself")
+    cfg = RelayConfig(
+        enabled=enabled, hub_url=hub_url, ca_bundle=r.optional_path("ca_bundle"), proxy_url=proxy_url,
+        proxy_username=r.optional_text("proxy_username"), proxy_password_ref=ref,
+        heartbeat_seconds=r.number("heartbeat_seconds", d.heartbeat_seconds, 2, 300),
+        window=r.integer("window", d.window, 1, 100000),
+        reconnect_max_seconds=r.number("reconnect_max_seconds", d.reconnect_max_seconds, 1, 3600),
+    )
+    r.finish()
+    return cfg
+
+
+def _commands(r: _Reader) -> CommandsConfig:
+    d = CommandsConfig()
+    rooms = [text.lower() for _key, text in r.texts("writable_rooms")] or list(d.writable_rooms)
+    cfg = CommandsConfig(
+        enabled=r.flag("enabled", d.enabled),
+        writable_rooms=tuple(rooms),
+        max_duration_minutes=r.integer("max_duration_minutes", d.max_duration_minutes, 5, 7 * 1440),
+        rate_per_minute=r.integer("rate_per_minute", d.rate_per_minute, 1, 100000),
+        burst=r.integer("burst", d.burst, 1, 100000),
+        attendant_timeout_seconds=r.number("attendant_timeout_seconds", d.attendant_timeout_seconds, 1, 600),
+    )
+    r.finish()
+    return cfg
 
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")

@@ -83,3 +83,8 @@ class SyncStateInvalid(PreconditionFailed):
 
 class ProtocolError(GatewayError):
     key = "protocol_error"
+
+    def __init__(self, message: str, *, key: str | None = None, remedy: str | None = None,
+                 command_key: str | None = None) -> None:
+        super().__init__(message, key=key, remedy=remedy)
+        self.command_key = command_key  # the idempotency key of the bad command, when it had a usable one

@@ -241,3 +241,91 @@ class SyncCounts:
     unchanged: int = 0
     held_back: int = 0
     notes: list[str] = field(default_factory=list)
+
+
+# -- commands from the cloud (docs/relay-protocol.md) -----------------------------------------------------------
+COMMAND_TYPES = ("create", "update", "cancel", "decline", "resync", "availability")
+DECLINE_REASONS = ("conflict", "outside_booking_window", "too_long", "recurring_not_allowed", "not_permitted",
+                   "room_unknown")
+RESULT_STATUSES = ("accepted", "declined", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A booking command, validated (gateway.relay.protocol.parse_command builds it from JSON).
+
+    ``key`` is the idempotency key: the same key always yields the same outcome and never a second booking.
+    """
+
+    key: str
+    type: str  # one of COMMAND_TYPES
+    room: str | None = None  # create, update, cancel, decline, resync
+    rooms: tuple[str, ...] = ()  # availability
+    start: datetime | None = None  # UTC; create, update, availability
+    end: datetime | None = None
+    subject: str | None = None
+    organizer: Person | None = None  # a directory user: the meeting goes in their calendar
+    booker: Person | None = None  # an external or anonymous booker: an appointment in the room calendar
+    attendees: tuple[Person, ...] = ()
+    booking_id: str | None = None  # update, cancel, decline: the booking (as relayed in events)
+    message: str | None = None  # decline: the text the organizer receives
+    received_at: datetime | None = None
+
+    def request_hash(self) -> str:
+        """What the command asks for, without its key: a retried key must carry the same request."""
+        doc = {"type": self.type, "room": self.room and self.room.lower(), "rooms": sorted(r.lower() for r in self.rooms),
+               "start": _iso(self.start), "end": _iso(self.end), "subject": self.subject,
+               "organizer": self.organizer and [self.organizer.email, self.organizer.name],
+               "booker": self.booker and [self.booker.email, self.booker.name],
+               "attendees": [[a.email, a.name] for a in self.attendees], "booking_id": self.booking_id,
+               "message": self.message}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """The explicit outcome of a command: accepted, declined (with a reason code) or failed (retryable or not)."""
+
+    key: str
+    status: str  # one of RESULT_STATUSES
+    reason: str | None = None  # declined: one of DECLINE_REASONS; failed: an error code (protocol.ERROR_CODES)
+    retryable: bool = False  # failed only: the same command (same key) may succeed later
+    message: str = ""  # for a person: what happened and what to do
+    booking_id: str | None = None  # accepted create/update: the booking as it will appear in events
+    uid: str | None = None  # the meeting's UID
+    data: dict[str, Any] | None = None  # availability: {"rooms": {room: [{"start","end","status"}]}}
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "status": self.status}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.status == "failed":
+            out["retryable"] = self.retryable
+        if self.message:
+            out["message"] = self.message
+        if self.booking_id:
+            out["booking_id"] = self.booking_id
+        if self.uid:
+            out["uid"] = self.uid
+        if self.data is not None:
+            out["data"] = self.data
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CommandResult:
+        return cls(key=d["key"], status=d["status"], reason=d.get("reason"), retryable=bool(d.get("retryable")),
+                   message=d.get("message", ""), booking_id=d.get("booking_id"), uid=d.get("uid"),
+                   data=d.get("data"))
+
+
+def accepted(cmd: Command, message: str = "", **kw: Any) -> CommandResult:
+    return CommandResult(cmd.key, "accepted", message=message, **kw)
+
+
+def declined(cmd: Command, reason: str, message: str) -> CommandResult:
+    assert reason in DECLINE_REASONS, reason
+    return CommandResult(cmd.key, "declined", reason=reason, message=message)
+
+
+def failed(cmd_key: str, code: str, message: str, *, retryable: bool) -> CommandResult:
+    return CommandResult(cmd_key, "failed", reason=code, retryable=retryable, message=message)

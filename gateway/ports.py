@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from gateway.model import Booking, Event, Room, Window
+from gateway.model import Booking, Command, CommandResult, Event, Room, Window
 from gateway.sync.engine import Known
 
 
@@ -112,3 +112,79 @@ class Store(Protocol):
     def ack(self, seq: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+class CommandHandler(Protocol):
+    """Executes booking commands (gateway.commands.service); the tunnel and the local API both call it."""
+
+    async def execute(self, cmd: Command) -> CommandResult:
+        """Never raises for a bad or failed command: every outcome is a CommandResult."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """An item a command wrote into Exchange."""
+
+    mailbox: str  # the organizer (meeting path) or the room (appointment path)
+    item_id: str
+    uid: str  # the meeting's UID as the gateway's bookings carry it (CleanGlobalObjectId hex)
+    change_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoomAnswer:
+    """What a room's booking attendant answered to a meeting (as seen on the organizer's copy and Inbox)."""
+
+    outcome: str  # pending, accepted, tentative, declined
+    reason: str | None = None  # declined: a DECLINE_REASONS code
+    message: str = ""  # the attendant's text, when there is one
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    start: datetime
+    end: datetime
+    uid: str | None = None
+    status: str = "busy"  # busy, tentative, oof
+
+
+class CalendarWriter(Protocol):
+    """Writes commands into Exchange (sources/ews/writer.py). Every write stamps the idempotency key on the item
+    as an extended property, so ``find_by_key`` can tell after a crash whether the write happened."""
+
+    async def create_meeting(self, organizer: str, room: str, cmd: Command) -> Written:
+        """A meeting in the organizer's calendar (impersonated), the room as a Resource, invitations sent."""
+        ...
+
+    async def create_appointment(self, room: str, cmd: Command) -> Written:
+        """An appointment (no attendees) in the room's own calendar. No conflict check here."""
+        ...
+
+    async def find_by_key(self, mailbox: str, key: str, start: datetime, end: datetime) -> Written | None: ...
+
+    async def room_answer(self, written: Written, room: str) -> RoomAnswer:
+        """The room's answer to a meeting created with create_meeting (pending until the attendant ran)."""
+        ...
+
+    async def busy(self, room: str, start: datetime, end: datetime) -> list[Busy]:
+        """The room's non-free, non-cancelled items overlapping [start, end), from its calendar (CalendarView)."""
+        ...
+
+    async def move(self, written: Written, start: datetime, end: datetime, *, notify: bool) -> Written:
+        """New times for an item the gateway wrote (notify: send the update to attendees, i.e. the room)."""
+        ...
+
+    async def cancel_meeting(self, written: Written) -> None:
+        """Cancel a meeting the gateway created as its organizer (cancellations sent)."""
+        ...
+
+    async def delete_appointment(self, written: Written) -> None: ...
+
+    async def decline_as_room(self, room: str, uid: str, original_start: datetime | None, start: datetime,
+                              message: str | None) -> None:
+        """Decline a meeting (or one occurrence) as the room: the organizer is told, their meeting stays."""
+        ...
+
+    async def availability(self, rooms: Sequence[str], start: datetime, end: datetime) -> dict[str, list[Busy]]:
+        ...

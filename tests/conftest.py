@@ -111,3 +111,11 @@ def sim_factory() -> Iterator[Callable[..., SimFixture]]:
 @pytest.fixture
 def ews(sim_factory) -> SimFixture:
     return sim_factory()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A private CA and a server certificate for localhost/127.0.0.1 (tests/certs.py)."""
+    from tests.certs import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,6 +29,22 @@ class Metrics:
         self.room_transitions = Counter("gateway_room_state_transitions", "Room state changes", ["state"],
                                         registry=self.registry)
 
+        # the relay (tunnel) and commands
+        self.tunnel_connected = Gauge("gateway_tunnel_connected", "1 while the tunnel to the hub is up",
+                                      registry=self.registry)
+        self.tunnel_connects = Counter("gateway_tunnel_connects", "Tunnel connection attempts by outcome",
+                                       ["outcome"], registry=self.registry)
+        self.tunnel_events = Counter("gateway_tunnel_events_sent", "Events sent through the tunnel (resends too)",
+                                     registry=self.registry)
+        self.tunnel_acked_seq = Gauge("gateway_tunnel_acked_sequence", "The last outbox sequence the hub acknowledged",
+                                      registry=self.registry)
+        self.commands = Counter("gateway_commands", "Booking commands by type, status and reason",
+                                ["type", "status", "reason"], registry=self.registry)
+        self.command_seconds = Histogram("gateway_command_duration_seconds", "Booking command time, end to end",
+                                         ["type"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.api_auth_failures = Counter("gateway_api_auth_failures", "Local API requests refused",
+                                         ["reason"], registry=self.registry)
+
     # hooks the coordinator and adapters call
     def ews_call(self, operation: str, code: str) -> None:
         self.ews_requests.labels(operation, code).inc()
@@ -43,6 +59,10 @@ class Metrics:
 
     def room_state(self, room: str, state: str) -> None:
         self.room_transitions.labels(state).inc()
+
+    def command(self, type_: str, status: str, reason: str | None, seconds: float) -> None:
+        self.commands.labels(type_, status, reason or "").inc()
+        self.command_seconds.labels(type_).observe(seconds)
 
     def watch(self, collector: Collector) -> None:
         self.registry.register(collector)

@@ -88,6 +88,36 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO outbox_ack (id, seq) VALUES (1, 0);
     """,
+    # 2: the command journal (idempotency) and the local API keys.
+    """
+    -- One row per idempotency key. state: started (the Exchange write may or may not have happened: recover by
+    -- looking for the key's extended property on the item), done (result holds the final CommandResult JSON).
+    CREATE TABLE command_journal (
+        key TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        room TEXT COLLATE NOCASE,
+        request_hash TEXT NOT NULL,
+        state TEXT NOT NULL,
+        mailbox TEXT COLLATE NOCASE,  -- where the item the command made lives (organizer or room)
+        item_id TEXT,
+        uid TEXT,  -- the meeting UID of what the command created
+        result TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX command_journal_by_uid ON command_journal (uid);
+
+    -- Local API keys: only a SHA-256 of the (random, 256-bit) secret is kept; scopes: comma-separated.
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        last_used_at TEXT,
+        revoked_at TEXT
+    );
+    """,
 ]
 
 

@@ -151,6 +151,10 @@ class SqliteStore:
                 if not keep:
                     conn.close()
 
+    # The package's other tables (command journal, API keys) share these connections and transactions.
+    transaction = _write
+    reading = _read
+
     def close(self) -> None:
         """Close every connection; readers still borrowed close when returned. Idempotent."""
         with self._write_lock:
