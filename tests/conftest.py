@@ -119,3 +119,17 @@ def pki(tmp_path_factory):
     from tests.certs import make_pki
 
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def http_proxy(tmp_path):
+    """Debian's tinyproxy on loopback with Basic authentication (tests/proxy.py)."""
+    from tests.proxy import start_tinyproxy
+
+    proxy = start_tinyproxy(tmp_path / "proxy")
+    yield proxy
+    proxy.process.terminate()
+    try:
+        proxy.process.wait(5)
+    except Exception:
+        proxy.process.kill()
