@@ -115,8 +115,8 @@ def ews(sim_factory) -> SimFixture:
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):
-    """A private CA and a server certificate for localhost/127.0.0.1 (tests/certs.py)."""
-    from tests.certs import make_pki
+    """A private CA and a server certificate for localhost/127.0.0.1 (gateway/security/certs.py)."""
+    from gateway.security.certs import make_pki
 
     return make_pki(tmp_path_factory.mktemp("pki"))
 

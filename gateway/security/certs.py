@@ -1,4 +1,7 @@
-"""Test PKI: a private CA and server certificates it signs, generated per test session (never committed)."""
+"""A private CA and a server certificate it signs, for loopback use: tests, `gateway bench`, and a development hub.
+
+Never for production: a real hub has a certificate from the vendor's CA; the gateway trusts it through the system
+store or relay.ca_bundle."""
 
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ def _ca(cn: str, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Cer
 
 
 def make_pki(directory: Path) -> Pki:
+    """Write ca.pem, server.pem/server.key (localhost, 127.0.0.1; 2 days) and an unrelated other-ca.pem."""
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key, ca = _ca("exchange-gateway test CA", now)
