@@ -268,10 +268,24 @@ class EwsSource:
             self._gate_until = max(self._gate_until, time.monotonic() + (e.back_off or 5.0))
             raise
 
+    async def run(self, mailbox: str | None, fn: Callable[[], T]) -> T:
+        """Run blocking exchangelib work in this source's pool, its errors mapped (sources/ews/writer.py)."""
+        return await self._run(mailbox, fn)
+
+    def ews_datetime(self, value: datetime) -> EWSDateTime:
+        """An aware datetime as exchangelib wants it, in the configured default time zone."""
+        return self._ews(value)
+
+    def calendar_view(self, room: str, start: datetime, end: datetime,
+                      fields: tuple[str, ...] = VIEW_FIELDS) -> list[tuple[str, Any]]:
+        """Blocking (call it inside ``run``): (meeting UID, t:CalendarItem element) of the room's instances
+        overlapping [start, end), occurrences expanded."""
+        return self._view(room, start, end, fields)
+
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
-            self.config.protocol.close()
+            Protocol(config=self.config).close()
 
     # -- CalendarSource --------------------------------------------------------------------------------------
     async def verify(self, room: str) -> RoomInfo:
@@ -355,7 +369,7 @@ class EwsSource:
     async def room_list_members(self, room_list: str) -> list[str]:
         """The rooms of an Exchange room list (GetRooms)."""
         def members() -> list[str]:
-            return [r.email_address.lower() for r in self.config.protocol.get_rooms(room_list)]
+            return [r.email_address.lower() for r in Protocol(config=self.config).get_rooms(room_list)]
         return await self._run(room_list, members)
 
     async def read_window(self, room: str, window: Window) -> list[Booking]:

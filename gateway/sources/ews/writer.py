@@ -1,0 +1,541 @@
+"""EwsWriter: booking commands into Exchange through EWS (ports.CalendarWriter; design.md §5,
+exchange-semantics.md §3-§5).
+
+- A directory user's booking is a meeting in their calendar (impersonated) with the room as a Resource and the
+  invitations sent (SendToAllAndSaveCopy: without it the room never hears of the meeting). Whether the room took
+  it is the booking attendant's answer, read later from the organizer's copy (``room_answer``).
+- Anyone else's booking is an appointment (no attendees) in the room's own calendar.
+- Every item carries the command's idempotency key as a named property (PublicStrings
+  "ExchangeGatewayCommandKey"), so ``find_by_key`` tells after a crash whether a write happened.
+- The gateway sets the meeting's UID itself: Exchange keeps it in the meeting's (Clean)GlobalObjectId, which is
+  where the sync reads a booking's uid (mapping.element_uid), so the uid is known without reading the item back.
+- Calls stay few: create is one CreateItem, a poll of the room's answer one GetItem. Folders are named by their
+  distinguished ids, so a new organizer costs no GetFolder round trips.
+
+Everything blocking runs in the EwsSource's pool and every exchangelib error goes through its map_ews_errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import structlog
+from exchangelib import CalendarItem, EWSDateTime, EWSTimeZone
+from exchangelib import errors as xerr
+from exchangelib.extended_properties import ExtendedProperty
+from exchangelib.fields import FieldPath
+from exchangelib.items import (
+    ALL_OCCURRENCES,
+    AUTO_RESOLVE,
+    MOVE_TO_DELETED_ITEMS,
+    SAVE_ONLY,
+    SEND_AND_SAVE_COPY,
+    SEND_TO_ALL_AND_SAVE_COPY,
+    SEND_TO_NONE,
+    CancelCalendarItem,
+    DeclineItem,
+    Message,
+)
+from exchangelib.properties import (
+    Attendee,
+    Body,
+    DistinguishedFolderId,
+    FreeBusyViewOptions,
+    ItemId,
+    Mailbox,
+    MailboxData,
+    ReferenceItemId,
+    TimeWindow,
+    TimeZone,
+)
+from exchangelib.protocol import Protocol
+from exchangelib.services import CreateItem, DeleteItem, FindItem, GetItem, GetUserAvailability, UpdateItem
+from exchangelib.util import create_element
+from lxml import etree
+
+from gateway.errors import NotFound, PreconditionFailed
+from gateway.model import Command, Person
+from gateway.ports import Busy, RoomAnswer, Written
+from gateway.sources.ews import responses
+from gateway.sources.ews.mapping import TNS, element_uid, item_id, register_properties
+from gateway.sources.ews.source import EwsSource
+
+log = structlog.get_logger("gateway.sources.ews.writer")
+T = TypeVar("T")
+
+COMMAND_KEY_PROPERTY = "ExchangeGatewayCommandKey"
+AVAILABILITY_MAX_MAILBOXES = 100  # GetUserAvailability: at most 100 identities per request ...
+AVAILABILITY_MAX_DAYS = 42  # ... and a time window of at most 42 days
+MIN_MERGE_MINUTES = 5  # MergedFreeBusyIntervalInMinutes must be 5..1440 and not longer than the window
+DEFAULT_SUBJECT = "Booked"
+
+_ANSWERS = {"Accept": "accepted", "Tentative": "tentative", "Decline": "declined"}  # everything else: pending
+_FREE_BUSY = {"Busy": "busy", "Tentative": "tentative", "OOF": "oof", "WorkingElsewhere": "busy", "NoData": "busy"}
+_T = {name: f"{{{TNS}}}{name}" for name in (
+    "Resources", "Attendee", "Mailbox", "EmailAddress", "ResponseType", "ItemId", "Start", "End", "OriginalStart",
+    "LegacyFreeBusyStatus", "IsCancelled", "MyResponseType", "IsMeeting", "ExtendedProperty", "ExtendedFieldURI",
+    "Value", "ItemClass", "DateTimeReceived", "From", "Sender", "Body", "TextBody")}
+_CLEAN_GOID_URI = {"DistinguishedPropertySetId": "Meeting", "PropertyId": "35", "PropertyType": "Binary"}
+_COMMAND_KEY_URI = {"DistinguishedPropertySetId": "PublicStrings", "PropertyName": COMMAND_KEY_PROPERTY,
+                    "PropertyType": "String"}
+
+
+class CommandKey(ExtendedProperty):
+    """The idempotency key of the command that wrote the item."""
+
+    distinguished_property_set_id = "PublicStrings"
+    property_name = COMMAND_KEY_PROPERTY
+    property_type = "String"
+
+
+def register_command_key() -> None:
+    """Teach exchangelib the gateway's properties (class-global, so once per process)."""
+    register_properties()
+    if "gateway_command_key" not in {f.name for f in CalendarItem.FIELDS}:
+        CalendarItem.register("gateway_command_key", CommandKey)
+
+
+register_command_key()
+
+
+# -- exchangelib plumbing --------------------------------------------------------------------------------------
+class _RawFindItem(FindItem):
+    """FindItem handing back the item elements unparsed."""
+
+    def _elem_to_obj(self, elem: Any) -> Any:
+        return elem
+
+
+class _RawGetItem(GetItem):
+    def _elem_to_obj(self, elem: Any) -> Any:
+        return elem
+
+
+class _CreateItem(CreateItem):
+    """CreateItem into a folder named by its distinguished id: exchangelib's own call wants a Folder object, and
+    getting one costs GetFolder round trips the first time per mailbox."""
+
+    def call(self, items: Any, folder: Any, message_disposition: str, send_meeting_invitations: str) -> Any:
+        return self._elems_to_objs(self._chunked_get_elements(
+            self.get_payload, items=items, folder=folder, message_disposition=message_disposition,
+            send_meeting_invitations=send_meeting_invitations))
+
+
+class _Restriction:
+    """A ready t:IsEqualTo on an extended property as an m:Restriction. exchangelib's Q needs a field model for
+    every item type of the folder, and the Inbox's message types have none for the meeting's GlobalObjectId."""
+
+    def __init__(self, uri: dict[str, str], value: str) -> None:
+        cond = create_element("t:IsEqualTo")
+        cond.append(create_element("t:ExtendedFieldURI", attrs=uri))
+        const = create_element("t:FieldURIOrConstant")
+        const.append(create_element("t:Constant", attrs={"Value": value}))
+        cond.append(const)
+        self.condition = cond
+
+    def to_xml(self, version: Any) -> Any:
+        restriction = create_element("m:Restriction")
+        restriction.append(copy.deepcopy(self.condition))
+        return restriction
+
+
+def _folder(name: str, mailbox: str) -> DistinguishedFolderId:
+    return DistinguishedFolderId(id=name, mailbox=Mailbox(email_address=mailbox))
+
+
+def _paths(model: Any, *names: str) -> list[FieldPath]:
+    return [FieldPath(field=model.get_field_by_fieldname(n)) for n in names]
+
+
+def _raise_first(results: Iterable[Any]) -> list[Any]:
+    out = list(results)
+    for r in out:
+        if isinstance(r, Exception):
+            raise r
+    return out
+
+
+def _time(el: etree._Element, name: str) -> datetime | None:
+    text = el.findtext(_T[name])
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC) if text else None
+
+
+def _ext_value(el: etree._Element, uri: dict[str, str]) -> str | None:
+    """The value of the extended property ``uri`` names, on a raw item element."""
+    for prop in el.iterchildren(_T["ExtendedProperty"]):
+        u = prop.find(_T["ExtendedFieldURI"])
+        if u is None or u.get("DistinguishedPropertySetId") != uri["DistinguishedPropertySetId"]:
+            continue
+        if "PropertyName" in uri and u.get("PropertyName") == uri["PropertyName"]:
+            return prop.findtext(_T["Value"])
+        if "PropertyId" in uri and u.get("PropertyId") in (uri["PropertyId"], hex(int(uri["PropertyId"]))):
+            return prop.findtext(_T["Value"])
+    return None
+
+
+def _address(el: etree._Element | None) -> str:
+    if el is None:
+        return ""
+    return (el.findtext(f"{_T['Mailbox']}/{_T['EmailAddress']}") or "").lower()
+
+
+def _room_response(el: etree._Element, room: str) -> str | None:
+    """The room's ResponseType among the Resources of an organizer's item (None: the room is not a resource)."""
+    group = el.find(_T["Resources"])
+    for a in group.iterchildren(_T["Attendee"]) if group is not None else ():
+        if _address(a) == room.lower():
+            return a.findtext(_T["ResponseType"]) or "Unknown"
+    return None
+
+
+def _utc(value: datetime) -> datetime:
+    return datetime.fromtimestamp(value.timestamp(), UTC)
+
+
+def _pieces(start: datetime, end: datetime, step: timedelta) -> list[tuple[datetime, datetime]]:
+    out = []
+    cursor = start
+    while cursor < end:
+        out.append((cursor, min(end, cursor + step)))
+        cursor += step
+    return out
+
+
+def _name(person: Person | None) -> str | None:
+    return (person.name or person.email) if person is not None else None
+
+
+class EwsWriter:
+    """A CalendarWriter for on-premise Exchange; shares the EwsSource's pool, accounts and error mapping.
+
+    ``room_names``: the display name of a room (for the Location of what we write), or None to use its address;
+    called on the event loop, so it must not block.
+    """
+
+    def __init__(self, source: EwsSource, *, room_names: Callable[[str], str | None] | None = None) -> None:
+        register_command_key()
+        self.source = source
+        self.room_names = room_names
+        self._utc_definition: Any = None  # GetServerTimeZones answer for UTC, fetched once
+
+    # -- creating ------------------------------------------------------------------------------------------
+    async def create_meeting(self, organizer: str, room: str, cmd: Command) -> Written:
+        organizer, room = organizer.lower(), room.lower()
+        uid, location = _new_uid(), self._location(room)
+
+        def create() -> Written:
+            acct = self.source.account(organizer)
+            item = CalendarItem(
+                account=acct, subject=cmd.subject or _name(cmd.organizer) or DEFAULT_SUBJECT,
+                start=self._when(cmd.start), end=self._when(cmd.end), location=location,
+                resources=[_attendee(Person(room))],
+                required_attendees=[_attendee(p) for p in cmd.attendees
+                                    if p.email and p.email.lower() not in (organizer, room)] or None,
+                legacy_free_busy_status="Busy", uid=uid, gateway_command_key=cmd.key)
+            # SendToAllAndSaveCopy: with the default SendToNone the room never receives the request (bug §8.5).
+            (created,) = _raise_first(_CreateItem(account=acct).call(
+                items=[item], folder=_folder("calendar", organizer), message_disposition=SAVE_ONLY,
+                send_meeting_invitations=SEND_TO_ALL_AND_SAVE_COPY))
+            return Written(organizer, created.id, uid, created.changekey or "")
+        written = await self.source.run(organizer, create)
+        log.info("writer.meeting_created", organizer=organizer, room=room, uid=uid, key=cmd.key)
+        return written
+
+    async def create_appointment(self, room: str, cmd: Command) -> Written:
+        room = room.lower()
+        uid, location = _new_uid(), self._location(room)
+        booker = cmd.booker or cmd.organizer
+
+        def create() -> Written:
+            acct = self.source.account(room)
+            item = CalendarItem(
+                account=acct, subject=cmd.subject or _name(booker) or DEFAULT_SUBJECT,
+                start=self._when(cmd.start), end=self._when(cmd.end), location=location,
+                body=Body(booker_text(booker)), legacy_free_busy_status="Busy", uid=uid,
+                gateway_command_key=cmd.key)
+            (created,) = _raise_first(_CreateItem(account=acct).call(
+                items=[item], folder=_folder("calendar", room), message_disposition=SAVE_ONLY,
+                send_meeting_invitations=SEND_TO_NONE))
+            return Written(room, created.id, uid, created.changekey or "")
+        written = await self.source.run(room, create)
+        log.info("writer.appointment_created", room=room, uid=uid, key=cmd.key)
+        return written
+
+    async def find_by_key(self, mailbox: str, key: str, start: datetime, end: datetime) -> Written | None:
+        """The item a command wrote into ``mailbox``'s calendar, found by its key alone (``start``/``end`` are
+        where the command put it; a found item is the answer wherever it is now)."""
+        mailbox = mailbox.lower()
+
+        def find() -> Written | None:
+            acct = self.source.account(mailbox)
+            for el in _raise_first(_RawFindItem(account=acct).call(
+                    folders=[_folder("calendar", mailbox)],
+                    additional_fields=_paths(CalendarItem, "clean_global_object_id", "gateway_command_key"),
+                    restriction=_Restriction(_COMMAND_KEY_URI, key), order_fields=None, shape="IdOnly",
+                    query_string=None, depth="Shallow", calendar_view=None, max_items=10, offset=0)):
+                ident, uid = item_id(el), element_uid(el)
+                if ident and uid and _ext_value(el, _COMMAND_KEY_URI) in (key, None):
+                    id_el = el.find(_T["ItemId"])
+                    return Written(mailbox, ident, uid, id_el.get("ChangeKey", "") if id_el is not None else "")
+            return None
+        return await self.source.run(mailbox, find)
+
+    # -- the booking attendant's answer ---------------------------------------------------------------------
+    async def room_answer(self, written: Written, room: str) -> RoomAnswer:
+        """One GetItem of the organizer's copy per call; a decline adds a FindItem and a GetItem in their Inbox
+        for the attendant's reason."""
+        room = room.lower()
+
+        def read() -> RoomAnswer:
+            acct = self.source.account(written.mailbox)
+            (el,) = _raise_first(_RawGetItem(account=acct).call(
+                items=[(written.item_id, None)],
+                additional_fields=_paths(CalendarItem, "resources", "clean_global_object_id"), shape="IdOnly"))
+            outcome = _ANSWERS.get(_room_response(el, room) or "", "pending")
+            if outcome != "declined":
+                return RoomAnswer(outcome)
+            goid = _ext_value(el, _CLEAN_GOID_URI)
+            text = self._decline_text(acct, written.mailbox, room, goid) if goid else ""
+            return RoomAnswer("declined", responses.reason_for(text), text)
+        return await self.source.run(written.mailbox, read)
+
+    def _decline_text(self, acct: Any, mailbox: str, room: str, goid: str) -> str:
+        """The room's newest decline in the organizer's Inbox (the MeetingResponse of that meeting), as text."""
+        found = _raise_first(_RawFindItem(account=acct).call(
+            folders=[_folder("inbox", mailbox)],
+            additional_fields=_paths(Message, "item_class", "datetime_received", "author", "sender"),
+            restriction=_Restriction(_CLEAN_GOID_URI, goid), order_fields=None, shape="IdOnly", query_string=None,
+            depth="Shallow", calendar_view=None, max_items=50, offset=0))
+        chosen = _newest_decline(found, room)
+        if chosen is None:
+            log.info("writer.decline_without_response", mailbox=mailbox, room=room)
+            return ""
+        (msg,) = _raise_first(_RawGetItem(account=acct).call(
+            items=[(chosen, None)], additional_fields=_paths(Message, "body", "text_body"), shape="IdOnly"))
+        return responses.plain_text(msg.findtext(_T["TextBody"]) or msg.findtext(_T["Body"]))
+
+    # -- reading the room ------------------------------------------------------------------------------------
+    async def busy(self, room: str, start: datetime, end: datetime) -> list[Busy]:
+        room = room.lower()
+
+        def read() -> list[Busy]:
+            out = []
+            for uid, el in self.source.calendar_view(room, start, end, (
+                    "start", "end", "legacy_free_busy_status", "is_cancelled", "original_start",
+                    "clean_global_object_id")):
+                status = el.findtext(_T["LegacyFreeBusyStatus"]) or "Busy"
+                s, e = _time(el, "Start"), _time(el, "End")
+                if status == "Free" or el.findtext(_T["IsCancelled"]) == "true" or s is None or e is None:
+                    continue
+                if s < end and e > start:
+                    out.append(Busy(s, e, uid, _FREE_BUSY.get(status, "busy")))
+            return sorted(out, key=lambda b: (b.start, b.end))
+        return await self.source.run(room, read)
+
+    async def availability(self, rooms: Sequence[str], start: datetime, end: datetime) -> dict[str, list[Busy]]:
+        """GetUserAvailability (free/busy), 100 rooms and 42 days per request at most."""
+        wanted = list(dict.fromkeys(r.lower() for r in rooms))
+        if not wanted:
+            return {}
+
+        def read() -> dict[str, list[Busy]]:
+            out: dict[str, set[Busy]] = {r: set() for r in wanted}
+            for i in range(0, len(wanted), AVAILABILITY_MAX_MAILBOXES):
+                chunk = wanted[i:i + AVAILABILITY_MAX_MAILBOXES]
+                for s, e in _pieces(start, end, timedelta(days=AVAILABILITY_MAX_DAYS)):
+                    for room, busy in zip(chunk, self._free_busy(chunk, s, e)):
+                        out[room].update(b for b in busy if b.start < end and b.end > start)
+            return {r: sorted(v, key=lambda b: (b.start, b.end)) for r, v in out.items()}
+        return await self.source.run(wanted[0] if len(wanted) == 1 else None, read)
+
+    def _free_busy(self, rooms: list[str], start: datetime, end: datetime) -> list[list[Busy]]:
+        protocol = Protocol(config=self.source.config)  # cached per configuration: the accounts' own
+        utc = EWSTimeZone("UTC")
+        if self._utc_definition is None:
+            # exchangelib's get_free_busy_info asks for this on every call; it never changes.
+            self._utc_definition = next(iter(protocol.get_timezones(timezones=[utc], return_full_timezone_data=True)))
+        minutes = int((end - start).total_seconds() // 60)
+        if minutes < MIN_MERGE_MINUTES:  # the service refuses a window shorter than the merge interval
+            end = start + timedelta(minutes=MIN_MERGE_MINUTES)
+            minutes = MIN_MERGE_MINUTES
+        window = TimeWindow(start=self._in_zone(start, utc), end=self._in_zone(end, utc))
+        views = GetUserAvailability(protocol).call(
+            tzinfo=utc,
+            mailbox_data=[MailboxData(email=r, attendee_type="Room", exclude_conflicts=False) for r in rooms],
+            timezone=TimeZone.from_server_timezone(tz_definition=self._utc_definition, for_year=start.year),
+            free_busy_view_options=FreeBusyViewOptions(time_window=window,
+                                                       merged_free_busy_interval=min(30, minutes),
+                                                       requested_view="FreeBusy"))
+        out: list[list[Busy]] = []
+        for room, view in zip(rooms, views):
+            if isinstance(view, (xerr.ErrorMailRecipientNotFound, xerr.ErrorNonExistentMailbox)):
+                raise NotFound(f"Exchange has no room {room}", key="room_unknown",
+                               remedy="check the room's address")
+            if isinstance(view, Exception):
+                raise view
+            out.append([Busy(_utc(ev.start), _utc(ev.end), None, _FREE_BUSY.get(ev.busy_type, "busy"))
+                        for ev in view.calendar_events or () if ev.busy_type != "Free"])
+        return out
+
+    # -- changing and removing -------------------------------------------------------------------------------
+    async def move(self, written: Written, start: datetime, end: datetime, *, notify: bool) -> Written:
+        """UpdateItem of start and end. AutoResolve keeps a change key made stale by the room's answer (which
+        touches only the attendee's response) from failing the move; a real conflict refreshes the key once."""
+        send = SEND_TO_ALL_AND_SAVE_COPY if notify else SEND_TO_NONE
+
+        def update() -> Written:
+            acct = self.source.account(written.mailbox)
+
+            def attempt(change_key: str) -> Written:
+                item = CalendarItem(account=acct, id=written.item_id, changekey=change_key,
+                                    start=self._when(start), end=self._when(end))
+                new_id, new_key = UpdateItem(account=acct).get(
+                    items=[(item, ["start", "end"])], conflict_resolution=AUTO_RESOLVE,
+                    message_disposition=SAVE_ONLY, send_meeting_invitations_or_cancellations=send,
+                    suppress_read_receipts=True, expect_result=True)
+                return Written(written.mailbox, new_id, written.uid, new_key or "")
+            # UpdateItem needs a change key: one we do not have is read first.
+            return self._with_change_key(acct, written, attempt, fresh=not written.change_key)
+        moved = await self.source.run(written.mailbox, update)
+        log.info("writer.moved", mailbox=written.mailbox, uid=written.uid, notify=notify)
+        return moved
+
+    async def cancel_meeting(self, written: Written) -> None:
+        """CancelCalendarItem as the organizer (SendAndSaveCopy: the room and the attendees get cancellations)."""
+        def cancel() -> None:
+            acct = self.source.account(written.mailbox)
+
+            def attempt(change_key: str) -> None:
+                reply = CancelCalendarItem(account=acct, reference_item_id=ReferenceItemId(
+                    id=written.item_id, changekey=change_key or None))
+                _raise_first(_CreateItem(account=acct).call(
+                    items=[reply], folder=_folder("sentitems", written.mailbox),
+                    message_disposition=SEND_AND_SAVE_COPY, send_meeting_invitations=SEND_TO_NONE))
+            self._with_change_key(acct, written, attempt)
+        await self.source.run(written.mailbox, cancel)
+        log.info("writer.meeting_cancelled", organizer=written.mailbox, uid=written.uid)
+
+    async def delete_appointment(self, written: Written) -> None:
+        def delete() -> None:
+            acct = self.source.account(written.mailbox)
+            _raise_first(DeleteItem(account=acct).call(
+                items=[ItemId(id=written.item_id)], delete_type=MOVE_TO_DELETED_ITEMS,
+                send_meeting_cancellations=SEND_TO_NONE, affected_task_occurrences=ALL_OCCURRENCES,
+                suppress_read_receipts=True))
+        await self.source.run(written.mailbox, delete)
+        log.info("writer.appointment_deleted", room=written.mailbox, uid=written.uid)
+
+    async def decline_as_room(self, room: str, uid: str, original_start: datetime | None, start: datetime,
+                              message: str | None) -> None:
+        """DeclineItem on the room's copy, sent (SendAndSaveCopy: the organizer must learn of it, bug §8.17)."""
+        room = room.lower()
+
+        def decline() -> None:
+            acct = self.source.account(room)
+            el = self._room_copy(room, uid, original_start, start)
+            if el.findtext(_T["MyResponseType"]) == "Organizer" or el.findtext(_T["IsMeeting"]) == "false":
+                raise PreconditionFailed(f"{room} is the organizer of {uid}: an appointment is deleted, not declined",
+                                         key="room_is_organizer")
+            id_el = el.find(_T["ItemId"])
+            assert id_el is not None
+            reply = DeclineItem(account=acct, reference_item_id=ReferenceItemId(
+                id=id_el.get("Id"), changekey=id_el.get("ChangeKey")), body=Body(message) if message else None)
+            try:
+                _raise_first(_CreateItem(account=acct).call(
+                    items=[reply], folder=_folder("sentitems", room), message_disposition=SEND_AND_SAVE_COPY,
+                    send_meeting_invitations=SEND_TO_NONE))
+            except xerr.ErrorCalendarIsOrganizerForDecline as e:
+                raise PreconditionFailed(f"{room} is the organizer of {uid}", key="room_is_organizer") from e
+            except xerr.ErrorCalendarIsCancelledForDecline as e:
+                raise NotFound(f"the organizer cancelled {uid} already") from e
+        await self.source.run(room, decline)
+        log.info("writer.declined_as_room", room=room, uid=uid,
+                 occurrence=original_start.isoformat() if original_start else None)
+
+    def _room_copy(self, room: str, uid: str, original_start: datetime | None, start: datetime) -> etree._Element:
+        """The room's instance of the meeting at ``start`` (and ``original_start``, for an occurrence)."""
+        fields = ("start", "end", "is_cancelled", "my_response_type", "is_meeting", "original_start", "type",
+                  "clean_global_object_id")
+        near = timedelta(minutes=1)
+        for found, el in self.source.calendar_view(room, start - near, start + near, fields):
+            if found != uid or el.findtext(_T["IsCancelled"]) == "true":
+                continue
+            if original_start is not None and _time(el, "OriginalStart") != original_start.astimezone(UTC):
+                continue
+            return el
+        raise NotFound(f"{room} has no meeting {uid} at {start.isoformat()}", key="not_found",
+                       remedy="the booking is gone already (cancelled, declined or moved); resync the room")
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _with_change_key(self, acct: Any, written: Written, fn: Callable[[str], T], *, fresh: bool = False) -> T:
+        """``fn(change key)`` with the key we hold (or a fresh one); once more with a fresh key when Exchange says
+        the item changed since (the room's answer changes the organizer's item after every write)."""
+        change_key = self._change_key(acct, written.item_id) if fresh else written.change_key
+        for attempt in (1, 2):
+            try:
+                return fn(change_key)
+            except (xerr.ErrorIrresolvableConflict, xerr.ErrorStaleObject) as e:
+                if attempt == 2:
+                    raise PreconditionFailed(f"{written.uid} changed while the gateway wrote it: {e}",
+                                             key="stale_change_key") from e
+                change_key = self._change_key(acct, written.item_id)
+        raise AssertionError("unreachable")
+
+    def _change_key(self, acct: Any, ident: str) -> str:
+        (el,) = _raise_first(_RawGetItem(account=acct).call(items=[(ident, None)], additional_fields=None,
+                                                           shape="IdOnly"))
+        id_el = el.find(_T["ItemId"])
+        return id_el.get("ChangeKey", "") if id_el is not None else ""
+
+    def _when(self, value: datetime | None) -> Any:
+        if value is None:
+            raise ValueError("a booking needs a start and an end")
+        return self.source.ews_datetime(value)
+
+    @staticmethod
+    def _in_zone(value: datetime, tz: EWSTimeZone) -> EWSDateTime:
+        return EWSDateTime.from_datetime(value.astimezone(UTC).replace(tzinfo=EWSTimeZone("UTC"))).astimezone(tz)
+
+    def _location(self, room: str) -> str:
+        name = self.room_names(room) if self.room_names is not None else None
+        return name or room
+
+
+def _new_uid() -> str:
+    return str(uuid.uuid4()).upper()
+
+
+def _attendee(person: Person) -> Attendee:
+    return Attendee(mailbox=Mailbox(email_address=person.email, name=person.name), response_type="Unknown")
+
+
+def booker_text(booker: Person | None) -> str:
+    """The body of a room appointment: who booked it (the item's organizer is the room itself)."""
+    if booker is None or not (booker.name or booker.email):
+        return "Booked through the booking gateway."
+    who = f"{booker.name} <{booker.email}>" if booker.name and booker.email else (booker.name or booker.email)
+    return f"Booked by {who} through the booking gateway."
+
+
+def _newest_decline(found: list[Any], room: str) -> str | None:
+    """The id of the room's newest negative MeetingResponse among Inbox items of one meeting."""
+    best: tuple[int, str, str] | None = None
+    for el in found:
+        ident = item_id(el)
+        if not ident:
+            continue
+        item_class = el.findtext(_T["ItemClass"]) or ""
+        senders = {_address(el.find(_T["From"])), _address(el.find(_T["Sender"]))} - {""}
+        if senders and room not in senders:
+            continue
+        if item_class and not item_class.startswith("IPM.Schedule.Meeting.Resp"):
+            continue
+        rank = (1 if ".Neg" in item_class else 0, el.findtext(_T["DateTimeReceived"]) or "", ident)
+        if best is None or rank > best:
+            best = rank
+    return best[2] if best is not None else None
+
