@@ -80,13 +80,17 @@ class GatewayBookingId(ExtendedProperty):
 @pytest.fixture
 def ext_props() -> Iterator[None]:
     """Register the extended properties on CalendarItem for one test only (registration is class-global)."""
-    CalendarItem.register("clean_global_object_id", CleanGlobalObjectId)
-    CalendarItem.register("gateway_booking_id", GatewayBookingId)
+    # The gateway registers some of these for good when its EWS modules are imported: leave those in place.
+    added = []
+    for name, prop in (("clean_global_object_id", CleanGlobalObjectId), ("gateway_booking_id", GatewayBookingId)):
+        if name not in {f.name for f in CalendarItem.FIELDS}:
+            CalendarItem.register(name, prop)
+            added.append(name)
     try:
         yield
     finally:
-        CalendarItem.deregister("clean_global_object_id")
-        CalendarItem.deregister("gateway_booking_id")
+        for name in added:
+            CalendarItem.deregister(name)
 
 
 # -- helpers -------------------------------------------------------------------------------------------

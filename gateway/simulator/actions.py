@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.simulator.calendar import Attendee, CalendarItem, Modified, Person, goid_for_uid
 from gateway.simulator.itemxml import all_day_bounds
 from gateway.simulator.mailboxes import Directory, Folder, Mailbox
+from gateway.simulator.messages import SUBJECT_PREFIX, MeetingMessage
 from gateway.simulator.soap import EwsError
 
 if TYPE_CHECKING:
@@ -201,14 +202,20 @@ class Calendars:
                 self.deliver(target, Invitation("cancel", snap, item.mailbox))
 
     # -- attendee actions ----------------------------------------------------------------------------
-    def respond(self, item: CalendarItem, response: str, original: datetime | None = None, send: bool = True) -> None:
-        """Accept, Tentative or Decline an attendee's copy (the whole series, or one occurrence)."""
+    def respond(self, item: CalendarItem, response: str, original: datetime | None = None, send: bool = True, *,
+                body: str | None = None, body_type: str = "Text", save_copy: bool = False) -> None:
+        """Accept, Tentative or Decline an attendee's copy (the whole series, or one occurrence).
+
+        With ``send`` the organizer gets a MeetingResponse (carrying ``body``) and its calendar attendant records
+        the answer; ``save_copy`` (SendAndSaveCopy) also keeps the sent response in the attendee's Sent Items.
+        """
         if item.my_response == "Organizer":
             code = "ErrorCalendarIsOrganizerForDecline" if response == "Decline" else \
                 "ErrorCalendarIsOrganizerForAccept" if response == "Accept" else "ErrorCalendarIsOrganizerForTentative"
             raise EwsError(code, "The organizer cannot respond to their own meeting.")
         if item.is_cancelled:
             raise EwsError(f"ErrorCalendarIsCancelledFor{response}", "The meeting was cancelled.")
+        meeting = self.snapshot(item)
         if original is not None:
             if response == "Decline":
                 remove_instance(item, original)
@@ -227,17 +234,32 @@ class Calendars:
                 item.free_busy = "Busy" if response == "Accept" else "Tentative"
                 self.directory.touch(item)
         if send:
-            self.record_response(item.goid, item.organizer, item.mailbox, response, original)
+            self.record_response(item.goid, item.organizer, item.mailbox, response, original, meeting=meeting,
+                                 body=body, body_type=body_type, save_copy=save_copy)
 
     def record_response(self, goid: bytes, organizer: Person | None, attendee: Mailbox, response: str,
-                        original: datetime | None = None) -> None:
-        """The organizer's calendar attendant writes an attendee's response onto the organizer's copy."""
+                        original: datetime | None = None, *, meeting: CalendarItem | None = None,
+                        body: str | None = None, body_type: str = "Text", save_copy: bool = False) -> None:
+        """An attendee's answer reaches the organizer: a MeetingResponse in the Inbox (when ``meeting``, the
+        answered copy, is given), and the organizer's calendar attendant writes it onto the organizer's copy."""
         if organizer is None:
             return
         org_mb = self.directory.find(organizer.email)
-        if org_mb is None:
-            return
-        org_item = self.copy_for(org_mb, goid)
+        org_item = self.copy_for(org_mb, goid) if org_mb is not None else None
+        if meeting is not None:
+            subject = SUBJECT_PREFIX[response] + (meeting.subject or "")
+            if save_copy:
+                sent = attendee.folders["sentitems"]
+                self.directory.add_item(MeetingMessage(
+                    self.directory.new_iid(), attendee, sent, response=response, sender=attendee.person,
+                    recipients=(organizer,), meeting=meeting, subject=subject, body=body, body_type=body_type,
+                    original_start=original))
+            if org_mb is not None:
+                inbox = org_mb.folders["inbox"]
+                self.directory.add_item(MeetingMessage(
+                    self.directory.new_iid(), org_mb, inbox, response=response, sender=attendee.person,
+                    recipients=(organizer,), meeting=meeting, subject=subject, body=body, body_type=body_type,
+                    original_start=original, associated_iid=org_item.iid if org_item is not None else None))
         if org_item is None or original is not None:
             return  # per-occurrence responses are kept in the organizer's exception table; not modelled
         for a in org_item.attendees():

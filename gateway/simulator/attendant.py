@@ -3,7 +3,9 @@
 It works the way Exchange's does: messages are processed in arrival order, some time after they arrive
 (``SimulatorConfig.rba_delay``); an accepted request becomes the room's copy (subject replaced by the
 organizer's name, body removed, private flag cleared, under the defaults) and the organizer's copy records
-the room's answer; a declined one leaves nothing in the room and a Decline on the organizer's copy.
+the room's answer; a declined one leaves nothing in the room and a Decline on the organizer's copy. Every
+answer also reaches the organizer's Inbox as a MeetingResponse whose text says why a request was declined
+(messages.DECLINE_REASON_TEXT). An organizer allowed only to request (RequestInPolicy) is held tentatively.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import structlog
 from gateway.simulator.actions import Invitation, remove_instance
 from gateway.simulator.calendar import CalendarItem, zone
 from gateway.simulator.mailboxes import CalendarProcessing, Mailbox
+from gateway.simulator.messages import attendant_text
 
 if TYPE_CHECKING:
     from gateway.simulator.server import Simulator
@@ -90,9 +93,12 @@ class BookingAttendant:
         if reason:
             if existing is not None:
                 self.sim.directory.remove_item(existing, "MoveToDeletedItems")
-            cal.record_response(snap.goid, snap.organizer, room, "Decline")
+            self._answer(room, settings, snap, "Decline", reason)
             return self._record(room, snap, "declined", reason)
-        item = cal.place_copy(room, inv, existing, response="Accept", free_busy="Busy")
+        # In policy, but only a delegate may approve: held tentatively (TentativePendingApproval).
+        pending = inv.organizer_mailbox is not None and settings.permission(inv.organizer_mailbox.smtp) == "request"
+        answer = "Tentative" if pending else "Accept"
+        item = cal.place_copy(room, inv, existing, response=answer, free_busy="Tentative" if pending else "Busy")
         self._apply_room_policy(item, settings)
         if item.recurrence is not None and not settings.enforce_scheduling_horizon:
             self._truncate(item, self.horizon(room, settings, datetime.now(UTC)))
@@ -100,8 +106,15 @@ class BookingAttendant:
             for original in declined:
                 remove_instance(item, original)
         self.sim.directory.touch(item)
-        cal.record_response(snap.goid, snap.organizer, room, "Accept")
-        return self._record(room, snap, "accepted", declined_instances=len(declined))
+        self._answer(room, settings, snap, answer)
+        return self._record(room, snap, "tentative" if pending else "accepted", declined_instances=len(declined))
+
+    def _answer(self, room: Mailbox, settings: CalendarProcessing, snap: CalendarItem, response: str,
+                reason: str = "", original: datetime | None = None) -> None:
+        """The attendant's MeetingResponse to the organizer (its text names the reason of a decline)."""
+        body = attendant_text(response, reason, settings.enable_response_details)
+        self.sim.calendars.record_response(snap.goid, snap.organizer, room, response, original, meeting=snap,
+                                           body=body)
 
     def _process_occurrence(self, room: Mailbox, inv: Invitation, existing: CalendarItem) -> Decision:
         """One occurrence of an accepted series moved: accept it in its new slot, or decline that instance."""
@@ -111,6 +124,8 @@ class BookingAttendant:
                 self._busy(room, existing.goid, exc.start, exc.end):
             remove_instance(existing, inv.original_start)
             self.sim.directory.touch(existing)
+            self._answer(room, room.processing or CalendarProcessing(), inv.snapshot, "Decline", "conflict",
+                         inv.original_start)
             return self._record(room, inv.snapshot, "declined", "conflict", declined_instances=1)
         item = self.sim.calendars.place_copy(room, inv, existing, response="Accept", free_busy="Busy")
         self._apply_room_policy(item, room.processing or CalendarProcessing(), master=False)
@@ -122,6 +137,8 @@ class BookingAttendant:
         now = datetime.now(UTC)
         if organizer is None and not s.process_external_meeting_messages:
             return "not_permitted", []
+        if organizer is not None and not s.permission(organizer.smtp):
+            return "not_permitted", []  # neither BookInPolicy nor RequestInPolicy (nor their All... forms)
         if snap.recurrence is not None and not s.allow_recurring_meetings:
             return "recurring_not_allowed", []
         duration = snap.end - snap.start

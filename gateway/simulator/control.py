@@ -573,18 +573,22 @@ class Control:
         self.organizers.pop(item.goid, None)
         return item
 
-    def respond(self, uid: str, as_: str, response: str = "decline", occurrence: Any = None) -> CalendarItem:
-        """An attendee (a user, or a room acting for itself) answers: accept, tentative or decline."""
+    def respond(self, uid: str, as_: str, response: str = "decline", occurrence: Any = None,
+                comment: str | None = None) -> CalendarItem:
+        """An attendee (a user, or a room acting for itself) answers: accept, tentative or decline.
+
+        The organizer gets a MeetingResponse whose body is ``comment``."""
         kind = RESPONSES.get(_str(response, "response").lower())
         if kind is None:
             raise _invalid(f"response: {response!r} is not one of {sorted(RESPONSES)}", "bad_response")
+        text = _str(comment, "comment") if comment is not None else None
         item = self.copy_in(uid, as_)
         original = self.occurrence_start(item, occurrence) if occurrence is not None else None
-        self._ews(lambda: self.sim.calendars.respond(item, kind, original, send=True))
+        self._ews(lambda: self.sim.calendars.respond(item, kind, original, send=True, body=text))
         return item
 
-    def decline(self, uid: str, as_: str, occurrence: Any = None) -> CalendarItem:
-        return self.respond(uid, as_, "decline", occurrence)
+    def decline(self, uid: str, as_: str, occurrence: Any = None, comment: str | None = None) -> CalendarItem:
+        return self.respond(uid, as_, "decline", occurrence, comment)
 
     # -- rooms -------------------------------------------------------------------------------------------
     def room_settings(self, room: str) -> dict[str, Any]:
@@ -612,6 +616,8 @@ class Control:
             elif kind is int:
                 lo, hi = SETTING_RANGES.get(name, (0, 2147483647))
                 typed[name] = _int(value, str(raw), lo, hi)
+            elif kind is tuple:  # BookInPolicy, RequestInPolicy: mailboxes of this organisation
+                typed[name] = tuple(self.mailbox(v, str(raw)).smtp for v in _list(value, str(raw)))
             else:
                 if value not in AUTOMATE_VALUES:
                     raise _invalid(f"{raw}: {value!r} is not one of {list(AUTOMATE_VALUES)}", "bad_setting")
@@ -941,12 +947,13 @@ async def _cancel(request: web.Request, ctl: Control, body: dict[str, Any]) -> A
 
 
 async def _respond(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
-    _only(body, ("as", "response", "occurrence", "wait"))
+    _only(body, ("as", "response", "occurrence", "comment", "wait"))
     default = "decline" if request.path.rstrip("/").endswith("/decline") else None
     response = body.get("response", default)
     if response is None:
         raise _bad("missing field 'response' (accept, tentative or decline)")
-    item = ctl.respond(request.match_info["uid"], _field(body, "as"), response, body.get("occurrence"))
+    item = ctl.respond(request.match_info["uid"], _field(body, "as"), response, body.get("occurrence"),
+                       body.get("comment"))
     settled = await ctl.settle(float(request.query.get("timeout", 10))) if _query_bool(request, body, "wait") \
         else None
     answer = {"mailbox": item.mailbox.smtp, "uid": item.uid, "response": RESPONSES[str(response).lower()],

@@ -24,6 +24,7 @@ from gateway.simulator.calendar import (
     zone,
 )
 from gateway.simulator.mailboxes import Directory
+from gateway.simulator.messages import MeetingMessage
 from gateway.simulator.schema import TNS, child_order
 from gateway.simulator.soap import EwsError, parse_bool, parse_datetime, sub, t
 
@@ -474,6 +475,8 @@ def _ext_value(v: View, key: ExtKey) -> Any:
     if pset == "Meeting" and name == "35":
         return v.item.goid
     if pset == "Meeting" and name == "3":
+        if isinstance(v.item, MeetingMessage):
+            return _goid_with_instance(v.item.goid, v.item.recurrence_id)
         return _goid_with_instance(v.item.goid, v.inst.original_start if v.inst else None)
     return (v.item.ext or {}).get(key)
 
@@ -499,11 +502,15 @@ def _ext_text(value: Any) -> str:
         return base64.b64encode(value).decode()
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return str(value)
 
 
 def render(parent: etree._Element, view: View, shape: Shape) -> etree._Element:
-    """Append one t:CalendarItem with the fields ``shape`` asks for, in schema order."""
+    """Append one t:CalendarItem (or t:MeetingResponse) with the fields ``shape`` asks for, in schema order."""
+    if isinstance(view.item, MeetingMessage):
+        return _render_message(parent, view, shape)
     el = etree.SubElement(parent, t("CalendarItem"))
     for uri in shape.field_uris():
         if uri in _ATTENDEE_URIS:
@@ -523,6 +530,105 @@ def render(parent: etree._Element, view: View, shape: Shape) -> etree._Element:
     keys = [order.get(c.tag, 999) for c in el]
     if keys != sorted(keys):
         el[:] = sorted(el, key=lambda c: order.get(c.tag, 999))
+    return el
+
+
+# -- meeting responses (messages.MeetingMessage) --------------------------------------------------------
+def _msg(v: View) -> MeetingMessage:
+    assert isinstance(v.item, MeetingMessage)
+    return v.item
+
+
+def _recipient(tag: str, person: Callable[[MeetingMessage], Any]) -> Callable[[etree._Element, View], None]:
+    def write(parent: etree._Element, v: View) -> None:
+        _mailbox(sub(parent, tag), "t:Mailbox", person(_msg(v)))
+    return write
+
+
+def _w_to(parent: etree._Element, v: View) -> None:
+    el = sub(parent, "t:ToRecipients")
+    for person in _msg(v).recipients:
+        _mailbox(el, "t:Mailbox", person)
+
+
+def _w_associated(parent: etree._Element, v: View) -> None:
+    msg = _msg(v)
+    item = v.directory.item(msg.associated_iid) if msg.associated_iid is not None else None
+    if item is not None:
+        sub(parent, "t:AssociatedCalendarItemId", Id=ids.item_id(item.mailbox.idx, item.iid),
+            ChangeKey=ids.change_key(item.iid, item.version))
+
+
+_MESSAGE_SHARED = (
+    "item:ItemId", "item:ParentFolderId", "item:ItemClass", "item:Subject", "item:Sensitivity", "item:Body",
+    "item:DateTimeReceived", "item:Size", "item:Importance", "item:IsSubmitted", "item:IsDraft", "item:IsFromMe",
+    "item:IsResend", "item:IsUnmodified", "item:DateTimeSent", "item:DateTimeCreated", "item:HasAttachments",
+    "item:Culture", "item:LastModifiedName", "item:LastModifiedTime", "item:IsAssociated", "item:TextBody",
+    "calendar:DateTimeStamp", "calendar:Start", "calendar:End", "calendar:Location",
+)
+MESSAGE_WRITERS: dict[str, Callable[[etree._Element, View], None]] = {
+    **{uri: WRITERS[uri] for uri in _MESSAGE_SHARED},
+    "item:Categories": _w_categories,
+    "item:ReminderIsSet": _simple("t:ReminderIsSet", lambda v: False),
+    "item:DisplayTo": _simple("t:DisplayTo", lambda v: "; ".join(p.name for p in _msg(v).recipients)),
+    "message:Sender": _recipient("t:Sender", lambda m: m.sender),
+    "message:From": _recipient("t:From", lambda m: m.sender),
+    "message:ToRecipients": _w_to,
+    "message:ReceivedBy": _recipient("t:ReceivedBy", lambda m: m.received_by),
+    "message:ReceivedRepresenting": _recipient("t:ReceivedRepresenting", lambda m: m.received_by),
+    "message:IsRead": _simple("t:IsRead", lambda v: _msg(v).is_read),
+    "message:IsResponseRequested": _simple("t:IsResponseRequested", lambda v: False),
+    "message:IsReadReceiptRequested": _simple("t:IsReadReceiptRequested", lambda v: False),
+    "message:IsDeliveryReceiptRequested": _simple("t:IsDeliveryReceiptRequested", lambda v: False),
+    "message:ConversationTopic": _simple("t:ConversationTopic",
+                                         lambda v: v.item.subject.split(": ", 1)[-1] if v.item.subject else None),
+    "message:InternetMessageId": _simple("t:InternetMessageId",
+                                         lambda v: f"<{v.item.iid}.{v.item.created.timestamp():.0f}@"
+                                                   f"{v.item.mailbox.smtp.split('@')[-1]}>"),
+    "meeting:AssociatedCalendarItemId": _w_associated,
+    "meeting:IsDelegated": _simple("t:IsDelegated", lambda v: False),
+    "meeting:IsOutOfDate": _simple("t:IsOutOfDate", lambda v: False),
+    "meeting:HasBeenProcessed": _simple("t:HasBeenProcessed", lambda v: True),
+    "meeting:ResponseType": _simple("t:ResponseType", lambda v: _msg(v).response_type),
+    "calendar:UID": _simple("t:UID", lambda v: v.item.uid),
+    "calendar:RecurrenceId": _simple("t:RecurrenceId", lambda v: _msg(v).recurrence_id),
+    "calendar:IsOrganizer": _simple("t:IsOrganizer", lambda v: False),
+    "calendar:CalendarItemType": _simple("t:CalendarItemType",
+                                         lambda v: "Single" if _msg(v).recurrence_id is None else "Occurrence"),
+}
+MESSAGE_DEFAULT_FIELDS = [
+    "item:ItemId", "item:ParentFolderId", "item:ItemClass", "item:Subject", "item:Sensitivity",
+    "item:HasAttachments", "item:IsAssociated", "message:Sender", "message:ToRecipients", "message:From",
+    "message:IsRead", "meeting:AssociatedCalendarItemId", "meeting:IsDelegated", "meeting:IsOutOfDate",
+    "meeting:HasBeenProcessed", "meeting:ResponseType", "calendar:UID",
+]
+MESSAGE_ALL_FIELDS = [
+    *MESSAGE_DEFAULT_FIELDS, "item:Body", "item:DateTimeReceived", "item:Size", "item:Importance",
+    "item:DateTimeSent", "item:DateTimeCreated", "item:LastModifiedTime", "message:ConversationTopic",
+    "message:InternetMessageId", "message:ReceivedBy", "calendar:RecurrenceId", "calendar:Start", "calendar:End",
+    "calendar:Location",
+]
+
+
+def _render_message(parent: etree._Element, view: View, shape: Shape) -> etree._Element:
+    el = etree.SubElement(parent, t("MeetingResponse"))
+    base = {"IdOnly": ["item:ItemId"], "AllProperties": MESSAGE_ALL_FIELDS}.get(shape.base, MESSAGE_DEFAULT_FIELDS)
+    seen: set[str] = set()
+    for uri in [*base, *shape.uris]:
+        if uri in seen:
+            continue
+        seen.add(uri)
+        writer = MESSAGE_WRITERS.get(uri)
+        if writer is None:
+            continue  # a property of another item type (a client asks for the union over an Inbox's types)
+        if uri == "item:Body":
+            _w_body(el, view, shape.body_type)
+        else:
+            writer(el, view)
+    for uri_el in shape.ext:
+        write_ext(el, view, uri_el)
+    order = _tag_order("MeetingResponseMessageType")
+    el[:] = sorted(el, key=lambda c: order.get(c.tag, 999))
     return el
 
 
@@ -613,12 +719,26 @@ def _ext_from_xml(prop: etree._Element) -> tuple[ExtKey, Any]:
     return key, _ext_parse(key[2], prop.findtext(t("Value")) or "")
 
 
+_INTEGER_TYPES = ("Short", "Integer", "Long", "Error", "Currency")
+
+
 def _ext_parse(ptype: str, text: str) -> Any:
-    if ptype.startswith("Binary"):
-        try:
-            return base64.b64decode(text)
-        except ValueError as e:
-            raise EwsError("ErrorInvalidExtendedPropertyValue", "Invalid base64 value.") from e
+    """A value of MAPI type ``ptype`` as Exchange stores it (so restrictions compare numbers as numbers)."""
+    base = ptype.removesuffix("Array")
+    try:
+        if base == "Binary":
+            return base64.b64decode(text, validate=True)
+        if base in _INTEGER_TYPES:
+            return int(text)
+        if base in ("Float", "Double", "ApplicationTime"):
+            return float(text)
+        if base == "Boolean":
+            return parse_bool(text)
+        if base == "SystemTime":
+            return parse_datetime(text)
+    except ValueError as e:
+        raise EwsError("ErrorInvalidExtendedPropertyValue",
+                       f"The value {text!r} is not valid for an extended property of type {ptype}.") from e
     return text
 
 

@@ -47,16 +47,30 @@ class CalendarProcessing:
     remove_private_property: bool = True
     process_external_meeting_messages: bool = False
     all_book_in_policy: bool = True
+    book_in_policy: tuple[str, ...] = ()  # addresses whose in-policy requests are booked (AllBookInPolicy $false)
+    all_request_in_policy: bool = False
+    request_in_policy: tuple[str, ...] = ()  # addresses whose in-policy requests wait for a delegate
+    enable_response_details: bool = True  # a decline says why
 
     def update(self, values: dict[str, Any]) -> None:
         known = {f.name: f.type for f in fields(self)}
         for key, value in values.items():
             if key not in known:
                 raise ValueError(f"unknown calendar-processing setting {key!r}; known: {sorted(known)}")
+            if key in ("book_in_policy", "request_in_policy"):
+                value = tuple(str(v).lower() for v in ((value,) if isinstance(value, str) else value))
             setattr(self, key, value)
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    def permission(self, smtp: str) -> str:
+        """What the in-policy rules let ``smtp`` do: "book", "request" (a delegate decides) or "" (nothing)."""
+        if self.all_book_in_policy or smtp.lower() in self.book_in_policy:
+            return "book"
+        if self.all_request_in_policy or smtp.lower() in self.request_in_policy:
+            return "request"
+        return ""
 
 
 class Folder:

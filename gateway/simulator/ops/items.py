@@ -23,10 +23,11 @@ from gateway.simulator.itemxml import (
     render,
 )
 from gateway.simulator.mailboxes import Folder
+from gateway.simulator.messages import MeetingMessage
 from gateway.simulator.ops import Context, operation
 from gateway.simulator.ops.folders import resolve_folder
 from gateway.simulator.schema import MNS, TNS
-from gateway.simulator.soap import EwsError, Responses, parse_datetime, sub
+from gateway.simulator.soap import EwsError, Responses, parse_bool, parse_datetime, sub
 
 MAX_VIEW = timedelta(days=730)  # CalendarView ranges over two years are refused
 FIND_COUNT_LIMIT = 1000  # EWSFindCountLimit
@@ -223,6 +224,9 @@ _GETTERS: dict[str, Callable[[CalendarItem], Any]] = {
     "calendar:IsMeeting": lambda i: i.is_meeting,
     "calendar:Location": lambda i: i.location,
     "calendar:LegacyFreeBusyStatus": lambda i: i.free_busy,
+    "item:DateTimeReceived": lambda i: i.created,
+    "message:IsRead": lambda i: i.is_read if isinstance(i, MeetingMessage) else None,
+    "meeting:ResponseType": lambda i: i.response_type if isinstance(i, MeetingMessage) else None,
 }
 
 
@@ -262,6 +266,8 @@ def _coerce(value: Any, text: str) -> tuple[Any, Any]:
         return value, base64.b64decode(text)
     if isinstance(value, int):
         return value, int(text)
+    if isinstance(value, float):
+        return value, float(text)
     return ("" if value is None else str(value)), text
 
 
@@ -291,9 +297,21 @@ def _predicate(ctx: Context, el: etree._Element) -> Callable[[CalendarItem], boo
         const = el.find(_t("Constant"))
         needle = const.get("Value", "") if const is not None else ""
         ignore_case = "Ignore" in el.get("ContainmentComparison", "")
+        mode = el.get("ContainmentMode", "Substring")
         if ignore_case:
-            return lambda i: needle.lower() in str(getter(i) or "").lower()
-        return lambda i: needle in str(getter(i) or "")
+            needle = needle.lower()
+
+        def contains(i: CalendarItem) -> bool:
+            text = str(getter(i) or "")
+            text = text.lower() if ignore_case else text
+            if mode == "FullString":
+                return text == needle
+            if mode == "Prefixed":
+                return text.startswith(needle)
+            if mode == "PrefixOnWords":
+                return any(w.startswith(needle) for w in text.split())
+            return needle in text  # Substring, ExactPhrase
+        return contains
     if name in _COMPARE:
         getter = _operand(ctx, el)
         text = _constant(el)
@@ -351,11 +369,18 @@ def _create_one(ctx: Context, el: etree._Element, send: str | None, disposition:
     if ref is None:
         raise EwsError("ErrorInvalidRequest", f"{name} needs a ReferenceItemId.")
     item, original = resolve_item(ctx, ref)
+    if isinstance(item, MeetingMessage):
+        raise EwsError(_NOT_FOR_MESSAGES.get(name, "ErrorInvalidReferenceItem"),
+                       f"{name} cannot refer to a meeting response.")
     notify = disposition != "SaveOnly"
     if name in ("AcceptItem", "TentativelyAcceptItem", "DeclineItem"):
         response = {"AcceptItem": "Accept", "TentativelyAcceptItem": "Tentative", "DeclineItem": "Decline"}[name]
         _check_change_key(ref, item)
-        cal.respond(item, response, original, send=notify)
+        body_el = el.find(_t("Body"))
+        cal.respond(item, response, original, send=notify,
+                    body=body_el.text or "" if body_el is not None else None,
+                    body_type=body_el.get("BodyType", "Text") if body_el is not None else "Text",
+                    save_copy=disposition == "SendAndSaveCopy")
         return None
     if name == "CancelCalendarItem":
         if original is not None:
@@ -370,6 +395,13 @@ def _create_one(ctx: Context, el: etree._Element, send: str | None, disposition:
         ctx.directory.remove_item(item, "MoveToDeletedItems")
         return None
     raise EwsError("ErrorInvalidItemForOperationCreateItem", f"The simulator cannot create a {name}.")
+
+
+_NOT_FOR_MESSAGES = {"AcceptItem": "ErrorInvalidItemForOperationAcceptItem",
+                     "TentativelyAcceptItem": "ErrorInvalidItemForOperationTentative",
+                     "DeclineItem": "ErrorInvalidItemForOperationDeclineItem",
+                     "CancelCalendarItem": "ErrorInvalidItemForOperationCancelItem",
+                     "RemoveItem": "ErrorInvalidItemForOperationRemoveItem"}
 
 
 def _check_change_key(ref: etree._Element, item: CalendarItem) -> None:
@@ -415,7 +447,7 @@ async def update_item(ctx: Context, body: etree._Element) -> etree._Element:
             continue
         msg = out.success()
         items = sub(msg, "m:Items")
-        ci = sub(items, "t:CalendarItem")
+        ci = sub(items, "t:MeetingResponse" if isinstance(item, MeetingMessage) else "t:CalendarItem")
         if original is not None:
             sub(ci, "t:ItemId", Id=ids.occurrence_id(item.mailbox.idx, item.iid, item.index_of(original) or 0),
                 ChangeKey=ids.change_key(item.iid, item.version))
@@ -448,6 +480,9 @@ def _update_one(ctx: Context, change: etree._Element, conflict: str, send: str |
     if item.is_meeting and item.my_response == "Organizer" and send is None:
         raise EwsError("ErrorInvalidRequest",
                        "SendMeetingInvitationsOrCancellations is required for meetings.")
+    if isinstance(item, MeetingMessage):
+        _update_message(ctx, item, change)
+        return item, None
     values: dict[str, Any] = {}
     ext: dict[Any, Any] = {}
     updates = change.find(_t("Updates"))
@@ -504,6 +539,31 @@ def _update_one(ctx: Context, change: etree._Element, conflict: str, send: str |
         if not values:
             ctx.directory.touch(item, free_busy=False)
     return item, original
+
+
+def _update_message(ctx: Context, item: MeetingMessage, change: etree._Element) -> None:
+    """What a client changes on a received meeting response: its read flag and extended properties."""
+    updates = change.find(_t("Updates"))
+    ext: dict[Any, Any] = {}
+    for upd in updates if updates is not None else []:
+        kind = etree.QName(upd).localname
+        path = upd[0]
+        carrier = next((c for c in upd[1:]), None)
+        if etree.QName(path).localname == "ExtendedFieldURI":
+            if kind == "DeleteItemField":
+                ext[ext_key(path)] = None
+            elif carrier is not None:
+                ext.update(parse_item(carrier, ctx.directory, ctx.tz_context).ext)
+            continue
+        uri = path.get("FieldURI", "")
+        if uri != "message:IsRead":
+            raise EwsError("ErrorInvalidPropertySet", f"The property {uri} cannot be set on a meeting response.")
+        item.is_read = kind != "DeleteItemField" and carrier is not None and \
+            parse_bool(carrier.findtext(_t("IsRead")))
+    if ext:
+        merged = {**(item.ext or {}), **ext}
+        item.ext = {k: v for k, v in merged.items() if v is not None} or None
+    ctx.directory.touch(item, free_busy=False)
 
 
 # -- DeleteItem ------------------------------------------------------------------------------------------
