@@ -59,6 +59,7 @@ ERROR_CODES: Final = {
     "not_created_by_gateway": "only bookings the gateway created can be changed or cancelled; decline instead",
     "rate_limited": "too many commands; retry later",
     "exchange_unavailable": "Exchange could not be reached or is throttling; retry later",
+    "exchange_auth": "Exchange refused the gateway's service account or its impersonation rights; see message",
     "attendant_timeout": "the room's booking attendant has not answered yet; retry the same key to learn the answer",
     "gateway_offline": "the hub has no tunnel to this customer's gateway right now",
     "internal": "an unexpected error; the gateway logged it",

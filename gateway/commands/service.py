@@ -1,0 +1,547 @@
+"""The command service: booking commands from the cloud (or the local API) executed into Exchange.
+
+Commands arrive validated (relay.protocol.parse_command). Here they pass policy and the rate limit, the
+idempotency journal, and are executed through a ``CalendarWriter`` (design.md §5, exchange-semantics.md §4):
+
+- create with an organizer (a directory user): a meeting in the organizer's calendar with the room as a
+  resource; the result waits for the room's booking attendant. If the service account may not impersonate the
+  organizer, the booking falls back to the room-calendar path with the organizer as the booker.
+- create without one (an external booker, a room display): an appointment in the room's calendar. Exchange
+  checks nothing there, so the gateway does: under a per-room lock it checks, writes, and checks again (a
+  writer outside the gateway may have raced it), withdrawing its own appointment if it lost.
+- update and cancel touch only what the gateway created (the journal knows each meeting it made); decline
+  frees the room from anything, leaving the organizer's meeting intact.
+
+Idempotency: every write command holds its key's lock and a journal row. A retried key gets the stored result;
+a key found ``started`` (crash, timeout, reconnect) continues from the write it recorded, or asks Exchange
+whether the write happened (the key is stamped on the item) before writing at most once more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+import structlog
+
+from gateway.commands.policy import Policy, RateLimiter
+from gateway.config import CommandsConfig
+from gateway.errors import (
+    AuthError,
+    GatewayError,
+    ImpersonationDenied,
+    NotFound,
+    PreconditionFailed,
+    TransientError,
+)
+from gateway.model import (
+    DECLINE_REASONS,
+    Booking,
+    Command,
+    CommandResult,
+    accepted,
+    booking_id_for,
+    declined,
+    failed,
+    from_json,
+)
+from gateway.observability.metrics import Metrics
+from gateway.ports import Busy, CalendarWriter, Written
+from gateway.store.journal import CommandJournal, JournalEntry
+from gateway.store.sqlite import SqliteStore
+
+log = structlog.get_logger(__name__)
+
+BookingLookup = Callable[[str, str], Booking | None]  # (room, booking id) -> the booking; blocking, run in a thread
+Resync = Callable[[str], Awaitable[None] | None]
+
+POLL_INTERVAL = 0.15  # seconds between looks at the room's answer
+WRITE_TYPES = ("create", "update", "cancel", "decline")
+
+DECLINE_TEXT = {
+    "conflict": "the room is already booked at that time",
+    "outside_booking_window": "the room does not accept bookings that far ahead",
+    "too_long": "the booking is longer than the room allows",
+    "recurring_not_allowed": "the room does not accept recurring meetings",
+    "not_permitted": "the room's booking policy does not allow this booking",
+    "room_unknown": "the gateway does not sync this room",
+}
+FALLBACK_NOTE = ("the gateway may not act for the organizer in Exchange, so the booking was made in the room's "
+                 "calendar with the organizer as booker (no invitation was sent)")
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Locks:
+    """asyncio locks by name, dropped once nobody holds or waits for them (keys are unbounded)."""
+
+    @dataclass
+    class _Slot:
+        lock: asyncio.Lock
+        users: int = 0
+
+    def __init__(self) -> None:
+        self._slots: dict[str, _Locks._Slot] = {}
+
+    @asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = _Locks._Slot(asyncio.Lock())
+        slot.users += 1
+        try:
+            async with slot.lock:
+                yield
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._slots[name]
+
+
+@dataclass
+class _Run:
+    """One execution of a write command."""
+
+    cmd: Command
+    room: str
+    entry: JournalEntry | None  # the started row this run recovers (None: a new command)
+    keep: bool = False  # on failure, keep the row 'started': a write may have happened, a retry continues it
+    wrote: bool = False  # a write returned: resync the room
+    stale: bool = False  # the snapshot knows something Exchange no longer has: resync the room
+
+    @property
+    def recorded(self) -> Written | None:
+        return self.entry.written if self.entry else None
+
+
+def _lookup_in(store: SqliteStore) -> BookingLookup:
+    def lookup(room: str, booking_id: str) -> Booking | None:
+        with store.reading() as conn:
+            row = conn.execute("SELECT json, confirmed_at FROM bookings WHERE room = ? AND id = ?",
+                               (room, booking_id)).fetchone()
+        if row is None:
+            return None
+        doc = json.loads(row[0])
+        doc["confirmed_at"] = row[1]
+        return from_json(doc)
+
+    return lookup
+
+
+class CommandService:
+    """Implements ports.CommandHandler."""
+
+    def __init__(self, writer: CalendarWriter, store: SqliteStore, journal: CommandJournal,
+                 settings: CommandsConfig, *, rooms: Callable[[], Collection[str]], resync: Resync,
+                 booking_lookup: BookingLookup | None = None, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, poll_interval: float = POLL_INTERVAL) -> None:
+        self._writer = writer
+        self._store = store
+        self._journal = journal
+        self._settings = settings
+        self._policy = Policy(settings)
+        self._limiter = RateLimiter(settings.rate_per_minute, settings.burst, clock=clock)
+        self._rooms_of = rooms
+        self._resync_room = resync
+        self._lookup = booking_lookup or _lookup_in(store)
+        self._metrics = metrics
+        self._clock = clock
+        self._poll = poll_interval
+        self._keys = _Locks()
+        self._room_locks = _Locks()
+
+    # -- the port -------------------------------------------------------------------------------------------
+    async def execute(self, cmd: Command) -> CommandResult:
+        """Every outcome is a CommandResult; nothing raises for a bad or failed command."""
+        began = self._clock()
+        try:
+            result = await self._dispatch(cmd)
+        except TransientError as e:  # the journal's store was busy or full: nothing was decided, retry
+            log.warning("command.store_unavailable", key=cmd.key, type=cmd.type, error=e.key)
+            result = failed(cmd.key, "internal", f"the gateway's store is unavailable ({e.key}); retry the same key",
+                            retryable=True)
+        except Exception:
+            log.exception("command.internal_error", key=cmd.key, type=cmd.type)
+            result = failed(cmd.key, "internal", "an unexpected error; the gateway logged it", retryable=False)
+        seconds = max(0.0, self._clock() - began)
+        if self._metrics is not None:
+            self._metrics.command(cmd.type, result.status, result.reason, seconds)
+        log.info("command.done", key=cmd.key, type=cmd.type, room=cmd.room, status=result.status,
+                 reason=result.reason, ms=round(seconds * 1000))
+        return result
+
+    async def _dispatch(self, cmd: Command) -> CommandResult:
+        if not self._settings.enabled:
+            return declined(cmd, "not_permitted", "booking commands are disabled on this gateway")
+        if not self._limiter.try_acquire():
+            return failed(cmd.key, "rate_limited", f"too many commands; retry in {self._limiter.retry_after():.0f} s",
+                          retryable=True)
+        if cmd.type == "availability":
+            return await self._availability(cmd)
+        room = (cmd.room or "").lower()
+        if cmd.type == "resync":
+            if room not in self._synced():
+                return declined(cmd, "room_unknown", DECLINE_TEXT["room_unknown"])
+            await self._call_resync(room)
+            return accepted(cmd, "the room is being read again from Exchange")
+        if cmd.type not in WRITE_TYPES:
+            return failed(cmd.key, "unsupported_command", f"unknown command type {cmd.type!r}", retryable=False)
+        return await self._write(cmd, room)
+
+    # -- the journal around every write -----------------------------------------------------------------------
+    async def _write(self, cmd: Command, room: str) -> CommandResult:
+        async with self._keys.hold(cmd.key):  # a second execution of this key waits, then sees the first's row
+            entry = await asyncio.to_thread(self._journal.begin, cmd)
+            if entry is not None:
+                if entry.request_hash != cmd.request_hash():
+                    return failed(cmd.key, "idempotency_conflict",
+                                  "this key was used before for a different request; use a new key", retryable=False)
+                if entry.state == "done" and entry.result is not None:
+                    return entry.result
+                log.info("command.recovering", key=cmd.key, type=cmd.type, room=room,
+                         written=entry.written is not None)
+            # A recovered create may have written even without a record; only Exchange can say (_find_previous).
+            keep = entry is not None and (cmd.type == "create" or entry.written is not None)
+            run = _Run(cmd, room, entry, keep=keep)
+            handler = {"create": self._create, "update": self._update, "cancel": self._cancel,
+                       "decline": self._decline}[cmd.type]
+            try:
+                result = await handler(run)
+            except GatewayError as e:
+                result = self._failure(run, e)
+            except Exception:
+                log.exception("command.internal_error", key=cmd.key, type=cmd.type)
+                result = failed(cmd.key, "internal", "an unexpected error; the gateway logged it", retryable=False)
+            if run.wrote or run.stale:
+                await self._call_resync(room, quiet=True)
+            if result.status in ("accepted", "declined"):
+                await asyncio.to_thread(self._journal.finish, cmd.key, result)
+            elif not run.keep:
+                await asyncio.to_thread(self._journal.forget, cmd.key)
+            return result
+
+    def _failure(self, run: _Run, e: GatewayError) -> CommandResult:
+        key = run.cmd.key
+        if isinstance(e, TransientError):
+            return failed(key, "exchange_unavailable",
+                          f"Exchange is unavailable or throttling ({e.key}); retry the same key later", retryable=True)
+        if isinstance(e, AuthError | NotFound) and run.entry is None and not run.wrote:
+            run.keep = False  # Exchange refused before anything was written
+        if isinstance(e, NotFound):
+            run.stale = True
+            return failed(key, "not_found", "the booking or its mailbox no longer exists in Exchange",
+                          retryable=False)
+        if isinstance(e, AuthError):
+            return failed(key, "exchange_auth", f"Exchange refused the gateway ({e.key}): {e.remedy}",
+                          retryable=False)
+        if isinstance(e, PreconditionFailed):
+            run.stale = True
+            return failed(key, "exchange_unavailable", "the item changed in Exchange while the command ran; retry "
+                          "the same key", retryable=True)
+        log.error("command.error", key=key, type=run.cmd.type, error=e.key)
+        return failed(key, "internal", f"the gateway could not complete the command ({e.key})", retryable=False)
+
+    async def _record(self, run: _Run, written: Written) -> None:
+        run.keep = True
+        run.wrote = True
+        await asyncio.to_thread(self._journal.record_write, run.cmd.key, written)
+
+    # -- policy ---------------------------------------------------------------------------------------------
+    def _synced(self) -> set[str]:
+        return {r.lower() for r in self._rooms_of()}
+
+    def _refusal(self, cmd: Command, room: str) -> CommandResult | None:
+        synced = self._synced()
+        if room not in synced:
+            return declined(cmd, "room_unknown", DECLINE_TEXT["room_unknown"])
+        if not self._policy.writable(room, synced):
+            return declined(cmd, "not_permitted", "the gateway's policy does not let commands write to this room")
+        if cmd.start is not None and cmd.end is not None and self._policy.too_long(cmd.start, cmd.end):
+            limit = self._settings.max_duration_minutes
+            return declined(cmd, "too_long", f"the booking is longer than the gateway allows ({limit} minutes)")
+        return None
+
+    # -- create -----------------------------------------------------------------------------------------------
+    async def _create(self, run: _Run) -> CommandResult:
+        cmd, room = run.cmd, run.room
+        written = run.recorded
+        if written is None:
+            refusal = self._refusal(cmd, room)
+            if refusal is not None:
+                return refusal
+            if run.entry is not None:
+                written = await self._find_previous(cmd, room)
+                if written is None:
+                    run.keep = False  # Exchange has nothing with this key: the write never happened
+                else:
+                    await self._record(run, written)
+        if written is not None:  # continue what an earlier execution of this key wrote
+            if written.mailbox.lower() == room:
+                note = FALLBACK_NOTE if cmd.organizer else ""
+                async with self._room_locks.hold(room):
+                    return await self._confirm_appointment(run, written, note)
+            return await self._await_answer(run, written, created=True)
+        if cmd.organizer is not None and cmd.organizer.email:
+            run.keep = True
+            try:
+                written = await self._writer.create_meeting(cmd.organizer.email, room, cmd)
+            except ImpersonationDenied:
+                log.info("command.organizer_fallback", key=cmd.key, room=room)
+                as_booker = replace(cmd, organizer=None, booker=cmd.organizer, attendees=())
+                return await self._create_appointment(run, as_booker, FALLBACK_NOTE)
+            await self._record(run, written)
+            return await self._await_answer(run, written, created=True)
+        return await self._create_appointment(run, cmd, "")
+
+    async def _find_previous(self, cmd: Command, room: str) -> Written | None:
+        """Did an earlier execution of this key write before it was interrupted? Exchange knows (the key is on
+        the item): the organizer's calendar first, then the room's (the fallback path)."""
+        assert cmd.start is not None and cmd.end is not None
+        mailboxes = [cmd.organizer.email] if cmd.organizer and cmd.organizer.email else []
+        for mailbox in [*mailboxes, room]:
+            try:
+                found = await self._writer.find_by_key(mailbox, cmd.key, cmd.start, cmd.end)
+            except ImpersonationDenied:
+                if mailbox == room:
+                    raise
+                continue
+            if found is not None:
+                return found
+        return None
+
+    async def _create_appointment(self, run: _Run, cmd: Command, note: str) -> CommandResult:
+        assert cmd.start is not None and cmd.end is not None
+        async with self._room_locks.hold(run.room):
+            if await self._overlapping(run.room, cmd.start, cmd.end, exclude=None):
+                return declined(run.cmd, "conflict", DECLINE_TEXT["conflict"])
+            run.keep = True
+            written = await self._writer.create_appointment(run.room, cmd)
+            await self._record(run, written)
+            return await self._confirm_appointment(run, written, note)
+
+    async def _confirm_appointment(self, run: _Run, written: Written, note: str) -> CommandResult:
+        """The check after the write: a writer outside the gateway may have booked the slot at the same time."""
+        cmd = run.cmd
+        assert cmd.start is not None and cmd.end is not None
+        if await self._overlapping(run.room, cmd.start, cmd.end, exclude=written.uid):
+            await self._writer.delete_appointment(written)
+            log.info("command.race_lost", key=cmd.key, room=run.room)
+            return declined(cmd, "conflict", "another booking took the room at the same moment; the gateway "
+                                             "withdrew its own")
+        return accepted(cmd, note or "booked in the room's calendar", uid=written.uid,
+                        booking_id=booking_id_for(run.room, written.uid, None))
+
+    async def _await_answer(self, run: _Run, written: Written, *, created: bool) -> CommandResult:
+        """Wait for the room's booking attendant (it runs asynchronously in Exchange) up to the timeout."""
+        cmd = run.cmd
+        assert cmd.start is not None and cmd.end is not None
+        deadline = self._clock() + self._settings.attendant_timeout_seconds
+        while True:
+            answer = await self._writer.room_answer(written, run.room)
+            if answer.outcome in ("accepted", "tentative", "declined"):
+                break
+            if self._clock() >= deadline:
+                return failed(cmd.key, "attendant_timeout",
+                              f"the room's booking attendant has not answered within "
+                              f"{self._settings.attendant_timeout_seconds:g} s; retry the same key to learn its "
+                              "answer (nothing is booked twice)", retryable=True)
+            await asyncio.sleep(self._poll)
+        booking_id = booking_id_for(run.room, written.uid, None)
+        if answer.outcome == "accepted":
+            return accepted(cmd, "the room accepted", uid=written.uid, booking_id=booking_id)
+        if answer.outcome == "tentative":
+            return accepted(cmd, "the room holds the meeting tentatively: it awaits a delegate's approval",
+                            uid=written.uid, booking_id=booking_id)
+        reason = answer.reason if answer.reason in DECLINE_REASONS else None
+        if reason is None:  # the attendant gave no code: tell a clash from a policy refusal ourselves
+            clash = await self._overlapping(run.room, cmd.start, cmd.end, exclude=written.uid)
+            reason = "conflict" if clash else "not_permitted"
+        text = DECLINE_TEXT[reason]
+        if created:
+            text += await self._withdraw(run, written)
+        else:
+            text = f"the room declined the new time: {text}"
+        return declined(cmd, reason, text)
+
+    async def _withdraw(self, run: _Run, written: Written) -> str:
+        """A declined create leaves no meeting behind: the organizer asked for this room, not for a meeting."""
+        try:
+            await self._writer.cancel_meeting(written)
+        except GatewayError as e:
+            log.warning("command.withdraw_failed", key=run.cmd.key, room=run.room, error=e.key)
+            return "; the meeting is still in the organizer's calendar"
+        return "; the meeting was withdrawn"
+
+    async def _overlapping(self, room: str, start: datetime, end: datetime, *, exclude: str | None) -> list[Busy]:
+        busy = await self._writer.busy(room, start, end)
+        return [b for b in busy if b.status != "free" and b.start < end and b.end > start
+                and (exclude is None or b.uid != exclude)]
+
+    # -- update, cancel, decline ------------------------------------------------------------------------------
+    async def _booking(self, run: _Run) -> Booking | None:
+        assert run.cmd.booking_id is not None
+        return await asyncio.to_thread(self._lookup, run.room, run.cmd.booking_id)
+
+    async def _origin(self, run: _Run, booking: Booking) -> JournalEntry | None:
+        """The create command that made this booking, if the gateway made it (in this room)."""
+        origin = await asyncio.to_thread(self._journal.by_uid, booking.uid)
+        if origin is None or origin.written is None or (origin.room or "").lower() != run.room:
+            return None
+        return origin
+
+    def _unknown_booking(self, run: _Run) -> CommandResult:
+        return failed(run.cmd.key, "not_found", "the gateway knows no such booking in this room (any more)",
+                      retryable=False)
+
+    def _not_ours(self, run: _Run) -> CommandResult:
+        return failed(run.cmd.key, "not_created_by_gateway", "the gateway did not create this booking, so it only "
+                      "declines it (as the room); it never changes or cancels other people's meetings",
+                      retryable=False)
+
+    async def _update(self, run: _Run) -> CommandResult:
+        cmd, room = run.cmd, run.room
+        assert cmd.start is not None and cmd.end is not None
+        refusal = self._refusal(cmd, room)
+        if refusal is not None:
+            return refusal
+        booking = await self._booking(run)
+        if booking is None:
+            return self._unknown_booking(run)
+        origin = await self._origin(run, booking)
+        if origin is None or origin.written is None:
+            return self._not_ours(run)
+        target = origin.written
+        moved = run.recorded  # an interrupted update of this key already moved it
+        if target.mailbox.lower() != room:  # a meeting: the room's attendant decides again
+            if moved is None:
+                moved = await self._writer.move(target, cmd.start, cmd.end, notify=True)
+                await self._moved(run, origin, moved)
+            result = await self._await_answer(run, moved, created=False)
+            if result.status == "declined":
+                result = replace(result, message=result.message + await self._restore(run, moved, booking))
+            return result
+        async with self._room_locks.hold(room):
+            if moved is None:
+                if await self._overlapping(room, cmd.start, cmd.end, exclude=booking.uid):
+                    return declined(cmd, "conflict", DECLINE_TEXT["conflict"])
+                moved = await self._writer.move(target, cmd.start, cmd.end, notify=False)
+                await self._moved(run, origin, moved)
+            if await self._overlapping(room, cmd.start, cmd.end, exclude=booking.uid):
+                await self._writer.move(moved, booking.start, booking.end, notify=False)
+                log.info("command.race_lost", key=cmd.key, room=room)
+                return declined(cmd, "conflict", "another booking took the room at the same moment; the booking "
+                                                 "keeps its previous time")
+        return accepted(cmd, "moved", uid=booking.uid, booking_id=booking.id)
+
+    async def _restore(self, run: _Run, moved: Written, booking: Booking) -> str:
+        """The room refused the new time: put the meeting back where the room had accepted it, rather than leave
+        the organizer with a meeting that lost its room."""
+        try:
+            await self._writer.move(moved, booking.start, booking.end, notify=True)
+        except GatewayError as e:
+            log.warning("command.restore_failed", key=run.cmd.key, room=run.room, error=e.key)
+            return "; the meeting keeps the new time without the room"
+        return "; the meeting goes back to its previous time and the room is asked again"
+
+    async def _moved(self, run: _Run, origin: JournalEntry, moved: Written) -> None:
+        await self._record(run, moved)
+        if origin.item_id != moved.item_id:  # later commands on this booking must find the item where it is now
+            await asyncio.to_thread(self._journal.record_write, origin.key, moved)
+
+    async def _cancel(self, run: _Run) -> CommandResult:
+        cmd, room = run.cmd, run.room
+        refusal = self._refusal(cmd, room)
+        if refusal is not None:
+            return refusal
+        booking = await self._booking(run)
+        if booking is None:
+            return self._unknown_booking(run)
+        origin = await self._origin(run, booking)
+        if origin is None or origin.written is None:
+            return self._not_ours(run)
+        written = origin.written
+        try:
+            if written.mailbox.lower() == room:
+                await self._writer.delete_appointment(written)
+            else:
+                await self._writer.cancel_meeting(written)
+        except NotFound:
+            if run.entry is None:
+                raise
+            # an earlier execution of this key got as far as Exchange: the cancellation happened
+        run.wrote = True
+        return accepted(cmd, "cancelled", uid=booking.uid, booking_id=booking.id)
+
+    async def _decline(self, run: _Run) -> CommandResult:
+        cmd, room = run.cmd, run.room
+        refusal = self._refusal(cmd, room)
+        if refusal is not None:
+            return refusal
+        booking = await self._booking(run)
+        if booking is None:
+            return self._unknown_booking(run)
+        origin = await self._origin(run, booking)
+        own = origin.written if origin is not None else None
+        try:
+            if own is not None and own.mailbox.lower() == room:
+                await self._writer.delete_appointment(own)  # the gateway's own appointment: nobody to tell
+            else:
+                try:
+                    await self._writer.decline_as_room(room, booking.uid, booking.original_start, booking.start,
+                                                       cmd.message)
+                except PreconditionFailed as e:
+                    if e.key != "room_is_organizer":
+                        raise
+                    refused = await self._delete_room_appointment(run, booking)
+                    if refused is not None:
+                        return refused
+        except NotFound:
+            if run.entry is None:
+                raise
+        run.wrote = True
+        return accepted(cmd, "the room declined the booking", uid=booking.uid, booking_id=booking.id)
+
+    async def _delete_room_appointment(self, run: _Run, booking: Booking) -> CommandResult | None:
+        """The room organizes this item (an appointment made in its own calendar by someone else): there is
+        nobody to decline to, and the gateway never deletes what it did not create (design.md §5)."""
+        del booking
+        return failed(run.cmd.key, "not_created_by_gateway", "this booking was made directly in the room's "
+                      "calendar, so there is no organizer to decline to, and the gateway never deletes what it did "
+                      "not create; remove it in Exchange", retryable=False)
+
+    # -- read-only commands ------------------------------------------------------------------------------------
+    async def _availability(self, cmd: Command) -> CommandResult:
+        assert cmd.start is not None and cmd.end is not None
+        rooms = [r.lower() for r in cmd.rooms]
+        unknown = sorted(set(rooms) - self._synced())
+        if unknown:
+            return declined(cmd, "room_unknown", f"the gateway does not sync {', '.join(unknown)}")
+        try:
+            found = await self._writer.availability(rooms, cmd.start, cmd.end)
+        except GatewayError as e:
+            if isinstance(e, NotFound) and e.key == "room_unknown":
+                return declined(cmd, "room_unknown", "Exchange has no mailbox for one of the rooms")
+            return self._failure(_Run(cmd, "", None), e)
+        lowered = {room.lower(): busy for room, busy in found.items()}
+        data = {room: [{"start": _iso(b.start), "end": _iso(b.end), "status": b.status}
+                       for b in sorted(lowered.get(room, []), key=lambda b: (b.start, b.end))] for room in rooms}
+        return accepted(cmd, data={"rooms": data})
+
+    async def _call_resync(self, room: str, *, quiet: bool = False) -> None:
+        """Let the change flow back through the normal read path now rather than at the next notification."""
+        try:
+            pending = self._resync_room(room)
+            if inspect.isawaitable(pending):
+                await pending
+        except Exception as e:
+            if not quiet:
+                raise
+            log.warning("command.resync_failed", room=room, error=type(e).__name__)
