@@ -20,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.ports import OutboxEntry
 from gateway.service import serve
 from gateway.sources.ews.source import EwsSettings
+from gateway.store.apikeys import ApiKeys
 from gateway.sync.coordinator import SyncSettings
 
 TZ = "Europe/Berlin"
@@ -91,10 +92,15 @@ async def run(rooms: int = 5, users: int = 10, activity: float = 0.5, port: int 
         gw = app[GATEWAY]
         gw.coordinator.listeners.append(show)
         base = f"http://127.0.0.1:{bound}"
+        # The demo's store is throw-away, so its key may be shown; a real one comes from `gateway api-keys create`.
+        key = await asyncio.to_thread(ApiKeys(gw.store).create, "demo", ["read", "book", "metrics"])
+        auth = f"-H 'Authorization: Bearer {key}'"
         app[IMPORT_TASK] = asyncio.get_running_loop().create_task(announce_import(gw))
         print(f"Gateway running. Importing the rooms' calendars...\n"
-              f"  local API      {base}/v1/rooms   {base}/v1/rooms/{options.rooms[0]}/bookings\n"
-              f"  event stream   curl -N {base}/v1/events\n"
+              f"  API key        {key}   (read, book, metrics; made for this demo)\n"
+              f"  local API      curl {auth} {base}/v1/rooms\n"
+              f"                 curl {auth} {base}/v1/rooms/{options.rooms[0]}/bookings\n"
+              f"  event stream   curl -N {auth} {base}/v1/events\n"
               f"  metrics        {base}/metrics     OpenAPI {base}/openapi.json\n"
               f"  Exchange (sim) {info['ews_url']}  control {info['control_url']}\n"
               f"Press Ctrl-C to stop.", file=out, flush=True)

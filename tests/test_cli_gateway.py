@@ -10,8 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 
@@ -76,14 +79,23 @@ def test_credentials_sync_once_rooms_and_run(ews, tmp_path):  # type: ignore[no-
     rows = {line.split()[0]: line.split()[1] for line in listing.stdout.splitlines()[1:]}
     assert rows["room1@contoso.com"] == "verified" and rows["room2@contoso.com"] == "pending"
 
+    created = gateway("api-keys", "create", "room display", "--scope", "read", "--config", str(cfg))
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert "Authorization: Bearer" in created.stderr and key not in created.stderr
+    keys = gateway("api-keys", "list", "--config", str(cfg))
+    assert keys.returncode == 0 and "room display" in keys.stdout and key.split("_", 2)[2] not in keys.stdout
+
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(cfg)], env=ENV, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rooms_url = f"http://127.0.0.1:{port}/v1/rooms"
     try:
         deadline = time.monotonic() + 60
         states: dict[str, str] = {}
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/rooms", timeout=2) as resp:
+                request = urllib.request.Request(rooms_url, headers={"Authorization": f"Bearer {key}"})
+                with urllib.request.urlopen(request, timeout=2) as resp:
                     states = {r["email"]: r["state"] for r in json.load(resp)["rooms"]}
             except OSError:
                 pass
@@ -94,6 +106,22 @@ def test_credentials_sync_once_rooms_and_run(ews, tmp_path):  # type: ignore[no-
                           "alice@contoso.com": "impersonation_denied"}, states
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
             assert json.load(resp)["status"] == "ok"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(rooms_url, timeout=2)
+        assert refused.value.code == 401 and "gateway api-keys create" in json.load(refused.value)["message"]
+        revoked = gateway("api-keys", "revoke", key.split("_")[1], "--config", str(cfg))
+        assert revoked.returncode == 0, revoked.stderr
+        request = urllib.request.Request(rooms_url, headers={"Authorization": f"Bearer {key}"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the running gateway learns of the revocation within seconds
+            try:
+                urllib.request.urlopen(request, timeout=2).close()
+            except urllib.error.HTTPError as e:
+                assert e.code == 401
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the revoked key was still accepted")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -103,7 +131,8 @@ def test_credentials_sync_once_rooms_and_run(ews, tmp_path):  # type: ignore[no-
             _, err = proc.communicate(timeout=10)
             raise AssertionError(err[-6000:]) from None
     assert proc.returncode == 0, err[-2000:]
-    assert SERVICE_PASSWORD not in err
+    assert SERVICE_PASSWORD not in err and key.split("_", 2)[2] not in err
+    assert '"event": "api.auth_refused"' in err  # the refusals are logged, with the key id only
     assert '"event": "gateway.stopped"' in err
 
 

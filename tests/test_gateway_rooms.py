@@ -25,6 +25,8 @@ from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.ews.source import EwsSettings
 from gateway.sources.ews.streaming import PullFeed
+from gateway.store.apikeys import ApiKeys
+from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import SyncSettings
 from tests.conftest import SimFixture, eventually
 
@@ -130,7 +132,16 @@ async def start(aiohttp_client: Any, ews: SimFixture, store: Path, rooms: tuple[
                         max_workers=4),
         password=password, rooms=rooms, sync=SyncSettings(**settings), store_path=store, feed=feed,
         stream_timeout_minutes=1, pull_interval_seconds=pull_interval, feed_retry_seconds=feed_retry, clock=clock)
-    return Gw(ews, await aiohttp_client(init_app(options)))
+    return Gw(ews, await aiohttp_client(init_app(options), headers=api_key(store)))
+
+
+def api_key(store: Path) -> dict[str, str]:
+    """The header of a new key with the scopes a consumer and an operator use (as `gateway api-keys create`)."""
+    s = SqliteStore(store)
+    try:
+        return {"Authorization": f"Bearer {ApiKeys(s).create('tests', ['read', 'metrics'])}"}
+    finally:
+        s.close()
 
 
 @pytest.fixture

@@ -20,8 +20,11 @@ from gateway.model import EVENT_TYPES
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.ews.source import EwsSettings
+from gateway.store.apikeys import ApiKeys
+from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import SyncSettings
 from tests.conftest import TZ, SimFixture, eventually
+from tests.test_api_commands import conforms
 
 ROOMS = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
 CREATED, UPDATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["updated"], EVENT_TYPES["deleted"]
@@ -72,8 +75,13 @@ async def env(sim_factory, tmp_path, aiohttp_client):  # type: ignore[no-untyped
         password=SERVICE_PASSWORD, rooms=ROOMS,
         sync=SyncSettings(debounce_seconds=0.2, retry_seconds=0.3, auth_retry_seconds=1.0),
         store_path=tmp_path / "gateway.sqlite", feed="streaming", stream_timeout_minutes=1)
+    store = SqliteStore(options.store_path)  # a key for the API client, made the way `gateway api-keys` does
+    try:
+        key = ApiKeys(store).create("tests", ["read", "metrics"])
+    finally:
+        store.close()
     app = init_app(options)
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(app, headers={"Authorization": f"Bearer {key}"})
     env = Env(ews, app[GATEWAY])
     env.client = client  # type: ignore[attr-defined]
     await eventually(lambda: all(w.state == "verified" for w in env.gw.coordinator.workers.values()),
@@ -254,15 +262,21 @@ async def test_rooms_bookings_health_and_metrics_endpoints(env: Env):
     await env.blocking(book, env.ews, "API", [room], start_in(8))
     await eventually(lambda: env.of_type(CREATED, room), what="created")
     client = env.client  # type: ignore[attr-defined]
-    rooms = (await (await client.get("/v1/rooms")).json())["rooms"]
+    anonymous = await client.get("/v1/rooms", headers={"Authorization": ""})
+    assert anonymous.status == 401 and (await anonymous.json())["error"] == "missing_api_key"
+    listing = await (await client.get("/v1/rooms")).json()
+    conforms(listing, "/v1/rooms", "get", 200)
+    rooms = listing["rooms"]
     assert {r["email"] for r in rooms} == set(ROOMS) and all(r["state"] == "verified" for r in rooms)
     start = (EWSDateTime.now(TZ) + timedelta(days=7)).strftime("%Y-%m-%dT00:00:00Z")
     end = (EWSDateTime.now(TZ) + timedelta(days=10)).strftime("%Y-%m-%dT00:00:00Z")
     resp = await client.get(f"/v1/rooms/{room}/bookings", params={"start": start, "end": end})
     assert resp.status == 200
-    assert [b["subject"] for b in (await resp.json())["bookings"]] == ["Alice Anders"]
+    listed = await resp.json()
+    assert [b["subject"] for b in listed["bookings"]] == ["Alice Anders"]
+    conforms(listed, "/v1/rooms/{room}/bookings", "get", 200)  # real Exchange data, as documented
     bad = await client.get(f"/v1/rooms/{room}/bookings", params={"start": "yesterday"})
-    assert bad.status == 400 and "ISO 8601" in (await bad.json())["detail"]
+    assert bad.status == 400 and "ISO 8601" in (await bad.json())["message"]
     assert (await client.get("/v1/rooms/nowhere@contoso.com/bookings")).status == 404
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
