@@ -273,8 +273,9 @@ class Command:
 
     def request_hash(self) -> str:
         """What the command asks for, without its key: a retried key must carry the same request."""
-        doc = {"type": self.type, "room": self.room and self.room.lower(), "rooms": sorted(r.lower() for r in self.rooms),
-               "start": _iso(self.start), "end": _iso(self.end), "subject": self.subject,
+        doc = {"type": self.type, "room": self.room and self.room.lower(),
+               "rooms": sorted(r.lower() for r in self.rooms), "start": _iso(self.start), "end": _iso(self.end),
+               "subject": self.subject,
                "organizer": self.organizer and [self.organizer.email, self.organizer.name],
                "booker": self.booker and [self.booker.email, self.booker.name],
                "attendees": [[a.email, a.name] for a in self.attendees], "booking_id": self.booking_id,
