@@ -8,21 +8,26 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from gateway.api import Api, EventHub
-from gateway.config import Config
-from gateway.credentials import resolve_password
+from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
+from gateway.commands.service import CommandService
+from gateway.config import CommandsConfig, Config, RelayConfig
+from gateway.credentials import open_vault, resolve_password, resolve_secret
 from gateway.errors import ConfigError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics, StateCollector
+from gateway.relay.tunnel import Tunnel
+from gateway.security.identity import GatewayIdentity
 from gateway.sources.ews.source import CALLS, EwsSettings, EwsSource
 from gateway.sources.ews.streaming import PullFeed, StreamingFeed
+from gateway.sources.ews.writer import EwsWriter
+from gateway.store.journal import CommandJournal
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import Coordinator, SyncSettings
 from gateway.sync.privacy import PrivacyPolicy
@@ -47,6 +52,12 @@ class GatewayOptions:
     privacy: Callable[[str], PrivacyPolicy] | None = None
     source_name: str = "urn:exchange-gateway"
     clock: Callable[[], datetime] | None = None  # the sync window's "now" (tests move it; default: the real clock)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    identity: GatewayIdentity | None = None  # required when relay.enabled (loaded from the vault)
+    proxy_password: str | None = field(default=None, repr=False)
+    api_loopback_only: bool = True  # the local API listens on loopback only: /metrics needs no key
+    journal_retention_days: int = 30
 
 
 @dataclass
@@ -63,6 +74,10 @@ class Gateway:
     feed: StreamingFeed | PullFeed | None = None
     feed_task: asyncio.Task[None] | None = None
     rooms: list[str] = field(default_factory=list)
+    commands: CommandService | None = None
+    tunnel: Tunnel | None = None
+    tunnel_task: asyncio.Task[None] | None = None
+    housekeeping_task: asyncio.Task[None] | None = None
 
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -81,6 +96,16 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
         return PrivacyPolicy(subjects=p.subject, private_subject=p.private_subject,
                              hide_private_organizer=p.hide_private_organizer)
 
+    identity = proxy_password = None
+    environ = env if env is not None else os.environ
+    if cfg.relay.enabled:
+        vault = open_vault(cfg.vault, environ)
+        if not GatewayIdentity.exists(vault):
+            raise ConfigError("relay.enabled is true but this gateway has no identity yet", key="not_enrolled",
+                              remedy="enroll it once with `gateway enroll --hub https://HUB --token TOKEN`")
+        identity = GatewayIdentity.load(vault)
+        if cfg.relay.proxy_password_ref is not None:
+            proxy_password = resolve_secret(cfg.relay.proxy_password_ref, cfg.vault, environ).reveal()
     s = cfg.sync
     return GatewayOptions(
         ews=EwsSettings(ews_url=ex.ews_url, username=ex.username, auth=ex.auth, version=ex.version,
@@ -100,12 +125,17 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
         group_size=s.group_size,
         pull_interval_seconds=s.poll_interval_seconds,
         privacy=policy_for,
+        commands=cfg.commands,
+        relay=cfg.relay,
+        identity=identity,
+        proxy_password=proxy_password,
+        api_loopback_only=is_loopback(cfg.api.host),
     )
 
 
 def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.Application:
-    app = web.Application()
     holder: dict[str, Api] = {}
+    app = web.Application(middlewares=[auth_middleware(lambda: holder.get("api"))])
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         gw = await start_gateway(options, metrics or Metrics())
@@ -124,11 +154,8 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.
         assert handler is not None
         return await handler(request)
 
-    for name, method, path in (("rooms", "GET", "/v1/rooms"), ("bookings", "GET", "/v1/rooms/{room}/bookings"),
-                               ("events", "GET", "/v1/events"), ("openapi", "GET", "/openapi.json"),
-                               ("prometheus", "GET", "/metrics"), ("healthz", "GET", "/healthz"),
-                               ("readyz", "GET", "/readyz")):
-        app.router.add_route(method, path, forward, name=name)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, forward, name=route.name)
     return app
 
 
@@ -151,11 +178,25 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
                         "last_sync_age_seconds": None if w.last_success is None else round(now - w.last_success, 3)}
                 for email, w in coordinator.workers.items()}
 
+    journal = CommandJournal(store)
+    commands = CommandService(EwsWriter(source), store, journal, options.commands,
+                              rooms=lambda: coordinator.workers.keys(),
+                              resync=lambda room: coordinator.mark_dirty(room, "command"), metrics=metrics)
+    tunnel = None
+    if options.relay.enabled:
+        if options.identity is None:
+            raise ConfigError("relay.enabled is true but no gateway identity was loaded", key="not_enrolled",
+                              remedy="enroll it once with `gateway enroll --hub https://HUB --token TOKEN`")
+        tunnel = Tunnel(options.relay, options.identity, store, commands, notifier=hub, metrics=metrics,
+                        proxy_password=options.proxy_password)
+
     def ready() -> bool:
+        # A hub outage does not make the gateway unready: local clients are still served, events wait in the outbox.
         return bool(coordinator.workers) and any(w.state == "verified" for w in coordinator.workers.values())
 
-    api = Api(store, metrics, hub, room_states=room_states, ready=ready)
-    gw = Gateway(options, metrics, store, source, coordinator, hub, api)
+    api = Api(store, metrics, hub, room_states=room_states, ready=ready,
+              commands=commands if options.commands.enabled else None, loopback_only=options.api_loopback_only)
+    gw = Gateway(options, metrics, store, source, coordinator, hub, api, commands=commands, tunnel=tunnel)
     metrics.watch(StateCollector(
         rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
         outbox=store.outbox_stats,
@@ -174,7 +215,12 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
         gw.feed = PullFeed(source, interval=options.pull_interval_seconds)
     if gw.feed is not None:
         gw.feed_task = asyncio.get_running_loop().create_task(gw.feed.watch(gw.rooms, coordinator.mark_dirty))
-    log.info("gateway.started", rooms=len(gw.rooms), feed=options.feed, store=str(options.store_path))
+    loop = asyncio.get_running_loop()
+    if tunnel is not None:
+        gw.tunnel_task = loop.create_task(tunnel.run())
+    gw.housekeeping_task = loop.create_task(_housekeeping(gw, journal))
+    log.info("gateway.started", rooms=len(gw.rooms), feed=options.feed, store=str(options.store_path),
+             relay=options.relay.enabled)
     return gw
 
 
@@ -184,7 +230,32 @@ def _stream_counts(feed: StreamingFeed | PullFeed | None) -> tuple[int, int]:
     return 0, 0
 
 
+HOUSEKEEPING_SECONDS = 3600.0
+OUTBOX_RETENTION = timedelta(days=7)  # acknowledged events stay this long (local SSE clients resume from them)
+
+
+async def _housekeeping(gw: Gateway, journal: CommandJournal) -> None:
+    """Hourly: drop acknowledged outbox events and old command journal rows."""
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_SECONDS)
+        try:
+            pruned = await asyncio.to_thread(gw.store.prune, OUTBOX_RETENTION)
+            forgotten = await asyncio.to_thread(journal.prune, timedelta(days=gw.options.journal_retention_days))
+            if pruned or forgotten:
+                log.info("housekeeping.pruned", outbox=pruned, journal=forgotten)
+        except Exception as e:  # never let housekeeping take the gateway down
+            log.warning("housekeeping.failed", error=str(e))
+
+
 async def stop_gateway(gw: Gateway) -> None:
+    for task in (gw.tunnel_task, gw.housekeeping_task):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(task), STOP_SECONDS)
+    if gw.tunnel is not None:
+        with contextlib.suppress(Exception):
+            await gw.tunnel.close()
     if isinstance(gw.feed, StreamingFeed):
         gw.feed.stop()
     if gw.feed_task is not None:

@@ -40,6 +40,11 @@ class BenchArgs:
     duration: float = 30.0
     latency_ms: float = 20.0
     as_json: bool = False
+    sync: bool = True  # the import and change-latency part
+    relay: bool = True  # the tunnel throughput and command round-trip part
+    events: int = 50_000
+    commands: int = 100
+    rba_delay: float = 0.5
 
 
 @dataclass
@@ -249,11 +254,23 @@ async def steady_state(args: BenchArgs, info: dict[str, Any], rooms: list[str], 
 
 
 def main(args: BenchArgs) -> int:
-    res = asyncio.run(run(args))
-    out = res.as_dict()
+    from gateway import bench_relay
+
+    out: dict[str, Any] = {}
+    if args.sync:
+        out.update(asyncio.run(run(args)).as_dict())
+    if args.relay:
+        relay = bench_relay.main(bench_relay.RelayBenchArgs(events=args.events, commands=args.commands,
+                                                            rba_delay=args.rba_delay, latency_ms=args.latency_ms))
+        if "tunnel" in relay:
+            out["tunnel_events_per_s"] = relay["tunnel"]["per_second"]
+            out["tunnel"] = relay["tunnel"]
+        if "commands" in relay:
+            out["command_ms"] = relay["commands"]
     if args.as_json:
         print(json.dumps(out))
-    else:
+        return 0
+    if args.sync:
         lat = out["latency_ms"]
         imp = out["import"]
         print(f"import:   {imp['rooms']} rooms, {imp['bookings']} bookings in {imp['seconds']} s "
@@ -263,4 +280,11 @@ def main(args: BenchArgs) -> int:
               f"({lat['samples']} changes seen, {out['missed_changes']} missed)")
         print(f"EWS calls per change: {out['ews_calls_per_change']}")
         print(f"peak RSS: {out['rss_mb']} MB")
+    if "tunnel" in out:
+        t = out["tunnel"]
+        print(f"tunnel:   {t['events']} events through one tunnel in {t['seconds']} s: {t['per_second']} events/s")
+    if "command_ms" in out:
+        c = out["command_ms"]
+        print(f"commands: create round trip p50 {c['p50']} ms, p95 {c['p95']} ms, p99 {c['p99']} ms, max {c['max']} ms "
+              f"({c['samples']} creates, attendant delay {c['rba_delay_s']:g} s; outcomes {c['outcomes']})")
     return 0

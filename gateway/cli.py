@@ -11,8 +11,9 @@ from pathlib import Path
 
 import structlog
 
-from gateway import __version__, credentials
+from gateway import __version__, apikeys, credentials
 from gateway.errors import GatewayError
+from gateway.relay import enroll, hubcli
 
 log = structlog.get_logger("gateway.cli")
 
@@ -38,9 +39,9 @@ Examples:
 
 DEMO_EPILOG = """\
 Nothing to configure: the simulator listens on a free local port, the gateway's store is a temporary file.
-Try, while it runs:
-  curl -s localhost:8088/v1/rooms
-  curl -N localhost:8088/v1/events          (Server-Sent Events; resume with the Last-Event-ID header)
+It prints an API key made for the demo; try, while it runs:
+  curl -s -H "Authorization: Bearer $KEY" localhost:8088/v1/rooms
+  curl -N -H "Authorization: Bearer $KEY" localhost:8088/v1/events    (SSE; resume with Last-Event-ID)
 """
 
 RUN_EPILOG = """\
@@ -49,6 +50,8 @@ Before the first run, store the service account's password in the vault:
 Then:
   gateway run --config gateway.yaml
   gateway rooms --config gateway.yaml       (state of every room, and the remedy for problems)
+Local API clients need a key:  gateway api-keys create "room displays" --scope read --config gateway.yaml
+To relay to a booking vendor's hub, enroll once:  gateway enroll --hub https://HUB --token TOKEN --config gateway.yaml
 """
 
 BENCH_EPILOG = """\
@@ -108,10 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(once)
     _logging_options(once, default_level="warning")
 
-    gbench = subs.add_parser("bench", help="measure the gateway: import, change-to-event latency, EWS calls",
+    gbench = subs.add_parser("bench", help="measure the gateway: import, change-to-event latency, EWS calls, "
+                                           "tunnel events/s, command round trips",
                              description="Run the simulator (on one core) and the gateway (on the other) and print "
                                          "the import time, change-to-event latency percentiles under a steady "
-                                         "rate of changes, EWS calls per change and the gateway's peak RSS.")
+                                         "rate of changes, EWS calls per change and the gateway's peak RSS; then "
+                                         "events per second through one tunnel to a local hub, and the round trip "
+                                         "of create commands sent through the hub with a slow booking attendant.")
     gbench.add_argument("--rooms", type=_count, default=1000, metavar="N", help="rooms (default: %(default)s)")
     gbench.add_argument("--rate", type=_rate, default=20.0, metavar="R",
                         help="changes per second in the steady phase (default: %(default)s)")
@@ -119,11 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of steady changes (default: %(default)s)")
     gbench.add_argument("--latency-ms", type=float, default=20.0, metavar="MS",
                         help="simulated Exchange latency per call (default: %(default)s)")
+    gbench.add_argument("--events", type=int, default=50_000, metavar="N",
+                        help="events pushed through one tunnel to the hub; 0 skips it (default: %(default)s)")
+    gbench.add_argument("--commands", type=int, default=100, metavar="N",
+                        help="create commands sent through the hub, 5 at a time; 0 skips it (default: %(default)s)")
+    gbench.add_argument("--rba-delay", type=_seconds, default=0.5, metavar="SECONDS",
+                        help="the booking attendant's delay for the commands part (default: %(default)s)")
+    gbench.add_argument("--only", choices=("sync", "relay"),
+                        help="run one part: sync (import, change latency, EWS calls) or relay (tunnel, commands)")
     gbench.add_argument("--json", action="store_true", help="print the results as one JSON object")
     _logging_options(gbench, default_level="warning")
 
     creds = credentials.register_cli(subs)
     _logging_options(creds, default_level="warning")
+    _logging_options(apikeys.register_cli(subs), default_level="warning")
+    _logging_options(enroll.register_cli(subs), default_level="warning")
+    hubcli.register_cli(subs)  # each hub subcommand carries the logging options itself
 
     sim = subs.add_parser("simulator", help="run the Exchange 2016 (EWS) simulator with seeded rooms, people and "
                                             "a year of bookings",
@@ -229,6 +246,12 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_bench(args)
     if args.command == "credentials":
         return credentials.run_cli(args)
+    if args.command == "api-keys":
+        return apikeys.run_cli(args)
+    if args.command == "enroll":
+        return enroll.run_cli(args)
+    if args.command == "hub":
+        return hubcli.run_cli(args)
     if args.command == "demo":
         from gateway import demo
 
@@ -254,7 +277,9 @@ def dispatch(args: argparse.Namespace) -> int:
         from gateway import bench
 
         return bench.main(bench.BenchArgs(rooms=args.rooms, rate=args.rate, duration=args.duration,
-                                          latency_ms=args.latency_ms, as_json=args.json))
+                                          latency_ms=args.latency_ms, as_json=args.json,
+                                          sync=args.only in (None, "sync"), relay=args.only in (None, "relay"),
+                                          events=args.events, commands=args.commands, rba_delay=args.rba_delay))
     raise SystemExit(f"unknown command {args.command}")
 
 

@@ -155,7 +155,7 @@ class RelayConfig:
     """The outbound tunnel to the booking vendor's hub. Off until `gateway enroll` has run and hub_url is set."""
 
     enabled: bool = False
-    hub_url: str | None = None  # wss://hub.vendor.example/v1/tunnel (written by `gateway enroll`)
+    hub_url: str | None = None  # wss://hub.vendor.example/v1/tunnel (`gateway enroll` prints it)
     ca_bundle: Path | None = None  # PEM file of CAs to trust for the hub; the hub's certificate is verified anyway
     proxy_url: str | None = None  # http://proxy.corp:3128 — the tunnel goes through it with CONNECT
     proxy_username: str | None = None
@@ -244,6 +244,20 @@ def load_vault_config(path: str | os.PathLike[str] | None = None,
     if ctx.problems or vault is None:
         raise _error(ctx.ordered(), path, env)
     return vault
+
+
+def load_relay_config(path: str | os.PathLike[str] | None = None,
+                      env: Mapping[str, str] = os.environ) -> tuple[VaultConfig, RelayConfig]:
+    """Only the vault and relay sections, for `gateway enroll`: it runs before the rest of the file is finished and
+    before relay.hub_url is known (enrolling is what yields it)."""
+    ctx = _read(path, env, sections=("vault", "relay"))
+    if ctx.fatal:
+        raise _error(ctx.ordered(), path, env)
+    vault = _vault(ctx, ctx.section("vault"))
+    relay = _relay(ctx.section("relay"), enrolling=True)
+    if ctx.problems:
+        raise _error(ctx.ordered(), path, env)
+    return vault, relay
 
 
 def _error(problems: Iterable[Problem], path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> ConfigError:
@@ -809,14 +823,14 @@ def _api(r: _Reader) -> ApiConfig:
     return ApiConfig(host=host, port=port)
 
 
-def _relay(r: _Reader) -> RelayConfig:
+def _relay(r: _Reader, *, enrolling: bool = False) -> RelayConfig:
     d = RelayConfig()
     enabled = r.flag("enabled", d.enabled)
     hub_url = r.optional_text("hub_url")
     if hub_url is not None and urlsplit(hub_url).scheme not in ("wss", "https"):
         r.problem("hub_url", "must be a wss:// address (the tunnel is always TLS), e.g. wss://hub.example.com/v1/tunnel")
-    if enabled and hub_url is None:
-        r.problem("hub_url", "is required when relay.enabled is true; `gateway enroll` writes it")
+    if enabled and hub_url is None and not enrolling:
+        r.problem("hub_url", "is required when relay.enabled is true; `gateway enroll` prints the value")
     proxy_url = r.optional_text("proxy_url")
     if proxy_url is not None and (urlsplit(proxy_url).scheme != "http" or not urlsplit(proxy_url).hostname):
         r.problem("proxy_url", "must be an http:// proxy address such as http://proxy.corp:3128 (the tunnel "

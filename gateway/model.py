@@ -209,7 +209,7 @@ class Event:
     source: str = "urn:exchange-gateway"
 
     def to_cloudevent(self) -> dict[str, Any]:
-        return {
+        doc = {
             "specversion": "1.0",
             "id": self.id,
             "source": f"{self.source}/rooms/{self.room}",
@@ -222,6 +222,9 @@ class Event:
             "partitionkey": self.room,
             "data": self.data,
         }
+        if doc["dataschema"] is None:  # CloudEvents: absent, or a URI
+            del doc["dataschema"]
+        return doc
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,8 +65,11 @@ ERROR_CODES: Final = {
     "internal": "an unexpected error; the gateway logged it",
 }
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_EMAIL_RE = re.compile(r"^[^@\s]{1,128}@[^@\s]{1,255}$")
+_KEY_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_EMAIL_RE = re.compile(r"[^@\s]{1,128}@[^@\s]{1,255}")
+# RFC 3339 date-time (what command.v1.json accepts); fromisoformat alone also takes "09:00Z", a space for T...
+_TIME_RE = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                      r"(\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])")
 MAX_SUBJECT = 255
 MAX_ATTENDEES = 100
 MAX_AVAILABILITY_ROOMS = 100
@@ -128,7 +131,10 @@ def _time(d: dict[str, Any], name: str, key: str) -> datetime | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _invalid(key, f"'{name}' must be an ISO-8601 date-time string")
+        raise _invalid(key, f"'{name}' must be an RFC 3339 date-time string")
+    if not _TIME_RE.fullmatch(value):
+        raise _invalid(key, f"'{name}' must be an RFC 3339 date-time with seconds and a UTC offset, e.g. "
+                            f"2026-11-21T09:00:00Z: {value[:40]!r}")
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -143,8 +149,11 @@ def _person(value: Any, name: str, key: str, *, email_required: bool) -> Person 
         return None
     if not isinstance(value, dict):
         raise _invalid(key, f"'{name}' must be an object with 'email' and/or 'name'")
+    unknown = sorted(map(str, set(value) - {"email", "name"}))
+    if unknown:
+        raise _invalid(key, f"unknown field(s) in '{name}': {', '.join(unknown)}")
     email, display = value.get("email"), value.get("name")
-    if email is not None and (not isinstance(email, str) or not _EMAIL_RE.match(email)):
+    if email is not None and (not isinstance(email, str) or not _EMAIL_RE.fullmatch(email)):
         raise _invalid(key, f"'{name}.email' is not an email address")
     if display is not None and (not isinstance(display, str) or len(display) > MAX_SUBJECT):
         raise _invalid(key, f"'{name}.name' must be a string of at most {MAX_SUBJECT} characters")
@@ -154,7 +163,7 @@ def _person(value: Any, name: str, key: str, *, email_required: bool) -> Person 
 
 
 def _room(value: Any, key: str, name: str = "room") -> str:
-    if not isinstance(value, str) or not _EMAIL_RE.match(value):
+    if not isinstance(value, str) or not _EMAIL_RE.fullmatch(value):
         raise _invalid(key, f"'{name}' must be a room mailbox address")
     return value.lower()
 
@@ -179,7 +188,7 @@ def parse_command(d: Any, *, now: datetime | None = None) -> Command:
     if not isinstance(d, dict):
         raise ProtocolError("a command must be a JSON object", key="invalid_command")
     key = d.get("key")
-    if not isinstance(key, str) or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise ProtocolError("'key' (the idempotency key) is required: 1-128 characters of A-Z a-z 0-9 . _ : -",
                             key="invalid_command")
     kind = d.get("type")
@@ -231,9 +240,11 @@ def parse_command(d: Any, *, now: datetime | None = None) -> Command:
         fields["booker"] = _person(d.get("booker"), "booker", key, email_required=False)
         if fields["organizer"] and fields["booker"]:
             raise _invalid(key, "give either 'organizer' (a directory user) or 'booker' (anyone else), not both")
-        attendees = d.get("attendees") or []
+        attendees = [] if d.get("attendees") is None else d["attendees"]
         if not isinstance(attendees, list) or len(attendees) > MAX_ATTENDEES:
             raise _invalid(key, f"'attendees' must be a list of at most {MAX_ATTENDEES} people")
+        if any(not isinstance(a, dict) for a in attendees):
+            raise _invalid(key, "every item of 'attendees' must be an object with an 'email'")
         people = tuple(_person(a, "attendees[]", key, email_required=True) for a in attendees)
         fields["attendees"] = tuple(p for p in people if p is not None)
         if fields["attendees"] and not fields["organizer"]:
