@@ -156,9 +156,19 @@ async def doctor(config_path: Path | None) -> int:
     try:
         options = options_from_config(cfg)
     except GatewayError as e:
-        line(False, "service account password", e.key, e.remedy or str(e))
+        what = {"not_enrolled": "relay identity"}.get(e.key, "service account password")
+        line(False, what, e.key, e.remedy or str(e))
         return 1
     line(True, "service account password (from the vault)")
+    if options.relay.enabled and options.identity is not None:
+        from gateway.relay.tunnel import probe
+
+        line(True, f"relay identity {options.identity.gateway_id} (key {options.identity.key_id})")
+        try:
+            await probe(options.relay, options.proxy_password)
+            line(True, f"hub {options.relay.hub_url}" + (" via the proxy" if options.relay.proxy_url else ""))
+        except GatewayError as e:
+            line(False, f"hub {options.relay.hub_url}", e.key, str(e))
     store_path = options.store_path
     try:
         store = SqliteStore(store_path)

@@ -501,3 +501,17 @@ def test_batches_stay_below_the_frame_limit(store: SqliteStore) -> None:
 def _admin(pki: Any) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"},
                                  connector=aiohttp.TCPConnector(ssl=pki.client_context()))
+
+
+async def test_the_doctor_probe_reads_the_challenge_and_names_tls_and_connection_problems(hub, pki):
+    from gateway.errors import GatewayError
+    from gateway.relay.tunnel import probe
+
+    url = hub.url.replace("https://", "wss://") + protocol.TUNNEL_PATH
+    await probe(RelayConfig(enabled=True, hub_url=url, ca_bundle=pki.ca_file))
+    with pytest.raises(GatewayError) as wrong_ca:
+        await probe(RelayConfig(enabled=True, hub_url=url, ca_bundle=pki.other_ca_file))
+    assert wrong_ca.value.key == "tls_error" and "relay.ca_bundle" in str(wrong_ca.value)
+    with pytest.raises(GatewayError) as closed:
+        await probe(RelayConfig(enabled=True, hub_url="wss://127.0.0.1:9/v1/tunnel", ca_bundle=pki.ca_file))
+    assert closed.value.key == "cannot_connect"

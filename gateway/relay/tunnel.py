@@ -762,3 +762,31 @@ async def _receive(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
         raise _Ended(f"the connection failed: {ws.exception() or msg.data}")
     raise _Ended(f"the hub closed the connection during the handshake (code {ws.close_code})")
 
+
+
+async def probe(settings: RelayConfig, proxy_password: str | None = None, timeout: float = 15.0) -> None:
+    """Reach the hub the way the tunnel does (TLS verified, through the proxy) and read its challenge, then leave
+    without answering: a running gateway's session is not disturbed. GatewayError with a key and remedy if not."""
+    if not settings.hub_url:
+        raise ConfigError("relay.hub_url is not set", key="no_hub_url",
+                          remedy="set it to the tunnel_url `gateway enroll` printed")
+    what = f"the hub at {settings.hub_url}"
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
+            ws = await http.ws_connect(settings.hub_url, protocols=(protocol.SUBPROTOCOL,),
+                                       ssl=client_ssl_context(settings.ca_bundle), proxy=settings.proxy_url,
+                                       proxy_headers=proxy_headers(settings, proxy_password),
+                                       headers={"User-Agent": AGENT})
+            try:
+                msg = await _receive(ws)
+            finally:
+                await ws.close()
+    except GatewayError:
+        raise
+    except _Ended as e:
+        raise Unavailable(f"{what}: {e}", key="hub_closed") from None
+    except (aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
+        key, message = describe_connect_error(e, what=what, ca_bundle=settings.ca_bundle, proxy_url=settings.proxy_url)
+        raise Unavailable(message, key=key) from None
+    if msg.get("type") != "challenge":
+        raise ProtocolError(f"{what} answered {msg.get('type')!r} instead of a challenge", key="unexpected")
