@@ -409,16 +409,12 @@ class CommandService:
     async def _update(self, run: _Run) -> CommandResult:
         cmd, room = run.cmd, run.room
         assert cmd.start is not None and cmd.end is not None
-        refusal = self._refusal(cmd, room)
-        if refusal is not None:
-            return refusal
-        booking = await self._booking(run)
-        if booking is None:
-            return self._unknown_booking(run)
-        origin = await self._origin(run, booking)
-        if origin is None or origin.written is None:
-            return self._not_ours(run)
+        found = await self._ours(run)
+        if isinstance(found, CommandResult):
+            return found
+        booking, origin = found
         target = origin.written
+        assert target is not None
         moved = run.recorded  # an interrupted update of this key already moved it
         if target.mailbox.lower() != room:  # a meeting: the room's attendant decides again
             if moved is None:
@@ -441,6 +437,19 @@ class CommandService:
                                                  "keeps its previous time")
         return accepted(cmd, "moved", uid=booking.uid, booking_id=booking.id)
 
+    async def _ours(self, run: _Run) -> tuple[Booking, JournalEntry] | CommandResult:
+        """The booking a command names and the journal entry of the create that made it, or the refusal."""
+        refusal = self._refusal(run.cmd, run.room)
+        if refusal is not None:
+            return refusal
+        booking = await self._booking(run)
+        if booking is None:
+            return self._unknown_booking(run)
+        origin = await self._origin(run, booking)
+        if origin is None or origin.written is None:
+            return self._not_ours(run)
+        return booking, origin
+
     async def _restore(self, run: _Run, moved: Written, booking: Booking) -> str:
         """The room refused the new time: put the meeting back where the room had accepted it, rather than leave
         the organizer with a meeting that lost its room."""
@@ -458,16 +467,12 @@ class CommandService:
 
     async def _cancel(self, run: _Run) -> CommandResult:
         cmd, room = run.cmd, run.room
-        refusal = self._refusal(cmd, room)
-        if refusal is not None:
-            return refusal
-        booking = await self._booking(run)
-        if booking is None:
-            return self._unknown_booking(run)
-        origin = await self._origin(run, booking)
-        if origin is None or origin.written is None:
-            return self._not_ours(run)
+        found = await self._ours(run)
+        if isinstance(found, CommandResult):
+            return found
+        booking, origin = found
         written = origin.written
+        assert written is not None
         try:
             if written.mailbox.lower() == room:
                 await self._writer.delete_appointment(written)

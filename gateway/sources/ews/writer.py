@@ -53,7 +53,7 @@ from exchangelib.properties import (
     TimeZone,
 )
 from exchangelib.protocol import Protocol
-from exchangelib.services import CreateItem, DeleteItem, FindItem, GetItem, GetUserAvailability, UpdateItem
+from exchangelib.services import CreateItem, DeleteItem, GetUserAvailability, UpdateItem
 from exchangelib.util import create_element
 from lxml import etree
 
@@ -62,7 +62,7 @@ from gateway.model import Command, Person
 from gateway.ports import Busy, RoomAnswer, Written
 from gateway.sources.ews import responses
 from gateway.sources.ews.mapping import TNS, element_uid, item_id, register_properties
-from gateway.sources.ews.source import EwsSource
+from gateway.sources.ews.source import EwsSource, _RawFindItem, _RawGetItem
 
 log = structlog.get_logger("gateway.sources.ews.writer")
 T = TypeVar("T")
@@ -103,18 +103,6 @@ register_command_key()
 
 
 # -- exchangelib plumbing --------------------------------------------------------------------------------------
-class _RawFindItem(FindItem):
-    """FindItem handing back the item elements unparsed."""
-
-    def _elem_to_obj(self, elem: Any) -> Any:
-        return elem
-
-
-class _RawGetItem(GetItem):
-    def _elem_to_obj(self, elem: Any) -> Any:
-        return elem
-
-
 class _CreateItem(CreateItem):
     """CreateItem into a folder named by its distinguished id: exchangelib's own call wants a Folder object, and
     getting one costs GetFolder round trips the first time per mailbox."""
