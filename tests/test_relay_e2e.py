@@ -238,3 +238,13 @@ async def _has(vendor: Vendor, room: str, match: Any) -> dict[str, Any] | None:
 
 async def _lacks(vendor: Vendor, room: str, booking_id: str) -> bool:
     return all(b["id"] != booking_id for b in await vendor.bookings(room))
+
+
+async def test_an_organizer_without_a_mailbox_is_booked_in_the_room_calendar(stack, vendor):
+    start, end = slot(7, 15)
+    result = await vendor.command(key="ext-1", type="create", room=ROOMS[1], start=start, end=end,
+                                  subject="Partner call", organizer={"email": "guest@partner.example", "name": "Guest"})
+    assert result["status"] == "accepted", result
+    assert "no mailbox" in result["message"]
+    found = await eventually(lambda: _has(vendor, ROOMS[1], lambda b: b["id"] == result["booking_id"]), 30, "it")
+    assert found["start"] == start

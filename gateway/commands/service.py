@@ -74,6 +74,8 @@ DECLINE_TEXT = {
 }
 FALLBACK_NOTE = ("the gateway may not act for the organizer in Exchange, so the booking was made in the room's "
                  "calendar with the organizer as booker (no invitation was sent)")
+NO_MAILBOX_NOTE = ("the organizer has no mailbox in this Exchange, so the booking was made in the room's calendar "
+                   "with the organizer as booker (no invitation was sent)")
 
 
 def _iso(t: datetime) -> str:
@@ -293,10 +295,13 @@ class CommandService:
             run.keep = True
             try:
                 written = await self._writer.create_meeting(cmd.organizer.email, room, cmd)
-            except ImpersonationDenied:
-                log.info("command.organizer_fallback", key=cmd.key, room=room)
+            except (ImpersonationDenied, NotFound) as e:
+                if isinstance(e, NotFound) and e.key != "mailbox_not_found":
+                    raise
+                log.info("command.organizer_fallback", key=cmd.key, room=room, why=e.key)
                 as_booker = replace(cmd, organizer=None, booker=cmd.organizer, attendees=())
-                return await self._create_appointment(run, as_booker, FALLBACK_NOTE)
+                note = FALLBACK_NOTE if isinstance(e, ImpersonationDenied) else NO_MAILBOX_NOTE
+                return await self._create_appointment(run, as_booker, note)
             await self._record(run, written)
             return await self._await_answer(run, written, created=True)
         return await self._create_appointment(run, cmd, "")
@@ -309,7 +314,7 @@ class CommandService:
         for mailbox in [*mailboxes, room]:
             try:
                 found = await self._writer.find_by_key(mailbox, cmd.key, cmd.start, cmd.end)
-            except ImpersonationDenied:
+            except (ImpersonationDenied, NotFound):
                 if mailbox == room:
                     raise
                 continue
