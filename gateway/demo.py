@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
@@ -70,7 +70,9 @@ async def run(rooms: int = 5, users: int = 10, activity: float = 0.5, port: int 
     if store is None:
         tmp = tempfile.TemporaryDirectory(prefix="gateway-demo-")
         store = Path(tmp.name) / "gateway.sqlite"
-    sa = info["service_account"]
+    # The organizer-scoped account, so booking commands for people become meetings in their calendars (a
+    # rooms-only account works too: those bookings then go into the room's own calendar).
+    sa = info["organizer_account"]
     options = GatewayOptions(
         ews=EwsSettings(ews_url=info["ews_url"], username=sa["username"], default_timezone=TZ, max_workers=4),
         password=sa["password"], rooms=tuple(r["email"] for r in info["rooms"]),
@@ -96,11 +98,19 @@ async def run(rooms: int = 5, users: int = 10, activity: float = 0.5, port: int 
         key = await asyncio.to_thread(ApiKeys(gw.store).create, "demo", ["read", "book", "metrics"])
         auth = f"-H 'Authorization: Bearer {key}'"
         app[IMPORT_TASK] = asyncio.get_running_loop().create_task(announce_import(gw))
+        day = (datetime.now(UTC) + timedelta(days=1)).replace(hour=9, minute=0, second=0, microsecond=0)
+        command = json.dumps({"key": "demo-1", "type": "create", "room": options.rooms[0],
+                              "start": day.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                              "end": (day + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                              "subject": "Booked from the API", "organizer": {"email": info["users"][0]["email"]}})
         print(f"Gateway running. Importing the rooms' calendars...\n"
               f"  API key        {key}   (read, book, metrics; made for this demo)\n"
               f"  local API      curl {auth} {base}/v1/rooms\n"
               f"                 curl {auth} {base}/v1/rooms/{options.rooms[0]}/bookings\n"
               f"  event stream   curl -N {auth} {base}/v1/events\n"
+              f"  book a room    curl {auth} -X POST {base}/v1/commands -d '{command}'\n"
+              f"                 (the room's booking attendant answers within seconds; the result says what it "
+              f"decided)\n"
               f"  metrics        {base}/metrics     OpenAPI {base}/openapi.json\n"
               f"  Exchange (sim) {info['ews_url']}  control {info['control_url']}\n"
               f"Press Ctrl-C to stop.", file=out, flush=True)
