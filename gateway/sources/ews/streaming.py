@@ -247,6 +247,8 @@ class StreamingFeed:
         return [], None
 
     def _interrupted(self, group: Group, dirty: Any, error: Exception, failures: int) -> None:
+        if self._stop.is_set():
+            return  # stop() closed the stream on purpose
         if failures == 1:
             log.warning("streaming.interrupted", anchor=group.anchor, error=repr(error)[:200])
         for room in group.rooms:
