@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +236,13 @@ OUTBOX_RETENTION = timedelta(days=7)  # acknowledged events stay this long (loca
 
 
 async def _housekeeping(gw: Gateway, journal: CommandJournal) -> None:
-    """Hourly: drop acknowledged outbox events and old command journal rows."""
+    """Hourly: drop old outbox events (only acknowledged ones while a hub consumes the outbox) and old command
+    journal rows."""
     while True:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
         try:
-            pruned = await asyncio.to_thread(gw.store.prune, OUTBOX_RETENTION)
+            relayed = gw.tunnel is not None
+            pruned = await asyncio.to_thread(partial(gw.store.prune, OUTBOX_RETENTION, acked_only=relayed))
             forgotten = await asyncio.to_thread(journal.prune, timedelta(days=gw.options.journal_retention_days))
             if pruned or forgotten:
                 log.info("housekeeping.pruned", outbox=pruned, journal=forgotten)

@@ -246,6 +246,15 @@ def test_prune_deletes_old_acknowledged_events_only(store: SqliteStore, clock: C
     assert [(e.seq, e.room_seq) for e in create(store, booking(R1, "e"))] == [(5, 5)]
 
 
+def test_without_a_hub_old_events_are_pruned_acknowledged_or_not(store: SqliteStore, clock: Clock) -> None:
+    create(store, booking(R1, "a"), booking(R1, "b"))  # seq 1-2, nobody acknowledges them
+    clock.now += timedelta(days=2)
+    create(store, booking(R1, "c"))
+    assert store.prune(timedelta(days=1)) == 0
+    assert store.prune(timedelta(days=1), acked_only=False) == 2
+    assert [e.seq for e in store.outbox_after(0)] == [3]
+
+
 def test_readers_in_other_threads_see_whole_steps_while_the_writer_commits(store: SqliteStore) -> None:
     errors: list[BaseException] = []
     done = threading.Event()

@@ -377,15 +377,15 @@ class SqliteStore:
             ).fetchone()
         return int(depth), _parse_ts(oldest) if oldest else None
 
-    def prune(self, retain_acked_for: timedelta) -> int:
-        """Delete acknowledged events older than ``retain_acked_for``; never an unacknowledged one. Returns the count.
-
-        Local SSE consumers resuming from a pruned seq get what is left after it.
+    def prune(self, retain_acked_for: timedelta, *, acked_only: bool = True) -> int:
+        """Delete acknowledged events older than ``retain_acked_for``; never an unacknowledged one unless
+        ``acked_only`` is False (no hub will ever acknowledge them: only local SSE clients read the outbox).
+        Returns the count. Local SSE consumers resuming from a pruned seq get what is left after it.
         """
         cutoff = _ts(self._now() - retain_acked_for)
+        acked = "seq <= (SELECT seq FROM outbox_ack WHERE id = 1) AND " if acked_only else ""
         with self._write() as conn:
-            cur = conn.execute("DELETE FROM outbox WHERE seq <= (SELECT seq FROM outbox_ack WHERE id = 1) "
-                               "AND created_at < ?", (cutoff,))
+            cur = conn.execute(f"DELETE FROM outbox WHERE {acked}created_at < ?", (cutoff,))
             return cur.rowcount
 
     def check(self) -> list[str]:
