@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _logging_options(creds, default_level="warning")
     _logging_options(apikeys.register_cli(subs), default_level="warning")
     _logging_options(enroll.register_cli(subs), default_level="warning")
+    _logging_options(enroll.register_rotate_cli(subs), default_level="warning")
     hubcli.register_cli(subs)  # each hub subcommand carries the logging options itself
 
     sim = subs.add_parser("simulator", help="run the Exchange 2016 (EWS) simulator with seeded rooms, people and "
@@ -250,6 +251,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return apikeys.run_cli(args)
     if args.command == "enroll":
         return enroll.run_cli(args)
+    if args.command == "rotate-key":
+        return enroll.run_rotate_cli(args)
     if args.command == "hub":
         return hubcli.run_cli(args)
     if args.command == "demo":

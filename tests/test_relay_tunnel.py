@@ -36,6 +36,7 @@ from tests.conftest import eventually
 from tests.relay_env import ADMIN, CUSTOMER, Hub
 
 T0 = datetime(2031, 3, 10, 8, 0, tzinfo=UTC)
+VAULT_KEY = base64.b64encode(b"v" * 32).decode()
 ROOMS = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
 
 
@@ -50,8 +51,7 @@ async def hub(tmp_path: Path, pki: Any) -> AsyncIterator[Hub]:
 
 @pytest.fixture
 def vault(tmp_path: Path) -> Vault:
-    return Vault(tmp_path / "gateway" / "credentials.vault",
-                 parse_key(base64.b64encode(b"v" * 32).decode(), "test key"))
+    return Vault(tmp_path / "gateway" / "credentials.vault", parse_key(VAULT_KEY, "test key"))
 
 
 @pytest.fixture
@@ -333,6 +333,24 @@ async def test_an_old_key_is_rotated_automatically_and_a_pending_rotation_finish
     aged = tunnels(restarted, store, ca_bundle=pki.ca_file, rotate_after=timedelta(0))  # every key is too old
     await eventually(lambda: restarted.key_id not in (first, pending.key_id), what="an automatic rotation")
     await aged.connected()
+
+
+async def test_gateway_rotate_key_is_picked_up_by_the_running_tunnel_without_a_reconnect(
+        hub: Hub, vault: Vault, store: SqliteStore, pki: Any, tunnels: Callable[..., Running]) -> None:
+    identity = await enrolled(hub, vault, pki)
+    old = identity.key_id
+    t = tunnels(identity, store, ca_bundle=pki.ca_file, rotation_check=0.1)
+    await t.connected()
+    session_id = hub.session(identity.gateway_id).id
+    out = io.StringIO()
+    env = {"GATEWAY_VAULT__PATH": str(vault.path), "GATEWAY_VAULT__KEY_ENV": "TEST_VAULT_KEY",
+           "TEST_VAULT_KEY": VAULT_KEY}
+    assert enroll_cli.run_rotate_cli(argparse.Namespace(), env=env, stdout=out, stderr=out) == 0, out.getvalue()
+    wanted = GatewayIdentity.load(vault).next_key
+    assert wanted is not None and wanted.key_id in out.getvalue()
+    await eventually(lambda: identity.key_id == wanted.key_id, what="the running tunnel to switch keys")
+    assert identity.next_key is None and GatewayIdentity.load(vault).key_id == wanted.key_id != old
+    assert hub.session(identity.gateway_id).id == session_id  # no reconnect was needed
 
 
 async def test_when_the_hub_switched_keys_before_the_gateway_committed_the_next_key_answers(

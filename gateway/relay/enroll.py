@@ -234,3 +234,31 @@ def run_cli(args: argparse.Namespace, *, env: Mapping[str, str] = os.environ, st
     if args.ca_bundle is not None and relay.ca_bundle is None:
         print(f"  ca_bundle: {args.ca_bundle.resolve()}", file=stdout)
     return 0
+
+
+def register_rotate_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add ``rotate-key``: ask for a new relay key now (a suspected leak, a policy), without downtime."""
+    parser = subparsers.add_parser(
+        "rotate-key", help="replace this gateway's relay key now (the tunnel stays up)",
+        description="Generate the gateway's next relay key in the vault. The running gateway notices within five "
+                    "minutes, registers it over its live tunnel and switches to it; a stopped gateway does so at "
+                    "its next start. The old key stays valid until the hub has seen the new one.")
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help=f"the configuration file; only its vault section is read (default: ${CONFIG_PATH_ENV})")
+    return parser
+
+
+def run_rotate_cli(args: argparse.Namespace, *, env: Mapping[str, str] = os.environ,
+                   stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        vault_cfg, _relay = load_settings(getattr(args, "config", None), env)
+        identity = GatewayIdentity.load(open_vault(vault_cfg, env))
+        nxt = identity.begin_rotation()
+    except GatewayError as e:
+        print(f"error: {e}", file=stderr)
+        return 2
+    print(f"next key {nxt.key_id} is ready (current {identity.key_id}); the running gateway switches to it within "
+          "5 minutes, a stopped one at its next start (watch for tunnel.key_rotated in its log)", file=stdout)
+    return 0

@@ -60,6 +60,7 @@ BACKOFF_FLOOR: Final = 0.1  # full jitter may draw ~0; never reconnect in a tigh
 AUTH_RETRY_MAX: Final = 3600.0
 POLL_SECONDS: Final = 5.0  # re-read the outbox this often even without a notification (other writers)
 ROTATION_PAUSE: Final = 3600.0  # between automatic key rotation attempts
+ROTATION_CHECK: Final = 300.0  # how often a connected tunnel looks for a rotation asked for in the vault
 MAX_QUEUED_COMMANDS: Final = 1000  # commands waiting or running; beyond this the answer is rate_limited
 _FRAME_BUDGET: Final = protocol.MAX_MESSAGE_BYTES - 1024  # room for the envelope
 _EVENTS_HEAD: Final = '{"type":"events","events":['
@@ -160,7 +161,8 @@ class Tunnel:
                  *, notifier: Notifier | None = None, metrics: Metrics | None = None,
                  proxy_password: str | None = None, rotate_after: timedelta | None = timedelta(days=90),
                  command_concurrency: int = 32, auth_retry_seconds: float = 300.0,
-                 handshake_timeout: float = 30.0, rng: random.Random | None = None) -> None:
+                 handshake_timeout: float = 30.0, rng: random.Random | None = None,
+                 rotation_check: float = ROTATION_CHECK) -> None:
         if not settings.hub_url:
             raise ConfigError("relay.hub_url is not set", key="relay_not_configured",
                               remedy="enroll with `gateway enroll` and put the hub_url it prints in the config")
@@ -171,6 +173,7 @@ class Tunnel:
         self.notifier = notifier
         self.metrics = metrics
         self.rotate_after = rotate_after
+        self.rotation_check = rotation_check
         self.auth_retry_seconds = auth_retry_seconds
         self.handshake_timeout = handshake_timeout
         self._proxy_headers = proxy_headers(settings, proxy_password)
@@ -704,16 +707,24 @@ class Tunnel:
                 self._rotation = None
 
     async def _rotation_watch(self) -> None:
-        """While connected: finish a rotation left pending (a crash, a drop), and rotate once the key is older
-        than rotate_after — at most one automatic attempt per ROTATION_PAUSE."""
-        while self.identity.next_key is not None or self.rotate_after is not None:
-            if self.identity.next_key is None and self.rotate_after is not None:
-                due = self.identity.key_created_at + self.rotate_after - datetime.now(UTC)
-                if due.total_seconds() > 0:
-                    await asyncio.sleep(min(due.total_seconds(), 86400.0))
-                    continue
-            await self._auto_rotate()
-            await asyncio.sleep(ROTATION_PAUSE)
+        """While connected: finish a rotation that is pending (left by a crash or a drop, or asked for with
+        `gateway enroll --rotate`, which writes the next key into the vault), and rotate once the key is older
+        than rotate_after — at most one automatic attempt per ROTATION_PAUSE unless a new key was asked for."""
+        last_attempt: str | None = None  # the pending key id the last attempt was for
+        attempted_at = -ROTATION_PAUSE
+        while True:
+            with contextlib.suppress(GatewayError):
+                await asyncio.to_thread(self.identity.reload)
+            pending = self.identity.next_key
+            due = self.rotate_after is not None and \
+                datetime.now(UTC) >= self.identity.key_created_at + self.rotate_after
+            now = time.monotonic()
+            fresh_request = pending is not None and pending.key_id != last_attempt
+            if (pending is not None or due) and (fresh_request or now - attempted_at >= ROTATION_PAUSE):
+                last_attempt, attempted_at = (pending.key_id if pending else None), now
+                await self._auto_rotate()
+                continue
+            await asyncio.sleep(self.rotation_check)
 
     async def _auto_rotate(self) -> None:
         try:
