@@ -21,11 +21,14 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
+from gateway.errors import ConfigError
 from gateway.model import EVENT_TYPES, Booking, Event, to_json
 from gateway.relay import hubcli, protocol, webhooks
 from gateway.relay.hub import HubSettings, RunningHub, start_hub
-from gateway.relay.hubstore import HubStore
+from gateway.relay.hubstore import EventItem, HubStore
 from gateway.security.secret import Secret
 from tests.conftest import eventually
 
@@ -840,3 +843,237 @@ def test_cli_durations_and_addresses():
     assert hubcli.parse_listen(":8443") == ("0.0.0.0", 8443)
     with pytest.raises(argparse.ArgumentTypeError):
         hubcli.parse_listen("8443")
+    assert hubcli.parse_days("0") == 0 and hubcli.parse_days("90") == 90
+    for bad in ("-1", "1.5", "month"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            hubcli.parse_days(bad)
+    parser = argparse.ArgumentParser(prog="gateway")
+    hubcli.register_cli(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["hub", "serve"]).retention_days == 30
+    assert parser.parse_args(["hub", "serve", "--retention-days", "0"]).retention_days == 0
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+class Clock:
+    """The hub's wall clock, moved by the test (stored times, retention, event ages): no sleeping."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, url: str, token: str | None = ADMIN) -> tuple[int, Samples]:
+    """GET /metrics and parse the exposition text: {(sample name, sorted labels): value}."""
+    async with http.get(url + "/metrics", headers={"Authorization": f"Bearer {token}"} if token else {}) as resp:
+        if resp.status != 200:
+            return resp.status, {}
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return 200, samples
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+async def test_metrics_need_the_admin_token_and_show_what_happened(hub_settings, http, receiver):
+    clock = Clock()
+    running = await start_hub(hub_settings, clock=clock)
+    try:
+        vendor = Vendor(http, running.url)
+        assert (await scrape(http, running.url, token=None))[0] == 401
+        assert (await scrape(http, running.url, token="wrong-token-but-long-enough"))[0] == 401
+        key = await vendor.customer()
+        assert (await scrape(http, running.url, token=key))[0] == 401  # a vendor key is no admin token
+        status, m = await scrape(http, running.url)
+        assert status == 200
+        assert metric(m, "gateway_hub_sessions_connected") == 0
+        assert metric(m, "gateway_hub_events_retained", customer="contoso") == 0
+        assert metric(m, "gateway_hub_newest_event_age_seconds", customer="contoso") is None  # no event yet
+        assert metric(m, "gateway_hub_connects_total", outcome="accepted") == 0
+
+        gw = await vendor.gateway()
+        refused = await gw.connect(http, running.url, key=Ed25519PrivateKey.generate())
+        assert await refused.closed() == 4401
+        await vendor.call("PUT", "/admin/v1/customers/contoso/webhook", body={"url": receiver["url"]})
+        link = await gw.connect(http, running.url)
+        assert link.welcome["type"] == "welcome"
+        evs = [cloud_event("created", f"m{n}", start=T0 + timedelta(hours=n), room_seq=n + 1) for n in range(3)]
+        assert (await link.events(items(evs)))["seq"] == 3
+        assert (await link.events(items(evs[2:], first_seq=3)))["seq"] == 3  # a redelivery: dropped, acked
+
+        path = "/v1/customers/contoso/commands"
+        for answer in ({"key": "cmd-1", "status": "accepted", "booking_id": "b" * 32},
+                       {"key": "cmd-2", "status": "declined", "reason": "conflict", "message": "booked"}):
+            call = asyncio.create_task(vendor.call("POST", path, token=key, body=create_command(answer["key"])))
+            assert (await link.recv())["type"] == "command"
+            await link.send("result", result=answer)
+            assert (await call)[0] == 200
+        assert (await vendor.call("POST", path, token=key, body={"type": "create"}))[0] == 400  # not forwarded
+
+        async def delivered() -> Samples | None:  # the receiver fails the first attempt, then takes all three
+            _, m = await scrape(http, running.url)
+            return m if metric(m, "gateway_hub_webhook_backlog_events", customer="contoso") == 0 else None
+
+        await eventually(delivered, what="the webhook to deliver the three events")
+        clock.advance(seconds=90)
+        status, m = await scrape(http, running.url)
+        assert status == 200
+        assert metric(m, "gateway_hub_sessions_connected") == 1
+        assert metric(m, "gateway_hub_connects_total", outcome="accepted") == 1
+        assert metric(m, "gateway_hub_connects_total", outcome="unauthorized") == 1
+        assert metric(m, "gateway_hub_connects_total", outcome="revoked") == 0
+        assert metric(m, "gateway_hub_events_stored_total") == 3
+        assert metric(m, "gateway_hub_events_duplicate_total") == 1
+        assert metric(m, "gateway_hub_acks_sent_total") == 2
+        assert metric(m, "gateway_hub_commands_total", status="accepted", reason="") == 1
+        assert metric(m, "gateway_hub_commands_total", status="declined", reason="conflict") == 1
+        assert metric(m, "gateway_hub_commands_total", status="failed", reason="invalid_command") == 1
+        assert metric(m, "gateway_hub_command_round_trip_seconds_count") == 2
+        assert metric(m, "gateway_hub_command_round_trip_seconds_bucket", le="+Inf") == 2
+        assert 0 < metric(m, "gateway_hub_command_round_trip_seconds_sum") < 10
+        assert metric(m, "gateway_hub_command_timeouts_total") == 0
+        assert metric(m, "gateway_hub_webhook_deliveries_total", outcome="delivered") == 3
+        assert metric(m, "gateway_hub_webhook_deliveries_total", outcome="failed") == 1
+        assert metric(m, "gateway_hub_events_retained", customer="contoso") == 3
+        assert metric(m, "gateway_hub_newest_event_age_seconds", customer="contoso") == 90
+        assert metric(m, "gateway_hub_events_pruned_total") == 0
+
+        await link.close()
+
+        async def gone() -> bool:
+            return metric((await scrape(http, running.url))[1], "gateway_hub_sessions_connected") == 0
+
+        await eventually(gone, what="the session gauge to drop")
+    finally:
+        await running.close()
+
+
+async def test_metrics_are_off_without_an_admin_token(hub_settings, http):
+    running = await start_hub(replace(hub_settings, admin_token=None))
+    try:
+        async with http.get(running.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+            assert (resp.status, (await resp.json())["error"]) == (403, "admin_api_disabled")
+    finally:
+        await running.close()
+
+
+# -- retention ---------------------------------------------------------------------------------------------------
+def test_pruning_goes_in_batches_and_stops_at_the_first_event_to_keep(tmp_path):
+    clock = Clock()
+    store = HubStore.in_dir(tmp_path, clock=clock)
+    try:
+        for customer in ("contoso", "fabrikam"):
+            store.add_customer(customer)
+        store.set_webhook("fabrikam", "https://hooks.example/f")  # before any event: its cursor is 0
+        gateways = {c: store.enroll(store.issue_token(c, timedelta(hours=1))[0], bytes([n]) * 32, f"k_{c}", c)
+                    for n, c in enumerate(("contoso", "fabrikam"))}
+
+        def put(customer: str, first: int, n: int) -> None:
+            store.store_events(gateways[customer].gateway_id, customer, [
+                EventItem(seq, seq, cloud_event("created", f"{customer}-{seq}")) for seq in range(first, first + n)])
+
+        put("contoso", 1, 5)
+        put("fabrikam", 1, 3)
+        store.webhook_delivered("fabrikam", 1)
+        clock.advance(days=10)
+        put("contoso", 6, 2)
+        before = clock() - timedelta(days=5)
+        assert [store.prune_events("contoso", before, 2) for _ in range(4)] == [2, 2, 1, 0]
+        assert [e.seq for e in store.events_after("contoso", 0)] == [6, 7]  # the recent ones stay
+        assert store.prune_events("fabrikam", before, 100) == 1  # only what the webhook has delivered
+        assert [e.seq for e in store.events_after("fabrikam", 0)] == [2, 3]
+        stats = {s.customer: s for s in store.event_stats()}
+        assert (stats["contoso"].events, stats["contoso"].newest_at, stats["contoso"].webhook_backlog) == \
+            (2, clock(), None)
+        assert (stats["fabrikam"].events, stats["fabrikam"].webhook_backlog) == (2, 2)
+        assert all(s.events == store.event_count(c) for c, s in stats.items())
+        assert store.prune_events("nobody", before, 10) == 0
+    finally:
+        store.close()
+
+
+async def test_retention_prunes_old_events_but_keeps_undelivered_and_recent_ones_and_the_view(
+        hub_settings, http, receiver):
+    clock = Clock()
+    running = await start_hub(replace(hub_settings, retention_days=30), clock=clock)
+    try:
+        vendor = Vendor(http, running.url)
+        contoso = await vendor.customer("contoso")
+        fabrikam = await vendor.customer("fabrikam")
+        receiver["answers"] = []  # the endpoint takes everything, for now
+        await vendor.call("PUT", "/admin/v1/customers/fabrikam/webhook", body={"url": receiver["url"]})
+        link_c = await (await vendor.gateway("contoso")).connect(http, running.url)
+        link_f = await (await vendor.gateway("fabrikam")).connect(http, running.url)
+
+        old = [cloud_event("created", f"old{n}", start=T0 + timedelta(hours=n), room_seq=n + 1) for n in range(3)]
+        assert (await link_c.events(items(old)))["seq"] == 3
+        assert (await link_f.events(items([cloud_event("created", f"f{n}") for n in range(2)])))["seq"] == 2
+
+        async def cursor(value: int) -> bool:
+            return (await vendor.call("GET", "/admin/v1/customers/fabrikam/webhook"))[1]["cursor"] == value
+
+        await eventually(lambda: cursor(2), what="the webhook to deliver fabrikam's first two events")
+        receiver["answers"] = [500] * 100_000  # then the endpoint goes down
+        undelivered = cloud_event("created", "f-late")
+        assert (await link_f.events(items([undelivered], first_seq=3)))["seq"] == 3
+        clock.advance(days=20)
+        recent = cloud_event("created", "recent", start=T0 + timedelta(hours=5), room_seq=4)
+        assert (await link_c.events(items([recent], first_seq=4)))["seq"] == 4
+        clock.advance(days=15)  # the first events are 35 days old, the recent one 15
+
+        with capture_logs() as logs:
+            assert await running.hub.prune() == 5
+        assert [(e["event"], e["count"]) for e in logs if e["event"] == "hub.pruned"] == [("hub.pruned", 5)]
+
+        async def sse(key: str, customer: str, after: str) -> list[dict[str, str]]:
+            async with http.get(running.url + f"/v1/customers/{customer}/events",
+                                headers={"Authorization": f"Bearer {key}", "Last-Event-ID": after}) as resp:
+                return await read_sse(resp, 1)
+
+        got = await sse(contoso, "contoso", "1")  # resuming from a pruned id: what is left after it
+        assert (got[0]["id"], json.loads(got[0]["data"])["id"]) == ("4", recent["id"])
+        assert (await sse(contoso, "contoso", "0"))[0]["id"] == "4"
+        got = await sse(fabrikam, "fabrikam", "0")  # the undelivered event stays, the delivered ones went
+        assert (got[0]["id"], json.loads(got[0]["data"])["id"]) == ("3", undelivered["id"])
+
+        day = f"start={T0:%Y-%m-%dT%H:%M:%SZ}&end={T0 + timedelta(days=1):%Y-%m-%dT%H:%M:%SZ}"
+        status, doc = await vendor.call("GET", f"/v1/customers/contoso/rooms/{ROOM}/bookings?{day}", token=contoso)
+        assert status == 200 and [b["uid"] for b in doc["bookings"]] == ["old0", "old1", "old2", "recent"]
+        assert [r["email"] for r in (await vendor.call("GET", "/v1/customers/contoso/rooms", token=contoso))[1][
+            "rooms"]] == [ROOM]
+
+        clock.advance(days=100)  # the recent one ages out too; the undelivered one stays however old
+        assert await running.hub.prune() == 1
+        _, m = await scrape(http, running.url)
+        assert metric(m, "gateway_hub_events_pruned_total") == 6
+        assert metric(m, "gateway_hub_events_retained", customer="contoso") == 0
+        assert metric(m, "gateway_hub_events_retained", customer="fabrikam") == 1
+        assert metric(m, "gateway_hub_webhook_backlog_events", customer="fabrikam") == 1
+        assert (await link_c.events(items([cloud_event("created", "after")], first_seq=5)))["seq"] == 5
+        assert (await sse(contoso, "contoso", "0"))[0]["id"] == "5"  # the sequence goes on where it was
+        await link_c.close()
+        await link_f.close()
+    finally:
+        await running.close()
+
+
+def test_retention_days_must_be_a_whole_number_of_days(hub_settings):
+    hub_settings.validate()
+    replace(hub_settings, retention_days=0).validate()  # keep for ever
+    for bad in (-1, 1.5):
+        with pytest.raises(ConfigError) as e:
+            replace(hub_settings, retention_days=bad).validate()
+        assert e.value.key == "invalid_hub_setting"

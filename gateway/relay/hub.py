@@ -9,7 +9,9 @@ One aiohttp application:
 - ``/v1/customers/{customer}/...`` is the vendor's API, one customer per API key: rooms, bookings, availability
   (from the events stored so far), the event stream (SSE, resumable) and the command endpoint;
 - ``/admin/v1/...`` is the operator's API (one admin token): customers, enrollment tokens, API keys, gateways,
-  revocation, webhooks (gateway/relay/webhooks.py).
+  revocation, webhooks (gateway/relay/webhooks.py); ``/metrics`` (Prometheus) takes the same token.
+
+Stored events older than the retention period are deleted hourly (``Hub.prune``); the rooms/bookings view stays.
 
 State lives in one SQLite file (gateway/relay/hubstore.py), touched from worker threads: one writer thread (SQLite
 has one writer anyway) and a few readers. Live sessions and commands waiting for their result live in memory: a
@@ -30,7 +32,7 @@ import signal
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -42,12 +44,15 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.errors import ConfigError, GatewayError, ProtocolError
 from gateway.model import DECLINE_REASONS, RESULT_STATUSES, Command, CommandResult, failed
 from gateway.relay import protocol
-from gateway.relay.hubstore import EventItem, HubStore, Stored
+from gateway.relay.hubstore import Clock, EventItem, HubStore, Stored, utc_now
 from gateway.relay.webhooks import WebhookDispatcher
 from gateway.security.secret import Secret
 
@@ -65,6 +70,12 @@ MAX_RANGE: Final = timedelta(days=731)
 MAX_TOKEN_TTL: Final = timedelta(days=30)
 MIN_ADMIN_TOKEN: Final = 16
 LOOPBACK_NAMES: Final = ("localhost",)
+PRUNE_EVERY: Final = 3600.0  # seconds between retention runs (the first runs at start)
+PRUNE_BATCH: Final = 1000  # events deleted per write transaction: the writer is never held for long
+COMMAND_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # the attendant may take 30 s
+CONNECT_OUTCOMES: Final = ("accepted", "unauthorized", "revoked", "bad_handshake", "unsupported_protocol",
+                           "hello_timeout", "abandoned")
+COMMAND_REASONS: Final = frozenset((*DECLINE_REASONS, *protocol.ERROR_CODES))  # anything else counts as "other"
 
 HTTP_STATUS: Final = {  # GatewayError keys from the store -> HTTP status
     "invalid_token": 401, "token_used": 410, "token_expired": 410, "key_in_use": 409,
@@ -98,6 +109,7 @@ class HubSettings:
     webhook_retry_max: float = 300.0
     webhook_timeout: float = 10.0
     synchronous: str = "NORMAL"  # SQLite; FULL survives power loss too, at some throughput cost
+    retention_days: int = 30  # stored events older than this are deleted (undelivered webhook ones kept); 0: never
 
     def validate(self) -> None:
         if not self.insecure_http:
@@ -127,6 +139,10 @@ class HubSettings:
         if self.admin_token is not None and len(self.admin_token.reveal()) < MIN_ADMIN_TOKEN:
             raise ConfigError(f"the admin token is shorter than {MIN_ADMIN_TOKEN} characters", key="weak_admin_token",
                               remedy="use a long random value, e.g. `openssl rand -base64 32`")
+        if type(self.retention_days) is not int or self.retention_days < 0:
+            raise ConfigError(f"the hub setting retention_days must be a whole number of days >= 0, not "
+                              f"{self.retention_days!r}", key="invalid_hub_setting",
+                              remedy="give --retention-days N (0 keeps events for ever)")
         for name in ("command_timeout", "token_ttl", "heartbeat", "hello_timeout", "revocation_check",
                      "sse_keepalive", "webhook_retry_base", "webhook_retry_max", "webhook_timeout"):
             if getattr(self, name) <= 0:
@@ -195,9 +211,76 @@ def _refuse(status: int, code: str, message: str, **headers: str) -> NoReturn:
     raise _Refusal(status, code, message, dict(headers) or None)
 
 
+# -- metrics -----------------------------------------------------------------------------------------------------
+class HubMetrics:
+    """The hub's Prometheus metrics, on a registry of its own (served at GET /metrics with the admin token). The
+    counters are bumped where things happen, in memory; the per-customer gauges are read from the store at
+    scrape time (index lookups, see HubStore.event_stats)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.registry = r = CollectorRegistry()
+        self.sessions = Gauge("gateway_hub_sessions_connected", "Gateways with a live tunnel", registry=r)
+        self.sessions.set_function(lambda: len(hub.sessions))
+        self.connects = Counter("gateway_hub_connects", "Tunnel handshakes by outcome", ["outcome"], registry=r)
+        for outcome in CONNECT_OUTCOMES:
+            self.connects.labels(outcome)
+        self.events_stored = Counter("gateway_hub_events_stored", "Events stored (new ones, not redeliveries)",
+                                     registry=r)
+        self.duplicates = Counter("gateway_hub_events_duplicate", "Redelivered events dropped: their id was stored "
+                                                                  "already", registry=r)
+        self.acks = Counter("gateway_hub_acks_sent", "ack messages sent to gateways", registry=r)
+        self.commands = Counter("gateway_hub_commands", "Vendor commands answered, by the result's status and reason "
+                                "('' when accepted, 'other' for a code this hub does not know)",
+                                ["status", "reason"], registry=r)
+        self.command_timeouts = Counter("gateway_hub_command_timeouts", "Commands the gateway did not answer within "
+                                        "the command timeout (answered 504 gateway_offline)", registry=r)
+        self.command_seconds = Histogram("gateway_hub_command_round_trip_seconds", "From sending a command down the "
+                                         "tunnel to the gateway's result", buckets=COMMAND_BUCKETS, registry=r)
+        self.webhooks = Counter("gateway_hub_webhook_deliveries", "Webhook delivery attempts by outcome "
+                                "(failed ones are retried)", ["outcome"], registry=r)
+        for outcome in ("delivered", "failed"):
+            self.webhooks.labels(outcome)
+        self.pruned = Counter("gateway_hub_events_pruned", "Events deleted by retention", registry=r)
+        r.register(_StoreCollector(hub))
+
+    def command(self, result: CommandResult) -> None:
+        reason = result.reason or ""
+        self.commands.labels(result.status, reason if not reason or reason in COMMAND_REASONS else "other").inc()
+
+    def render(self) -> bytes:
+        """The exposition text. Blocking (the store gauges read SQLite): call it in a reader thread."""
+        return generate_latest(self.registry)
+
+
+class _StoreCollector(Collector):
+    """Per-customer gauges read from the store at scrape time (bounded by the number of customers)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self.hub.store.event_stats()
+        now = self.hub.clock()
+        age = GaugeMetricFamily("gateway_hub_newest_event_age_seconds", "Seconds since the customer's newest event "
+                                "was stored (none: no events yet)", labels=["customer"])
+        kept = GaugeMetricFamily("gateway_hub_events_retained", "Events of the customer in the store now (what SSE "
+                                 "can replay; retention removes the oldest)", labels=["customer"])
+        backlog = GaugeMetricFamily("gateway_hub_webhook_backlog_events", "Stored events not yet delivered to the "
+                                    "customer's webhook (customers with a webhook)", labels=["customer"])
+        for st in stats:
+            kept.add_metric([st.customer], st.events)
+            if st.newest_at is not None:
+                age.add_metric([st.customer], max(0.0, (now - st.newest_at).total_seconds()))
+            if st.webhook_backlog is not None:
+                backlog.add_metric([st.customer], st.webhook_backlog)
+        yield from (age, kept, backlog)
+
+
 class Hub:
-    def __init__(self, settings: HubSettings) -> None:
+    def __init__(self, settings: HubSettings, *, clock: Clock = utc_now) -> None:
         self.settings = settings
+        self.clock = clock  # wall-clock time for stored times, retention and event ages (injectable for tests)
+        self.metrics = HubMetrics(self)
         self._store: HubStore | None = None
         self._writer: ThreadPoolExecutor | None = None  # one thread: SQLite has one writer anyway
         self._readers: ThreadPoolExecutor | None = None
@@ -223,22 +306,27 @@ class Hub:
     # -- life cycle -----------------------------------------------------------------------------------------
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         s = self.settings
-        self._store = await asyncio.to_thread(HubStore.in_dir, s.data_dir, synchronous=s.synchronous)
+        self._store = await asyncio.to_thread(HubStore.in_dir, s.data_dir, synchronous=s.synchronous,
+                                              clock=self.clock)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="hub-write")
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="hub-read")
-        watcher: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
             self.webhooks = WebhookDispatcher(self.store, self.read, self.write, ca_file=s.webhook_ca_file,
                                               retry_base=s.webhook_retry_base, retry_max=s.webhook_retry_max,
-                                              timeout=s.webhook_timeout)
+                                              timeout=s.webhook_timeout,
+                                              on_attempt=lambda outcome: self.metrics.webhooks.labels(outcome).inc())
             await self.webhooks.start()
-            watcher = asyncio.create_task(self._watch_revocations(), name="hub-revocations")
-            log.info("hub.started", data=str(s.data_dir), admin_api=s.admin_token is not None)
+            tasks.append(asyncio.create_task(self._watch_revocations(), name="hub-revocations"))
+            if s.retention_days:
+                tasks.append(asyncio.create_task(self._prune_periodically(), name="hub-retention"))
+            log.info("hub.started", data=str(s.data_dir), admin_api=s.admin_token is not None,
+                     retention_days=s.retention_days or None)
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self.webhooks is not None:
                 await self.webhooks.close()
             self._writer.shutdown(wait=True)
@@ -274,6 +362,7 @@ class Hub:
             web.get("/admin/v1/gateways", self.admin_gateways),
             web.post("/admin/v1/gateways/{gateway}/revoke", self.admin_revoke),
             web.get("/healthz", self.healthz),
+            web.get("/metrics", self.prometheus),
         ]
 
     def _tunnel_url(self, request: web.Request) -> str:
@@ -312,8 +401,8 @@ class Hub:
         await ws.prepare(request)
         peer = request.remote
         if ws.ws_protocol != protocol.SUBPROTOCOL:
-            await _close_with_error(ws, "unsupported_protocol", f"offer the WebSocket subprotocol "
-                                    f"{protocol.SUBPROTOCOL}", CLOSE_BAD_HANDSHAKE)
+            await self._refuse_hello(ws, "unsupported_protocol", "unsupported_protocol", f"offer the WebSocket "
+                                     f"subprotocol {protocol.SUBPROTOCOL}", CLOSE_BAD_HANDSHAKE)
             return ws
         session = await self._handshake(ws, peer, self.settings.public_url or f"{request.scheme}://{request.host}")
         if session is None:
@@ -330,31 +419,35 @@ class Hub:
         try:
             msg = await ws.receive(timeout=self.settings.hello_timeout)
         except TimeoutError:
-            await _close_with_error(ws, "unexpected", f"no hello within {self.settings.hello_timeout:g} s",
-                                    CLOSE_HELLO_TIMEOUT)
+            await self._refuse_hello(ws, "hello_timeout", "unexpected",
+                                     f"no hello within {self.settings.hello_timeout:g} s", CLOSE_HELLO_TIMEOUT)
             return None
         if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            self.metrics.connects.labels("abandoned").inc()
             return None
         if msg.type != WSMsgType.TEXT:
-            await _close_with_error(ws, "bad_message", "frames must be JSON text", CLOSE_BAD_HANDSHAKE)
+            await self._refuse_hello(ws, "bad_handshake", "bad_message", "frames must be JSON text",
+                                     CLOSE_BAD_HANDSHAKE)
             return None
         try:
             hello = protocol.decode(msg.data)
         except ProtocolError as e:
-            await _close_with_error(ws, e.key, str(e), CLOSE_BAD_HANDSHAKE)
+            await self._refuse_hello(ws, "bad_handshake", e.key, str(e), CLOSE_BAD_HANDSHAKE)
             return None
         if hello["type"] != "hello":
-            await _close_with_error(ws, "unexpected", f"expected hello, got {hello['type']}", CLOSE_BAD_HANDSHAKE)
+            await self._refuse_hello(ws, "bad_handshake", "unexpected", f"expected hello, got {hello['type']}",
+                                     CLOSE_BAD_HANDSHAKE)
             return None
         version = hello.get("protocol")
         if type(version) is not int or version != protocol.PROTOCOL_VERSION:
-            await _close_with_error(ws, "unsupported_protocol", f"this hub speaks protocol "
-                                    f"{protocol.PROTOCOL_VERSION}, not {str(version)[:20]}", CLOSE_BAD_HANDSHAKE)
+            await self._refuse_hello(ws, "unsupported_protocol", "unsupported_protocol", f"this hub speaks "
+                                     f"protocol {protocol.PROTOCOL_VERSION}, not {str(version)[:20]}",
+                                     CLOSE_BAD_HANDSHAKE)
             return None
         gateway_id, key_id, signature = hello.get("gateway_id"), hello.get("key_id"), hello.get("signature")
         if not all(isinstance(v, str) and 0 < len(v) <= 200 for v in (gateway_id, key_id, signature)):
-            await _close_with_error(ws, "bad_message", "hello needs gateway_id, key_id and signature",
-                                    CLOSE_BAD_HANDSHAKE)
+            await self._refuse_hello(ws, "bad_handshake", "bad_message", "hello needs gateway_id, key_id and "
+                                     "signature", CLOSE_BAD_HANDSHAKE)
             return None
         assert isinstance(gateway_id, str) and isinstance(key_id, str) and isinstance(signature, str)
         record = await self.read(self.store.gateway, gateway_id)
@@ -363,14 +456,14 @@ class Hub:
                                         protocol.signed_challenge(nonce, gateway_id, key_id)):
             log.warning("hub.handshake_refused", reason="unauthorized", gateway_id=gateway_id, key_id=key_id,
                         peer=peer, known_gateway=record is not None, known_key=key is not None)
-            await _close_with_error(ws, "unauthorized", "unknown gateway or key, or the signature does not answer "
-                                    "this connection's challenge", CLOSE_UNAUTHORIZED)
+            await self._refuse_hello(ws, "unauthorized", "unauthorized", "unknown gateway or key, or the signature "
+                                     "does not answer this connection's challenge", CLOSE_UNAUTHORIZED)
             return None
         assert record is not None
         if record.revoked_at:
             log.warning("hub.handshake_refused", reason="revoked", gateway_id=gateway_id, peer=peer)
-            await _close_with_error(ws, "revoked", f"this gateway was revoked at {record.revoked_at}; enroll it "
-                                    "again with a new token", CLOSE_REVOKED)
+            await self._refuse_hello(ws, "revoked", "revoked", f"this gateway was revoked at {record.revoked_at}; "
+                                     "enroll it again with a new token", CLOSE_REVOKED)
             return None
         agent = hello.get("agent") if isinstance(hello.get("agent"), str) else None
         ack = await self.write(self.store.authenticated, gateway_id, key_id, agent)
@@ -391,9 +484,15 @@ class Hub:
             await old.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection of this gateway")
         await ws.send_str(protocol.encode("welcome", ack=ack, session=session.id, window=protocol.DEFAULT_WINDOW,
                                           heartbeat=self.settings.heartbeat))
+        self.metrics.connects.labels("accepted").inc()
         log.info("hub.gateway_connected", gateway_id=gateway_id, customer=record.customer, session=session.id,
                  key_id=key_id, ack=ack, agent=agent, peer=peer)
         return session
+
+    async def _refuse_hello(self, ws: web.WebSocketResponse, outcome: str, code: str, message: str,
+                            close_code: int) -> None:
+        self.metrics.connects.labels(outcome).inc()
+        await _close_with_error(ws, code, message, close_code)
 
     async def _serve(self, session: Session) -> None:
         ws = session.ws
@@ -458,8 +557,12 @@ class Hub:
                                    ref="events")
             await session.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"storage failed")
             return
+        m = self.metrics
+        m.events_stored.inc(stored.stored)
+        m.duplicates.inc(stored.duplicates)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await session.send(protocol.encode("ack", seq=stored.ack))
+            m.acks.inc()
         session.events_in += stored.stored
         if stored.duplicates:
             log.debug("hub.events_redelivered", gateway_id=session.gateway_id, duplicates=stored.duplicates)
@@ -511,6 +614,34 @@ class Hub:
                 continue
             for gateway_id in revoked:
                 await self._end_revoked(gateway_id)
+
+    # -- retention ------------------------------------------------------------------------------------------
+    async def _prune_periodically(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except Exception:  # a failed run (disk trouble) must not end retention: the next hour tries again
+                log.exception("hub.prune_failed")
+            await asyncio.sleep(PRUNE_EVERY)
+
+    async def prune(self) -> int:
+        """Delete the events stored more than ``retention_days`` ago, except those a webhook has not delivered
+        yet; the rooms/bookings view stays. Batch by batch, each its own short write transaction, so event writes
+        queued meanwhile go in between. Returns how many were deleted."""
+        days = self.settings.retention_days
+        if not days:
+            return 0
+        before = self.clock() - timedelta(days=days)
+        total = 0
+        for customer in await self.read(self.store.customers):
+            while True:
+                n: int = await self.write(self.store.prune_events, customer.id, before, PRUNE_BATCH)
+                total += n
+                if n < PRUNE_BATCH:
+                    break
+        self.metrics.pruned.inc(total)
+        log.info("hub.pruned", count=total, retention_days=days, before=_iso(before))
+        return total
 
     async def _end_revoked(self, gateway_id: str) -> None:
         session = self.sessions.get(gateway_id)
@@ -586,6 +717,7 @@ class Hub:
                 async with asyncio.timeout(self.settings.command_timeout):
                     result = await fut
             except TimeoutError:
+                self.metrics.command_timeouts.inc()
                 log.warning("hub.command_timeout", customer=customer, key=cmd.key, gateway_id=session.gateway_id)
                 return 504, failed(cmd.key, "gateway_offline", f"the gateway did not answer within "
                                    f"{self.settings.command_timeout:g} s; retry with the same key to learn the outcome",
@@ -593,29 +725,33 @@ class Hub:
         finally:
             if session.pending.get(cmd.key) is fut:
                 del session.pending[cmd.key]
+        elapsed = time.monotonic() - started
+        if result.reason != "gateway_offline":  # that one is the hub's own answer: the tunnel closed meanwhile
+            self.metrics.command_seconds.observe(elapsed)
         log.info("hub.command_done", customer=customer, key=cmd.key, type=cmd.type, status=result.status,
-                 reason=result.reason, ms=round((time.monotonic() - started) * 1000))
+                 reason=result.reason, ms=round(elapsed * 1000))
         return RESULT_HTTP_STATUS.get(result.reason or "", 200) if result.status == "failed" else 200, result
 
     async def commands(self, request: web.Request) -> web.Response:
         customer = await self._customer(request)
+        status, result = await self._command(customer, request)
+        self.metrics.command(result)
+        return web.json_response({"result": result.to_json()}, status=status)
+
+    async def _command(self, customer: str, request: web.Request) -> tuple[int, CommandResult]:
         raw = await request.content.read(protocol.MAX_COMMAND_BYTES + 1)
         if len(raw) > protocol.MAX_COMMAND_BYTES:
-            result = failed("", "too_large", f"a command may be at most {protocol.MAX_COMMAND_BYTES} bytes",
-                            retryable=False)
-            return web.json_response({"result": result.to_json()}, status=413)
+            return 413, failed("", "too_large", f"a command may be at most {protocol.MAX_COMMAND_BYTES} bytes",
+                               retryable=False)
         try:
             doc = json.loads(raw)
         except ValueError:
-            result = failed("", "invalid_command", "the body must be a JSON command object", retryable=False)
-            return web.json_response({"result": result.to_json()}, status=400)
+            return 400, failed("", "invalid_command", "the body must be a JSON command object", retryable=False)
         try:
             cmd = protocol.parse_command(doc)
         except ProtocolError as e:
-            result = failed(e.command_key or "", e.key, str(e), retryable=False)
-            return web.json_response({"result": result.to_json()}, status=400)
-        status, result = await self.run_command(customer, cmd)
-        return web.json_response({"result": result.to_json()}, status=status)
+            return 400, failed(e.command_key or "", e.key, str(e), retryable=False)
+        return await self.run_command(customer, cmd)
 
     # -- the vendor API -------------------------------------------------------------------------------------
     async def _customer(self, request: web.Request) -> str:
@@ -784,6 +920,12 @@ class Hub:
         return web.json_response({"url": hook.url, "cursor": hook.cursor, "error": hook.error,
                                   "failing_since": hook.failing_since})
 
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """GET /metrics: the admin token's, like the admin API (the hub faces the internet)."""
+        self._admin(request)
+        body: bytes = await self.read(self.metrics.render)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "version": __version__, "gateways_connected": len(self.sessions)})
 
@@ -921,9 +1063,9 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
 
 
 # -- the application ---------------------------------------------------------------------------------------------
-def create_hub_app(settings: HubSettings) -> web.Application:
+def create_hub_app(settings: HubSettings, *, clock: Clock = utc_now) -> web.Application:
     settings.validate()
-    hub = Hub(settings)
+    hub = Hub(settings, clock=clock)
     app = web.Application(middlewares=[_errors], client_max_size=protocol.MAX_COMMAND_BYTES * 2)
     app[HUB_KEY] = hub
     app.add_routes(hub.routes())
@@ -949,9 +1091,9 @@ class RunningHub:
         await self.runner.cleanup()
 
 
-async def start_hub(settings: HubSettings) -> RunningHub:
-    """Start serving (port 0 picks a free one); ``close()`` stops it."""
-    app = create_hub_app(settings)
+async def start_hub(settings: HubSettings, *, clock: Clock = utc_now) -> RunningHub:
+    """Start serving (port 0 picks a free one); ``close()`` stops it. ``clock``: the wall clock (tests)."""
+    app = create_hub_app(settings, clock=clock)
     runner = web.AppRunner(app, shutdown_timeout=5.0, handle_signals=False)
     await runner.setup()
     ctx = settings.ssl_context()

@@ -47,11 +47,11 @@ SERVE_EPILOG = f"""\
 Gateways dial wss://HOST:PORT/v1/tunnel; the vendor API is under https://HOST:PORT/v1/customers/CUSTOMER/ and the
 admin API under https://HOST:PORT/admin/v1/ (Authorization: Bearer <admin token>, read from ${ADMIN_TOKEN_ENV} or
 the variable named by --admin-token-env; without one the admin API is off and the `gateway hub` commands do the
-administration on --data).
+administration on --data). Prometheus metrics are at https://HOST:PORT/metrics, with the admin token too.
 
 Examples:
   gateway hub serve --data /var/lib/hub --cert /etc/hub/tls.pem --key /etc/hub/tls.key \\
-      --public-url https://hub.vendor.example
+      --public-url https://hub.vendor.example --retention-days 90
   gateway hub serve --data ./hub --listen 127.0.0.1:8080 --insecure-http     (development only)
 """
 
@@ -62,6 +62,18 @@ def parse_ttl(text: str) -> timedelta:
     if not m or float(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 30m, 1h, 2d or 3600")
     return timedelta(seconds=float(m.group(1)) * _TTL_UNITS[m.group(2)])
+
+
+def parse_days(text: str) -> int:
+    """A whole number of days, 0 or more."""
+    try:
+        days = int(text)
+    except ValueError:
+        days = -1
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days; write e.g. 30, or 0 to keep events "
+                                         "for ever")
+    return days
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -106,6 +118,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                        help="PEM CAs to trust for webhook endpoints (default: the system store)")
     serve.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="NORMAL",
                        help="SQLite durability: NORMAL survives a crash of the hub, FULL also a power loss "
+                            "(default: %(default)s)")
+    serve.add_argument("--retention-days", type=parse_days, default=30, metavar="N",
+                       help="delete stored events older than N days, hourly (events a webhook has not delivered "
+                            "yet are kept, and so is the rooms/bookings view); 0 keeps them for ever "
                             "(default: %(default)s)")
     serve.add_argument("--insecure-http", action="store_true",
                        help="serve plain HTTP; only allowed on a loopback address, for development")
@@ -252,7 +268,8 @@ def _serve(args: argparse.Namespace, data: Path, env: Mapping[str, str], err: Te
     settings = HubSettings(data_dir=data, host=host, port=port, cert_file=args.cert, key_file=args.key,
                            insecure_http=args.insecure_http, admin_token=Secret(value) if value else None,
                            public_url=args.public_url, command_timeout=args.command_timeout,
-                           webhook_ca_file=args.webhook_ca, synchronous=args.synchronous)
+                           webhook_ca_file=args.webhook_ca, synchronous=args.synchronous,
+                           retention_days=args.retention_days)
     settings.validate()
 
     def ready(running: RunningHub) -> None:

@@ -11,6 +11,9 @@ needs them to sign, so the database file itself is sensitive (keep it on an encr
 Events: one transaction per ``events`` message stores the batch, updates the materialized view and the
 gateway's acknowledged sequence together, so an ack never names an event that is not on disk and the view never
 disagrees with the event log. An event id already stored for the customer is dropped (a redelivery).
+
+Retention (``prune_events``) deletes the oldest events, never the view and never one a webhook has yet to deliver.
+Every stored time comes from the store's ``clock``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -192,6 +195,16 @@ class StoredEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class EventStats:
+    """One customer's events as the metrics see them."""
+
+    customer: str
+    events: int  # kept in the store now
+    newest_at: datetime | None  # when the newest was stored
+    webhook_backlog: int | None  # stored but not yet delivered to the webhook (None: no webhook)
+
+
+@dataclass(frozen=True, slots=True)
 class Webhook:
     customer: str
     url: str
@@ -213,12 +226,20 @@ class EventItem:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 def now_iso(t: datetime | None = None) -> str:
     return (t or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def _utc_text(value: Any) -> str | None:
@@ -234,16 +255,18 @@ def _utc_text(value: Any) -> str | None:
     return now_iso(t)
 
 
+Clock = Callable[[], datetime]
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class HubStore:
     """The hub's SQLite file (WAL). One writer connection behind a lock; one reader connection per thread."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", clock: Clock = utc_now) -> None:
         if synchronous.upper() not in SYNCHRONOUS:
             raise ConfigError(f"unknown synchronous mode {synchronous!r}", remedy=f"use one of {SYNCHRONOUS}")
         self.path = Path(path)
+        self.clock = clock  # every stored time (events' received_at too); injectable so retention is testable
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -269,6 +292,9 @@ class HubStore:
     @classmethod
     def in_dir(cls, data_dir: str | Path, **kw: Any) -> HubStore:
         return cls(Path(data_dir) / DB_NAME, **kw)
+
+    def _now(self) -> str:
+        return now_iso(self.clock())
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -339,7 +365,7 @@ class HubStore:
             raise ConfigError(f"{customer_id!r} is not a valid customer id", key="invalid_customer_id",
                               remedy="use 1-63 lower-case letters, digits, '-' and '_', starting with a letter or "
                                      "digit, e.g. contoso")
-        created = now_iso()
+        created = self._now()
         with self._write() as conn:
             try:
                 conn.execute("INSERT INTO customers (id, name, created_at) VALUES (?, ?, ?)",
@@ -367,7 +393,7 @@ class HubStore:
     def issue_token(self, customer_id: str, ttl: timedelta) -> tuple[str, str]:
         """A single-use enrollment token for the customer: (token, expires_at). Only its digest is stored."""
         token = "et_" + secrets.token_urlsafe(32)
-        now = datetime.now(UTC)
+        now = self.clock()
         expires = now_iso(now + ttl)
         with self._write() as conn:
             self._require_customer(conn, customer_id)
@@ -378,7 +404,7 @@ class HubStore:
     def enroll(self, token: str, public_key: bytes, key_id: str, name: str) -> Enrollment:
         """Consume the token (atomically: of two racing enrollments exactly one wins) and register a gateway
         with its first key."""
-        now = now_iso()
+        now = self._now()
         with self._write() as conn:
             row = conn.execute("SELECT customer, expires_at, used_at FROM enrollment_tokens WHERE hash = ?",
                                (digest(token),)).fetchone()
@@ -429,9 +455,9 @@ class HubStore:
                                (key_id, gateway_id)).fetchone()
             if gen is not None:
                 conn.execute("UPDATE gateway_keys SET retired_at = ? WHERE gateway_id = ? AND generation < ? "
-                             "AND retired_at IS NULL", (now_iso(), gateway_id, gen[0]))
+                             "AND retired_at IS NULL", (self._now(), gateway_id, gen[0]))
             conn.execute("UPDATE gateways SET last_seen_at = ?, agent = ? WHERE id = ?",
-                         (now_iso(), (agent or "")[:200] or None, gateway_id))
+                         (self._now(), (agent or "")[:200] or None, gateway_id))
             row = conn.execute("SELECT last_seq FROM gateways WHERE id = ?", (gateway_id,)).fetchone()
         return int(row[0]) if row else 0
 
@@ -449,7 +475,7 @@ class HubStore:
             gen = conn.execute("SELECT COALESCE(MAX(generation), 0) FROM gateway_keys WHERE gateway_id = ?",
                                (gateway_id,)).fetchone()[0]
             conn.execute("INSERT INTO gateway_keys (key_id, gateway_id, public_key, generation, added_at) "
-                         "VALUES (?, ?, ?, ?, ?)", (key_id, gateway_id, public_key, gen + 1, now_iso()))
+                         "VALUES (?, ?, ?, ?, ?)", (key_id, gateway_id, public_key, gen + 1, self._now()))
         return True
 
     def revoke(self, gateway_id: str) -> str:
@@ -461,7 +487,7 @@ class HubStore:
                                remedy="list them with `gateway hub gateways` or GET /admin/v1/gateways")
             if row[0]:
                 return str(row[0])
-            at = now_iso()
+            at = self._now()
             conn.execute("UPDATE gateways SET revoked_at = ? WHERE id = ?", (at, gateway_id))
         return at
 
@@ -479,7 +505,7 @@ class HubStore:
         with self._write() as conn:
             self._require_customer(conn, customer_id)
             conn.execute("INSERT INTO api_keys (hash, customer, hint, created_at) VALUES (?, ?, ?, ?)",
-                         (digest(key), customer_id, key[:7], now_iso()))
+                         (digest(key), customer_id, key[:7], self._now()))
         return key
 
     def customer_for_api_key(self, key: str) -> str | None:
@@ -489,7 +515,7 @@ class HubStore:
     # -- events ---------------------------------------------------------------------------------------------
     def store_events(self, gateway_id: str, customer: str, items: Sequence[EventItem]) -> Stored:
         """Store one ``events`` message in one transaction (see the module docstring)."""
-        received = now_iso()
+        received = self._now()
         stored = duplicates = 0
         rooms: dict[str, None] = {}
         top = max(i.seq for i in items)
@@ -528,6 +554,49 @@ class HubStore:
 
     def event_count(self, customer: str) -> int:
         return int(self._read().execute("SELECT count(*) FROM events WHERE customer = ?", (customer,)).fetchone()[0])
+
+    def event_stats(self) -> list[EventStats]:
+        """Per customer: the events kept and when the newest was stored. Index lookups only (no counting), so a
+        metrics scrape stays cheap however many events there are: a customer's seqs are contiguous (each stored
+        event takes last_seq + 1) and pruning only removes the oldest, so the count is max - min + 1."""
+        conn = self._read()
+        out: list[EventStats] = []
+        for customer, last_seq, cursor, has_webhook in conn.execute(
+                "SELECT id, last_seq, webhook_cursor, webhook_url IS NOT NULL FROM customers ORDER BY id").fetchall():
+            oldest = conn.execute("SELECT seq FROM events WHERE customer = ? ORDER BY seq LIMIT 1",
+                                  (customer,)).fetchone()
+            newest = conn.execute("SELECT seq, received_at FROM events WHERE customer = ? ORDER BY seq DESC LIMIT 1",
+                                  (customer,)).fetchone()
+            count = int(newest[0]) - int(oldest[0]) + 1 if oldest is not None and newest is not None else 0
+            out.append(EventStats(customer, count, _parse_iso(newest[1]) if newest is not None else None,
+                                  int(last_seq) - int(cursor) if has_webhook else None))
+        return out
+
+    def prune_events(self, customer: str, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` of the customer's oldest events stored before ``before``, in one short
+        transaction (the caller repeats until it gets fewer than ``limit``). Never an event after the webhook
+        cursor (not delivered yet), and never the rooms/bookings view.
+
+        It walks from the oldest event and stops at the first one that must stay, so each call reads at most
+        ``limit`` rows through the (customer, seq) index: no index on received_at is needed, which keeps the
+        events path as cheap as it was. Stored times rise with seq (both are assigned under the write lock); after
+        a wall-clock step back an old event behind a newer-stamped one waits until that one ages out too."""
+        cutoff = now_iso(before)
+        with self._write() as conn:
+            row = conn.execute("SELECT webhook_url IS NOT NULL, webhook_cursor FROM customers WHERE id = ?",
+                               (customer,)).fetchone()
+            if row is None:
+                return 0
+            cap = int(row[1]) if row[0] else None
+            upto: int | None = None
+            for seq, received in conn.execute("SELECT seq, received_at FROM events WHERE customer = ? ORDER BY seq "
+                                              "LIMIT ?", (customer, limit)).fetchall():
+                if received >= cutoff or (cap is not None and seq > cap):
+                    break
+                upto = seq
+            if upto is None:
+                return 0
+            return int(conn.execute("DELETE FROM events WHERE customer = ? AND seq <= ?", (customer, upto)).rowcount)
 
     # -- the materialized view ------------------------------------------------------------------------------
     def rooms(self, customer: str) -> list[dict[str, Any]]:
@@ -599,7 +668,7 @@ class HubStore:
     def webhook_failed(self, customer: str, error: str) -> None:
         with self._write() as conn:
             conn.execute("UPDATE customers SET webhook_error = ?, webhook_failing_since = "
-                         "COALESCE(webhook_failing_since, ?) WHERE id = ?", (error[:500], now_iso(), customer))
+                         "COALESCE(webhook_failing_since, ?) WHERE id = ?", (error[:500], self._now(), customer))
 
 
 def _statements(script: str) -> list[str]:

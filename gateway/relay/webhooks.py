@@ -88,8 +88,9 @@ class WebhookDispatcher:
 
     def __init__(self, store: HubStore, read: Db, write: Db, *, ca_file: Path | None = None,
                  retry_base: float = 1.0, retry_max: float = 300.0, timeout: float = 10.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, on_attempt: Callable[[str], None] | None = None) -> None:
         self.store = store
+        self._on_attempt = on_attempt or (lambda outcome: None)  # "delivered" or "failed", for metrics
         self._read = read
         self._write = write
         self.retry_base = retry_base
@@ -167,6 +168,7 @@ class WebhookDispatcher:
             try:
                 await self._deliver(hook, event)
             except DeliveryFailed as e:
+                self._on_attempt("failed")
                 attempt += 1
                 delay = self._rng.uniform(0.5, 1.0) * min(self.retry_max, self.retry_base * 2 ** min(attempt - 1, 30))
                 if attempt == 1:
@@ -176,6 +178,7 @@ class WebhookDispatcher:
                     log.debug("webhook.retry", customer=hook.customer, seq=event.seq, attempt=attempt, error=str(e))
                 await asyncio.sleep(delay)
                 continue
+            self._on_attempt("delivered")
             if attempt:
                 log.info("webhook.recovered", customer=hook.customer, url=hook.url, after_attempts=attempt)
             return
