@@ -109,12 +109,13 @@ class Api:
     def __init__(self, store: Store, metrics: Metrics, hub: EventHub, *,
                  room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], bool],
                  keys: ApiKeys | None = None, commands: CommandHandler | None = None,
-                 loopback_only: bool = False) -> None:
+                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.hub = hub
         self.room_states = room_states
         self.ready = ready
+        self.relay_state = relay_state  # the tunnel's state (connected, backing_off, revoked...), if there is one
         if keys is None:
             if not isinstance(store, SqliteStore):
                 raise TypeError("pass keys= when the store is not a SqliteStore")
@@ -376,7 +377,10 @@ class Api:
 
     async def readyz(self, request: web.Request) -> web.Response:
         ok = self.ready()
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        body: dict[str, Any] = {"ready": ok}
+        if self.relay_state is not None:  # open endpoint: the tunnel's state only, no addresses or errors
+            body["relay"] = self.relay_state()
+        return web.json_response(body, status=200 if ok else 503)
 
 
 def auth_middleware(current: Callable[[], Api | None]) -> Middleware:

@@ -196,7 +196,8 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
         return bool(coordinator.workers) and any(w.state == "verified" for w in coordinator.workers.values())
 
     api = Api(store, metrics, hub, room_states=room_states, ready=ready,
-              commands=commands if options.commands.enabled else None, loopback_only=options.api_loopback_only)
+              commands=commands if options.commands.enabled else None, loopback_only=options.api_loopback_only,
+              relay_state=(lambda: str(tunnel.status()["state"])) if tunnel is not None else None)
     gw = Gateway(options, metrics, store, source, coordinator, hub, api, commands=commands, tunnel=tunnel)
     metrics.watch(StateCollector(
         rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
