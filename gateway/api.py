@@ -597,7 +597,10 @@ def build_openapi() -> dict[str, Any]:
                     "retryable": {"type": "boolean"}}},
                 "Health": {"type": "object", "required": ["status", "version"], "properties": {
                     "status": {"const": "ok"}, "version": {"type": "string"}}},
-                "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
+                "Ready": {"type": "object", "required": ["ready"], "properties": {
+                    "ready": {"type": "boolean"},
+                    "relay": {"type": "string", "description": "the tunnel's state when the relay is enabled: "
+                              "connecting, connected, backing_off, unauthorized, revoked"}}},
             },
             "responses": {
                 "Problem": _json(_ref("Problem"), "what went wrong and what to do"),
