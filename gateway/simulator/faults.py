@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -12,6 +13,9 @@ class Faults:
     latency: dict[str, float] = field(default_factory=dict)  # operation (or "*") -> seconds added
     http_503_next: int = 0  # answer the next N requests with HTTP 503
     http_503_rate: float = 0.0  # and this fraction of the rest
+    # operation -> local names of elements left out of its answer (a malformed response from another server,
+    # e.g. {"Subscribe": {"Watermark"}}: a SubscribeResponse without the watermark)
+    omit: dict[str, set[str]] = field(default_factory=dict)
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random)
 
@@ -29,7 +33,17 @@ class Faults:
             return True
         return self.http_503_rate > 0 and self._rng.random() < self.http_503_rate
 
+    def mangle(self, operation: str, result: Any) -> None:
+        """Leave the elements named in ``omit`` out of an operation's answer (an lxml element, changed in place)."""
+        names = self.omit.get(operation)
+        if not names:
+            return
+        for el in list(result.iter()):
+            if isinstance(el.tag, str) and el.tag.rsplit("}", 1)[-1] in names and el.getparent() is not None:
+                el.getparent().remove(el)
+
     def clear(self) -> None:
         self.latency.clear()
+        self.omit.clear()
         self.http_503_next = 0
         self.http_503_rate = 0.0
