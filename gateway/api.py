@@ -109,12 +109,14 @@ class Api:
     def __init__(self, store: Store, metrics: Metrics, hub: EventHub, *,
                  room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], bool],
                  keys: ApiKeys | None = None, commands: CommandHandler | None = None,
-                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None) -> None:
+                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None,
+                 ready_reason: Callable[[], str] | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.hub = hub
         self.room_states = room_states
         self.ready = ready
+        self.ready_reason = ready_reason  # why not ready (states and counts only: /readyz is open)
         self.relay_state = relay_state  # the tunnel's state (connected, backing_off, revoked...), if there is one
         if keys is None:
             if not isinstance(store, SqliteStore):
@@ -378,6 +380,8 @@ class Api:
     async def readyz(self, request: web.Request) -> web.Response:
         ok = self.ready()
         body: dict[str, Any] = {"ready": ok}
+        if not ok and self.ready_reason is not None:
+            body["reason"] = self.ready_reason()
         if self.relay_state is not None:  # open endpoint: the tunnel's state only, no addresses or errors
             body["relay"] = self.relay_state()
         return web.json_response(body, status=200 if ok else 503)
@@ -548,7 +552,8 @@ def build_openapi() -> dict[str, Any]:
                                              "content": {"text/plain": {"schema": {"type": "string"}}}}}},
         "healthz": {"summary": "Liveness", "operationId": "getHealth",
                     "responses": {"200": _json(_ref("Health"), "alive")}},
-        "readyz": {"summary": "Readiness: at least one room is verified", "operationId": "getReadiness",
+        "readyz": {"summary": "Readiness: at least one room is in sync (verified, or polling)",
+                   "operationId": "getReadiness",
                    "responses": {"200": _json(_ref("Ready"), "ready"), "503": _json(_ref("Ready"), "not ready")}},
     }
     paths: dict[str, dict[str, Any]] = {}
@@ -599,6 +604,8 @@ def build_openapi() -> dict[str, Any]:
                     "status": {"const": "ok"}, "version": {"type": "string"}}},
                 "Ready": {"type": "object", "required": ["ready"], "properties": {
                     "ready": {"type": "boolean"},
+                    "reason": {"type": "string", "description": "when not ready: the rooms' states, counted "
+                               "(each room's reason and remedy are in /v1/rooms)"},
                     "relay": {"type": "string", "description": "the tunnel's state when the relay is enabled: "
                               "connecting, connected, backing_off, unauthorized, revoked"}}},
             },

@@ -30,6 +30,7 @@ from gateway.sources.ews.streaming import PullFeed, StreamingFeed
 from gateway.sources.ews.writer import EwsWriter
 from gateway.store.journal import CommandJournal
 from gateway.store.sqlite import SqliteStore
+from gateway.supervisor import supervise, watch_task
 from gateway.sync.coordinator import Coordinator, SyncSettings
 from gateway.sync.privacy import PrivacyPolicy
 
@@ -59,6 +60,11 @@ class GatewayOptions:
     proxy_password: str | None = field(default=None, repr=False)
     api_loopback_only: bool = True  # the local API listens on loopback only: /metrics needs no key
     journal_retention_days: int = 30
+    # The password again, read afresh (from the vault): while Exchange refuses the credentials, it is re-read every
+    # ``password_check_seconds`` and a changed one is tried at once (no waiting out the long auth back-off).
+    password_source: Callable[[], str] | None = field(default=None, repr=False)
+    password_check_seconds: float = 30.0
+    feed_restart_seconds: float = 5.0  # first back-off before a change feed that failed is started again
 
 
 @dataclass
@@ -74,6 +80,8 @@ class Gateway:
     api: Api
     feed: StreamingFeed | PullFeed | None = None
     feed_task: asyncio.Task[None] | None = None
+    feed_up: bool = False  # the feed has subscribed and not failed since
+    credentials_task: asyncio.Task[None] | None = None
     rooms: list[str] = field(default_factory=list)
     commands: CommandService | None = None
     tunnel: Tunnel | None = None
@@ -91,6 +99,9 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
         raise ConfigError("exchange.ews_url is not set; Autodiscover is not supported yet",
                           remedy="set exchange.ews_url to https://<your CAS>/EWS/Exchange.asmx")
     password = resolve_password(cfg, env if env is not None else os.environ).reveal()
+
+    def password_again() -> str:
+        return resolve_password(cfg, env if env is not None else os.environ).reveal()
 
     def policy_for(room: str) -> PrivacyPolicy:
         p = cfg.rooms.privacy.rooms.get(room.lower(), cfg.rooms.privacy.default)
@@ -131,6 +142,7 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
         identity=identity,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
+        password_source=password_again,
     )
 
 
@@ -193,9 +205,20 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
 
     def ready() -> bool:
         # A hub outage does not make the gateway unready: local clients are still served, events wait in the outbox.
-        return bool(coordinator.workers) and any(w.state == "verified" for w in coordinator.workers.values())
+        return bool(coordinator.workers) and any(w.state in ("verified", "polling")
+                                                 for w in coordinator.workers.values())
 
-    api = Api(store, metrics, hub, room_states=room_states, ready=ready,
+    def not_ready_reason() -> str:
+        # /readyz is open: counts and states only, no addresses, hosts or error texts.
+        if not coordinator.workers:
+            return "no rooms are configured, or none has been found yet"
+        counts: dict[str, int] = {}
+        for w in coordinator.workers.values():
+            counts[w.state] = counts.get(w.state, 0) + 1
+        states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return f"no room is in sync ({states}); see /v1/rooms or `gateway rooms` for each room's reason and remedy"
+
+    api = Api(store, metrics, hub, room_states=room_states, ready=ready, ready_reason=not_ready_reason,
               commands=commands if options.commands.enabled else None, loopback_only=options.api_loopback_only,
               relay_state=(lambda: str(tunnel.status()["state"])) if tunnel is not None else None)
     gw = Gateway(options, metrics, store, source, coordinator, hub, api, commands=commands, tunnel=tunnel)
@@ -203,24 +226,31 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
         rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
         outbox=store.outbox_stats,
         streams=lambda: _stream_counts(gw.feed),
+        states=ROOM_STATES,
+        feed_up=lambda: None if options.feed not in ("streaming", "pull") else gw.feed_up,
     ))
+    loop = asyncio.get_running_loop()
+    # Exchange is back (whichever call found out): the rooms waiting behind the outage retry now.
+
+    def outage_changed(failure: Exception | None) -> None:
+        if failure is None:
+            loop.call_soon_threadsafe(coordinator.exchange_recovered)
+    source.gate.listeners.append(outage_changed)
     rooms = list(options.rooms)
     for room_list in options.room_lists:
         rooms += await source.room_list_members(room_list)
     gw.rooms = sorted({r.lower() for r in rooms})
     await coordinator.start(gw.rooms)
-    if options.feed == "streaming":
-        gw.feed = StreamingFeed(source, connection_timeout=options.stream_timeout_minutes,
-                                group_size=options.group_size, retry_seconds=options.feed_retry_seconds,
-                                metrics=metrics)
-    elif options.feed == "pull":
-        gw.feed = PullFeed(source, interval=options.pull_interval_seconds)
-    if gw.feed is not None:
-        gw.feed_task = asyncio.get_running_loop().create_task(gw.feed.watch(gw.rooms, coordinator.mark_dirty))
-    loop = asyncio.get_running_loop()
+    if options.feed in ("streaming", "pull"):
+        gw.feed_task = loop.create_task(_run_feed(gw), name="feed")
     if tunnel is not None:
-        gw.tunnel_task = loop.create_task(tunnel.run())
-    gw.housekeeping_task = loop.create_task(_housekeeping(gw, journal))
+        gw.tunnel_task = loop.create_task(tunnel.run(), name="tunnel")
+        watch_task("tunnel", gw.tunnel_task)
+    gw.housekeeping_task = loop.create_task(_housekeeping(gw, journal), name="housekeeping")
+    watch_task("housekeeping", gw.housekeeping_task)
+    if options.password_source is not None:
+        gw.credentials_task = loop.create_task(_watch_credentials(gw), name="credentials")
+        watch_task("credentials", gw.credentials_task)
     log.info("gateway.started", rooms=len(gw.rooms), feed=options.feed, store=str(options.store_path),
              relay=options.relay.enabled)
     return gw
@@ -229,7 +259,66 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
 def _stream_counts(feed: StreamingFeed | PullFeed | None) -> tuple[int, int]:
     if isinstance(feed, StreamingFeed):
         return feed.subscriptions, feed.open_streams
+    if isinstance(feed, PullFeed):
+        return feed.subscriptions, 0
     return 0, 0
+
+
+def _new_feed(gw: Gateway) -> StreamingFeed | PullFeed:
+    o = gw.options
+    if o.feed == "streaming":
+        return StreamingFeed(gw.source, connection_timeout=o.stream_timeout_minutes, group_size=o.group_size,
+                             retry_seconds=o.feed_retry_seconds, metrics=gw.metrics)
+    return PullFeed(gw.source, interval=o.pull_interval_seconds)
+
+
+async def _run_feed(gw: Gateway) -> None:
+    """The change feed, supervised: when it fails (a bug, a malformed answer: anything that is not Exchange's
+    error for a room), the rooms poll meanwhile and say so, and a fresh feed starts after a back-off."""
+    coordinator = gw.coordinator
+
+    def on_dirty(room: str, why: str) -> None:
+        if why == "subscribed" and not gw.feed_up:
+            gw.feed_up = True
+            asyncio.get_running_loop().create_task(coordinator.feed_running())
+        coordinator.mark_dirty(room, why)
+
+    async def run() -> None:
+        gw.feed = feed = _new_feed(gw)
+        try:
+            await feed.watch(gw.rooms, on_dirty)
+        finally:
+            if isinstance(feed, StreamingFeed):
+                feed.stop()  # close what a failed feed still holds open (hanging connections are rationed)
+
+    async def down(error: BaseException, restart_seconds: float) -> None:
+        gw.feed_up = False
+        what = f"{type(error).__name__}: {error}"
+        what = what if len(what) <= 120 else what[:119] + "\u2026"
+        await coordinator.feed_stopped(f"{what}; restarting in {restart_seconds:g} s")
+
+    await supervise(f"feed:{gw.options.feed}", run, retry_seconds=gw.options.feed_restart_seconds, on_down=down)
+
+
+async def _watch_credentials(gw: Gateway) -> None:
+    """While Exchange refuses the service account, read the password again every ``password_check_seconds``
+    (a local vault read); a changed one is handed to the source, which tries it at once."""
+    source, read = gw.source, gw.options.password_source
+    assert read is not None
+    current = gw.options.password
+    while True:
+        await asyncio.sleep(gw.options.password_check_seconds)
+        failure = source.gate.failure
+        if failure is None or failure.key not in ("invalid_auth", "account_locked"):
+            continue
+        try:
+            password = await asyncio.to_thread(read)
+        except Exception as e:  # the vault is being rewritten, or now unreadable: say so, try again later
+            log.warning("credentials.reread_failed", error=str(e))
+            continue
+        if password != current:
+            current = password
+            source.set_password(password)
 
 
 HOUSEKEEPING_SECONDS = 3600.0
@@ -252,7 +341,7 @@ async def _housekeeping(gw: Gateway, journal: CommandJournal) -> None:
 
 
 async def stop_gateway(gw: Gateway) -> None:
-    for task in (gw.tunnel_task, gw.housekeeping_task):
+    for task in (gw.tunnel_task, gw.housekeeping_task, gw.credentials_task):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -7,13 +7,19 @@
     ├── NotFound                 the mailbox, folder or item does not exist (any more)
     ├── TransientError           retry later, with back-off
     │   ├── Throttled                the server asked us to wait ``back_off`` seconds
-    │   └── Unavailable              cannot connect, 5xx, connection reset
+    │   └── Unavailable              a peer failed for now (a connection reset, a timeout, a store down)
+    │       └── Unreachable              the endpoint cannot be used at all, for any mailbox: no connection
+    │                                    (cannot_connect), unknown host (unknown_host), TLS refused (tls_error),
+    │                                    an HTTP error status (http_error)
     ├── PreconditionFailed       re-plan: the state changed under us (stale change key, invalid sync state)
     │   └── SyncStateInvalid         the server rejected our sync state; resync from scratch
     └── ProtocolError            dead-letter: a peer sent something malformed or unexpected
 
 Every error carries a stable ``key`` (for logs, metrics and status pages) and a ``remedy`` that tells a
 person what to do. Third-party exceptions are translated into this tree at the adapter boundary.
+
+Some failures are the same for every mailbox of an account (``shared``): refused credentials, an unreachable
+server, throttling. One attempt tells the answer for all; callers stop every room behind it and retry with one.
 """
 
 from __future__ import annotations
@@ -70,6 +76,28 @@ class Throttled(TransientError):
 class Unavailable(TransientError):
     key = "cannot_connect"
     remedy = "check that the server is up and reachable from the gateway"
+
+
+class Unreachable(Unavailable):
+    """The endpoint itself fails: every request of the account would fail alike. ``host`` and ``status`` (the HTTP
+    status, when there was an answer) are the detail a person needs."""
+
+    key = "cannot_connect"
+    remedy = "check that the server is up and reachable from the gateway"
+
+    def __init__(self, message: str, *, key: str | None = None, remedy: str | None = None, host: str = "",
+                 status: int | None = None) -> None:
+        super().__init__(message, key=key, remedy=remedy)
+        self.host = host
+        self.status = status
+
+
+def is_shared(e: BaseException) -> bool:
+    """True for a failure that every mailbox of the account meets alike: the account's own credentials refused (a
+    plain AuthError, not a right on one mailbox), the server unreachable, or throttling."""
+    if type(e) is AuthError:
+        return e.key == AuthError.key
+    return isinstance(e, Unreachable | Throttled)
 
 
 class PreconditionFailed(GatewayError):

@@ -186,9 +186,18 @@ ROOM_STATES = {
     "mailbox_not_found": "Exchange has no mailbox at this address; check the address in the configuration",
     "impersonation_denied": "the service account may not impersonate this room; extend the "
                             "ApplicationImpersonation scope to it",
-    "auth_required": "Exchange refused the service account's credentials; run `gateway credentials set`",
+    "polling": "in sync by polling: the change feed is down and restarts with back-off, so changes arrive "
+               "within the poll interval; see the logs for why the feed stopped",
+    "auth_required": "Exchange refused the service account's credentials; run `gateway credentials set exchange`",
+    "account_locked": "Active Directory has locked the service account out; unlock it and check its password",
     "throttled": "Exchange is throttling the service account; syncs resume after its back-off",
-    "cannot_connect": "Exchange cannot be reached; check the EWS URL and the network",
+    "cannot_connect": "Exchange cannot be reached; check that it is up, the host and port in exchange.ews_url, "
+                      "and the firewall",
+    "unknown_host": "the host name in exchange.ews_url does not resolve; check it and the gateway's DNS",
+    "tls_error": "the TLS connection to Exchange failed; check its certificate or exchange.ca_bundle",
+    "http_error": "Exchange answered with an HTTP error; 404 means the path in exchange.ews_url is wrong "
+                  "(/EWS/Exchange.asmx), 5xx that EWS itself is failing on the server",
+    "exchange_error": "Exchange answered with an error for this room; retried automatically",
     "suspect_empty": "the room suddenly lists no bookings although many were known; nothing was deleted; "
                      "the next syncs confirm or clear it",
     "disconnected": "removed from the configuration",

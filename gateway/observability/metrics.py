@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,15 +73,18 @@ class StateCollector(Collector):
 
     def __init__(self, rooms: Callable[[], dict[str, tuple[str, float | None]]],
                  outbox: Callable[[], tuple[int, datetime | None]],
-                 streams: Callable[[], tuple[int, int]] | None = None) -> None:
+                 streams: Callable[[], tuple[int, int]] | None = None, *, states: Iterable[str] = (),
+                 feed_up: Callable[[], bool | None] | None = None) -> None:
         self.rooms = rooms
         self.outbox = outbox
         self.streams = streams
+        self.states = tuple(states)  # every state is exported, 0 when no room is in it (alerts need the zero)
+        self.feed_up = feed_up
 
     def collect(self) -> Iterator[Any]:
         rooms = self.rooms()
         by_state = GaugeMetricFamily("gateway_rooms", "Rooms by state", labels=["state"])
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = dict.fromkeys(self.states, 0)
         for state, _ in rooms.values():
             counts[state] = counts.get(state, 0) + 1
         for state, n in sorted(counts.items()):
@@ -101,6 +104,12 @@ class StateCollector(Collector):
                                 value=oldest_age)
         if self.streams is not None:
             subs, conns = self.streams()
-            yield GaugeMetricFamily("gateway_ews_subscriptions", "Open EWS subscriptions", value=subs)
-            yield GaugeMetricFamily("gateway_ews_streaming_connections", "Open EWS streaming connections",
+            yield GaugeMetricFamily("gateway_ews_subscriptions",
+                                    "EWS subscriptions being listened to (on an open stream, or pulled)", value=subs)
+            yield GaugeMetricFamily("gateway_ews_streaming_connections",
+                                    "EWS streaming connections open now (Exchange answered and the stream is read)",
                                     value=conns)
+        up = self.feed_up() if self.feed_up is not None else None
+        if up is not None:
+            yield GaugeMetricFamily("gateway_ews_feed_up", "1 while the change feed (streaming or pull) runs; 0 while "
+                                    "it is down and restarting, and the rooms are polled", value=1 if up else 0)

@@ -6,12 +6,18 @@ timer), each SyncFolderItems page committed together with its sync state -> a pe
 that repairs (and counts) any drift. The window rolls forward: every ``roll_seconds`` the slice that entered
 the window is read, so long series keep producing occurrences.
 
+A failure every room shares (errors.is_shared: refused credentials, Exchange unreachable, throttling) puts every
+room into the same state, with the detail in its reason; the rooms then wait until Exchange is back (the source
+lets one call probe it, see sources/outage.py) instead of each retrying on its own. While the change feed is down
+(app.py restarts it with back-off) every room is synced every ``feed_down_poll_seconds`` and says so (``polling``).
+
 Network calls happen outside store transactions; every store call runs on the store's single writer thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,8 +35,9 @@ from gateway.errors import (
     NotFound,
     SyncStateInvalid,
     Throttled,
-    TransientError,
     Unavailable,
+    Unreachable,
+    is_shared,
 )
 from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, Window, to_json
 from gateway.ports import CalendarSource, OutboxEntry, Store
@@ -52,6 +59,7 @@ class SyncSettings:
     retry_seconds: float = 30.0  # after a transient failure
     auth_retry_seconds: float = 300.0  # after an auth failure (stop-and-ask, but notice fixed credentials)
     max_concurrent_rooms: int = 8
+    feed_down_poll_seconds: float = 60.0  # while the change feed is down, every room is synced this often
 
 
 class RoomWorker:
@@ -90,9 +98,9 @@ class Coordinator:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_rooms)
         self.listeners: list[Callable[[list[OutboxEntry]], None]] = []  # told after each commit (SSE wake-up)
-        self._credentials_ok = asyncio.Event()  # cleared while Exchange refuses the service account
-        self._credentials_ok.set()
-        self._prober: RoomWorker | None = None  # the one room retrying refused credentials
+        self._exchange_ok = asyncio.Event()  # cleared while a failure every room shares lasts
+        self._exchange_ok.set()
+        self.feed_down: str | None = None  # why the change feed is down (then rooms poll), None while it runs
 
     # -- life cycle -----------------------------------------------------------------------------------------
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -145,27 +153,62 @@ class Coordinator:
             except asyncio.CancelledError:
                 raise
             except GatewayError as e:
-                delay = s.auth_retry_seconds if isinstance(e, AuthError) else s.retry_seconds
-                if isinstance(e, Throttled) and e.back_off:
-                    delay = max(e.back_off, 1.0)
-                await self._set_state(w, _state_key(e), str(e))
-                if _credentials_refused(e):
-                    await self._credentials_refused(w, e)
+                shared = is_shared(e)
+                await self._set_state(w, _state_key(e), _reason(e), shared=shared)
+                if shared:
+                    # Every room meets the same answer: wait until a room (or the feed) finds Exchange back.
+                    self._exchange_ok.clear()
+                    await self._exchange_back(_shared_delay(e, s))
                     continue
-                if not isinstance(e, TransientError):
-                    self._credentials_accepted(w)  # Exchange got as far as judging the room itself
-                await asyncio.sleep(delay)
+                self.exchange_recovered()  # Exchange got as far as judging the room itself
+                await asyncio.sleep(s.auth_retry_seconds if isinstance(e, AuthError) else s.retry_seconds)
             except Exception:
                 log.exception("sync.room_failed", room=w.email)
-                await self._set_state(w, "cannot_connect", "unexpected error; see the logs")
+                await self._set_state(w, "exchange_error", "unexpected error; see the logs")
                 await asyncio.sleep(s.retry_seconds)
+
+    async def _exchange_back(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._exchange_ok.wait()
+
+    def exchange_recovered(self) -> None:
+        """Exchange answered again: the rooms waiting behind a shared failure retry now."""
+        self._exchange_ok.set()
 
     async def _verify(self, w: RoomWorker) -> None:
         async with self._slots:
             await self.source.verify(w.email)
-        self._credentials_accepted(w)
-        if w.state not in ("verified", "suspect_empty"):
+        self.exchange_recovered()
+        if w.state not in ("verified", "polling", "suspect_empty"):
+            await self._in_sync(w)
+
+    async def _in_sync(self, w: RoomWorker) -> None:
+        """The room is in sync: ``verified``, or ``polling`` while the change feed is down."""
+        if self.feed_down is None:
             await self._set_state(w, "verified", "")
+        else:
+            await self._set_state(w, "polling", self.feed_down)
+
+    # -- the change feed ---------------------------------------------------------------------------------------
+    async def feed_stopped(self, why: str) -> None:
+        """The change feed is down (it is restarted with back-off): sync every room every
+        ``feed_down_poll_seconds`` meanwhile, and say so in the rooms' state."""
+        self.feed_down = f"change feed down ({why}); polling every {self.settings.feed_down_poll_seconds:g} s"
+        for w in list(self.workers.values()):
+            if w.state in ("verified", "polling"):
+                await self._set_state(w, "polling", self.feed_down)
+            w.mark_dirty("feed_down")  # wake the room's loop: it polls from now on, and this sync finds any gap
+
+    async def feed_running(self) -> None:
+        """The change feed runs again: notifications drive the syncs; a sync of every room repairs the gap."""
+        if self.feed_down is None:
+            return
+        self.feed_down = None
+        for w in list(self.workers.values()):
+            if w.state == "polling":
+                await self._set_state(w, "verified", "")
+            w.mark_dirty("feed_running")
 
     async def _loop(self, w: RoomWorker) -> None:
         s = self.settings
@@ -174,8 +217,11 @@ class Coordinator:
         while True:
             timeouts = [s.reconcile_seconds - (time.monotonic() - last_reconcile),
                         s.roll_seconds - (time.monotonic() - last_roll)]
-            if s.poll_seconds > 0:
-                timeouts.append(s.poll_seconds)
+            poll = s.poll_seconds
+            if self.feed_down is not None:
+                poll = min(poll, s.feed_down_poll_seconds) if poll > 0 else s.feed_down_poll_seconds
+            if poll > 0:
+                timeouts.append(poll)
             try:
                 # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives just as the room is
                 # marked dirty (a feed reconnecting while the gateway stops), and stop() then waits forever.
@@ -186,7 +232,7 @@ class Coordinator:
             if w.dirty.is_set():
                 await asyncio.sleep(s.debounce_seconds)  # one user action is several events
                 await self.sync_changes(w)
-            elif s.poll_seconds > 0:
+            elif poll > 0:
                 await self.sync_changes(w)
             if time.monotonic() - last_reconcile >= s.reconcile_seconds:
                 await self.reconcile(w)
@@ -208,7 +254,7 @@ class Coordinator:
             if not page.more:
                 break
         await self.reconcile(w, drift=False)
-        await self._set_state(w, "verified", "")
+        await self._in_sync(w)
 
     async def sync_changes(self, w: RoomWorker) -> None:
         """Incremental: SyncFolderItems pages from the stored state; changed meetings re-read over the window."""
@@ -261,7 +307,7 @@ class Coordinator:
         w.empty_reads = 0
         await self._commit(w, result)
         if w.state == "suspect_empty":
-            await self._set_state(w, "verified", "")
+            await self._in_sync(w)
         w.horizon = window.end
         w.last_success = time.monotonic()
         if drift and result.changes and self.metrics is not None:
@@ -295,28 +341,6 @@ class Coordinator:
         await self.db(self.store.commit_sync, email, upserts=(), deletes=list(known), events=events,
                       clear_sync_state=True)
         await self.db(self.store.remove_room, email)
-
-    # -- the service account's credentials -------------------------------------------------------------------
-    async def _credentials_refused(self, w: RoomWorker, e: GatewayError) -> None:
-        """Exchange refused the service account itself, so every room fails alike: say so once, and let one room
-        retry every ``auth_retry_seconds`` while the others wait for it (each failed logon counts towards the
-        account's lockout threshold in Active Directory)."""
-        if self._credentials_ok.is_set():
-            self._credentials_ok.clear()
-            log.error("exchange.auth_failed", error=str(e), remedy=ROOM_STATES["auth_required"],
-                      retry_seconds=self.settings.auth_retry_seconds)
-        if self._prober is not None and self._prober is not w:
-            await self._credentials_ok.wait()
-            return
-        self._prober = w
-        await asyncio.sleep(self.settings.auth_retry_seconds)
-
-    def _credentials_accepted(self, w: RoomWorker) -> None:
-        if self._prober is w:
-            self._prober = None
-        if not self._credentials_ok.is_set():
-            self._credentials_ok.set()
-            log.info("exchange.auth_restored", room=w.email)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _private(self, room: str, bookings: list[Booking]) -> list[Booking]:
@@ -353,8 +377,10 @@ class Coordinator:
         return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_state"], room=room.email, subject=room.email,
                      time=self.now(), data=data, source=self.source_name)
 
-    async def _set_state(self, w: RoomWorker, state: str, reason: str) -> None:
-        if state == w.state:
+    async def _set_state(self, w: RoomWorker, state: str, reason: str, *, shared: bool = False) -> None:
+        """Record, announce and log a room's state when it (or its reason) changes. ``shared``: the cause is a
+        failure every room shares, logged once by the source, so the room's own line is only info."""
+        if state == w.state and (w.stored is None or w.stored.reason == reason):
             return
         previous, w.state = w.state, state
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
@@ -366,27 +392,36 @@ class Coordinator:
                                 events=[self._room_event(room)])
         for listener in self.listeners:
             listener(entries)
-        log_fn = log.warning if state not in ("verified", "syncing") else log.info
-        log_fn("room.state", room=w.email, state=state, previous=previous, reason=reason)
+        quiet = shared or state in ("verified", "syncing", "polling") or state == previous
+        (log.info if quiet else log.warning)("room.state", room=w.email, state=state, previous=previous,
+                                             reason=reason)
         if self.metrics is not None:
             self.metrics.room_state(w.email, state)
-
-
-def _credentials_refused(e: GatewayError) -> bool:
-    """The service account's own logon failed (a plain AuthError), not a right on one mailbox."""
-    return type(e) is AuthError and e.key == AuthError.key
 
 
 def _state_key(e: GatewayError) -> str:
     if isinstance(e, ImpersonationDenied):
         return "impersonation_denied"
     if isinstance(e, NotFound):
-        return "mailbox_not_found" if e.key == "mailbox_not_found" else "cannot_connect"
+        return "mailbox_not_found" if e.key == "mailbox_not_found" else "exchange_error"
     if isinstance(e, AuthError):
-        return "auth_required"
+        return "account_locked" if e.key == "account_locked" else "auth_required"
     if isinstance(e, Throttled):
         return "throttled"
+    if isinstance(e, Unreachable):
+        return e.key if e.key in ROOM_STATES else "cannot_connect"
     if isinstance(e, Unavailable):
-        return "cannot_connect"
-    return e.key if e.key in ROOM_STATES else "cannot_connect"
+        return "exchange_error" if e.key != "cannot_connect" else "cannot_connect"
+    return e.key if e.key in ROOM_STATES else "exchange_error"
 
+
+def _reason(e: GatewayError) -> str:
+    """The error's own words (with the detail: the host, the status, the address), without its remedy (the room
+    carries that separately)."""
+    return str(e.args[0]) if e.args else e.key
+
+
+def _shared_delay(e: GatewayError, s: SyncSettings) -> float:
+    if isinstance(e, Throttled):
+        return max(e.back_off or s.retry_seconds, 1.0)
+    return s.auth_retry_seconds if isinstance(e, AuthError) else s.retry_seconds
