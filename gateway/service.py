@@ -135,29 +135,31 @@ async def sync_room_once(options: GatewayOptions, room: str) -> int:
 async def doctor(config_path: Path | None) -> int:
     """Check everything the gateway needs, one line each with a stable key and, when red, the remedy.
 
-    Configuration by doing: it reads the file, opens the vault, logs on to Exchange and verifies every room.
+    Configuration by doing: it reads the file, opens the vault, logs on to Exchange once and then checks every
+    room with what the gateway will use (gateway/doctor.py).
     """
     from gateway.config import check_config
+    from gateway.doctor import Report, check_exchange
 
-    failed = False
+    report = Report(config_path)
 
     def line(ok: bool, what: str, key: str = "ok", remedy: str = "") -> None:
-        nonlocal failed
-        failed = failed or not ok
-        mark = "ok  " if ok else "FAIL"
-        print(f"{mark}  {what:<48} {key}{'  -> ' + remedy if remedy else ''}")
+        report.line("ok" if ok else "FAIL", what, key, remedy)
 
     cfg, problems = check_config(config_path)
     if cfg is None:
         for p in problems:
             line(False, f"configuration {p.where or ''}".strip(), p.key, p.message)
+        report.summary()
         return 1
+    report.config = cfg.source or config_path  # remedies name the file actually used
     line(True, f"configuration {cfg.source or '(defaults and environment)'}")
     try:
         options = options_from_config(cfg)
     except GatewayError as e:
         what = {"not_enrolled": "relay identity"}.get(e.key, "service account password")
         line(False, what, e.key, e.remedy or str(e))
+        report.summary()
         return 1
     line(True, "service account password (from the vault)")
     if options.relay.enabled and options.identity is not None:
@@ -180,25 +182,8 @@ async def doctor(config_path: Path | None) -> int:
         line(False, f"store {store_path}", e.key, e.remedy or str(e))
     source = EwsSource(options.ews, options.password)
     try:
-        rooms = list(options.rooms)
-        for room_list in options.room_lists:
-            try:
-                members = await source.room_list_members(room_list)
-                line(bool(members), f"room list {room_list}", "ok" if members else "room_list_empty",
-                     "" if members else "the list has no rooms; check its address and membership")
-                rooms += members
-            except GatewayError as e:
-                line(False, f"room list {room_list}", e.key, e.remedy or str(e))
-        if not rooms:
-            line(False, "rooms", "no_rooms", "list room mailboxes (rooms.mailboxes) or room lists (rooms.room_lists)")
-        for room in sorted({r.lower() for r in rooms}):
-            try:
-                await source.verify(room)
-                line(True, f"room {room}")
-            except GatewayError as e:
-                key = {"invalid_auth": "auth_required"}.get(e.key, e.key)
-                line(False, f"room {room}", key, e.remedy or ROOM_STATES.get(key, str(e)))
+        await check_exchange(source, options, report)
     finally:
         await source.close()
-    print("all green" if not failed else "some checks failed: fix them and run `gateway doctor` again")
-    return 1 if failed else 0
+    report.summary()
+    return 1 if report.failed else 0

@@ -281,3 +281,65 @@ async def test_a_change_feed_that_dies_is_logged_restarted_and_rooms_poll_meanwh
     assert len(failed) == 1 and failed[0]["task"] == f"feed:{feed}" and error in failed[0]["error"]
     assert type(failed[0]["exc_info"]).__name__ == error  # the traceback, once
     assert all("exc_info" not in e for e in logs if e["event"] == "task.failed_again")
+
+
+# -- 2. doctor: one diagnosis per problem ---------------------------------------------------------------------------
+def doctor_lines(out: str) -> list[list[str]]:
+    """The report's check lines as [mark, what, key, text]."""
+    rows = []
+    for line in out.splitlines():
+        mark = line[:4].strip()
+        if mark not in ("ok", "warn", "FAIL", "skip"):
+            continue
+        head, _, text = line[6:].partition("  -> ")
+        what, _, key = head.rstrip().rpartition(" ")
+        rows.append([mark, what.strip(), key, text])
+    return rows
+
+
+async def run_doctor(tmp_path: Any, capsys: Any, monkeypatch: Any, url: str, rooms: list[str],
+                     room_lists: tuple[str, ...] = ()) -> tuple[int, list[list[str]]]:
+    from gateway.service import doctor
+    from tests.test_cli_gateway import write_config
+
+    monkeypatch.setenv("DIAG_EXCHANGE_PASSWORD", SERVICE_PASSWORD)
+    cfg = write_config(tmp_path, url, rooms, closed_port(), room_lists=room_lists,
+                       password_ref="env:DIAG_EXCHANGE_PASSWORD")
+    capsys.readouterr()
+    code = await doctor(cfg)
+    return code, doctor_lines(capsys.readouterr().out)
+
+
+async def test_doctor_tells_a_wrong_path_a_closed_port_an_unknown_host_and_a_missing_room_list_apart(
+        ews, tmp_path, capsys, monkeypatch):
+    rooms = [ROOM1, ROOM2]
+    port = closed_port()
+    cases = {
+        "wrong path": (ews.url.replace("/EWS/Exchange.asmx", "/EWS/Exchange.aspx"), ()),
+        "closed port": (f"http://127.0.0.1:{port}/EWS/Exchange.asmx", ()),
+        "unknown host": ("https://exchange.nonexistent.invalid/EWS/Exchange.asmx", ()),
+        "no such room list": (ews.url, ("rooms-nowhere@contoso.com",)),
+    }
+    found: dict[str, list[str]] = {}
+    for case, (url, lists) in cases.items():
+        code, lines = await run_doctor(tmp_path, capsys, monkeypatch, url, rooms, lists)
+        failed = [ln for ln in lines if ln[0] == "FAIL"]
+        assert code == 1 and len(failed) == 1, (case, lines)
+        found[case] = failed[0]
+        if case != "no such room list":  # the logon failed: one line, and no room was tried
+            assert failed[0][1].startswith(f"Exchange {url}"), lines
+            assert [ln[:3] for ln in lines if ln[0] == "skip"] == [["skip", "rooms and room lists (2)", "not_checked"]]
+            assert not [ln for ln in lines if ln[1].startswith("room ")], lines
+        else:
+            assert [ln[1] for ln in lines if ln[0] == "ok" and ln[1].startswith("room ")] == [f"room {ROOM1}",
+                                                                                             f"room {ROOM2}"]
+    keys = {case: line[2] for case, line in found.items()}
+    assert keys == {"wrong path": "http_error", "closed port": "cannot_connect", "unknown host": "unknown_host",
+                    "no such room list": "room_list_not_found"}
+    assert "HTTP 404" in found["wrong path"][3] and "/EWS/Exchange.aspx" in found["wrong path"][3]
+    assert "/EWS/Exchange.asmx" in found["wrong path"][3]  # the remedy names the right path
+    assert f"127.0.0.1:{port}" in found["closed port"][3] and "refused" in found["closed port"][3]
+    assert "exchange.nonexistent.invalid" in found["unknown host"][3] and "DNS" in found["unknown host"][3]
+    assert found["no such room list"][1] == "room list rooms-nowhere@contoso.com"
+    assert "rooms-nowhere@contoso.com" in found["no such room list"][3]
+    assert len({line[3] for line in found.values()}) == 4  # four remedies, not one

@@ -16,6 +16,9 @@ class Faults:
     # operation -> local names of elements left out of its answer (a malformed response from another server,
     # e.g. {"Subscribe": {"Watermark"}}: a SubscribeResponse without the watermark)
     omit: dict[str, set[str]] = field(default_factory=dict)
+    # operation -> the EWS error code it is refused with, as a SOAP fault (a server without that operation answers
+    # ErrorInvalidOperation)
+    refuse: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random)
 
@@ -45,5 +48,6 @@ class Faults:
     def clear(self) -> None:
         self.latency.clear()
         self.omit.clear()
+        self.refuse.clear()
         self.http_503_next = 0
         self.http_503_rate = 0.0

@@ -144,6 +144,8 @@ class Simulator:
             target, impersonating = self._impersonate(user, req.header)
             tz = self._tz_context(req.header)
             handler = OPERATIONS.get(operation)
+            if operation in self.faults.refuse:
+                raise EwsError(self.faults.refuse[operation], f"{operation} is refused (injected).", fault=True)
             if handler is None:
                 raise EwsError("ErrorInvalidOperation", f"The simulator does not implement {operation}.",
                                fault=True)

@@ -231,12 +231,17 @@ def _connection_failure(e: BaseException, host: str) -> Unreachable | None:
             return Unreachable(f"{where} answered HTTP {c.status} {c.reason}".rstrip()
                                + f" for {urlsplit(c.url).path or '/'}{detail}", key="http_error",
                                remedy=remedy, host=host, status=c.status)
-    for c in chain:
-        if isinstance(c, requests.exceptions.SSLError | ssl.SSLError):
-            why = str(c.args[0] if c.args and isinstance(c.args[0], BaseException) else c)
-            return Unreachable(f"TLS with {where} failed: {_short(why)}", key="tls_error", host=host,
-                               remedy="check the server's certificate, or give the CA that issued it in "
-                                      "exchange.ca_bundle")
+    tls: list[BaseException] = [c for c in chain if isinstance(c, ssl.SSLError)] or [
+        c for c in chain if isinstance(c, requests.exceptions.SSLError)]
+    if tls:
+        cause = tls[-1]  # the innermost says it best ("certificate verify failed: self-signed certificate")
+        why = (cause.verify_message if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message
+               else getattr(cause, "reason", None) or str(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = f"certificate verify failed: {why}"
+        return Unreachable(f"TLS with {where} failed: {_short(str(why))}", key="tls_error", host=host,
+                           remedy="check the server's certificate, or give the CA that issued it in "
+                                  "exchange.ca_bundle")
     names = {type(c).__name__ for c in chain}
     if any(isinstance(c, socket.gaierror) for c in chain) or "NameResolutionError" in names:
         return Unreachable(f"the host name {where.rsplit(':', 1)[0]} cannot be resolved", key="unknown_host",
@@ -550,6 +555,50 @@ class EwsSource:
                                remedy="check rooms.room_lists: `Get-DistributionGroup -RecipientTypeDetails "
                                       "RoomList` shows the room lists' addresses") from e
         return await self._run(None, members)
+
+    # -- what `gateway doctor` asks besides -------------------------------------------------------------------
+    async def room_lists(self) -> list[str]:
+        """The organisation's room lists (GetRoomLists, as the service account itself: no mailbox needed, so it is
+        the logon check)."""
+        def lists() -> list[str]:
+            return [r.email_address.lower() for r in Protocol(config=self.config).get_roomlists()]
+        return await self._run(None, lists)
+
+    async def mailbox_kind(self, address: str) -> tuple[str, str | None]:
+        """What the directory says an address is (ResolveNames): ("person", name) for a mailbox with a given name
+        and a surname, ("group", name) for a distribution group (a room list too), ("mailbox", name) otherwise,
+        ("unknown", None) when nothing resolves. EWS has no room flag before FindPeople, so this is evidence, not
+        proof: room mailboxes normally carry neither a given name nor a surname."""
+        def resolve() -> tuple[str, str | None]:
+            try:
+                found = Protocol(config=self.config).resolve_names([address], return_full_contact_data=True)
+            except xerr.ErrorNameResolutionNoResults:
+                return "unknown", None
+            for entry in found:
+                if isinstance(entry, Exception) or not isinstance(entry, tuple):
+                    continue
+                mailbox, contact = entry
+                if (mailbox.email_address or "").lower() != address.lower():
+                    continue
+                name = mailbox.name or (contact.display_name if contact else None)
+                if mailbox.mailbox_type in ("PublicDL", "PrivateDL", "GroupMailbox"):
+                    return "group", name
+                if contact is not None and contact.given_name and contact.surname:
+                    return "person", name
+                return "mailbox", name
+            return "unknown", None
+        return await self._run(address, resolve)
+
+    async def check_sync(self, room: str) -> None:
+        """One SyncFolderItems of the room's calendar (one change at most): what every sync of the room needs."""
+        def sync() -> None:
+            acct = self.account(room)
+            for result in _RawSyncFolderItems(account=acct).call(
+                    folder=acct.calendar, shape="IdOnly", additional_fields=set(), sync_state=None, ignore=None,
+                    max_changes_returned=1, sync_scope=None):
+                if isinstance(result, Exception):
+                    raise result
+        await self._run(room, sync)
 
     async def read_window(self, room: str, window: Window) -> list[Booking]:
         def read() -> list[Booking]:

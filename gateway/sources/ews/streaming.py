@@ -387,3 +387,21 @@ class PullFeed:
                 await asyncio.sleep(self.interval)
         finally:
             subs.clear()  # nobody polls them any more
+
+
+async def check_subscription(source: EwsSource, room: str, kind: str) -> None:
+    """Subscribe the room the way the feed of ``kind`` (streaming or pull) will, and unsubscribe at once: what
+    `gateway doctor` does so that a feed that cannot work is found before the gateway runs."""
+    def probe() -> None:
+        folder = source.account(room).calendar
+        with source.guarded(room):
+            if kind == "pull":
+                sub_id, watermark = folder.subscribe_to_pull(timeout=1)
+                if not watermark:
+                    raise FeedBroken(f"Exchange answered Subscribe for {room} without a Watermark")
+            else:
+                sub_id = folder.subscribe_to_streaming()
+            if not sub_id:
+                raise FeedBroken(f"Exchange answered Subscribe for {room} without a SubscriptionId")
+            folder.unsubscribe(sub_id)
+    await asyncio.get_running_loop().run_in_executor(source._pool, probe)
