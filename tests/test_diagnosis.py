@@ -96,6 +96,12 @@ async def test_throttling_is_what_exchange_says_with_its_back_off(ews):
     assert "1.5 s" in str(e) and "ErrorServerBusy" in str(e)
 
 
+async def test_a_soap_fault_exchangelib_does_not_know_is_an_answer_not_an_outage(ews):
+    ews.call(lambda: ews.sim.faults.refuse.update({"GetFolder": "ErrorNotKnownToAnyone"}))
+    e = await failure(source(ews.url))
+    assert e.key == "exchange_error" and not is_shared(e) and "ErrorNotKnownToAnyone" in str(e)
+
+
 async def test_a_mailbox_that_does_not_exist_is_mailbox_not_found_not_cannot_connect(ews):
     e = await failure(source(ews.url), "nobody@contoso.com")
     assert e.key == "mailbox_not_found" and "nobody@contoso.com" in str(e) and not is_shared(e)

@@ -47,6 +47,7 @@ class OutageGate:
         self._settled = False  # some call has been answered (or refused for all): calls no longer go one by one
         self._probing = False
         self._reminded = 0.0
+        self._last_failure = 0.0
 
     # -- around every call -----------------------------------------------------------------------------------
     def admit(self) -> bool:
@@ -84,7 +85,8 @@ class OutageGate:
                 self._probing = False
             if error is None or (isinstance(error, GatewayError) and not is_shared(error)):
                 self._settled = True
-                self._end()
+                if not self._still_throttled():
+                    self._end()
             elif isinstance(error, GatewayError):
                 self._settled = True
                 self._fail(error, probe)
@@ -107,6 +109,7 @@ class OutageGate:
     # -- state changes (under the lock) ---------------------------------------------------------------------------
     def _fail(self, error: GatewayError, probe: bool) -> None:
         now = self.clock()
+        self._last_failure = now
         current = self.failure
         if current is None or current.key != error.key:
             self.failure, self.since, self.attempts, self._reminded = error, now, 1, now
@@ -123,6 +126,15 @@ class OutageGate:
             self.attempts += 1
             self.retry_at = now + self._delay(error, self.attempts)
         self._remind()
+
+    def _still_throttled(self) -> bool:
+        """Under throttling some requests pass and others are refused: it has ended only once a request passes
+        well after the last refusal (otherwise every pass and refusal would be logged)."""
+        failure = self.failure
+        if not isinstance(failure, Throttled):
+            return False
+        quiet = 2 * max(failure.back_off or 0.0, self.retry_seconds)
+        return self.clock() - self._last_failure < quiet
 
     def _end(self) -> None:
         failure = self.failure

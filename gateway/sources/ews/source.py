@@ -289,7 +289,8 @@ def translate(e: BaseException, room: str | None = None, endpoint: str = "") -> 
                                 "service account's EWS throttling budget (New-ThrottlingPolicy)")
     if isinstance(e, xerr.ErrorImpersonateUserDenied):
         return ImpersonationDenied(f"the service account may not impersonate {room}")
-    if isinstance(e, xerr.ErrorNonExistentMailbox | xerr.ErrorMailRecipientNotFound):
+    if isinstance(e, xerr.ErrorNonExistentMailbox | xerr.ErrorMailRecipientNotFound | xerr.ErrorInvalidSmtpAddress
+                  | xerr.ErrorNameResolutionNoMailbox) or (room and isinstance(e, xerr.ErrorNameResolutionNoResults)):
         return NotFound(f"Exchange has no mailbox {room}", key="mailbox_not_found",
                         remedy="check the room's address in the configuration")
     if isinstance(e, xerr.UnauthorizedError):
@@ -308,8 +309,10 @@ def translate(e: BaseException, room: str | None = None, endpoint: str = "") -> 
         return NotFound(f"{e}{where}")
     if isinstance(e, xerr.ErrorCalendarViewRangeTooBig):
         return ProtocolError(f"calendar view too large{where}")
-    if isinstance(e, xerr.SOAPError | xerr.MalformedResponseError | xerr.RedirectError):
-        # Not an EWS answer at all: the URL names something else (a web page, a proxy's error page).
+    if isinstance(e, xerr.RedirectError | xerr.MalformedResponseError) or (
+            isinstance(e, xerr.SOAPError) and str(e).startswith("Bad SOAP response")):
+        # Not an EWS answer at all: the URL names something else (a web page, a proxy's error page). A SOAP fault
+        # with a code exchangelib does not know is an answer, though, for this request only (below).
         return Unreachable(f"{host or 'the server'} did not answer as Exchange Web Services: {_short(str(e))}",
                            key="http_error", host=host,
                            remedy="check exchange.ews_url: it must name https://<your CAS>/EWS/Exchange.asmx")
