@@ -293,9 +293,8 @@ async def _run_feed(gw: Gateway) -> None:
 
     async def down(error: BaseException, restart_seconds: float) -> None:
         gw.feed_up = False
-        what = f"{type(error).__name__}: {error}"
-        what = what if len(what) <= 120 else what[:119] + "\u2026"
-        await coordinator.feed_stopped(f"{what}; restarting in {restart_seconds:g} s")
+        what = f"{type(error).__name__}: {error}"  # no restart time: the rooms' reason stays put while it repeats
+        await coordinator.feed_stopped(what if len(what) <= 120 else what[:119] + "\u2026")
 
     await supervise(f"feed:{gw.options.feed}", run, retry_seconds=gw.options.feed_restart_seconds, on_down=down)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 from typing import Any
 
@@ -283,6 +284,10 @@ async def test_a_change_feed_that_dies_is_logged_restarted_and_rooms_poll_meanwh
         await eventually(lambda: all(g.state(r) == "verified" for r in (ROOM1, ROOM2)), what="verified again")
         assert await g.metric("gateway_ews_feed_up") == 1
         await eventually(lambda: g.gw.feed is not None and g.gw.feed.subscriptions == 2, what="subscribed")
+        # Announced when it changes, not again on every restart of the feed (the same state twice in a row would be
+        # a restart announced as news).
+        states = g.states(ROOM1)
+        assert states[-1] == "verified" and all(a != b for a, b in itertools.pairwise(states)), states
     failed = [e for e in logs if e["event"] == "task.failed"]
     assert len(failed) == 1 and failed[0]["task"] == f"feed:{feed}" and error in failed[0]["error"]
     assert type(failed[0]["exc_info"]).__name__ == error  # the traceback, once
