@@ -54,6 +54,8 @@ class OutageGate:
         """Before a call. Returns True when the call is the probe (the one call let through to find out); raises a
         copy of the shared failure while it lasts and no probe is due. Blocks only while the very first call is
         out."""
+        if self.failure is None and self._settled:
+            return False  # the common case, without the lock
         with self._cond:
             while True:
                 failure = self.failure
