@@ -13,7 +13,7 @@ import structlog
 
 from gateway import __version__, apikeys, credentials
 from gateway.errors import GatewayError
-from gateway.relay import enroll, hubcli
+from gateway.relay import enroll
 
 log = structlog.get_logger("gateway.cli")
 
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _logging_options(apikeys.register_cli(subs), default_level="warning")
     _logging_options(enroll.register_cli(subs), default_level="warning")
     _logging_options(enroll.register_rotate_cli(subs), default_level="warning")
+    from gateway.hub import cli as hubcli  # the hub is its own product; only its CLI is mounted here
+
     hubcli.register_cli(subs)  # each hub subcommand carries the logging options itself
 
     sim = subs.add_parser("simulator", help="run the Exchange 2016 (EWS) simulator with seeded rooms, people and "
@@ -254,6 +256,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "rotate-key":
         return enroll.run_rotate_cli(args)
     if args.command == "hub":
+        from gateway.hub import cli as hubcli
+
         return hubcli.run_cli(args)
     if args.command == "demo":
         from gateway import demo
