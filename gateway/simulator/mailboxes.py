@@ -121,6 +121,7 @@ class Mailbox:
     capacity: int | None = None
     processing: CalendarProcessing | None = None
     impersonation: str | frozenset[str] | None = None  # None, "rooms", "all", or explicit addresses
+    full_access: frozenset[str] = frozenset()  # delegates (Add-MailboxPermission -AccessRights FullAccess)
     backend: int = 0
     seq: int = 0
     folders: dict[str, Folder] = field(default_factory=dict)
@@ -212,6 +213,11 @@ class Directory:
         if scope == "rooms":
             return target.kind == "room"
         return isinstance(scope, frozenset) and target.smtp in scope
+
+    def grant_full_access(self, mailbox: str, delegate: str) -> None:
+        """Add-MailboxPermission -AccessRights FullAccess: ``delegate`` may open ``mailbox`` without impersonation."""
+        target, user = self.get(mailbox), self.get(delegate)
+        target.full_access = target.full_access | {user.smtp}
 
     def person(self, email: str, name: str = "") -> Person:
         mb = self.find(email)

@@ -18,8 +18,7 @@ def target_mailbox(ctx: Context, el: etree._Element) -> Mailbox:
         return ctx.mailbox
     address = (mb_el.findtext(f"{{{TNS}}}EmailAddress") or "").strip()
     mailbox = ctx.directory.get(address)
-    if mailbox is not ctx.mailbox and mailbox is not ctx.principal and not ctx.directory.may_impersonate(
-            ctx.principal, mailbox):
+    if not ctx.may_open(mailbox):
         raise EwsError("ErrorAccessDenied", "Access is denied. Check credentials and try again.")
     return mailbox
 
@@ -35,7 +34,7 @@ def resolve_folder(ctx: Context, el: etree._Element) -> Folder:
         if mb_idx >= len(ctx.directory.by_idx):
             raise EwsError("ErrorFolderNotFound", "The specified folder could not be found in the store.")
         mailbox = ctx.directory.by_idx[mb_idx]
-        if mailbox is not ctx.mailbox and not ctx.directory.may_impersonate(ctx.principal, mailbox):
+        if not ctx.may_open(mailbox):
             raise EwsError("ErrorAccessDenied", "Access is denied. Check credentials and try again.")
         if no >= len(mailbox.folder_list):
             raise EwsError("ErrorFolderNotFound", "The specified folder could not be found in the store.")

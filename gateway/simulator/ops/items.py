@@ -47,8 +47,7 @@ def _t(name: str) -> str:
 
 
 def _check_access(ctx: Context, item: CalendarItem) -> None:
-    mb = item.mailbox
-    if mb is ctx.mailbox or mb is ctx.principal or ctx.directory.may_impersonate(ctx.principal, mb):
+    if ctx.may_open(item.mailbox):
         return
     raise EwsError("ErrorAccessDenied", "Access is denied. Check credentials and try again.")
 
