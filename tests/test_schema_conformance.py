@@ -11,7 +11,7 @@ import re
 from datetime import timedelta
 
 import requests
-from exchangelib import CalendarItem, EWSDateTime
+from exchangelib import CalendarItem, EWSDateTime, Folder
 from exchangelib.items import SEND_TO_ALL_AND_SAVE_COPY
 from lxml import etree
 
@@ -51,6 +51,10 @@ def test_every_operation_request_and_response_validates(sim_factory):
     # ConvertId (version discovery), GetFolder, FindFolder
     organizer = ews.organizer("alice@contoso.com")
     list(organizer.root.children)
+    # CreateFolder, DeleteFolder
+    made = Folder(parent=organizer.msg_folder_root, name="Conformance", folder_class="IPF.Note")
+    made.save()
+    made.delete()
     # CreateItem, GetItem, FindItem, UpdateItem, DeleteItem, and a meeting response (CreateItem AcceptItem)
     start = EWSDateTime.now(TZ).replace(minute=0, second=0, microsecond=0) + timedelta(days=2)
     item = CalendarItem(account=organizer, folder=organizer.calendar, subject="Conformance", start=start,

@@ -24,32 +24,10 @@ from gateway.simulator.calendar import (
     zone,
 )
 from gateway.simulator.mailboxes import Directory
+from gateway.simulator.mapi import ITEM_PROPERTIES, ExtKey, ext_key
 from gateway.simulator.messages import MeetingMessage
 from gateway.simulator.schema import TNS, child_order
 from gateway.simulator.soap import EwsError, parse_bool, parse_datetime, sub, t
-
-PSETID_MEETING = "6ed8da90-450b-101b-98da-00aa003f1305"
-PSETID_PUBLIC_STRINGS = "00020329-0000-0000-c000-000000000046"
-_SET_ALIASES = {PSETID_MEETING: "Meeting", PSETID_PUBLIC_STRINGS: "PublicStrings"}
-
-ExtKey = tuple[str, str, str]
-
-
-def ext_key(uri: etree._Element) -> ExtKey:
-    """Normalise an ExtendedFieldURI to (property set, name or id, type)."""
-    pset = uri.get("DistinguishedPropertySetId")
-    if pset is None and uri.get("PropertySetId"):
-        guid = uri.get("PropertySetId", "").strip("{}").lower()
-        pset = _SET_ALIASES.get(guid, guid)
-    if uri.get("PropertyTag"):
-        tag = uri.get("PropertyTag", "")
-        num = int(tag, 16) if tag.lower().startswith("0x") else int(tag)
-        return ("tag", str(num), uri.get("PropertyType", ""))
-    name = uri.get("PropertyName")
-    if name is None:
-        pid = uri.get("PropertyId", "0")
-        name = str(int(pid, 16) if pid.lower().startswith("0x") else int(pid))
-    return (pset or "", name, uri.get("PropertyType", ""))
 
 
 @dataclass
@@ -95,6 +73,9 @@ class View:
     """An item, or one instance of a series, as it is about to be rendered."""
 
     __slots__ = ("directory", "inst", "item")
+    item: CalendarItem
+    inst: Instance | None
+    directory: Directory
 
     def __init__(self, item: CalendarItem, inst: Instance | None, directory: Directory) -> None:
         self.item = item
@@ -471,6 +452,9 @@ def check_shape(shape: Shape) -> None:
 
 
 def _ext_value(v: View, key: ExtKey) -> Any:
+    computed = ITEM_PROPERTIES.get(key)
+    if computed is not None:
+        return computed(v)
     pset, name, _ptype = key
     if pset == "Meeting" and name == "35":
         return v.item.goid
@@ -492,12 +476,12 @@ def write_ext(parent: etree._Element, v: View, uri_el: etree._Element) -> None:
     if values is not None:
         vs = sub(el, "t:Values")
         for x in values:
-            sub(vs, "t:Value", _ext_text(x))
+            sub(vs, "t:Value", ext_text(x))
     else:
-        sub(el, "t:Value", _ext_text(value))
+        sub(el, "t:Value", ext_text(value))
 
 
-def _ext_text(value: Any) -> str:
+def ext_text(value: Any) -> str:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, bool):
@@ -708,7 +692,7 @@ def parse_attendees(el: etree._Element, directory: Directory) -> tuple[Attendee,
     return tuple(out)
 
 
-def _ext_from_xml(prop: etree._Element) -> tuple[ExtKey, Any]:
+def ext_from_xml(prop: etree._Element) -> tuple[ExtKey, Any]:
     uri = prop.find(t("ExtendedFieldURI"))
     if uri is None:
         raise EwsError("ErrorInvalidExtendedProperty", "ExtendedProperty without ExtendedFieldURI.")
@@ -768,7 +752,7 @@ def parse_item(el: etree._Element, directory: Directory, tz_context: str | None 
         elif name == "ReminderMinutesBeforeStart":
             out.values["reminder"] = int(text)
         elif name == "ExtendedProperty":
-            key, value = _ext_from_xml(c)
+            key, value = ext_from_xml(c)
             out.ext[key] = value
         elif name == "UID":
             out.values["uid"] = text
@@ -809,4 +793,4 @@ def all_day_bounds(start: datetime, end: datetime, tz: str) -> tuple[datetime, d
     return s.astimezone(UTC), e.astimezone(UTC)
 
 
-__all__ = ["TNS", "Shape", "View", "all_day_bounds", "parse_item", "render"]
+__all__ = ["TNS", "ExtKey", "Shape", "View", "all_day_bounds", "ext_key", "parse_item", "render"]
