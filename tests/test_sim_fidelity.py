@@ -408,7 +408,9 @@ def ical_lines(data: bytes) -> list[str]:
 
 
 def ical_value(lines: list[str], name: str) -> str:
-    found = [line.split(":", 1)[1] for line in lines if re.match(rf"{name}[;:]", line)]
+    """A property of the first VEVENT."""
+    event = lines[lines.index("BEGIN:VEVENT"):lines.index("END:VEVENT")]
+    found = [line.split(":", 1)[1] for line in event if re.match(rf"{name}[;:]", line)]
     assert found, f"no {name} in {lines}"
     return found[0]
 
@@ -435,7 +437,8 @@ def test_get_item_with_mime_content_returns_icalendar(ews):
         assert ical_value(lines, "SUMMARY") == subject
         assert ical_value(lines, "DTSTART") and ical_value(lines, "DTEND")
     single_lines = ical_lines(base64.b64decode(one.find(t("MimeContent")).text))
-    assert not any(line.startswith("RRULE") for line in single_lines)
+    event = single_lines[single_lines.index("BEGIN:VEVENT"):]
+    assert not any(line.startswith("RRULE") for line in event)
     assert ical_value(single_lines, "LOCATION") == "Room 1"
     rrule = ical_value(ical_lines(base64.b64decode(two.find(t("MimeContent")).text)), "RRULE")
     assert "FREQ=DAILY" in rrule and "COUNT=4" in rrule
@@ -463,19 +466,35 @@ END:VCALENDAR\r
 
 
 def test_create_item_from_mime_content(ews):
+    """A calendar item given only as iCalendar (exchangelib insists on Start and End, so this is raw SOAP)."""
     room = ews.room(ROOM)
     start = day_at(9, 10)
     ics = ICS.format(start=start.strftime("%Y%m%dT%H%M%S"),
                      end=(start + dt.timedelta(minutes=45)).strftime("%Y%m%dT%H%M%S"),
                      byday=start.strftime("%a").upper()[:2])
-    item = CalendarItem(account=room, folder=room.calendar, mime_content=ics.encode())
-    item.save()
-    fetched = room.calendar.get(id=item.id)
+    answer = soap(ews, '<m:CreateItem SendMeetingInvitations="SendToNone"><m:SavedItemFolderId>'
+                       '<t:DistinguishedFolderId Id="calendar"/></m:SavedItemFolderId><m:Items><t:CalendarItem>'
+                       f'<t:MimeContent CharacterSet="UTF-8">{base64.b64encode(ics.encode()).decode()}'
+                       '</t:MimeContent></t:CalendarItem></m:Items></m:CreateItem>')
+    assert codes(answer) == ["NoError"], etree.tostring(answer)
+    item_id = answer.find(f".//{t('ItemId')}").get("Id")
+    fetched = room.calendar.get(id=item_id)
     assert (fetched.subject, fetched.location, fetched.uid) == ("From iCalendar", "Lobby", "ext-uid-4711@example.org")
     assert (fetched.start, fetched.end) == (start, start + dt.timedelta(minutes=45))
     assert fetched.type == "RecurringMaster"
     view = list(room.calendar.view(start=start, end=start + dt.timedelta(days=30)))
     assert [v.start for v in view] == [start + dt.timedelta(weeks=n) for n in range(3)]
+    # What GetItem gives back reads in again as the same item.
+    again = ical_lines(fetched.mime_content)
+    assert ical_value(again, "UID") == "ext-uid-4711@example.org"
+    assert "COUNT=3" in ical_value(again, "RRULE")
+
+
+def test_mime_content_that_is_not_icalendar_is_refused(ews):
+    answer = soap(ews, '<m:CreateItem SendMeetingInvitations="SendToNone"><m:Items><t:CalendarItem>'
+                       f'<t:MimeContent CharacterSet="UTF-8">{base64.b64encode(b"hello").decode()}</t:MimeContent>'
+                       '</t:CalendarItem></m:Items></m:CreateItem>')
+    assert codes(answer) == ["ErrorMimeContentInvalid"]
 
 
 def update_subject(ews: Any, item_id: str, carrier: str) -> etree._Element:

@@ -23,6 +23,7 @@ from gateway.simulator.calendar import (
     Recurrence,
     zone,
 )
+from gateway.simulator.ical import Imported, from_ics, to_ics
 from gateway.simulator.mailboxes import Directory
 from gateway.simulator.mapi import ITEM_PROPERTIES, ExtKey, ext_key
 from gateway.simulator.messages import MeetingMessage
@@ -50,6 +51,9 @@ class Shape:
                 shape.base = (child.text or "Default").strip()
             elif name == "BodyType":
                 shape.body_type = (child.text or "Best").strip()
+            elif name == "IncludeMimeContent":
+                if parse_bool(child.text):
+                    shape.uris.append("item:MimeContent")
             elif name == "AdditionalProperties":
                 for p in child:
                     pn = etree.QName(p).localname
@@ -331,11 +335,21 @@ def _w_recurrence_id(parent: etree._Element, v: View) -> None:
         sub(parent, "t:RecurrenceId", v.inst.original_start)
 
 
+def _w_mime(parent: etree._Element, v: View) -> None:
+    """The item as iCalendar, base64: what Exchange gives a calendar item's MimeContent."""
+    it = v.item
+    body = (_strip_html(it.body) if it.body_type == "HTML" else it.body) if it.body else None
+    original = v.inst.original_start if v.inst is not None else None
+    data = to_ics(it, body, original)
+    sub(parent, "t:MimeContent", base64.b64encode(data).decode(), CharacterSet="UTF-8")
+
+
 def _w_size(parent: etree._Element, v: View) -> None:
     sub(parent, "t:Size", 900 + len(v.item.subject or "") + len(v.item.body or ""))
 
 
 WRITERS: dict[str, Callable[[etree._Element, View], None]] = {
+    "item:MimeContent": _w_mime,
     "item:ItemId": _w_item_id,
     "item:ParentFolderId": _w_parent,
     "item:ItemClass": _simple("t:ItemClass", lambda v: v.item.item_class),
@@ -406,7 +420,7 @@ _ATTENDEE_URIS = {"calendar:RequiredAttendees": ("t:RequiredAttendees", "require
                   "calendar:Resources": ("t:Resources", "resources")}
 # URIs Exchange accepts but this simulator has nothing to say about (returned as absent, as for empty values).
 IGNORED_URIS = {
-    "item:MimeContent", "item:Attachments", "item:InReplyTo", "item:InternetMessageHeaders", "item:ResponseObjects",
+    "item:Attachments", "item:InReplyTo", "item:InternetMessageHeaders", "item:ResponseObjects",
     "item:ReminderDueBy", "item:EffectiveRights", "item:WebClientReadFormQueryString",
     "item:WebClientEditFormQueryString", "item:ConversationId", "item:UniqueBody", "calendar:When",
     "calendar:ConflictingMeetings", "calendar:AdjacentMeetings", "calendar:MeetingWorkspaceUrl",
@@ -551,6 +565,7 @@ _MESSAGE_SHARED = (
     "calendar:DateTimeStamp", "calendar:Start", "calendar:End", "calendar:Location",
 )
 MESSAGE_WRITERS: dict[str, Callable[[etree._Element, View], None]] = {
+    "item:MimeContent": _w_mime,
     **{uri: WRITERS[uri] for uri in _MESSAGE_SHARED},
     "item:Categories": _w_categories,
     "item:ReminderIsSet": _simple("t:ReminderIsSet", lambda v: False),
@@ -676,6 +691,7 @@ class ItemFields:
 
     values: dict[str, Any] = field(default_factory=dict)
     ext: dict[ExtKey, Any] = field(default_factory=dict)
+    mime: Imported | None = None  # what a MimeContent carried beyond values (EXDATEs, modified occurrences)
 
 
 def parse_attendees(el: etree._Element, directory: Directory) -> tuple[Attendee, ...]:
@@ -736,7 +752,10 @@ def parse_item(el: etree._Element, directory: Directory, tz_context: str | None 
     for c in el:
         name = _local(c)
         text = (c.text or "").strip()
-        if name == "Subject":
+        if name == "MimeContent":  # first in the schema's order: the explicit properties after it win
+            out.mime = _parse_mime(text, directory, tz_context)
+            out.values.update(out.mime.values)
+        elif name == "Subject":
             out.values["subject"] = c.text or ""
         elif name == "Body":
             out.values["body"] = c.text or ""
@@ -780,6 +799,17 @@ def parse_item(el: etree._Element, directory: Directory, tz_context: str | None 
         elif name == "ItemClass":
             out.values["item_class"] = text
     return out
+
+
+def _parse_mime(text: str, directory: Directory, tz_context: str | None) -> Imported:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError as e:
+        raise EwsError("ErrorMimeContentInvalid", "The MimeContent is not base64.") from e
+    imported = from_ics(data, tz_context)
+    for kind, address, name in imported.attendees:
+        imported.values[kind] = (*imported.values.get(kind, ()), Attendee(directory.person(address, name)))
+    return imported
 
 
 def all_day_bounds(start: datetime, end: datetime, tz: str) -> tuple[datetime, datetime]:

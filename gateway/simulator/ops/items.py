@@ -10,7 +10,7 @@ from typing import Any
 from lxml import etree
 
 from gateway.simulator import ids
-from gateway.simulator.actions import SEND_VALUES, sends
+from gateway.simulator.actions import SEND_VALUES, remove_instance, sends
 from gateway.simulator.calendar import CalendarItem, Instance
 from gateway.simulator.itemxml import (
     ItemFields,
@@ -288,7 +288,15 @@ def _create_one(ctx: Context, el: etree._Element, send: str | None, disposition:
                            "Calendar items can only be created in a calendar folder.")
         fields: ItemFields = parse_item(el, ctx.directory, ctx.tz_context)
         mapped, ext = split_writes(fields.ext, strict=False)
-        return cal.create(folder.mailbox, {**mapped, **fields.values}, ext, send, folder)
+        created = cal.create(folder.mailbox, {**mapped, **fields.values}, ext, send, folder)
+        if fields.mime is not None and created.recurrence is not None:
+            for start in fields.mime.deleted:  # EXDATE
+                if created.index_of(start) is not None:
+                    remove_instance(created, start)
+            for start, values in fields.mime.exceptions:  # VEVENTs with a RECURRENCE-ID
+                if created.index_of(start) is not None:
+                    cal.modify_instance(created, start, values)
+        return created
     ref = el.find(_t("ReferenceItemId"))
     if ref is None:
         raise EwsError("ErrorInvalidRequest", f"{name} needs a ReferenceItemId.")
