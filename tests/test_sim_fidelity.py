@@ -619,9 +619,12 @@ def test_get_user_configuration_of_an_unknown_configuration(ews):
     '<m:GetDelegate IncludePermissions="false"><m:Mailbox><t:EmailAddress>room1@contoso.com</t:EmailAddress>'
     '</m:Mailbox></m:GetDelegate>',
     '<m:GetAttachment><m:AttachmentIds><t:AttachmentId Id="AAAA"/></m:AttachmentIds></m:GetAttachment>',
-    '<m:GetPasswordExpirationDate/>',
-], ids=["SyncFolderHierarchy", "EmptyFolder", "GetInboxRules", "GetDelegate", "GetAttachment",
-        "GetPasswordExpirationDate"])
+    '<m:MoveItem><m:ToFolderId><t:DistinguishedFolderId Id="deleteditems"/></m:ToFolderId><m:ItemIds>'
+    '<t:ItemId Id="AAAA"/></m:ItemIds></m:MoveItem>',
+    '<m:GetUserOofSettingsRequest><t:Mailbox><t:Address>room1@contoso.com</t:Address></t:Mailbox>'
+    '</m:GetUserOofSettingsRequest>',
+], ids=["SyncFolderHierarchy", "EmptyFolder", "GetInboxRules", "GetDelegate", "GetAttachment", "MoveItem",
+        "GetUserOofSettings"])
 def test_an_operation_out_of_scope_answers_a_schema_valid_ews_error(ews, body):
     answer = soap(ews, body)
     found = codes(answer)
