@@ -348,14 +348,17 @@ def test_item_properties_by_tag_and_pid_lid_recurring(ews):
     # FindItem returns them too, and a restriction on them matches as the values read.
     def find(restriction: str) -> list[str]:
         answer = soap(ews, '<m:FindItem Traversal="Shallow"><m:ItemShape><t:BaseShape>IdOnly</t:BaseShape>'
-                           f'<t:AdditionalProperties>{ext("0x0037", "String")}{PID_LID_RECURRING}'
-                           f'</t:AdditionalProperties></m:ItemShape><m:Restriction>{restriction}</m:Restriction>'
-                           '<m:ParentFolderIds><t:DistinguishedFolderId Id="calendar"/></m:ParentFolderIds>'
-                           '</m:FindItem>')
-        return sorted(ext_values(i)["0x0037"] for i in answer.iter(t("CalendarItem")))
+                           f'<t:AdditionalProperties>{props}</t:AdditionalProperties></m:ItemShape>'
+                           f'<m:Restriction>{restriction}</m:Restriction><m:ParentFolderIds>'
+                           '<t:DistinguishedFolderId Id="calendar"/></m:ParentFolderIds></m:FindItem>')
+        found = [ext_values(i) for i in answer.iter(t("CalendarItem"))]
+        assert all(set(v) == {"0x0037", "0x3008", "0x0E23", "33315"} for v in found), found
+        return sorted(v["0x0037"] for v in found)
     assert find(equal_to(PID_LID_RECURRING, "true")) == ["Daily one"]
     assert find(equal_to(PID_LID_RECURRING, "false")) == ["Single one"]
     assert find(equal_to(ext("0x0037", "String"), "Single one")) == ["Single one"]
+    assert find(f'<t:IsGreaterThan>{ext("0x0E23", "Integer")}<t:FieldURIOrConstant>'
+                f'<t:Constant Value="{one["0x0E23"]}"/></t:FieldURIOrConstant></t:IsGreaterThan>') == ["Daily one"]
 
 
 def test_update_item_of_the_subject_by_property_tag(ews):

@@ -49,6 +49,7 @@ STANDARD_FOLDERS: dict[str, tuple[str, str, str, str | None]] = {
     "recoverableitemspurges": ("Purges", "", "Folder", "recoverableitemsroot"),
 }
 CORE_FOLDERS = 8  # root .. outbox
+_LAZY_PARENTS = frozenset(parent for _, _, _, parent in list(STANDARD_FOLDERS.values())[CORE_FOLDERS:])
 # What a created folder's element makes its class when the request names none.
 FOLDER_CLASS_OF = {"Folder": "IPF.Note", "CalendarFolder": "IPF.Appointment", "ContactsFolder": "IPF.Contact",
                    "TasksFolder": "IPF.Task", "SearchFolder": "IPF.Note"}
@@ -194,7 +195,8 @@ class Mailbox:
         return self.folder_list[no] if 0 <= no < len(self.folder_list) else None
 
     def children(self, parent: Folder) -> list[Folder]:
-        self._complete()
+        if parent.distinguished in _LAZY_PARENTS:  # a calendar's ChildFolderCount needs no Journal
+            self._complete()
         return [f for f in self.folder_list if f is not None and f.parent is parent]
 
     def add_standard_folders(self, count: int) -> None:
