@@ -179,7 +179,7 @@ Email = Annotated[str, Strict(), _address("an email address"), WithJsonSchema({"
 _AS_LIST = BeforeValidator(lambda v: [v] if isinstance(v, str) else v)  # one address alone is a list of one
 Addresses = Annotated[tuple[Email, ...], _AS_LIST, AfterValidator(lambda t: tuple(dict.fromkeys(t)))]
 RoomKey = Annotated[str, _address("a room's email address")]
-_SETTINGS = ConfigDict(extra="forbid", str_strip_whitespace=True)
+_SETTINGS = ConfigDict(extra="forbid", str_strip_whitespace=True, hide_input_in_errors=True)  # it may be a secret
 
 
 # -- the settings ----------------------------------------------------------------------------------------------

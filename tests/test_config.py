@@ -16,6 +16,7 @@ from gateway.cli import main
 from gateway.config import (
     CommandsConfig,
     PrivacyPolicy,
+    RelayConfig,
     SecretRef,
     SyncConfig,
     check_config,
@@ -180,6 +181,12 @@ def test_a_password_in_the_file_is_refused_with_the_remedy_and_never_repeated(tm
     text = "\n".join(problems_of(path))
     assert "exchange.password_ref: must say where the password is kept" in text
     assert "gateway credentials set exchange" in text and "Hunter2-secret" not in text
+
+
+def test_a_password_given_to_settings_built_in_code_is_refused_and_never_repeated():
+    with pytest.raises(ValidationError) as err:
+        RelayConfig(proxy_password_ref="Hunter2-secret")
+    assert "must say where the password is kept" in str(err.value) and "Hunter2-secret" not in str(err.value)
 
 
 def test_a_password_in_the_environment_is_refused_too(tmp_path):
