@@ -12,6 +12,7 @@ as JSON, cannot say which variable set a value and ignores misspelt variables.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import os
 from collections.abc import Iterable, Mapping
@@ -169,16 +170,21 @@ class SettingsReader:
             elif parts[0] not in known:
                 self.problems.append(Problem(f"env {var}", parts[0], unknown(parts[0], known, "section")))
             else:
-                node = self.data
-                for i, part in enumerate(parts[:-1]):
-                    if not isinstance(node.get(part), dict):
-                        node[part] = {}
-                        self.env_names.setdefault(parts[: i + 1], var)
-                    node = node[part]
-                node.pop(parts[-1], None)
-                if self.env[var].strip():  # an empty value unsets
-                    node[parts[-1]] = self._typed(self.env[var], parts)
-                self.env_names[parts] = var
+                self._override(var, parts)
+
+    def _override(self, var: str, key: tuple[str, ...]) -> None:
+        node = self.data
+        for i, part in enumerate(key[:-1]):
+            if part not in node:
+                node[part] = {}
+                self.env_names.setdefault(key[: i + 1], var)
+            node = node[part]
+            if not isinstance(node, dict):
+                return  # the file's value there is not a mapping: validation says so
+        node.pop(key[-1], None)
+        if self.env[var].strip():  # an empty value unsets
+            node[key[-1]] = self._typed(self.env[var], key)
+        self.env_names[key] = var
 
     def _typed(self, text: str, key: Key) -> Any:
         """Text from the environment as the setting's type where it reads as one (otherwise validation says why)."""
@@ -273,7 +279,8 @@ def unknown(name: str, names: Iterable[str], what: str = "setting") -> str:
 def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "true/false"
-    for types, name in ((int | float, "a number"), (str, "text"), (list, "a list"), (dict, "a mapping")):
+    for types, name in ((int | float, "a number"), (str, "text"), (list, "a list"), (dict, "a mapping"),
+                        (datetime.date, "a date")):
         if isinstance(value, types):
             return name
     return "nothing" if value is None else type(value).__name__

@@ -238,6 +238,13 @@ def test_environment_typos_are_reported_not_ignored(tmp_path):
     assert "env GATEWAY_SYNCH__MODE: synch: unknown section; did you mean 'sync'?" in problems
 
 
+def test_an_override_does_not_hide_a_section_the_file_got_wrong(tmp_path):
+    path = write(tmp_path, MINIMAL + "api: [8080]\nsync:\n  group_size: 2024-01-01\n")
+    assert problems_of(path, {"GATEWAY_API__PORT": "8090"}) == [
+        f"{path}:6: api: must be a mapping of settings (indented `name: value` lines below it)",
+        f"{path}:8: sync.group_size: must be a whole number, not a date"]
+
+
 def test_duplicate_keys_are_reported_because_yaml_would_keep_the_last(tmp_path):
     path = write(tmp_path, MINIMAL + "  days_back: 3\n  days_back: 30\n")
     assert f"{path}:7: rooms.days_back: appears twice (first on line 6); YAML would silently keep only the last " \
