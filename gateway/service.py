@@ -137,7 +137,7 @@ async def doctor(config_path: Path | None) -> int:
 
     Configuration by doing: it reads the file, opens the vault, logs on to Exchange and verifies every room.
     """
-    from gateway.config import check_config
+    from gateway.config import check_config, unknown_privacy_rooms
 
     failed = False
 
@@ -180,7 +180,7 @@ async def doctor(config_path: Path | None) -> int:
         line(False, f"store {store_path}", e.key, e.remedy or str(e))
     source = EwsSource(options.ews, options.password)
     try:
-        rooms = list(options.rooms)
+        rooms, lists_read = list(options.rooms), True
         for room_list in options.room_lists:
             try:
                 members = await source.room_list_members(room_list)
@@ -188,7 +188,11 @@ async def doctor(config_path: Path | None) -> int:
                      "" if members else "the list has no rooms; check its address and membership")
                 rooms += members
             except GatewayError as e:
+                lists_read = False
                 line(False, f"room list {room_list}", e.key, e.remedy or str(e))
+        if lists_read:  # a privacy exception for none of the rooms is a typo (config checks it when there are no lists)
+            for room, problem in unknown_privacy_rooms(cfg.rooms.privacy, rooms):
+                line(False, f"configuration rooms.privacy.rooms.{room}", "invalid_config", problem)
         if not rooms:
             line(False, "rooms", "no_rooms", "list room mailboxes (rooms.mailboxes) or room lists (rooms.room_lists)")
         for room in sorted({r.lower() for r in rooms}):
