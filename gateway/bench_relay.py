@@ -29,10 +29,10 @@ import aiohttp
 from gateway.api import EventHub
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
 from gateway.config import CommandsConfig, RelayConfig
+from gateway.hub.server import HubSettings, RunningHub, start_hub
 from gateway.model import EVENT_TYPES, Booking, Command, CommandResult, Event, Room, failed, to_json
 from gateway.observability.metrics import Metrics
 from gateway.relay.enroll import enroll
-from gateway.relay.hub import HubSettings, RunningHub, start_hub
 from gateway.relay.tunnel import Tunnel
 from gateway.security.certs import Pki, make_pki
 from gateway.security.identity import GatewayIdentity

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ import structlog
 
 from gateway import __version__, apikeys, credentials
 from gateway.errors import GatewayError
-from gateway.relay import enroll, hubcli
+from gateway.relay import enroll
 
 log = structlog.get_logger("gateway.cli")
 
@@ -143,7 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     _logging_options(apikeys.register_cli(subs), default_level="warning")
     _logging_options(enroll.register_cli(subs), default_level="warning")
     _logging_options(enroll.register_rotate_cli(subs), default_level="warning")
+    from gateway.hub import cli as hubcli  # the hub is its own product; only its CLI is mounted here
+
     hubcli.register_cli(subs)  # each hub subcommand carries the logging options itself
+    _logging_options(subs.add_parser(
+        "config-schema", help="print the JSON Schema of the configuration file",
+        description="Print the JSON Schema of the YAML configuration, generated from the settings' models. The "
+                    "published copy is regenerated with: gateway config-schema > gateway/schemas/config.v1.json"),
+        default_level="warning")
 
     sim = subs.add_parser("simulator", help="run the Exchange 2016 (EWS) simulator with seeded rooms, people and "
                                             "a year of bookings",
@@ -256,7 +264,14 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "rotate-key":
         return enroll.run_rotate_cli(args)
     if args.command == "hub":
+        from gateway.hub import cli as hubcli
+
         return hubcli.run_cli(args)
+    if args.command == "config-schema":
+        from gateway.config import config_schema
+
+        print(json.dumps(config_schema(), indent=2, ensure_ascii=False))
+        return 0
     if args.command == "demo":
         from gateway import demo
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import GatewayOptions
+from gateway.config import PrivacyConfig, unknown_privacy_rooms
 from gateway.errors import GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.sources.ews.source import EwsSource
@@ -89,8 +90,10 @@ class Finding:
     shared_text: str = ""  # the same finding worded for every room at once
 
 
-async def check_exchange(source: EwsSource, options: GatewayOptions, report: Report) -> None:
-    """The logon, the room lists and every room (see the module's docstring)."""
+async def check_exchange(source: EwsSource, options: GatewayOptions, report: Report,
+                         privacy: PrivacyConfig | None = None) -> None:
+    """The logon, the room lists and every room (see the module's docstring). ``privacy``: its per-room exceptions
+    must name a room that is configured or in a room list (checked once the lists are read)."""
     where = f"Exchange {options.ews.ews_url} as {options.ews.username}"
     listed: set[str] | None = None  # every room in a room list (None: the lists could not be read)
     try:
@@ -105,16 +108,21 @@ async def check_exchange(source: EwsSource, options: GatewayOptions, report: Rep
             return
         report.ok(where)  # Exchange answered (and judged the account), only the room lists are not available
         lists = None
-    rooms = list(options.rooms)
+    rooms, lists_read = list(options.rooms), True
     for room_list in options.room_lists:
         try:
             members = await source.room_list_members(room_list)
         except GatewayError as e:
+            lists_read = False
             report.error(f"room list {room_list}", e)
             continue
         report.line("ok" if members else "FAIL", f"room list {room_list}", "ok" if members else "room_list_empty",
                     "" if members else f"the room list {room_list} has no rooms; check its membership")
         rooms += members
+    if lists_read and privacy is not None:
+        # A privacy exception for none of the rooms is a typo (the configuration checks it when there are no lists).
+        for room, problem in unknown_privacy_rooms(privacy, rooms):
+            report.line("FAIL", f"configuration rooms.privacy.rooms.{room}", "invalid_config", problem)
     if lists is not None:
         listed = set()
         for room_list in lists:

@@ -182,7 +182,7 @@ async def doctor(config_path: Path | None) -> int:
         line(False, f"store {store_path}", e.key, e.remedy or str(e))
     source = EwsSource(options.ews, options.password)
     try:
-        await check_exchange(source, options, report)
+        await check_exchange(source, options, report, privacy=cfg.rooms.privacy)
     finally:
         await source.close()
     report.summary()

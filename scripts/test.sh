@@ -29,5 +29,7 @@ echo "==> ruff" >&2
 .venv/bin/ruff check gateway tests
 echo "==> mypy" >&2
 .venv/bin/mypy
+echo "==> import contracts (the products' borders and the layers)" >&2
+.venv/bin/lint-imports --no-cache
 echo "==> pytest" >&2
 exec .venv/bin/pytest -q "$@"

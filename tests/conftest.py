@@ -4,6 +4,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from exchangelib.protocol import BaseProtocol, close_connections
 from gateway.simulator.harness import SimulatorThread
 from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD, Org, standard_org
 from gateway.simulator.server import SimulatorConfig
+from gateway.sources.memory import MemorySource
 
 TZ = EWSTimeZone("Europe/Berlin")
 
@@ -133,3 +135,20 @@ def http_proxy(tmp_path):
         proxy.process.wait(5)
     except Exception:
         proxy.process.kill()
+
+
+_MEMORY_ROOMS = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
+_MEMORY_PEOPLE = ("alice@contoso.com", "bob@contoso.com", "carol@contoso.com")
+_MEMORY_NOW = datetime(2030, 1, 7, 8, tzinfo=UTC)  # a Monday morning
+
+
+@pytest.fixture
+def memory_source() -> MemorySource:
+    """An in-memory calendar source (gateway/sources/memory.py): room1..room3@contoso.com, alice, bob and carol;
+    its clock stands on a Monday 08:00 UTC (2030-01-07) until a test moves it."""
+    source = MemorySource(now=_MEMORY_NOW)
+    for i, email in enumerate(_MEMORY_ROOMS, 1):
+        source.add_room(email, f"Room {i}", capacity=4 * i)
+    for email in _MEMORY_PEOPLE:
+        source.add_person(email)
+    return source

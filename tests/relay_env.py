@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.relay.hub import HubSettings, RunningHub, start_hub
+from gateway.hub.server import HubSettings, RunningHub, start_hub
 from gateway.security.secret import Secret
 
 CUSTOMER = "acme"

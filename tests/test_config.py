@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import textwrap
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
+from pydantic import ValidationError
 
+from gateway.cli import main
 from gateway.config import (
-    Config,
+    CommandsConfig,
     PrivacyPolicy,
+    RelayConfig,
     SecretRef,
+    SyncConfig,
     check_config,
+    config_schema,
     load_config,
     load_vault_config,
+    unknown_privacy_rooms,
 )
 from gateway.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "gateway.example.yaml"
+SCHEMA = Path(__file__).resolve().parents[1] / "gateway" / "schemas" / "config.v1.json"
 
 MINIMAL = """\
 exchange:
@@ -68,7 +78,7 @@ def test_settings_are_frozen():
 def test_defaults_fill_everything_not_given(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), env={})
     assert config.exchange.password_ref == SecretRef("vault", "exchange")
-    assert config.sync == dataclasses.replace(Config().sync)
+    assert config.sync == SyncConfig()
     assert config.exchange.timeout_seconds == 60.0 and config.exchange.default_timezone == "UTC"
     assert config.rooms.privacy.for_room("room1@contoso.com") == PrivacyPolicy("keep", "Private", True)
 
@@ -173,6 +183,12 @@ def test_a_password_in_the_file_is_refused_with_the_remedy_and_never_repeated(tm
     assert "gateway credentials set exchange" in text and "Hunter2-secret" not in text
 
 
+def test_a_password_given_to_settings_built_in_code_is_refused_and_never_repeated():
+    with pytest.raises(ValidationError) as err:
+        RelayConfig(proxy_password_ref="Hunter2-secret")
+    assert "must say where the password is kept" in str(err.value) and "Hunter2-secret" not in str(err.value)
+
+
 def test_a_password_in_the_environment_is_refused_too(tmp_path):
     env = {"GATEWAY_EXCHANGE__PASSWORD": "Hunter2-secret", "GATEWAY_EXCHANGE__PASSWORD_REF": "Hunter2-secret"}
     text = "\n".join(problems_of(write(tmp_path, MINIMAL), env))
@@ -222,6 +238,13 @@ def test_environment_typos_are_reported_not_ignored(tmp_path):
     assert "env GATEWAY_SYNCH__MODE: synch: unknown section; did you mean 'sync'?" in problems
 
 
+def test_an_override_does_not_hide_a_section_the_file_got_wrong(tmp_path):
+    path = write(tmp_path, MINIMAL + "api: [8080]\nsync:\n  group_size: 2024-01-01\n")
+    assert problems_of(path, {"GATEWAY_API__PORT": "8090"}) == [
+        f"{path}:6: api: must be a mapping of settings (indented `name: value` lines below it)",
+        f"{path}:8: sync.group_size: must be a whole number, not a date"]
+
+
 def test_duplicate_keys_are_reported_because_yaml_would_keep_the_last(tmp_path):
     path = write(tmp_path, MINIMAL + "  days_back: 3\n  days_back: 30\n")
     assert f"{path}:7: rooms.days_back: appears twice (first on line 6); YAML would silently keep only the last " \
@@ -247,7 +270,8 @@ def test_required_settings_are_named_when_missing(tmp_path):
 
 
 def test_per_room_privacy_inherits_the_default_policy(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL + """\
+    rooms = MINIMAL.replace("[room1@contoso.com]", "[room1@contoso.com, boardroom@contoso.com, lobby@contoso.com]")
+    config = load_config(write(tmp_path, rooms + """\
           privacy:
             subject: hash
             rooms:
@@ -263,7 +287,8 @@ def test_per_room_privacy_inherits_the_default_policy(tmp_path):
 
 
 def test_per_room_privacy_is_validated_too(tmp_path):
-    path = write(tmp_path, MINIMAL + "  privacy:\n    rooms:\n      boardroom@contoso.com:\n        subjct: drop\n")
+    privacy = "  privacy:\n    rooms:\n      boardroom@contoso.com:\n        subjct: drop\n"
+    path = write(tmp_path, MINIMAL.replace("room1@", "boardroom@") + privacy)
     assert f"{path}:9: rooms.privacy.rooms.boardroom@contoso.com.subjct: unknown setting; did you mean " \
            "'subject'?" in problems_of(path)
 
@@ -274,3 +299,59 @@ def test_the_vault_section_loads_on_its_own_while_the_rest_is_unfinished(tmp_pat
     assert vault.key_file == Path("/etc/gateway/vault.key") and vault.path == Path("/var/lib/gateway/creds.vault")
     with pytest.raises(ConfigError, match=r"vault\.key_fil: unknown setting"):
         load_vault_config(write(tmp_path, "vault:\n  key_fil: x\n"), env={})
+
+
+def test_a_privacy_exception_for_a_room_that_is_not_configured_is_an_error_with_a_suggestion(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("[room1@contoso.com]", "[room1@contoso.com, boardroom@contoso.com]") + """\
+          privacy:
+            rooms:
+              BoardRom@contoso.com:
+                subject: drop
+              lobby@contoso.com:
+                subject: hash
+        """.replace("          ", "  "))
+    problems = problems_of(path)
+    assert [p.split(": ", 2)[:2] for p in problems] == [[f"{path}:8", "rooms.privacy.rooms.BoardRom@contoso.com"],
+                                                        [f"{path}:10", "rooms.privacy.rooms.lobby@contoso.com"]]
+    assert problems[0].endswith("is not a configured room, so this exception applies to nothing and the room it was "
+                                "meant for keeps the default policy; did you mean 'boardroom@contoso.com'?")
+    assert problems[1].endswith("the rooms are boardroom@contoso.com, room1@contoso.com")  # no look-alike to offer
+
+
+def test_privacy_exceptions_beside_room_lists_wait_for_the_lists_to_be_expanded(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + """\
+          room_lists: [allrooms@contoso.com]
+          privacy:
+            rooms:
+              boardroom@contoso.com: {subject: drop}
+              boardrom@contoso.com: {subject: drop}
+        """.replace("          ", "  ")), env={})
+    assert unknown_privacy_rooms(config.rooms.privacy, ["room1@contoso.com", "BoardRoom@contoso.com"]) == [
+        ("boardrom@contoso.com", "is not a configured room, so this exception applies to nothing and the room it "
+                                 "was meant for keeps the default policy; did you mean 'boardroom@contoso.com'?")]
+
+
+def test_the_published_json_schema_is_the_one_the_models_generate(capsys):
+    published = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    assert published == config_schema(), "regenerate it: gateway config-schema > gateway/schemas/config.v1.json"
+    assert main(["config-schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == published
+
+
+def test_the_example_configuration_satisfies_the_schema_and_a_misspelt_key_does_not():
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    example = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator(schema).validate(example)
+    example["exchange"]["ews_ulr"] = example["exchange"].pop("ews_url")
+    example["sync"]["group_size"] = 500
+    errors = sorted(e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(example))
+    assert errors == ["500 is greater than the maximum of 200",
+                      "Additional properties are not allowed ('ews_ulr' was unexpected)"]
+
+
+def test_ranges_bound_the_file_while_settings_built_in_code_may_go_beyond_them(tmp_path):
+    path = write(tmp_path, MINIMAL + "commands:\n  attendant_timeout_seconds: 0.1\n")
+    assert problems_of(path) == [f"{path}:7: commands.attendant_timeout_seconds: must be between 1 and 600, not 0.1"]
+    assert CommandsConfig(attendant_timeout_seconds=0.1).attendant_timeout_seconds == 0.1  # a test's short wait
+    with pytest.raises(ValidationError):  # the types hold in code too
+        CommandsConfig(attendant_timeout_seconds="soon")  # type: ignore[arg-type]

@@ -25,10 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from gateway.errors import ConfigError
+from gateway.hub import cli as hubcli
+from gateway.hub import webhooks
+from gateway.hub.server import HubSettings, RunningHub, start_hub
+from gateway.hub.store import EventItem, HubStore
 from gateway.model import EVENT_TYPES, Booking, Event, to_json
-from gateway.relay import hubcli, protocol, webhooks
-from gateway.relay.hub import HubSettings, RunningHub, start_hub
-from gateway.relay.hubstore import EventItem, HubStore
+from gateway.relay import protocol
 from gateway.security.secret import Secret
 from tests.conftest import eventually
 

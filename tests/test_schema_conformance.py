@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+import pytest
 import requests
-from exchangelib import CalendarItem, EWSDateTime
+from exchangelib import CalendarItem, EWSDateTime, Folder
+from exchangelib.errors import ErrorItemNotFound
 from exchangelib.items import SEND_TO_ALL_AND_SAVE_COPY
 from lxml import etree
 
@@ -51,6 +53,12 @@ def test_every_operation_request_and_response_validates(sim_factory):
     # ConvertId (version discovery), GetFolder, FindFolder
     organizer = ews.organizer("alice@contoso.com")
     list(organizer.root.children)
+    # CreateFolder, DeleteFolder, GetUserConfiguration (of a configuration no mailbox here has)
+    made = Folder(parent=organizer.msg_folder_root, name="Conformance", folder_class="IPF.Note")
+    made.save()
+    made.delete()
+    with pytest.raises(ErrorItemNotFound):
+        organizer.calendar.get_user_configuration("WorkHours")
     # CreateItem, GetItem, FindItem, UpdateItem, DeleteItem, and a meeting response (CreateItem AcceptItem)
     start = EWSDateTime.now(TZ).replace(minute=0, second=0, microsecond=0) + timedelta(days=2)
     item = CalendarItem(account=organizer, folder=organizer.calendar, subject="Conformance", start=start,

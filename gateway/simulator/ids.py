@@ -10,6 +10,7 @@ import base64
 import binascii
 import struct
 import zlib
+from dataclasses import dataclass
 
 from gateway.simulator.soap import EwsError
 
@@ -86,3 +87,106 @@ def parse_change_key(value: str) -> tuple[int, int] | None:
         return None
     iid, version = struct.unpack(">II", raw[8:])
     return iid, version
+
+
+# -- MAPI entry ids and the other forms ConvertId speaks ---------------------------------------------------------
+# PR_ENTRYID as Exchange lays it out: 4 flag bytes (zero), the store's provider uid (16 bytes; here a constant
+# prefix and the mailbox number), the object type (2), then the folder's database guid and 6-byte global counter
+# (+2 pad) and, for a message, the message's (the same again). 46 bytes for a folder, 70 for a message. An EWS id
+# here does not carry the item's folder, so a message's folder part is zero: the conversion stays a pure function
+# of the id, as ConvertId is on Exchange.
+_STORE_UID_PREFIX = bytes.fromhex("DCA740C8C042101AB4B908002B2FE182")[:12]
+_DB_GUID = bytes.fromhex("7A1B5C3E9D0F4E21A6B8C4D2E0F19A37")
+_FOLDER_TYPE, _MESSAGE_TYPE = 0x0001, 0x0007
+_STORE_OBJECT_TYPE = {_FOLDER: 1, _ITEM: 9}  # the trailing type byte of a StoreId / OwaId
+FORMATS = ("EwsLegacyId", "EwsId", "EntryId", "HexEntryId", "StoreId", "OwaId")
+_LEGACY = 0x80  # EwsLegacyId: the same record, marked as the Exchange 2007 RTM form
+
+
+@dataclass(frozen=True)
+class StoreObject:
+    """What an id names, whatever its form: a folder (``number`` = folder number) or an item (``number`` = iid)."""
+
+    kind: int  # 1 item, 3 folder (as in the EWS ids above)
+    mailbox: int
+    number: int
+
+    @property
+    def is_folder(self) -> bool:
+        return self.kind == _FOLDER
+
+
+def folder_object(mailbox_idx: int, folder_no: int) -> StoreObject:
+    return StoreObject(_FOLDER, mailbox_idx, folder_no)
+
+
+def item_object(mailbox_idx: int, iid: int) -> StoreObject:
+    return StoreObject(_ITEM, mailbox_idx, iid)
+
+
+def _counter(n: int) -> bytes:
+    return n.to_bytes(6, "big") + b"\x00\x00"
+
+
+def entry_id(obj: StoreObject) -> bytes:
+    """PR_ENTRYID of a folder or an item."""
+    head = b"\x00" * 4 + _STORE_UID_PREFIX + struct.pack(">I", obj.mailbox)
+    if obj.is_folder:
+        return head + struct.pack("<H", _FOLDER_TYPE) + _DB_GUID + _counter(obj.number)
+    return head + struct.pack("<H", _MESSAGE_TYPE) + _DB_GUID + _counter(0) + _DB_GUID + _counter(obj.number)
+
+
+def parse_entry_id(raw: bytes) -> StoreObject:
+    malformed = EwsError("ErrorInvalidIdMalformed", "Id is malformed.")
+    if len(raw) not in (46, 70) or raw[:4] != b"\x00" * 4 or raw[4:16] != _STORE_UID_PREFIX:
+        raise malformed
+    mailbox = struct.unpack(">I", raw[16:20])[0]
+    kind = struct.unpack("<H", raw[20:22])[0]
+    if raw[22:38] != _DB_GUID:
+        raise malformed
+    folder_no = int.from_bytes(raw[38:44], "big")
+    if len(raw) == 46 and kind == _FOLDER_TYPE:
+        return StoreObject(_FOLDER, mailbox, folder_no)
+    if len(raw) == 70 and kind == _MESSAGE_TYPE and raw[46:62] == _DB_GUID:
+        return StoreObject(_ITEM, mailbox, int.from_bytes(raw[62:68], "big"))
+    raise malformed
+
+
+def format_id(obj: StoreObject, fmt: str) -> str:
+    """``obj``'s id in ConvertId format ``fmt``."""
+    if fmt in ("EwsId", "EwsLegacyId"):
+        kind = obj.kind | (_LEGACY if fmt == "EwsLegacyId" else 0)
+        return _pack(kind, obj.mailbox, obj.number)
+    raw = entry_id(obj)
+    if fmt == "EntryId":
+        return base64.b64encode(raw).decode()
+    if fmt == "HexEntryId":
+        return raw.hex().upper()
+    # StoreId and OwaId: the entry id with its length in front and the store object type after it.
+    return base64.b64encode(struct.pack("<I", len(raw)) + raw + bytes([_STORE_OBJECT_TYPE[obj.kind]])).decode()
+
+
+def parse_any_id(value: str, fmt: str) -> StoreObject:
+    """The folder or item an id in ConvertId format ``fmt`` names."""
+    malformed = EwsError("ErrorInvalidIdMalformed", "Id is malformed.")
+    if fmt in ("EwsId", "EwsLegacyId"):
+        legacy = _LEGACY if fmt == "EwsLegacyId" else 0
+        for kind in (_ITEM, _FOLDER):
+            try:
+                a, b, _ = _unpack(value, kind | legacy)
+            except EwsError:
+                continue
+            return StoreObject(kind, a, b)
+        if not legacy and is_occurrence_id(value):
+            raise EwsError("ErrorInvalidIdMalformed",
+                           "An occurrence id cannot be converted; convert its recurring master's id.")
+        raise malformed
+    try:
+        raw = bytes.fromhex(value) if fmt == "HexEntryId" else base64.b64decode(value.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        raise malformed from None
+    if fmt in ("StoreId", "OwaId"):
+        if len(raw) < 5 or struct.unpack("<I", raw[:4])[0] != len(raw) - 5:
+            raise malformed
+        raw = raw[4:-1]
+    return parse_entry_id(raw)

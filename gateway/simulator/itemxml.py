@@ -23,33 +23,12 @@ from gateway.simulator.calendar import (
     Recurrence,
     zone,
 )
+from gateway.simulator.ical import Imported, from_ics, to_ics
 from gateway.simulator.mailboxes import Directory
+from gateway.simulator.mapi import ITEM_PROPERTIES, ExtKey, ext_key
 from gateway.simulator.messages import MeetingMessage
 from gateway.simulator.schema import TNS, child_order
 from gateway.simulator.soap import EwsError, parse_bool, parse_datetime, sub, t
-
-PSETID_MEETING = "6ed8da90-450b-101b-98da-00aa003f1305"
-PSETID_PUBLIC_STRINGS = "00020329-0000-0000-c000-000000000046"
-_SET_ALIASES = {PSETID_MEETING: "Meeting", PSETID_PUBLIC_STRINGS: "PublicStrings"}
-
-ExtKey = tuple[str, str, str]
-
-
-def ext_key(uri: etree._Element) -> ExtKey:
-    """Normalise an ExtendedFieldURI to (property set, name or id, type)."""
-    pset = uri.get("DistinguishedPropertySetId")
-    if pset is None and uri.get("PropertySetId"):
-        guid = uri.get("PropertySetId", "").strip("{}").lower()
-        pset = _SET_ALIASES.get(guid, guid)
-    if uri.get("PropertyTag"):
-        tag = uri.get("PropertyTag", "")
-        num = int(tag, 16) if tag.lower().startswith("0x") else int(tag)
-        return ("tag", str(num), uri.get("PropertyType", ""))
-    name = uri.get("PropertyName")
-    if name is None:
-        pid = uri.get("PropertyId", "0")
-        name = str(int(pid, 16) if pid.lower().startswith("0x") else int(pid))
-    return (pset or "", name, uri.get("PropertyType", ""))
 
 
 @dataclass
@@ -72,6 +51,9 @@ class Shape:
                 shape.base = (child.text or "Default").strip()
             elif name == "BodyType":
                 shape.body_type = (child.text or "Best").strip()
+            elif name == "IncludeMimeContent":
+                if parse_bool(child.text):
+                    shape.uris.append("item:MimeContent")
             elif name == "AdditionalProperties":
                 for p in child:
                     pn = etree.QName(p).localname
@@ -95,6 +77,9 @@ class View:
     """An item, or one instance of a series, as it is about to be rendered."""
 
     __slots__ = ("directory", "inst", "item")
+    item: CalendarItem
+    inst: Instance | None
+    directory: Directory
 
     def __init__(self, item: CalendarItem, inst: Instance | None, directory: Directory) -> None:
         self.item = item
@@ -350,11 +335,21 @@ def _w_recurrence_id(parent: etree._Element, v: View) -> None:
         sub(parent, "t:RecurrenceId", v.inst.original_start)
 
 
+def _w_mime(parent: etree._Element, v: View) -> None:
+    """The item as iCalendar, base64: what Exchange gives a calendar item's MimeContent."""
+    it = v.item
+    body = (_strip_html(it.body) if it.body_type == "HTML" else it.body) if it.body else None
+    original = v.inst.original_start if v.inst is not None else None
+    data = to_ics(it, body, original)
+    sub(parent, "t:MimeContent", base64.b64encode(data).decode(), CharacterSet="UTF-8")
+
+
 def _w_size(parent: etree._Element, v: View) -> None:
     sub(parent, "t:Size", 900 + len(v.item.subject or "") + len(v.item.body or ""))
 
 
 WRITERS: dict[str, Callable[[etree._Element, View], None]] = {
+    "item:MimeContent": _w_mime,
     "item:ItemId": _w_item_id,
     "item:ParentFolderId": _w_parent,
     "item:ItemClass": _simple("t:ItemClass", lambda v: v.item.item_class),
@@ -425,7 +420,7 @@ _ATTENDEE_URIS = {"calendar:RequiredAttendees": ("t:RequiredAttendees", "require
                   "calendar:Resources": ("t:Resources", "resources")}
 # URIs Exchange accepts but this simulator has nothing to say about (returned as absent, as for empty values).
 IGNORED_URIS = {
-    "item:MimeContent", "item:Attachments", "item:InReplyTo", "item:InternetMessageHeaders", "item:ResponseObjects",
+    "item:Attachments", "item:InReplyTo", "item:InternetMessageHeaders", "item:ResponseObjects",
     "item:ReminderDueBy", "item:EffectiveRights", "item:WebClientReadFormQueryString",
     "item:WebClientEditFormQueryString", "item:ConversationId", "item:UniqueBody", "calendar:When",
     "calendar:ConflictingMeetings", "calendar:AdjacentMeetings", "calendar:MeetingWorkspaceUrl",
@@ -471,6 +466,9 @@ def check_shape(shape: Shape) -> None:
 
 
 def _ext_value(v: View, key: ExtKey) -> Any:
+    computed = ITEM_PROPERTIES.get(key)
+    if computed is not None:
+        return computed(v)
     pset, name, _ptype = key
     if pset == "Meeting" and name == "35":
         return v.item.goid
@@ -492,12 +490,12 @@ def write_ext(parent: etree._Element, v: View, uri_el: etree._Element) -> None:
     if values is not None:
         vs = sub(el, "t:Values")
         for x in values:
-            sub(vs, "t:Value", _ext_text(x))
+            sub(vs, "t:Value", ext_text(x))
     else:
-        sub(el, "t:Value", _ext_text(value))
+        sub(el, "t:Value", ext_text(value))
 
 
-def _ext_text(value: Any) -> str:
+def ext_text(value: Any) -> str:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, bool):
@@ -567,6 +565,7 @@ _MESSAGE_SHARED = (
     "calendar:DateTimeStamp", "calendar:Start", "calendar:End", "calendar:Location",
 )
 MESSAGE_WRITERS: dict[str, Callable[[etree._Element, View], None]] = {
+    "item:MimeContent": _w_mime,
     **{uri: WRITERS[uri] for uri in _MESSAGE_SHARED},
     "item:Categories": _w_categories,
     "item:ReminderIsSet": _simple("t:ReminderIsSet", lambda v: False),
@@ -692,6 +691,7 @@ class ItemFields:
 
     values: dict[str, Any] = field(default_factory=dict)
     ext: dict[ExtKey, Any] = field(default_factory=dict)
+    mime: Imported | None = None  # what a MimeContent carried beyond values (EXDATEs, modified occurrences)
 
 
 def parse_attendees(el: etree._Element, directory: Directory) -> tuple[Attendee, ...]:
@@ -708,7 +708,7 @@ def parse_attendees(el: etree._Element, directory: Directory) -> tuple[Attendee,
     return tuple(out)
 
 
-def _ext_from_xml(prop: etree._Element) -> tuple[ExtKey, Any]:
+def ext_from_xml(prop: etree._Element) -> tuple[ExtKey, Any]:
     uri = prop.find(t("ExtendedFieldURI"))
     if uri is None:
         raise EwsError("ErrorInvalidExtendedProperty", "ExtendedProperty without ExtendedFieldURI.")
@@ -752,7 +752,10 @@ def parse_item(el: etree._Element, directory: Directory, tz_context: str | None 
     for c in el:
         name = _local(c)
         text = (c.text or "").strip()
-        if name == "Subject":
+        if name == "MimeContent":  # first in the schema's order: the explicit properties after it win
+            out.mime = _parse_mime(text, directory, tz_context)
+            out.values.update(out.mime.values)
+        elif name == "Subject":
             out.values["subject"] = c.text or ""
         elif name == "Body":
             out.values["body"] = c.text or ""
@@ -768,7 +771,7 @@ def parse_item(el: etree._Element, directory: Directory, tz_context: str | None 
         elif name == "ReminderMinutesBeforeStart":
             out.values["reminder"] = int(text)
         elif name == "ExtendedProperty":
-            key, value = _ext_from_xml(c)
+            key, value = ext_from_xml(c)
             out.ext[key] = value
         elif name == "UID":
             out.values["uid"] = text
@@ -798,6 +801,17 @@ def parse_item(el: etree._Element, directory: Directory, tz_context: str | None 
     return out
 
 
+def _parse_mime(text: str, directory: Directory, tz_context: str | None) -> Imported:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError as e:
+        raise EwsError("ErrorMimeContentInvalid", "The MimeContent is not base64.") from e
+    imported = from_ics(data, tz_context)
+    for kind, address, name in imported.attendees:
+        imported.values[kind] = (*imported.values.get(kind, ()), Attendee(directory.person(address, name)))
+    return imported
+
+
 def all_day_bounds(start: datetime, end: datetime, tz: str) -> tuple[datetime, datetime]:
     """Exchange pushes all-day items out to the surrounding midnights of the creating time zone."""
     z = zone(tz)
@@ -809,4 +823,4 @@ def all_day_bounds(start: datetime, end: datetime, tz: str) -> tuple[datetime, d
     return s.astimezone(UTC), e.astimezone(UTC)
 
 
-__all__ = ["TNS", "Shape", "View", "all_day_bounds", "parse_item", "render"]
+__all__ = ["TNS", "ExtKey", "Shape", "View", "all_day_bounds", "ext_key", "parse_item", "render"]

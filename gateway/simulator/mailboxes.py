@@ -16,17 +16,43 @@ from gateway.simulator import ids
 from gateway.simulator.calendar import CalendarItem, Person
 from gateway.simulator.soap import EwsError
 
-DISTINGUISHED = {
-    # name: (display name, folder class, element)
-    "root": ("", "", "Folder"),
-    "msgfolderroot": ("Top of Information Store", "IPF.Note", "Folder"),
-    "calendar": ("Calendar", "IPF.Appointment", "CalendarFolder"),
-    "inbox": ("Inbox", "IPF.Note", "Folder"),
-    "sentitems": ("Sent Items", "IPF.Note", "Folder"),
-    "deleteditems": ("Deleted Items", "IPF.Note", "Folder"),
-    "drafts": ("Drafts", "IPF.Note", "Folder"),
-    "outbox": ("Outbox", "IPF.Note", "Folder"),
+# The distinguished folders every Exchange 2016 mailbox has: name -> (display name, folder class, element, parent).
+# The position is the folder's number in its FolderId, so entries are only ever appended. The first CORE_FOLDERS
+# exist from the start; the rest appear the first time a request reaches past them (a benchmark's ten thousand
+# rooms never need their Journal).
+STANDARD_FOLDERS: dict[str, tuple[str, str, str, str | None]] = {
+    "root": ("", "", "Folder", None),
+    "msgfolderroot": ("Top of Information Store", "IPF.Note", "Folder", "root"),
+    "calendar": ("Calendar", "IPF.Appointment", "CalendarFolder", "msgfolderroot"),
+    "inbox": ("Inbox", "IPF.Note", "Folder", "msgfolderroot"),
+    "sentitems": ("Sent Items", "IPF.Note", "Folder", "msgfolderroot"),
+    "deleteditems": ("Deleted Items", "IPF.Note", "Folder", "msgfolderroot"),
+    "drafts": ("Drafts", "IPF.Note", "Folder", "msgfolderroot"),
+    "outbox": ("Outbox", "IPF.Note", "Folder", "msgfolderroot"),
+    "contacts": ("Contacts", "IPF.Contact", "ContactsFolder", "msgfolderroot"),
+    "tasks": ("Tasks", "IPF.Task", "TasksFolder", "msgfolderroot"),
+    "notes": ("Notes", "IPF.StickyNote", "Folder", "msgfolderroot"),
+    "journal": ("Journal", "IPF.Journal", "Folder", "msgfolderroot"),
+    "junkemail": ("Junk Email", "IPF.Note", "Folder", "msgfolderroot"),
+    "conversationhistory": ("Conversation History", "IPF.Note", "Folder", "msgfolderroot"),
+    "syncissues": ("Sync Issues", "IPF.Note", "Folder", "msgfolderroot"),
+    "conflicts": ("Conflicts", "IPF.Note", "Folder", "syncissues"),
+    "localfailures": ("Local Failures", "IPF.Note", "Folder", "syncissues"),
+    "serverfailures": ("Server Failures", "IPF.Note", "Folder", "syncissues"),
+    "recipientcache": ("Recipient Cache", "IPF.Contact.RecipientCache", "ContactsFolder", "contacts"),
+    "quickcontacts": ("{06967759-274D-40B2-A3EB-D7F9E73727D7}", "IPF.Contact.MOC.QuickContacts", "ContactsFolder",
+                      "contacts"),
+    "searchfolders": ("Finder", "", "Folder", "root"),
+    "recoverableitemsroot": ("Recoverable Items", "", "Folder", "root"),
+    "recoverableitemsdeletions": ("Deletions", "", "Folder", "recoverableitemsroot"),
+    "recoverableitemsversions": ("Versions", "", "Folder", "recoverableitemsroot"),
+    "recoverableitemspurges": ("Purges", "", "Folder", "recoverableitemsroot"),
 }
+CORE_FOLDERS = 8  # root .. outbox
+_LAZY_PARENTS = frozenset(parent for _, _, _, parent in list(STANDARD_FOLDERS.values())[CORE_FOLDERS:])
+# What a created folder's element makes its class when the request names none.
+FOLDER_CLASS_OF = {"Folder": "IPF.Note", "CalendarFolder": "IPF.Appointment", "ContactsFolder": "IPF.Contact",
+                   "TasksFolder": "IPF.Task", "SearchFolder": "IPF.Note"}
 
 
 @dataclass
@@ -76,8 +102,10 @@ class CalendarProcessing:
 class Folder:
     __slots__ = (
         "by_goid",
+        "changed",
         "distinguished",
         "element",
+        "ext",
         "folder_class",
         "items",
         "mailbox",
@@ -100,6 +128,8 @@ class Folder:
         self.tombstones: list[tuple[int, int, int]] = []
         self.by_goid: dict[bytes, int] = {}
         self.parent = parent
+        self.changed = _EPOCH  # last change to the folder or its contents (PR_LOCAL_COMMIT_TIME_MAX)
+        self.ext: dict[tuple[str, str, str], Any] | None = None  # extended properties a client set
 
     @property
     def id(self) -> str:
@@ -108,6 +138,18 @@ class Folder:
     @property
     def change_key(self) -> str:
         return ids.change_key(self.no, 1)
+
+    def within(self, other: Folder) -> bool:
+        """Whether this folder is ``other`` or lies below it."""
+        f: Folder | None = self
+        while f is not None:
+            if f is other:
+                return True
+            f = f.parent
+        return False
+
+
+_EPOCH = datetime(2016, 1, 1, tzinfo=UTC)  # when the simulated mailboxes were "created"
 
 
 @dataclass(eq=False)
@@ -121,10 +163,11 @@ class Mailbox:
     capacity: int | None = None
     processing: CalendarProcessing | None = None
     impersonation: str | frozenset[str] | None = None  # None, "rooms", "all", or explicit addresses
+    full_access: frozenset[str] = frozenset()  # delegates (Add-MailboxPermission -AccessRights FullAccess)
     backend: int = 0
     seq: int = 0
-    folders: dict[str, Folder] = field(default_factory=dict)
-    folder_list: list[Folder] = field(default_factory=list)
+    folders: dict[str, Folder] = field(default_factory=dict)  # the distinguished ones made so far, by name
+    folder_list: list[Folder | None] = field(default_factory=list)  # by folder number; None once deleted
     working_tz: str = "W. Europe Standard Time"
 
     @property
@@ -136,10 +179,55 @@ class Mailbox:
         return self.folders["calendar"]
 
     def folder(self, name: str) -> Folder:
-        try:
-            return self.folders[name]
-        except KeyError:
-            raise EwsError("ErrorFolderNotFound", f"The distinguished folder {name!r} does not exist.") from None
+        """A distinguished folder by its name (DistinguishedFolderId)."""
+        found = self.folders.get(name)
+        if found is None and name in STANDARD_FOLDERS:
+            self._complete()
+            found = self.folders.get(name)
+        if found is None:
+            raise EwsError("ErrorFolderNotFound", f"The distinguished folder {name!r} does not exist.")
+        return found
+
+    def folder_at(self, no: int) -> Folder | None:
+        """The folder with number ``no`` (of a FolderId); None if there is none (any more)."""
+        if len(self.folder_list) <= no < len(STANDARD_FOLDERS):
+            self._complete()
+        return self.folder_list[no] if 0 <= no < len(self.folder_list) else None
+
+    def children(self, parent: Folder) -> list[Folder]:
+        if parent.distinguished in _LAZY_PARENTS:  # a calendar's ChildFolderCount needs no Journal
+            self._complete()
+        return [f for f in self.folder_list if f is not None and f.parent is parent]
+
+    def add_standard_folders(self, count: int) -> None:
+        """Make the first ``count`` standard folders that do not exist yet."""
+        for name in list(STANDARD_FOLDERS)[len(self.folder_list):count]:
+            display, cls, element, parent = STANDARD_FOLDERS[name]
+            f = Folder(len(self.folder_list), self, name, display, cls, element,
+                       self.folders[parent] if parent else None)
+            self.folders[name] = f
+            self.folder_list.append(f)
+
+    def _complete(self) -> None:
+        if len(self.folder_list) < len(STANDARD_FOLDERS):
+            self.add_standard_folders(len(STANDARD_FOLDERS))
+
+    def add_folder(self, parent: Folder, name: str, folder_class: str, element: str) -> Folder:
+        """CreateFolder: a folder of the user's own below ``parent``."""
+        self._complete()  # its number must come after every standard folder's
+        if any(f.name.lower() == name.lower() for f in self.children(parent)):
+            raise EwsError("ErrorFolderExists", "A folder with the specified name already exists.")
+        f = Folder(len(self.folder_list), self, None, name, folder_class, element, parent)
+        f.changed = datetime.now(UTC)
+        self.folder_list.append(f)
+        return f
+
+    def drop_folder(self, folder: Folder) -> list[Folder]:
+        """Forget ``folder`` and every folder below it; returns them (their items are the caller's)."""
+        gone = [f for f in self.folder_list if f is not None and f.within(folder)]
+        for f in gone:
+            self.folder_list[f.no] = None
+        return gone
 
 
 Listener = Callable[[str, "Folder", CalendarItem | None, int, "Folder | None", int | None], None]
@@ -172,14 +260,7 @@ class Directory:
                      backend=zlib.crc32(smtp.encode()) % self.backends)
         if kind == "room":
             mb.processing = CalendarProcessing()
-        root = None
-        for i, (dname, (display, cls, element)) in enumerate(DISTINGUISHED.items()):
-            parent = None if dname == "root" else (root if dname == "msgfolderroot" else mb.folders["msgfolderroot"])
-            f = Folder(i, mb, dname, display, cls, element, parent)
-            if dname == "root":
-                root = f
-            mb.folders[dname] = f
-            mb.folder_list.append(f)
+        mb.add_standard_folders(CORE_FOLDERS)
         self.mailboxes[smtp] = mb
         self.by_idx.append(mb)
         if password is not None:
@@ -213,6 +294,11 @@ class Directory:
             return target.kind == "room"
         return isinstance(scope, frozenset) and target.smtp in scope
 
+    def grant_full_access(self, mailbox: str, delegate: str) -> None:
+        """Add-MailboxPermission -AccessRights FullAccess: ``delegate`` may open ``mailbox`` without impersonation."""
+        target, user = self.get(mailbox), self.get(delegate)
+        target.full_access = target.full_access | {user.smtp}
+
     def person(self, email: str, name: str = "") -> Person:
         mb = self.find(email)
         if mb is not None:
@@ -238,6 +324,7 @@ class Directory:
         item.seq = item.created_seq = mb.seq
         folder.items[item.iid] = item
         folder.by_goid[item.goid] = item.iid
+        folder.changed = item.modified
         self.items[item.iid] = item
         if notify:
             self._emit("CreatedEvent", folder, item, item.iid)
@@ -250,7 +337,7 @@ class Directory:
         mb.seq += 1
         item.seq = mb.seq
         item.version += 1
-        item.modified = datetime.now(UTC)
+        item.modified = item.folder.changed = datetime.now(UTC)
         self._emit("ModifiedEvent", item.folder, item, item.iid)
         if free_busy:
             self._emit("FreeBusyChangedEvent", item.folder, item, item.iid)
@@ -264,11 +351,13 @@ class Directory:
             del folder.by_goid[item.goid]
         self.items.pop(item.iid, None)
         folder.tombstones.append((mb.seq, item.iid, item.created_seq))
+        folder.changed = datetime.now(UTC)
         old_iid = item.iid
         if delete_type in ("MoveToDeletedItems", "SoftDelete") and folder.distinguished != "deleteditems":
             target = mb.folders["deleteditems"]
             item.iid = self.new_iid()  # an item that moves gets a new ItemId, as in Exchange
             item.folder = target
+            target.changed = folder.changed
             mb.seq += 1
             item.seq = item.created_seq = mb.seq
             target.items[item.iid] = item
@@ -277,6 +366,22 @@ class Directory:
         else:
             self._emit("DeletedEvent", folder, None, old_iid)
         self._emit("FreeBusyChangedEvent", folder, None, old_iid)
+
+    def delete_folder(self, folder: Folder, delete_type: str = "HardDelete") -> None:
+        """DeleteFolder of a folder of the user's own: into Deleted Items, or gone with what it holds."""
+        mb = folder.mailbox
+        deleted_items = mb.folder("deleteditems")
+        if delete_type == "MoveToDeletedItems" and not folder.within(deleted_items):
+            folder.parent = deleted_items
+            folder.changed = deleted_items.changed = datetime.now(UTC)
+            return
+        for f in mb.drop_folder(folder):
+            for item in f.items.values():
+                self.items.pop(item.iid, None)
+            f.items.clear()
+            f.by_goid.clear()
+        if folder.parent is not None:
+            folder.parent.changed = datetime.now(UTC)
 
     def _emit(self, kind: str, folder: Folder, item: CalendarItem | None, iid: int,
               old_folder: Folder | None = None, old_iid: int | None = None) -> None:

@@ -25,7 +25,7 @@ from gateway.simulator.mailboxes import Directory, Mailbox
 from gateway.simulator.ntlm import NtlmAcceptor, NtlmError
 from gateway.simulator.ops import OPERATIONS, RESPONSE_CODE, Context, load_all
 from gateway.simulator.schema import TNS
-from gateway.simulator.soap import ACCEPTED_VERSIONS, EwsError, envelope, fault_body, parse_envelope
+from gateway.simulator.soap import ACCEPTED_VERSIONS, EwsError, envelope, fault_body, parse_envelope, unsupported
 from gateway.simulator.throttle import Throttle
 
 log = structlog.get_logger("gateway.simulator")
@@ -143,16 +143,16 @@ class Simulator:
             version = self._version(req.header)
             target, impersonating = self._impersonate(user, req.header)
             tz = self._tz_context(req.header)
+            ctx = Context(self, user, target, impersonating, version, tz, request, req.header)
             handler = OPERATIONS.get(operation)
             if operation in self.faults.refuse:
                 raise EwsError(self.faults.refuse[operation], f"{operation} is refused (injected).", fault=True)
             if handler is None:
-                raise EwsError("ErrorInvalidOperation", f"The simulator does not implement {operation}.",
-                               fault=True)
-            ctx = Context(self, user, target, impersonating, version, tz, request, req.header)
-            with self.throttle.request(user.smtp):
-                await self.faults.delay(operation)  # a slow call holds its slot, as on a real server
-                result = await handler(ctx, req.body)
+                result = _unsupported(operation)
+            else:
+                with self.throttle.request(user.smtp):
+                    await self.faults.delay(operation)  # a slow call holds its slot, as on a real server
+                    result = await handler(ctx, req.body)
         except EwsError as e:
             self.calls[(operation, e.code)] += 1
             return self._fault(e, status=e.http_status)
@@ -332,6 +332,16 @@ class Simulator:
         if domain and domain.upper() not in (self.config.netbios.upper(), self.config.domain.upper()):
             return None
         return mb.password
+
+
+def _unsupported(operation: str) -> etree._Element:
+    """An operation of the schema this server leaves out: an EWS error response, as clients expect of Exchange
+    (a SOAP fault only where the schema leaves no room for an error message)."""
+    err = EwsError("ErrorInvalidOperation", f"The simulator does not implement {operation}.")
+    answer = unsupported(operation, err)
+    if answer is None:
+        raise EwsError(err.code, err.text, fault=True)
+    return answer
 
 
 @functools.lru_cache(maxsize=1024)

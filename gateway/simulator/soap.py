@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -10,7 +11,7 @@ from typing import Any
 
 from lxml import etree
 
-from gateway.simulator.schema import MNS, TNS
+from gateway.simulator.schema import MNS, TNS, validate
 
 SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 ENS = "http://schemas.microsoft.com/exchange/services/2006/errors"
@@ -232,3 +233,50 @@ class Responses:
         if self.error_container:
             sub(msg, self.error_container)
         return msg
+
+
+def unsupported(operation: str, err: EwsError) -> etree._Element | None:
+    """A schema-valid error response for an operation this server does not implement (None if none fits).
+
+    Which shape an operation's response takes (ResponseMessages of <Op>ResponseMessage, or one message as the
+    root itself) is read off the schema by trying each, once per operation.
+    """
+    how = _unsupported_variant(operation)
+    return _unsupported_shape(operation, err, how) if how is not None else None
+
+
+@functools.cache
+def _unsupported_variant(operation: str) -> tuple[int, tuple[str, ...]] | None:
+    """How to shape the error: (variant, children the schema requires of an error message); None if no shape fits."""
+    probe = EwsError("ErrorInvalidOperation", "probe")
+    for variant in range(3):
+        required: tuple[str, ...] = ()
+        for _ in range(3):
+            problem = validate(_unsupported_shape(operation, probe, (variant, required)))
+            if problem is None:
+                return variant, required
+            expected = re.findall(r"\{" + re.escape(MNS) + r"\}(\w+)", problem.partition("Expected is")[2])
+            expected = [name for name in expected if name != "MessageXml"]
+            if "Missing child" not in problem or not expected:
+                break
+            required += (expected[-1],)  # an empty container the schema insists on (m:Items, ...)
+    return None
+
+
+def _unsupported_shape(operation: str, err: EwsError, how: tuple[int, tuple[str, ...]]) -> etree._Element:
+    variant, required = how
+    base = operation.removesuffix("Request")
+    if variant == 0:
+        out = Responses(base)
+        msg = out.error(err)
+        root = out.root
+    else:
+        root = etree.Element(m(f"{base}Response"), nsmap=RESP_NSMAP)
+        msg = root if variant == 1 else sub(root, "m:ResponseMessage")
+        msg.set("ResponseClass", "Error")
+        sub(msg, "m:MessageText", err.text)
+        sub(msg, "m:ResponseCode", err.code)
+        sub(msg, "m:DescriptiveLinkKey", 0)
+    for name in required:
+        sub(msg, f"m:{name}")
+    return root

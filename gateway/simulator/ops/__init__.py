@@ -33,6 +33,15 @@ class Context:
     def directory(self) -> Any:
         return self.sim.directory
 
+    def may_open(self, mailbox: Mailbox) -> bool:
+        """Whether this request may reach ``mailbox``'s folders and items.
+
+        The mailbox the request acts as (the impersonated one, or the logon account's own) is always open; any
+        other needs a delegate right (FullAccess). ApplicationImpersonation is not such a right: it lets an
+        account act *as* a mailbox through the ExchangeImpersonation header, and only then.
+        """
+        return mailbox is self.mailbox or self.mailbox.smtp in mailbox.full_access
+
     def at_least(self, version: str) -> bool:
         from gateway.simulator.soap import ACCEPTED_VERSIONS
 

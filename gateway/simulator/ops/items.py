@@ -10,7 +10,7 @@ from typing import Any
 from lxml import etree
 
 from gateway.simulator import ids
-from gateway.simulator.actions import SEND_VALUES, sends
+from gateway.simulator.actions import SEND_VALUES, remove_instance, sends
 from gateway.simulator.calendar import CalendarItem, Instance
 from gateway.simulator.itemxml import (
     ItemFields,
@@ -23,9 +23,11 @@ from gateway.simulator.itemxml import (
     render,
 )
 from gateway.simulator.mailboxes import Folder
+from gateway.simulator.mapi import split_writes
 from gateway.simulator.messages import MeetingMessage
 from gateway.simulator.ops import Context, operation
 from gateway.simulator.ops.folders import resolve_folder
+from gateway.simulator.restrictions import predicate
 from gateway.simulator.schema import MNS, TNS
 from gateway.simulator.soap import EwsError, Responses, parse_bool, parse_datetime, sub
 
@@ -47,8 +49,7 @@ def _t(name: str) -> str:
 
 
 def _check_access(ctx: Context, item: CalendarItem) -> None:
-    mb = item.mailbox
-    if mb is ctx.mailbox or mb is ctx.principal or ctx.directory.may_impersonate(ctx.principal, mb):
+    if ctx.may_open(item.mailbox):
         return
     raise EwsError("ErrorAccessDenied", "Access is denied. Check credentials and try again.")
 
@@ -188,7 +189,7 @@ def _indexed(ctx: Context, folder: Folder, page: etree._Element | None, restrict
              sort: etree._Element | None) -> tuple[list[View], int, bool, int]:
     items = list(folder.items.values())
     if restriction is not None and len(restriction):
-        pred = _predicate(ctx, restriction[0])
+        pred = predicate(restriction[0], lambda el: _operand(ctx, el))
         items = [i for i in items if pred(i)]
     if sort is not None:
         for order in reversed(list(sort)):
@@ -249,84 +250,6 @@ def _operand(ctx: Context, el: etree._Element) -> Callable[[CalendarItem], Any]:
     raise EwsError("ErrorUnsupportedPathForQuery", "Unsupported property in restriction.")
 
 
-def _constant(el: etree._Element) -> str:
-    const = el.find(f"{_t('FieldURIOrConstant')}/{_t('Constant')}")
-    if const is None:
-        raise EwsError("ErrorInvalidRestriction", "Only constants can be compared.")
-    return const.get("Value", "")
-
-
-def _coerce(value: Any, text: str) -> tuple[Any, Any]:
-    if isinstance(value, datetime):
-        return value, parse_datetime(text)
-    if isinstance(value, bool):
-        return value, text.lower() == "true"
-    if isinstance(value, bytes):
-        import base64
-        return value, base64.b64decode(text)
-    if isinstance(value, int):
-        return value, int(text)
-    if isinstance(value, float):
-        return value, float(text)
-    return ("" if value is None else str(value)), text
-
-
-_COMPARE = {
-    "IsEqualTo": lambda a, b: a == b,
-    "IsNotEqualTo": lambda a, b: a != b,
-    "IsGreaterThan": lambda a, b: a > b,
-    "IsGreaterThanOrEqualTo": lambda a, b: a >= b,
-    "IsLessThan": lambda a, b: a < b,
-    "IsLessThanOrEqualTo": lambda a, b: a <= b,
-}
-
-
-def _predicate(ctx: Context, el: etree._Element) -> Callable[[CalendarItem], bool]:
-    name = etree.QName(el).localname
-    if name in ("And", "Or"):
-        parts = [_predicate(ctx, c) for c in el]
-        return (lambda i: all(p(i) for p in parts)) if name == "And" else (lambda i: any(p(i) for p in parts))
-    if name == "Not":
-        inner = _predicate(ctx, el[0])
-        return lambda i: not inner(i)
-    if name == "Exists":
-        getter = _operand(ctx, el)
-        return lambda i: getter(i) is not None
-    if name == "Contains":
-        getter = _operand(ctx, el)
-        const = el.find(_t("Constant"))
-        needle = const.get("Value", "") if const is not None else ""
-        ignore_case = "Ignore" in el.get("ContainmentComparison", "")
-        mode = el.get("ContainmentMode", "Substring")
-        if ignore_case:
-            needle = needle.lower()
-
-        def contains(i: CalendarItem) -> bool:
-            text = str(getter(i) or "")
-            text = text.lower() if ignore_case else text
-            if mode == "FullString":
-                return text == needle
-            if mode == "Prefixed":
-                return text.startswith(needle)
-            if mode == "PrefixOnWords":
-                return any(w.startswith(needle) for w in text.split())
-            return needle in text  # Substring, ExactPhrase
-        return contains
-    if name in _COMPARE:
-        getter = _operand(ctx, el)
-        text = _constant(el)
-        cmp = _COMPARE[name]
-
-        def test(i: CalendarItem) -> bool:
-            value = getter(i)
-            if value is None:
-                return name == "IsNotEqualTo"
-            a, b = _coerce(value, text)
-            return bool(cmp(a, b))
-        return test
-    raise EwsError("ErrorInvalidRestriction", f"Restriction {name} is not supported.")
-
-
 # -- CreateItem ------------------------------------------------------------------------------------------
 @operation("CreateItem")
 async def create_item(ctx: Context, body: etree._Element) -> etree._Element:
@@ -364,7 +287,16 @@ def _create_one(ctx: Context, el: etree._Element, send: str | None, disposition:
             raise EwsError("ErrorCannotCreateCalendarItemInNonCalendarFolder",
                            "Calendar items can only be created in a calendar folder.")
         fields: ItemFields = parse_item(el, ctx.directory, ctx.tz_context)
-        return cal.create(folder.mailbox, fields.values, fields.ext, send, folder)
+        mapped, ext = split_writes(fields.ext, strict=False)
+        created = cal.create(folder.mailbox, {**mapped, **fields.values}, ext, send, folder)
+        if fields.mime is not None and created.recurrence is not None:
+            for start in fields.mime.deleted:  # EXDATE
+                if created.index_of(start) is not None:
+                    remove_instance(created, start)
+            for start, values in fields.mime.exceptions:  # VEVENTs with a RECURRENCE-ID
+                if created.index_of(start) is not None:
+                    cal.modify_instance(created, start, values)
+        return created
     ref = el.find(_t("ReferenceItemId"))
     if ref is None:
         raise EwsError("ErrorInvalidRequest", f"{name} needs a ReferenceItemId.")
@@ -495,10 +427,7 @@ def _update_one(ctx: Context, change: etree._Element, conflict: str, send: str |
             if kind == "DeleteItemField":
                 ext[key] = None
             else:
-                carrier = upd.find(_t("CalendarItem"))
-                if carrier is None:
-                    raise EwsError("ErrorInvalidRequest", "SetItemField needs a CalendarItem.")
-                ext.update(parse_item(carrier, ctx.directory, ctx.tz_context).ext)
+                ext.update(parse_item(_carrier(upd), ctx.directory, ctx.tz_context).ext)
             continue
         uri = path.get("FieldURI", "")
         attr = _SETTABLE.get(uri)
@@ -507,9 +436,7 @@ def _update_one(ctx: Context, change: etree._Element, conflict: str, send: str |
         if kind == "DeleteItemField":
             values[attr] = _EMPTY.get(attr)
             continue
-        carrier = upd.find(_t("CalendarItem"))
-        if carrier is None:
-            raise EwsError("ErrorIncorrectUpdatePropertyCount", "Each update must carry exactly one property.")
+        carrier = _carrier(upd)
         fields = parse_item(carrier, ctx.directory, ctx.tz_context)
         if attr not in fields.values:
             raise EwsError("ErrorIncorrectUpdatePropertyCount",
@@ -518,6 +445,9 @@ def _update_one(ctx: Context, change: etree._Element, conflict: str, send: str |
         if kind == "AppendToItemField" and attr in ("required", "optional", "resources"):
             value = tuple(getattr(item, attr)) + value
         values[attr] = value
+    if ext:
+        mapped, ext = split_writes(ext, strict=True)  # PR_SUBJECT by tag is the subject
+        values = {**mapped, **values}
     values.pop("end_tz", None)
     if original is not None:
         values.pop("tz", None)
@@ -539,6 +469,15 @@ def _update_one(ctx: Context, change: etree._Element, conflict: str, send: str |
         if not values:
             ctx.directory.touch(item, free_busy=False)
     return item, original
+
+
+def _carrier(update: etree._Element) -> etree._Element:
+    """The item element of a SetItemField/AppendToItemField: any item type (t:Item, t:CalendarItem, ...), holding
+    exactly the one property the path names."""
+    carrier = update[1] if len(update) > 1 else None
+    if carrier is None or len(carrier) != 1:
+        raise EwsError("ErrorIncorrectUpdatePropertyCount", "Each update must carry exactly one property.")
+    return carrier
 
 
 def _update_message(ctx: Context, item: MeetingMessage, change: etree._Element) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gateway.errors import ConfigError, GatewayError
-from gateway.relay.hubstore import DB_NAME, HubStore
+from gateway.hub.store import DB_NAME, HubStore
 from gateway.security.secret import Secret
 
 DATA_ENV = "GATEWAY_HUB_DATA"
@@ -256,7 +256,7 @@ def _print_gateways(store: HubStore, out: TextIO, *, as_json: bool) -> None:
 
 
 def _serve(args: argparse.Namespace, data: Path, env: Mapping[str, str], err: TextIO) -> int:
-    from gateway.relay.hub import HubSettings, RunningHub, run_hub
+    from gateway.hub.server import HubSettings, RunningHub, run_hub
 
     var = args.admin_token_env or ADMIN_TOKEN_ENV
     value = env.get(var)

@@ -50,10 +50,10 @@ from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.errors import ConfigError, GatewayError, ProtocolError
+from gateway.hub.store import Clock, EventItem, HubStore, Stored, utc_now
+from gateway.hub.webhooks import WebhookDispatcher
 from gateway.model import DECLINE_REASONS, RESULT_STATUSES, Command, CommandResult, failed
 from gateway.relay import protocol
-from gateway.relay.hubstore import Clock, EventItem, HubStore, Stored, utc_now
-from gateway.relay.webhooks import WebhookDispatcher
 from gateway.security.secret import Secret
 
 log = structlog.get_logger(__name__)

@@ -36,7 +36,7 @@ import structlog
 
 from gateway import __version__
 from gateway.errors import ConfigError
-from gateway.relay.hubstore import HubStore, StoredEvent, Webhook
+from gateway.hub.store import HubStore, StoredEvent, Webhook
 
 log = structlog.get_logger(__name__)
 

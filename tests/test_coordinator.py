@@ -1,0 +1,222 @@
+"""The sync coordinator on the in-memory source: what people do to room calendars becomes exactly the expected
+events and room states, without a network in between.
+
+A source's change token tells when the coordinator has caught up (the store holds the token that covers every
+change of the room, committed with that change's events), so the tests wait for that evidence, never for a
+quiet period. The end-to-end versions over EWS and HTTP stay in test_gateway_sync.py and test_gateway_rooms.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.errors import AuthError, Throttled, Unavailable
+from gateway.model import EVENT_TYPES, Event
+from gateway.sources.memory import MemorySource
+from gateway.store.sqlite import SqliteStore
+from gateway.sync.coordinator import Coordinator, SyncSettings
+from tests.conftest import eventually
+
+ROOM1, ROOM2, ROOM3 = "room1@contoso.com", "room2@contoso.com", "room3@contoso.com"
+ALICE, BOB = "alice@contoso.com", "bob@contoso.com"
+CREATED, UPDATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["updated"], EVENT_TYPES["deleted"]
+ROOM_STATE = EVENT_TYPES["room_state"]
+
+
+class Running:
+    """A coordinator syncing rooms of the in-memory source into a SQLite store, woken by the source's feed."""
+
+    def __init__(self, source: MemorySource, store: SqliteStore, coordinator: Coordinator) -> None:
+        self.source = source
+        self.store = store
+        self.coordinator = coordinator
+
+    def events(self, room: str | None = None, type_: str | None = None) -> list[Event]:
+        return [e.event for e in self.store.outbox_after(0, 100_000)
+                if (room is None or e.event.room == room) and (type_ is None or e.event.type == type_)]
+
+    def states(self, room: str) -> list[str]:
+        return [e.data["state"] for e in self.events(room, ROOM_STATE)]
+
+    def imported(self, *rooms: str) -> bool:
+        return all(self.states(r)[-2:] == ["syncing", "verified"] for r in rooms)
+
+    async def caught_up(self, *rooms: str) -> None:
+        """Wait until the store holds the token that covers every change of the rooms so far."""
+        await eventually(lambda: all(self.store.sync_state(r) == self.source.token(r) for r in rooms),
+                         timeout=10, what=f"the coordinator caught up with {rooms}")
+
+
+Start = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start(memory_source: MemorySource, tmp_path: Path) -> AsyncIterator[Start]:
+    running: list[tuple[Running, asyncio.Task[None]]] = []
+
+    async def run(rooms: tuple[str, ...], **settings: Any) -> Running:
+        store = SqliteStore(tmp_path / "gateway.sqlite")
+        sync = SyncSettings(**{"debounce_seconds": 0.0, "retry_seconds": 0.05, "auth_retry_seconds": 0.2,
+                               **settings})
+        coordinator = Coordinator(memory_source, store, sync, clock=memory_source.clock)
+        await coordinator.start(rooms)
+        feed = asyncio.get_running_loop().create_task(memory_source.watch(rooms, coordinator.mark_dirty))
+        r = Running(memory_source, store, coordinator)
+        running.append((r, feed))
+        return r
+
+    yield run
+    for r, feed in running:
+        feed.cancel()
+        await r.coordinator.stop()
+        r.store.close()
+
+
+async def test_a_meeting_created_moved_and_cancelled_is_one_event_each_under_one_booking_id(
+        start: Start, memory_source: MemorySource) -> None:
+    g = await start((ROOM1, ROOM2))
+    await eventually(lambda: g.imported(ROOM1, ROOM2), what="imported")
+    begin = memory_source.now + timedelta(days=2)
+    uid = memory_source.book(ALICE, [ROOM1], begin, begin + timedelta(hours=1), "Q3 review")
+    await g.caught_up(ROOM1)
+    [created] = g.events(ROOM1, CREATED)
+    assert created.data["uid"] == uid and created.data["subject"] == "Q3 review"
+    assert created.data["organizer"]["email"] == ALICE
+
+    memory_source.move(uid, begin + timedelta(hours=2), begin + timedelta(hours=4))  # moved and extended
+    await g.caught_up(ROOM1)
+    [updated] = g.events(ROOM1, UPDATED)
+    assert updated.data["id"] == created.data["id"] and updated.data["end"] > created.data["end"]
+
+    memory_source.cancel(uid)
+    await g.caught_up(ROOM1)
+    [deleted] = g.events(ROOM1, DELETED)
+    assert deleted.data["id"] == created.data["id"] and deleted.data["reason"] == "removed_from_exchange"
+    assert len(g.events(ROOM1, CREATED)) == 1 and len(g.events(ROOM1, UPDATED)) == 1
+    assert g.store.bookings(ROOM1) == [] and g.events(ROOM2, CREATED) == []
+
+
+async def test_a_series_with_a_moved_and_a_cancelled_occurrence(start: Start, memory_source: MemorySource) -> None:
+    g = await start((ROOM2,))
+    await eventually(lambda: g.imported(ROOM2), what="imported")
+    first = memory_source.now + timedelta(days=3)
+    uid = memory_source.book(BOB, [ROOM2], first, first + timedelta(minutes=30), "Weekly sync", repeat="weekly",
+                             count=4)
+    await g.caught_up(ROOM2)
+    ids = {e.data["id"] for e in g.events(ROOM2, CREATED)}
+    assert len(ids) == 4 and {e.data["series_id"] for e in g.events(ROOM2, CREATED)} == {uid}
+
+    second, third = first + timedelta(weeks=1), first + timedelta(weeks=2)
+    memory_source.move(uid, second + timedelta(hours=1), second + timedelta(hours=1, minutes=30), occurrence=second)
+    memory_source.cancel(uid, occurrence=third)
+    await g.caught_up(ROOM2)
+    [updated], [deleted] = g.events(ROOM2, UPDATED), g.events(ROOM2, DELETED)
+    assert updated.data["is_exception"] and updated.data["id"] in ids
+    assert deleted.data["id"] in ids and deleted.data["id"] != updated.data["id"]
+    assert len(g.events(ROOM2, CREATED)) == 4 and len(g.store.bookings(ROOM2)) == 3
+
+
+async def test_a_change_of_the_token_without_a_change_of_content_sends_nothing(
+        start: Start, memory_source: MemorySource) -> None:
+    begin = memory_source.now + timedelta(days=1)
+    memory_source.book(ALICE, [ROOM1], begin, begin + timedelta(hours=1), "Stable")
+    g = await start((ROOM1,))
+    await eventually(lambda: g.imported(ROOM1), what="imported")
+    await g.caught_up(ROOM1)
+    before, reads = len(g.events()), memory_source.calls["read_meetings"]
+
+    memory_source.touch(ROOM1)  # every item re-stamped (a new ChangeKey), nothing else
+    await g.caught_up(ROOM1)
+    assert memory_source.calls["read_meetings"] > reads  # the coordinator did look at the meeting again
+    assert len(g.events()) == before
+
+
+async def test_an_invalid_change_token_leads_to_a_new_import_without_duplicates(
+        start: Start, memory_source: MemorySource) -> None:
+    begin = memory_source.now + timedelta(days=1)
+    g = await start((ROOM2,))
+    await eventually(lambda: g.imported(ROOM2), what="imported")
+    memory_source.book(ALICE, [ROOM2], begin, begin + timedelta(hours=1), "Before")
+    await g.caught_up(ROOM2)
+    g.store.commit_sync(ROOM2, upserts=(), deletes=(), events=(), sync_state="not-a-token-of-this-source")
+
+    with capture_logs() as logs:
+        memory_source.book(ALICE, [ROOM2], begin + timedelta(hours=3), begin + timedelta(hours=4), "After")
+        await g.caught_up(ROOM2)
+    assert [e["room"] for e in logs if e["event"] == "sync.state_invalid"] == [ROOM2]
+    assert g.states(ROOM2)[-2:] == ["syncing", "verified"]
+    created = Counter(e.data["subject"] for e in g.events(ROOM2, CREATED))
+    assert created == {"Before": 1, "After": 1} and g.events(ROOM2, DELETED) == []
+
+
+async def test_the_window_rolls_forward_with_the_clock_and_a_weekly_series_yields_its_next_occurrence(
+        start: Start, memory_source: MemorySource) -> None:
+    g = await start((ROOM1,), days_back=1, days_ahead=2, roll_seconds=0.05, reconcile_seconds=3600.0)
+    await eventually(lambda: g.imported(ROOM1), what="imported")
+    first = memory_source.now + timedelta(days=1)
+    memory_source.book(ALICE, [ROOM1], first, first + timedelta(hours=1), "Weekly planning", repeat="weekly",
+                       count=4)
+    await g.caught_up(ROOM1)
+    assert [e.data["original_start"] for e in g.events(ROOM1, CREATED)] == [_iso(first)]
+
+    memory_source.advance(timedelta(days=7))  # the second occurrence enters the two-day window
+    created = await eventually(lambda: len(g.events(ROOM1, CREATED)) == 2 and g.events(ROOM1, CREATED),
+                               what="the next occurrence")
+    assert [e.data["original_start"] for e in created] == [_iso(first), _iso(first + timedelta(days=7))]
+    assert g.events(ROOM1, DELETED) == [] and g.events(ROOM1, UPDATED) == []
+
+
+async def test_misconfigured_rooms_get_their_states_and_a_created_mailbox_is_picked_up(
+        start: Start, memory_source: MemorySource) -> None:
+    nobody = "nobody@contoso.com"
+    g = await start((ROOM1, ALICE, nobody))
+    expected = {ROOM1: "verified", ALICE: "impersonation_denied", nobody: "mailbox_not_found"}
+    await eventually(lambda: all(g.states(r)[-1:] == [s] for r, s in expected.items()), what="every room's state")
+    begin = memory_source.now + timedelta(days=1)
+    memory_source.book(BOB, [ROOM1], begin, begin + timedelta(hours=1), "The good room still syncs")
+    await g.caught_up(ROOM1)
+    assert len(g.events(ROOM1, CREATED)) == 1
+    assert g.states(ALICE) == ["impersonation_denied"] and g.states(nobody) == ["mailbox_not_found"]  # once each
+
+    memory_source.add_room(nobody, "Annex Room 9")  # the admin creates the mailbox: the next retry imports it
+    await eventually(lambda: g.imported(nobody), what="the new room imported")
+    assert g.coordinator.workers[ALICE].state == "impersonation_denied"
+
+
+async def test_throttling_and_an_outage_are_announced_and_stall_no_other_room(
+        start: Start, memory_source: MemorySource) -> None:
+    memory_source.fail(Throttled("Exchange is busy", back_off=30.0), room=ROOM1, times=None)
+    memory_source.fail(Unavailable("Exchange did not answer"), room=ROOM2, times=2)
+    g = await start((ROOM1, ROOM2, ROOM3))
+    await eventually(lambda: g.imported(ROOM2, ROOM3) and g.states(ROOM1), what="the other rooms imported")
+    assert g.states(ROOM1) == ["throttled"] and g.coordinator.workers[ROOM1].state == "throttled"
+    assert g.states(ROOM2) == ["cannot_connect", "verified", "syncing", "verified"]  # announced once, retried
+    assert g.states(ROOM3) == ["verified", "syncing", "verified"]
+
+
+async def test_refused_credentials_are_auth_required_for_every_room_until_they_work_again(
+        start: Start, memory_source: MemorySource) -> None:
+    memory_source.fail(AuthError("Exchange refused the service account's credentials"), times=None)
+    with capture_logs() as logs:
+        g = await start((ROOM1, ROOM2, ROOM3), auth_retry_seconds=0.1)
+        await eventually(lambda: all(g.states(r) == ["auth_required"] for r in (ROOM1, ROOM2, ROOM3)),
+                         what="auth_required")
+        probes = memory_source.calls["verify"]
+        await eventually(lambda: memory_source.calls["verify"] > probes, what="a later probe")
+        memory_source.heal()
+        await eventually(lambda: g.imported(ROOM1, ROOM2, ROOM3), what="recovered")
+    assert [e["event"] for e in logs if e["event"].startswith("exchange.auth")] == [
+        "exchange.auth_failed", "exchange.auth_restored"]
+    assert all(g.states(r) == ["auth_required", "verified", "syncing", "verified"] for r in (ROOM1, ROOM2, ROOM3))
+
+
+def _iso(value: Any) -> str:
+    return str(value.strftime("%Y-%m-%dT%H:%M:%SZ"))
