@@ -234,7 +234,8 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
 
     def outage_changed(failure: Exception | None) -> None:
         if failure is None:
-            loop.call_soon_threadsafe(coordinator.exchange_recovered)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is stopping
+                loop.call_soon_threadsafe(coordinator.exchange_recovered)
     source.gate.listeners.append(outage_changed)
     rooms = list(options.rooms)
     for room_list in options.room_lists:

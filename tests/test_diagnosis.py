@@ -168,7 +168,7 @@ async def test_an_outage_is_one_state_true_gauges_and_one_line_when_it_starts_an
     await switch.plug()
     with capture_logs() as logs:
         g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", rooms, url=switch.url, feed_retry=0.1,
-                        retry_seconds=0.1, ews_settings={"outage_remind_seconds": 0.5})
+                        retry_seconds=0.1, outage_remind_seconds=0.5)
         await eventually(lambda: g.imported(*rooms), what="imported")
         await eventually(lambda: g.gw.feed is not None and g.gw.feed.subscriptions == 3, what="subscribed")
         assert await g.metric("gateway_ews_streaming_connections") >= 1
@@ -225,7 +225,8 @@ async def test_an_outage_is_one_state_true_gauges_and_one_line_when_it_starts_an
 async def test_real_throttling_is_throttled_with_its_back_off_and_ends(ews, tmp_path, aiohttp_client):
     ews.call(lambda: (setattr(ews.sim.throttle, "max_concurrent", 0), setattr(ews.sim.throttle, "back_off_ms", 300)))
     with capture_logs() as logs:
-        g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1, ROOM2), feed="poll")
+        g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1, ROOM2), feed="poll",
+                        throttled_quiet_seconds=0.5)
         await eventually(lambda: all(g.state(r) == "throttled" for r in (ROOM1, ROOM2)), what="throttled")
         row = (await g.rooms())[ROOM1]
         assert "0.3 s" in row["reason"] and row["remedy"] == ROOM_STATES["throttled"]
@@ -234,6 +235,7 @@ async def test_real_throttling_is_throttled_with_its_back_off_and_ends(ews, tmp_
         assert await g.metric("gateway_ews_throttled_total") >= 2
         ews.call(lambda: setattr(ews.sim.throttle, "max_concurrent", 27))
         await eventually(lambda: g.imported(ROOM1, ROOM2), what="imported after the throttling")
+        await eventually(lambda: [e for e in logs if e["event"] == "exchange.outage_ended"], what="the end logged")
     started = [e for e in logs if e["event"] == "exchange.outage_started"]
     assert [e["key"] for e in started] == ["throttled"]
     assert [e["key"] for e in logs if e["event"] == "exchange.outage_ended"] == ["throttled"]

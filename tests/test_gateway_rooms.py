@@ -233,10 +233,11 @@ async def test_wrong_password_costs_one_failed_logon_stops_every_room_and_takes_
         await eventually(lambda: g.gw.feed is not None and g.gw.feed.subscriptions == len(rooms),
                          what="every room subscribed")
     assert failed_logons(ews) == 1
-    started = [e for e in logs if e["event"] == "exchange.outage_started"]
+    started = [e for e in logs if e["event"] == "exchange.auth_failed"]
     assert len(started) == 1 and started[0]["key"] == "invalid_auth" and started[0]["log_level"] == "error"
     assert "gateway credentials set exchange" in started[0]["remedy"]
-    assert len([e for e in logs if e["event"] == "exchange.outage_ended"]) == 1
+    assert len([e for e in logs if e["event"] == "exchange.auth_restored"]) == 1
+    assert not [e for e in logs if e["event"] == "exchange.outage_started"]
     assert len([e for e in logs if e["event"] == "exchange.credentials_changed"]) == 1
     for r in rooms:  # the outage is the warning; each room's own line is info
         transitions = [e for e in logs if e["event"] == "room.state" and e["room"] == r]

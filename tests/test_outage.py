@@ -1,5 +1,6 @@
-"""The outage gate on its own, with a clock the test moves: who may call, when the next probe is due, what is
-logged (the end-to-end behaviour against the simulator is in test_diagnosis.py and test_gateway_rooms.py)."""
+"""The outage gate and the outage log on their own, with a clock the test moves: who may call, when the next
+probe is due, what is logged (the behaviour end to end against the simulator is in test_diagnosis.py and
+test_gateway_rooms.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from structlog.testing import capture_logs
 
 from gateway.errors import AuthError, ImpersonationDenied, Throttled, Unreachable
 from gateway.sources.outage import OutageGate
+from gateway.sync.coordinator import OutageLog
 
 
 class Clock:
@@ -82,36 +84,59 @@ def test_probes_are_spaced_by_a_doubling_back_off_and_refused_credentials_wait_l
     assert gate.admit() is True
 
 
+def test_throttling_holds_nobody():
+    gate = OutageGate()
+    gate.record(gate.admit(), Throttled("busy", back_off=2.0))
+    assert gate.admit() is False  # not held: the source waits out BackOffMilliseconds itself
+    assert gate.retry_at - gate.clock() == pytest.approx(2.0, abs=0.5)
+
+
+def test_the_gate_tells_its_listeners_when_an_outage_starts_and_ends_not_on_every_failure():
+    gate = OutageGate(retry_seconds=0)
+    heard: list[object] = []
+    gate.listeners.append(heard.append)
+    first = down()
+    gate.record(gate.admit(), first)
+    gate.record(gate.admit(), down())
+    gate.record(gate.admit(), None)
+    assert heard == [first, None]
+
+
+# -- the log (sync/coordinator.py): what an operator reads ---------------------------------------------------------
 def test_an_outage_is_logged_when_it_starts_reminded_at_a_low_rate_and_when_it_ends():
     clock = Clock()
-    gate = OutageGate(retry_seconds=1, max_retry_seconds=1, remind_seconds=300, clock=clock)
+    outage = OutageLog(remind_seconds=300, quiet_seconds=10, clock=clock)
     with capture_logs() as logs:
-        gate.record(gate.admit(), down())
-        for _ in range(900):  # 15 minutes of rooms retrying every second, one probe each second
+        for _ in range(900):  # 15 minutes of rooms failing every second
+            outage.failed(down())
             clock.now += 1
-            try:
-                probe = gate.admit()
-            except Unreachable:
-                continue
-            gate.record(probe, down())
-        clock.now += 1
-        gate.record(gate.admit(), None)  # Exchange is back
+        outage.answered()
+        outage.answered()
     events = [(e["event"], e["log_level"]) for e in logs]
-    assert events == [("exchange.outage_started", "warning")] + [("exchange.outage_continues", "warning")] * 3 + [
+    assert events == [("exchange.outage_started", "warning")] + [("exchange.outage_continues", "warning")] * 2 + [
         ("exchange.outage_ended", "info")]
-    assert logs[0]["key"] == "cannot_connect" and "mail:443" in logs[0]["reason"]
-    assert logs[-1]["seconds"] == 901
+    assert logs[0]["key"] == "cannot_connect" and "mail:443" in logs[0]["reason"] and "check" in logs[0]["remedy"]
+    assert logs[-1]["seconds"] == 900
 
 
-def test_throttling_holds_nobody_and_ends_only_after_a_quiet_spell():
-    clock = Clock()
-    gate = OutageGate(retry_seconds=5, clock=clock)
+def test_refused_credentials_are_an_error_and_their_recovery_is_named_so():
+    outage = OutageLog(remind_seconds=300, quiet_seconds=10)
     with capture_logs() as logs:
-        gate.record(gate.admit(), Throttled("busy", back_off=2.0))
-        assert gate.admit() is False  # not held: the source waits out BackOffMilliseconds itself
-        clock.now += 1
-        gate.record(False, None)  # one request got through, the next is refused: still one episode
-        gate.record(False, Throttled("busy", back_off=2.0))
-        clock.now += 11
-        gate.record(False, None)
+        outage.failed(AuthError("Exchange refused the service account's credentials"))
+        outage.answered()
+    assert [(e["event"], e["log_level"]) for e in logs] == [("exchange.auth_failed", "error"),
+                                                          ("exchange.auth_restored", "info")]
+
+
+def test_throttling_that_lets_some_requests_through_is_one_episode():
+    clock = Clock()
+    outage = OutageLog(remind_seconds=300, quiet_seconds=10, clock=clock)
+    with capture_logs() as logs:
+        for _ in range(20):  # a request refused, one passed, for a minute
+            outage.failed(Throttled("busy", back_off=2.0))
+            clock.now += 1.5
+            outage.answered()
+            clock.now += 1.5
+        clock.now += 10
+        outage.answered()
     assert [e["event"] for e in logs] == ["exchange.outage_started", "exchange.outage_ended"]

@@ -7,8 +7,9 @@ that repairs (and counts) any drift. The window rolls forward: every ``roll_seco
 the window is read, so long series keep producing occurrences.
 
 A failure every room shares (errors.is_shared: refused credentials, Exchange unreachable, throttling) puts every
-room into the same state, with the detail in its reason; the rooms then wait until Exchange is back (the source
-lets one call probe it, see sources/outage.py) instead of each retrying on its own. While the change feed is down
+room into the same state, with the detail in its reason, and is logged once when it starts, as a reminder while it
+lasts and once when it ends (OutageLog); the rooms then wait until Exchange is back (the source lets one call probe
+it, see sources/outage.py) instead of each retrying on its own. While the change feed is down
 (app.py restarts it with back-off) every room is synced every ``feed_down_poll_seconds`` and says so (``polling``).
 
 Network calls happen outside store transactions; every store call runs on the store's single writer thread.
@@ -60,6 +61,52 @@ class SyncSettings:
     auth_retry_seconds: float = 300.0  # after an auth failure (stop-and-ask, but notice fixed credentials)
     max_concurrent_rooms: int = 8
     feed_down_poll_seconds: float = 60.0  # while the change feed is down, every room is synced this often
+    outage_remind_seconds: float = 300.0  # while a failure every room shares lasts, the log says so this often
+    throttled_quiet_seconds: float = 10.0  # throttling has ended once nothing was throttled for this long
+
+
+class OutageLog:
+    """A failure every room shares, as the log tells it: once when it starts (refused credentials as an error,
+    exchange.auth_failed; anything else a warning, exchange.outage_started), a reminder every ``remind_seconds``
+    while it lasts, once when it ends (info). Under throttling some requests pass and others are refused: it has
+    ended only once nothing was throttled for ``quiet_seconds``."""
+
+    def __init__(self, remind_seconds: float, quiet_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.remind_seconds = remind_seconds
+        self.quiet_seconds = quiet_seconds
+        self.clock = clock
+        self.failure: GatewayError | None = None
+        self.since = self.last = self.reminded = 0.0
+
+    def failed(self, e: GatewayError) -> None:
+        now = self.clock()
+        current, self.failure, self.last = self.failure, e, now
+        if current is not None and current.key == e.key:
+            if now - self.reminded >= self.remind_seconds:
+                self.reminded = now
+                log.warning("exchange.outage_continues", key=e.key, reason=_reason(e), remedy=e.remedy,
+                            seconds=round(now - self.since, 1))
+            return
+        self.since = self.reminded = now
+        fields: dict[str, Any] = {"key": e.key, "reason": _reason(e), "remedy": e.remedy}
+        if current is not None:
+            fields["previous"] = current.key
+        if _refused(e):
+            log.error("exchange.auth_failed", **fields)
+        else:
+            log.warning("exchange.outage_started", **fields)
+
+    def answered(self) -> None:
+        failure = self.failure
+        if failure is None:
+            return
+        now = self.clock()
+        if isinstance(failure, Throttled) and now - self.last < self.quiet_seconds:
+            return
+        self.failure = None
+        event = "exchange.auth_restored" if _refused(failure) else "exchange.outage_ended"
+        log.info(event, key=failure.key, seconds=round(now - self.since, 1))
 
 
 class RoomWorker:
@@ -100,6 +147,7 @@ class Coordinator:
         self.listeners: list[Callable[[list[OutboxEntry]], None]] = []  # told after each commit (SSE wake-up)
         self._exchange_ok = asyncio.Event()  # cleared while a failure every room shares lasts
         self._exchange_ok.set()
+        self.outage = OutageLog(self.settings.outage_remind_seconds, self.settings.throttled_quiet_seconds)
         self.feed_down: str | None = None  # why the change feed is down (then rooms poll), None while it runs
 
     # -- life cycle -----------------------------------------------------------------------------------------
@@ -157,6 +205,7 @@ class Coordinator:
                 await self._set_state(w, _state_key(e), _reason(e), shared=shared)
                 if shared:
                     # Every room meets the same answer: wait until a room (or the feed) finds Exchange back.
+                    self.outage.failed(e)
                     self._exchange_ok.clear()
                     await self._exchange_back(_shared_delay(e, s))
                     continue
@@ -174,6 +223,7 @@ class Coordinator:
 
     def exchange_recovered(self) -> None:
         """Exchange answered again: the rooms waiting behind a shared failure retry now."""
+        self.outage.answered()
         self._exchange_ok.set()
 
     async def _verify(self, w: RoomWorker) -> None:
@@ -419,6 +469,10 @@ def _reason(e: GatewayError) -> str:
     """The error's own words (with the detail: the host, the status, the address), without its remedy (the room
     carries that separately)."""
     return str(e.args[0]) if e.args else e.key
+
+
+def _refused(e: GatewayError) -> bool:
+    return type(e) is AuthError
 
 
 def _shared_delay(e: GatewayError, s: SyncSettings) -> float:

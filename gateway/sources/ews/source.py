@@ -4,7 +4,7 @@
   gateway, not exchangelib, decides when to retry, and one throttled room does not put every thread to sleep.
 - When Exchange answers ErrorServerBusy, every call of this source waits out its BackOffMilliseconds.
 - Every call passes the account's outage gate (sources/outage.py): refused credentials or an unreachable server
-  cost one request, not one per room, and are logged once.
+  cost one request, not one per room.
 - exchangelib reports a refused connection, a 503 and a closed connection alike as ErrorServerBusy; the gateway
   tells them apart (cannot_connect, unknown_host, tls_error, http_error, throttled) from the cause chain and the
   HTTP status, so that throttling is only ever what Exchange says it is.
@@ -103,7 +103,6 @@ class EwsSettings:
     outage_max_retry_seconds: float = 60.0
     auth_retry_seconds: float = 300.0  # refused credentials: each probe is a failed logon (lockout threshold)
     auth_max_retry_seconds: float = 3600.0
-    outage_remind_seconds: float = 300.0
 
 
 # -- instrumentation: every EWS request, by operation and answer ---------------------------------------------
@@ -386,8 +385,7 @@ class EwsSource:
         self.gate = OutageGate(retry_seconds=settings.outage_retry_seconds,
                                max_retry_seconds=settings.outage_max_retry_seconds,
                                auth_retry_seconds=settings.auth_retry_seconds,
-                               auth_max_retry_seconds=settings.auth_max_retry_seconds,
-                               remind_seconds=settings.outage_remind_seconds)
+                               auth_max_retry_seconds=settings.auth_max_retry_seconds)
 
     def _configuration(self, password: str) -> Configuration:
         s = self.settings
