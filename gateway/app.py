@@ -20,7 +20,7 @@ from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, RelayConfig
 from gateway.credentials import open_vault, resolve_password, resolve_secret
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics, StateCollector
 from gateway.relay.tunnel import Tunnel
@@ -82,6 +82,7 @@ class Gateway:
     feed_task: asyncio.Task[None] | None = None
     feed_up: bool = False  # the feed has subscribed and not failed since
     credentials_task: asyncio.Task[None] | None = None
+    lists_task: asyncio.Task[None] | None = None  # room lists that could not be read at start, read later
     rooms: list[str] = field(default_factory=list)
     commands: CommandService | None = None
     tunnel: Tunnel | None = None
@@ -238,8 +239,22 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
                 loop.call_soon_threadsafe(coordinator.exchange_recovered)
     source.gate.listeners.append(outage_changed)
     rooms = list(options.rooms)
+    unread: list[str] = []
     for room_list in options.room_lists:
-        rooms += await source.room_list_members(room_list)
+        try:
+            rooms += await source.room_list_members(room_list)
+        except GatewayError as e:
+            if not is_shared(e):
+                raise  # a list that does not exist: the configuration is wrong
+            # Refused credentials or Exchange away: start anyway (exiting would be restarted, and every restart is
+            # another failed logon), keep the rooms known from before so that none is disconnected for want of its
+            # list, and read the lists once Exchange answers.
+            if not unread:
+                log.error("gateway.room_lists_unreadable", key=e.key, reason=str(e.args[0]) if e.args else e.key,
+                          remedy=e.remedy, lists=len(options.room_lists))
+            unread.append(room_list)
+    if unread:
+        rooms += [r.email for r in await coordinator.db(store.rooms)]
     gw.rooms = sorted({r.lower() for r in rooms})
     await coordinator.start(gw.rooms)
     if options.feed in ("streaming", "pull"):
@@ -252,6 +267,9 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     if options.password_source is not None:
         gw.credentials_task = loop.create_task(_watch_credentials(gw), name="credentials")
         watch_task("credentials", gw.credentials_task)
+    if unread:
+        gw.lists_task = loop.create_task(_read_room_lists_later(gw, unread), name="room-lists")
+        watch_task("room-lists", gw.lists_task)
     log.info("gateway.started", rooms=len(gw.rooms), feed=options.feed, store=str(options.store_path),
              relay=options.relay.enabled)
     return gw
@@ -300,6 +318,43 @@ async def _run_feed(gw: Gateway) -> None:
     await supervise(f"feed:{gw.options.feed}", run, retry_seconds=gw.options.feed_restart_seconds, on_down=down)
 
 
+async def _read_room_lists_later(gw: Gateway, lists: list[str]) -> None:
+    """Read the room lists that could not be read at start, once Exchange answers (every attempt passes the
+    source's outage gate, so waiting costs no request); their new rooms join, and the change feed starts again
+    with them. Rooms kept from before that are no longer in a list stay until the next start."""
+    lists = list(lists)
+    while lists:
+        await asyncio.sleep(gw.options.sync.retry_seconds)
+        found: set[str] = set()
+        for room_list in list(lists):
+            try:
+                found.update(r.lower() for r in await gw.source.room_list_members(room_list))
+            except GatewayError as e:
+                if is_shared(e):
+                    break  # still away: try again later
+                log.error("gateway.room_list_failed", room_list=room_list, key=e.key, reason=str(e))
+            lists.remove(room_list)
+        new = sorted(found - set(gw.rooms))
+        if new:
+            gw.rooms = sorted(set(gw.rooms) | found)
+            for room in new:
+                gw.coordinator.add_room(room)
+            log.info("gateway.room_lists_read", new_rooms=len(new), rooms=len(gw.rooms))
+            await _restart_feed(gw)
+
+
+async def _restart_feed(gw: Gateway) -> None:
+    """Start the change feed again (with ``gw.rooms`` as they are now)."""
+    if gw.feed_task is None:
+        return
+    if isinstance(gw.feed, StreamingFeed):
+        gw.feed.stop()
+    gw.feed_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await gw.feed_task
+    gw.feed_task = asyncio.get_running_loop().create_task(_run_feed(gw), name="feed")
+
+
 async def _watch_credentials(gw: Gateway) -> None:
     """While Exchange refuses the service account, read the password again every ``password_check_seconds``
     (a local vault read); a changed one is handed to the source, which tries it at once."""
@@ -341,7 +396,7 @@ async def _housekeeping(gw: Gateway, journal: CommandJournal) -> None:
 
 
 async def stop_gateway(gw: Gateway) -> None:
-    for task in (gw.tunnel_task, gw.housekeeping_task, gw.credentials_task):
+    for task in (gw.tunnel_task, gw.housekeeping_task, gw.credentials_task, gw.lists_task):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

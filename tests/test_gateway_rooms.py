@@ -246,6 +246,34 @@ async def test_wrong_password_costs_one_failed_logon_stops_every_room_and_takes_
     assert len([e for e in logs if e["event"] == "streaming.rooms_without_subscription"]) <= 1
 
 
+async def test_room_lists_that_cannot_be_read_at_start_do_not_stop_the_gateway_or_cost_more_logons(
+        ews, tmp_path, aiohttp_client):
+    """A wrong password (or Exchange away) while the room lists are read at start: the gateway starts anyway, with
+    the rooms it knew, says why it is not ready, and reads the lists when the password works: a gateway that exited
+    would be restarted by its supervisor, and every restart would be another failed logon."""
+    store = tmp_path / "g.sqlite"
+    lists = tuple(ews.org.room_lists)
+    members = sorted(ews.org.rooms)
+    vault = {"password": "Not-the-password-1!"}
+    with capture_logs() as logs:
+        g = await start(aiohttp_client, ews, store, (), password=vault["password"],
+                        ews_settings={"auth_retry_seconds": 3600.0},
+                        options={"password_source": lambda: vault["password"], "password_check_seconds": 0.1,
+                                 "room_lists": lists})
+        await eventually(lambda: [e for e in logs if e["event"] == "gateway.room_lists_unreadable"],
+                         what="the lists reported")
+        ready = await g.client.get("/readyz")
+        assert ready.status == 503 and "no rooms" in (await ready.json())["reason"]
+        assert failed_logons(ews) == 1
+        vault["password"] = SERVICE_PASSWORD
+        await eventually(lambda: set(g.gw.coordinator.workers) == set(members), what="the lists' rooms")
+        await eventually(lambda: g.imported(*members), what="imported")
+        await eventually(lambda: g.gw.feed is not None and g.gw.feed.subscriptions == len(members),
+                         what="the lists' rooms subscribed")
+    assert failed_logons(ews) == 1
+    assert (await g.client.get("/readyz")).status == 200
+
+
 # -- 3. reconciliation ---------------------------------------------------------------------------------------------
 async def test_reconciliation_repairs_and_counts_what_notifications_missed(ews, tmp_path, aiohttp_client):
     with capture_logs() as logs:
