@@ -231,9 +231,9 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
         feed_up=lambda: None if options.feed not in ("streaming", "pull") else gw.feed_up,
     ))
     loop = asyncio.get_running_loop()
-    # Exchange is back (whichever call found out): the rooms waiting behind the outage retry now.
 
     def outage_changed(failure: Exception | None) -> None:
+        """Exchange is back (whichever call found out, a room's or the feed's): the waiting rooms retry now."""
         if failure is None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is stopping
                 loop.call_soon_threadsafe(coordinator.exchange_recovered)
