@@ -310,9 +310,9 @@ class Api:
             return _rejected(None, "invalid_command",
                              f"the command is larger than {protocol.MAX_COMMAND_BYTES} bytes")
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _rejected(None, "invalid_command", f"the body is not valid JSON: {e}")
+            doc = protocol.loads(body)
+        except ValueError as e:
+            return _rejected(None, "invalid_command", f"the body is not a usable JSON command: {e}")
         try:
             cmd = protocol.parse_command(doc)
         except ProtocolError as e:

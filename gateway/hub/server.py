@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import json
 import os
 import secrets
 import signal
@@ -432,6 +431,7 @@ class Hub:
         try:
             hello = protocol.decode(msg.data)
         except ProtocolError as e:
+            log.info("hub.handshake_refused", reason="bad_handshake", error=str(e)[:200], peer=peer)
             await self._refuse_hello(ws, "bad_handshake", e.key, str(e), CLOSE_BAD_HANDSHAKE)
             return None
         if hello["type"] != "hello":
@@ -446,6 +446,8 @@ class Hub:
             return None
         gateway_id, key_id, signature = hello.get("gateway_id"), hello.get("key_id"), hello.get("signature")
         if not all(isinstance(v, str) and 0 < len(v) <= 200 for v in (gateway_id, key_id, signature)):
+            log.info("hub.handshake_refused", reason="bad_handshake", error="hello without gateway_id, key_id or "
+                     "signature", peer=peer)
             await self._refuse_hello(ws, "bad_handshake", "bad_message", "hello needs gateway_id, key_id and "
                                      "signature", CLOSE_BAD_HANDSHAKE)
             return None
@@ -744,9 +746,10 @@ class Hub:
             return 413, failed("", "too_large", f"a command may be at most {protocol.MAX_COMMAND_BYTES} bytes",
                                retryable=False)
         try:
-            doc = json.loads(raw)
-        except ValueError:
-            return 400, failed("", "invalid_command", "the body must be a JSON command object", retryable=False)
+            doc = protocol.loads(raw)
+        except ValueError as e:
+            return 400, failed("", "invalid_command", f"the body must be a JSON command object: {e}",
+                               retryable=False)
         try:
             cmd = protocol.parse_command(doc)
         except ProtocolError as e:
@@ -968,10 +971,12 @@ def _event_items(msg: dict[str, Any]) -> list[EventItem]:
         if not isinstance(e, dict):
             raise ProtocolError(f"events[{n}] must be an object", key="bad_message")
         seq, room_seq, ev = e.get("seq"), e.get("room_seq"), e.get("event")
-        if type(seq) is not int or seq <= previous:
-            raise ProtocolError(f"events[{n}].seq must be an integer above the one before it", key="bad_message")
-        if type(room_seq) is not int or room_seq < 1:
-            raise ProtocolError(f"events[{n}].room_seq must be an integer >= 1", key="bad_message")
+        if type(seq) is not int or not previous < seq <= protocol.MAX_SEQ:
+            raise ProtocolError(f"events[{n}].seq must be an integer above the one before it (at most "
+                                f"{protocol.MAX_SEQ})", key="bad_message")
+        if type(room_seq) is not int or not 1 <= room_seq <= protocol.MAX_SEQ:
+            raise ProtocolError(f"events[{n}].room_seq must be an integer from 1 to {protocol.MAX_SEQ}",
+                                key="bad_message")
         if not isinstance(ev, dict) or ev.get("specversion") != "1.0" or not _short_str(ev.get("id")) \
                 or not _short_str(ev.get("type")) or not _short_str(ev.get("source"), 1024):
             raise ProtocolError(f"events[{n}].event must be a CloudEvent 1.0 (specversion, id, source, type)",
@@ -1010,9 +1015,9 @@ async def _json_body(request: web.Request, *, optional: bool = False) -> dict[st
     if optional and not request.can_read_body:
         return {}
     try:
-        body = await request.json()
-    except ValueError:
-        _refuse(400, "invalid_json", "the request body must be a JSON object")
+        body = protocol.loads(await request.read())
+    except ValueError as e:
+        _refuse(400, "invalid_json", f"the request body must be a JSON object: {e}")
     if not isinstance(body, dict):
         _refuse(400, "invalid_json", "the request body must be a JSON object")
     return body
