@@ -499,7 +499,7 @@ async def test_sse_resumes_after_last_event_id_and_keeps_alive(vendor, http, hub
         got = await read_sse(resp, 1)
     assert got[0]["id"] == "4" and json.loads(got[0]["data"])["id"] == evs[3]["id"]
     status, doc = await vendor.call("GET", "/v1/customers/contoso/events?after=x", token=key)
-    assert (status, doc["error"]) == (400, "invalid_cursor")
+    assert (status, doc["error"]) == (400, "invalid_last_event_id")
     await link.close()
 
 

@@ -64,7 +64,7 @@ CLOSE_REVOKED: Final = 4403
 CLOSE_HELLO_TIMEOUT: Final = 4408
 CLOSE_REPLACED: Final = 4409  # a newer connection of the same gateway took over
 FRAME_HARD_LIMIT: Final = 4 * protocol.MAX_MESSAGE_BYTES  # above this aiohttp closes with 1009; below, error too_large
-SSE_BATCH: Final = 500
+SSE_PAGE: Final = 100  # stored events read and joined at once per stream: many replaying clients hold little
 MAX_RANGE: Final = timedelta(days=731)
 MAX_TOKEN_TTL: Final = timedelta(days=30)
 MIN_ADMIN_TOKEN: Final = 16
@@ -199,11 +199,13 @@ class _Inflight:
 
 
 class _Refusal(Exception):
-    """An HTTP error answer: JSON ``{error, message}``."""
+    """An HTTP error answer: JSON ``{error, message}`` (and ``extra`` fields)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.extra = extra or {}
 
 
 def _refuse(status: int, code: str, message: str, **headers: str) -> NoReturn:
@@ -803,11 +805,14 @@ class Hub:
         customer = await self._customer(request)
         raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
         try:
-            after = int(raw)
-            if after < 0:
-                raise ValueError
-        except ValueError:
-            _refuse(400, "invalid_cursor", "Last-Event-ID (or ?after=) must be the id of an event from this stream")
+            after = protocol.parse_event_id(raw)
+        except ProtocolError as e:
+            _refuse(400, e.key, str(e))
+        record = await self.read(self.store.customer, customer)
+        last = record.last_seq if record is not None else 0
+        if after > last:  # the hub's store was reset or restored: waiting for that id would skip events silently
+            doc = protocol.event_id_ahead(after, last)
+            raise _Refusal(409, doc.pop("error"), doc.pop("message"), extra=doc)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -817,12 +822,11 @@ class Hub:
             await resp.write(b"retry: 2000\n\n")
             while not self._closing:
                 wake.clear()  # before reading: an event stored after the read sets it again
-                batch = await self.read(self.store.events_after, customer, after, SSE_BATCH)
-                if batch:
-                    await resp.write("".join(f"id: {e.seq}\nevent: {e.type}\ndata: {e.body}\n\n"
-                                             for e in batch).encode())
-                    after = batch[-1].seq
-                    if len(batch) == SSE_BATCH:
+                chunk, last, rows = await self.read(self._sse_page, customer, after)
+                if rows:
+                    await resp.write(chunk)
+                    after = last
+                    if rows == SSE_PAGE:
                         continue
                 try:
                     async with asyncio.timeout(self.settings.sse_keepalive):
@@ -834,6 +838,15 @@ class Hub:
         finally:
             self._wakes[customer].discard(wake)
         return resp
+
+    def _sse_page(self, customer: str, after: int) -> tuple[bytes, int, int]:
+        """In a reader thread: the customer's events after ``after``, one page, as SSE text (text, its last seq,
+        rows). The rows are gone when it returns: a stream holds one page of text at most, whatever it replays."""
+        batch = self.store.events_after(customer, after, SSE_PAGE)
+        if not batch:
+            return b"", after, 0
+        text = "".join(f"id: {e.seq}\nevent: {e.type}\ndata: {e.body}\n\n" for e in batch)
+        return text.encode(), batch[-1].seq, len(batch)
 
     # -- the admin API --------------------------------------------------------------------------------------
     def _admin(self, request: web.Request) -> None:
@@ -1056,7 +1069,8 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     try:
         return await handler(request)
     except _Refusal as e:
-        return web.json_response({"error": e.code, "message": e.message}, status=e.status, headers=e.headers)
+        return web.json_response({"error": e.code, "message": e.message, **e.extra}, status=e.status,
+                                 headers=e.headers)
     except GatewayError as e:
         return web.json_response({"error": e.key, "message": str(e)}, status=HTTP_STATUS.get(e.key, 400))
     except web.HTTPException as e:
