@@ -186,9 +186,20 @@ class Session:
     pending: dict[str, asyncio.Future[CommandResult]] = field(default_factory=dict)
     events_in: int = 0
     ending: bool = False  # revoked: being closed (the watcher must not end it twice)
+    close_code: int | None = None  # the code the hub closed it with (None: the gateway closed, or the network)
+    _close_message: bytes = b""
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def send(self, text: str) -> None:
         await self.ws.send_str(text)
+
+    def end(self, code: int, message: bytes) -> None:
+        """Close the tunnel with ``code``: the serving task stops reading and closes with the WebSocket closing
+        handshake, so the gateway gets the code (a close from another task would drop the TCP connection right
+        after the close frame, and the gateway would often see 1006 instead)."""
+        if self.close_code is None:
+            self.close_code, self._close_message = code, message
+            self._stop.set()
 
 
 @dataclass(eq=False)
@@ -341,8 +352,12 @@ class Hub:
         for wakes in self._wakes.values():
             for wake in wakes:
                 wake.set()
+        # At once, without waiting for each gateway to echo the close: the process is going away.
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.close_code = WSCloseCode.GOING_AWAY
         await asyncio.gather(*(s.ws.close(code=WSCloseCode.GOING_AWAY, message=b"hub shutting down")
-                               for s in list(self.sessions.values())), return_exceptions=True)
+                               for s in sessions), return_exceptions=True)
 
     def routes(self) -> list[web.RouteDef]:
         c = "/v1/customers/{customer}"
@@ -485,7 +500,7 @@ class Hub:
         self.sessions[gateway_id] = session
         if old is not None:
             log.info("hub.session_replaced", gateway_id=gateway_id, old=old.id, new=session.id)
-            await old.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection of this gateway")
+            old.end(CLOSE_REPLACED, b"replaced by a newer connection of this gateway")
         await ws.send_str(protocol.encode("welcome", ack=ack, session=session.id, window=protocol.DEFAULT_WINDOW,
                                           heartbeat=self.settings.heartbeat))
         self.metrics.connects.labels("accepted").inc()
@@ -500,14 +515,39 @@ class Hub:
 
     async def _serve(self, session: Session) -> None:
         ws = session.ws
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await self._on_frame(session, msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await self._send_error(session, "bad_message", "frames must be JSON text, not binary")
-            elif msg.type == WSMsgType.ERROR:
-                log.info("hub.tunnel_error", gateway_id=session.gateway_id, error=str(ws.exception()))
-                break
+        stop = asyncio.ensure_future(session._stop.wait())
+        try:
+            while True:
+                receive = asyncio.ensure_future(ws.receive())
+                await asyncio.wait((receive, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():  # Session.end: stop reading, then close from here (below)
+                    receive.cancel()
+                    await asyncio.gather(receive, return_exceptions=True)
+                    break
+                msg = receive.result()
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_frame(session, msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await self._send_error(session, "bad_message", "frames must be JSON text, not binary")
+                elif msg.type == WSMsgType.ERROR:
+                    self._on_receive_error(session, msg.data)
+                    break
+                else:  # CLOSE, CLOSING, CLOSED
+                    break
+        finally:
+            stop.cancel()
+        if session._stop.is_set() and not ws.closed:
+            assert session.close_code is not None
+            await ws.close(code=session.close_code, message=session._close_message)
+
+    def _on_receive_error(self, session: Session, error: object) -> None:
+        code = getattr(error, "code", None)
+        if code == WSCloseCode.MESSAGE_TOO_BIG:  # aiohttp refused it from its header, unread, and closed 1009
+            session.close_code = code
+            log.warning("hub.frame_too_large", gateway_id=session.gateway_id, close_code=code,
+                        limit=FRAME_HARD_LIMIT, error=str(error)[:200])
+        else:
+            log.info("hub.tunnel_error", gateway_id=session.gateway_id, error=str(error)[:200])
 
     def _ended(self, session: Session) -> None:
         if self.sessions.get(session.gateway_id) is session:
@@ -518,7 +558,8 @@ class Hub:
                                       "was under way; retry with the same key to learn its outcome", retryable=True))
         session.pending.clear()
         log.info("hub.gateway_disconnected", gateway_id=session.gateway_id, session=session.id,
-                 close_code=session.ws.close_code, events=session.events_in)
+                 close_code=_code(session.close_code if session.close_code is not None else session.ws.close_code),
+                 closed_by="hub" if session.close_code is not None else "peer", events=session.events_in)
 
     async def _send_error(self, session: Session, code: str, message: str, ref: str | None = None) -> None:
         fields: dict[str, Any] = {"code": code, "message": message[:500]}
@@ -559,7 +600,7 @@ class Hub:
             log.exception("hub.store_failed", gateway_id=session.gateway_id)
             await self._send_error(session, "internal", f"the hub could not store the events ({e.__class__.__name__})",
                                    ref="events")
-            await session.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"storage failed")
+            session.end(WSCloseCode.INTERNAL_ERROR, b"storage failed")
             return
         m = self.metrics
         m.events_stored.inc(stored.stored)
@@ -655,7 +696,7 @@ class Hub:
         log.warning("hub.session_revoked", gateway_id=gateway_id, session=session.id)
         await self._send_error(session, "revoked", "this gateway was revoked at the hub; enroll it again with a "
                                                    "new token")
-        await session.ws.close(code=CLOSE_REVOKED, message=b"revoked")
+        session.end(CLOSE_REVOKED, b"revoked")
 
     def _notify(self, customer: str) -> None:
         for wake in self._wakes.get(customer, ()):
@@ -954,6 +995,10 @@ async def _close_with_error(ws: web.WebSocketResponse, code: str, message: str, 
     with contextlib.suppress(ConnectionError, RuntimeError):
         await ws.send_str(protocol.encode("error", code=code, message=message))
     await ws.close(code=close_code, message=code.encode())
+
+
+def _code(close_code: int | None) -> int | None:
+    return None if close_code is None else int(close_code)  # WSCloseCode logs as its repr otherwise
 
 
 def _raw_key(text: str) -> bytes | None:
