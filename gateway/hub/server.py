@@ -187,8 +187,8 @@ class Session:
     events_in: int = 0
     ending: bool = False  # revoked: being closed (the watcher must not end it twice)
     close_code: int | None = None  # the code the hub closed it with (None: the gateway closed, or the network)
-    _close_message: bytes = b""
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    close_message: bytes = b""
+    end_requested: asyncio.Event = field(default_factory=asyncio.Event)  # set by end(): _serve closes
 
     async def send(self, text: str) -> None:
         await self.ws.send_str(text)
@@ -198,8 +198,8 @@ class Session:
         handshake, so the gateway gets the code (a close from another task would drop the TCP connection right
         after the close frame, and the gateway would often see 1006 instead)."""
         if self.close_code is None:
-            self.close_code, self._close_message = code, message
-            self._stop.set()
+            self.close_code, self.close_message = code, message
+            self.end_requested.set()
 
 
 @dataclass(eq=False)
@@ -515,7 +515,7 @@ class Hub:
 
     async def _serve(self, session: Session) -> None:
         ws = session.ws
-        stop = asyncio.ensure_future(session._stop.wait())
+        stop = asyncio.ensure_future(session.end_requested.wait())
         try:
             while True:
                 receive = asyncio.ensure_future(ws.receive())
@@ -536,9 +536,9 @@ class Hub:
                     break
         finally:
             stop.cancel()
-        if session._stop.is_set() and not ws.closed:
+        if session.end_requested.is_set() and not ws.closed:
             assert session.close_code is not None
-            await ws.close(code=session.close_code, message=session._close_message)
+            await ws.close(code=session.close_code, message=session.close_message)
 
     def _on_receive_error(self, session: Session, error: object) -> None:
         code = getattr(error, "code", None)
