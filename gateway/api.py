@@ -283,10 +283,10 @@ class Api:
                         log.info("api.stream_closed", reason="key_revoked", key_id=request[API_KEY].id)
                         break
                     recheck_at = time.monotonic() + SSE_KEEPALIVE_SECONDS
-                chunk, last, rows = await self._read(self._sse_page, after)
+                chunk, upto, rows = await self._read(self._sse_page, after)
                 if rows:
                     await resp.write(chunk)
-                    after = last
+                    after = upto
                     if rows == SSE_PAGE:
                         continue
                 try:

@@ -863,10 +863,10 @@ class Hub:
             await resp.write(b"retry: 2000\n\n")
             while not self._closing:
                 wake.clear()  # before reading: an event stored after the read sets it again
-                chunk, last, rows = await self.read(self._sse_page, customer, after)
+                chunk, upto, rows = await self.read(self._sse_page, customer, after)
                 if rows:
                     await resp.write(chunk)
-                    after = last
+                    after = upto
                     if rows == SSE_PAGE:
                         continue
                 try:
