@@ -272,7 +272,7 @@ async def test_a_valid_command_goes_to_the_handler_and_every_outcome_is_a_200_re
 
 @pytest.mark.parametrize(("body", "raw", "reason", "key", "words"), [
     (None, b"{not json", "invalid_command", None, "not valid JSON"),
-    (None, b"\xff\xfe", "invalid_command", None, "not valid JSON"),
+    (None, b"\xff\xfe", "invalid_command", None, "not UTF-8"),
     (None, b"x" * (MAX_COMMAND_BYTES + 1), "invalid_command", None, f"larger than {MAX_COMMAND_BYTES}"),
     ([1, 2], None, "invalid_command", None, "JSON object"),
     ({"type": "create", "room": ROOM}, None, "invalid_command", None, "'key'"),
