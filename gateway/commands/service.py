@@ -45,6 +45,7 @@ from gateway.model import (
     Booking,
     Command,
     CommandResult,
+    Window,
     accepted,
     booking_id_for,
     declined,
@@ -71,6 +72,7 @@ DECLINE_TEXT = {
     "recurring_not_allowed": "the room does not accept recurring meetings",
     "not_permitted": "the room's booking policy does not allow this booking",
     "room_unknown": "the gateway does not sync this room",
+    "outside_sync_window": "the booking lies outside the gateway's sync window",
 }
 FALLBACK_NOTE = ("the gateway may not act for the organizer in Exchange, so the booking was made in the room's "
                  "calendar with the organizer as booker (no invitation was sent)")
@@ -144,7 +146,8 @@ class CommandService:
     def __init__(self, writer: CalendarWriter, store: SqliteStore, journal: CommandJournal,
                  settings: CommandsConfig, *, rooms: Callable[[], Collection[str]], resync: Resync,
                  booking_lookup: BookingLookup | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, poll_interval: float = POLL_INTERVAL) -> None:
+                 window: Callable[[], Window] | None = None, clock: Callable[[], float] = time.monotonic,
+                 poll_interval: float = POLL_INTERVAL) -> None:
         self._writer = writer
         self._store = store
         self._journal = journal
@@ -155,6 +158,7 @@ class CommandService:
         self._resync_room = resync
         self._lookup = booking_lookup or _lookup_in(store)
         self._metrics = metrics
+        self._window = window  # the coordinator's sync window: what the gateway can see (and so undo)
         self._clock = clock
         self._poll = poll_interval
         self._keys = _Locks()
@@ -219,6 +223,9 @@ class CommandService:
                 result = await handler(run)
             except GatewayError as e:
                 result = self._failure(run, e)
+            except OverflowError:  # a time near year 9999 that a conversion or a view around it cannot hold
+                result = failed(cmd.key, "invalid_command", "a date in the command lies beyond what the gateway "
+                                "can represent; send a date inside the sync window", retryable=False)
             except Exception:
                 log.exception("command.internal_error", key=cmd.key, type=cmd.type)
                 result = failed(cmd.key, "internal", "an unexpected error; the gateway logged it", retryable=False)
@@ -266,6 +273,12 @@ class CommandService:
             return declined(cmd, "room_unknown", DECLINE_TEXT["room_unknown"])
         if not self._policy.writable(room, synced):
             return declined(cmd, "not_permitted", "the gateway's policy does not let commands write to this room")
+        if cmd.start is not None and cmd.end is not None and self._window is not None:
+            window = self._window()
+            if cmd.start < window.start or cmd.end > window.end:
+                return declined(cmd, "outside_sync_window", f"the booking must lie inside the gateway's sync window "
+                                f"({_iso(window.start)} to {_iso(window.end)}, set by rooms.days_back and "
+                                "rooms.days_ahead): outside it the gateway could neither see nor cancel it")
         if cmd.start is not None and cmd.end is not None and self._policy.too_long(cmd.start, cmd.end):
             limit = self._settings.max_duration_minutes
             return declined(cmd, "too_long", f"the booking is longer than the gateway allows ({limit} minutes)")
