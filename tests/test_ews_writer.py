@@ -414,9 +414,9 @@ async def test_availability_splits_requests_by_rooms_and_days(big_env: Env) -> N
     window = (start - timedelta(days=1), start + timedelta(days=60))  # two pieces of at most 42 days
     with counted() as calls:
         found = await env.writer.availability(rooms, *window)
-    # 101 rooms -> 2 requests per piece; the UTC zone definition is asked for once.
+    # 101 rooms -> 2 requests per piece; the UTC zone is built locally, never asked for.
     assert calls[("GetUserAvailability", "NoError")] == 4
-    assert calls.get(("GetServerTimeZones", "NoError"), 0) <= 1
+    assert not [op for op, _ in calls if op == "GetServerTimeZones"]
     assert set(found) == set(rooms)
     assert [(b.start, b.end, b.status) for b in found[ROOM1]] == [(start, end, "busy"), (far_start, far_end, "busy")]
     assert [(b.start, b.end) for b in found[last]] == [(start, end)]
@@ -430,3 +430,18 @@ async def test_availability_splits_requests_by_rooms_and_days(big_env: Env) -> N
     with pytest.raises(NotFound) as caught:
         await env.writer.availability([ROOM1, "nosuchroom@contoso.com"], start, end)
     assert caught.value.key == "room_unknown" and "nosuchroom@contoso.com" in str(caught.value)
+
+
+async def test_availability_works_against_a_server_without_get_server_time_zones(env: Env) -> None:
+    """An EWS server that does not implement GetServerTimeZones (some non-Exchange ones) still answers free/busy:
+    the UTC zone of the request is built by the gateway, so the operation is never called."""
+    start, end = _slot()
+    await env.writer.create_appointment(ROOM1, _command("tz", ROOM1, start, end))
+    env.ews.call(lambda: env.ews.sim.faults.unsupported.add("GetServerTimeZones"))
+    before = env.ews.call(lambda: sum(n for (op, _), n in env.ews.sim.calls.items() if op == "GetServerTimeZones"))
+    for _ in range(2):
+        found = await env.writer.availability([ROOM1, ROOM2], start - timedelta(hours=2), end + timedelta(hours=2))
+        assert [(b.start, b.end, b.status) for b in found[ROOM1]] == [(start, end, "busy")]
+        assert found[ROOM2] == []
+    after = env.ews.call(lambda: sum(n for (op, _), n in env.ews.sim.calls.items() if op == "GetServerTimeZones"))
+    assert after == before == 0

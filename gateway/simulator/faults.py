@@ -12,6 +12,8 @@ class Faults:
     latency: dict[str, float] = field(default_factory=dict)  # operation (or "*") -> seconds added
     http_503_next: int = 0  # answer the next N requests with HTTP 503
     http_503_rate: float = 0.0  # and this fraction of the rest
+    # Behaviours of EWS servers that are not Exchange (the gateway must cope with them too); off by default.
+    unsupported: set[str] = field(default_factory=set)  # operations answered as not implemented
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random)
 
@@ -33,3 +35,4 @@ class Faults:
         self.latency.clear()
         self.http_503_next = 0
         self.http_503_rate = 0.0
+        self.unsupported.clear()

@@ -142,7 +142,7 @@ class Simulator:
             version = self._version(req.header)
             target, impersonating = self._impersonate(user, req.header)
             tz = self._tz_context(req.header)
-            handler = OPERATIONS.get(operation)
+            handler = None if operation in self.faults.unsupported else OPERATIONS.get(operation)
             if handler is None:
                 raise EwsError("ErrorInvalidOperation", f"The simulator does not implement {operation}.",
                                fault=True)

@@ -21,6 +21,7 @@ import copy
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from datetime import time as dtime
 from typing import Any, TypeVar
 
 import structlog
@@ -43,12 +44,14 @@ from exchangelib.items import (
 from exchangelib.properties import (
     Attendee,
     Body,
+    DaylightTime,
     DistinguishedFolderId,
     FreeBusyViewOptions,
     ItemId,
     Mailbox,
     MailboxData,
     ReferenceItemId,
+    StandardTime,
     TimeWindow,
     TimeZone,
 )
@@ -79,6 +82,13 @@ _T = {name: f"{{{TNS}}}{name}" for name in (
     "Resources", "Attendee", "Mailbox", "EmailAddress", "ResponseType", "ItemId", "Start", "End", "OriginalStart",
     "LegacyFreeBusyStatus", "IsCancelled", "MyResponseType", "IsMeeting", "ExtendedProperty", "ExtendedFieldURI",
     "Value", "ItemClass", "DateTimeReceived", "From", "Sender", "Body", "TextBody")}
+# The request's time zone for GetUserAvailability: UTC, built here rather than asked of the server with
+# GetServerTimeZones (exchangelib's way), which costs a call and which some EWS servers do not implement. Bias 0 and
+# two transitions that change nothing: the values exchangelib derives from Exchange's own "UTC" definition.
+UTC_AVAILABILITY_ZONE = TimeZone(
+    bias=0,
+    standard_time=StandardTime(bias=0, time=dtime(0), occurrence=1, iso_month=1, weekday="Monday"),
+    daylight_time=DaylightTime(bias=0, time=dtime(0), occurrence=5, iso_month=12, weekday="Sunday"))
 _CLEAN_GOID_URI = {"DistinguishedPropertySetId": "Meeting", "PropertyId": "35", "PropertyType": "Binary"}
 _COMMAND_KEY_URI = {"DistinguishedPropertySetId": "PublicStrings", "PropertyName": COMMAND_KEY_PROPERTY,
                     "PropertyType": "String"}
@@ -208,7 +218,6 @@ class EwsWriter:
         register_command_key()
         self.source = source
         self.room_names = room_names
-        self._utc_definition: Any = None  # GetServerTimeZones answer for UTC, fetched once
 
     # -- creating ------------------------------------------------------------------------------------------
     async def create_meeting(self, organizer: str, room: str, cmd: Command) -> Written:
@@ -343,9 +352,6 @@ class EwsWriter:
     def _free_busy(self, rooms: list[str], start: datetime, end: datetime) -> list[list[Busy]]:
         protocol = Protocol(config=self.source.config)  # cached per configuration: the accounts' own
         utc = EWSTimeZone("UTC")
-        if self._utc_definition is None:
-            # exchangelib's get_free_busy_info asks for this on every call; it never changes.
-            self._utc_definition = next(iter(protocol.get_timezones(timezones=[utc], return_full_timezone_data=True)))
         minutes = int((end - start).total_seconds() // 60)
         if minutes < MIN_MERGE_MINUTES:  # the service refuses a window shorter than the merge interval
             end = start + timedelta(minutes=MIN_MERGE_MINUTES)
@@ -354,7 +360,7 @@ class EwsWriter:
         views = GetUserAvailability(protocol).call(
             tzinfo=utc,
             mailbox_data=[MailboxData(email=r, attendee_type="Room", exclude_conflicts=False) for r in rooms],
-            timezone=TimeZone.from_server_timezone(tz_definition=self._utc_definition, for_year=start.year),
+            timezone=UTC_AVAILABILITY_ZONE,
             free_busy_view_options=FreeBusyViewOptions(time_window=window,
                                                        merged_free_busy_interval=min(30, minutes),
                                                        requested_view="FreeBusy"))
