@@ -62,7 +62,8 @@ log = structlog.get_logger(__name__)
 BookingLookup = Callable[[str, str], Booking | None]  # (room, booking id) -> the booking; blocking, run in a thread
 Resync = Callable[[str], Awaitable[None] | None]
 
-POLL_INTERVAL = 0.15  # seconds between looks at the room's answer
+POLL_INTERVAL = 0.15  # seconds between the first looks at the room's answer ...
+POLL_MAX_INTERVAL = 1.0  # ... growing to this: an unanswered poll reads three places in Exchange
 WRITE_TYPES = ("create", "update", "cancel", "decline")
 
 DECLINE_TEXT = {
@@ -362,6 +363,7 @@ class CommandService:
         cmd = run.cmd
         assert cmd.start is not None and cmd.end is not None
         deadline = self._clock() + self._settings.attendant_timeout_seconds
+        delay = self._poll
         while True:
             answer = await self._writer.room_answer(written, run.room)
             if answer.outcome in ("accepted", "tentative", "declined"):
@@ -371,7 +373,8 @@ class CommandService:
                               f"the room's booking attendant has not answered within "
                               f"{self._settings.attendant_timeout_seconds:g} s; retry the same key to learn its "
                               "answer (nothing is booked twice)", retryable=True)
-            await asyncio.sleep(self._poll)
+            await asyncio.sleep(min(delay, max(0.0, deadline - self._clock())))
+            delay = min(delay * 1.5, max(self._poll, POLL_MAX_INTERVAL))
         booking_id = booking_id_for(run.room, written.uid, None)
         if answer.outcome == "accepted":
             return accepted(cmd, "the room accepted", uid=written.uid, booking_id=booking_id)

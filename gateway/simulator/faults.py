@@ -14,6 +14,8 @@ class Faults:
     http_503_rate: float = 0.0  # and this fraction of the rest
     # Behaviours of EWS servers that are not Exchange (the gateway must cope with them too); off by default.
     unsupported: set[str] = field(default_factory=set)  # operations answered as not implemented
+    room_as_required: bool = False  # a new meeting lists its rooms among the required attendees, not Resources
+    no_response_type: bool = False  # organizers' copies carry no ResponseType for their attendees
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random)
 
@@ -36,3 +38,4 @@ class Faults:
         self.http_503_next = 0
         self.http_503_rate = 0.0
         self.unsupported.clear()
+        self.room_as_required = self.no_response_type = False
