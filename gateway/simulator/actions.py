@@ -222,7 +222,14 @@ class Calendars:
         if item.is_cancelled:
             raise EwsError(f"ErrorCalendarIsCancelledFor{response}", "The meeting was cancelled.")
         meeting = self.snapshot(item)
-        if original is not None:
+        if response == "Decline" and self.sim.faults.quiet_declines:
+            # As some servers do: the copy is marked (or the occurrence dropped) where it is, and the folder's
+            # sync sequence does not move, so SyncFolderItems has nothing to report.
+            if original is not None:
+                remove_instance(item, original)
+            else:
+                item.my_response, item.free_busy = "Decline", "Free"
+        elif original is not None:
             if response == "Decline":
                 remove_instance(item, original)
                 self.directory.touch(item)

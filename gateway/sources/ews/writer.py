@@ -8,11 +8,12 @@ exchange-semantics.md §3-§5).
 - Anyone else's booking is an appointment (no attendees) in the room's own calendar.
 - Every item carries the command's idempotency key as a named property (PublicStrings
   "ExchangeGatewayCommandKey"), so ``find_by_key`` tells after a crash whether a write happened.
-- The gateway sets the meeting's UID itself: Exchange keeps it in the meeting's (Clean)GlobalObjectId, which is
-  where the sync reads a booking's uid (mapping.element_uid), so the uid is known without reading the item back.
+- The gateway sets the meeting's UID itself (mapping.gateway_uid): Exchange keeps it in the meeting's
+  (Clean)GlobalObjectId on every copy, which is where the sync reads a booking's uid (mapping.element_uid), so the
+  uid is known without reading the item back, and the room's copy shows the booking as the gateway's (origin).
 - Calls stay few: create is one CreateItem, a poll of the room's answer one GetItem once the organizer's copy
-  has it (two more reads while it has not). Folders are named by their
-  distinguished ids, so a new organizer costs no GetFolder round trips.
+  has it (two more reads while it has not). Folders are named by their distinguished ids, so a new organizer
+  costs no GetFolder round trips.
 
 Everything blocking runs in the EwsSource's pool and every exchangelib error goes through its map_ews_errors.
 """
@@ -20,7 +21,6 @@ Everything blocking runs in the EwsSource's pool and every exchangelib error goe
 from __future__ import annotations
 
 import copy
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -53,6 +53,7 @@ from exchangelib.properties import (
     ItemId,
     Mailbox,
     MailboxData,
+    OccurrenceItemId,
     ReferenceItemId,
     StandardTime,
     TimeWindow,
@@ -67,13 +68,20 @@ from gateway.errors import NotFound, PreconditionFailed
 from gateway.model import Command, Person
 from gateway.ports import Busy, RoomAnswer, Written
 from gateway.sources.ews import responses
-from gateway.sources.ews.mapping import TNS, element_uid, item_id, register_properties
+from gateway.sources.ews.mapping import (
+    COMMAND_KEY_PROPERTY,
+    TNS,
+    element_uid,
+    gateway_uid,
+    item_id,
+    register_properties,
+)
+from gateway.sources.ews.series import INSTANCE, MASTER
 from gateway.sources.ews.source import EwsSource, _RawFindItem, _RawGetItem
 
 log = structlog.get_logger("gateway.sources.ews.writer")
 T = TypeVar("T")
 
-COMMAND_KEY_PROPERTY = "ExchangeGatewayCommandKey"
 AVAILABILITY_MAX_MAILBOXES = 100  # GetUserAvailability: at most 100 identities per request ...
 AVAILABILITY_MAX_DAYS = 42  # ... and a time window of at most 42 days
 MIN_MERGE_MINUTES = 5  # MergedFreeBusyIntervalInMinutes must be 5..1440 and not longer than the window
@@ -106,14 +114,6 @@ _COMMAND_KEY_URI = {"DistinguishedPropertySetId": "PublicStrings", "PropertyName
                     "PropertyType": "String"}
 
 
-class CommandKey(ExtendedProperty):
-    """The idempotency key of the command that wrote the item."""
-
-    distinguished_property_set_id = "PublicStrings"
-    property_name = COMMAND_KEY_PROPERTY
-    property_type = "String"
-
-
 class AppointmentSequence(ExtendedProperty):
     """PidLidAppointmentSequence: the meeting's version, on the meeting and on every response to it, so an answer to
     an earlier version (before a move) is told from the answer to this one."""
@@ -126,10 +126,7 @@ class AppointmentSequence(ExtendedProperty):
 def register_command_key() -> None:
     """Teach exchangelib the gateway's properties (class-global, so once per process)."""
     register_properties()
-    names = {f.name for f in CalendarItem.FIELDS}
-    if "gateway_command_key" not in names:
-        CalendarItem.register("gateway_command_key", CommandKey)
-    if "gateway_appointment_sequence" not in names:
+    if "gateway_appointment_sequence" not in {f.name for f in CalendarItem.FIELDS}:
         CalendarItem.register("gateway_appointment_sequence", AppointmentSequence)
 
 
@@ -251,7 +248,7 @@ class EwsWriter:
     # -- creating ------------------------------------------------------------------------------------------
     async def create_meeting(self, organizer: str, room: str, cmd: Command) -> Written:
         organizer, room = organizer.lower(), room.lower()
-        uid, location = _new_uid(), self._location(room)
+        uid, location = gateway_uid(), self._location(room)
 
         def create() -> Written:
             acct = self.source.account(organizer)
@@ -273,7 +270,7 @@ class EwsWriter:
 
     async def create_appointment(self, room: str, cmd: Command) -> Written:
         room = room.lower()
-        uid, location = _new_uid(), self._location(room)
+        uid, location = gateway_uid(), self._location(room)
         booker = cmd.booker or cmd.organizer
 
         def create() -> Written:
@@ -514,10 +511,9 @@ class EwsWriter:
             if el.findtext(_T["MyResponseType"]) == "Organizer" or el.findtext(_T["IsMeeting"]) == "false":
                 raise PreconditionFailed(f"{room} is the organizer of {uid}: an appointment is deleted, not declined",
                                          key="room_is_organizer")
-            id_el = el.find(_T["ItemId"])
-            assert id_el is not None
-            reply = DeclineItem(account=acct, reference_item_id=ReferenceItemId(
-                id=id_el.get("Id"), changekey=id_el.get("ChangeKey")), body=Body(message) if message else None)
+            ident, change_key = self._instance_id(acct, el)
+            reply = DeclineItem(account=acct, reference_item_id=ReferenceItemId(id=ident, changekey=change_key),
+                                body=Body(message) if message else None)
             try:
                 _raise_first(_CreateItem(account=acct).call(
                     items=[reply], folder=_folder("sentitems", room), message_disposition=SEND_AND_SAVE_COPY,
@@ -543,6 +539,26 @@ class EwsWriter:
             return el
         raise NotFound(f"{room} has no meeting {uid} at {start.isoformat()}", key="not_found",
                        remedy="the booking is gone already (cancelled, declined or moved); resync the room")
+
+    @staticmethod
+    def _instance_id(acct: Any, el: etree._Element) -> tuple[str, str | None]:
+        """The ItemId (and change key) of a CalendarView instance. An occurrence the gateway expanded itself
+        (series.py) carries its master's id: the occurrence's own comes from a GetItem of its OccurrenceItemId,
+        so that a decline of one occurrence never declines the whole series."""
+        master, index = el.get(MASTER), el.get(INSTANCE)
+        if master and index:
+            try:
+                (occ,) = _raise_first(_RawGetItem(account=acct).call(
+                    items=[OccurrenceItemId(id=master, instance_index=int(index))], additional_fields=None,
+                    shape="IdOnly"))
+            except (xerr.ErrorCalendarOccurrenceIndexIsOutOfRecurrenceRange,
+                    xerr.ErrorCalendarOccurrenceIsDeletedFromRecurrence) as e:
+                raise NotFound(f"occurrence {index} of the series is gone: {e}", key="not_found") from e
+            el = occ
+        id_el = el.find(_T["ItemId"])
+        if id_el is None or not id_el.get("Id"):
+            raise PreconditionFailed("the server named no item for this occurrence", key="occurrence_unaddressable")
+        return id_el.get("Id", ""), id_el.get("ChangeKey")
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _with_change_key(self, acct: Any, written: Written, fn: Callable[[str], T], *, fresh: bool = False) -> T:
@@ -577,10 +593,6 @@ class EwsWriter:
     def _location(self, room: str) -> str:
         name = self.room_names(room) if self.room_names is not None else None
         return name or room
-
-
-def _new_uid() -> str:
-    return str(uuid.uuid4()).upper()
 
 
 def _attendee(person: Person) -> Attendee:
