@@ -91,8 +91,8 @@ async def start_gateway(ews: Any, path: Any, account: str = ORGANIZER_ACCOUNT, *
     journal = CommandJournal(store)
     holder: dict[str, Gateway] = {}
 
-    async def resync(room: str) -> None:
-        await holder["g"].resync(room)
+    async def resync(room: str, uids: frozenset[str] = frozenset()) -> None:
+        await holder["g"].resync(room)  # the whole window, so the meetings the command changed too
 
     service = CommandService(EwsWriter(source), store, journal,
                              CommandsConfig(**{"attendant_timeout_seconds": 15.0, **settings}),

@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -60,7 +60,9 @@ from gateway.store.sqlite import SqliteStore
 log = structlog.get_logger(__name__)
 
 BookingLookup = Callable[[str, str], Booking | None]  # (room, booking id) -> the booking; blocking, run in a thread
-Resync = Callable[[str], Awaitable[None] | None]
+# (room, meetings the command changed) -> sync the room soon and read those meetings back whatever SyncFolderItems
+# says: a server may apply a write (a decline) without a change the sync would see.
+Resync = Callable[[str, frozenset[str]], Awaitable[None] | None]
 
 POLL_INTERVAL = 0.15  # seconds between the first looks at the room's answer ...
 POLL_MAX_INTERVAL = 1.0  # ... growing to this: an unanswered poll reads three places in Exchange
@@ -121,6 +123,7 @@ class _Run:
     keep: bool = False  # on failure, keep the row 'started': a write may have happened, a retry continues it
     wrote: bool = False  # a write returned: resync the room
     stale: bool = False  # the snapshot knows something Exchange no longer has: resync the room
+    uids: set[str] = field(default_factory=set)  # the meetings the command touched: read back after it
 
     @property
     def recorded(self) -> Written | None:
@@ -197,7 +200,7 @@ class CommandService:
         if cmd.type == "resync":
             if room not in self._synced():
                 return declined(cmd, "room_unknown", DECLINE_TEXT["room_unknown"])
-            await self._call_resync(room)
+            await self._call_resync(room, frozenset())
             return accepted(cmd, "the room is being read again from Exchange")
         if cmd.type not in WRITE_TYPES:
             return failed(cmd.key, "unsupported_command", f"unknown command type {cmd.type!r}", retryable=False)
@@ -231,7 +234,7 @@ class CommandService:
                 log.exception("command.internal_error", key=cmd.key, type=cmd.type)
                 result = failed(cmd.key, "internal", "an unexpected error; the gateway logged it", retryable=False)
             if run.wrote or run.stale:
-                await self._call_resync(room, quiet=True)
+                await self._call_resync(room, frozenset(run.uids), quiet=True)
             if result.status in ("accepted", "declined"):
                 await asyncio.to_thread(self._journal.finish, cmd.key, result)
             elif not run.keep:
@@ -262,6 +265,7 @@ class CommandService:
     async def _record(self, run: _Run, written: Written) -> None:
         run.keep = True
         run.wrote = True
+        run.uids.add(written.uid)
         await asyncio.to_thread(self._journal.record_write, run.cmd.key, written)
 
     # -- policy ---------------------------------------------------------------------------------------------
@@ -409,7 +413,10 @@ class CommandService:
     # -- update, cancel, decline ------------------------------------------------------------------------------
     async def _booking(self, run: _Run) -> Booking | None:
         assert run.cmd.booking_id is not None
-        return await asyncio.to_thread(self._lookup, run.room, run.cmd.booking_id)
+        booking = await asyncio.to_thread(self._lookup, run.room, run.cmd.booking_id)
+        if booking is not None:
+            run.uids.add(booking.uid)
+        return booking
 
     async def _origin(self, run: _Run, booking: Booking) -> JournalEntry | None:
         """The create command that made this booking, if the gateway made it (in this room)."""
@@ -561,10 +568,11 @@ class CommandService:
                        for b in sorted(lowered.get(room, []), key=lambda b: (b.start, b.end))] for room in rooms}
         return accepted(cmd, data={"rooms": data})
 
-    async def _call_resync(self, room: str, *, quiet: bool = False) -> None:
-        """Let the change flow back through the normal read path now rather than at the next notification."""
+    async def _call_resync(self, room: str, uids: frozenset[str], *, quiet: bool = False) -> None:
+        """Let the change flow back through the normal read path now rather than at the next notification, the
+        meetings the command changed read back even if SyncFolderItems reports nothing (design.md §2)."""
         try:
-            pending = self._resync_room(room)
+            pending = self._resync_room(room, uids)
             if inspect.isawaitable(pending):
                 await pending
         except Exception as e:
