@@ -333,6 +333,7 @@ class EwsWriter:
             goid = _ext_value(el, _CLEAN_GOID_URI)
             start, end = _time(el, "Start"), _time(el, "End")
             found: list[Any] | None = None
+            answered: tuple[str, str] | None = None
             if outcome is None and goid:
                 found = self._inbox_responses(acct, written.mailbox, goid)
                 version = _Version(start, end, _number(_ext_value(el, _SEQUENCE_URI)), _time(el, "LastModifiedTime"))
@@ -346,7 +347,8 @@ class EwsWriter:
                 return RoomAnswer(outcome)
             if found is None and goid:
                 found = self._inbox_responses(acct, written.mailbox, goid)
-            text = self._decline_text(acct, written.mailbox, room, found or [])
+            chosen = answered[0] if answered else _newest_decline(found or [], room)
+            text = self._decline_text(acct, written.mailbox, room, chosen)
             return RoomAnswer("declined", responses.reason_for(text), text)
         return await self.source.run(written.mailbox, read)
 
@@ -382,9 +384,8 @@ class EwsWriter:
                 return "accepted"
         return None
 
-    def _decline_text(self, acct: Any, mailbox: str, room: str, found: list[Any]) -> str:
-        """The room's newest decline among the meeting's Inbox messages, as text."""
-        chosen = _newest_decline(found, room)
+    def _decline_text(self, acct: Any, mailbox: str, room: str, chosen: str | None) -> str:
+        """The text of the room's decline (a MeetingResponse in the organizer's Inbox)."""
         if chosen is None:
             log.info("writer.decline_without_response", mailbox=mailbox, room=room)
             return ""
