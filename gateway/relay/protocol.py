@@ -275,7 +275,10 @@ def _time(d: dict[str, Any], name: str, key: str) -> datetime | None:
         raise _invalid(key, f"'{name}' is not an ISO-8601 date-time: {value[:40]!r}") from None
     if t.tzinfo is None:
         raise _invalid(key, f"'{name}' needs a UTC offset (e.g. 2026-11-21T09:00:00Z): {value[:40]!r}")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-01:00 is past the last datetime once in UTC
+        raise _invalid(key, f"'{name}' lies outside the dates the gateway can represent: {value[:40]!r}") from None
 
 
 def _person(value: Any, name: str, key: str, *, email_required: bool) -> Person | None:
