@@ -161,8 +161,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.
 
 
 async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
-    options.store_path.parent.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(options.store_path)
+    store = SqliteStore(options.store_path)  # creates its folder 0700, or names the path and the fix
     streams_expected = 0
     if options.feed == "streaming":
         streams_expected = max(1, len(options.rooms) // max(1, options.group_size) + 2)
