@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 
 from gateway.app import GATEWAY, GatewayOptions, init_app, options_from_config
-from gateway.config import load_config
+from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
@@ -153,6 +153,7 @@ async def doctor(config_path: Path | None) -> int:
             line(False, f"configuration {p.where or ''}".strip(), p.key, p.message)
         return 1
     line(True, f"configuration {cfg.source or '(defaults and environment)'}")
+    print_permission_warnings(cfg)
     try:
         options = options_from_config(cfg)
     except GatewayError as e:
@@ -202,3 +203,15 @@ async def doctor(config_path: Path | None) -> int:
         await source.close()
     print("all green" if not failed else "some checks failed: fix them and run `gateway doctor` again")
     return 1 if failed else 0
+
+
+def print_permission_warnings(cfg: Config) -> None:
+    """``doctor``'s warnings (not failures) for state files and folders that other local users may read."""
+    from gateway.security import permissions
+
+    paths = [*permissions.sqlite_files(cfg.store.path), cfg.store.path.parent, cfg.vault.path, cfg.vault.path.parent]
+    if not cfg.vault.key_env:
+        paths.append(cfg.vault.key_file)
+    for item in permissions.loose(dict.fromkeys(paths)):
+        what = f"{'folder' if item.is_dir else 'file'} {item.path}"
+        print(f"warn  {what:<48} state_permissions_too_open  -> {item.remedy} ({item.risk})")
