@@ -200,7 +200,7 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     gw = Gateway(options, metrics, store, source, coordinator, hub, api, commands=commands, tunnel=tunnel)
     metrics.watch(StateCollector(
         rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
-        outbox=store.outbox_stats,
+        outbox=store.outbox_stats if tunnel is not None else None,  # only a hub acknowledges; see StateCollector
         streams=lambda: _stream_counts(gw.feed),
     ))
     rooms = list(options.rooms)
