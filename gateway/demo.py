@@ -123,7 +123,7 @@ async def run(rooms: int = 5, users: int = 10, activity: float = 0.5, port: int 
               f"(people booking, moving and cancelling in the simulated Outlook):", file=out, flush=True)
 
     try:
-        return await serve(app, "127.0.0.1", port, ready)
+        return await serve(app, "127.0.0.1", port, ready, settings=(None, "--port"))
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.app import GATEWAY, GatewayOptions, init_app, options_from_config
+from gateway.app import GATEWAY, GatewayOptions, init_app, listen_error, options_from_config
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
@@ -25,8 +25,10 @@ log = structlog.get_logger("gateway.service")
 
 
 async def serve(app: web.Application, host: str, port: int,
-                ready: Callable[[web.Application, int], Awaitable[None] | None] | None = None) -> int:
-    """Serve ``app`` until SIGINT or SIGTERM; returns the exit code."""
+                ready: Callable[[web.Application, int], Awaitable[None] | None] | None = None, *,
+                settings: tuple[str | None, str] = ("api.host", "api.port")) -> int:
+    """Serve ``app`` until SIGINT or SIGTERM; returns the exit code. ``settings`` name what sets the host and the
+    port (None: the host cannot be set), for the remedy when the address cannot be listened on."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -34,8 +36,7 @@ async def serve(app: web.Application, host: str, port: int,
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        raise GatewayError(f"cannot listen on {host}:{port}: {e.strerror}", key="cannot_listen",
-                           remedy="choose a free port (api.port, or --port)") from e
+        raise listen_error(e, host, port, host_setting=settings[0], port_setting=settings[1]) from None
     server: Any = site._server
     bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
     stop = asyncio.Event()
