@@ -39,8 +39,9 @@ Examples:
 """
 
 DEMO_EPILOG = """\
-Nothing to configure: the simulator listens on a free local port, the gateway's store is a temporary file.
-It prints an API key made for the demo; try, while it runs:
+Nothing to configure: the simulator listens on a free local port, the gateway's store is a temporary file; both
+go when the demo ends, however it ends. Once the calendars are imported it prints an API key made for the demo,
+curl lines to try and a booking command for a slot that is free (the hints come back every 30 lines), e.g.:
   curl -s -H "Authorization: Bearer $KEY" localhost:8088/v1/rooms
   curl -N -H "Authorization: Bearer $KEY" localhost:8088/v1/events    (SSE; resume with Last-Event-ID)
 """
