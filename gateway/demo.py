@@ -108,7 +108,7 @@ def start_simulator(rooms: int, users: int, activity: float, seed: int,
 
 # -- what is printed -------------------------------------------------------------------------------------------
 def header(tz: ZoneInfo) -> str:
-    return (textwrap.fill(f"Times are {tz.key} time. {SUBJECT_NOTE}", width=110) + "\n"
+    return (textwrap.fill(f"Times are {tz.key} time. {SUBJECT_NOTE}", width=110, break_on_hyphens=False) + "\n"
             f"{'TIME':<8}  {'ROOM':<8} {'EVENT':<8} {'WHEN':<27} {'SUBJECT':<28} ORGANISER")
 
 
