@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gateway.relay.hubstore import HubStore
 from structlog.testing import capture_logs
 
 from gateway.errors import ConfigError
-from gateway.relay.hubstore import HubStore
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import SimFixture
