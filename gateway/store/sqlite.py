@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, NotFound, PreconditionFailed, ProtocolError, TransientError
-from gateway.model import Booking, Event, Room, from_json
+from gateway.model import Booking, Event, EventType, Room, from_json
 from gateway.ports import OutboxEntry
 from gateway.store import migrations
 from gateway.sync.engine import Known
@@ -404,7 +404,7 @@ def _booking(doc: str, confirmed_at: str | None) -> Booking:
 
 def _entry(seq: int, room: str, room_seq: int, event_id: str, type_: str, subject: str, source: str, time: str,
            data: str, created_at: str) -> OutboxEntry:
-    event = Event(id=event_id, type=type_, room=room, subject=subject, time=_parse_ts(time), data=json.loads(data),
-                  sequence=room_seq, source=source)
+    event = Event(id=event_id, type=EventType(type_), room=room, subject=subject, time=_parse_ts(time),
+                  data=json.loads(data), sequence=room_seq, source=source)
     return OutboxEntry(seq=seq, room_seq=room_seq, event=event, created_at=_parse_ts(created_at))
 
