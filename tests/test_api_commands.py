@@ -270,6 +270,17 @@ async def test_a_valid_command_goes_to_the_handler_and_every_outcome_is_a_200_re
     assert body["retryable"] is False and body["reason"] == "not_created_by_gateway"
 
 
+async def test_a_result_gets_the_status_the_hub_gives_the_same_result(serve):
+    s = await serve()
+    commands = s.commands
+    assert commands is not None
+    for reason, status in (("idempotency_conflict", 409), ("too_large", 413), ("invalid_command", 400),
+                           ("internal", 200), ("gateway_offline", 503)):
+        commands.answer = lambda c, reason=reason: failed(c.key, reason, "no", retryable=False)  # type: ignore[misc]
+        got, body = await s.post(create(key=f"k-{reason}"))
+        assert (got, body) == (status, commands.finished[-1].to_json()), reason
+
+
 @pytest.mark.parametrize(("body", "raw", "reason", "key", "words"), [
     (None, b"{not json", "invalid_command", "", "not valid JSON"),
     (None, b"\xff\xfe", "invalid_command", "", "not UTF-8"),
