@@ -280,6 +280,13 @@ class SqliteStore:
             rows = conn.execute(sql, args).fetchall()
         return [_booking(doc, confirmed_at) for doc, confirmed_at in rows]
 
+    def booking(self, room: str, booking_id: str) -> Booking | None:
+        """One booking of ``room`` by its id (as relayed in events), or None."""
+        with self._read() as conn:
+            row = conn.execute("SELECT json, confirmed_at FROM bookings WHERE room = ? AND id = ?",
+                               (room, booking_id)).fetchone()
+        return None if row is None else _booking(row[0], row[1])
+
     def uids_for_items(self, room: str, item_ids: frozenset[str]) -> frozenset[str]:
         if not item_ids:
             return frozenset()
