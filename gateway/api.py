@@ -223,8 +223,7 @@ class Api:
 
     def _sse_page(self, after: int) -> sse.Page:
         """In a reader thread: the outbox page after ``after``, encoded."""
-        return sse.page_of((sse.SseEvent(e.seq, e.event.type, json.dumps(e.event.to_cloudevent(),
-                                                                         separators=(",", ":")))
+        return sse.page_of(((e.seq, e.event.type, json.dumps(e.event.to_cloudevent(), separators=(",", ":")))
                             for e in self.store.outbox_after(after, SSE_PAGE)), after)
 
     # -- commands ---------------------------------------------------------------------------------------------

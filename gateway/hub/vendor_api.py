@@ -63,8 +63,8 @@ class VendorApi:
 
     def _sse_page(self, customer: str, after: int) -> sse.Page:
         """In a reader thread: the customer's events after ``after``, one page."""
-        return sse.page_of((sse.SseEvent(e.seq, e.type, e.body)
-                            for e in self.state.store.events_after(customer, after, SSE_PAGE)), after)
+        return sse.page_of(((e.seq, e.type, e.body) for e in self.state.store.events_after(customer, after, SSE_PAGE)),
+                           after)
 
     async def command(self, request: web.Request) -> web.Response:
         customer = request.match_info["customer"]

@@ -11,8 +11,9 @@
 A client resumes with ``Last-Event-ID`` (or ``?after=``): the stream sends what came after that id, then what
 comes live. Before the stream opens, ``resume_point`` refuses a malformed id (400 invalid_last_event_id) and one
 past the stream's end (409 last_event_id_ahead, with the id to resume from): waiting for it would skip every event
-until then, silently. The replay reads one page (``PAGE`` events) at a time in the application's reader thread,
-so hundreds of clients replaying at once hold a page each, whatever the backlog. aiohttp-sse sends the ping every
+until then, silently. The replay reads and encodes one page (``PAGE`` events) at a time in the application's reader
+thread and writes it at once, so hundreds of clients replaying at once hold a page of text each, whatever the
+backlog (``send()`` per event would cost the event loop an await per event). aiohttp-sse sends the ping every
 ``keepalive`` seconds and notices a client that went away (or stalls) by it; between pages and wake-ups the stream
 asks ``still_authorized`` every ``keepalive`` seconds, so a revoked key's stream ends.
 """
@@ -39,18 +40,22 @@ SEND_TIMEOUT: Final = 120.0  # a client that takes longer to accept one event is
 
 
 @dataclass(frozen=True, slots=True)
-class SseEvent:
-    id: int
-    type: str
-    data: str  # JSON text, one line
+class Page:
+    """Events after some id, encoded for the stream (in the application's reader thread)."""
+
+    text: bytes
+    last: int  # the id of the last event (the id asked after, when there were none)
+    count: int
 
 
-Page = tuple[list[SseEvent], int]  # (the events, the id of the last) — an empty list: nothing after that id
-
-
-def page_of(events: Iterable[SseEvent], after: int) -> Page:
-    got = list(events)
-    return got, got[-1].id if got else after
+def page_of(events: Iterable[tuple[int, str, str]], after: int) -> Page:
+    """(id, type, data) of each event -> a page; ``data`` is one line of JSON."""
+    parts: list[str] = []
+    last = after
+    for event_id, event_type, data in events:
+        parts.append(f"id: {event_id}\nevent: {event_type}\ndata: {data}\n\n")
+        last = event_id
+    return Page("".join(parts).encode(), last, len(parts))
 
 
 def resume_point(request: web.Request) -> int:
@@ -87,11 +92,11 @@ async def stream(request: web.Request, after: int, *, read_page: Callable[[int],
                 if not await still_authorized():  # however busy the stream: a revoked key's stream ends
                     break
                 recheck_at = time.monotonic() + keepalive
-            events, upto = await read_page(after)
-            for event in events:
-                await resp.send(event.data, id=str(event.id), event=event.type)
-            after = upto
-            if len(events) == PAGE:
+            page = await read_page(after)
+            if page.count:
+                await _write(request, resp, page.text)
+            after = page.last
+            if page.count == PAGE:
                 continue
             waiting = asyncio.ensure_future(wake.wait())
             try:
@@ -106,3 +111,14 @@ async def stream(request: web.Request, after: int, *, read_page: Callable[[int],
         with contextlib.suppress(asyncio.CancelledError):
             await gone
     return resp
+
+
+async def _write(request: web.Request, resp: EventSourceResponse, text: bytes) -> None:
+    """A page at once, as aiohttp-sse writes an event: a client that takes longer than SEND_TIMEOUT is gone."""
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT):
+            await resp.write(text)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # a stalled peer never drains the buffer: a graceful close would hang
+        raise
