@@ -39,7 +39,16 @@ from gateway.hub.metrics import HubMetrics
 from gateway.hub.retention import Retention
 from gateway.hub.settings import HubSettings
 from gateway.hub.state import HubState
-from gateway.hub.store import Clock, HubStore, utc_now
+from gateway.hub.store import (
+    AlreadyThere,
+    Clock,
+    HubStore,
+    InvalidCustomerId,
+    TokenSpent,
+    TokenUnknown,
+    Unknown,
+    utc_now,
+)
 from gateway.hub.tunnels import FRAME_HARD_LIMIT, Session, Tunnels
 from gateway.hub.vendor_api import SSE_PAGE, VendorApi
 from gateway.hub.webhooks import WebhookDispatcher
@@ -55,14 +64,13 @@ log = structlog.get_logger(__name__)
 __all__ = ["FRAME_HARD_LIMIT", "SSE_PAGE", "Hub", "HubSettings", "RunningHub", "create_hub_app", "run_hub",
            "start_hub"]
 
-HTTP_STATUS: Final = {  # GatewayError keys from the store -> HTTP status
-    "invalid_token": 401, "token_used": 410, "token_expired": 410, "key_in_use": 409,
-    "customer_unknown": 404, "customer_exists": 409, "gateway_unknown": 404, "invalid_customer_id": 400,
-}
+HTTP_STATUS: Final[tuple[tuple[type[GatewayError], int], ...]] = (  # the store's errors, the first that matches
+    (TokenSpent, 410), (TokenUnknown, 401), (AlreadyThere, 409), (Unknown, 404), (InvalidCustomerId, 400),
+)
 
 
 def _status_of(e: GatewayError) -> int:
-    return HTTP_STATUS.get(e.key, 400)
+    return next((status for cls, status in HTTP_STATUS if isinstance(e, cls)), 400)
 
 
 # -- the routes --------------------------------------------------------------------------------------------------

@@ -80,9 +80,15 @@ class Refused(GatewayError):
     key = "unauthorized"
     remedy = "enroll the gateway again with `gateway enroll --force --hub https://HUB --token TOKEN`"
 
-    def __init__(self, message: str, *, key: str, key_id: str | None) -> None:
-        super().__init__(message, key=key)
+    def __init__(self, message: str, *, key_id: str | None) -> None:
+        super().__init__(message)
         self.key_id = key_id  # the key the refused hello was signed with (None: refused before the hello)
+
+
+class Revoked(Refused):
+    """The hub revoked this gateway: only enrolling again (a new identity) brings it back."""
+
+    key = "revoked"
 
 
 # -- the tunnel --------------------------------------------------------------------------------------------------
@@ -218,15 +224,16 @@ class Tunnel:
 
     def _on_refused(self, e: Refused) -> float | None:
         used_current = e.key_id == self.identity.key_id
-        if e.key == "unauthorized" and used_current and self.identity.next_key is not None and not self._try_next_key:
+        revoked = isinstance(e, Revoked)
+        if not revoked and used_current and self.identity.next_key is not None and not self._try_next_key:
             # the hub may have switched to our next key before we heard key_rotated (a crash, a dropped
             # connection): answer the next challenge with it
             log.info("tunnel.trying_next_key", key_id=self.identity.next_key.key_id)
             self._try_next_key = True
             return 0.0
         self._try_next_key = False
-        self._count("revoked" if e.key == "revoked" else "unauthorized")
-        self._set_state("revoked" if e.key == "revoked" else "unauthorized")
+        self._count(e.key)
+        self._set_state("revoked" if revoked else "unauthorized")
         self._last_error = str(e)
         if self._failure_key != e.key:
             log.error("tunnel.refused", reason=e.key, message=str(e), gateway_id=self._gateway_id(),
@@ -323,8 +330,8 @@ class Tunnel:
     def _refusal_or_error(self, msg: dict[str, Any], key_id: str | None) -> Exception:
         code, text = str(msg.get("code", "")), str(msg.get("message", ""))[:500]
         if code in ("unauthorized", "revoked"):
-            return Refused(f"the hub refused this gateway: {code}" + (f" ({text})" if text else ""), key=code,
-                           key_id=key_id)
+            refusal = Revoked if code == "revoked" else Refused
+            return refusal(f"the hub refused this gateway: {code}" + (f" ({text})" if text else ""), key_id=key_id)
         return ProtocolError(f"the hub refused the handshake: {code or 'error'}" + (f" ({text})" if text else ""),
                              key=code if code in protocol.ERROR_CODES else "unexpected")
 
