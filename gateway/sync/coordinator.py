@@ -32,7 +32,7 @@ from gateway.errors import (
     TransientError,
     Unavailable,
 )
-from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, Window, to_json
+from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, RoomState, Window, to_json
 from gateway.ports import CalendarSource, OutboxEntry, Store
 from gateway.sync import privacy
 from gateway.sync.engine import Plan, Scope, plan
@@ -295,7 +295,7 @@ class Coordinator:
         """A room left the configuration: its bookings leave the relay with it."""
         known = await self.db(self.store.known, email)
         events = [self._event("deleted", k.booking, reason="room_disconnected") for k in known.values()]
-        room = Room(email, state="disconnected", reason="the room is no longer in the configuration",
+        room = Room(email, state=RoomState.DISCONNECTED, reason="the room is no longer in the configuration",
                     remedy=ROOM_STATES["disconnected"])
         events.append(self._room_event(room))
         await self.db(self.store.commit_sync, email, upserts=(), deletes=list(known), events=events,
@@ -365,7 +365,7 @@ class Coordinator:
         previous, w.state = w.state, state
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
             w.stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email) or Room(w.email)
-        room = replace(w.stored, state=state, reason=reason, remedy=ROOM_STATES.get(state, ""))
+        room = replace(w.stored, state=RoomState(state), reason=reason, remedy=ROOM_STATES.get(state, ""))
         w.stored = room
         await self.db(self.store.upsert_room, room)
         entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),
