@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -147,6 +149,30 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
     )
 
 
+def listen_error(e: OSError, host: str, port: int, *, host_setting: str | None, port_setting: str) -> GatewayError:
+    """Why the local API cannot listen on ``host:port``, with the setting that fixes it: a port in use, a host that
+    is not this machine's or not known at all, a privileged port."""
+    anywhere = "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    host_fix = f"set {host_setting} to an address of this machine: {anywhere}" if host_setting else \
+        "listen on 127.0.0.1"
+    if isinstance(e, socket.gaierror):
+        return ConfigError(f"cannot listen on {host}:{port}: there is no host {host!r} ({e.strerror})",
+                           key="unknown_listen_host", remedy=host_fix)
+    if e.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"cannot listen on {host}:{port}: {host} is not an address of this machine",
+                           key="listen_address_unavailable", remedy=host_fix)
+    if e.errno == errno.EADDRINUSE:
+        return ConfigError(f"cannot listen on {host}:{port}: another program already listens on port {port}",
+                           key="port_in_use",
+                           remedy=f"stop that program (`ss -ltnp 'sport = :{port}'` shows which) or choose a free "
+                                  f"port with {port_setting}")
+    if e.errno == errno.EACCES:
+        return ConfigError(f"cannot listen on {host}:{port}: ports below 1024 need privileges",
+                           key="port_not_permitted", remedy=f"choose a port above 1023 with {port_setting}")
+    return ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}", key="cannot_listen",
+                       remedy=f"check {host_setting + ' and ' if host_setting else ''}{port_setting}")
+
+
 def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.Application:
     holder: dict[str, Api] = {}
     app = web.Application(middlewares=[auth_middleware(lambda: holder.get("api"))])
@@ -174,8 +200,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.
 
 
 async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
-    options.store_path.parent.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(options.store_path)
+    store = SqliteStore(options.store_path)  # creates its folder 0700, or names the path and the fix
     streams_expected = 0
     if options.feed == "streaming":
         streams_expected = max(1, len(options.rooms) // max(1, options.group_size) + 2)
@@ -195,7 +220,9 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     journal = CommandJournal(store)
     commands = CommandService(EwsWriter(source), store, journal, options.commands,
                               rooms=lambda: coordinator.workers.keys(),
-                              resync=lambda room: coordinator.mark_dirty(room, "command"), metrics=metrics)
+                              resync=lambda room, uids: coordinator.mark_dirty(room, "command", uids),
+                              metrics=metrics,
+                              window=coordinator.window)
     tunnel = None
     if options.relay.enabled:
         if options.identity is None:
@@ -225,7 +252,7 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     gw = Gateway(options, metrics, store, source, coordinator, hub, api, commands=commands, tunnel=tunnel)
     metrics.watch(StateCollector(
         rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
-        outbox=store.outbox_stats,
+        outbox=store.outbox_stats if tunnel is not None else None,  # only a hub acknowledges; see StateCollector
         streams=lambda: _stream_counts(gw.feed),
         states=ROOM_STATES,
         feed_up=lambda: None if options.feed not in ("streaming", "pull") else gw.feed_up,

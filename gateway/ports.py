@@ -94,6 +94,9 @@ class Store(Protocol):
 
     def bookings(self, room: str, start: datetime | None = None, end: datetime | None = None) -> list[Booking]: ...
 
+    def booking(self, room: str, booking_id: str) -> Booking | None:
+        """One booking of ``room`` by its id, or None."""
+
     def uids_for_items(self, room: str, item_ids: frozenset[str]) -> frozenset[str]: ...
 
     def commit_sync(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
@@ -104,6 +107,10 @@ class Store(Protocol):
         ...
 
     def outbox_after(self, seq: int, limit: int = 500) -> list[OutboxEntry]: ...
+
+    def last_seq(self) -> int:
+        """The highest outbox seq ever handed out (0 for a new store), pruned events included."""
+        ...
 
     def outbox_stats(self) -> tuple[int, datetime | None]:
         """(depth: events not yet acknowledged, time of the oldest of them)."""

@@ -7,13 +7,13 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
-from gateway.app import GATEWAY, GatewayOptions, init_app, options_from_config
-from gateway.config import load_config
+from gateway.app import GATEWAY, GatewayOptions, init_app, listen_error, options_from_config
+from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
@@ -21,12 +21,17 @@ from gateway.sources.ews.source import EwsSource
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import Coordinator, RoomWorker
 
+if TYPE_CHECKING:
+    from gateway.doctor import Report
+
 log = structlog.get_logger("gateway.service")
 
 
 async def serve(app: web.Application, host: str, port: int,
-                ready: Callable[[web.Application, int], Awaitable[None] | None] | None = None) -> int:
-    """Serve ``app`` until SIGINT or SIGTERM; returns the exit code."""
+                ready: Callable[[web.Application, int], Awaitable[None] | None] | None = None, *,
+                settings: tuple[str | None, str] = ("api.host", "api.port")) -> int:
+    """Serve ``app`` until SIGINT or SIGTERM; returns the exit code. ``settings`` name what sets the host and the
+    port (None: the host cannot be set), for the remedy when the address cannot be listened on."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -34,8 +39,7 @@ async def serve(app: web.Application, host: str, port: int,
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        raise GatewayError(f"cannot listen on {host}:{port}: {e.strerror}", key="cannot_listen",
-                           remedy="choose a free port (api.port, or --port)") from e
+        raise listen_error(e, host, port, host_setting=settings[0], port_setting=settings[1]) from None
     server: Any = site._server
     bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
     stop = asyncio.Event()
@@ -154,6 +158,7 @@ async def doctor(config_path: Path | None) -> int:
         return 1
     report.config = cfg.source or config_path  # remedies name the file actually used
     line(True, f"configuration {cfg.source or '(defaults and environment)'}")
+    print_permission_warnings(cfg, report)
     try:
         options = options_from_config(cfg)
     except GatewayError as e:
@@ -163,7 +168,7 @@ async def doctor(config_path: Path | None) -> int:
         return 1
     line(True, "service account password (from the vault)")
     if options.relay.enabled and options.identity is not None:
-        from gateway.relay.tunnel import probe
+        from gateway.relay.connection import probe
 
         line(True, f"relay identity {options.identity.gateway_id} (key {options.identity.key_id})")
         try:
@@ -187,3 +192,18 @@ async def doctor(config_path: Path | None) -> int:
         await source.close()
     report.summary()
     return 1 if report.failed else 0
+
+
+def print_permission_warnings(cfg: Config, report: Report | None = None) -> None:
+    """``doctor``'s warnings (not failures) for state files and folders that other local users may read."""
+    from gateway.security import permissions
+
+    paths = [*permissions.sqlite_files(cfg.store.path), cfg.store.path.parent, cfg.vault.path, cfg.vault.path.parent]
+    if not cfg.vault.key_env:
+        paths.append(cfg.vault.key_file)
+    for item in permissions.loose(dict.fromkeys(paths)):
+        what = f"{'folder' if item.is_dir else 'file'} {item.path}"
+        if report is not None:
+            report.line("warn", what, "state_permissions_too_open", f"{item.remedy} ({item.risk})")
+        else:
+            print(f"warn  {what:<48} state_permissions_too_open  -> {item.remedy} ({item.risk})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import random
@@ -23,12 +24,14 @@ from structlog.testing import capture_logs
 
 from gateway.api import EventHub
 from gateway.config import RelayConfig
+from gateway.hub.server import FRAME_HARD_LIMIT
 from gateway.model import EVENT_TYPES, Booking, Command, CommandResult, Event, Room, accepted, failed, to_json
 from gateway.observability.metrics import Metrics
 from gateway.relay import enroll as enroll_cli
 from gateway.relay import protocol
 from gateway.relay.enroll import enroll
-from gateway.relay.tunnel import Tunnel, _frames, encode_event
+from gateway.relay.tunnel import Tunnel
+from gateway.relay.window import encode_event, frames
 from gateway.security.identity import GatewayIdentity
 from gateway.security.vault import Vault, parse_key
 from gateway.store import SqliteStore
@@ -393,6 +396,40 @@ async def test_a_revoked_gateway_is_refused_and_backs_off_long(
     assert waits and waits[-1] >= 150  # no spinning against a hub that will keep saying no
 
 
+async def test_the_tunnel_logs_the_close_code_the_hub_sent(
+        hub: Hub, vault: Vault, store: SqliteStore, pki: Any, tunnels: Callable[..., Running]) -> None:
+    identity = await enrolled(hub, vault, pki)
+    fill(store, 6000)  # events in flight both ways while the hub closes
+    with capture_logs() as logs:
+        t = tunnels(identity, store, ca_bundle=pki.ca_file)
+        await t.connected()
+
+        def ended() -> list[dict[str, Any]]:
+            return [e for e in logs if e["event"] == "tunnel.disconnected"]
+
+        # a frame above the hub's hard limit (no gateway code sends one: written straight onto the connection)
+        session = t.tunnel._session
+        assert session is not None
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            await session.ws.send_str("x" * (FRAME_HARD_LIMIT + 1))
+        await eventually(lambda: ended(), what="the tunnel to see the close")
+        await eventually(lambda: store.acked() == 6000, what="every event after the reconnect")
+
+        # revoked while connected
+        async with _admin(pki) as http, http.post(f"{hub.url}/admin/v1/gateways/{identity.gateway_id}/revoke") \
+                as resp:
+            assert resp.status == 200
+        await eventually(lambda: t.tunnel.state == "revoked", what="the revoked state")
+
+    assert [e["close_code"] for e in ended()] == [1009, 4403]
+    assert "too large" in ended()[0]["reason"] and "revoked" in ended()[1]["reason"]
+    hub_side = [(e["close_code"], e["closed_by"]) for e in logs if e["event"] == "hub.gateway_disconnected"]
+    assert hub_side == [(1009, "hub"), (4403, "hub")]
+    too_large = [e for e in logs if e["event"] == "hub.frame_too_large"]
+    assert len(too_large) == 1 and too_large[0]["log_level"] == "warning"
+    assert not [e for e in logs if e["log_level"] == "error" and e["event"] != "tunnel.refused"]
+
+
 async def test_an_unknown_gateway_is_unauthorized(
         hub: Hub, vault: Vault, store: SqliteStore, pki: Any, tunnels: Callable[..., Running]) -> None:
     stranger = GatewayIdentity.generate(vault)  # never enrolled at this hub
@@ -416,8 +453,8 @@ async def test_commands_get_results_and_bad_ones_never_break_the_tunnel(
         url = f"{hub.url}/v1/customers/{CUSTOMER}/commands"
         async with http.post(url, json={"key": "c-1", "type": "resync", "room": ROOMS[0]},
                              ssl=pki.client_context()) as resp:
-            assert (await resp.json())["result"] == {"key": "c-1", "status": "accepted",
-                                                     "message": f"resync of {ROOMS[0]} started"}
+            assert (await resp.json()) == {"key": "c-1", "status": "accepted",
+                                           "message": f"resync of {ROOMS[0]} started"}
 
     # frames the hub itself would never send (it validates first): straight into the live session
     loop = asyncio.get_running_loop()
@@ -448,6 +485,27 @@ async def test_commands_get_results_and_bad_ones_never_break_the_tunnel(
                                                             start=T0, end=T0 + timedelta(hours=1)))
     assert (result.key, result.status, result.reason, result.retryable) == \
         ("c-2", "failed", "exchange_unavailable", True)
+
+
+async def test_a_result_too_large_for_a_frame_is_answered_too_large_and_the_tunnel_stays_up(
+        hub: Hub, vault: Vault, store: SqliteStore, pki: Any, tunnels: Callable[..., Running]) -> None:
+    class Huge(Commands):
+        async def execute(self, cmd: Command) -> CommandResult:
+            self.seen.append(cmd)
+            busy = [{"start": "2031-03-10T08:00:00Z", "end": "2031-03-10T08:30:00Z", "status": "busy"}] * 30_000
+            return accepted(cmd, "busy times", data={"rooms": {ROOMS[0]: busy}})  # about 2 MB of JSON
+
+    identity = await enrolled(hub, vault, pki)
+    t = tunnels(identity, store, ca_bundle=pki.ca_file, commands=Huge())
+    await t.connected()
+    session = hub.session(identity.gateway_id)
+    with capture_logs() as logs:
+        status, result = await hub.hub.run_command(CUSTOMER, Command(
+            key="avail-1", type="availability", rooms=(ROOMS[0],), start=T0, end=T0 + timedelta(days=42)))
+    assert (status, result.status, result.reason, result.retryable) == (413, "failed", "too_large", False)
+    assert "fewer rooms or a shorter range" in (result.message or "")
+    assert [e["log_level"] for e in logs if e["event"] == "tunnel.result_too_large"] == ["warning"]
+    assert hub.session(identity.gateway_id) is session and t.tunnel.state == "connected"
 
 
 # -- enrollment ------------------------------------------------------------------------------------------------------
@@ -508,9 +566,9 @@ def test_batches_stay_below_the_frame_limit(store: SqliteStore) -> None:
     fill(store, 500)
     encoded = [(e.seq, encode_event(e)) for e in store.outbox_after(0, limit=500)]
     big = [(seq, frag + " " * 4000) for seq, frag in encoded]  # ~4.5 KB each: 500 of them exceed 1 MiB
-    frames = list(_frames(big))
-    assert len(frames) > 1 and [s for f in frames for s, _ in f] == [s for s, _ in big]
-    for f in frames:
+    chunks = list(frames(big))
+    assert len(chunks) > 1 and [s for f in chunks for s, _ in f] == [s for s, _ in big]
+    for f in chunks:
         text = '{"type":"events","events":[' + ",".join(x for _, x in f) + "]}"
         assert len(text.encode()) <= protocol.MAX_MESSAGE_BYTES
     assert json.loads(encoded[0][1])["event"]["id"] == "ev-uid-0"
@@ -523,7 +581,7 @@ def _admin(pki: Any) -> aiohttp.ClientSession:
 
 async def test_the_doctor_probe_reads_the_challenge_and_names_tls_and_connection_problems(hub, pki):
     from gateway.errors import GatewayError
-    from gateway.relay.tunnel import probe
+    from gateway.relay.connection import probe
 
     url = hub.url.replace("https://", "wss://") + protocol.TUNNEL_PATH
     await probe(RelayConfig(enabled=True, hub_url=url, ca_bundle=pki.ca_file))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import sys
@@ -35,7 +34,7 @@ from gateway.config import CONFIG_PATH_ENV, RelayConfig, VaultConfig
 from gateway.credentials import open_vault, resolve_secret
 from gateway.errors import AuthError, ConfigError, GatewayError, ProtocolError, Unavailable
 from gateway.relay import protocol
-from gateway.relay.tunnel import AGENT, client_ssl_context, describe_connect_error, proxy_headers
+from gateway.relay.connection import AGENT, client_ssl_context, describe_connect_error, proxy_headers
 from gateway.security.identity import ENTRY, GatewayIdentity
 from gateway.security.vault import Vault
 
@@ -160,7 +159,7 @@ async def _post(url: str, body: dict[str, Any], *, ca_bundle: Path | None, relay
 
 def _json(text: str) -> dict[str, Any] | None:
     try:
-        value = json.loads(text)
+        value = protocol.loads(text)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
@@ -199,7 +198,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                              "else the system store)")
     parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help=f"the configuration file; only its vault and relay sections are read (default: "
-                             f"${CONFIG_PATH_ENV})")
+                             f"${CONFIG_PATH_ENV}, else the built-in defaults and GATEWAY_* variables)")
     return parser
 
 
@@ -244,7 +243,8 @@ def register_rotate_cli(subparsers: argparse._SubParsersAction[argparse.Argument
                     "minutes, registers it over its live tunnel and switches to it; a stopped gateway does so at "
                     "its next start. The old key stays valid until the hub has seen the new one.")
     parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help=f"the configuration file; only its vault section is read (default: ${CONFIG_PATH_ENV})")
+                        help=f"the configuration file; only its vault section is read (default: ${CONFIG_PATH_ENV}, "
+                             "else the built-in defaults and GATEWAY_* variables)")
     return parser
 
 

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -40,7 +40,7 @@ from gateway.errors import (
     Unreachable,
     is_shared,
 )
-from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, Window, to_json
+from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, RoomState, Window, to_json
 from gateway.ports import CalendarSource, OutboxEntry, Store
 from gateway.sync import privacy
 from gateway.sync.engine import Plan, Scope, plan
@@ -116,6 +116,7 @@ class RoomWorker:
         self.dirty = asyncio.Event()
         self.dirty_since: float | None = None
         self.reasons: set[str] = set()
+        self.reread: set[str] = set()  # meetings the next sync reads back whatever SyncFolderItems says (commands)
         self.state = "pending"
         self.last_success: float | None = None
         self.horizon: datetime | None = None
@@ -123,10 +124,11 @@ class RoomWorker:
         self.task: asyncio.Task[None] | None = None
         self.stored: Room | None = None  # the room's row in the store (name, capacity, zone), kept in step
 
-    def mark_dirty(self, why: str) -> None:
+    def mark_dirty(self, why: str, uids: Iterable[str] = ()) -> None:
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()
         self.reasons.add(why)
+        self.reread.update(uids)
         self.dirty.set()
 
 
@@ -177,10 +179,12 @@ class Coordinator:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._writer.shutdown(wait=True)
 
-    def mark_dirty(self, room: str, why: str = "notification") -> None:
+    def mark_dirty(self, room: str, why: str = "notification", uids: Iterable[str] = ()) -> None:
+        """Sync the room soon; ``uids``: meetings to read back in that sync even if SyncFolderItems does not
+        report them (what a command just changed: a server may apply a change without a sync-visible trace)."""
         worker = self.workers.get(room.lower())
         if worker is not None:
-            worker.mark_dirty(why)
+            worker.mark_dirty(why, uids)
 
     def window(self) -> Window:
         now = self.now()
@@ -312,6 +316,7 @@ class Coordinator:
         w.dirty.clear()
         w.dirty_since = None
         w.reasons.clear()
+        reread, w.reread = frozenset(w.reread), set()
         while True:
             state = await self.db(self.store.sync_state, w.email)
             try:
@@ -323,13 +328,14 @@ class Coordinator:
                               clear_sync_state=True)
                 await self.import_room(w)
                 return
-            uids = set(page.changed_uids)
+            uids = set(page.changed_uids) | reread
             if page.deleted_item_ids:
                 uids |= await self.db(self.store.uids_for_items, w.email, page.deleted_item_ids)
             window = self.window()
             observed: list[Booking] = list(page.bookings)
             # Series need their instances expanded; a meeting whose item is gone has nothing left to read.
-            to_read = frozenset(page.changed_uids - page.complete_uids)
+            to_read = frozenset((page.changed_uids | reread) - page.complete_uids)
+            reread = frozenset()  # read back once, with the first page
             if to_read:
                 async with self._slots:
                     observed += await self.source.read_meetings(w.email, window, to_read)
@@ -385,7 +391,7 @@ class Coordinator:
         """A room left the configuration: its bookings leave the relay with it."""
         known = await self.db(self.store.known, email)
         events = [self._event("deleted", k.booking, reason="room_disconnected") for k in known.values()]
-        room = Room(email, state="disconnected", reason="the room is no longer in the configuration",
+        room = Room(email, state=RoomState.DISCONNECTED, reason="the room is no longer in the configuration",
                     remedy=ROOM_STATES["disconnected"])
         events.append(self._room_event(room))
         await self.db(self.store.commit_sync, email, upserts=(), deletes=list(known), events=events,
@@ -435,7 +441,7 @@ class Coordinator:
         previous, w.state = w.state, state
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
             w.stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email) or Room(w.email)
-        room = replace(w.stored, state=state, reason=reason, remedy=ROOM_STATES.get(state, ""))
+        room = replace(w.stored, state=RoomState(state), reason=reason, remedy=ROOM_STATES.get(state, ""))
         w.stored = room
         await self.db(self.store.upsert_room, room)
         entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),
