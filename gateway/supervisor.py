@@ -1,9 +1,10 @@
 """Supervision of the gateway's long-running tasks: none of them may end unnoticed.
 
 ``supervise`` runs a task again after it ended with an exception: the traceback is logged once per distinct
-failure (a repeat is one warning line), the restart waits out a back-off that doubles up to a maximum (and starts
-over after a run that lasted ``stable_seconds``), and ``on_down`` is told so that the app can fall back (for the
-change feed: the rooms poll). ``watch_task`` is for tasks that supervise themselves: it only logs an unexpected end.
+failure (a repeat is one warning line), the restart waits out the gateway's back-off (gateway/retry.py: doubling up
+to a maximum, jittered, starting over after a run that lasted ``stable_seconds``), and ``on_down`` is told so that
+the app can fall back (for the change feed: the rooms poll). ``watch_task`` is for tasks that supervise themselves:
+it only logs an unexpected end.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import structlog
 
+from gateway.retry import Backoff
+
 log = structlog.get_logger("gateway.supervisor")
 
 
@@ -24,7 +27,7 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], *, retry_seco
                     on_down: Callable[[BaseException, float], Any] | None = None,
                     clock: Callable[[], float] = time.monotonic) -> None:
     """Run ``run()`` until it returns or the supervisor is cancelled, restarting it after an exception."""
-    failures = 0
+    backoff = Backoff(base=retry_seconds, cap=max_retry_seconds, floor=retry_seconds / 2)
     logged: tuple[type[BaseException], str] | None = None
     while True:
         started = clock()
@@ -35,17 +38,17 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], *, retry_seco
             raise
         except Exception as e:
             if clock() - started >= stable_seconds:
-                failures = 0
-            failures += 1
-            delay = min(retry_seconds * 2 ** (failures - 1), max_retry_seconds)
+                backoff.reset()
+            delay = backoff.next()
+            failures = backoff.failures
             signature = (type(e), str(e))
             if signature != logged:
-                log.error("task.failed", task=name, error=f"{type(e).__name__}: {e}", restart_seconds=delay,
-                          exc_info=e)
+                log.error("task.failed", task=name, error=f"{type(e).__name__}: {e}",
+                          restart_seconds=round(delay, 1), exc_info=e)
                 logged = signature
             else:
                 log.warning("task.failed_again", task=name, error=f"{type(e).__name__}: {e}", failures=failures,
-                            restart_seconds=delay)
+                            restart_seconds=round(delay, 1))
             if on_down is not None:
                 result = on_down(e, delay)
                 if inspect.isawaitable(result):

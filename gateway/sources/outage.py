@@ -6,7 +6,9 @@ for every mailbox. While it lasts, calls fail at once with a copy of it and no r
 probes again after a back-off that doubles (refused credentials wait far longer: every failed logon counts towards
 the account's lockout threshold in Active Directory). Before anything has been answered, the first call goes
 alone and the others wait for its answer: that is what keeps a wrong password at one failed logon, not one per
-room. Throttling is not held here (the source waits out BackOffMilliseconds itself).
+room. Throttling is not held here (the source waits out BackOffMilliseconds itself). The back-off is plain
+doubling, not gateway/retry.py's jittered one: there is one probe per account, nothing to spread, and the schedule
+is what an administrator weighs against the account's lockout threshold.
 
 The gate only decides who may call; the sync coordinator tells people (one log line when an outage starts and one
 when it ends). ``listeners`` hear of the start and the end, from whichever thread found out.
