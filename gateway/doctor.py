@@ -70,7 +70,7 @@ class Report:
         if self.failed:
             print(f"some checks failed: fix them and {again}")
         elif self.warnings:
-            print(f"all checks passed, with {self.warnings} warning{'s' if self.warnings > 1 else ''} above")
+            print(f"no check failed ({self.warnings} warning{'s' if self.warnings > 1 else ''} above): all green")
         else:
             print("all green")
 
