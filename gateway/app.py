@@ -86,7 +86,7 @@ GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> GatewayOptions:
     """Typed options for the running gateway, from a validated configuration (the password from the vault)."""
-    ex = cfg.exchange
+    ex = cfg.calendar_sources[0]
     if not ex.ews_url:
         raise ConfigError("exchange.ews_url is not set; Autodiscover is not supported yet",
                           remedy="set exchange.ews_url to https://<your CAS>/EWS/Exchange.asmx")
@@ -113,8 +113,8 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
                         ca_bundle=str(ex.ca_bundle) if ex.ca_bundle else None, timeout=ex.timeout_seconds,
                         max_workers=ex.max_concurrent_requests, default_timezone=ex.default_timezone),
         password=password,
-        rooms=cfg.rooms.mailboxes,
-        room_lists=cfg.rooms.room_lists,
+        rooms=ex.mailboxes,
+        room_lists=ex.room_lists,
         sync=SyncSettings(days_back=cfg.rooms.days_back, days_ahead=cfg.rooms.days_ahead,
                           debounce_seconds=s.debounce_seconds,
                           poll_seconds=s.poll_interval_seconds if s.mode == "poll" else 0.0,
