@@ -25,6 +25,7 @@ from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics, StateCollector
 from gateway.relay.tunnel import Tunnel
 from gateway.security.identity import GatewayIdentity
+from gateway.sources.ews.directory import EwsDirectory
 from gateway.sources.ews.source import CALLS, EwsSettings, EwsSource
 from gateway.sources.ews.streaming import PullFeed, StreamingFeed
 from gateway.sources.ews.writer import EwsWriter
@@ -206,7 +207,7 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     ))
     rooms = list(options.rooms)
     for room_list in options.room_lists:
-        rooms += await source.room_list_members(room_list)
+        rooms += [r.email for r in await EwsDirectory(source).rooms(room_list)]
     gw.rooms = sorted({r.lower() for r in rooms})
     await coordinator.start(gw.rooms)
     if options.feed == "streaming":

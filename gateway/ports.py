@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from gateway.model import Booking, Command, CommandResult, Event, Room, Window
+from gateway.model import Booking, Command, CommandResult, Event, Person, Room, Window
 from gateway.sync.engine import Known
 
 
@@ -56,6 +56,35 @@ class CalendarSource(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RoomList:
+    """A list of rooms the directory keeps (an Exchange room list is a distribution group of rooms)."""
+
+    email: str
+    name: str | None = None
+
+
+class Directory(Protocol):
+    """Rooms and people as the organisation's directory knows them (EWS now; LDAP and Graph later). A directory
+    answers for its own organisation only: what it does not know is a NotFound."""
+
+    async def room_lists(self) -> list[RoomList]:
+        """Every room list."""
+        ...
+
+    async def rooms(self, room_list: str) -> list[RoomInfo]:
+        """The rooms of a room list; NotFound (key ``room_list_not_found``) if there is no such list."""
+        ...
+
+    async def room(self, email: str) -> RoomInfo:
+        """One room's details (name, and capacity where the directory keeps it); NotFound if it has none."""
+        ...
+
+    async def people(self, query: str) -> list[Person]:
+        """People whose name or address starts with ``query`` (the directory's ambiguous name resolution)."""
+        ...
 
 
 Dirty = Callable[[str, str], Awaitable[None] | None]  # (room, why) -> mark the room for a sync

@@ -17,6 +17,7 @@ from gateway.config import load_config
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
+from gateway.sources.ews.directory import EwsDirectory
 from gateway.sources.ews.source import EwsSource
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import Coordinator, RoomWorker
@@ -183,7 +184,7 @@ async def doctor(config_path: Path | None) -> int:
         rooms, lists_read = list(options.rooms), True
         for room_list in options.room_lists:
             try:
-                members = await source.room_list_members(room_list)
+                members = [r.email for r in await EwsDirectory(source).rooms(room_list)]
                 line(bool(members), f"room list {room_list}", "ok" if members else "room_list_empty",
                      "" if members else "the list has no rooms; check its address and membership")
                 rooms += members

@@ -366,12 +366,6 @@ class EwsSource:
                 out.append(b)
         return out
 
-    async def room_list_members(self, room_list: str) -> list[str]:
-        """The rooms of an Exchange room list (GetRooms)."""
-        def members() -> list[str]:
-            return [r.email_address.lower() for r in Protocol(config=self.config).get_rooms(room_list)]
-        return await self._run(room_list, members)
-
     async def read_window(self, room: str, window: Window) -> list[Booking]:
         def read() -> list[Booking]:
             return self._bookings(room, self._view(room, window.start, window.end, VIEW_FIELDS))
