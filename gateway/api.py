@@ -37,7 +37,7 @@ from gateway.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
 
-SSE_BATCH = 500
+SSE_PAGE = 100  # outbox rows read and encoded at once per stream: hundreds of clients replaying hold little
 SSE_KEEPALIVE_SECONDS = 15.0
 MAX_RANGE = timedelta(days=731)
 REFUSAL_LOG_SECONDS = 60.0  # one log line per refused client and reason per minute; the metric counts them all
@@ -262,9 +262,13 @@ class Api:
     async def events(self, request: web.Request) -> web.StreamResponse:
         raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
         try:
-            after = int(raw)
-        except ValueError:
-            raise _problem(400, "invalid_cursor", "Last-Event-ID must be the id of an event from this stream") from None
+            after = protocol.parse_event_id(raw)
+        except ProtocolError as e:
+            raise _problem(400, e.key, str(e)) from None
+        last = await self._read(self.store.last_seq)
+        if after > last:  # waiting for that id to come would skip every event until then, silently
+            raise web.HTTPConflict(text=json.dumps(protocol.event_id_ahead(after, last)),
+                                   content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -279,15 +283,11 @@ class Api:
                         log.info("api.stream_closed", reason="key_revoked", key_id=request[API_KEY].id)
                         break
                     recheck_at = time.monotonic() + SSE_KEEPALIVE_SECONDS
-                entries: list[OutboxEntry] = await self._read(self.store.outbox_after, after, SSE_BATCH)
-                if entries:
-                    chunk = []
-                    for e in entries:
-                        payload = json.dumps(e.event.to_cloudevent(), separators=(",", ":"))
-                        chunk.append(f"id: {e.seq}\nevent: {e.event.type}\ndata: {payload}\n\n")
-                        after = e.seq
-                    await resp.write("".join(chunk).encode())
-                    if len(entries) == SSE_BATCH:
+                chunk, upto, rows = await self._read(self._sse_page, after)
+                if rows:
+                    await resp.write(chunk)
+                    after = upto
+                    if rows == SSE_PAGE:
                         continue
                 try:
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (shutdown).
@@ -301,6 +301,16 @@ class Api:
             self.hub.unsubscribe(wake)
         return resp
 
+    def _sse_page(self, after: int) -> tuple[bytes, int, int]:
+        """In a reader thread: the outbox page after ``after`` as SSE text, (text, its last seq, rows). The rows
+        are gone when it returns, so a stream holds one page of text at most, whatever it replays."""
+        entries = self.store.outbox_after(after, SSE_PAGE)
+        if not entries:
+            return b"", after, 0
+        text = "".join(f"id: {e.seq}\nevent: {e.event.type}\ndata: "
+                       f"{json.dumps(e.event.to_cloudevent(), separators=(',', ':'))}\n\n" for e in entries)
+        return text.encode(), entries[-1].seq, len(entries)
+
     # -- commands ---------------------------------------------------------------------------------------------
     async def command(self, request: web.Request) -> web.Response:
         """POST /v1/commands: one command in, its result out (200 for every outcome the handler reports)."""
@@ -310,9 +320,9 @@ class Api:
             return _rejected(None, "invalid_command",
                              f"the command is larger than {protocol.MAX_COMMAND_BYTES} bytes")
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _rejected(None, "invalid_command", f"the body is not valid JSON: {e}")
+            doc = protocol.loads(body)
+        except ValueError as e:
+            return _rejected(None, "invalid_command", f"the body is not a usable JSON command: {e}")
         try:
             cmd = protocol.parse_command(doc)
         except ProtocolError as e:
@@ -509,11 +519,13 @@ def build_openapi() -> dict[str, Any]:
                            "after the last event you processed. Delivery is at-least-once; events of one room "
                            "arrive in order; a CloudEvent id never changes, so duplicates can be dropped. The stream "
                            f"of a key that is revoked ends within {SSE_KEEPALIVE_SECONDS + CACHE_SECONDS:g} "
-                           "seconds.",
+                           "seconds. A Last-Event-ID past the last event is refused (409 last_event_id_ahead, with "
+                           "the stream's last_event_id): the gateway's store was reset or restored since, so read "
+                           "the rooms and bookings again and resume from that id.",
             "parameters": [{"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer"}},
                            {"name": "after", "in": "query", "schema": {"type": "integer"}}],
             "responses": {"200": {"description": "the stream", "content": {"text/event-stream": {
-                "schema": {"type": "string"}}}}, "400": problem}},
+                "schema": {"type": "string"}}}}, "400": problem, "409": problem}},
         "availability": {
             "summary": "Busy times of rooms in [start, end)", "operationId": "getAvailability",
             "description": "Runs an availability command (the same as POST /v1/commands with type availability) "
@@ -594,7 +606,9 @@ def build_openapi() -> dict[str, Any]:
                 "Problem": {"type": "object", "required": ["error", "message"], "properties": {
                     "error": {"type": "string", "description": "a stable code"},
                     "message": {"type": "string", "description": "what went wrong and what to do"},
-                    "retryable": {"type": "boolean"}}},
+                    "retryable": {"type": "boolean"},
+                    "last_event_id": {"type": "integer", "description": "with last_event_id_ahead: the id of the "
+                                      "stream's last event, where to resume"}}},
                 "Health": {"type": "object", "required": ["status", "version"], "properties": {
                     "status": {"const": "ok"}, "version": {"type": "string"}}},
                 "Ready": {"type": "object", "required": ["ready"], "properties": {

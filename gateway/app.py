@@ -183,7 +183,9 @@ async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
     journal = CommandJournal(store)
     commands = CommandService(EwsWriter(source), store, journal, options.commands,
                               rooms=lambda: coordinator.workers.keys(),
-                              resync=lambda room: coordinator.mark_dirty(room, "command"), metrics=metrics)
+                              resync=lambda room, uids: coordinator.mark_dirty(room, "command", uids),
+                              metrics=metrics,
+                              window=coordinator.window)
     tunnel = None
     if options.relay.enabled:
         if options.identity is None:

@@ -249,7 +249,7 @@ class SyncCounts:
 # -- commands from the cloud (docs/relay-protocol.md) -----------------------------------------------------------
 COMMAND_TYPES = ("create", "update", "cancel", "decline", "resync", "availability")
 DECLINE_REASONS = ("conflict", "outside_booking_window", "too_long", "recurring_not_allowed", "not_permitted",
-                   "room_unknown")
+                   "room_unknown", "outside_sync_window")
 RESULT_STATUSES = ("accepted", "declined", "failed")
 
 

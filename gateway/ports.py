@@ -134,6 +134,10 @@ class Store(Protocol):
 
     def outbox_after(self, seq: int, limit: int = 500) -> list[OutboxEntry]: ...
 
+    def last_seq(self) -> int:
+        """The highest outbox seq ever handed out (0 for a new store), pruned events included."""
+        ...
+
     def outbox_stats(self) -> tuple[int, datetime | None]:
         """(depth: events not yet acknowledged, time of the oldest of them)."""
         ...

@@ -272,7 +272,7 @@ async def test_a_valid_command_goes_to_the_handler_and_every_outcome_is_a_200_re
 
 @pytest.mark.parametrize(("body", "raw", "reason", "key", "words"), [
     (None, b"{not json", "invalid_command", None, "not valid JSON"),
-    (None, b"\xff\xfe", "invalid_command", None, "not valid JSON"),
+    (None, b"\xff\xfe", "invalid_command", None, "not UTF-8"),
     (None, b"x" * (MAX_COMMAND_BYTES + 1), "invalid_command", None, f"larger than {MAX_COMMAND_BYTES}"),
     ([1, 2], None, "invalid_command", None, "JSON object"),
     ({"type": "create", "room": ROOM}, None, "invalid_command", None, "'key'"),
@@ -285,6 +285,11 @@ async def test_a_valid_command_goes_to_the_handler_and_every_outcome_is_a_200_re
       "end": "2030-01-01T11:00:00Z"}, None, "invalid_command", "k5", "'room'"),
     ({"key": "k6", "type": "create", "room": ROOM, "start": "tomorrow", "end": "2030-01-01T11:00:00Z"}, None,
      "invalid_command", "k6", "'start'"),
+    # Valid RFC 3339 that no datetime holds once in UTC: past year 9999, before year 1.
+    ({"key": "k7", "type": "create", "room": ROOM, "start": "9999-12-31T23:00:00-01:00",
+      "end": "9999-12-31T23:30:00-01:00"}, None, "invalid_command", "k7", "'start'"),
+    ({"key": "k8", "type": "availability", "rooms": [ROOM], "start": "0001-01-01T00:30:00+01:00",
+      "end": "2030-01-01T11:00:00Z"}, None, "invalid_command", "k8", "'start'"),
 ])
 async def test_bad_commands_get_a_clear_400_and_the_server_keeps_serving(serve, body, raw, reason, key, words):
     s = await serve()

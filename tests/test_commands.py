@@ -27,7 +27,7 @@ from gateway.errors import (
     TransientError,
     Unavailable,
 )
-from gateway.model import Booking, Command, CommandResult, Room, accepted, booking_id_for, declined
+from gateway.model import Booking, Command, CommandResult, Room, Window, accepted, booking_id_for, declined
 from gateway.observability.metrics import Metrics
 from gateway.ports import Busy, RoomAnswer, Written
 from gateway.relay.protocol import ERROR_CODES, parse_command
@@ -226,14 +226,16 @@ class Env:
         self.journal = CommandJournal(self.store)
         self.writer = FakeWriter()
         self.resyncs: list[str] = []
+        self.rereads: list[frozenset[str]] = []  # the meetings each resync was asked to read back
         self.rooms: tuple[str, ...] = SYNCED
 
     def service(self, **settings: Any) -> CommandService:
-        extra = {k: settings.pop(k) for k in ("metrics", "clock", "booking_lookup") if k in settings}
+        extra = {k: settings.pop(k) for k in ("metrics", "clock", "booking_lookup", "window") if k in settings}
         config = CommandsConfig(**{"attendant_timeout_seconds": 5.0, **settings})
 
-        async def resync(room: str) -> None:
+        async def resync(room: str, uids: frozenset[str] = frozenset()) -> None:
             self.resyncs.append(room)
+            self.rereads.append(uids)
 
         return CommandService(self.writer, self.store, self.journal, config, rooms=lambda: self.rooms,
                               resync=resync, poll_interval=0.01, **extra)
@@ -351,6 +353,68 @@ def test_rate_limiter_allows_a_burst_then_refills_at_the_rate():
     assert all(RateLimiter(0, 1).try_acquire() for _ in range(100))  # 0: no limit
 
 
+# -- the horizon: the gateway writes only what its sync window lets it see and undo --------------------------------
+def sync_window() -> Window:
+    """As the coordinator computes it: from the start of today minus days_back to now plus days_ahead."""
+    now = datetime.now(UTC)
+    return Window(now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=7),
+                  now + timedelta(days=365))
+
+
+@pytest.mark.parametrize("start", [
+    T0 + timedelta(days=400),  # next year, beyond days_ahead
+    datetime(2099, 3, 1, 9, tzinfo=UTC),
+    datetime(9998, 3, 1, 9, tzinfo=UTC),
+    datetime(9999, 12, 31, 22, tzinfo=UTC),  # the last hours a datetime can hold
+])
+async def test_a_create_outside_the_sync_window_is_declined_and_nothing_is_written(env, start):
+    for cmd in (command(**booker(start=iso(start), end=iso(start + timedelta(hours=1)))),
+                command(**organizer(start=iso(start), end=iso(start + timedelta(hours=1))))):
+        result = await env.service(window=sync_window).execute(cmd)
+        assert (result.status, result.reason) == ("declined", "outside_sync_window"), result
+        assert "sync window" in result.message and "days_ahead" in result.message
+    assert env.writer.calls == [] and env.writer.items == {}
+
+
+async def test_a_booking_reaching_past_the_window_end_or_starting_before_its_start_is_declined(env):
+    window = sync_window()
+    svc = env.service(window=lambda: window)
+    over_end = await svc.execute(command(**booker(start=iso(window.end - timedelta(minutes=30)),
+                                                  end=iso(window.end + timedelta(minutes=30)))))
+    assert (over_end.status, over_end.reason) == ("declined", "outside_sync_window")
+    before = await svc.execute(command(**booker(start=iso(window.start - timedelta(hours=1)),
+                                                end=iso(datetime.now(UTC) + timedelta(hours=1)))))
+    assert (before.status, before.reason) == ("declined", "outside_sync_window")
+    inside = await svc.execute(command(**booker()))
+    assert inside.status == "accepted", inside
+    assert len(env.writer.of_kind("appointment")) == 1
+
+
+async def test_an_update_to_a_time_outside_the_window_is_declined_and_the_booking_stays(env):
+    svc = env.service(window=sync_window)
+    made = await svc.execute(command(**booker()))
+    env.snapshot(ROOM1, made.uid, at(0), at(1))  # type: ignore[arg-type]
+    far = datetime(2099, 1, 5, 9, tzinfo=UTC)
+    moved = await svc.execute(command("update", booking_id=made.booking_id, start=iso(far),
+                                      end=iso(far + timedelta(hours=1))))
+    assert (moved.status, moved.reason) == ("declined", "outside_sync_window"), moved
+    (item,) = env.writer.of_kind("appointment")
+    assert (item.start, item.end) == (at(0), at(1)) and "move" not in env.writer.calls
+
+
+async def test_a_date_the_writer_cannot_represent_is_an_invalid_command_not_an_internal_error(env):
+    """Without a window (a service wired without one), year 9999 still never reaches 'internal'."""
+    def overflow(*_: Any) -> None:
+        raise OverflowError("date value out of range")
+
+    env.writer.after["busy"] = overflow
+    end_of_time = datetime(9999, 12, 31, 22, tzinfo=UTC)
+    result = await env.service().execute(command(**booker(start=iso(end_of_time),
+                                                          end=iso(end_of_time + timedelta(hours=1)))))
+    assert (result.status, result.reason, result.retryable) == ("failed", "invalid_command", False), result
+    assert "date" in result.message
+
+
 # -- create: the room-calendar path ------------------------------------------------------------------------------------
 async def test_create_for_a_booker_is_an_appointment_in_the_room_calendar(env):
     svc = env.service()
@@ -361,6 +425,7 @@ async def test_create_for_a_booker_is_an_appointment_in_the_room_calendar(env):
     assert item.mailbox == ROOM1 and item.key == cmd.key
     assert result.uid == item.uid and result.booking_id == booking_id_for(ROOM1, item.uid, None)
     assert env.resyncs == [ROOM1]
+    assert env.rereads == [frozenset({item.uid})]  # what it wrote is read back, whatever SyncFolderItems says
     row = env.journal.get(cmd.key)
     assert row is not None and row.state == "done" and row.result == result and row.written is not None
 
@@ -709,6 +774,7 @@ async def test_cancel_deletes_the_gateways_appointment(env):
     result = await svc.execute(command("cancel", booking_id=booking.id))
     assert result.status == "accepted" and env.writer.of_kind("appointment") == []
     assert env.resyncs == [ROOM1]
+    assert env.rereads[-1] == frozenset({booking.uid})
 
 
 async def test_cancel_cancels_the_gateways_meeting_as_its_organizer(env):
@@ -742,6 +808,8 @@ async def test_decline_of_someone_elses_meeting_declines_as_the_room(env):
     result = await env.service().execute(command("decline", booking_id=b.id, message="Room closed for works"))
     assert result.status == "accepted"
     assert env.writer.declined == [(ROOM1, item.uid, "Room closed for works")]
+    # A server may apply the decline without a change SyncFolderItems reports: the meeting is read back anyway.
+    assert (env.resyncs, env.rereads) == ([ROOM1], [frozenset({item.uid})])
     assert item.item_id in env.writer.items  # the organizer's meeting stays
 
 
@@ -770,7 +838,7 @@ async def test_decline_of_an_appointment_made_in_the_room_calendar_by_someone_el
 async def test_resync_asks_for_a_sync_of_a_known_room_only(env):
     svc = env.service()
     assert (await svc.execute(command("resync"))).status == "accepted"
-    assert env.resyncs == [ROOM1]
+    assert (env.resyncs, env.rereads) == ([ROOM1], [frozenset()])
     unknown = await svc.execute(command("resync", room="room9@contoso.com"))
     assert (unknown.status, unknown.reason) == ("declined", "room_unknown")
 

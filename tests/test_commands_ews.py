@@ -91,8 +91,8 @@ async def start_gateway(ews: Any, path: Any, account: str = ORGANIZER_ACCOUNT, *
     journal = CommandJournal(store)
     holder: dict[str, Gateway] = {}
 
-    async def resync(room: str) -> None:
-        await holder["g"].resync(room)
+    async def resync(room: str, uids: frozenset[str] = frozenset()) -> None:
+        await holder["g"].resync(room)  # the whole window, so the meetings the command changed too
 
     service = CommandService(EwsWriter(source), store, journal,
                              CommandsConfig(**{"attendant_timeout_seconds": 15.0, **settings}),
@@ -246,3 +246,19 @@ async def test_update_moves_what_the_gateway_created_and_the_room_decides_again(
     await gw.resync(ROOM1)
     times = sorted((b.start, b.end) for b in gw.in_room())
     assert times == [(at(2), at(3.5)), (at(5), at(6))]
+
+
+@pytest.mark.parametrize("quirks", [{"room_as_required": True}, {"no_response_type": True},
+                                    {"room_as_required": True, "no_response_type": True}])
+async def test_the_rooms_answer_is_found_on_servers_that_list_it_elsewhere_or_not_at_all(gw, quirks):
+    """A server that lists the room among the required attendees, or records no ResponseType, must not turn every
+    organizer booking into attendant_timeout although the room answered at once."""
+    def apply() -> None:
+        for name, value in quirks.items():
+            setattr(gw.ews.sim.faults, name, value)
+    gw.ews.call(apply)
+    first = accepted_ok(await gw.service.execute(command(**organizer())))
+    assert gw.room_copy(first.uid)["response"] == "Accept"  # type: ignore[index]
+    clash = await gw.service.execute(command(**organizer(BOB, start=iso(at(0.5)), end=iso(at(1.5)))))
+    assert (clash.status, clash.reason) == ("declined", "conflict"), clash
+    assert [b.id for b in gw.in_room()] == [first.booking_id]

@@ -13,7 +13,7 @@ from pathlib import Path
 from lxml import etree
 
 from gateway.model import to_json
-from gateway.sources.ews.mapping import booking_from_xml, uid_from_goid
+from gateway.sources.ews.mapping import booking_from_xml, gateway_uid, made_by_gateway, uid_from_goid
 from gateway.sync.privacy import PrivacyPolicy, apply
 
 TNS = "http://schemas.microsoft.com/exchange/services/2006/types"
@@ -90,3 +90,27 @@ def test_relayed_bookings_validate_against_the_published_json_schema():
     validator.validate(deleted)
     wrong = {**to_json(bookings()[0]), "sensitivity": "secret"}
     assert not validator.is_valid(wrong)
+
+
+# -- origin: what the gateway wrote is published as the gateway's -----------------------------------------------------
+def view_of(name: str, room: str) -> list:
+    root = etree.fromstring((Path(__file__).parent / "data" / "ews" / name).read_bytes())
+    return [(el, booking_from_xml(el, room, "Europe/Berlin")) for el in root.iter(f"{{{TNS}}}CalendarItem")]
+
+
+def test_the_gateways_meetings_and_appointments_have_origin_gateway_and_outlooks_exchange():
+    """room-calendar-view-origins.xml: room2's CalendarView holding a meeting the gateway made in Alice's calendar
+    (the room's copy: no command key, as an extended property of the organizer's item is not carried to it, but the
+    UID the gateway set), an appointment it made in the room's calendar (its command key on the item), and Bob's
+    meeting from Outlook."""
+    found = sorted(view_of("room-calendar-view-origins.xml", "room2@contoso.com"), key=lambda p: p[1].start)
+    assert [(b.subject, b.origin) for _, b in found] == [
+        ("Alice Anders", "gateway"), ("Lobby display", "gateway"), ("Bob Anders", "exchange")]
+    meeting, appointment, outlook = (el for el in (p[0] for p in found))
+    assert b"ExchangeGatewayCommandKey" not in etree.tostring(meeting)
+    assert b"cmd-panel-7" in etree.tostring(appointment)
+    # The command key alone tells (an appointment written before the gateway chose its UIDs) ...
+    assert made_by_gateway("D3C0A1E4B2", appointment) and not made_by_gateway("D3C0A1E4B2", outlook)
+    # ... and a UID only looks like the gateway's if it is one the gateway makes.
+    assert made_by_gateway(gateway_uid()) and gateway_uid() != gateway_uid()
+    assert not made_by_gateway("ExchangeGateway-Q3-review@example.org", outlook)

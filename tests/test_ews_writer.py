@@ -140,7 +140,15 @@ async def test_a_meeting_is_created_for_the_organizer_and_the_room_accepts(env: 
         polls.append(calls)
         return answer if answer.outcome != "pending" else None
     assert await eventually(poll, what="the attendant's answer") == RoomAnswer("accepted")
-    assert polls and all(p == {("GetItem", "NoError"): 1} for p in polls)  # each poll is exactly one GetItem
+    # Until the organizer's copy has the answer a poll also looks for the room's MeetingResponse in the Inbox and
+    # at the room's own copy ...
+    ops = {("GetItem", "NoError"), ("FindItem", "NoError"), ("GetFolder", "NoError")}
+    assert all(set(p) <= ops and p[("GetItem", "NoError")] == 1 and p.get(("FindItem", "NoError"), 0) <= 2
+               for p in polls), polls
+    # ... once it has, a poll is exactly one GetItem.
+    with counted() as calls:
+        assert await env.writer.room_answer(written, ROOM1) == RoomAnswer("accepted")
+    assert calls == {("GetItem", "NoError"): 1}
 
     # The sync path reads the room's copy with the same uid, so the booking ids agree.
     (booking,) = await env.room_bookings(ROOM1, start, end)
@@ -240,6 +248,77 @@ async def test_an_unanswered_request_stays_pending(env: Env) -> None:
     await env.settle()  # the attendant ran: it placed the request tentatively and answered nothing
     assert (await env.control(lambda c: c.decisions(room=ROOM2)))[-1]["outcome"] == "tentative"
     assert await env.writer.room_answer(written, ROOM2) == RoomAnswer("pending")
+
+
+# -- the room's answer wherever the server puts it (servers that are not quite Exchange) ------------------------------
+def _quirk(env: Env, **values: Any) -> None:
+    def apply() -> None:
+        for name, value in values.items():
+            setattr(env.ews.sim.faults, name, value)
+    env.ews.call(apply)
+
+
+async def _clear_inbox(env: Env, mailbox: str = ALICE) -> int:
+    """Delete the MeetingResponses in the organizer's Inbox (as a person tidying up would)."""
+    def clear() -> int:
+        items = list(env.ews.organizer(mailbox).inbox.all())
+        for item in items:
+            item.delete()
+        return len(items)
+    return await asyncio.to_thread(clear)
+
+
+async def test_a_room_listed_among_the_required_attendees_answers_there(env: Env) -> None:
+    _quirk(env, room_as_required=True)
+    start, end = _slot()
+    written = await env.writer.create_meeting(ALICE, ROOM1, _command("req-1", ROOM1, start, end))
+    state = await env.control(lambda c: c.meeting_state(written.uid))
+    assert {(a["email"], a["type"]) for a in state["attendees"]} == {(ROOM1, "required")}
+    assert await env.answer(written, ROOM1) == RoomAnswer("accepted")
+    # And a decline found there still brings the attendant's reason.
+    clash = await env.writer.create_meeting(ALICE, ROOM1, _command("req-2", ROOM1, start, end))
+    assert await env.answer(clash, ROOM1) == RoomAnswer("declined", "conflict", DECLINE_REASON_TEXT["conflict"])
+
+
+async def test_without_a_response_type_the_answer_is_the_meeting_response_in_the_inbox(env: Env) -> None:
+    _quirk(env, no_response_type=True)
+    await env.control(lambda c: c.set_room_settings(ROOM2, {"MaximumDurationInMinutes": 30}))
+    start, end = _slot()
+    written = await env.writer.create_meeting(ALICE, ROOM1, _command("nrt-1", ROOM1, start, end))
+    assert await env.answer(written, ROOM1) == RoomAnswer("accepted")
+    item = await env.control(lambda c: c.organizer_item(written.uid))
+    assert [a.response for a in item.resources] == [""]  # the organizer's copy never says
+    too_long = await env.writer.create_meeting(ALICE, ROOM2, _command("nrt-2", ROOM2, start, end))
+    assert await env.answer(too_long, ROOM2) == RoomAnswer("declined", "too_long", DECLINE_REASON_TEXT["too_long"])
+    clash = await env.writer.create_meeting(ALICE, ROOM1, _command("nrt-3", ROOM1, start, end))
+    assert await env.answer(clash, ROOM1) == RoomAnswer("declined", "conflict", DECLINE_REASON_TEXT["conflict"])
+
+
+async def test_an_answer_to_an_earlier_time_does_not_count_for_a_moved_meeting(env: Env) -> None:
+    _quirk(env, no_response_type=True)
+    start, end = _slot()
+    written = await env.writer.create_meeting(ALICE, ROOM1, _command("stale-1", ROOM1, start, end))
+    assert (await env.answer(written, ROOM1)).outcome == "accepted"
+    # The room stops answering (a delegate decides from now on): its Accept of the old time stays in the Inbox.
+    await env.control(lambda c: c.set_room_settings(ROOM1, {"AutomateProcessing": "AutoUpdate"}))
+    moved = await env.writer.move(written, start + timedelta(hours=2), end + timedelta(hours=2), notify=True)
+    await env.settle()
+    assert await env.writer.room_answer(moved, ROOM1) == RoomAnswer("pending")
+
+
+async def test_with_no_answer_at_the_organizer_the_rooms_own_copy_decides(env: Env) -> None:
+    _quirk(env, no_response_type=True)
+    start, end = _slot()
+    written = await env.writer.create_meeting(ALICE, ROOM1, _command("copy-1", ROOM1, start, end))
+    await env.settle()
+    assert (await env.control(lambda c: c.decisions(room=ROOM1)))[-1]["outcome"] == "accepted"
+    assert await _clear_inbox(env) >= 1  # nothing left on the organizer's side
+    assert await env.writer.room_answer(written, ROOM1) == RoomAnswer("accepted")
+    # A copy the room holds only tentatively (placed, not yet decided) is no acceptance.
+    await env.control(lambda c: c.set_room_settings(ROOM2, {"AutomateProcessing": "AutoUpdate"}))
+    pending = await env.writer.create_meeting(ALICE, ROOM2, _command("copy-2", ROOM2, start, end))
+    await env.settle()
+    assert await env.writer.room_answer(pending, ROOM2) == RoomAnswer("pending")
 
 
 # -- moving and cancelling ----------------------------------------------------------------------------------------
@@ -414,9 +493,9 @@ async def test_availability_splits_requests_by_rooms_and_days(big_env: Env) -> N
     window = (start - timedelta(days=1), start + timedelta(days=60))  # two pieces of at most 42 days
     with counted() as calls:
         found = await env.writer.availability(rooms, *window)
-    # 101 rooms -> 2 requests per piece; the UTC zone definition is asked for once.
+    # 101 rooms -> 2 requests per piece; the UTC zone is built locally, never asked for.
     assert calls[("GetUserAvailability", "NoError")] == 4
-    assert calls.get(("GetServerTimeZones", "NoError"), 0) <= 1
+    assert not [op for op, _ in calls if op == "GetServerTimeZones"]
     assert set(found) == set(rooms)
     assert [(b.start, b.end, b.status) for b in found[ROOM1]] == [(start, end, "busy"), (far_start, far_end, "busy")]
     assert [(b.start, b.end) for b in found[last]] == [(start, end)]
@@ -430,3 +509,18 @@ async def test_availability_splits_requests_by_rooms_and_days(big_env: Env) -> N
     with pytest.raises(NotFound) as caught:
         await env.writer.availability([ROOM1, "nosuchroom@contoso.com"], start, end)
     assert caught.value.key == "room_unknown" and "nosuchroom@contoso.com" in str(caught.value)
+
+
+async def test_availability_works_against_a_server_without_get_server_time_zones(env: Env) -> None:
+    """An EWS server that does not implement GetServerTimeZones (some non-Exchange ones) still answers free/busy:
+    the UTC zone of the request is built by the gateway, so the operation is never called."""
+    start, end = _slot()
+    await env.writer.create_appointment(ROOM1, _command("tz", ROOM1, start, end))
+    env.ews.call(lambda: env.ews.sim.faults.unsupported.add("GetServerTimeZones"))
+    before = env.ews.call(lambda: sum(n for (op, _), n in env.ews.sim.calls.items() if op == "GetServerTimeZones"))
+    for _ in range(2):
+        found = await env.writer.availability([ROOM1, ROOM2], start - timedelta(hours=2), end + timedelta(hours=2))
+        assert [(b.start, b.end, b.status) for b in found[ROOM1]] == [(start, end, "busy")]
+        assert found[ROOM2] == []
+    after = env.ews.call(lambda: sum(n for (op, _), n in env.ews.sim.calls.items() if op == "GetServerTimeZones"))
+    assert after == before == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import uuid
@@ -27,7 +28,7 @@ from structlog.testing import capture_logs
 from gateway.errors import ConfigError
 from gateway.hub import cli as hubcli
 from gateway.hub import webhooks
-from gateway.hub.server import HubSettings, RunningHub, start_hub
+from gateway.hub.server import FRAME_HARD_LIMIT, HubSettings, RunningHub, start_hub
 from gateway.hub.store import EventItem, HubStore
 from gateway.model import EVENT_TYPES, Booking, Event, to_json
 from gateway.relay import protocol
@@ -350,6 +351,7 @@ async def test_a_new_connection_replaces_the_old_one(vendor, http, hub):
     new = await gw.connect(http, hub.url)
     assert new.welcome["type"] == "welcome"
     assert await old.closed() == 4409
+    assert old.ws.close_code == 4409  # a clean closing handshake: aiohttp's echo of the close went through
     assert (await new.events(items([cloud_event("created", "u1")])))["type"] == "ack"  # the new one serves
     await new.close()
 
@@ -364,6 +366,7 @@ async def test_revoked_gateway_is_refused_and_its_live_session_ended(vendor, htt
     error = await link.recv()
     assert (error["type"], error["code"]) == ("error", "revoked")
     assert await link.closed() == 4403
+    assert link.ws.close_code == 4403  # not 1006: the hub waited for the close to be echoed
 
     again = await gw.connect(http, hub.url)
     assert again.welcome["code"] == "revoked"
@@ -499,7 +502,7 @@ async def test_sse_resumes_after_last_event_id_and_keeps_alive(vendor, http, hub
         got = await read_sse(resp, 1)
     assert got[0]["id"] == "4" and json.loads(got[0]["data"])["id"] == evs[3]["id"]
     status, doc = await vendor.call("GET", "/v1/customers/contoso/events?after=x", token=key)
-    assert (status, doc["error"]) == (400, "invalid_cursor")
+    assert (status, doc["error"]) == (400, "invalid_last_event_id")
     await link.close()
 
 
@@ -531,6 +534,24 @@ async def test_bad_frames_get_an_error_and_the_tunnel_stays_up(vendor, http, hub
     assert (await link.recv())["ref"] == "rotate_key"
     assert await link.events(items([cloud_event("created", "ok")])) == {"type": "ack", "seq": 1}
     await link.close()
+
+
+async def test_a_frame_above_the_hard_limit_is_closed_1009_and_logged_as_such(vendor, http, hub):
+    await vendor.customer()
+    gw = await vendor.gateway()
+    link = await gw.connect(http, hub.url)
+    with capture_logs() as logs:
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            await link.ws.send_str("x" * (FRAME_HARD_LIMIT + 1))
+        assert await link.closed() == 1009
+        await eventually(lambda: [e for e in logs if e["event"] == "hub.gateway_disconnected"],
+                         what="the hub to log the end of the session")
+    assert [(e["close_code"], e["closed_by"]) for e in logs if e["event"] == "hub.gateway_disconnected"] == \
+        [(1009, "hub")]
+    assert [e["log_level"] for e in logs if e["event"] == "hub.frame_too_large"] == ["warning"]
+    again = await gw.connect(http, hub.url)  # and it may come back
+    assert again.welcome["type"] == "welcome"
+    await again.close()
 
 
 # -- key rotation ------------------------------------------------------------------------------------------------

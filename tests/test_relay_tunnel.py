@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import random
@@ -23,6 +24,7 @@ from structlog.testing import capture_logs
 
 from gateway.api import EventHub
 from gateway.config import RelayConfig
+from gateway.hub.server import FRAME_HARD_LIMIT
 from gateway.model import EVENT_TYPES, Booking, Command, CommandResult, Event, Room, accepted, failed, to_json
 from gateway.observability.metrics import Metrics
 from gateway.relay import enroll as enroll_cli
@@ -393,6 +395,40 @@ async def test_a_revoked_gateway_is_refused_and_backs_off_long(
     assert waits and waits[-1] >= 150  # no spinning against a hub that will keep saying no
 
 
+async def test_the_tunnel_logs_the_close_code_the_hub_sent(
+        hub: Hub, vault: Vault, store: SqliteStore, pki: Any, tunnels: Callable[..., Running]) -> None:
+    identity = await enrolled(hub, vault, pki)
+    fill(store, 6000)  # events in flight both ways while the hub closes
+    with capture_logs() as logs:
+        t = tunnels(identity, store, ca_bundle=pki.ca_file)
+        await t.connected()
+
+        def ended() -> list[dict[str, Any]]:
+            return [e for e in logs if e["event"] == "tunnel.disconnected"]
+
+        # a frame above the hub's hard limit (no gateway code sends one: written straight onto the connection)
+        session = t.tunnel._session
+        assert session is not None
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            await session.ws.send_str("x" * (FRAME_HARD_LIMIT + 1))
+        await eventually(lambda: ended(), what="the tunnel to see the close")
+        await eventually(lambda: store.acked() == 6000, what="every event after the reconnect")
+
+        # revoked while connected
+        async with _admin(pki) as http, http.post(f"{hub.url}/admin/v1/gateways/{identity.gateway_id}/revoke") \
+                as resp:
+            assert resp.status == 200
+        await eventually(lambda: t.tunnel.state == "revoked", what="the revoked state")
+
+    assert [e["close_code"] for e in ended()] == [1009, 4403]
+    assert "too large" in ended()[0]["reason"] and "revoked" in ended()[1]["reason"]
+    hub_side = [(e["close_code"], e["closed_by"]) for e in logs if e["event"] == "hub.gateway_disconnected"]
+    assert hub_side == [(1009, "hub"), (4403, "hub")]
+    too_large = [e for e in logs if e["event"] == "hub.frame_too_large"]
+    assert len(too_large) == 1 and too_large[0]["log_level"] == "warning"
+    assert not [e for e in logs if e["log_level"] == "error" and e["event"] != "tunnel.refused"]
+
+
 async def test_an_unknown_gateway_is_unauthorized(
         hub: Hub, vault: Vault, store: SqliteStore, pki: Any, tunnels: Callable[..., Running]) -> None:
     stranger = GatewayIdentity.generate(vault)  # never enrolled at this hub
@@ -448,6 +484,27 @@ async def test_commands_get_results_and_bad_ones_never_break_the_tunnel(
                                                             start=T0, end=T0 + timedelta(hours=1)))
     assert (result.key, result.status, result.reason, result.retryable) == \
         ("c-2", "failed", "exchange_unavailable", True)
+
+
+async def test_a_result_too_large_for_a_frame_is_answered_too_large_and_the_tunnel_stays_up(
+        hub: Hub, vault: Vault, store: SqliteStore, pki: Any, tunnels: Callable[..., Running]) -> None:
+    class Huge(Commands):
+        async def execute(self, cmd: Command) -> CommandResult:
+            self.seen.append(cmd)
+            busy = [{"start": "2031-03-10T08:00:00Z", "end": "2031-03-10T08:30:00Z", "status": "busy"}] * 30_000
+            return accepted(cmd, "busy times", data={"rooms": {ROOMS[0]: busy}})  # about 2 MB of JSON
+
+    identity = await enrolled(hub, vault, pki)
+    t = tunnels(identity, store, ca_bundle=pki.ca_file, commands=Huge())
+    await t.connected()
+    session = hub.session(identity.gateway_id)
+    with capture_logs() as logs:
+        status, result = await hub.hub.run_command(CUSTOMER, Command(
+            key="avail-1", type="availability", rooms=(ROOMS[0],), start=T0, end=T0 + timedelta(days=42)))
+    assert (status, result.status, result.reason, result.retryable) == (413, "failed", "too_large", False)
+    assert "fewer rooms or a shorter range" in (result.message or "")
+    assert [e["log_level"] for e in logs if e["event"] == "tunnel.result_too_large"] == ["warning"]
+    assert hub.session(identity.gateway_id) is session and t.tunnel.state == "connected"
 
 
 # -- enrollment ------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -45,6 +45,7 @@ from gateway.model import (
     Booking,
     Command,
     CommandResult,
+    Window,
     accepted,
     booking_id_for,
     declined,
@@ -59,9 +60,12 @@ from gateway.store.sqlite import SqliteStore
 log = structlog.get_logger(__name__)
 
 BookingLookup = Callable[[str, str], Booking | None]  # (room, booking id) -> the booking; blocking, run in a thread
-Resync = Callable[[str], Awaitable[None] | None]
+# (room, meetings the command changed) -> sync the room soon and read those meetings back whatever SyncFolderItems
+# says: a server may apply a write (a decline) without a change the sync would see.
+Resync = Callable[[str, frozenset[str]], Awaitable[None] | None]
 
-POLL_INTERVAL = 0.15  # seconds between looks at the room's answer
+POLL_INTERVAL = 0.15  # seconds between the first looks at the room's answer ...
+POLL_MAX_INTERVAL = 1.0  # ... growing to this: an unanswered poll reads three places in Exchange
 WRITE_TYPES = ("create", "update", "cancel", "decline")
 
 DECLINE_TEXT = {
@@ -71,6 +75,7 @@ DECLINE_TEXT = {
     "recurring_not_allowed": "the room does not accept recurring meetings",
     "not_permitted": "the room's booking policy does not allow this booking",
     "room_unknown": "the gateway does not sync this room",
+    "outside_sync_window": "the booking lies outside the gateway's sync window",
 }
 FALLBACK_NOTE = ("the gateway may not act for the organizer in Exchange, so the booking was made in the room's "
                  "calendar with the organizer as booker (no invitation was sent)")
@@ -118,6 +123,7 @@ class _Run:
     keep: bool = False  # on failure, keep the row 'started': a write may have happened, a retry continues it
     wrote: bool = False  # a write returned: resync the room
     stale: bool = False  # the snapshot knows something Exchange no longer has: resync the room
+    uids: set[str] = field(default_factory=set)  # the meetings the command touched: read back after it
 
     @property
     def recorded(self) -> Written | None:
@@ -144,7 +150,8 @@ class CommandService:
     def __init__(self, writer: CalendarWriter, store: SqliteStore, journal: CommandJournal,
                  settings: CommandsConfig, *, rooms: Callable[[], Collection[str]], resync: Resync,
                  booking_lookup: BookingLookup | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, poll_interval: float = POLL_INTERVAL) -> None:
+                 window: Callable[[], Window] | None = None, clock: Callable[[], float] = time.monotonic,
+                 poll_interval: float = POLL_INTERVAL) -> None:
         self._writer = writer
         self._store = store
         self._journal = journal
@@ -155,6 +162,7 @@ class CommandService:
         self._resync_room = resync
         self._lookup = booking_lookup or _lookup_in(store)
         self._metrics = metrics
+        self._window = window  # the coordinator's sync window: what the gateway can see (and so undo)
         self._clock = clock
         self._poll = poll_interval
         self._keys = _Locks()
@@ -192,7 +200,7 @@ class CommandService:
         if cmd.type == "resync":
             if room not in self._synced():
                 return declined(cmd, "room_unknown", DECLINE_TEXT["room_unknown"])
-            await self._call_resync(room)
+            await self._call_resync(room, frozenset())
             return accepted(cmd, "the room is being read again from Exchange")
         if cmd.type not in WRITE_TYPES:
             return failed(cmd.key, "unsupported_command", f"unknown command type {cmd.type!r}", retryable=False)
@@ -219,11 +227,14 @@ class CommandService:
                 result = await handler(run)
             except GatewayError as e:
                 result = self._failure(run, e)
+            except OverflowError:  # a time near year 9999 that a conversion or a view around it cannot hold
+                result = failed(cmd.key, "invalid_command", "a date in the command lies beyond what the gateway "
+                                "can represent; send a date inside the sync window", retryable=False)
             except Exception:
                 log.exception("command.internal_error", key=cmd.key, type=cmd.type)
                 result = failed(cmd.key, "internal", "an unexpected error; the gateway logged it", retryable=False)
             if run.wrote or run.stale:
-                await self._call_resync(room, quiet=True)
+                await self._call_resync(room, frozenset(run.uids), quiet=True)
             if result.status in ("accepted", "declined"):
                 await asyncio.to_thread(self._journal.finish, cmd.key, result)
             elif not run.keep:
@@ -254,6 +265,7 @@ class CommandService:
     async def _record(self, run: _Run, written: Written) -> None:
         run.keep = True
         run.wrote = True
+        run.uids.add(written.uid)
         await asyncio.to_thread(self._journal.record_write, run.cmd.key, written)
 
     # -- policy ---------------------------------------------------------------------------------------------
@@ -266,6 +278,12 @@ class CommandService:
             return declined(cmd, "room_unknown", DECLINE_TEXT["room_unknown"])
         if not self._policy.writable(room, synced):
             return declined(cmd, "not_permitted", "the gateway's policy does not let commands write to this room")
+        if cmd.start is not None and cmd.end is not None and self._window is not None:
+            window = self._window()
+            if cmd.start < window.start or cmd.end > window.end:
+                return declined(cmd, "outside_sync_window", f"the booking must lie inside the gateway's sync window "
+                                f"({_iso(window.start)} to {_iso(window.end)}, set by rooms.days_back and "
+                                "rooms.days_ahead): outside it the gateway could neither see nor cancel it")
         if cmd.start is not None and cmd.end is not None and self._policy.too_long(cmd.start, cmd.end):
             limit = self._settings.max_duration_minutes
             return declined(cmd, "too_long", f"the booking is longer than the gateway allows ({limit} minutes)")
@@ -349,6 +367,7 @@ class CommandService:
         cmd = run.cmd
         assert cmd.start is not None and cmd.end is not None
         deadline = self._clock() + self._settings.attendant_timeout_seconds
+        delay = self._poll
         while True:
             answer = await self._writer.room_answer(written, run.room)
             if answer.outcome in ("accepted", "tentative", "declined"):
@@ -358,7 +377,8 @@ class CommandService:
                               f"the room's booking attendant has not answered within "
                               f"{self._settings.attendant_timeout_seconds:g} s; retry the same key to learn its "
                               "answer (nothing is booked twice)", retryable=True)
-            await asyncio.sleep(self._poll)
+            await asyncio.sleep(min(delay, max(0.0, deadline - self._clock())))
+            delay = min(delay * 1.5, max(self._poll, POLL_MAX_INTERVAL))
         booking_id = booking_id_for(run.room, written.uid, None)
         if answer.outcome == "accepted":
             return accepted(cmd, "the room accepted", uid=written.uid, booking_id=booking_id)
@@ -393,7 +413,10 @@ class CommandService:
     # -- update, cancel, decline ------------------------------------------------------------------------------
     async def _booking(self, run: _Run) -> Booking | None:
         assert run.cmd.booking_id is not None
-        return await asyncio.to_thread(self._lookup, run.room, run.cmd.booking_id)
+        booking = await asyncio.to_thread(self._lookup, run.room, run.cmd.booking_id)
+        if booking is not None:
+            run.uids.add(booking.uid)
+        return booking
 
     async def _origin(self, run: _Run, booking: Booking) -> JournalEntry | None:
         """The create command that made this booking, if the gateway made it (in this room)."""
@@ -545,10 +568,11 @@ class CommandService:
                        for b in sorted(lowered.get(room, []), key=lambda b: (b.start, b.end))] for room in rooms}
         return accepted(cmd, data={"rooms": data})
 
-    async def _call_resync(self, room: str, *, quiet: bool = False) -> None:
-        """Let the change flow back through the normal read path now rather than at the next notification."""
+    async def _call_resync(self, room: str, uids: frozenset[str], *, quiet: bool = False) -> None:
+        """Let the change flow back through the normal read path now rather than at the next notification, the
+        meetings the command changed read back even if SyncFolderItems reports nothing (design.md §2)."""
         try:
-            pending = self._resync_room(room)
+            pending = self._resync_room(room, uids)
             if inspect.isawaitable(pending):
                 await pending
         except Exception as e:

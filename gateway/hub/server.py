@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
-import json
 import os
 import secrets
 import signal
@@ -65,7 +64,7 @@ CLOSE_REVOKED: Final = 4403
 CLOSE_HELLO_TIMEOUT: Final = 4408
 CLOSE_REPLACED: Final = 4409  # a newer connection of the same gateway took over
 FRAME_HARD_LIMIT: Final = 4 * protocol.MAX_MESSAGE_BYTES  # above this aiohttp closes with 1009; below, error too_large
-SSE_BATCH: Final = 500
+SSE_PAGE: Final = 100  # stored events read and joined at once per stream: many replaying clients hold little
 MAX_RANGE: Final = timedelta(days=731)
 MAX_TOKEN_TTL: Final = timedelta(days=30)
 MIN_ADMIN_TOKEN: Final = 16
@@ -187,9 +186,20 @@ class Session:
     pending: dict[str, asyncio.Future[CommandResult]] = field(default_factory=dict)
     events_in: int = 0
     ending: bool = False  # revoked: being closed (the watcher must not end it twice)
+    close_code: int | None = None  # the code the hub closed it with (None: the gateway closed, or the network)
+    close_message: bytes = b""
+    end_requested: asyncio.Event = field(default_factory=asyncio.Event)  # set by end(): _serve closes
 
     async def send(self, text: str) -> None:
         await self.ws.send_str(text)
+
+    def end(self, code: int, message: bytes) -> None:
+        """Close the tunnel with ``code``: the serving task stops reading and closes with the WebSocket closing
+        handshake, so the gateway gets the code (a close from another task would drop the TCP connection right
+        after the close frame, and the gateway would often see 1006 instead)."""
+        if self.close_code is None:
+            self.close_code, self.close_message = code, message
+            self.end_requested.set()
 
 
 @dataclass(eq=False)
@@ -200,11 +210,13 @@ class _Inflight:
 
 
 class _Refusal(Exception):
-    """An HTTP error answer: JSON ``{error, message}``."""
+    """An HTTP error answer: JSON ``{error, message}`` (and ``extra`` fields)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.extra = extra or {}
 
 
 def _refuse(status: int, code: str, message: str, **headers: str) -> NoReturn:
@@ -340,8 +352,12 @@ class Hub:
         for wakes in self._wakes.values():
             for wake in wakes:
                 wake.set()
+        # At once, without waiting for each gateway to echo the close: the process is going away.
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.close_code = WSCloseCode.GOING_AWAY
         await asyncio.gather(*(s.ws.close(code=WSCloseCode.GOING_AWAY, message=b"hub shutting down")
-                               for s in list(self.sessions.values())), return_exceptions=True)
+                               for s in sessions), return_exceptions=True)
 
     def routes(self) -> list[web.RouteDef]:
         c = "/v1/customers/{customer}"
@@ -432,6 +448,7 @@ class Hub:
         try:
             hello = protocol.decode(msg.data)
         except ProtocolError as e:
+            log.info("hub.handshake_refused", reason="bad_handshake", error=str(e)[:200], peer=peer)
             await self._refuse_hello(ws, "bad_handshake", e.key, str(e), CLOSE_BAD_HANDSHAKE)
             return None
         if hello["type"] != "hello":
@@ -446,6 +463,8 @@ class Hub:
             return None
         gateway_id, key_id, signature = hello.get("gateway_id"), hello.get("key_id"), hello.get("signature")
         if not all(isinstance(v, str) and 0 < len(v) <= 200 for v in (gateway_id, key_id, signature)):
+            log.info("hub.handshake_refused", reason="bad_handshake", error="hello without gateway_id, key_id or "
+                     "signature", peer=peer)
             await self._refuse_hello(ws, "bad_handshake", "bad_message", "hello needs gateway_id, key_id and "
                                      "signature", CLOSE_BAD_HANDSHAKE)
             return None
@@ -481,7 +500,7 @@ class Hub:
         self.sessions[gateway_id] = session
         if old is not None:
             log.info("hub.session_replaced", gateway_id=gateway_id, old=old.id, new=session.id)
-            await old.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection of this gateway")
+            old.end(CLOSE_REPLACED, b"replaced by a newer connection of this gateway")
         await ws.send_str(protocol.encode("welcome", ack=ack, session=session.id, window=protocol.DEFAULT_WINDOW,
                                           heartbeat=self.settings.heartbeat))
         self.metrics.connects.labels("accepted").inc()
@@ -496,14 +515,39 @@ class Hub:
 
     async def _serve(self, session: Session) -> None:
         ws = session.ws
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await self._on_frame(session, msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await self._send_error(session, "bad_message", "frames must be JSON text, not binary")
-            elif msg.type == WSMsgType.ERROR:
-                log.info("hub.tunnel_error", gateway_id=session.gateway_id, error=str(ws.exception()))
-                break
+        stop = asyncio.ensure_future(session.end_requested.wait())
+        try:
+            while True:
+                receive = asyncio.ensure_future(ws.receive())
+                await asyncio.wait((receive, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():  # Session.end: stop reading, then close from here (below)
+                    receive.cancel()
+                    await asyncio.gather(receive, return_exceptions=True)
+                    break
+                msg = receive.result()
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_frame(session, msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await self._send_error(session, "bad_message", "frames must be JSON text, not binary")
+                elif msg.type == WSMsgType.ERROR:
+                    self._on_receive_error(session, msg.data)
+                    break
+                else:  # CLOSE, CLOSING, CLOSED
+                    break
+        finally:
+            stop.cancel()
+        if session.end_requested.is_set() and not ws.closed:
+            assert session.close_code is not None
+            await ws.close(code=session.close_code, message=session.close_message)
+
+    def _on_receive_error(self, session: Session, error: object) -> None:
+        code = getattr(error, "code", None)
+        if code == WSCloseCode.MESSAGE_TOO_BIG:  # aiohttp refused it from its header, unread, and closed 1009
+            session.close_code = code
+            log.warning("hub.frame_too_large", gateway_id=session.gateway_id, close_code=code,
+                        limit=FRAME_HARD_LIMIT, error=str(error)[:200])
+        else:
+            log.info("hub.tunnel_error", gateway_id=session.gateway_id, error=str(error)[:200])
 
     def _ended(self, session: Session) -> None:
         if self.sessions.get(session.gateway_id) is session:
@@ -514,7 +558,8 @@ class Hub:
                                       "was under way; retry with the same key to learn its outcome", retryable=True))
         session.pending.clear()
         log.info("hub.gateway_disconnected", gateway_id=session.gateway_id, session=session.id,
-                 close_code=session.ws.close_code, events=session.events_in)
+                 close_code=_code(session.close_code if session.close_code is not None else session.ws.close_code),
+                 closed_by="hub" if session.close_code is not None else "peer", events=session.events_in)
 
     async def _send_error(self, session: Session, code: str, message: str, ref: str | None = None) -> None:
         fields: dict[str, Any] = {"code": code, "message": message[:500]}
@@ -555,7 +600,7 @@ class Hub:
             log.exception("hub.store_failed", gateway_id=session.gateway_id)
             await self._send_error(session, "internal", f"the hub could not store the events ({e.__class__.__name__})",
                                    ref="events")
-            await session.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"storage failed")
+            session.end(WSCloseCode.INTERNAL_ERROR, b"storage failed")
             return
         m = self.metrics
         m.events_stored.inc(stored.stored)
@@ -651,7 +696,7 @@ class Hub:
         log.warning("hub.session_revoked", gateway_id=gateway_id, session=session.id)
         await self._send_error(session, "revoked", "this gateway was revoked at the hub; enroll it again with a "
                                                    "new token")
-        await session.ws.close(code=CLOSE_REVOKED, message=b"revoked")
+        session.end(CLOSE_REVOKED, b"revoked")
 
     def _notify(self, customer: str) -> None:
         for wake in self._wakes.get(customer, ()):
@@ -744,9 +789,10 @@ class Hub:
             return 413, failed("", "too_large", f"a command may be at most {protocol.MAX_COMMAND_BYTES} bytes",
                                retryable=False)
         try:
-            doc = json.loads(raw)
-        except ValueError:
-            return 400, failed("", "invalid_command", "the body must be a JSON command object", retryable=False)
+            doc = protocol.loads(raw)
+        except ValueError as e:
+            return 400, failed("", "invalid_command", f"the body must be a JSON command object: {e}",
+                               retryable=False)
         try:
             cmd = protocol.parse_command(doc)
         except ProtocolError as e:
@@ -800,11 +846,14 @@ class Hub:
         customer = await self._customer(request)
         raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
         try:
-            after = int(raw)
-            if after < 0:
-                raise ValueError
-        except ValueError:
-            _refuse(400, "invalid_cursor", "Last-Event-ID (or ?after=) must be the id of an event from this stream")
+            after = protocol.parse_event_id(raw)
+        except ProtocolError as e:
+            _refuse(400, e.key, str(e))
+        record = await self.read(self.store.customer, customer)
+        last = record.last_seq if record is not None else 0
+        if after > last:  # the hub's store was reset or restored: waiting for that id would skip events silently
+            doc = protocol.event_id_ahead(after, last)
+            raise _Refusal(409, doc.pop("error"), doc.pop("message"), extra=doc)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -814,12 +863,11 @@ class Hub:
             await resp.write(b"retry: 2000\n\n")
             while not self._closing:
                 wake.clear()  # before reading: an event stored after the read sets it again
-                batch = await self.read(self.store.events_after, customer, after, SSE_BATCH)
-                if batch:
-                    await resp.write("".join(f"id: {e.seq}\nevent: {e.type}\ndata: {e.body}\n\n"
-                                             for e in batch).encode())
-                    after = batch[-1].seq
-                    if len(batch) == SSE_BATCH:
+                chunk, upto, rows = await self.read(self._sse_page, customer, after)
+                if rows:
+                    await resp.write(chunk)
+                    after = upto
+                    if rows == SSE_PAGE:
                         continue
                 try:
                     async with asyncio.timeout(self.settings.sse_keepalive):
@@ -831,6 +879,15 @@ class Hub:
         finally:
             self._wakes[customer].discard(wake)
         return resp
+
+    def _sse_page(self, customer: str, after: int) -> tuple[bytes, int, int]:
+        """In a reader thread: the customer's events after ``after``, one page, as SSE text (text, its last seq,
+        rows). The rows are gone when it returns: a stream holds one page of text at most, whatever it replays."""
+        batch = self.store.events_after(customer, after, SSE_PAGE)
+        if not batch:
+            return b"", after, 0
+        text = "".join(f"id: {e.seq}\nevent: {e.type}\ndata: {e.body}\n\n" for e in batch)
+        return text.encode(), batch[-1].seq, len(batch)
 
     # -- the admin API --------------------------------------------------------------------------------------
     def _admin(self, request: web.Request) -> None:
@@ -940,6 +997,10 @@ async def _close_with_error(ws: web.WebSocketResponse, code: str, message: str, 
     await ws.close(code=close_code, message=code.encode())
 
 
+def _code(close_code: int | None) -> int | None:
+    return None if close_code is None else int(close_code)  # WSCloseCode logs as its repr otherwise
+
+
 def _raw_key(text: str) -> bytes | None:
     try:
         raw = protocol.unb64(text)
@@ -968,10 +1029,12 @@ def _event_items(msg: dict[str, Any]) -> list[EventItem]:
         if not isinstance(e, dict):
             raise ProtocolError(f"events[{n}] must be an object", key="bad_message")
         seq, room_seq, ev = e.get("seq"), e.get("room_seq"), e.get("event")
-        if type(seq) is not int or seq <= previous:
-            raise ProtocolError(f"events[{n}].seq must be an integer above the one before it", key="bad_message")
-        if type(room_seq) is not int or room_seq < 1:
-            raise ProtocolError(f"events[{n}].room_seq must be an integer >= 1", key="bad_message")
+        if type(seq) is not int or not previous < seq <= protocol.MAX_SEQ:
+            raise ProtocolError(f"events[{n}].seq must be an integer above the one before it (at most "
+                                f"{protocol.MAX_SEQ})", key="bad_message")
+        if type(room_seq) is not int or not 1 <= room_seq <= protocol.MAX_SEQ:
+            raise ProtocolError(f"events[{n}].room_seq must be an integer from 1 to {protocol.MAX_SEQ}",
+                                key="bad_message")
         if not isinstance(ev, dict) or ev.get("specversion") != "1.0" or not _short_str(ev.get("id")) \
                 or not _short_str(ev.get("type")) or not _short_str(ev.get("source"), 1024):
             raise ProtocolError(f"events[{n}].event must be a CloudEvent 1.0 (specversion, id, source, type)",
@@ -1010,9 +1073,9 @@ async def _json_body(request: web.Request, *, optional: bool = False) -> dict[st
     if optional and not request.can_read_body:
         return {}
     try:
-        body = await request.json()
-    except ValueError:
-        _refuse(400, "invalid_json", "the request body must be a JSON object")
+        body = protocol.loads(await request.read())
+    except ValueError as e:
+        _refuse(400, "invalid_json", f"the request body must be a JSON object: {e}")
     if not isinstance(body, dict):
         _refuse(400, "invalid_json", "the request body must be a JSON object")
     return body
@@ -1051,7 +1114,8 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     try:
         return await handler(request)
     except _Refusal as e:
-        return web.json_response({"error": e.code, "message": e.message}, status=e.status, headers=e.headers)
+        return web.json_response({"error": e.code, "message": e.message, **e.extra}, status=e.status,
+                                 headers=e.headers)
     except GatewayError as e:
         return web.json_response({"error": e.key, "message": str(e)}, status=HTTP_STATUS.get(e.key, 400))
     except web.HTTPException as e:

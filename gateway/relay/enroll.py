@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import sys
@@ -160,7 +159,7 @@ async def _post(url: str, body: dict[str, Any], *, ca_bundle: Path | None, relay
 
 def _json(text: str) -> dict[str, Any] | None:
     try:
-        value = json.loads(text)
+        value = protocol.loads(text)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None

@@ -35,6 +35,8 @@ TUNNEL_PATH: Final = "/v1/tunnel"
 ENROLL_PATH: Final = "/v1/enroll"
 MAX_MESSAGE_BYTES: Final = 1 << 20  # a frame larger than this is refused (error too_large), the tunnel stays up
 MAX_COMMAND_BYTES: Final = 64 << 10
+MAX_JSON_DEPTH: Final = 32  # objects/arrays within each other; a command needs 3, an events message about 8
+MAX_SEQ: Final = (1 << 63) - 1  # sequence numbers and SSE ids are SQLite integers
 DEFAULT_WINDOW: Final = 2000  # unacknowledged events in flight
 MAX_BATCH: Final = 500  # events per `events` message
 NONCE_BYTES: Final = 32
@@ -81,14 +83,146 @@ def encode(msg_type: str, **fields: Any) -> str:
     return json.dumps({"type": msg_type, **fields}, separators=(",", ":"), default=str)
 
 
+# -- untrusted JSON ----------------------------------------------------------------------------------------------
+# A JSON string (its closing quote optional, so an unterminated one ends the scan instead of being retried from
+# every later quote: linear time on any input).
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_ONE_KIND = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def loads(text: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for untrusted text: ValueError, with a message that says what is wrong, for text that is not
+    UTF-8 JSON, that nests objects and arrays deeper than ``max_depth`` (json.loads would recurse until a
+    RecursionError around 1000 levels), or whose strings hold an unpaired UTF-16 surrogate escape such as
+    ``"\\ud800"`` (not a character: it cannot be stored, hashed or sent on as UTF-8)."""
+    if isinstance(text, bytes | bytearray):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if _too_deep(text, max_depth):
+        raise ValueError(_too_deep_message(max_depth))
+    try:
+        value = json.loads(text)
+    except RecursionError:  # unreachable after the depth check; kept so no parser error can escape as a crash
+        raise ValueError(_too_deep_message(max_depth)) from None
+    except ValueError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    if _SURROGATE_ESCAPE.search(text):  # the only way a lone surrogate gets in; a pair decodes to one character
+        where = unpaired_surrogate(value)
+        if where is not None:
+            raise ValueError(_surrogate_message(where))
+    return value
+
+
+def _too_deep_message(limit: int) -> str:
+    return f"JSON nested more than {limit} levels deep (objects and arrays within each other)"
+
+
+def _surrogate_message(where: str) -> str:
+    return (f"{where} holds an unpaired UTF-16 surrogate (\\ud800-\\udfff alone), which is not a character; send "
+            "the text as UTF-8, or escape a whole surrogate pair")
+
+
+def _too_deep(text: str, limit: int) -> bool:
+    """Whether objects and arrays nest deeper than ``limit``, without parsing. Counting every bracket, those in
+    strings too, gives an upper bound that is exact unless a string holds brackets; only when it exceeds the limit
+    are the strings cut out and the brackets counted exactly."""
+    if not _bound_exceeds(_brackets(text), limit):
+        return False
+    skeleton = _brackets(_JSON_STRING.sub("", text))
+    if not _bound_exceeds(skeleton, limit):
+        return False
+    depth = 0
+    for c in skeleton:  # exact, left to right as the parser goes; rare, and it stops early
+        depth += 1 if c == 0x5B else -1
+        if depth > limit:
+            return True
+        if depth < 0:
+            return False  # the parser refuses the text at this point, before any later nesting
+    return False
+
+
+def _brackets(text: str) -> bytes:
+    """The brackets of ``text`` alone, ``{}`` as ``[]`` (in C: UTF-8 never has these bytes inside a character)."""
+    return text.encode("utf-8", "surrogatepass").translate(_ONE_KIND, _NOT_BRACKETS)
+
+
+def _bound_exceeds(brackets: bytes, limit: int) -> bool:
+    """Whether brackets may nest deeper than ``limit``: each pass removes the innermost pairs, so ``limit`` passes
+    empty anything nested at most that deep (unbalanced text may also stay non-empty)."""
+    if b"[" * (limit + 1) in brackets:  # the usual attack, found in one search
+        return True
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets)
+
+
+def unpaired_surrogate(value: Any, path: str = "$") -> str | None:
+    """The path (``$.subject``, ``$.attendees[0].name``) of the first string, or key, that holds a lone surrogate;
+    None when there is none. Recursion is bounded by the depth the value was parsed with."""
+    if isinstance(value, str):
+        return None if _encodable(value) else path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{path}.{k[:40]}" if isinstance(k, str) and _encodable(k) else None
+            if name is None:
+                return f"a key in {path}"
+            found = unpaired_surrogate(v, name)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            found = unpaired_surrogate(v, f"{path}[{n}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_event_id(raw: str) -> int:
+    """An SSE ``Last-Event-ID`` (or ``?after=``): a decimal id of this stream, 0 for the start. ProtocolError with
+    key ``invalid_last_event_id`` for anything else (a 30-digit number included: ids are 64-bit)."""
+    text = raw.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_SEQ)) or int(text) > MAX_SEQ:
+        raise ProtocolError(f"Last-Event-ID (or ?after=) must be the id of an event from this stream, a whole "
+                            f"number from 0 to {MAX_SEQ}, not {raw[:40]!r}", key="invalid_last_event_id")
+    return int(text)
+
+
+def event_id_ahead(after: int, last: int) -> dict[str, Any]:
+    """The problem document (409) for a resume point past the end of the stream: the server's store was reset or
+    restored from a backup since the client read it, so waiting for ``after`` to come would skip every event."""
+    return {"error": "last_event_id_ahead",
+            "message": f"Last-Event-ID {after} is beyond the last event of this stream ({last}): the store was "
+                       "reset or restored from a backup since you read it, so events you have not seen carry ids "
+                       "you have. Read the current state again (the rooms and their bookings), then resume with "
+                       f"Last-Event-ID: {last}, or 0 for every event still kept",
+            "last_event_id": last}
+
+
+# -- messages ----------------------------------------------------------------------------------------------------
 def decode(text: str | bytes, *, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """One frame -> a message dict with a known ``type``; ProtocolError (key bad_message / too_large) otherwise."""
     if len(text) > limit:
         raise ProtocolError(f"message of {len(text)} bytes is larger than {limit}", key="too_large")
     try:
-        msg = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"message is not JSON: {e}", key="bad_message") from None
+        msg = loads(text)
+    except ValueError as e:
+        raise ProtocolError(f"the message is not usable JSON: {e}", key="bad_message") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("message must be a JSON object with a string 'type'", key="bad_message")
     if msg["type"] not in MESSAGE_TYPES:
@@ -141,7 +275,10 @@ def _time(d: dict[str, Any], name: str, key: str) -> datetime | None:
         raise _invalid(key, f"'{name}' is not an ISO-8601 date-time: {value[:40]!r}") from None
     if t.tzinfo is None:
         raise _invalid(key, f"'{name}' needs a UTC offset (e.g. 2026-11-21T09:00:00Z): {value[:40]!r}")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-01:00 is past the last datetime once in UTC
+        raise _invalid(key, f"'{name}' lies outside the dates the gateway can represent: {value[:40]!r}") from None
 
 
 def _person(value: Any, name: str, key: str, *, email_required: bool) -> Person | None:
@@ -191,6 +328,9 @@ def parse_command(d: Any, *, now: datetime | None = None) -> Command:
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise ProtocolError("'key' (the idempotency key) is required: 1-128 characters of A-Z a-z 0-9 . _ : -",
                             key="invalid_command")
+    where = unpaired_surrogate(d)  # such text could not be written to Exchange (nor stored, nor logged as UTF-8)
+    if where is not None:
+        raise _invalid(key, _surrogate_message(where))
     kind = d.get("type")
     if kind not in COMMAND_TYPES:
         raise ProtocolError(f"unknown command type {str(kind)[:40]!r}; one of {', '.join(COMMAND_TYPES)}",

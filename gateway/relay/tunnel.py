@@ -67,6 +67,14 @@ _EVENTS_HEAD: Final = '{"type":"events","events":['
 _EVENTS_TAIL: Final = "]}"
 
 STATES: Final = ("connecting", "connected", "backing_off", "unauthorized", "revoked", "stopped")
+CLOSE_GRACE: Final = 1.0  # after a failed send: how long the hub's close frame may take to explain it
+# The close codes a hub sends (docs/relay-protocol.md, section 2), in words for the log.
+CLOSE_MEANINGS: Final = {
+    1000: "closed normally", 1001: "the hub is shutting down", 1006: "the connection was lost without a close frame",
+    1009: "a frame was too large", 1011: "the hub could not store events", 4400: "a bad handshake",
+    4401: "unauthorized", 4403: "this gateway was revoked", 4408: "no hello in time",
+    4409: "replaced by a newer connection of this gateway",
+}
 
 
 class Notifier(Protocol):
@@ -90,6 +98,10 @@ class Refused(GatewayError):
 
 class _Ended(Exception):
     """The connection ended (closed by either side); not an error in itself."""
+
+    def __init__(self, message: str, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
 
 
 @dataclass(slots=True)
@@ -245,7 +257,7 @@ class Tunnel:
                 except Refused as e:
                     delay = self._on_refused(e)
                 except _Ended as e:
-                    self._disconnected(str(e), started)
+                    self._disconnected(e, started)
                 except (GatewayError, aiohttp.ClientError, OSError, TimeoutError, ssl.SSLError) as e:
                     self._failed(e)
                 except Exception as e:  # a bug here must not end the tunnel for good: log it, back off, retry
@@ -329,10 +341,10 @@ class Tunnel:
             log.debug("tunnel.connect_failed", reason=key, error=message, failures=self._failures)
         self._failure_key = key
 
-    def _disconnected(self, why: str, started: float) -> None:
-        self._last_error = why
-        log.info("tunnel.disconnected", reason=why, seconds=round(time.monotonic() - started, 1),
-                 acked_seq=self._acked)
+    def _disconnected(self, e: _Ended, started: float) -> None:
+        self._last_error = str(e)
+        log.info("tunnel.disconnected", reason=str(e), close_code=e.close_code,
+                 seconds=round(time.monotonic() - started, 1), acked_seq=self._acked)
         self._failure_key = None
 
     def _count(self, outcome: str) -> None:
@@ -460,6 +472,10 @@ class Tunnel:
             try:
                 sender.result()  # the sender only ever ends with an exception
             except (ConnectionError, aiohttp.ClientError) as e:
+                # the hub's close frame may be right behind the failure it caused: let the reader say why
+                done, _ = await asyncio.wait({reader}, timeout=CLOSE_GRACE)
+                if reader in done:
+                    reader.result()
                 raise _Ended(f"the connection broke while sending ({e.__class__.__name__}: {e})") from None
         finally:
             for t in (sender, reader, rotation):
@@ -537,10 +553,8 @@ class Tunnel:
                 await self._on_frame(session, msg.data)
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await self._send_error(ws, "bad_message", "frames must be JSON text, not binary")
-            elif msg.type == aiohttp.WSMsgType.ERROR:
-                raise _Ended(f"the connection failed: {ws.exception() or msg.data}")
-            else:  # CLOSE, CLOSING, CLOSED
-                raise _Ended(f"the hub closed the connection (code {ws.close_code})")
+            else:  # ERROR, CLOSE, CLOSING, CLOSED
+                raise _ended(ws, msg)
 
     async def _on_frame(self, session: _Session, text: str) -> None:
         try:
@@ -648,7 +662,13 @@ class Tunnel:
             log.info("tunnel.result_undelivered", key=cmd.key, status=result.status,
                      why="the connection it came on has closed; the hub's retry gets the journaled result")
             return
-        await self._send(session.ws, protocol.result_message(result))
+        text = protocol.result_message(result)
+        if len(text) > _FRAME_BUDGET:  # the hub would refuse the frame (or close the tunnel) and never learn more
+            log.warning("tunnel.result_too_large", key=cmd.key, type=cmd.type, bytes=len(text), limit=_FRAME_BUDGET)
+            text = protocol.result_message(failed(
+                cmd.key, "too_large", f"the result is {len(text)} bytes, more than a relay message may carry "
+                f"({protocol.MAX_MESSAGE_BYTES}); ask for fewer rooms or a shorter range", retryable=False))
+        await self._send(session.ws, text)
 
     async def _on_key_rotated(self, msg: dict[str, Any]) -> None:
         key_id = msg.get("key_id")
@@ -769,9 +789,25 @@ async def _receive(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
         return protocol.decode(msg.data)
     if msg.type == aiohttp.WSMsgType.BINARY:
         raise ProtocolError("the hub sent a binary frame", key="bad_message")
-    if msg.type == aiohttp.WSMsgType.ERROR:
-        raise _Ended(f"the connection failed: {ws.exception() or msg.data}")
-    raise _Ended(f"the hub closed the connection during the handshake (code {ws.close_code})")
+    raise _ended(ws, msg, " during the handshake")
+
+
+def _ended(ws: aiohttp.ClientWebSocketResponse, msg: aiohttp.WSMessage, during: str = "") -> _Ended:
+    """Why the connection ended, with the close code it ended with. For a close frame that is the code in the
+    frame: ``ws.close_code`` can have turned into 1006 by then, when aiohttp's echo of the close found the TCP
+    connection already gone."""
+    if msg.type == aiohttp.WSMsgType.CLOSE:
+        sent = int(msg.data)
+        said = f", {str(msg.extra)[:100]!r}" if msg.extra else ""
+        return _Ended(f"the hub closed the connection{during} (code {sent}: {_meaning(sent)}{said})", sent)
+    code = None if ws.close_code is None else int(ws.close_code)
+    if msg.type == aiohttp.WSMsgType.ERROR:  # this side closed, e.g. 1009 for a frame from the hub above the limit
+        return _Ended(f"the connection failed{during} (code {code}: {ws.exception() or msg.data})", code)
+    return _Ended(f"the connection closed{during} (code {code}: {_meaning(code)})", code)
+
+
+def _meaning(code: int | None) -> str:
+    return CLOSE_MEANINGS.get(code or 0, "an unknown close code")
 
 
 

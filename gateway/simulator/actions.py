@@ -96,11 +96,17 @@ class Calendars:
             item.ext = dict(ext)
         has_attendees = bool(item.required or item.optional or item.resources)
         item.organizer = mailbox.person
+        faults = self.sim.faults
+        if faults.room_as_required and item.resources:
+            rooms = tuple(a for a in item.resources
+                          if (mb := self.directory.find(a.person.email)) is not None and mb.kind == "room")
+            item.required += rooms
+            item.resources = tuple(a for a in item.resources if a not in rooms)
         if has_attendees:
             item.is_meeting = True
             item.my_response = "Organizer"
             for a in item.attendees():
-                a.response = "Unknown"
+                a.response = "" if faults.no_response_type else "Unknown"  # "": rendered without ResponseType
         self.directory.add_item(item)
         if has_attendees and sends(send):
             item.request_sent = True
@@ -216,7 +222,14 @@ class Calendars:
         if item.is_cancelled:
             raise EwsError(f"ErrorCalendarIsCancelledFor{response}", "The meeting was cancelled.")
         meeting = self.snapshot(item)
-        if original is not None:
+        if response == "Decline" and self.sim.faults.quiet_declines:
+            # As some servers do: the copy is marked (or the occurrence dropped) where it is, and the folder's
+            # sync sequence does not move, so SyncFolderItems has nothing to report.
+            if original is not None:
+                remove_instance(item, original)
+            else:
+                item.my_response, item.free_busy = "Decline", "Free"
+        elif original is not None:
             if response == "Decline":
                 remove_instance(item, original)
                 self.directory.touch(item)
@@ -260,7 +273,7 @@ class Calendars:
                     self.directory.new_iid(), org_mb, inbox, response=response, sender=attendee.person,
                     recipients=(organizer,), meeting=meeting, subject=subject, body=body, body_type=body_type,
                     original_start=original, associated_iid=org_item.iid if org_item is not None else None))
-        if org_item is None or original is not None:
+        if org_item is None or original is not None or self.sim.faults.no_response_type:
             return  # per-occurrence responses are kept in the organizer's exception table; not modelled
         for a in org_item.attendees():
             if a.person.email == attendee.smtp:

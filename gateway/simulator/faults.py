@@ -12,6 +12,12 @@ class Faults:
     latency: dict[str, float] = field(default_factory=dict)  # operation (or "*") -> seconds added
     http_503_next: int = 0  # answer the next N requests with HTTP 503
     http_503_rate: float = 0.0  # and this fraction of the rest
+    # Behaviours of EWS servers that are not Exchange (the gateway must cope with them too); off by default.
+    unsupported: set[str] = field(default_factory=set)  # operations answered as not implemented
+    room_as_required: bool = False  # a new meeting lists its rooms among the required attendees, not Resources
+    no_response_type: bool = False  # organizers' copies carry no ResponseType for their attendees
+    quiet_declines: bool = False  # a DeclineItem is applied in place: no change SyncFolderItems would report
+    unexpanded_series: bool = False  # a CalendarView returns a series as its RecurringMaster, not its occurrences
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random)
 
@@ -33,3 +39,5 @@ class Faults:
         self.latency.clear()
         self.http_503_next = 0
         self.http_503_rate = 0.0
+        self.unsupported.clear()
+        self.room_as_required = self.no_response_type = self.quiet_declines = self.unexpanded_series = False

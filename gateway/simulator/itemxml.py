@@ -121,7 +121,8 @@ def _attendees(tag: str, attendees: Iterable[Attendee]) -> Callable[[etree._Elem
         for a in atts:
             ae = sub(el, "t:Attendee")
             _mailbox(ae, "t:Mailbox", a.person)
-            sub(ae, "t:ResponseType", a.response)
+            if a.response:  # optional in the schema; a server that tracks no answers leaves it out
+                sub(ae, "t:ResponseType", a.response)
             if a.response_time is not None:
                 sub(ae, "t:LastResponseTime", a.response_time)
     return write
@@ -472,6 +473,8 @@ def _ext_value(v: View, key: ExtKey) -> Any:
     pset, name, _ptype = key
     if pset == "Meeting" and name == "35":
         return v.item.goid
+    if pset == "Appointment" and name == "33281":  # PidLidAppointmentSequence, on meetings and their responses
+        return v.item.meeting_seq
     if pset == "Meeting" and name == "3":
         if isinstance(v.item, MeetingMessage):
             return _goid_with_instance(v.item.goid, v.item.recurrence_id)

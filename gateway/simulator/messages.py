@@ -78,6 +78,7 @@ class MeetingMessage(CalendarItem):
         self.body_type = body_type
         self.location = meeting.location
         self.organizer = meeting.organizer
+        self.meeting_seq = meeting.meeting_seq  # the version of the meeting this message answers
         self.is_meeting = True
         self.my_response = response
         self.reminder = None

@@ -143,7 +143,7 @@ class Simulator:
             target, impersonating = self._impersonate(user, req.header)
             tz = self._tz_context(req.header)
             ctx = Context(self, user, target, impersonating, version, tz, request, req.header)
-            handler = OPERATIONS.get(operation)
+            handler = None if operation in self.faults.unsupported else OPERATIONS.get(operation)
             if handler is None:
                 result = _unsupported(operation)
             else:

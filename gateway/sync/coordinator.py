@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -61,6 +61,7 @@ class RoomWorker:
         self.dirty = asyncio.Event()
         self.dirty_since: float | None = None
         self.reasons: set[str] = set()
+        self.reread: set[str] = set()  # meetings the next sync reads back whatever SyncFolderItems says (commands)
         self.state = "pending"
         self.last_success: float | None = None
         self.horizon: datetime | None = None
@@ -68,10 +69,11 @@ class RoomWorker:
         self.task: asyncio.Task[None] | None = None
         self.stored: Room | None = None  # the room's row in the store (name, capacity, zone), kept in step
 
-    def mark_dirty(self, why: str) -> None:
+    def mark_dirty(self, why: str, uids: Iterable[str] = ()) -> None:
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()
         self.reasons.add(why)
+        self.reread.update(uids)
         self.dirty.set()
 
 
@@ -121,10 +123,12 @@ class Coordinator:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._writer.shutdown(wait=True)
 
-    def mark_dirty(self, room: str, why: str = "notification") -> None:
+    def mark_dirty(self, room: str, why: str = "notification", uids: Iterable[str] = ()) -> None:
+        """Sync the room soon; ``uids``: meetings to read back in that sync even if SyncFolderItems does not
+        report them (what a command just changed: a server may apply a change without a sync-visible trace)."""
         worker = self.workers.get(room.lower())
         if worker is not None:
-            worker.mark_dirty(why)
+            worker.mark_dirty(why, uids)
 
     def window(self) -> Window:
         now = self.now()
@@ -216,6 +220,7 @@ class Coordinator:
         w.dirty.clear()
         w.dirty_since = None
         w.reasons.clear()
+        reread, w.reread = frozenset(w.reread), set()
         while True:
             state = await self.db(self.store.sync_state, w.email)
             try:
@@ -227,13 +232,14 @@ class Coordinator:
                               clear_sync_state=True)
                 await self.import_room(w)
                 return
-            uids = set(page.changed_uids)
+            uids = set(page.changed_uids) | reread
             if page.deleted_item_ids:
                 uids |= await self.db(self.store.uids_for_items, w.email, page.deleted_item_ids)
             window = self.window()
             observed: list[Booking] = list(page.bookings)
             # Series need their instances expanded; a meeting whose item is gone has nothing left to read.
-            to_read = frozenset(page.changed_uids - page.complete_uids)
+            to_read = frozenset((page.changed_uids | reread) - page.complete_uids)
+            reread = frozenset()  # read back once, with the first page
             if to_read:
                 async with self._slots:
                     observed += await self.source.read_meetings(w.email, window, to_read)

@@ -8,6 +8,8 @@ few microseconds, and that decides whether a thousand rooms import in seconds or
 from __future__ import annotations
 
 import base64
+import re
+import uuid
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -22,6 +24,11 @@ from gateway.model import Attendee, Booking, Person
 TNS = "http://schemas.microsoft.com/exchange/services/2006/types"
 
 
+COMMAND_KEY_PROPERTY = "ExchangeGatewayCommandKey"  # PublicStrings: the command that wrote an item
+GATEWAY_UID_PREFIX = "ExchangeGateway-"  # + an upper-case UUID: the UIDs of the meetings the gateway makes
+_GATEWAY_UID = re.compile(re.escape(GATEWAY_UID_PREFIX) + r"[0-9A-F]{8}(-[0-9A-F]{4}){3}-[0-9A-F]{12}")
+
+
 class CleanGlobalObjectId(ExtendedProperty):
     """PidLidCleanGlobalObjectId: the same on every mailbox copy and every instance of a meeting."""
 
@@ -30,16 +37,51 @@ class CleanGlobalObjectId(ExtendedProperty):
     property_type = "Binary"
 
 
+class CommandKey(ExtendedProperty):
+    """The idempotency key of the command that wrote the item (sources/ews/writer.py stamps it)."""
+
+    distinguished_property_set_id = "PublicStrings"
+    property_name = COMMAND_KEY_PROPERTY
+    property_type = "String"
+
+
 def register_properties() -> None:
     """Teach exchangelib our extended properties (class-global, so once per process)."""
-    if "clean_global_object_id" not in {f.name for f in CalendarItem.FIELDS}:
+    names = {f.name for f in CalendarItem.FIELDS}
+    if "clean_global_object_id" not in names:
         CalendarItem.register("clean_global_object_id", CleanGlobalObjectId)
+    if "gateway_command_key" not in names:
+        CalendarItem.register("gateway_command_key", CommandKey)
+
+
+def gateway_uid() -> str:
+    """A new meeting UID for an item the gateway writes. Exchange keeps the UID in the meeting's
+    (Clean)GlobalObjectId on every copy (the organizer's, the room's), where an extended property set on the
+    organizer's item is not carried; so the read path knows the gateway's meetings by their UID alone."""
+    return f"{GATEWAY_UID_PREFIX}{str(uuid.uuid4()).upper()}"
+
+
+def made_by_gateway(uid: str, *elements: etree._Element | None) -> bool:
+    """The gateway wrote this meeting: its UID is one the gateway makes, or an item carries a command key."""
+    if _GATEWAY_UID.fullmatch(uid):
+        return True
+    return any(el is not None and _command_key(el) for el in elements)
+
+
+def _command_key(el: etree._Element) -> str | None:
+    for prop in el.iterchildren(_T["ExtendedProperty"]):
+        uri = prop.find(_T["ExtendedFieldURI"])
+        if uri is not None and uri.get("DistinguishedPropertySetId") == "PublicStrings" \
+                and uri.get("PropertyName") == COMMAND_KEY_PROPERTY:
+            return prop.findtext(_T["Value"])
+    return None
 
 
 # Cheap in a CalendarView (FindItem) ...
 VIEW_FIELDS = (
     "start", "end", "subject", "is_all_day", "legacy_free_busy_status", "sensitivity", "type", "is_cancelled",
     "my_response_type", "is_meeting", "location", "_start_timezone", "original_start", "clean_global_object_id",
+    "gateway_command_key",
 )
 # ... these only come with GetItem.
 DETAIL_FIELDS = ("organizer", "required_attendees", "optional_attendees", "resources")
@@ -161,6 +203,8 @@ def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
         start_date = start.astimezone(zone).date()
         end_date = end.astimezone(zone).date()
     kind = _text(el, "CalendarItemType") or "Single"
+    if kind == "RecurringMaster":
+        return None  # a series is its occurrences (sources/ews/series.py), never one booking at its first
     original = _time(_text(el, "OriginalStart")) if kind in ("Occurrence", "Exception") else None
     organizer = _person(src.find(_T["Organizer"]))
     subject = _text(el, "Subject")
@@ -186,4 +230,5 @@ def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
         series_id=uid if kind != "Single" else None,
         is_exception=kind == "Exception",
         free_busy=_FREE_BUSY.get(_text(el, "LegacyFreeBusyStatus") or "Busy", "busy"),
+        origin="gateway" if made_by_gateway(uid, el, detail) else "exchange",
     )

@@ -64,6 +64,7 @@ from gateway.sources.ews.mapping import (
     item_id,
     register_properties,
 )
+from gateway.sources.ews.series import SeriesExpander
 
 log = structlog.get_logger("gateway.sources.ews")
 T = TypeVar("T")
@@ -242,6 +243,7 @@ class EwsSource:
         self._accounts: dict[str, Account] = {}
         self._lock = threading.Lock()
         self._gate_until = 0.0
+        self._series = SeriesExpander(settings.default_timezone)  # for servers whose CalendarView returns masters
 
     # -- plumbing --------------------------------------------------------------------------------------------
     def account(self, room: str) -> Account:
@@ -329,12 +331,19 @@ class EwsSource:
                 mid = s + (e - s) / 2
                 pieces[:0] = [(s, mid), (mid, e)]
                 continue
+            items = self._series.expand(room, items, s, e, lambda ids, extra: self._get(room, ids, fields + extra))
             # An instance that spans a piece boundary appears in both pieces; the first piece keeps all.
             for i in items:
                 uid = element_uid(i)
                 if uid and (s == start or _starts_at_or_after(i, s)):
                     out.append((uid, i))
         return _dedupe(out)
+
+    def _get(self, room: str, ids: list[str], fields: tuple[str, ...]) -> list[Any]:
+        """GetItem of some items of the room with ``fields`` (the ones Exchange returns)."""
+        return [d for d in _RawGetItem(account=self.account(room), chunk_size=self.settings.get_item_chunk).call(
+            items=[(ident, None) for ident in ids], additional_fields=self._fields(room, fields), shape="IdOnly")
+            if not isinstance(d, Exception)]
 
     def _details(self, room: str, items: list[tuple[str, Any]]) -> dict[str, Any]:
         """GetItem once per meeting (organizer and attendees are the same on every instance)."""

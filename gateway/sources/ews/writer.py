@@ -3,14 +3,17 @@ exchange-semantics.md §3-§5).
 
 - A directory user's booking is a meeting in their calendar (impersonated) with the room as a Resource and the
   invitations sent (SendToAllAndSaveCopy: without it the room never hears of the meeting). Whether the room took
-  it is the booking attendant's answer, read later from the organizer's copy (``room_answer``).
+  it is the booking attendant's answer, read later wherever Exchange shows it (``room_answer``): the organizer's
+  copy, the room's MeetingResponse in the organizer's Inbox, the room's own copy.
 - Anyone else's booking is an appointment (no attendees) in the room's own calendar.
 - Every item carries the command's idempotency key as a named property (PublicStrings
   "ExchangeGatewayCommandKey"), so ``find_by_key`` tells after a crash whether a write happened.
-- The gateway sets the meeting's UID itself: Exchange keeps it in the meeting's (Clean)GlobalObjectId, which is
-  where the sync reads a booking's uid (mapping.element_uid), so the uid is known without reading the item back.
-- Calls stay few: create is one CreateItem, a poll of the room's answer one GetItem. Folders are named by their
-  distinguished ids, so a new organizer costs no GetFolder round trips.
+- The gateway sets the meeting's UID itself (mapping.gateway_uid): Exchange keeps it in the meeting's
+  (Clean)GlobalObjectId on every copy, which is where the sync reads a booking's uid (mapping.element_uid), so the
+  uid is known without reading the item back, and the room's copy shows the booking as the gateway's (origin).
+- Calls stay few: create is one CreateItem, a poll of the room's answer one GetItem once the organizer's copy
+  has it (two more reads while it has not). Folders are named by their distinguished ids, so a new organizer
+  costs no GetFolder round trips.
 
 Everything blocking runs in the EwsSource's pool and every exchangelib error goes through its map_ews_errors.
 """
@@ -18,9 +21,10 @@ Everything blocking runs in the EwsSource's pool and every exchangelib error goe
 from __future__ import annotations
 
 import copy
-import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from datetime import time as dtime
 from typing import Any, TypeVar
 
 import structlog
@@ -43,12 +47,15 @@ from exchangelib.items import (
 from exchangelib.properties import (
     Attendee,
     Body,
+    DaylightTime,
     DistinguishedFolderId,
     FreeBusyViewOptions,
     ItemId,
     Mailbox,
     MailboxData,
+    OccurrenceItemId,
     ReferenceItemId,
+    StandardTime,
     TimeWindow,
     TimeZone,
 )
@@ -61,42 +68,66 @@ from gateway.errors import NotFound, PreconditionFailed
 from gateway.model import Command, Person
 from gateway.ports import Busy, RoomAnswer, Written
 from gateway.sources.ews import responses
-from gateway.sources.ews.mapping import TNS, element_uid, item_id, register_properties
+from gateway.sources.ews.mapping import (
+    COMMAND_KEY_PROPERTY,
+    TNS,
+    element_uid,
+    gateway_uid,
+    item_id,
+    register_properties,
+)
+from gateway.sources.ews.series import INSTANCE, MASTER
 from gateway.sources.ews.source import EwsSource, _RawFindItem, _RawGetItem
 
 log = structlog.get_logger("gateway.sources.ews.writer")
 T = TypeVar("T")
 
-COMMAND_KEY_PROPERTY = "ExchangeGatewayCommandKey"
 AVAILABILITY_MAX_MAILBOXES = 100  # GetUserAvailability: at most 100 identities per request ...
 AVAILABILITY_MAX_DAYS = 42  # ... and a time window of at most 42 days
 MIN_MERGE_MINUTES = 5  # MergedFreeBusyIntervalInMinutes must be 5..1440 and not longer than the window
 DEFAULT_SUBJECT = "Booked"
 
 _ANSWERS = {"Accept": "accepted", "Tentative": "tentative", "Decline": "declined"}  # everything else: pending
+_RESPONSE_CLASSES = {"IPM.Schedule.Meeting.Resp.Pos": "accepted", "IPM.Schedule.Meeting.Resp.Tent": "tentative",
+                     "IPM.Schedule.Meeting.Resp.Neg": "declined"}
+# Where a server has no answer to give (no such folder, no rights, a restriction it does not support), that piece
+# of evidence is missing; throttling and outages still raise.
+_NO_EVIDENCE = (xerr.ErrorAccessDenied, xerr.ErrorImpersonateUserDenied, xerr.ErrorNonExistentMailbox,
+                xerr.ErrorFolderNotFound, xerr.ErrorInvalidOperation, xerr.ErrorInvalidRestriction,
+                xerr.ErrorInvalidPropertyRequest)
 _FREE_BUSY = {"Busy": "busy", "Tentative": "tentative", "OOF": "oof", "WorkingElsewhere": "busy", "NoData": "busy"}
 _T = {name: f"{{{TNS}}}{name}" for name in (
-    "Resources", "Attendee", "Mailbox", "EmailAddress", "ResponseType", "ItemId", "Start", "End", "OriginalStart",
+    "Resources", "RequiredAttendees", "OptionalAttendees", "Attendee", "Mailbox", "EmailAddress", "ResponseType",
+    "ItemId", "Start", "End", "OriginalStart",
     "LegacyFreeBusyStatus", "IsCancelled", "MyResponseType", "IsMeeting", "ExtendedProperty", "ExtendedFieldURI",
-    "Value", "ItemClass", "DateTimeReceived", "From", "Sender", "Body", "TextBody")}
+    "Value", "ItemClass", "DateTimeReceived", "From", "Sender", "Body", "TextBody", "LastModifiedTime")}
+# The request's time zone for GetUserAvailability: UTC, built here rather than asked of the server with
+# GetServerTimeZones (exchangelib's way), which costs a call and which some EWS servers do not implement. Bias 0 and
+# two transitions that change nothing: the values exchangelib derives from Exchange's own "UTC" definition.
+UTC_AVAILABILITY_ZONE = TimeZone(
+    bias=0,
+    standard_time=StandardTime(bias=0, time=dtime(0), occurrence=1, iso_month=1, weekday="Monday"),
+    daylight_time=DaylightTime(bias=0, time=dtime(0), occurrence=5, iso_month=12, weekday="Sunday"))
 _CLEAN_GOID_URI = {"DistinguishedPropertySetId": "Meeting", "PropertyId": "35", "PropertyType": "Binary"}
+_SEQUENCE_URI = {"DistinguishedPropertySetId": "Appointment", "PropertyId": "33281", "PropertyType": "Integer"}
 _COMMAND_KEY_URI = {"DistinguishedPropertySetId": "PublicStrings", "PropertyName": COMMAND_KEY_PROPERTY,
                     "PropertyType": "String"}
 
 
-class CommandKey(ExtendedProperty):
-    """The idempotency key of the command that wrote the item."""
+class AppointmentSequence(ExtendedProperty):
+    """PidLidAppointmentSequence: the meeting's version, on the meeting and on every response to it, so an answer to
+    an earlier version (before a move) is told from the answer to this one."""
 
-    distinguished_property_set_id = "PublicStrings"
-    property_name = COMMAND_KEY_PROPERTY
-    property_type = "String"
+    distinguished_property_set_id = "Appointment"
+    property_id = 0x8201
+    property_type = "Integer"
 
 
 def register_command_key() -> None:
     """Teach exchangelib the gateway's properties (class-global, so once per process)."""
     register_properties()
-    if "gateway_command_key" not in {f.name for f in CalendarItem.FIELDS}:
-        CalendarItem.register("gateway_command_key", CommandKey)
+    if "gateway_appointment_sequence" not in {f.name for f in CalendarItem.FIELDS}:
+        CalendarItem.register("gateway_appointment_sequence", AppointmentSequence)
 
 
 register_command_key()
@@ -172,12 +203,17 @@ def _address(el: etree._Element | None) -> str:
 
 
 def _room_response(el: etree._Element, room: str) -> str | None:
-    """The room's ResponseType among the Resources of an organizer's item (None: the room is not a resource)."""
-    group = el.find(_T["Resources"])
-    for a in group.iterchildren(_T["Attendee"]) if group is not None else ():
-        if _address(a) == room.lower():
-            return a.findtext(_T["ResponseType"]) or "Unknown"
-    return None
+    """The room's ResponseType on an organizer's item, wherever it is listed (Resources, as Outlook and the gateway
+    put it, or among the required or optional attendees, as some servers do); a final answer wins over "Unknown".
+    None: the room is not listed, or listed without a ResponseType."""
+    answers = []
+    for group in ("Resources", "RequiredAttendees", "OptionalAttendees"):
+        container = el.find(_T[group])
+        for a in container.iterchildren(_T["Attendee"]) if container is not None else ():
+            if _address(a) == room.lower() and a.findtext(_T["ResponseType"]):
+                answers.append(a.findtext(_T["ResponseType"]))
+    final = [a for a in answers if a in _ANSWERS]
+    return final[0] if final else (answers[0] if answers else None)
 
 
 def _utc(value: datetime) -> datetime:
@@ -208,12 +244,11 @@ class EwsWriter:
         register_command_key()
         self.source = source
         self.room_names = room_names
-        self._utc_definition: Any = None  # GetServerTimeZones answer for UTC, fetched once
 
     # -- creating ------------------------------------------------------------------------------------------
     async def create_meeting(self, organizer: str, room: str, cmd: Command) -> Written:
         organizer, room = organizer.lower(), room.lower()
-        uid, location = _new_uid(), self._location(room)
+        uid, location = gateway_uid(), self._location(room)
 
         def create() -> Written:
             acct = self.source.account(organizer)
@@ -235,7 +270,7 @@ class EwsWriter:
 
     async def create_appointment(self, room: str, cmd: Command) -> Written:
         room = room.lower()
-        uid, location = _new_uid(), self._location(room)
+        uid, location = gateway_uid(), self._location(room)
         booker = cmd.booker or cmd.organizer
 
         def create() -> Written:
@@ -274,31 +309,83 @@ class EwsWriter:
 
     # -- the booking attendant's answer ---------------------------------------------------------------------
     async def room_answer(self, written: Written, room: str) -> RoomAnswer:
-        """One GetItem of the organizer's copy per call; a decline adds a FindItem and a GetItem in their Inbox
-        for the attendant's reason."""
+        """The room's answer from every place Exchange shows it, cheapest first (exchange-semantics.md §3):
+
+        1. the room as an attendee of the organizer's copy, in whichever group it is listed (one GetItem; the
+           usual and final source on Exchange, where the organizer's calendar attendant records the answer);
+        2. the room's MeetingResponse in the organizer's Inbox, for the meeting's current time (one FindItem;
+           a server that gives the attendee no ResponseType, or an organizer's attendant that has not run yet);
+        3. the room's own copy at that time: accepted once it holds it as accepted (one CalendarView).
+
+        A decline adds a GetItem of the MeetingResponse for the attendant's reason.
+        """
         room = room.lower()
 
         def read() -> RoomAnswer:
             acct = self.source.account(written.mailbox)
             (el,) = _raise_first(_RawGetItem(account=acct).call(
                 items=[(written.item_id, None)],
-                additional_fields=_paths(CalendarItem, "resources", "clean_global_object_id"), shape="IdOnly"))
-            outcome = _ANSWERS.get(_room_response(el, room) or "", "pending")
+                additional_fields=_paths(CalendarItem, "required_attendees", "optional_attendees", "resources",
+                                         "start", "end", "last_modified_time", "clean_global_object_id",
+                                         "gateway_appointment_sequence"),
+                shape="IdOnly"))
+            outcome = _ANSWERS.get(_room_response(el, room) or "")
+            goid = _ext_value(el, _CLEAN_GOID_URI)
+            start, end = _time(el, "Start"), _time(el, "End")
+            found: list[Any] | None = None
+            answered: tuple[str, str] | None = None
+            if outcome is None and goid:
+                found = self._inbox_responses(acct, written.mailbox, goid)
+                version = _Version(start, end, _number(_ext_value(el, _SEQUENCE_URI)), _time(el, "LastModifiedTime"))
+                answered = None if found is None else _newest_response(found, room, version)
+                outcome = _RESPONSE_CLASSES.get(answered[1]) if answered else None
+            if outcome is None and start is not None and end is not None:
+                outcome = self._room_copy_answer(room, written.uid, start, end)
+            if outcome is None:
+                return RoomAnswer("pending")
             if outcome != "declined":
                 return RoomAnswer(outcome)
-            goid = _ext_value(el, _CLEAN_GOID_URI)
-            text = self._decline_text(acct, written.mailbox, room, goid) if goid else ""
+            if found is None and goid:
+                found = self._inbox_responses(acct, written.mailbox, goid)
+            chosen = answered[0] if answered else _newest_decline(found or [], room)
+            text = self._decline_text(acct, written.mailbox, room, chosen)
             return RoomAnswer("declined", responses.reason_for(text), text)
         return await self.source.run(written.mailbox, read)
 
-    def _decline_text(self, acct: Any, mailbox: str, room: str, goid: str) -> str:
-        """The room's newest decline in the organizer's Inbox (the MeetingResponse of that meeting), as text."""
-        found = _raise_first(_RawFindItem(account=acct).call(
-            folders=[_folder("inbox", mailbox)],
-            additional_fields=_paths(Message, "item_class", "datetime_received", "author", "sender"),
-            restriction=_Restriction(_CLEAN_GOID_URI, goid), order_fields=None, shape="IdOnly", query_string=None,
-            depth="Shallow", calendar_view=None, max_items=50, offset=0))
-        chosen = _newest_decline(found, room)
+    def _inbox_responses(self, acct: Any, mailbox: str, goid: str) -> list[Any] | None:
+        """The MeetingResponses of one meeting in the organizer's Inbox (None: the server would not say)."""
+        try:
+            return _raise_first(_RawFindItem(account=acct).call(
+                folders=[_folder("inbox", mailbox)],
+                additional_fields=_paths(Message, "item_class", "datetime_received", "author", "sender")
+                + _paths(CalendarItem, "start", "end", "gateway_appointment_sequence"),
+                restriction=_Restriction(_CLEAN_GOID_URI, goid), order_fields=None, shape="IdOnly",
+                query_string=None, depth="Shallow", calendar_view=None, max_items=50, offset=0))
+        except _NO_EVIDENCE as e:
+            log.info("writer.inbox_unreadable", mailbox=mailbox, error=type(e).__name__)
+            return None
+
+    def _room_copy_answer(self, room: str, uid: str, start: datetime, end: datetime) -> str | None:
+        """"accepted" when the room's calendar holds the meeting at its time as accepted. A copy the room holds
+        tentatively is no answer: the attendant places requests that way before it decides."""
+        near = timedelta(minutes=1)
+        try:
+            view = self.source.calendar_view(room, start - near, start + near, (
+                "start", "end", "is_cancelled", "my_response_type", "clean_global_object_id"))
+        except _NO_EVIDENCE as e:
+            log.info("writer.room_copy_unreadable", room=room, error=type(e).__name__)
+            return None
+        for found, el in view:
+            if found != uid or el.findtext(_T["IsCancelled"]) == "true":
+                continue
+            if (_time(el, "Start"), _time(el, "End")) != (start, end):
+                continue  # the room still holds an earlier time of the meeting
+            if el.findtext(_T["MyResponseType"]) in ("Accept", None):  # None: a server that tracks no answers
+                return "accepted"
+        return None
+
+    def _decline_text(self, acct: Any, mailbox: str, room: str, chosen: str | None) -> str:
+        """The text of the room's decline (a MeetingResponse in the organizer's Inbox)."""
         if chosen is None:
             log.info("writer.decline_without_response", mailbox=mailbox, room=room)
             return ""
@@ -343,9 +430,6 @@ class EwsWriter:
     def _free_busy(self, rooms: list[str], start: datetime, end: datetime) -> list[list[Busy]]:
         protocol = Protocol(config=self.source.config)  # cached per configuration: the accounts' own
         utc = EWSTimeZone("UTC")
-        if self._utc_definition is None:
-            # exchangelib's get_free_busy_info asks for this on every call; it never changes.
-            self._utc_definition = next(iter(protocol.get_timezones(timezones=[utc], return_full_timezone_data=True)))
         minutes = int((end - start).total_seconds() // 60)
         if minutes < MIN_MERGE_MINUTES:  # the service refuses a window shorter than the merge interval
             end = start + timedelta(minutes=MIN_MERGE_MINUTES)
@@ -354,7 +438,7 @@ class EwsWriter:
         views = GetUserAvailability(protocol).call(
             tzinfo=utc,
             mailbox_data=[MailboxData(email=r, attendee_type="Room", exclude_conflicts=False) for r in rooms],
-            timezone=TimeZone.from_server_timezone(tz_definition=self._utc_definition, for_year=start.year),
+            timezone=UTC_AVAILABILITY_ZONE,
             free_busy_view_options=FreeBusyViewOptions(time_window=window,
                                                        merged_free_busy_interval=min(30, minutes),
                                                        requested_view="FreeBusy"))
@@ -428,10 +512,9 @@ class EwsWriter:
             if el.findtext(_T["MyResponseType"]) == "Organizer" or el.findtext(_T["IsMeeting"]) == "false":
                 raise PreconditionFailed(f"{room} is the organizer of {uid}: an appointment is deleted, not declined",
                                          key="room_is_organizer")
-            id_el = el.find(_T["ItemId"])
-            assert id_el is not None
-            reply = DeclineItem(account=acct, reference_item_id=ReferenceItemId(
-                id=id_el.get("Id"), changekey=id_el.get("ChangeKey")), body=Body(message) if message else None)
+            ident, change_key = self._instance_id(acct, el)
+            reply = DeclineItem(account=acct, reference_item_id=ReferenceItemId(id=ident, changekey=change_key),
+                                body=Body(message) if message else None)
             try:
                 _raise_first(_CreateItem(account=acct).call(
                     items=[reply], folder=_folder("sentitems", room), message_disposition=SEND_AND_SAVE_COPY,
@@ -457,6 +540,26 @@ class EwsWriter:
             return el
         raise NotFound(f"{room} has no meeting {uid} at {start.isoformat()}", key="not_found",
                        remedy="the booking is gone already (cancelled, declined or moved); resync the room")
+
+    @staticmethod
+    def _instance_id(acct: Any, el: etree._Element) -> tuple[str, str | None]:
+        """The ItemId (and change key) of a CalendarView instance. An occurrence the gateway expanded itself
+        (series.py) carries its master's id: the occurrence's own comes from a GetItem of its OccurrenceItemId,
+        so that a decline of one occurrence never declines the whole series."""
+        master, index = el.get(MASTER), el.get(INSTANCE)
+        if master and index:
+            try:
+                (occ,) = _raise_first(_RawGetItem(account=acct).call(
+                    items=[OccurrenceItemId(id=master, instance_index=int(index))], additional_fields=None,
+                    shape="IdOnly"))
+            except (xerr.ErrorCalendarOccurrenceIndexIsOutOfRecurrenceRange,
+                    xerr.ErrorCalendarOccurrenceIsDeletedFromRecurrence) as e:
+                raise NotFound(f"occurrence {index} of the series is gone: {e}", key="not_found") from e
+            el = occ
+        id_el = el.find(_T["ItemId"])
+        if id_el is None or not id_el.get("Id"):
+            raise PreconditionFailed("the server named no item for this occurrence", key="occurrence_unaddressable")
+        return id_el.get("Id", ""), id_el.get("ChangeKey")
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _with_change_key(self, acct: Any, written: Written, fn: Callable[[str], T], *, fresh: bool = False) -> T:
@@ -493,10 +596,6 @@ class EwsWriter:
         return name or room
 
 
-def _new_uid() -> str:
-    return str(uuid.uuid4()).upper()
-
-
 def _attendee(person: Person) -> Attendee:
     return Attendee(mailbox=Mailbox(email_address=person.email, name=person.name), response_type="Unknown")
 
@@ -507,6 +606,55 @@ def booker_text(booker: Person | None) -> str:
         return "Booked through the booking gateway."
     who = f"{booker.name} <{booker.email}>" if booker.name and booker.email else (booker.name or booker.email)
     return f"Booked by {who} through the booking gateway."
+
+
+@dataclass(frozen=True)
+class _Version:
+    """The organizer's meeting as it is now, to tell an answer to it from an answer to an earlier version."""
+
+    start: datetime | None
+    end: datetime | None
+    sequence: int | None  # PidLidAppointmentSequence: Exchange raises it with every new time
+    changed: datetime | None  # the organizer's item's LastModifiedTime
+
+    def answered_by(self, response: etree._Element) -> bool:
+        when = (_time(response, "Start"), _time(response, "End"))
+        if when != (None, None) and when != (self.start, self.end):
+            return False  # an answer to another time
+        sequence = _number(_ext_value(response, _SEQUENCE_URI))
+        if sequence is not None and self.sequence is not None:
+            return sequence >= self.sequence
+        # Without sequence numbers: not older than the item's last change (which, as the organizer's copy has not
+        # recorded the answer, is the gateway's write). Second resolution, so a move within the same second as an
+        # earlier answer to the same time is not told apart.
+        received = _time(response, "DateTimeReceived")
+        return self.changed is None or received is None or received >= self.changed.replace(microsecond=0)
+
+
+def _number(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _newest_response(found: list[Any], room: str, version: _Version) -> tuple[str, str] | None:
+    """(id, item class) of the room's newest MeetingResponse to the meeting as it is now (a moved meeting is asked
+    again; an answer to an earlier version does not count)."""
+    best: tuple[str, str, str] | None = None
+    for el in found:
+        ident = item_id(el)
+        item_class = el.findtext(_T["ItemClass"]) or ""
+        if not ident or item_class not in _RESPONSE_CLASSES:
+            continue
+        if _address(el.find(_T["From"])) != room and _address(el.find(_T["Sender"])) != room:
+            continue
+        if not version.answered_by(el):
+            continue
+        rank = (el.findtext(_T["DateTimeReceived"]) or "", ident, item_class)
+        if best is None or rank > best:
+            best = rank
+    return (best[1], best[2]) if best is not None else None
 
 
 def _newest_decline(found: list[Any], room: str) -> str | None:
