@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway import __version__
 from gateway.errors import GatewayError, ProtocolError
 from gateway.model import Command, CommandResult, failed, to_json
+from gateway.observability.health import Readiness
 from gateway.observability.metrics import Metrics
 from gateway.ports import CommandHandler, OutboxEntry, Store
 from gateway.relay import protocol
@@ -107,7 +108,7 @@ class Api:
     """
 
     def __init__(self, store: Store, metrics: Metrics, hub: EventHub, *,
-                 room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], bool],
+                 room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], Readiness | bool],
                  keys: ApiKeys | None = None, commands: CommandHandler | None = None,
                  loopback_only: bool = False, relay_state: Callable[[], str] | None = None) -> None:
         self.store = store
@@ -386,8 +387,9 @@ class Api:
         return web.json_response({"status": "ok", "version": __version__})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ok = self.ready()
-        body: dict[str, Any] = {"ready": ok}
+        state = self.ready()
+        ok, reasons = (state, ()) if isinstance(state, bool) else (state.ready, state.reasons)
+        body: dict[str, Any] = {"ready": ok, "reasons": list(reasons)}
         if self.relay_state is not None:  # open endpoint: the tunnel's state only, no addresses or errors
             body["relay"] = self.relay_state()
         return web.json_response(body, status=200 if ok else 503)
@@ -560,7 +562,8 @@ def build_openapi() -> dict[str, Any]:
                                              "content": {"text/plain": {"schema": {"type": "string"}}}}}},
         "healthz": {"summary": "Liveness", "operationId": "getHealth",
                     "responses": {"200": _json(_ref("Health"), "alive")}},
-        "readyz": {"summary": "Readiness: at least one room is verified", "operationId": "getReadiness",
+        "readyz": {"summary": "Readiness: every source that owns rooms has one in sync (a gateway that owns no rooms "
+                              "is ready)", "operationId": "getReadiness",
                    "responses": {"200": _json(_ref("Ready"), "ready"), "503": _json(_ref("Ready"), "not ready")}},
     }
     paths: dict[str, dict[str, Any]] = {}
@@ -611,8 +614,11 @@ def build_openapi() -> dict[str, Any]:
                                       "stream's last event, where to resume"}}},
                 "Health": {"type": "object", "required": ["status", "version"], "properties": {
                     "status": {"const": "ok"}, "version": {"type": "string"}}},
-                "Ready": {"type": "object", "required": ["ready"], "properties": {
+                "Ready": {"type": "object", "required": ["ready", "reasons"], "properties": {
                     "ready": {"type": "boolean"},
+                    "reasons": {"type": "array", "items": {"type": "string"}, "description": "why not ready, one "
+                                "line per part (e.g. 'source onprem: no room in sync yet (auth_required 3)'); empty "
+                                "when ready"},
                     "relay": {"type": "string", "description": "the tunnel's state when the relay is enabled: "
                               "connecting, connected, backing_off, unauthorized, revoked"}}},
             },

@@ -23,10 +23,11 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import ClassVar
 
-from gateway.errors import GatewayError, ImpersonationDenied, NotFound, SyncStateInvalid
+from gateway.errors import ConfigError, GatewayError, ImpersonationDenied, NotFound, SyncStateInvalid
 from gateway.model import Attendee, Booking, Person, Window
-from gateway.ports import Changes, Dirty, RoomInfo, RoomList
+from gateway.ports import Capabilities, Changes, Dirty, FeedSettings, OpenedSource, RoomInfo, RoomList, SourceSpec
 
 REPEATS = {"daily": timedelta(days=1), "weekly": timedelta(weeks=1)}
 
@@ -401,3 +402,25 @@ class MemoryDirectory:
         return sorted((p for p in self._source._people.values() if q and (
             (p.email or "").startswith(q) or any(w.lower().startswith(q) for w in (p.name or "").split()))),
             key=lambda p: p.email or "")
+
+
+class MemoryKind:
+    """The memory source kind, for tests built with the application factory: a SourceSpec's settings are the
+    MemorySource itself (``SourceSpec("mem", "memory", source, rooms=...)``). It cannot be configured in a file."""
+
+    name: ClassVar[str] = "memory"
+    capabilities: ClassVar[Capabilities] = Capabilities(notifications=("streaming", "poll"), directory=True)
+
+    def __init__(self, metrics: object = None) -> None:
+        pass
+
+    @staticmethod
+    def settings(section: object, place: str) -> object:
+        raise ConfigError(f"{place}: the memory kind is for tests and cannot be configured")
+
+    def open(self, spec: SourceSpec, feed: FeedSettings) -> OpenedSource:
+        if not isinstance(spec.settings, MemorySource):
+            raise TypeError(f"source {spec.name}: a memory source's settings are the MemorySource itself")
+        source = spec.settings
+        return OpenedSource(spec.name, self.name, self.capabilities, source, source.close, directory=source.directory,
+                            feed=None if feed.mode == "poll" else source)
