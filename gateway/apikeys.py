@@ -105,7 +105,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p_create.add_argument("name", help="who or what uses the key, e.g. 'lobby display'")
     p_create.add_argument("--scope", action="append", choices=tuple(SCOPES), required=True, dest="scopes",
                           help="what the key may do; repeat for several (read, book, metrics)")
-    p_list = sub.add_parser("list", help="list the keys: id, name, scopes, created, last used, revoked")
+    p_list = sub.add_parser("list", help="list the keys: id, name, scopes, created, last used, revoked",
+                            description="List the keys: id, name, scopes, when each was created, last used and "
+                                        "revoked. Never a key or its hash.")
     p_revoke = sub.add_parser("revoke", help="refuse a key from now on",
                               description="Revoke a key by its id (see `gateway api-keys list`). A running "
                                           f"gateway refuses it within {CACHE_SECONDS:g} seconds.")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -210,6 +212,30 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
     )
 
 
+def listen_error(e: OSError, host: str, port: int, *, host_setting: str | None, port_setting: str) -> GatewayError:
+    """Why the local API cannot listen on ``host:port``, with the setting that fixes it: a port in use, a host that
+    is not this machine's or not known at all, a privileged port."""
+    anywhere = "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    host_fix = f"set {host_setting} to an address of this machine: {anywhere}" if host_setting else \
+        "listen on 127.0.0.1"
+    if isinstance(e, socket.gaierror):
+        return ConfigError(f"cannot listen on {host}:{port}: there is no host {host!r} ({e.strerror})",
+                           key="unknown_listen_host", remedy=host_fix)
+    if e.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"cannot listen on {host}:{port}: {host} is not an address of this machine",
+                           key="listen_address_unavailable", remedy=host_fix)
+    if e.errno == errno.EADDRINUSE:
+        return ConfigError(f"cannot listen on {host}:{port}: another program already listens on port {port}",
+                           key="port_in_use",
+                           remedy=f"stop that program (`ss -ltnp 'sport = :{port}'` shows which) or choose a free "
+                                  f"port with {port_setting}")
+    if e.errno == errno.EACCES:
+        return ConfigError(f"cannot listen on {host}:{port}: ports below 1024 need privileges",
+                           key="port_not_permitted", remedy=f"choose a port above 1023 with {port_setting}")
+    return ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}", key="cannot_listen",
+                       remedy=f"check {host_setting + ' and ' if host_setting else ''}{port_setting}")
+
+
 @contextlib.contextmanager
 def _starting(part: str) -> Iterator[None]:
     """Say which part failed to start: in the log, and in the message of a GatewayError."""
@@ -243,8 +269,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         with _starting("the store"):
-            options.store_path.parent.mkdir(parents=True, exist_ok=True)
-            app[STORE] = SqliteStore(options.store_path)
+            app[STORE] = SqliteStore(options.store_path)  # creates its folder 0700, or names the path and the fix
         yield
         app[STORE].close()
         log.info("gateway.stopped")  # the store is the first part started and the last one stopped
@@ -316,7 +341,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                       relay_state=relay_state if options.relay.enabled else None)
             collector = StateCollector(
                 rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
-                outbox=store.outbox_stats)
+                outbox=store.outbox_stats if options.relay.enabled else None)  # only a hub acknowledges
             metrics.watch(collector)
         app[API] = api
         yield

@@ -7,12 +7,13 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import structlog
 
 from gateway import __version__, apikeys, credentials
+from gateway.config import CONFIG_PATH_ENV
 from gateway.errors import GatewayError
 from gateway.relay import enroll
 
@@ -39,8 +40,9 @@ Examples:
 """
 
 DEMO_EPILOG = """\
-Nothing to configure: the simulator listens on a free local port, the gateway's store is a temporary file.
-It prints an API key made for the demo; try, while it runs:
+Nothing to configure: the simulator listens on a free local port, the gateway's store is a temporary file; both
+go when the demo ends, however it ends. Once the calendars are imported it prints an API key made for the demo,
+curl lines to try and a booking command for a slot that is free (the hints come back every 30 lines), e.g.:
   curl -s -H "Authorization: Bearer $KEY" localhost:8088/v1/rooms
   curl -N -H "Authorization: Bearer $KEY" localhost:8088/v1/events    (SSE; resume with Last-Event-ID)
 """
@@ -51,8 +53,10 @@ Before the first run, store the service account's password in the vault:
 Then:
   gateway run --config gateway.yaml
   gateway rooms --config gateway.yaml       (state of every room, and the remedy for problems)
-Local API clients need a key:  gateway api-keys create "room displays" --scope read --config gateway.yaml
-To relay to a booking vendor's hub, enroll once:  gateway enroll --hub https://HUB --token TOKEN --config gateway.yaml
+Local API clients need a key:
+  gateway api-keys create "room displays" --scope read --config gateway.yaml
+To relay to a booking vendor's hub, enroll once:
+  gateway enroll --hub https://HUB --token TOKEN --config gateway.yaml
 """
 
 BENCH_EPILOG = """\
@@ -120,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "events per second through one tunnel to a local hub, and the round trip "
                                          "of create commands sent through the hub with a slow booking attendant.")
     gbench.add_argument("--rooms", type=_count, default=1000, metavar="N", help="rooms (default: %(default)s)")
-    gbench.add_argument("--rate", type=_rate, default=20.0, metavar="R",
+    gbench.add_argument("--rate", type=_rate, default=20.0, metavar="RATE",
                         help="changes per second in the steady phase (default: %(default)s)")
-    gbench.add_argument("--duration", type=_seconds, default=30.0, metavar="S",
+    gbench.add_argument("--duration", type=_seconds, default=30.0, metavar="SECONDS",
                         help="seconds of steady changes (default: %(default)s)")
     gbench.add_argument("--latency-ms", type=float, default=20.0, metavar="MS",
                         help="simulated Exchange latency per call (default: %(default)s)")
@@ -137,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     gbench.add_argument("--json", action="store_true", help="print the results as one JSON object")
     _logging_options(gbench, default_level="warning")
 
-    creds = credentials.register_cli(subs)
-    _logging_options(creds, default_level="warning")
-    _logging_options(apikeys.register_cli(subs), default_level="warning")
+    # The logging options go on each subcommand (`gateway api-keys create NAME --log-level debug`), like --config.
+    for group in (credentials.register_cli(subs), apikeys.register_cli(subs)):
+        for leaf in _leaves(group):
+            _logging_options(leaf, default_level="warning")
     _logging_options(enroll.register_cli(subs), default_level="warning")
     _logging_options(enroll.register_rotate_cli(subs), default_level="warning")
     from gateway.hub import cli as hubcli  # the hub is its own product; only its CLI is mounted here
@@ -180,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--calls", type=_count, default=10_000, metavar="N",
                        help="EWS calls to time (default: %(default)s)")
-    bench.add_argument("--concurrency", type=_count, default=16, metavar="C",
+    bench.add_argument("--concurrency", type=_count, default=16, metavar="N",
                        help="requests in flight, one keep-alive connection each (default: %(default)s)")
     bench.add_argument("--rooms", type=_count, default=10_000, metavar="N",
                        help="rooms with a year of bookings for the memory measurement (default: %(default)s)")
@@ -190,12 +195,47 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-memory", action="store_true", help="only measure throughput")
     bench.add_argument("--json", action="store_true", help="print the results as one JSON object")
     _logging_options(bench, default_level="info")
+    for p in _parsers(parser):
+        p.formatter_class = _HelpFormatter
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:  # a subcommand without a description shows its summary
+                    child = action.choices[choice.dest]
+                    if not child.description and choice.help:
+                        child.description = f"{choice.help[0].upper()}{choice.help[1:]}."
     return parser
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions of one paragraph are wrapped to the terminal; text laid out over several lines (the examples
+    in an epilog) is kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield from _parsers(child)
+
+
+def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers that run something (no subcommands of their own)."""
+    for p in _parsers(parser):
+        if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions):
+            yield p
+
+
 def _config_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, metavar="FILE",
-                   help="the YAML configuration (default: $GATEWAY_CONFIG; see config/gateway.example.yaml)")
+    p.add_argument("--config", type=Path, metavar="PATH",
+                   help=f"the configuration file (default: ${CONFIG_PATH_ENV}, else the built-in defaults and "
+                        "GATEWAY_* variables); an example: config/gateway.example.yaml")
 
 
 def _logging_options(p: argparse.ArgumentParser, default_level: str = "info") -> None:
@@ -235,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.observability.logging import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    _say_if_no_config(args)
     try:
         return dispatch(args)
     except GatewayError as e:
@@ -301,10 +342,23 @@ def dispatch(args: argparse.Namespace) -> int:
     raise SystemExit(f"unknown command {args.command}")
 
 
+CONFIGURED_COMMANDS = ("run", "doctor", "rooms", "sync-once", "credentials", "api-keys", "enroll", "rotate-key")
+
+
+def _say_if_no_config(args: argparse.Namespace) -> None:
+    """A command that reads the configuration says so when it got none: forgetting --config otherwise shows only as
+    settings that are missing, or as a store and a vault in unexpected places."""
+    if args.command in CONFIGURED_COMMANDS and getattr(args, "config", None) is None \
+            and not os.environ.get(CONFIG_PATH_ENV):
+        log.warning("config.not_given", message=f"no --config given and ${CONFIG_PATH_ENV} is not set: using the "
+                                                "built-in defaults and GATEWAY_* environment variables",
+                    remedy="pass --config PATH (an example: config/gateway.example.yaml)")
+
+
 def _config_path(args: argparse.Namespace) -> Path | None:
     if args.config is not None:
         return Path(args.config)
-    env = os.environ.get("GATEWAY_CONFIG")
+    env = os.environ.get(CONFIG_PATH_ENV)
     return Path(env) if env else None
 
 

@@ -156,14 +156,16 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                                        "is removed). Creates the vault key file if there is none yet.")
     p_set.add_argument("name", help="the entry's name, e.g. exchange (what vault:exchange refers to)")
     p_set.add_argument("--stdin", action="store_true", help="read the secret from standard input")
-    p_list = sub.add_parser("list", help="list the entries' names and when they were set (never the values)")
-    p_delete = sub.add_parser("delete", help="remove an entry")
-    p_delete.add_argument("name")
+    p_list = sub.add_parser("list", help="list the entries' names and when they were set (never the values)",
+                            description="List the vault's entries: each name and when it was set. Values are "
+                                        "never shown.")
+    p_delete = sub.add_parser("delete", help="remove an entry", description="Remove an entry from the vault.")
+    p_delete.add_argument("name", help="the entry's name, e.g. exchange")
     for p in (p_set, p_list, p_delete):
         # SUPPRESS: when not given, leave args.config alone (a global --config, if the CLI grows one, survives)
         p.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                        help=f"the configuration file; only its vault section is read (default: ${CONFIG_PATH_ENV}, "
-                            "else the built-in defaults and GATEWAY_VAULT__* variables)")
+                            "else the built-in defaults and GATEWAY_* variables)")
     return parser
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.app import GATEWAY, GatewayOptions, init_app, open_source, options_from_config
-from gateway.config import load_config
+from gateway.app import GATEWAY, GatewayOptions, init_app, listen_error, open_source, options_from_config
+from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
@@ -27,8 +27,10 @@ log = structlog.get_logger("gateway.service")
 
 
 async def serve(app: web.Application, host: str, port: int,
-                ready: Callable[[web.Application, int], Awaitable[None] | None] | None = None) -> int:
-    """Serve ``app`` until SIGINT or SIGTERM; returns the exit code."""
+                ready: Callable[[web.Application, int], Awaitable[None] | None] | None = None, *,
+                settings: tuple[str | None, str] = ("api.host", "api.port")) -> int:
+    """Serve ``app`` until SIGINT or SIGTERM; returns the exit code. ``settings`` name what sets the host and the
+    port (None: the host cannot be set), for the remedy when the address cannot be listened on."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     try:
         await runner.setup()  # the application's parts start here
@@ -40,8 +42,7 @@ async def serve(app: web.Application, host: str, port: int,
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        raise GatewayError(f"cannot listen on {host}:{port}: {e.strerror}", key="cannot_listen",
-                           remedy="choose a free port (api.port, or --port)") from e
+        raise listen_error(e, host, port, host_setting=settings[0], port_setting=settings[1]) from None
     server: Any = site._server
     bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
     stop = asyncio.Event()
@@ -165,6 +166,7 @@ async def doctor(config_path: Path | None) -> int:
             line(False, f"configuration {p.where or ''}".strip(), p.key, p.message)
         return 1
     line(True, f"configuration {cfg.source or '(defaults and environment)'}")
+    print_permission_warnings(cfg)
     try:
         options = options_from_config(cfg)
     except GatewayError as e:
@@ -232,3 +234,15 @@ async def doctor(config_path: Path | None) -> int:
         line(False, "rooms", "no_rooms", "list room mailboxes (rooms.mailboxes) or room lists (rooms.room_lists)")
     print("all green" if not failed else "some checks failed: fix them and run `gateway doctor` again")
     return 1 if failed else 0
+
+
+def print_permission_warnings(cfg: Config) -> None:
+    """``doctor``'s warnings (not failures) for state files and folders that other local users may read."""
+    from gateway.security import permissions
+
+    paths = [*permissions.sqlite_files(cfg.store.path), cfg.store.path.parent, cfg.vault.path, cfg.vault.path.parent]
+    if not cfg.vault.key_env:
+        paths.append(cfg.vault.key_file)
+    for item in permissions.loose(dict.fromkeys(paths)):
+        what = f"{'folder' if item.is_dir else 'file'} {item.path}"
+        print(f"warn  {what:<48} state_permissions_too_open  -> {item.remedy} ({item.risk})")

@@ -167,3 +167,84 @@ def test_doctor_names_each_problem_with_its_key_and_turns_green(ews, tmp_path): 
     green = gateway("doctor", "--config", str(good))
     assert green.returncode == 0, green.stdout + green.stderr
     assert green.stdout.strip().endswith("all green")
+
+
+# -- messages and help -----------------------------------------------------------------------------------------
+def test_run_without_config_says_that_none_was_given(tmp_path):  # type: ignore[no-untyped-def]
+    env = {k: v for k, v in ENV.items() if k != "GATEWAY_CONFIG"}
+    result = subprocess.run([sys.executable, "-m", "gateway", "run"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    notice = json.loads(next(line for line in result.stderr.splitlines() if "config.not_given" in line))
+    assert notice["message"].startswith("no --config given and $GATEWAY_CONFIG is not set")
+    assert notice["remedy"].startswith("pass --config PATH")
+    with_config = gateway("run", "--config", str(tmp_path / "missing.yaml"))
+    assert "config.not_given" not in with_config.stderr
+
+
+@pytest.mark.parametrize(("host", "key", "says"), [
+    ("127.0.0.1", "port_in_use", "another program already listens on port"),
+    ("192.0.2.1", "listen_address_unavailable", "192.0.2.1 is not an address of this machine"),
+    ("no-such-host.invalid", "unknown_listen_host", "there is no host 'no-such-host.invalid'"),
+])
+async def test_a_listen_failure_names_the_cause_and_the_setting_that_fixes_it(host, key, says):  # type: ignore[no-untyped-def]
+    from aiohttp import web
+
+    from gateway.errors import GatewayError
+    from gateway.service import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(GatewayError) as err:
+            await serve(web.Application(), host, port)
+        assert err.value.key == key and says in str(err.value)
+        assert "--port" not in str(err.value)
+        assert ("api.port" if key == "port_in_use" else "api.host") in err.value.remedy
+        with pytest.raises(GatewayError) as demo_err:  # the demo has a --port option and no host to set
+            await serve(web.Application(), "127.0.0.1", port, settings=(None, "--port"))
+        assert demo_err.value.key == "port_in_use" and "choose a free port with --port" in demo_err.value.remedy
+
+
+def test_every_subcommand_help_reads_the_same_way(monkeypatch):  # type: ignore[no-untyped-def]
+    from gateway.cli import _leaves, _parsers, build_parser
+
+    monkeypatch.setenv("COLUMNS", "120")
+    parser = build_parser()
+    for p in _parsers(parser):
+        text = p.format_help()
+        assert p.description, f"{p.prog} has no description"
+        assert max(len(line) for line in text.splitlines()) <= 120, f"{p.prog} --help has lines over 120 columns"
+    leaves = list(_leaves(parser))
+    run = next(p for p in leaves if p.prog == "gateway run")
+    standard = {a.dest: a.help for a in run._actions}
+    for leaf in leaves:
+        options = {o: a for a in leaf._actions for o in a.option_strings}
+        assert "--log-level" in options and "--log-format" in options, leaf.prog
+        assert options["--log-format"].help == standard["log_format"], leaf.prog
+        if "--config" in options:
+            config = options["--config"]
+            assert config.metavar == "PATH", leaf.prog
+            assert "(default: $GATEWAY_CONFIG, else the built-in defaults and GATEWAY_* variables)" in str(config.help)
+
+
+@pytest.mark.xfail(strict=True, reason="gateway/config.py checks every env: secret reference while loading; "
+                                       "api-keys needs a loader of the store and api sections only (config engineer)")
+def test_api_keys_create_needs_only_the_store(tmp_path):  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(f"""
+exchange:
+  ews_url: https://mail.contoso.com/EWS/Exchange.asmx
+  username: 'CONTOSO\\svc'
+  password_ref: env:NOT_SET_HERE
+rooms:
+  mailboxes: [room1@contoso.com]
+store:
+  path: {tmp_path / "data" / "gateway.sqlite"}
+""")
+    env = {k: v for k, v in ENV.items() if k != "NOT_SET_HERE"}
+    created = subprocess.run([sys.executable, "-m", "gateway", "api-keys", "create", "display", "--scope", "read",
+                              "--config", str(cfg)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith("gwk_") and "NOT_SET_HERE" not in created.stderr

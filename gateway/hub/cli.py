@@ -162,7 +162,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         p.add_argument("--data", type=Path, metavar="DIR", default=None,
                        help=f"the hub's data directory (default: ${DATA_ENV})")
         p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
-                       help="log format on stderr (default: %(default)s)")
+                       help="log format on stderr: console on a terminal, JSON otherwise (default: %(default)s)")
         p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                        default="info" if p is serve else "warning", help="log level (default: %(default)s)")
     return parser

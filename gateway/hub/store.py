@@ -34,6 +34,7 @@ from typing import Any, Final
 
 from gateway.errors import AuthError, ConfigError, NotFound, PreconditionFailed
 from gateway.model import EVENT_TYPES
+from gateway.security import permissions
 
 DB_NAME: Final = "hub.db"
 BUSY_TIMEOUT_MS: Final = 10_000
@@ -267,27 +268,35 @@ class HubStore:
             raise ConfigError(f"unknown synchronous mode {synchronous!r}", remedy=f"use one of {SYNCHRONOUS}")
         self.path = Path(path)
         self.clock = clock  # every stored time (events' received_at too); injectable so retention is testable
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
+        permissions.make_private_dir(self.path.parent, setting="--data")
         self._lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
         try:
-            self._writer = self._connect()
-            mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                self._writer.close()
-                raise ConfigError(f"{self.path}: SQLite cannot use WAL mode here (got {mode!r})",
-                                  key="hub_store_unusable", remedy="put the hub's data directory on a local disk")
-            # NORMAL in WAL mode: a commit survives a crash of the process (not a power loss; FULL for that).
-            self._writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._migrate()
+            with permissions.private_umask():  # the file and its -wal/-shm are 0600 from the start
+                self._writer = self._connect()
+                mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    self._writer.close()
+                    raise ConfigError(f"{self.path}: SQLite cannot use WAL mode here (got {mode!r})",
+                                      key="hub_store_unusable", remedy="put the hub's data directory on a local disk")
+                # NORMAL in WAL mode: a commit survives a crash of the process (not a power loss; FULL for that).
+                self._writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
+                self._migrate()
         except sqlite3.DatabaseError as e:
+            if "unable to open" in str(e) or "readonly" in str(e):
+                raise permissions.unwritable(self.path, e, "--data") from None
             raise ConfigError(f"the hub database {self.path} is unusable: {e}", key="hub_store_unusable",
                               remedy="check the --data directory (permissions, free space) or restore the file "
                                      "from a backup") from None
-        self.path.chmod(0o600)
+        files = permissions.sqlite_files(self.path)
+        if existed:
+            permissions.warn_if_loose((*files, self.path.parent), "hub.store_permissions_too_open")
+        else:
+            permissions.make_private(files)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path, **kw: Any) -> HubStore:

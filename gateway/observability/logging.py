@@ -44,10 +44,13 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    # Records from the standard library (aiohttp, asyncio) carry exc_info as a tuple: JSON needs it as text, or a
+    # stack trace becomes "<traceback object at ...>". The console renderer prints it itself, prettier.
+    foreign_tail: list[Any] = [structlog.processors.format_exc_info] if fmt == "json" else []
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                                                        renderer], foreign_pre_chain=shared)
+                                                        *foreign_tail, renderer], foreign_pre_chain=shared)
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

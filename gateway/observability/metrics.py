@@ -63,7 +63,10 @@ class StateCollector(Collector):
     """Gauges read at scrape time from the running parts (rooms, outbox)."""
 
     def __init__(self, rooms: Callable[[], dict[str, tuple[str, float | None]]],
-                 outbox: Callable[[], tuple[int, datetime | None]]) -> None:
+                 outbox: Callable[[], tuple[int, datetime | None]] | None) -> None:
+        """``outbox`` gives (unacknowledged events, time of the oldest) while a hub consumes the outbox; None
+        when no relay is configured: then nothing waits for delivery (local SSE clients read the outbox at their
+        own pace and never acknowledge), so the depth is 0 rather than every event ever written."""
         self.rooms = rooms
         self.outbox = outbox
 
@@ -83,8 +86,9 @@ class StateCollector(Collector):
             if last is not None:
                 age.add_metric([room], now - last)
         yield age
-        depth, oldest = self.outbox()
-        yield GaugeMetricFamily("gateway_outbox_depth", "Events not yet acknowledged", value=depth)
+        depth, oldest = self.outbox() if self.outbox is not None else (0, None)
+        yield GaugeMetricFamily("gateway_outbox_depth", "Events waiting for the hub to acknowledge them (0 without a "
+                                "relay: nothing is pending delivery)", value=depth)
         oldest_age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
-        yield GaugeMetricFamily("gateway_outbox_oldest_age_seconds", "Age of the oldest unacknowledged event",
-                                value=oldest_age)
+        yield GaugeMetricFamily("gateway_outbox_oldest_age_seconds", "Age of the oldest event waiting for the hub "
+                                "(0 when none is, or without a relay)", value=oldest_age)

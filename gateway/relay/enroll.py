@@ -198,7 +198,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                              "else the system store)")
     parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help=f"the configuration file; only its vault and relay sections are read (default: "
-                             f"${CONFIG_PATH_ENV})")
+                             f"${CONFIG_PATH_ENV}, else the built-in defaults and GATEWAY_* variables)")
     return parser
 
 
@@ -243,7 +243,8 @@ def register_rotate_cli(subparsers: argparse._SubParsersAction[argparse.Argument
                     "minutes, registers it over its live tunnel and switches to it; a stopped gateway does so at "
                     "its next start. The old key stays valid until the hub has seen the new one.")
     parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help=f"the configuration file; only its vault section is read (default: ${CONFIG_PATH_ENV})")
+                        help=f"the configuration file; only its vault section is read (default: ${CONFIG_PATH_ENV}, "
+                             "else the built-in defaults and GATEWAY_* variables)")
     return parser
 
 

@@ -47,6 +47,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.errors import ConfigError
+from gateway.security import permissions
 from gateway.security.secret import NAME_RE, Secret
 
 try:
@@ -340,7 +341,8 @@ def _fsync_dir(directory: Path) -> None:
 
 def _make_private_dir(directory: Path) -> None:
     if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with permissions.private_umask():  # missing parents too: 0700, not 0755
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def _warn_if_shared(path: Path, event: str) -> None:

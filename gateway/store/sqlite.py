@@ -25,12 +25,14 @@ from typing import Any
 from gateway.errors import ConfigError, NotFound, PreconditionFailed, ProtocolError, TransientError
 from gateway.model import Booking, Event, Room, from_json
 from gateway.ports import OutboxEntry
+from gateway.security import permissions
 from gateway.store import migrations
 from gateway.sync.engine import Known
 
 BUSY_TIMEOUT_MS = 10_000
 IDLE_READERS = 8  # reader connections kept open between uses; more are opened (and closed) on demand
 SYNCHRONOUS = ("NORMAL", "FULL")
+PATH_SETTING = "store.path"  # named in the remedy when the file cannot be created or written
 
 
 def _ts(value: datetime) -> str:
@@ -86,8 +88,11 @@ class SqliteStore:
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _mapped_errors():
+        files = permissions.sqlite_files(self.path)
+        existed = self.path.exists()
+        permissions.make_private_dir(self.path.parent, setting=PATH_SETTING)
+        # Private from the first byte: the database, then its -wal and -shm files (SQLite gives them its mode).
+        with _mapped_errors(), permissions.private_umask(), self._opening():
             self._writer = self._connect()
             try:
                 mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -98,9 +103,39 @@ class SqliteStore:
                 self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
                 self._writer.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL after checkpoints
                 self._migrate()
+                self._check_writable()
             except BaseException:
                 self._writer.close()
                 raise
+        if existed:
+            permissions.warn_if_loose((*files, self.path.parent), "store.permissions_too_open")
+        else:
+            permissions.make_private(files)
+
+    def _check_writable(self) -> None:
+        """A database file the gateway may read but not write opens read-only without a word: fail at start-up
+        rather than at the first sync. Rewriting the schema version is a write that changes nothing."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute(f"PRAGMA user_version={int(version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _opening(self) -> Iterator[None]:
+        """A store that cannot be created or written names its path and the fix (not sqlite's bare message)."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            text = str(e).lower()
+            if "unable to open" in text or "readonly" in text or "read-only" in text:
+                raise permissions.unwritable(self.path, e, PATH_SETTING) from None
+            raise
 
     # -- connections and transactions -----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
