@@ -54,6 +54,7 @@ from gateway.sync.coordinator import Coordinator, SyncSettings
 from gateway.sync.privacy import PrivacyPolicy
 
 log = structlog.get_logger("gateway.app")
+EVENT_SOURCE = "urn:exchange-gateway"  # the CloudEvents source of what this gateway emits
 STOP_SECONDS = 10.0  # each part gets this long to stop before the next one is stopped anyway
 
 
@@ -78,7 +79,7 @@ class GatewayOptions:
     pull_interval_seconds: float = 10.0
     feed_retry_seconds: float = 5.0  # first back-off before a room that could not be subscribed is tried again
     privacy: Callable[[str], PrivacyPolicy] | None = None
-    source_name: str = "urn:exchange-gateway"
+    source_name: str = EVENT_SOURCE
     clock: Callable[[], datetime] | None = None  # the sync window's "now" (tests move it; default: the real clock)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)

@@ -191,7 +191,7 @@ ROOM_STATES = {
     "cannot_connect": "Exchange cannot be reached; check the EWS URL and the network",
     "suspect_empty": "the room suddenly lists no bookings although many were known; nothing was deleted; "
                      "the next syncs confirm or clear it",
-    "disconnected": "removed from the configuration",
+    "disconnected": "removed from the gateway (`gateway rooms forget`); its bookings were withdrawn",
 }
 
 

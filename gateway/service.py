@@ -7,13 +7,22 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from gateway.app import GATEWAY, GatewayOptions, init_app, listen_error, open_source, options_from_config
+from gateway.app import (
+    EVENT_SOURCE,
+    GATEWAY,
+    GatewayOptions,
+    init_app,
+    listen_error,
+    open_source,
+    options_from_config,
+)
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
@@ -21,6 +30,7 @@ from gateway.observability.metrics import Metrics
 from gateway.sources.registry import default_registry
 from gateway.sources.routing import RoomRoutes, RoutedCalendar
 from gateway.store.sqlite import SqliteStore
+from gateway.sync import ownership
 from gateway.sync.coordinator import Coordinator, RoomWorker
 
 log = structlog.get_logger("gateway.service")
@@ -96,6 +106,40 @@ def rooms(config_path: Path | None) -> int:
             print(f"{email:<{width}}  {'pending':<22} {0:>8}  {ROOM_STATES['pending']}")
     finally:
         store.close()
+    return 0
+
+
+def forget(config_path: Path | None, room: str) -> int:
+    """Withdraw a room that has left the configuration: a deletion for each of its bookings and its state
+    ``disconnected`` go out, then the store forgets it (gateway/sync/ownership.py). Run it with the gateway
+    stopped, after taking the room out of the configuration and before starting the gateway again."""
+    cfg = load_config(config_path)
+    email = room.lower()
+    owner = next((s for s in cfg.calendar_sources if email in s.mailboxes), None)
+    if owner is not None:
+        print(f"{email} is still in the configuration ({cfg.place_of(owner)}.mailboxes): take it out first, or the "
+              "gateway imports it again at its next start", file=sys.stderr)
+        return 1
+    return forget_room(cfg.store.path, email)
+
+
+def forget_room(store_path: Path, room: str) -> int:
+    if not store_path.exists():
+        print(f"no store at {store_path}: there is nothing to forget", file=sys.stderr)
+        return 1
+    store = SqliteStore(store_path)
+    try:
+        if room not in {r.email for r in store.rooms()}:
+            print(f"the store holds nothing of {room}: a room that left the configuration is released (dropped "
+                  "without telling consumers) at the gateway's next start; forget it before that start",
+                  file=sys.stderr)
+            return 1
+        entries = ownership.withdraw(store, room, now=datetime.now(UTC), source=EVENT_SOURCE)
+    finally:
+        store.close()
+    log.info("room.forgotten", room=room, bookings=len(entries) - 1)
+    print(f"{room}: forgotten; {len(entries) - 1} bookings withdrawn (consumers get a deletion for each, then the "
+          "room's state disconnected)")
     return 0
 
 
