@@ -458,3 +458,17 @@ def test_privacy_exceptions_name_a_room_of_any_source(tmp_path):
     problems = problems_of(path, {"BERLIN_PASSWORD": "x"})
     assert len(problems) == 1 and problems[0].startswith(f"{path}:17: rooms.privacy.rooms.room3@contoso.com: is not a "
                                                          "configured room")
+
+
+def test_the_example_multi_source_block_loads_in_place_of_exchange(tmp_path):
+    text = EXAMPLE.read_text(encoding="utf-8")
+    block = text[text.index("# sources:\n"):text.index("\nsync:")].strip().splitlines()
+    sources = yaml.safe_load("\n".join(line[2:] for line in block))
+    example = yaml.safe_load(text)
+    del example["exchange"], example["rooms"]["mailboxes"], example["rooms"]["room_lists"]
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({**example, **sources}))
+    config = load_config(path, env={"BERLIN_EWS_PASSWORD": "x"})
+    assert [(s.name, s.kind, s.secret_ref) for s in config.calendar_sources] == [
+        ("onprem", "ews", SecretRef("vault", "onprem")), ("berlin", "ews", SecretRef("env", "BERLIN_EWS_PASSWORD"))]
+    assert config.rooms.privacy.for_room("boardroom@contoso.com").subject == "drop"
