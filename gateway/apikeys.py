@@ -17,15 +17,22 @@ import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
-from gateway.config import CONFIG_PATH_ENV, Config, load_config
+from gateway.config import CONFIG_PATH_ENV, ApiConfig, StoreConfig, load_local_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.store.apikeys import CACHE_SECONDS, SCOPES, ApiKeys, key_id_of
 from gateway.store.sqlite import SqliteStore
 
 
-def create_key(cfg: Config, name: str, scopes: list[str], *, out: TextIO, notices: TextIO) -> int:
+class LocalSettings(NamedTuple):
+    """What managing API keys needs of the configuration: where the store is and where the API listens."""
+
+    store: StoreConfig
+    api: ApiConfig
+
+
+def create_key(cfg: LocalSettings, name: str, scopes: list[str], *, out: TextIO, notices: TextIO) -> int:
     store = SqliteStore(cfg.store.path)
     try:
         token = ApiKeys(store).create(name, scopes)
@@ -42,7 +49,7 @@ def create_key(cfg: Config, name: str, scopes: list[str], *, out: TextIO, notice
     return 0
 
 
-def list_keys(cfg: Config, *, out: TextIO, notices: TextIO) -> int:
+def list_keys(cfg: LocalSettings, *, out: TextIO, notices: TextIO) -> int:
     """One row per key: id, name, scopes, created, last used, revoked. Never a secret or a hash."""
     if not cfg.store.path.exists():
         print(f"no store at {cfg.store.path} yet; create a key with `gateway api-keys create NAME --scope read`",
@@ -64,7 +71,7 @@ def list_keys(cfg: Config, *, out: TextIO, notices: TextIO) -> int:
     return 0
 
 
-def revoke_key(cfg: Config, key_id: str, *, out: TextIO, notices: TextIO) -> int:
+def revoke_key(cfg: LocalSettings, key_id: str, *, out: TextIO, notices: TextIO) -> int:
     key_id = key_id_of(key_id) or key_id  # the whole key works too
     if not cfg.store.path.exists():
         print(f"no store at {cfg.store.path}, so there is no key {key_id}", file=notices)
@@ -126,7 +133,7 @@ def run_cli(args: argparse.Namespace, *, env: Mapping[str, str] = os.environ, st
     stderr = stderr or sys.stderr
     config_path: str | Path | None = getattr(args, "config", None)
     try:
-        cfg = load_config(config_path, env)
+        cfg = LocalSettings(*load_local_config(config_path, env))
         command = args.api_keys_command
         if command == "create":
             return create_key(cfg, args.name, args.scopes, out=stdout, notices=stderr)

@@ -671,6 +671,17 @@ def load_relay_config(path: str | os.PathLike[str] | None = None,
     return vault, relay
 
 
+def load_local_config(path: str | os.PathLike[str] | None = None,
+                      env: Mapping[str, str] = os.environ) -> tuple[StoreConfig, ApiConfig]:
+    """Only the store and api sections, for `gateway api-keys`: managing keys needs no Exchange secret."""
+    reader = SettingsReader(Config, path, env, sections=("store", "api"))
+    store = None if reader.fatal else reader.validate(StoreConfig, "store")
+    api = None if reader.fatal else reader.validate(ApiConfig, "api")
+    if reader.problems or store is None or api is None:
+        raise _error(reader.ordered(), path, env)
+    return store, api
+
+
 def _error(problems: Iterable[Problem], path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> ConfigError:
     items = list(problems)
     source = path or env.get(CONFIG_PATH_ENV)

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import structlog
 from exchangelib import DELEGATE, IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSTimeZone
 from exchangelib.protocol import BaseProtocol, close_connections
 
@@ -17,6 +19,18 @@ from gateway.simulator.server import SimulatorConfig
 from gateway.sources.memory import MemorySource
 
 TZ = EWSTimeZone("Europe/Berlin")
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs the CLI in-process configures logging onto its captured stream; the next test would then
+    log into that closed stream and fail far from the cause. Every test leaves logging as it found it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

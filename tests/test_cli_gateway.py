@@ -229,8 +229,6 @@ def test_every_subcommand_help_reads_the_same_way(monkeypatch):  # type: ignore[
             assert "(default: $GATEWAY_CONFIG, else the built-in defaults and GATEWAY_* variables)" in str(config.help)
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/config.py checks every env: secret reference while loading; "
-                                       "api-keys needs a loader of the store and api sections only (config engineer)")
 def test_api_keys_create_needs_only_the_store(tmp_path):  # type: ignore[no-untyped-def]
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(f"""

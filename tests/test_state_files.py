@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gateway.relay.hubstore import HubStore
+from gateway.hub.store import HubStore
 from structlog.testing import capture_logs
 
 from gateway.errors import ConfigError

@@ -9,11 +9,11 @@ One aiohttp application:
 - ``/v1/customers/{customer}/...`` is the vendor's API, one customer per API key: rooms, bookings, availability
   (from the events stored so far), the event stream (SSE, resumable) and the command endpoint;
 - ``/admin/v1/...`` is the operator's API (one admin token): customers, enrollment tokens, API keys, gateways,
-  revocation, webhooks (gateway/relay/webhooks.py); ``/metrics`` (Prometheus) takes the same token.
+  revocation, webhooks (gateway/hub/webhooks.py); ``/metrics`` (Prometheus) takes the same token.
 
 Stored events older than the retention period are deleted hourly (``Hub.prune``); the rooms/bookings view stays.
 
-State lives in one SQLite file (gateway/relay/hubstore.py), touched from worker threads: one writer thread (SQLite
+State lives in one SQLite file (gateway/hub/store.py), touched from worker threads: one writer thread (SQLite
 has one writer anyway) and a few readers. Live sessions and commands waiting for their result live in memory: a
 hub restart drops the tunnels (gateways reconnect and resume from the stored ack) and answers waiting commands
 ``gateway_offline`` (the vendor retries the same key; the gateway's journal answers it).
