@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gateway.hub.store import HubStore
 from structlog.testing import capture_logs
 
 from gateway.errors import ConfigError
+from gateway.hub.store import HubStore
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import SimFixture
