@@ -193,7 +193,7 @@ async def command_latency(args: RelayBenchArgs, work: Path, pki: Pki) -> dict[st
                 async with session.post(url, json=cmd, headers=headers, ssl=ssl_ctx) as r:
                     body = await r.json()
                 latencies.append(time.monotonic() - t0)
-                status = body.get("result", body).get("status", "error")
+                status = body.get("status", "error")
                 outcomes[status] = outcomes.get(status, 0) + 1
 
         async with aiohttp.ClientSession() as session:

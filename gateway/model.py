@@ -12,14 +12,26 @@ import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
+from enum import StrEnum
 from typing import Any
 
 SCHEMA_VERSION = "1.0"
-EVENT_TYPES = {
-    "created": "com.exchangegateway.booking.created.v1",
-    "updated": "com.exchangegateway.booking.updated.v1",
-    "deleted": "com.exchangegateway.booking.deleted.v1",
-    "room_state": "com.exchangegateway.room.state_changed.v1",
+
+
+class EventType(StrEnum):
+    """The CloudEvents ``type`` of what the gateway relays (docs/relay-protocol.md, section 14)."""
+
+    BOOKING_CREATED = "com.exchangegateway.booking.created.v1"
+    BOOKING_UPDATED = "com.exchangegateway.booking.updated.v1"
+    BOOKING_DELETED = "com.exchangegateway.booking.deleted.v1"
+    ROOM_STATE_CHANGED = "com.exchangegateway.room.state_changed.v1"
+
+
+EVENT_TYPES = {  # by the short names the code has always used
+    "created": EventType.BOOKING_CREATED,
+    "updated": EventType.BOOKING_UPDATED,
+    "deleted": EventType.BOOKING_DELETED,
+    "room_state": EventType.ROOM_STATE_CHANGED,
 }
 
 
@@ -168,31 +180,54 @@ def from_json(d: dict[str, Any]) -> Booking:
     )
 
 
+class RoomState(StrEnum):
+    """Where a room stands; ``remedy`` says it for a person (and what to do)."""
+
+    PENDING = "pending"
+    VERIFIED = "verified"
+    SYNCING = "syncing"
+    MAILBOX_NOT_FOUND = "mailbox_not_found"
+    IMPERSONATION_DENIED = "impersonation_denied"
+    AUTH_REQUIRED = "auth_required"
+    THROTTLED = "throttled"
+    CANNOT_CONNECT = "cannot_connect"
+    SUSPECT_EMPTY = "suspect_empty"
+    DISCONNECTED = "disconnected"
+
+    @property
+    def remedy(self) -> str:
+        return _REMEDIES[self]
+
+
+_REMEDIES: dict[RoomState, str] = {
+    RoomState.PENDING: "waiting to be verified",
+    RoomState.VERIFIED: "connected and in sync",
+    RoomState.SYNCING: "importing its calendar",
+    RoomState.MAILBOX_NOT_FOUND: "Exchange has no mailbox at this address; check the address in the configuration",
+    RoomState.IMPERSONATION_DENIED: "the service account may not impersonate this room; extend the "
+                                    "ApplicationImpersonation scope to it",
+    RoomState.AUTH_REQUIRED: "Exchange refused the service account's credentials; run `gateway credentials set`",
+    RoomState.THROTTLED: "Exchange is throttling the service account; syncs resume after its back-off",
+    RoomState.CANNOT_CONNECT: "Exchange cannot be reached; check the EWS URL and the network",
+    RoomState.SUSPECT_EMPTY: "the room suddenly lists no bookings although many were known; nothing was deleted; "
+                             "the next syncs confirm or clear it",
+    RoomState.DISCONNECTED: "removed from the gateway (`gateway rooms forget`); its bookings were withdrawn",
+}
+ROOM_STATES: dict[str, str] = {state: state.remedy for state in RoomState}  # state -> remedy, by its text
+
+
 @dataclass(frozen=True, slots=True)
 class Room:
     email: str
     name: str | None = None
     capacity: int | None = None
     timezone: str = "UTC"
-    state: str = "pending"  # see ROOM_STATES
+    state: RoomState = RoomState.PENDING
     reason: str = ""
     remedy: str = ""
 
-
-ROOM_STATES = {
-    "pending": "waiting to be verified",
-    "verified": "connected and in sync",
-    "syncing": "importing its calendar",
-    "mailbox_not_found": "Exchange has no mailbox at this address; check the address in the configuration",
-    "impersonation_denied": "the service account may not impersonate this room; extend the "
-                            "ApplicationImpersonation scope to it",
-    "auth_required": "Exchange refused the service account's credentials; run `gateway credentials set`",
-    "throttled": "Exchange is throttling the service account; syncs resume after its back-off",
-    "cannot_connect": "Exchange cannot be reached; check the EWS URL and the network",
-    "suspect_empty": "the room suddenly lists no bookings although many were known; nothing was deleted; "
-                     "the next syncs confirm or clear it",
-    "disconnected": "removed from the gateway (`gateway rooms forget`); its bookings were withdrawn",
-}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", RoomState(self.state))  # the store and old callers give its text
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,13 +235,16 @@ class Event:
     """A CloudEvents 1.0 event as stored in the outbox and relayed."""
 
     id: str
-    type: str
+    type: EventType
     room: str
     subject: str  # the booking id, or the room for room events
     time: datetime
     data: dict[str, Any]
     sequence: int = 0  # per-room order, assigned by the store
     source: str = "urn:exchange-gateway"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", EventType(self.type))
 
     def to_cloudevent(self) -> dict[str, Any]:
         doc = {
@@ -247,10 +285,36 @@ class SyncCounts:
 
 
 # -- commands from the cloud (docs/relay-protocol.md) -----------------------------------------------------------
-COMMAND_TYPES = ("create", "update", "cancel", "decline", "resync", "availability")
-DECLINE_REASONS = ("conflict", "outside_booking_window", "too_long", "recurring_not_allowed", "not_permitted",
-                   "room_unknown", "outside_sync_window")
-RESULT_STATUSES = ("accepted", "declined", "failed")
+class CommandType(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    CANCEL = "cancel"
+    DECLINE = "decline"
+    RESYNC = "resync"
+    AVAILABILITY = "availability"
+
+
+class ResultStatus(StrEnum):
+    ACCEPTED = "accepted"
+    DECLINED = "declined"
+    FAILED = "failed"
+
+
+class DeclineReason(StrEnum):
+    """Why a command was declined (docs/relay-protocol.md, section 7); a retry will not change it."""
+
+    CONFLICT = "conflict"
+    OUTSIDE_BOOKING_WINDOW = "outside_booking_window"
+    TOO_LONG = "too_long"
+    RECURRING_NOT_ALLOWED = "recurring_not_allowed"
+    NOT_PERMITTED = "not_permitted"
+    ROOM_UNKNOWN = "room_unknown"
+    OUTSIDE_SYNC_WINDOW = "outside_sync_window"
+
+
+COMMAND_TYPES = tuple(CommandType)
+DECLINE_REASONS = tuple(DeclineReason)
+RESULT_STATUSES = tuple(ResultStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +325,7 @@ class Command:
     """
 
     key: str
-    type: str  # one of COMMAND_TYPES
+    type: CommandType
     room: str | None = None  # create, update, cancel, decline, resync
     rooms: tuple[str, ...] = ()  # availability
     start: datetime | None = None  # UTC; create, update, availability
@@ -273,6 +337,9 @@ class Command:
     booking_id: str | None = None  # update, cancel, decline: the booking (as relayed in events)
     message: str | None = None  # decline: the text the organizer receives
     received_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", CommandType(self.type))
 
     def request_hash(self) -> str:
         """What the command asks for, without its key: a retried key must carry the same request."""
@@ -291,13 +358,18 @@ class CommandResult:
     """The explicit outcome of a command: accepted, declined (with a reason code) or failed (retryable or not)."""
 
     key: str
-    status: str  # one of RESULT_STATUSES
-    reason: str | None = None  # declined: one of DECLINE_REASONS; failed: an error code (protocol.ERROR_CODES)
+    status: ResultStatus
+    reason: str | None = None  # declined: a DeclineReason; failed: an error code (protocol.ERROR_CODES)
     retryable: bool = False  # failed only: the same command (same key) may succeed later
     message: str = ""  # for a person: what happened and what to do
     booking_id: str | None = None  # accepted create/update: the booking as it will appear in events
     uid: str | None = None  # the meeting's UID
     data: dict[str, Any] | None = None  # availability: {"rooms": {room: [{"start","end","status"}]}}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", ResultStatus(self.status))
+        if self.status is ResultStatus.DECLINED:
+            object.__setattr__(self, "reason", DeclineReason(self.reason or ""))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "status": self.status}
@@ -323,13 +395,12 @@ class CommandResult:
 
 
 def accepted(cmd: Command, message: str = "", **kw: Any) -> CommandResult:
-    return CommandResult(cmd.key, "accepted", message=message, **kw)
+    return CommandResult(cmd.key, ResultStatus.ACCEPTED, message=message, **kw)
 
 
-def declined(cmd: Command, reason: str, message: str) -> CommandResult:
-    assert reason in DECLINE_REASONS, reason
-    return CommandResult(cmd.key, "declined", reason=reason, message=message)
+def declined(cmd: Command, reason: DeclineReason | str, message: str) -> CommandResult:
+    return CommandResult(cmd.key, ResultStatus.DECLINED, reason=DeclineReason(reason), message=message)
 
 
 def failed(cmd_key: str, code: str, message: str, *, retryable: bool) -> CommandResult:
-    return CommandResult(cmd_key, "failed", reason=code, retryable=retryable, message=message)
+    return CommandResult(cmd_key, ResultStatus.FAILED, reason=code, retryable=retryable, message=message)

@@ -125,6 +125,9 @@ class Store(Protocol):
 
     def bookings(self, room: str, start: datetime | None = None, end: datetime | None = None) -> list[Booking]: ...
 
+    def booking(self, room: str, booking_id: str) -> Booking | None:
+        """One booking of ``room`` by its id, or None."""
+
     def uids_for_items(self, room: str, item_ids: frozenset[str]) -> frozenset[str]: ...
 
     def commit_sync(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],

@@ -219,7 +219,7 @@ async def doctor(config_path: Path | None) -> int:
         return 1
     line(True, "service account password (from the vault)")
     if options.relay.enabled and options.identity is not None:
-        from gateway.relay.tunnel import probe
+        from gateway.relay.connection import probe
 
         line(True, f"relay identity {options.identity.gateway_id} (key {options.identity.key_id})")
         try:

@@ -270,12 +270,23 @@ async def test_a_valid_command_goes_to_the_handler_and_every_outcome_is_a_200_re
     assert body["retryable"] is False and body["reason"] == "not_created_by_gateway"
 
 
+async def test_a_result_gets_the_status_the_hub_gives_the_same_result(serve):
+    s = await serve()
+    commands = s.commands
+    assert commands is not None
+    for reason, status in (("idempotency_conflict", 409), ("too_large", 413), ("invalid_command", 400),
+                           ("internal", 200), ("gateway_offline", 503)):
+        commands.answer = lambda c, reason=reason: failed(c.key, reason, "no", retryable=False)  # type: ignore[misc]
+        got, body = await s.post(create(key=f"k-{reason}"))
+        assert (got, body) == (status, commands.finished[-1].to_json()), reason
+
+
 @pytest.mark.parametrize(("body", "raw", "reason", "key", "words"), [
-    (None, b"{not json", "invalid_command", None, "not valid JSON"),
-    (None, b"\xff\xfe", "invalid_command", None, "not UTF-8"),
-    (None, b"x" * (MAX_COMMAND_BYTES + 1), "invalid_command", None, f"larger than {MAX_COMMAND_BYTES}"),
-    ([1, 2], None, "invalid_command", None, "JSON object"),
-    ({"type": "create", "room": ROOM}, None, "invalid_command", None, "'key'"),
+    (None, b"{not json", "invalid_command", "", "not valid JSON"),
+    (None, b"\xff\xfe", "invalid_command", "", "not UTF-8"),
+    (None, b"x" * (MAX_COMMAND_BYTES + 1), "too_large", "", f"larger than {MAX_COMMAND_BYTES}"),
+    ([1, 2], None, "invalid_command", "", "JSON object"),
+    ({"type": "create", "room": ROOM}, None, "invalid_command", "", "'key'"),
     ({"key": "k1", "type": "teleport"}, None, "unsupported_command", "k1", "unknown command type"),
     ({"key": "k2", "type": "cancel", "room": ROOM, "booking_id": "b", "colour": "red"}, None, "invalid_command",
      "k2", "colour"),
@@ -298,9 +309,9 @@ async def test_bad_commands_get_a_clear_400_and_the_server_keeps_serving(serve, 
     elif body == "reversed":
         body = create(key="k4", start=iso(soon(27)), end=iso(soon()))
     status, result = await s.post(body, raw=raw)
-    assert status == 400
+    assert status == (413 if reason == "too_large" else 400)  # the hub's statuses (gateway/web/commands.py)
     assert result["status"] == "failed" and result["reason"] == reason and result["retryable"] is False
-    assert result.get("key") == key
+    assert result["key"] == key
     assert words in result["message"], result["message"]
     assert s.commands is not None and s.commands.received == []
     status, result = await s.post(create())
@@ -368,15 +379,21 @@ async def test_availability_runs_an_availability_command_and_returns_its_data(se
     assert resp.status == 503 and (await resp.json())["retryable"] is True
 
     calls = len(commands.received)
-    for bad, words in (({"rooms": ROOM, "start": iso(soon())}, "'end'"),
-                       ({"rooms": ROOM, "start": iso(soon(27)), "end": iso(soon())}, "after 'start'"),
-                       ({"start": iso(soon()), "end": iso(soon(27))}, "'rooms'"),
-                       ({"rooms": ROOM, "start": iso(soon()), "end": iso(soon(24 * 60))}, "42 days")):
+    for bad, code, words in (  # the query the hub's availability takes, refused the same way
+            ({"rooms": ROOM, "start": iso(soon(27)), "end": iso(soon())}, "invalid_range", "after start"),
+            ({"start": iso(soon()), "end": iso(soon(27))}, "invalid_rooms", "?rooms="),
+            ({"rooms": ROOM, "start": iso(soon()), "end": iso(soon(24 * 60))}, "invalid_range", "42 days"),
+            ({"rooms": ROOM, "start": "tomorrow"}, "invalid_time", "ISO 8601"),
+            ({"rooms": "not-an-address"}, "invalid_command", "'rooms[]'")):
         resp = await s.client.get("/v1/availability", params=bad, headers=s.auth("read"))
-        assert resp.status == 400
-        assert words in (await resp.json())["message"]
+        doc = await resp.json()
+        assert (resp.status, doc["error"]) == (400, code), doc
+        assert words in doc["message"] and doc["detail"] == doc["message"]
     assert len(commands.received) == calls
     assert (await s.client.get("/v1/availability", params=params, headers=s.auth("book"))).status == 403
+    commands.answer = lambda c: accepted(c, data={"rooms": {ROOM: []}})
+    resp = await s.client.get("/v1/availability", params={"rooms": ROOM}, headers=s.auth("read"))
+    assert resp.status == 200 and commands.received[-1].end - commands.received[-1].start == timedelta(days=1)
 
 
 # -- revoked keys and open streams -----------------------------------------------------------------------------
@@ -464,7 +481,8 @@ def response_schema(path: str, method: str, status: int) -> dict[str, Any]:
     response = OPENAPI["paths"][path][method]["responses"][str(status)]
     if "$ref" in response:
         response = pointer(OPENAPI, response["$ref"])
-    schema = response["content"]["application/json"]["schema"]
+    content = response["content"]
+    schema = (content.get("application/json") or content["application/problem+json"])["schema"]
     return schema_ref(schema["$ref"]) if "$ref" in schema else schema
 
 

@@ -56,8 +56,7 @@ class Vendor:
     async def command(self, **cmd: Any) -> dict[str, Any]:
         async with aiohttp.ClientSession() as s, s.post(f"{self.base}/commands", json=cmd, headers=self.headers,
                                                         ssl=self.ssl) as r:
-            body = await r.json()
-            return body.get("result", body)
+            return dict(await r.json())
 
     async def bookings(self, room: str) -> list[dict[str, Any]]:
         start, _ = slot(-1, 0)

@@ -496,7 +496,7 @@ async def test_sse_resumes_after_last_event_id_and_keeps_alive(vendor, http, hub
         await link.events(items(evs[2:], first_seq=3))  # live: the open stream gets it without polling
         assert [e["id"] for e in await read_sse(resp, 1)] == ["3"]
         async with asyncio.timeout(10):
-            while (await resp.content.readline()) != b": keep-alive\n":
+            while (await resp.content.readline()) != b": ping\n":  # aiohttp-sse's keep-alive comment
                 pass
     async with http.get(hub.url + "/v1/customers/contoso/events", headers={**auth, "Last-Event-ID": "3"}) as resp:
         got = await read_sse(resp, 1)
@@ -609,7 +609,7 @@ async def test_commands_round_trip_to_the_gateway(vendor, http, hub):
     await link.send("result", result={"key": "cmd-1", "status": "accepted", "booking_id": "b" * 32, "uid": "u-1"})
     status, doc = await call
     assert status == 200
-    assert doc["result"] == {"key": "cmd-1", "status": "accepted", "booking_id": "b" * 32, "uid": "u-1"}
+    assert doc == {"key": "cmd-1", "status": "accepted", "booking_id": "b" * 32, "uid": "u-1"}
 
     call = asyncio.create_task(vendor.call("POST", "/v1/customers/contoso/commands", token=key,
                                            body=create_command("cmd-2")))
@@ -617,7 +617,7 @@ async def test_commands_round_trip_to_the_gateway(vendor, http, hub):
     await link.send("result", result={"key": "cmd-2", "status": "declined", "reason": "conflict",
                                       "message": "the room is booked"})
     status, doc = await call
-    assert (status, doc["result"]["status"], doc["result"]["reason"]) == (200, "declined", "conflict")
+    assert (status, doc["status"], doc["reason"]) == (200, "declined", "conflict")
     await link.close()
 
 
@@ -626,17 +626,17 @@ async def test_invalid_commands_get_a_failed_result_without_reaching_the_gateway
     path = "/v1/customers/contoso/commands"
     status, doc = await vendor.call("POST", path, token=key, body=create_command(end="2020-01-01T00:00:00Z"))
     assert status == 400
-    assert doc["result"]["key"] == "cmd-1" and doc["result"]["reason"] == "invalid_command"
-    assert doc["result"]["retryable"] is False and doc["result"]["message"]
+    assert doc["key"] == "cmd-1" and doc["reason"] == "invalid_command"
+    assert doc["retryable"] is False and doc["message"]
     status, doc = await vendor.call("POST", path, token=key, body={"type": "create"})
-    assert (status, doc["result"]["key"], doc["result"]["reason"]) == (400, "", "invalid_command")
+    assert (status, doc["key"], doc["reason"]) == (400, "", "invalid_command")
     status, doc = await vendor.call("POST", path, token=key, body={"key": "k", "type": "teleport"})
-    assert (status, doc["result"]["reason"]) == (400, "unsupported_command")
+    assert (status, doc["reason"]) == (400, "unsupported_command")
     async with http.post(hub.url + path, data=b"{not json", headers={"Authorization": f"Bearer {key}"}) as resp:
-        assert resp.status == 400 and (await resp.json())["result"]["reason"] == "invalid_command"
+        assert resp.status == 400 and (await resp.json())["reason"] == "invalid_command"
     big = create_command(subject="x" * (protocol.MAX_COMMAND_BYTES + 10))
     status, doc = await vendor.call("POST", path, token=key, body=big)
-    assert (status, doc["result"]["reason"]) == (413, "too_large")
+    assert (status, doc["reason"]) == (413, "too_large")
 
 
 async def test_commands_without_a_gateway_or_when_the_tunnel_drops_fail_retryably(vendor, http, hub):
@@ -644,15 +644,15 @@ async def test_commands_without_a_gateway_or_when_the_tunnel_drops_fail_retryabl
     path = "/v1/customers/contoso/commands"
     status, doc = await vendor.call("POST", path, token=key, body=create_command())
     assert status == 503
-    assert doc["result"] == {"key": "cmd-1", "status": "failed", "reason": "gateway_offline", "retryable": True,
-                             "message": doc["result"]["message"]}
+    assert doc == {"key": "cmd-1", "status": "failed", "reason": "gateway_offline", "retryable": True,
+                             "message": doc["message"]}
     gw = await vendor.gateway()
     link = await gw.connect(http, hub.url)
     call = asyncio.create_task(vendor.call("POST", path, token=key, body=create_command()))
     assert (await link.recv())["type"] == "command"
     await link.close()
     status, doc = await call
-    assert (status, doc["result"]["reason"], doc["result"]["retryable"]) == (503, "gateway_offline", True)
+    assert (status, doc["reason"], doc["retryable"]) == (503, "gateway_offline", True)
 
 
 async def test_a_duplicate_key_in_flight_waits_for_the_same_result(vendor, http, hub):
@@ -665,10 +665,9 @@ async def test_a_duplicate_key_in_flight_waits_for_the_same_result(vendor, http,
     second = asyncio.create_task(vendor.call("POST", path, token=key, body=create_command()))
     await eventually(lambda: hub.hub.waiting("contoso", "cmd-1") == 2, what="the second request to join")
     status, doc = await vendor.call("POST", path, token=key, body=create_command(subject="Another"))
-    assert (status, doc["result"]["reason"]) == (409, "idempotency_conflict")
+    assert (status, doc["reason"]) == (409, "idempotency_conflict")
     await link.send("result", result={"key": "cmd-1", "status": "accepted", "booking_id": "c" * 32})
-    assert (await first) == (await second) == (200, {"result": {"key": "cmd-1", "status": "accepted",
-                                                                "booking_id": "c" * 32}})
+    assert (await first) == (await second) == (200, {"key": "cmd-1", "status": "accepted", "booking_id": "c" * 32})
     # exactly one command reached the gateway: the next frame it gets is the ack of this batch
     assert (await link.events(items([cloud_event("created", "x")])))["type"] == "ack"
     await link.close()
@@ -682,7 +681,7 @@ async def test_a_command_the_gateway_does_not_answer_times_out(hub_settings, htt
         gw = await vendor.gateway()
         link = await gw.connect(http, running.url)
         status, doc = await vendor.call("POST", "/v1/customers/contoso/commands", token=key, body=create_command())
-        assert (status, doc["result"]["reason"], doc["result"]["retryable"]) == (504, "gateway_offline", True)
+        assert (status, doc["reason"], doc["retryable"]) == (504, "gateway_offline", True)
         assert (await link.recv())["type"] == "command"
         await link.send("result", result={"key": "cmd-1", "status": "accepted"})  # late: dropped, no harm
         assert (await link.events(items([cloud_event("created", "x")])))["type"] == "ack"
@@ -697,21 +696,31 @@ async def test_a_vendor_key_only_reaches_its_own_customer(vendor, hub):
     await vendor.customer("fabrikam")
     assert (await vendor.call("GET", "/v1/customers/contoso/rooms", token=contoso))[0] == 200
     status, doc = await vendor.call("GET", "/v1/customers/fabrikam/rooms", token=contoso)
-    assert (status, doc["error"]) == (403, "forbidden")
+    assert (status, doc["error"]) == (403, "insufficient_scope") and "another customer" in doc["message"]
     status, doc = await vendor.call("POST", "/v1/customers/fabrikam/commands", token=contoso, body=create_command())
     assert status == 403
     status, doc = await vendor.call("GET", "/v1/customers/contoso/rooms", token=None)
-    assert (status, doc["error"]) == (401, "unauthorized")
+    assert (status, doc["error"]) == (401, "missing_api_key")  # the local API's scheme and codes
     status, doc = await vendor.call("GET", "/v1/customers/contoso/rooms", token="ck_guessed")
-    assert (status, doc["error"]) == (401, "unauthorized")
+    assert (status, doc["error"]) == (401, "invalid_api_key")
     status, doc = await vendor.call("GET", "/v1/customers/contoso/events", token="ck_guessed")
     assert status == 401
     status, doc = await vendor.call("GET", "/admin/v1/gateways", token=contoso)  # a vendor key is no admin token
-    assert (status, doc["error"]) == (401, "unauthorized")
+    assert (status, doc["error"]) == (403, "insufficient_scope")
     status, doc = await vendor.call("GET", f"/v1/customers/contoso/rooms/{ROOM}/bookings", token=contoso)
     assert (status, doc["error"]) == (404, "room_unknown")
     status, doc = await vendor.call("GET", "/nowhere", token=None)
     assert (status, doc["error"]) == (404, "not_found")
+
+
+async def test_the_hub_serves_its_openapi_document_and_problem_details(vendor, http, hub):
+    status, doc = await vendor.call("GET", "/openapi.json", token=None)
+    assert status == 200 and doc["info"]["title"].endswith("reference hub")
+    assert "/v1/customers/{customer}/events" in doc["paths"]
+    async with http.get(hub.url + "/v1/customers/contoso/rooms") as resp:
+        assert resp.headers["Content-Type"].startswith("application/problem+json")
+        problem = await resp.json()
+    assert (problem["status"], problem["error"], problem["detail"]) == (401, "missing_api_key", problem["message"])
 
 
 async def test_admin_api_validates_its_input(vendor):
@@ -919,7 +928,7 @@ async def test_metrics_need_the_admin_token_and_show_what_happened(hub_settings,
         assert (await scrape(http, running.url, token=None))[0] == 401
         assert (await scrape(http, running.url, token="wrong-token-but-long-enough"))[0] == 401
         key = await vendor.customer()
-        assert (await scrape(http, running.url, token=key))[0] == 401  # a vendor key is no admin token
+        assert (await scrape(http, running.url, token=key))[0] == 403  # a vendor key is no admin token
         status, m = await scrape(http, running.url)
         assert status == 200
         assert metric(m, "gateway_hub_sessions_connected") == 0

@@ -38,7 +38,7 @@ from gateway.model import (
 )
 from gateway.ports import OutboxEntry
 from gateway.relay import protocol
-from gateway.relay.tunnel import encode_event
+from gateway.relay.window import encode_event
 from tests.test_relay_hub import FakeGateway, Vendor, cloud_event, create_command, http, hub, hub_settings, items  # noqa: F401  (fixtures)
 
 SCHEMAS = Path(gateway.__file__).parent / "schemas"

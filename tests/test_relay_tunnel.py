@@ -30,7 +30,8 @@ from gateway.observability.metrics import Metrics
 from gateway.relay import enroll as enroll_cli
 from gateway.relay import protocol
 from gateway.relay.enroll import enroll
-from gateway.relay.tunnel import Tunnel, _frames, encode_event
+from gateway.relay.tunnel import Tunnel
+from gateway.relay.window import encode_event, frames
 from gateway.security.identity import GatewayIdentity
 from gateway.security.vault import Vault, parse_key
 from gateway.store import SqliteStore
@@ -452,8 +453,8 @@ async def test_commands_get_results_and_bad_ones_never_break_the_tunnel(
         url = f"{hub.url}/v1/customers/{CUSTOMER}/commands"
         async with http.post(url, json={"key": "c-1", "type": "resync", "room": ROOMS[0]},
                              ssl=pki.client_context()) as resp:
-            assert (await resp.json())["result"] == {"key": "c-1", "status": "accepted",
-                                                     "message": f"resync of {ROOMS[0]} started"}
+            assert (await resp.json()) == {"key": "c-1", "status": "accepted",
+                                           "message": f"resync of {ROOMS[0]} started"}
 
     # frames the hub itself would never send (it validates first): straight into the live session
     loop = asyncio.get_running_loop()
@@ -565,9 +566,9 @@ def test_batches_stay_below_the_frame_limit(store: SqliteStore) -> None:
     fill(store, 500)
     encoded = [(e.seq, encode_event(e)) for e in store.outbox_after(0, limit=500)]
     big = [(seq, frag + " " * 4000) for seq, frag in encoded]  # ~4.5 KB each: 500 of them exceed 1 MiB
-    frames = list(_frames(big))
-    assert len(frames) > 1 and [s for f in frames for s, _ in f] == [s for s, _ in big]
-    for f in frames:
+    chunks = list(frames(big))
+    assert len(chunks) > 1 and [s for f in chunks for s, _ in f] == [s for s, _ in big]
+    for f in chunks:
         text = '{"type":"events","events":[' + ",".join(x for _, x in f) + "]}"
         assert len(text.encode()) <= protocol.MAX_MESSAGE_BYTES
     assert json.loads(encoded[0][1])["event"]["id"] == "ev-uid-0"
@@ -580,7 +581,7 @@ def _admin(pki: Any) -> aiohttp.ClientSession:
 
 async def test_the_doctor_probe_reads_the_challenge_and_names_tls_and_connection_problems(hub, pki):
     from gateway.errors import GatewayError
-    from gateway.relay.tunnel import probe
+    from gateway.relay.connection import probe
 
     url = hub.url.replace("https://", "wss://") + protocol.TUNNEL_PATH
     await probe(RelayConfig(enabled=True, hub_url=url, ca_bundle=pki.ca_file))

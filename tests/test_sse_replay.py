@@ -95,7 +95,7 @@ async def test_the_local_stream_refuses_a_resume_point_past_its_end(local) -> No
     async with gw.get(str(last)) as resp:  # the last id itself: nothing missed, the stream opens
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
     async with gw.get(str(last + 1)) as resp:
-        assert resp.status == 409 and resp.headers["Content-Type"].startswith("application/json")
+        assert resp.status == 409 and resp.headers["Content-Type"].startswith("application/problem+json")
         doc = await resp.json()
     assert doc["error"] == "last_event_id_ahead" and doc["last_event_id"] == last
     assert f"Last-Event-ID {last + 1} is beyond the last event of this stream ({last})" in doc["message"]
@@ -202,8 +202,10 @@ async def test_the_hub_refuses_a_resume_point_past_its_end_as_the_local_api_does
     fill(gw.store, 5)
     async with gw.get("6") as resp:
         at_gateway = await resp.json()
-    assert at_hub == at_gateway == {**protocol.event_id_ahead(6, 5)}
-    assert set(at_hub) == {"error", "message", "last_event_id"}
+    assert at_hub == at_gateway
+    assert {k: at_hub[k] for k in ("error", "message", "last_event_id")} == protocol.event_id_ahead(6, 5)
+    assert (at_hub["status"], at_hub["detail"]) == (409, at_hub["message"])  # RFC 9457 problem details
+    assert at_hub["type"].endswith("/last_event_id_ahead") and at_hub["title"]
 
 
 async def test_hub_replay_reads_its_store_in_small_pages(http, hub, monkeypatch) -> None:

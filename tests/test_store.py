@@ -86,6 +86,8 @@ def test_bookings_round_trip_through_commit_sync(store: SqliteStore) -> None:
     assert known[plain.id].booking == plain
     assert store.bookings(R1) == [plain, rich]  # by start
     assert store.known(R2) == {}
+    assert store.booking(R1, rich.id) == rich and store.booking(R1, rich.id).confirmed_at == T0  # type: ignore[union-attr]
+    assert store.booking(R2, rich.id) is None and store.booking(R1, "nope") is None
 
 
 def test_bookings_returns_those_overlapping_the_half_open_window(store: SqliteStore) -> None:

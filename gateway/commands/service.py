@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
 
+from gateway.commands.locks import KeyedLocks
 from gateway.commands.policy import Policy, RateLimiter
 from gateway.config import CommandsConfig
 from gateway.errors import (
@@ -50,12 +49,10 @@ from gateway.model import (
     booking_id_for,
     declined,
     failed,
-    from_json,
 )
 from gateway.observability.metrics import Metrics
-from gateway.ports import Busy, CalendarWriter, Written
+from gateway.ports import Busy, CalendarWriter, Store, Written
 from gateway.store.journal import CommandJournal, JournalEntry
-from gateway.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
 
@@ -87,32 +84,6 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class _Locks:
-    """asyncio locks by name, dropped once nobody holds or waits for them (keys are unbounded)."""
-
-    @dataclass
-    class _Slot:
-        lock: asyncio.Lock
-        users: int = 0
-
-    def __init__(self) -> None:
-        self._slots: dict[str, _Locks._Slot] = {}
-
-    @asynccontextmanager
-    async def hold(self, name: str) -> AsyncIterator[None]:
-        slot = self._slots.get(name)
-        if slot is None:
-            slot = self._slots[name] = _Locks._Slot(asyncio.Lock())
-        slot.users += 1
-        try:
-            async with slot.lock:
-                yield
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                del self._slots[name]
-
-
 @dataclass
 class _Run:
     """One execution of a write command."""
@@ -130,24 +101,10 @@ class _Run:
         return self.entry.written if self.entry else None
 
 
-def _lookup_in(store: SqliteStore) -> BookingLookup:
-    def lookup(room: str, booking_id: str) -> Booking | None:
-        with store.reading() as conn:
-            row = conn.execute("SELECT json, confirmed_at FROM bookings WHERE room = ? AND id = ?",
-                               (room, booking_id)).fetchone()
-        if row is None:
-            return None
-        doc = json.loads(row[0])
-        doc["confirmed_at"] = row[1]
-        return from_json(doc)
-
-    return lookup
-
-
 class CommandService:
     """Implements ports.CommandHandler."""
 
-    def __init__(self, writer: CalendarWriter, store: SqliteStore, journal: CommandJournal,
+    def __init__(self, writer: CalendarWriter, store: Store, journal: CommandJournal,
                  settings: CommandsConfig, *, rooms: Callable[[], Collection[str]], resync: Resync,
                  booking_lookup: BookingLookup | None = None, metrics: Metrics | None = None,
                  window: Callable[[], Window] | None = None, clock: Callable[[], float] = time.monotonic,
@@ -160,13 +117,13 @@ class CommandService:
         self._limiter = RateLimiter(settings.rate_per_minute, settings.burst, clock=clock)
         self._rooms_of = rooms
         self._resync_room = resync
-        self._lookup = booking_lookup or _lookup_in(store)
+        self._lookup = booking_lookup or store.booking
         self._metrics = metrics
         self._window = window  # the coordinator's sync window: what the gateway can see (and so undo)
         self._clock = clock
         self._poll = poll_interval
-        self._keys = _Locks()
-        self._room_locks = _Locks()
+        self._keys = KeyedLocks()
+        self._room_locks = KeyedLocks()
 
     # -- the port -------------------------------------------------------------------------------------------
     async def execute(self, cmd: Command) -> CommandResult:

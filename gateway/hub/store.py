@@ -42,6 +42,31 @@ SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 CUSTOMER_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 CUSTOMER_ID_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
+
+
+# What the hub's callers are told apart by (the admin API's HTTP status, the CLI's words): classes, not key strings.
+class InvalidCustomerId(ConfigError):
+    key = "invalid_customer_id"
+
+
+class TokenUnknown(AuthError):
+    key = "invalid_token"
+
+
+class TokenSpent(AuthError):
+    """Used or expired: ask for a new one."""
+
+    key = "token_used"
+
+
+class AlreadyThere(PreconditionFailed):
+    """A customer id or a public key that exists already."""
+
+
+class Unknown(NotFound):
+    """A customer or gateway this hub does not have."""
+
+
 _BOOKING_UPSERT = frozenset({EVENT_TYPES["created"], EVENT_TYPES["updated"]})
 _BOOKING_DELETE = EVENT_TYPES["deleted"]
 _ROOM_STATE = EVENT_TYPES["room_state"]
@@ -371,17 +396,17 @@ class HubStore:
     # -- customers ------------------------------------------------------------------------------------------
     def add_customer(self, customer_id: str, name: str | None = None) -> Customer:
         if not CUSTOMER_ID_RE.fullmatch(customer_id):
-            raise ConfigError(f"{customer_id!r} is not a valid customer id", key="invalid_customer_id",
-                              remedy="use 1-63 lower-case letters, digits, '-' and '_', starting with a letter or "
-                                     "digit, e.g. contoso")
+            raise InvalidCustomerId(f"{customer_id!r} is not a valid customer id",
+                                    remedy="use 1-63 lower-case letters, digits, '-' and '_', starting with a letter "
+                                           "or digit, e.g. contoso")
         created = self._now()
         with self._write() as conn:
             try:
                 conn.execute("INSERT INTO customers (id, name, created_at) VALUES (?, ?, ?)",
                              (customer_id, name or customer_id, created))
             except sqlite3.IntegrityError:
-                raise PreconditionFailed(f"the customer {customer_id!r} exists already", key="customer_exists",
-                                         remedy="pick another id, or use the existing customer") from None
+                raise AlreadyThere(f"the customer {customer_id!r} exists already", key="customer_exists",
+                                   remedy="pick another id, or use the existing customer") from None
         return Customer(customer_id, name or customer_id, created, 0)
 
     def customer(self, customer_id: str) -> Customer | None:
@@ -395,8 +420,8 @@ class HubStore:
 
     def _require_customer(self, conn: sqlite3.Connection, customer_id: str) -> None:
         if conn.execute("SELECT 1 FROM customers WHERE id = ?", (customer_id,)).fetchone() is None:
-            raise NotFound(f"there is no customer {customer_id!r} at this hub", key="customer_unknown",
-                           remedy="add it first: `gateway hub customer add ID` or POST /admin/v1/customers")
+            raise Unknown(f"there is no customer {customer_id!r} at this hub", key="customer_unknown",
+                          remedy="add it first: `gateway hub customer add ID` or POST /admin/v1/customers")
 
     # -- enrollment -----------------------------------------------------------------------------------------
     def issue_token(self, customer_id: str, ttl: timedelta) -> tuple[str, str]:
@@ -418,18 +443,18 @@ class HubStore:
             row = conn.execute("SELECT customer, expires_at, used_at FROM enrollment_tokens WHERE hash = ?",
                                (digest(token),)).fetchone()
             if row is None:
-                raise AuthError("the enrollment token is not known at this hub", key="invalid_token",
-                                remedy="ask the hub operator for a new token (`gateway hub token CUSTOMER`)")
+                raise TokenUnknown("the enrollment token is not known at this hub",
+                                   remedy="ask the hub operator for a new token (`gateway hub token CUSTOMER`)")
             customer, expires_at, used_at = row
             if used_at is not None:
-                raise AuthError(f"the enrollment token was used already (at {used_at})", key="token_used",
-                                remedy="tokens are single use; ask the hub operator for a new one")
+                raise TokenSpent(f"the enrollment token was used already (at {used_at})",
+                                 remedy="tokens are single use; ask the hub operator for a new one")
             if expires_at <= now:
-                raise AuthError(f"the enrollment token expired at {expires_at}", key="token_expired",
-                                remedy="ask the hub operator for a new token (`gateway hub token CUSTOMER`)")
+                raise TokenSpent(f"the enrollment token expired at {expires_at}", key="token_expired",
+                                 remedy="ask the hub operator for a new token (`gateway hub token CUSTOMER`)")
             if conn.execute("SELECT 1 FROM gateway_keys WHERE key_id = ?", (key_id,)).fetchone():
-                raise PreconditionFailed("this public key is already enrolled", key="key_in_use",
-                                         remedy="generate a new key pair for the gateway and enroll again")
+                raise AlreadyThere("this public key is already enrolled", key="key_in_use",
+                                   remedy="generate a new key pair for the gateway and enroll again")
             gateway_id = "gw_" + secrets.token_urlsafe(12)
             conn.execute("UPDATE enrollment_tokens SET used_at = ?, gateway_id = ? WHERE hash = ? AND used_at IS NULL",
                          (now, gateway_id, digest(token)))
@@ -492,8 +517,8 @@ class HubStore:
         with self._write() as conn:
             row = conn.execute("SELECT revoked_at FROM gateways WHERE id = ?", (gateway_id,)).fetchone()
             if row is None:
-                raise NotFound(f"there is no gateway {gateway_id!r} at this hub", key="gateway_unknown",
-                               remedy="list them with `gateway hub gateways` or GET /admin/v1/gateways")
+                raise Unknown(f"there is no gateway {gateway_id!r} at this hub", key="gateway_unknown",
+                              remedy="list them with `gateway hub gateways` or GET /admin/v1/gateways")
             if row[0]:
                 return str(row[0])
             at = self._now()

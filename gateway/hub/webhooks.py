@@ -33,10 +33,12 @@ from typing import Any, Final
 
 import aiohttp
 import structlog
+from tenacity import RetryCallState
 
 from gateway import __version__
 from gateway.errors import ConfigError
 from gateway.hub.store import HubStore, StoredEvent, Webhook
+from gateway.retry import Backoff, retrying
 
 log = structlog.get_logger(__name__)
 
@@ -163,25 +165,28 @@ class WebhookDispatcher:
             log.exception("webhook.worker_crashed", customer=customer)
 
     async def _deliver_until_done(self, hook: Webhook, event: StoredEvent) -> None:
-        attempt = 0
-        while True:
-            try:
+        """Deliver one event, retrying (capped exponential back-off, full jitter) until the endpoint takes it: the
+        customer's later events wait, so order is kept."""
+        backoff = Backoff(self.retry_base, self.retry_max, rng=self._rng)
+
+        async def failed(state: RetryCallState) -> None:
+            self._on_attempt("failed")
+            error = state.outcome.exception() if state.outcome is not None else None
+            if state.attempt_number == 1:
+                log.warning("webhook.failing", customer=hook.customer, url=hook.url, seq=event.seq, error=str(error))
+                await self._write(self.store.webhook_failed, hook.customer, str(error))
+            else:
+                log.debug("webhook.retry", customer=hook.customer, seq=event.seq, attempt=state.attempt_number,
+                          error=str(error))
+
+        attempts = 0
+        async for attempt in retrying(backoff, on=DeliveryFailed, before_sleep=failed):
+            with attempt:
+                attempts += 1
                 await self._deliver(hook, event)
-            except DeliveryFailed as e:
-                self._on_attempt("failed")
-                attempt += 1
-                delay = self._rng.uniform(0.5, 1.0) * min(self.retry_max, self.retry_base * 2 ** min(attempt - 1, 30))
-                if attempt == 1:
-                    log.warning("webhook.failing", customer=hook.customer, url=hook.url, seq=event.seq, error=str(e))
-                    await self._write(self.store.webhook_failed, hook.customer, str(e))
-                else:
-                    log.debug("webhook.retry", customer=hook.customer, seq=event.seq, attempt=attempt, error=str(e))
-                await asyncio.sleep(delay)
-                continue
-            self._on_attempt("delivered")
-            if attempt:
-                log.info("webhook.recovered", customer=hook.customer, url=hook.url, after_attempts=attempt)
-            return
+        self._on_attempt("delivered")
+        if attempts > 1:
+            log.info("webhook.recovered", customer=hook.customer, url=hook.url, after_attempts=attempts - 1)
 
     async def _deliver(self, hook: Webhook, event: StoredEvent) -> None:
         assert self._http is not None, "start() first"

@@ -34,7 +34,7 @@ from gateway.config import CONFIG_PATH_ENV, RelayConfig, VaultConfig
 from gateway.credentials import open_vault, resolve_secret
 from gateway.errors import AuthError, ConfigError, GatewayError, ProtocolError, Unavailable
 from gateway.relay import protocol
-from gateway.relay.tunnel import AGENT, client_ssl_context, describe_connect_error, proxy_headers
+from gateway.relay.connection import AGENT, client_ssl_context, describe_connect_error, proxy_headers
 from gateway.security.identity import ENTRY, GatewayIdentity
 from gateway.security.vault import Vault
 

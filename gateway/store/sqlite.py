@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, NotFound, PreconditionFailed, ProtocolError, TransientError
-from gateway.model import Booking, Event, Room, from_json
+from gateway.model import Booking, Event, EventType, Room, from_json
 from gateway.ports import OutboxEntry
 from gateway.security import permissions
 from gateway.store import migrations
@@ -280,6 +280,13 @@ class SqliteStore:
             rows = conn.execute(sql, args).fetchall()
         return [_booking(doc, confirmed_at) for doc, confirmed_at in rows]
 
+    def booking(self, room: str, booking_id: str) -> Booking | None:
+        """One booking of ``room`` by its id (as relayed in events), or None."""
+        with self._read() as conn:
+            row = conn.execute("SELECT json, confirmed_at FROM bookings WHERE room = ? AND id = ?",
+                               (room, booking_id)).fetchone()
+        return None if row is None else _booking(row[0], row[1])
+
     def uids_for_items(self, room: str, item_ids: frozenset[str]) -> frozenset[str]:
         if not item_ids:
             return frozenset()
@@ -439,7 +446,7 @@ def _booking(doc: str, confirmed_at: str | None) -> Booking:
 
 def _entry(seq: int, room: str, room_seq: int, event_id: str, type_: str, subject: str, source: str, time: str,
            data: str, created_at: str) -> OutboxEntry:
-    event = Event(id=event_id, type=type_, room=room, subject=subject, time=_parse_ts(time), data=json.loads(data),
-                  sequence=room_seq, source=source)
+    event = Event(id=event_id, type=EventType(type_), room=room, subject=subject, time=_parse_ts(time),
+                  data=json.loads(data), sequence=room_seq, source=source)
     return OutboxEntry(seq=seq, room_seq=room_seq, event=event, created_at=_parse_ts(created_at))
 

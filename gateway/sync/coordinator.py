@@ -31,7 +31,7 @@ from gateway.errors import (
     TransientError,
     Unavailable,
 )
-from gateway.model import ROOM_STATES, Booking, Event, Room, Window
+from gateway.model import ROOM_STATES, Booking, Event, Room, RoomState, Window
 from gateway.ports import CalendarSource, OutboxEntry, Store
 from gateway.sync import ownership, privacy
 from gateway.sync.engine import Plan, Scope, plan
@@ -351,7 +351,7 @@ class Coordinator:
         previous, w.state = w.state, state
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
             w.stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email) or Room(w.email)
-        room = replace(w.stored, state=state, reason=reason, remedy=ROOM_STATES.get(state, ""))
+        room = replace(w.stored, state=RoomState(state), reason=reason, remedy=ROOM_STATES.get(state, ""))
         w.stored = room
         await self.db(self.store.upsert_room, room)
         entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from gateway.model import ROOM_STATES, Room
+from gateway.model import Room, RoomState
 from gateway.ports import OutboxEntry, Store
 from gateway.sync.events import booking_event, room_event
 
@@ -33,8 +33,8 @@ def withdraw(store: Store, room: str, *, now: datetime, source: str) -> list[Out
     known = store.known(room)
     events = [booking_event("deleted", k.booking, time=now, source=source, reason="room_disconnected")
               for k in known.values()]
-    gone = Room(room, state="disconnected", reason="removed with `gateway rooms forget`",
-                remedy=ROOM_STATES["disconnected"])
+    gone = Room(room, state=RoomState.DISCONNECTED, reason="removed with `gateway rooms forget`",
+                remedy=RoomState.DISCONNECTED.remedy)
     events.append(room_event(gone, time=now, source=source))
     entries = store.commit_sync(room, upserts=(), deletes=list(known), events=events, clear_sync_state=True)
     store.remove_room(room)

@@ -1,0 +1,106 @@
+"""Vendor commands forwarded down the tunnel to the customer's gateway, and its result back (section 7).
+
+A second request with a key that is still under way shares the first one's outcome instead of forwarding it
+again. Several gateways of one customer: the command goes to the one that relayed its room, else the newest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from gateway.hub.state import HubState
+from gateway.hub.tunnels import Session
+from gateway.model import Command, CommandResult, failed
+from gateway.relay import protocol
+from gateway.web.commands import status_of
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(eq=False)
+class _Inflight:
+    request_hash: str
+    task: asyncio.Task[tuple[int, CommandResult]]
+    waiters: int = 1
+
+
+class Forwarder:
+    def __init__(self, state: HubState) -> None:
+        self.state = state
+        self._inflight: dict[tuple[str, str], _Inflight] = {}
+
+    async def run_command(self, customer: str, cmd: Command) -> tuple[int, CommandResult]:
+        """Forward a validated command to the customer's gateway and wait for its result: (HTTP status, result)."""
+        slot = (customer, cmd.key)
+        digest = cmd.request_hash()
+        current = self._inflight.get(slot)
+        if current is not None:
+            if current.request_hash != digest:
+                result = failed(cmd.key, "idempotency_conflict", "a different command with this key is under way; "
+                                "use a new key for a new request", retryable=False)
+                return status_of(result), result
+            current.waiters += 1
+            return await asyncio.shield(current.task)
+        task = asyncio.create_task(self._forward(customer, cmd), name=f"command-{cmd.key}")
+        entry = _Inflight(digest, task)
+        self._inflight[slot] = entry
+
+        def done(_: object) -> None:
+            if self._inflight.get(slot) is entry:
+                del self._inflight[slot]
+
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    def waiting(self, customer: str, key: str) -> int:
+        """How many requests wait for the command with this key (0: none under way)."""
+        entry = self._inflight.get((customer, key))
+        return entry.waiters if entry is not None else 0
+
+    async def _route(self, customer: str, cmd: Command) -> Session | None:
+        live = [s for s in self.state.sessions.values() if s.customer == customer]
+        if len(live) <= 1:
+            return live[0] if live else None
+        room = cmd.room or (cmd.rooms[0] if cmd.rooms else None)
+        owner = await self.state.read(self.state.store.gateway_for_room, customer, room) if room else None
+        for s in live:
+            if s.gateway_id == owner:
+                return s
+        return max(live, key=lambda s: s.connected_at)  # the newest connection: the likeliest to be healthy
+
+    async def _forward(self, customer: str, cmd: Command) -> tuple[int, CommandResult]:
+        session = await self._route(customer, cmd)
+        offline = failed(cmd.key, "gateway_offline", f"no gateway of customer {customer!r} is connected to the hub; "
+                         "retry later with the same key", retryable=True)
+        if session is None:
+            return status_of(offline), offline
+        fut: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        session.pending[cmd.key] = fut
+        started = time.monotonic()
+        timeout = self.state.settings.command_timeout
+        try:
+            try:
+                await session.send(protocol.encode("command", command=protocol.command_to_json(cmd)))
+            except (ConnectionError, RuntimeError):
+                return status_of(offline), offline
+            try:
+                async with asyncio.timeout(timeout):
+                    result = await fut
+            except TimeoutError:
+                self.state.metrics.command_timeouts.inc()
+                log.warning("hub.command_timeout", customer=customer, key=cmd.key, gateway_id=session.gateway_id)
+                return 504, failed(cmd.key, "gateway_offline", f"the gateway did not answer within {timeout:g} s; "
+                                   "retry with the same key to learn the outcome", retryable=True)
+        finally:
+            if session.pending.get(cmd.key) is fut:
+                del session.pending[cmd.key]
+        elapsed = time.monotonic() - started
+        if result.reason != "gateway_offline":  # that one is the hub's own answer: the tunnel closed meanwhile
+            self.state.metrics.command_seconds.observe(elapsed)
+        log.info("hub.command_done", customer=customer, key=cmd.key, type=cmd.type, status=result.status,
+                 reason=result.reason, ms=round(elapsed * 1000))
+        return status_of(result), result
