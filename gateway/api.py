@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway import __version__
 from gateway.errors import ProtocolError
 from gateway.model import Command, CommandResult, CommandType, ResultStatus, failed, to_json
+from gateway.observability.health import Readiness
 from gateway.observability.metrics import Metrics
 from gateway.ports import CommandHandler, OutboxEntry, Store
 from gateway.relay import protocol
@@ -66,7 +67,8 @@ ROUTES: Final = (
     Route("healthz", "GET", "/healthz", None, {
         "summary": "Liveness", "operationId": "getHealth", "responses": {"200": json_body(ref("Health"), "alive")}}),
     Route("readyz", "GET", "/readyz", None, {
-        "summary": "Readiness: at least one room is verified", "operationId": "getReadiness",
+        "summary": "Readiness: every source that owns rooms has one in sync (a gateway that owns no rooms is ready)",
+        "operationId": "getReadiness",
         "responses": {"200": json_body(ref("Ready"), "ready"), "503": json_body(ref("Ready"), "not ready")}}),
 )
 
@@ -139,7 +141,7 @@ class Api:
     """
 
     def __init__(self, store: Store, metrics: Metrics, hub: EventHub, *,
-                 room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], bool],
+                 room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], Readiness | bool],
                  keys: ApiKeys | None = None, commands: CommandHandler | None = None,
                  loopback_only: bool = False, relay_state: Callable[[], str] | None = None) -> None:
         self.store = store
@@ -291,8 +293,9 @@ class Api:
         return web.json_response({"status": "ok", "version": __version__})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ok = self.ready()
-        body: dict[str, Any] = {"ready": ok}
+        state = self.ready()
+        ok, reasons = (state, ()) if isinstance(state, bool) else (state.ready, state.reasons)
+        body: dict[str, Any] = {"ready": ok, "reasons": list(reasons)}
         if self.relay_state is not None:  # open endpoint: the tunnel's state only, no addresses or errors
             body["relay"] = self.relay_state()
         return web.json_response(body, status=200 if ok else 503)
@@ -336,7 +339,9 @@ OPENAPI: Final = openapi.build(
              f"<key>`. Scopes:\n{SCOPE_LIST}\nA revoked key is refused within {CACHE_SECONDS:g} seconds, and its "
              f"event stream ends within {SSE_KEEPALIVE_SECONDS + CACHE_SECONDS:g} seconds.",
     bearer_format="gwk_<id>_<secret>", open_alternatives=("prometheus",),
-    extra_schemas={"Ready": {"type": "object", "required": ["ready"], "properties": {
+    extra_schemas={"Ready": {"type": "object", "required": ["ready", "reasons"], "properties": {
         "ready": {"type": "boolean"},
+        "reasons": {"type": "array", "items": {"type": "string"}, "description": "why not ready, one line per part "
+                    "(e.g. 'source onprem: no room in sync yet (auth_required 3)'); empty when ready"},
         "relay": {"type": "string", "description": "the tunnel's state when the relay is enabled: connecting, "
                                                    "connected, backing_off, unauthorized, revoked"}}}})

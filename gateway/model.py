@@ -211,7 +211,7 @@ _REMEDIES: dict[RoomState, str] = {
     RoomState.CANNOT_CONNECT: "Exchange cannot be reached; check the EWS URL and the network",
     RoomState.SUSPECT_EMPTY: "the room suddenly lists no bookings although many were known; nothing was deleted; "
                              "the next syncs confirm or clear it",
-    RoomState.DISCONNECTED: "removed from the configuration",
+    RoomState.DISCONNECTED: "removed from the gateway (`gateway rooms forget`); its bookings were withdrawn",
 }
 ROOM_STATES: dict[str, str] = {state: state.remedy for state in RoomState}  # state -> remedy, by its text
 

@@ -6,19 +6,31 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from gateway.app import GATEWAY, GatewayOptions, init_app, listen_error, options_from_config
+from gateway.app import (
+    EVENT_SOURCE,
+    GATEWAY,
+    GatewayOptions,
+    init_app,
+    listen_error,
+    open_source,
+    options_from_config,
+)
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
-from gateway.sources.ews.source import EwsSource
+from gateway.sources.registry import default_registry
+from gateway.sources.routing import RoomRoutes, RoutedCalendar
 from gateway.store.sqlite import SqliteStore
+from gateway.sync import ownership
 from gateway.sync.coordinator import Coordinator, RoomWorker
 
 log = structlog.get_logger("gateway.service")
@@ -30,7 +42,11 @@ async def serve(app: web.Application, host: str, port: int,
     """Serve ``app`` until SIGINT or SIGTERM; returns the exit code. ``settings`` name what sets the host and the
     port (None: the host cannot be set), for the remedy when the address cannot be listened on."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
+    try:
+        await runner.setup()  # the application's parts start here
+    except BaseException:
+        await runner.cleanup()  # a part failed: release the parts that had started
+        raise
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
@@ -77,7 +93,7 @@ def rooms(config_path: Path | None) -> int:
     store = SqliteStore(cfg.store.path)
     try:
         known = store.rooms()
-        configured = set(cfg.rooms.mailboxes)
+        configured = {room for source in cfg.calendar_sources for room in source.mailboxes}
         width = max([len(r.email) for r in known] + [len(c) for c in configured] + [4])
         print(f"{'ROOM':<{width}}  {'STATE':<22} {'BOOKINGS':>8}  REMEDY")
         seen = set()
@@ -93,6 +109,40 @@ def rooms(config_path: Path | None) -> int:
     return 0
 
 
+def forget(config_path: Path | None, room: str) -> int:
+    """Withdraw a room that has left the configuration: a deletion for each of its bookings and its state
+    ``disconnected`` go out, then the store forgets it (gateway/sync/ownership.py). Run it with the gateway
+    stopped, after taking the room out of the configuration and before starting the gateway again."""
+    cfg = load_config(config_path)
+    email = room.lower()
+    owner = next((s for s in cfg.calendar_sources if email in s.mailboxes), None)
+    if owner is not None:
+        print(f"{email} is still in the configuration ({cfg.place_of(owner)}.mailboxes): take it out first, or the "
+              "gateway imports it again at its next start", file=sys.stderr)
+        return 1
+    return forget_room(cfg.store.path, email)
+
+
+def forget_room(store_path: Path, room: str) -> int:
+    if not store_path.exists():
+        print(f"no store at {store_path}: there is nothing to forget", file=sys.stderr)
+        return 1
+    store = SqliteStore(store_path)
+    try:
+        if room not in {r.email for r in store.rooms()}:
+            print(f"the store holds nothing of {room}: a room that left the configuration is released (dropped "
+                  "without telling consumers) at the gateway's next start; forget it before that start",
+                  file=sys.stderr)
+            return 1
+        entries = ownership.withdraw(store, room, now=datetime.now(UTC), source=EVENT_SOURCE)
+    finally:
+        store.close()
+    log.info("room.forgotten", room=room, bookings=len(entries) - 1)
+    print(f"{room}: forgotten; {len(entries) - 1} bookings withdrawn (consumers get a deletion for each, then the "
+          "room's state disconnected)")
+    return 0
+
+
 async def sync_once(config_path: Path | None, room: str) -> int:
     """Verify one room and bring it up to date now; print what changed."""
     cfg = load_config(config_path)
@@ -101,11 +151,17 @@ async def sync_once(config_path: Path | None, room: str) -> int:
 
 
 async def sync_room_once(options: GatewayOptions, room: str) -> int:
+    """Verify one room and bring it up to date now, through the source that owns it."""
+    kinds = default_registry().kinds(Metrics().registry)
+    routes, opened = RoomRoutes(), []
     store = SqliteStore(options.store_path)
-    source = EwsSource(options.ews, options.password)
-    coordinator = Coordinator(source, store, options.sync, policy=options.privacy, metrics=Metrics(),
+    coordinator = Coordinator(RoutedCalendar(routes), store, options.sync, policy=options.privacy, metrics=Metrics(),
                               source_name=options.source_name)
     try:
+        for spec in options.calendar_sources:  # (a room list has to be read to know whether it holds the room)
+            running = await open_source(spec, kinds, replace(options.feed_settings, mode="poll"))
+            opened.append(running.opened)
+            routes.add(spec.name, running.opened.calendar, running.opened.writer, running.rooms)
         worker = coordinator.workers.setdefault(room.lower(), RoomWorker(coordinator, room))
         try:
             await coordinator._verify(worker)
@@ -119,18 +175,18 @@ async def sync_room_once(options: GatewayOptions, room: str) -> int:
             await coordinator.sync_changes(worker)
             await coordinator.reconcile(worker)
         entries = store.outbox_after(before, 1_000_000)
-        kinds: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for entry in entries:
             kind = entry.event.type.rsplit(".", 2)[-2]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no changes"
+            counts[kind] = counts.get(kind, 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no changes"
         print(f"{worker.email}: {worker.state}; {len(store.known(worker.email))} bookings; {summary}")
         return 0
     finally:
-        await source.close()
+        for source in opened:
+            await source.close()
         await coordinator.stop()
         store.close()
-
 
 
 async def doctor(config_path: Path | None) -> int:
@@ -180,32 +236,46 @@ async def doctor(config_path: Path | None) -> int:
              "" if not issues else "; ".join(issues))
     except GatewayError as e:
         line(False, f"store {store_path}", e.key, e.remedy or str(e))
-    source = EwsSource(options.ews, options.password)
-    try:
-        rooms, lists_read = list(options.rooms), True
-        for room_list in options.room_lists:
-            try:
-                members = await source.room_list_members(room_list)
-                line(bool(members), f"room list {room_list}", "ok" if members else "room_list_empty",
-                     "" if members else "the list has no rooms; check its address and membership")
-                rooms += members
-            except GatewayError as e:
-                lists_read = False
-                line(False, f"room list {room_list}", e.key, e.remedy or str(e))
-        if lists_read:  # a privacy exception for none of the rooms is a typo (config checks it when there are no lists)
-            for room, problem in unknown_privacy_rooms(cfg.rooms.privacy, rooms):
-                line(False, f"configuration rooms.privacy.rooms.{room}", "invalid_config", problem)
-        if not rooms:
-            line(False, "rooms", "no_rooms", "list room mailboxes (rooms.mailboxes) or room lists (rooms.room_lists)")
-        for room in sorted({r.lower() for r in rooms}):
-            try:
-                await source.verify(room)
-                line(True, f"room {room}")
-            except GatewayError as e:
-                key = {"invalid_auth": "auth_required"}.get(e.key, e.key)
-                line(False, f"room {room}", key, e.remedy or ROOM_STATES.get(key, str(e)))
-    finally:
-        await source.close()
+    kinds = default_registry().kinds(Metrics().registry)
+    specs = options.calendar_sources
+    rooms: list[str] = []
+    lists_read, owner = True, dict[str, str]()
+    for spec in specs:
+        label = f"{spec.name}: " if len(specs) > 1 else ""
+        opened = kinds(spec.kind).open(spec, replace(options.feed_settings, mode="poll"))
+        try:
+            members_of = list(spec.rooms)
+            for room_list in spec.room_lists:
+                try:
+                    if opened.directory is None:
+                        raise GatewayError(f"a source of kind {spec.kind} has no room lists", key="no_directory",
+                                           remedy="list its rooms under mailboxes")
+                    members = [r.email for r in await opened.directory.rooms(room_list)]
+                    line(bool(members), f"{label}room list {room_list}", "ok" if members else "room_list_empty",
+                         "" if members else "the list has no rooms; check its address and membership")
+                    members_of += members
+                except GatewayError as e:
+                    lists_read = False
+                    line(False, f"{label}room list {room_list}", e.key, e.remedy or str(e))
+            for room in sorted({r.lower() for r in members_of}):
+                if owner.setdefault(room, spec.name) != spec.name:
+                    line(False, f"{label}room {room}", "room_in_two_sources",
+                         f"it belongs to source '{owner[room]}' too; remove it from one of them")
+                    continue
+                rooms.append(room)
+                try:
+                    await opened.calendar.verify(room)
+                    line(True, f"{label}room {room}")
+                except GatewayError as e:
+                    key = {"invalid_auth": "auth_required"}.get(e.key, e.key)
+                    line(False, f"{label}room {room}", key, e.remedy or ROOM_STATES.get(key, str(e)))
+        finally:
+            await opened.close()
+    if lists_read:  # a privacy exception for none of the rooms is a typo (config checks it when there are no lists)
+        for room, problem in unknown_privacy_rooms(cfg.rooms.privacy, rooms):
+            line(False, f"configuration rooms.privacy.rooms.{room}", "invalid_config", problem)
+    if not rooms:
+        line(False, "rooms", "no_rooms", "list room mailboxes (rooms.mailboxes) or room lists (rooms.room_lists)")
     print("all green" if not failed else "some checks failed: fix them and run `gateway doctor` again")
     return 1 if failed else 0
 

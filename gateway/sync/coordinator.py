@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -32,10 +31,11 @@ from gateway.errors import (
     TransientError,
     Unavailable,
 )
-from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, RoomState, Window, to_json
+from gateway.model import ROOM_STATES, Booking, Event, Room, RoomState, Window
 from gateway.ports import CalendarSource, OutboxEntry, Store
-from gateway.sync import privacy
+from gateway.sync import ownership, privacy
 from gateway.sync.engine import Plan, Scope, plan
+from gateway.sync.events import booking_event, room_event
 
 log = structlog.get_logger("gateway.sync")
 T = TypeVar("T")
@@ -101,10 +101,13 @@ class Coordinator:
         return await asyncio.get_running_loop().run_in_executor(self._writer, lambda: fn(*args, **kwargs))
 
     async def start(self, rooms: Sequence[str]) -> None:
+        """Sync the rooms this gateway owns; a stored room it no longer owns is released (gateway/sync/ownership.py:
+        dropped without events, since a room that moved to another source or replica is not gone)."""
         stored = {r.email: r for r in await self.db(self.store.rooms)}
         wanted = {r.lower() for r in rooms}
-        for gone in set(stored) - wanted:
-            await self.disconnect(gone)
+        for gone in sorted(set(stored) - wanted):
+            dropped = await self.db(ownership.release, self.store, gone)
+            log.info("room.released", room=gone, bookings=dropped)
         for email in sorted(wanted):
             self.add_room(email).stored = stored.get(email)
 
@@ -291,17 +294,6 @@ class Coordinator:
         await self._commit(w, result)
         w.horizon = window.end
 
-    async def disconnect(self, email: str) -> None:
-        """A room left the configuration: its bookings leave the relay with it."""
-        known = await self.db(self.store.known, email)
-        events = [self._event("deleted", k.booking, reason="room_disconnected") for k in known.values()]
-        room = Room(email, state=RoomState.DISCONNECTED, reason="the room is no longer in the configuration",
-                    remedy=ROOM_STATES["disconnected"])
-        events.append(self._room_event(room))
-        await self.db(self.store.commit_sync, email, upserts=(), deletes=list(known), events=events,
-                      clear_sync_state=True)
-        await self.db(self.store.remove_room, email)
-
     # -- the service account's credentials -------------------------------------------------------------------
     async def _credentials_refused(self, w: RoomWorker, e: GatewayError) -> None:
         """Exchange refused the service account itself, so every room fails alike: say so once, and let one room
@@ -348,16 +340,10 @@ class Coordinator:
                 listener(entries)
 
     def _event(self, kind: str, b: Booking, reason: str | None = None) -> Event:
-        data = to_json(b)
-        if reason:
-            data["reason"] = reason
-        return Event(id=str(uuid.uuid4()), type=EVENT_TYPES[kind], room=b.room, subject=b.id, time=self.now(),
-                     data=data, source=self.source_name)
+        return booking_event(kind, b, time=self.now(), source=self.source_name, reason=reason)
 
     def _room_event(self, room: Room) -> Event:
-        data = {"room": room.email, "state": room.state, "reason": room.reason, "remedy": room.remedy}
-        return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_state"], room=room.email, subject=room.email,
-                     time=self.now(), data=data, source=self.source_name)
+        return room_event(room, time=self.now(), source=self.source_name)
 
     async def _set_state(self, w: RoomWorker, state: str, reason: str) -> None:
         if state == w.state:

@@ -36,11 +36,9 @@ from exchangelib import (
     Version,
 )
 from exchangelib import errors as xerr
-from exchangelib.errors import SessionPoolMinSizeReached
 from exchangelib.properties import CalendarView
-from exchangelib.protocol import BaseProtocol, Protocol
+from exchangelib.protocol import Protocol
 from exchangelib.services import FindItem, GetItem, SyncFolderItems
-from exchangelib.services.common import EWSService
 
 from gateway.errors import (
     AuthError,
@@ -55,6 +53,7 @@ from gateway.errors import (
 )
 from gateway.model import Booking, Window
 from gateway.ports import Changes, RoomInfo
+from gateway.sources.ews import patches
 from gateway.sources.ews.mapping import (
     DETAIL_FIELDS,
     SYNC_FIELDS,
@@ -64,6 +63,7 @@ from gateway.sources.ews.mapping import (
     item_id,
     register_properties,
 )
+from gateway.sources.ews.metrics import CallCounter
 from gateway.sources.ews.series import SeriesExpander
 
 log = structlog.get_logger("gateway.sources.ews")
@@ -90,71 +90,7 @@ class EwsSettings:
     get_item_chunk: int = 100
 
 
-# -- instrumentation: every EWS request, by operation and answer ---------------------------------------------
-class CallCounter:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts: dict[tuple[str, str], int] = {}
-        self.listeners: list[Callable[[str, str], None]] = []
-
-    def add(self, operation: str, code: str) -> None:
-        with self._lock:
-            self.counts[(operation, code)] = self.counts.get((operation, code), 0) + 1
-        for listener in self.listeners:
-            listener(operation, code)
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(self.counts.values())
-
-
-CALLS = CallCounter()
-_original_get_response_xml = EWSService._get_response_xml
-
-
-def _counted_get_response_xml(self: Any, payload: Any, **kwargs: Any) -> Any:
-    try:
-        result = _original_get_response_xml(self, payload, **kwargs)
-    except Exception as e:
-        CALLS.add(self.SERVICE_NAME, type(e).__name__)
-        raise
-    CALLS.add(self.SERVICE_NAME, "NoError")
-    return result
-
-
-EWSService._get_response_xml = _counted_get_response_xml
-
-
-class _WholeBody:
-    def __init__(self, content: bytes) -> None:
-        self.content = content
-
-    def iter_content(self) -> Iterator[bytes]:
-        return iter((self.content,))
-
-
-_original_soap_parts = EWSService._get_soap_parts.__func__
-
-
-def _whole_body_soap_parts(cls: Any, response: Any) -> Any:
-    """exchangelib 5.6 parses every response through iter_content() one byte at a time (about 1 s per MB);
-    a response that requests has already read in full is handed over in one piece."""
-    if isinstance(response, requests.Response) and response._content_consumed:
-        response = _WholeBody(response.content)
-    return _original_soap_parts(cls, response)
-
-
-EWSService._get_soap_parts = classmethod(_whole_body_soap_parts)
-
-
-def _keep_pool_size(self: Any) -> None:
-    """exchangelib 5.6 shrinks its session pool on every ErrorServerBusy and never grows it back, and doing so
-    under its pool lock can deadlock while a stream holds a session. Refusing (as at the minimum size) makes
-    exchangelib pass ErrorExceededConnectionCount on instead of retrying; the gateway does its own back-off."""
-    raise SessionPoolMinSizeReached("the gateway keeps exchangelib's session pool at its configured size")
-
-
-Protocol.decrease_poolsize = _keep_pool_size
+patches.install()
 
 
 @contextlib.contextmanager
@@ -193,14 +129,6 @@ def map_ews_errors(room: str | None = None) -> Iterator[None]:
         raise TransientError(f"Exchange answered {type(e).__name__}{where}: {e}", key="ews_error") from e
 
 
-def _verifying_adapter(ca_bundle: str) -> type[requests.adapters.HTTPAdapter]:
-    class VerifyingAdapter(requests.adapters.HTTPAdapter):
-        def send(self, *args: Any, **kwargs: Any) -> Any:
-            kwargs["verify"] = ca_bundle
-            return super().send(*args, **kwargs)
-    return VerifyingAdapter
-
-
 class _RawFindItem(FindItem):
     """FindItem through exchangelib's transport, handing back the t:CalendarItem elements unparsed."""
 
@@ -223,12 +151,13 @@ class _RawSyncFolderItems(SyncFolderItems):
 class EwsSource:
     """A CalendarSource for on-premise Exchange 2013-2019."""
 
-    def __init__(self, settings: EwsSettings, password: str, *, extra_connections: int = 0) -> None:
+    def __init__(self, settings: EwsSettings, password: str, *, extra_connections: int = 0,
+                 calls: CallCounter | None = None) -> None:
         register_properties()
         self.settings = settings
+        self.calls = calls or CallCounter()  # this source's EWS requests (its pool's threads report to it)
         if settings.ca_bundle:
-            BaseProtocol.HTTP_ADAPTER_CLS = _verifying_adapter(settings.ca_bundle)
-        BaseProtocol.TIMEOUT = int(settings.timeout)
+            patches.trust(settings.ews_url, settings.ca_bundle)
         self.config = Configuration(
             service_endpoint=settings.ews_url,
             credentials=Credentials(settings.username, password),
@@ -238,8 +167,9 @@ class EwsSource:
             retry_policy=FailFast(),
             max_connections=settings.max_workers + extra_connections,
         )
+        Protocol(config=self.config).TIMEOUT = int(settings.timeout)  # this endpoint's, not every client's
         self.tz = EWSTimeZone(settings.default_timezone)
-        self._pool = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="ews")
+        self._pool = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="ews", initializer=self.bind_calls)
         self._accounts: dict[str, Account] = {}
         self._lock = threading.Lock()
         self._gate_until = 0.0
@@ -255,6 +185,10 @@ class EwsSource:
                                default_timezone=self.tz)
                 self._accounts[room] = acct
             return acct
+
+    def bind_calls(self) -> None:
+        """Count the EWS requests the calling thread makes as this source's (for threads outside its pool)."""
+        patches.bind_calls(self.calls)
 
     async def _run(self, room: str | None, fn: Callable[[], T]) -> T:
         wait = self._gate_until - time.monotonic()
@@ -374,12 +308,6 @@ class EwsSource:
             if b is not None:
                 out.append(b)
         return out
-
-    async def room_list_members(self, room_list: str) -> list[str]:
-        """The rooms of an Exchange room list (GetRooms)."""
-        def members() -> list[str]:
-            return [r.email_address.lower() for r in Protocol(config=self.config).get_rooms(room_list)]
-        return await self._run(room_list, members)
 
     async def read_window(self, room: str, window: Window) -> list[Booking]:
         def read() -> list[Booking]:

@@ -84,7 +84,8 @@ class StreamingFeed:
 
         wanted = sorted({r.lower() for r in rooms})
         # One thread per connection (exchangelib blocks for the whole life of a stream); a group holds a room.
-        threads = ThreadPoolExecutor(max(1, len(wanted)), thread_name_prefix="ews-stream")
+        threads = ThreadPoolExecutor(max(1, len(wanted)), thread_name_prefix="ews-stream",
+                                     initializer=self.source.bind_calls)  # its requests count as the source's
         running: dict[asyncio.Future[tuple[list[str], Group | None]], Group] = {}
 
         def open_stream(group: Group) -> None:
