@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway import __version__
 from gateway.errors import ProtocolError
 from gateway.model import Command, CommandResult, CommandType, ResultStatus, failed, to_json
+from gateway.observability.health import Readiness
 from gateway.observability.metrics import Metrics
 from gateway.ports import CommandHandler, OutboxEntry, Store
 from gateway.relay import protocol
@@ -66,7 +67,9 @@ ROUTES: Final = (
     Route("healthz", "GET", "/healthz", None, {
         "summary": "Liveness", "operationId": "getHealth", "responses": {"200": json_body(ref("Health"), "alive")}}),
     Route("readyz", "GET", "/readyz", None, {
-        "summary": "Readiness: at least one room is in sync (verified, or polling)", "operationId": "getReadiness",
+        "summary": "Readiness: every source that owns rooms has one in sync (verified, or polling while its change "
+                   "feed restarts; a gateway that owns no rooms is ready)",
+        "operationId": "getReadiness",
         "responses": {"200": json_body(ref("Ready"), "ready"), "503": json_body(ref("Ready"), "not ready")}}),
 )
 
@@ -139,16 +142,14 @@ class Api:
     """
 
     def __init__(self, store: Store, metrics: Metrics, hub: EventHub, *,
-                 room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], bool],
+                 room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], Readiness | bool],
                  keys: ApiKeys | None = None, commands: CommandHandler | None = None,
-                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None,
-                 ready_reason: Callable[[], str] | None = None) -> None:
+                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.hub = hub
         self.room_states = room_states
         self.ready = ready
-        self.ready_reason = ready_reason  # why not ready (states and counts only: /readyz is open)
         self.relay_state = relay_state  # the tunnel's state (connected, backing_off, revoked...), if there is one
         if keys is None:
             if not isinstance(store, SqliteStore):
@@ -293,10 +294,9 @@ class Api:
         return web.json_response({"status": "ok", "version": __version__})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ok = self.ready()
-        body: dict[str, Any] = {"ready": ok}
-        if not ok and self.ready_reason is not None:
-            body["reason"] = self.ready_reason()
+        state = self.ready()
+        ok, reasons = (state, ()) if isinstance(state, bool) else (state.ready, state.reasons)
+        body: dict[str, Any] = {"ready": ok, "reasons": list(reasons)}
         if self.relay_state is not None:  # open endpoint: the tunnel's state only, no addresses or errors
             body["relay"] = self.relay_state()
         return web.json_response(body, status=200 if ok else 503)
@@ -340,9 +340,11 @@ OPENAPI: Final = openapi.build(
              f"<key>`. Scopes:\n{SCOPE_LIST}\nA revoked key is refused within {CACHE_SECONDS:g} seconds, and its "
              f"event stream ends within {SSE_KEEPALIVE_SECONDS + CACHE_SECONDS:g} seconds.",
     bearer_format="gwk_<id>_<secret>", open_alternatives=("prometheus",),
-    extra_schemas={"Ready": {"type": "object", "required": ["ready"], "properties": {
+    extra_schemas={"Ready": {"type": "object", "required": ["ready", "reasons"], "properties": {
         "ready": {"type": "boolean"},
-        "reason": {"type": "string", "description": "when not ready: the rooms' states, counted (each room's reason "
-                                                    "and remedy are in /v1/rooms)"},
+        "reasons": {"type": "array", "items": {"type": "string"}, "description": "why not ready, one line per part "
+                    "(e.g. 'source onprem: no room in sync yet (auth_required 3)'), and while no room at all is in "
+                    "sync the rooms' states counted (each room's reason and remedy are in /v1/rooms); empty when "
+                    "ready"},
         "relay": {"type": "string", "description": "the tunnel's state when the relay is enabled: connecting, "
                                                    "connected, backing_off, unauthorized, revoked"}}}})

@@ -1,4 +1,29 @@
-"""The application factory: every long-lived part is one cleanup context, wired from typed options."""
+"""The application factory, ``init_app(options)``: every long-lived part is one aiohttp cleanup context.
+
+Start-up enters the contexts in this order, each reachable through its typed application key once entered:
+
+    STORE        the SQLite store
+    SOURCES      each configured source, opened by its kind (gateway/sources/registry.py), its room lists read; while
+                 its credentials are refused, its secret is read again now and then (a changed one is tried at once)
+    COORDINATOR  the coordinator, syncing every room the sources own (each room's calls routed to its source)
+    (feeds)      each source's change feed, watching that source's rooms, supervised: a feed that fails is logged
+                 and started again with back-off (gateway/supervisor.py), its rooms polling meanwhile; room lists
+                 that could not be read at start are read here later
+    API          the command service and the local API (its keys live in the store)
+    TUNNEL       the tunnel to the hub, when the relay is enabled
+    (housekeeping)
+    GATEWAY      all of them, for tests and the CLI (and readiness)
+
+A part that fails to start raises an error that names it (and logs ``gateway.start_failed``); aiohttp then exits,
+in reverse, only the contexts that were entered, so whatever had started is released (the server's runner must
+clean up after a failed set-up: ``service.serve`` and ``start_gateway`` do). Nothing here knows which kinds of
+source exist.
+
+Room lists that cannot be read at start because of a failure every room shares (refused credentials, Exchange away)
+do not stop the gateway: exiting would be restarted, and every restart would be another failed logon. The rooms known
+from before are kept (none is released for want of its list), the lists are read once the source answers, and their
+rooms join (the feed starts again with them).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +33,8 @@ import errno
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -21,15 +46,16 @@ from aiohttp import web
 from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, RelayConfig
-from gateway.credentials import open_vault, resolve_password, resolve_secret
+from gateway.credentials import open_vault, resolve_secret
 from gateway.errors import ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
+from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
 from gateway.observability.metrics import Metrics, StateCollector
+from gateway.ports import CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
 from gateway.relay.tunnel import Tunnel
 from gateway.security.identity import GatewayIdentity
-from gateway.sources.ews.source import CALLS, EwsSettings, EwsSource
-from gateway.sources.ews.streaming import PullFeed, StreamingFeed
-from gateway.sources.ews.writer import EwsWriter
+from gateway.sources.registry import Kinds, SourceRegistry, default_registry
+from gateway.sources.routing import RoomRoutes, RoutedCalendar, RoutedWriter
 from gateway.store.journal import CommandJournal
 from gateway.store.sqlite import SqliteStore
 from gateway.supervisor import supervise, watch_task
@@ -37,13 +63,21 @@ from gateway.sync.coordinator import Coordinator, SyncSettings
 from gateway.sync.privacy import PrivacyPolicy
 
 log = structlog.get_logger("gateway.app")
+EVENT_SOURCE = "urn:exchange-gateway"  # the CloudEvents source of what this gateway emits
 STOP_SECONDS = 10.0  # each part gets this long to stop before the next one is stopped anyway
 
 
 @dataclass(frozen=True)
 class GatewayOptions:
-    ews: EwsSettings
-    password: str = field(repr=False)
+    """What the running gateway needs, typed: from the configuration (``options_from_config``) or built in code.
+
+    ``sources`` lists the calendar sources. Tools and tests may instead give one EWS source the short way:
+    ``ews`` (its EwsSettings), ``password``, ``rooms`` and ``room_lists`` make a source named ``exchange``.
+    """
+
+    sources: tuple[SourceSpec, ...] = ()
+    ews: object | None = None
+    password: str = field(default="", repr=False)
     rooms: tuple[str, ...] = ()
     room_lists: tuple[str, ...] = ()
     sync: SyncSettings = field(default_factory=SyncSettings)
@@ -54,7 +88,7 @@ class GatewayOptions:
     pull_interval_seconds: float = 10.0
     feed_retry_seconds: float = 5.0  # first back-off before a room that could not be subscribed is tried again
     privacy: Callable[[str], PrivacyPolicy] | None = None
-    source_name: str = "urn:exchange-gateway"
+    source_name: str = EVENT_SOURCE
     clock: Callable[[], datetime] | None = None  # the sync window's "now" (tests move it; default: the real clock)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
@@ -62,11 +96,42 @@ class GatewayOptions:
     proxy_password: str | None = field(default=None, repr=False)
     api_loopback_only: bool = True  # the local API listens on loopback only: /metrics needs no key
     journal_retention_days: int = 30
-    # The password again, read afresh (from the vault): while Exchange refuses the credentials, it is re-read every
+    # The password of the short form again, read afresh (from the vault; configured sources carry their own
+    # ``SourceSpec.reread_secret``): while Exchange refuses the credentials, it is re-read every
     # ``password_check_seconds`` and a changed one is tried at once (no waiting out the long auth back-off).
     password_source: Callable[[], str] | None = field(default=None, repr=False)
     password_check_seconds: float = 30.0
     feed_restart_seconds: float = 5.0  # first back-off before a change feed that failed is started again
+
+    @property
+    def calendar_sources(self) -> tuple[SourceSpec, ...]:
+        if self.sources or self.ews is None:
+            return self.sources
+        return (SourceSpec("exchange", "ews", self.ews, self.password, self.rooms, self.room_lists,
+                           reread_secret=self.password_source),)
+
+    @property
+    def feed_settings(self) -> FeedSettings:
+        return FeedSettings(self.feed, self.stream_timeout_minutes, self.group_size, self.pull_interval_seconds,
+                            self.feed_retry_seconds)
+
+
+@dataclass
+class RunningSource:
+    """An opened source, the rooms it owns (its mailboxes and its room lists' rooms) and its feed's task."""
+
+    opened: OpenedSource
+    rooms: list[str]
+    feed_task: asyncio.Task[None] | None = None
+    unread: list[str] = field(default_factory=list)  # room lists that could not be read yet (a shared failure)
+    unread_key: str = ""  # why (the failure's key)
+    feed_down: bool = False  # its feed failed and has not subscribed since (its rooms poll)
+    rooms_changed: asyncio.Event = field(default_factory=asyncio.Event)  # the feed watches again with the rooms
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its credentials and room-list tasks
+
+    @property
+    def feed(self) -> ChangeFeed | None:
+        return self.opened.feed
 
 
 @dataclass
@@ -76,35 +141,64 @@ class Gateway:
     options: GatewayOptions
     metrics: Metrics
     store: SqliteStore
-    source: EwsSource
+    sources: dict[str, RunningSource]
+    routes: RoomRoutes
     coordinator: Coordinator
     hub: EventHub
     api: Api
-    feed: StreamingFeed | PullFeed | None = None
-    feed_task: asyncio.Task[None] | None = None
-    feed_up: bool = False  # the feed has subscribed and not failed since
-    credentials_task: asyncio.Task[None] | None = None
-    lists_task: asyncio.Task[None] | None = None  # room lists that could not be read at start, read later
-    rooms: list[str] = field(default_factory=list)
-    commands: CommandService | None = None
+    commands: CommandService
     tunnel: Tunnel | None = None
-    tunnel_task: asyncio.Task[None] | None = None
-    housekeeping_task: asyncio.Task[None] | None = None
+    runner: web.AppRunner | None = None  # set by start_gateway (no listener): stop_gateway cleans it up
+
+    @property
+    def rooms(self) -> list[str]:
+        """Every room this gateway owns."""
+        return self.routes.rooms()
+
+    @property
+    def source(self) -> CalendarSource:
+        """The calendar the coordinator reads (every source, each room routed to its own)."""
+        return self.coordinator.source
+
+    @property
+    def feed(self) -> ChangeFeed | None:
+        """The change feed of the first source (the only one in the single-source form)."""
+        return next(iter(self.sources.values())).feed if self.sources else None
+
+    def readiness(self) -> Readiness:
+        # A hub outage does not make the gateway unready: local clients are still served, events wait in the outbox.
+        workers = self.coordinator.workers
+        parts = [source_part(name, [workers[r].state for r in s.rooms if r in workers])
+                 for name, s in self.sources.items()]
+        parts += [unread_part(name, s.unread_key) for name, s in self.sources.items() if s.unread and not s.rooms]
+        parts += [Part(f"feed of {name}", "stopped") for name, s in self.sources.items()
+                  if s.feed_task is not None and s.feed_task.done()]
+        parts.append(rooms_part(w.state for w in workers.values()))
+        return readiness(parts)
 
 
-GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+STORE = web.AppKey("store", SqliteStore)
+SOURCES = web.AppKey[dict[str, RunningSource]]("sources")
+ROOM_ROUTES = web.AppKey("room_routes", RoomRoutes)
+COORDINATOR = web.AppKey("coordinator", Coordinator)
+EVENTS = web.AppKey("events", EventHub)
+API = web.AppKey("api", Api)
+COMMANDS = web.AppKey("commands", CommandService)
+TUNNEL = web.AppKey[Tunnel | None]("tunnel")
+GATEWAY = web.AppKey("gateway", Gateway)
 
 
-def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> GatewayOptions:
-    """Typed options for the running gateway, from a validated configuration (the password from the vault)."""
-    ex = cfg.exchange
-    if not ex.ews_url:
-        raise ConfigError("exchange.ews_url is not set; Autodiscover is not supported yet",
-                          remedy="set exchange.ews_url to https://<your CAS>/EWS/Exchange.asmx")
-    password = resolve_password(cfg, env if env is not None else os.environ).reveal()
-
-    def password_again() -> str:
-        return resolve_password(cfg, env if env is not None else os.environ).reveal()
+def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
+                        registry: SourceRegistry | None = None) -> GatewayOptions:
+    """Typed options for the running gateway, from a validated configuration (passwords from the vault)."""
+    environ = env if env is not None else os.environ
+    registry = registry or default_registry()
+    specs = []
+    for section in cfg.calendar_sources:
+        settings = registry.kind(section.kind).settings(section, cfg.place_of(section))
+        password = resolve_secret(section.secret_ref, cfg.vault, environ).reveal()
+        specs.append(SourceSpec(section.name, section.kind, settings, password, section.mailboxes,
+                                section.room_lists, reread_secret=partial(_reveal, section.secret_ref, cfg, environ)))
 
     def policy_for(room: str) -> PrivacyPolicy:
         p = cfg.rooms.privacy.rooms.get(room.lower(), cfg.rooms.privacy.default)
@@ -112,7 +206,6 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
                              hide_private_organizer=p.hide_private_organizer)
 
     identity = proxy_password = None
-    environ = env if env is not None else os.environ
     if cfg.relay.enabled:
         vault = open_vault(cfg.vault, environ)
         if not GatewayIdentity.exists(vault):
@@ -123,17 +216,12 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
             proxy_password = resolve_secret(cfg.relay.proxy_password_ref, cfg.vault, environ).reveal()
     s = cfg.sync
     return GatewayOptions(
-        ews=EwsSettings(ews_url=ex.ews_url, username=ex.username, auth=ex.auth, version=ex.version,
-                        ca_bundle=str(ex.ca_bundle) if ex.ca_bundle else None, timeout=ex.timeout_seconds,
-                        max_workers=ex.max_concurrent_requests, default_timezone=ex.default_timezone),
-        password=password,
-        rooms=cfg.rooms.mailboxes,
-        room_lists=cfg.rooms.room_lists,
+        sources=tuple(specs),
         sync=SyncSettings(days_back=cfg.rooms.days_back, days_ahead=cfg.rooms.days_ahead,
                           debounce_seconds=s.debounce_seconds,
                           poll_seconds=s.poll_interval_seconds if s.mode == "poll" else 0.0,
                           reconcile_seconds=s.reconcile_interval_seconds,
-                          max_concurrent_rooms=ex.max_concurrent_requests),
+                          max_concurrent_rooms=sum(c.max_concurrent_requests for c in cfg.calendar_sources)),
         store_path=cfg.store.path,
         feed=s.mode,
         stream_timeout_minutes=s.streaming_connection_timeout_minutes,
@@ -145,8 +233,12 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None) -> Ga
         identity=identity,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
-        password_source=password_again,
     )
+
+
+def _reveal(ref: Any, cfg: Config, environ: Mapping[str, str]) -> str:
+    """A source's secret, read again (from the vault or the environment)."""
+    return resolve_secret(ref, cfg.vault, environ).reveal()
 
 
 def listen_error(e: OSError, host: str, port: int, *, host_setting: str | None, port_setting: str) -> GatewayError:
@@ -173,21 +265,183 @@ def listen_error(e: OSError, host: str, port: int, *, host_setting: str | None, 
                        remedy=f"check {host_setting + ' and ' if host_setting else ''}{port_setting}")
 
 
-def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.Application:
-    holder: dict[str, Api] = {}
-    app = web.Application(middlewares=[auth_middleware(lambda: holder.get("api"))])
+@contextlib.contextmanager
+def _starting(part: str) -> Iterator[None]:
+    """Say which part failed to start: in the log, and in the message of a GatewayError."""
+    try:
+        yield
+    except GatewayError as e:
+        log.error("gateway.start_failed", part=part, key=e.key, error=str(e))
+        e.args = (f"{part} did not start: {e.args[0] if e.args else e.key}", *e.args[1:])
+        raise
+    except Exception as e:
+        log.error("gateway.start_failed", part=part, error=repr(e))
+        raise
+
+
+async def _stopped(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), STOP_SECONDS)
+
+
+def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
+             registry: SourceRegistry | None = None) -> web.Application:
+    """The gateway as an aiohttp application: its parts start when the application does (see the module)."""
+    metrics = metrics or Metrics()
+    kinds: Kinds = (registry or default_registry()).kinds(metrics.registry)
+    app = web.Application(middlewares=[auth_middleware(lambda: app.get(API))])
+    app[SOURCES] = {}
+    app[ROOM_ROUTES] = RoomRoutes()
+    specs = options.calendar_sources
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        with _starting("the store"):
+            app[STORE] = SqliteStore(options.store_path)  # creates its folder 0700, or names the path and the fix
+        yield
+        app[STORE].close()
+        log.info("gateway.stopped")  # the store is the first part started and the last one stopped
+
+    def source_ctx(spec: SourceSpec) -> Callable[[web.Application], AsyncIterator[None]]:
+        async def ctx(app: web.Application) -> AsyncIterator[None]:
+            with _starting(f"source {spec.name}"):
+                running = await open_source(spec, kinds, options.feed_settings)
+                try:
+                    app[ROOM_ROUTES].add(spec.name, running.opened.calendar, running.opened.writer, running.rooms)
+                except BaseException:
+                    await running.opened.close()
+                    raise
+            app[SOURCES][spec.name] = running
+            opened = running.opened
+            if spec.reread_secret is not None and opened.outage is not None and opened.set_secret is not None:
+                task = asyncio.get_running_loop().create_task(
+                    _watch_credentials(spec, opened, options.password_check_seconds), name=f"credentials:{spec.name}")
+                watch_task(f"credentials:{spec.name}", task)
+                running.tasks.append(task)
+            yield
+            for task in running.tasks:
+                await _stopped(task)
+            app[ROOM_ROUTES].remove(spec.name)
+            del app[SOURCES][spec.name]
+            await running.opened.close()
+        return ctx
+
+    async def coordinator_ctx(app: web.Application) -> AsyncIterator[None]:
+        with _starting("the coordinator"):
+            routes = app[ROOM_ROUTES]
+            await _keep_rooms_of_unread_lists(app[STORE], app[SOURCES], routes)
+            coordinator = Coordinator(RoutedCalendar(routes), app[STORE], options.sync,
+                                      policy=options.privacy, metrics=metrics, clock=options.clock,
+                                      source_name=options.source_name, group=routes.owner)
+            app[EVENTS] = EventHub()
+            coordinator.listeners.append(app[EVENTS].notify)
+            app[COORDINATOR] = coordinator
+            loop = asyncio.get_running_loop()
+            for name, running in app[SOURCES].items():
+                if running.opened.outage is not None:
+                    running.opened.outage.listeners.append(partial(_recovered, loop, coordinator, name))
+            await coordinator.start(routes.rooms())
+        yield
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(coordinator.stop(), STOP_SECONDS)
+
+    def feed_ctx(name: str) -> Callable[[web.Application], AsyncIterator[None]]:
+        async def ctx(app: web.Application) -> AsyncIterator[None]:
+            running = app[SOURCES][name]
+            loop = asyncio.get_running_loop()
+            if running.feed is not None:
+                task = f"feed:{options.feed}" + (f" of {name}" if len(specs) > 1 else "")
+                running.feed_task = loop.create_task(
+                    _run_feed(running, app[COORDINATOR], task, options.feed_restart_seconds), name=f"feed:{name}")
+            if running.unread:
+                lists = loop.create_task(_read_room_lists_later(name, running, app[ROOM_ROUTES], app[COORDINATOR],
+                                                                options.sync.retry_seconds), name=f"room-lists:{name}")
+                watch_task(f"room-lists:{name}", lists)
+                running.tasks.append(lists)
+            yield
+            running.opened.stop_feed()
+            await _stopped(running.feed_task)
+        return ctx
+
+    async def api_ctx(app: web.Application) -> AsyncIterator[None]:
+        store, coordinator = app[STORE], app[COORDINATOR]
+        with _starting("the command service and the local API"):
+            journal = CommandJournal(store)
+            app[COMMANDS] = CommandService(
+                RoutedWriter(app[ROOM_ROUTES]), store, journal, options.commands,
+                rooms=lambda: coordinator.workers.keys(),
+                resync=lambda room, uids: coordinator.mark_dirty(room, "command", uids), metrics=metrics,
+                window=coordinator.window)
+
+            def room_states() -> dict[str, dict[str, Any]]:
+                now = time.monotonic()
+                return {email: {"state": w.state, "reason": "", "remedy": ROOM_STATES.get(w.state, ""),
+                                "last_sync_age_seconds": None if w.last_success is None else
+                                round(now - w.last_success, 3)}
+                        for email, w in coordinator.workers.items()}
+
+            def relay_state() -> str:
+                tunnel = app[TUNNEL]
+                return str(tunnel.status()["state"]) if tunnel is not None else ""
+
+            api = Api(store, metrics, app[EVENTS], room_states=room_states, ready=lambda: app[GATEWAY].readiness(),
+                      commands=app[COMMANDS] if options.commands.enabled else None,
+                      loopback_only=options.api_loopback_only,
+                      relay_state=relay_state if options.relay.enabled else None)
+            collector = StateCollector(
+                rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
+                outbox=store.outbox_stats if options.relay.enabled else None,  # only a hub acknowledges
+                states=ROOM_STATES)
+            metrics.watch(collector)
+        app[API] = api
+        yield
+        metrics.registry.unregister(collector)
+        api.close()
+
+    async def tunnel_ctx(app: web.Application) -> AsyncIterator[None]:
+        if not options.relay.enabled:
+            app[TUNNEL] = None
+            yield
+            return
+        with _starting("the tunnel"):
+            if options.identity is None:
+                raise ConfigError("relay.enabled is true but no gateway identity was loaded", key="not_enrolled",
+                                  remedy="enroll it once with `gateway enroll --hub https://HUB --token TOKEN`")
+            tunnel = Tunnel(options.relay, options.identity, app[STORE], app[COMMANDS], notifier=app[EVENTS],
+                            metrics=metrics, proxy_password=options.proxy_password)
+        app[TUNNEL] = tunnel
+        task = asyncio.get_running_loop().create_task(tunnel.run(), name="tunnel")
+        watch_task("tunnel", task)
+        yield
+        await _stopped(task)
+        with contextlib.suppress(Exception):
+            await tunnel.close()
+
+    async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(
+            _housekeeping(app[STORE], CommandJournal(app[STORE]), relayed=app[TUNNEL] is not None,
+                          journal_days=options.journal_retention_days), name="housekeeping")
+        watch_task("housekeeping", task)
+        yield
+        await _stopped(task)
 
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
-        gw = await start_gateway(options, metrics or Metrics())
-        app[GATEWAY] = gw
-        holder["api"] = gw.api
+        gw = app[GATEWAY] = Gateway(options, metrics, app[STORE], app[SOURCES], app[ROOM_ROUTES], app[COORDINATOR],
+                                    app[EVENTS], app[API], app[COMMANDS], tunnel=app[TUNNEL])
+        log.info("gateway.started", sources=len(gw.sources), rooms=len(gw.rooms), feed=options.feed,
+                 store=str(options.store_path), relay=options.relay.enabled)
         yield
-        await stop_gateway(gw)
+        log.info("gateway.stopping")
 
-    app.cleanup_ctx.append(gateway_ctx)
+    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.extend(source_ctx(spec) for spec in specs)
+    app.cleanup_ctx.append(coordinator_ctx)
+    app.cleanup_ctx.extend(feed_ctx(spec.name) for spec in specs)
+    app.cleanup_ctx.extend((api_ctx, tunnel_ctx, housekeeping_ctx, gateway_ctx))
 
     async def forward(request: web.Request) -> web.StreamResponse:
-        api = holder.get("api")
+        api = request.app.get(API)
         if api is None:
             raise web.HTTPServiceUnavailable(text="starting")
         handler = getattr(api, request.match_info.route.name or "", None)
@@ -199,249 +453,205 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None) -> web.
     return app
 
 
-async def start_gateway(options: GatewayOptions, metrics: Metrics) -> Gateway:
-    store = SqliteStore(options.store_path)  # creates its folder 0700, or names the path and the fix
-    streams_expected = 0
-    if options.feed == "streaming":
-        streams_expected = max(1, len(options.rooms) // max(1, options.group_size) + 2)
-    source = EwsSource(options.ews, options.password, extra_connections=streams_expected)
-    CALLS.listeners.append(metrics.ews_call)
-    coordinator = Coordinator(source, store, options.sync, policy=options.privacy, metrics=metrics,
-                              clock=options.clock, source_name=options.source_name)
-    hub = EventHub()
-    coordinator.listeners.append(hub.notify)
-
-    def room_states() -> dict[str, dict[str, Any]]:
-        now = time.monotonic()
-        return {email: {"state": w.state, "reason": "", "remedy": ROOM_STATES.get(w.state, ""),
-                        "last_sync_age_seconds": None if w.last_success is None else round(now - w.last_success, 3)}
-                for email, w in coordinator.workers.items()}
-
-    journal = CommandJournal(store)
-    commands = CommandService(EwsWriter(source), store, journal, options.commands,
-                              rooms=lambda: coordinator.workers.keys(),
-                              resync=lambda room, uids: coordinator.mark_dirty(room, "command", uids),
-                              metrics=metrics,
-                              window=coordinator.window)
-    tunnel = None
-    if options.relay.enabled:
-        if options.identity is None:
-            raise ConfigError("relay.enabled is true but no gateway identity was loaded", key="not_enrolled",
-                              remedy="enroll it once with `gateway enroll --hub https://HUB --token TOKEN`")
-        tunnel = Tunnel(options.relay, options.identity, store, commands, notifier=hub, metrics=metrics,
-                        proxy_password=options.proxy_password)
-
-    def ready() -> bool:
-        # A hub outage does not make the gateway unready: local clients are still served, events wait in the outbox.
-        return bool(coordinator.workers) and any(w.state in ("verified", "polling")
-                                                 for w in coordinator.workers.values())
-
-    def not_ready_reason() -> str:
-        # /readyz is open: counts and states only, no addresses, hosts or error texts.
-        if not coordinator.workers:
-            return "no rooms are configured, or none has been found yet"
-        counts: dict[str, int] = {}
-        for w in coordinator.workers.values():
-            counts[w.state] = counts.get(w.state, 0) + 1
-        states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-        return f"no room is in sync ({states}); see /v1/rooms or `gateway rooms` for each room's reason and remedy"
-
-    api = Api(store, metrics, hub, room_states=room_states, ready=ready, ready_reason=not_ready_reason,
-              commands=commands if options.commands.enabled else None, loopback_only=options.api_loopback_only,
-              relay_state=(lambda: str(tunnel.status()["state"])) if tunnel is not None else None)
-    gw = Gateway(options, metrics, store, source, coordinator, hub, api, commands=commands, tunnel=tunnel)
-    metrics.watch(StateCollector(
-        rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
-        outbox=store.outbox_stats if tunnel is not None else None,  # only a hub acknowledges; see StateCollector
-        streams=lambda: _stream_counts(gw.feed),
-        states=ROOM_STATES,
-        feed_up=lambda: None if options.feed not in ("streaming", "pull") else gw.feed_up,
-    ))
-    loop = asyncio.get_running_loop()
-
-    def outage_changed(failure: Exception | None) -> None:
-        """Exchange is back (whichever call found out, a room's or the feed's): the waiting rooms retry now."""
-        if failure is None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is stopping
-                loop.call_soon_threadsafe(coordinator.exchange_recovered)
-    source.gate.listeners.append(outage_changed)
-    rooms = list(options.rooms)
+async def open_source(spec: SourceSpec, kinds: Kinds, feed: FeedSettings) -> RunningSource:
+    """Open one source through its kind and read its room lists: the rooms it owns. Closed again if that fails."""
+    kind = kinds(spec.kind)
+    if feed.mode not in kind.capabilities.notifications:  # a kind without it: its best instead
+        log.info("source.notifications", source=spec.name, wanted=feed.mode, used=kind.capabilities.notifications[0])
+        feed = replace(feed, mode=kind.capabilities.notifications[0])
+    opened = kind.open(spec, feed)
     unread: list[str] = []
-    for room_list in options.room_lists:
-        try:
-            rooms += await source.room_list_members(room_list)
-        except GatewayError as e:
-            if not is_shared(e):
-                raise  # a list that does not exist: the configuration is wrong
-            # Refused credentials or Exchange away: start anyway (exiting would be restarted, and every restart is
-            # another failed logon), keep the rooms known from before so that none is disconnected for want of its
-            # list, and read the lists once Exchange answers.
-            if not unread:
-                log.error("gateway.room_lists_unreadable", key=e.key, reason=str(e.args[0]) if e.args else e.key,
-                          remedy=e.remedy, lists=len(options.room_lists))
-            unread.append(room_list)
-    if unread:
-        rooms += [r.email for r in await coordinator.db(store.rooms)]
-    gw.rooms = sorted({r.lower() for r in rooms})
-    await coordinator.start(gw.rooms)
-    if options.feed in ("streaming", "pull"):
-        gw.feed_task = loop.create_task(_run_feed(gw), name="feed")
-    if tunnel is not None:
-        gw.tunnel_task = loop.create_task(tunnel.run(), name="tunnel")
-        watch_task("tunnel", gw.tunnel_task)
-    gw.housekeeping_task = loop.create_task(_housekeeping(gw, journal), name="housekeeping")
-    watch_task("housekeeping", gw.housekeeping_task)
-    if options.password_source is not None:
-        gw.credentials_task = loop.create_task(_watch_credentials(gw), name="credentials")
-        watch_task("credentials", gw.credentials_task)
-    if unread:
-        gw.lists_task = loop.create_task(_read_room_lists_later(gw, unread), name="room-lists")
-        watch_task("room-lists", gw.lists_task)
-    log.info("gateway.started", rooms=len(gw.rooms), feed=options.feed, store=str(options.store_path),
-             relay=options.relay.enabled)
-    return gw
+    key = ""
+    try:
+        rooms = [r.lower() for r in spec.rooms]
+        for room_list in spec.room_lists:
+            if opened.directory is None:
+                raise ConfigError(f"source {spec.name} ({spec.kind}) has no directory to read room lists from",
+                                  remedy="list its rooms under mailboxes")
+            try:
+                rooms += [r.email for r in await opened.directory.rooms(room_list)]
+            except GatewayError as e:
+                if not is_shared(e):
+                    raise  # a list that does not exist: the configuration is wrong
+                # Refused credentials or the source away: start anyway (see the module's docstring).
+                if not unread:
+                    key = e.key
+                    log.error("gateway.room_lists_unreadable", source=spec.name, key=e.key,
+                              reason=str(e.args[0]) if e.args else e.key, remedy=e.remedy,
+                              lists=len(spec.room_lists))
+                unread.append(room_list)
+    except BaseException:
+        await opened.close()
+        raise
+    return RunningSource(opened, sorted(set(rooms)), unread=unread, unread_key=key)
 
 
-def _stream_counts(feed: StreamingFeed | PullFeed | None) -> tuple[int, int]:
-    if isinstance(feed, StreamingFeed):
-        return feed.subscriptions, feed.open_streams
-    if isinstance(feed, PullFeed):
-        return feed.subscriptions, 0
-    return 0, 0
+async def _keep_rooms_of_unread_lists(store: SqliteStore, sources: dict[str, RunningSource],
+                                      routes: RoomRoutes) -> None:
+    """The rooms known from before that no source owns now stay with the source whose room lists could not be read
+    (they are probably in them), instead of being released for want of their list. With several such sources
+    a room's source cannot be told (the store does not keep it): they are released, and join again with their
+    list."""
+    waiting = [(name, s) for name, s in sources.items() if s.unread]
+    if not waiting:
+        return
+    stored = [r.email for r in await asyncio.to_thread(store.rooms)]
+    kept = sorted(r for r in stored if routes.owner(r) is None)
+    if len(waiting) > 1:
+        log.warning("gateway.rooms_not_kept", rooms=len(kept), sources=[name for name, _ in waiting])
+        return
+    name, running = waiting[0]
+    if kept:
+        routes.add(name, running.opened.calendar, running.opened.writer, kept)
+        running.rooms = sorted(set(running.rooms) | set(kept))
 
 
-def _new_feed(gw: Gateway) -> StreamingFeed | PullFeed:
-    o = gw.options
-    if o.feed == "streaming":
-        return StreamingFeed(gw.source, connection_timeout=o.stream_timeout_minutes, group_size=o.group_size,
-                             retry_seconds=o.feed_retry_seconds, metrics=gw.metrics)
-    return PullFeed(gw.source, interval=o.pull_interval_seconds)
+def _recovered(loop: asyncio.AbstractEventLoop, coordinator: Coordinator, source: str, failure: Exception | None) \
+        -> None:
+    """A source's outage gate heard that it answers again (whichever call found out, a room's or the feed's): its
+    rooms waiting behind the shared failure retry now. Called from the source's threads."""
+    if failure is None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is stopping
+            loop.call_soon_threadsafe(coordinator.exchange_recovered, source)
 
 
-async def _run_feed(gw: Gateway) -> None:
-    """The change feed, supervised: when it fails (a bug, a malformed answer: anything that is not Exchange's
-    error for a room), the rooms poll meanwhile and say so, and a fresh feed starts after a back-off."""
-    coordinator = gw.coordinator
+async def _run_feed(running: RunningSource, coordinator: Coordinator, name: str, restart_seconds: float) -> None:
+    """A source's change feed, supervised: when it fails (a bug, a malformed answer: anything that is not the
+    source's error for a room), its rooms poll meanwhile and say so, and a fresh feed starts after a back-off. When
+    the source's rooms change (room lists read late) the feed watches again with them."""
+    opened = running.opened
+    fresh = [False]  # the feed opened with the source is watched first; later ones are made anew
 
     def on_dirty(room: str, why: str) -> None:
-        if why == "subscribed" and not gw.feed_up:
-            gw.feed_up = True
-            asyncio.get_running_loop().create_task(coordinator.feed_running())
+        if why == "subscribed" and running.feed_down:
+            running.feed_down = False
+            task = asyncio.get_running_loop().create_task(coordinator.feed_running(running.rooms))
+            running.tasks.append(task)
         coordinator.mark_dirty(room, why)
 
     async def run() -> None:
-        gw.feed = feed = _new_feed(gw)
-        try:
-            await feed.watch(gw.rooms, on_dirty)
-        finally:
-            if isinstance(feed, StreamingFeed):
-                feed.stop()  # close what a failed feed still holds open (hanging connections are rationed)
+        while True:
+            if not running.rooms:  # nothing to watch yet (its room lists are read later)
+                await running.rooms_changed.wait()
+                running.rooms_changed.clear()
+                continue
+            if fresh[0] and opened.new_feed is not None:
+                opened.feed = opened.new_feed()
+            fresh[0] = True
+            feed = opened.feed
+            if feed is None:
+                return
+            running.rooms_changed.clear()
+            watching = asyncio.get_running_loop().create_task(feed.watch(list(running.rooms), on_dirty))
+            changed = asyncio.get_running_loop().create_task(running.rooms_changed.wait())
+            try:
+                done, _ = await asyncio.wait({watching, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                opened.stop_feed()  # close what the feed still holds open (hanging connections are rationed)
+                if not watching.done():
+                    watching.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await watching
+            if watching in done:
+                watching.result()  # a failure goes to the supervisor; a feed that ended by itself ends here
+                return
+            # the rooms changed: watch again, with them
 
     async def down(error: BaseException, restart_seconds: float) -> None:
-        gw.feed_up = False
+        running.feed_down = True
         what = f"{type(error).__name__}: {error}"  # no restart time: the rooms' reason stays put while it repeats
-        await coordinator.feed_stopped(what if len(what) <= 120 else what[:119] + "\u2026")
+        await coordinator.feed_stopped(what if len(what) <= 120 else what[:119] + "\u2026", running.rooms)
 
-    await supervise(f"feed:{gw.options.feed}", run, retry_seconds=gw.options.feed_restart_seconds, on_down=down)
+    await supervise(name, run, retry_seconds=restart_seconds, on_down=down)
 
 
-async def _read_room_lists_later(gw: Gateway, lists: list[str]) -> None:
-    """Read the room lists that could not be read at start, once Exchange answers (every attempt passes the
-    source's outage gate, so waiting costs no request); their new rooms join, and the change feed starts again
+async def _read_room_lists_later(name: str, running: RunningSource, routes: RoomRoutes, coordinator: Coordinator,
+                                 retry_seconds: float) -> None:
+    """Read the room lists that could not be read at start, once the source answers (every attempt passes the
+    source's outage gate, so waiting costs no request); their new rooms join, and the change feed watches again
     with them. Rooms kept from before that are no longer in a list stay until the next start."""
-    lists = list(lists)
-    while lists:
-        await asyncio.sleep(gw.options.sync.retry_seconds)
+    directory = running.opened.directory
+    assert directory is not None
+    while running.unread:
+        await asyncio.sleep(retry_seconds)
         found: set[str] = set()
-        for room_list in list(lists):
+        for room_list in list(running.unread):
             try:
-                found.update(r.lower() for r in await gw.source.room_list_members(room_list))
+                found.update(r.email.lower() for r in await directory.rooms(room_list))
             except GatewayError as e:
                 if is_shared(e):
                     break  # still away: try again later
-                log.error("gateway.room_list_failed", room_list=room_list, key=e.key, reason=str(e))
-            lists.remove(room_list)
-        new = sorted(found - set(gw.rooms))
+                log.error("gateway.room_list_failed", source=name, room_list=room_list, key=e.key, reason=str(e))
+            running.unread.remove(room_list)
+        elsewhere = sorted(r for r in found if routes.owner(r) not in (None, name))
+        if elsewhere:
+            log.error("gateway.room_in_two_sources", source=name, rooms=elsewhere,
+                      remedy="a room belongs to exactly one source: remove it from the mailboxes or the room list "
+                             "of one of them")
+        new = sorted(found - set(running.rooms) - set(elsewhere))
         if new:
-            gw.rooms = sorted(set(gw.rooms) | found)
+            routes.add(name, running.opened.calendar, running.opened.writer, new)
+            running.rooms = sorted(set(running.rooms) | set(new))
             for room in new:
-                gw.coordinator.add_room(room)
-            log.info("gateway.room_lists_read", new_rooms=len(new), rooms=len(gw.rooms))
-            await _restart_feed(gw)
+                coordinator.add_room(room)
+            log.info("gateway.room_lists_read", source=name, new_rooms=len(new), rooms=len(running.rooms))
+            running.rooms_changed.set()
 
 
-async def _restart_feed(gw: Gateway) -> None:
-    """Start the change feed again (with ``gw.rooms`` as they are now)."""
-    if gw.feed_task is None:
-        return
-    if isinstance(gw.feed, StreamingFeed):
-        gw.feed.stop()
-    gw.feed_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await gw.feed_task
-    gw.feed_task = asyncio.get_running_loop().create_task(_run_feed(gw), name="feed")
-
-
-async def _watch_credentials(gw: Gateway) -> None:
-    """While Exchange refuses the service account, read the password again every ``password_check_seconds``
-    (a local vault read); a changed one is handed to the source, which tries it at once."""
-    source, read = gw.source, gw.options.password_source
-    assert read is not None
-    current = gw.options.password
+async def _watch_credentials(spec: SourceSpec, opened: OpenedSource, check_seconds: float) -> None:
+    """While the source refuses its credentials, read its secret again every ``check_seconds`` (a local vault
+    read); a changed one is handed to the source, which tries it at once."""
+    read, outage, set_secret = spec.reread_secret, opened.outage, opened.set_secret
+    assert read is not None and outage is not None and set_secret is not None
+    current = spec.secret
     while True:
-        await asyncio.sleep(gw.options.password_check_seconds)
-        failure = source.gate.failure
+        await asyncio.sleep(check_seconds)
+        failure = outage.failure
         if failure is None or failure.key not in ("invalid_auth", "account_locked"):
             continue
         try:
-            password = await asyncio.to_thread(read)
+            secret = await asyncio.to_thread(read)
         except Exception as e:  # the vault is being rewritten, or now unreadable: say so, try again later
-            log.warning("credentials.reread_failed", error=str(e))
+            log.warning("credentials.reread_failed", source=spec.name, error=str(e))
             continue
-        if password != current:
-            current = password
-            source.set_password(password)
+        if secret != current:
+            current = secret
+            set_secret(secret)
+
+
+async def start_gateway(options: GatewayOptions, metrics: Metrics | None = None, *,
+                        registry: SourceRegistry | None = None) -> Gateway:
+    """The gateway without a listener (benchmarks, tools, tests): the same application, its parts started."""
+    runner = web.AppRunner(init_app(options, metrics=metrics, registry=registry), access_log=None)
+    try:
+        await runner.setup()
+    except BaseException:
+        await runner.cleanup()  # exits the contexts that were entered
+        raise
+    gw = runner.app[GATEWAY]
+    gw.runner = runner
+    return gw
+
+
+async def stop_gateway(gw: Gateway) -> None:
+    if gw.runner is not None:
+        await gw.runner.cleanup()
 
 
 HOUSEKEEPING_SECONDS = 3600.0
 OUTBOX_RETENTION = timedelta(days=7)  # acknowledged events stay this long (local SSE clients resume from them)
 
 
-async def _housekeeping(gw: Gateway, journal: CommandJournal) -> None:
+async def _housekeeping(store: SqliteStore, journal: CommandJournal, *, relayed: bool, journal_days: int) -> None:
     """Hourly: drop old outbox events (only acknowledged ones while a hub consumes the outbox) and old command
     journal rows."""
     while True:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
         try:
-            relayed = gw.tunnel is not None
-            pruned = await asyncio.to_thread(partial(gw.store.prune, OUTBOX_RETENTION, acked_only=relayed))
-            forgotten = await asyncio.to_thread(journal.prune, timedelta(days=gw.options.journal_retention_days))
+            pruned = await asyncio.to_thread(partial(store.prune, OUTBOX_RETENTION, acked_only=relayed))
+            forgotten = await asyncio.to_thread(journal.prune, timedelta(days=journal_days))
             if pruned or forgotten:
                 log.info("housekeeping.pruned", outbox=pruned, journal=forgotten)
         except Exception as e:  # never let housekeeping take the gateway down
             log.warning("housekeeping.failed", error=str(e))
-
-
-async def stop_gateway(gw: Gateway) -> None:
-    for task in (gw.tunnel_task, gw.housekeeping_task, gw.credentials_task, gw.lists_task):
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(task), STOP_SECONDS)
-    if gw.tunnel is not None:
-        with contextlib.suppress(Exception):
-            await gw.tunnel.close()
-    if isinstance(gw.feed, StreamingFeed):
-        gw.feed.stop()
-    if gw.feed_task is not None:
-        gw.feed_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(gw.feed_task), STOP_SECONDS)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(gw.coordinator.stop(), STOP_SECONDS)
-    gw.api.close()
-    with contextlib.suppress(ValueError):
-        CALLS.listeners.remove(gw.metrics.ews_call)
-    await gw.source.close()
-    gw.store.close()
-    log.info("gateway.stopped")

@@ -107,7 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rooms = subs.add_parser("rooms", help="list the rooms, their state and what to do about problems",
                             description="List the rooms the gateway knows, their state (verified, "
-                                        "impersonation_denied, mailbox_not_found, ...) and the remedy.")
+                                        "impersonation_denied, mailbox_not_found, ...) and the remedy. `rooms forget "
+                                        "ROOM` withdraws a room taken out of the configuration: consumers get a "
+                                        "deletion for each of its bookings (run it with the gateway stopped, before "
+                                        "starting it again; a room that just leaves the configuration is dropped "
+                                        "without telling consumers, as when it moves to another gateway).")
+    rooms.add_argument("action", nargs="?", choices=("forget",), help="forget: withdraw ROOM and its bookings")
+    rooms.add_argument("room", nargs="?", help="the room's e-mail address (with forget)")
     _config_option(rooms)
     _logging_options(rooms, default_level="warning")
 
@@ -329,6 +335,11 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "rooms":
         from gateway import service
 
+        if args.action == "forget":
+            if not args.room:
+                raise GatewayError("`gateway rooms forget` needs the room's address", key="usage",
+                                   remedy="gateway rooms forget ROOM --config FILE")
+            return service.forget(_config_path(args), args.room)
         return service.rooms(_config_path(args))
     if args.command == "sync-once":
         from gateway import service

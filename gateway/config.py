@@ -21,12 +21,13 @@ gateway/schemas/config.v1.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
 import re
 import zoneinfo
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -108,6 +109,16 @@ def _secret_ref(entry: str) -> BeforeValidator:
 def _bad(template: str, value: Any = None) -> PydanticCustomError:
     """A problem in our words; ``{value}`` in the template is the offending value, quoted."""
     return PydanticCustomError("gateway", template, {"value": repr(value)})
+
+
+def _not_null(default: str | None = None) -> Callable[[dict[str, Any]], None]:
+    """The JSON Schema of a setting that is given or left out (an empty value is as if left out): no null."""
+    def fix(schema: dict[str, Any]) -> None:
+        schema.update({**schema.pop("anyOf")[0], **schema})  # the field's own description wins
+        schema.pop("default", None)
+        if default is not None:
+            schema["default"] = default
+    return fix
 
 
 def _choice(options: Any) -> BeforeValidator:
@@ -198,8 +209,8 @@ class ExchangeConfig:
         kerberos="Kerberos is not supported yet", oauth="OAuth is for Exchange Online (Graph)")] = Field(
         default="ntlm", description="ntlm (the on-premise default) or basic (often disabled on-premise)")
     username: Text = Field(description="the service account, as DOMAIN\\user or user@domain")
-    password_ref: Annotated[SecretRef, _secret_ref("exchange")] = Field(
-        default=SecretRef("vault", "exchange"), json_schema_extra={"default": "vault:exchange"},
+    password_ref: Annotated[SecretRef | None, _secret_ref("exchange")] = Field(
+        default=SecretRef("vault", "exchange"), json_schema_extra=_not_null("vault:exchange"),
         description="where the password is (vault:NAME or env:VARIABLE), never the password")
     version: Annotated[ExchangeVersion, _choice(ExchangeVersion), Hint(
         exchange2019="Exchange 2019 speaks the Exchange2016 schema: use Exchange2016",
@@ -222,12 +233,17 @@ class ExchangeConfig:
     def insecure(self) -> bool:
         return bool(self.ews_url and self.ews_url.lower().startswith("http://"))
 
+    @property
+    def secret_ref(self) -> SecretRef:
+        """Where the service account's password is."""
+        return self.password_ref or SecretRef("vault", "exchange")
+
     @field_validator("ews_url")
     def _ews_url(cls, url: str | None, info: ValidationInfo) -> str | None:
         if url is None:  # required, unless Autodiscover is to find it (or the autodiscover_email is itself wrong)
             if "autodiscover_email" in info.data and info.data["autodiscover_email"] is None:
                 raise _bad("required: the EWS endpoint, e.g. https://mail.contoso.com/EWS/Exchange.asmx (or set "
-                           "exchange.autodiscover_email to find it through Autodiscover)")
+                           "autodiscover_email to find it through Autodiscover)")
             return None
         parts = urlsplit(url)
         if parts.scheme.lower() == "http" and not info.data.get("allow_insecure_http"):
@@ -245,8 +261,8 @@ class ExchangeConfig:
         return name
 
     @field_validator("password_ref")
-    def _password_ref(cls, ref: SecretRef, info: ValidationInfo) -> SecretRef:
-        if (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
+    def _password_ref(cls, ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
+        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
             raise _bad(f"refers to the environment variable {ref.name}, which is not set")
         return ref
 
@@ -319,34 +335,64 @@ def _closest(address: str, known: list[str]) -> str | None:
 
 @pd.dataclass(frozen=True, config=_SETTINGS)
 class RoomsConfig:
-    """Which room mailboxes to sync and over what window."""
+    """Which room mailboxes to sync (in the single-source form) and over what window."""
 
     room_lists: Addresses = Field(
-        default=(), description="room list (distribution group) addresses, expanded at start-up")
-    mailboxes: Addresses = Field(default=(), validate_default=True, description="room mailbox addresses")
+        default=(), description="room list (distribution group) addresses, expanded at start-up (the single-source "
+                                "form; with sources:, each source lists its own)")
+    mailboxes: Addresses = Field(default=(), description="room mailbox addresses (the single-source form; with "
+                                                         "sources:, each source lists its own)")
     days_back: Annotated[Whole, Range(0, 366)] = Field(
         default=7, description="the sync window starts this many days before today")
     days_ahead: Annotated[Whole, Range(1, 730, "Exchange expands series over at most two years")] = Field(
         default=365, description="... and ends this many days after it")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
+
+
+SourceKind = Literal["ews"]
+
+
+def _source_name(name: str) -> str:
+    if not re.match(r"^[a-z][a-z0-9_]{0,31}$", name):
+        raise _bad("{value} is not a source name; use a short name of lowercase letters, digits and _ that starts "
+                   "with a letter, e.g. onprem (it names the source in logs, /readyz, the vault entry of its password "
+                   "and environment overrides such as GATEWAY_SOURCES__ONPREM__EWS_URL)", name)
+    return name
+
+
+@pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
+class EwsSourceConfig(ExchangeConfig):
+    """A calendar source of kind ews: an on-premise Exchange organisation, reached over EWS as its service account,
+    and the rooms the gateway syncs from it. A room belongs to exactly one source."""
+
+    name: Annotated[Text, BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
+                    AfterValidator(_source_name)] = Field(
+        description="the source's name (lowercase letters, digits, _), e.g. onprem")
+    kind: Annotated[SourceKind, _choice(SourceKind), Hint(
+        graph="Exchange Online through Microsoft Graph is not supported yet",
+        exchange="write ews: on-premise Exchange over EWS")] = Field(
+        description="what the source is: ews (on-premise Exchange 2013-2019 over EWS)")
+    password_ref: Annotated[SecretRef | None, _secret_ref("NAME")] = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="where the service account's password is (vault:NAME or env:VARIABLE), never the password; "
+                    "default vault:<the source's name>")
+    room_lists: Addresses = Field(
+        default=(), description="room list (distribution group) addresses, expanded at start-up")
+    mailboxes: Addresses = Field(default=(), validate_default=True, description="room mailbox addresses")
+
+    @property
+    def secret_ref(self) -> SecretRef:
+        return self.password_ref or SecretRef("vault", self.name)
+
     @field_validator("mailboxes")
     def _some_rooms(cls, mailboxes: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         if not mailboxes and info.data.get("room_lists") == ():  # (None: the room lists are wrong themselves)
-            raise _bad("required: list the room mailboxes to sync (or room lists under rooms.room_lists)")
+            raise _bad("required: list the source's room mailboxes (or its room lists under room_lists)")
         return mailboxes
 
-    @field_validator("privacy", mode="wrap")
-    def _known_rooms(cls, raw: Any, handler: Any, info: ValidationInfo) -> PrivacyConfig:
-        privacy: PrivacyConfig = handler(raw)
-        if info.data.get("room_lists") == () and "mailboxes" in info.data:  # lists: `doctor` checks, once expanded
-            written = raw.get("rooms") if isinstance(raw, Mapping) else None
-            spelt = {str(k).lower(): k for k in written} if isinstance(written, Mapping) else {}
-            unknown = unknown_privacy_rooms(privacy, info.data["mailboxes"])
-            if unknown:
-                raise ValidationError.from_exception_data("privacy", [InitErrorDetails(
-                    type=_bad(problem), loc=("rooms", spelt.get(room, room)), input=room) for room, problem in unknown])
-        return privacy
+
+SourceConfig = EwsSourceConfig  # with a second kind: a union told apart by ``kind``
 
 
 @pd.dataclass(frozen=True, config=_SETTINGS)
@@ -479,8 +525,13 @@ class LoggingConfig:
 
 @pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
 class Config:
-    exchange: ExchangeConfig
-    rooms: RoomsConfig
+    exchange: ExchangeConfig | None = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="the one Exchange organisation of the single-source form (or list sources:)")
+    sources: tuple[SourceConfig, ...] = Field(
+        default=(), description="the calendar sources, each with its own connection, credentials and rooms (instead "
+                                "of exchange: and rooms.mailboxes)")
+    rooms: RoomsConfig = Field(default_factory=RoomsConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     vault: VaultConfig = Field(default_factory=VaultConfig)
@@ -490,10 +541,84 @@ class Config:
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     source: SkipJsonSchema[Path | None] = Field(default=None, init=False)  # the file read (None: environment only)
 
+    @property
+    def calendar_sources(self) -> tuple[SourceConfig, ...]:
+        """The calendar sources: those under sources:, or the one of the single-source form (exchange: and
+        rooms.mailboxes / rooms.room_lists), a source named ``exchange`` of kind ews."""
+        if self.sources or self.exchange is None:
+            return self.sources
+        ex = self.exchange
+        values = {f.name: getattr(ex, f.name) for f in dataclasses.fields(ex)}
+        return (EwsSourceConfig(**values, name="exchange", kind="ews", mailboxes=self.rooms.mailboxes,
+                                room_lists=self.rooms.room_lists),)
+
+    def place_of(self, source: SourceConfig) -> str:
+        """Where a source's settings are written: ``exchange`` (single-source form) or ``sources[N]``."""
+        return f"sources[{self.sources.index(source)}]" if source in self.sources else "exchange"
+
     @model_validator(mode="before")
     @classmethod
-    def _sections(cls, data: Any) -> Any:  # without exchange: or rooms:, each required setting is named
-        return {"exchange": {}, "rooms": {}, **data} if isinstance(data, dict) else data
+    def _sections(cls, data: Any) -> Any:  # without exchange: (or sources:) or rooms:, each required setting is named
+        if not isinstance(data, dict):
+            return data
+        return {"rooms": {}, **data} if data.get("sources") else {"exchange": {}, "rooms": {}, **data}
+
+    @field_validator("sources")
+    def _apart(cls, sources: tuple[SourceConfig, ...], info: ValidationInfo) -> tuple[SourceConfig, ...]:
+        if sources and info.data.get("exchange") is not None:
+            raise _bad("use either exchange: (one Exchange organisation) or sources: (several), not both; move the "
+                       "exchange: settings into sources: as one more item with name: exchange and kind: ews")
+        problems: list[InitErrorDetails] = []
+        names: dict[str, int] = {}
+        owners: dict[tuple[str, str], int] = {}
+        for i, s in enumerate(sources):
+            if s.name in names:
+                problems.append(InitErrorDetails(type=_bad(f"is the name of sources[{names[s.name]}] too; give every "
+                                                           "source a name of its own"), loc=(i, "name"), input=s.name))
+            names.setdefault(s.name, i)
+            for field, what in (("mailboxes", "room"), ("room_lists", "room list")):
+                for j, address in enumerate(getattr(s, field)):
+                    first = owners.setdefault((field, address), i)
+                    if first != i:
+                        problems.append(InitErrorDetails(type=_bad(
+                            f"{address} is listed by source '{sources[first].name}' too; a {what} belongs to exactly "
+                            "one source, so remove it from one of them"), loc=(i, field, j), input=address))
+        if problems:
+            raise ValidationError.from_exception_data("sources", problems)
+        return sources
+
+    @field_validator("rooms", mode="wrap")
+    def _rooms(cls, raw: Any, handler: Any, info: ValidationInfo) -> RoomsConfig:
+        rooms: RoomsConfig = handler(raw)
+        if "sources" not in info.data:  # the sources are wrong themselves: they say so
+            return rooms
+        sources: tuple[SourceConfig, ...] = info.data["sources"]
+        problems: list[InitErrorDetails] = []
+        if sources:
+            for field in ("mailboxes", "room_lists"):
+                if getattr(rooms, field):
+                    problems.append(InitErrorDetails(type=_bad(
+                        f"with sources:, each source lists its own rooms: move these to the {field} of the source "
+                        f"they belong to (sources[N].{field})"), loc=(field,), input=None))
+            mailboxes = [m for s in sources for m in s.mailboxes]
+            lists = [m for s in sources for m in s.room_lists]
+        elif not rooms.mailboxes and not rooms.room_lists:
+            problems.append(InitErrorDetails(type=_bad(
+                "required: list the room mailboxes to sync (or room lists under rooms.room_lists)"), loc=("mailboxes",),
+                input=None))
+            mailboxes, lists = [], ["(none)"]  # no rooms to check the privacy exceptions against
+        else:
+            mailboxes, lists = list(rooms.mailboxes), list(rooms.room_lists)
+        if not lists:  # with room lists `doctor` checks the exceptions, once the lists are expanded
+            privacy = raw.get("privacy") if isinstance(raw, Mapping) else None
+            written = privacy.get("rooms") if isinstance(privacy, Mapping) else None
+            spelt = {str(k).lower(): k for k in written} if isinstance(written, Mapping) else {}
+            problems += [InitErrorDetails(type=_bad(problem), loc=("privacy", "rooms", spelt.get(room, room)),
+                                          input=room) for room, problem in unknown_privacy_rooms(rooms.privacy,
+                                                                                                  mailboxes)]
+        if problems:
+            raise ValidationError.from_exception_data("rooms", problems)
+        return rooms
 
 
 def config_schema() -> dict[str, Any]:
@@ -575,6 +700,7 @@ __all__ = [
     "ApiConfig",
     "CommandsConfig",
     "Config",
+    "EwsSourceConfig",
     "ExchangeConfig",
     "LoggingConfig",
     "PrivacyConfig",
@@ -583,6 +709,7 @@ __all__ = [
     "RelayConfig",
     "RoomsConfig",
     "SecretRef",
+    "SourceConfig",
     "StoreConfig",
     "SyncConfig",
     "VaultConfig",

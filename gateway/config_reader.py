@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import UnionType
 from typing import Annotated, Any, Final, TypeVar, Union, get_args, get_origin
 
 import yaml
@@ -160,7 +161,7 @@ class SettingsReader:
             if len(parts) < 2:  # GATEWAY_EXCHANGE_EWS_URL would be silently ignored: say so
                 for section in sections:  # (other GATEWAY_* variables without "__" are not ours)
                     name = rest[len(section) + 1:]
-                    if rest.startswith(section + "_") and name in fields_of(known[section].annotation):
+                    if rest.startswith(section + "_") and name in fields_of(bare(known[section].annotation)):
                         self.problems.append(Problem(f"env {var}", f"{section}.{name}", f"ignored: write {ENV_PREFIX}"
                                                      f"{section.upper()}__{name.upper()} (two underscores between "
                                                      "section and setting)"))
@@ -173,18 +174,37 @@ class SettingsReader:
                 self._override(var, parts)
 
     def _override(self, var: str, key: tuple[str, ...]) -> None:
-        node = self.data
-        for i, part in enumerate(key[:-1]):
+        """Set the value; a list of named items (sources) is entered by an item's name, which becomes its index."""
+        node: Any = self.data
+        placed: Key = ()
+        for part in key[:-1]:
+            if isinstance(node, list) and all(isinstance(item, dict) for item in node):
+                names = [str(item.get("name", "")).lower() for item in node if isinstance(item, dict)]
+                if part not in names:
+                    known = ", ".join(n for n in names if n) or "none"
+                    self.problems.append(Problem(f"env {var}", dotted((*placed, part)), f"there is no item named "
+                                                 f"{part!r} in the file (names: {known}); items of a list are "
+                                                 "overridden by their name"))
+                    return
+                node, placed = node[names.index(part)], (*placed, names.index(part))
+                continue
+            if not isinstance(node, dict):
+                return  # the file's value there is not a mapping (of settings, or of named items): validation says so
+            placed = (*placed, part)
             if part not in node:
                 node[part] = {}
-                self.env_names.setdefault(key[: i + 1], var)
+                self.env_names.setdefault(placed, var)
             node = node[part]
-            if not isinstance(node, dict):
-                return  # the file's value there is not a mapping: validation says so
+        if not isinstance(node, dict):
+            if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+                self.problems.append(Problem(f"env {var}", dotted(placed), "is a list of named items; override one "
+                                             f"item's setting: {ENV_PREFIX}{'__'.join(map(str, placed)).upper()}"
+                                             "__<NAME>__<SETTING>"))
+            return
         node.pop(key[-1], None)
         if self.env[var].strip():  # an empty value unsets
-            node[key[-1]] = self._typed(self.env[var], key)
-        self.env_names[key] = var
+            node[key[-1]] = self._typed(self.env[var], (*placed, key[-1]))
+        self.env_names[(*placed, key[-1])] = var
 
     def _typed(self, text: str, key: Key) -> Any:
         """Text from the environment as the setting's type where it reads as one (otherwise validation says why)."""
@@ -213,7 +233,11 @@ class SettingsReader:
                 kind = found.annotation if found is not None else None
             elif get_origin(kind) in (dict, Mapping):
                 owner, found, kind = None, None, get_args(kind)[1]
-            elif get_origin(kind) is not tuple:  # a tuple's item stays under its field
+            elif get_origin(kind) is tuple:
+                if isinstance(part, int) and fields_of(bare(get_args(kind)[0])):  # an item with settings of its own
+                    kind = get_args(kind)[0]
+                # otherwise a plain item stays under its field (rooms.mailboxes[2])
+            else:
                 return None, None
         return owner, found
 
@@ -260,7 +284,7 @@ def bare(annotation: Any) -> Any:
     while True:
         if get_origin(annotation) is Annotated:
             annotation = get_args(annotation)[0]
-        elif get_origin(annotation) is Union and type(None) in get_args(annotation):
+        elif get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
             annotation = next(a for a in get_args(annotation) if a is not type(None))
         else:
             return annotation

@@ -1,6 +1,6 @@
 """``gateway credentials``: put secrets into the vault, list them, and resolve the references that name them.
 
-This is wiring: it joins the configuration (``vault:`` section, ``exchange.password_ref``) to the vault
+This is wiring: it joins the configuration (``vault:`` section, each source's ``password_ref``) to the vault
 adapter, so the vault itself knows nothing about the configuration file.
 
     gateway credentials set exchange            # prompts twice, without echo
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TextIO
 
-from gateway.config import CONFIG_PATH_ENV, Config, SecretRef, VaultConfig, load_vault_config
+from gateway.config import CONFIG_PATH_ENV, Config, SecretRef, SourceConfig, VaultConfig, load_vault_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.security.secret import NAME_RE, Secret
 from gateway.security.vault import Vault, generate_key_file, key_from_env, read_key_file
@@ -65,9 +65,11 @@ def resolve_secret(ref: SecretRef, vault: VaultConfig, env: Mapping[str, str] = 
     return open_vault(vault, env).get(ref.name)
 
 
-def resolve_password(config: Config, env: Mapping[str, str] = os.environ) -> Secret:
-    """The Exchange service account's password, from wherever ``exchange.password_ref`` says it is."""
-    return resolve_secret(config.exchange.password_ref, config.vault, env)
+def resolve_password(config: Config, env: Mapping[str, str] = os.environ, source: SourceConfig | None = None) -> Secret:
+    """A source's service account password (by default the first source's, e.g. that of ``exchange:``), from
+    wherever its ``password_ref`` says it is."""
+    chosen = source if source is not None else config.calendar_sources[0]
+    return resolve_secret(chosen.secret_ref, config.vault, env)
 
 
 # -- the commands ----------------------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ _REMEDIES: dict[RoomState, str] = {
     RoomState.EXCHANGE_ERROR: "Exchange answered with an error for this room; retried automatically",
     RoomState.SUSPECT_EMPTY: "the room suddenly lists no bookings although many were known; nothing was deleted; "
                              "the next syncs confirm or clear it",
-    RoomState.DISCONNECTED: "removed from the configuration",
+    RoomState.DISCONNECTED: "removed from the gateway (`gateway rooms forget`); its bookings were withdrawn",
 }
 ROOM_STATES: dict[str, str] = {state: state.remedy for state in RoomState}  # state -> remedy, by its text
 

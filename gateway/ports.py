@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
-from gateway.model import Booking, Command, CommandResult, Event, Room, Window
+from prometheus_client import CollectorRegistry
+
+from gateway.errors import GatewayError
+from gateway.model import Booking, Command, CommandResult, Event, Person, Room, Window
 from gateway.sync.engine import Known
 
 
@@ -56,6 +59,35 @@ class CalendarSource(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RoomList:
+    """A list of rooms the directory keeps (an Exchange room list is a distribution group of rooms)."""
+
+    email: str
+    name: str | None = None
+
+
+class Directory(Protocol):
+    """Rooms and people as the organisation's directory knows them (EWS now; LDAP and Graph later). A directory
+    answers for its own organisation only: what it does not know is a NotFound."""
+
+    async def room_lists(self) -> list[RoomList]:
+        """Every room list."""
+        ...
+
+    async def rooms(self, room_list: str) -> list[RoomInfo]:
+        """The rooms of a room list; NotFound (key ``room_list_not_found``) if there is no such list."""
+        ...
+
+    async def room(self, email: str) -> RoomInfo:
+        """One room's details (name, and capacity where the directory keeps it); NotFound if it has none."""
+        ...
+
+    async def people(self, query: str) -> list[Person]:
+        """People whose name or address starts with ``query`` (the directory's ambiguous name resolution)."""
+        ...
 
 
 Dirty = Callable[[str, str], Awaitable[None] | None]  # (room, why) -> mark the room for a sync
@@ -195,3 +227,92 @@ class CalendarWriter(Protocol):
 
     async def availability(self, rooms: Sequence[str], start: datetime, end: datetime) -> dict[str, list[Busy]]:
         ...
+
+
+# -- source kinds (gateway/sources/registry.py finds them by name) --------------------------------------------------
+NOTIFICATIONS = ("streaming", "pull", "poll")  # poll: no notifications, the coordinator asks on its timer
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a kind of source can do, declared, so the wiring need not know the kind."""
+
+    notifications: tuple[str, ...]  # the NOTIFICATIONS it offers, best first
+    writes: frozenset[str] = frozenset()  # the command types its writer carries out (model.COMMAND_TYPES)
+    directory: bool = False  # it lists room lists, rooms and people (a Directory)
+    # The change token covers a time window rather than the whole calendar (Graph's calendarView delta; EWS's
+    # SyncFolderItems token covers the folder), so a window that rolls forward needs a new token.
+    token_window: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """One configured source as the wiring hands it to its kind: its name, the kind's own settings (for ews an
+    EwsSettings), the resolved secret and the rooms it owns (explicit, and room lists to expand at start-up)."""
+
+    name: str
+    kind: str
+    settings: object
+    secret: str | None = field(default=None, repr=False)
+    rooms: tuple[str, ...] = ()
+    room_lists: tuple[str, ...] = ()
+    # The secret read afresh (from the vault): while the source's credentials are refused the wiring reads it again
+    # now and then and hands a changed one to the source (``OpenedSource.set_secret``).
+    reread_secret: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+
+
+class Outage(Protocol):
+    """A source's view of a failure every one of its rooms shares (sources/outage.py's OutageGate): the failure
+    going on (None: none), and listeners told when one starts (the error) and ends (None), from any thread."""
+
+    failure: GatewayError | None
+    listeners: list[Callable[[GatewayError | None], None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSettings:
+    """How the gateway wants to hear of changes (the configuration's sync section)."""
+
+    mode: str = "streaming"  # one of NOTIFICATIONS
+    stream_timeout_minutes: int = 10
+    group_size: int = 200
+    pull_interval_seconds: float = 10.0
+    retry_seconds: float = 5.0  # first back-off before a room that could not be subscribed is tried again
+
+
+@dataclass
+class OpenedSource:
+    """A source its kind has built: the parts the gateway runs. ``feed`` None: the coordinator polls."""
+
+    name: str
+    kind: str
+    capabilities: Capabilities
+    calendar: CalendarSource
+    close: Callable[[], Awaitable[None]]
+    directory: Directory | None = None
+    writer: CalendarWriter | None = None
+    feed: ChangeFeed | None = None
+    stop_feed: Callable[[], None] = lambda: None  # end the feed's connections now (before its task is cancelled)
+    # A fresh feed in place of one that failed (the wiring restarts a failed feed); None: ``feed`` is watched again.
+    new_feed: Callable[[], ChangeFeed | None] | None = None
+    outage: Outage | None = None  # the source's shared failures, when it tells them apart
+    set_secret: Callable[[str], None] | None = None  # new credentials (re-read while the old ones are refused)
+
+
+class SourceKind(Protocol):
+    """A kind of calendar source (ews, memory; graph next), found by name in gateway/sources/registry.py. An
+    application makes one instance of each kind it uses, with its metrics registry (where the kind may keep metrics
+    of its own); ``open`` builds one configured source, ``settings`` reads the kind's settings from a configuration
+    section."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, metrics: CollectorRegistry) -> None: ...
+
+    @staticmethod
+    def settings(section: Any, place: str) -> object:
+        """The kind's settings from its configuration section (``place``: where it is written, for messages)."""
+        ...
+
+    def open(self, spec: SourceSpec, feed: FeedSettings) -> OpenedSource: ...

@@ -6,19 +6,31 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
-from gateway.app import GATEWAY, GatewayOptions, init_app, listen_error, options_from_config
+from gateway.app import (
+    EVENT_SOURCE,
+    GATEWAY,
+    GatewayOptions,
+    init_app,
+    listen_error,
+    open_source,
+    options_from_config,
+)
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
-from gateway.sources.ews.source import EwsSource
+from gateway.sources.registry import default_registry
+from gateway.sources.routing import RoomRoutes, RoutedCalendar
 from gateway.store.sqlite import SqliteStore
+from gateway.sync import ownership
 from gateway.sync.coordinator import Coordinator, RoomWorker
 
 if TYPE_CHECKING:
@@ -33,7 +45,11 @@ async def serve(app: web.Application, host: str, port: int,
     """Serve ``app`` until SIGINT or SIGTERM; returns the exit code. ``settings`` name what sets the host and the
     port (None: the host cannot be set), for the remedy when the address cannot be listened on."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
+    try:
+        await runner.setup()  # the application's parts start here
+    except BaseException:
+        await runner.cleanup()  # a part failed: release the parts that had started
+        raise
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
@@ -80,7 +96,7 @@ def rooms(config_path: Path | None) -> int:
     store = SqliteStore(cfg.store.path)
     try:
         known = store.rooms()
-        configured = set(cfg.rooms.mailboxes)
+        configured = {room for source in cfg.calendar_sources for room in source.mailboxes}
         width = max([len(r.email) for r in known] + [len(c) for c in configured] + [4])
         print(f"{'ROOM':<{width}}  {'STATE':<22} {'BOOKINGS':>8}  REMEDY")
         seen = set()
@@ -96,6 +112,40 @@ def rooms(config_path: Path | None) -> int:
     return 0
 
 
+def forget(config_path: Path | None, room: str) -> int:
+    """Withdraw a room that has left the configuration: a deletion for each of its bookings and its state
+    ``disconnected`` go out, then the store forgets it (gateway/sync/ownership.py). Run it with the gateway
+    stopped, after taking the room out of the configuration and before starting the gateway again."""
+    cfg = load_config(config_path)
+    email = room.lower()
+    owner = next((s for s in cfg.calendar_sources if email in s.mailboxes), None)
+    if owner is not None:
+        print(f"{email} is still in the configuration ({cfg.place_of(owner)}.mailboxes): take it out first, or the "
+              "gateway imports it again at its next start", file=sys.stderr)
+        return 1
+    return forget_room(cfg.store.path, email)
+
+
+def forget_room(store_path: Path, room: str) -> int:
+    if not store_path.exists():
+        print(f"no store at {store_path}: there is nothing to forget", file=sys.stderr)
+        return 1
+    store = SqliteStore(store_path)
+    try:
+        if room not in {r.email for r in store.rooms()}:
+            print(f"the store holds nothing of {room}: a room that left the configuration is released (dropped "
+                  "without telling consumers) at the gateway's next start; forget it before that start",
+                  file=sys.stderr)
+            return 1
+        entries = ownership.withdraw(store, room, now=datetime.now(UTC), source=EVENT_SOURCE)
+    finally:
+        store.close()
+    log.info("room.forgotten", room=room, bookings=len(entries) - 1)
+    print(f"{room}: forgotten; {len(entries) - 1} bookings withdrawn (consumers get a deletion for each, then the "
+          "room's state disconnected)")
+    return 0
+
+
 async def sync_once(config_path: Path | None, room: str) -> int:
     """Verify one room and bring it up to date now; print what changed."""
     cfg = load_config(config_path)
@@ -104,11 +154,17 @@ async def sync_once(config_path: Path | None, room: str) -> int:
 
 
 async def sync_room_once(options: GatewayOptions, room: str) -> int:
+    """Verify one room and bring it up to date now, through the source that owns it."""
+    kinds = default_registry().kinds(Metrics().registry)
+    routes, opened = RoomRoutes(), []
     store = SqliteStore(options.store_path)
-    source = EwsSource(options.ews, options.password)
-    coordinator = Coordinator(source, store, options.sync, policy=options.privacy, metrics=Metrics(),
+    coordinator = Coordinator(RoutedCalendar(routes), store, options.sync, policy=options.privacy, metrics=Metrics(),
                               source_name=options.source_name)
     try:
+        for spec in options.calendar_sources:  # (a room list has to be read to know whether it holds the room)
+            running = await open_source(spec, kinds, replace(options.feed_settings, mode="poll"))
+            opened.append(running.opened)
+            routes.add(spec.name, running.opened.calendar, running.opened.writer, running.rooms)
         worker = coordinator.workers.setdefault(room.lower(), RoomWorker(coordinator, room))
         try:
             await coordinator._verify(worker)
@@ -122,18 +178,18 @@ async def sync_room_once(options: GatewayOptions, room: str) -> int:
             await coordinator.sync_changes(worker)
             await coordinator.reconcile(worker)
         entries = store.outbox_after(before, 1_000_000)
-        kinds: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for entry in entries:
             kind = entry.event.type.rsplit(".", 2)[-2]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no changes"
+            counts[kind] = counts.get(kind, 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no changes"
         print(f"{worker.email}: {worker.state}; {len(store.known(worker.email))} bookings; {summary}")
         return 0
     finally:
-        await source.close()
+        for source in opened:
+            await source.close()
         await coordinator.stop()
         store.close()
-
 
 
 async def doctor(config_path: Path | None) -> int:
@@ -143,7 +199,7 @@ async def doctor(config_path: Path | None) -> int:
     room with what the gateway will use (gateway/doctor.py).
     """
     from gateway.config import check_config
-    from gateway.doctor import Report, check_exchange
+    from gateway.doctor import Report, check_sources
 
     report = Report(config_path)
 
@@ -185,11 +241,7 @@ async def doctor(config_path: Path | None) -> int:
              "" if not issues else "; ".join(issues))
     except GatewayError as e:
         line(False, f"store {store_path}", e.key, e.remedy or str(e))
-    source = EwsSource(options.ews, options.password)
-    try:
-        await check_exchange(source, options, report, privacy=cfg.rooms.privacy)
-    finally:
-        await source.close()
+    await check_sources(options, report, privacy=cfg.rooms.privacy)
     report.summary()
     return 1 if report.failed else 0
 

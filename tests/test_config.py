@@ -355,3 +355,120 @@ def test_ranges_bound_the_file_while_settings_built_in_code_may_go_beyond_them(t
     assert CommandsConfig(attendant_timeout_seconds=0.1).attendant_timeout_seconds == 0.1  # a test's short wait
     with pytest.raises(ValidationError):  # the types hold in code too
         CommandsConfig(attendant_timeout_seconds="soon")  # type: ignore[arg-type]
+
+
+# -- calendar sources --------------------------------------------------------------------------------------------
+SOURCES = """\
+sources:
+  - name: onprem
+    kind: ews
+    ews_url: https://mail.contoso.com/EWS/Exchange.asmx
+    username: CONTOSO\\svc-gateway
+    mailboxes: [room1@contoso.com, room2@contoso.com]
+  - name: berlin
+    kind: ews
+    ews_url: https://mail.berlin.contoso.com/EWS/Exchange.asmx
+    username: svc@berlin.contoso.com
+    password_ref: env:BERLIN_PASSWORD
+    room_lists: [allrooms@berlin.contoso.com]
+"""
+
+
+def test_sources_each_have_their_connection_credentials_and_rooms(tmp_path):
+    config = load_config(write(tmp_path, SOURCES), env={"BERLIN_PASSWORD": "x"})
+    onprem, berlin = config.calendar_sources
+    assert (onprem.name, onprem.kind, onprem.mailboxes) == ("onprem", "ews", ("room1@contoso.com", "room2@contoso.com"))
+    assert onprem.secret_ref == SecretRef("vault", "onprem")  # by default the vault entry named like the source
+    assert berlin.secret_ref == SecretRef("env", "BERLIN_PASSWORD") and berlin.room_lists == (
+        "allrooms@berlin.contoso.com",)
+    assert berlin.ews_url == "https://mail.berlin.contoso.com/EWS/Exchange.asmx"
+    assert config.exchange is None and [config.place_of(s) for s in (onprem, berlin)] == ["sources[0]", "sources[1]"]
+
+
+def test_the_single_source_form_is_one_source_of_kind_ews_named_exchange(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "  room_lists: [all@contoso.com]\n"), env={})
+    (source,) = config.calendar_sources
+    assert (source.name, source.kind, config.place_of(source)) == ("exchange", "ews", "exchange")
+    assert source.ews_url == config.exchange.ews_url and source.username == "CONTOSO\\svc-gateway"  # type: ignore[union-attr]
+    assert source.mailboxes == ("room1@contoso.com",) and source.room_lists == ("all@contoso.com",)
+    assert source.secret_ref == SecretRef("vault", "exchange")
+
+
+def test_problems_in_a_source_keep_their_place_and_a_suggestion(tmp_path):
+    text = SOURCES.replace("    kind: ews\n    ews_url: https://mail.berlin",
+                           "    kind: graph\n    ews_ulr: https://mail.berlin")
+    text = text.replace("name: onprem", "name: On-Prem")
+    path = write(tmp_path, text.replace("    mailboxes: [room1@contoso.com, room2@contoso.com]\n",
+                                        "    timeout_seconds: 900\n"))
+    problems = problems_of(path, {"BERLIN_PASSWORD": "x"})
+    assert problems[0].startswith(f"{path}:2: sources[0].name: 'on-prem' is not a source name; use a short name")
+    assert problems[1:] == [
+        f"{path}:2: sources[0].mailboxes: required: list the source's room mailboxes (or its room lists under "
+        "room_lists)",
+        f"{path}:6: sources[0].timeout_seconds: must be between 1 and 600, not 900",
+        f"{path}:7: sources[1].ews_url: required: the EWS endpoint, e.g. https://mail.contoso.com/EWS/Exchange.asmx "
+        "(or set autodiscover_email to find it through Autodiscover)",
+        f"{path}:8: sources[1].kind: 'graph' is not one of ews (Exchange Online through Microsoft Graph is not "
+        "supported yet)",
+        f"{path}:9: sources[1].ews_ulr: unknown setting; did you mean 'ews_url'?"]
+
+
+def test_a_room_belongs_to_exactly_one_source_and_a_name_to_one_source(tmp_path):
+    text = SOURCES.replace("name: berlin", "name: onprem")
+    path = write(tmp_path, text.replace("room_lists: [allrooms@berlin.contoso.com]",
+                                        "mailboxes: [room3@contoso.com, ROOM1@contoso.com]"))
+    assert problems_of(path, {"BERLIN_PASSWORD": "x"}) == [
+        f"{path}:7: sources[1].name: is the name of sources[0] too; give every source a name of its own",
+        f"{path}:12: sources[1].mailboxes[1]: room1@contoso.com is listed by source 'onprem' too; a room belongs to "
+        "exactly one source, so remove it from one of them"]
+
+
+def test_the_single_source_form_and_sources_do_not_mix(tmp_path):
+    path = write(tmp_path, MINIMAL + SOURCES)
+    problems = problems_of(path, {"BERLIN_PASSWORD": "x"})
+    assert problems == [f"{path}:6: sources: use either exchange: (one Exchange organisation) or sources: (several), "
+                        "not both; move the exchange: settings into sources: as one more item with name: exchange and "
+                        "kind: ews"]
+    path = write(tmp_path, SOURCES + "rooms:\n  mailboxes: [room9@contoso.com]\n  days_back: 3\n")
+    assert problems_of(path, {"BERLIN_PASSWORD": "x"}) == [
+        f"{path}:14: rooms.mailboxes: with sources:, each source lists its own rooms: move these to the mailboxes of "
+        "the source they belong to (sources[N].mailboxes)"]
+
+
+def test_a_source_is_overridden_from_the_environment_by_its_name(tmp_path):
+    path = write(tmp_path, SOURCES)
+    env = {"BERLIN_PASSWORD": "x", "GATEWAY_SOURCES__BERLIN__TIMEOUT_SECONDS": "30",
+           "GATEWAY_SOURCES__ONPREM__MAILBOXES": "room7@contoso.com,room8@contoso.com"}
+    onprem, berlin = load_config(path, env=env).calendar_sources
+    assert berlin.timeout_seconds == 30.0 and onprem.mailboxes == ("room7@contoso.com", "room8@contoso.com")
+    env = {"BERLIN_PASSWORD": "x", "GATEWAY_SOURCES__MUNICH__USERNAME": "svc@contoso.com",
+           "GATEWAY_SOURCES__BERLIN__MAX_CONCURRENT_REQUESTS": "50"}
+    assert problems_of(path, env) == [
+        "env GATEWAY_SOURCES__MUNICH__USERNAME: sources.munich: there is no item named 'munich' in the file (names: "
+        "onprem, berlin); items of a list are overridden by their name",
+        "env GATEWAY_SOURCES__BERLIN__MAX_CONCURRENT_REQUESTS: sources[1].max_concurrent_requests: must be between 1 "
+        "and 27, not 50 (Exchange allows 27 concurrent EWS requests per account by default; stay at 10 or below to "
+        "leave room for other clients)"]
+
+
+def test_privacy_exceptions_name_a_room_of_any_source(tmp_path):
+    path = write(tmp_path, SOURCES.replace("room_lists: [allrooms@berlin.contoso.com]", "mailboxes: [hall@contoso.com]")
+                 + "rooms:\n  privacy:\n    rooms:\n      hall@contoso.com: {subject: drop}\n"
+                   "      room3@contoso.com: {subject: drop}\n")
+    problems = problems_of(path, {"BERLIN_PASSWORD": "x"})
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:17: rooms.privacy.rooms.room3@contoso.com: is not a "
+                                                         "configured room")
+
+
+def test_the_example_multi_source_block_loads_in_place_of_exchange(tmp_path):
+    text = EXAMPLE.read_text(encoding="utf-8")
+    block = text[text.index("# sources:\n"):text.index("\nsync:")].strip().splitlines()
+    sources = yaml.safe_load("\n".join(line[2:] for line in block))
+    example = yaml.safe_load(text)
+    del example["exchange"], example["rooms"]["mailboxes"], example["rooms"]["room_lists"]
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({**example, **sources}))
+    config = load_config(path, env={"BERLIN_EWS_PASSWORD": "x"})
+    assert [(s.name, s.kind, s.secret_ref) for s in config.calendar_sources] == [
+        ("onprem", "ews", SecretRef("vault", "onprem")), ("berlin", "ews", SecretRef("env", "BERLIN_EWS_PASSWORD"))]
+    assert config.rooms.privacy.for_room("boardroom@contoso.com").subject == "drop"

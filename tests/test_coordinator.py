@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from gateway import service
 from gateway.errors import AuthError, Throttled, Unavailable
-from gateway.model import EVENT_TYPES, Event
+from gateway.model import EVENT_TYPES, ROOM_STATES, Event
 from gateway.sources.memory import MemorySource
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import Coordinator, SyncSettings
@@ -173,6 +174,64 @@ async def test_the_window_rolls_forward_with_the_clock_and_a_weekly_series_yield
                                what="the next occurrence")
     assert [e.data["original_start"] for e in created] == [_iso(first), _iso(first + timedelta(days=7))]
     assert g.events(ROOM1, DELETED) == [] and g.events(ROOM1, UPDATED) == []
+
+
+async def test_a_room_this_gateway_no_longer_owns_is_released_without_a_word_to_consumers(
+        start: Start, memory_source: MemorySource, tmp_path: Path) -> None:
+    begin = memory_source.now + timedelta(days=1)
+    for room in (ROOM1, ROOM2):
+        memory_source.book(ALICE, [room], begin, begin + timedelta(hours=1), f"In {room}")
+    first = await start((ROOM1, ROOM2))
+    await eventually(lambda: first.imported(ROOM1, ROOM2), what="imported")
+    await first.caught_up(ROOM1, ROOM2)
+    ids = {e.data["id"] for e in first.events(ROOM2, CREATED)}
+    await first.coordinator.stop()
+
+    with capture_logs() as logs:
+        second = await start((ROOM1,))  # ROOM2 now belongs to another source or replica, or to nobody
+        await eventually(lambda: second.states(ROOM1)[-1:] == ["verified"] and second.coordinator.workers[
+            ROOM1].last_success is not None, what="ROOM1 synced again")
+    assert [(e["room"], e["bookings"]) for e in logs if e["event"] == "room.released"] == [(ROOM2, 1)]
+    assert second.events(ROOM2, DELETED) == []
+    assert second.states(ROOM2) == ["verified", "syncing", "verified"]  # as the first left them: nothing new
+    assert ROOM2 not in {r.email for r in second.store.rooms()}
+    assert second.store.bookings(ROOM2) == [] and second.store.sync_state(ROOM2) is None
+    assert len(second.events(ROOM1, CREATED)) == 1 and second.events(ROOM1, DELETED) == []
+
+    # Its new owner imports it: the same bookings under the same ids, which consumers apply idempotently.
+    store = SqliteStore(tmp_path / "new-owner.sqlite")
+    owner = Coordinator(memory_source, store, SyncSettings(debounce_seconds=0.0), clock=memory_source.clock)
+    try:
+        await owner.start((ROOM2,))
+        await eventually(lambda: store.sync_state(ROOM2) == memory_source.token(ROOM2) and store.bookings(ROOM2),
+                         what="the new owner's import")
+        assert {e.event.data["id"] for e in store.outbox_after(0, 100) if e.event.type == CREATED} == ids
+    finally:
+        await owner.stop()
+        store.close()
+
+
+async def test_forgetting_a_room_withdraws_each_of_its_bookings_then_the_room(
+        start: Start, memory_source: MemorySource, tmp_path: Path) -> None:
+    begin = memory_source.now + timedelta(days=1)
+    for hour in (0, 2):
+        memory_source.book(ALICE, [ROOM2], begin + timedelta(hours=hour), begin + timedelta(hours=hour + 1))
+    g = await start((ROOM1, ROOM2))
+    await eventually(lambda: g.imported(ROOM1, ROOM2), what="imported")
+    await g.caught_up(ROOM2)
+    ids = {e.data["id"] for e in g.events(ROOM2, CREATED)}
+    await g.coordinator.stop()  # the gateway is stopped, the room taken out of its configuration
+
+    assert service.forget_room(tmp_path / "gateway.sqlite", ROOM2) == 0
+    deleted = g.events(ROOM2, DELETED)
+    assert {e.data["id"] for e in deleted} == ids and len(ids) == 2
+    assert {e.data["reason"] for e in deleted} == {"room_disconnected"}
+    last = g.events(ROOM2)[-1]
+    assert last.type == ROOM_STATE and last.data["state"] == "disconnected"
+    assert last.data["remedy"] == ROOM_STATES["disconnected"]
+    assert ROOM2 not in {r.email for r in g.store.rooms()} and g.store.bookings(ROOM2) == []
+    assert service.forget_room(tmp_path / "gateway.sqlite", ROOM2) == 1  # nothing left to withdraw
+    assert g.events(ROOM1, DELETED) == []
 
 
 async def test_misconfigured_rooms_get_their_states_and_a_created_mailbox_is_picked_up(

@@ -26,7 +26,7 @@ from gateway.simulator.messages import DECLINE_REASON_TEXT, RESPONSE_TEXT
 from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.ews import responses
-from gateway.sources.ews.source import CALLS, EwsSettings, EwsSource
+from gateway.sources.ews.source import EwsSettings, EwsSource
 from gateway.sources.ews.writer import EwsWriter, booker_text
 from tests.conftest import TZ, SimFixture, eventually
 
@@ -82,12 +82,12 @@ async def env(sim_factory: Callable[..., SimFixture]) -> Any:
 
 
 @contextmanager
-def counted() -> Iterator[dict[tuple[str, str], int]]:
-    """The EWS requests made inside the block, by (operation, answer)."""
+def counted(source: EwsSource) -> Iterator[dict[tuple[str, str], int]]:
+    """The EWS requests the source made inside the block, by (operation, answer)."""
     delta: dict[tuple[str, str], int] = {}
-    before = dict(CALLS.counts)
+    before = dict(source.calls.counts)
     yield delta
-    delta.update({k: v - before.get(k, 0) for k, v in CALLS.counts.items() if v != before.get(k, 0)})
+    delta.update({k: v - before.get(k, 0) for k, v in source.calls.counts.items() if v != before.get(k, 0)})
 
 
 # -- the decline text ------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ async def test_a_meeting_is_created_for_the_organizer_and_the_room_accepts(env: 
     start, end = _slot()
     cmd = _command("create-1", ROOM1, start, end, subject="Design review", organizer=Person(ALICE, "Alice Anders"),
                    attendees=(Person(BOB, "Bob Berg"), Person(ALICE, "Alice Anders")))
-    with counted() as calls:
+    with counted(env.source) as calls:
         written = await env.writer.create_meeting(ALICE, ROOM1, cmd)
     assert calls == {("CreateItem", "NoError"): 1}
     assert written.mailbox == ALICE and written.item_id and written.change_key and written.uid
@@ -135,7 +135,7 @@ async def test_a_meeting_is_created_for_the_organizer_and_the_room_accepts(env: 
     polls: list[dict[tuple[str, str], int]] = []
 
     async def poll() -> RoomAnswer | None:
-        with counted() as calls:
+        with counted(env.source) as calls:
             answer = await env.writer.room_answer(written, ROOM1)
         polls.append(calls)
         return answer if answer.outcome != "pending" else None
@@ -146,7 +146,7 @@ async def test_a_meeting_is_created_for_the_organizer_and_the_room_accepts(env: 
     assert all(set(p) <= ops and p[("GetItem", "NoError")] == 1 and p.get(("FindItem", "NoError"), 0) <= 2
                for p in polls), polls
     # ... once it has, a poll is exactly one GetItem.
-    with counted() as calls:
+    with counted(env.source) as calls:
         assert await env.writer.room_answer(written, ROOM1) == RoomAnswer("accepted")
     assert calls == {("GetItem", "NoError"): 1}
 
@@ -235,7 +235,7 @@ async def test_a_decline_costs_two_inbox_reads_once(env: Env) -> None:
     start, end = _slot()
     written = await env.writer.create_meeting(ALICE, ROOM2, _command("long", ROOM2, start, end))
     await env.settle()
-    with counted() as calls:
+    with counted(env.source) as calls:
         answer = await env.writer.room_answer(written, ROOM2)
     assert answer.reason == "too_long"
     assert calls == {("GetItem", "NoError"): 2, ("FindItem", "NoError"): 1}
@@ -347,7 +347,7 @@ async def test_cancelling_a_meeting_frees_the_room(env: Env) -> None:
     start, end = _slot()
     written = await env.writer.create_meeting(ALICE, ROOM1, _command("cancel-1", ROOM1, start, end))
     assert (await env.answer(written, ROOM1)).outcome == "accepted"
-    with counted() as calls:  # with the change key from the create, which the room's answer made stale
+    with counted(env.source) as calls:  # with the change key from the create, which the room's answer made stale
         await env.writer.cancel_meeting(written)
     assert calls == {("CreateItem", "NoError"): 1}
     await env.settle()
@@ -363,7 +363,7 @@ async def test_cancelling_a_meeting_frees_the_room(env: Env) -> None:
 async def test_an_appointment_records_its_booker_and_is_moved_and_deleted_quietly(env: Env) -> None:
     start, end = _slot()
     booker = Person("guest@example.org", "Gina Guest")
-    with counted() as calls:
+    with counted(env.source) as calls:
         written = await env.writer.create_appointment(ROOM2, _command(KEY, ROOM2, start, end, booker=booker))
     assert calls == {("CreateItem", "NoError"): 1}
     (booking,) = await env.room_bookings(ROOM2, start, end)
@@ -376,7 +376,7 @@ async def test_an_appointment_records_its_booker_and_is_moved_and_deleted_quietl
     assert await env.writer.find_by_key(ROOM2, KEY[:-1], start, end) is None
 
     later, later_end = start + timedelta(hours=2), end + timedelta(hours=2)
-    with counted() as calls:  # without a change key: read first
+    with counted(env.source) as calls:  # without a change key: read first
         moved = await env.writer.move(Written(ROOM2, written.item_id, written.uid), later, later_end, notify=False)
     assert calls == {("GetItem", "NoError"): 1, ("UpdateItem", "NoError"): 1}
     assert moved.change_key and moved.change_key != written.change_key
@@ -491,7 +491,7 @@ async def test_availability_splits_requests_by_rooms_and_days(big_env: Env) -> N
 
     rooms = [f"room{n}@contoso.com" for n in range(1, 102)]
     window = (start - timedelta(days=1), start + timedelta(days=60))  # two pieces of at most 42 days
-    with counted() as calls:
+    with counted(big_env.source) as calls:
         found = await env.writer.availability(rooms, *window)
     # 101 rooms -> 2 requests per piece; the UTC zone is built locally, never asked for.
     assert calls[("GetUserAvailability", "NoError")] == 4
@@ -501,7 +501,7 @@ async def test_availability_splits_requests_by_rooms_and_days(big_env: Env) -> N
     assert [(b.start, b.end) for b in found[last]] == [(start, end)]
     assert found[ROOM2] == []
 
-    with counted() as calls:
+    with counted(big_env.source) as calls:
         short = await env.writer.availability([ROOM1], start + timedelta(minutes=10), start + timedelta(minutes=12))
     assert calls == {("GetUserAvailability", "NoError"): 1}
     assert [(b.start, b.end) for b in short[ROOM1]] == [(start, end)]

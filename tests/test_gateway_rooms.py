@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from gateway import service
 from gateway.app import GATEWAY, Gateway, GatewayOptions, init_app
 from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Window
 from gateway.simulator.calendar import Recurrence
@@ -222,7 +223,8 @@ async def test_wrong_password_costs_one_failed_logon_stops_every_room_and_takes_
         assert await g.metric("gateway_rooms", state="verified") == 0  # exported as 0, not left out
         ready = await g.client.get("/readyz")
         assert ready.status == 503
-        assert (await ready.json())["reason"].startswith(f"no room is in sync ({len(rooms)} auth_required)")
+        assert any(r.startswith(f"no room is in sync ({len(rooms)} auth_required)")
+                   for r in (await ready.json())["reasons"])
         assert all(g.states(r) == ["auth_required"] for r in rooms)
 
         # The right password is stored in the vault: the gateway reads it again and tries it now, not after the
@@ -263,7 +265,9 @@ async def test_room_lists_that_cannot_be_read_at_start_do_not_stop_the_gateway_o
         await eventually(lambda: [e for e in logs if e["event"] == "gateway.room_lists_unreadable"],
                          what="the lists reported")
         ready = await g.client.get("/readyz")
-        assert ready.status == 503 and "no rooms" in (await ready.json())["reason"]
+        assert ready.status == 503
+        assert (await ready.json())["reasons"] == [
+            "source exchange: its room lists could not be read yet (invalid_auth), so it has no rooms"]
         assert failed_logons(ews) == 1
         vault["password"] = SERVICE_PASSWORD
         await eventually(lambda: set(g.gw.coordinator.workers) == set(members), what="the lists' rooms")
@@ -357,7 +361,8 @@ async def test_pull_and_poll_modes_deliver_changes(feed, ews, tmp_path, aiohttp_
 
 
 # -- 6. a room leaves the configuration ----------------------------------------------------------------------------
-async def test_disconnected_room_takes_its_bookings_with_it(ews, tmp_path, aiohttp_client):
+async def test_a_room_that_leaves_the_configuration_is_released_and_forgetting_it_withdraws_its_bookings(
+        ews, tmp_path, aiohttp_client):
     store = tmp_path / "g.sqlite"
     kept = appointment(ews, ROOM1, "Stays", soon())
     gone = {appointment(ews, ROOM2, f"Leaves {i}", soon(26 + 2 * i)) for i in range(2)}
@@ -365,25 +370,45 @@ async def test_disconnected_room_takes_its_bookings_with_it(ews, tmp_path, aioht
     await eventually(lambda: len(first.events(type_=CREATED)) == 3, what="the initial import")
     ids = {e.data["id"] for e in first.events(ROOM2, CREATED)}
     assert {e.data["uid"] for e in first.events(ROOM2, CREATED)} == gone
+    announced = first.states(ROOM2)
     await first.client.close()
 
+    # Taken out of the configuration: released, as a room handed over to another gateway is. Nothing is deleted.
     second = await start(aiohttp_client, ews, store, (ROOM1,))
-    await eventually(lambda: second.state(ROOM1) == "verified", what="verified")
-    removed = second.events(ROOM2, DELETED)
-    assert {e.data["id"] for e in removed} == ids
-    assert all(e.data["reason"] == "room_disconnected" for e in removed)
-    state = second.events(ROOM2, ROOM_STATE)[-1]
-    assert state.data["state"] == "disconnected" and state.data["remedy"] == ROOM_STATES["disconnected"]
-    assert max(e.sequence for e in removed) < state.sequence  # the bookings go before the room says goodbye
-    assert ROOM2 not in await second.rooms()
+    await eventually(lambda: second.gw.coordinator.workers[ROOM1].last_success, what="ROOM1 synced after the restart")
+    assert second.events(ROOM2, DELETED) == [] and second.events(ROOM1, DELETED) == []
+    assert second.states(ROOM2) == announced  # no room event either
+    assert ROOM2 not in await second.rooms() and second.gw.store.bookings(ROOM2) == []
     resp = await second.client.get(f"/v1/rooms/{ROOM2}/bookings")
     assert resp.status == 404 and (await resp.json())["error"] == "room_unknown"
-    assert second.gw.store.bookings(ROOM2) == []
-    resp = await second.client.get(f"/v1/rooms/{ROOM1}/bookings",
-                                   params={"end": _iso(soon(48))})
+    resp = await second.client.get(f"/v1/rooms/{ROOM1}/bookings", params={"end": _iso(soon(48))})
     assert [b["uid"] for b in (await resp.json())["bookings"]] == [kept]
-    assert second.events(ROOM1, DELETED) == []
-    assert "disconnected" not in second.states(ROOM1)
+    await second.client.close()
+
+    # It comes back (a new owner imports it: the same ids), and then leaves for good: forgotten, it is withdrawn.
+    third = await start(aiohttp_client, ews, store, (ROOM1, ROOM2))
+    await eventually(lambda: third.gw.store.sync_state(ROOM2) and len(third.gw.store.bookings(ROOM2)) == 2,
+                     what="ROOM2 imported again")
+    assert sorted(e.data["id"] for e in third.events(ROOM2, CREATED)) == sorted([*ids, *ids])  # each twice, one id
+    await third.client.close()
+    outbox = SqliteStore(store)  # what consumers get from now on (the gateway is stopped)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"exchange:\n  ews_url: {ews.url}\n  allow_insecure_http: true\n  username: svc@contoso.com\n"
+                      f"rooms:\n  mailboxes: [{ROOM1}, {ROOM2}]\nstore:\n  path: {store}\n")
+    before = outbox.last_seq()
+    try:
+        assert service.forget(config, ROOM2) == 1  # still configured: it would come back at the next start
+        assert outbox.last_seq() == before
+        config.write_text(config.read_text().replace(f", {ROOM2}]", "]"))
+        assert service.forget(config, ROOM2) == 0
+        after = [e.event for e in outbox.outbox_after(before, 100)]
+        assert [e.type for e in after] == [DELETED, DELETED, ROOM_STATE] and {e.room for e in after} == {ROOM2}
+        assert {e.data["id"] for e in after[:2]} == ids
+        assert all(e.data["reason"] == "room_disconnected" for e in after[:2])
+        assert after[2].data["state"] == "disconnected" and after[2].data["remedy"] == ROOM_STATES["disconnected"]
+        assert outbox.bookings(ROOM2) == [] and ROOM2 not in {r.email for r in outbox.rooms()}
+    finally:
+        outbox.close()
 
 
 # -- 7. the mass-deletion guard ------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def test_each_vocabulary_is_an_enum_that_serializes_as_its_string():
     assert list(COMMAND_TYPES) == ["create", "update", "cancel", "decline", "resync", "availability"]
     assert list(RESULT_STATUSES) == ["accepted", "declined", "failed"]
     assert EVENT_TYPES["room_state"] is EventType.ROOM_STATE_CHANGED and set(DECLINE_REASONS) == set(DeclineReason)
-    assert ROOM_STATES[RoomState.DISCONNECTED] == RoomState.DISCONNECTED.remedy == "removed from the configuration"
+    assert ROOM_STATES[RoomState.DISCONNECTED] == RoomState.DISCONNECTED.remedy == (
+        "removed from the gateway (`gateway rooms forget`); its bookings were withdrawn")
 
 
 def test_values_read_from_json_or_text_become_members_and_unknown_ones_are_refused():

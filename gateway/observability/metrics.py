@@ -17,10 +17,6 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.ews_requests = Counter("gateway_ews_requests", "EWS requests by operation and answer",
-                                    ["operation", "code"], registry=self.registry)
-        self.ews_throttled = Counter("gateway_ews_throttled", "Times Exchange asked the gateway to back off",
-                                     registry=self.registry)
         self.change_to_outbox = Histogram("gateway_sync_change_to_outbox_seconds",
                                           "From a room being marked changed to its events being in the outbox",
                                           buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -45,12 +41,7 @@ class Metrics:
         self.api_auth_failures = Counter("gateway_api_auth_failures", "Local API requests refused",
                                          ["reason"], registry=self.registry)
 
-    # hooks the coordinator and adapters call
-    def ews_call(self, operation: str, code: str) -> None:
-        self.ews_requests.labels(operation, code).inc()
-        if code == "ErrorServerBusy":
-            self.ews_throttled.inc()
-
+    # hooks the coordinator and the command service call (a source kind keeps its own metrics on ``registry``)
     def change_latency(self, seconds: float) -> None:
         self.change_to_outbox.observe(seconds)
 
@@ -69,20 +60,16 @@ class Metrics:
 
 
 class StateCollector(Collector):
-    """Gauges read at scrape time from the running parts (rooms, outbox, subscriptions)."""
+    """Gauges read at scrape time from the running parts (rooms, outbox)."""
 
     def __init__(self, rooms: Callable[[], dict[str, tuple[str, float | None]]],
-                 outbox: Callable[[], tuple[int, datetime | None]] | None,
-                 streams: Callable[[], tuple[int, int]] | None = None, *, states: Iterable[str] = (),
-                 feed_up: Callable[[], bool | None] | None = None) -> None:
+                 outbox: Callable[[], tuple[int, datetime | None]] | None, *, states: Iterable[str] = ()) -> None:
         """``outbox`` gives (unacknowledged events, time of the oldest) while a hub consumes the outbox; None
         when no relay is configured: then nothing waits for delivery (local SSE clients read the outbox at their
         own pace and never acknowledge), so the depth is 0 rather than every event ever written."""
         self.rooms = rooms
         self.outbox = outbox
-        self.streams = streams
         self.states = tuple(states)  # every state is exported, 0 when no room is in it (alerts need the zero)
-        self.feed_up = feed_up
 
     def collect(self) -> Iterator[Any]:
         rooms = self.rooms()
@@ -106,14 +93,3 @@ class StateCollector(Collector):
         oldest_age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
         yield GaugeMetricFamily("gateway_outbox_oldest_age_seconds", "Age of the oldest event waiting for the hub "
                                 "(0 when none is, or without a relay)", value=oldest_age)
-        if self.streams is not None:
-            subs, conns = self.streams()
-            yield GaugeMetricFamily("gateway_ews_subscriptions",
-                                    "EWS subscriptions being listened to (on an open stream, or pulled)", value=subs)
-            yield GaugeMetricFamily("gateway_ews_streaming_connections",
-                                    "EWS streaming connections open now (Exchange answered and the stream is read)",
-                                    value=conns)
-        up = self.feed_up() if self.feed_up is not None else None
-        if up is not None:
-            yield GaugeMetricFamily("gateway_ews_feed_up", "1 while the change feed (streaming or pull) runs; 0 while "
-                                    "it is down and restarting, and the rooms are polled", value=1 if up else 0)

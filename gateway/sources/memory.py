@@ -23,10 +23,11 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import ClassVar
 
-from gateway.errors import GatewayError, ImpersonationDenied, NotFound, SyncStateInvalid
+from gateway.errors import ConfigError, GatewayError, ImpersonationDenied, NotFound, SyncStateInvalid
 from gateway.model import Attendee, Booking, Person, Window
-from gateway.ports import Changes, Dirty, RoomInfo
+from gateway.ports import Capabilities, Changes, Dirty, FeedSettings, OpenedSource, RoomInfo, RoomList, SourceSpec
 
 REPEATS = {"daily": timedelta(days=1), "weekly": timedelta(weeks=1)}
 
@@ -104,6 +105,7 @@ class MemorySource:
         self._epoch = uuid.uuid4().hex[:8]  # a token from another source (or before a restart) is refused
         self._rooms: dict[str, _Room] = {}
         self._people: dict[str, Person] = {}
+        self._lists: dict[str, tuple[str | None, tuple[str, ...]]] = {}  # room list -> (name, rooms)
         self._meetings: dict[str, _Meeting] = {}
         self._failures: list[_Failure] = []
         self._watchers: list[tuple[frozenset[str], Dirty]] = []
@@ -126,6 +128,15 @@ class MemorySource:
     def add_person(self, email: str, name: str | None = None) -> None:
         """A person's mailbox: the gateway may not read it as a room."""
         self._people[email.lower()] = Person(email.lower(), name or email.split("@")[0].title())
+
+    def add_room_list(self, email: str, rooms: Sequence[str], name: str | None = None) -> None:
+        """A room list (its rooms need not exist: a list can name a room that was since removed)."""
+        self._lists[email.lower()] = (name, tuple(r.lower() for r in rooms))
+
+    @property
+    def directory(self) -> MemoryDirectory:
+        """The Directory of this source's organisation."""
+        return MemoryDirectory(self)
 
     # -- what people do ---------------------------------------------------------------------------------------
     def book(self, organizer: str, rooms: Sequence[str], start: datetime, end: datetime, subject: str = "", *,
@@ -265,17 +276,21 @@ class MemorySource:
             self._watchers.remove(watcher)
 
     # -- inside ---------------------------------------------------------------------------------------------
-    def _enter(self, operation: str, room: str) -> _Room:
-        """Count the call, raise an injected failure or the mailbox's own error, else the room."""
+    def _check(self, operation: str, room: str | None) -> None:
+        """Count the call; raise an injected failure (one for ``room``, or for any room)."""
         self.calls[operation] += 1
-        email = room.lower()
         for f in list(self._failures):
-            if f.room in (None, email):
+            if f.room is None or f.room == room:
                 if f.times is not None:
                     f.times -= 1
                     if f.times <= 0:
                         self._failures.remove(f)
                 raise copy.copy(f.error)
+
+    def _enter(self, operation: str, room: str) -> _Room:
+        """Count the call, raise an injected failure or the mailbox's own error, else the room."""
+        email = room.lower()
+        self._check(operation, email)
         r = self._rooms.get(email)
         if r is not None:
             return r
@@ -351,3 +366,61 @@ class MemorySource:
                     task = asyncio.ensure_future(result)
                     self._pending.add(task)
                     task.add_done_callback(self._pending.discard)
+
+
+class MemoryDirectory:
+    """A Directory (ports.Directory) over a MemorySource's rooms, people and room lists. Its calls count in the
+    source's ``calls`` and its failures (``fail``) apply to it too."""
+
+    def __init__(self, source: MemorySource) -> None:
+        self._source = source
+
+    async def room_lists(self) -> list[RoomList]:
+        self._source._check("room_lists", None)
+        return [RoomList(email, name) for email, (name, _) in sorted(self._source._lists.items())]
+
+    async def rooms(self, room_list: str) -> list[RoomInfo]:
+        self._source._check("rooms", None)
+        found = self._source._lists.get(room_list.lower())
+        if found is None:
+            raise NotFound(f"no room list {room_list}", key="room_list_not_found",
+                           remedy="check the room list's address in the configuration (room_lists)")
+        rooms = self._source._rooms
+        return [RoomInfo(r, rooms[r].name, rooms[r].capacity) for r in found[1] if r in rooms]
+
+    async def room(self, email: str) -> RoomInfo:
+        self._source._check("room", None)
+        r = self._source._rooms.get(email.lower())
+        if r is None:
+            raise NotFound(f"the directory has no mailbox {email}", key="mailbox_not_found",
+                           remedy="check the room's address in the configuration")
+        return RoomInfo(r.email, r.name, r.capacity)
+
+    async def people(self, query: str) -> list[Person]:
+        self._source._check("people", None)
+        q = query.strip().lower()
+        return sorted((p for p in self._source._people.values() if q and (
+            (p.email or "").startswith(q) or any(w.lower().startswith(q) for w in (p.name or "").split()))),
+            key=lambda p: p.email or "")
+
+
+class MemoryKind:
+    """The memory source kind, for tests built with the application factory: a SourceSpec's settings are the
+    MemorySource itself (``SourceSpec("mem", "memory", source, rooms=...)``). It cannot be configured in a file."""
+
+    name: ClassVar[str] = "memory"
+    capabilities: ClassVar[Capabilities] = Capabilities(notifications=("streaming", "poll"), directory=True)
+
+    def __init__(self, metrics: object = None) -> None:
+        pass
+
+    @staticmethod
+    def settings(section: object, place: str) -> object:
+        raise ConfigError(f"{place}: the memory kind is for tests and cannot be configured")
+
+    def open(self, spec: SourceSpec, feed: FeedSettings) -> OpenedSource:
+        if not isinstance(spec.settings, MemorySource):
+            raise TypeError(f"source {spec.name}: a memory source's settings are the MemorySource itself")
+        source = spec.settings
+        return OpenedSource(spec.name, self.name, self.capabilities, source, source.close, directory=source.directory,
+                            feed=None if feed.mode == "poll" else source)

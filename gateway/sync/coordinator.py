@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -40,10 +39,11 @@ from gateway.errors import (
     Unreachable,
     is_shared,
 )
-from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Event, Room, RoomState, Window, to_json
+from gateway.model import ROOM_STATES, Booking, Event, Room, RoomState, Window
 from gateway.ports import CalendarSource, OutboxEntry, Store
-from gateway.sync import privacy
+from gateway.sync import ownership, privacy
 from gateway.sync.engine import Plan, Scope, plan
+from gateway.sync.events import booking_event, room_event
 
 log = structlog.get_logger("gateway.sync")
 T = TypeVar("T")
@@ -72,8 +72,9 @@ class OutageLog:
     ended only once nothing was throttled for ``quiet_seconds``."""
 
     def __init__(self, remind_seconds: float, quiet_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, source: str | None = None) -> None:
         self.remind_seconds = remind_seconds
+        self._where: dict[str, Any] = {} if source is None else {"source": source}  # whose failure it is
         self.quiet_seconds = quiet_seconds
         self.clock = clock
         self.failure: GatewayError | None = None
@@ -86,10 +87,10 @@ class OutageLog:
             if now - self.reminded >= self.remind_seconds:
                 self.reminded = now
                 log.warning("exchange.outage_continues", key=e.key, reason=_reason(e), remedy=e.remedy,
-                            seconds=round(now - self.since, 1))
+                            seconds=round(now - self.since, 1), **self._where)
             return
         self.since = self.reminded = now
-        fields: dict[str, Any] = {"key": e.key, "reason": _reason(e), "remedy": e.remedy}
+        fields: dict[str, Any] = {"key": e.key, "reason": _reason(e), "remedy": e.remedy, **self._where}
         if current is not None:
             fields["previous"] = current.key
         if _refused(e):
@@ -106,7 +107,7 @@ class OutageLog:
             return
         self.failure = None
         event = "exchange.auth_restored" if _refused(failure) else "exchange.outage_ended"
-        log.info(event, key=failure.key, seconds=round(now - self.since, 1))
+        log.info(event, key=failure.key, seconds=round(now - self.since, 1), **self._where)
 
 
 class RoomWorker:
@@ -135,8 +136,11 @@ class RoomWorker:
 class Coordinator:
     def __init__(self, source: CalendarSource, store: Store, settings: SyncSettings | None = None, *,
                  policy: Callable[[str], privacy.PrivacyPolicy] | None = None, metrics: Any = None,
-                 clock: Callable[[], datetime] | None = None, source_name: str = "urn:exchange-gateway") -> None:
+                 clock: Callable[[], datetime] | None = None, source_name: str = "urn:exchange-gateway",
+                 group: Callable[[str], str | None] | None = None) -> None:
         self.source = source
+        # The source a room's calls go to (a failure every room shares is shared by the rooms of one source).
+        self.group: Callable[[str], str | None] = group or (lambda room: None)
         self.store = store
         self.settings = settings or SyncSettings()
         self.policy = policy or (lambda room: privacy.PrivacyPolicy())
@@ -147,20 +151,21 @@ class Coordinator:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_rooms)
         self.listeners: list[Callable[[list[OutboxEntry]], None]] = []  # told after each commit (SSE wake-up)
-        self._exchange_ok = asyncio.Event()  # cleared while a failure every room shares lasts
-        self._exchange_ok.set()
-        self.outage = OutageLog(self.settings.outage_remind_seconds, self.settings.throttled_quiet_seconds)
-        self.feed_down: str | None = None  # why the change feed is down (then rooms poll), None while it runs
+        self._outages: dict[str | None, tuple[OutageLog, asyncio.Event]] = {}  # by source (group)
+        self.feed_down: dict[str, str] = {}  # room -> why its change feed is down (it polls meanwhile)
 
     # -- life cycle -----------------------------------------------------------------------------------------
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, lambda: fn(*args, **kwargs))
 
     async def start(self, rooms: Sequence[str]) -> None:
+        """Sync the rooms this gateway owns; a stored room it no longer owns is released (gateway/sync/ownership.py:
+        dropped without events, since a room that moved to another source or replica is not gone)."""
         stored = {r.email: r for r in await self.db(self.store.rooms)}
         wanted = {r.lower() for r in rooms}
-        for gone in set(stored) - wanted:
-            await self.disconnect(gone)
+        for gone in sorted(set(stored) - wanted):
+            dropped = await self.db(ownership.release, self.store, gone)
+            log.info("room.released", room=gone, bookings=dropped)
         for email in sorted(wanted):
             self.add_room(email).stored = stored.get(email)
 
@@ -209,60 +214,80 @@ class Coordinator:
                 await self._set_state(w, _state_key(e), _reason(e), shared=shared)
                 if shared:
                     # Every room meets the same answer: wait until a room (or the feed) finds Exchange back.
-                    self.outage.failed(e)
-                    self._exchange_ok.clear()
-                    await self._exchange_back(_shared_delay(e, s))
+                    outage, ok = self._outage(self.group(w.email))
+                    outage.failed(e)
+                    ok.clear()
+                    await self._exchange_back(ok, _shared_delay(e, s))
                     continue
-                self.exchange_recovered()  # Exchange got as far as judging the room itself
+                self.exchange_recovered(self.group(w.email))  # Exchange got as far as judging the room itself
                 await asyncio.sleep(s.auth_retry_seconds if isinstance(e, AuthError) else s.retry_seconds)
             except Exception:
                 log.exception("sync.room_failed", room=w.email)
                 await self._set_state(w, "exchange_error", "unexpected error; see the logs")
                 await asyncio.sleep(s.retry_seconds)
 
-    async def _exchange_back(self, delay: float) -> None:
+    def _outage(self, group: str | None) -> tuple[OutageLog, asyncio.Event]:
+        """The outage log of one source and the event its rooms wait for (set while no shared failure lasts)."""
+        found = self._outages.get(group)
+        if found is None:
+            ok = asyncio.Event()
+            ok.set()
+            found = self._outages[group] = (OutageLog(self.settings.outage_remind_seconds,
+                                                      self.settings.throttled_quiet_seconds, source=group), ok)
+        return found
+
+    @staticmethod
+    async def _exchange_back(ok: asyncio.Event, delay: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
-                await self._exchange_ok.wait()
+                await ok.wait()
 
-    def exchange_recovered(self) -> None:
-        """Exchange answered again: the rooms waiting behind a shared failure retry now."""
-        self.outage.answered()
-        self._exchange_ok.set()
+    def exchange_recovered(self, group: str | None = None) -> None:
+        """The source (``group``) answered again: its rooms waiting behind a shared failure retry now."""
+        outage, ok = self._outage(group)
+        outage.answered()
+        ok.set()
 
     async def _verify(self, w: RoomWorker) -> None:
         async with self._slots:
             await self.source.verify(w.email)
-        self.exchange_recovered()
+        self.exchange_recovered(self.group(w.email))
         if w.state not in ("verified", "polling", "suspect_empty"):
             await self._in_sync(w)
 
     async def _in_sync(self, w: RoomWorker) -> None:
-        """The room is in sync: ``verified``, or ``polling`` while the change feed is down."""
-        if self.feed_down is None:
+        """The room is in sync: ``verified``, or ``polling`` while its change feed is down."""
+        down = self.feed_down.get(w.email)
+        if down is None:
             await self._set_state(w, "verified", "")
         else:
-            await self._set_state(w, "polling", self.feed_down)
+            await self._set_state(w, "polling", down)
 
     # -- the change feed ---------------------------------------------------------------------------------------
-    async def feed_stopped(self, why: str) -> None:
-        """The change feed is down (it is restarted with back-off): sync every room every
-        ``feed_down_poll_seconds`` meanwhile, and say so in the rooms' state."""
-        self.feed_down = f"change feed down ({why}); polling every {self.settings.feed_down_poll_seconds:g} s"
-        for w in list(self.workers.values()):
+    async def feed_stopped(self, why: str, rooms: Iterable[str] | None = None) -> None:
+        """The change feed of ``rooms`` (None: every room) is down (it is restarted with back-off): sync each of them
+        every ``feed_down_poll_seconds`` meanwhile, and say so in the rooms' state."""
+        reason = f"change feed down ({why}); polling every {self.settings.feed_down_poll_seconds:g} s"
+        for w in self._workers(rooms):
+            self.feed_down[w.email] = reason
             if w.state in ("verified", "polling"):
-                await self._set_state(w, "polling", self.feed_down)
+                await self._set_state(w, "polling", reason)
             w.mark_dirty("feed_down")  # wake the room's loop: it polls from now on, and this sync finds any gap
 
-    async def feed_running(self) -> None:
-        """The change feed runs again: notifications drive the syncs; a sync of every room repairs the gap."""
-        if self.feed_down is None:
-            return
-        self.feed_down = None
-        for w in list(self.workers.values()):
+    async def feed_running(self, rooms: Iterable[str] | None = None) -> None:
+        """The change feed of ``rooms`` (None: every room) runs again: notifications drive the syncs; a sync of
+        every room repairs the gap."""
+        for w in self._workers(rooms):
+            if self.feed_down.pop(w.email, None) is None:
+                continue
             if w.state == "polling":
                 await self._set_state(w, "verified", "")
             w.mark_dirty("feed_running")
+
+    def _workers(self, rooms: Iterable[str] | None) -> list[RoomWorker]:
+        if rooms is None:
+            return list(self.workers.values())
+        return [w for w in (self.workers.get(r.lower()) for r in rooms) if w is not None]
 
     async def _loop(self, w: RoomWorker) -> None:
         s = self.settings
@@ -272,7 +297,7 @@ class Coordinator:
             timeouts = [s.reconcile_seconds - (time.monotonic() - last_reconcile),
                         s.roll_seconds - (time.monotonic() - last_roll)]
             poll = s.poll_seconds
-            if self.feed_down is not None:
+            if w.email in self.feed_down:
                 poll = min(poll, s.feed_down_poll_seconds) if poll > 0 else s.feed_down_poll_seconds
             if poll > 0:
                 timeouts.append(poll)
@@ -387,17 +412,6 @@ class Coordinator:
         await self._commit(w, result)
         w.horizon = window.end
 
-    async def disconnect(self, email: str) -> None:
-        """A room left the configuration: its bookings leave the relay with it."""
-        known = await self.db(self.store.known, email)
-        events = [self._event("deleted", k.booking, reason="room_disconnected") for k in known.values()]
-        room = Room(email, state=RoomState.DISCONNECTED, reason="the room is no longer in the configuration",
-                    remedy=ROOM_STATES["disconnected"])
-        events.append(self._room_event(room))
-        await self.db(self.store.commit_sync, email, upserts=(), deletes=list(known), events=events,
-                      clear_sync_state=True)
-        await self.db(self.store.remove_room, email)
-
     # -- helpers --------------------------------------------------------------------------------------------
     def _private(self, room: str, bookings: list[Booking]) -> list[Booking]:
         policy = self.policy(room)
@@ -422,16 +436,10 @@ class Coordinator:
                 listener(entries)
 
     def _event(self, kind: str, b: Booking, reason: str | None = None) -> Event:
-        data = to_json(b)
-        if reason:
-            data["reason"] = reason
-        return Event(id=str(uuid.uuid4()), type=EVENT_TYPES[kind], room=b.room, subject=b.id, time=self.now(),
-                     data=data, source=self.source_name)
+        return booking_event(kind, b, time=self.now(), source=self.source_name, reason=reason)
 
     def _room_event(self, room: Room) -> Event:
-        data = {"room": room.email, "state": room.state, "reason": room.reason, "remedy": room.remedy}
-        return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_state"], room=room.email, subject=room.email,
-                     time=self.now(), data=data, source=self.source_name)
+        return room_event(room, time=self.now(), source=self.source_name)
 
     async def _set_state(self, w: RoomWorker, state: str, reason: str, *, shared: bool = False) -> None:
         """Record, announce and log a room's state when it (or its reason) changes. ``shared``: the cause is a

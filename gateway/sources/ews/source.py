@@ -44,11 +44,9 @@ from exchangelib import (
     Version,
 )
 from exchangelib import errors as xerr
-from exchangelib.errors import SessionPoolMinSizeReached
 from exchangelib.properties import CalendarView
-from exchangelib.protocol import BaseProtocol, Protocol
+from exchangelib.protocol import Protocol
 from exchangelib.services import FindItem, GetItem, SyncFolderItems
-from exchangelib.services.common import EWSService
 from exchangelib.util import is_xml
 
 from gateway.errors import (
@@ -65,6 +63,7 @@ from gateway.errors import (
 )
 from gateway.model import Booking, Window
 from gateway.ports import Changes, RoomInfo
+from gateway.sources.ews import patches
 from gateway.sources.ews.mapping import (
     DETAIL_FIELDS,
     SYNC_FIELDS,
@@ -74,6 +73,7 @@ from gateway.sources.ews.mapping import (
     item_id,
     register_properties,
 )
+from gateway.sources.ews.metrics import CallCounter
 from gateway.sources.ews.series import SeriesExpander
 from gateway.sources.outage import OutageGate
 
@@ -106,71 +106,7 @@ class EwsSettings:
     auth_max_retry_seconds: float = 3600.0
 
 
-# -- instrumentation: every EWS request, by operation and answer ---------------------------------------------
-class CallCounter:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts: dict[tuple[str, str], int] = {}
-        self.listeners: list[Callable[[str, str], None]] = []
-
-    def add(self, operation: str, code: str) -> None:
-        with self._lock:
-            self.counts[(operation, code)] = self.counts.get((operation, code), 0) + 1
-        for listener in self.listeners:
-            listener(operation, code)
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(self.counts.values())
-
-
-CALLS = CallCounter()
-_original_get_response_xml = EWSService._get_response_xml
-
-
-def _counted_get_response_xml(self: Any, payload: Any, **kwargs: Any) -> Any:
-    try:
-        result = _original_get_response_xml(self, payload, **kwargs)
-    except Exception as e:
-        CALLS.add(self.SERVICE_NAME, type(e).__name__)
-        raise
-    CALLS.add(self.SERVICE_NAME, "NoError")
-    return result
-
-
-EWSService._get_response_xml = _counted_get_response_xml
-
-
-class _WholeBody:
-    def __init__(self, content: bytes) -> None:
-        self.content = content
-
-    def iter_content(self) -> Iterator[bytes]:
-        return iter((self.content,))
-
-
-_original_soap_parts = EWSService._get_soap_parts.__func__
-
-
-def _whole_body_soap_parts(cls: Any, response: Any) -> Any:
-    """exchangelib 5.6 parses every response through iter_content() one byte at a time (about 1 s per MB);
-    a response that requests has already read in full is handed over in one piece."""
-    if isinstance(response, requests.Response) and response._content_consumed:
-        response = _WholeBody(response.content)
-    return _original_soap_parts(cls, response)
-
-
-EWSService._get_soap_parts = classmethod(_whole_body_soap_parts)
-
-
-def _keep_pool_size(self: Any) -> None:
-    """exchangelib 5.6 shrinks its session pool on every ErrorServerBusy and never grows it back, and doing so
-    under its pool lock can deadlock while a stream holds a session. Refusing (as at the minimum size) makes
-    exchangelib pass ErrorExceededConnectionCount on instead of retrying; the gateway does its own back-off."""
-    raise SessionPoolMinSizeReached("the gateway keeps exchangelib's session pool at its configured size")
-
-
-Protocol.decrease_poolsize = _keep_pool_size
+patches.install()
 
 
 class HttpStatusError(xerr.TransportError):
@@ -340,14 +276,6 @@ def map_ews_errors(room: str | None = None, endpoint: str = "") -> Iterator[None
         raise mapped from e
 
 
-def _verifying_adapter(ca_bundle: str) -> type[requests.adapters.HTTPAdapter]:
-    class VerifyingAdapter(requests.adapters.HTTPAdapter):
-        def send(self, *args: Any, **kwargs: Any) -> Any:
-            kwargs["verify"] = ca_bundle
-            return super().send(*args, **kwargs)
-    return VerifyingAdapter
-
-
 class _RawFindItem(FindItem):
     """FindItem through exchangelib's transport, handing back the t:CalendarItem elements unparsed."""
 
@@ -370,16 +298,17 @@ class _RawSyncFolderItems(SyncFolderItems):
 class EwsSource:
     """A CalendarSource for on-premise Exchange 2013-2019."""
 
-    def __init__(self, settings: EwsSettings, password: str, *, extra_connections: int = 0) -> None:
+    def __init__(self, settings: EwsSettings, password: str, *, extra_connections: int = 0,
+                 calls: CallCounter | None = None) -> None:
         register_properties()
         self.settings = settings
+        self.calls = calls or CallCounter()  # this source's EWS requests (its pool's threads report to it)
         if settings.ca_bundle:
-            BaseProtocol.HTTP_ADAPTER_CLS = _verifying_adapter(settings.ca_bundle)
-        BaseProtocol.TIMEOUT = int(settings.timeout)
+            patches.trust(settings.ews_url, settings.ca_bundle)
         self._connections = settings.max_workers + extra_connections
         self.config = self._configuration(password)
         self.tz = EWSTimeZone(settings.default_timezone)
-        self._pool = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="ews")
+        self._pool = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="ews", initializer=self.bind_calls)
         self._accounts: dict[str, Account] = {}
         self._lock = threading.Lock()
         self._gate_until = 0.0
@@ -391,7 +320,7 @@ class EwsSource:
 
     def _configuration(self, password: str) -> Configuration:
         s = self.settings
-        return Configuration(
+        config = Configuration(
             service_endpoint=s.ews_url,
             credentials=Credentials(s.username, password),
             auth_type=BASIC if s.auth == "basic" else NTLM,
@@ -399,6 +328,8 @@ class EwsSource:
             retry_policy=_FailFast(),
             max_connections=self._connections,
         )
+        Protocol(config=config).TIMEOUT = int(s.timeout)  # this endpoint's, not every client's
+        return config
 
     def set_password(self, password: str) -> None:
         """New credentials (re-read from the vault): a fresh configuration and accounts, and the next call probes
@@ -435,6 +366,10 @@ class EwsSource:
             self.gate.record(probe, e)
             raise
         self.gate.record(probe, None)
+
+    def bind_calls(self) -> None:
+        """Count the EWS requests the calling thread makes as this source's (for threads outside its pool)."""
+        patches.bind_calls(self.calls)
 
     async def _run(self, room: str | None, fn: Callable[[], T]) -> T:
         wait = self._gate_until - time.monotonic()
@@ -555,50 +490,7 @@ class EwsSource:
                 out.append(b)
         return out
 
-    async def room_list_members(self, room_list: str) -> list[str]:
-        """The rooms of an Exchange room list (GetRooms)."""
-        def members() -> list[str]:
-            try:
-                return [r.email_address.lower() for r in Protocol(config=self.config).get_rooms(room_list)]
-            except (xerr.ErrorNameResolutionNoResults, xerr.ErrorNameResolutionNoMailbox) as e:
-                raise NotFound(f"Exchange has no room list {room_list}", key="room_list_not_found",
-                               remedy="check rooms.room_lists: `Get-DistributionGroup -RecipientTypeDetails "
-                                      "RoomList` shows the room lists' addresses") from e
-        return await self._run(None, members)
-
     # -- what `gateway doctor` asks besides -------------------------------------------------------------------
-    async def room_lists(self) -> list[str]:
-        """The organisation's room lists (GetRoomLists, as the service account itself: no mailbox needed, so it is
-        the logon check)."""
-        def lists() -> list[str]:
-            return [r.email_address.lower() for r in Protocol(config=self.config).get_roomlists()]
-        return await self._run(None, lists)
-
-    async def mailbox_kind(self, address: str) -> tuple[str, str | None]:
-        """What the directory says an address is (ResolveNames): ("person", name) for a mailbox with a given name
-        and a surname, ("group", name) for a distribution group (a room list too), ("mailbox", name) otherwise,
-        ("unknown", None) when nothing resolves. EWS has no room flag before FindPeople, so this is evidence, not
-        proof: room mailboxes normally carry neither a given name nor a surname."""
-        def resolve() -> tuple[str, str | None]:
-            try:
-                found = Protocol(config=self.config).resolve_names([address], return_full_contact_data=True)
-            except xerr.ErrorNameResolutionNoResults:
-                return "unknown", None
-            for entry in found:
-                if isinstance(entry, Exception) or not isinstance(entry, tuple):
-                    continue
-                mailbox, contact = entry
-                if (mailbox.email_address or "").lower() != address.lower():
-                    continue
-                name = mailbox.name or (contact.display_name if contact else None)
-                if mailbox.mailbox_type in ("PublicDL", "PrivateDL", "GroupMailbox"):
-                    return "group", name
-                if contact is not None and contact.given_name and contact.surname:
-                    return "person", name
-                return "mailbox", name
-            return "unknown", None
-        return await self._run(address, resolve)
-
     async def check_sync(self, room: str) -> None:
         """One SyncFolderItems of the room's calendar (one change at most): what every sync of the room needs."""
         def sync() -> None:

@@ -97,6 +97,7 @@ class StreamingFeed:
         self._reported: frozenset[str] = frozenset()
         self._live: dict[_GetStreamingEvents, Group] = {}
         self._lock = threading.Lock()
+        self.up = False  # a room has been subscribed and the feed has not failed since (gateway_ews_feed_up)
 
     @property
     def open_streams(self) -> int:
@@ -118,11 +119,14 @@ class StreamingFeed:
         loop = asyncio.get_running_loop()
 
         def dirty(room: str, why: str) -> None:
+            if why == "subscribed":
+                self.up = True
             loop.call_soon_threadsafe(on_dirty, room, why)
 
         wanted = sorted({r.lower() for r in rooms})
         # One thread per connection (exchangelib blocks for the whole life of a stream); a group holds a room.
-        threads = ThreadPoolExecutor(max(1, len(wanted)), thread_name_prefix="ews-stream")
+        threads = ThreadPoolExecutor(max(1, len(wanted)), thread_name_prefix="ews-stream",
+                                     initializer=self.source.bind_calls)  # its requests count as the source's
         running: dict[asyncio.Future[tuple[list[str], Group | None]], Group] = {}
 
         def open_stream(group: Group) -> None:
@@ -164,6 +168,9 @@ class StreamingFeed:
                         soon = time.monotonic() + self.retry_seconds
                         retry_at = min(retry_at, soon) if waiting else soon
                         waiting += lost
+        except BaseException:
+            self.up = False
+            raise
         finally:
             self._stop.set()
             threads.shutdown(wait=False, cancel_futures=True)  # never block the loop; streams end on _stop
@@ -331,6 +338,7 @@ class PullFeed:
         self.timeout_minutes = timeout_minutes
         self.max_retry_seconds = max_retry_seconds
         self._subs: dict[str, tuple[str, str]] = {}
+        self.up = False  # a room has been subscribed and the feed has not failed since (gateway_ews_feed_up)
 
     @property
     def subscriptions(self) -> int:
@@ -382,9 +390,14 @@ class PullFeed:
                         retry_at[room] = time.monotonic() + pause
                         continue
                     failures.pop(room, None)
+                    if why == "subscribed":
+                        self.up = True
                     if why is not None:
                         on_dirty(room, why)
                 await asyncio.sleep(self.interval)
+        except BaseException:
+            self.up = False
+            raise
         finally:
             subs.clear()  # nobody polls them any more
 

@@ -1,0 +1,24 @@
+"""The events the gateway emits: a booking created, updated or deleted, and a room's state. Pure constructors; the
+coordinator and an explicit removal (gateway/sync/ownership.py) both build their events here."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from gateway.model import EVENT_TYPES, Booking, Event, Room, to_json
+
+
+def booking_event(kind: str, booking: Booking, *, time: datetime, source: str, reason: str | None = None) -> Event:
+    """``kind``: created, updated or deleted; ``reason`` (deleted): removed_from_exchange, room_disconnected."""
+    data = to_json(booking)
+    if reason:
+        data["reason"] = reason
+    return Event(id=str(uuid.uuid4()), type=EVENT_TYPES[kind], room=booking.room, subject=booking.id, time=time,
+                 data=data, source=source)
+
+
+def room_event(room: Room, *, time: datetime, source: str) -> Event:
+    data = {"room": room.email, "state": room.state, "reason": room.reason, "remedy": room.remedy}
+    return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_state"], room=room.email, subject=room.email,
+                 time=time, data=data, source=source)
