@@ -47,7 +47,7 @@ from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, RelayConfig
 from gateway.credentials import open_vault, resolve_secret
-from gateway.errors import ConfigError, GatewayError, is_shared
+from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
 from gateway.observability.metrics import Metrics, StateCollector
@@ -608,7 +608,7 @@ async def _watch_credentials(spec: SourceSpec, opened: OpenedSource, check_secon
     while True:
         await asyncio.sleep(check_seconds)
         failure = outage.failure
-        if failure is None or failure.key not in ("invalid_auth", "account_locked"):
+        if not isinstance(failure, AuthError):  # the gate holds only shared failures: this is refused credentials
             continue
         try:
             secret = await asyncio.to_thread(read)

@@ -29,14 +29,18 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.errors import (
+    AccountLocked,
     AuthError,
     GatewayError,
+    HttpError,
     ImpersonationDenied,
-    NotFound,
+    MailboxNotFound,
+    RequestFailed,
     SyncStateInvalid,
     Throttled,
+    TlsError,
     Unavailable,
-    Unreachable,
+    UnknownHost,
     is_shared,
 )
 from gateway.model import ROOM_STATES, Booking, Event, Room, RoomState, Window
@@ -211,7 +215,7 @@ class Coordinator:
                 raise
             except GatewayError as e:
                 shared = is_shared(e)
-                await self._set_state(w, _state_key(e), _reason(e), shared=shared)
+                await self._set_state(w, room_state(e).value, _reason(e), shared=shared)
                 if shared:
                     # Every room meets the same answer: wait until a room (or the feed) finds Exchange back.
                     outage, ok = self._outage(self.group(w.email))
@@ -463,20 +467,28 @@ class Coordinator:
             self.metrics.room_state(w.email, state)
 
 
-def _state_key(e: GatewayError) -> str:
-    if isinstance(e, ImpersonationDenied):
-        return "impersonation_denied"
-    if isinstance(e, NotFound):
-        return "mailbox_not_found" if e.key == "mailbox_not_found" else "exchange_error"
-    if isinstance(e, AuthError):
-        return "account_locked" if e.key == "account_locked" else "auth_required"
-    if isinstance(e, Throttled):
-        return "throttled"
-    if isinstance(e, Unreachable):
-        return e.key if e.key in ROOM_STATES else "cannot_connect"
-    if isinstance(e, Unavailable):
-        return "exchange_error" if e.key != "cannot_connect" else "cannot_connect"
-    return e.key if e.key in ROOM_STATES else "exchange_error"
+# The state a failure puts a room in, by the error's class; the nearest class in its ancestry decides.
+_ROOM_STATE_OF: dict[type[GatewayError], RoomState] = {
+    AuthError: RoomState.AUTH_REQUIRED,
+    AccountLocked: RoomState.ACCOUNT_LOCKED,
+    ImpersonationDenied: RoomState.IMPERSONATION_DENIED,
+    MailboxNotFound: RoomState.MAILBOX_NOT_FOUND,
+    Throttled: RoomState.THROTTLED,
+    Unavailable: RoomState.CANNOT_CONNECT,
+    RequestFailed: RoomState.EXCHANGE_ERROR,
+    UnknownHost: RoomState.UNKNOWN_HOST,
+    TlsError: RoomState.TLS_ERROR,
+    HttpError: RoomState.HTTP_ERROR,
+}
+
+
+def room_state(e: GatewayError) -> RoomState:
+    """The state a room is in after ``e``; a failure the table does not name is the server's error for the room."""
+    for cls in type(e).__mro__:
+        state = _ROOM_STATE_OF.get(cls)
+        if state is not None:
+            return state
+    return RoomState.EXCHANGE_ERROR
 
 
 def _reason(e: GatewayError) -> str:

@@ -14,7 +14,7 @@ from exchangelib import errors as xerr
 from exchangelib.properties import Mailbox
 from exchangelib.protocol import Protocol
 
-from gateway.errors import NotFound
+from gateway.errors import MailboxNotFound, NotFound
 from gateway.model import Person
 from gateway.ports import RoomInfo, RoomList
 from gateway.sources.ews.source import EwsSource
@@ -51,8 +51,7 @@ class EwsDirectory:
             for mb in self._resolve(email):
                 if (mb.email_address or "").lower() == email.lower() and mb.mailbox_type == "Mailbox":
                     return RoomInfo(email.lower(), mb.name)
-            raise NotFound(f"Exchange's directory has no mailbox {email}", key="mailbox_not_found",
-                           remedy="check the room's address in the configuration")
+            raise MailboxNotFound(f"Exchange's directory has no mailbox {email}")
         return await self.source.run(email, read)
 
     async def people(self, query: str) -> list[Person]:

@@ -50,15 +50,21 @@ from exchangelib.services import FindItem, GetItem, SyncFolderItems
 from exchangelib.util import is_xml
 
 from gateway.errors import (
+    AccessDenied,
+    AccountLocked,
     AuthError,
     GatewayError,
+    HttpError,
     ImpersonationDenied,
+    MailboxNotFound,
     NotFound,
     ProtocolError,
+    RequestFailed,
     SyncStateInvalid,
     Throttled,
+    TlsError,
     TransientError,
-    Unavailable,
+    UnknownHost,
     Unreachable,
 )
 from gateway.model import Booking, Window
@@ -164,9 +170,9 @@ def _connection_failure(e: BaseException, host: str) -> Unreachable | None:
                 "Exchange's EWS application failed: check the server (IIS, the MSExchangeServicesAppPool) "
                 "and its event log" if c.status >= 500 else
                 "check exchange.ews_url and what answers there")
-            return Unreachable(f"{where} answered HTTP {c.status} {c.reason}".rstrip()
-                               + f" for {urlsplit(c.url).path or '/'}{detail}", key="http_error",
-                               remedy=remedy, host=host, status=c.status)
+            return HttpError(f"{where} answered HTTP {c.status} {c.reason}".rstrip()
+                             + f" for {urlsplit(c.url).path or '/'}{detail}", remedy=remedy, host=host,
+                             status=c.status)
     tls: list[BaseException] = [c for c in chain if isinstance(c, ssl.SSLError)] or [
         c for c in chain if isinstance(c, requests.exceptions.SSLError)]
     if tls:
@@ -175,13 +181,12 @@ def _connection_failure(e: BaseException, host: str) -> Unreachable | None:
                else getattr(cause, "reason", None) or str(cause))
         if isinstance(cause, ssl.SSLCertVerificationError):
             why = f"certificate verify failed: {why}"
-        return Unreachable(f"TLS with {where} failed: {_short(str(why))}", key="tls_error", host=host,
-                           remedy="check the server's certificate, or give the CA that issued it in "
-                                  "exchange.ca_bundle")
+        return TlsError(f"TLS with {where} failed: {_short(str(why))}", host=host,
+                        remedy="check the server's certificate, or give the CA that issued it in exchange.ca_bundle")
     names = {type(c).__name__ for c in chain}
     if any(isinstance(c, socket.gaierror) for c in chain) or "NameResolutionError" in names:
-        return Unreachable(f"the host name {where.rsplit(':', 1)[0]} cannot be resolved", key="unknown_host",
-                           host=host, remedy="check the host name in exchange.ews_url and the gateway's DNS")
+        return UnknownHost(f"the host name {where.rsplit(':', 1)[0]} cannot be resolved", host=host,
+                           remedy="check the host name in exchange.ews_url and the gateway's DNS")
     if any(isinstance(c, requests.exceptions.ReadTimeout) for c in chain):
         return None  # connected, but this request took too long: not the endpoint as a whole
     connect = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError,
@@ -197,7 +202,7 @@ def _connection_failure(e: BaseException, host: str) -> Unreachable | None:
         why = "the connection was reset"
     else:
         why = f"the connection failed ({_short(str(chain[-1]))})"
-    return Unreachable(f"cannot connect to {where}: {why}", key="cannot_connect", host=host,
+    return Unreachable(f"cannot connect to {where}: {why}", host=host,
                        remedy="check that Exchange is up, that exchange.ews_url names the right host and port, "
                               "and that a firewall lets the gateway through")
 
@@ -227,18 +232,15 @@ def translate(e: BaseException, room: str | None = None, endpoint: str = "") -> 
         return ImpersonationDenied(f"the service account may not impersonate {room}")
     if isinstance(e, xerr.ErrorNonExistentMailbox | xerr.ErrorMailRecipientNotFound | xerr.ErrorInvalidSmtpAddress
                   | xerr.ErrorNameResolutionNoMailbox) or (room and isinstance(e, xerr.ErrorNameResolutionNoResults)):
-        return NotFound(f"Exchange has no mailbox {room}", key="mailbox_not_found",
-                        remedy="check the room's address in the configuration")
+        return MailboxNotFound(f"Exchange has no mailbox {room}")
     if isinstance(e, xerr.UnauthorizedError):
         if "locked out" in str(e):
-            return AuthError(f"Exchange says the service account is locked out{where}", key="account_locked",
-                             remedy="unlock the account in Active Directory and check its password")
+            return AccountLocked(f"Exchange says the service account is locked out{where}")
         # The account's own logon failed: the plain AuthError (key invalid_auth), the same for every room.
         return AuthError(f"Exchange at {host or 'the server'} refused the service account's credentials",
                          remedy="check the account and run `gateway credentials set exchange`")
     if isinstance(e, xerr.ErrorAccessDenied):
-        return AuthError(f"Exchange refused the service account{where}: {e}", key="auth_required",
-                         remedy="check the account's rights on this mailbox")
+        return AccessDenied(f"Exchange refused the service account{where}: {e}")
     if isinstance(e, xerr.ErrorInvalidSyncStateData | xerr.ErrorSyncFolderNotFound):
         return SyncStateInvalid(f"Exchange rejected the sync state{where}")
     if isinstance(e, xerr.ErrorItemNotFound | xerr.ErrorFolderNotFound):
@@ -249,17 +251,15 @@ def translate(e: BaseException, room: str | None = None, endpoint: str = "") -> 
             isinstance(e, xerr.SOAPError) and str(e).startswith("Bad SOAP response")):
         # Not an EWS answer at all: the URL names something else (a web page, a proxy's error page). A SOAP fault
         # with a code exchangelib does not know is an answer, though, for this request only (below).
-        return Unreachable(f"{host or 'the server'} did not answer as Exchange Web Services: {_short(str(e))}",
-                           key="http_error", host=host,
-                           remedy="check exchange.ews_url: it must name https://<your CAS>/EWS/Exchange.asmx")
+        return HttpError(f"{host or 'the server'} did not answer as Exchange Web Services: {_short(str(e))}",
+                         host=host, remedy="check exchange.ews_url: it must name https://<your CAS>/EWS/Exchange.asmx")
     if isinstance(e, xerr.ErrorTimeoutExpired | xerr.ErrorMailboxStoreUnavailable | xerr.ErrorMailboxMoveInProgress
                   | xerr.ErrorInternalServerTransientError | xerr.RateLimitError
                   | xerr.ErrorExceededConnectionCount):
-        return Unavailable(f"Exchange answered {type(e).__name__}{where}: {_short(str(e))}", key="exchange_error",
-                           remedy="retried automatically; if it persists, check the mailbox server's health")
+        return RequestFailed(f"Exchange answered {type(e).__name__}{where}: {_short(str(e))}",
+                             remedy="retried automatically; if it persists, check the mailbox server's health")
     if isinstance(e, requests.RequestException | OSError):
-        return Unavailable(f"the request to Exchange failed{where}: {_short(str(e))}", key="exchange_error",
-                           remedy="retried automatically; if it persists, check the server's health")
+        return RequestFailed(f"the request to Exchange failed{where}: {_short(str(e))}")
     return TransientError(f"Exchange answered {type(e).__name__}{where}: {_short(str(e))}", key="exchange_error",
                           remedy="retried automatically; if it persists, check the mailbox server's health")
 
