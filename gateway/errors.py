@@ -148,10 +148,10 @@ class HttpError(Unreachable):
 
 
 def is_shared(e: BaseException) -> bool:
-    """True for a failure that every mailbox of the account meets alike: the account's own credentials refused (a
-    plain AuthError: not a lockout, a right on one mailbox or impersonation), the server unreachable, or
-    throttling."""
-    return type(e) is AuthError or isinstance(e, Unreachable | Throttled)
+    """True for a failure that every mailbox of the account meets alike: the account's own credentials refused or
+    the account locked out (not a right on one mailbox, not impersonation), the server unreachable, or throttling.
+    Such a failure costs one probe, not one request per room: a locked account must not be hammered either."""
+    return type(e) in (AuthError, AccountLocked) or isinstance(e, Unreachable | Throttled)
 
 
 class PreconditionFailed(GatewayError):

@@ -75,7 +75,7 @@ def test_the_message_says_the_remedy_and_a_raise_site_may_word_its_own():
 
 @pytest.mark.parametrize(("error", "shared"), [
     (AuthError("the account's logon was refused"), True),
-    (AccountLocked("locked out"), False),
+    (AccountLocked("locked out"), True),
     (AccessDenied("no right on this mailbox"), False),
     (ImpersonationDenied("may not impersonate"), False),
     (Throttled("busy", back_off=5.0), True),

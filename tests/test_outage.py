@@ -9,7 +9,7 @@ import threading
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.errors import AuthError, ImpersonationDenied, Throttled, Unreachable
+from gateway.errors import AccountLocked, AuthError, ImpersonationDenied, Throttled, Unreachable
 from gateway.sources.outage import OutageGate
 from gateway.sync.coordinator import OutageLog
 
@@ -140,3 +140,13 @@ def test_throttling_that_lets_some_requests_through_is_one_episode():
         clock.now += 10
         outage.answered()
     assert [e["event"] for e in logs] == ["exchange.outage_started", "exchange.outage_ended"]
+
+
+def test_a_locked_account_costs_one_probe_at_the_long_back_off_like_refused_credentials():
+    # Every room of a locked-out account would fail alike; one request per room would only add to the lockout.
+    clock = Clock()
+    gate = OutageGate(auth_retry_seconds=300, auth_max_retry_seconds=900, clock=clock)
+    gate.record(gate.admit(), AccountLocked("Exchange says the service account is locked out"))
+    with pytest.raises(AccountLocked):
+        gate.admit()  # held: no request leaves
+    assert gate.retry_at - clock.now == 300

@@ -115,7 +115,7 @@ class OutageGate:
     def _delay(self, error: GatewayError, attempts: int) -> float:
         if isinstance(error, Throttled):
             return error.back_off or self.retry_seconds
-        base, most = ((self.auth_retry_seconds, self.auth_max_retry_seconds) if type(error) is AuthError
+        base, most = ((self.auth_retry_seconds, self.auth_max_retry_seconds) if isinstance(error, AuthError)
                       else (self.retry_seconds, self.max_retry_seconds))
         return float(min(base * 2 ** (attempts - 1), most))
 
