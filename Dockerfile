@@ -48,8 +48,8 @@ ENV PATH=/opt/gateway/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
     GATEWAY_VAULT__PATH=/var/lib/gateway/credentials.vault \
     GATEWAY_VAULT__KEY_FILE=/run/secrets/vault-key
 
-RUN groupadd --system --gid 10001 gateway \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/gateway --no-create-home \
+RUN groupadd --gid 10001 gateway \
+    && useradd --no-log-init --uid 10001 --gid 10001 --home-dir /var/lib/gateway --no-create-home \
        --shell /usr/sbin/nologin gateway \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/gateway
 COPY --from=build /opt/gateway /opt/gateway
