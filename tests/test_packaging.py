@@ -410,3 +410,22 @@ def test_the_notes_name_the_next_steps(helm_render, tmp_path):
     configured = notes(ALL_ON)
     assert "names no Exchange" not in configured and "Back up the vault key" not in configured
     assert "gateway-metrics-key" in configured and "--scope metrics" in configured
+
+
+def test_the_compose_trial_starts_the_gateway_against_the_simulator_with_a_configuration_it_accepts():
+    from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    sim, gw = compose["services"]["simulator"], compose["services"]["gateway"]
+    for service in (sim, gw):
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"] and service["tmpfs"] == ["/tmp"]
+    assert sim["command"][0] == "simulator" and "0.0.0.0" in sim["command"]
+    port = sim["command"][sim["command"].index("--port") + 1]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in gw["volumes"]}
+    assert mounts == {"gateway-data": "/var/lib/gateway", "./compose/gateway.trial.yaml": "/etc/gateway/gateway.yaml"}
+    trial = ROOT / "compose" / "gateway.trial.yaml"
+    config = load_config(trial, env={**_image_env(), **gw["environment"]})
+    assert config.exchange is not None and config.exchange.ews_url == f"http://simulator:{port}/EWS/Exchange.asmx"
+    assert config.exchange.username == f"CONTOSO\\{SERVICE_ACCOUNT}"
+    assert gw["environment"]["EWS_PASSWORD"] == SERVICE_PASSWORD
+    assert gw["ports"] == ["127.0.0.1:8088:8088"] and gw["stop_grace_period"] == "60s"
