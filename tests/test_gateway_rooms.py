@@ -370,6 +370,7 @@ async def test_a_room_that_leaves_the_configuration_is_released_and_forgetting_i
     await eventually(lambda: len(first.events(type_=CREATED)) == 3, what="the initial import")
     ids = {e.data["id"] for e in first.events(ROOM2, CREATED)}
     assert {e.data["uid"] for e in first.events(ROOM2, CREATED)} == gone
+    await eventually(lambda: first.imported(ROOM1, ROOM2), what="both imports announced")  # bookings come first
     announced = first.states(ROOM2)
     await first.client.close()
 

@@ -210,8 +210,13 @@ async def test_the_hubs_ack_is_the_resume_point_even_below_the_local_one(
     await hub.session(identity.gateway_id).ws.close()
     await eventually(lambda: sample(metrics, "gateway_tunnel_events_sent_total") == 200 + 150,
                      what="151..300 sent again")
+    # Sent is not yet stored: wait for the hub to have stored the last of them; then nothing is there twice.
+    await eventually(lambda: hub_last_seq(hub, identity.gateway_id, last), what="the hub stored the last event")
     assert await hub.count() == 200  # redeliveries dropped by the hub
-    assert (await hub.hub.read(hub.hub.store.gateway, identity.gateway_id)).last_seq == last
+
+
+async def hub_last_seq(hub: Hub, gateway_id: str, last: int) -> bool:
+    return bool((await hub.hub.read(hub.hub.store.gateway, gateway_id)).last_seq == last)
 
 
 async def test_the_window_bounds_the_events_in_flight(
