@@ -20,6 +20,43 @@ from gateway.sources.memory import MemorySource
 
 TZ = EWSTimeZone("Europe/Berlin")
 
+# Every test module belongs to one tier (the markers in pyproject.toml), so that `pytest -m unit` runs one alone.
+# A module may say so itself (``pytestmark = pytest.mark.unit``); otherwise it is listed here.
+TIERS: dict[str, tuple[str, ...]] = {
+    # one part on its own, in this process: pure code, a SQLite file, an in-process HTTP server; no simulator
+    "unit": ("test_api_commands", "test_api_keys", "test_app_options", "test_commands", "test_config",
+             "test_coordinator", "test_engine", "test_ews_mapping", "test_http_layer", "test_identity",
+             "test_json_tracebacks", "test_layers", "test_logging", "test_retry", "test_store", "test_vault",
+             "test_vocabulary"),
+    # one suite that every implementation of a port (or of a published schema) passes
+    "contract": ("test_source_contract", "test_directory_port", "test_relay_schemas"),
+    # the appliance end to end over real sockets: the simulator, the hub, a proxy, subprocesses
+    "e2e": ("test_app", "test_cli_gateway", "test_commands_e2e", "test_commands_ews", "test_config_doctor",
+            "test_crash", "test_demo", "test_ews_series", "test_ews_writer", "test_gateway_rooms",
+            "test_gateway_sync", "test_outbox_metrics", "test_privacy", "test_relay_e2e", "test_relay_tunnel",
+            "test_sse_replay", "test_state_files"),
+    # the Exchange simulator's own tests: what it answers to exchangelib
+    "simulator": ("test_activity", "test_availability", "test_booking_attendant", "test_calendar_items",
+                  "test_cli", "test_control", "test_directory_ops", "test_notifications", "test_protocol",
+                  "test_schema", "test_schema_conformance", "test_sim_commands", "test_sim_fidelity", "test_smoke",
+                  "test_sync"),
+    # the reference hub's own tests
+    "hub": ("test_relay_hub", "test_hostile_input"),
+}
+_TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        module = item.path.stem
+        if module not in _TIER_OF:
+            raise pytest.UsageError(f"{item.path.name} belongs to no test tier: add it to TIERS in tests/conftest.py "
+                                    f"(or give it `pytestmark = pytest.mark.<tier>`; tiers: {', '.join(TIERS)})")
+        item.add_marker(_TIER_OF[module])
+
 
 @pytest.fixture(autouse=True)
 def _logging_as_it_was() -> Iterator[None]:
