@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import logging
 import time
@@ -13,10 +14,13 @@ import structlog
 from exchangelib import DELEGATE, IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSTimeZone
 from exchangelib.protocol import BaseProtocol, close_connections
 
+from gateway.security.vault import Vault, parse_key
 from gateway.simulator.harness import SimulatorThread
 from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD, Org, standard_org
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.memory import MemorySource
+
+pytest_plugins = ["tests.hub_fixtures"]  # the reference hub: hub_settings, hub, customer, http, vendor
 
 TZ = EWSTimeZone("Europe/Berlin")
 
@@ -172,6 +176,15 @@ def pki(tmp_path_factory):
     from gateway.security.certs import make_pki
 
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+VAULT_KEY = base64.b64encode(b"v" * 32).decode()  # the key of the `vault` fixture, as an environment variable holds it
+
+
+@pytest.fixture
+def vault(tmp_path) -> Vault:
+    """An empty credential vault under tmp_path/gateway (gateway/security/vault.py), locked with VAULT_KEY."""
+    return Vault(tmp_path / "gateway" / "credentials.vault", parse_key(VAULT_KEY, "test key"))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import SyncSettings
 from tests.conftest import TZ, SimFixture, eventually
-from tests.test_api_commands import conforms
+from tests.openapi_validation import conforms
 
 ROOMS = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
 CREATED, UPDATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["updated"], EVENT_TYPES["deleted"]

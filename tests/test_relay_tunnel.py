@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import io
 import json
@@ -35,28 +34,16 @@ from gateway.relay.window import encode_event, frames
 from gateway.security.identity import GatewayIdentity
 from gateway.security.vault import Vault, parse_key
 from gateway.store import SqliteStore
-from tests.conftest import eventually
-from tests.relay_env import ADMIN, CUSTOMER, Hub
+from tests.conftest import VAULT_KEY, eventually
+from tests.hub_fixtures import ADMIN, CUSTOMER, Hub
+
+pytestmark = pytest.mark.usefixtures("customer")  # every gateway here enrolls for CUSTOMER
 
 T0 = datetime(2031, 3, 10, 8, 0, tzinfo=UTC)
-VAULT_KEY = base64.b64encode(b"v" * 32).decode()
 ROOMS = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------------
-@pytest.fixture
-async def hub(tmp_path: Path, pki: Any) -> AsyncIterator[Hub]:
-    h = await Hub(tmp_path / "hub", pki).start()
-    await h.hub.write(h.hub.store.add_customer, CUSTOMER, "Acme")
-    yield h
-    await h.stop()
-
-
-@pytest.fixture
-def vault(tmp_path: Path) -> Vault:
-    return Vault(tmp_path / "gateway" / "credentials.vault", parse_key(VAULT_KEY, "test key"))
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqliteStore]:
     s = SqliteStore(tmp_path / "gateway" / "gateway.db")
