@@ -67,7 +67,8 @@ ROUTES: Final = (
     Route("healthz", "GET", "/healthz", None, {
         "summary": "Liveness", "operationId": "getHealth", "responses": {"200": json_body(ref("Health"), "alive")}}),
     Route("readyz", "GET", "/readyz", None, {
-        "summary": "Readiness: every source that owns rooms has one in sync (a gateway that owns no rooms is ready)",
+        "summary": "Readiness: every source that owns rooms has one in sync (verified, or polling while its change "
+                   "feed restarts; a gateway that owns no rooms is ready)",
         "operationId": "getReadiness",
         "responses": {"200": json_body(ref("Ready"), "ready"), "503": json_body(ref("Ready"), "not ready")}}),
 )
@@ -342,6 +343,8 @@ OPENAPI: Final = openapi.build(
     extra_schemas={"Ready": {"type": "object", "required": ["ready", "reasons"], "properties": {
         "ready": {"type": "boolean"},
         "reasons": {"type": "array", "items": {"type": "string"}, "description": "why not ready, one line per part "
-                    "(e.g. 'source onprem: no room in sync yet (auth_required 3)'); empty when ready"},
+                    "(e.g. 'source onprem: no room in sync yet (auth_required 3)'), and while no room at all is in "
+                    "sync the rooms' states counted (each room's reason and remedy are in /v1/rooms); empty when "
+                    "ready"},
         "relay": {"type": "string", "description": "the tunnel's state when the relay is enabled: connecting, "
                                                    "connected, backing_off, unauthorized, revoked"}}}})

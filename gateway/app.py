@@ -3,9 +3,12 @@
 Start-up enters the contexts in this order, each reachable through its typed application key once entered:
 
     STORE        the SQLite store
-    SOURCES      each configured source, opened by its kind (gateway/sources/registry.py), its room lists read
+    SOURCES      each configured source, opened by its kind (gateway/sources/registry.py), its room lists read; while
+                 its credentials are refused, its secret is read again now and then (a changed one is tried at once)
     COORDINATOR  the coordinator, syncing every room the sources own (each room's calls routed to its source)
-    (feeds)      each source's change feed, watching that source's rooms
+    (feeds)      each source's change feed, watching that source's rooms, supervised: a feed that fails is logged
+                 and started again with back-off (gateway/supervisor.py), its rooms polling meanwhile; room lists
+                 that could not be read at start are read here later
     API          the command service and the local API (its keys live in the store)
     TUNNEL       the tunnel to the hub, when the relay is enabled
     (housekeeping)
@@ -15,6 +18,11 @@ A part that fails to start raises an error that names it (and logs ``gateway.sta
 in reverse, only the contexts that were entered, so whatever had started is released (the server's runner must
 clean up after a failed set-up: ``service.serve`` and ``start_gateway`` do). Nothing here knows which kinds of
 source exist.
+
+Room lists that cannot be read at start because of a failure every room shares (refused credentials, Exchange away)
+do not stop the gateway: exiting would be restarted, and every restart would be another failed logon. The rooms known
+from before are kept (none is released for want of its list), the lists are read once the source answers, and their
+rooms join (the feed starts again with them).
 """
 
 from __future__ import annotations
@@ -39,9 +47,9 @@ from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, RelayConfig
 from gateway.credentials import open_vault, resolve_secret
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
-from gateway.observability.health import Part, Readiness, readiness, source_part
+from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
 from gateway.observability.metrics import Metrics, StateCollector
 from gateway.ports import CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
 from gateway.relay.tunnel import Tunnel
@@ -50,6 +58,7 @@ from gateway.sources.registry import Kinds, SourceRegistry, default_registry
 from gateway.sources.routing import RoomRoutes, RoutedCalendar, RoutedWriter
 from gateway.store.journal import CommandJournal
 from gateway.store.sqlite import SqliteStore
+from gateway.supervisor import supervise, watch_task
 from gateway.sync.coordinator import Coordinator, SyncSettings
 from gateway.sync.privacy import PrivacyPolicy
 
@@ -87,12 +96,19 @@ class GatewayOptions:
     proxy_password: str | None = field(default=None, repr=False)
     api_loopback_only: bool = True  # the local API listens on loopback only: /metrics needs no key
     journal_retention_days: int = 30
+    # The password of the short form again, read afresh (from the vault; configured sources carry their own
+    # ``SourceSpec.reread_secret``): while Exchange refuses the credentials, it is re-read every
+    # ``password_check_seconds`` and a changed one is tried at once (no waiting out the long auth back-off).
+    password_source: Callable[[], str] | None = field(default=None, repr=False)
+    password_check_seconds: float = 30.0
+    feed_restart_seconds: float = 5.0  # first back-off before a change feed that failed is started again
 
     @property
     def calendar_sources(self) -> tuple[SourceSpec, ...]:
         if self.sources or self.ews is None:
             return self.sources
-        return (SourceSpec("exchange", "ews", self.ews, self.password, self.rooms, self.room_lists),)
+        return (SourceSpec("exchange", "ews", self.ews, self.password, self.rooms, self.room_lists,
+                           reread_secret=self.password_source),)
 
     @property
     def feed_settings(self) -> FeedSettings:
@@ -107,6 +123,11 @@ class RunningSource:
     opened: OpenedSource
     rooms: list[str]
     feed_task: asyncio.Task[None] | None = None
+    unread: list[str] = field(default_factory=list)  # room lists that could not be read yet (a shared failure)
+    unread_key: str = ""  # why (the failure's key)
+    feed_down: bool = False  # its feed failed and has not subscribed since (its rooms poll)
+    rooms_changed: asyncio.Event = field(default_factory=asyncio.Event)  # the feed watches again with the rooms
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its credentials and room-list tasks
 
     @property
     def feed(self) -> ChangeFeed | None:
@@ -149,8 +170,10 @@ class Gateway:
         workers = self.coordinator.workers
         parts = [source_part(name, [workers[r].state for r in s.rooms if r in workers])
                  for name, s in self.sources.items()]
+        parts += [unread_part(name, s.unread_key) for name, s in self.sources.items() if s.unread and not s.rooms]
         parts += [Part(f"feed of {name}", "stopped") for name, s in self.sources.items()
                   if s.feed_task is not None and s.feed_task.done()]
+        parts.append(rooms_part(w.state for w in workers.values()))
         return readiness(parts)
 
 
@@ -175,7 +198,7 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         settings = registry.kind(section.kind).settings(section, cfg.place_of(section))
         password = resolve_secret(section.secret_ref, cfg.vault, environ).reveal()
         specs.append(SourceSpec(section.name, section.kind, settings, password, section.mailboxes,
-                                section.room_lists))
+                                section.room_lists, reread_secret=partial(_reveal, section.secret_ref, cfg, environ)))
 
     def policy_for(room: str) -> PrivacyPolicy:
         p = cfg.rooms.privacy.rooms.get(room.lower(), cfg.rooms.privacy.default)
@@ -211,6 +234,11 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
     )
+
+
+def _reveal(ref: Any, cfg: Config, environ: Mapping[str, str]) -> str:
+    """A source's secret, read again (from the vault or the environment)."""
+    return resolve_secret(ref, cfg.vault, environ).reveal()
 
 
 def listen_error(e: OSError, host: str, port: int, *, host_setting: str | None, port_setting: str) -> GatewayError:
@@ -285,7 +313,15 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                     await running.opened.close()
                     raise
             app[SOURCES][spec.name] = running
+            opened = running.opened
+            if spec.reread_secret is not None and opened.outage is not None and opened.set_secret is not None:
+                task = asyncio.get_running_loop().create_task(
+                    _watch_credentials(spec, opened, options.password_check_seconds), name=f"credentials:{spec.name}")
+                watch_task(f"credentials:{spec.name}", task)
+                running.tasks.append(task)
             yield
+            for task in running.tasks:
+                await _stopped(task)
             app[ROOM_ROUTES].remove(spec.name)
             del app[SOURCES][spec.name]
             await running.opened.close()
@@ -293,13 +329,19 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
     async def coordinator_ctx(app: web.Application) -> AsyncIterator[None]:
         with _starting("the coordinator"):
-            coordinator = Coordinator(RoutedCalendar(app[ROOM_ROUTES]), app[STORE], options.sync,
+            routes = app[ROOM_ROUTES]
+            await _keep_rooms_of_unread_lists(app[STORE], app[SOURCES], routes)
+            coordinator = Coordinator(RoutedCalendar(routes), app[STORE], options.sync,
                                       policy=options.privacy, metrics=metrics, clock=options.clock,
-                                      source_name=options.source_name)
+                                      source_name=options.source_name, group=routes.owner)
             app[EVENTS] = EventHub()
             coordinator.listeners.append(app[EVENTS].notify)
             app[COORDINATOR] = coordinator
-            await coordinator.start(app[ROOM_ROUTES].rooms())
+            loop = asyncio.get_running_loop()
+            for name, running in app[SOURCES].items():
+                if running.opened.outage is not None:
+                    running.opened.outage.listeners.append(partial(_recovered, loop, coordinator, name))
+            await coordinator.start(routes.rooms())
         yield
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(coordinator.stop(), STOP_SECONDS)
@@ -307,9 +349,16 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     def feed_ctx(name: str) -> Callable[[web.Application], AsyncIterator[None]]:
         async def ctx(app: web.Application) -> AsyncIterator[None]:
             running = app[SOURCES][name]
+            loop = asyncio.get_running_loop()
             if running.feed is not None:
-                running.feed_task = asyncio.get_running_loop().create_task(
-                    running.feed.watch(running.rooms, app[COORDINATOR].mark_dirty), name=f"feed:{name}")
+                task = f"feed:{options.feed}" + (f" of {name}" if len(specs) > 1 else "")
+                running.feed_task = loop.create_task(
+                    _run_feed(running, app[COORDINATOR], task, options.feed_restart_seconds), name=f"feed:{name}")
+            if running.unread:
+                lists = loop.create_task(_read_room_lists_later(name, running, app[ROOM_ROUTES], app[COORDINATOR],
+                                                                options.sync.retry_seconds), name=f"room-lists:{name}")
+                watch_task(f"room-lists:{name}", lists)
+                running.tasks.append(lists)
             yield
             running.opened.stop_feed()
             await _stopped(running.feed_task)
@@ -342,7 +391,8 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                       relay_state=relay_state if options.relay.enabled else None)
             collector = StateCollector(
                 rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
-                outbox=store.outbox_stats if options.relay.enabled else None)  # only a hub acknowledges
+                outbox=store.outbox_stats if options.relay.enabled else None,  # only a hub acknowledges
+                states=ROOM_STATES)
             metrics.watch(collector)
         app[API] = api
         yield
@@ -362,6 +412,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                             metrics=metrics, proxy_password=options.proxy_password)
         app[TUNNEL] = tunnel
         task = asyncio.get_running_loop().create_task(tunnel.run(), name="tunnel")
+        watch_task("tunnel", task)
         yield
         await _stopped(task)
         with contextlib.suppress(Exception):
@@ -371,6 +422,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         task = asyncio.get_running_loop().create_task(
             _housekeeping(app[STORE], CommandJournal(app[STORE]), relayed=app[TUNNEL] is not None,
                           journal_days=options.journal_retention_days), name="housekeeping")
+        watch_task("housekeeping", task)
         yield
         await _stopped(task)
 
@@ -408,17 +460,164 @@ async def open_source(spec: SourceSpec, kinds: Kinds, feed: FeedSettings) -> Run
         log.info("source.notifications", source=spec.name, wanted=feed.mode, used=kind.capabilities.notifications[0])
         feed = replace(feed, mode=kind.capabilities.notifications[0])
     opened = kind.open(spec, feed)
+    unread: list[str] = []
+    key = ""
     try:
         rooms = [r.lower() for r in spec.rooms]
         for room_list in spec.room_lists:
             if opened.directory is None:
                 raise ConfigError(f"source {spec.name} ({spec.kind}) has no directory to read room lists from",
                                   remedy="list its rooms under mailboxes")
-            rooms += [r.email for r in await opened.directory.rooms(room_list)]
+            try:
+                rooms += [r.email for r in await opened.directory.rooms(room_list)]
+            except GatewayError as e:
+                if not is_shared(e):
+                    raise  # a list that does not exist: the configuration is wrong
+                # Refused credentials or the source away: start anyway (see the module's docstring).
+                if not unread:
+                    key = e.key
+                    log.error("gateway.room_lists_unreadable", source=spec.name, key=e.key,
+                              reason=str(e.args[0]) if e.args else e.key, remedy=e.remedy,
+                              lists=len(spec.room_lists))
+                unread.append(room_list)
     except BaseException:
         await opened.close()
         raise
-    return RunningSource(opened, sorted(set(rooms)))
+    return RunningSource(opened, sorted(set(rooms)), unread=unread, unread_key=key)
+
+
+async def _keep_rooms_of_unread_lists(store: SqliteStore, sources: dict[str, RunningSource],
+                                      routes: RoomRoutes) -> None:
+    """The rooms known from before that no source owns now stay with the source whose room lists could not be read
+    (they are probably in them), instead of being released for want of their list. With several such sources
+    a room's source cannot be told (the store does not keep it): they are released, and join again with their
+    list."""
+    waiting = [(name, s) for name, s in sources.items() if s.unread]
+    if not waiting:
+        return
+    stored = [r.email for r in await asyncio.to_thread(store.rooms)]
+    kept = sorted(r for r in stored if routes.owner(r) is None)
+    if len(waiting) > 1:
+        log.warning("gateway.rooms_not_kept", rooms=len(kept), sources=[name for name, _ in waiting])
+        return
+    name, running = waiting[0]
+    if kept:
+        routes.add(name, running.opened.calendar, running.opened.writer, kept)
+        running.rooms = sorted(set(running.rooms) | set(kept))
+
+
+def _recovered(loop: asyncio.AbstractEventLoop, coordinator: Coordinator, source: str, failure: Exception | None) \
+        -> None:
+    """A source's outage gate heard that it answers again (whichever call found out, a room's or the feed's): its
+    rooms waiting behind the shared failure retry now. Called from the source's threads."""
+    if failure is None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is stopping
+            loop.call_soon_threadsafe(coordinator.exchange_recovered, source)
+
+
+async def _run_feed(running: RunningSource, coordinator: Coordinator, name: str, restart_seconds: float) -> None:
+    """A source's change feed, supervised: when it fails (a bug, a malformed answer: anything that is not the
+    source's error for a room), its rooms poll meanwhile and say so, and a fresh feed starts after a back-off. When
+    the source's rooms change (room lists read late) the feed watches again with them."""
+    opened = running.opened
+    fresh = [False]  # the feed opened with the source is watched first; later ones are made anew
+
+    def on_dirty(room: str, why: str) -> None:
+        if why == "subscribed" and running.feed_down:
+            running.feed_down = False
+            task = asyncio.get_running_loop().create_task(coordinator.feed_running(running.rooms))
+            running.tasks.append(task)
+        coordinator.mark_dirty(room, why)
+
+    async def run() -> None:
+        while True:
+            if not running.rooms:  # nothing to watch yet (its room lists are read later)
+                await running.rooms_changed.wait()
+                running.rooms_changed.clear()
+                continue
+            if fresh[0] and opened.new_feed is not None:
+                opened.feed = opened.new_feed()
+            fresh[0] = True
+            feed = opened.feed
+            if feed is None:
+                return
+            running.rooms_changed.clear()
+            watching = asyncio.get_running_loop().create_task(feed.watch(list(running.rooms), on_dirty))
+            changed = asyncio.get_running_loop().create_task(running.rooms_changed.wait())
+            try:
+                done, _ = await asyncio.wait({watching, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                opened.stop_feed()  # close what the feed still holds open (hanging connections are rationed)
+                if not watching.done():
+                    watching.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await watching
+            if watching in done:
+                watching.result()  # a failure goes to the supervisor; a feed that ended by itself ends here
+                return
+            # the rooms changed: watch again, with them
+
+    async def down(error: BaseException, restart_seconds: float) -> None:
+        running.feed_down = True
+        what = f"{type(error).__name__}: {error}"  # no restart time: the rooms' reason stays put while it repeats
+        await coordinator.feed_stopped(what if len(what) <= 120 else what[:119] + "\u2026", running.rooms)
+
+    await supervise(name, run, retry_seconds=restart_seconds, on_down=down)
+
+
+async def _read_room_lists_later(name: str, running: RunningSource, routes: RoomRoutes, coordinator: Coordinator,
+                                 retry_seconds: float) -> None:
+    """Read the room lists that could not be read at start, once the source answers (every attempt passes the
+    source's outage gate, so waiting costs no request); their new rooms join, and the change feed watches again
+    with them. Rooms kept from before that are no longer in a list stay until the next start."""
+    directory = running.opened.directory
+    assert directory is not None
+    while running.unread:
+        await asyncio.sleep(retry_seconds)
+        found: set[str] = set()
+        for room_list in list(running.unread):
+            try:
+                found.update(r.email.lower() for r in await directory.rooms(room_list))
+            except GatewayError as e:
+                if is_shared(e):
+                    break  # still away: try again later
+                log.error("gateway.room_list_failed", source=name, room_list=room_list, key=e.key, reason=str(e))
+            running.unread.remove(room_list)
+        elsewhere = sorted(r for r in found if routes.owner(r) not in (None, name))
+        if elsewhere:
+            log.error("gateway.room_in_two_sources", source=name, rooms=elsewhere,
+                      remedy="a room belongs to exactly one source: remove it from the mailboxes or the room list "
+                             "of one of them")
+        new = sorted(found - set(running.rooms) - set(elsewhere))
+        if new:
+            routes.add(name, running.opened.calendar, running.opened.writer, new)
+            running.rooms = sorted(set(running.rooms) | set(new))
+            for room in new:
+                coordinator.add_room(room)
+            log.info("gateway.room_lists_read", source=name, new_rooms=len(new), rooms=len(running.rooms))
+            running.rooms_changed.set()
+
+
+async def _watch_credentials(spec: SourceSpec, opened: OpenedSource, check_seconds: float) -> None:
+    """While the source refuses its credentials, read its secret again every ``check_seconds`` (a local vault
+    read); a changed one is handed to the source, which tries it at once."""
+    read, outage, set_secret = spec.reread_secret, opened.outage, opened.set_secret
+    assert read is not None and outage is not None and set_secret is not None
+    current = spec.secret
+    while True:
+        await asyncio.sleep(check_seconds)
+        failure = outage.failure
+        if not isinstance(failure, AuthError):  # the gate holds only shared failures: this is refused credentials
+            continue
+        try:
+            secret = await asyncio.to_thread(read)
+        except Exception as e:  # the vault is being rewritten, or now unreadable: say so, try again later
+            log.warning("credentials.reread_failed", source=spec.name, error=str(e))
+            continue
+        if secret != current:
+            current = secret
+            set_secret(secret)
 
 
 async def start_gateway(options: GatewayOptions, metrics: Metrics | None = None, *,

@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = subs.add_parser("doctor", help="check the configuration, the vault, Exchange and every room",
                              description="Check everything the gateway needs by doing it: read the configuration, "
-                                         "open the vault, log on to Exchange and verify every room. One line per "
-                                         "check, with a stable key and the remedy; exit 0 when all are green.")
+                                         "open the vault, log on to Exchange once, then check every room with what "
+                                         "the gateway will use (its mailbox, a sync, a subscription of the "
+                                         "configured kind, availability). One line per check, with a stable key "
+                                         "and the remedy; exit 0 when none failed.")
     _config_option(doctor)
     _logging_options(doctor, default_level="error")
 

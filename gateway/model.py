@@ -186,11 +186,17 @@ class RoomState(StrEnum):
     PENDING = "pending"
     VERIFIED = "verified"
     SYNCING = "syncing"
+    POLLING = "polling"
     MAILBOX_NOT_FOUND = "mailbox_not_found"
     IMPERSONATION_DENIED = "impersonation_denied"
     AUTH_REQUIRED = "auth_required"
+    ACCOUNT_LOCKED = "account_locked"
     THROTTLED = "throttled"
     CANNOT_CONNECT = "cannot_connect"
+    UNKNOWN_HOST = "unknown_host"
+    TLS_ERROR = "tls_error"
+    HTTP_ERROR = "http_error"
+    EXCHANGE_ERROR = "exchange_error"
     SUSPECT_EMPTY = "suspect_empty"
     DISCONNECTED = "disconnected"
 
@@ -203,12 +209,22 @@ _REMEDIES: dict[RoomState, str] = {
     RoomState.PENDING: "waiting to be verified",
     RoomState.VERIFIED: "connected and in sync",
     RoomState.SYNCING: "importing its calendar",
+    RoomState.POLLING: "in sync by polling: the change feed is down and restarts with back-off, so changes arrive "
+                       "within the poll interval; see the logs for why the feed stopped",
     RoomState.MAILBOX_NOT_FOUND: "Exchange has no mailbox at this address; check the address in the configuration",
     RoomState.IMPERSONATION_DENIED: "the service account may not impersonate this room; extend the "
                                     "ApplicationImpersonation scope to it",
-    RoomState.AUTH_REQUIRED: "Exchange refused the service account's credentials; run `gateway credentials set`",
+    RoomState.AUTH_REQUIRED: "Exchange refused the service account's credentials; run "
+                             "`gateway credentials set exchange`",
+    RoomState.ACCOUNT_LOCKED: "Active Directory has locked the service account out; unlock it and check its password",
     RoomState.THROTTLED: "Exchange is throttling the service account; syncs resume after its back-off",
-    RoomState.CANNOT_CONNECT: "Exchange cannot be reached; check the EWS URL and the network",
+    RoomState.CANNOT_CONNECT: "Exchange cannot be reached; check that it is up, the host and port in "
+                              "exchange.ews_url, and the firewall",
+    RoomState.UNKNOWN_HOST: "the host name in exchange.ews_url does not resolve; check it and the gateway's DNS",
+    RoomState.TLS_ERROR: "the TLS connection to Exchange failed; check its certificate or exchange.ca_bundle",
+    RoomState.HTTP_ERROR: "Exchange answered with an HTTP error; 404 means the path in exchange.ews_url is wrong "
+                          "(/EWS/Exchange.asmx), 5xx that EWS itself is failing on the server",
+    RoomState.EXCHANGE_ERROR: "Exchange answered with an error for this room; retried automatically",
     RoomState.SUSPECT_EMPTY: "the room suddenly lists no bookings although many were known; nothing was deleted; "
                              "the next syncs confirm or clear it",
     RoomState.DISCONNECTED: "removed from the gateway (`gateway rooms forget`); its bookings were withdrawn",

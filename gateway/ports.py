@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Protocol
 
 from prometheus_client import CollectorRegistry
 
+from gateway.errors import GatewayError
 from gateway.model import Booking, Command, CommandResult, Event, Person, Room, Window
 from gateway.sync.engine import Known
 
@@ -255,6 +256,17 @@ class SourceSpec:
     secret: str | None = field(default=None, repr=False)
     rooms: tuple[str, ...] = ()
     room_lists: tuple[str, ...] = ()
+    # The secret read afresh (from the vault): while the source's credentials are refused the wiring reads it again
+    # now and then and hands a changed one to the source (``OpenedSource.set_secret``).
+    reread_secret: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+
+
+class Outage(Protocol):
+    """A source's view of a failure every one of its rooms shares (sources/outage.py's OutageGate): the failure
+    going on (None: none), and listeners told when one starts (the error) and ends (None), from any thread."""
+
+    failure: GatewayError | None
+    listeners: list[Callable[[GatewayError | None], None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +293,10 @@ class OpenedSource:
     writer: CalendarWriter | None = None
     feed: ChangeFeed | None = None
     stop_feed: Callable[[], None] = lambda: None  # end the feed's connections now (before its task is cancelled)
+    # A fresh feed in place of one that failed (the wiring restarts a failed feed); None: ``feed`` is watched again.
+    new_feed: Callable[[], ChangeFeed | None] | None = None
+    outage: Outage | None = None  # the source's shared failures, when it tells them apart
+    set_secret: Callable[[str], None] | None = None  # new credentials (re-read while the old ones are refused)
 
 
 class SourceKind(Protocol):

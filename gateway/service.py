@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -32,6 +32,9 @@ from gateway.sources.routing import RoomRoutes, RoutedCalendar
 from gateway.store.sqlite import SqliteStore
 from gateway.sync import ownership
 from gateway.sync.coordinator import Coordinator, RoomWorker
+
+if TYPE_CHECKING:
+    from gateway.doctor import Report
 
 log = structlog.get_logger("gateway.service")
 
@@ -192,30 +195,32 @@ async def sync_room_once(options: GatewayOptions, room: str) -> int:
 async def doctor(config_path: Path | None) -> int:
     """Check everything the gateway needs, one line each with a stable key and, when red, the remedy.
 
-    Configuration by doing: it reads the file, opens the vault, logs on to Exchange and verifies every room.
+    Configuration by doing: it reads the file, opens the vault, logs on to Exchange once and then checks every
+    room with what the gateway will use (gateway/doctor.py).
     """
-    from gateway.config import check_config, unknown_privacy_rooms
+    from gateway.config import check_config
+    from gateway.doctor import Report, check_sources
 
-    failed = False
+    report = Report(config_path)
 
     def line(ok: bool, what: str, key: str = "ok", remedy: str = "") -> None:
-        nonlocal failed
-        failed = failed or not ok
-        mark = "ok  " if ok else "FAIL"
-        print(f"{mark}  {what:<48} {key}{'  -> ' + remedy if remedy else ''}")
+        report.line("ok" if ok else "FAIL", what, key, remedy)
 
     cfg, problems = check_config(config_path)
     if cfg is None:
         for p in problems:
             line(False, f"configuration {p.where or ''}".strip(), p.key, p.message)
+        report.summary()
         return 1
+    report.config = cfg.source or config_path  # remedies name the file actually used
     line(True, f"configuration {cfg.source or '(defaults and environment)'}")
-    print_permission_warnings(cfg)
+    print_permission_warnings(cfg, report)
     try:
         options = options_from_config(cfg)
     except GatewayError as e:
         what = {"not_enrolled": "relay identity"}.get(e.key, "service account password")
         line(False, what, e.key, e.remedy or str(e))
+        report.summary()
         return 1
     line(True, "service account password (from the vault)")
     if options.relay.enabled and options.identity is not None:
@@ -236,51 +241,12 @@ async def doctor(config_path: Path | None) -> int:
              "" if not issues else "; ".join(issues))
     except GatewayError as e:
         line(False, f"store {store_path}", e.key, e.remedy or str(e))
-    kinds = default_registry().kinds(Metrics().registry)
-    specs = options.calendar_sources
-    rooms: list[str] = []
-    lists_read, owner = True, dict[str, str]()
-    for spec in specs:
-        label = f"{spec.name}: " if len(specs) > 1 else ""
-        opened = kinds(spec.kind).open(spec, replace(options.feed_settings, mode="poll"))
-        try:
-            members_of = list(spec.rooms)
-            for room_list in spec.room_lists:
-                try:
-                    if opened.directory is None:
-                        raise GatewayError(f"a source of kind {spec.kind} has no room lists", key="no_directory",
-                                           remedy="list its rooms under mailboxes")
-                    members = [r.email for r in await opened.directory.rooms(room_list)]
-                    line(bool(members), f"{label}room list {room_list}", "ok" if members else "room_list_empty",
-                         "" if members else "the list has no rooms; check its address and membership")
-                    members_of += members
-                except GatewayError as e:
-                    lists_read = False
-                    line(False, f"{label}room list {room_list}", e.key, e.remedy or str(e))
-            for room in sorted({r.lower() for r in members_of}):
-                if owner.setdefault(room, spec.name) != spec.name:
-                    line(False, f"{label}room {room}", "room_in_two_sources",
-                         f"it belongs to source '{owner[room]}' too; remove it from one of them")
-                    continue
-                rooms.append(room)
-                try:
-                    await opened.calendar.verify(room)
-                    line(True, f"{label}room {room}")
-                except GatewayError as e:
-                    key = {"invalid_auth": "auth_required"}.get(e.key, e.key)
-                    line(False, f"{label}room {room}", key, e.remedy or ROOM_STATES.get(key, str(e)))
-        finally:
-            await opened.close()
-    if lists_read:  # a privacy exception for none of the rooms is a typo (config checks it when there are no lists)
-        for room, problem in unknown_privacy_rooms(cfg.rooms.privacy, rooms):
-            line(False, f"configuration rooms.privacy.rooms.{room}", "invalid_config", problem)
-    if not rooms:
-        line(False, "rooms", "no_rooms", "list room mailboxes (rooms.mailboxes) or room lists (rooms.room_lists)")
-    print("all green" if not failed else "some checks failed: fix them and run `gateway doctor` again")
-    return 1 if failed else 0
+    await check_sources(options, report, privacy=cfg.rooms.privacy)
+    report.summary()
+    return 1 if report.failed else 0
 
 
-def print_permission_warnings(cfg: Config) -> None:
+def print_permission_warnings(cfg: Config, report: Report | None = None) -> None:
     """``doctor``'s warnings (not failures) for state files and folders that other local users may read."""
     from gateway.security import permissions
 
@@ -289,4 +255,7 @@ def print_permission_warnings(cfg: Config) -> None:
         paths.append(cfg.vault.key_file)
     for item in permissions.loose(dict.fromkeys(paths)):
         what = f"{'folder' if item.is_dir else 'file'} {item.path}"
-        print(f"warn  {what:<48} state_permissions_too_open  -> {item.remedy} ({item.risk})")
+        if report is not None:
+            report.line("warn", what, "state_permissions_too_open", f"{item.remedy} ({item.risk})")
+        else:
+            print(f"warn  {what:<48} state_permissions_too_open  -> {item.remedy} ({item.risk})")

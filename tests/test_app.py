@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from gateway import service
 from gateway.app import COORDINATOR, GATEWAY, STORE, Gateway, GatewayOptions, init_app, start_gateway, stop_gateway
 from gateway.config import RelayConfig
-from gateway.errors import AuthError, ConfigError, Unavailable
+from gateway.errors import AuthError, ConfigError, Unavailable, Unreachable
 from gateway.model import EVENT_TYPES
 from gateway.observability.metrics import Metrics
 from gateway.ports import FeedSettings, OpenedSource, SourceSpec
@@ -188,6 +188,26 @@ async def test_a_broken_room_is_not_a_broken_gateway_but_a_source_without_a_room
     resp = await c.get("/readyz")
     assert resp.status == 200 and (await resp.json())["reasons"] == []
     assert workers[ROOM2].state == "mailbox_not_found"
+
+
+async def test_a_failure_every_room_of_one_source_shares_is_that_sources_outage_alone(client: Any,
+                                                                                        tmp_path: Path) -> None:
+    hq, annex = organisation(ROOM1), organisation(ROOM3)
+    annex.fail(Unreachable("the annex's Exchange refused the connection"), times=None)
+    # ROOM2 has no mailbox in hq: hq answers about it again and again (every retry), while the annex stays away.
+    with capture_logs() as logs:
+        c = await client(options(tmp_path, SourceSpec("hq", "memory", hq, rooms=(ROOM1, ROOM2)),
+                                 SourceSpec("annex", "memory", annex, rooms=(ROOM3,))))
+        workers = c.app[GATEWAY].coordinator.workers
+        await eventually(lambda: (workers[ROOM1].state, workers[ROOM3].state) == ("verified", "cannot_connect"),
+                         what="hq in sync, the annex unreachable")
+        await eventually(lambda: hq.calls["verify"] >= 6, what="hq answering about ROOM2 several times")
+        assert not [e for e in logs if e["event"] == "exchange.outage_ended"]  # hq's answers end no annex outage
+        annex.heal()
+        await eventually(lambda: workers[ROOM3].state == "verified", what="the annex back")
+    started = [e for e in logs if e["event"] == "exchange.outage_started"]
+    assert [(e["source"], e["key"]) for e in started] == [("annex", "cannot_connect")]
+    assert [e["source"] for e in logs if e["event"] == "exchange.outage_ended"] == ["annex"]
 
 
 # -- the EWS kind's metrics ----------------------------------------------------------------------------------------

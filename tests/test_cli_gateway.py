@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "GATEWAY_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
@@ -28,19 +28,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(tmp: Path, url: str, rooms: list[str], port: int) -> Path:
-    cfg = tmp / "gateway.yaml"
+def write_config(tmp: Path, url: str, rooms: list[str], port: int, *, room_lists: tuple[str, ...] = (),
+                 account: str = SERVICE_ACCOUNT, password_ref: str = "vault:exchange", mode: str = "streaming",
+                 name: str = "gateway.yaml") -> Path:
+    cfg = tmp / name
     cfg.write_text(f"""
 exchange:
   ews_url: {url}
   allow_insecure_http: true
-  username: 'CONTOSO\\{SERVICE_ACCOUNT}'
-  password_ref: vault:exchange
+  username: 'CONTOSO\\{account}'
+  password_ref: {password_ref}
   default_timezone: Europe/Berlin
 rooms:
   mailboxes: [{", ".join(rooms)}]
+  room_lists: [{", ".join(room_lists)}]
 sync:
-  mode: streaming
+  mode: {mode}
   debounce_seconds: 0.2
   streaming_connection_timeout_minutes: 1
 store:
@@ -151,7 +154,9 @@ def test_doctor_names_each_problem_with_its_key_and_turns_green(ews, tmp_path): 
                        free_port())
     no_password = gateway("doctor", "--config", str(cfg))
     assert no_password.returncode == 1 and "FAIL" in no_password.stdout
-    assert "gateway credentials set" in no_password.stdout
+    # Every remedy that names a command names the file in use, so it can be copied as it is.
+    assert f"`gateway credentials set exchange --config {cfg}`" in no_password.stdout, no_password.stdout
+    assert f"run `gateway doctor --config {cfg}` again" in no_password.stdout
 
     assert gateway("credentials", "set", "exchange", "--config", str(cfg), "--stdin",
                    stdin=SERVICE_PASSWORD).returncode == 0
@@ -167,6 +172,93 @@ def test_doctor_names_each_problem_with_its_key_and_turns_green(ews, tmp_path): 
     green = gateway("doctor", "--config", str(good))
     assert green.returncode == 0, green.stdout + green.stderr
     assert green.stdout.strip().endswith("all green")
+
+
+def doctor_rows(out: str) -> dict[str, tuple[str, str, str]]:
+    """The report's check lines by what they checked: (mark, key, text)."""
+    rows = {}
+    for line in out.splitlines():
+        mark = line[:4].strip()
+        if mark in ("ok", "warn", "FAIL", "skip"):
+            head, _, text = line[6:].partition("  -> ")
+            what, _, key = head.rstrip().rpartition(" ")
+            rows[what.strip()] = (mark, key, text)
+    return rows
+
+
+def test_doctor_with_a_wrong_password_makes_one_failed_logon_and_checks_no_room(ews, tmp_path):  # type: ignore[no-untyped-def]
+    rooms = [f"room{i}@contoso.com" for i in range(1, 6)]
+    lists = tuple(ews.org.room_lists)
+    cfg = write_config(tmp_path, ews.url, rooms, free_port(), room_lists=lists)
+    assert gateway("credentials", "set", "exchange", "--config", str(cfg), "--stdin",
+                   stdin="Not-the-password-1!").returncode == 0
+    report = gateway("doctor", "--config", str(cfg))
+    assert report.returncode == 1
+    # One logon, on its own, before any room: each failed logon counts towards the account's lockout threshold.
+    assert ews.call(lambda: ews.sim.failed_logons) == 1
+    rows = doctor_rows(report.stdout)
+    failed = {what: row for what, row in rows.items() if row[0] == "FAIL"}
+    assert list(failed) == [f"Exchange {ews.url} as CONTOSO\\{SERVICE_ACCOUNT}"], report.stdout
+    _, key, text = next(iter(failed.values()))
+    assert key == "invalid_auth" and "refused the service account's credentials" in text
+    assert f"`gateway credentials set exchange --config {cfg}`" in text
+    assert rows[f"rooms and room lists ({len(rooms) + len(lists)})"][:2] == ("skip", "not_checked")
+    assert not [what for what in rows if what.startswith(("room ", "room list"))], report.stdout
+    assert report.stdout.strip().endswith(f"run `gateway doctor --config {cfg}` again")
+
+
+def test_doctor_exercises_what_the_gateway_will_use(ews, tmp_path):  # type: ignore[no-untyped-def]
+    """The mailbox and its type, a SyncFolderItems, a subscription of the configured kind and availability: a
+    feed or an availability that cannot work is red before the gateway runs, in one line for all rooms."""
+    rooms = ["room1@contoso.com", "room2@contoso.com", "alice@contoso.com"]
+    # An account that may impersonate everyone, so that a person's mailbox passes every right check.
+    cfg = write_config(tmp_path, ews.url, [*rooms, "nobody@contoso.com"], free_port(), account=ORGANIZER_ACCOUNT)
+    assert gateway("credentials", "set", "exchange", "--config", str(cfg), "--stdin",
+                   stdin=SERVICE_PASSWORD).returncode == 0
+    before = ews.call(lambda: dict(ews.sim.calls))
+    report = gateway("doctor", "--config", str(cfg))
+    rows = doctor_rows(report.stdout)
+    assert report.returncode == 1, report.stdout
+    assert rows["room room1@contoso.com"][:2] == rows["room room2@contoso.com"][:2] == ("ok", "ok")
+    assert rows["room nobody@contoso.com"][:2] == ("FAIL", "mailbox_not_found")  # a SOAP fault, not a connection
+    mark, key, text = rows["room alice@contoso.com"]
+    assert (mark, key) == ("warn", "not_a_room") and "person's mailbox (Alice" in text
+    calls = ews.call(lambda: dict(ews.sim.calls))
+    for operation in ("SyncFolderItems", "Subscribe", "Unsubscribe", "GetUserAvailabilityRequest", "ResolveNames"):
+        assert calls.get((operation, "NoError"), 0) > before.get((operation, "NoError"), 0), operation
+
+    cfg = write_config(tmp_path, ews.url, rooms, free_port(), account=ORGANIZER_ACCOUNT)
+    green = gateway("doctor", "--config", str(cfg))
+    assert green.returncode == 0 and green.stdout.strip().endswith("no check failed (1 warning above): all green")
+
+    # A server whose SubscribeResponse has no SubscriptionId: the streaming feed cannot work, for any room.
+    ews.call(lambda: ews.sim.faults.omit.update({"Subscribe": {"SubscriptionId"}}))
+    broken = doctor_rows(gateway("doctor", "--config", str(cfg)).stdout)
+    mark, key, text = broken["rooms (all 3)"]
+    assert (mark, key) == ("FAIL", "unexpected_answer") and text.startswith("streaming subscription: ")
+    assert not [what for what in broken if what.startswith("room ") and broken[what][0] == "FAIL"], broken
+    # The same in pull mode (a SubscribeResponse without a watermark).
+    pull = write_config(tmp_path, ews.url, rooms, free_port(), account=ORGANIZER_ACCOUNT, mode="pull",
+                        name="pull.yaml")
+    ews.call(lambda: (ews.sim.faults.clear(), ews.sim.faults.omit.update({"Subscribe": {"Watermark"}})))
+    broken = doctor_rows(gateway("doctor", "--config", str(pull)).stdout)
+    assert broken["rooms (all 3)"][:2] == ("FAIL", "unexpected_answer")
+    assert broken["rooms (all 3)"][2].startswith("pull subscription: ")
+
+    # A server that refuses GetUserAvailability: the availability the commands use cannot work.
+    ews.call(lambda: (ews.sim.faults.clear(),
+                      ews.sim.faults.refuse.update({"GetUserAvailabilityRequest": "ErrorInvalidOperation"})))
+    broken = doctor_rows(gateway("doctor", "--config", str(cfg)).stdout)
+    mark, key, text = broken["rooms (all 3)"]
+    assert mark == "FAIL" and text.startswith("availability: ") and "ErrorInvalidOperation" in text, broken
+    # With the rooms-scoped account the person's mailbox fails earlier, on its own line; the two rooms that share
+    # the availability failure are still one line.
+    scoped = write_config(tmp_path, ews.url, rooms, free_port(), name="scoped.yaml")
+    broken = doctor_rows(gateway("doctor", "--config", str(scoped)).stdout)
+    assert broken["room alice@contoso.com"][:2] == ("FAIL", "impersonation_denied")
+    mark, key, text = broken["rooms (2 of 3)"]
+    assert mark == "FAIL" and text.startswith("room1@contoso.com, room2@contoso.com: availability: "), broken
+    assert "room room1@contoso.com" not in broken and "room room2@contoso.com" not in broken
 
 
 # -- messages and help -----------------------------------------------------------------------------------------

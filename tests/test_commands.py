@@ -24,6 +24,7 @@ from gateway.errors import (
     ImpersonationDenied,
     NotFound,
     PreconditionFailed,
+    RoomIsOrganizer,
     TransientError,
     Unavailable,
 )
@@ -209,7 +210,7 @@ class FakeWriter:
         if item is None:
             raise NotFound("no such meeting in the room")
         if item.room_organizes:
-            raise PreconditionFailed("ErrorCalendarIsOrganizerForDecline", key="room_is_organizer")
+            raise RoomIsOrganizer("ErrorCalendarIsOrganizerForDecline")
         item.answer = "declined"
         self.declined.append((room, uid, message))
 

@@ -8,7 +8,6 @@ what a consumer or an operator sees: GET /v1/rooms, /metrics, the outbox events 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -126,14 +125,17 @@ class Gw:
 async def start(aiohttp_client: Any, ews: SimFixture, store: Path, rooms: tuple[str, ...], *,
                 feed: str = "streaming", password: str = SERVICE_PASSWORD,
                 clock: Callable[[], datetime] | None = None, pull_interval: float = 10.0, feed_retry: float = 5.0,
-                **sync: Any) -> Gw:
+                url: str | None = None, ews_settings: dict[str, Any] | None = None,
+                options: dict[str, Any] | None = None, **sync: Any) -> Gw:
     settings = {"debounce_seconds": 0.1, "retry_seconds": 0.3, "auth_retry_seconds": 1.0, **sync}
-    options = GatewayOptions(
-        ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{SERVICE_ACCOUNT}", default_timezone="Europe/Berlin",
-                        max_workers=4),
+    gateway_options = GatewayOptions(
+        ews=EwsSettings(ews_url=url or ews.url, username=f"CONTOSO\\{SERVICE_ACCOUNT}",
+                        default_timezone="Europe/Berlin", max_workers=4,
+                        **{"outage_retry_seconds": 0.2, "outage_max_retry_seconds": 0.5, **(ews_settings or {})}),
         password=password, rooms=rooms, sync=SyncSettings(**settings), store_path=store, feed=feed,
-        stream_timeout_minutes=1, pull_interval_seconds=pull_interval, feed_retry_seconds=feed_retry, clock=clock)
-    return Gw(ews, await aiohttp_client(init_app(options), headers=api_key(store)))
+        stream_timeout_minutes=1, pull_interval_seconds=pull_interval, feed_retry_seconds=feed_retry, clock=clock,
+        **(options or {}))
+    return Gw(ews, await aiohttp_client(init_app(gateway_options), headers=api_key(store)))
 
 
 def api_key(store: Path) -> dict[str, str]:
@@ -190,44 +192,90 @@ async def test_misconfigured_rooms_get_stable_states_and_never_stall_the_good_on
 
 
 # -- 2. wrong password --------------------------------------------------------------------------------------------
-async def test_wrong_password_is_auth_required_for_every_room_logged_once_without_a_retry_storm(
-        ews, tmp_path, aiohttp_client):
-    rooms = (ROOM1, ROOM2, ROOM3)
+def failed_logons(ews: SimFixture) -> int:
+    """Failed logons the simulated Exchange saw: each one counts towards the account's lockout threshold in AD."""
+    return int(ews.call(lambda: ews.sim.failed_logons))
+
+
+async def test_wrong_password_costs_one_failed_logon_stops_every_room_and_takes_the_fixed_password_at_once(
+        sim_factory, tmp_path, aiohttp_client):
+    ews = sim_factory(SimulatorConfig(rba_delay=0.05, stream_minute=2.0, keepalive_seconds=0.5), rooms=8)
+    rooms = tuple(f"room{i}@contoso.com" for i in range(1, 9))
+    vault = {"password": "Not-the-password-1!"}  # what `gateway credentials set exchange` last stored
     with capture_logs() as logs:
-        # Short retry intervals, so that a couple of seconds show several retries of both the rooms and the feed.
-        g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", rooms, password="Not-the-password-1!",
-                        retry_seconds=0.05, auth_retry_seconds=1.0, feed_retry=0.25)
+        g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", rooms, password=vault["password"],
+                        retry_seconds=0.05, auth_retry_seconds=0.2, feed_retry=0.05,
+                        ews_settings={"auth_retry_seconds": 3600.0},
+                        options={"password_source": lambda: vault["password"], "password_check_seconds": 0.1})
         await eventually(lambda: all(g.state(r) == "auth_required" for r in rooms), what="auth_required")
-        before = await g.ews_requests()
-        t0 = time.monotonic()
-        await asyncio.sleep(2.5)  # an observation window: how often does it knock on Exchange's door?
-        calls = await g.ews_requests() - before
-        elapsed = time.monotonic() - t0
-        # Every failed logon counts towards the service account's lockout threshold in Active Directory: the
-        # rooms retry the account with one probe per auth_retry_seconds (not one each), the feed with a doubling
-        # back-off and one room at a time, and nothing loops tightly.
-        assert 1 <= calls <= (elapsed / 1.0 + 1) + (math.log2(elapsed / 0.25) + 1), calls
+        # The feed has tried too (and been held back), the rooms have retried many times: still one logon.
+        await eventually(lambda: [e for e in logs if e["event"] == "streaming.rooms_without_subscription"],
+                         what="the feed's attempt")
+        await eventually(lambda: sum(1 for e in logs if e["event"] == "room.state") >= len(rooms),
+                         what="every room's state logged")
+        assert failed_logons(ews) == 1
         rows = await g.rooms()
         assert all(rows[r]["state"] == "auth_required" for r in rooms)
         assert all(rows[r]["remedy"] == ROOM_STATES["auth_required"] for r in rooms)
-        assert await g.metric("gateway_rooms", state="auth_required") == 3
+        assert "gateway credentials set exchange" in rows[ROOM1]["remedy"]
+        assert "refused the service account's credentials" in rows[ROOM1]["reason"]
+        assert await g.metric("gateway_rooms", state="auth_required") == len(rooms)
+        assert await g.metric("gateway_rooms", state="verified") == 0  # exported as 0, not left out
+        ready = await g.client.get("/readyz")
+        assert ready.status == 503
+        assert any(r.startswith(f"no room is in sync ({len(rooms)} auth_required)")
+                   for r in (await ready.json())["reasons"])
         assert all(g.states(r) == ["auth_required"] for r in rooms)
 
-        # The account's password is reset to the one the gateway holds: every room recovers, announced once.
-        ews.call(lambda: setattr(ews.sim.directory.get(f"{SERVICE_ACCOUNT}@contoso.com"), "password",
-                                 "Not-the-password-1!"))
-        await eventually(lambda: all(g.states(r)[-1] == "verified" for r in rooms), what="recovered")
-        await eventually(lambda: [e for e in logs if e["event"] == "exchange.auth_restored"], what="recovery log")
-        await eventually(lambda: len([e for e in logs if e["event"] == "room.state" and e["state"] == "verified"])
-                         >= len(rooms), what="room recovery logs")
-    failed = [e for e in logs if e["event"] == "exchange.auth_failed"]
-    assert len(failed) == 1, failed
-    assert failed[0]["log_level"] == "error" and "credentials" in failed[0]["remedy"]
+        # The right password is stored in the vault: the gateway reads it again and tries it now, not after the
+        # hour-long back-off that keeps a wrong one from locking the account.
+        vault["password"] = SERVICE_PASSWORD
+        await eventually(lambda: all(g.states(r)[-2:] == ["syncing", "verified"] or g.states(r)[-1] == "verified"
+                                     for r in rooms), what="recovered")
+        await eventually(lambda: g.gw.feed is not None and g.gw.feed.subscriptions == len(rooms),
+                         what="every room subscribed")
+    assert failed_logons(ews) == 1
+    started = [e for e in logs if e["event"] == "exchange.auth_failed"]
+    assert len(started) == 1 and started[0]["key"] == "invalid_auth" and started[0]["log_level"] == "error"
+    assert "gateway credentials set exchange" in started[0]["remedy"]
     assert len([e for e in logs if e["event"] == "exchange.auth_restored"]) == 1
-    for r in rooms:
-        transitions = [e["state"] for e in logs if e["event"] == "room.state" and e["room"] == r]
-        assert transitions.count("auth_required") == 1, (r, transitions)
+    assert not [e for e in logs if e["event"] == "exchange.outage_started"]
+    assert len([e for e in logs if e["event"] == "exchange.credentials_changed"]) == 1
+    for r in rooms:  # the outage is the warning; each room's own line is info
+        transitions = [e for e in logs if e["event"] == "room.state" and e["room"] == r]
+        assert [e["state"] for e in transitions].count("auth_required") == 1, (r, transitions)
+        assert all(e["log_level"] == "info" for e in transitions), transitions
     assert len([e for e in logs if e["event"] == "streaming.rooms_without_subscription"]) <= 1
+
+
+async def test_room_lists_that_cannot_be_read_at_start_do_not_stop_the_gateway_or_cost_more_logons(
+        ews, tmp_path, aiohttp_client):
+    """A wrong password (or Exchange away) while the room lists are read at start: the gateway starts anyway, with
+    the rooms it knew, says why it is not ready, and reads the lists when the password works: a gateway that exited
+    would be restarted by its supervisor, and every restart would be another failed logon."""
+    store = tmp_path / "g.sqlite"
+    lists = tuple(ews.org.room_lists)
+    members = sorted(ews.org.rooms)
+    vault = {"password": "Not-the-password-1!"}
+    with capture_logs() as logs:
+        g = await start(aiohttp_client, ews, store, (), password=vault["password"],
+                        ews_settings={"auth_retry_seconds": 3600.0},
+                        options={"password_source": lambda: vault["password"], "password_check_seconds": 0.1,
+                                 "room_lists": lists})
+        await eventually(lambda: [e for e in logs if e["event"] == "gateway.room_lists_unreadable"],
+                         what="the lists reported")
+        ready = await g.client.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["reasons"] == [
+            "source exchange: its room lists could not be read yet (invalid_auth), so it has no rooms"]
+        assert failed_logons(ews) == 1
+        vault["password"] = SERVICE_PASSWORD
+        await eventually(lambda: set(g.gw.coordinator.workers) == set(members), what="the lists' rooms")
+        await eventually(lambda: g.imported(*members), what="imported")
+        await eventually(lambda: g.gw.feed is not None and g.gw.feed.subscriptions == len(members),
+                         what="the lists' rooms subscribed")
+    assert failed_logons(ews) == 1
+    assert (await g.client.get("/readyz")).status == 200
 
 
 # -- 3. reconciliation ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from exchangelib import CalendarItem, EWSDate, EWSDateTime, EWSTimeZone
 from exchangelib.items import SEND_TO_ALL_AND_SAVE_COPY
 from exchangelib.recurrence import Recurrence, WeeklyPattern
+from structlog.testing import capture_logs
 
 from gateway.app import GATEWAY, Gateway, GatewayOptions, init_app
 from gateway.model import EVENT_TYPES
@@ -327,10 +328,14 @@ async def test_throttling_storm_loses_nothing(env: Env):
                           setattr(env.ews.sim.throttle, "back_off_ms", 300),
                           env.ews.sim.faults.latency.update({"SyncFolderItems": 0.2, "FindItem": 0.2,
                                                              "GetItem": 0.2})))
-    for i in range(3):  # every room changes at once, so their syncs compete for a budget of one request
-        await env.blocking(book, env.ews, f"Storm {i}", list(ROOMS), start_in(12, hour=8 + 2 * i))
-    await eventually(lambda: all(len(env.of_type(CREATED, r)) == 3 for r in ROOMS), timeout=60,
-                     what="every booking despite throttling")
+    with capture_logs() as logs:
+        for i in range(3):  # every room changes at once, so their syncs compete for a budget of one request
+            await env.blocking(book, env.ews, f"Storm {i}", list(ROOMS), start_in(12, hour=8 + 2 * i))
+        await eventually(lambda: all(len(env.of_type(CREATED, r)) == 3 for r in ROOMS), timeout=60,
+                         what="every booking despite throttling")
+    # Under throttling some requests pass and some are refused: that is one episode in the log, not one per answer.
+    assert len([e for e in logs if e["event"] == "exchange.outage_started"]) == 1
+    assert not [e for e in logs if e["event"] == "room.state" and e["log_level"] != "info"]
     env.ews.call(lambda: (setattr(env.ews.sim.throttle, "max_concurrent", 27), env.ews.sim.faults.clear()))
     await env.settled(room)
     assert env.ews.call(lambda: env.ews.sim.throttle.busy_answers) > 0

@@ -35,8 +35,11 @@ from gateway.errors import (
     AuthError,
     GatewayError,
     ImpersonationDenied,
+    MailboxNotFound,
     NotFound,
     PreconditionFailed,
+    RoomIsOrganizer,
+    RoomUnknown,
     TransientError,
 )
 from gateway.model import (
@@ -270,9 +273,7 @@ class CommandService:
             run.keep = True
             try:
                 written = await self._writer.create_meeting(cmd.organizer.email, room, cmd)
-            except (ImpersonationDenied, NotFound) as e:
-                if isinstance(e, NotFound) and e.key != "mailbox_not_found":
-                    raise
+            except (ImpersonationDenied, MailboxNotFound) as e:
                 log.info("command.organizer_fallback", key=cmd.key, room=room, why=e.key)
                 as_booker = replace(cmd, organizer=None, booker=cmd.organizer, attendees=())
                 note = FALLBACK_NOTE if isinstance(e, ImpersonationDenied) else NO_MAILBOX_NOTE
@@ -487,9 +488,7 @@ class CommandService:
                 try:
                     await self._writer.decline_as_room(room, booking.uid, booking.original_start, booking.start,
                                                        cmd.message)
-                except PreconditionFailed as e:
-                    if e.key != "room_is_organizer":
-                        raise
+                except RoomIsOrganizer:
                     refused = await self._delete_room_appointment(run, booking)
                     if refused is not None:
                         return refused
@@ -516,9 +515,9 @@ class CommandService:
             return declined(cmd, "room_unknown", f"the gateway does not sync {', '.join(unknown)}")
         try:
             found = await self._writer.availability(rooms, cmd.start, cmd.end)
+        except RoomUnknown:
+            return declined(cmd, "room_unknown", "Exchange has no mailbox for one of the rooms")
         except GatewayError as e:
-            if isinstance(e, NotFound) and e.key == "room_unknown":
-                return declined(cmd, "room_unknown", "Exchange has no mailbox for one of the rooms")
             return self._failure(_Run(cmd, "", None), e)
         lowered = {room.lower(): busy for room, busy in found.items()}
         data = {room: [{"start": _iso(b.start), "end": _iso(b.end), "status": b.status}

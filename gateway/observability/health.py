@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-IN_SYNC = frozenset({"verified", "suspect_empty"})  # suspect_empty: reachable and read; only its content is held
+# suspect_empty: reachable and read, only its content is held; polling: in sync, only slower (its feed restarts)
+IN_SYNC = frozenset({"verified", "polling", "suspect_empty"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +27,12 @@ class Readiness:
 class Part:
     """One running part as readiness sees it: ``problem`` empty while it is fine."""
 
-    name: str  # "source onprem", "feed of onprem"
+    name: str  # "source onprem", "feed of onprem"; empty for the gateway's rooms as a whole
     problem: str = ""
 
 
 def readiness(parts: Iterable[Part]) -> Readiness:
-    reasons = tuple(f"{p.name}: {p.problem}" for p in parts if p.problem)
+    reasons = tuple(f"{p.name}: {p.problem}" if p.name else p.problem for p in parts if p.problem)
     return Readiness(not reasons, reasons)
 
 
@@ -42,3 +43,20 @@ def source_part(name: str, room_states: Iterable[str]) -> Part:
         return Part(f"source {name}")
     counts = ", ".join(f"{state} {n}" for state, n in sorted(states.items()))
     return Part(f"source {name}", f"no room in sync yet ({counts})")
+
+
+def unread_part(name: str, key: str) -> Part:
+    """A source that owns no rooms only because its room lists could not be read yet (refused credentials, Exchange
+    away): not ready until they are read, unlike a source that owns no rooms."""
+    return Part(f"source {name}", f"its room lists could not be read yet ({key}), so it has no rooms")
+
+
+def rooms_part(room_states: Iterable[str]) -> Part:
+    """Every room of the gateway: while none at all is in sync, their states counted, most first, and where each
+    room's reason and remedy are."""
+    states = Counter(room_states)
+    if not states or IN_SYNC & set(states):
+        return Part("")
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items(), key=lambda kv: -kv[1]))
+    return Part("", f"no room is in sync ({counts}); see /v1/rooms or `gateway rooms` for each room's reason and "
+                    "remedy")

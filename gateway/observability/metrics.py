@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,17 +63,18 @@ class StateCollector(Collector):
     """Gauges read at scrape time from the running parts (rooms, outbox)."""
 
     def __init__(self, rooms: Callable[[], dict[str, tuple[str, float | None]]],
-                 outbox: Callable[[], tuple[int, datetime | None]] | None) -> None:
+                 outbox: Callable[[], tuple[int, datetime | None]] | None, *, states: Iterable[str] = ()) -> None:
         """``outbox`` gives (unacknowledged events, time of the oldest) while a hub consumes the outbox; None
         when no relay is configured: then nothing waits for delivery (local SSE clients read the outbox at their
         own pace and never acknowledge), so the depth is 0 rather than every event ever written."""
         self.rooms = rooms
         self.outbox = outbox
+        self.states = tuple(states)  # every state is exported, 0 when no room is in it (alerts need the zero)
 
     def collect(self) -> Iterator[Any]:
         rooms = self.rooms()
         by_state = GaugeMetricFamily("gateway_rooms", "Rooms by state", labels=["state"])
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = dict.fromkeys(self.states, 0)
         for state, _ in rooms.values():
             counts[state] = counts.get(state, 0) + 1
         for state, n in sorted(counts.items()):

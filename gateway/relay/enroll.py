@@ -46,6 +46,13 @@ class EnrollmentRefused(AuthError):
     remedy = "ask the hub operator for a new enrollment token"
 
 
+class AlreadyEnrolled(ConfigError):
+    """Nothing is wrong: the gateway has its identity (``gateway enroll`` exits 1, not 2)."""
+
+    key = "already_enrolled"
+    remedy = "nothing to do; to enroll it anew (a new key, e.g. at another hub) add --force"
+
+
 # -- settings ----------------------------------------------------------------------------------------------------
 def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> tuple[VaultConfig, RelayConfig]:
     """Only the vault and relay sections: enrolling works before the rest of the file is finished."""
@@ -108,9 +115,7 @@ def _check_not_enrolled(vault: Vault, force: bool) -> None:
         raise ConfigError(f"the vault holds a relay identity that cannot be read ({e.key})",
                           key="relay_identity_invalid", remedy="enroll again with --force to replace it") from None
     if existing.enrolled:
-        raise ConfigError(f"this gateway is already enrolled as {existing.gateway_id} (key {existing.key_id})",
-                          key="already_enrolled",
-                          remedy="nothing to do; to enroll it anew (a new key, e.g. at another hub) add --force")
+        raise AlreadyEnrolled(f"this gateway is already enrolled as {existing.gateway_id} (key {existing.key_id})")
 
 
 async def _post(url: str, body: dict[str, Any], *, ca_bundle: Path | None, relay: RelayConfig,
@@ -218,9 +223,12 @@ def run_cli(args: argparse.Namespace, *, env: Mapping[str, str] = os.environ, st
         name = args.name or socket.gethostname()
         identity = asyncio.run(enroll(args.hub, token, vault=vault, relay=relay, name=name,
                                       proxy_password=proxy_password, force=args.force, ca_bundle=args.ca_bundle))
+    except AlreadyEnrolled as e:
+        print(f"error: {e}", file=stderr)
+        return 1
     except GatewayError as e:
         print(f"error: {e}", file=stderr)
-        return 1 if e.key == "already_enrolled" else 2
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=stderr)
         return 130

@@ -774,6 +774,7 @@ class Control:
                           "rooms": sum(1 for m in d.by_idx if m.kind == "room")},
             "items": len(d.items),
             "calls": self.calls(),
+            "failed_logons": self.sim.failed_logons,
             "throttle": {"busy_answers": self.sim.throttle.busy_answers,
                          "connection_count_answers": self.sim.throttle.connection_count_answers},
             "attendant": {"pending": att.pending, "decisions": len(att.decisions),

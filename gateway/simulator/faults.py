@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -18,6 +19,11 @@ class Faults:
     no_response_type: bool = False  # organizers' copies carry no ResponseType for their attendees
     quiet_declines: bool = False  # a DeclineItem is applied in place: no change SyncFolderItems would report
     unexpanded_series: bool = False  # a CalendarView returns a series as its RecurringMaster, not its occurrences
+    # operation -> local names of elements left out of its answer (a malformed response from another server,
+    # e.g. {"Subscribe": {"Watermark"}}: a SubscribeResponse without the watermark)
+    omit: dict[str, set[str]] = field(default_factory=dict)
+    # operation -> an EWS error code it is answered with as a SOAP fault (e.g. a code exchangelib does not know)
+    refuse: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random)
 
@@ -35,8 +41,19 @@ class Faults:
             return True
         return self.http_503_rate > 0 and self._rng.random() < self.http_503_rate
 
+    def mangle(self, operation: str, result: Any) -> None:
+        """Leave the elements named in ``omit`` out of an operation's answer (an lxml element, changed in place)."""
+        names = self.omit.get(operation)
+        if not names:
+            return
+        for el in list(result.iter()):
+            if isinstance(el.tag, str) and el.tag.rsplit("}", 1)[-1] in names and el.getparent() is not None:
+                el.getparent().remove(el)
+
     def clear(self) -> None:
         self.latency.clear()
+        self.omit.clear()
+        self.refuse.clear()
         self.http_503_next = 0
         self.http_503_rate = 0.0
         self.unsupported.clear()

@@ -78,6 +78,7 @@ class Simulator:
         self.attendant = BookingAttendant(self)
         self.calls: Counter[tuple[str, str]] = Counter()  # (operation, response code)
         self.generation = 0  # bumped by restart(); streams of an older generation end
+        self.failed_logons = 0  # each one counts towards the account's lockout threshold in Active Directory
         self._conns: weakref.WeakKeyDictionary[Any, _ConnState] = weakref.WeakKeyDictionary()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Tests set this to see every (operation, request, response) exchange; streams are not recorded.
@@ -144,6 +145,8 @@ class Simulator:
             tz = self._tz_context(req.header)
             ctx = Context(self, user, target, impersonating, version, tz, request, req.header)
             handler = None if operation in self.faults.unsupported else OPERATIONS.get(operation)
+            if operation in self.faults.refuse:
+                raise EwsError(self.faults.refuse[operation], f"{operation} is refused (injected).", fault=True)
             if handler is None:
                 result = _unsupported(operation)
             else:
@@ -161,6 +164,7 @@ class Simulator:
         if isinstance(result, web.StreamResponse):
             self.calls[(operation, result.get(RESPONSE_CODE, "NoError"))] += 1
             return result
+        self.faults.mangle(operation, result)
         self._count(operation, result)
         response = self._respond(result, ctx)
         if self.recorder is not None and isinstance(response.body, bytes):
@@ -285,6 +289,7 @@ class Simulator:
             user = self.directory.logon(username)
             if user is None or user.password is None or not secrets.compare_digest(user.password, password):
                 log.info("simulator.logon_failed", scheme="basic", user=username)
+                self.failed_logons += 1
                 return self._challenge()
             return user
         if scheme in ("ntlm", "negotiate") and self.config.ntlm_auth:
@@ -310,6 +315,7 @@ class Simulator:
                     domain, username = acceptor.verify(blob, self._password_for)
                 except NtlmError as e:
                     log.info("simulator.logon_failed", scheme="ntlm", reason=str(e))
+                    self.failed_logons += 1
                     return self._challenge()
                 user = self.directory.logon(f"{domain}\\{username}") or self.directory.logon(username)
                 if user is None:

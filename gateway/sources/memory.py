@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
-from gateway.errors import ConfigError, GatewayError, ImpersonationDenied, NotFound, SyncStateInvalid
+from gateway.errors import ConfigError, GatewayError, ImpersonationDenied, MailboxNotFound, NotFound, SyncStateInvalid
 from gateway.model import Attendee, Booking, Person, Window
 from gateway.ports import Capabilities, Changes, Dirty, FeedSettings, OpenedSource, RoomInfo, RoomList, SourceSpec
 
@@ -296,8 +296,7 @@ class MemorySource:
             return r
         if email in self._people:
             raise ImpersonationDenied(f"the service account may not impersonate {email}")
-        raise NotFound(f"no mailbox {email}", key="mailbox_not_found",
-                       remedy="check the room's address in the configuration")
+        raise MailboxNotFound(f"no mailbox {email}")
 
     def _since(self, r: _Room, token: str | None) -> int:
         if token is None:
@@ -392,8 +391,7 @@ class MemoryDirectory:
         self._source._check("room", None)
         r = self._source._rooms.get(email.lower())
         if r is None:
-            raise NotFound(f"the directory has no mailbox {email}", key="mailbox_not_found",
-                           remedy="check the room's address in the configuration")
+            raise MailboxNotFound(f"the directory has no mailbox {email}")
         return RoomInfo(r.email, r.name, r.capacity)
 
     async def people(self, query: str) -> list[Person]:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
-from gateway.errors import ConfigError, ImpersonationDenied, NotFound
+from gateway.errors import ConfigError, ImpersonationDenied, NotFound, RoomUnknown
 from gateway.model import Booking, Command, Window
 from gateway.ports import Busy, CalendarSource, CalendarWriter, Changes, RoomAnswer, RoomInfo, Written
 
@@ -75,8 +75,8 @@ class RoomRoutes:
     def _known(self, room: str) -> str:
         owner = self._owner.get(room.lower())
         if owner is None:
-            raise NotFound(f"no configured source lists the room {room}", key="room_unknown",
-                           remedy="add the room to the mailboxes or a room list of a source")
+            raise RoomUnknown(f"no configured source lists the room {room}",
+                              remedy="add the room to the mailboxes or a room list of a source")
         return owner
 
 

@@ -6,12 +6,19 @@ timer), each SyncFolderItems page committed together with its sync state -> a pe
 that repairs (and counts) any drift. The window rolls forward: every ``roll_seconds`` the slice that entered
 the window is read, so long series keep producing occurrences.
 
+A failure every room shares (errors.is_shared: refused credentials, Exchange unreachable, throttling) puts every
+room into the same state, with the detail in its reason, and is logged once when it starts, as a reminder while it
+lasts and once when it ends (OutageLog); the rooms then wait until Exchange is back (the source lets one call probe
+it, see sources/outage.py) instead of each retrying on its own. While the change feed is down
+(app.py restarts it with back-off) every room is synced every ``feed_down_poll_seconds`` and says so (``polling``).
+
 Network calls happen outside store transactions; every store call runs on the store's single writer thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +29,19 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway.errors import (
+    AccountLocked,
     AuthError,
     GatewayError,
+    HttpError,
     ImpersonationDenied,
-    NotFound,
+    MailboxNotFound,
+    RequestFailed,
     SyncStateInvalid,
     Throttled,
-    TransientError,
+    TlsError,
     Unavailable,
+    UnknownHost,
+    is_shared,
 )
 from gateway.model import ROOM_STATES, Booking, Event, Room, RoomState, Window
 from gateway.ports import CalendarSource, OutboxEntry, Store
@@ -52,6 +64,54 @@ class SyncSettings:
     retry_seconds: float = 30.0  # after a transient failure
     auth_retry_seconds: float = 300.0  # after an auth failure (stop-and-ask, but notice fixed credentials)
     max_concurrent_rooms: int = 8
+    feed_down_poll_seconds: float = 60.0  # while the change feed is down, every room is synced this often
+    outage_remind_seconds: float = 300.0  # while a failure every room shares lasts, the log says so this often
+    throttled_quiet_seconds: float = 10.0  # throttling has ended once nothing was throttled for this long
+
+
+class OutageLog:
+    """A failure every room shares, as the log tells it: once when it starts (refused credentials as an error,
+    exchange.auth_failed; anything else a warning, exchange.outage_started), a reminder every ``remind_seconds``
+    while it lasts, once when it ends (info). Under throttling some requests pass and others are refused: it has
+    ended only once nothing was throttled for ``quiet_seconds``."""
+
+    def __init__(self, remind_seconds: float, quiet_seconds: float,
+                 clock: Callable[[], float] = time.monotonic, *, source: str | None = None) -> None:
+        self.remind_seconds = remind_seconds
+        self._where: dict[str, Any] = {} if source is None else {"source": source}  # whose failure it is
+        self.quiet_seconds = quiet_seconds
+        self.clock = clock
+        self.failure: GatewayError | None = None
+        self.since = self.last = self.reminded = 0.0
+
+    def failed(self, e: GatewayError) -> None:
+        now = self.clock()
+        current, self.failure, self.last = self.failure, e, now
+        if current is not None and current.key == e.key:
+            if now - self.reminded >= self.remind_seconds:
+                self.reminded = now
+                log.warning("exchange.outage_continues", key=e.key, reason=_reason(e), remedy=e.remedy,
+                            seconds=round(now - self.since, 1), **self._where)
+            return
+        self.since = self.reminded = now
+        fields: dict[str, Any] = {"key": e.key, "reason": _reason(e), "remedy": e.remedy, **self._where}
+        if current is not None:
+            fields["previous"] = current.key
+        if _refused(e):
+            log.error("exchange.auth_failed", **fields)
+        else:
+            log.warning("exchange.outage_started", **fields)
+
+    def answered(self) -> None:
+        failure = self.failure
+        if failure is None:
+            return
+        now = self.clock()
+        if isinstance(failure, Throttled) and now - self.last < self.quiet_seconds:
+            return
+        self.failure = None
+        event = "exchange.auth_restored" if _refused(failure) else "exchange.outage_ended"
+        log.info(event, key=failure.key, seconds=round(now - self.since, 1), **self._where)
 
 
 class RoomWorker:
@@ -80,8 +140,11 @@ class RoomWorker:
 class Coordinator:
     def __init__(self, source: CalendarSource, store: Store, settings: SyncSettings | None = None, *,
                  policy: Callable[[str], privacy.PrivacyPolicy] | None = None, metrics: Any = None,
-                 clock: Callable[[], datetime] | None = None, source_name: str = "urn:exchange-gateway") -> None:
+                 clock: Callable[[], datetime] | None = None, source_name: str = "urn:exchange-gateway",
+                 group: Callable[[str], str | None] | None = None) -> None:
         self.source = source
+        # The source a room's calls go to (a failure every room shares is shared by the rooms of one source).
+        self.group: Callable[[str], str | None] = group or (lambda room: None)
         self.store = store
         self.settings = settings or SyncSettings()
         self.policy = policy or (lambda room: privacy.PrivacyPolicy())
@@ -92,9 +155,8 @@ class Coordinator:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_rooms)
         self.listeners: list[Callable[[list[OutboxEntry]], None]] = []  # told after each commit (SSE wake-up)
-        self._credentials_ok = asyncio.Event()  # cleared while Exchange refuses the service account
-        self._credentials_ok.set()
-        self._prober: RoomWorker | None = None  # the one room retrying refused credentials
+        self._outages: dict[str | None, tuple[OutageLog, asyncio.Event]] = {}  # by source (group)
+        self.feed_down: dict[str, str] = {}  # room -> why its change feed is down (it polls meanwhile)
 
     # -- life cycle -----------------------------------------------------------------------------------------
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -152,27 +214,84 @@ class Coordinator:
             except asyncio.CancelledError:
                 raise
             except GatewayError as e:
-                delay = s.auth_retry_seconds if isinstance(e, AuthError) else s.retry_seconds
-                if isinstance(e, Throttled) and e.back_off:
-                    delay = max(e.back_off, 1.0)
-                await self._set_state(w, _state_key(e), str(e))
-                if _credentials_refused(e):
-                    await self._credentials_refused(w, e)
+                shared = is_shared(e)
+                await self._set_state(w, room_state(e).value, _reason(e), shared=shared)
+                if shared:
+                    # Every room meets the same answer: wait until a room (or the feed) finds Exchange back.
+                    outage, ok = self._outage(self.group(w.email))
+                    outage.failed(e)
+                    ok.clear()
+                    await self._exchange_back(ok, _shared_delay(e, s))
                     continue
-                if not isinstance(e, TransientError):
-                    self._credentials_accepted(w)  # Exchange got as far as judging the room itself
-                await asyncio.sleep(delay)
+                self.exchange_recovered(self.group(w.email))  # Exchange got as far as judging the room itself
+                await asyncio.sleep(s.auth_retry_seconds if isinstance(e, AuthError) else s.retry_seconds)
             except Exception:
                 log.exception("sync.room_failed", room=w.email)
-                await self._set_state(w, "cannot_connect", "unexpected error; see the logs")
+                await self._set_state(w, "exchange_error", "unexpected error; see the logs")
                 await asyncio.sleep(s.retry_seconds)
+
+    def _outage(self, group: str | None) -> tuple[OutageLog, asyncio.Event]:
+        """The outage log of one source and the event its rooms wait for (set while no shared failure lasts)."""
+        found = self._outages.get(group)
+        if found is None:
+            ok = asyncio.Event()
+            ok.set()
+            found = self._outages[group] = (OutageLog(self.settings.outage_remind_seconds,
+                                                      self.settings.throttled_quiet_seconds, source=group), ok)
+        return found
+
+    @staticmethod
+    async def _exchange_back(ok: asyncio.Event, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await ok.wait()
+
+    def exchange_recovered(self, group: str | None = None) -> None:
+        """The source (``group``) answered again: its rooms waiting behind a shared failure retry now."""
+        outage, ok = self._outage(group)
+        outage.answered()
+        ok.set()
 
     async def _verify(self, w: RoomWorker) -> None:
         async with self._slots:
             await self.source.verify(w.email)
-        self._credentials_accepted(w)
-        if w.state not in ("verified", "suspect_empty"):
+        self.exchange_recovered(self.group(w.email))
+        if w.state not in ("verified", "polling", "suspect_empty"):
+            await self._in_sync(w)
+
+    async def _in_sync(self, w: RoomWorker) -> None:
+        """The room is in sync: ``verified``, or ``polling`` while its change feed is down."""
+        down = self.feed_down.get(w.email)
+        if down is None:
             await self._set_state(w, "verified", "")
+        else:
+            await self._set_state(w, "polling", down)
+
+    # -- the change feed ---------------------------------------------------------------------------------------
+    async def feed_stopped(self, why: str, rooms: Iterable[str] | None = None) -> None:
+        """The change feed of ``rooms`` (None: every room) is down (it is restarted with back-off): sync each of them
+        every ``feed_down_poll_seconds`` meanwhile, and say so in the rooms' state."""
+        reason = f"change feed down ({why}); polling every {self.settings.feed_down_poll_seconds:g} s"
+        for w in self._workers(rooms):
+            self.feed_down[w.email] = reason
+            if w.state in ("verified", "polling"):
+                await self._set_state(w, "polling", reason)
+            w.mark_dirty("feed_down")  # wake the room's loop: it polls from now on, and this sync finds any gap
+
+    async def feed_running(self, rooms: Iterable[str] | None = None) -> None:
+        """The change feed of ``rooms`` (None: every room) runs again: notifications drive the syncs; a sync of
+        every room repairs the gap."""
+        for w in self._workers(rooms):
+            if self.feed_down.pop(w.email, None) is None:
+                continue
+            if w.state == "polling":
+                await self._set_state(w, "verified", "")
+            w.mark_dirty("feed_running")
+
+    def _workers(self, rooms: Iterable[str] | None) -> list[RoomWorker]:
+        if rooms is None:
+            return list(self.workers.values())
+        return [w for w in (self.workers.get(r.lower()) for r in rooms) if w is not None]
 
     async def _loop(self, w: RoomWorker) -> None:
         s = self.settings
@@ -181,8 +300,11 @@ class Coordinator:
         while True:
             timeouts = [s.reconcile_seconds - (time.monotonic() - last_reconcile),
                         s.roll_seconds - (time.monotonic() - last_roll)]
-            if s.poll_seconds > 0:
-                timeouts.append(s.poll_seconds)
+            poll = s.poll_seconds
+            if w.email in self.feed_down:
+                poll = min(poll, s.feed_down_poll_seconds) if poll > 0 else s.feed_down_poll_seconds
+            if poll > 0:
+                timeouts.append(poll)
             try:
                 # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives just as the room is
                 # marked dirty (a feed reconnecting while the gateway stops), and stop() then waits forever.
@@ -193,7 +315,7 @@ class Coordinator:
             if w.dirty.is_set():
                 await asyncio.sleep(s.debounce_seconds)  # one user action is several events
                 await self.sync_changes(w)
-            elif s.poll_seconds > 0:
+            elif poll > 0:
                 await self.sync_changes(w)
             if time.monotonic() - last_reconcile >= s.reconcile_seconds:
                 await self.reconcile(w)
@@ -215,7 +337,7 @@ class Coordinator:
             if not page.more:
                 break
         await self.reconcile(w, drift=False)
-        await self._set_state(w, "verified", "")
+        await self._in_sync(w)
 
     async def sync_changes(self, w: RoomWorker) -> None:
         """Incremental: SyncFolderItems pages from the stored state; changed meetings re-read over the window."""
@@ -270,7 +392,7 @@ class Coordinator:
         w.empty_reads = 0
         await self._commit(w, result)
         if w.state == "suspect_empty":
-            await self._set_state(w, "verified", "")
+            await self._in_sync(w)
         w.horizon = window.end
         w.last_success = time.monotonic()
         if drift and result.changes and self.metrics is not None:
@@ -293,28 +415,6 @@ class Coordinator:
         result = plan(known, self._private(w.email, observed), Scope(part), self.now(), empty_confirmed=True)
         await self._commit(w, result)
         w.horizon = window.end
-
-    # -- the service account's credentials -------------------------------------------------------------------
-    async def _credentials_refused(self, w: RoomWorker, e: GatewayError) -> None:
-        """Exchange refused the service account itself, so every room fails alike: say so once, and let one room
-        retry every ``auth_retry_seconds`` while the others wait for it (each failed logon counts towards the
-        account's lockout threshold in Active Directory)."""
-        if self._credentials_ok.is_set():
-            self._credentials_ok.clear()
-            log.error("exchange.auth_failed", error=str(e), remedy=ROOM_STATES["auth_required"],
-                      retry_seconds=self.settings.auth_retry_seconds)
-        if self._prober is not None and self._prober is not w:
-            await self._credentials_ok.wait()
-            return
-        self._prober = w
-        await asyncio.sleep(self.settings.auth_retry_seconds)
-
-    def _credentials_accepted(self, w: RoomWorker) -> None:
-        if self._prober is w:
-            self._prober = None
-        if not self._credentials_ok.is_set():
-            self._credentials_ok.set()
-            log.info("exchange.auth_restored", room=w.email)
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _private(self, room: str, bookings: list[Booking]) -> list[Booking]:
@@ -345,8 +445,10 @@ class Coordinator:
     def _room_event(self, room: Room) -> Event:
         return room_event(room, time=self.now(), source=self.source_name)
 
-    async def _set_state(self, w: RoomWorker, state: str, reason: str) -> None:
-        if state == w.state:
+    async def _set_state(self, w: RoomWorker, state: str, reason: str, *, shared: bool = False) -> None:
+        """Record, announce and log a room's state when it (or its reason) changes. ``shared``: the cause is a
+        failure every room shares, logged once by the source, so the room's own line is only info."""
+        if state == w.state and (w.stored is None or w.stored.reason == reason):
             return
         previous, w.state = w.state, state
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
@@ -358,27 +460,48 @@ class Coordinator:
                                 events=[self._room_event(room)])
         for listener in self.listeners:
             listener(entries)
-        log_fn = log.warning if state not in ("verified", "syncing") else log.info
-        log_fn("room.state", room=w.email, state=state, previous=previous, reason=reason)
+        quiet = shared or state in ("verified", "syncing", "polling") or state == previous
+        (log.info if quiet else log.warning)("room.state", room=w.email, state=state, previous=previous,
+                                             reason=reason)
         if self.metrics is not None:
             self.metrics.room_state(w.email, state)
 
 
-def _credentials_refused(e: GatewayError) -> bool:
-    """The service account's own logon failed (a plain AuthError), not a right on one mailbox."""
-    return type(e) is AuthError and e.key == AuthError.key
+# The state a failure puts a room in, by the error's class; the nearest class in its ancestry decides.
+_ROOM_STATE_OF: dict[type[GatewayError], RoomState] = {
+    AuthError: RoomState.AUTH_REQUIRED,
+    AccountLocked: RoomState.ACCOUNT_LOCKED,
+    ImpersonationDenied: RoomState.IMPERSONATION_DENIED,
+    MailboxNotFound: RoomState.MAILBOX_NOT_FOUND,
+    Throttled: RoomState.THROTTLED,
+    Unavailable: RoomState.CANNOT_CONNECT,
+    RequestFailed: RoomState.EXCHANGE_ERROR,
+    UnknownHost: RoomState.UNKNOWN_HOST,
+    TlsError: RoomState.TLS_ERROR,
+    HttpError: RoomState.HTTP_ERROR,
+}
 
 
-def _state_key(e: GatewayError) -> str:
-    if isinstance(e, ImpersonationDenied):
-        return "impersonation_denied"
-    if isinstance(e, NotFound):
-        return "mailbox_not_found" if e.key == "mailbox_not_found" else "cannot_connect"
-    if isinstance(e, AuthError):
-        return "auth_required"
+def room_state(e: GatewayError) -> RoomState:
+    """The state a room is in after ``e``; a failure the table does not name is the server's error for the room."""
+    for cls in type(e).__mro__:
+        state = _ROOM_STATE_OF.get(cls)
+        if state is not None:
+            return state
+    return RoomState.EXCHANGE_ERROR
+
+
+def _reason(e: GatewayError) -> str:
+    """The error's own words (with the detail: the host, the status, the address), without its remedy (the room
+    carries that separately)."""
+    return str(e.args[0]) if e.args else e.key
+
+
+def _refused(e: GatewayError) -> bool:
+    return type(e) is AuthError
+
+
+def _shared_delay(e: GatewayError, s: SyncSettings) -> float:
     if isinstance(e, Throttled):
-        return "throttled"
-    if isinstance(e, Unavailable):
-        return "cannot_connect"
-    return e.key if e.key in ROOM_STATES else "cannot_connect"
-
+        return max(e.back_off or s.retry_seconds, 1.0)
+    return s.auth_retry_seconds if isinstance(e, AuthError) else s.retry_seconds

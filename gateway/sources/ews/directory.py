@@ -14,7 +14,7 @@ from exchangelib import errors as xerr
 from exchangelib.properties import Mailbox
 from exchangelib.protocol import Protocol
 
-from gateway.errors import NotFound
+from gateway.errors import MailboxNotFound, NotFound
 from gateway.model import Person
 from gateway.ports import RoomInfo, RoomList
 from gateway.sources.ews.source import EwsSource
@@ -38,9 +38,12 @@ class EwsDirectory:
         def read() -> list[RoomInfo]:
             try:
                 return [RoomInfo(r.email_address.lower(), r.name) for r in self._protocol().get_rooms(room_list)]
-            except xerr.ErrorNameResolutionNoResults as e:  # what Exchange answers for anything but a room list
+            except (xerr.ErrorNameResolutionNoResults, xerr.ErrorNameResolutionNoMailbox) as e:
+                # what Exchange answers for anything but a room list
                 raise NotFound(f"Exchange has no room list {room_list}", key="room_list_not_found",
-                               remedy="check the room list's address in the configuration (room_lists)") from e
+                               remedy="check the room list's address in the configuration (room_lists): "
+                                      "`Get-DistributionGroup -RecipientTypeDetails RoomList` shows the room lists' "
+                                      "addresses") from e
         return await self.source.run(room_list, read)
 
     async def room(self, email: str) -> RoomInfo:
@@ -48,8 +51,7 @@ class EwsDirectory:
             for mb in self._resolve(email):
                 if (mb.email_address or "").lower() == email.lower() and mb.mailbox_type == "Mailbox":
                     return RoomInfo(email.lower(), mb.name)
-            raise NotFound(f"Exchange's directory has no mailbox {email}", key="mailbox_not_found",
-                           remedy="check the room's address in the configuration")
+            raise MailboxNotFound(f"Exchange's directory has no mailbox {email}")
         return await self.source.run(email, read)
 
     async def people(self, query: str) -> list[Person]:
@@ -57,6 +59,32 @@ class EwsDirectory:
             return [Person(mb.email_address.lower(), mb.name) for mb in self._resolve(query)
                     if mb.email_address and mb.mailbox_type == "Mailbox"]
         return await self.source.run(None, read)
+
+    async def mailbox_kind(self, address: str) -> tuple[str, str | None]:
+        """What the directory says an address is (ResolveNames; for `gateway doctor`, not part of the port):
+        ("person", name) for a mailbox with a given name and a surname, ("group", name) for a distribution group (a
+        room list too), ("mailbox", name) otherwise, ("unknown", None) when nothing resolves. EWS has no room flag
+        before FindPeople, so this is evidence, not proof: room mailboxes normally carry neither a given name nor a
+        surname."""
+        def resolve() -> tuple[str, str | None]:
+            try:
+                found = self._protocol().resolve_names([address], return_full_contact_data=True)
+            except xerr.ErrorNameResolutionNoResults:
+                return "unknown", None
+            for entry in found:
+                if isinstance(entry, Exception) or not isinstance(entry, tuple):
+                    continue
+                mailbox, contact = entry
+                if (mailbox.email_address or "").lower() != address.lower():
+                    continue
+                name = mailbox.name or (contact.display_name if contact else None)
+                if mailbox.mailbox_type in ("PublicDL", "PrivateDL", "GroupMailbox"):
+                    return "group", name
+                if contact is not None and contact.given_name and contact.surname:
+                    return "person", name
+                return "mailbox", name
+            return "unknown", None
+        return await self.source.run(address, resolve)
 
     def _resolve(self, name: str) -> list[Any]:
         """ResolveNames for one name: the mailboxes and groups it names (none: an empty list)."""

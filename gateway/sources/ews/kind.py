@@ -42,19 +42,35 @@ class EwsKind:
         streams = max(1, len(spec.rooms) // max(1, feed.group_size) + 2) if feed.mode == "streaming" else 0
         source = EwsSource(spec.settings, spec.secret or "", extra_connections=streams,
                            calls=CallCounter(self.metrics.call))
-        stream = pull = None
-        if feed.mode == "streaming":
-            stream = StreamingFeed(source, connection_timeout=feed.stream_timeout_minutes, group_size=feed.group_size,
-                                   retry_seconds=feed.retry_seconds)
-            self.metrics.watch(stream)
-        elif feed.mode == "pull":
-            pull = PullFeed(source, interval=feed.pull_interval_seconds)
+        current: list[StreamingFeed | PullFeed | None] = [None]
+
+        def new_feed() -> StreamingFeed | PullFeed | None:
+            """A fresh feed (a failed one is restarted as a new one: a feed that has ended does not run again)."""
+            old = current[0]
+            if old is not None:
+                if isinstance(old, StreamingFeed):
+                    old.stop()  # close what a failed feed still holds open (hanging connections are rationed)
+                self.metrics.forget(old)
+            made: StreamingFeed | PullFeed | None = None
+            if feed.mode == "streaming":
+                made = StreamingFeed(source, connection_timeout=feed.stream_timeout_minutes,
+                                     group_size=feed.group_size, retry_seconds=feed.retry_seconds)
+            elif feed.mode == "pull":
+                made = PullFeed(source, interval=feed.pull_interval_seconds)
+            if made is not None:
+                self.metrics.watch(made)
+            current[0] = made
+            return made
+
+        def stop_feed() -> None:
+            if isinstance(current[0], StreamingFeed):
+                current[0].stop()
 
         async def close() -> None:
-            if stream is not None:
-                self.metrics.forget(stream)
+            if current[0] is not None:
+                self.metrics.forget(current[0])
             await source.close()
 
         return OpenedSource(spec.name, self.name, self.capabilities, source, close, directory=EwsDirectory(source),
-                            writer=EwsWriter(source), feed=stream or pull,
-                            stop_feed=stream.stop if stream is not None else lambda: None)
+                            writer=EwsWriter(source), feed=new_feed(), stop_feed=stop_feed, new_feed=new_feed,
+                            outage=source.gate, set_secret=source.set_password)

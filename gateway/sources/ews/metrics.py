@@ -1,5 +1,6 @@
 """The EWS adapter's metrics, on the registry the application passes in: requests by operation and answer,
-throttling, and the streaming feeds' subscriptions and connections. The names are the gateway's
+throttling, the change feeds' subscriptions and connections (only those Exchange answered), and whether every feed
+runs (``gateway_ews_feed_up``). The names are the gateway's
 (``gateway_ews_*``); one EwsMetrics serves every EWS source of an application."""
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class EwsMetrics(Collector):
                                 ["operation", "code"], registry=registry)
         self.throttled = Counter("gateway_ews_throttled", "Times Exchange asked the gateway to back off",
                                  registry=registry)
-        self._feeds: list[Any] = []  # StreamingFeeds (subscriptions, open_streams), read at scrape time
+        self._feeds: list[Any] = []  # the change feeds (subscriptions, open_streams, up), read at scrape time
         registry.register(self)
 
     def call(self, operation: str, code: str) -> None:
@@ -55,7 +56,13 @@ class EwsMetrics(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         feeds = list(self._feeds)
-        yield GaugeMetricFamily("gateway_ews_subscriptions", "Open EWS subscriptions",
+        yield GaugeMetricFamily("gateway_ews_subscriptions",
+                                "EWS subscriptions being listened to (on an open stream, or pulled)",
                                 value=sum(f.subscriptions for f in feeds))
-        yield GaugeMetricFamily("gateway_ews_streaming_connections", "Open EWS streaming connections",
-                                value=sum(f.open_streams for f in feeds))
+        yield GaugeMetricFamily("gateway_ews_streaming_connections",
+                                "EWS streaming connections open now (Exchange answered and the stream is read)",
+                                value=sum(getattr(f, "open_streams", 0) for f in feeds))
+        if feeds:  # only with a change feed (streaming or pull); in poll mode there is none to be up
+            yield GaugeMetricFamily("gateway_ews_feed_up", "1 while the change feed (streaming or pull) runs; 0 while "
+                                    "it is down and restarting, and the rooms are polled",
+                                    value=1 if all(f.up for f in feeds) else 0)

@@ -3,6 +3,11 @@
 - One exchangelib Configuration (so one pooled HTTP session set) for the service account, FailFast: the
   gateway, not exchangelib, decides when to retry, and one throttled room does not put every thread to sleep.
 - When Exchange answers ErrorServerBusy, every call of this source waits out its BackOffMilliseconds.
+- Every call passes the account's outage gate (sources/outage.py): refused credentials or an unreachable server
+  cost one request, not one per room.
+- exchangelib reports a refused connection, a 503 and a closed connection alike as ErrorServerBusy; the gateway
+  tells them apart (cannot_connect, unknown_host, tls_error, http_error, throttled) from the cause chain and the
+  HTTP status, so that throttling is only ever what Exchange says it is.
 - A CalendarView never spans more than ``chunk_days`` and is split further while a chunk comes back full, so
   no request exceeds EWSFindCountLimit (1000) and busy rooms never silently lose bookings.
 """
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -19,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 import structlog
@@ -39,17 +47,25 @@ from exchangelib import errors as xerr
 from exchangelib.properties import CalendarView
 from exchangelib.protocol import Protocol
 from exchangelib.services import FindItem, GetItem, SyncFolderItems
+from exchangelib.util import is_xml
 
 from gateway.errors import (
+    AccessDenied,
+    AccountLocked,
     AuthError,
     GatewayError,
+    HttpError,
     ImpersonationDenied,
+    MailboxNotFound,
     NotFound,
     ProtocolError,
+    RequestFailed,
     SyncStateInvalid,
     Throttled,
+    TlsError,
     TransientError,
-    Unavailable,
+    UnknownHost,
+    Unreachable,
 )
 from gateway.model import Booking, Window
 from gateway.ports import Changes, RoomInfo
@@ -65,6 +81,7 @@ from gateway.sources.ews.mapping import (
 )
 from gateway.sources.ews.metrics import CallCounter
 from gateway.sources.ews.series import SeriesExpander
+from gateway.sources.outage import OutageGate
 
 log = structlog.get_logger("gateway.sources.ews")
 T = TypeVar("T")
@@ -88,45 +105,175 @@ class EwsSettings:
     chunk_days: int = 400  # one CalendarView for the usual window; split only when a piece comes back full
     sync_page_size: int = 512
     get_item_chunk: int = 100
+    # The outage gate: after a shared failure one call probes again after this back-off, doubling up to the max.
+    outage_retry_seconds: float = 5.0
+    outage_max_retry_seconds: float = 60.0
+    auth_retry_seconds: float = 300.0  # refused credentials: each probe is a failed logon (lockout threshold)
+    auth_max_retry_seconds: float = 3600.0
 
 
 patches.install()
 
 
-@contextlib.contextmanager
-def map_ews_errors(room: str | None = None) -> Iterator[None]:
-    """Translate exchangelib and requests exceptions into the gateway's error tree."""
+class HttpStatusError(xerr.TransportError):
+    """The EWS endpoint answered an HTTP error status (exchangelib would call a 503 or a closed connection
+    throttling, and a 404 an 'unknown failure')."""
+
+    def __init__(self, status: int, reason: str, url: str, location: str = "") -> None:
+        super().__init__(f"HTTP {status} {reason}".strip() + f" from {url}")
+        self.status = status
+        self.reason = reason
+        self.url = url
+        self.location = location
+
+
+class _FailFast(FailFast):
+    """exchangelib's FailFast, with an HTTP error status reported as itself."""
+
+    def raise_response_errors(self, response: Any) -> None:
+        status = response.status_code
+        if status == 200 or (status == 500 and response.content and is_xml(response.content)):
+            return  # a SOAP answer (a fault comes with HTTP 500): exchangelib reads the EWS error from it
+        if response.headers.get("X-CasErrorCode"):
+            super().raise_response_errors(response)
+        if b"The referenced account is currently locked out" in (response.content or b""):
+            raise xerr.UnauthorizedError("The referenced account is currently locked out")
+        if status == 401:
+            raise xerr.UnauthorizedError(f"Invalid credentials for {response.url}")
+        raise HttpStatusError(status, response.reason or "", response.url, response.headers.get("location", ""))
+
+
+_HTTP_REMEDIES = {
+    404: "check exchange.ews_url: the path of EWS is /EWS/Exchange.asmx on the Client Access server",
+    405: "check exchange.ews_url: it must name the EWS endpoint (/EWS/Exchange.asmx), not a web page",
+    403: "check that EWS is enabled for the service account (Set-CASMailbox -EwsEnabled) and that nothing "
+         "between the gateway and Exchange blocks it",
+}
+
+
+def _connection_failure(e: BaseException, host: str) -> Unreachable | None:
+    """An Unreachable when a transport failure is anywhere in the cause chain: exchangelib re-raises a refused
+    connection as ErrorTimeoutExpired or ErrorServerBusy, so the original is found by walking the chain."""
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    where = host or "the server"
+    for c in chain:
+        if isinstance(c, HttpStatusError):
+            detail = f" (redirected to {c.location})" if c.location else ""
+            remedy = _HTTP_REMEDIES.get(c.status) or (
+                "set exchange.ews_url to the address EWS redirects to" if c.location else
+                "Exchange's EWS application failed: check the server (IIS, the MSExchangeServicesAppPool) "
+                "and its event log" if c.status >= 500 else
+                "check exchange.ews_url and what answers there")
+            return HttpError(f"{where} answered HTTP {c.status} {c.reason}".rstrip()
+                             + f" for {urlsplit(c.url).path or '/'}{detail}", remedy=remedy, host=host,
+                             status=c.status)
+    tls: list[BaseException] = [c for c in chain if isinstance(c, ssl.SSLError)] or [
+        c for c in chain if isinstance(c, requests.exceptions.SSLError)]
+    if tls:
+        cause = tls[-1]  # the innermost says it best ("certificate verify failed: self-signed certificate")
+        why = (cause.verify_message if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message
+               else getattr(cause, "reason", None) or str(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = f"certificate verify failed: {why}"
+        return TlsError(f"TLS with {where} failed: {_short(str(why))}", host=host,
+                        remedy="check the server's certificate, or give the CA that issued it in exchange.ca_bundle")
+    names = {type(c).__name__ for c in chain}
+    if any(isinstance(c, socket.gaierror) for c in chain) or "NameResolutionError" in names:
+        return UnknownHost(f"the host name {where.rsplit(':', 1)[0]} cannot be resolved", host=host,
+                           remedy="check the host name in exchange.ews_url and the gateway's DNS")
+    if any(isinstance(c, requests.exceptions.ReadTimeout) for c in chain):
+        return None  # connected, but this request took too long: not the endpoint as a whole
+    connect = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError,
+               socket.timeout)
+    if not any(isinstance(c, connect) for c in chain):
+        return None
+    if any(isinstance(c, ConnectionRefusedError) for c in chain):
+        why = "the connection was refused (nothing listens on that port)"
+    elif any(isinstance(c, requests.exceptions.Timeout | TimeoutError | socket.timeout) for c in chain) \
+            or "ConnectTimeoutError" in names:
+        why = "the connection timed out"
+    elif any(isinstance(c, ConnectionResetError) for c in chain):
+        why = "the connection was reset"
+    else:
+        why = f"the connection failed ({_short(str(chain[-1]))})"
+    return Unreachable(f"cannot connect to {where}: {why}", host=host,
+                       remedy="check that Exchange is up, that exchange.ews_url names the right host and port, "
+                              "and that a firewall lets the gateway through")
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def translate(e: BaseException, room: str | None = None, endpoint: str = "") -> GatewayError | None:
+    """The gateway's error for an exchangelib or requests exception (None: not one of theirs, leave it be)."""
     where = f" for {room}" if room else ""
+    host = urlsplit(endpoint).netloc if endpoint else ""
+    if isinstance(e, GatewayError):
+        return e
+    if not isinstance(e, xerr.EWSError | requests.RequestException | OSError):
+        return None
+    down = _connection_failure(e, host)
+    if down is not None:
+        return down
+    if isinstance(e, xerr.ErrorServerBusy):
+        wait = f" for {e.back_off:g} s" if e.back_off else ""
+        return Throttled(f"Exchange asked the service account to back off{wait} (ErrorServerBusy)",
+                         back_off=e.back_off,
+                         remedy="nothing to do: syncs resume after the back-off; if it persists, raise the "
+                                "service account's EWS throttling budget (New-ThrottlingPolicy)")
+    if isinstance(e, xerr.ErrorImpersonateUserDenied):
+        return ImpersonationDenied(f"the service account may not impersonate {room}")
+    if isinstance(e, xerr.ErrorNonExistentMailbox | xerr.ErrorMailRecipientNotFound | xerr.ErrorInvalidSmtpAddress
+                  | xerr.ErrorNameResolutionNoMailbox) or (room and isinstance(e, xerr.ErrorNameResolutionNoResults)):
+        return MailboxNotFound(f"Exchange has no mailbox {room}")
+    if isinstance(e, xerr.UnauthorizedError):
+        if "locked out" in str(e):
+            return AccountLocked(f"Exchange says the service account is locked out{where}")
+        # The account's own logon failed: the plain AuthError (key invalid_auth), the same for every room.
+        return AuthError(f"Exchange at {host or 'the server'} refused the service account's credentials",
+                         remedy="check the account and run `gateway credentials set exchange`")
+    if isinstance(e, xerr.ErrorAccessDenied):
+        return AccessDenied(f"Exchange refused the service account{where}: {e}")
+    if isinstance(e, xerr.ErrorInvalidSyncStateData | xerr.ErrorSyncFolderNotFound):
+        return SyncStateInvalid(f"Exchange rejected the sync state{where}")
+    if isinstance(e, xerr.ErrorItemNotFound | xerr.ErrorFolderNotFound):
+        return NotFound(f"{e}{where}")
+    if isinstance(e, xerr.ErrorCalendarViewRangeTooBig):
+        return ProtocolError(f"calendar view too large{where}")
+    if isinstance(e, xerr.RedirectError | xerr.MalformedResponseError) or (
+            isinstance(e, xerr.SOAPError) and str(e).startswith("Bad SOAP response")):
+        # Not an EWS answer at all: the URL names something else (a web page, a proxy's error page). A SOAP fault
+        # with a code exchangelib does not know is an answer, though, for this request only (below).
+        return HttpError(f"{host or 'the server'} did not answer as Exchange Web Services: {_short(str(e))}",
+                         host=host, remedy="check exchange.ews_url: it must name https://<your CAS>/EWS/Exchange.asmx")
+    if isinstance(e, xerr.ErrorTimeoutExpired | xerr.ErrorMailboxStoreUnavailable | xerr.ErrorMailboxMoveInProgress
+                  | xerr.ErrorInternalServerTransientError | xerr.RateLimitError
+                  | xerr.ErrorExceededConnectionCount):
+        return RequestFailed(f"Exchange answered {type(e).__name__}{where}: {_short(str(e))}",
+                             remedy="retried automatically; if it persists, check the mailbox server's health")
+    if isinstance(e, requests.RequestException | OSError):
+        return RequestFailed(f"the request to Exchange failed{where}: {_short(str(e))}")
+    return TransientError(f"Exchange answered {type(e).__name__}{where}: {_short(str(e))}", key="exchange_error",
+                          remedy="retried automatically; if it persists, check the mailbox server's health")
+
+
+@contextlib.contextmanager
+def map_ews_errors(room: str | None = None, endpoint: str = "") -> Iterator[None]:
+    """Translate exchangelib and requests exceptions into the gateway's error tree."""
     try:
         yield
-    except GatewayError:
-        raise
-    except xerr.ErrorServerBusy as e:
-        raise Throttled(f"Exchange is throttling the service account{where}", back_off=e.back_off) from e
-    except xerr.ErrorImpersonateUserDenied as e:
-        raise ImpersonationDenied(f"the service account may not impersonate {room}") from e
-    except (xerr.ErrorNonExistentMailbox, xerr.ErrorMailRecipientNotFound) as e:
-        raise NotFound(f"Exchange has no mailbox {room}", key="mailbox_not_found",
-                       remedy="check the room's address in the configuration") from e
-    except xerr.UnauthorizedError as e:
-        # The account's own logon failed: the plain AuthError (key invalid_auth), the same for every room.
-        raise AuthError(f"Exchange refused the service account's credentials{where}: {e}",
-                        remedy="check the account and run `gateway credentials set exchange`") from e
-    except xerr.ErrorAccessDenied as e:
-        raise AuthError(f"Exchange refused the service account{where}: {e}", key="auth_required",
-                        remedy="check the account's rights on this mailbox") from e
-    except (xerr.ErrorInvalidSyncStateData, xerr.ErrorSyncFolderNotFound) as e:
-        raise SyncStateInvalid(f"Exchange rejected the sync state{where}") from e
-    except (xerr.ErrorItemNotFound, xerr.ErrorFolderNotFound) as e:
-        raise NotFound(f"{e}{where}") from e
-    except (xerr.TransportError, xerr.ErrorTimeoutExpired, xerr.ErrorMailboxStoreUnavailable,
-            xerr.ErrorMailboxMoveInProgress, xerr.ErrorInternalServerTransientError, xerr.RateLimitError,
-            xerr.ErrorExceededConnectionCount, requests.RequestException, ConnectionError, TimeoutError) as e:
-        raise Unavailable(f"Exchange did not answer{where}: {e}") from e
-    except xerr.ErrorCalendarViewRangeTooBig as e:
-        raise ProtocolError(f"calendar view too large{where}") from e
-    except xerr.EWSError as e:
-        raise TransientError(f"Exchange answered {type(e).__name__}{where}: {e}", key="ews_error") from e
+    except Exception as e:
+        mapped = translate(e, room, endpoint)
+        if mapped is None or mapped is e:
+            raise
+        raise mapped from e
 
 
 class _RawFindItem(FindItem):
@@ -158,22 +305,43 @@ class EwsSource:
         self.calls = calls or CallCounter()  # this source's EWS requests (its pool's threads report to it)
         if settings.ca_bundle:
             patches.trust(settings.ews_url, settings.ca_bundle)
-        self.config = Configuration(
-            service_endpoint=settings.ews_url,
-            credentials=Credentials(settings.username, password),
-            auth_type=BASIC if settings.auth == "basic" else NTLM,
-            version=Version(build=BUILDS.get(settings.version, BUILDS["Exchange2013_SP1"]),
-                            api_version=settings.version),
-            retry_policy=FailFast(),
-            max_connections=settings.max_workers + extra_connections,
-        )
-        Protocol(config=self.config).TIMEOUT = int(settings.timeout)  # this endpoint's, not every client's
+        self._connections = settings.max_workers + extra_connections
+        self.config = self._configuration(password)
         self.tz = EWSTimeZone(settings.default_timezone)
         self._pool = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="ews", initializer=self.bind_calls)
         self._accounts: dict[str, Account] = {}
         self._lock = threading.Lock()
         self._gate_until = 0.0
         self._series = SeriesExpander(settings.default_timezone)  # for servers whose CalendarView returns masters
+        self.gate = OutageGate(retry_seconds=settings.outage_retry_seconds,
+                               max_retry_seconds=settings.outage_max_retry_seconds,
+                               auth_retry_seconds=settings.auth_retry_seconds,
+                               auth_max_retry_seconds=settings.auth_max_retry_seconds)
+
+    def _configuration(self, password: str) -> Configuration:
+        s = self.settings
+        config = Configuration(
+            service_endpoint=s.ews_url,
+            credentials=Credentials(s.username, password),
+            auth_type=BASIC if s.auth == "basic" else NTLM,
+            version=Version(build=BUILDS.get(s.version, BUILDS["Exchange2013_SP1"]), api_version=s.version),
+            retry_policy=_FailFast(),
+            max_connections=self._connections,
+        )
+        Protocol(config=config).TIMEOUT = int(s.timeout)  # this endpoint's, not every client's
+        return config
+
+    def set_password(self, password: str) -> None:
+        """New credentials (re-read from the vault): a fresh configuration and accounts, and the next call probes
+        at once. Streams opened with the old ones end on their own."""
+        old = self.config
+        with self._lock:
+            self.config = self._configuration(password)
+            self._accounts.clear()
+        with contextlib.suppress(Exception):
+            Protocol(config=old).close()
+        log.info("exchange.credentials_changed")
+        self.gate.retry_now()
 
     # -- plumbing --------------------------------------------------------------------------------------------
     def account(self, room: str) -> Account:
@@ -186,6 +354,19 @@ class EwsSource:
                 self._accounts[room] = acct
             return acct
 
+    @contextlib.contextmanager
+    def guarded(self, room: str | None) -> Iterator[None]:
+        """Blocking work for one mailbox (or none), through the outage gate, its errors mapped. Use it in a thread
+        of this source (``run`` does); the feeds use it for their subscriptions."""
+        probe = self.gate.admit()
+        try:
+            with map_ews_errors(room, self.settings.ews_url):
+                yield
+        except BaseException as e:
+            self.gate.record(probe, e)
+            raise
+        self.gate.record(probe, None)
+
     def bind_calls(self) -> None:
         """Count the EWS requests the calling thread makes as this source's (for threads outside its pool)."""
         patches.bind_calls(self.calls)
@@ -196,7 +377,7 @@ class EwsSource:
             await asyncio.sleep(wait)
 
         def call() -> T:
-            with map_ews_errors(room):
+            with self.guarded(room):
                 return fn()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, call)
@@ -308,6 +489,18 @@ class EwsSource:
             if b is not None:
                 out.append(b)
         return out
+
+    # -- what `gateway doctor` asks besides -------------------------------------------------------------------
+    async def check_sync(self, room: str) -> None:
+        """One SyncFolderItems of the room's calendar (one change at most): what every sync of the room needs."""
+        def sync() -> None:
+            acct = self.account(room)
+            for result in _RawSyncFolderItems(account=acct).call(
+                    folder=acct.calendar, shape="IdOnly", additional_fields=set(), sync_state=None, ignore=None,
+                    max_changes_returned=1, sync_scope=None):
+                if isinstance(result, Exception):
+                    raise result
+        await self._run(room, sync)
 
     async def read_window(self, room: str, window: Window) -> list[Booking]:
         def read() -> list[Booking]:

@@ -16,6 +16,13 @@ Groups live independently: rooms whose subscriptions a group loses are resubscri
 the other groups keep streaming, and rooms that cannot be subscribed (no mailbox, no impersonation right) are
 retried with a doubling back-off, so a room fixed later is picked up. When Exchange refuses the service account
 itself, one room tries and the others wait: every failed logon counts towards the account's lockout threshold.
+Every Subscribe and every stream's opening passes the source's outage gate (sources/outage.py), so an outage
+costs one request, not one per room or per group.
+
+The gauges tell what is true now: a stream counts as open while Exchange has answered it and it is being read,
+and a subscription counts while a stream listens to it (or, for pull, while it is polled). An exception that is
+not Exchange's answer (a bug, a malformed response) is not swallowed: it ends ``watch`` and the app's supervisor
+logs it, falls back to polling and restarts the feed.
 """
 
 from __future__ import annotations
@@ -35,12 +42,17 @@ import structlog
 from exchangelib import errors as xerr
 from exchangelib.services import GetStreamingEvents
 
-from gateway.errors import AuthError, GatewayError
+from gateway.errors import GatewayError, is_shared
 from gateway.ports import Dirty
-from gateway.sources.ews.source import EwsSource, map_ews_errors
+from gateway.sources.ews.source import EwsSource, translate
 
 log = structlog.get_logger("gateway.sources.ews.streaming")
 _IDS = re.compile(r"subscription IDs: \[(.*?)\]")
+
+
+class FeedBroken(RuntimeError):
+    """Exchange's answers to the feed are not what EWS specifies: no room's notifications can be trusted, so the
+    feed ends and its supervisor falls back to polling (not a GatewayError: no room is to blame)."""
 
 
 @dataclass
@@ -52,6 +64,22 @@ class Group:
     @property
     def anchor(self) -> str:
         return sorted(self.rooms)[0]
+
+
+class _GetStreamingEvents(GetStreamingEvents):
+    """GetStreamingEvents that knows when its stream is open: Exchange answered it (HTTP 200) and its body is read
+    from now on, possibly for minutes before the first notification."""
+
+    opened = False
+    closed = False
+    on_open: Any = None
+
+    def _get_response(self, payload: Any, api_version: Any) -> Any:
+        response = super()._get_response(payload=payload, api_version=api_version)
+        self.opened = True
+        if self.on_open is not None:
+            self.on_open()
+        return response
 
 
 class StreamingFeed:
@@ -67,10 +95,21 @@ class StreamingFeed:
         self.metrics = metrics
         self._stop = threading.Event()
         self._reported: frozenset[str] = frozenset()
-        self._live: set[GetStreamingEvents] = set()
+        self._live: dict[_GetStreamingEvents, Group] = {}
         self._lock = threading.Lock()
-        self.open_streams = 0
-        self.subscriptions = 0
+        self.up = False  # a room has been subscribed and the feed has not failed since (gateway_ews_feed_up)
+
+    @property
+    def open_streams(self) -> int:
+        """Streams open now (Exchange answered; the connection is being read)."""
+        with self._lock:
+            return sum(1 for svc in self._live if svc.opened and not svc.closed)
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions an open stream listens to now."""
+        with self._lock:
+            return sum(len(g.subscriptions) for svc, g in self._live.items() if svc.opened and not svc.closed)
 
     async def watch(self, rooms: Sequence[str], on_dirty: Dirty) -> None:
         """Every group's connection lives on its own: a room whose subscription is lost is resubscribed after
@@ -80,6 +119,8 @@ class StreamingFeed:
         loop = asyncio.get_running_loop()
 
         def dirty(room: str, why: str) -> None:
+            if why == "subscribed":
+                self.up = True
             loop.call_soon_threadsafe(on_dirty, room, why)
 
         wanted = sorted({r.lower() for r in rooms})
@@ -100,7 +141,7 @@ class StreamingFeed:
                 if waiting and time.monotonic() >= retry_at:
                     due, waiting = due + waiting, []
                 if due:
-                    groups, failed = await self._subscribe(due, dirty)
+                    groups, failed, failed_shared = await self._subscribe(due, dirty)
                     for g in groups:
                         open_stream(g)
                     refused = (refused - set(due)) | set(failed)
@@ -112,8 +153,7 @@ class StreamingFeed:
                         waiting += failed
                     elif not refused:
                         failures = 0
-                    self._report(refused)
-                self.subscriptions = sum(len(g.subscriptions) for g in running.values())
+                    self._report(refused, failed_shared)
                 wait = max(0.0, retry_at - time.monotonic()) if waiting else None
                 if not running:
                     await asyncio.sleep(wait or 0.0)
@@ -128,6 +168,9 @@ class StreamingFeed:
                         soon = time.monotonic() + self.retry_seconds
                         retry_at = min(retry_at, soon) if waiting else soon
                         waiting += lost
+        except BaseException:
+            self.up = False
+            raise
         finally:
             self._stop.set()
             threads.shutdown(wait=False, cancel_futures=True)  # never block the loop; streams end on _stop
@@ -145,48 +188,51 @@ class StreamingFeed:
             with contextlib.suppress(Exception):
                 response.close()  # type: ignore[union-attr]
 
-    def _report(self, refused: set[str]) -> None:
-        """Log the rooms that cannot be subscribed when that set changes, not on every retry."""
+    def _report(self, refused: set[str], shared: bool = False) -> None:
+        """Log the rooms that cannot be subscribed when that set changes, not on every retry (only info when the
+        cause is an outage every room shares: the source has logged that once)."""
         now = frozenset(refused)
         if now == self._reported:
             return
         if now:
-            log.warning("streaming.rooms_without_subscription", rooms=len(now), first_retry_seconds=self.retry_seconds,
-                        max_retry_seconds=self.max_retry_seconds)
+            (log.info if shared else log.warning)(
+                "streaming.rooms_without_subscription", rooms=len(now), first_retry_seconds=self.retry_seconds,
+                max_retry_seconds=self.max_retry_seconds)
         else:
             log.info("streaming.rooms_subscribed_again", rooms=len(self._reported))
         self._reported = now
 
-    async def _subscribe(self, rooms: list[str], dirty: Any) -> tuple[list[Group], list[str]]:
-        """Subscribe every room; group them by the server (cookie) holding their subscription. Returns the groups
-        and the rooms that could not be subscribed."""
+    async def _subscribe(self, rooms: list[str], dirty: Any) -> tuple[list[Group], list[str], bool]:
+        """Subscribe every room; group them by the server (cookie) holding their subscription. Returns the groups,
+        the rooms that could not be subscribed, and whether that was a failure every room shares."""
         by_cookie: dict[str, Group] = {}
         failed: list[str] = []
 
         def subscribe(room: str) -> tuple[str, str]:
             acct = self.source.account(room)
             acct.affinity_cookie = None  # route by the room itself, learn its server's cookie
-            with map_ews_errors(room):
+            with self.source.guarded(room):
                 sub_id = acct.calendar.subscribe_to_streaming()
+            if not sub_id:
+                raise FeedBroken(f"Exchange answered Subscribe for {room} without a SubscriptionId")
             return sub_id, acct.affinity_cookie or ""
 
         loop = asyncio.get_running_loop()
 
-        async def attempt(room: str) -> tuple[str, str] | Exception:
+        async def attempt(room: str) -> tuple[str, str] | GatewayError:
             try:
                 return await loop.run_in_executor(self.source._pool, subscribe, room)
-            except Exception as e:
-                return e
+            except GatewayError as e:
+                return e  # anything else is not an answer from Exchange: the supervisor hears of it
 
-        # The first room alone: when Exchange refuses the account itself, every other logon would fail as well
-        # (and count towards the account's lockout threshold).
+        # The first room alone: when Exchange refuses the account itself or cannot be reached, every other room
+        # would fail alike (and each failed logon counts towards the account's lockout threshold).
         first = await attempt(rooms[0])
-        results = [first] * len(rooms) if _credentials_refused(first) else [
+        shared = isinstance(first, GatewayError) and is_shared(first)
+        results = [first] * len(rooms) if shared else [
             first, *await asyncio.gather(*(attempt(r) for r in rooms[1:]))]
         for room, res in zip(rooms, results):
-            if isinstance(res, Exception):
-                if not isinstance(res, GatewayError):
-                    log.warning("streaming.subscribe_failed", room=room, error=repr(res))
+            if isinstance(res, GatewayError):
                 failed.append(room)
                 continue
             sub_id, cookie = res
@@ -200,20 +246,28 @@ class StreamingFeed:
             for i in range(0, len(items), self.group_size):
                 chunk = dict(items[i:i + self.group_size])
                 groups.append(Group(g.cookie, sorted(chunk.values()), chunk))
-        return groups, failed
+        return groups, failed, shared
 
     def _stream(self, group: Group, dirty: Any) -> tuple[list[str], Group | None]:
         """Hold the group's connection open, reopening it, until a subscription is lost. Returns the rooms to
         resubscribe and, when others in the group are still subscribed, the group that keeps streaming."""
-        anchor = self.source.account(group.anchor)
-        anchor.affinity_cookie = group.cookie or None
+        gate = self.source.gate
         failures = 0
         while not self._stop.is_set():
-            self.open_streams += 1
-            svc = GetStreamingEvents(account=anchor)
+            anchor = self.source.account(group.anchor)  # looked up each time: new credentials make new accounts
+            anchor.affinity_cookie = group.cookie or None
+            svc = _GetStreamingEvents(account=anchor)
+            probe = [False]
+
+            def opened(probe: list[bool] = probe) -> None:
+                gate.record(probe[0], None)  # Exchange answered: no outage, whatever happens to the stream later
+                probe[0] = False
+            svc.on_open = opened
             with self._lock:
-                self._live.add(svc)
+                self._live[svc] = group
+            error: BaseException | None = None
             try:
+                probe[0] = gate.admit()
                 for notification in svc.call(subscription_ids=list(group.subscriptions),
                                              connection_timeout=self.connection_timeout):
                     room = group.subscriptions.get(notification.subscription_id)
@@ -225,6 +279,7 @@ class StreamingFeed:
             except xerr.EWSError as e:
                 bad = _bad_ids(e)
                 if isinstance(e, xerr.ErrorSubscriptionNotFound | xerr.ErrorInvalidSubscription) or bad:
+                    gate.record(probe[0], translate(e, group.anchor))  # an answer: Exchange is there
                     gone = [group.subscriptions.pop(s) for s in (bad or list(group.subscriptions))
                             if s in group.subscriptions]
                     log.info("streaming.subscriptions_lost", rooms=len(gone), anchor=group.anchor)
@@ -234,32 +289,36 @@ class StreamingFeed:
                     if group.subscriptions:
                         rest = Group(group.cookie, sorted(group.subscriptions.values()), dict(group.subscriptions))
                     return gone, rest
-                failures += 1
-                self._interrupted(group, dirty, e, failures)
-            except Exception as e:  # dropped connection, reset, timeout
-                failures += 1
-                self._interrupted(group, dirty, e, failures)
+                error = e
+            except Exception as e:  # dropped connection, reset, timeout; or the gate holding an outage
+                error = e
             finally:
-                self.open_streams -= 1
+                svc.closed = True
                 with self._lock:
-                    self._live.discard(svc)
+                    self._live.pop(svc, None)
                 with contextlib.suppress(Exception):
                     svc.stop_streaming()
+            if error is not None:
+                failures += 1
+                mapped = translate(error, group.anchor, self.source.settings.ews_url) or error
+                if not svc.opened:  # opening failed; a stream that broke later says nothing about the endpoint
+                    gate.record(probe[0], mapped)
+                self._interrupted(group, dirty, mapped, failures, opened=svc.opened)
         return [], None
 
-    def _interrupted(self, group: Group, dirty: Any, error: Exception, failures: int) -> None:
+    def _interrupted(self, group: Group, dirty: Any, error: BaseException, failures: int, *,
+                     opened: bool = False) -> None:
         if self._stop.is_set():
             return  # stop() closed the stream on purpose
         if failures == 1:
-            log.warning("streaming.interrupted", anchor=group.anchor, error=repr(error)[:200])
+            # A stream that drops is reopened at once (load balancers cut long connections); an outage that every
+            # room shares is logged once by the source. A stream that cannot be opened for its own reason warns.
+            quiet = opened or is_shared(error)
+            (log.info if quiet else log.warning)("streaming.interrupted", anchor=group.anchor,
+                                                 error=str(error)[:200])
         for room in group.rooms:
             dirty(room, "stream_interrupted")
         self._stop.wait(min(self.retry_seconds * failures, 60.0))  # stop() ends the pause
-
-
-def _credentials_refused(e: object) -> bool:
-    """Exchange refused the service account's own logon (a plain AuthError), not a right on one mailbox."""
-    return type(e) is AuthError and e.key == AuthError.key
 
 
 def _bad_ids(e: Exception) -> list[str]:
@@ -278,19 +337,28 @@ class PullFeed:
         self.interval = interval
         self.timeout_minutes = timeout_minutes
         self.max_retry_seconds = max_retry_seconds
+        self._subs: dict[str, tuple[str, str]] = {}
+        self.up = False  # a room has been subscribed and the feed has not failed since (gateway_ews_feed_up)
+
+    @property
+    def subscriptions(self) -> int:
+        """Pull subscriptions being polled now."""
+        return len(self._subs)
 
     async def watch(self, rooms: Sequence[str], on_dirty: Dirty) -> None:
-        subs: dict[str, tuple[str, str]] = {}
+        subs = self._subs
+        subs.clear()
         failures: dict[str, int] = {}
         retry_at: dict[str, float] = {}  # a room that failed waits out a growing back-off
         loop = asyncio.get_running_loop()
 
-        def poll(room: str) -> bool:
+        def poll(room: str) -> str | None:
+            """Why the room is dirty now (subscribed, pull, subscription_lost), or None."""
             acct = self.source.account(room)
-            with map_ews_errors(room):
+            with self.source.guarded(room):
                 if room not in subs:
                     subs[room] = acct.calendar.subscribe_to_pull(timeout=self.timeout_minutes)
-                    return True
+                    return "subscribed"  # anything before the subscription is fetched by a sync
                 sub_id, watermark = subs[room]
                 changed = False
                 try:
@@ -299,28 +367,54 @@ class PullFeed:
                         changed = changed or any(type(ev).__name__ != "StatusEvent" for ev in n.events)
                 except (xerr.ErrorSubscriptionNotFound, xerr.ErrorInvalidSubscription, xerr.ErrorInvalidWatermark):
                     del subs[room]
-                    return True
+                    return "subscription_lost"
                 subs[room] = (sub_id, watermark)
-                return changed
+                return "pull" if changed else None
 
         names = sorted({r.lower() for r in rooms})
-        while True:
-            for room in names:
-                if retry_at.get(room, 0.0) > time.monotonic():
-                    continue
-                try:
-                    changed = await loop.run_in_executor(self.source._pool, poll, room)
-                except GatewayError as e:
-                    subs.pop(room, None)
-                    failures[room] = n = failures.get(room, 0) + 1
-                    pause = min(self.interval * 2 ** n, self.max_retry_seconds)
-                    on_dirty(room, "pull_interrupted")
-                    if _credentials_refused(e):  # every room would fail alike: try again later, with one room
-                        retry_at.update((r, time.monotonic() + pause) for r in names)
-                        break
-                    retry_at[room] = time.monotonic() + pause
-                    continue
-                failures.pop(room, None)
-                if changed:
-                    on_dirty(room, "pull")
-            await asyncio.sleep(self.interval)
+        try:
+            while True:
+                for room in names:
+                    if retry_at.get(room, 0.0) > time.monotonic():
+                        continue
+                    try:
+                        why = await loop.run_in_executor(self.source._pool, poll, room)
+                    except GatewayError as e:  # anything else is not Exchange's answer: the supervisor hears of it
+                        subs.pop(room, None)
+                        failures[room] = n = failures.get(room, 0) + 1
+                        pause = min(self.interval * 2 ** n, self.max_retry_seconds)
+                        on_dirty(room, "pull_interrupted")
+                        if is_shared(e):  # every room would fail alike: try again later, with one room
+                            retry_at.update((r, time.monotonic() + pause) for r in names)
+                            break
+                        retry_at[room] = time.monotonic() + pause
+                        continue
+                    failures.pop(room, None)
+                    if why == "subscribed":
+                        self.up = True
+                    if why is not None:
+                        on_dirty(room, why)
+                await asyncio.sleep(self.interval)
+        except BaseException:
+            self.up = False
+            raise
+        finally:
+            subs.clear()  # nobody polls them any more
+
+
+async def check_subscription(source: EwsSource, room: str, kind: str) -> None:
+    """Subscribe the room the way the feed of ``kind`` (streaming or pull) will, and unsubscribe at once: what
+    `gateway doctor` does so that a feed that cannot work is found before the gateway runs."""
+    def probe() -> None:
+        folder = source.account(room).calendar
+        with source.guarded(room):
+            if kind == "pull":
+                sub_id, watermark = folder.subscribe_to_pull(timeout=1)
+                if not watermark:
+                    raise FeedBroken(f"Exchange answered Subscribe for {room} without a Watermark")
+            else:
+                sub_id = folder.subscribe_to_streaming()
+            if not sub_id:
+                raise FeedBroken(f"Exchange answered Subscribe for {room} without a SubscriptionId")
+            folder.unsubscribe(sub_id)
+    await asyncio.get_running_loop().run_in_executor(source._pool, probe)

@@ -64,7 +64,7 @@ from exchangelib.services import CreateItem, DeleteItem, GetUserAvailability, Up
 from exchangelib.util import create_element
 from lxml import etree
 
-from gateway.errors import NotFound, PreconditionFailed
+from gateway.errors import NotFound, PreconditionFailed, RoomIsOrganizer, RoomUnknown
 from gateway.model import Command, Person
 from gateway.ports import Busy, RoomAnswer, Written
 from gateway.sources.ews import responses
@@ -445,8 +445,7 @@ class EwsWriter:
         out: list[list[Busy]] = []
         for room, view in zip(rooms, views):
             if isinstance(view, (xerr.ErrorMailRecipientNotFound, xerr.ErrorNonExistentMailbox)):
-                raise NotFound(f"Exchange has no room {room}", key="room_unknown",
-                               remedy="check the room's address")
+                raise RoomUnknown(f"Exchange has no room {room}")
             if isinstance(view, Exception):
                 raise view
             out.append([Busy(_utc(ev.start), _utc(ev.end), None, _FREE_BUSY.get(ev.busy_type, "busy"))
@@ -510,8 +509,7 @@ class EwsWriter:
             acct = self.source.account(room)
             el = self._room_copy(room, uid, original_start, start)
             if el.findtext(_T["MyResponseType"]) == "Organizer" or el.findtext(_T["IsMeeting"]) == "false":
-                raise PreconditionFailed(f"{room} is the organizer of {uid}: an appointment is deleted, not declined",
-                                         key="room_is_organizer")
+                raise RoomIsOrganizer(f"{room} is the organizer of {uid}: an appointment is deleted, not declined")
             ident, change_key = self._instance_id(acct, el)
             reply = DeclineItem(account=acct, reference_item_id=ReferenceItemId(id=ident, changekey=change_key),
                                 body=Body(message) if message else None)
@@ -520,7 +518,7 @@ class EwsWriter:
                     items=[reply], folder=_folder("sentitems", room), message_disposition=SEND_AND_SAVE_COPY,
                     send_meeting_invitations=SEND_TO_NONE))
             except xerr.ErrorCalendarIsOrganizerForDecline as e:
-                raise PreconditionFailed(f"{room} is the organizer of {uid}", key="room_is_organizer") from e
+                raise RoomIsOrganizer(f"{room} is the organizer of {uid}") from e
             except xerr.ErrorCalendarIsCancelledForDecline as e:
                 raise NotFound(f"the organizer cancelled {uid} already") from e
         await self.source.run(room, decline)
