@@ -119,6 +119,26 @@ class SimFixture:
     def call(self, fn, *args, **kwargs):
         return self.thread.call(fn, *args, **kwargs)
 
+    def covers(self, room: str, sync_state: str | None) -> bool:
+        """Whether a client holding this SyncFolderItems state has seen every change in the room's calendar: the
+        state's round is complete and its base is at or past the calendar's newest change (see
+        gateway/simulator/ops/sync.py). Evidence that a sync ran, where a quiet period would only be a guess."""
+        from gateway.simulator.ops.sync import decode_state
+        from gateway.simulator.soap import EwsError
+
+        def check() -> bool:
+            if not sync_state:
+                return False
+            directory = self.sim.directory
+            folder = directory.get(room).calendar
+            try:
+                base, top, _ = decode_state(directory, folder, sync_state)
+            except EwsError:  # not a state this simulator issued (a test may plant one)
+                return False
+            newest = max([i.seq for i in folder.items.values()] + [t[0] for t in folder.tombstones], default=0)
+            return top == 0 and base >= newest
+        return bool(self.call(check))
+
     def config(self, username: str = f"CONTOSO\\{SERVICE_ACCOUNT}", password: str = SERVICE_PASSWORD,
                max_connections: int = 4) -> Configuration:
         key = (username, password)

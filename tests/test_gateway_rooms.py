@@ -218,6 +218,9 @@ async def test_window_rolls_forward_and_a_weekly_series_produces_its_next_occurr
     offset[0] = timedelta(days=7)  # a week later the second occurrence has entered the two-day window
     await eventually(lambda: len(g.events(ROOM1, CREATED)) == 2, what="the next occurrence")
     await g.settled()
+    worker = g.gw.coordinator.workers[ROOM1]
+    rolled = worker.horizon
+    await eventually(lambda: worker.horizon > rolled, what="another roll after the one that found it")
     occurrences = [e.data["original_start"] for e in g.events(ROOM1, CREATED)]
     assert occurrences == [_iso(first), _iso(first + timedelta(days=7))]
     assert g.events(ROOM1, DELETED) == [] and g.events(ROOM1, UPDATED) == []
