@@ -3,6 +3,7 @@ aiohttp's test client) and what its consumers and operators see: the outbox, GET
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -125,8 +126,9 @@ def api_key(store: Path) -> dict[str, str]:
 async def settled(gateway: Gateway, ews: SimFixture, rooms: Iterable[str] | None = None,
                   timeout: float = 30.0) -> None:
     """Wait until the gateway holds every change the simulator has made to these rooms' calendars (default: all its
-    rooms): its stored SyncFolderItems state covers each calendar's newest change (a sync commits its events in the
-    same transaction), no room is marked dirty, and the booking attendant has nothing left to decide. An assertion
+    rooms): its change feed listens to each of them, its stored SyncFolderItems state covers each calendar's newest
+    change (a sync commits its events in the same transaction), no room is marked dirty, and the booking attendant
+    has nothing left to decide. An assertion
     that nothing (more) happened, made after this, stands on evidence that a sync after the change has run.
 
     A room that caught up by reading its window (an import or a reconciliation after a failure) holds the bookings
@@ -134,9 +136,13 @@ async def settled(gateway: Gateway, ews: SimFixture, rooms: Iterable[str] | None
     names = tuple(rooms or gateway.coordinator.workers)
     asked: set[str] = set()
 
-    def done() -> bool:
+    async def done() -> bool:
+        feed = gateway.feed
+        if feed is not None and getattr(feed, "subscriptions", len(names)) < len(names):  # then a sync follows
+            return False
         if not ews.call(lambda: ews.sim.attendant.idle.is_set()):
             return False
+        await asyncio.sleep(0)  # a notification the feed's threads have already handed to the loop marks its room
         workers = gateway.coordinator.workers
         if any(workers[r].dirty.is_set() for r in names if r in workers):
             return False
