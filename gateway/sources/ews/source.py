@@ -331,6 +331,19 @@ class EwsSource:
         Protocol(config=config).TIMEOUT = int(s.timeout)  # this endpoint's, not every client's
         return config
 
+    def make_room_for_streams(self, streams: int) -> None:
+        """An open stream holds one of exchangelib's pooled sessions for its whole life, and a request that finds the
+        pool exhausted waits for a session forever: grow the pool so that ``streams`` streams and every worker fit.
+        Room lists are only read at start, so the pool cannot be sized when the source is built."""
+        want = self.settings.max_workers + streams + 1
+        with self._lock:
+            if want <= self._connections:
+                return
+            self._connections = want
+            config = self.config
+        Protocol(config=config).max_connections = want  # exchangelib adds sessions lazily up to this
+        log.info("ews.session_pool_grown", connections=want, streams=streams)
+
     def set_password(self, password: str) -> None:
         """New credentials (re-read from the vault): a fresh configuration and accounts, and the next call probes
         at once. Streams opened with the old ones end on their own."""

@@ -130,6 +130,7 @@ class StreamingFeed:
         running: dict[asyncio.Future[tuple[list[str], Group | None]], Group] = {}
 
         def open_stream(group: Group) -> None:
+            self.source.make_room_for_streams(len(running) + 1)
             running[loop.run_in_executor(threads, self._stream, group, dirty)] = group
 
         due: list[str] = wanted  # rooms to subscribe now
