@@ -55,4 +55,4 @@ workers=${PYTEST_WORKERS:-4}
 if [ "$workers" = 0 ]; then
   exec .venv/bin/pytest -q "$@"
 fi
-exec .venv/bin/pytest -q -n "$workers" "$@"
+exec .venv/bin/pytest -q -n "$workers" --dist loadgroup "$@"
