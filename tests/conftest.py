@@ -3,8 +3,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import inspect
+import json
 import logging
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -162,6 +165,26 @@ class SimFixture:
         password = dict(self.org.users)[smtp]
         return Account(smtp, config=self.config(smtp.split("@")[0], password), access_type=DELEGATE,
                        autodiscover=False, default_timezone=TZ)
+
+
+class ControlClient:
+    """The simulator's control API (gateway/simulator/control.py) over its socket: (status, JSON body)."""
+
+    def __init__(self, ews: SimFixture, token: str | None = None) -> None:
+        self.base = ews.thread.base_url + "/control"
+        self.token = ews.sim.config.control_token if token is None else token
+
+    def __call__(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
 
 
 @pytest.fixture

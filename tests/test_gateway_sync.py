@@ -168,7 +168,7 @@ async def test_one_meeting_with_two_rooms_is_two_bookings_of_one_meeting(env: En
     assert a["meeting_id"] == b["meeting_id"] and a["uid"] == b["uid"] and a["id"] != b["id"]
 
 
-async def test_private_meeting_subject_never_leaves(env: Env):
+async def test_a_private_meeting_booked_in_outlook_leaves_as_private(env: Env):  # config to SSE: test_privacy.py
     room = ROOMS[2]
     env.ews.call(lambda: env.ews.sim.directory.get(room).processing.update(
         {"remove_private_property": False, "delete_subject": False, "add_organizer_to_subject": False}))
