@@ -40,8 +40,8 @@ TIERS: dict[str, tuple[str, ...]] = {
     # the appliance end to end over real sockets: the simulator, the hub, a proxy, subprocesses
     "e2e": ("test_app", "test_cli_gateway", "test_cli_pipe", "test_commands_e2e", "test_commands_ews",
             "test_config_doctor", "test_crash", "test_demo", "test_diagnosis", "test_ews_series", "test_ews_writer",
-            "test_gateway_rooms", "test_gateway_sync", "test_outbox_metrics", "test_privacy", "test_relay_e2e",
-            "test_relay_tunnel", "test_sse_replay", "test_state_files", "test_streaming_capacity"),
+            "test_gateway_rooms", "test_gateway_sync", "test_image", "test_outbox_metrics", "test_privacy",
+            "test_relay_e2e", "test_relay_tunnel", "test_sse_replay", "test_state_files", "test_streaming_capacity"),
     # the Exchange simulator's own tests: what it answers to exchangelib
     "simulator": ("test_activity", "test_availability", "test_booking_attendant", "test_calendar_items", "test_cli",
                   "test_control", "test_directory_ops", "test_notifications", "test_protocol", "test_schema",
@@ -61,6 +61,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(_TIER_OF[item.path.stem])
 
 
+@pytest.hookimpl(tryfirst=True)  # before a skip mark is evaluated: a skipped module needs its tier too
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # A failure of each such test rather than a usage error: on xdist's workers that would end in an INTERNALERROR.
     if not any(item.get_closest_marker(tier) for tier in TIERS):
