@@ -93,6 +93,15 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         time.sleep(0.02)
 
 
+def wait_decisions(ews: SimFixture, subject: str, count: int = 1, room: str = "room1@contoso.com",
+                   timeout: float = 10.0) -> list[Any]:
+    """The attendant's decisions about ``subject`` in ``room``, once it is idle and has made at least ``count``."""
+    def enough() -> list[Any] | None:
+        found = ews.decisions(subject, room)
+        return found if found is not None and len(found) >= count else None
+    return list(wait_for(enough, timeout, what=f"{count} decision(s) of {room}'s attendant about {subject!r}"))
+
+
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """The same inside a test's event loop; ``check`` may return an awaitable."""
     deadline = time.monotonic() + timeout
@@ -125,6 +134,16 @@ class SimFixture:
 
     def call(self, fn, *args, **kwargs):
         return self.thread.call(fn, *args, **kwargs)
+
+    def decisions(self, subject: str, room: str) -> list[Any] | None:
+        """The booking attendant's decisions about ``subject`` in ``room`` once it is idle (None while it still has
+        work queued)."""
+        def read() -> list[Any] | None:
+            attendant = self.sim.attendant
+            if not attendant.idle.is_set():
+                return None
+            return [d for d in attendant.decisions if d.subject == subject and d.room == room]
+        return self.call(read)
 
     def covers(self, room: str, sync_state: str | None) -> bool:
         """Whether a client holding this SyncFolderItems state has seen every change in the room's calendar: the
