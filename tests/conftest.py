@@ -5,6 +5,7 @@ import base64
 import inspect
 import json
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -79,6 +80,14 @@ def _logging_as_it_was() -> Iterator[None]:
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server that is started by another process and must be told its port in
+    advance (a server in this process binds port 0 instead)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,6 @@ from gateway.simulator.seed import SERVICE_ACCOUNT
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "GATEWAY_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(tmp: Path, url: str, rooms: list[str], port: int, *, room_lists: tuple[str, ...] = (),

@@ -15,7 +15,8 @@ import urllib.request
 import pytest
 
 from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD
-from tests.gateway_cli import ENV, ROOT, free_port, gateway, write_config
+from tests.conftest import free_port
+from tests.gateway_cli import ENV, ROOT, gateway, write_config
 
 
 def test_credentials_sync_once_rooms_and_run(ews, tmp_path):  # type: ignore[no-untyped-def]
