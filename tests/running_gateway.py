@@ -3,7 +3,7 @@ aiohttp's test client) and what its consumers and operators see: the outbox, GET
 
 from __future__ import annotations
 
-import asyncio
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -123,32 +123,53 @@ def api_key(store: Path) -> dict[str, str]:
         s.close()
 
 
+def _syncs(coordinator: Any) -> dict[str, Counter[str]]:
+    """Per room, the incremental syncs running now and those done (counted from the first call on this coordinator):
+    the coordinator's loop looks its sync_changes up on the instance, so a wrapper there sees each one."""
+    tracker: dict[str, Counter[str]] | None = getattr(coordinator, "_tests_syncs", None)
+    if tracker is None:
+        tracker = {"running": Counter(), "done": Counter()}
+        original = coordinator.sync_changes
+
+        async def sync_changes(w: Any) -> None:
+            tracker["running"][w.email] += 1
+            try:
+                await original(w)
+            finally:
+                tracker["running"][w.email] -= 1
+                tracker["done"][w.email] += 1
+        coordinator.sync_changes = sync_changes
+        coordinator._tests_syncs = tracker
+    return tracker
+
+
 async def settled(gateway: Gateway, ews: SimFixture, rooms: Iterable[str] | None = None,
                   timeout: float = 30.0) -> None:
     """Wait until the gateway holds every change the simulator has made to these rooms' calendars (default: all its
-    rooms): its change feed listens to each of them, its stored SyncFolderItems state covers each calendar's newest
-    change (a sync commits its events in the same transaction), no room is marked dirty, and the booking attendant
-    has nothing left to decide. An assertion
-    that nothing (more) happened, made after this, stands on evidence that a sync after the change has run.
+    rooms, which must be healthy): its change feed listens to each of them, the booking attendant has nothing left
+    to decide, and then a sync of each room asked for here has run to its end, with no other running, no room
+    marked dirty, and the stored SyncFolderItems state covering the calendar's newest change (a sync commits its
+    events in the same transaction). An assertion that nothing (more) happened, made after this, stands on evidence
+    that a sync after the change has run, not on a quiet period.
 
-    A room that caught up by reading its window (an import or a reconciliation after a failure) holds the bookings
-    but not the state: it is asked to sync once, as a notification would."""
+    The syncs of a room run one after another, so once the one asked for here has ended, any that was under way
+    before it (a catch-up after a subscription, say, that could still pick up a change a test makes next) has too."""
     names = tuple(rooms or gateway.coordinator.workers)
-    asked: set[str] = set()
+    syncs = _syncs(gateway.coordinator)
 
-    async def done() -> bool:
+    async def ready() -> bool:
         feed = gateway.feed
         if feed is not None and getattr(feed, "subscriptions", len(names)) < len(names):  # then a sync follows
             return False
-        if not ews.call(lambda: ews.sim.attendant.idle.is_set()):
-            return False
-        await asyncio.sleep(0)  # a notification the feed's threads have already handed to the loop marks its room
+        return bool(ews.call(lambda: ews.sim.attendant.idle.is_set()))
+    what = ", ".join(names)
+    await eventually(ready, timeout, what=f"the change feed of {what} and the attendant")
+    before = {room: syncs["done"][room] for room in names}
+    for room in names:
+        gateway.coordinator.mark_dirty(room, "test")
+
+    def done() -> bool:
         workers = gateway.coordinator.workers
-        if any(workers[r].dirty.is_set() for r in names if r in workers):
-            return False
-        behind = [r for r in names if not ews.covers(r, gateway.store.sync_state(r))]
-        for room in set(behind) - asked:
-            asked.add(room)
-            gateway.coordinator.mark_dirty(room, "test")
-        return not behind
-    await eventually(done, timeout, what=f"the gateway to hold every change of {', '.join(names)}")
+        return all(syncs["done"][r] > before[r] and not syncs["running"][r] and not workers[r].dirty.is_set()
+                   and ews.covers(r, gateway.store.sync_state(r)) for r in names)
+    await eventually(done, timeout, what=f"a sync of {what} that holds every change")
