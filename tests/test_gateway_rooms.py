@@ -171,10 +171,7 @@ async def test_room_lists_that_cannot_be_read_at_start_do_not_stop_the_gateway_o
 
 
 # -- 3. reconciliation ---------------------------------------------------------------------------------------------
-async def test_reconciliation_repairs_and_counts_what_notifications_missed(sim_factory, tmp_path, aiohttp_client):
-    # Streams that outlast the test: a stream cut under load is followed by a catch-up sync, which would find the
-    # hidden bookings before the reconciliation does (this module's simulator ends its streams every 2 s).
-    ews = sim_factory(SimulatorConfig(rba_delay=0.05))
+async def test_reconciliation_repairs_and_counts_what_notifications_missed(ews, tmp_path, aiohttp_client):
     with capture_logs() as logs:
         g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", (ROOM1, ROOM2), reconcile_seconds=1.0)
         await eventually(lambda: g.imported(ROOM1, ROOM2), what="imported")
