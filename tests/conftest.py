@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
+import json
 import logging
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -13,12 +18,56 @@ import structlog
 from exchangelib import DELEGATE, IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSTimeZone
 from exchangelib.protocol import BaseProtocol, close_connections
 
+from gateway.security.vault import Vault, parse_key
 from gateway.simulator.harness import SimulatorThread
 from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD, Org, standard_org
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.memory import MemorySource
 
+pytest_plugins = ["tests.hub_fixtures"]  # the reference hub: hub_settings, hub, customer, http, vendor
+
 TZ = EWSTimeZone("Europe/Berlin")
+
+# Every test module belongs to one tier (the markers in pyproject.toml), so that `pytest -m unit` runs one alone.
+# A module may say so itself (``pytestmark = pytest.mark.unit``); otherwise it is listed here.
+TIERS: dict[str, tuple[str, ...]] = {
+    # one part on its own, in this process: pure code, a SQLite file, an in-process HTTP server; no simulator
+    "unit": ("test_api_commands", "test_api_keys", "test_app_options", "test_commands", "test_config",
+             "test_coordinator", "test_engine", "test_errors", "test_ews_mapping", "test_http_layer", "test_identity",
+             "test_json_tracebacks", "test_layers", "test_logging", "test_outage", "test_packaging", "test_retry",
+             "test_store", "test_vault", "test_vocabulary"),
+    # one suite that every implementation of a port (or of a published schema) passes
+    "contract": ("test_directory_port", "test_relay_schemas", "test_source_contract"),
+    # the appliance end to end over real sockets: the simulator, the hub, a proxy, subprocesses
+    "e2e": ("test_app", "test_cli_gateway", "test_cli_pipe", "test_commands_e2e", "test_commands_ews",
+            "test_config_doctor", "test_crash", "test_demo", "test_diagnosis", "test_ews_series", "test_ews_writer",
+            "test_gateway_rooms", "test_gateway_sync", "test_image", "test_outbox_metrics", "test_privacy",
+            "test_relay_e2e", "test_relay_tunnel", "test_sse_replay", "test_state_files", "test_streaming_capacity"),
+    # the Exchange simulator's own tests: what it answers to exchangelib
+    "simulator": ("test_activity", "test_availability", "test_booking_attendant", "test_calendar_items", "test_cli",
+                  "test_control", "test_directory_ops", "test_notifications", "test_protocol", "test_schema",
+                  "test_schema_conformance", "test_sim_commands", "test_sim_fidelity", "test_smoke", "test_sync"),
+    # the reference hub's own tests
+    "hub": ("test_hostile_input", "test_relay_hub"),
+}
+_TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        if item.path.stem in _TIER_OF:
+            item.add_marker(_TIER_OF[item.path.stem])
+
+
+@pytest.hookimpl(tryfirst=True)  # before a skip mark is evaluated: a skipped module needs its tier too
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # A failure of each such test rather than a usage error: on xdist's workers that would end in an INTERNALERROR.
+    if not any(item.get_closest_marker(tier) for tier in TIERS):
+        pytest.fail(f"{item.path.name} belongs to no test tier: add it to TIERS in tests/conftest.py (or give it "
+                    f"`pytestmark = pytest.mark.<tier>`; tiers: {', '.join(TIERS)})", pytrace=False)
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +82,14 @@ def _logging_as_it_was() -> Iterator[None]:
     root.setLevel(level)
 
 
+def free_port() -> int:
+    """A loopback port free now, for a server that is started by another process and must be told its port in
+    advance (a server in this process binds port 0 instead)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``cond`` until it is truthy (bounded; never a fixed sleep as the basis of an assertion)."""
     deadline = time.monotonic() + timeout
@@ -43,6 +100,15 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def wait_decisions(ews: SimFixture, subject: str, count: int = 1, room: str = "room1@contoso.com",
+                   timeout: float = 10.0) -> list[Any]:
+    """The attendant's decisions about ``subject`` in ``room``, once it is idle and has made at least ``count``."""
+    def enough() -> list[Any] | None:
+        found = ews.decisions(subject, room)
+        return found if found is not None and len(found) >= count else None
+    return list(wait_for(enough, timeout, what=f"{count} decision(s) of {room}'s attendant about {subject!r}"))
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -78,6 +144,36 @@ class SimFixture:
     def call(self, fn, *args, **kwargs):
         return self.thread.call(fn, *args, **kwargs)
 
+    def decisions(self, subject: str, room: str) -> list[Any] | None:
+        """The booking attendant's decisions about ``subject`` in ``room`` once it is idle (None while it still has
+        work queued)."""
+        def read() -> list[Any] | None:
+            attendant = self.sim.attendant
+            if not attendant.idle.is_set():
+                return None
+            return [d for d in attendant.decisions if d.subject == subject and d.room == room]
+        return self.call(read)
+
+    def covers(self, room: str, sync_state: str | None) -> bool:
+        """Whether a client holding this SyncFolderItems state has seen every change in the room's calendar: the
+        state's round is complete and its base is at or past the calendar's newest change (see
+        gateway/simulator/ops/sync.py). Evidence that a sync ran, where a quiet period would only be a guess."""
+        from gateway.simulator.ops.sync import decode_state
+        from gateway.simulator.soap import EwsError
+
+        def check() -> bool:
+            if not sync_state:
+                return False
+            directory = self.sim.directory
+            folder = directory.get(room).calendar
+            try:
+                base, top, _ = decode_state(directory, folder, sync_state)
+            except EwsError:  # not a state this simulator issued (a test may plant one)
+                return False
+            newest = max([i.seq for i in folder.items.values()] + [t[0] for t in folder.tombstones], default=0)
+            return top == 0 and base >= newest
+        return bool(self.call(check))
+
     def config(self, username: str = f"CONTOSO\\{SERVICE_ACCOUNT}", password: str = SERVICE_PASSWORD,
                max_connections: int = 4) -> Configuration:
         key = (username, password)
@@ -101,6 +197,26 @@ class SimFixture:
         password = dict(self.org.users)[smtp]
         return Account(smtp, config=self.config(smtp.split("@")[0], password), access_type=DELEGATE,
                        autodiscover=False, default_timezone=TZ)
+
+
+class ControlClient:
+    """The simulator's control API (gateway/simulator/control.py) over its socket: (status, JSON body)."""
+
+    def __init__(self, ews: SimFixture, token: str | None = None) -> None:
+        self.base = ews.thread.base_url + "/control"
+        self.token = ews.sim.config.control_token if token is None else token
+
+    def __call__(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
 
 
 @pytest.fixture
@@ -135,6 +251,15 @@ def pki(tmp_path_factory):
     from gateway.security.certs import make_pki
 
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+VAULT_KEY = base64.b64encode(b"v" * 32).decode()  # the key of the `vault` fixture, as an environment variable holds it
+
+
+@pytest.fixture
+def vault(tmp_path) -> Vault:
+    """An empty credential vault under tmp_path/gateway (gateway/security/vault.py), locked with VAULT_KEY."""
+    return Vault(tmp_path / "gateway" / "credentials.vault", parse_key(VAULT_KEY, "test key"))
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.conftest import free_port
+
 
 @dataclass
 class Proxy:
@@ -30,19 +32,13 @@ class Proxy:
         return text.count("407") + text.count("Failed auth")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_tinyproxy(directory: Path, username: str = "gw-proxy", password: str = "proxy-pass-1") -> Proxy:
     binary = shutil.which("tinyproxy") or "/usr/sbin/tinyproxy"
     if not Path(binary).exists():
         raise RuntimeError("tinyproxy is not installed; run `bash scripts/test.sh`, which installs the Debian "
                            "packages in packaging/test-packages.txt")
     directory.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     log = directory / "tinyproxy.log"
     conf = directory / "tinyproxy.conf"
     conf.write_text("\n".join([

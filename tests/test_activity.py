@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 from exchangelib import EWSDateTime
@@ -11,7 +10,7 @@ from gateway.simulator.activity import WEIGHTS, Activity
 from gateway.simulator.control import Control
 from gateway.simulator.seed import seed_bookings, standard_org
 from gateway.simulator.server import Simulator, SimulatorConfig
-from tests.conftest import TZ
+from tests.conftest import TZ, wait_for
 
 NOW = datetime(2030, 3, 4, 9, 0, tzinfo=UTC)
 
@@ -35,9 +34,7 @@ def test_activity_makes_every_kind_of_change_and_clients_can_read_the_result(sim
     ews.call(seed_bookings, ews.sim.directory, seed=3)
     ctl = Control.of(ews.sim)
     activity = ews.call(ctl.start_activity, 400, 5, 600)
-    deadline = time.monotonic() + 15
-    while ews.call(lambda: activity.running) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not ews.call(lambda: activity.running), 30, what="the activity to run its 600 steps")
     assert ews.call(ctl.settle, 5)
     stats = ews.call(activity.stats)
     assert stats["steps"] == 600 and not stats["running"]
@@ -78,10 +75,7 @@ def test_stopping_activity_stops_it(sim_factory) -> None:
     ews = sim_factory(SimulatorConfig(rba_delay=0.01), rooms=2, users=3)
     ctl = Control.of(ews.sim)
     activity = ews.call(ctl.start_activity, 50, 1)
-    deadline = time.monotonic() + 10
-    while ews.call(lambda: activity.steps_run) < 5 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: ews.call(lambda: activity.steps_run) >= 5, what="five steps")
     stats = ews.call(ctl.stop_activity)
-    time.sleep(0.1)
-    assert not ews.call(lambda: activity.running)
-    assert ews.call(lambda: activity.steps_run) == stats["steps"] >= 5
+    wait_for(lambda: not ews.call(lambda: activity.running), what="the activity to stop")
+    assert ews.call(lambda: activity.steps_run) == stats["steps"] >= 5  # no step after the stop

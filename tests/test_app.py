@@ -27,7 +27,7 @@ from gateway.sources.registry import SourceRegistry, default_registry
 from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import SyncSettings
-from tests.conftest import SimFixture, eventually
+from tests.conftest import SimFixture, eventually, free_port
 
 NOW = datetime(2030, 1, 7, 8, tzinfo=UTC)
 ROOM1, ROOM2, ROOM3, ROOM4 = (f"room{i}@contoso.com" for i in range(1, 5))
@@ -60,12 +60,6 @@ def recording() -> tuple[SourceRegistry, list[str]]:
             return opened
 
     return default_registry().with_kind("memory", Recording), events
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def options(tmp_path: Path, *sources: SourceSpec, **kw: Any) -> GatewayOptions:

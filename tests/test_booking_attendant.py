@@ -9,7 +9,6 @@ attendee. The attendant answers asynchronously, so every test waits for its deci
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Any
 
 import pytest
@@ -17,13 +16,12 @@ from exchangelib import Account, CalendarItem, EWSDateTime, HTMLBody
 from exchangelib.items import SEND_TO_ALL_AND_SAVE_COPY, SEND_TO_NONE
 from exchangelib.recurrence import DailyPattern, EndDatePattern, NoEndPattern, NumberedPattern, Recurrence
 
-from tests.conftest import TZ
+from tests.conftest import TZ, wait_decisions
 
 ROOM = "room1@contoso.com"
 ALICE = "alice@contoso.com"
 BOB = "bob@contoso.com"
 ALICE_NAME = "Alice Anders"
-WAIT = 10.0  # seconds: a bound, not a sleep; polling ends as soon as the attendant has decided
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -47,24 +45,7 @@ def set_processing(ews: Any, room: str = ROOM, **settings: Any) -> None:
 
 def decisions(ews: Any, subject: str, room: str = ROOM) -> list[Any] | None:
     """The attendant's decisions about ``subject`` once it is idle (None while it still has work queued)."""
-    def read() -> list[Any] | None:
-        att = ews.sim.attendant
-        if not att.idle.is_set():
-            return None
-        return [d for d in att.decisions if d.subject == subject and d.room == room]
-    return ews.call(read)
-
-
-def wait_decisions(ews: Any, subject: str, count: int = 1, room: str = ROOM) -> list[Any]:
-    deadline = time.monotonic() + WAIT
-    while True:
-        found = decisions(ews, subject, room)
-        if found is not None and len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"the attendant of {room} made {found} decisions about {subject!r} within {WAIT}s, "
-                        f"expected {count}")
-        time.sleep(0.01)
+    return ews.decisions(subject, room)
 
 
 def wait_decision(ews: Any, subject: str, room: str = ROOM) -> Any:

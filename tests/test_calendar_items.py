@@ -7,7 +7,6 @@ client written against the simulator hits the same walls it would hit on a real 
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,14 +49,13 @@ from exchangelib.recurrence import (
 from exchangelib.services import FindItem
 from lxml import etree
 
-from tests.conftest import TZ
+from tests.conftest import TZ, wait_decisions
 
 ROOM = "room1@contoso.com"
 ALICE = "alice@contoso.com"
 BOB = "bob@contoso.com"
 CAROL = "carol@contoso.com"
 ORGANIZER_SERVICE = "CONTOSO\\svc-organizers"
-WAIT = 10.0
 GOID_HEADER = bytes.fromhex("040000008200E00074C5B7101A82E008")
 
 
@@ -117,24 +115,6 @@ def appointment(acc: Account, subject: str, start: EWSDateTime, end: EWSDateTime
     item = CalendarItem(account=acc, folder=acc.calendar, subject=subject, start=start, end=end, **fields)
     item.save()
     return item
-
-
-def wait_decisions(ews: Any, subject: str, count: int = 1, room: str = ROOM) -> list[Any]:
-    """Bounded polling until the room's attendant is idle and has decided ``count`` times about ``subject``."""
-    def read() -> list[Any] | None:
-        att = ews.sim.attendant
-        if not att.idle.is_set():
-            return None
-        return [d for d in att.decisions if d.subject == subject and d.room == room]
-
-    deadline = time.monotonic() + WAIT
-    while True:
-        found = ews.call(read)
-        if found is not None and len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"no decision #{count} about {subject!r} by {room} within {WAIT}s: {found}")
-        time.sleep(0.01)
 
 
 def by_uid(acc: Account, uid: str) -> CalendarItem | None:

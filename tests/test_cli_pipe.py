@@ -7,10 +7,10 @@ import sys
 
 
 def test_a_closed_pipe_ends_the_command_without_a_traceback() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "config-schema"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()  # the reader leaves before the command has written anything
-    err = proc.stderr.read().decode()
-    proc.wait(timeout=30)
+    with subprocess.Popen([sys.executable, "-m", "gateway", "config-schema"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:  # closes stderr too
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader leaves before the command has written anything
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=30)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -11,25 +10,7 @@ from typing import Any
 import pytest
 from exchangelib import EWSDateTime
 
-from tests.conftest import TZ, SimFixture
-
-
-class ControlClient:
-    def __init__(self, ews: SimFixture, token: str | None = None) -> None:
-        self.base = ews.thread.base_url + "/control"
-        self.token = ews.sim.config.control_token if token is None else token
-
-    def __call__(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=20) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+from tests.conftest import TZ, ControlClient, SimFixture
 
 
 @pytest.fixture

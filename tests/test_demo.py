@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -77,9 +78,10 @@ class Demo:
         threading.Thread(target=self._read, args=(self.proc.stderr, self.errors), daemon=True).start()
 
     @staticmethod
-    def _read(stream: object, into: list[str]) -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            into.append(line.rstrip("\n"))
+    def _read(stream: Any, into: list[str]) -> None:
+        with stream:  # closed at the end of the output, not left to the garbage collector
+            for line in stream:
+                into.append(line.rstrip("\n"))
 
     def line(self, starting: str, timeout: float = 90) -> str:
         def found() -> str | None:

@@ -23,7 +23,7 @@ from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.ews.source import EwsSettings, EwsSource
 from tests.conftest import SimFixture, eventually
-from tests.test_gateway_rooms import CREATED, ROOM1, ROOM2, ROOM3, appointment, soon, start
+from tests.running_gateway import CREATED, ROOM1, ROOM2, ROOM3, appointment, soon, start
 
 
 def closed_port() -> int:
@@ -314,7 +314,7 @@ def doctor_lines(out: str) -> list[list[str]]:
 async def run_doctor(tmp_path: Any, capsys: Any, monkeypatch: Any, url: str, rooms: list[str],
                      room_lists: tuple[str, ...] = ()) -> tuple[int, list[list[str]]]:
     from gateway.service import doctor
-    from tests.test_cli_gateway import write_config
+    from tests.gateway_cli import write_config
 
     monkeypatch.setenv("DIAG_EXCHANGE_PASSWORD", SERVICE_PASSWORD)
     cfg = write_config(tmp_path, url, rooms, closed_port(), room_lists=room_lists,

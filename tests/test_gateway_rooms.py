@@ -8,143 +8,35 @@ what a consumer or an operator sees: GET /v1/rooms, /metrics, the outbox events 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from gateway import service
-from gateway.app import GATEWAY, Gateway, GatewayOptions, init_app
-from gateway.model import EVENT_TYPES, ROOM_STATES, Booking, Window
+from gateway.model import ROOM_STATES, Booking, Window
 from gateway.simulator.calendar import Recurrence
-from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+from gateway.simulator.seed import SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
-from gateway.sources.ews.source import EwsSettings
 from gateway.sources.ews.streaming import PullFeed
-from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
-from gateway.sync.coordinator import SyncSettings
 from tests.conftest import SimFixture, eventually
+from tests.running_gateway import (
+    CREATED,
+    DELETED,
+    ROOM1,
+    ROOM2,
+    ROOM_STATE,
+    UPDATED,
+    appointment,
+    appointment_on_loop,
+    soon,
+    start,
+)
 
-ROOM1, ROOM2, ROOM3 = "room1@contoso.com", "room2@contoso.com", "room3@contoso.com"
 NOT_A_ROOM = "alice@contoso.com"  # a person: the rooms-scoped service account may not impersonate her
 NO_MAILBOX = "nobody@contoso.com"
-CREATED, UPDATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["updated"], EVENT_TYPES["deleted"]
-ROOM_STATE = EVENT_TYPES["room_state"]
-
-
-def soon(hours: float = 26) -> datetime:
-    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=hours)
-
-
-def appointment(ews: SimFixture, room: str, subject: str, start: datetime, *, minutes: int = 30,
-                notify: bool = True, recurrence: Recurrence | None = None) -> str:
-    """An appointment in the room's own calendar (a room panel booking); returns its UID."""
-    return ews.call(lambda: _appointment(ews, room, subject, start, minutes=minutes, notify=notify,
-                                         recurrence=recurrence))
-
-
-def _appointment(ews: SimFixture, room: str, subject: str, start: datetime, *, minutes: int = 30,
-                 notify: bool = True, recurrence: Recurrence | None = None) -> str:
-    """On the simulator's loop. ``notify=False`` stores the item the way a lost notification looks to a client:
-    it is there (SyncFolderItems and CalendarView show it) but no subscription hears of it."""
-    mb = ews.sim.directory.get(room)
-    values: dict[str, Any] = {"start": start, "end": start + timedelta(minutes=minutes), "subject": subject}
-    if recurrence is not None:
-        values["recurrence"] = recurrence
-    if notify:
-        return str(ews.sim.calendars.create(mb, values).uid)
-    item = ews.sim.calendars.new_item(mb, **values)
-    item.organizer = mb.person
-    ews.sim.directory.add_item(item, notify=False)
-    return str(item.uid)
-
-
-class Gw:
-    """One running gateway and what its consumers see."""
-
-    def __init__(self, ews: SimFixture, client: Any) -> None:
-        self.ews = ews
-        self.client = client
-        self.gw: Gateway = client.app[GATEWAY]
-
-    def events(self, room: str | None = None, type_: str | None = None) -> list[Any]:
-        return [e.event for e in self.gw.store.outbox_after(0, 100_000)
-                if (room is None or e.event.room == room) and (type_ is None or e.event.type == type_)]
-
-    def states(self, room: str) -> list[str]:
-        """The room.state_changed events of a room, in order."""
-        return [e.data["state"] for e in self.events(room, ROOM_STATE)]
-
-    def imported(self, *rooms: str) -> bool:
-        """Every room has announced the end of its import (syncing, then verified)."""
-        return all(self.states(r)[-2:] == ["syncing", "verified"] for r in rooms)
-
-    def state(self, room: str) -> str:
-        return self.gw.coordinator.workers[room].state
-
-    async def rooms(self) -> dict[str, dict[str, Any]]:
-        resp = await self.client.get("/v1/rooms")
-        assert resp.status == 200
-        return {r["email"]: r for r in (await resp.json())["rooms"]}
-
-    async def metrics(self) -> str:
-        return str(await (await self.client.get("/metrics")).text())
-
-    async def metric(self, name: str, **labels: str) -> float:
-        """One sample's value from /metrics (0 when absent)."""
-        want = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
-        for line in (await self.metrics()).splitlines():
-            if line.startswith(name + want + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    async def ews_requests(self) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in (await self.metrics()).splitlines()
-                   if line.startswith("gateway_ews_requests_total{"))
-
-    async def settled(self, idle: float = 0.6, timeout: float = 15.0) -> None:
-        """Wait until no room is dirty and the outbox has not grown for ``idle`` seconds."""
-        last, since = -1, time.monotonic()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            n = len(self.events())
-            dirty = any(w.dirty.is_set() for w in self.gw.coordinator.workers.values())
-            if n != last or dirty:
-                last, since = n, time.monotonic()
-            elif time.monotonic() - since >= idle:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("the gateway never settled")
-
-
-async def start(aiohttp_client: Any, ews: SimFixture, store: Path, rooms: tuple[str, ...], *,
-                feed: str = "streaming", password: str = SERVICE_PASSWORD,
-                clock: Callable[[], datetime] | None = None, pull_interval: float = 10.0, feed_retry: float = 5.0,
-                url: str | None = None, ews_settings: dict[str, Any] | None = None,
-                options: dict[str, Any] | None = None, **sync: Any) -> Gw:
-    settings = {"debounce_seconds": 0.1, "retry_seconds": 0.3, "auth_retry_seconds": 1.0, **sync}
-    gateway_options = GatewayOptions(
-        ews=EwsSettings(ews_url=url or ews.url, username=f"CONTOSO\\{SERVICE_ACCOUNT}",
-                        default_timezone="Europe/Berlin", max_workers=4,
-                        **{"outage_retry_seconds": 0.2, "outage_max_retry_seconds": 0.5, **(ews_settings or {})}),
-        password=password, rooms=rooms, sync=SyncSettings(**settings), store_path=store, feed=feed,
-        stream_timeout_minutes=1, pull_interval_seconds=pull_interval, feed_retry_seconds=feed_retry, clock=clock,
-        **(options or {}))
-    return Gw(ews, await aiohttp_client(init_app(gateway_options), headers=api_key(store)))
-
-
-def api_key(store: Path) -> dict[str, str]:
-    """The header of a new key with the scopes a consumer and an operator use (as `gateway api-keys create`)."""
-    s = SqliteStore(store)
-    try:
-        return {"Authorization": f"Bearer {ApiKeys(s).create('tests', ['read', 'metrics'])}"}
-    finally:
-        s.close()
 
 
 @pytest.fixture
@@ -286,7 +178,7 @@ async def test_reconciliation_repairs_and_counts_what_notifications_missed(ews, 
         await g.settled()
         assert await g.metric("gateway_sync_reconcile_drift_total", room=ROOM1) == 0
         # Both at once (one step on the simulator's loop), so one reconciliation finds both.
-        hidden = set(ews.call(lambda: [_appointment(ews, ROOM1, f"Missed {i}", soon(28 + i), notify=False)
+        hidden = set(ews.call(lambda: [appointment_on_loop(ews, ROOM1, f"Missed {i}", soon(28 + i), notify=False)
                                        for i in range(2)]))
         created = await eventually(lambda: len(g.events(ROOM1, CREATED)) == 2 and g.events(ROOM1, CREATED),
                                    what="the missed bookings")
@@ -326,6 +218,9 @@ async def test_window_rolls_forward_and_a_weekly_series_produces_its_next_occurr
     offset[0] = timedelta(days=7)  # a week later the second occurrence has entered the two-day window
     await eventually(lambda: len(g.events(ROOM1, CREATED)) == 2, what="the next occurrence")
     await g.settled()
+    worker = g.gw.coordinator.workers[ROOM1]
+    rolled = worker.horizon
+    await eventually(lambda: worker.horizon > rolled, what="another roll after the one that found it")
     occurrences = [e.data["original_start"] for e in g.events(ROOM1, CREATED)]
     assert occurrences == [_iso(first), _iso(first + timedelta(days=7))]
     assert g.events(ROOM1, DELETED) == [] and g.events(ROOM1, UPDATED) == []

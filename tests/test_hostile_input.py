@@ -10,7 +10,6 @@ endpoint's own invalid_* answer; nothing answers 500, drops the connection or lo
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import random
@@ -27,19 +26,18 @@ from structlog.testing import capture_logs
 from gateway.api import Api, EventHub
 from gateway.config import RelayConfig
 from gateway.errors import GatewayError
-from gateway.hub.server import HubSettings, RunningHub, start_hub
 from gateway.model import Command, CommandResult, Room, accepted
 from gateway.observability.metrics import Metrics
 from gateway.relay import protocol
 from gateway.relay.enroll import enroll
 from gateway.relay.tunnel import Tunnel
 from gateway.security.identity import GatewayIdentity
-from gateway.security.secret import Secret
-from gateway.security.vault import Vault, parse_key
+from gateway.security.vault import Vault
 from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import eventually
-from tests.test_relay_hub import ADMIN, FakeGateway, Vendor
+from tests.fake_gateway import FakeGateway
+from tests.hub_fixtures import ADMIN, Hub
 
 ROOM = "room1@contoso.com"
 DEEP = 5000  # far below every size limit (10 KB), far above any sane nesting and json.loads's recursion limit
@@ -87,26 +85,6 @@ def quiet(caplog: pytest.LogCaptureFixture) -> Iterator[QuietCheck]:
 
 
 # -- the hub -------------------------------------------------------------------------------------------------------
-@pytest.fixture
-async def hub(tmp_path: Path, pki: Any) -> AsyncIterator[RunningHub]:
-    running = await start_hub(HubSettings(data_dir=tmp_path / "hub", host="127.0.0.1", port=0,
-                                          cert_file=pki.cert_file, key_file=pki.key_file,
-                                          admin_token=Secret(ADMIN), hello_timeout=5.0))
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def http(pki: Any) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=pki.client_context())) as session:
-        yield session
-
-
-@pytest.fixture
-def vendor(http: aiohttp.ClientSession, hub: RunningHub) -> Vendor:
-    return Vendor(http, hub.url)
-
-
 async def post_raw(http: aiohttp.ClientSession, url: str, text: str,
                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
     async with http.post(url, data=text.encode(), headers={"Content-Type": "application/json", **(headers or {})}) \
@@ -217,10 +195,9 @@ class Recorder:
 
 
 async def test_the_gateways_tunnel_answers_hostile_frames_from_the_hub_and_stays_up(
-        hub: RunningHub, tmp_path: Path, pki: Any, quiet: QuietCheck) -> None:
+        hub: Hub, tmp_path: Path, pki: Any, quiet: QuietCheck, vault: Vault) -> None:
     await hub.hub.write(hub.hub.store.add_customer, "acme", "Acme")
     token, _ = await hub.hub.write(hub.hub.store.issue_token, "acme", timedelta(hours=1))
-    vault = Vault(tmp_path / "credentials.vault", parse_key(base64.b64encode(b"v" * 32).decode(), "test key"))
     identity = await enroll(hub.url, token, vault=vault, relay=RelayConfig(ca_bundle=pki.ca_file), name="gw")
     store = SqliteStore(tmp_path / "gateway.db")
     store.upsert_room(Room(ROOM))
@@ -253,14 +230,13 @@ async def test_the_gateways_tunnel_answers_hostile_frames_from_the_hub_and_stays
 
 
 async def test_gateway_enroll_reads_a_hostile_hubs_answer_as_a_protocol_error(
-        tmp_path: Path, pki: Any, aiohttp_server: Any) -> None:
+        tmp_path: Path, pki: Any, aiohttp_server: Any, vault: Vault) -> None:
     async def answer(request: web.Request) -> web.Response:
         return web.Response(text=DEEP_ARRAY, status=201, content_type="application/json")
 
     app = web.Application()
     app.router.add_post(protocol.ENROLL_PATH, answer)
     server = await aiohttp_server(app, ssl=pki.server_context())
-    vault = Vault(tmp_path / "credentials.vault", parse_key(base64.b64encode(b"v" * 32).decode(), "test key"))
     relay = RelayConfig(ca_bundle=pki.ca_file)
     with pytest.raises(GatewayError) as e:
         await enroll(f"https://127.0.0.1:{server.port}", "et_token", vault=vault, relay=relay, name="gw")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -14,11 +13,6 @@ from gateway.relay import protocol
 from gateway.security.identity import ENTRY, GatewayIdentity, verify
 from gateway.security.secret import Secret
 from gateway.security.vault import Vault, parse_key
-
-
-@pytest.fixture
-def vault(tmp_path: Path) -> Vault:
-    return Vault(tmp_path / "credentials.vault", parse_key(base64.b64encode(b"k" * 32).decode(), "test key"))
 
 
 def _seed(identity: GatewayIdentity) -> str:

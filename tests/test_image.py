@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -25,7 +24,7 @@ import pytest
 
 from gateway.security.vault import new_key_text
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "docker.io/library/python:3.11-slim-bookworm"
@@ -83,12 +82,6 @@ def _build_base(env: dict[str, str], work: Path) -> None:
     tar.unlink()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -101,7 +94,7 @@ def _status(url: str) -> int:
 
 def test_the_image_runs_doctor_and_the_gateway_as_non_root_on_a_read_only_root(podman, ews, tmp_path):
     env = podman
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(f"""\
 exchange:

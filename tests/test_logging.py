@@ -1,18 +1,10 @@
 import io
 import json
 
-import pytest
 import structlog
 
 from gateway.errors import AuthError, GatewayError, ImpersonationDenied, Throttled, TransientError
 from gateway.observability.logging import configure_logging
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """These tests configure structlog for the process; later tests capture debug events, so undo it."""
-    yield
-    structlog.reset_defaults()
 
 
 def test_json_logs_carry_event_and_fields_and_redact_secrets():

@@ -1,7 +1,7 @@
 """The container image and the Helm chart, checked the way a customer's security and Kubernetes teams read them.
 
 The Dockerfile is linted with hadolint; the chart is rendered with helm-render (the offline `helm template` stand-in
-in ../shared/tools, built once into .cache/helm-render), validated against the Kubernetes schemas with unknown fields
+in ../shared/tools, built once per machine into ~/.cache), validated against the Kubernetes schemas with unknown fields
 refused (kubernetes-validate --strict), its values schema is shown to refuse bad values, and the rendered objects
 are read for what matters: non-root, read-only root filesystem, no capability, no service-account token, probes,
 and a configuration the gateway itself accepts. hadolint and kubernetes-validate come with the test extra; a test
@@ -11,6 +11,8 @@ skips, saying why, only when a tool cannot be had on this machine.
 from __future__ import annotations
 
 import base64
+import fcntl
+import hashlib
 import os
 import re
 import shlex
@@ -31,8 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm"
 DOCKERFILE = ROOT / "Dockerfile"
 HELM_RENDER_SRC = ROOT.parent / "shared" / "tools" / "helm-render"  # CI sees shared/ next to the checkout
-HELM_RENDER = ROOT / ".cache" / "helm-render"
+# Outside the checkout: a fresh clone on the same machine (CI's) finds what an earlier run built.
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exchange-room-gateway"
 KUBE = "1.29.0"
+
+pytestmark = pytest.mark.xdist_group("helm-render")  # one worker builds helm-render the first time, not all of them
 
 # Every optional part of the chart switched on (and an existing Secret, a proxy, a CA bundle, extra environment).
 ALL_ON: dict[str, Any] = {
@@ -69,20 +74,26 @@ def _tool(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def helm_render() -> str:
-    """helm-render, built once by its build.sh (Debian Go packages; ~35 s the first time) into .cache/."""
-    if os.access(HELM_RENDER, os.X_OK):
-        return str(HELM_RENDER)
+    """helm-render, built by its build.sh (Debian Go packages; ~35 s the first time) once per machine and version of
+    its sources, by one worker while the others wait (a file lock), with Go's build cache kept for the next one."""
     if not (HELM_RENDER_SRC / "build.sh").exists():
-        pytest.skip(f"helm-render's sources are not at {HELM_RENDER_SRC}; build it there or put the binary at "
-                    f"{HELM_RENDER}")
-    HELM_RENDER.parent.mkdir(parents=True, exist_ok=True)
-    partial = HELM_RENDER.with_name(f"helm-render.{os.getpid()}")
-    done = subprocess.run(["sh", str(HELM_RENDER_SRC / "build.sh"), str(partial)], capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode != 0:
-        pytest.skip(f"cannot build helm-render (it needs apt-get and Debian's Go packages): {done.stderr[-500:]}")
-    partial.replace(HELM_RENDER)  # atomic: a concurrent run sees no half-written binary
-    return str(HELM_RENDER)
+        pytest.skip(f"helm-render's sources are not at {HELM_RENDER_SRC}; build them there")
+    version = hashlib.sha256(b"".join((HELM_RENDER_SRC / name).read_bytes() for name in ("build.sh", "main.go")))
+    binary = CACHE / f"helm-render-{version.hexdigest()[:16]}"
+    if os.access(binary, os.X_OK):
+        return str(binary)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / "helm-render.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.access(binary, os.X_OK):  # built by another worker meanwhile
+            return str(binary)
+        partial = binary.with_name(f"{binary.name}.{os.getpid()}")
+        done = subprocess.run(["sh", str(HELM_RENDER_SRC / "build.sh"), str(partial)], capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "GOCACHE": str(CACHE / "go-build")})
+        if done.returncode != 0:
+            pytest.skip(f"cannot build helm-render (it needs apt-get and Debian's Go packages): {done.stderr[-500:]}")
+        partial.replace(binary)  # atomic: a concurrent run sees no half-written binary
+    return str(binary)
 
 
 def render(helm_render: str, values: dict[str, Any] | None = None, *args: str) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ REST API. Booking commands go the other way and land in Exchange; their results 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import signal
@@ -25,19 +24,20 @@ from gateway.config import CommandsConfig, RelayConfig
 from gateway.observability.metrics import Metrics
 from gateway.relay.enroll import enroll
 from gateway.security.identity import GatewayIdentity
-from gateway.security.vault import Vault, parse_key
+from gateway.security.vault import Vault
 from gateway.simulator.control import Control
 from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.ews.source import EwsSettings
 from gateway.sources.ews.writer import register_command_key
 from gateway.sync.coordinator import SyncSettings
-from tests.conftest import eventually
-from tests.relay_env import CUSTOMER, Hub
+from tests.conftest import VAULT_KEY, eventually
+from tests.hub_fixtures import CUSTOMER, Hub
+
+pytestmark = pytest.mark.usefixtures("customer")  # every gateway here enrolls for CUSTOMER
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ("room1@contoso.com", "room2@contoso.com")
-VAULT_KEY = base64.b64encode(b"e" * 32).decode()
 
 
 def slot(days: int, hour: int, minutes: int = 30) -> tuple[str, str]:
@@ -72,14 +72,6 @@ class Vendor:
 
 
 @pytest.fixture
-async def hub(tmp_path: Path, pki: Any) -> AsyncIterator[Hub]:
-    h = await Hub(tmp_path / "hub", pki).start()
-    await h.hub.write(h.hub.store.add_customer, CUSTOMER, "Acme")
-    yield h
-    await h.stop()
-
-
-@pytest.fixture
 async def vendor(hub: Hub, pki: Any) -> Vendor:
     return Vendor(hub, pki, await hub.hub.write(hub.hub.store.issue_api_key, CUSTOMER))
 
@@ -109,9 +101,9 @@ async def connected(hub: Hub, identity: GatewayIdentity) -> None:
 
 
 @pytest.fixture
-async def stack(sim_factory, hub: Hub, pki: Any, tmp_path: Path, http_proxy) -> AsyncIterator[tuple[Any, Gateway]]:
+async def stack(sim_factory, hub: Hub, pki: Any, tmp_path: Path, http_proxy, vault: Vault,
+                ) -> AsyncIterator[tuple[Any, Gateway]]:
     ews = sim_factory(SimulatorConfig(rba_delay=0.1))
-    vault = Vault(tmp_path / "credentials.vault", parse_key(VAULT_KEY, "test key"))
     identity, relay = await enrolled(hub, pki, vault, http_proxy)
     gw = await start_gateway(options(ews, tmp_path / "gateway.sqlite", relay, identity, http_proxy), Metrics())
     try:
@@ -181,13 +173,13 @@ async def test_concurrent_creates_for_one_slot_give_exactly_one_acceptance(stack
     await eventually(lambda: _has(vendor, ROOMS[1], lambda b: b["id"] == winner["booking_id"]), 30, "the winner")
 
 
-async def test_a_create_retried_after_the_gateway_was_killed_books_once(sim_factory, hub, vendor, pki, tmp_path):
+async def test_a_create_retried_after_the_gateway_was_killed_books_once(sim_factory, hub, vendor, pki, tmp_path,
+                                                                         vault):
     # A slow attendant, so the gateway is killed after writing the meeting but before it could answer.
     ews = sim_factory(SimulatorConfig(rba_delay=4.0))
-    vault_path = tmp_path / "credentials.vault"
-    identity, relay = await enrolled(hub, pki, Vault(vault_path, parse_key(VAULT_KEY, "test key")))
+    identity, relay = await enrolled(hub, pki, vault)
     spec = {"ews_url": ews.url, "store": str(tmp_path / "gateway.sqlite"), "rooms": list(ROOMS),
-            "vault": str(vault_path), "vault_key": VAULT_KEY, "hub_url": relay.hub_url, "ca": str(pki.ca_file)}
+            "vault": str(vault.path), "vault_key": VAULT_KEY, "hub_url": relay.hub_url, "ca": str(pki.ca_file)}
     start, end = slot(6, 11)
     cmd = {"key": "crash-1", "type": "create", "room": ROOMS[0], "start": start, "end": end, "subject": "Retried",
            "organizer": {"email": "alice@contoso.com"}}

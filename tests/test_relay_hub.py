@@ -1,4 +1,4 @@
-"""The reference hub over real TLS, driven by a minimal gateway written here from docs/relay-protocol.md.
+"""The reference hub over real TLS, driven by a minimal gateway written from docs/relay-protocol.md (fake_gateway.py).
 
 Everything goes through sockets: the hub (aiohttp, TLS with the test CA), its SQLite file in tmp_path, a webhook
 receiver with its own TLS server, and the `gateway hub` administration commands on the hub's data directory.
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import io
 import json
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -28,191 +26,16 @@ from structlog.testing import capture_logs
 from gateway.errors import ConfigError
 from gateway.hub import cli as hubcli
 from gateway.hub import webhooks
-from gateway.hub.server import FRAME_HARD_LIMIT, HubSettings, RunningHub, start_hub
+from gateway.hub.server import FRAME_HARD_LIMIT, start_hub
 from gateway.hub.store import EventItem, HubStore
-from gateway.model import EVENT_TYPES, Booking, Event, to_json
+from gateway.model import EVENT_TYPES
 from gateway.relay import protocol
-from gateway.security.secret import Secret
 from tests.conftest import eventually
-
-ADMIN = "admin-token-for-tests-0123456789"
-ROOM = "room1@contoso.com"
-T0 = (datetime.now(UTC) + timedelta(days=2)).replace(hour=9, minute=0, second=0, microsecond=0)
+from tests.fake_gateway import ROOM, T0, FakeGateway, cloud_event, create_command, items
+from tests.hub_fixtures import ADMIN, Vendor
 
 
-# -- a minimal gateway -------------------------------------------------------------------------------------------
-class FakeGateway:
-    """The gateway's side of protocol v1, as small as it gets: enroll, handshake, send, receive."""
-
-    def __init__(self) -> None:
-        self.key = Ed25519PrivateKey.generate()
-        self.gateway_id: str | None = None
-
-    @staticmethod
-    def public_b64(key: Ed25519PrivateKey) -> str:
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return protocol.b64(raw)
-
-    @staticmethod
-    def key_id_of(key: Ed25519PrivateKey) -> str:
-        return protocol.key_id_for(protocol.unb64(FakeGateway.public_b64(key)))
-
-    @property
-    def key_id(self) -> str:
-        return self.key_id_of(self.key)
-
-    async def enroll(self, http: aiohttp.ClientSession, url: str, token: str,
-                     name: str = "test-gateway") -> tuple[int, dict[str, Any]]:
-        public = self.public_b64(self.key)
-        body = {"token": token, "public_key": public, "name": name,
-                "signature": protocol.b64(self.key.sign(protocol.signed_enrollment(token, public)))}
-        async with http.post(url + protocol.ENROLL_PATH, json=body) as resp:
-            doc = await resp.json()
-            if resp.status == 201:
-                self.gateway_id = doc["gateway_id"]
-            return resp.status, doc
-
-    async def connect(self, http: aiohttp.ClientSession, url: str, *, key: Ed25519PrivateKey | None = None,
-                      last_seq: int = 0, hello: dict[str, Any] | None = None) -> Link:
-        ws = await http.ws_connect(url.replace("https", "wss", 1) + protocol.TUNNEL_PATH,
-                                   protocols=(protocol.SUBPROTOCOL,))
-        link = Link(ws)
-        link.challenge = await link.recv()
-        assert link.challenge["type"] == "challenge"
-        key = key or self.key
-        key_id = self.key_id_of(key)
-        assert self.gateway_id is not None
-        signature = key.sign(protocol.signed_challenge(link.challenge["nonce"], self.gateway_id, key_id))
-        link.hello = hello or {"protocol": protocol.PROTOCOL_VERSION, "gateway_id": self.gateway_id,
-                               "key_id": key_id, "signature": protocol.b64(signature), "agent": "fake/1",
-                               "last_seq": last_seq}
-        await link.send("hello", **link.hello)
-        link.welcome = await link.recv()
-        return link
-
-
-class Link:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.challenge: dict[str, Any] = {}
-        self.hello: dict[str, Any] = {}
-        self.welcome: dict[str, Any] = {}
-        self.received: list[str] = []  # every text frame, for the schema tests
-
-    async def send(self, msg_type: str, **fields: Any) -> None:
-        await self.ws.send_str(protocol.encode(msg_type, **fields))
-
-    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        msg = await self.ws.receive(timeout=timeout)
-        if msg.type != aiohttp.WSMsgType.TEXT:
-            return {"type": "_closed", "code": self.ws.close_code}
-        self.received.append(msg.data)
-        return json.loads(msg.data)
-
-    async def closed(self, timeout: float = 10.0) -> int | None:
-        """Wait for the hub to close the connection; its close code."""
-        while True:
-            msg = await self.ws.receive(timeout=timeout)
-            if msg.type == aiohttp.WSMsgType.CLOSE:
-                return int(msg.data)  # the code in the hub's close frame
-            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
-                return self.ws.close_code
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                self.received.append(msg.data)
-
-    async def events(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        await self.send("events", events=items)
-        return await self.recv()
-
-    async def close(self) -> None:
-        await self.ws.close()
-
-
-def cloud_event(kind: str, uid: str, *, room: str = ROOM, start: datetime = T0, minutes: int = 60,
-                room_seq: int = 1, **booking: Any) -> dict[str, Any]:
-    """A booking (or room) event exactly as the gateway relays it: gateway.model's CloudEvent."""
-    if kind == "room_state":
-        data = {"room": room, "state": "verified", "reason": "", "remedy": ""}
-        ev = Event(id=str(uuid.uuid4()), type=EVENT_TYPES[kind], room=room, subject=room, time=datetime.now(UTC),
-                   data=data, sequence=room_seq)
-        return ev.to_cloudevent()
-    b = Booking(room=room, uid=uid, start=start, end=start + timedelta(minutes=minutes), subject="Standup",
-                **booking)
-    data = to_json(b)
-    if kind == "deleted":
-        data["reason"] = "removed_from_exchange"
-    ev = Event(id=str(uuid.uuid4()), type=EVENT_TYPES[kind], room=room, subject=b.id, time=datetime.now(UTC),
-               data=data, sequence=room_seq)
-    return ev.to_cloudevent()
-
-
-def items(events: list[dict[str, Any]], first_seq: int = 1) -> list[dict[str, Any]]:
-    return [{"seq": first_seq + n, "room_seq": first_seq + n, "event": e} for n, e in enumerate(events)]
-
-
-# -- fixtures ----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def hub_settings(tmp_path, pki) -> HubSettings:
-    return HubSettings(data_dir=tmp_path / "hub", host="127.0.0.1", port=0, cert_file=pki.cert_file,
-                       key_file=pki.key_file, admin_token=Secret(ADMIN), webhook_ca_file=pki.ca_file,
-                       revocation_check=0.1, heartbeat=5.0, hello_timeout=1.0, command_timeout=10.0,
-                       webhook_retry_base=0.05, webhook_retry_max=0.2, sse_keepalive=0.3)
-
-
-@pytest.fixture
-async def hub(hub_settings) -> AsyncIterator[RunningHub]:
-    running = await start_hub(hub_settings)
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def http(pki) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=pki.client_context())) as session:
-        yield session
-
-
-class Vendor:
-    """The operator's and the booking system's HTTP calls."""
-
-    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
-        self.http = http
-        self.url = url
-
-    async def call(self, method: str, path: str, *, token: str | None = ADMIN, body: Any = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        hdrs = dict(headers or {})
-        if token is not None:
-            hdrs["Authorization"] = f"Bearer {token}"
-        async with self.http.request(method, self.url + path, json=body, headers=hdrs) as resp:
-            return resp.status, await resp.json()
-
-    async def customer(self, customer: str = "contoso") -> str:
-        """Add a customer and return an API key for it."""
-        status, _ = await self.call("POST", "/admin/v1/customers", body={"id": customer, "name": customer.title()})
-        assert status == 201
-        status, doc = await self.call("POST", f"/admin/v1/customers/{customer}/api-keys")
-        assert status == 201
-        return str(doc["key"])
-
-    async def token(self, customer: str = "contoso", ttl: float | None = None) -> str:
-        status, doc = await self.call("POST", f"/admin/v1/customers/{customer}/enrollment-tokens",
-                                      body={"ttl_seconds": ttl} if ttl else None)
-        assert status == 201, doc
-        return str(doc["token"])
-
-    async def gateway(self, customer: str = "contoso") -> FakeGateway:
-        gw = FakeGateway()
-        status, doc = await gw.enroll(self.http, self.url, await self.token(customer))
-        assert status == 201, doc
-        return gw
-
-
-@pytest.fixture
-def vendor(http, hub) -> Vendor:
-    return Vendor(http, hub.url)
-
-
+# -- helpers -----------------------------------------------------------------------------------------------------
 async def read_sse(resp: aiohttp.ClientResponse, count: int) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     current: dict[str, str] = {}
@@ -327,21 +150,25 @@ async def test_unknown_gateway_wrong_key_and_other_protocols_are_refused(vendor,
     await ws.close()
 
 
-async def test_handshake_without_hello_is_closed(vendor, http, hub):
-    ws = await http.ws_connect(hub.url.replace("https", "wss", 1) + protocol.TUNNEL_PATH,
-                               protocols=(protocol.SUBPROTOCOL,))
-    assert json.loads((await ws.receive()).data)["type"] == "challenge"
-    await ws.send_str(protocol.encode("events", events=[]))
-    error = json.loads((await ws.receive()).data)
-    assert error["code"] == "unexpected"
-    assert (await ws.receive()).data == 4400
+async def test_handshake_without_hello_is_closed(hub_settings, http):
+    running = await start_hub(replace(hub_settings, hello_timeout=0.5))  # the silence below lasts this long
+    try:
+        ws = await http.ws_connect(running.url.replace("https", "wss", 1) + protocol.TUNNEL_PATH,
+                                   protocols=(protocol.SUBPROTOCOL,))
+        assert json.loads((await ws.receive()).data)["type"] == "challenge"
+        await ws.send_str(protocol.encode("events", events=[]))
+        error = json.loads((await ws.receive()).data)
+        assert error["code"] == "unexpected"
+        assert (await ws.receive()).data == 4400
 
-    ws = await http.ws_connect(hub.url.replace("https", "wss", 1) + protocol.TUNNEL_PATH,
-                               protocols=(protocol.SUBPROTOCOL,))
-    await ws.receive()  # the challenge; then silence
-    error = json.loads((await ws.receive(timeout=10)).data)
-    assert error["code"] == "unexpected" and "hello" in error["message"]
-    assert (await ws.receive()).data == 4408
+        ws = await http.ws_connect(running.url.replace("https", "wss", 1) + protocol.TUNNEL_PATH,
+                                   protocols=(protocol.SUBPROTOCOL,))
+        await ws.receive()  # the challenge; then silence
+        error = json.loads((await ws.receive(timeout=10)).data)
+        assert error["code"] == "unexpected" and "hello" in error["message"]
+        assert (await ws.receive()).data == 4408
+    finally:
+        await running.close()
 
 
 async def test_a_new_connection_replaces_the_old_one(vendor, http, hub):
@@ -590,12 +417,6 @@ async def test_key_rotation_without_downtime(vendor, http, hub):
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
-def create_command(key: str = "cmd-1", **over: Any) -> dict[str, Any]:
-    return {"key": key, "type": "create", "room": "Room1@Contoso.com", "start": f"{T0:%Y-%m-%dT%H:%M:%SZ}",
-            "end": f"{T0 + timedelta(hours=1):%Y-%m-%dT%H:%M:%SZ}", "subject": "Planning",
-            "booker": {"name": "Kiosk"}, **over}
-
-
 async def test_commands_round_trip_to_the_gateway(vendor, http, hub):
     key = await vendor.customer()
     gw = await vendor.gateway()

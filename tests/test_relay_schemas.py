@@ -39,7 +39,8 @@ from gateway.model import (
 from gateway.ports import OutboxEntry
 from gateway.relay import protocol
 from gateway.relay.window import encode_event
-from tests.test_relay_hub import FakeGateway, Vendor, cloud_event, create_command, http, hub, hub_settings, items  # noqa: F401  (fixtures)
+from tests.fake_gateway import FakeGateway, cloud_event, create_command, items
+from tests.hub_fixtures import Vendor
 
 SCHEMAS = Path(gateway.__file__).parent / "schemas"
 RELAY = SCHEMAS / "relay"
@@ -99,7 +100,7 @@ def test_schema_enums_are_the_codes_constants():
 
 
 # -- what the hub sends ------------------------------------------------------------------------------------------
-async def test_every_message_the_hub_sends_follows_the_schema(http, hub):  # noqa: F811
+async def test_every_message_the_hub_sends_follows_the_schema(http, hub):
     vendor = Vendor(http, hub.url)
     key = await vendor.customer()
     gw = await vendor.gateway()

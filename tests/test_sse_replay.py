@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,14 +19,13 @@ import pytest
 from gateway import api as api_module
 from gateway.api import Api, EventHub
 from gateway.hub import server as hub_module
-from gateway.hub.server import HubSettings, RunningHub, start_hub
 from gateway.model import EVENT_TYPES, Booking, Event, Room, to_json
 from gateway.observability.metrics import Metrics
 from gateway.relay import protocol
-from gateway.security.secret import Secret
 from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
-from tests.test_relay_hub import ADMIN, Link, Vendor, cloud_event, items
+from tests.fake_gateway import Link, cloud_event, items
+from tests.hub_fixtures import Hub, Vendor
 
 ROOM = "room1@contoso.com"
 T0 = datetime(2031, 3, 10, 8, 0, tzinfo=UTC)
@@ -153,22 +152,7 @@ async def test_local_replay_reads_the_outbox_in_small_pages(local, monkeypatch) 
 
 
 # -- the hub -------------------------------------------------------------------------------------------------------
-@pytest.fixture
-async def hub(tmp_path: Path, pki: Any) -> AsyncIterator[RunningHub]:
-    running = await start_hub(HubSettings(data_dir=tmp_path / "hub", host="127.0.0.1", port=0,
-                                          cert_file=pki.cert_file, key_file=pki.key_file,
-                                          admin_token=Secret(ADMIN)))
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def http(pki: Any) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=pki.client_context())) as session:
-        yield session
-
-
-async def hub_with_events(http: aiohttp.ClientSession, hub: RunningHub, n: int) -> tuple[str, Link]:
+async def hub_with_events(http: aiohttp.ClientSession, hub: Hub, n: int) -> tuple[str, Link]:
     vendor = Vendor(http, hub.url)
     key = await vendor.customer()
     gw = await vendor.gateway()
@@ -180,7 +164,7 @@ async def hub_with_events(http: aiohttp.ClientSession, hub: RunningHub, n: int) 
     return key, link
 
 
-def hub_stream(http: aiohttp.ClientSession, hub: RunningHub, key: str, last_event_id: str | None = None) -> Any:
+def hub_stream(http: aiohttp.ClientSession, hub: Hub, key: str, last_event_id: str | None = None) -> Any:
     headers = {"Authorization": f"Bearer {key}"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id

@@ -71,12 +71,24 @@ class SimulatorThread:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(run(), self.loop)
         return fut.result(timeout=60)
 
+    async def _cleanup(self) -> None:
+        assert self._runner is not None
+        server = self._runner.server
+        transports = [h.transport for h in server.connections if h.transport] if server is not None else []
+        await self._runner.cleanup()
+        # A TLS connection is still shutting down when cleanup returns and would outlive the loop: end it now.
+        for transport in transports:
+            transport.abort()
+        await asyncio.sleep(0)  # abort() closes the socket on the next turn of the loop
+
     def stop(self) -> None:
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(self._cleanup(), self.loop).result(timeout=30)
             self._runner = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()  # its selector and self-pipe, which would otherwise leak until garbage collection
 
     def __enter__(self) -> SimulatorThread:
         return self.start()
