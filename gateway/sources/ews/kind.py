@@ -39,9 +39,8 @@ class EwsKind:
     def open(self, spec: SourceSpec, feed: FeedSettings) -> OpenedSource:
         if not isinstance(spec.settings, EwsSettings):
             raise TypeError(f"source {spec.name}: an ews source needs EwsSettings, not {type(spec.settings).__name__}")
-        streams = max(1, len(spec.rooms) // max(1, feed.group_size) + 2) if feed.mode == "streaming" else 0
-        source = EwsSource(spec.settings, spec.secret or "", extra_connections=streams,
-                           calls=CallCounter(self.metrics.call))
+        # The streaming feed grows the source's session pool for each stream it opens (make_room_for_streams).
+        source = EwsSource(spec.settings, spec.secret or "", calls=CallCounter(self.metrics.call))
         current: list[StreamingFeed | PullFeed | None] = [None]
 
         def new_feed() -> StreamingFeed | PullFeed | None:

@@ -298,14 +298,13 @@ class _RawSyncFolderItems(SyncFolderItems):
 class EwsSource:
     """A CalendarSource for on-premise Exchange 2013-2019."""
 
-    def __init__(self, settings: EwsSettings, password: str, *, extra_connections: int = 0,
-                 calls: CallCounter | None = None) -> None:
+    def __init__(self, settings: EwsSettings, password: str, *, calls: CallCounter | None = None) -> None:
         register_properties()
         self.settings = settings
         self.calls = calls or CallCounter()  # this source's EWS requests (its pool's threads report to it)
         if settings.ca_bundle:
             patches.trust(settings.ews_url, settings.ca_bundle)
-        self._connections = settings.max_workers + extra_connections
+        self._connections = settings.max_workers  # grown by make_room_for_streams as streams open
         self.config = self._configuration(password)
         self.tz = EWSTimeZone(settings.default_timezone)
         self._pool = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="ews", initializer=self.bind_calls)
