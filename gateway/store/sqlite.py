@@ -68,6 +68,19 @@ def _mapped_errors() -> Iterator[None]:
                                  "(every room then resyncs from Exchange)") from e
 
 
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction, its lock taken up front (BEGIN IMMEDIATE); rolled back on any failure."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+            conn.execute("ROLLBACK")
+        raise
+
+
 class SqliteStore:
     """The gateway's durable state in one SQLite file (WAL mode).
 
@@ -115,16 +128,9 @@ class SqliteStore:
     def _check_writable(self) -> None:
         """A database file the gateway may read but not write opens read-only without a word: fail at start-up
         rather than at the first sync. Rewriting the schema version is a write that changes nothing."""
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(self._writer) as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             conn.execute(f"PRAGMA user_version={int(version)}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     @contextmanager
     def _opening(self) -> Iterator[None]:
@@ -152,15 +158,8 @@ class SqliteStore:
         with self._write_lock, _mapped_errors():
             if self._closed:
                 raise RuntimeError("the store is closed")
-            conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(self._writer) as conn:
                 yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
-                    conn.execute("ROLLBACK")
-                raise
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -204,11 +203,10 @@ class SqliteStore:
 
     # -- schema -----------------------------------------------------------------------------------------------
     def _migrate(self) -> None:
-        conn = self._writer
         steps = migrations.MIGRATIONS
         for version, script in enumerate(steps, start=1):
-            conn.execute("BEGIN IMMEDIATE")  # taken before reading the version: two processes never both migrate
-            try:
+            # The write lock is taken before the version is read: two processes never both migrate.
+            with _immediate(self._writer) as conn:
                 current = conn.execute("PRAGMA user_version").fetchone()[0]
                 if current > len(steps):
                     raise ConfigError(
@@ -221,11 +219,6 @@ class SqliteStore:
                     for statement in migrations.statements(script):
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version={version}")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
 
     def schema_version(self) -> int:
         with self._read() as conn:
