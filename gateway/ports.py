@@ -245,6 +245,76 @@ class Capabilities:
     token_window: bool = False
 
 
+# -- notifications from outside (Graph webhooks, received by the hub and forwarded over the tunnel) -----------------
+@dataclass(frozen=True, slots=True)
+class Poke:
+    """A change notification that reached the gateway from outside: the JSON body Microsoft Graph POSTed to the
+    hub, forwarded unchanged over the tunnel. Untrusted: it is only a trigger (a source checks the clientState it
+    chose and runs the room's delta); nothing it carries is taken as data."""
+
+    body: dict[str, Any]
+    lifecycle: bool  # posted to the lifecycle URL (reauthorizationRequired, subscriptionRemoved, missed)
+    received_at: datetime
+
+
+class NotificationInbox(Protocol):
+    """Where pokes arrive (the relay's tunnel, gateway/relay/inbox.py), as a source sees it."""
+
+    def urls(self) -> tuple[str, str] | None:
+        """(notificationUrl, lifecycleNotificationUrl) for Graph subscriptions: public HTTPS URLs on the hub that
+        forward to this gateway; None when no hub is configured."""
+        ...
+
+    def connected(self) -> bool:
+        """Whether pokes can arrive now (the tunnel to the hub is up)."""
+        ...
+
+    def listen(self, on_poke: Callable[[Poke], None], on_connected: Callable[[bool], None]) -> Callable[[], None]:
+        """Call ``on_poke`` for each poke and ``on_connected`` when the tunnel goes up (True) or down (False), on
+        the event loop; returns a function that stops listening."""
+        ...
+
+
+# -- credentials and when they stop working ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CredentialExpiry:
+    """When one credential the gateway uses stops working, where that can be known."""
+
+    credential: str  # stable label: "source:onprem", "directory:corp", "relay"
+    kind: str  # password, client_secret, certificate, relay_key
+    expires_at: datetime | None  # None with known=True: it never expires
+    known: bool = True  # False: it cannot be known here (``detail`` says why)
+    locked_out: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountStatus:
+    """A directory account as the directory sees it (for AD: msDS-UserPasswordExpiryTimeComputed, lockoutTime,
+    badPwdCount, userAccountControl)."""
+
+    name: str  # as asked (DN, UPN or DOMAIN\\user)
+    password_expires_at: datetime | None  # None: the password never expires
+    locked_out: bool = False
+    disabled: bool = False
+    bad_password_count: int = 0
+
+
+class AccountLookup(Protocol):
+    """Accounts in the organisation's directory (an LDAP directory implements it); the credential watch asks it
+    about each service account a source logs on with."""
+
+    async def account(self, name: str) -> AccountStatus:
+        """The account by DN, UPN or DOMAIN\\user; NotFound if the directory has no such account."""
+        ...
+
+
+class CredentialProbe(Protocol):
+    """Something that knows when its own credentials end (a Graph source: its certificate or secret)."""
+
+    async def credential_expiry(self) -> list[CredentialExpiry]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SourceSpec:
     """One configured source as the wiring hands it to its kind: its name, the kind's own settings (for ews an
@@ -259,6 +329,8 @@ class SourceSpec:
     # The secret read afresh (from the vault): while the source's credentials are refused the wiring reads it again
     # now and then and hands a changed one to the source (``OpenedSource.set_secret``).
     reread_secret: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    # Pokes from outside (Graph webhooks through the hub); None when no relay is configured.
+    inbox: NotificationInbox | None = field(default=None, repr=False, compare=False)
 
 
 class Outage(Protocol):
@@ -297,6 +369,7 @@ class OpenedSource:
     new_feed: Callable[[], ChangeFeed | None] | None = None
     outage: Outage | None = None  # the source's shared failures, when it tells them apart
     set_secret: Callable[[str], None] | None = None  # new credentials (re-read while the old ones are refused)
+    credentials: CredentialProbe | None = None  # when its credentials end, where the source itself can know
 
 
 class SourceKind(Protocol):
