@@ -24,7 +24,8 @@ from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_P
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.memory import MemorySource
 
-pytest_plugins = ["tests.hub_fixtures"]  # the reference hub: hub_settings, hub, customer, http, vendor
+pytest_plugins = ["tests.hub_fixtures",  # the reference hub: hub_settings, hub, customer, http, vendor
+                  "tests.ldap_server"]  # Active Directory (Samba): samba
 
 TZ = EWSTimeZone("Europe/Berlin")
 
