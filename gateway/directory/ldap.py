@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
@@ -46,6 +46,7 @@ from gateway.errors import (
 from gateway.model import Person
 from gateway.ports import AccountStatus, RoomInfo, RoomList
 from gateway.retry import Backoff
+from gateway.sync.people import DirectoryPerson, DirectoryRoom
 
 log = structlog.get_logger("gateway.directory")
 T = TypeVar("T")
@@ -60,7 +61,7 @@ PEOPLE = "(&(objectCategory=person)(objectClass=user)(mail=*))"
 NOT_RESOURCES = f"(!(msExchRecipientTypeDetails={ROOM_MAILBOX}))(!(msExchRecipientTypeDetails={EQUIPMENT_MAILBOX}))"
 ROOMS = f"(&(objectCategory=person)(objectClass=user)(mail=*)(msExchRecipientTypeDetails={ROOM_MAILBOX}))"
 ROOM_LISTS = f"(&(objectClass=group)(msExchRecipientTypeDetails={ROOM_LIST}))"
-PERSON_ATTRS = ["objectGUID", "mail", "displayName", "department", "manager", "userPrincipalName",
+PERSON_ATTRS = ["objectGUID", "distinguishedName", "mail", "displayName", "department", "manager", "userPrincipalName",
                 "userAccountControl", "uSNChanged", "title", "telephoneNumber"]
 ROOM_ATTRS = ["objectGUID", "mail", "displayName", "msExchResourceCapacity", "physicalDeliveryOfficeName",
               "memberOf", "userAccountControl", "uSNChanged"]
@@ -86,33 +87,6 @@ class LdapSettings:
     max_workers: int = 2
     auth_retry_seconds: float = 300.0  # after a refused bind: first wait before the next attempt (doubles)
     auth_max_retry_seconds: float = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class DirectoryPerson:
-    """A person as the directory sync sees them (objectGUID: the stable id)."""
-
-    id: str
-    email: str
-    name: str | None
-    upn: str | None
-    department: str | None
-    manager: str | None  # the manager's DN (the sync turns it into an address)
-    enabled: bool
-    usn: int = field(default=0, compare=False)
-    title: str | None = None
-    phone: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DirectoryRoom:
-    id: str
-    email: str
-    name: str | None
-    capacity: int | None
-    location: str | None
-    room_lists: tuple[str, ...]  # the DNs of the groups it belongs to directly
-    usn: int = field(default=0, compare=False)
 
 
 def first(entry: dict[str, Any], name: str) -> Any:
@@ -328,15 +302,15 @@ class LdapDirectory:
         scope: Scope
         if "\\" in name:
             query, base, scope = (user.format(f"(sAMAccountName={escape_filter_chars(name.split(chr(92), 1)[1])})"),
-                                  self.settings.base_dn, ldap3.SUBTREE)
+                                  self.settings.base_dn, "SUBTREE")
         elif "@" in name:
             query, base, scope = (user.format(f"(userPrincipalName={escape_filter_chars(name)})"),
-                                  self.settings.base_dn, ldap3.SUBTREE)
+                                  self.settings.base_dn, "SUBTREE")
         elif "=" in name:
-            query, base, scope = "(objectClass=user)", name, ldap3.BASE
+            query, base, scope = "(objectClass=user)", name, "BASE"
         else:
             query, base, scope = (user.format(f"(sAMAccountName={escape_filter_chars(name)})"),
-                                  self.settings.base_dn, ldap3.SUBTREE)
+                                  self.settings.base_dn, "SUBTREE")
         try:
             found = self.search(conn, base, query, ACCOUNT_ATTRS, scope)
         except lx.LDAPNoSuchObjectResult:
@@ -348,7 +322,7 @@ class LdapDirectory:
 
     def _within_lockout(self, conn: ldap3.Connection, locked_at: datetime) -> bool:
         """Whether a lockout recorded at ``locked_at`` still holds under the domain's lockoutDuration."""
-        domain = self.search(conn, self.settings.base_dn, "(objectClass=*)", ["lockoutDuration"], ldap3.BASE)
+        domain = self.search(conn, self.settings.base_dn, "(objectClass=*)", ["lockoutDuration"], "BASE")
         duration = first(domain[0], "lockoutDuration") if domain else None
         if isinstance(duration, timedelta):
             length = abs(duration)
@@ -415,11 +389,12 @@ class LdapDirectory:
             parts.append(f"(uSNChanged>={since_usn + 1})")
         return "(&" + "".join(p for p in parts if p) + ")"
 
-    async def highest_usn(self) -> int:
-        """The DC's highestCommittedUSN: an incremental read from here sees every later change (on this DC)."""
-        def read(conn: ldap3.Connection) -> int:
-            root = self.search(conn, "", "(objectClass=*)", ["highestCommittedUSN", "dsServiceName"], ldap3.BASE)
-            return _int(first(root[0], "highestCommittedUSN")) or 0
+    async def highest_usn(self) -> tuple[int, str]:
+        """(the DC's highestCommittedUSN, the DC's identity): an incremental read from that counter sees every
+        later change, on that DC (each DC counts its own)."""
+        def read(conn: ldap3.Connection) -> tuple[int, str]:
+            root = self.search(conn, "", "(objectClass=*)", ["highestCommittedUSN", "dsServiceName"], "BASE")
+            return _int(first(root[0], "highestCommittedUSN")) or 0, str(first(root[0], "dsServiceName") or "")
         return await self.run(read)
 
     async def read_people(self, since_usn: int | None = None) -> list[DirectoryPerson]:
@@ -451,8 +426,8 @@ class LdapDirectory:
         return DirectoryPerson(id=_guid(first(e, "objectGUID")), email=str(first(e, "mail")).lower(),
                                name=first(e, "displayName"), upn=first(e, "userPrincipalName"),
                                department=first(e, "department"), manager=first(e, "manager"),
-                               enabled=not uac & ACCOUNTDISABLE, usn=_int(first(e, "uSNChanged")) or 0,
-                               title=first(e, "title"), phone=first(e, "telephoneNumber"))
+                               enabled=not uac & ACCOUNTDISABLE, dn=str(e["dn"]), title=first(e, "title"),
+                               phone=first(e, "telephoneNumber"), usn=_int(first(e, "uSNChanged")) or 0)
 
     @staticmethod
     def _room(e: dict[str, Any]) -> DirectoryRoom:
