@@ -47,6 +47,7 @@ from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, RelayConfig
 from gateway.credentials import open_vault, resolve_secret
+from gateway.directory_service import DirectoryOptions, DirectoryRunner, directory_options, open_directory
 from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
@@ -102,6 +103,7 @@ class GatewayOptions:
     password_source: Callable[[], str] | None = field(default=None, repr=False)
     password_check_seconds: float = 30.0
     feed_restart_seconds: float = 5.0  # first back-off before a change feed that failed is started again
+    directory: DirectoryOptions | None = None  # the organisation's directory (people, rooms), if configured
 
     @property
     def calendar_sources(self) -> tuple[SourceSpec, ...]:
@@ -186,6 +188,7 @@ API = web.AppKey("api", Api)
 COMMANDS = web.AppKey("commands", CommandService)
 TUNNEL = web.AppKey[Tunnel | None]("tunnel")
 GATEWAY = web.AppKey("gateway", Gateway)
+DIRECTORY = web.AppKey[DirectoryRunner | None]("directory")
 
 
 def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
@@ -233,6 +236,7 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         identity=identity,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
+        directory=directory_options(cfg, environ),
     )
 
 
@@ -385,10 +389,13 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                 tunnel = app[TUNNEL]
                 return str(tunnel.status()["state"]) if tunnel is not None else ""
 
+            directory = options.directory
+            people = None if directory is None else lambda: sorted(
+                (k.data for k in store.people(directory.stream).values()), key=lambda d: d["email"])
             api = Api(store, metrics, app[EVENTS], room_states=room_states, ready=lambda: app[GATEWAY].readiness(),
                       commands=app[COMMANDS] if options.commands.enabled else None,
                       loopback_only=options.api_loopback_only,
-                      relay_state=relay_state if options.relay.enabled else None)
+                      relay_state=relay_state if options.relay.enabled else None, people=people)
             collector = StateCollector(
                 rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
                 outbox=store.outbox_stats if options.relay.enabled else None,  # only a hub acknowledges
@@ -398,6 +405,20 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         yield
         metrics.registry.unregister(collector)
         api.close()
+
+    async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
+        if options.directory is None:
+            app[DIRECTORY] = None
+            yield
+            return
+        directory = open_directory(options.directory)
+        runner = app[DIRECTORY] = DirectoryRunner(options.directory, directory, app[STORE],
+                                                  source=options.source_name, listeners=[app[EVENTS].notify])
+        task = asyncio.get_running_loop().create_task(runner.run(), name=f"directory:{options.directory.name}")
+        watch_task(f"directory:{options.directory.name}", task)
+        yield
+        await _stopped(task)
+        await directory.close()
 
     async def tunnel_ctx(app: web.Application) -> AsyncIterator[None]:
         if not options.relay.enabled:
@@ -438,7 +459,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     app.cleanup_ctx.extend(source_ctx(spec) for spec in specs)
     app.cleanup_ctx.append(coordinator_ctx)
     app.cleanup_ctx.extend(feed_ctx(spec.name) for spec in specs)
-    app.cleanup_ctx.extend((api_ctx, tunnel_ctx, housekeeping_ctx, gateway_ctx))
+    app.cleanup_ctx.extend((api_ctx, directory_ctx, tunnel_ctx, housekeeping_ctx, gateway_ctx))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         api = request.app.get(API)
