@@ -424,3 +424,107 @@ def samba(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaDC]:
     with samba_dc(tmp_path_factory.mktemp("samba")) as dc:
         dc.expire_soon()
         yield dc
+
+
+# -- OpenLDAP: where a size limit bites ------------------------------------------------------------------------
+SLAPD_BASE = "dc=example,dc=test"
+SLAPD_ADMIN = f"cn=admin,{SLAPD_BASE}"  # the rootdn: no limits hold for it
+SLAPD_READER = f"uid=reader,{SLAPD_BASE}"  # an ordinary account: the size limit holds
+SLAPD_SIZE_LIMIT = 100
+
+
+@dataclass
+class Slapd:
+    url: str  # ldap:// (StartTLS)
+    ca: Path
+    proc: subprocess.Popen[bytes]
+    server_name: str = "ldap.example.test"
+
+
+def _tls_files(folder: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for ``name`` signed by it: (ca, cert, key)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test LDAP CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(hours=1))
+          .not_valid_after(now + timedelta(days=2)).add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                                                  critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(paths[2], 0o600)
+    return paths
+
+
+@contextlib.contextmanager
+def slapd(tmp: Path, people: int) -> Iterator[Slapd]:
+    """An OpenLDAP server (unprivileged, any port) holding ``people`` inetOrgPersons under ou=People and refusing
+    to return more than SLAPD_SIZE_LIMIT entries to a search that is not paged."""
+    if shutil.which("slapd") is None and not Path("/usr/sbin/slapd").exists():
+        pytest.skip("no slapd: install the packages in packaging/test-packages.txt (scripts/test.sh does)")
+    folder = tmp / "slapd"
+    (folder / "db").mkdir(parents=True)
+    ca, cert, key = _tls_files(folder, "ldap.example.test")
+    conf = folder / "slapd.conf"
+    conf.write_text(f"""
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/inetorgperson.schema
+modulepath /usr/lib/ldap
+moduleload back_mdb
+pidfile {folder}/slapd.pid
+TLSCACertificateFile {ca}
+TLSCertificateFile {cert}
+TLSCertificateKeyFile {key}
+sizelimit size.soft={SLAPD_SIZE_LIMIT} size.hard={SLAPD_SIZE_LIMIT} size.prtotal=unlimited
+database mdb
+maxsize 104857600
+suffix "{SLAPD_BASE}"
+rootdn "{SLAPD_ADMIN}"
+rootpw {PASSWORD}
+directory {folder}/db
+""")
+    entries = [f"dn: {SLAPD_BASE}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: Example\n",
+               f"dn: ou=People,{SLAPD_BASE}\nobjectClass: organizationalUnit\nou: People\n",
+               f"dn: {SLAPD_READER}\nobjectClass: inetOrgPerson\nuid: reader\ncn: Reader\nsn: Reader\n"
+               f"userPassword: {PASSWORD}\n"]
+    entries += [f"dn: uid=p{i:05d},ou=People,{SLAPD_BASE}\nobjectClass: inetOrgPerson\nuid: p{i:05d}\n"
+                f"cn: Person {i}\nsn: {i}\nmail: p{i:05d}@example.test\n" for i in range(people)]
+    (folder / "data.ldif").write_text("\n".join(entries))
+    _run(["slapadd", "-q", "-f", str(conf), "-l", str(folder / "data.ldif")], "slapadd")
+    port = _free_port()
+    proc = subprocess.Popen(["slapd", "-d", "0", "-f", str(conf), "-h", f"ldap://127.0.0.1:{port}/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"slapd ended ({proc.returncode})")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("slapd did not listen within 30 s")
+            time.sleep(0.05)
+        yield Slapd(f"ldap://127.0.0.1:{port}", ca, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

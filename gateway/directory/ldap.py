@@ -256,6 +256,9 @@ class LdapDirectory:
             self.requests += 1
             conn.search(base, query, search_scope=scope, attributes=list(attrs), paged_size=self.settings.page_size,
                         paged_cookie=cookie)
+            if conn.result.get("description") == "sizeLimitExceeded":  # ldap3 does not raise it: a partial answer
+                what = conn.result.get("message") or "sizeLimitExceeded"
+                raise lx.LDAPSizeLimitExceededResult(f"{what} (base {base})")
             for entry in conn.response or ():
                 if entry.get("type") == "searchResEntry":
                     found.append({"dn": entry["dn"], **entry["attributes"]})
