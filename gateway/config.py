@@ -579,6 +579,13 @@ class DirectoryConfig:
         default=None, description="only members of this group (its DN), nested membership included")
     rooms_base: Text | None = Field(default=None, description="where room mailboxes are searched (default: base_dn)")
     rooms_filter: LdapFilter = Field(default="", description="ANDed to the room search")
+    room_list: Email | None = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="only the rooms of this room list (its address), nested lists included")
+    rooms_source: Text | None = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="the calendar source that syncs the rooms the directory finds (rooms_base, rooms_filter, "
+                    "room_list): a room added in AD is connected, a room removed is dropped, without a restart")
     drop_fields: Annotated[tuple[Text, ...], _AS_LIST, AfterValidator(_person_fields)] = Field(
         default=(), description="what of a person never leaves the building (privacy): name, upn, department, "
                                 "manager, title, phone")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ from gateway.directory.ldap import LdapDirectory, LdapSettings
 from gateway.errors import AuthError, ConfigError, GatewayError, NotFound
 from gateway.ports import AccountStatus, CredentialExpiry, OutboxEntry
 from gateway.retry import Backoff
-from gateway.sync.people import PeopleStore, PeopleSync, stream_of
+from gateway.sync.people import DirectoryRoom, PeopleStore, PeopleSync, stream_of
 
 log = structlog.get_logger("gateway.directory")
 
@@ -40,6 +40,7 @@ class DirectoryOptions:
     sync_seconds: float = 300.0
     full_seconds: float = 86400.0
     reread_secret: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    rooms_source: str | None = None  # the calendar source that syncs the rooms the directory finds
 
     @property
     def stream(self) -> str:
@@ -55,6 +56,7 @@ def ldap_settings(d: DirectoryConfig) -> LdapSettings:
                         ca_file=str(d.ca_bundle) if d.ca_bundle else None, server_name=d.server_name,
                         start_tls=d.start_tls, people_base=d.people_base, people_filter=d.people_filter,
                         people_group=d.people_group, rooms_base=d.rooms_base, rooms_filter=d.rooms_filter,
+                        room_list=d.room_list,
                         timeout_seconds=d.timeout_seconds, max_workers=d.max_concurrent_requests)
 
 
@@ -66,6 +68,7 @@ def directory_options(cfg: Config, env: Mapping[str, str]) -> DirectoryOptions |
     return DirectoryOptions(name=d.name, settings=ldap_settings(d),
                             password=resolve_secret(ref, vault, env).reveal(), drop=tuple(d.drop_fields),
                             sync_seconds=d.sync_interval_seconds, full_seconds=d.full_compare_interval_seconds,
+                            rooms_source=d.rooms_source,
                             reread_secret=lambda: resolve_secret(ref, vault, env).reveal())
 
 
@@ -86,8 +89,10 @@ class DirectoryRunner:
     back-off after a failure. A refused bind costs one attempt; the directory itself holds further ones back."""
 
     def __init__(self, options: DirectoryOptions, directory: LdapDirectory, store: PeopleStore, *,
-                 source: str, listeners: Sequence[Callable[[list[OutboxEntry]], None]] = ()) -> None:
+                 source: str, listeners: Sequence[Callable[[list[OutboxEntry]], None]] = (),
+                 on_rooms: Callable[[list[DirectoryRoom]], Awaitable[None]] | None = None) -> None:
         self.options = options
+        self.on_rooms = on_rooms  # the rooms found, each sync (the wiring connects and drops rooms)
         self.directory = directory
         self.people = PeopleSync(directory, store, directory=options.name, drop=options.drop,
                                  full_seconds=options.full_seconds, source=source, listeners=listeners)
@@ -105,6 +110,8 @@ class DirectoryRunner:
             self._wake.clear()
             try:
                 await self.people.sync()
+                if self.on_rooms is not None:
+                    await self.on_rooms(await self.directory.read_rooms())
                 self.syncs += 1
                 if self.failure is not None:
                     log.info("directory.recovered", directory=self.options.name)

@@ -16,9 +16,12 @@ import pytest
 import yaml
 
 from gateway import cli
-from gateway.app import DIRECTORY, STORE, GatewayOptions, init_app
+from gateway.app import DIRECTORY, STORE, GatewayOptions, init_app, start_gateway, stop_gateway
 from gateway.config import load_config
+from gateway.directory.ldap import LdapSettings
 from gateway.directory_service import DirectoryOptions, ldap_settings
+from gateway.ports import SourceSpec
+from gateway.sources.memory import MemorySource
 from gateway.store.apikeys import ApiKeys
 from tests.conftest import eventually
 from tests.ldap_server import (
@@ -32,7 +35,9 @@ from tests.ldap_server import (
     ROOMS_OU,
     SERVER_NAME,
     SambaDC,
+    group_ldif,
     person_ldif,
+    room_ldif,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ldap")]
@@ -165,3 +170,44 @@ async def test_without_a_directory_people_are_not_found(tmp_path: Path, aiohttp_
 def test_bind_dn_is_accepted_in_the_configuration(tmp_path: Path, samba: SambaDC) -> None:
     cfg = load_config(config_file(tmp_path, samba, bind=BIND_DN), {"LDAP_PASSWORD": PASSWORD})
     assert cfg.directory is not None and cfg.directory.bind == BIND_DN
+
+
+async def test_a_room_added_to_a_room_list_in_ad_is_synced_without_a_restart_and_one_removed_leaves(
+        tmp_path: Path, samba: SambaDC, ou: str) -> None:
+    rooms = [f"r{uuid.uuid4().hex[:6]}{i}" for i in range(3)]
+    listed = f"list-{uuid.uuid4().hex[:6]}@{MAIL}"
+    samba.add(room_ldif(rooms[0], ou, name="Room A", capacity=4) + room_ldif(rooms[1], ou, name="Room B")
+              + room_ldif(rooms[2], ou, name="Room C")
+              + group_ldif(f"List {listed}", ou, [f"CN=Room A,{ou}", f"CN=Room B,{ou}"], mail=listed, room_list=True))
+    exchange = MemorySource()
+    for r in rooms:
+        exchange.add_room(f"{r}@{MAIL}", r)
+    exchange.add_room(f"fixed@{MAIL}", "Fixed")
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
+                            server_name=SERVER_NAME, people_base=ou, room_list=listed)
+    options = GatewayOptions(sources=(SourceSpec("onprem", "memory", exchange, rooms=(f"fixed@{MAIL}",)),),
+                             store_path=tmp_path / "gateway.sqlite", feed="poll",
+                             directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600,
+                                                        rooms_source="onprem"))
+    gw = await start_gateway(options)
+    try:
+        assert gw.rooms == sorted([f"fixed@{MAIL}", f"{rooms[0]}@{MAIL}", f"{rooms[1]}@{MAIL}"])
+        await eventually(lambda: all(w.state == "verified" for w in gw.coordinator.workers.values()),
+                         what="every room verified")
+        assert gw.runner is not None
+        runner = gw.runner.app[DIRECTORY]
+        assert runner is not None
+        conn = samba.connect()
+        conn.modify(f"CN=List {listed},{ou}", {"member": [(ldap3.MODIFY_ADD, [f"CN=Room C,{ou}"]),
+                                                           (ldap3.MODIFY_DELETE, [f"CN=Room A,{ou}"])]})
+        conn.unbind()
+        runner.sync_now()
+        want = sorted([f"fixed@{MAIL}", f"{rooms[1]}@{MAIL}", f"{rooms[2]}@{MAIL}"])
+        await eventually(lambda: gw.rooms == want, what="the room list's change in AD applied")
+        assert sorted(gw.coordinator.workers) == want
+        assert sorted(gw.sources["onprem"].rooms) == want
+        await eventually(lambda: gw.coordinator.workers[f"{rooms[2]}@{MAIL}"].state == "verified",
+                         what="the new room synced")
+        assert f"{rooms[0]}@{MAIL}" not in {r.email for r in gw.store.rooms()}  # released
+    finally:
+        await stop_gateway(gw)

@@ -81,7 +81,8 @@ class LdapSettings:
     people_filter: str = ""  # ANDed to the people query, e.g. (department=Sales)
     people_group: str | None = None  # a group's DN: its members, nested membership included
     rooms_base: str | None = None  # default: base_dn
-    rooms_filter: str = ""  # ANDed to the room query, e.g. (memberOf:1.2.840.113556.1.4.1941:=CN=Rooms HQ,…)
+    rooms_filter: str = ""  # ANDed to the room query, e.g. (physicalDeliveryOfficeName=HQ*)
+    room_list: str | None = None  # only the rooms of this room list (its address), nested lists included
     page_size: int = 500
     timeout_seconds: float = 15.0
     max_workers: int = 2
@@ -408,10 +409,13 @@ class LdapDirectory:
         return await self.run(read)
 
     async def read_rooms(self) -> list[DirectoryRoom]:
-        """Every room mailbox in scope (rooms_base, rooms_filter)."""
+        """Every room mailbox in scope (rooms_base, rooms_filter, room_list)."""
         def read(conn: ldap3.Connection) -> list[DirectoryRoom]:
             s = self.settings
-            query = f"(&{ROOMS}{s.rooms_filter})" if s.rooms_filter else ROOMS
+            member = ""
+            if s.room_list:
+                member = f"(memberOf:{IN_CHAIN}:={escape_filter_chars(self._room_list_dn(conn, s.room_list))})"
+            query = f"(&{ROOMS}{s.rooms_filter}{member})"
             return [self._room(e) for e in self.search(conn, s.rooms_base or s.base_dn, query, ROOM_ATTRS)]
         return await self.run(read)
 
