@@ -1,0 +1,101 @@
+"""The control API's Graph part (``/control/graph/...``): what a test does to Exchange Online and Entra ID —
+expire the client secret, start a throttling storm, apply an application access policy, expire delta tokens,
+shorten subscriptions and fire lifecycle events. Handlers take (request, Control, body) like control.py's."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.simulator.control import Control
+
+Handler = Callable[[web.Request, "Control", dict[str, Any]], Awaitable[Any]]
+
+
+def _error(message: str, code: str = "bad_request", status: int = 400) -> Exception:
+    from gateway.simulator.control import ControlError
+
+    return ControlError(status, code, message)
+
+
+def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise _error(f"unknown field(s) {unknown}; allowed: {list(allowed)}", "unknown_field")
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise _error(f"{name}: expected a number between {lo} and {hi}", "out_of_range")
+    return float(value)
+
+
+def state(ctl: Control) -> dict[str, Any]:
+    graph = ctl.sim.graph
+    app = graph.tokens.apps[graph.config.client_id]
+    return {
+        "graph_url": graph.graph_url, "authority": graph.authority, "tenant_id": graph.config.tenant_id,
+        "client_id": graph.config.client_id, "secret_expired": app.secret_expired,
+        "certificates": len(set(app.certificates.values())), "tokens_issued": graph.tokens.issued,
+        "throttled": graph.limits.throttled,
+        "access_policy": sorted(graph.limits.policy) if graph.limits.policy is not None else None,
+        "calls": {f"{route} {status}": n for (route, status), n in sorted(graph.calls.items())},
+    }
+
+
+async def _state(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    return state(ctl)
+
+
+async def _credentials(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    _only(body, ("secret_expired", "remove_certificates", "expire_tokens"))
+    graph = ctl.sim.graph
+    app = graph.tokens.apps[graph.config.client_id]
+    if "secret_expired" in body:
+        if not isinstance(body["secret_expired"], bool):
+            raise _error("secret_expired: expected true or false")
+        app.secret_expired = body["secret_expired"]
+    if body.get("remove_certificates"):
+        app.remove_certificates()
+    if body.get("expire_tokens"):
+        graph.tokens.expire_tokens()
+    return state(ctl)
+
+
+async def _throttle(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """A throttling storm: every Graph request answers 429 for ``seconds`` (0 ends it)."""
+    _only(body, ("seconds", "retry_after", "mailbox_concurrency"))
+    limits = ctl.sim.graph.limits
+    if "mailbox_concurrency" in body:
+        limits.mailbox_concurrency = int(_number(body, "mailbox_concurrency", 1, 1000))
+    if "seconds" in body:
+        retry_after = int(_number(body, "retry_after", 0, 3600)) if "retry_after" in body else 1
+        limits.storm(_number(body, "seconds", 0, 3600), retry_after)
+    return state(ctl)
+
+
+async def _access_policy(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """New-ApplicationAccessPolicy -AccessRight RestrictAccess: only ``mailboxes`` stay reachable (DELETE: none)."""
+    limits = ctl.sim.graph.limits
+    if request.method == "DELETE":
+        limits.policy = None
+        return state(ctl)
+    _only(body, ("mailboxes",))
+    mailboxes = body.get("mailboxes")
+    if not isinstance(mailboxes, list) or not all(isinstance(m, str) for m in mailboxes):
+        raise _error("mailboxes: expected a list of e-mail addresses (the policy's security group)")
+    limits.policy = frozenset(m.lower() for m in mailboxes)
+    return state(ctl)
+
+
+ROUTES: list[tuple[str, str, Handler, int]] = [
+    ("GET", "/control/graph", _state, 200),
+    ("POST", "/control/graph/credentials", _credentials, 200),
+    ("POST", "/control/graph/throttle", _throttle, 200),
+    ("PUT", "/control/graph/access-policy", _access_policy, 200),
+    ("DELETE", "/control/graph/access-policy", _access_policy, 200),
+]
