@@ -223,3 +223,59 @@ def test_errors_come_in_graphs_shape(graph_sim):
     assert set(body["error"]["innerError"]) >= {"date", "request-id"}
     status, body, _ = graph_sim.request("GET", "/users/nobody@contoso.com/events")
     assert status == 404 and body["error"]["code"] == "ErrorInvalidUser"
+
+
+# -- delta ------------------------------------------------------------------------------------------------
+def delta_round(g: GraphSim, url: str, page: int = 2) -> tuple[list[dict], str]:
+    """Follow nextLinks to the deltaLink: (every change, the deltaLink)."""
+    changes: list[dict] = []
+    while True:
+        status, body, _ = g.request("GET", url, headers={"Prefer": f"odata.maxpagesize={page}"})
+        assert status == 200, body
+        assert len(body["value"]) <= page
+        changes += body["value"]
+        if "@odata.deltaLink" in body:
+            assert "$deltatoken=" in body["@odata.deltaLink"] and "@odata.nextLink" not in body
+            return changes, body["@odata.deltaLink"]
+        assert "$skiptoken=" in body["@odata.nextLink"]
+        url = body["@odata.nextLink"]
+
+
+def test_delta_lists_the_window_then_only_changes_and_deletions(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(9)
+    uids = [meeting(graph_sim, graph_sim.graph_users[0], [room], f"Meeting {n}", start + timedelta(hours=n))
+            for n in range(3)]
+    url = f"/users/{room}/calendarView/delta?startDateTime={z(start)}&endDateTime={z(start + timedelta(days=1))}"
+    first, link = delta_round(graph_sim, url)
+    assert len(first) == 3 and all("@removed" not in e for e in first)
+    again, link = delta_round(graph_sim, link)
+    assert again == []  # nothing changed
+    ctl = Control.of(graph_sim.sim)
+    graph_sim.call(lambda: ctl.move(uids[0], z(start + timedelta(hours=5)), z(start + timedelta(hours=5, minutes=30))))
+    wait_for(lambda: graph_sim.call(lambda: graph_sim.sim.attendant.idle.is_set()), what="the attendant")
+    graph_sim.call(lambda: ctl.cancel(uids[1]))
+    wait_for(lambda: graph_sim.call(lambda: graph_sim.sim.attendant.idle.is_set()), what="the attendant")
+    changes, link = delta_round(graph_sim, link)
+    removed = [e for e in changes if "@removed" in e]
+    updated = [e for e in changes if "@removed" not in e]
+    assert [e["id"] for e in removed] == [first[1]["id"]]
+    assert removed[0] == {"@odata.type": "#microsoft.graph.event", "id": first[1]["id"],
+                          "@removed": {"reason": "deleted"}}
+    assert [e["start"]["dateTime"][:16] for e in updated] == [(start + timedelta(hours=5)).strftime("%Y-%m-%dT%H:%M")]
+
+
+def test_a_moved_window_needs_a_new_round_and_an_expired_token_answers_410(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(9)
+    url = f"/users/{room}/calendarView/delta?startDateTime={z(start)}&endDateTime={z(start + timedelta(hours=2))}"
+    _, link = delta_round(graph_sim, url)
+    meeting(graph_sim, graph_sim.graph_users[0], [room], "Outside the window", start + timedelta(hours=3))
+    changes, link = delta_round(graph_sim, link)
+    assert changes == []  # the window is frozen into the token
+    status, body = graph_sim.control("POST", "/graph/delta/expire", {"mailbox": room})
+    assert status == 200 and body["expired"] >= 1
+    status, body, _ = graph_sim.request("GET", link)
+    assert status == 410 and body["error"]["code"] == "syncStateNotFound"
+    changes, _ = delta_round(graph_sim, url)  # a fresh round works
+    assert changes == []

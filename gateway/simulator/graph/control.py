@@ -92,10 +92,23 @@ async def _access_policy(request: web.Request, ctl: Control, body: dict[str, Any
     return state(ctl)
 
 
+async def _expire_delta(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """Delta tokens (of one mailbox, or all) are forgotten: the next use answers 410 with ``code``."""
+    _only(body, ("mailbox", "code"))
+    code = body.get("code", "syncStateNotFound")
+    if code not in ("syncStateNotFound", "resyncRequired"):
+        raise _error("code: expected syncStateNotFound or resyncRequired")
+    mailbox = body.get("mailbox")
+    if mailbox is not None and not isinstance(mailbox, str):
+        raise _error("mailbox: expected an e-mail address")
+    return {"expired": ctl.sim.graph.delta.expire(mailbox, code)}
+
+
 ROUTES: list[tuple[str, str, Handler, int]] = [
     ("GET", "/control/graph", _state, 200),
     ("POST", "/control/graph/credentials", _credentials, 200),
     ("POST", "/control/graph/throttle", _throttle, 200),
     ("PUT", "/control/graph/access-policy", _access_policy, 200),
     ("DELETE", "/control/graph/access-policy", _access_policy, 200),
+    ("POST", "/control/graph/delta/expire", _expire_delta, 200),
 ]

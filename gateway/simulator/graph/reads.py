@@ -24,7 +24,7 @@ _FILTER_SVEP = re.compile(r"singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1
                           r"\1/value eq '((?:[^']|'')*)'\s*\)", re.IGNORECASE)
 
 
-def add_routes(graph: GraphService) -> None:
+def add_routes(graph: GraphService) -> Reads:
     reads = Reads(graph)
     r = graph.router
     r.add("GET", "/users/{user}", reads.user)
@@ -37,6 +37,7 @@ def add_routes(graph: GraphService) -> None:
     r.add("GET", "/places/microsoft.graph.room", reads.rooms)
     r.add("GET", "/places/microsoft.graph.roomlist", reads.room_lists)
     r.add("GET", "/places/{list}/microsoft.graph.roomlist/rooms", reads.rooms_in_list)
+    return reads
 
 
 def page_size(req: GraphRequest, default: int = DEFAULT_PAGE) -> int:

@@ -66,8 +66,10 @@ class GraphService:
         # Graph's transactionId of events created through it (the item itself has no such field in EWS).
         self.transactions: weakref.WeakKeyDictionary[CalendarItem, str] = weakref.WeakKeyDictionary()
         from gateway.simulator.graph import reads
+        from gateway.simulator.graph.delta import Delta
 
-        reads.add_routes(self)
+        self.reads = reads.add_routes(self)
+        self.delta = Delta(self, self.reads)
         self.router.add("POST", "/$batch", self._batch)
 
     # -- addresses ----------------------------------------------------------------------------------
