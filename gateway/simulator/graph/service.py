@@ -70,6 +70,9 @@ class GraphService:
 
         self.reads = reads.add_routes(self)
         self.delta = Delta(self, self.reads)
+        from gateway.simulator.graph import writes
+
+        writes.add_routes(self)
         self.router.add("POST", "/$batch", self._batch)
 
     # -- addresses ----------------------------------------------------------------------------------
