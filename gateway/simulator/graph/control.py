@@ -104,6 +104,48 @@ async def _expire_delta(request: web.Request, ctl: Control, body: dict[str, Any]
     return {"expired": ctl.sim.graph.delta.expire(mailbox, code)}
 
 
+async def _subscriptions(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """GET: every subscription; PATCH: ``max_minutes`` (the longest expiry granted), ``notify_ca_bundle`` (the PEM
+    that verifies notification URLs)."""
+    subs = ctl.sim.graph.subscriptions
+    if request.method == "PATCH":
+        _only(body, ("max_minutes", "notify_ca_bundle"))
+        if "max_minutes" in body:
+            subs.max_minutes = _number(body, "max_minutes", 0.01, 100_000)
+        if "notify_ca_bundle" in body:
+            path = body["notify_ca_bundle"]
+            if path is not None and not isinstance(path, str):
+                raise _error("notify_ca_bundle: expected the path of a PEM file, or null for the system CAs")
+            ctl.sim.graph.config.notify_ca_bundle = path
+    return {"max_minutes": subs.max_minutes, "validations": subs.validations,
+            "subscriptions": [{"id": s.id, "mailbox": s.mailbox, "resource": s.resource,
+                               "notification_url": s.notification_url, "lifecycle_url": s.lifecycle_url,
+                               "expiration": s.expiration.isoformat(), "delivered": s.delivered,
+                               "failed_attempts": s.failed_attempts, "dropped": s.dropped,
+                               "needs_reauthorization": s.needs_reauthorization}
+                              for s in subs.items.values()]}
+
+
+async def _lifecycle(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """Fire a lifecycle event (reauthorizationRequired, subscriptionRemoved, missed) at a subscription."""
+    _only(body, ("event",))
+    try:
+        sub = ctl.sim.graph.subscriptions.lifecycle(request.match_info["id"], str(body.get("event")))
+    except KeyError:
+        raise _error(f"no subscription {request.match_info['id']}", "unknown_subscription", 404) from None
+    except ValueError as e:
+        raise _error(str(e), "bad_lifecycle_event") from None
+    return {"id": sub.id, "lifecycle_url": sub.lifecycle_url, "sent": sub.lifecycle_url is not None}
+
+
+async def _expire_subscriptions(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    _only(body, ("ids",))
+    ids = body.get("ids")
+    if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+        raise _error("ids: expected a list of subscription ids (or none for all)")
+    return {"expired": ctl.sim.graph.subscriptions.expire(ids)}
+
+
 ROUTES: list[tuple[str, str, Handler, int]] = [
     ("GET", "/control/graph", _state, 200),
     ("POST", "/control/graph/credentials", _credentials, 200),
@@ -111,4 +153,8 @@ ROUTES: list[tuple[str, str, Handler, int]] = [
     ("PUT", "/control/graph/access-policy", _access_policy, 200),
     ("DELETE", "/control/graph/access-policy", _access_policy, 200),
     ("POST", "/control/graph/delta/expire", _expire_delta, 200),
+    ("GET", "/control/graph/subscriptions", _subscriptions, 200),
+    ("PATCH", "/control/graph/subscriptions", _subscriptions, 200),
+    ("POST", "/control/graph/subscriptions/expire", _expire_subscriptions, 200),
+    ("POST", "/control/graph/subscriptions/{id}/lifecycle", _lifecycle, 200),
 ]

@@ -49,6 +49,7 @@ class GraphConfig:
     validation_timeout: float = 10.0  # seconds a notification URL has to echo the validation token
     notify_ca_bundle: str | None = None  # PEM that verifies notification URLs (a test hub's CA); system CAs else
     delivery_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between delivery attempts
+    delivery_timeout: float = 10.0  # seconds a notification URL has to answer one delivery
     latency: float = 0.0  # seconds every Graph call takes (benchmarks)
 
 
@@ -73,6 +74,9 @@ class GraphService:
         from gateway.simulator.graph import writes
 
         writes.add_routes(self)
+        from gateway.simulator.graph.subscriptions import Subscriptions
+
+        self.subscriptions = Subscriptions(self)
         self.router.add("POST", "/$batch", self._batch)
 
     # -- addresses ----------------------------------------------------------------------------------
@@ -93,7 +97,11 @@ class GraphService:
         app = web.Application(client_max_size=4 * 1024 * 1024)
         self.tokens.add_routes(app)
         app.router.add_route("*", VERSION_PREFIX + "/{tail:.*}", self.handle)
+        app.on_cleanup.append(self._on_cleanup)
         return app
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.subscriptions.close()
 
     async def handle(self, request: web.Request) -> web.Response:
         path = request.path[len(VERSION_PREFIX):] or "/"
