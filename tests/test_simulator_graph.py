@@ -279,3 +279,51 @@ def test_a_moved_window_needs_a_new_round_and_an_expired_token_answers_410(graph
     assert status == 410 and body["error"]["code"] == "syncStateNotFound"
     changes, _ = delta_round(graph_sim, url)  # a fresh round works
     assert changes == []
+
+
+# -- limits -----------------------------------------------------------------------------------------------
+def test_a_fifth_concurrent_request_to_one_mailbox_is_throttled(graph_sim):
+    from concurrent.futures import ThreadPoolExecutor
+
+    room = graph_sim.graph_rooms[0]
+    token = graph_sim.token()
+    assert graph_sim.control("POST", "/graph/throttle", {"latency": 1.0})[0] == 200
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: graph_sim.request("GET", f"/users/{room}", token=token), range(6)))
+    throttled = [(body, headers) for status, body, headers in results if status == 429]
+    assert sum(1 for status, _, _ in results if status == 200) <= 4 and throttled
+    body, headers = throttled[0]
+    assert body["error"]["code"] == "ApplicationThrottled" and "MailboxConcurrency" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+
+
+def test_a_throttling_storm_answers_429_until_it_ends(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    token = graph_sim.token()
+    graph_sim.control("POST", "/graph/throttle", {"seconds": 60, "retry_after": 7})
+    status, body, headers = graph_sim.request("GET", f"/users/{room}", token=token)
+    assert status == 429 and headers["Retry-After"] == "7" and body["error"]["code"] == "ApplicationThrottled"
+    graph_sim.control("POST", "/graph/throttle", {"seconds": 0})
+    assert graph_sim.request("GET", f"/users/{room}", token=token)[0] == 200
+
+
+def test_an_access_policy_denies_rooms_outside_its_group_and_batch_reports_per_request(graph_sim):
+    allowed, denied = graph_sim.graph_rooms
+    status, _ = graph_sim.control("PUT", "/graph/access-policy", {"mailboxes": [allowed]})
+    assert status == 200
+    status, body, _ = graph_sim.request("GET", f"/users/{denied}/calendarView"
+                                               "?startDateTime=2026-01-01T00:00:00Z&endDateTime=2026-01-02T00:00:00Z")
+    assert status == 403 and body["error"]["code"] == "ErrorAccessDenied"
+    assert "Blocked by tenant configured AppOnly AccessPolicy settings" in body["error"]["message"]
+    status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
+        {"id": "1", "method": "GET", "url": f"/users/{allowed}"},
+        {"id": "2", "method": "GET", "url": f"/users/{denied}"},
+        {"id": "3", "method": "GET", "url": "/places/microsoft.graph.room"}]})
+    assert status == 200
+    by_id = {r["id"]: r for r in body["responses"]}
+    assert by_id["1"]["status"] == 200 and by_id["1"]["body"]["mail"] == allowed
+    assert by_id["2"]["status"] == 403 and by_id["2"]["body"]["error"]["code"] == "ErrorAccessDenied"
+    assert by_id["3"]["status"] == 200
+    status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
+        {"id": str(n), "method": "GET", "url": f"/users/{allowed}"} for n in range(21)]})
+    assert status == 400 and "20" in body["error"]["message"]

@@ -68,8 +68,10 @@ async def _credentials(request: web.Request, ctl: Control, body: dict[str, Any])
 
 async def _throttle(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
     """A throttling storm: every Graph request answers 429 for ``seconds`` (0 ends it)."""
-    _only(body, ("seconds", "retry_after", "mailbox_concurrency"))
+    _only(body, ("seconds", "retry_after", "mailbox_concurrency", "latency"))
     limits = ctl.sim.graph.limits
+    if "latency" in body:  # seconds every Graph call holds its mailbox slot, like a busy server
+        ctl.sim.graph.config.latency = _number(body, "latency", 0, 60)
     if "mailbox_concurrency" in body:
         limits.mailbox_concurrency = int(_number(body, "mailbox_concurrency", 1, 1000))
     if "seconds" in body:
