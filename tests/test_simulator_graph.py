@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import msal
 import pytest
@@ -13,38 +13,10 @@ from gateway.simulator.control import Control
 from gateway.simulator.graph.shapes import CLEAN_GOID_PROPERTY
 from gateway.simulator.graph.tokens import client_certificate
 from gateway.sources.ews.mapping import register_properties
-from tests.conftest import TZ, GraphSim, wait_for
+from tests.conftest import TZ, GraphSim
+from tests.graph_helpers import meeting, settle, tomorrow, view, z
 
 SCOPE = ["https://graph.microsoft.com/.default"]
-
-
-def tomorrow(hour: int, minute: int = 0) -> datetime:
-    day = (datetime.now(UTC) + timedelta(days=1)).date()
-    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=UTC)
-
-
-def meeting(g: GraphSim, organizer: str, rooms: list[str], subject: str, start: datetime, minutes: int = 30,
-            **extra) -> str:
-    """A meeting created as Outlook would; returns its UID once every room's attendant has answered."""
-    def create() -> str:
-        item = Control.of(g.sim).create_meeting(organizer=organizer, rooms=rooms, subject=subject,
-                                                start=start.isoformat(), end=(start + timedelta(minutes=minutes))
-                                                .isoformat(), **extra)
-        return item.uid
-    uid = g.call(create)
-    wait_for(lambda: g.call(lambda: g.sim.attendant.idle.is_set()), what="the booking attendant")
-    return uid
-
-
-def z(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def view(g: GraphSim, user: str, start: datetime, end: datetime, **headers: str) -> list[dict]:
-    status, body, _ = g.request("GET", f"/users/{user}/calendarView?startDateTime={z(start)}"
-                                       f"&endDateTime={z(end)}", headers=headers)
-    assert status == 200, body
-    return body["value"]
 
 
 # -- tokens -----------------------------------------------------------------------------------------------
@@ -253,9 +225,9 @@ def test_delta_lists_the_window_then_only_changes_and_deletions(graph_sim):
     assert again == []  # nothing changed
     ctl = Control.of(graph_sim.sim)
     graph_sim.call(lambda: ctl.move(uids[0], z(start + timedelta(hours=5)), z(start + timedelta(hours=5, minutes=30))))
-    wait_for(lambda: graph_sim.call(lambda: graph_sim.sim.attendant.idle.is_set()), what="the attendant")
+    settle(graph_sim)
     graph_sim.call(lambda: ctl.cancel(uids[1]))
-    wait_for(lambda: graph_sim.call(lambda: graph_sim.sim.attendant.idle.is_set()), what="the attendant")
+    settle(graph_sim)
     changes, link = delta_round(graph_sim, link)
     removed = [e for e in changes if "@removed" in e]
     updated = [e for e in changes if "@removed" not in e]
@@ -327,3 +299,52 @@ def test_an_access_policy_denies_rooms_outside_its_group_and_batch_reports_per_r
     status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
         {"id": str(n), "method": "GET", "url": f"/users/{allowed}"} for n in range(21)]})
     assert status == 400 and "20" in body["error"]["message"]
+
+
+# -- the `gateway simulator` command ----------------------------------------------------------------------
+def test_gateway_simulator_prints_the_graph_side_and_each_rooms_source(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.graph_helpers import first_line
+
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", "3", "--users",
+                             "3", "--activity", "0", "--no-bookings", "--graph-rooms", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "GATEWAY_LOG_FORMAT": "json"})
+    try:
+        ready = json.loads(first_line(proc))
+        assert [(r["email"], r["source"]) for r in ready["rooms"]] == [
+            ("room1@contoso.com", "ews"), ("room2@contoso.com", "graph"), ("room3@contoso.com", "graph")]
+        graph = ready["graph"]
+        assert graph["url"].startswith("https://127.0.0.1:") and graph["url"].endswith("/v1.0")
+        assert graph["authority"].endswith("/" + graph["tenant_id"])
+        assert graph["users"] == ["carol@contoso.com"]  # a third of three
+        app = msal.ConfidentialClientApplication(graph["client_id"], client_credential=graph["client_secret"],
+                                                 authority=graph["authority"], instance_discovery=False,
+                                                 http_client=_verified_session(graph["ca_bundle"]))
+        token = app.acquire_token_for_client(scopes=SCOPE)["access_token"]
+        resp = requests.get(graph["url"] + "/places/microsoft.graph.room", verify=graph["ca_bundle"], timeout=30,
+                            headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 200
+        assert sorted(r["emailAddress"] for r in resp.json()["value"]) == ["room2@contoso.com", "room3@contoso.com"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert not os.path.exists(graph["ca_bundle"])  # its temporary folder goes with it
+
+
+def _verified_session(ca_bundle: str):
+    import requests
+
+    class Verified(requests.Session):
+        def request(self, *args, **kwargs):
+            kwargs["verify"] = ca_bundle
+            return super().request(*args, **kwargs)
+    return Verified()

@@ -11,8 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import GraphSim, wait_for
-from tests.test_simulator_graph import tomorrow
-from tests.test_simulator_graph_writes import event
+from tests.graph_helpers import event, tomorrow
 
 
 @dataclass
