@@ -348,3 +348,39 @@ def _verified_session(ca_bundle: str):
             kwargs["verify"] = ca_bundle
             return super().request(*args, **kwargs)
     return Verified()
+
+
+def test_delta_reports_only_the_occurrence_that_changed(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(8)
+    uid = meeting(graph_sim, graph_sim.graph_users[0], [room], "Daily", start, minutes=15,
+                  recurrence={"pattern": "daily", "count": 5})
+    url = f"/users/{room}/calendarView/delta?startDateTime={z(start)}&endDateTime={z(start + timedelta(days=7))}"
+    first, link = delta_round(graph_sim, url, page=10)
+    assert len(first) == 5
+    ctl = Control.of(graph_sim.sim)
+    third = start + timedelta(days=2)
+    graph_sim.call(lambda: ctl.move(uid, z(third + timedelta(hours=1)), z(third + timedelta(hours=1, minutes=15)),
+                                    occurrence=z(third)))
+    settle(graph_sim)
+    changes, _ = delta_round(graph_sim, link, page=10)
+    assert [(e["type"], e["originalStart"]) for e in changes] == [("exception", z(third))]
+
+
+def test_the_control_api_shortens_token_lifetimes_and_registers_certificates(graph_sim):
+    status, _ = graph_sim.control("POST", "/graph/credentials", {"token_lifetime": 60})
+    assert status == 200
+    app = graph_sim.msal_app()
+    first = app.acquire_token_for_client(scopes=SCOPE)
+    assert first["expires_in"] <= 60
+    again = app.acquire_token_for_client(scopes=SCOPE)  # msal renews what has under five minutes left
+    assert again["token_source"] == "identity_provider" and again["access_token"] != first["access_token"]
+    cert = client_certificate(graph_sim.client_id)
+    status, state = graph_sim.control("POST", "/graph/credentials", {"add_certificate": cert["public_certificate"]})
+    assert status == 200 and state["certificates"] == 1
+    assert "access_token" in graph_sim.msal_app(cert).acquire_token_for_client(scopes=SCOPE)
+    status, body = graph_sim.control("POST", "/graph/credentials", {"add_certificate": "not a pem"})
+    assert status == 400 and "PEM" in body["message"]
+    status, rooms = graph_sim.control("GET", "/rooms")
+    assert {r["email"]: r["source"] for r in rooms} == {**dict.fromkeys(graph_sim.ews_rooms, "ews"),
+                                                       **dict.fromkeys(graph_sim.graph_rooms, "graph")}

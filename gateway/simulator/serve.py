@@ -30,6 +30,7 @@ async def run_simulator(args: argparse.Namespace) -> int:
     sim = Simulator(SimulatorConfig(rba_delay=args.rba_delay))
     if getattr(args, "latency_ms", 0):
         sim.faults.latency["*"] = args.latency_ms / 1000  # every EWS call takes this long, like a busy server
+        sim.graph.config.latency = args.latency_ms / 1000  # and every Graph call
     org = standard_org(sim.directory, rooms=args.rooms, users=args.users)
     graph_rooms = args.rooms // 3 if getattr(args, "graph_rooms", None) is None else min(args.graph_rooms, args.rooms)
     graph_users = args.users // 3 if getattr(args, "graph_users", None) is None else min(args.graph_users, args.users)

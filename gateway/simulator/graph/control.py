@@ -52,9 +52,16 @@ async def _state(request: web.Request, ctl: Control, body: dict[str, Any]) -> An
 
 
 async def _credentials(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
-    _only(body, ("secret_expired", "remove_certificates", "expire_tokens"))
+    _only(body, ("secret_expired", "remove_certificates", "expire_tokens", "token_lifetime", "add_certificate"))
     graph = ctl.sim.graph
     app = graph.tokens.apps[graph.config.client_id]
+    if "token_lifetime" in body:  # seconds; msal renews a token with less than five minutes left
+        graph.tokens.lifetime = int(_number(body, "token_lifetime", 1, 86_400))
+    if "add_certificate" in body:  # the PEM of a certificate whose key may sign client assertions from now on
+        try:
+            app.add_certificate(str(body["add_certificate"]).encode())
+        except ValueError as e:
+            raise _error(f"add_certificate: not a PEM certificate ({e})") from None
     if "secret_expired" in body:
         if not isinstance(body["secret_expired"], bool):
             raise _error("secret_expired: expected true or false")

@@ -4,6 +4,7 @@ CleanGlobalObjectId, users, and the Places API's rooms and room lists."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -85,14 +86,17 @@ class Reads:
                                                            "'StartDateTime'.")
         return start, end
 
-    def page(self, req: GraphRequest, values: list[dict[str, Any]], context: str,
-             headers: dict[str, str] | None = None, default: int = DEFAULT_PAGE) -> GraphResponse:
+    def page(self, req: GraphRequest, values: Sequence[Any], context: str, headers: dict[str, str] | None = None,
+             default: int = DEFAULT_PAGE, render: Callable[[Any], dict[str, Any]] | None = None) -> GraphResponse:
+        """One page of ``values`` (rendered by ``render`` only for the page, when given) with its nextLink."""
         size = page_size(req, default)
         try:
             skip = int(req.query.get("$skip", "0"))
         except ValueError as e:
             raise bad_request("Invalid $skip.") from e
-        body: dict[str, Any] = {"@odata.context": self.graph.context(context), "value": values[skip:skip + size]}
+        chosen = list(values[skip:skip + size])
+        body: dict[str, Any] = {"@odata.context": self.graph.context(context),
+                                "value": [render(v) for v in chosen] if render is not None else chosen}
         if skip + size < len(values):
             body["@odata.nextLink"] = self.graph.next_link(req, **{"$top": str(size), "$skip": str(skip + size)})
         return GraphResponse(200, body, headers or {})
@@ -113,9 +117,8 @@ class Reads:
                             for inst in item.instances(start, end)),
                            key=lambda i: (i.start, i.item.iid, i.original_start or i.start))
         _, tz_name = shapes.time_zone(req.prefer("outlook.timezone"))
-        values = [self.render(mb, inst, req) for inst in instances]
-        return self.page(req, values, f"users('{req.params['user']}')/calendarView",
-                         preference_applied(req, tz_name))
+        return self.page(req, instances, f"users('{req.params['user']}')/calendarView",
+                         preference_applied(req, tz_name), render=lambda inst: self.render(mb, inst, req))
 
     async def events(self, req: GraphRequest) -> GraphResponse:
         """Singles and series masters (not expanded), optionally those carrying one extended property value."""

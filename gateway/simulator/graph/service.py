@@ -66,6 +66,7 @@ class GraphService:
         self.calls: Counter[tuple[str, int]] = Counter()  # (method + route pattern, status)
         # Graph's transactionId of events created through it (the item itself has no such field in EWS).
         self.transactions: weakref.WeakKeyDictionary[CalendarItem, str] = weakref.WeakKeyDictionary()
+        self._by_object_id: dict[str, str] = {}
         from gateway.simulator.graph import reads
         from gateway.simulator.graph.delta import Delta
 
@@ -195,8 +196,13 @@ class GraphService:
     def mailbox(self, user: str) -> Mailbox:
         """The Exchange Online mailbox ``/users/{user}`` names (by address or object id), after the access policy."""
         d = self.sim.directory
-        mb = d.find(user) if "@" in user else next((m for m in d.by_idx if ids.object_id(m.smtp) == user.lower()),
-                                                   None)
+        if "@" in user:
+            mb = d.find(user)
+        else:
+            if len(self._by_object_id) != len(d.by_idx):  # mailboxes were added: index the new ones
+                self._by_object_id = {ids.object_id(m.smtp): m.smtp for m in d.by_idx}
+            smtp = self._by_object_id.get(user.lower())
+            mb = d.find(smtp) if smtp else None
         if mb is None:
             raise GraphError(404, "ErrorInvalidUser", f"The requested user '{user}' is invalid.")
         if mb.side != "graph":
