@@ -129,10 +129,14 @@ def test_lifecycle_events_reach_the_lifecycle_url(graph_sim, receiver):
     wait_for(lambda: receiver.lifecycle, what="the lifecycle event")
     assert receiver.lifecycle[0]["lifecycleEvent"] == "reauthorizationRequired"
     assert receiver.lifecycle[0]["clientState"] == "secret-state"
-    graph_sim.request("POST", f"/users/{room}/events", event("Held", tomorrow(11)))
+    graph_sim.request("POST", f"/users/{room}/events", event("Lost", tomorrow(11)))
+    wait_for(lambda: graph_sim.control("GET", "/graph/subscriptions")[1]["subscriptions"][0]["lost"],
+             what="a change while paused")
     status, _, _ = graph_sim.request("POST", f"/subscriptions/{sub['id']}/reauthorize")
     assert status == 200
-    wait_for(lambda: receiver.notifications, what="the held notification")
+    graph_sim.request("POST", f"/users/{room}/events", event("After", tomorrow(12)))
+    wait_for(lambda: receiver.notifications, what="a notification after reauthorization")
+    assert len({n["resourceData"]["id"] for n in receiver.notifications}) == 1  # the paused change is lost
     graph_sim.control("POST", f"/graph/subscriptions/{sub['id']}/lifecycle", {"event": "subscriptionRemoved"})
     wait_for(lambda: len(receiver.lifecycle) == 2, what="subscriptionRemoved")
     assert graph_sim.request("GET", f"/subscriptions/{sub['id']}")[0] == 404

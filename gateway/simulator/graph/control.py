@@ -130,7 +130,7 @@ async def _subscriptions(request: web.Request, ctl: Control, body: dict[str, Any
             "subscriptions": [{"id": s.id, "mailbox": s.mailbox, "resource": s.resource,
                                "notification_url": s.notification_url, "lifecycle_url": s.lifecycle_url,
                                "expiration": s.expiration.isoformat(), "delivered": s.delivered,
-                               "failed_attempts": s.failed_attempts, "dropped": s.dropped,
+                               "failed_attempts": s.failed_attempts, "dropped": s.dropped, "lost": s.lost,
                                "needs_reauthorization": s.needs_reauthorization}
                               for s in subs.items.values()]}
 
