@@ -384,3 +384,25 @@ def test_the_control_api_shortens_token_lifetimes_and_registers_certificates(gra
     status, rooms = graph_sim.control("GET", "/rooms")
     assert {r["email"]: r["source"] for r in rooms} == {**dict.fromkeys(graph_sim.ews_rooms, "ews"),
                                                        **dict.fromkeys(graph_sim.graph_rooms, "graph")}
+
+
+def test_all_day_events_are_midnight_in_the_requested_zone_and_cancelled_copies_say_so(graph_sim):
+    room, organizer, guest = graph_sim.graph_rooms[0], graph_sim.graph_users[0], graph_sim.graph_users[1]
+    day = tomorrow(0) + timedelta(days=1)
+    ctl = Control.of(graph_sim.sim)
+    graph_sim.call(lambda: ctl.create_meeting(organizer=organizer, rooms=[room], subject="Offsite", all_day=True,
+                                              start=day.date().isoformat() + "T00:00", tz="Pacific Standard Time",
+                                              end=(day + timedelta(days=1)).date().isoformat() + "T00:00"))
+    settle(graph_sim)
+    for zone_name in ("UTC", "W. Europe Standard Time"):
+        [ev] = view(graph_sim, room, day - timedelta(days=1), day + timedelta(days=2),
+                    Prefer=f'outlook.timezone="{zone_name}"')
+        assert ev["isAllDay"] is True
+        assert ev["start"] == {"dateTime": f"{day.date().isoformat()}T00:00:00.0000000", "timeZone": zone_name}
+        assert ev["end"]["dateTime"] == f"{(day + timedelta(days=1)).date().isoformat()}T00:00:00.0000000"
+    uid = meeting(graph_sim, organizer, [room], "Going away", tomorrow(17), attendees=[guest])
+    graph_sim.call(lambda: ctl.cancel(uid))
+    settle(graph_sim)
+    [copy] = view(graph_sim, guest, tomorrow(17), tomorrow(18))
+    assert copy["isCancelled"] is True and copy["subject"].startswith("Canceled: ")
+    assert view(graph_sim, room, tomorrow(17), tomorrow(18)) == []
