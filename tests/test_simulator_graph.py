@@ -406,3 +406,18 @@ def test_all_day_events_are_midnight_in_the_requested_zone_and_cancelled_copies_
     [copy] = view(graph_sim, guest, tomorrow(17), tomorrow(18))
     assert copy["isCancelled"] is True and copy["subject"].startswith("Canceled: ")
     assert view(graph_sim, room, tomorrow(17), tomorrow(18)) == []
+
+
+def test_calendar_view_expands_the_global_object_id_and_honours_select(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(9)
+    uid = meeting(graph_sim, graph_sim.graph_users[0], [room], "Expanded", start)
+    expand = f"$expand=singleValueExtendedProperties($filter=id eq '{CLEAN_GOID_PROPERTY}')"
+    status, body, _ = graph_sim.request("GET", f"/users/{room}/calendarView?startDateTime={z(start)}"
+                                               f"&endDateTime={z(start + timedelta(hours=1))}&{expand}"
+                                               "&$select=subject,start,end")
+    assert status == 200, body
+    [ev] = body["value"]
+    assert set(ev) == {"@odata.etag", "id", "subject", "start", "end", "singleValueExtendedProperties",
+                       "singleValueExtendedProperties@odata.context"}
+    assert base64.b64decode(ev["singleValueExtendedProperties"][0]["value"]).hex().upper() == uid

@@ -118,7 +118,7 @@ class Reads:
                            key=lambda i: (i.start, i.item.iid, i.original_start or i.start))
         _, tz_name = shapes.time_zone(req.prefer("outlook.timezone"))
         return self.page(req, instances, f"users('{req.params['user']}')/calendarView",
-                         preference_applied(req, tz_name), render=lambda inst: self.render(mb, inst, req))
+                         preference_applied(req, tz_name), render=lambda inst: self.shaped(mb, inst, req))
 
     async def events(self, req: GraphRequest) -> GraphResponse:
         """Singles and series masters (not expanded), optionally those carrying one extended property value."""
@@ -132,7 +132,7 @@ class Reads:
             key = ext_key(m.group(2))
             value = m.group(3).replace("''", "'")
             items = [i for i in items if i.ext and str(i.ext.get(key)) == value]
-        values = [self._with_expand(mb, Instance(i, 0, None), req, master=i.recurrence is not None) for i in items]
+        values = [self.shaped(mb, Instance(i, 0, None), req, master=i.recurrence is not None) for i in items]
         _, tz_name = shapes.time_zone(req.prefer("outlook.timezone"))
         return self.page(req, values, f"users('{req.params['user']}')/events", preference_applied(req, tz_name))
 
@@ -140,7 +140,7 @@ class Reads:
         mb = self.graph.mailbox(req.params["user"])
         item, inst = self.graph.find_event(mb, req.params["event"])
         master = inst.original_start is None and item.recurrence is not None
-        body = self._with_expand(mb, inst, req, master=master)
+        body = self.shaped(mb, inst, req, master=master)
         body = {"@odata.context": self.graph.context(f"users('{req.params['user']}')/events/$entity"), **body}
         _, tz_name = shapes.time_zone(req.prefer("outlook.timezone"))
         return GraphResponse(200, body, preference_applied(req, tz_name))
@@ -151,11 +151,16 @@ class Reads:
         if item.recurrence is None or inst.original_start is not None:
             raise not_found()
         start, end = self.window(req)
-        values = [self.render(mb, i, req) for i in item.instances(start, end)]
+        values = [self.shaped(mb, i, req) for i in item.instances(start, end)]
         return self.page(req, values, f"users('{req.params['user']}')/events('{req.params['event']}')/instances")
 
-    def _with_expand(self, mb: Mailbox, inst: Instance, req: GraphRequest, *, master: bool) -> dict[str, Any]:
+    def shaped(self, mb: Mailbox, inst: Instance, req: GraphRequest, *, master: bool = False) -> dict[str, Any]:
+        """An event as the request's ``$select`` and ``$expand`` shape it."""
         body = self.render(mb, inst, req, master=master)
+        select = req.query.get("$select")
+        if select:
+            wanted = {name.strip() for name in select.split(",") if name.strip()}
+            body = {k: v for k, v in body.items() if k in wanted or k in ("id", "@odata.etag")}
         expand = req.query.get("$expand")
         if expand:
             m = _EXPAND_SVEP.search(expand)
