@@ -159,8 +159,8 @@ class Reads:
         body = self.render(mb, inst, req, master=master)
         select = req.query.get("$select")
         if select:
-            wanted = {name.strip() for name in select.split(",") if name.strip()}
-            body = {k: v for k, v in body.items() if k in wanted or k in ("id", "@odata.etag")}
+            fields = {name.strip() for name in select.split(",") if name.strip()}
+            body = {k: v for k, v in body.items() if k in fields or k in ("id", "@odata.etag")}
         expand = req.query.get("$expand")
         if expand:
             m = _EXPAND_SVEP.search(expand)
