@@ -261,7 +261,8 @@ def test_a_fifth_concurrent_request_to_one_mailbox_is_throttled(graph_sim):
     token = graph_sim.token()
     assert graph_sim.control("POST", "/graph/throttle", {"latency": 1.0})[0] == 200
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda _: graph_sim.request("GET", f"/users/{room}", token=token), range(6)))
+        results = list(pool.map(lambda _: graph_sim.request("GET", f"/users/{room}/events?$top=1", token=token),
+                                range(6)))
     throttled = [(body, headers) for status, body, headers in results if status == 429]
     assert sum(1 for status, _, _ in results if status == 200) <= 4 and throttled
     body, headers = throttled[0]
@@ -288,12 +289,12 @@ def test_an_access_policy_denies_rooms_outside_its_group_and_batch_reports_per_r
     assert status == 403 and body["error"]["code"] == "ErrorAccessDenied"
     assert "Blocked by tenant configured AppOnly AccessPolicy settings" in body["error"]["message"]
     status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
-        {"id": "1", "method": "GET", "url": f"/users/{allowed}"},
-        {"id": "2", "method": "GET", "url": f"/users/{denied}"},
+        {"id": "1", "method": "GET", "url": f"/users/{allowed}/events?$top=1"},
+        {"id": "2", "method": "GET", "url": f"/users/{denied}/events?$top=1"},
         {"id": "3", "method": "GET", "url": "/places/microsoft.graph.room"}]})
     assert status == 200
     by_id = {r["id"]: r for r in body["responses"]}
-    assert by_id["1"]["status"] == 200 and by_id["1"]["body"]["mail"] == allowed
+    assert by_id["1"]["status"] == 200 and by_id["1"]["body"]["value"] == []
     assert by_id["2"]["status"] == 403 and by_id["2"]["body"]["error"]["code"] == "ErrorAccessDenied"
     assert by_id["3"]["status"] == 200
     status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
@@ -421,3 +422,17 @@ def test_calendar_view_expands_the_global_object_id_and_honours_select(graph_sim
     assert set(ev) == {"@odata.etag", "id", "subject", "start", "end", "singleValueExtendedProperties",
                        "singleValueExtendedProperties@odata.context"}
     assert base64.b64decode(ev["singleValueExtendedProperties"][0]["value"]).hex().upper() == uid
+
+
+def test_the_directory_knows_people_of_both_sides_and_places_by_address(graph_sim):
+    status, body, _ = graph_sim.request(
+        "GET", "/users?$filter=startswith(displayName,'al') or startswith(mail,'car')&$select=displayName,mail")
+    assert status == 200, body
+    assert sorted(u["mail"] for u in body["value"]) == ["alice@contoso.com", "carol@contoso.com"]
+    assert set(body["value"][0]) == {"id", "displayName", "mail"}
+    status, body, _ = graph_sim.request("GET", f"/users/{graph_sim.ews_users[0]}")
+    assert status == 200 and body["mail"] == graph_sim.ews_users[0]  # a synchronised on-premise user
+    status, body, _ = graph_sim.request("GET", f"/places/{graph_sim.graph_rooms[0]}")
+    assert status == 200 and body["@odata.type"] == "#microsoft.graph.room" and body["capacity"]
+    status, body, _ = graph_sim.request("GET", f"/places/{graph_sim.ews_rooms[0]}")
+    assert status == 404

@@ -28,6 +28,7 @@ _FILTER_SVEP = re.compile(r"singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1
 def add_routes(graph: GraphService) -> Reads:
     reads = Reads(graph)
     r = graph.router
+    r.add("GET", "/users", reads.users)
     r.add("GET", "/users/{user}", reads.user)
     r.add("GET", "/users/{user}/calendarView", reads.calendar_view)
     r.add("GET", "/users/{user}/calendar/calendarView", reads.calendar_view)
@@ -38,6 +39,7 @@ def add_routes(graph: GraphService) -> Reads:
     r.add("GET", "/places/microsoft.graph.room", reads.rooms)
     r.add("GET", "/places/microsoft.graph.roomlist", reads.room_lists)
     r.add("GET", "/places/{list}/microsoft.graph.roomlist/rooms", reads.rooms_in_list)
+    r.add("GET", "/places/{place}", reads.place)
     return reads
 
 
@@ -102,13 +104,22 @@ class Reads:
         return GraphResponse(200, body, headers or {})
 
     # -- routes ----------------------------------------------------------------------------------------
+    async def users(self, req: GraphRequest) -> GraphResponse:
+        """The directory's people, on either side (hybrid identities are synchronised to Entra ID)."""
+        people = [mb for mb in self.graph.sim.directory.by_idx if mb.kind == "user"]
+        flt = req.query.get("$filter")
+        if flt:
+            people = [mb for mb in people if user_filter(flt)(user_json(mb))]
+        values = [user_json(mb) for mb in people]
+        select = req.query.get("$select")
+        if select:
+            fields = {name.strip() for name in select.split(",")} | {"id"}
+            values = [{k: v for k, v in u.items() if k in fields} for u in values]
+        return self.page(req, values, "users", default=100)
+
     async def user(self, req: GraphRequest) -> GraphResponse:
-        mb = self.graph.mailbox(req.params["user"])
-        return GraphResponse(200, {"@odata.context": self.graph.context("users/$entity"),
-                                   "id": ids.object_id(mb.smtp), "displayName": mb.name, "mail": mb.smtp,
-                                   "userPrincipalName": mb.smtp, "businessPhones": [], "givenName": None,
-                                   "surname": None, "jobTitle": None, "mobilePhone": None, "officeLocation": None,
-                                   "preferredLanguage": None})
+        mb = self.graph.directory_object(req.params["user"])
+        return GraphResponse(200, {"@odata.context": self.graph.context("users/$entity"), **user_json(mb)})
 
     async def calendar_view(self, req: GraphRequest) -> GraphResponse:
         mb = self.graph.mailbox(req.params["user"])
@@ -195,6 +206,22 @@ class Reads:
                   if online.intersection(members)]
         return self.page(req, values, "places/microsoft.graph.roomlist", default=PLACES_PAGE)
 
+    async def place(self, req: GraphRequest) -> GraphResponse:
+        """One room or room list by its address or id."""
+        d = self.graph.sim.directory
+        key = req.params["place"].lower()
+        for smtp, (name, members) in d.room_lists.items():
+            if key in (smtp, ids.object_id(smtp)) and any((m := d.find(r)) is not None and m.side == "graph"
+                                                          for r in members):
+                return GraphResponse(200, {"@odata.context": self.graph.context("places/$entity"),
+                                           "@odata.type": "#microsoft.graph.roomList",
+                                           **shapes.room_list_json(smtp, name)})
+        for mb in self._online_rooms():
+            if key in (mb.smtp, ids.object_id(mb.smtp)):
+                return GraphResponse(200, {"@odata.context": self.graph.context("places/$entity"),
+                                           "@odata.type": "#microsoft.graph.room", **shapes.room_json(mb)})
+        raise GraphError(404, "ErrorItemNotFound", f"The place '{req.params['place']}' was not found.")
+
     async def rooms_in_list(self, req: GraphRequest) -> GraphResponse:
         d = self.graph.sim.directory
         key = req.params["list"].lower()
@@ -205,6 +232,38 @@ class Reads:
         rooms = [mb for smtp in found[1] if (mb := d.find(smtp)) is not None and mb.side == "graph"]
         return self.page(req, [shapes.room_json(mb) for mb in rooms],
                          f"places('{req.params['list']}')/microsoft.graph.roomlist/rooms", default=PLACES_PAGE)
+
+
+def user_json(mb: Mailbox) -> dict[str, Any]:
+    first, _, last = mb.name.partition(" ")
+    return {"id": ids.object_id(mb.smtp), "displayName": mb.name, "mail": mb.smtp, "userPrincipalName": mb.smtp,
+            "businessPhones": [], "givenName": first or None, "surname": last or None, "jobTitle": None,
+            "mobilePhone": None, "officeLocation": None, "preferredLanguage": None}
+
+
+_CLAUSE = re.compile(r"^\s*(?:startswith\((\w+),\s*'((?:[^']|'')*)'\)|(\w+) eq '((?:[^']|'')*)')\s*$", re.IGNORECASE)
+
+
+def user_filter(flt: str) -> Callable[[dict[str, Any]], bool]:
+    """The ``$filter`` forms a directory search uses: ``startswith(field,'x')`` and ``field eq 'x'``, or-ed."""
+    tests: list[Callable[[dict[str, Any]], bool]] = []
+    for clause in re.split(r"\s+or\s+", flt.strip(), flags=re.IGNORECASE):
+        m = _CLAUSE.match(clause)
+        if m is None:
+            raise bad_request(f"The $filter clause '{clause}' is not supported by the simulator.",
+                              "Request_UnsupportedQuery")
+        if m.group(1):
+            tests.append(_clause(m.group(1), m.group(2).replace("''", "'").lower(), prefix=True))
+        else:
+            tests.append(_clause(m.group(3), m.group(4).replace("''", "'").lower(), prefix=False))
+    return lambda u: any(t(u) for t in tests)
+
+
+def _clause(field_: str, value: str, *, prefix: bool) -> Callable[[dict[str, Any]], bool]:
+    def test(user: dict[str, Any]) -> bool:
+        have = str(user.get(field_) or "").lower()
+        return have.startswith(value) if prefix else have == value
+    return test
 
 
 def ext_key(graph_id: str) -> tuple[str, str, str]:

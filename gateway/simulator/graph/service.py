@@ -149,7 +149,7 @@ class GraphService:
             handler = self.router.resolve(req)
             route = getattr(handler, "__name__", "?")
             user = req.params.get("user")
-            if user is None:
+            if user is None or route == "user":  # the directory's user object, not its mailbox
                 answer = await handler(req)
             else:
                 mailbox = self.mailbox(user)
@@ -195,6 +195,15 @@ class GraphService:
     # -- what routes share --------------------------------------------------------------------------
     def mailbox(self, user: str) -> Mailbox:
         """The Exchange Online mailbox ``/users/{user}`` names (by address or object id), after the access policy."""
+        mb = self.directory_object(user)
+        if mb.side != "graph":
+            raise GraphError(404, "MailboxNotEnabledForRESTAPI",
+                             "The mailbox is either inactive, soft-deleted, or is hosted on-premise.")
+        self.limits.check_policy(mb.smtp)
+        return mb
+
+    def directory_object(self, user: str) -> Mailbox:
+        """A user of the directory by address or object id, on either side (Entra ID knows synchronised users)."""
         d = self.sim.directory
         if "@" in user:
             mb = d.find(user)
@@ -205,10 +214,6 @@ class GraphService:
             mb = d.find(smtp) if smtp else None
         if mb is None:
             raise GraphError(404, "ErrorInvalidUser", f"The requested user '{user}' is invalid.")
-        if mb.side != "graph":
-            raise GraphError(404, "MailboxNotEnabledForRESTAPI",
-                             "The mailbox is either inactive, soft-deleted, or is hosted on-premise.")
-        self.limits.check_policy(mb.smtp)
         return mb
 
     def find_event(self, mailbox: Mailbox, event_id: str) -> tuple[CalendarItem, Instance]:
