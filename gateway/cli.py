@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="users (the last N) that live in Exchange Online (default: a third)")
     sim.add_argument("--graph-port", type=int, default=0, metavar="PORT",
                      help="TCP port of the Graph side (HTTPS; default: a free one)")
+    sim.add_argument("--graph-notify-ca", default=None, metavar="PEM",
+                     help="CA bundle that verifies Graph notification URLs, e.g. a test hub's (default: system CAs)")
     _logging_options(sim)
 
     bench = subs.add_parser("simulator-bench", help="measure the simulator: EWS calls/s on one core, memory for "

@@ -31,6 +31,8 @@ async def run_simulator(args: argparse.Namespace) -> int:
     if getattr(args, "latency_ms", 0):
         sim.faults.latency["*"] = args.latency_ms / 1000  # every EWS call takes this long, like a busy server
         sim.graph.config.latency = args.latency_ms / 1000  # and every Graph call
+    if getattr(args, "graph_notify_ca", None):
+        sim.graph.config.notify_ca_bundle = args.graph_notify_ca
     org = standard_org(sim.directory, rooms=args.rooms, users=args.users)
     graph_rooms = args.rooms // 3 if getattr(args, "graph_rooms", None) is None else min(args.graph_rooms, args.rooms)
     graph_users = args.users // 3 if getattr(args, "graph_users", None) is None else min(args.graph_users, args.users)

@@ -269,8 +269,8 @@ class Subscriptions:
         else:
             return
         mb = folder.mailbox
-        for sub in list(self.items.values()):
-            if sub.mailbox != mb.smtp or change not in sub.change_types:
+        for sub in [s for s in self.items.values() if s.mailbox == mb.smtp]:
+            if change not in sub.change_types:
                 continue
             event_id = ids.event_id(mb.idx, iid)
             resource = f"Users/{ids.object_id(mb.smtp)}/Events/{event_id}"
