@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,8 @@ class Receiver:
     notifications: list[dict[str, Any]] = field(default_factory=list)
     lifecycle: list[dict[str, Any]] = field(default_factory=list)
     validations: int = 0
-    mode: str = "ok"  # ok, wrong_token, down
+    mode: str = "ok"  # ok, wrong_token, slow, down
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # ends a slow answer
     runner: Any = None
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -31,6 +33,8 @@ class Receiver:
             self.validations += 1
             if self.mode == "wrong_token":
                 return web.Response(text=token + "x", content_type="text/plain")
+            if self.mode == "slow":  # answers only once the test has seen the simulator give up
+                await self.release.wait()
             return web.Response(text=token, content_type="text/plain")
         if self.mode == "down":
             return web.Response(status=503)
@@ -59,6 +63,7 @@ def receiver(graph_sim: GraphSim, pki) -> Receiver:
     status, _ = graph_sim.control("PATCH", "/graph/subscriptions", {"notify_ca_bundle": str(pki.ca_file)})
     assert status == 200
     yield rec
+    graph_sim.call(rec.release.set)
     graph_sim.call(rec.runner.cleanup)
 
 
@@ -93,6 +98,14 @@ def test_a_failed_validation_makes_no_subscription(graph_sim, receiver):
     assert status == 400 and body["error"]["code"] == "ValidationError"
     status, listed, _ = graph_sim.request("GET", "/subscriptions")
     assert listed["value"] == []
+
+
+def test_a_validation_answer_later_than_the_deadline_makes_no_subscription(graph_sim, receiver):
+    assert graph_sim.control("PATCH", "/graph/subscriptions", {"validation_timeout": 0.5})[0] == 200
+    receiver.mode = "slow"
+    status, body = subscribe(graph_sim, receiver, graph_sim.graph_rooms[0])
+    assert status == 400 and body["error"]["code"] == "ValidationError" and "timeout" in body["error"]["message"]
+    assert graph_sim.request("GET", "/subscriptions")[1]["value"] == []
 
 
 def test_notifications_are_retried_until_the_receiver_is_back(graph_sim, receiver):

@@ -115,12 +115,14 @@ async def _expire_delta(request: web.Request, ctl: Control, body: dict[str, Any]
 
 async def _subscriptions(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
     """GET: every subscription; PATCH: ``max_minutes`` (the longest expiry granted), ``notify_ca_bundle`` (the PEM
-    that verifies notification URLs)."""
+    that verifies notification URLs), ``validation_timeout``."""
     subs = ctl.sim.graph.subscriptions
     if request.method == "PATCH":
-        _only(body, ("max_minutes", "notify_ca_bundle"))
+        _only(body, ("max_minutes", "notify_ca_bundle", "validation_timeout"))
         if "max_minutes" in body:
             subs.max_minutes = _number(body, "max_minutes", 0.01, 100_000)
+        if "validation_timeout" in body:  # seconds a notification URL has to echo the token (Graph: 10)
+            ctl.sim.graph.config.validation_timeout = _number(body, "validation_timeout", 0.1, 60)
         if "notify_ca_bundle" in body:
             path = body["notify_ca_bundle"]
             if path is not None and not isinstance(path, str):
