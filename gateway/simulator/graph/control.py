@@ -4,6 +4,7 @@ shorten subscriptions and fire lifecycle events. Handlers take (request, Control
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,11 @@ async def _subscriptions(request: web.Request, ctl: Control, body: dict[str, Any
             path = body["notify_ca_bundle"]
             if path is not None and not isinstance(path, str):
                 raise _error("notify_ca_bundle: expected the path of a PEM file, or null for the system CAs")
+            if path is not None:
+                try:
+                    ssl.create_default_context(cafile=path)
+                except (OSError, ssl.SSLError) as e:
+                    raise _error(f"notify_ca_bundle: cannot load {path} as a CA bundle ({e})") from None
             ctl.sim.graph.config.notify_ca_bundle = path
     return {"max_minutes": subs.max_minutes, "validations": subs.validations,
             "subscriptions": [{"id": s.id, "mailbox": s.mailbox, "resource": s.resource,
