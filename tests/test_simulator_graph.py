@@ -248,9 +248,12 @@ def test_a_moved_window_needs_a_new_round_and_an_expired_token_answers_410(graph
     status, body = graph_sim.control("POST", "/graph/delta/expire", {"mailbox": room})
     assert status == 200 and body["expired"] >= 1
     status, body, _ = graph_sim.request("GET", link)
-    assert status == 410 and body["error"]["code"] == "syncStateNotFound"
+    assert status == 410 and body["error"]["code"] == "SyncStateNotFound"
     changes, _ = delta_round(graph_sim, url)  # a fresh round works
     assert changes == []
+    graph_sim.control("POST", "/graph/delta/expire", {"code": "resyncRequired"})
+    status, body, _ = graph_sim.request("GET", link)
+    assert status == 410 and body["error"]["code"] == "resyncRequired"
 
 
 # -- limits -----------------------------------------------------------------------------------------------

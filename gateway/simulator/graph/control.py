@@ -105,9 +105,9 @@ async def _access_policy(request: web.Request, ctl: Control, body: dict[str, Any
 async def _expire_delta(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
     """Delta tokens (of one mailbox, or all) are forgotten: the next use answers 410 with ``code``."""
     _only(body, ("mailbox", "code"))
-    code = body.get("code", "syncStateNotFound")
-    if code not in ("syncStateNotFound", "resyncRequired"):
-        raise _error("code: expected syncStateNotFound or resyncRequired")
+    code = body.get("code", "SyncStateNotFound")
+    if code not in ("SyncStateNotFound", "resyncRequired"):
+        raise _error("code: expected SyncStateNotFound or resyncRequired")
     mailbox = body.get("mailbox")
     if mailbox is not None and not isinstance(mailbox, str):
         raise _error("mailbox: expected an e-mail address")
