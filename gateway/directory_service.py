@@ -98,8 +98,14 @@ class DirectoryRunner:
                                  full_seconds=options.full_seconds, source=source, listeners=listeners)
         self.failure: GatewayError | None = None
         self.syncs = 0
+        self.failed_syncs = 0
         self._wake = asyncio.Event()
         self._password = options.password
+
+    async def credential_expiry(self) -> list[CredentialExpiry]:
+        """The bind account's expiry (ports.CredentialProbe, for the credential watch): from the directory itself."""
+        status = await self.directory.account(self.options.settings.bind)
+        return [expiry_of(self.options.credential, status)]
 
     def sync_now(self) -> None:
         self._wake.set()
@@ -123,6 +129,7 @@ class DirectoryRunner:
                     log.error("directory.sync_failed", directory=self.options.name, key=e.key, reason=str(e),
                               remedy=e.remedy)
                 self.failure = e
+                self.failed_syncs += 1
                 wait = backoff.next()
                 if isinstance(e, AuthError):
                     self._reread_secret()

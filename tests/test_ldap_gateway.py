@@ -19,10 +19,11 @@ from gateway import cli
 from gateway.app import DIRECTORY, STORE, GatewayOptions, init_app, start_gateway, stop_gateway
 from gateway.config import load_config
 from gateway.directory.ldap import LdapSettings
-from gateway.directory_service import DirectoryOptions, ldap_settings
+from gateway.directory_service import DirectoryOptions, DirectoryRunner, ldap_settings, open_directory
 from gateway.ports import SourceSpec
 from gateway.sources.memory import MemorySource
 from gateway.store.apikeys import ApiKeys
+from gateway.store.sqlite import SqliteStore
 from tests.conftest import eventually
 from tests.ldap_server import (
     BASE,
@@ -30,10 +31,12 @@ from tests.ldap_server import (
     DOMAIN,
     EXPIRING,
     MAIL,
+    NEVER,
     PASSWORD,
     PEOPLE_OU,
     ROOMS_OU,
     SERVER_NAME,
+    SERVICE_OU,
     SambaDC,
     group_ldif,
     person_ldif,
@@ -211,3 +214,36 @@ async def test_a_room_added_to_a_room_list_in_ad_is_synced_without_a_restart_and
         assert f"{rooms[0]}@{MAIL}" not in {r.email for r in gw.store.rooms()}  # released
     finally:
         await stop_gateway(gw)
+
+
+async def test_a_wrong_bind_password_costs_one_bind_and_a_new_one_in_the_vault_is_tried_at_once(
+        tmp_path: Path, samba: SambaDC, ou: str) -> None:
+    samba.add(person_ldif("yuri", ou, name="Yuri Yu"))
+    vault = {"password": "wrong"}
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=f"CN={NEVER},{SERVICE_OU}", base_dn=BASE,
+                            ca_file=str(samba.ca), server_name=SERVER_NAME, people_base=ou, auth_retry_seconds=3600)
+    options = DirectoryOptions("corp", settings, "wrong", sync_seconds=10, reread_secret=lambda: vault["password"])
+    directory = open_directory(options)
+    store = SqliteStore(tmp_path / "gateway.sqlite")
+    runner = DirectoryRunner(options, directory, store, source="urn:test")
+    task = asyncio.get_running_loop().create_task(runner.run())
+    try:
+        await eventually(lambda: runner.failure is not None, what="the refused bind")
+        assert runner.failure is not None and runner.failure.key == "invalid_auth"
+        for attempt in range(2, 5):  # more syncs: the refusal is repeated without a bind
+            runner.sync_now()
+            await eventually(lambda n=attempt: runner.failed_syncs >= n, what=f"failed sync {attempt}")
+        assert directory.binds == 1
+        vault["password"] = PASSWORD  # `gateway credentials set directory`
+        runner.sync_now()
+        await eventually(lambda: runner.syncs >= 1, what="a sync with the new password", timeout=30)
+        assert directory.binds == 2 and runner.failure is None
+        assert [p.data["email"] for p in store.people("directory:corp").values()] == [f"yuri@{MAIL}"]
+        [expiry] = await runner.credential_expiry()
+        assert (expiry.credential, expiry.kind, expiry.expires_at, expiry.locked_out) == (
+            "directory:corp", "password", None, False)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await directory.close()
+        store.close()
