@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ import pytest
 from referencing import Registry, Resource
 
 from gateway.directory.ldap import LdapDirectory, LdapSettings
+from gateway.model import Event
 from gateway.store.sqlite import SqliteStore
-from gateway.sync.people import PeopleSync
+from gateway.sync.people import PERSON_EVENTS, DirectoryPerson, PeopleSync, person_data
+from tests.fake_gateway import cloud_event
 from tests.ldap_server import BASE, BIND_DN, GROUPS_OU, MAIL, PASSWORD, SERVER_NAME, SambaDC, person_ldif, room_ldif
+from tests.test_relay_hub import read_sse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ldap")]
 SCHEMAS = Path(__file__).parents[1] / "gateway" / "schemas"
@@ -193,3 +197,22 @@ async def test_another_domain_controller_means_a_full_comparison(
         read_people = directory.read_people
 
     assert await PeopleSync(OtherDc(), store, directory="corp").sync() == {"removed": 1}
+
+
+async def test_person_events_pass_through_the_hub_and_make_no_room_there(vendor: Any, http: Any, hub: Any) -> None:
+    key = await vendor.customer()
+    link = await (await vendor.gateway()).connect(http, hub.url)
+    person = person_data(DirectoryPerson(id=str(uuid.uuid4()), email=f"zoe@{MAIL}", name="Zoe Z"), directory="corp",
+                         manager=None)
+    event = Event(id=str(uuid.uuid4()), type=PERSON_EVENTS["created"], room="directory:corp", subject=person["id"],
+                  time=datetime.now(UTC), data=person, sequence=1).to_cloudevent()
+    booking = cloud_event("created", "uid-1", room_seq=1)
+    assert await link.events([{"seq": 1, "room_seq": 1, "event": event},
+                              {"seq": 2, "room_seq": 1, "event": booking}]) == {"type": "ack", "seq": 2}
+    status, doc = await vendor.call("GET", "/v1/customers/contoso/rooms", token=key)
+    assert status == 200 and [r["email"] for r in doc["rooms"]] == [booking["partitionkey"]]
+    async with vendor.http.get(hub.url + "/v1/customers/contoso/events",
+                               headers={"Authorization": f"Bearer {key}"}) as resp:
+        got = await read_sse(resp, 2)
+    assert json.loads(got[0]["data"]) == event
+    await link.close()

@@ -718,6 +718,8 @@ def _statements(script: str) -> list[str]:
 
 
 def _room_of(ev: dict[str, Any]) -> str:
+    if ".person." in str(ev.get("type")):  # a directory's people (partition directory:NAME) belong to no room
+        return ""
     data = ev.get("data")
     room = data.get("room") if isinstance(data, dict) else None
     if not isinstance(room, str):
