@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,25 @@ def provisioned() -> Path:
         return target
 
 
+def seeded(name: str, ldif: Callable[[], str]) -> Path:
+    """The cached provision with ``ldif`` added, cached itself under ``name`` (seeding thousands of entries takes
+    minutes: ldb rewrites its index records with every entry)."""
+    base = provisioned()
+    target = CACHE / f"{VERSION}-{name}"
+    with open(CACHE / f"{VERSION}-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "seeded").exists():
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix="samba-seed-", dir=CACHE)) / "dc"
+        shutil.copytree(base, work, symlinks=True, ignore=_runtime_files)
+        _ldb("ldbadd", work, ldif())
+        (work / "seeded").write_text(name)
+        work.rename(target)
+        shutil.rmtree(work.parent, ignore_errors=True)
+        return target
+
+
 @dataclass
 class Forwarder:
     port: int
@@ -365,10 +384,11 @@ def _smb_conf(folder: Path, provisioned_at: str) -> None:
 
 
 @contextlib.contextmanager
-def samba_dc(tmp: Path, extra_ldif: str = "") -> Iterator[SambaDC]:
-    """A private DC for the caller, in ``tmp``: the cached provision copied, ``extra_ldif`` added offline, started,
-    and answering on loopback ports for plain/StartTLS (389) and LDAPS (636)."""
-    source = provisioned()
+def samba_dc(tmp: Path, extra_ldif: str = "", source: Path | None = None) -> Iterator[SambaDC]:
+    """A private DC for the caller, in ``tmp``: the cached provision (or ``source``, a copy of it made by
+    ``seeded``) copied, ``extra_ldif`` added offline, started, and answering on loopback ports for plain/StartTLS
+    (389) and LDAPS (636)."""
+    source = source or provisioned()
     folder = tmp / "dc"
     shutil.copytree(source, folder, symlinks=True, ignore=_runtime_files)
     _smb_conf(folder, (source / "provisioned-at").read_text())

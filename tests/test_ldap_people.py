@@ -216,3 +216,19 @@ async def test_person_events_pass_through_the_hub_and_make_no_room_there(vendor:
         got = await read_sse(resp, 2)
     assert json.loads(got[0]["data"]) == event
     await link.close()
+
+
+async def test_an_account_that_may_list_deleted_objects_relays_a_deletion_at_the_next_incremental_sync(
+        samba: SambaDC, ou: str, store: SqliteStore) -> None:
+    admin, password = samba.admin()  # AD lets administrators (or a delegated account) list Deleted Objects
+    d = LdapDirectory(settings(samba, bind=admin, people_base=ou), password)
+    try:
+        samba.add(person_ldif("abe", ou, name="Abe Amos") + person_ldif("ada", ou, name="Ada Amos"))
+        sync = PeopleSync(d, store, directory="corp")
+        assert await sync.sync() == {"created": 2}
+        delete(samba, f"CN=Abe Amos,{ou}")
+        assert await sync.sync() == {"removed": 1}  # incremental: the tombstone tells
+        assert [(k, e) for k, e, _ in relayed(store)][-1] == ("removed", f"abe@{MAIL}")
+        assert await sync.sync(full=True) == {}  # and the full comparison finds nothing more
+    finally:
+        await d.close()

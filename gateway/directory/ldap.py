@@ -57,6 +57,7 @@ USER_MAILBOX, ROOM_MAILBOX, EQUIPMENT_MAILBOX, ROOM_LIST = 1, 16, 32, 268435456
 ACCOUNTDISABLE, LOCKOUT = 0x2, 0x10  # userAccountControl / msDS-User-Account-Control-Computed bits
 NEVER = 0x7FFFFFFFFFFFFFFF  # msDS-UserPasswordExpiryTimeComputed for "never expires" (0 too: no password policy)
 IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: nested group membership
+SHOW_DELETED = "1.2.840.113556.1.4.417"  # LDAP_SERVER_SHOW_DELETED_OID: tombstones are returned too
 PEOPLE = "(&(objectCategory=person)(objectClass=user)(mail=*))"
 NOT_RESOURCES = f"(!(msExchRecipientTypeDetails={ROOM_MAILBOX}))(!(msExchRecipientTypeDetails={EQUIPMENT_MAILBOX}))"
 ROOMS = f"(&(objectCategory=person)(objectClass=user)(mail=*)(msExchRecipientTypeDetails={ROOM_MAILBOX}))"
@@ -249,14 +250,14 @@ class LdapDirectory:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, work)
 
     def search(self, conn: ldap3.Connection, base: str, query: str, attrs: Sequence[str],
-               scope: Scope = "SUBTREE") -> list[dict[str, Any]]:
+               scope: Scope = "SUBTREE", controls: list[tuple[str, bool, Any]] | None = None) -> list[dict[str, Any]]:
         """Every entry (paged), as attribute dictionaries with ``dn``; continuation references dropped."""
         found: list[dict[str, Any]] = []
         cookie: bytes | None = None
         while True:
             self.requests += 1
             conn.search(base, query, search_scope=scope, attributes=list(attrs), paged_size=self.settings.page_size,
-                        paged_cookie=cookie)
+                        paged_cookie=cookie, controls=controls)
             if conn.result.get("description") == "sizeLimitExceeded":  # ldap3 does not raise it: a partial answer
                 what = conn.result.get("message") or "sizeLimitExceeded"
                 raise lx.LDAPSizeLimitExceededResult(f"{what} (base {base})")
@@ -406,6 +407,17 @@ class LdapDirectory:
         def read(conn: ldap3.Connection) -> list[DirectoryPerson]:
             base = self.settings.people_base or self.settings.base_dn
             return [self._person(e) for e in self.search(conn, base, self._people_query(since_usn), PERSON_ATTRS)]
+        return await self.run(read)
+
+    async def read_deleted(self, since_usn: int) -> list[str]:
+        """The ids of the users deleted after ``since_usn`` (their tombstones in Deleted Objects). Only an account
+        allowed to list Deleted Objects sees them (AD grants it to administrators; others see none, and the full
+        comparison finds the deleted instead)."""
+        def read(conn: ldap3.Connection) -> list[str]:
+            found = self.search(conn, self.settings.base_dn,
+                                f"(&(isDeleted=TRUE)(objectClass=user)(uSNChanged>={since_usn + 1}))", ["objectGUID"],
+                                controls=[(SHOW_DELETED, True, None)])
+            return [_guid(first(e, "objectGUID")) for e in found]
         return await self.run(read)
 
     async def read_rooms(self) -> list[DirectoryRoom]:

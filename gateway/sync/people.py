@@ -3,11 +3,13 @@ updated, disabled, removed) through the outbox, exactly once each.
 
 Incremental by the directory's change counter (AD's uSNChanged: every write raises it), with a periodic full
 comparison that also finds the people who are gone (a deleted object leaves no trace a plain search sees) or who
-left the configured scope. The counter is per domain controller: after a failover to another DC the next sync is a
-full comparison. The counter is read *before* the search, so a change made during a sync is read again by the next
-one; reading a person twice costs nothing, since an event goes out only when what a person looks like from outside
-(after the privacy policy) changed. The snapshot, the counter and the events are committed in one transaction (the
-store's ``commit_people``): a crash repeats a sync, never an event.
+left the configured scope. Where the directory lets the account list its deleted objects (AD's tombstones:
+administrators, or a delegated right), an incremental sync relays the deleted at once. The counter is per domain
+controller: after a failover to another DC the next sync is a full comparison. The counter is read *before* the
+search, so a change made during a sync is read again by the next one; reading a person twice costs nothing, since an
+event goes out only when what a person looks like from outside (after the privacy policy) changed. The snapshot, the
+counter and the events are committed in one transaction (the store's ``commit_people``): a crash repeats a sync,
+never an event.
 
 The plan is pure (``plan``); ``PeopleSync`` reads, plans and commits.
 """
@@ -87,7 +89,9 @@ class PeopleState:
 
 
 class PeopleReader(Protocol):
-    """What the sync needs of a directory (gateway/directory/ldap.py)."""
+    """What the sync needs of a directory (gateway/directory/ldap.py). A reader may also offer
+    ``async read_deleted(since_usn) -> list[id]``: the people deleted since, so an incremental sync relays them
+    without waiting for the full comparison."""
 
     async def highest_usn(self) -> tuple[int, str]:
         """(the DC's highest committed change counter, the DC's identity)."""
@@ -131,9 +135,9 @@ class PeoplePlan:
 
 
 def plan(known: dict[str, KnownPerson], observed: Sequence[DirectoryPerson], *, full: bool, directory: str,
-         drop: Iterable[str] = ()) -> PeoplePlan:
+         drop: Iterable[str] = (), deleted: Iterable[str] = ()) -> PeoplePlan:
     """What to relay: a person not known is created; a known one whose published form changed is updated, or
-    disabled when that is the change; with ``full``, a known person not observed is removed."""
+    disabled when that is the change; a known person ``deleted`` (or, with ``full``, not observed) is removed."""
     drop = tuple(drop)
     addresses = {k.dn.lower(): k.data.get("email") for k in known.values() if k.dn}
     addresses.update({p.dn.lower(): p.email for p in observed if p.dn})
@@ -160,8 +164,9 @@ def plan(known: dict[str, KnownPerson], observed: Sequence[DirectoryPerson], *, 
             kind = "updated"
         changes.append((kind, p.id, data))
     removes: list[str] = []
-    if full:
-        for pid in sorted(set(known) - seen):
+    gone = (set(known) - seen) if full else (set(deleted) & set(known)) - seen
+    if gone:
+        for pid in sorted(gone):
             removes.append(pid)
             changes.append(("removed", pid, {**known[pid].data, "reason": "removed_from_directory"}))
     return PeoplePlan(upserts, removes, changes)
@@ -200,8 +205,12 @@ class PeopleSync:
             full = (state is None or state.dc != dc or state.full_at is None
                     or (now - state.full_at).total_seconds() >= self.full_seconds)
         observed = await self.reader.read_people(None if full or state is None else state.usn)
+        deleted: list[str] = []
+        read_deleted = getattr(self.reader, "read_deleted", None)
+        if not full and state is not None and read_deleted is not None:
+            deleted = await read_deleted(state.usn)
         known = await asyncio.to_thread(self.store.people, self.stream)
-        p = plan(known, observed, full=full, directory=self.directory, drop=self.drop)
+        p = plan(known, observed, full=full, directory=self.directory, drop=self.drop, deleted=deleted)
         events = [Event(id=str(uuid.uuid4()), type=PERSON_EVENTS[kind], room=self.stream, subject=pid, time=now,
                         data=data, source=self.source) for kind, pid, data in p.changes]
         new_state = PeopleState(usn=usn, dc=dc, full_at=now if full else (state.full_at if state else None))
