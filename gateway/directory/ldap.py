@@ -226,6 +226,9 @@ class LdapDirectory:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
             try:
                 conn.unbind()
             except Exception:  # a dead socket: nothing left to close

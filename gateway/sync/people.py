@@ -139,7 +139,11 @@ def plan(known: dict[str, KnownPerson], observed: Sequence[DirectoryPerson], *, 
     """What to relay: a person not known is created; a known one whose published form changed is updated, or
     disabled when that is the change; a known person ``deleted`` (or, with ``full``, not observed) is removed."""
     drop = tuple(drop)
-    addresses = {k.dn.lower(): k.data.get("email") for k in known.values() if k.dn}
+    deleted = set(deleted)
+    # A manager is relayed by address when the manager is a person in scope: everyone observed (a full sync sees
+    # everyone; an incremental one also knows the unchanged from before, less the deleted).
+    addresses = {} if full else {k.dn.lower(): k.data.get("email") for pid, k in known.items()
+                                 if k.dn and pid not in deleted}
     addresses.update({p.dn.lower(): p.email for p in observed if p.dn})
     upserts: list[tuple[str, str, str, dict[str, Any]]] = []
     changes: list[tuple[str, str, dict[str, Any]]] = []
@@ -164,7 +168,7 @@ def plan(known: dict[str, KnownPerson], observed: Sequence[DirectoryPerson], *, 
             kind = "updated"
         changes.append((kind, p.id, data))
     removes: list[str] = []
-    gone = (set(known) - seen) if full else (set(deleted) & set(known)) - seen
+    gone = (set(known) - seen) if full else (deleted & set(known)) - seen
     if gone:
         for pid in sorted(gone):
             removes.append(pid)
