@@ -21,6 +21,9 @@ done < packaging/test-packages.txt
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages the tests need: ${missing[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  # slapd unconfigured: the tests run their own instances; a configured one would start on port 389
+  echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections 2>/dev/null || true
   if ! { $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 ||
          { $SUDO apt-get update -qq >/dev/null 2>&1 &&
            $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; }; then
