@@ -40,6 +40,10 @@ class HubSettings:
     webhook_timeout: float = 10.0
     synchronous: str = "NORMAL"  # SQLite; FULL survives power loss too, at some throughput cost
     retention_days: int = 30  # stored events older than this are deleted (undelivered webhook ones kept); 0: never
+    # Graph change notifications posted to a gateway's route (graph_notifications.py): a token bucket per route, so
+    # a flood of forged posts cannot flood the tunnel (Graph retries what is refused with 429)
+    graph_rate: float = 20.0  # posts per second, sustained
+    graph_burst: int = 200
 
     def validate(self) -> None:
         if not self.insecure_http:
@@ -74,7 +78,8 @@ class HubSettings:
                               f"{self.retention_days!r}", key="invalid_hub_setting",
                               remedy="give --retention-days N (0 keeps events for ever)")
         for name in ("command_timeout", "token_ttl", "heartbeat", "hello_timeout", "revocation_check",
-                     "sse_keepalive", "webhook_retry_base", "webhook_retry_max", "webhook_timeout"):
+                     "sse_keepalive", "webhook_retry_base", "webhook_retry_max", "webhook_timeout", "graph_rate",
+                     "graph_burst"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"the hub setting {name} must be positive", key="invalid_hub_setting")
 
