@@ -3,6 +3,7 @@ validation handshake, deliveries, forgeries) and a FakeGateway holds the tunnel 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from dataclasses import replace
@@ -12,6 +13,8 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from gateway.errors import ConfigError
+from gateway.hub import cli as hubcli
 from gateway.relay import protocol
 from tests.conftest import eventually
 from tests.fake_gateway import FakeGateway, Link
@@ -207,3 +210,17 @@ async def test_parallel_posts_are_all_accepted_and_forwarded(http, hub, gw):
     got = [await link.recv() for _ in range(20)]
     assert all(m["type"] == "notification" for m in got)
     await link.close()
+
+
+# -- settings ----------------------------------------------------------------------------------------------------
+def test_the_rate_limit_is_a_setting_and_a_flag_checked_before_the_hub_starts(hub_settings):
+    parser = argparse.ArgumentParser(prog="gateway")
+    hubcli.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["hub", "serve", "--graph-rate", "5", "--graph-burst", "50"])
+    assert (args.graph_rate, args.graph_burst) == (5.0, 50)
+    defaults = parser.parse_args(["hub", "serve"])
+    assert (defaults.graph_rate, defaults.graph_burst) == (hub_settings.graph_rate, hub_settings.graph_burst)
+    for bad in ({"graph_rate": 0}, {"graph_burst": 0}, {"graph_burst": 2.5}):
+        with pytest.raises(ConfigError) as e:
+            replace(hub_settings, **bad).validate()
+        assert e.value.key == "invalid_hub_setting" and "graph_" in str(e.value)
