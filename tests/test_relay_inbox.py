@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from gateway.app import INBOX, GatewayOptions, start_gateway, stop_gateway
 from gateway.config import RelayConfig
+from gateway.errors import ProtocolError
 from gateway.model import Command, CommandResult, failed
 from gateway.observability.metrics import Metrics
 from gateway.ports import FeedSettings, OpenedSource, Poke, SourceSpec
@@ -253,3 +254,28 @@ async def test_without_the_relay_sources_get_no_inbox(tmp_path):
         assert seen["online"].inbox is None and gw.runner.app[INBOX] is None
     finally:
         await stop_gateway(gw)
+
+
+async def test_a_hub_that_sends_unusable_urls_is_still_used_and_the_sources_poll(hub, tunnel, monkeypatch):
+    from gateway.hub import tunnels as hub_tunnels
+
+    monkeypatch.setattr(hub_tunnels, "graph_urls", lambda base, route: {"url": "http://plain.example/n"})
+    inbox = RelayInbox()
+    with capture_logs() as logs:
+        t = tunnel(inbox)
+        await eventually(inbox.connected, what="the tunnel up all the same")
+    assert inbox.urls() is None and t.state == "connected"
+    assert [e["error"] for e in logs if e["event"] == "tunnel.bad_notification_urls"] == [
+        "welcome.notifications must be {url, lifecycle_url}, two https:// URLs of at most 2048 characters"]
+
+
+def test_welcome_without_notifications_means_none_and_malformed_ones_are_refused():
+    assert protocol.notification_urls({"type": "welcome", "ack": 0}) is None  # an older hub
+    good = {"url": "https://hub.example/v1/graph/r/notifications",
+            "lifecycle_url": "https://hub.example/v1/graph/r/lifecycle"}
+    assert protocol.notification_urls({"notifications": good}) == (good["url"], good["lifecycle_url"])
+    for bad in ("https://x", {"url": good["url"]}, {**good, "lifecycle_url": 7},
+                {**good, "url": "https://" + "x" * 2048}):
+        with pytest.raises(ProtocolError) as e:
+            protocol.notification_urls({"notifications": bad})
+        assert e.value.key == "bad_message"
