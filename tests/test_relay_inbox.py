@@ -10,6 +10,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from gateway.sources.memory import MemoryKind, MemorySource
 from gateway.sources.registry import default_registry
 from gateway.store import SqliteStore
 from tests.conftest import eventually
+from tests.graph_helpers import event, tomorrow
 from tests.hub_fixtures import Hub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("customer")]  # every gateway here enrolls for CUSTOMER
@@ -279,3 +281,44 @@ def test_welcome_without_notifications_means_none_and_malformed_ones_are_refused
         with pytest.raises(ProtocolError) as e:
             protocol.notification_urls({"notifications": bad})
         assert e.value.key == "bad_message"
+
+
+# -- with the Graph simulator as Microsoft Graph -----------------------------------------------------------------
+async def test_the_graph_simulators_validation_and_notifications_go_through_the_hub_to_a_listener(
+        graph_sim, hub, pki, tunnel):
+    status, _ = await asyncio.to_thread(graph_sim.control, "PATCH", "/graph/subscriptions",
+                                        {"notify_ca_bundle": str(pki.ca_file)})  # Graph verifies the hub's TLS
+    assert status == 200
+    inbox = RelayInbox()
+    heard = Listener()
+    inbox.listen(heard.poke, heard.connected)
+    tunnel(inbox)
+    await eventually(inbox.connected, what="the tunnel up")
+    urls = inbox.urls()
+    assert urls is not None
+    room, organizer = graph_sim.graph_rooms[0], graph_sim.graph_users[0]
+    expiry = (datetime.now(UTC) + timedelta(minutes=4200)).strftime("%Y-%m-%dT%H:%M:%S.0000000Z")
+    status, sub, _ = await asyncio.to_thread(graph_sim.request, "POST", "/subscriptions", {
+        "changeType": "created,updated,deleted", "notificationUrl": urls[0], "lifecycleNotificationUrl": urls[1],
+        "resource": f"users/{room}/events", "expirationDateTime": expiry, "clientState": "chosen-by-the-gateway"})
+    assert status == 201, sub  # the hub answered the validation on both URLs
+    assert hub.hub.metrics.registry.get_sample_value("gateway_hub_graph_notifications_total",
+                                                     {"outcome": "validation"}) == 2
+
+    await asyncio.to_thread(graph_sim.request, "POST", f"/users/{organizer}/events",
+                            event("Through the hub", tomorrow(9), rooms=[room]))
+
+    def created() -> list[dict[str, Any]]:
+        return [n for p in heard.pokes if not p.lifecycle for n in p.body["value"] if n.get("changeType") == "created"]
+    await eventually(created, timeout=30, what="Graph's notification at the listener")
+    n = created()[0]
+    assert n["subscriptionId"] == sub["id"] and n["clientState"] == "chosen-by-the-gateway"
+
+    status, _ = await asyncio.to_thread(graph_sim.control, "POST", f"/graph/subscriptions/{sub['id']}/lifecycle",
+                                        {"event": "missed"})
+    assert status == 200
+
+    def missed() -> list[dict[str, Any]]:
+        return [n for p in heard.pokes if p.lifecycle for n in p.body["value"] if n.get("lifecycleEvent") == "missed"]
+    await eventually(missed, timeout=30, what="the lifecycle event at the listener")
+    assert missed()[0]["subscriptionId"] == sub["id"]
