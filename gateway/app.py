@@ -297,9 +297,11 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     app = web.Application(middlewares=[auth_middleware(lambda: app.get(API))])
     app[SOURCES] = {}
     app[ROOM_ROUTES] = RoomRoutes()
-    # sources subscribe at start-up, before the tunnel connects: they get the inbox now, its URLs come later
+    # sources subscribe at start-up, before the tunnel connects: they get the inbox now, its URLs come later (one
+    # given in code, a test's stand-in hub, is kept)
     inbox = app[INBOX] = RelayInbox(metrics.registry) if options.relay.enabled else None
-    specs = tuple(replace(spec, inbox=inbox) for spec in options.calendar_sources)
+    specs = tuple(replace(spec, inbox=inbox) if inbox is not None and spec.inbox is None else spec
+                  for spec in options.calendar_sources)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         with _starting("the store"):

@@ -9,7 +9,7 @@ import asyncio
 import json
 import random
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -322,3 +322,15 @@ async def test_the_graph_simulators_validation_and_notifications_go_through_the_
         return [n for p in heard.pokes if p.lifecycle for n in p.body["value"] if n.get("lifecycleEvent") == "missed"]
     await eventually(missed, timeout=30, what="the lifecycle event at the listener")
     assert missed()[0]["subscriptionId"] == sub["id"]
+
+
+async def test_a_source_given_its_own_inbox_in_code_keeps_it(tmp_path):
+    own = RelayInbox()  # e.g. a test's stand-in for the hub
+    seen: dict[str, SourceSpec] = {}
+    opts = memory_options(tmp_path)
+    opts = replace(opts, sources=tuple(replace(s, inbox=own) for s in opts.sources))
+    gw = await start_gateway(opts, registry=recording_registry(seen))
+    try:
+        assert seen["online"].inbox is own
+    finally:
+        await stop_gateway(gw)
