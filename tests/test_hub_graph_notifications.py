@@ -224,3 +224,24 @@ def test_the_rate_limit_is_a_setting_and_a_flag_checked_before_the_hub_starts(hu
         with pytest.raises(ConfigError) as e:
             replace(hub_settings, **bad).validate()
         assert e.value.key == "invalid_hub_setting" and "graph_" in str(e.value)
+
+
+async def test_graph_is_answered_while_the_tunnel_is_stuck(http, hub, gw):
+    link, url, _ = await gateway_urls(http, hub, gw)
+    session = hub.session(gw.gateway_id)
+    stuck, send = asyncio.Event(), session.send
+
+    async def stalled(text: str) -> None:  # a tunnel whose TCP window is shut: every send waits
+        await stuck.wait()
+        await send(text)
+
+    session.send = stalled
+    async with asyncio.timeout(20):  # were Graph made to wait on the tunnel, this would never be answered
+        answers = await asyncio.gather(*(graph_post(http, url, NOTIFICATION) for _ in range(10)))
+    assert [a[0] for a in answers] == [202] * 10
+    assert outcome(hub, "forwarded") == 0
+    stuck.set()  # the tunnel moves again: everything accepted arrives
+    got = [await link.recv() for _ in range(10)]
+    assert all(m == {"type": "notification", "lifecycle": False, "body": NOTIFICATION} for m in got)
+    await eventually(lambda: outcome(hub, "forwarded") == 10, what="all ten forwarded")
+    await link.close()
