@@ -5,12 +5,30 @@ room it does not sync, and a change of the replica count hands rooms over withou
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
 
+from gateway.app import GATEWAY, Gateway, GatewayOptions, init_app, start_gateway, stop_gateway
+from gateway.model import EVENT_TYPES
+from gateway.ports import FeedSettings, OpenedSource, SourceSpec
 from gateway.relay import protocol
-from gateway.sharding import owner
+from gateway.sharding import Shard, owner
+from gateway.sources.memory import MemoryKind, MemorySource
+from gateway.sources.registry import SourceRegistry, default_registry
+from gateway.store.apikeys import ApiKeys
+from gateway.store.sqlite import SqliteStore
+from gateway.sync.coordinator import SyncSettings
+from tests.conftest import eventually, free_port
 from tests.fake_gateway import T0, create_command
 from tests.hub_fixtures import Vendor
 
@@ -86,3 +104,182 @@ async def test_a_malformed_replica_in_hello_is_refused(vendor: Vendor, http: Any
     assert link.welcome["type"] == "error" and link.welcome["code"] == "bad_message"
     assert "0 <= ordinal < count" in link.welcome["message"]
     assert protocol.hello_replica({"replica": {"ordinal": 1, "count": 3}}) == (1, 3)
+
+
+# -- replicas over one organisation (in-memory source), in this process -------------------------------------------
+NOW = datetime(2030, 1, 7, 8, tzinfo=UTC)
+FAST = SyncSettings(debounce_seconds=0.0, retry_seconds=0.05, auth_retry_seconds=0.2)
+CREATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["deleted"]
+
+
+def organisation() -> MemorySource:
+    """Six rooms, a meeting in each."""
+    source = MemorySource(now=NOW)
+    source.add_person("alice@contoso.com")
+    for n, room in enumerate(ROOMS):
+        source.add_room(room)
+        source.book("alice@contoso.com", [room], NOW + timedelta(hours=n + 1), NOW + timedelta(hours=n + 2), room)
+    return source
+
+
+def shared() -> SourceRegistry:
+    """The memory kind, but one replica stopping does not close the organisation the others read."""
+    class Shared(MemoryKind):
+        def open(self, spec: SourceSpec, feed: FeedSettings) -> OpenedSource:
+            opened = super().open(spec, feed)
+
+            async def keep_open() -> None:
+                pass
+            opened.close = keep_open
+            return opened
+    return default_registry().with_kind("memory", Shared)
+
+
+def replica_options(tmp_path: Path, source: MemorySource, ordinal: int, count: int, **kw: Any) -> GatewayOptions:
+    return GatewayOptions(sources=(SourceSpec("hq", "memory", source, rooms=tuple(ROOMS)),), sync=FAST,
+                          store_path=tmp_path / f"replica-{ordinal}.sqlite", clock=lambda: NOW,
+                          shard=Shard(ordinal, count), **kw)
+
+
+def owned(ordinal: int, count: int) -> set[str]:
+    return {r for r in ROOMS if owner(r, count) == ordinal}
+
+
+def outbox(gw: Gateway, kind: str) -> list[str]:
+    """The rooms of the outbox's events of ``kind``, in order."""
+    return [e.event.room for e in gw.store.outbox_after(0, 10_000) if e.event.type == kind]
+
+
+async def test_each_replica_syncs_only_the_rooms_it_owns(tmp_path: Path) -> None:
+    source, registry = organisation(), shared()
+    gws = [await start_gateway(replica_options(tmp_path, source, k, 3), registry=registry) for k in range(3)]
+    try:
+        for k, gw in enumerate(gws):
+            mine = owned(k, 3)
+            assert set(gw.rooms) == mine
+            await eventually(partial(lambda g, n: len(outbox(g, CREATED)) == n, gw, len(mine)),
+                             what=f"replica {k} imported its rooms")
+            assert set(outbox(gw, CREATED)) == mine
+        assert sorted(r for gw in gws for r in outbox(gw, CREATED)) == sorted(ROOMS)  # each room once
+        # A change reaches the owner's outbox only.
+        room = sorted(owned(1, 3))[0]
+        source.book("alice@contoso.com", [room], NOW + timedelta(days=1), NOW + timedelta(days=1, hours=1), "later")
+        await eventually(lambda: outbox(gws[1], CREATED).count(room) == 2, what="the owner synced the change")
+        assert [outbox(gw, CREATED).count(room) for gw in (gws[0], gws[2])] == [0, 0]
+    finally:
+        for gw in gws:
+            await stop_gateway(gw)
+
+
+async def test_a_count_change_hands_rooms_over_without_a_deletion(tmp_path: Path) -> None:
+    source, registry = organisation(), shared()
+    moving = owned(0, 2) - owned(0, 3)  # ordinal 2's rooms that 0 takes while there are 2 replicas
+    assert moving and owned(0, 3) <= owned(0, 2)
+
+    async def run(count: int, imported: int) -> list[str]:
+        gw = await start_gateway(replica_options(tmp_path, source, 0, count), registry=registry)
+        try:
+            await eventually(lambda: len(outbox(gw, CREATED)) == imported, what=f"{imported} imports in all")
+            assert set(gw.rooms) == owned(0, count)
+            assert {r.email for r in gw.store.rooms()} == owned(0, count)
+            return outbox(gw, DELETED)
+        finally:
+            await stop_gateway(gw)
+
+    assert await run(3, len(owned(0, 3))) == []
+    assert await run(2, len(owned(0, 2))) == []  # scaled down: it imports the rooms it gains, and only them
+    assert await run(3, len(owned(0, 2))) == []  # scaled up: it releases them silently (the new owner imports)
+    store = SqliteStore(tmp_path / "replica-0.sqlite")
+    try:
+        assert not any(store.bookings(room) for room in moving)  # nothing kept of a room it no longer syncs
+    finally:
+        store.close()
+    assert await run(2, len(owned(0, 2)) + len(moving)) == []  # and back: imported again, consumers upsert by id
+
+
+@asynccontextmanager
+async def served(options: GatewayOptions, host: str, port: int, registry: SourceRegistry) -> AsyncIterator[Gateway]:
+    runner = web.AppRunner(init_app(options, registry=registry), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        yield runner.app[GATEWAY]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_replica_points_at_the_owner_and_forwards_commands_to_it(tmp_path: Path) -> None:
+    source, registry = organisation(), shared()
+    port = free_port()
+    template = f"http://127.0.0.1{{ordinal}}:{port}"  # replica 0 on 127.0.0.10, replica 1 on 127.0.0.11
+    key = _same_key_on_both(tmp_path)
+    here, there = sorted(owned(0, 2))[0], sorted(owned(1, 2))[0]
+    async with served(replica_options(tmp_path, source, 0, 2, peer_url=template), "127.0.0.10", port, registry), \
+            served(replica_options(tmp_path, source, 1, 2, peer_url=template), "127.0.0.11", port, registry) as gw1, \
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        base = f"http://127.0.0.10:{port}"
+        async with http.get(f"{base}/v1/rooms") as resp:
+            doc = await resp.json()
+        assert {r["email"] for r in doc["rooms"]} == owned(0, 2)
+        assert {r["email"]: r["owner"] for r in doc["elsewhere"]} == {
+            r: {"ordinal": 1, "url": f"http://127.0.0.11:{port}"} for r in owned(1, 2)}
+        async with http.get(f"{base}/v1/rooms/{there}/bookings") as resp:
+            assert resp.status == 421
+            problem = await resp.json()
+        assert problem["error"] == "misdirected" and problem["owner"] == {"ordinal": 1,
+                                                                           "url": f"http://127.0.0.11:{port}"}
+        assert f"room {there} is synced by replica 1 at http://127.0.0.11:{port}" in problem["detail"]
+        async with http.get(f"{base}/v1/rooms/{here}/bookings") as resp:
+            assert resp.status == 200
+
+        # A command for the other replica's room runs there, with the caller's key.
+        await eventually(lambda: gw1.coordinator.workers[there].state == "verified", what="the owner in sync")
+        with capture_logs() as logs:
+            async with http.post(f"{base}/v1/commands",
+                                 json={"key": "resync-1", "type": "resync", "room": there}) as resp:
+                assert resp.status == 200 and resp.headers["X-Gateway-Replica"] == "1"
+                assert (await resp.json())["status"] == "accepted"
+        # Replica 0 forwarded it; the one that ran it (api.command) was replica 1, the only one that may.
+        assert [(e["event"], e.get("replica")) for e in logs if e.get("key") == "resync-1"] == [
+            ("command.done", None), ("api.command", None), ("api.command_forwarded", 1)]
+
+        # Rooms of both replicas in one command: refused with each room's owner.
+        async with http.post(f"{base}/v1/commands", json={
+                "key": "avail-1", "type": "availability", "rooms": [here, there],
+                "start": "2030-01-07T09:00:00Z", "end": "2030-01-07T17:00:00Z"}) as resp:
+            assert resp.status == 421
+            assert (await resp.json())["owners"][there]["ordinal"] == 1
+
+
+async def test_without_a_peer_url_a_command_for_another_replicas_room_is_refused_with_a_pointer(
+        tmp_path: Path) -> None:
+    source, registry = organisation(), shared()
+    port = free_port()
+    key = _same_key_on_both(tmp_path)
+    there = sorted(owned(1, 2))[0]
+    async with served(replica_options(tmp_path, source, 0, 2), "127.0.0.1", port, registry), \
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        async with http.post(f"http://127.0.0.1:{port}/v1/commands",
+                             json={"key": "resync-2", "type": "resync", "room": there}) as resp:
+            assert resp.status == 421
+            doc = await resp.json()
+        assert doc["owner"] == {"ordinal": 1, "url": None}
+        assert "send the command to it there" in doc["detail"]
+
+
+def _same_key_on_both(tmp_path: Path) -> str:
+    """One API key valid on replicas 0 and 1 (each has its own store)."""
+    first = SqliteStore(tmp_path / "replica-0.sqlite")
+    try:
+        key = ApiKeys(first).create("tests", ["read", "book"])
+    finally:
+        first.close()
+    SqliteStore(tmp_path / "replica-1.sqlite").close()
+    db = sqlite3.connect(tmp_path / "replica-1.sqlite")
+    try:
+        db.execute("ATTACH DATABASE ? AS first", (str(tmp_path / "replica-0.sqlite"),))
+        db.execute("INSERT INTO api_keys SELECT * FROM first.api_keys")
+        db.commit()
+    finally:
+        db.close()
+    return key
