@@ -106,6 +106,9 @@ class GatewayOptions:
     # One of several replicas sharing the rooms: it syncs only the rooms that hash to its ordinal (gateway/sharding.py)
     shard: Shard = field(default_factory=Shard)
     peer_url: str | None = None  # replicas.peer_url: where a command for another replica's room is forwarded
+    # Rooms may change owner (several replicas, or a StatefulSet's pod that may be scaled): a room's event sequence
+    # starts from the clock, so it keeps rising across owners (gateway/store/sqlite.py).
+    replicated: bool = False
 
     @property
     def calendar_sources(self) -> tuple[SourceSpec, ...]:
@@ -245,6 +248,7 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
         shard=cfg.replicas.shard(environ),
+        replicated=cfg.replicas.count > 1 or bool(environ.get("POD_NAME")),
         peer_url=cfg.replicas.peer_url,
     )
 
@@ -311,7 +315,8 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         with _starting("the store"):
-            app[STORE] = SqliteStore(options.store_path)  # creates its folder 0700, or names the path and the fix
+            # creates its folder 0700, or names the path and the fix
+            app[STORE] = SqliteStore(options.store_path, sequence_from_clock=options.replicated)
         yield
         app[STORE].close()
         log.info("gateway.stopped")  # the store is the first part started and the last one stopped

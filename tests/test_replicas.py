@@ -138,7 +138,7 @@ def shared() -> SourceRegistry:
 def replica_options(tmp_path: Path, source: MemorySource, ordinal: int, count: int, **kw: Any) -> GatewayOptions:
     return GatewayOptions(sources=(SourceSpec("hq", "memory", source, rooms=tuple(ROOMS)),), sync=FAST,
                           store_path=tmp_path / f"replica-{ordinal}.sqlite", clock=lambda: NOW,
-                          shard=Shard(ordinal, count), **kw)
+                          shard=Shard(ordinal, count), replicated=True, **kw)
 
 
 def owned(ordinal: int, count: int) -> set[str]:
@@ -186,8 +186,22 @@ async def test_a_count_change_hands_rooms_over_without_a_deletion(tmp_path: Path
         finally:
             await stop_gateway(gw)
 
+    # Replica 2 of 3 syncs the moving rooms first: their sequences there.
+    old = await start_gateway(replica_options(tmp_path, source, 2, 3), registry=registry)
+    try:
+        await eventually(lambda: set(outbox(old, CREATED)) == owned(2, 3), what="replica 2 imported its rooms")
+        before = {e.event.room: e.room_seq for e in old.store.outbox_after(0, 10_000)}
+    finally:
+        await stop_gateway(old)
+
     assert await run(3, len(owned(0, 3))) == []
     assert await run(2, len(owned(0, 2))) == []  # scaled down: it imports the rooms it gains, and only them
+    store = SqliteStore(tmp_path / "replica-0.sqlite")
+    try:  # a moved room's sequence rose across the change of owner: consumers keep its order
+        after = {e.event.room: e.room_seq for e in reversed(store.outbox_after(0, 10_000))}
+    finally:
+        store.close()
+    assert all(after[room] > before[room] for room in moving), (before, after)
     assert await run(3, len(owned(0, 2))) == []  # scaled up: it releases them silently (the new owner imports)
     store = SqliteStore(tmp_path / "replica-0.sqlite")
     try:
