@@ -5,7 +5,13 @@ room it does not sync, and a change of the replica count hands rooms over withou
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -19,18 +25,24 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from gateway.app import GATEWAY, Gateway, GatewayOptions, init_app, start_gateway, stop_gateway
+from gateway.config import RelayConfig
 from gateway.model import EVENT_TYPES
 from gateway.ports import FeedSettings, OpenedSource, SourceSpec
 from gateway.relay import protocol
+from gateway.relay.enroll import enroll
+from gateway.security.vault import Vault, parse_key
 from gateway.sharding import Shard, owner
 from gateway.sources.memory import MemoryKind, MemorySource
 from gateway.sources.registry import SourceRegistry, default_registry
 from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import SyncSettings
-from tests.conftest import eventually, free_port
+from tests.conftest import VAULT_KEY, eventually, free_port
 from tests.fake_gateway import T0, create_command
 from tests.hub_fixtures import Vendor
+from tests.running_gateway import appointment, soon
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.e2e
 
@@ -297,3 +309,126 @@ def _same_key_on_both(tmp_path: Path) -> str:
     finally:
         db.close()
     return key
+
+
+# -- three gateway processes, one Exchange, one hub: scaled, killed, and the hub's view against Exchange's --------
+SIM_ROOMS = [f"room{i}@contoso.com" for i in range(1, 6)]  # the simulator's standard organisation
+
+
+class Replica:
+    """One replica's identity and store, started as its own process (tests/gateway_proc.py) with a count."""
+
+    def __init__(self, ordinal: int, spec: dict[str, Any]) -> None:
+        self.ordinal = ordinal
+        self.spec = spec
+        self.gateway_id = ""
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, count: int) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "GATEWAY_PROC": json.dumps({**self.spec,
+                                                                                 "shard": [self.ordinal, count]})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.gateway_proc", "--relay"], env=env, cwd=ROOT,
+                                     text=True, stdout=subprocess.DEVNULL)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+async def test_three_replicas_scaled_killed_and_restarted_keep_the_hubs_view_equal_to_exchange(
+        sim_factory: Any, hub: Any, customer: str, pki: Any, tmp_path: Path) -> None:
+    ews = sim_factory()
+    truth: dict[tuple[str, datetime], str] = {}  # (room, start) -> subject: what Exchange holds, as we made it
+
+    def book(room: str, n: int) -> None:
+        start = soon(30 + 2 * n)
+        appointment(ews, room, f"{room.split('@')[0]} #{n}", start)
+        truth[(room, start)] = room
+
+    for n, room in enumerate(SIM_ROOMS):
+        book(room, n)
+    replicas_: list[Replica] = []
+    for k in range(3):
+        vault = Vault(tmp_path / f"vault-{k}", parse_key(VAULT_KEY, "test key"))
+        relay = RelayConfig(enabled=True, ca_bundle=pki.ca_file, heartbeat_seconds=5, reconnect_max_seconds=1)
+        identity = await enroll(hub.url, await hub.token(), vault=vault, relay=relay, name=f"gateway-{k}")
+        replica = Replica(k, {"ews_url": ews.url, "store": str(tmp_path / f"store-{k}.sqlite"), "rooms": SIM_ROOMS,
+                              "vault": str(vault.path), "vault_key": VAULT_KEY, "hub_url": identity.hub_url,
+                              "ca": str(pki.ca_file)})
+        replica.gateway_id = identity.gateway_id
+        replicas_.append(replica)
+
+    async def hub_view() -> dict[tuple[str, datetime], int]:
+        seen: Counter[tuple[str, datetime]] = Counter()
+        for room in SIM_ROOMS:
+            for doc in await hub.hub.read(hub.hub.store.bookings, customer, room, soon(-48), soon(24 * 30)):
+                seen[(room, datetime.fromisoformat(doc["start"].replace("Z", "+00:00")))] += 1
+        return dict(seen)
+
+    async def converged(what: str) -> None:
+        await eventually(lambda: _equal(hub_view, truth), 90, f"the hub's view equals Exchange's ({what})")
+        deleted = [e for e in await hub.hub.read(hub.hub.store.events_after, customer, 0, 100_000)
+                   if e.type == DELETED]
+        assert deleted == [], f"a spurious booking.deleted ({what})"
+
+    async def connected(*ks: int) -> None:
+        await eventually(lambda: all(hub.session(replicas_[k].gateway_id) is not None for k in ks), 60,
+                         f"replicas {ks} connected")
+
+    try:
+        for r in replicas_:
+            r.start(3)
+        await connected(0, 1, 2)
+        await converged("three replicas")
+
+        for r in replicas_:  # scaled to 2: every replica restarts with the new count, replica 2 goes away
+            r.stop()
+        book("room4@contoso.com", 10)  # room4 moves from replica 2 to 0 meanwhile: its new owner imports it
+        for r in replicas_[:2]:
+            r.start(2)
+        await connected(0, 1)
+        await converged("scaled to two")
+
+        book("room4@contoso.com", 11)  # synced by its owner of now, replica 0
+        await converged("a change while two")
+        for r in replicas_[:2]:  # and back to 3: replica 2 comes back with its old store, and catches up
+            r.stop()
+        for r in replicas_:
+            r.start(3)
+        await connected(0, 1, 2)
+        await converged("back to three")
+
+        replicas_[1].stop(signal.SIGKILL)  # killed; a change to its room meanwhile; restarted
+        book("room2@contoso.com", 12)
+        replicas_[1].start(3)
+        await connected(1)
+        await converged("replica 1 killed and restarted")
+
+        # A command through the hub lands at room4's owner (replica 2) and in Exchange.
+        key = await hub.hub.write(hub.hub.store.issue_api_key, customer)
+        start = soon(24 * 5)
+        cmd = {"key": "replica-cmd-1", "type": "create", "room": "room4@contoso.com",
+               "start": f"{start:%Y-%m-%dT%H:%M:%SZ}", "end": f"{start + timedelta(minutes=30):%Y-%m-%dT%H:%M:%SZ}",
+               "subject": "Through the hub", "booker": {"name": "Kiosk"}}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=pki.client_context())) as http, \
+                http.post(f"{hub.url}/v1/customers/{customer}/commands", json=cmd,
+                          headers={"Authorization": f"Bearer {key}"}) as resp:
+            result = await resp.json()
+        assert result["status"] == "accepted", result
+        truth[("room4@contoso.com", start)] = "room4@contoso.com"
+        await converged("a command routed to the owner")
+    finally:
+        for r in replicas_:
+            r.stop()
+
+
+async def _equal(view: Any, truth: dict[tuple[str, datetime], str]) -> bool:
+    seen = await view()
+    return seen == dict.fromkeys(truth, 1)  # every booking once: none lost, none twice
