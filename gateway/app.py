@@ -135,13 +135,13 @@ class RunningSource:
     feed_down: bool = False  # its feed failed and has not subscribed since (its rooms poll)
     rooms_changed: asyncio.Event = field(default_factory=asyncio.Event)  # the feed watches again with the rooms
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its credentials and room-list tasks
-    elsewhere: list[str] = field(default_factory=list)  # its rooms another replica owns (not synced here)
+    elsewhere: dict[str, int] = field(default_factory=dict)  # its rooms other replicas own: room -> owner ordinal
 
     def shard(self, shard: Shard, rooms: list[str]) -> list[str]:
         """Keep the rooms this replica owns; the others are another replica's. The owned ones are returned."""
-        owned = [r for r in rooms if shard.owns(r)]
-        self.elsewhere = sorted(set(self.elsewhere) | {r for r in rooms if not shard.owns(r)})
-        return owned
+        owners = {room: shard.owner(room) for room in rooms}
+        self.elsewhere.update({room: o for room, o in owners.items() if o != shard.ordinal})
+        return [room for room, o in owners.items() if o == shard.ordinal]
 
     @property
     def feed(self) -> ChangeFeed | None:
@@ -406,7 +406,10 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                 return str(tunnel.status()["state"]) if tunnel is not None else ""
 
             def elsewhere() -> dict[str, int]:
-                return {room: options.shard.owner(room) for s in app[SOURCES].values() for room in s.elsewhere}
+                sources = list(app[SOURCES].values())
+                if len(sources) == 1:
+                    return sources[0].elsewhere
+                return {room: o for s in sources for room, o in s.elsewhere.items()}
 
             peers = None if options.shard.single else Peers(options.shard.ordinal, elsewhere, options.peer_url)
             api = Api(store, metrics, app[EVENTS], room_states=room_states, ready=lambda: app[GATEWAY].readiness(),
