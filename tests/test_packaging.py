@@ -491,3 +491,33 @@ def test_several_replicas_share_the_rooms_and_each_enrols_with_its_own_token(hel
     single_env = {e["name"] for e in one(single, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "GATEWAY_REPLICAS__PEER_URL" not in single_env and "GATEWAY_REPLICAS__COUNT" in single_env
     assert "initContainers" not in one(single, "StatefulSet")["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(("answer", "status"), [(0, 0), (1, 0), (2, 2)])
+def test_the_enrolment_step_uses_the_replicas_own_token_once(helm_render, tmp_path, answer, status):
+    """The init container's script, run by sh with a stand-in `gateway`: token-N for pod NAME-N, enrolled already
+    (exit 1) is fine, a refusal (exit 2) stops the pod with it."""
+    sts = one(objects(render(helm_render, REPLICATED).stdout), "StatefulSet")
+    script = sts["spec"]["template"]["spec"]["initContainers"][0]["args"][0]
+    tokens = tmp_path / "enroll"
+    tokens.mkdir()
+    for n in range(3):
+        (tokens / f"token-{n}").write_text(f"tok-{n}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gateway").write_text(f'#!/bin/sh\necho "$@" > "{tmp_path}/args"\ncat > "{tmp_path}/stdin"\n'
+                                     f"exit {answer}\n")
+    (bin_dir / "gateway").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "POD_NAME": "rel-exchange-room-gateway-2",
+           "HUB_URL": "https://hub.example.com"}
+    done = subprocess.run(["/bin/sh", "-c", script.replace("/etc/gateway/enroll", str(tokens))], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == status, done.stderr
+    assert (tmp_path / "stdin").read_text() == "tok-2"
+    assert (tmp_path / "args").read_text().split() == ["enroll", "--hub", "https://hub.example.com", "--token", "-",
+                                                       "--name", "rel-exchange-room-gateway-2"]
+    (tokens / "token-2").unlink()  # a replica without a token (not given one): it starts without enrolling
+    (tmp_path / "stdin").unlink()
+    done = subprocess.run(["/bin/sh", "-c", script.replace("/etc/gateway/enroll", str(tokens))], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "not enrolling" in done.stdout and not (tmp_path / "stdin").exists()
