@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,16 @@ def run(info: dict[str, Any], count: int, workdir: Path) -> dict[str, Any]:
     for ordinal in range(count):
         spec = {"ordinal": ordinal, "count": count, "ews_url": info["ews_url"], "username": sa["username"],
                 "password": sa["password"], "rooms": rooms, "store": str(workdir / f"{count}-{ordinal}.sqlite")}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
-                                      text=True))
-    replicas = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        # Its answer in a file, its log in another: a pipe nobody reads while waiting on another replica would
+        # fill and stall it.
+        spec["result"] = str(workdir / f"{count}-{ordinal}.json")
+        with open(workdir / f"{count}-{ordinal}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)],
+                                          stdout=log, stderr=subprocess.STDOUT))
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"a replica failed: see {workdir}")
+    replicas = [json.loads(Path(workdir / f"{count}-{n}.json").read_text()) for n in range(count)]
     return {"replicas": count, "wall_seconds": round(time.monotonic() - t0, 1),
             "rooms": sum(r["rooms"] for r in replicas), "bookings": sum(r["bookings"] for r in replicas),
             "rss_mb_total": round(sum(r["rss_mb"] for r in replicas), 1),
@@ -85,10 +93,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         configure_logging("warning", "json")
-        print(json.dumps(asyncio.run(child(json.loads(args.child)))), flush=True)
+        spec = json.loads(args.child)
+        Path(spec["result"]).write_text(json.dumps(asyncio.run(child(spec))))
         return 0
     t0 = time.monotonic()
     sim, info = start_simulator(BenchArgs(rooms=args.rooms, latency_ms=args.latency_ms))
+    # The simulator logs to its stdout: drain it, or it blocks once the pipe is full.
+    threading.Thread(target=lambda: sim.stdout and sim.stdout.read(), daemon=True).start()
     print(f"simulator ready: {args.rooms} rooms in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp:
