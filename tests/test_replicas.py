@@ -109,6 +109,27 @@ async def test_availability_over_rooms_of_several_replicas_is_refused_with_the_g
     assert not any('"type":"command"' in m for link in links.values() for m in link.received)
 
 
+async def test_while_the_count_changes_the_hub_follows_the_newest_replicas_count(vendor: Vendor, http: Any,
+                                                                                   hub: Any) -> None:
+    key = await vendor.customer()
+    old = await replicas(vendor, http, hub, 3, ordinals=range(2))  # 0/3 and 1/3, still running the old count
+    new = await replicas(vendor, http, hub, 2, ordinals=range(1))  # 0/2: the first pod restarted with the new count
+    room = next(r for r in ROOMS if owner(r, 3) == 2 and owner(r, 2) == 0)  # moves from replica 2 to 0
+    call = asyncio.create_task(vendor.call("POST", "/v1/customers/contoso/commands", token=key,
+                                           body=create_command("cmd-moved", room=room)))
+    msg = await new[0].recv()
+    assert msg["type"] == "command" and msg["command"]["room"] == room
+    await new[0].send("result", result={"key": "cmd-moved", "status": "accepted", "booking_id": "b" * 32,
+                                        "uid": "u-1"})
+    assert (await call)[0] == 200
+    # Replica 1 of the new count is not up yet: its room waits (503), the old-count replica 1 is not asked.
+    room1 = next(r for r in ROOMS if owner(r, 2) == 1)
+    status, doc = await vendor.call("POST", "/v1/customers/contoso/commands", token=key,
+                                    body=create_command("cmd-wait", room=room1))
+    assert status == 503 and "(ordinal 1 of 2) is not connected" in doc["message"]
+    assert not any('"type":"command"' in m for link in old.values() for m in link.received)
+
+
 async def test_a_malformed_replica_in_hello_is_refused(vendor: Vendor, http: Any, hub: Any) -> None:
     await vendor.customer()
     gw = await vendor.gateway()
