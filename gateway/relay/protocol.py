@@ -4,7 +4,7 @@ One WebSocket (``wss://HUB/v1/tunnel``, subprotocol ``exchange-gateway.v1``), di
 message is one JSON text frame, an object with a ``type``. In order:
 
     hub     -> challenge {nonce, hub}                        fresh random nonce for this connection only
-    gateway -> hello {protocol, gateway_id, key_id, signature, agent, last_seq}
+    gateway -> hello {protocol, gateway_id, key_id, signature, agent, last_seq, replica?: {ordinal, count}}
     hub     -> welcome {ack, session, window, heartbeat,     or error {code} and close
                         notifications?}                      the gateway's Graph webhook URLs at the hub
     gateway -> events {events: [{seq, room_seq, event}]}     seq > ack, increasing; at most `window` unacked
@@ -261,6 +261,20 @@ def parse_notification(msg: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         raise ProtocolError("notification.body must be an object with a 'value' list (what Graph posted)",
                             key="bad_message")
     return lifecycle, body
+
+
+def hello_replica(hello: dict[str, Any]) -> tuple[int, int] | None:
+    """The optional ``replica`` of a hello: (ordinal, count) of a gateway that is one of several sharing the rooms
+    (gateway/sharding.py); None when absent. ProtocolError (bad_message) when malformed."""
+    raw = hello.get("replica")
+    if raw is None:
+        return None
+    ordinal = raw.get("ordinal") if isinstance(raw, dict) else None
+    count = raw.get("count") if isinstance(raw, dict) else None
+    if type(ordinal) is not int or type(count) is not int or not 0 <= ordinal < count <= 1000:
+        raise ProtocolError("hello.replica must be {ordinal, count} with 0 <= ordinal < count <= 1000",
+                            key="bad_message")
+    return ordinal, count
 
 
 def signed_challenge(nonce: str, gateway_id: str, key_id: str) -> bytes:
