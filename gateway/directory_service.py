@@ -90,8 +90,10 @@ class DirectoryRunner:
 
     def __init__(self, options: DirectoryOptions, directory: LdapDirectory, store: PeopleStore, *,
                  source: str, listeners: Sequence[Callable[[list[OutboxEntry]], None]] = (),
-                 on_rooms: Callable[[list[DirectoryRoom]], Awaitable[None]] | None = None) -> None:
+                 on_rooms: Callable[[list[DirectoryRoom]], Awaitable[None]] | None = None,
+                 people: bool = True) -> None:
         self.options = options
+        self.sync_people = people  # False: another replica relays the people (each would relay them all)
         self.on_rooms = on_rooms  # the rooms found, each sync (the wiring connects and drops rooms)
         self.directory = directory
         self.people = PeopleSync(directory, store, directory=options.name, drop=options.drop,
@@ -115,7 +117,8 @@ class DirectoryRunner:
         while True:
             self._wake.clear()
             try:
-                await self.people.sync()
+                if self.sync_people:
+                    await self.people.sync()
                 if self.on_rooms is not None:
                     await self.on_rooms(await self.directory.read_rooms())
                 self.syncs += 1
