@@ -18,9 +18,10 @@ import yaml
 from gateway import cli
 from gateway.app import DIRECTORY, STORE, GatewayOptions, init_app, start_gateway, stop_gateway
 from gateway.config import load_config
-from gateway.directory.ldap import LdapSettings
+from gateway.directory.ldap import LdapDirectory, LdapSettings
 from gateway.directory_service import DirectoryOptions, DirectoryRunner, ldap_settings, open_directory
 from gateway.ports import SourceSpec
+from gateway.sharding import Shard
 from gateway.sources.memory import MemorySource
 from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
@@ -247,3 +248,42 @@ async def test_a_wrong_bind_password_costs_one_bind_and_a_new_one_in_the_vault_i
         await asyncio.gather(task, return_exceptions=True)
         await directory.close()
         store.close()
+
+
+async def test_with_two_replicas_each_takes_its_own_rooms_and_only_the_first_relays_people(
+        tmp_path: Path, samba: SambaDC, ou: str) -> None:
+    names = [f"s{uuid.uuid4().hex[:8]}" for _ in range(6)]
+    while len({Shard(0, 2).owns(f"{n}@{MAIL}") for n in names}) < 2:  # rooms for both replicas
+        names[0] = f"s{uuid.uuid4().hex[:8]}"
+    samba.add(person_ldif("zed", ou, name="Zed Zorn")
+              + "".join(room_ldif(n, ou, name=f"Shard Room {i}") for i, n in enumerate(names)))
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
+                            server_name=SERVER_NAME, people_base=ou, rooms_base=ou)
+    found: dict[int, list[str]] = {}
+    people: dict[int, int] = {}
+    for ordinal in (0, 1):
+        exchange = MemorySource()
+        d = LdapDirectory(settings, PASSWORD)
+        try:
+            every = sorted(r.email for r in await d.read_rooms())
+        finally:
+            await d.close()
+        for room in every:
+            exchange.add_room(room)
+        options = GatewayOptions(sources=(SourceSpec("onprem", "memory", exchange),), feed="poll",
+                                 store_path=tmp_path / f"replica{ordinal}.sqlite", shard=Shard(ordinal, 2),
+                                 directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600,
+                                                            rooms_source="onprem"))
+        gw = await start_gateway(options)
+        try:
+            assert gw.runner is not None
+            runner = gw.runner.app[DIRECTORY]
+            assert runner is not None
+            await eventually(lambda r=runner: r.syncs >= 1, what="the directory's first sync")
+            found[ordinal] = gw.rooms
+            people[ordinal] = len(gw.store.people("directory:corp"))
+            assert all(Shard(ordinal, 2).owns(r) for r in gw.rooms)
+        finally:
+            await stop_gateway(gw)
+    assert sorted(found[0] + found[1]) == every and found[0] and found[1]
+    assert people == {0: 1, 1: 0}
