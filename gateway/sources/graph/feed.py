@@ -1,0 +1,277 @@
+"""GraphFeed: how a Graph source hears that a room changed (a ChangeFeed). Notifications only ever mark a room
+dirty; the room's delta says what changed.
+
+- With a notification inbox (the relay's tunnel to the hub; ``SourceSpec.inbox``): one subscription per room on
+  ``users/{room}/events`` with the hub's URLs as ``notificationUrl`` and ``lifecycleNotificationUrl`` (the hub
+  answers Graph's validation and delivers within Graph's deadlines, then forwards each notification over the
+  tunnel), and a random ``clientState`` per subscription, kept in memory and checked on every poke: a poke that
+  names no subscription of ours or the wrong clientState is dropped and costs nothing. A genuine poke marks its
+  room dirty at most once per ``min_poke_interval`` (a later one within it is folded into one trailing mark).
+  Subscriptions are renewed at ``renew_at`` (55 %) of the lifetime Graph *granted* (read from the answer, never
+  assumed). Lifecycle events: ``reauthorizationRequired`` -> reauthorize; ``subscriptionRemoved`` -> a new
+  subscription and a delta; ``missed`` -> a delta.
+- Without an inbox, while its tunnel is down, or for a room whose subscription could not be made: delta polling
+  every ``poll_interval_seconds``. When the tunnel comes back every room is marked dirty (what happened meanwhile
+  is found by the delta) and subscriptions resume.
+- Each room's mode (``notifications`` or ``polling``) shows in ``modes()`` (metrics: ``gateway_graph_rooms``), and
+  each change of the counts is one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from gateway.errors import GatewayError, NotFound
+from gateway.ports import Dirty, NotificationInbox, Poke
+from gateway.sources.graph.client import GraphClient
+from gateway.sources.graph.mapping import parse_time
+
+log = structlog.get_logger("gateway.sources.graph")
+
+
+@dataclass
+class Subscription:
+    room: str
+    id: str
+    client_state: str = ""
+    expires: datetime | None = None
+    renew_at: float = 0.0  # monotonic
+
+
+class GraphFeed:
+    def __init__(self, client: GraphClient, inbox: NotificationInbox | None, *, poll_interval: float,
+                 lifetime_minutes: int = 4200, renew_at: float = 0.55, min_poke_interval: float = 2.0,
+                 retry_seconds: float = 60.0, on_poke: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.inbox = inbox
+        self.poll_interval = poll_interval
+        self.lifetime_minutes = lifetime_minutes  # asked for; Graph grants what it grants
+        self.renew_fraction = renew_at
+        self.min_poke_interval = min_poke_interval
+        self.retry_seconds = retry_seconds
+        self.on_poke = on_poke or (lambda outcome: None)
+        self.clock = clock
+        self.rooms: list[str] = []
+        self.subscriptions: dict[str, Subscription] = {}  # by room
+        self._by_id: dict[str, Subscription] = {}
+        self._retry_at: dict[str, float] = {}  # room -> when a failed subscription is tried again
+        self._dirty: dict[str, str] = {}  # room -> why, to be told to the coordinator
+        self._last_poke: dict[str, float] = {}
+        self._trailing: set[str] = set()
+        self._todo: dict[str, str] = {}  # subscription id -> lifecycle work (reauthorize, recreate)
+        self._wake = asyncio.Event()
+        self._connected = False
+        self._logged: tuple[int, int] | None = None
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def modes(self) -> dict[str, str]:
+        """Each room's mode: notifications (its subscription live and the tunnel up) or polling."""
+        live = self._connected and self.inbox is not None
+        return {r: "notifications" if live and r in self.subscriptions else "polling" for r in self.rooms}
+
+    def _log_modes(self) -> None:
+        modes = list(self.modes().values())
+        counts = (modes.count("notifications"), modes.count("polling"))
+        if counts != self._logged:
+            self._logged = counts
+            log.info("graph.rooms_mode", notifications=counts[0], polling=counts[1], connected=self._connected)
+
+    # -- from the inbox (on the event loop) ------------------------------------------------------------------
+    def poke(self, p: Poke) -> None:
+        items = p.body.get("value") if isinstance(p.body, dict) else None
+        for n in items if isinstance(items, list) else ():
+            if not isinstance(n, dict):
+                continue
+            sub = self._by_id.get(str(n.get("subscriptionId") or ""))
+            if sub is None:
+                self.on_poke("unknown_subscription")
+                continue
+            if not hmac.compare_digest(str(n.get("clientState") or ""), sub.client_state):
+                self.on_poke("bad_client_state")
+                log.warning("graph.notification_refused", room=sub.room, why="client_state")
+                continue
+            event = n.get("lifecycleEvent")
+            if event:
+                self.on_poke("lifecycle")
+                log.info("graph.lifecycle", room=sub.room, event=str(event)[:40])
+                if event == "reauthorizationRequired":
+                    self._todo[sub.id] = "reauthorize"
+                elif event == "subscriptionRemoved":
+                    self._todo[sub.id] = "recreate"
+                    self._mark(sub.room, "subscription_removed")
+                else:  # missed (or one Graph adds later): whatever it was, a delta finds it
+                    self._mark(sub.room, f"lifecycle_{str(event)[:20]}")
+                self._wake.set()
+                continue
+            self._poked(sub.room)
+
+    def _poked(self, room: str) -> None:
+        now = self.clock()
+        last = self._last_poke.get(room)
+        if last is not None and now - last < self.min_poke_interval:
+            self.on_poke("rate_limited")
+            if room not in self._trailing:  # one mark at the end of the interval covers every poke within it
+                self._trailing.add(room)
+                asyncio.get_running_loop().call_later(self.min_poke_interval - (now - last), self._trail, room)
+            return
+        self.on_poke("accepted")
+        self._last_poke[room] = now
+        self._mark(room, "notification")
+
+    def _trail(self, room: str) -> None:
+        self._trailing.discard(room)
+        self._last_poke[room] = self.clock()
+        self._mark(room, "notification")
+
+    def connected(self, up: bool) -> None:
+        if up == self._connected:
+            return
+        self._connected = up
+        if up:
+            for room in self.rooms:  # what happened while the tunnel was down is found by a delta
+                self._dirty.setdefault(room, "notifications_resumed")
+        self._wake.set()
+
+    def _mark(self, room: str, why: str) -> None:
+        self._dirty.setdefault(room, why)
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    async def watch(self, rooms: Sequence[str], on_dirty: Dirty) -> None:
+        self.rooms = sorted({r.lower() for r in rooms})
+        urls = self.inbox.urls() if self.inbox is not None else None
+        stop: Callable[[], None] = lambda: None  # noqa: E731
+        if self.inbox is not None and urls is not None:
+            stop = self.inbox.listen(self.poke, self.connected)
+            self._connected = self.inbox.connected()
+        next_poll = self.clock() + self.poll_interval
+        try:
+            while True:
+                self._wake.clear()
+                if self._connected and urls is not None:
+                    await self._maintain(urls)
+                now = self.clock()
+                if now >= next_poll:
+                    for room, mode in self.modes().items():
+                        if mode == "polling":
+                            self._dirty.setdefault(room, "poll")
+                    next_poll = now + self.poll_interval
+                self._log_modes()
+                dirty, self._dirty = self._dirty, {}
+                for room, why in dirty.items():
+                    told = on_dirty(room, why)
+                    if inspect.isawaitable(told):
+                        await told
+                wait = next_poll - self.clock()
+                if self._connected and urls is not None:
+                    due = [s.renew_at for s in self.subscriptions.values()] + list(self._retry_at.values())
+                    if due:
+                        wait = min(wait, min(due) - self.clock())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.01, wait)):
+                        await self._wake.wait()
+        finally:
+            stop()
+
+    async def _maintain(self, urls: tuple[str, str]) -> None:
+        """Subscriptions for rooms without one (those due), renewals due, lifecycle work asked for."""
+        now = self.clock()
+        work: list[Any] = []
+        for sub_id, what in list(self._todo.items()):
+            sub = self._by_id.get(sub_id)
+            self._todo.pop(sub_id, None)
+            if sub is None:
+                continue
+            if what == "reauthorize":
+                work.append(self._reauthorize(sub, urls))
+            else:
+                self._drop(sub)
+                work.append(self._subscribe(sub.room, urls))
+        for sub in list(self.subscriptions.values()):
+            if sub.renew_at <= now:
+                work.append(self._renew(sub, urls))
+        for room in self.rooms:
+            if room not in self.subscriptions and self._retry_at.get(room, 0.0) <= now:
+                work.append(self._subscribe(room, urls))
+        if work:
+            gate = asyncio.Semaphore(8)
+
+            async def one(job: Any) -> None:
+                async with gate:
+                    await job
+            await asyncio.gather(*(one(j) for j in work))
+
+    def _granted(self, sub: Subscription, body: dict[str, Any]) -> None:
+        expires = parse_time(body.get("expirationDateTime"))
+        now = datetime.now(UTC)
+        if expires is None or expires <= now:
+            expires = now + timedelta(minutes=45)  # Graph's floor; renewing early is harmless
+        sub.expires = expires
+        sub.renew_at = self.clock() + (expires - now).total_seconds() * self.renew_fraction
+
+    def _drop(self, sub: Subscription) -> None:
+        self.subscriptions.pop(sub.room, None)
+        self._by_id.pop(sub.id, None)
+
+    async def _subscribe(self, room: str, urls: tuple[str, str]) -> None:
+        state = secrets.token_urlsafe(48)  # 64 characters; Graph allows 128
+        expires = datetime.now(UTC) + timedelta(minutes=self.lifetime_minutes)
+        body = {"changeType": "created,updated,deleted", "notificationUrl": urls[0],
+                "lifecycleNotificationUrl": urls[1], "resource": f"users/{room}/events",
+                "expirationDateTime": expires.strftime("%Y-%m-%dT%H:%M:%S.0000000Z"), "clientState": state}
+        try:
+            answer = await self.client.call("POST", "/subscriptions", mailbox=room, operation="subscribe", body=body)
+        except GatewayError as e:
+            self._retry_at[room] = self.clock() + self.retry_seconds
+            log.warning("graph.subscribe_failed", room=room, key=e.key, reason=str(e.args[0]) if e.args else "")
+            return
+        sub_id = str(answer.body.get("id") or "")
+        if not sub_id:
+            self._retry_at[room] = self.clock() + self.retry_seconds
+            return
+        self._retry_at.pop(room, None)
+        sub = Subscription(room, sub_id, state)
+        self._granted(sub, answer.body)
+        self.subscriptions[room] = sub
+        self._by_id[sub_id] = sub
+        self._mark(room, "subscribed")  # anything between the last delta and the subscription is found now
+
+    async def _renew(self, sub: Subscription, urls: tuple[str, str]) -> None:
+        expires = datetime.now(UTC) + timedelta(minutes=self.lifetime_minutes)
+        try:
+            answer = await self.client.call(
+                "PATCH", f"/subscriptions/{sub.id}", mailbox=sub.room, operation="renewSubscription", item=True,
+                body={"expirationDateTime": expires.strftime("%Y-%m-%dT%H:%M:%S.0000000Z")})
+        except NotFound:  # it lapsed or was removed: a new one, and a delta for what fell between
+            self._drop(sub)
+            await self._subscribe(sub.room, urls)
+            return
+        except GatewayError as e:
+            sub.renew_at = self.clock() + self.retry_seconds
+            log.warning("graph.renew_failed", room=sub.room, key=e.key)
+            return
+        self._granted(sub, answer.body)
+
+    async def _reauthorize(self, sub: Subscription, urls: tuple[str, str]) -> None:
+        try:
+            await self.client.call("POST", f"/subscriptions/{sub.id}/reauthorize", mailbox=sub.room,
+                                   operation="reauthorizeSubscription", item=True)
+        except NotFound:
+            self._drop(sub)
+            await self._subscribe(sub.room, urls)
+            return
+        except GatewayError as e:
+            log.warning("graph.reauthorize_failed", room=sub.room, key=e.key)
+        await self._renew(sub, urls)  # reauthorizing does not extend it; a renewal does both
