@@ -10,6 +10,7 @@ with key ``auth_required`` and the remedy; it is logged once until a token is gr
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ssl
 import threading
@@ -67,6 +68,7 @@ class TokenSource:
         self.settings = settings
         self._lock = threading.Lock()
         self._app: Any = None
+        self._http: requests.Session | None = None
         self._refused: str | None = None  # the refusal last logged (logged once until a token is granted)
         self.certificate: Certificate | None = None
         self._secret = ""
@@ -85,13 +87,18 @@ class TokenSource:
                 s = self.settings
                 credential: Any = self._secret
                 if self.certificate is not None:
+                    # No SHA-1 thumbprint: msal then signs with PS256 and names the certificate by its SHA-256
+                    # thumbprint (x5t#S256), as Entra ID prefers.
                     credential = {"private_key": self.certificate.private_key,
-                                  "thumbprint": self.certificate.thumbprint,
                                   "public_certificate": self.certificate.certificate}
                 known = urlsplit(s.authority_host).hostname in KNOWN_AUTHORITIES
+                # Our own session: requests lets REQUESTS_CA_BUNDLE override a session's CA bundle (psf/requests
+                # #3829), so the configured one is passed with every request.
+                http = self._http = requests.Session()
+                http.request = functools.partial(http.request, timeout=s.timeout,  # type: ignore[method-assign]
+                                                 verify=s.ca_bundle or True)
                 self._app = msal.ConfidentialClientApplication(
-                    s.client_id, client_credential=credential, authority=s.authority,
-                    verify=s.ca_bundle or True, timeout=s.timeout,
+                    s.client_id, client_credential=credential, authority=s.authority, http_client=http,
                     instance_discovery=None if known else False, validate_authority=known)
             return self._app
 
@@ -128,6 +135,13 @@ class TokenSource:
             self._refused = why
         raise AuthError(f"Entra ID refused the {what} of app {s.client_id}: {why}", key="auth_required",
                         remedy=remedy)
+
+    def close(self) -> None:
+        """Close the token endpoint's connections."""
+        with self._lock:
+            if self._http is not None:
+                self._http.close()
+            self._http = self._app = None
 
     async def token(self) -> str:
         """A valid access token (msal's cache first); AuthError or Unreachable when there is none."""

@@ -96,8 +96,10 @@ class GraphClient:
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
+        self.tokens.close()
+        if self._session is not None and not self._session.closed:
             await self._session.close()
+            await asyncio.sleep(0.05)  # TLS transports finish closing on the next turns of the loop
 
     def url(self, path: str) -> str:
         return path if path.startswith("https://") or path.startswith("http://") else \

@@ -1,0 +1,278 @@
+"""The Graph client and source against a small Graph and Entra ID in this process, over HTTPS, with msal for real:
+tokens (a secret, a certificate), throttling, the per-mailbox limit, an application access policy, TLS, and the
+delta token's expiry. The simulator's Graph side (tests/test_graph_*.py with graph_sim) covers the rest end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+from structlog.testing import capture_logs
+
+from gateway.errors import AuthError, ImpersonationDenied, MailboxNotFound, SyncStateInvalid, TlsError
+from gateway.sources.graph.auth import TokenSource
+from gateway.sources.graph.client import GraphClient
+from gateway.sources.graph.kind import GraphCredentials
+from gateway.sources.graph.settings import GraphSettings
+from gateway.sources.graph.source import GraphSource
+
+pytestmark = pytest.mark.unit
+
+TENANT, CLIENT, SECRET = "contoso.onmicrosoft.com", "11111111-2222-3333-4444-555555555555", "s3cr3t-value~xyz"
+ROOM1, ROOM2 = "room1@contoso.com", "room2@contoso.com"
+RAOP = ("Access to OData is disabled: [RAOP] : Blocked by tenant configured AppOnly AccessPolicy settings.")
+
+
+def b64url(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass
+class Stub:
+    """Entra ID's token endpoint and a few Graph routes; ``answers`` scripts a path's next answers."""
+
+    base: str = ""
+    secret_expired: bool = False
+    certificate: x509.Certificate | None = None
+    token_requests: int = 0
+    tokens: set[str] = field(default_factory=set)
+    seen: list[tuple[float, str, str]] = field(default_factory=list)  # (time, method, path)
+    answers: dict[str, list[tuple[int, Any, dict[str, str]]]] = field(default_factory=dict)
+    delay: float = 0.0
+    in_flight: dict[str, int] = field(default_factory=dict)
+    most: dict[str, int] = field(default_factory=dict)
+
+    async def openid(self, request: web.Request) -> web.Response:
+        t = request.match_info["tenant"]
+        return web.json_response({"authorization_endpoint": f"{self.base}/{t}/oauth2/v2.0/authorize",
+                                  "token_endpoint": f"{self.base}/{t}/oauth2/v2.0/token",
+                                  "issuer": f"{self.base}/{t}/v2.0"})
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.token_requests += 1
+        form = await request.post()
+        if form.get("client_id") != CLIENT or form.get("grant_type") != "client_credentials":
+            return web.json_response({"error": "unauthorized_client"}, status=400)
+        if "client_assertion" in form:
+            ok = self._assertion_ok(str(form["client_assertion"]))
+        else:
+            ok = form.get("client_secret") == SECRET and not self.secret_expired
+        if not ok:
+            code = "AADSTS7000222: The provided client secret keys for app '{}' are expired." if self.secret_expired \
+                else "AADSTS7000215: Invalid client secret provided."
+            return web.json_response({"error": "invalid_client", "error_description": code.format(CLIENT),
+                                      "error_codes": [7000222]}, status=401)
+        token = f"token-{self.token_requests}"
+        self.tokens.add(token)
+        return web.json_response({"token_type": "Bearer", "expires_in": 3599, "access_token": token})
+
+    def _assertion_ok(self, assertion: str) -> bool:
+        if self.certificate is None:
+            return False
+        head, body, signature = assertion.split(".")
+        header = json.loads(unb64url(head))
+        said = {k: unb64url(str(header[k]).replace("+", "-").replace("/", "_").rstrip("="))
+                for k in ("x5t", "x5t#S256") if k in header}
+        if said.get("x5t") != self.certificate.fingerprint(hashes.SHA1()) and \
+                said.get("x5t#S256") != self.certificate.fingerprint(hashes.SHA256()):
+            return False
+        key: Any = self.certificate.public_key()
+        pad = padding.PSS(padding.MGF1(hashes.SHA256()), 32) if header["alg"] == "PS256" else padding.PKCS1v15()
+        try:
+            key.verify(unb64url(signature), f"{head}.{body}".encode(), pad, hashes.SHA256())
+        except Exception:
+            return False
+        return bool(json.loads(unb64url(body)).get("sub") == CLIENT)
+
+    async def graph(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        if auth.removeprefix("Bearer ") not in self.tokens:
+            return web.json_response({"error": {"code": "InvalidAuthenticationToken"}}, status=401)
+        path = request.path.removeprefix("/v1.0")
+        mailbox = path.split("/")[2] if path.startswith("/users/") else "-"
+        self.seen.append((time.monotonic(), request.method, path))
+        self.in_flight[mailbox] = self.in_flight.get(mailbox, 0) + 1
+        self.most[mailbox] = max(self.most.get(mailbox, 0), self.in_flight[mailbox])
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)  # the server's own pace, so that requests overlap
+            script = self.answers.get(path)
+            status, body, headers = script.pop(0) if script else (200, {"id": "x"}, {})
+            return web.json_response(body, status=status, headers=headers)
+        finally:
+            self.in_flight[mailbox] -= 1
+
+
+@pytest.fixture
+async def stub(pki: Any) -> AsyncIterator[Stub]:
+    s = Stub()
+    app = web.Application()
+    app.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", s.openid)
+    app.router.add_post("/{tenant}/oauth2/v2.0/token", s.token)
+    app.router.add_route("*", "/v1.0/{tail:.*}", s.graph)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=pki.server_context())
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    s.base = f"https://127.0.0.1:{port}"
+    yield s
+    await runner.cleanup()
+    await asyncio.sleep(0.1)  # the server's TLS transports finish closing
+
+
+def settings(stub: Stub, pki: Any, **kw: Any) -> GraphSettings:
+    return GraphSettings(tenant_id=TENANT, client_id=CLIENT, credential=kw.pop("credential", "client_secret"),
+                         authority_host=stub.base, graph_url=f"{stub.base}/v1.0", ca_bundle=str(pki.ca_file),
+                         timeout=10, back_off=0.05, **kw)
+
+
+@pytest.fixture
+async def client(stub: Stub, pki: Any) -> AsyncIterator[GraphClient]:
+    c = GraphClient(settings(stub, pki), TokenSource(settings(stub, pki), SECRET))
+    yield c
+    await c.close()
+
+
+def rsa_certificate(days: int = 30) -> tuple[str, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "exchange-gateway app")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days)).sign(key, hashes.SHA256()))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM)
+    return pem.decode(), cert
+
+
+# -- tokens ----------------------------------------------------------------------------------------------------------
+async def test_a_token_is_asked_for_once_and_reused(stub: Stub, client: GraphClient) -> None:
+    for _ in range(4):
+        await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    assert stub.token_requests == 1 and len(stub.seen) == 4
+
+
+async def test_a_certificate_signs_the_assertion_and_tells_its_end(stub: Stub, pki: Any) -> None:
+    pem, cert = rsa_certificate(days=30)
+    stub.certificate = cert
+    s = settings(stub, pki, credential="certificate")
+    tokens = TokenSource(s, pem)
+    c = GraphClient(s, tokens)
+    try:
+        await c.call("GET", c.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    finally:
+        await c.close()
+    assert stub.token_requests == 1 and len(stub.seen) == 1
+    [expiry] = await GraphCredentials("online", s, tokens).credential_expiry()
+    assert (expiry.credential, expiry.kind, expiry.expires_at) == ("source:online", "certificate",
+                                                                   cert.not_valid_after_utc)
+
+
+async def test_an_expired_secret_is_auth_required_and_logged_once(stub: Stub, client: GraphClient) -> None:
+    stub.secret_expired = True
+    with capture_logs() as logs:
+        for _ in range(3):
+            with pytest.raises(AuthError) as e:
+                await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+            assert e.value.key == "auth_required" and "expired" in str(e.value)
+            assert "gateway credentials set" in e.value.remedy and SECRET not in str(e.value)
+    assert [entry["event"] for entry in logs].count("graph.auth_refused") == 1
+    assert SECRET not in repr(logs)
+    assert stub.token_requests == 1 and stub.seen == []  # one failed logon; the gate holds the other rooms
+
+
+# -- limits and errors -------------------------------------------------------------------------------------------
+async def test_throttling_is_waited_out_for_its_mailbox_only(stub: Stub, client: GraphClient) -> None:
+    path = f"/users/{ROOM1}/calendar"
+    stub.answers[path] = [(429, {"error": {"code": "ApplicationThrottled", "message": "Application is over its "
+                                           "MailboxConcurrency limit."}}, {"Retry-After": "1"})]
+    await client.call("GET", client.user(ROOM2) + "/calendar", mailbox=ROOM2, operation="getCalendar")  # a token
+
+    async def room2_later() -> None:
+        await asyncio.sleep(0.1)
+        await client.call("GET", client.user(ROOM2) + "/calendar", mailbox=ROOM2, operation="getCalendar")
+    await asyncio.gather(client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar"),
+                         room2_later())
+    room1 = [t for t, _, p in stub.seen if p == path]
+    room2 = [t for t, _, p in stub.seen if p == f"/users/{ROOM2}/calendar"]
+    assert len(room1) == 2 and room1[1] - room1[0] >= 1.0  # Retry-After honoured
+    assert room2[1] < room1[1]  # the other mailbox did not wait
+
+
+async def test_at_most_three_requests_are_in_flight_per_mailbox(stub: Stub, client: GraphClient) -> None:
+    await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    stub.delay = 0.2
+    await asyncio.gather(*(client.call("GET", client.user(room) + "/calendar", mailbox=room, operation="getCalendar")
+                           for room in (ROOM1, ROOM2) for _ in range(8)))
+    assert stub.most == {ROOM1: 3, ROOM2: 3}
+
+
+async def test_an_access_policy_is_the_rooms_state_with_its_remedy_and_is_not_retried(
+        stub: Stub, client: GraphClient) -> None:
+    path = f"/users/{ROOM1}/calendar"
+    stub.answers[path] = [(403, {"error": {"code": "ErrorAccessDenied", "message": RAOP}}, {})]
+    with pytest.raises(ImpersonationDenied) as e:
+        await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    assert e.value.key == "access_policy_denied" and ROOM1 in str(e.value)
+    assert "New-ApplicationAccessPolicy" in e.value.remedy and "Test-ApplicationAccessPolicy" in e.value.remedy
+    assert [p for _, _, p in stub.seen] == [path]
+    await client.call("GET", client.user(ROOM2) + "/calendar", mailbox=ROOM2, operation="getCalendar")  # unaffected
+
+
+async def test_an_unknown_mailbox_is_not_found(stub: Stub, client: GraphClient) -> None:
+    invalid = {"error": {"code": "ErrorInvalidUser", "message": "The requested user 'room1@contoso.com' is invalid."}}
+    stub.answers[f"/users/{ROOM1}/calendar"] = [(404, invalid, {})]
+    with pytest.raises(MailboxNotFound):
+        await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+
+
+async def test_a_server_certificate_from_another_ca_is_a_tls_error(stub: Stub, pki: Any) -> None:
+    s = GraphSettings(tenant_id=TENANT, client_id=CLIENT, credential="client_secret", authority_host=stub.base,
+                      graph_url=f"{stub.base}/v1.0", ca_bundle=str(pki.other_ca_file), timeout=5, max_attempts=1)
+    c = GraphClient(s, TokenSource(s, SECRET))
+    try:
+        with pytest.raises(TlsError):
+            await c.call("GET", c.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    finally:
+        await c.close()
+    assert stub.token_requests == 0
+
+
+# -- the delta token ---------------------------------------------------------------------------------------------
+async def test_an_expired_or_foreign_or_outgrown_delta_token_is_sync_state_invalid(
+        stub: Stub, client: GraphClient) -> None:
+    now = [dt.datetime.now(dt.UTC)]
+    source = GraphSource(client.settings, client, now=lambda: now[0])
+    delta = f"/users/{ROOM1}/calendarView/delta"
+    stub.answers[delta] = [(200, {"value": [], "@odata.deltaLink": f"{stub.base}/v1.0{delta}?$deltatoken=abc"}, {}),
+                           (410, {"error": {"code": "SyncStateNotFound", "message": "The sync state generation is "
+                                            "not found."}}, {})]
+    first = await source.changes(ROOM1, None)
+    assert not first.more and first.sync_state.endswith("$deltatoken=abc")
+    with pytest.raises(SyncStateInvalid):
+        await source.changes(ROOM1, first.sync_state)
+    with pytest.raises(SyncStateInvalid):  # another room's token: refused without a request
+        await source.changes(ROOM2, first.sync_state)
+    now[0] += dt.timedelta(days=client.settings.slack_days + 1)  # the sync window rolled past the token's
+    requests = len(stub.seen)
+    with pytest.raises(SyncStateInvalid):
+        await source.changes(ROOM1, first.sync_state)
+    assert len(stub.seen) == requests
