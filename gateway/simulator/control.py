@@ -43,6 +43,7 @@ from gateway.simulator.calendar import (
     ms_id_for,
     zone,
 )
+from gateway.simulator.graph.control import ROUTES as GRAPH_ROUTES
 from gateway.simulator.itemxml import all_day_bounds
 from gateway.simulator.mailboxes import CalendarProcessing, Mailbox
 from gateway.simulator.soap import EwsError
@@ -1066,6 +1067,7 @@ ROUTES: list[tuple[str, str, Handler, int]] = [
     ("GET", "/control/activity", _activity, 200),
     ("POST", "/control/activity", _activity, 200),
     ("DELETE", "/control/activity", _activity, 200),
+    *GRAPH_ROUTES,
 ]
 
 

@@ -1,0 +1,329 @@
+"""The Graph side of the simulator, through msal and HTTPS for real: tokens, reads, and the hybrid organisation."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+
+import msal
+import pytest
+from exchangelib import EWSDateTime
+
+from gateway.simulator.control import Control
+from gateway.simulator.graph.shapes import CLEAN_GOID_PROPERTY
+from gateway.simulator.graph.tokens import client_certificate
+from gateway.sources.ews.mapping import register_properties
+from tests.conftest import TZ, GraphSim, wait_for
+
+SCOPE = ["https://graph.microsoft.com/.default"]
+
+
+def tomorrow(hour: int, minute: int = 0) -> datetime:
+    day = (datetime.now(UTC) + timedelta(days=1)).date()
+    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=UTC)
+
+
+def meeting(g: GraphSim, organizer: str, rooms: list[str], subject: str, start: datetime, minutes: int = 30,
+            **extra) -> str:
+    """A meeting created as Outlook would; returns its UID once every room's attendant has answered."""
+    def create() -> str:
+        item = Control.of(g.sim).create_meeting(organizer=organizer, rooms=rooms, subject=subject,
+                                                start=start.isoformat(), end=(start + timedelta(minutes=minutes))
+                                                .isoformat(), **extra)
+        return item.uid
+    uid = g.call(create)
+    wait_for(lambda: g.call(lambda: g.sim.attendant.idle.is_set()), what="the booking attendant")
+    return uid
+
+
+def z(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def view(g: GraphSim, user: str, start: datetime, end: datetime, **headers: str) -> list[dict]:
+    status, body, _ = g.request("GET", f"/users/{user}/calendarView?startDateTime={z(start)}"
+                                       f"&endDateTime={z(end)}", headers=headers)
+    assert status == 200, body
+    return body["value"]
+
+
+# -- tokens -----------------------------------------------------------------------------------------------
+def test_msal_gets_a_token_with_the_client_secret_and_caches_it(graph_sim):
+    app = graph_sim.msal_app()
+    first = app.acquire_token_for_client(scopes=SCOPE)
+    assert first["token_type"] == "Bearer" and first["expires_in"] > 3000, first
+    assert first["token_source"] == "identity_provider"
+    again = app.acquire_token_for_client(scopes=SCOPE)
+    assert again["token_source"] == "cache" and again["access_token"] == first["access_token"]
+    assert graph_sim.call(lambda: graph_sim.sim.graph.tokens.issued) == 1
+
+
+def test_msal_gets_a_token_with_a_registered_certificate(graph_sim):
+    result = graph_sim.msal_app(graph_sim.client_certificate).acquire_token_for_client(scopes=SCOPE)
+    assert "access_token" in result, result
+    status, body, _ = graph_sim.request("GET", f"/users/{graph_sim.graph_rooms[0]}", token=result["access_token"])
+    assert status == 200 and body["mail"] == graph_sim.graph_rooms[0]
+
+
+def test_a_certificate_the_app_does_not_know_is_refused_as_entra_does(graph_sim):
+    assert graph_sim.client_certificate  # one registered certificate, but not the one signing below
+    stranger = client_certificate(graph_sim.client_id)
+    result = graph_sim.msal_app(stranger).acquire_token_for_client(scopes=SCOPE)
+    assert result["error"] == "invalid_client" and 700027 in result["error_codes"], result
+
+
+def test_a_forged_signature_with_a_registered_thumbprint_is_refused(graph_sim):
+    registered = graph_sim.client_certificate
+    forged = dict(client_certificate(graph_sim.client_id), thumbprint=registered["thumbprint"])
+    forged.pop("public_certificate")
+    result = graph_sim.msal_app(forged).acquire_token_for_client(scopes=SCOPE)
+    assert result["error"] == "invalid_client" and "invalid signature" in result["error_description"], result
+
+
+def test_a_wrong_secret_is_refused_and_an_expired_one_says_so(graph_sim):
+    wrong = graph_sim.msal_app("not-the-secret").acquire_token_for_client(scopes=SCOPE)
+    assert wrong["error"] == "invalid_client" and 7000215 in wrong["error_codes"]
+    status, _ = graph_sim.control("POST", "/graph/credentials", {"secret_expired": True})
+    assert status == 200
+    expired = graph_sim.msal_app().acquire_token_for_client(scopes=SCOPE)
+    assert expired["error"] == "invalid_client" and 7000222 in expired["error_codes"], expired
+    assert "AADSTS7000222" in expired["error_description"]
+
+
+def test_msal_refuses_the_simulator_without_its_ca(graph_sim):
+    with pytest.raises(Exception, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        app = msal.ConfidentialClientApplication(graph_sim.client_id, client_credential=graph_sim.client_secret,
+                                                 authority=graph_sim.authority, instance_discovery=False)
+        app.acquire_token_for_client(scopes=SCOPE)
+
+
+def test_graph_wants_a_live_bearer_token(graph_sim):
+    status, body, _ = graph_sim.request("GET", f"/users/{graph_sim.graph_rooms[0]}", token="forged")
+    assert status == 401 and body["error"]["code"] == "InvalidAuthenticationToken"
+    token = graph_sim.token()
+    graph_sim.call(graph_sim.sim.graph.tokens.expire_tokens)
+    status, body, _ = graph_sim.request("GET", f"/users/{graph_sim.graph_rooms[0]}", token=token)
+    assert status == 401 and "expired" in body["error"]["message"]
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def test_calendar_view_shows_a_booking_of_an_online_room_in_graphs_shape(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    organizer = graph_sim.graph_users[0]
+    start = tomorrow(9)
+    meeting(graph_sim, organizer, [room], "Design review", start, private=True)
+    events = view(graph_sim, room, start - timedelta(hours=1), start + timedelta(hours=2))
+    assert len(events) == 1
+    ev = events[0]
+    assert ev["type"] == "singleInstance" and ev["seriesMasterId"] is None
+    assert ev["start"] == {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S.0000000"), "timeZone": "UTC"}
+    assert ev["end"]["dateTime"].startswith((start + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M"))
+    assert ev["organizer"]["emailAddress"]["address"] == organizer
+    assert ev["responseStatus"]["response"] == "accepted"  # the room's attendant accepted it
+    assert ev["showAs"] == "busy" and ev["isCancelled"] is False and ev["isAllDay"] is False
+    assert ev["sensitivity"] == "normal"  # RemovePrivateProperty, as on premises
+    assert [a["type"] for a in ev["attendees"]] == ["resource"]
+    assert ev["locations"][0]["locationUri"] == room and ev["locations"][0]["locationType"] == "conferenceRoom"
+    organizer_copy = view(graph_sim, organizer, start - timedelta(hours=1), start + timedelta(hours=2))[0]
+    assert organizer_copy["id"] != ev["id"]  # ids are per mailbox
+    assert organizer_copy["attendees"][0]["status"]["response"] == "accepted"
+    assert organizer_copy["sensitivity"] == "private" and organizer_copy["subject"] == "Design review"
+
+
+def test_calendar_view_pages_by_maxpagesize_and_expands_series(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(8)
+    meeting(graph_sim, graph_sim.graph_users[0], [room], "Stand-up", start, minutes=15,
+            recurrence={"pattern": "daily", "count": 7})
+    seen, url = [], f"/users/{room}/calendarView?startDateTime={z(start)}" \
+                   f"&endDateTime={z(start + timedelta(days=10))}"
+    pages = 0
+    while url:
+        status, body, headers = graph_sim.request("GET", url, headers={"Prefer": "odata.maxpagesize=3"})
+        assert status == 200, body
+        assert headers.get("Preference-Applied") == "odata.maxpagesize=3"
+        assert len(body["value"]) <= 3
+        seen += body["value"]
+        url = body.get("@odata.nextLink")
+        pages += 1
+    assert pages == 3 and len(seen) == 7
+    assert {e["type"] for e in seen} == {"occurrence"}
+    assert len({e["seriesMasterId"] for e in seen}) == 1
+    assert len({e["iCalUId"] for e in seen}) == 7  # iCalUId differs per occurrence
+    assert seen[0]["originalStart"] == start.strftime("%Y-%m-%dT%H:%M:%SZ")
+    status, master, _ = graph_sim.request("GET", f"/users/{room}/events/{seen[0]['seriesMasterId']}")
+    assert status == 200 and master["type"] == "seriesMaster"
+    assert master["recurrence"]["pattern"]["type"] == "daily"
+    assert master["recurrence"]["range"] == {**master["recurrence"]["range"], "type": "numbered",
+                                             "numberOfOccurrences": 7}
+
+
+def test_outlook_timezone_preference_is_honoured(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(9)
+    meeting(graph_sim, graph_sim.graph_users[0], [room], "Zoned", start)
+    ev = view(graph_sim, room, start - timedelta(hours=1), start + timedelta(hours=1),
+              Prefer='outlook.timezone="Pacific Standard Time"')[0]
+    local = start.astimezone(TZ.__class__("America/Los_Angeles"))
+    assert ev["start"] == {"dateTime": local.strftime("%Y-%m-%dT%H:%M:%S.0000000"),
+                           "timeZone": "Pacific Standard Time"}
+
+
+def test_a_meeting_across_sides_carries_one_global_object_id(graph_sim):
+    """An on-premise organiser books an on-premise and an online room: each side holds its room's copy, and the
+    CleanGlobalObjectId read through Graph is the one EWS gives, so a booking id computed on either side agrees."""
+    ews_room, online_room = graph_sim.ews_rooms[0], graph_sim.graph_rooms[0]
+    start = tomorrow(11)
+    meeting(graph_sim, graph_sim.ews_users[0], [ews_room, online_room], "Hybrid", start)
+    ev = view(graph_sim, online_room, start, start + timedelta(minutes=30))[0]
+    expand = f"$expand=singleValueExtendedProperties($filter=id eq '{CLEAN_GOID_PROPERTY}')"
+    status, body, _ = graph_sim.request("GET", f"/users/{online_room}/events/{ev['id']}?{expand}")
+    assert status == 200, body
+    [prop] = body["singleValueExtendedProperties"]
+    assert prop["id"] == CLEAN_GOID_PROPERTY
+    graph_goid = base64.b64decode(prop["value"])
+    register_properties()
+    account = graph_sim.room(ews_room)
+    [item] = list(account.calendar.view(start=EWSDateTime.from_datetime(start - timedelta(minutes=1)),
+                                        end=EWSDateTime.from_datetime(start + timedelta(minutes=31))))
+    assert item.clean_global_object_id == graph_goid
+
+
+def test_each_side_refuses_the_other_sides_mailboxes(graph_sim):
+    status, body, _ = graph_sim.request("GET", f"/users/{graph_sim.ews_rooms[0]}/calendarView"
+                                               "?startDateTime=2026-01-01T00:00:00Z&endDateTime=2026-01-02T00:00:00Z")
+    assert status == 404 and body["error"]["code"] == "MailboxNotEnabledForRESTAPI"
+    from exchangelib.errors import ErrorNonExistentMailbox
+
+    with pytest.raises(ErrorNonExistentMailbox):
+        list(graph_sim.room(graph_sim.graph_rooms[0]).calendar.all()[:1])
+
+
+def test_places_lists_online_rooms_and_room_lists(graph_sim):
+    status, body, _ = graph_sim.request("GET", "/places/microsoft.graph.room")
+    assert status == 200
+    rooms = {r["emailAddress"]: r for r in body["value"]}
+    assert set(rooms) == set(graph_sim.graph_rooms)
+    room = rooms[graph_sim.graph_rooms[0]]
+    assert room["capacity"] > 0 and room["building"] in ("HQ", "Annex") and isinstance(room["floorNumber"], int)
+    status, lists, _ = graph_sim.request("GET", "/places/microsoft.graph.roomlist")
+    assert status == 200 and lists["value"]
+    members = set()
+    for room_list in lists["value"]:
+        status, body, _ = graph_sim.request("GET", f"/places/{room_list['emailAddress']}/microsoft.graph.roomlist"
+                                                   "/rooms")
+        assert status == 200
+        members |= {r["emailAddress"] for r in body["value"]}
+    assert members == set(graph_sim.graph_rooms)
+
+
+def test_errors_come_in_graphs_shape(graph_sim):
+    status, body, _ = graph_sim.request("GET", f"/users/{graph_sim.graph_rooms[0]}/calendarView")
+    assert status == 400 and body["error"]["code"] == "ErrorInvalidParameter"
+    assert set(body["error"]["innerError"]) >= {"date", "request-id"}
+    status, body, _ = graph_sim.request("GET", "/users/nobody@contoso.com/events")
+    assert status == 404 and body["error"]["code"] == "ErrorInvalidUser"
+
+
+# -- delta ------------------------------------------------------------------------------------------------
+def delta_round(g: GraphSim, url: str, page: int = 2) -> tuple[list[dict], str]:
+    """Follow nextLinks to the deltaLink: (every change, the deltaLink)."""
+    changes: list[dict] = []
+    while True:
+        status, body, _ = g.request("GET", url, headers={"Prefer": f"odata.maxpagesize={page}"})
+        assert status == 200, body
+        assert len(body["value"]) <= page
+        changes += body["value"]
+        if "@odata.deltaLink" in body:
+            assert "$deltatoken=" in body["@odata.deltaLink"] and "@odata.nextLink" not in body
+            return changes, body["@odata.deltaLink"]
+        assert "$skiptoken=" in body["@odata.nextLink"]
+        url = body["@odata.nextLink"]
+
+
+def test_delta_lists_the_window_then_only_changes_and_deletions(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(9)
+    uids = [meeting(graph_sim, graph_sim.graph_users[0], [room], f"Meeting {n}", start + timedelta(hours=n))
+            for n in range(3)]
+    url = f"/users/{room}/calendarView/delta?startDateTime={z(start)}&endDateTime={z(start + timedelta(days=1))}"
+    first, link = delta_round(graph_sim, url)
+    assert len(first) == 3 and all("@removed" not in e for e in first)
+    again, link = delta_round(graph_sim, link)
+    assert again == []  # nothing changed
+    ctl = Control.of(graph_sim.sim)
+    graph_sim.call(lambda: ctl.move(uids[0], z(start + timedelta(hours=5)), z(start + timedelta(hours=5, minutes=30))))
+    wait_for(lambda: graph_sim.call(lambda: graph_sim.sim.attendant.idle.is_set()), what="the attendant")
+    graph_sim.call(lambda: ctl.cancel(uids[1]))
+    wait_for(lambda: graph_sim.call(lambda: graph_sim.sim.attendant.idle.is_set()), what="the attendant")
+    changes, link = delta_round(graph_sim, link)
+    removed = [e for e in changes if "@removed" in e]
+    updated = [e for e in changes if "@removed" not in e]
+    assert [e["id"] for e in removed] == [first[1]["id"]]
+    assert removed[0] == {"@odata.type": "#microsoft.graph.event", "id": first[1]["id"],
+                          "@removed": {"reason": "deleted"}}
+    assert [e["start"]["dateTime"][:16] for e in updated] == [(start + timedelta(hours=5)).strftime("%Y-%m-%dT%H:%M")]
+
+
+def test_a_moved_window_needs_a_new_round_and_an_expired_token_answers_410(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(9)
+    url = f"/users/{room}/calendarView/delta?startDateTime={z(start)}&endDateTime={z(start + timedelta(hours=2))}"
+    _, link = delta_round(graph_sim, url)
+    meeting(graph_sim, graph_sim.graph_users[0], [room], "Outside the window", start + timedelta(hours=3))
+    changes, link = delta_round(graph_sim, link)
+    assert changes == []  # the window is frozen into the token
+    status, body = graph_sim.control("POST", "/graph/delta/expire", {"mailbox": room})
+    assert status == 200 and body["expired"] >= 1
+    status, body, _ = graph_sim.request("GET", link)
+    assert status == 410 and body["error"]["code"] == "syncStateNotFound"
+    changes, _ = delta_round(graph_sim, url)  # a fresh round works
+    assert changes == []
+
+
+# -- limits -----------------------------------------------------------------------------------------------
+def test_a_fifth_concurrent_request_to_one_mailbox_is_throttled(graph_sim):
+    from concurrent.futures import ThreadPoolExecutor
+
+    room = graph_sim.graph_rooms[0]
+    token = graph_sim.token()
+    assert graph_sim.control("POST", "/graph/throttle", {"latency": 1.0})[0] == 200
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: graph_sim.request("GET", f"/users/{room}", token=token), range(6)))
+    throttled = [(body, headers) for status, body, headers in results if status == 429]
+    assert sum(1 for status, _, _ in results if status == 200) <= 4 and throttled
+    body, headers = throttled[0]
+    assert body["error"]["code"] == "ApplicationThrottled" and "MailboxConcurrency" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+
+
+def test_a_throttling_storm_answers_429_until_it_ends(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    token = graph_sim.token()
+    graph_sim.control("POST", "/graph/throttle", {"seconds": 60, "retry_after": 7})
+    status, body, headers = graph_sim.request("GET", f"/users/{room}", token=token)
+    assert status == 429 and headers["Retry-After"] == "7" and body["error"]["code"] == "ApplicationThrottled"
+    graph_sim.control("POST", "/graph/throttle", {"seconds": 0})
+    assert graph_sim.request("GET", f"/users/{room}", token=token)[0] == 200
+
+
+def test_an_access_policy_denies_rooms_outside_its_group_and_batch_reports_per_request(graph_sim):
+    allowed, denied = graph_sim.graph_rooms
+    status, _ = graph_sim.control("PUT", "/graph/access-policy", {"mailboxes": [allowed]})
+    assert status == 200
+    status, body, _ = graph_sim.request("GET", f"/users/{denied}/calendarView"
+                                               "?startDateTime=2026-01-01T00:00:00Z&endDateTime=2026-01-02T00:00:00Z")
+    assert status == 403 and body["error"]["code"] == "ErrorAccessDenied"
+    assert "Blocked by tenant configured AppOnly AccessPolicy settings" in body["error"]["message"]
+    status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
+        {"id": "1", "method": "GET", "url": f"/users/{allowed}"},
+        {"id": "2", "method": "GET", "url": f"/users/{denied}"},
+        {"id": "3", "method": "GET", "url": "/places/microsoft.graph.room"}]})
+    assert status == 200
+    by_id = {r["id"]: r for r in body["responses"]}
+    assert by_id["1"]["status"] == 200 and by_id["1"]["body"]["mail"] == allowed
+    assert by_id["2"]["status"] == 403 and by_id["2"]["body"]["error"]["code"] == "ErrorAccessDenied"
+    assert by_id["3"]["status"] == 200
+    status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
+        {"id": str(n), "method": "GET", "url": f"/users/{allowed}"} for n in range(21)]})
+    assert status == 400 and "20" in body["error"]["message"]
