@@ -217,8 +217,8 @@ class GraphClient:
                                     "Place.Read.All) and that admin consent was granted")
         if a.status == 403:
             if any(h in low for h in _POLICY_HINTS):
+                # Graph's counterpart of EWS's impersonation scope: the same key and room state, its own remedy.
                 return ImpersonationDenied(f"an application access policy keeps the app from {mailbox} ({said})",
-                                           key="access_policy_denied",
                                            remedy=access_policy_remedy(mailbox, self.settings.client_id))
             return AccessDenied(f"Graph refused {operation} for {mailbox} ({said})",
                                 remedy="grant the app registration the application permission Calendars.ReadWrite "

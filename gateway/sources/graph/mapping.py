@@ -21,7 +21,7 @@ from gateway.model import Attendee, Booking, Person
 
 GOID_PROPERTY = "Binary {6ED8DA90-450B-101B-98DA-00AA003F1305} Id 0x23"  # PidLidCleanGlobalObjectId
 COMMAND_KEY_PROPERTY = "String {00020329-0000-0000-C000-000000000046} Name ExchangeGatewayCommandKey"
-EXPAND = (f"singleValueExtendedProperties($filter=id eq '{GOID_PROPERTY}' or id eq '{COMMAND_KEY_PROPERTY}')")
+EXPAND = f"singleValueExtendedProperties($filter=id eq '{GOID_PROPERTY}')"
 GATEWAY_UID_PREFIX = "ExchangeGateway-"
 
 _VCAL = b"vCal-Uid\x01\x00\x00\x00"

@@ -104,8 +104,9 @@ class GraphSource:
 
     # -- CalendarSource --------------------------------------------------------------------------------------
     async def verify(self, room: str) -> RoomInfo:
-        await self.client.call("GET", f"{self.client.user(room)}/calendar", mailbox=room, operation="getCalendar",
-                               params={"$select": "id"})
+        # One event of its calendar: what every read needs (an access policy or a missing mailbox answers here).
+        await self.client.call("GET", f"{self.client.user(room)}/events", mailbox=room, operation="events",
+                               params={"$select": "id", "$top": "1"})
         return RoomInfo(room.lower())
 
     async def read_window(self, room: str, window: Window) -> list[Booking]:
