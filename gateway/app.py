@@ -376,7 +376,9 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
             def room_states() -> dict[str, dict[str, Any]]:
                 now = time.monotonic()
-                return {email: {"state": w.state, "reason": "", "remedy": ROOM_STATES.get(w.state, ""),
+                return {email: {"state": w.state, "reason": "",
+                                "remedy": (w.stored.remedy if w.stored is not None and w.stored.state == w.state
+                                           else "") or ROOM_STATES.get(w.state, ""),
                                 "last_sync_age_seconds": None if w.last_success is None else
                                 round(now - w.last_success, 3)}
                         for email, w in coordinator.workers.items()}

@@ -40,6 +40,9 @@ from __future__ import annotations
 class GatewayError(Exception):
     key = "error"
     remedy = ""
+    # The remedy names the fix for this very case (an access policy's PowerShell, a Graph app's secret), so a room
+    # in the state it causes shows it instead of the state's general remedy (model.ROOM_STATES).
+    own_remedy = False
 
     def __init__(self, message: str, *, key: str | None = None, remedy: str | None = None) -> None:
         super().__init__(message)

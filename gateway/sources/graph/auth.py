@@ -133,8 +133,10 @@ class TokenSource:
             log.error("graph.auth_refused", tenant=s.tenant_id, client=s.client_id, error=error, code=code,
                       credential=what, expired=expired)
             self._refused = why
-        raise AuthError(f"Entra ID refused the {what} of app {s.client_id}: {why}", key="auth_required",
-                        remedy=remedy)
+        refused = AuthError(f"Entra ID refused the {what} of app {s.client_id}: {why}", key="auth_required",
+                            remedy=remedy)
+        refused.own_remedy = True  # the room shows this remedy, not the one for an EWS service account
+        raise refused
 
     def close(self) -> None:
         """Close the token endpoint's connections."""

@@ -212,17 +212,17 @@ class GraphClient:
         if delta and (a.status == 410 or any(c in low for c in _SYNC_STATE_CODES) or a.status == 400):
             return SyncStateInvalid(f"Graph rejected the delta token of {mailbox} ({said})")
         if a.status == 401:
-            return AuthError(f"Graph refused the app's token ({said})", key="auth_required",
-                             remedy="check the app registration's application permissions (Calendars.ReadWrite, "
-                                    "Place.Read.All) and that admin consent was granted")
+            return _own(AuthError(f"Graph refused the app's token ({said})", key="auth_required",
+                                  remedy="check the app registration's application permissions "
+                                         "(Calendars.ReadWrite, Place.Read.All) and that admin consent was granted"))
         if a.status == 403:
             if any(h in low for h in _POLICY_HINTS):
                 # Graph's counterpart of EWS's impersonation scope: the same key and room state, its own remedy.
-                return ImpersonationDenied(f"an application access policy keeps the app from {mailbox} ({said})",
-                                           remedy=access_policy_remedy(mailbox, self.settings.client_id))
-            return AccessDenied(f"Graph refused {operation} for {mailbox} ({said})",
-                                remedy="grant the app registration the application permission Calendars.ReadWrite "
-                                       "(and Place.Read.All) with admin consent")
+                return _own(ImpersonationDenied(f"an application access policy keeps the app from {mailbox} ({said})",
+                                                remedy=access_policy_remedy(mailbox, self.settings.client_id)))
+            return _own(AccessDenied(f"Graph refused {operation} for {mailbox} ({said})",
+                                     remedy="grant the app registration the application permission "
+                                            "Calendars.ReadWrite (and Place.Read.All) with admin consent"))
         if a.status == 404:
             if item and code not in ("ErrorInvalidUser", "MailboxNotEnabledForRESTAPI"):
                 return NotFound(f"Graph has no such item in {mailbox} ({said})")
@@ -235,6 +235,12 @@ class GraphClient:
         if a.status >= 500:
             return RequestFailed(f"Graph failed {operation} for {mailbox} ({said})")
         return ProtocolError(f"Graph refused {operation} for {mailbox} ({said})")
+
+
+def _own(e: GatewayError) -> GatewayError:
+    """An error whose remedy is the one for Graph (a room's state shows it rather than its state's general one)."""
+    e.own_remedy = True
+    return e
 
 
 def _retry_after(a: Answer) -> float | None:

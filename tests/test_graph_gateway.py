@@ -1,0 +1,152 @@
+"""A gateway with a hybrid estate: an on-premise source (EWS) and an Exchange Online source (Graph, msal over HTTPS)
+against one simulated organisation, no relay (so the Graph rooms are polled). One stream, one meeting id, the same
+booking ids on both sides; an expired delta token, a throttling storm, an access policy and an expired secret each
+lead where they should."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.app import GatewayOptions, init_app
+from gateway.model import booking_id_for, meeting_id_for
+from gateway.ports import SourceSpec
+from gateway.simulator.control import Control
+from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+from gateway.simulator.server import SimulatorConfig
+from gateway.sources.ews.source import EwsSettings
+from gateway.sources.graph.settings import GraphSettings
+from gateway.sync.coordinator import SyncSettings
+from tests.conftest import GraphSim, eventually
+from tests.running_gateway import CREATED, Gw, api_key
+
+pytestmark = pytest.mark.e2e
+
+ROOM1, ROOM2, ROOM3, ROOM4 = (f"room{i}@contoso.com" for i in range(1, 5))  # 1, 2 on premises; 3, 4 online
+ALICE, CAROL = "alice@contoso.com", "carol@contoso.com"  # alice on premises, carol online
+
+
+def soon(hours: float = 26) -> datetime:
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=hours)
+
+
+def graph_settings(g: GraphSim, **kw: Any) -> GraphSettings:
+    return GraphSettings(tenant_id=g.tenant_id, client_id=g.client_id, credential="client_secret",
+                         authority_host=g.authority.rsplit("/", 1)[0], graph_url=g.graph_url, ca_bundle=g.ca_bundle,
+                         poll_interval_seconds=0.5, outage_retry_seconds=0.2, outage_max_retry_seconds=0.5,
+                         auth_retry_seconds=1.0, auth_max_retry_seconds=1.0, back_off=0.1, **kw)
+
+
+@pytest.fixture
+async def hybrid(graph_sim_factory: Any, tmp_path: Path, aiohttp_client: Any,
+                 ) -> AsyncIterator[Callable[..., Any]]:
+    async def start(before: Callable[[GraphSim], None] = lambda g: None, **kw: Any) -> Gw:
+        g = graph_sim_factory(SimulatorConfig(rba_delay=0.05))
+        before(g)
+        store = tmp_path / "gateway.sqlite"
+        options = GatewayOptions(
+            sources=(SourceSpec("onprem", "ews", EwsSettings(ews_url=g.ews_url,
+                                                             username=f"CONTOSO\\{SERVICE_ACCOUNT}", max_workers=4),
+                                SERVICE_PASSWORD, rooms=(ROOM1, ROOM2)),
+                     SourceSpec("online", "graph", graph_settings(g, **kw), g.client_secret, rooms=(ROOM3, ROOM4))),
+            sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3, auth_retry_seconds=1.0),
+            store_path=store, feed="streaming", stream_timeout_minutes=1, feed_retry_seconds=0.3)
+        return Gw(g, await aiohttp_client(init_app(options), headers=api_key(store)))
+    yield start
+
+
+def meeting(g: GraphSim, organizer: str, rooms: list[str], subject: str, start: datetime) -> str:
+    uid = g.call(lambda: Control.of(g.sim).create_meeting(organizer=organizer, rooms=rooms, subject=subject,
+                                                         start=start, end=start + timedelta(minutes=30)).uid)
+    assert g.call(lambda: Control.of(g.sim).settle()), "the booking attendant never answered"
+    return str(uid)
+
+
+def created(gw: Gw, room: str, uid: str) -> list[Any]:
+    return [e for e in gw.events(room, CREATED) if e.data["uid"] == uid]
+
+
+async def test_a_hybrid_meeting_is_one_meeting_with_the_same_booking_ids_on_both_sides(hybrid: Any) -> None:
+    gw = await hybrid()
+    await eventually(lambda: gw.imported(ROOM1, ROOM2, ROOM3, ROOM4), what="every room imported")
+    uid = meeting(gw.ews, ALICE, [ROOM1, ROOM3], "Across the estate", soon())
+    await eventually(lambda: created(gw, ROOM1, uid) and created(gw, ROOM3, uid), timeout=30,
+                     what="the meeting in both rooms")
+    [onprem], [online] = created(gw, ROOM1, uid), created(gw, ROOM3, uid)
+    assert onprem.data["meeting_id"] == online.data["meeting_id"] == meeting_id_for(uid)
+    assert (onprem.data["id"], online.data["id"]) == (booking_id_for(ROOM1, uid, None),
+                                                      booking_id_for(ROOM3, uid, None))
+    assert (onprem.data["start"], onprem.data["end"]) == (online.data["start"], online.data["end"])
+    # ... and organised online, booked on premises, the same.
+    other = meeting(gw.ews, CAROL, [ROOM2, ROOM4], "The other way round", soon(28))
+    await eventually(lambda: created(gw, ROOM2, other) and created(gw, ROOM4, other), timeout=30,
+                     what="the online organiser's meeting in both rooms")
+    rooms = await gw.rooms()
+    assert all(rooms[r]["state"] == "verified" for r in (ROOM1, ROOM2, ROOM3, ROOM4))
+
+
+async def test_without_a_relay_the_online_rooms_are_polled_and_say_so(hybrid: Any) -> None:
+    gw = await hybrid()
+    await eventually(lambda: gw.imported(ROOM3, ROOM4), what="the online rooms imported")
+    uid = meeting(gw.ews, CAROL, [ROOM4], "Polled", soon())
+    await eventually(lambda: created(gw, ROOM4, uid), timeout=20, what="the meeting found by polling")
+    assert await gw.metric("gateway_graph_rooms", mode="polling") == 2
+    assert await gw.metric("gateway_graph_rooms", mode="notifications") == 0
+
+
+async def test_an_expired_delta_token_means_a_fresh_import_never_silence(hybrid: Any) -> None:
+    gw = await hybrid()
+    await eventually(lambda: gw.imported(ROOM3), what="room3 imported")
+    with capture_logs() as logs:
+        status, body = gw.ews.control("POST", "/graph/delta/expire", {"mailbox": ROOM3})
+        assert status == 200 and body["expired"] >= 1
+        uid = meeting(gw.ews, CAROL, [ROOM3], "After the token expired", soon())
+        await eventually(lambda: created(gw, ROOM3, uid), timeout=20, what="the meeting after a fresh import")
+    assert any(e["event"] == "sync.state_invalid" and e.get("room") == ROOM3 for e in logs)
+
+
+async def test_a_throttling_storm_is_waited_out(hybrid: Any) -> None:
+    gw = await hybrid()
+    await eventually(lambda: gw.imported(ROOM3, ROOM4), what="the online rooms imported")
+    status, _ = gw.ews.control("POST", "/graph/throttle", {"seconds": 3, "retry_after": 1})
+    assert status == 200
+    uid = meeting(gw.ews, CAROL, [ROOM3, ROOM4], "During the storm", soon())
+    await eventually(lambda: created(gw, ROOM3, uid) and created(gw, ROOM4, uid), timeout=30,
+                     what="the meeting after the storm")
+    _, state = gw.ews.control("GET", "/graph")
+    assert state["throttled"] > 0  # the storm did meet the gateway's requests
+    assert await gw.metric("gateway_graph_throttled_total") > 0
+
+
+async def test_a_room_an_access_policy_keeps_out_says_so_next_to_healthy_ones(hybrid: Any) -> None:
+    def policy(g: GraphSim) -> None:
+        status, _ = g.control("PUT", "/graph/access-policy", {"mailboxes": [ROOM3]})
+        assert status == 200
+    gw = await hybrid(policy)
+    await eventually(lambda: gw.imported(ROOM3), what="room3 imported")
+    await eventually(lambda: gw.state(ROOM4) == "impersonation_denied", what="room4 refused")
+    rooms = await gw.rooms()
+    assert "access policy" in rooms[ROOM4]["reason"] and "New-ApplicationAccessPolicy" in rooms[ROOM4]["remedy"]
+    uid = meeting(gw.ews, CAROL, [ROOM3], "Still synced", soon())
+    await eventually(lambda: created(gw, ROOM3, uid), timeout=20, what="room3 still syncs")
+
+
+async def test_an_expired_client_secret_is_auth_required_and_logged_once(hybrid: Any) -> None:
+    def expire(g: GraphSim) -> None:
+        status, _ = g.control("POST", "/graph/credentials", {"secret_expired": True})
+        assert status == 200
+    with capture_logs() as logs:
+        gw = await hybrid(expire)
+        await eventually(lambda: gw.state(ROOM3) == "auth_required" and gw.state(ROOM4) == "auth_required",
+                         what="the online rooms auth_required")
+        await eventually(lambda: gw.imported(ROOM1, ROOM2), what="the on-premise rooms unaffected")
+    assert [e["event"] for e in logs].count("graph.auth_refused") == 1
+    assert gw.ews.client_secret not in repr(logs)
+    rooms = await gw.rooms()
+    assert "expired" in rooms[ROOM3]["reason"] and "gateway credentials set" in rooms[ROOM3]["remedy"]
+    assert "Entra ID" in rooms[ROOM3]["remedy"] or "app registration" in rooms[ROOM3]["remedy"]
