@@ -18,6 +18,7 @@ from gateway.sources.graph.feed import GraphFeed
 from gateway.sources.graph.metrics import GraphMetrics
 from gateway.sources.graph.settings import GraphSettings
 from gateway.sources.graph.source import GraphSource
+from gateway.sources.graph.writer import GraphWriter
 
 
 class GraphCredentials:
@@ -43,8 +44,10 @@ class GraphCredentials:
 
 class GraphKind:
     name: ClassVar[str] = "graph"
-    capabilities: ClassVar[Capabilities] = Capabilities(notifications=("streaming", "pull", "poll"),
-                                                        writes=frozenset(), directory=True, token_window=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        notifications=("streaming", "pull", "poll"),
+        writes=frozenset({"create", "update", "cancel", "decline", "availability"}), directory=True,
+        token_window=True)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.metrics = GraphMetrics(registry)
@@ -95,6 +98,7 @@ class GraphKind:
             client.gate.retry_now()
 
         return OpenedSource(spec.name, self.name, self.capabilities, source, close,
-                            directory=GraphDirectory(client), writer=None, feed=new_feed(), new_feed=new_feed,
+                            directory=GraphDirectory(client), writer=GraphWriter(source), feed=new_feed(),
+                            new_feed=new_feed,
                             outage=client.gate, set_secret=set_secret,
                             credentials=GraphCredentials(spec.name, settings, tokens))

@@ -23,6 +23,7 @@ GOID_PROPERTY = "Binary {6ED8DA90-450B-101B-98DA-00AA003F1305} Id 0x23"  # PidLi
 COMMAND_KEY_PROPERTY = "String {00020329-0000-0000-C000-000000000046} Name ExchangeGatewayCommandKey"
 EXPAND = f"singleValueExtendedProperties($filter=id eq '{GOID_PROPERTY}')"
 GATEWAY_UID_PREFIX = "ExchangeGateway-"
+TRANSACTION_PREFIX = "exchange-gateway-"  # the transactionId of every event the gateway's writer creates
 
 _VCAL = b"vCal-Uid\x01\x00\x00\x00"
 _RESPONSES = {"accepted": "accepted", "tentativelyAccepted": "tentative", "declined": "declined",
@@ -119,9 +120,18 @@ def _attendees(event: dict[str, Any]) -> tuple[Attendee, ...]:
     return tuple(out)
 
 
-def booking_from_event(event: dict[str, Any], room: str, uid: str, default_tz: str = "UTC") -> Booking | None:
+def made_by_gateway(event: dict[str, Any], uid: str) -> bool:
+    """The gateway wrote this event: a UID the ews writer makes, the command key stamped on it, or the
+    transactionId the Graph writer gives (an appointment in a room's calendar carries it itself)."""
+    return uid.startswith(GATEWAY_UID_PREFIX) or bool(command_key(event)) or \
+        str(event.get("transactionId") or "").startswith(TRANSACTION_PREFIX)
+
+
+def booking_from_event(event: dict[str, Any], room: str, uid: str, default_tz: str = "UTC", *,
+                       ours: bool = False) -> Booking | None:
     """One instance of a room's calendarView (singleInstance, occurrence or exception) as a booking; None for what
-    is no booking (a series master, an item without times)."""
+    is no booking (a series master, an item without times). ``ours``: the gateway is known to have written the
+    meeting (a room's copy of a meeting carries neither the organizer's transactionId nor its command key)."""
     kind = event.get("type") or "singleInstance"
     if kind == "seriesMaster":
         return None  # a series is its occurrences, never one booking at its first
@@ -166,5 +176,5 @@ def booking_from_event(event: dict[str, Any], room: str, uid: str, default_tz: s
         series_id=uid if kind != "singleInstance" else None,
         is_exception=kind == "exception",
         free_busy=_SHOW_AS.get(str(event.get("showAs") or "busy"), "busy"),
-        origin="gateway" if uid.startswith(GATEWAY_UID_PREFIX) or command_key(event) else "exchange",
+        origin="gateway" if ours or made_by_gateway(event, uid) else "exchange",
     )

@@ -45,6 +45,9 @@ class GraphSource:
                                  f'odata.maxpagesize={settings.page_size}'}
         self._uid_of: dict[str, dict[str, str]] = {}  # room -> event id (instance or series master) -> meeting UID
         self._reported: dict[str, set[str]] = {}  # room -> instance ids reported in change pages
+        # UIDs of meetings the writer made in this process: their rooms' copies carry no mark of it. (A room's own
+        # appointment carries the writer's transactionId; after a restart a meeting's copies read as Exchange's.)
+        self.ours: set[str] = set()
 
     async def close(self) -> None:
         await self.client.close()
@@ -96,7 +99,7 @@ class GraphSource:
         for e, uid in zip(events, found):
             if uid is None or (uids is not None and uid not in uids):
                 continue
-            b = booking_from_event(e, room, uid)
+            b = booking_from_event(e, room, uid, ours=uid in self.ours)
             if b is not None and (b.uid, b.original_start) not in seen:
                 seen.add((b.uid, b.original_start))
                 out.append(b)
