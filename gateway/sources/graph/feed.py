@@ -105,7 +105,7 @@ class GraphFeed:
             event = n.get("lifecycleEvent")
             if event:
                 self.on_poke("lifecycle")
-                log.info("graph.lifecycle", room=sub.room, event=str(event)[:40])
+                log.info("graph.lifecycle", room=sub.room, lifecycle_event=str(event)[:40])
                 if event == "reauthorizationRequired":
                     self._todo[sub.id] = "reauthorize"
                 elif event == "subscriptionRemoved":

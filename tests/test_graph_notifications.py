@@ -1,0 +1,212 @@
+"""Graph change notifications through a hub, end to end: the simulator's Graph side delivers webhooks over HTTPS to
+a small stand-in for the vendor's hub (it answers the validation handshake and forwards every notification to the
+gateway's NotificationInbox, as the relay does), and the Graph source's feed subscribes each room, checks the
+clientState, renews, follows lifecycle events, and falls back to polling while the hub is away."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from gateway.app import GatewayOptions, init_app
+from gateway.ports import Poke, SourceSpec
+from gateway.simulator.control import Control
+from gateway.simulator.server import SimulatorConfig
+from gateway.sources.graph.settings import GraphSettings
+from gateway.sync.coordinator import SyncSettings
+from tests.conftest import GraphSim, eventually
+from tests.running_gateway import CREATED, Gw, api_key
+
+pytestmark = pytest.mark.e2e
+
+ROOM3, ROOM4 = "room3@contoso.com", "room4@contoso.com"
+CAROL = "carol@contoso.com"
+
+
+class Inbox:
+    """The gateway's side of the relay as a Graph source sees it (ports.NotificationInbox)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.up = True
+        self.listeners: list[tuple[Callable[[Poke], None], Callable[[bool], None]]] = []
+        self.forwarded = 0
+
+    def urls(self) -> tuple[str, str]:
+        return f"{self.base}/graph/notify", f"{self.base}/graph/lifecycle"
+
+    def connected(self) -> bool:
+        return self.up
+
+    def listen(self, on_poke: Callable[[Poke], None], on_connected: Callable[[bool], None]) -> Callable[[], None]:
+        pair = (on_poke, on_connected)
+        self.listeners.append(pair)
+        return lambda: self.listeners.remove(pair)
+
+    def poke(self, body: dict[str, Any], lifecycle: bool = False) -> None:
+        self.forwarded += 1
+        for on_poke, _ in list(self.listeners):
+            on_poke(Poke(body, lifecycle, datetime.now(UTC)))
+
+    def tunnel(self, up: bool) -> None:
+        self.up = up
+        for _, on_connected in list(self.listeners):
+            on_connected(up)
+
+
+@pytest.fixture
+async def hub(pki: Any) -> AsyncIterator[Inbox]:
+    """A stand-in hub on HTTPS: answers Graph's validation, and forwards notifications while the tunnel is up."""
+    inbox = Inbox("")
+
+    async def receive(request: web.Request) -> web.Response:
+        token = request.query.get("validationToken")
+        if token is not None:
+            return web.Response(text=token, content_type="text/plain")
+        body = await request.json()
+        if inbox.up:
+            inbox.poke(body, lifecycle=request.path.endswith("/lifecycle"))
+        return web.Response(status=202)
+    app = web.Application()
+    app.router.add_post("/graph/{kind}", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=pki.server_context())
+    await site.start()
+    inbox.base = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    yield inbox
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def online(graph_sim_factory: Any, hub: Inbox, pki: Any, tmp_path: Path, aiohttp_client: Any,
+                 ) -> AsyncIterator[Callable[..., Any]]:
+    async def start(poll_interval: float = 3600.0, max_minutes: float | None = None) -> Gw:
+        g = graph_sim_factory(SimulatorConfig(rba_delay=0.05))
+        body: dict[str, Any] = {"notify_ca_bundle": str(pki.ca_file)}
+        if max_minutes is not None:
+            body["max_minutes"] = max_minutes
+        status, _ = g.control("PATCH", "/graph/subscriptions", body)
+        assert status == 200
+        settings = GraphSettings(tenant_id=g.tenant_id, client_id=g.client_id, credential="client_secret",
+                                 authority_host=g.authority.rsplit("/", 1)[0], graph_url=g.graph_url,
+                                 ca_bundle=g.ca_bundle, poll_interval_seconds=poll_interval)
+        store = tmp_path / "gateway.sqlite"
+        options = GatewayOptions(
+            sources=(SourceSpec("online", "graph", settings, g.client_secret, rooms=(ROOM3, ROOM4), inbox=hub),),
+            sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3, reconcile_seconds=3600.0),
+            store_path=store, feed="streaming")
+        gw = Gw(g, await aiohttp_client(init_app(options), headers=api_key(store)))
+        await eventually(lambda: gw.imported(ROOM3, ROOM4), what="the rooms imported")
+        return gw
+    yield start
+
+
+def subscriptions(g: GraphSim) -> list[dict[str, Any]]:
+    status, body = g.control("GET", "/graph/subscriptions")
+    assert status == 200
+    return list(body["subscriptions"])
+
+
+def meeting(g: GraphSim, room: str, subject: str, hours: float = 26) -> str:
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=hours)
+    uid = g.call(lambda: Control.of(g.sim).create_meeting(organizer=CAROL, rooms=[room], subject=subject,
+                                                         start=start, end=start + timedelta(minutes=30)).uid)
+    return str(uid)
+
+
+def created(gw: Gw, room: str, uid: str) -> bool:
+    return any(e.data["uid"] == uid for e in gw.events(room, CREATED))
+
+
+async def test_each_room_is_subscribed_through_the_hub_and_a_change_arrives_by_notification(
+        online: Any, hub: Inbox) -> None:
+    gw = await online()  # polling every hour: only a notification brings a change in time
+    await eventually(lambda: len(subscriptions(gw.ews)) == 2, what="two subscriptions")
+    subs = subscriptions(gw.ews)
+    assert {s["mailbox"] for s in subs} == {ROOM3, ROOM4}
+    assert all(s["notification_url"] == hub.urls()[0] and s["lifecycle_url"] == hub.urls()[1] for s in subs)
+    await eventually(lambda: gw.metric("gateway_graph_rooms", mode="notifications"), what="notification mode")
+    assert await gw.metric("gateway_graph_rooms", mode="notifications") == 2
+    uid = meeting(gw.ews, ROOM3, "Heard of")
+    await eventually(lambda: created(gw, ROOM3, uid), timeout=20, what="the meeting through a notification")
+    assert await gw.metric("gateway_graph_notifications_total", outcome="accepted") >= 1
+
+
+async def test_a_forged_notification_costs_nothing(online: Any, hub: Inbox) -> None:
+    gw = await online()
+    await eventually(lambda: len(subscriptions(gw.ews)) == 2, what="two subscriptions")
+    [sub, *_] = subscriptions(gw.ews)
+    before = await gw.metric("gateway_graph_requests_total", operation="delta", status="200")
+    for forged in ({"subscriptionId": sub["id"], "clientState": "guessed"}, {"subscriptionId": "not-ours"}):
+        for _ in range(20):
+            hub.poke({"value": [{**forged, "changeType": "updated", "resource": f"users/{ROOM3}/events/x"}]})
+    assert await gw.metric("gateway_graph_notifications_total", outcome="bad_client_state") == 20
+    assert await gw.metric("gateway_graph_notifications_total", outcome="unknown_subscription") == 20
+    assert await gw.metric("gateway_graph_requests_total", operation="delta", status="200") == before
+
+
+async def test_the_hub_away_means_polling_and_back_means_notifications(online: Any, hub: Inbox) -> None:
+    gw = await online(poll_interval=1.0)
+    await eventually(lambda: len(subscriptions(gw.ews)) == 2, what="two subscriptions")
+    with capture_logs() as logs:
+        hub.tunnel(False)
+        await eventually(lambda: gw.metric("gateway_graph_rooms", mode="polling"), what="polling mode")
+        assert await gw.metric("gateway_graph_rooms", mode="polling") == 2
+        uid = meeting(gw.ews, ROOM4, "While the hub was away")
+        await eventually(lambda: created(gw, ROOM4, uid), timeout=20, what="the meeting found by polling")
+        hub.tunnel(True)
+        await eventually(lambda: gw.metric("gateway_graph_rooms", mode="notifications"), what="notifications again")
+        assert await gw.metric("gateway_graph_rooms", mode="notifications") == 2
+    modes = [(e["notifications"], e["polling"]) for e in logs if e["event"] == "graph.rooms_mode"]
+    assert (0, 2) in modes and modes[-1] == (2, 0)
+
+
+async def test_lifecycle_events_lead_to_the_right_recovery(online: Any, hub: Inbox) -> None:
+    gw = await online()
+    await eventually(lambda: len(subscriptions(gw.ews)) == 2, what="two subscriptions")
+    first = {s["mailbox"]: s["id"] for s in subscriptions(gw.ews)}
+    # subscriptionRemoved: a new subscription for the room (and a delta for what fell between)
+    status, _ = gw.ews.control("POST", f"/graph/subscriptions/{first[ROOM3]}/lifecycle",
+                               {"event": "subscriptionRemoved"})
+    assert status == 200
+    await eventually(lambda: {s["mailbox"]: s["id"] for s in subscriptions(gw.ews)}.get(ROOM3) not in
+                     (None, first[ROOM3]), what="room3 subscribed afresh")
+    # reauthorizationRequired: notifications wait until the gateway reauthorizes, then flow again
+    status, _ = gw.ews.control("POST", f"/graph/subscriptions/{first[ROOM4]}/lifecycle",
+                               {"event": "reauthorizationRequired"})
+    assert status == 200
+    await eventually(lambda: not next(s for s in subscriptions(gw.ews) if s["id"] == first[ROOM4])
+                     ["needs_reauthorization"], what="room4's subscription reauthorized")
+    uid = meeting(gw.ews, ROOM4, "After reauthorization")
+    await eventually(lambda: created(gw, ROOM4, uid), timeout=20, what="room4's notifications flowing")
+    # missed: a delta of the room, whatever was lost
+    uid = gw.ews.call(lambda: _quiet_meeting(gw.ews, ROOM4))
+    status, _ = gw.ews.control("POST", f"/graph/subscriptions/{first[ROOM4]}/lifecycle", {"event": "missed"})
+    assert status == 200
+    await eventually(lambda: created(gw, ROOM4, uid), timeout=20, what="the missed change found by a delta")
+
+
+def _quiet_meeting(g: GraphSim, room: str) -> str:
+    """An appointment stored without a change notification (what a lost delivery looks like)."""
+    mb = g.sim.directory.get(room)
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=30)
+    item = g.sim.calendars.new_item(mb, start=start, end=start + timedelta(minutes=30), subject="Never notified")
+    item.organizer = mb.person
+    g.sim.directory.add_item(item, notify=False)
+    return str(item.uid)
+
+
+async def test_subscriptions_are_renewed_before_the_granted_expiry(online: Any, hub: Inbox) -> None:
+    gw = await online(max_minutes=0.1)  # Graph grants six seconds: renewed at about half of that
+    await eventually(lambda: len(subscriptions(gw.ews)) == 2, what="two subscriptions")
+    first = {s["id"]: s["expiration"] for s in subscriptions(gw.ews)}
+    await eventually(lambda: all(first.get(s["id"], "~") < s["expiration"] for s in subscriptions(gw.ews))
+                     and {s["id"] for s in subscriptions(gw.ews)} == set(first), timeout=15,
+                     what="both subscriptions renewed (same ids, later expiry)")
