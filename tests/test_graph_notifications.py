@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
 from gateway.app import GatewayOptions, init_app
-from gateway.ports import Poke, SourceSpec
+from gateway.ports import SourceSpec
 from gateway.simulator.control import Control
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.graph.settings import GraphSettings
 from gateway.sync.coordinator import SyncSettings
 from tests.conftest import GraphSim, eventually
+from tests.graph_hub import Inbox, stand_in_hub
 from tests.running_gateway import CREATED, Gw, api_key
 
 pytestmark = pytest.mark.e2e
@@ -29,59 +29,10 @@ ROOM3, ROOM4 = "room3@contoso.com", "room4@contoso.com"
 CAROL = "carol@contoso.com"
 
 
-class Inbox:
-    """The gateway's side of the relay as a Graph source sees it (ports.NotificationInbox)."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.up = True
-        self.listeners: list[tuple[Callable[[Poke], None], Callable[[bool], None]]] = []
-        self.forwarded = 0
-
-    def urls(self) -> tuple[str, str]:
-        return f"{self.base}/graph/notify", f"{self.base}/graph/lifecycle"
-
-    def connected(self) -> bool:
-        return self.up
-
-    def listen(self, on_poke: Callable[[Poke], None], on_connected: Callable[[bool], None]) -> Callable[[], None]:
-        pair = (on_poke, on_connected)
-        self.listeners.append(pair)
-        return lambda: self.listeners.remove(pair)
-
-    def poke(self, body: dict[str, Any], lifecycle: bool = False) -> None:
-        self.forwarded += 1
-        for on_poke, _ in list(self.listeners):
-            on_poke(Poke(body, lifecycle, datetime.now(UTC)))
-
-    def tunnel(self, up: bool) -> None:
-        self.up = up
-        for _, on_connected in list(self.listeners):
-            on_connected(up)
-
-
 @pytest.fixture
 async def hub(pki: Any) -> AsyncIterator[Inbox]:
-    """A stand-in hub on HTTPS: answers Graph's validation, and forwards notifications while the tunnel is up."""
-    inbox = Inbox("")
-
-    async def receive(request: web.Request) -> web.Response:
-        token = request.query.get("validationToken")
-        if token is not None:
-            return web.Response(text=token, content_type="text/plain")
-        body = await request.json()
-        if inbox.up:
-            inbox.poke(body, lifecycle=request.path.endswith("/lifecycle"))
-        return web.Response(status=202)
-    app = web.Application()
-    app.router.add_post("/graph/{kind}", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=pki.server_context())
-    await site.start()
-    inbox.base = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    yield inbox
-    await runner.cleanup()
+    async for inbox in stand_in_hub(pki):
+        yield inbox
 
 
 @pytest.fixture

@@ -275,3 +275,17 @@ class GraphFeed:
         except GatewayError as e:
             log.warning("graph.reauthorize_failed", room=sub.room, key=e.key)
         await self._renew(sub, urls)  # reauthorizing does not extend it; a renewal does both
+
+
+async def check_subscription(client: GraphClient, room: str, urls: tuple[str, str]) -> None:
+    """What `gateway doctor` asks: a subscription for the room with the hub's URLs can be made (Graph validates both
+    URLs through the hub, so this proves the notification path too) and is removed at once."""
+    expires = datetime.now(UTC) + timedelta(minutes=45)
+    body = {"changeType": "created,updated,deleted", "notificationUrl": urls[0], "lifecycleNotificationUrl": urls[1],
+            "resource": f"users/{room}/events", "clientState": secrets.token_urlsafe(32),
+            "expirationDateTime": expires.strftime("%Y-%m-%dT%H:%M:%S.0000000Z")}
+    answer = await client.call("POST", "/subscriptions", mailbox=room, operation="subscribe", body=body)
+    sub_id = str(answer.body.get("id") or "")
+    if sub_id:
+        with contextlib.suppress(GatewayError):
+            await client.call("DELETE", f"/subscriptions/{sub_id}", mailbox=room, operation="unsubscribe", item=True)
