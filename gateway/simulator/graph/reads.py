@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 DEFAULT_PAGE = 10  # Outlook's default page of events
 MAX_PAGE = 1000
 PLACES_PAGE = 100
+_STARTSWITH = re.compile(r"startswith\(\s*(\w+)\s*,\s*'((?:[^']|'')*)'\s*\)", re.IGNORECASE)
 _EXPAND_SVEP = re.compile(r"singleValueExtendedProperties\(\$filter=id eq '([^']+)'\)", re.IGNORECASE)
 _FILTER_SVEP = re.compile(r"singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1/id eq '([^']+)' and "
                           r"\1/value eq '((?:[^']|'')*)'\s*\)", re.IGNORECASE)
@@ -27,6 +28,7 @@ _FILTER_SVEP = re.compile(r"singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1
 def add_routes(graph: GraphService) -> Reads:
     reads = Reads(graph)
     r = graph.router
+    r.add("GET", "/users", reads.users)
     r.add("GET", "/users/{user}", reads.user)
     r.add("GET", "/users/{user}/calendarView", reads.calendar_view)
     r.add("GET", "/users/{user}/calendar/calendarView", reads.calendar_view)
@@ -37,6 +39,7 @@ def add_routes(graph: GraphService) -> Reads:
     r.add("GET", "/places/microsoft.graph.room", reads.rooms)
     r.add("GET", "/places/microsoft.graph.roomlist", reads.room_lists)
     r.add("GET", "/places/{list}/microsoft.graph.roomlist/rooms", reads.rooms_in_list)
+    r.add("GET", "/places/{place}", reads.place)  # after the typed routes, which it would otherwise shadow
     return reads
 
 
@@ -105,6 +108,27 @@ class Reads:
                                    "userPrincipalName": mb.smtp, "businessPhones": [], "givenName": None,
                                    "surname": None, "jobTitle": None, "mobilePhone": None, "officeLocation": None,
                                    "preferredLanguage": None})
+
+    async def users(self, req: GraphRequest) -> GraphResponse:
+        """GET /users: the people of Exchange Online, ``$filter`` by ``startswith(property,'text')`` terms joined
+        with ``or`` (displayName, givenName, surname, mail, userPrincipalName), as people pickers ask."""
+        people = [mb for mb in self.graph.sim.directory.by_idx if mb.kind == "user" and mb.side == "graph"]
+        flt = req.query.get("$filter")
+        if flt:
+            terms = [_STARTSWITH.fullmatch(t.strip()) for t in re.split(r"\s+or\s+", flt.strip(), flags=re.I)]
+            if not all(terms):
+                raise bad_request(f"The $filter '{flt}' is not supported by the simulator.", "ErrorInvalidUrlQuery")
+
+            def starts(mb: Mailbox) -> bool:
+                first, _, last = (mb.name or "").partition(" ")
+                values = {"displayname": mb.name or "", "givenname": first, "surname": last, "mail": mb.smtp,
+                          "userprincipalname": mb.smtp}
+                return any(values.get(m.group(1).lower(), "").lower().startswith(m.group(2).replace("''", "'")
+                                                                                  .lower()) for m in terms if m)
+            people = [mb for mb in people if starts(mb)]
+        values = [{"id": ids.object_id(mb.smtp), "displayName": mb.name, "mail": mb.smtp,
+                   "userPrincipalName": mb.smtp} for mb in people]
+        return self.page(req, values, "users")
 
     async def calendar_view(self, req: GraphRequest) -> GraphResponse:
         mb = self.graph.mailbox(req.params["user"])
@@ -186,6 +210,15 @@ class Reads:
         values = [shapes.room_list_json(smtp, name) for smtp, (name, members) in d.room_lists.items()
                   if online.intersection(members)]
         return self.page(req, values, "places/microsoft.graph.roomlist", default=PLACES_PAGE)
+
+    async def place(self, req: GraphRequest) -> GraphResponse:
+        """GET /places/{id | emailAddress}: one online room."""
+        key = req.params["place"].lower()
+        found = next((mb for mb in self._online_rooms() if key in (mb.smtp, ids.object_id(mb.smtp))), None)
+        if found is None:
+            raise GraphError(404, "ErrorItemNotFound", f"The place '{req.params['place']}' was not found.")
+        return GraphResponse(200, {"@odata.context": self.graph.context("places/$entity"),
+                                   "@odata.type": "#microsoft.graph.room", **shapes.room_json(found)})
 
     async def rooms_in_list(self, req: GraphRequest) -> GraphResponse:
         d = self.graph.sim.directory
