@@ -64,7 +64,8 @@ class GraphDirectory:
 
     async def people(self, query: str) -> list[Person]:
         q = query.replace("'", "''")
-        flt = f"startswith(displayName,'{q}') or startswith(mail,'{q}')"
+        # As Exchange's ambiguous name resolution: the display name, given name, surname or address starts so.
+        flt = " or ".join(f"startswith({p},'{q}')" for p in ("displayName", "givenName", "surname", "mail"))
         answer = await self.client.call("GET", "/users", mailbox=DIRECTORY, operation="users",
                                         params={"$filter": flt, "$select": "displayName,mail", "$top": "25"})
         return [Person(str(u["mail"]).lower(), u.get("displayName")) for u in answer.body.get("value") or ()
