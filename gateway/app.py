@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -195,7 +196,12 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
     registry = registry or default_registry()
     specs = []
     for section in cfg.calendar_sources:
-        settings = registry.kind(section.kind).settings(section, cfg.place_of(section))
+        kind = registry.kind(section.kind)
+        settings = kind.settings(section, cfg.place_of(section))
+        if kind.capabilities.token_window and dataclasses.is_dataclass(settings) and hasattr(settings, "days_ahead"):
+            # A change token made for a time window (Graph's calendarView delta) covers the sync window.
+            settings = dataclasses.replace(settings, days_back=cfg.rooms.days_back,  # type: ignore[type-var]
+                                           days_ahead=cfg.rooms.days_ahead)
         password = resolve_secret(section.secret_ref, cfg.vault, environ).reveal()
         specs.append(SourceSpec(section.name, section.kind, settings, password, section.mailboxes,
                                 section.room_lists, reread_secret=partial(_reveal, section.secret_ref, cfg, environ)))

@@ -276,3 +276,30 @@ async def test_an_expired_or_foreign_or_outgrown_delta_token_is_sync_state_inval
     with pytest.raises(SyncStateInvalid):
         await source.changes(ROOM1, first.sync_state)
     assert len(stub.seen) == requests
+
+
+def test_the_delta_window_is_the_configured_sync_window(tmp_path: Any) -> None:
+    from gateway.app import options_from_config
+    from gateway.config import load_config
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(f"""\
+sources:
+  - name: online
+    kind: graph
+    tenant_id: {TENANT}
+    client_id: {CLIENT}
+    client_secret_ref: env:GRAPH_SECRET
+    mailboxes: [{ROOM1}]
+rooms:
+  days_back: 3
+  days_ahead: 600
+""")
+    env = {"GRAPH_SECRET": SECRET}
+    [spec] = options_from_config(load_config(path, env=env), env).sources
+    assert isinstance(spec.settings, GraphSettings) and spec.secret == SECRET
+    assert (spec.settings.days_back, spec.settings.days_ahead) == (3, 600)
+    now = dt.datetime(2030, 1, 7, 8, tzinfo=dt.UTC)
+    window = GraphSource(spec.settings, None, now=lambda: now).delta_window()  # type: ignore[arg-type]
+    assert window.start == dt.datetime(2030, 1, 4, tzinfo=dt.UTC)
+    assert window.end == dt.datetime(2030, 1, 7, tzinfo=dt.UTC) + dt.timedelta(days=600 + spec.settings.slack_days)
