@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import msal
 import pytest
@@ -13,38 +13,10 @@ from gateway.simulator.control import Control
 from gateway.simulator.graph.shapes import CLEAN_GOID_PROPERTY
 from gateway.simulator.graph.tokens import client_certificate
 from gateway.sources.ews.mapping import register_properties
-from tests.conftest import TZ, GraphSim, wait_for
+from tests.conftest import TZ, GraphSim
+from tests.graph_helpers import meeting, settle, tomorrow, view, z
 
 SCOPE = ["https://graph.microsoft.com/.default"]
-
-
-def tomorrow(hour: int, minute: int = 0) -> datetime:
-    day = (datetime.now(UTC) + timedelta(days=1)).date()
-    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=UTC)
-
-
-def meeting(g: GraphSim, organizer: str, rooms: list[str], subject: str, start: datetime, minutes: int = 30,
-            **extra) -> str:
-    """A meeting created as Outlook would; returns its UID once every room's attendant has answered."""
-    def create() -> str:
-        item = Control.of(g.sim).create_meeting(organizer=organizer, rooms=rooms, subject=subject,
-                                                start=start.isoformat(), end=(start + timedelta(minutes=minutes))
-                                                .isoformat(), **extra)
-        return item.uid
-    uid = g.call(create)
-    wait_for(lambda: g.call(lambda: g.sim.attendant.idle.is_set()), what="the booking attendant")
-    return uid
-
-
-def z(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def view(g: GraphSim, user: str, start: datetime, end: datetime, **headers: str) -> list[dict]:
-    status, body, _ = g.request("GET", f"/users/{user}/calendarView?startDateTime={z(start)}"
-                                       f"&endDateTime={z(end)}", headers=headers)
-    assert status == 200, body
-    return body["value"]
 
 
 # -- tokens -----------------------------------------------------------------------------------------------
@@ -253,9 +225,9 @@ def test_delta_lists_the_window_then_only_changes_and_deletions(graph_sim):
     assert again == []  # nothing changed
     ctl = Control.of(graph_sim.sim)
     graph_sim.call(lambda: ctl.move(uids[0], z(start + timedelta(hours=5)), z(start + timedelta(hours=5, minutes=30))))
-    wait_for(lambda: graph_sim.call(lambda: graph_sim.sim.attendant.idle.is_set()), what="the attendant")
+    settle(graph_sim)
     graph_sim.call(lambda: ctl.cancel(uids[1]))
-    wait_for(lambda: graph_sim.call(lambda: graph_sim.sim.attendant.idle.is_set()), what="the attendant")
+    settle(graph_sim)
     changes, link = delta_round(graph_sim, link)
     removed = [e for e in changes if "@removed" in e]
     updated = [e for e in changes if "@removed" not in e]
@@ -289,7 +261,8 @@ def test_a_fifth_concurrent_request_to_one_mailbox_is_throttled(graph_sim):
     token = graph_sim.token()
     assert graph_sim.control("POST", "/graph/throttle", {"latency": 1.0})[0] == 200
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda _: graph_sim.request("GET", f"/users/{room}", token=token), range(6)))
+        results = list(pool.map(lambda _: graph_sim.request("GET", f"/users/{room}/events?$top=1", token=token),
+                                range(6)))
     throttled = [(body, headers) for status, body, headers in results if status == 429]
     assert sum(1 for status, _, _ in results if status == 200) <= 4 and throttled
     body, headers = throttled[0]
@@ -316,14 +289,150 @@ def test_an_access_policy_denies_rooms_outside_its_group_and_batch_reports_per_r
     assert status == 403 and body["error"]["code"] == "ErrorAccessDenied"
     assert "Blocked by tenant configured AppOnly AccessPolicy settings" in body["error"]["message"]
     status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
-        {"id": "1", "method": "GET", "url": f"/users/{allowed}"},
-        {"id": "2", "method": "GET", "url": f"/users/{denied}"},
+        {"id": "1", "method": "GET", "url": f"/users/{allowed}/events?$top=1"},
+        {"id": "2", "method": "GET", "url": f"/users/{denied}/events?$top=1"},
         {"id": "3", "method": "GET", "url": "/places/microsoft.graph.room"}]})
     assert status == 200
     by_id = {r["id"]: r for r in body["responses"]}
-    assert by_id["1"]["status"] == 200 and by_id["1"]["body"]["mail"] == allowed
+    assert by_id["1"]["status"] == 200 and by_id["1"]["body"]["value"] == []
     assert by_id["2"]["status"] == 403 and by_id["2"]["body"]["error"]["code"] == "ErrorAccessDenied"
     assert by_id["3"]["status"] == 200
     status, body, _ = graph_sim.request("POST", "/$batch", {"requests": [
         {"id": str(n), "method": "GET", "url": f"/users/{allowed}"} for n in range(21)]})
     assert status == 400 and "20" in body["error"]["message"]
+
+
+# -- the `gateway simulator` command ----------------------------------------------------------------------
+def test_gateway_simulator_prints_the_graph_side_and_each_rooms_source(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.graph_helpers import first_line
+
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", "3", "--users",
+                             "3", "--activity", "0", "--no-bookings", "--graph-rooms", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "GATEWAY_LOG_FORMAT": "json"})
+    try:
+        ready = json.loads(first_line(proc))
+        assert [(r["email"], r["source"]) for r in ready["rooms"]] == [
+            ("room1@contoso.com", "ews"), ("room2@contoso.com", "graph"), ("room3@contoso.com", "graph")]
+        graph = ready["graph"]
+        assert graph["url"].startswith("https://127.0.0.1:") and graph["url"].endswith("/v1.0")
+        assert graph["authority"].endswith("/" + graph["tenant_id"])
+        assert graph["users"] == ["carol@contoso.com"]  # a third of three
+        app = msal.ConfidentialClientApplication(graph["client_id"], client_credential=graph["client_secret"],
+                                                 authority=graph["authority"], instance_discovery=False,
+                                                 http_client=_verified_session(graph["ca_bundle"]))
+        token = app.acquire_token_for_client(scopes=SCOPE)["access_token"]
+        resp = requests.get(graph["url"] + "/places/microsoft.graph.room", verify=graph["ca_bundle"], timeout=30,
+                            headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 200
+        assert sorted(r["emailAddress"] for r in resp.json()["value"]) == ["room2@contoso.com", "room3@contoso.com"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert not os.path.exists(graph["ca_bundle"])  # its temporary folder goes with it
+
+
+def _verified_session(ca_bundle: str):
+    import requests
+
+    class Verified(requests.Session):
+        def request(self, *args, **kwargs):
+            kwargs["verify"] = ca_bundle
+            return super().request(*args, **kwargs)
+    return Verified()
+
+
+def test_delta_reports_only_the_occurrence_that_changed(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(8)
+    uid = meeting(graph_sim, graph_sim.graph_users[0], [room], "Daily", start, minutes=15,
+                  recurrence={"pattern": "daily", "count": 5})
+    url = f"/users/{room}/calendarView/delta?startDateTime={z(start)}&endDateTime={z(start + timedelta(days=7))}"
+    first, link = delta_round(graph_sim, url, page=10)
+    assert len(first) == 5
+    ctl = Control.of(graph_sim.sim)
+    third = start + timedelta(days=2)
+    graph_sim.call(lambda: ctl.move(uid, z(third + timedelta(hours=1)), z(third + timedelta(hours=1, minutes=15)),
+                                    occurrence=z(third)))
+    settle(graph_sim)
+    changes, _ = delta_round(graph_sim, link, page=10)
+    assert [(e["type"], e["originalStart"]) for e in changes] == [("exception", z(third))]
+
+
+def test_the_control_api_shortens_token_lifetimes_and_registers_certificates(graph_sim):
+    status, _ = graph_sim.control("POST", "/graph/credentials", {"token_lifetime": 60})
+    assert status == 200
+    app = graph_sim.msal_app()
+    first = app.acquire_token_for_client(scopes=SCOPE)
+    assert first["expires_in"] <= 60
+    again = app.acquire_token_for_client(scopes=SCOPE)  # msal renews what has under five minutes left
+    assert again["token_source"] == "identity_provider" and again["access_token"] != first["access_token"]
+    cert = client_certificate(graph_sim.client_id)
+    status, state = graph_sim.control("POST", "/graph/credentials", {"add_certificate": cert["public_certificate"]})
+    assert status == 200 and state["certificates"] == 1
+    assert "access_token" in graph_sim.msal_app(cert).acquire_token_for_client(scopes=SCOPE)
+    status, body = graph_sim.control("POST", "/graph/credentials", {"add_certificate": "not a pem"})
+    assert status == 400 and "PEM" in body["message"]
+    status, rooms = graph_sim.control("GET", "/rooms")
+    assert {r["email"]: r["source"] for r in rooms} == {**dict.fromkeys(graph_sim.ews_rooms, "ews"),
+                                                       **dict.fromkeys(graph_sim.graph_rooms, "graph")}
+
+
+def test_all_day_events_are_midnight_in_the_requested_zone_and_cancelled_copies_say_so(graph_sim):
+    room, organizer, guest = graph_sim.graph_rooms[0], graph_sim.graph_users[0], graph_sim.graph_users[1]
+    day = tomorrow(0) + timedelta(days=1)
+    ctl = Control.of(graph_sim.sim)
+    graph_sim.call(lambda: ctl.create_meeting(organizer=organizer, rooms=[room], subject="Offsite", all_day=True,
+                                              start=day.date().isoformat() + "T00:00", tz="Pacific Standard Time",
+                                              end=(day + timedelta(days=1)).date().isoformat() + "T00:00"))
+    settle(graph_sim)
+    for zone_name in ("UTC", "W. Europe Standard Time"):
+        [ev] = view(graph_sim, room, day - timedelta(days=1), day + timedelta(days=2),
+                    Prefer=f'outlook.timezone="{zone_name}"')
+        assert ev["isAllDay"] is True
+        assert ev["start"] == {"dateTime": f"{day.date().isoformat()}T00:00:00.0000000", "timeZone": zone_name}
+        assert ev["end"]["dateTime"] == f"{(day + timedelta(days=1)).date().isoformat()}T00:00:00.0000000"
+    uid = meeting(graph_sim, organizer, [room], "Going away", tomorrow(17), attendees=[guest])
+    graph_sim.call(lambda: ctl.cancel(uid))
+    settle(graph_sim)
+    [copy] = view(graph_sim, guest, tomorrow(17), tomorrow(18))
+    assert copy["isCancelled"] is True and copy["subject"].startswith("Canceled: ")
+    assert view(graph_sim, room, tomorrow(17), tomorrow(18)) == []
+
+
+def test_calendar_view_expands_the_global_object_id_and_honours_select(graph_sim):
+    room = graph_sim.graph_rooms[0]
+    start = tomorrow(9)
+    uid = meeting(graph_sim, graph_sim.graph_users[0], [room], "Expanded", start)
+    expand = f"$expand=singleValueExtendedProperties($filter=id eq '{CLEAN_GOID_PROPERTY}')"
+    status, body, _ = graph_sim.request("GET", f"/users/{room}/calendarView?startDateTime={z(start)}"
+                                               f"&endDateTime={z(start + timedelta(hours=1))}&{expand}"
+                                               "&$select=subject,start,end")
+    assert status == 200, body
+    [ev] = body["value"]
+    assert set(ev) == {"@odata.etag", "id", "subject", "start", "end", "singleValueExtendedProperties",
+                       "singleValueExtendedProperties@odata.context"}
+    assert base64.b64decode(ev["singleValueExtendedProperties"][0]["value"]).hex().upper() == uid
+
+
+def test_the_directory_knows_people_of_both_sides_and_places_by_address(graph_sim):
+    status, body, _ = graph_sim.request(
+        "GET", "/users?$filter=startswith(displayName,'al') or startswith(mail,'car')&$select=displayName,mail")
+    assert status == 200, body
+    assert sorted(u["mail"] for u in body["value"]) == ["alice@contoso.com", "carol@contoso.com"]
+    assert set(body["value"][0]) == {"id", "displayName", "mail"}
+    status, body, _ = graph_sim.request("GET", f"/users/{graph_sim.ews_users[0]}")
+    assert status == 200 and body["mail"] == graph_sim.ews_users[0]  # a synchronised on-premise user
+    status, body, _ = graph_sim.request("GET", f"/places/{graph_sim.graph_rooms[0]}")
+    assert status == 200 and body["@odata.type"] == "#microsoft.graph.room" and body["capacity"]
+    status, body, _ = graph_sim.request("GET", f"/places/{graph_sim.ews_rooms[0]}")
+    assert status == 404

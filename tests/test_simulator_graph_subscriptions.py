@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -11,8 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import GraphSim, wait_for
-from tests.test_simulator_graph import tomorrow
-from tests.test_simulator_graph_writes import event
+from tests.graph_helpers import event, tomorrow
 
 
 @dataclass
@@ -23,7 +23,8 @@ class Receiver:
     notifications: list[dict[str, Any]] = field(default_factory=list)
     lifecycle: list[dict[str, Any]] = field(default_factory=list)
     validations: int = 0
-    mode: str = "ok"  # ok, wrong_token, down
+    mode: str = "ok"  # ok, wrong_token, slow, down
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # ends a slow answer
     runner: Any = None
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -32,6 +33,8 @@ class Receiver:
             self.validations += 1
             if self.mode == "wrong_token":
                 return web.Response(text=token + "x", content_type="text/plain")
+            if self.mode == "slow":  # answers only once the test has seen the simulator give up
+                await self.release.wait()
             return web.Response(text=token, content_type="text/plain")
         if self.mode == "down":
             return web.Response(status=503)
@@ -60,6 +63,7 @@ def receiver(graph_sim: GraphSim, pki) -> Receiver:
     status, _ = graph_sim.control("PATCH", "/graph/subscriptions", {"notify_ca_bundle": str(pki.ca_file)})
     assert status == 200
     yield rec
+    graph_sim.call(rec.release.set)
     graph_sim.call(rec.runner.cleanup)
 
 
@@ -96,6 +100,14 @@ def test_a_failed_validation_makes_no_subscription(graph_sim, receiver):
     assert listed["value"] == []
 
 
+def test_a_validation_answer_later_than_the_deadline_makes_no_subscription(graph_sim, receiver):
+    assert graph_sim.control("PATCH", "/graph/subscriptions", {"validation_timeout": 0.5})[0] == 200
+    receiver.mode = "slow"
+    status, body = subscribe(graph_sim, receiver, graph_sim.graph_rooms[0])
+    assert status == 400 and body["error"]["code"] == "ValidationError" and "timeout" in body["error"]["message"]
+    assert graph_sim.request("GET", "/subscriptions")[1]["value"] == []
+
+
 def test_notifications_are_retried_until_the_receiver_is_back(graph_sim, receiver):
     room = graph_sim.graph_rooms[0]
     assert subscribe(graph_sim, receiver, room)[0] == 201
@@ -130,10 +142,14 @@ def test_lifecycle_events_reach_the_lifecycle_url(graph_sim, receiver):
     wait_for(lambda: receiver.lifecycle, what="the lifecycle event")
     assert receiver.lifecycle[0]["lifecycleEvent"] == "reauthorizationRequired"
     assert receiver.lifecycle[0]["clientState"] == "secret-state"
-    graph_sim.request("POST", f"/users/{room}/events", event("Held", tomorrow(11)))
+    graph_sim.request("POST", f"/users/{room}/events", event("Lost", tomorrow(11)))
+    wait_for(lambda: graph_sim.control("GET", "/graph/subscriptions")[1]["subscriptions"][0]["lost"],
+             what="a change while paused")
     status, _, _ = graph_sim.request("POST", f"/subscriptions/{sub['id']}/reauthorize")
     assert status == 200
-    wait_for(lambda: receiver.notifications, what="the held notification")
+    graph_sim.request("POST", f"/users/{room}/events", event("After", tomorrow(12)))
+    wait_for(lambda: receiver.notifications, what="a notification after reauthorization")
+    assert len({n["resourceData"]["id"] for n in receiver.notifications}) == 1  # the paused change is lost
     graph_sim.control("POST", f"/graph/subscriptions/{sub['id']}/lifecycle", {"event": "subscriptionRemoved"})
     wait_for(lambda: len(receiver.lifecycle) == 2, what="subscriptionRemoved")
     assert graph_sim.request("GET", f"/subscriptions/{sub['id']}")[0] == 404

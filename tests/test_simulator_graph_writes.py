@@ -8,28 +8,10 @@ from exchangelib import EWSDateTime
 
 from gateway.simulator.graph.shapes import CLEAN_GOID_PROPERTY
 from gateway.sources.ews.mapping import register_properties
-from tests.conftest import GraphSim, wait_for
-from tests.test_simulator_graph import tomorrow, view, z
+from tests.conftest import wait_for
+from tests.graph_helpers import event, room_answer, tomorrow, view, z
 
 COMMAND_KEY = "String {00020329-0000-0000-C000-000000000046} Name GatewayCommandKey"
-
-
-def event(subject: str, start, minutes: int = 30, rooms: list[str] = (), **extra) -> dict:
-    return {"subject": subject,
-            "start": {"dateTime": start.strftime("%Y-%m-%dT%H:%M:%S.0000000"), "timeZone": "UTC"},
-            "end": {"dateTime": (start + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%S"),
-                    "timeZone": "UTC"},
-            "attendees": [{"emailAddress": {"address": r}, "type": "resource"} for r in rooms], **extra}
-
-
-def room_answer(g: GraphSim, organizer: str, event_id: str, room: str) -> str:
-    """The room's answer as the organiser's copy records it, once the attendant has given one."""
-    def answered() -> str | None:
-        status, body, _ = g.request("GET", f"/users/{organizer}/events/{event_id}")
-        assert status == 200, body
-        [att] = [a for a in body["attendees"] if a["emailAddress"]["address"] == room]
-        return att["status"]["response"] if att["status"]["response"] != "none" else None
-    return wait_for(answered, what=f"{room}'s answer")
 
 
 def test_an_online_organiser_books_an_online_room_and_a_retry_books_once(graph_sim):

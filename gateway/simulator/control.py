@@ -630,8 +630,8 @@ class Control:
         return mb.processing.as_dict()
 
     def rooms(self) -> list[dict[str, Any]]:
-        return [{"email": mb.smtp, "name": mb.name, "capacity": mb.capacity, "items": len(mb.calendar.items)}
-                for mb in self.directory.rooms()]
+        return [{"email": mb.smtp, "name": mb.name, "capacity": mb.capacity, "items": len(mb.calendar.items),
+                 "source": mb.side} for mb in self.directory.rooms()]
 
     # -- faults and lifecycle -------------------------------------------------------------------------------
     def set_faults(self, *, latency: Mapping[str, Any] | None = None, http_503_next: Any = None,

@@ -52,9 +52,16 @@ async def _state(request: web.Request, ctl: Control, body: dict[str, Any]) -> An
 
 
 async def _credentials(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
-    _only(body, ("secret_expired", "remove_certificates", "expire_tokens"))
+    _only(body, ("secret_expired", "remove_certificates", "expire_tokens", "token_lifetime", "add_certificate"))
     graph = ctl.sim.graph
     app = graph.tokens.apps[graph.config.client_id]
+    if "token_lifetime" in body:  # seconds; msal renews a token with less than five minutes left
+        graph.tokens.lifetime = int(_number(body, "token_lifetime", 1, 86_400))
+    if "add_certificate" in body:  # the PEM of a certificate whose key may sign client assertions from now on
+        try:
+            app.add_certificate(str(body["add_certificate"]).encode())
+        except ValueError as e:
+            raise _error(f"add_certificate: not a PEM certificate ({e})") from None
     if "secret_expired" in body:
         if not isinstance(body["secret_expired"], bool):
             raise _error("secret_expired: expected true or false")
@@ -108,12 +115,14 @@ async def _expire_delta(request: web.Request, ctl: Control, body: dict[str, Any]
 
 async def _subscriptions(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
     """GET: every subscription; PATCH: ``max_minutes`` (the longest expiry granted), ``notify_ca_bundle`` (the PEM
-    that verifies notification URLs)."""
+    that verifies notification URLs), ``validation_timeout``."""
     subs = ctl.sim.graph.subscriptions
     if request.method == "PATCH":
-        _only(body, ("max_minutes", "notify_ca_bundle"))
+        _only(body, ("max_minutes", "notify_ca_bundle", "validation_timeout"))
         if "max_minutes" in body:
             subs.max_minutes = _number(body, "max_minutes", 0.01, 100_000)
+        if "validation_timeout" in body:  # seconds a notification URL has to echo the token (Graph: 10)
+            ctl.sim.graph.config.validation_timeout = _number(body, "validation_timeout", 0.1, 60)
         if "notify_ca_bundle" in body:
             path = body["notify_ca_bundle"]
             if path is not None and not isinstance(path, str):
@@ -123,7 +132,7 @@ async def _subscriptions(request: web.Request, ctl: Control, body: dict[str, Any
             "subscriptions": [{"id": s.id, "mailbox": s.mailbox, "resource": s.resource,
                                "notification_url": s.notification_url, "lifecycle_url": s.lifecycle_url,
                                "expiration": s.expiration.isoformat(), "delivered": s.delivered,
-                               "failed_attempts": s.failed_attempts, "dropped": s.dropped,
+                               "failed_attempts": s.failed_attempts, "dropped": s.dropped, "lost": s.lost,
                                "needs_reauthorization": s.needs_reauthorization}
                               for s in subs.items.values()]}
 

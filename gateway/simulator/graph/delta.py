@@ -9,14 +9,14 @@ leave the window or the calendar come back as ``{"@odata.type", "id", "@removed"
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from gateway.simulator.calendar import Instance
+from gateway.simulator.graph import ids
 from gateway.simulator.graph.errors import GraphError, bad_request
 from gateway.simulator.graph.reads import page_size, preference_applied
 from gateway.simulator.graph.router import GraphRequest, GraphResponse
@@ -34,7 +34,7 @@ class SyncState:
     mailbox: str
     start: datetime
     end: datetime
-    seen: dict[str, str]  # event id -> fingerprint of its JSON when the round ended
+    seen: dict[str, str]  # event id -> its version when the round ended
 
 
 @dataclass
@@ -46,6 +46,19 @@ class Round:
     size: int
     tz_name: str | None = None
     served: int = field(default=0)
+
+
+def fingerprint(inst: Instance) -> str:
+    """What a delta round compares. Every change to an item bumps its version (its ChangeKey); an occurrence
+    is compared by what it shows, so a change to one occurrence does not report every other one as updated."""
+    item = inst.item
+    if inst.original_start is None:
+        return str(item.version)
+    exc = inst.exception
+    responses = ",".join(a.response for a in item.attendees())
+    return "|".join(map(str, (exc.version if exc is not None else 0, inst.start, inst.end, inst.subject,
+                              inst.location, inst.free_busy, item.my_response, item.is_cancelled, item.sensitivity,
+                              item.organizer.email if item.organizer else "", responses)))
 
 
 class Delta:
@@ -97,15 +110,16 @@ class Delta:
             start, end = self.reads.window(req)
             seen = {}
         current: dict[str, str] = {}
-        pending: list[dict[str, Any]] = []
-        tz_name = req.prefer("outlook.timezone")
+        changed = []
         for item in list(mb.calendar.items.values()):
             for inst in item.instances(start, end):
-                body = self.reads.render(mb, inst, req, tz_name="UTC")
-                print_ = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-                current[body["id"]] = print_
-                if seen.get(body["id"]) != print_:
-                    pending.append(self.reads.render(mb, inst, req, tz_name=tz_name) if tz_name else body)
+                event_id = ids.event_id(mb.idx, item.iid, inst.original_start)
+                print_ = fingerprint(inst)
+                current[event_id] = print_
+                if seen.get(event_id) != print_:
+                    changed.append(inst)
+        tz_name = req.prefer("outlook.timezone")
+        pending: list[dict[str, Any]] = [self.reads.render(mb, inst, req, tz_name=tz_name) for inst in changed]
         pending.sort(key=lambda e: (e["start"]["dateTime"], e["id"]))
         for gone in sorted(set(seen) - set(current)):
             pending.append({"@odata.type": "#microsoft.graph.event", "id": gone, "@removed": {"reason": "deleted"}})

@@ -4,6 +4,7 @@ CleanGlobalObjectId, users, and the Places API's rooms and room lists."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
 DEFAULT_PAGE = 10  # Outlook's default page of events
 MAX_PAGE = 1000
 PLACES_PAGE = 100
-_STARTSWITH = re.compile(r"startswith\(\s*(\w+)\s*,\s*'((?:[^']|'')*)'\s*\)", re.IGNORECASE)
 _EXPAND_SVEP = re.compile(r"singleValueExtendedProperties\(\$filter=id eq '([^']+)'\)", re.IGNORECASE)
 _FILTER_SVEP = re.compile(r"singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1/id eq '([^']+)' and "
                           r"\1/value eq '((?:[^']|'')*)'\s*\)", re.IGNORECASE)
@@ -39,7 +39,7 @@ def add_routes(graph: GraphService) -> Reads:
     r.add("GET", "/places/microsoft.graph.room", reads.rooms)
     r.add("GET", "/places/microsoft.graph.roomlist", reads.room_lists)
     r.add("GET", "/places/{list}/microsoft.graph.roomlist/rooms", reads.rooms_in_list)
-    r.add("GET", "/places/{place}", reads.place)  # after the typed routes, which it would otherwise shadow
+    r.add("GET", "/places/{place}", reads.place)
     return reads
 
 
@@ -88,47 +88,38 @@ class Reads:
                                                            "'StartDateTime'.")
         return start, end
 
-    def page(self, req: GraphRequest, values: list[dict[str, Any]], context: str,
-             headers: dict[str, str] | None = None, default: int = DEFAULT_PAGE) -> GraphResponse:
+    def page(self, req: GraphRequest, values: Sequence[Any], context: str, headers: dict[str, str] | None = None,
+             default: int = DEFAULT_PAGE, render: Callable[[Any], dict[str, Any]] | None = None) -> GraphResponse:
+        """One page of ``values`` (rendered by ``render`` only for the page, when given) with its nextLink."""
         size = page_size(req, default)
         try:
             skip = int(req.query.get("$skip", "0"))
         except ValueError as e:
             raise bad_request("Invalid $skip.") from e
-        body: dict[str, Any] = {"@odata.context": self.graph.context(context), "value": values[skip:skip + size]}
+        chosen = list(values[skip:skip + size])
+        body: dict[str, Any] = {"@odata.context": self.graph.context(context),
+                                "value": [render(v) for v in chosen] if render is not None else chosen}
         if skip + size < len(values):
             body["@odata.nextLink"] = self.graph.next_link(req, **{"$top": str(size), "$skip": str(skip + size)})
         return GraphResponse(200, body, headers or {})
 
     # -- routes ----------------------------------------------------------------------------------------
-    async def user(self, req: GraphRequest) -> GraphResponse:
-        mb = self.graph.mailbox(req.params["user"])
-        return GraphResponse(200, {"@odata.context": self.graph.context("users/$entity"),
-                                   "id": ids.object_id(mb.smtp), "displayName": mb.name, "mail": mb.smtp,
-                                   "userPrincipalName": mb.smtp, "businessPhones": [], "givenName": None,
-                                   "surname": None, "jobTitle": None, "mobilePhone": None, "officeLocation": None,
-                                   "preferredLanguage": None})
-
     async def users(self, req: GraphRequest) -> GraphResponse:
-        """GET /users: the people of Exchange Online, ``$filter`` by ``startswith(property,'text')`` terms joined
-        with ``or`` (displayName, givenName, surname, mail, userPrincipalName), as people pickers ask."""
-        people = [mb for mb in self.graph.sim.directory.by_idx if mb.kind == "user" and mb.side == "graph"]
+        """The directory's people, on either side (hybrid identities are synchronised to Entra ID)."""
+        people = [mb for mb in self.graph.sim.directory.by_idx if mb.kind == "user"]
         flt = req.query.get("$filter")
         if flt:
-            terms = [_STARTSWITH.fullmatch(t.strip()) for t in re.split(r"\s+or\s+", flt.strip(), flags=re.I)]
-            if not all(terms):
-                raise bad_request(f"The $filter '{flt}' is not supported by the simulator.", "ErrorInvalidUrlQuery")
+            people = [mb for mb in people if user_filter(flt)(user_json(mb))]
+        values = [user_json(mb) for mb in people]
+        select = req.query.get("$select")
+        if select:
+            fields = {name.strip() for name in select.split(",")} | {"id"}
+            values = [{k: v for k, v in u.items() if k in fields} for u in values]
+        return self.page(req, values, "users", default=100)
 
-            def starts(mb: Mailbox) -> bool:
-                first, _, last = (mb.name or "").partition(" ")
-                values = {"displayname": mb.name or "", "givenname": first, "surname": last, "mail": mb.smtp,
-                          "userprincipalname": mb.smtp}
-                return any(values.get(m.group(1).lower(), "").lower().startswith(m.group(2).replace("''", "'")
-                                                                                  .lower()) for m in terms if m)
-            people = [mb for mb in people if starts(mb)]
-        values = [{"id": ids.object_id(mb.smtp), "displayName": mb.name, "mail": mb.smtp,
-                   "userPrincipalName": mb.smtp} for mb in people]
-        return self.page(req, values, "users")
+    async def user(self, req: GraphRequest) -> GraphResponse:
+        mb = self.graph.directory_object(req.params["user"])
+        return GraphResponse(200, {"@odata.context": self.graph.context("users/$entity"), **user_json(mb)})
 
     async def calendar_view(self, req: GraphRequest) -> GraphResponse:
         mb = self.graph.mailbox(req.params["user"])
@@ -137,9 +128,8 @@ class Reads:
                             for inst in item.instances(start, end)),
                            key=lambda i: (i.start, i.item.iid, i.original_start or i.start))
         _, tz_name = shapes.time_zone(req.prefer("outlook.timezone"))
-        values = [self.render(mb, inst, req) for inst in instances]
-        return self.page(req, values, f"users('{req.params['user']}')/calendarView",
-                         preference_applied(req, tz_name))
+        return self.page(req, instances, f"users('{req.params['user']}')/calendarView",
+                         preference_applied(req, tz_name), render=lambda inst: self.shaped(mb, inst, req))
 
     async def events(self, req: GraphRequest) -> GraphResponse:
         """Singles and series masters (not expanded), optionally those carrying one extended property value."""
@@ -153,7 +143,7 @@ class Reads:
             key = ext_key(m.group(2))
             value = m.group(3).replace("''", "'")
             items = [i for i in items if i.ext and str(i.ext.get(key)) == value]
-        values = [self._with_expand(mb, Instance(i, 0, None), req, master=i.recurrence is not None) for i in items]
+        values = [self.shaped(mb, Instance(i, 0, None), req, master=i.recurrence is not None) for i in items]
         _, tz_name = shapes.time_zone(req.prefer("outlook.timezone"))
         return self.page(req, values, f"users('{req.params['user']}')/events", preference_applied(req, tz_name))
 
@@ -161,7 +151,7 @@ class Reads:
         mb = self.graph.mailbox(req.params["user"])
         item, inst = self.graph.find_event(mb, req.params["event"])
         master = inst.original_start is None and item.recurrence is not None
-        body = self._with_expand(mb, inst, req, master=master)
+        body = self.shaped(mb, inst, req, master=master)
         body = {"@odata.context": self.graph.context(f"users('{req.params['user']}')/events/$entity"), **body}
         _, tz_name = shapes.time_zone(req.prefer("outlook.timezone"))
         return GraphResponse(200, body, preference_applied(req, tz_name))
@@ -172,11 +162,16 @@ class Reads:
         if item.recurrence is None or inst.original_start is not None:
             raise not_found()
         start, end = self.window(req)
-        values = [self.render(mb, i, req) for i in item.instances(start, end)]
+        values = [self.shaped(mb, i, req) for i in item.instances(start, end)]
         return self.page(req, values, f"users('{req.params['user']}')/events('{req.params['event']}')/instances")
 
-    def _with_expand(self, mb: Mailbox, inst: Instance, req: GraphRequest, *, master: bool) -> dict[str, Any]:
+    def shaped(self, mb: Mailbox, inst: Instance, req: GraphRequest, *, master: bool = False) -> dict[str, Any]:
+        """An event as the request's ``$select`` and ``$expand`` shape it."""
         body = self.render(mb, inst, req, master=master)
+        select = req.query.get("$select")
+        if select:
+            fields = {name.strip() for name in select.split(",") if name.strip()}
+            body = {k: v for k, v in body.items() if k in fields or k in ("id", "@odata.etag")}
         expand = req.query.get("$expand")
         if expand:
             m = _EXPAND_SVEP.search(expand)
@@ -212,13 +207,20 @@ class Reads:
         return self.page(req, values, "places/microsoft.graph.roomlist", default=PLACES_PAGE)
 
     async def place(self, req: GraphRequest) -> GraphResponse:
-        """GET /places/{id | emailAddress}: one online room."""
+        """One room or room list by its address or id."""
+        d = self.graph.sim.directory
         key = req.params["place"].lower()
-        found = next((mb for mb in self._online_rooms() if key in (mb.smtp, ids.object_id(mb.smtp))), None)
-        if found is None:
-            raise GraphError(404, "ErrorItemNotFound", f"The place '{req.params['place']}' was not found.")
-        return GraphResponse(200, {"@odata.context": self.graph.context("places/$entity"),
-                                   "@odata.type": "#microsoft.graph.room", **shapes.room_json(found)})
+        for smtp, (name, members) in d.room_lists.items():
+            if key in (smtp, ids.object_id(smtp)) and any((m := d.find(r)) is not None and m.side == "graph"
+                                                          for r in members):
+                return GraphResponse(200, {"@odata.context": self.graph.context("places/$entity"),
+                                           "@odata.type": "#microsoft.graph.roomList",
+                                           **shapes.room_list_json(smtp, name)})
+        for mb in self._online_rooms():
+            if key in (mb.smtp, ids.object_id(mb.smtp)):
+                return GraphResponse(200, {"@odata.context": self.graph.context("places/$entity"),
+                                           "@odata.type": "#microsoft.graph.room", **shapes.room_json(mb)})
+        raise GraphError(404, "ErrorItemNotFound", f"The place '{req.params['place']}' was not found.")
 
     async def rooms_in_list(self, req: GraphRequest) -> GraphResponse:
         d = self.graph.sim.directory
@@ -230,6 +232,38 @@ class Reads:
         rooms = [mb for smtp in found[1] if (mb := d.find(smtp)) is not None and mb.side == "graph"]
         return self.page(req, [shapes.room_json(mb) for mb in rooms],
                          f"places('{req.params['list']}')/microsoft.graph.roomlist/rooms", default=PLACES_PAGE)
+
+
+def user_json(mb: Mailbox) -> dict[str, Any]:
+    first, _, last = mb.name.partition(" ")
+    return {"id": ids.object_id(mb.smtp), "displayName": mb.name, "mail": mb.smtp, "userPrincipalName": mb.smtp,
+            "businessPhones": [], "givenName": first or None, "surname": last or None, "jobTitle": None,
+            "mobilePhone": None, "officeLocation": None, "preferredLanguage": None}
+
+
+_CLAUSE = re.compile(r"^\s*(?:startswith\((\w+),\s*'((?:[^']|'')*)'\)|(\w+) eq '((?:[^']|'')*)')\s*$", re.IGNORECASE)
+
+
+def user_filter(flt: str) -> Callable[[dict[str, Any]], bool]:
+    """The ``$filter`` forms a directory search uses: ``startswith(field,'x')`` and ``field eq 'x'``, or-ed."""
+    tests: list[Callable[[dict[str, Any]], bool]] = []
+    for clause in re.split(r"\s+or\s+", flt.strip(), flags=re.IGNORECASE):
+        m = _CLAUSE.match(clause)
+        if m is None:
+            raise bad_request(f"The $filter clause '{clause}' is not supported by the simulator.",
+                              "Request_UnsupportedQuery")
+        if m.group(1):
+            tests.append(_clause(m.group(1), m.group(2).replace("''", "'").lower(), prefix=True))
+        else:
+            tests.append(_clause(m.group(3), m.group(4).replace("''", "'").lower(), prefix=False))
+    return lambda u: any(t(u) for t in tests)
+
+
+def _clause(field_: str, value: str, *, prefix: bool) -> Callable[[dict[str, Any]], bool]:
+    def test(user: dict[str, Any]) -> bool:
+        have = str(user.get(field_) or "").lower()
+        return have.startswith(value) if prefix else have == value
+    return test
 
 
 def ext_key(graph_id: str) -> tuple[str, str, str]:

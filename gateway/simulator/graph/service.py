@@ -66,6 +66,7 @@ class GraphService:
         self.calls: Counter[tuple[str, int]] = Counter()  # (method + route pattern, status)
         # Graph's transactionId of events created through it (the item itself has no such field in EWS).
         self.transactions: weakref.WeakKeyDictionary[CalendarItem, str] = weakref.WeakKeyDictionary()
+        self._by_object_id: dict[str, str] = {}
         from gateway.simulator.graph import reads
         from gateway.simulator.graph.delta import Delta
 
@@ -148,7 +149,7 @@ class GraphService:
             handler = self.router.resolve(req)
             route = getattr(handler, "__name__", "?")
             user = req.params.get("user")
-            if user is None:
+            if user is None or route == "user":  # the directory's user object, not its mailbox
                 answer = await handler(req)
             else:
                 mailbox = self.mailbox(user)
@@ -194,15 +195,25 @@ class GraphService:
     # -- what routes share --------------------------------------------------------------------------
     def mailbox(self, user: str) -> Mailbox:
         """The Exchange Online mailbox ``/users/{user}`` names (by address or object id), after the access policy."""
-        d = self.sim.directory
-        mb = d.find(user) if "@" in user else next((m for m in d.by_idx if ids.object_id(m.smtp) == user.lower()),
-                                                   None)
-        if mb is None:
-            raise GraphError(404, "ErrorInvalidUser", f"The requested user '{user}' is invalid.")
+        mb = self.directory_object(user)
         if mb.side != "graph":
             raise GraphError(404, "MailboxNotEnabledForRESTAPI",
                              "The mailbox is either inactive, soft-deleted, or is hosted on-premise.")
         self.limits.check_policy(mb.smtp)
+        return mb
+
+    def directory_object(self, user: str) -> Mailbox:
+        """A user of the directory by address or object id, on either side (Entra ID knows synchronised users)."""
+        d = self.sim.directory
+        if "@" in user:
+            mb = d.find(user)
+        else:
+            if len(self._by_object_id) != len(d.by_idx):  # mailboxes were added: index the new ones
+                self._by_object_id = {ids.object_id(m.smtp): m.smtp for m in d.by_idx}
+            smtp = self._by_object_id.get(user.lower())
+            mb = d.find(smtp) if smtp else None
+        if mb is None:
+            raise GraphError(404, "ErrorInvalidUser", f"The requested user '{user}' is invalid.")
         return mb
 
     def find_event(self, mailbox: Mailbox, event_id: str) -> tuple[CalendarItem, Instance]:

@@ -10,8 +10,9 @@ delivery of every change to a subscribed mailbox's events with retries, lifecycl
   the subscription's ``clientState``; a non-2xx answer or no answer is retried after ``delivery_backoff``; when
   every attempt failed the notification is dropped and a ``missed`` lifecycle event is sent.
 - Lifecycle events (``reauthorizationRequired``, ``subscriptionRemoved``, ``missed``) go to the lifecycle URL when
-  the control API fires them. After ``reauthorizationRequired`` notifications wait until the subscription is
-  reauthorized (``POST /subscriptions/{id}/reauthorize``) or renewed; ``subscriptionRemoved`` removes it.
+  the control API fires them. After ``reauthorizationRequired`` delivery pauses until the subscription is
+  reauthorized (``POST /subscriptions/{id}/reauthorize``) or renewed, and changes meanwhile are lost, as Graph
+  documents (a client runs delta to catch up); ``subscriptionRemoved`` removes the subscription.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import secrets
 import ssl
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -59,8 +60,8 @@ class Subscription:
     needs_reauthorization: bool = False
     delivered: int = 0
     failed_attempts: int = 0
-    dropped: int = 0
-    held: list[dict[str, Any]] = field(default_factory=list)  # waiting for reauthorization
+    dropped: int = 0  # notifications given up after every retry
+    lost: int = 0  # changes while delivery paused for reauthorization
 
     def json(self, graph: GraphService) -> dict[str, Any]:
         return {"@odata.context": graph.context("subscriptions/$entity"), "id": self.id,
@@ -255,9 +256,6 @@ class Subscriptions:
 
     def _release(self, sub: Subscription) -> None:
         sub.needs_reauthorization = False
-        held, sub.held = sub.held, []
-        for notification in held:
-            self.graph.sim.spawn(self._deliver(sub, sub.notification_url, {"value": [notification]}))
 
     # -- delivery -----------------------------------------------------------------------------------------
     def _on_change(self, kind: str, folder: Folder, item: CalendarItem | None, iid: int,
@@ -271,8 +269,8 @@ class Subscriptions:
         else:
             return
         mb = folder.mailbox
-        for sub in list(self.items.values()):
-            if sub.mailbox != mb.smtp or change not in sub.change_types:
+        for sub in [s for s in self.items.values() if s.mailbox == mb.smtp]:
+            if change not in sub.change_types:
                 continue
             event_id = ids.event_id(mb.idx, iid)
             resource = f"Users/{ids.object_id(mb.smtp)}/Events/{event_id}"
@@ -282,7 +280,7 @@ class Subscriptions:
                                              "@odata.etag": f'W/"{iid}"', "id": event_id},
                             "clientState": sub.client_state, "tenantId": self.graph.config.tenant_id}
             if sub.needs_reauthorization:
-                sub.held.append(notification)
+                sub.lost += 1
                 continue
             self.graph.sim.spawn(self._deliver(sub, sub.notification_url, {"value": [notification]}))
 

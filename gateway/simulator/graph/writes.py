@@ -28,6 +28,10 @@ EVENT_FIELDS = frozenset({
     "importance", "categories", "transactionId", "singleValueExtendedProperties", "recurrence", "isReminderOn",
     "reminderMinutesBeforeStart", "responseRequested", "allowNewTimeProposals", "isOnlineMeeting",
     "onlineMeetingProvider", "hideAttendees", "originalStartTimeZone", "originalEndTimeZone",
+    # read-only or computed: accepted and ignored
+    "id", "createdDateTime", "lastModifiedDateTime", "changeKey", "iCalUId", "bodyPreview", "isCancelled",
+    "isOrganizer", "seriesMasterId", "type", "webLink", "onlineMeetingUrl", "onlineMeeting", "organizer",
+    "responseStatus", "originalStart", "hasAttachments", "isDraft",
 })
 STATUS_DIGIT = {"free": "0", "tentative": "1", "busy": "2", "oof": "3", "workingElsewhere": "4", "unknown": "0"}
 
