@@ -3,6 +3,7 @@ forwards each notification to the gateway's NotificationInbox (ports.py), as the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -64,3 +65,4 @@ async def stand_in_hub(pki: Any) -> AsyncIterator[Inbox]:
     inbox.base = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
     yield inbox
     await runner.cleanup()
+    await asyncio.sleep(0.1)  # the server's TLS transports finish closing
