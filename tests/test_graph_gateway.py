@@ -150,3 +150,53 @@ async def test_an_expired_client_secret_is_auth_required_and_logged_once(hybrid:
     rooms = await gw.rooms()
     assert "expired" in rooms[ROOM3]["reason"] and "gateway credentials set" in rooms[ROOM3]["remedy"]
     assert "Entra ID" in rooms[ROOM3]["remedy"] or "app registration" in rooms[ROOM3]["remedy"]
+
+
+async def test_a_change_costs_at_most_three_graph_calls(graph_sim_factory: Any) -> None:
+    """What the coordinator asks of a Graph source for one change, counted: a delta page, the new meeting's global
+    object id, and a read of a series' instances (a single meeting is complete in its delta entry)."""
+    from gateway.model import Window
+    from gateway.sources.graph.auth import TokenSource
+    from gateway.sources.graph.client import GraphClient
+    from gateway.sources.graph.source import GraphSource
+
+    g = graph_sim_factory(SimulatorConfig(rba_delay=0.05))
+    calls: list[str] = []
+    settings = graph_settings(g)
+    source = GraphSource(settings, GraphClient(settings, TokenSource(settings, g.client_secret),
+                                               on_call=lambda operation, status: calls.append(operation)))
+    window = Window(soon(-48), soon(24 * 60))
+    state: str | None = None
+
+    async def sync() -> set[str]:
+        nonlocal state
+        changed: set[str] = set()
+        while True:
+            page = await source.changes(ROOM3, state)
+            state = page.sync_state
+            changed |= page.changed_uids
+            if page.changed_uids - page.complete_uids:
+                await source.read_meetings(ROOM3, window, frozenset(page.changed_uids - page.complete_uids))
+            if not page.more:
+                return changed
+    try:
+        await sync()
+        await source.read_window(ROOM3, window)
+        for what, organised in (("a new meeting", lambda: meeting(g, CAROL, [ROOM3], "New", soon())),
+                                ("a new series", lambda: str(g.call(lambda: Control.of(g.sim).create_meeting(
+                                    organizer=CAROL, rooms=[ROOM3], subject="Weekly", start=soon(30),
+                                    end=soon(30) + timedelta(minutes=30),
+                                    recurrence={"pattern": "weekly", "count": 4}).uid)))):
+            uid = organised()
+            assert g.call(lambda: Control.of(g.sim).settle())
+            calls.clear()
+            assert uid in await sync()
+            assert len(calls) <= 3, (what, calls)
+        calls.clear()
+        g.call(lambda: Control.of(g.sim).move(uid, soon(31), soon(31) + timedelta(minutes=30),
+                                              occurrence=soon(30) + timedelta(weeks=1)))
+        assert g.call(lambda: Control.of(g.sim).settle())
+        assert uid in await sync()
+        assert len(calls) <= 3, ("a moved occurrence", calls)
+    finally:
+        await source.close()

@@ -25,7 +25,7 @@ from gateway.errors import NotFound, SyncStateInvalid
 from gateway.model import Booking, Window
 from gateway.ports import Changes, RoomInfo
 from gateway.sources.graph.client import GraphClient
-from gateway.sources.graph.mapping import EXPAND, booking_from_event, event_uid
+from gateway.sources.graph.mapping import EXPAND, booking_from_event, event_uid, parse_time
 from gateway.sources.graph.settings import GraphSettings
 
 log = structlog.get_logger("gateway.sources.graph")
@@ -44,6 +44,10 @@ class GraphSource:
         self.prefer = {"Prefer": f'outlook.timezone="UTC", IdType="ImmutableId", '
                                  f'odata.maxpagesize={settings.page_size}'}
         self._uid_of: dict[str, dict[str, str]] = {}  # room -> event id (instance or series master) -> meeting UID
+        # room -> meeting UID -> (the meeting's event id, whether it is a series master): a changed meeting is read
+        # by itself (GET, or a series' instances) rather than with the whole window
+        self._event_of: dict[str, dict[str, tuple[str, bool]]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Future[str | None]] = {}  # (room, event id) -> its UID read
         self._reported: dict[str, set[str]] = {}  # room -> instance ids reported in change pages
         # UIDs of meetings the writer made in this process: their rooms' copies carry no mark of it. (A room's own
         # appointment carries the writer's transactionId; after a restart a meeting's copies read as Exchange's.)
@@ -76,19 +80,32 @@ class GraphSource:
         master = str(event.get("seriesMasterId") or "") or ident
         found = event_uid(event) or cache.get(ident) or cache.get(master)
         if found is None and master:
-            try:
-                answer = await self.client.call(
-                    "GET", f"{self.client.user(room)}/events/{quote(master, safe='')}", mailbox=room,
-                    operation="getEvent", params={"$select": "id", "$expand": EXPAND}, headers=self.prefer, item=True)
-            except NotFound:
-                return None  # gone meanwhile: the next page says so
-            found = event_uid(answer.body)
+            # The instances of one series share one read (a page may hold many of them, asked for at once).
+            pending = self._reading.get((room, master))
+            if pending is None:
+                pending = self._reading[(room, master)] = asyncio.ensure_future(self._read_uid(room, master))
+                pending.add_done_callback(lambda _: self._reading.pop((room, master), None))
+            found = await asyncio.shield(pending)
             if found is None:
-                log.warning("graph.no_global_object_id", room=room, event=master)
                 return None
         if found is not None:
             for key in {ident, master} - {""}:
                 cache[key] = found
+            series = event.get("type") in ("occurrence", "exception", "seriesMaster") or master != ident
+            if master:
+                self._event_of.setdefault(room, {})[found] = (master, series)
+        return found
+
+    async def _read_uid(self, room: str, master: str) -> str | None:
+        try:
+            answer = await self.client.call(
+                "GET", f"{self.client.user(room)}/events/{quote(master, safe='')}", mailbox=room,
+                operation="getEvent", params={"$select": "id", "$expand": EXPAND}, headers=self.prefer, item=True)
+        except NotFound:
+            return None  # gone meanwhile: the next page says so
+        found = event_uid(answer.body)
+        if found is None:
+            log.warning("graph.no_global_object_id", room=room, event=master)
         return found
 
     async def _bookings(self, room: str, events: list[dict[str, Any]], uids: frozenset[str] | None = None,
@@ -116,7 +133,32 @@ class GraphSource:
         return await self._bookings(room.lower(), await self.view(room, window.start, window.end))
 
     async def read_meetings(self, room: str, window: Window, uids: frozenset[str]) -> list[Booking]:
-        return await self._bookings(room.lower(), await self.view(room, window.start, window.end), uids)
+        """Each meeting by itself when its event is known (one GET, or a series' instances in the window: a few
+        calls per change whatever the room holds); otherwise the window's view, filtered."""
+        room = room.lower()
+        known = self._event_of.get(room, {})
+        if not uids or any(u not in known for u in uids):
+            return await self._bookings(room, await self.view(room, window.start, window.end), uids)
+        found = await asyncio.gather(*(self._meeting(room, known[u], window) for u in sorted(uids)))
+        return await self._bookings(room, [e for events in found for e in events], uids)
+
+    async def _meeting(self, room: str, event: tuple[str, bool], window: Window) -> list[dict[str, Any]]:
+        ident, series = event
+        path = f"{self.client.user(room)}/events/{quote(ident, safe='')}"
+        try:
+            if not series:
+                answer = await self.client.call("GET", path, mailbox=room, operation="getEvent", headers=self.prefer,
+                                                params={"$expand": EXPAND}, item=True)
+                single = answer.body
+                if single.get("type") != "seriesMaster":
+                    start, end = parse_time(single.get("start")), parse_time(single.get("end"))
+                    overlaps = start is not None and end is not None and start < window.end and end > window.start
+                    return [single] if overlaps else []
+            return await self._pages(room, f"{path}/instances", "instances",
+                                     {"startDateTime": _iso(window.start), "endDateTime": _iso(window.end),
+                                      "$expand": EXPAND})
+        except NotFound:
+            return []  # gone: the meeting has no bookings left
 
     def delta_window(self) -> Window:
         s = self.settings
@@ -162,6 +204,19 @@ class GraphSource:
         else:  # an import reads the window next (which fills the cache); no GET per event now
             found = [cache.get(str(e["id"])) or cache.get(str(e.get("seriesMasterId") or "")) for e in present]
         item_uids = {str(e["id"]): uid for e, uid in zip(present, found) if uid}
+        # A single meeting's delta entry is the whole event, as calendarView gives it: its booking needs no read.
+        # (A series' instances are read together, so a change to one is seen with the others.)
+        singles: dict[str, Booking] = {}
+        series = {uid for e, uid in zip(present, found) if uid and e.get("type") != "singleInstance"}
+        if detailed:
+            for e, uid in zip(present, found):
+                if uid and uid not in series and e.get("type") == "singleInstance":
+                    b = booking_from_event(e, room, uid, ours=uid in self.ours)
+                    if b is not None and uid not in singles:
+                        singles[uid] = b
+                    elif b is not None:
+                        series.add(uid)  # the same meeting twice in a page: read the slow, thorough way
+            singles = {u: b for u, b in singles.items() if u not in series}
         reported = self._reported.get(room)
         # A removal of an instance never reported is of one created and removed between two rounds; after a
         # restart (nothing reported yet) every removal is passed on, and the store ignores the ones it never held.
@@ -176,7 +231,8 @@ class GraphSource:
         if not following and not final:
             raise SyncStateInvalid(f"Graph's delta page for {room} had neither a next nor a delta link")
         return Changes(frozenset(item_uids.values()), frozenset(deleted), item_uids,
-                       f"{end} {following or final}", more=bool(following))
+                       f"{end} {following or final}", more=bool(following), complete_uids=frozenset(singles),
+                       bookings=tuple(singles.values()))
 
     # -- what `gateway doctor` asks besides --------------------------------------------------------------------
     async def check_sync(self, room: str) -> None:
