@@ -400,7 +400,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
             collector = StateCollector(
                 rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
                 outbox=store.outbox_stats if options.relay.enabled else None,  # only a hub acknowledges
-                states=ROOM_STATES)
+                states=ROOM_STATES, source_of=app[ROOM_ROUTES].owner)
             metrics.watch(collector)
         app[API] = api
         yield

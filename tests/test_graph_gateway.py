@@ -88,6 +88,8 @@ async def test_a_hybrid_meeting_is_one_meeting_with_the_same_booking_ids_on_both
                      what="the online organiser's meeting in both rooms")
     rooms = await gw.rooms()
     assert all(rooms[r]["state"] == "verified" for r in (ROOM1, ROOM2, ROOM3, ROOM4))
+    for room, source in ((ROOM1, "onprem"), (ROOM2, "onprem"), (ROOM3, "online"), (ROOM4, "online")):
+        assert await gw.metric("gateway_room_source_info", room=room, source=source) == 1
 
 
 async def test_without_a_relay_the_online_rooms_are_polled_and_say_so(hybrid: Any) -> None:
