@@ -186,6 +186,13 @@ async def test_a_certificate_signs_the_assertion_and_tells_its_end(stub: Stub, p
                                                                    cert.not_valid_after_utc)
 
 
+async def test_a_token_graph_refuses_before_its_time_is_replaced_once(stub: Stub, client: GraphClient) -> None:
+    await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    stub.tokens.clear()  # revoked: Graph answers 401 to it, though msal's cache still holds it
+    await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    assert stub.token_requests == 2
+
+
 async def test_an_expired_secret_is_auth_required_and_logged_once(stub: Stub, client: GraphClient) -> None:
     stub.secret_expired = True
     with capture_logs() as logs:

@@ -138,6 +138,12 @@ class TokenSource:
         refused.own_remedy = True  # the room shows this remedy, not the one for an EWS service account
         raise refused
 
+    def forget(self) -> None:
+        """Drop the cached token (Graph refused it before its time: revoked, or the tenant's keys rolled)."""
+        with self._lock:
+            if self._app is not None:
+                self._app.remove_tokens_for_client()
+
     def close(self) -> None:
         """Close the token endpoint's connections."""
         with self._lock:

@@ -131,6 +131,7 @@ class GraphClient:
         s = self.settings
         box = self._mailbox(mailbox.lower())
         attempt = 0
+        fresh_token = False
         while True:
             attempt += 1
             wait = box.until - time.monotonic()
@@ -150,6 +151,11 @@ class GraphClient:
             if error is None:
                 self.gate.record(probe, None)
                 return answer
+            if answer.status == 401 and not fresh_token:  # a token refused before its time: one new token, once
+                fresh_token = True
+                self.gate.record(probe, None)
+                await asyncio.to_thread(self.tokens.forget)
+                continue
             self.gate.record(probe, error)
             retry_after = _retry_after(answer)
             retryable = answer.status in (429, 503) or (answer.status >= 500 and answer.status != 501)
