@@ -19,11 +19,12 @@ class Inbox:
     def __init__(self, base: str) -> None:
         self.base = base
         self.up = True
+        self.welcomed = True  # False: the hub has not told its URLs yet (before the tunnel's first welcome)
         self.listeners: list[tuple[Callable[[Poke], None], Callable[[bool], None]]] = []
         self.forwarded = 0
 
-    def urls(self) -> tuple[str, str]:
-        return f"{self.base}/graph/notify", f"{self.base}/graph/lifecycle"
+    def urls(self) -> tuple[str, str] | None:
+        return (f"{self.base}/graph/notify", f"{self.base}/graph/lifecycle") if self.welcomed else None
 
     def connected(self) -> bool:
         return self.up
@@ -40,6 +41,7 @@ class Inbox:
 
     def tunnel(self, up: bool) -> None:
         self.up = up
+        self.welcomed = self.welcomed or up
         for _, on_connected in list(self.listeners):
             on_connected(up)
 

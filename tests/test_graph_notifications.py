@@ -5,6 +5,8 @@ clientState, renews, follows lifecycle events, and falls back to polling while t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -82,7 +84,7 @@ async def test_each_room_is_subscribed_through_the_hub_and_a_change_arrives_by_n
     await eventually(lambda: len(subscriptions(gw.ews)) == 2, what="two subscriptions")
     subs = subscriptions(gw.ews)
     assert {s["mailbox"] for s in subs} == {ROOM3, ROOM4}
-    assert all(s["notification_url"] == hub.urls()[0] and s["lifecycle_url"] == hub.urls()[1] for s in subs)
+    assert all((s["notification_url"], s["lifecycle_url"]) == hub.urls() for s in subs)
     await eventually(lambda: gw.metric("gateway_graph_rooms", mode="notifications"), what="notification mode")
     assert await gw.metric("gateway_graph_rooms", mode="notifications") == 2
     uid = meeting(gw.ews, ROOM3, "Heard of")
@@ -161,3 +163,39 @@ async def test_subscriptions_are_renewed_before_the_granted_expiry(online: Any, 
     await eventually(lambda: all(first.get(s["id"], "~") < s["expiration"] for s in subscriptions(gw.ews))
                      and {s["id"] for s in subscriptions(gw.ews)} == set(first), timeout=15,
                      what="both subscriptions renewed (same ids, later expiry)")
+
+
+async def test_the_rooms_poll_until_the_hub_tells_its_urls_then_subscribe(online: Any, hub: Inbox) -> None:
+    hub.up = hub.welcomed = False  # the sources start before the tunnel's first welcome
+    gw = await online()
+    assert subscriptions(gw.ews) == [] and await gw.metric("gateway_graph_rooms", mode="polling") == 2
+    hub.tunnel(True)
+    await eventually(lambda: len(subscriptions(gw.ews)) == 2, what="both rooms subscribed after the welcome")
+    await eventually(lambda: gw.metric("gateway_graph_rooms", mode="notifications"), what="notification mode")
+
+
+async def test_a_stopped_feed_removes_its_subscriptions(graph_sim_factory: Any, hub: Inbox, pki: Any) -> None:
+    from gateway.sources.graph.auth import TokenSource
+    from gateway.sources.graph.client import GraphClient
+    from gateway.sources.graph.feed import GraphFeed
+
+    g = graph_sim_factory(SimulatorConfig(rba_delay=0.05))
+    status, _ = g.control("PATCH", "/graph/subscriptions", {"notify_ca_bundle": str(pki.ca_file)})
+    assert status == 200
+    settings = GraphSettings(tenant_id=g.tenant_id, client_id=g.client_id, credential="client_secret",
+                             authority_host=g.authority.rsplit("/", 1)[0], graph_url=g.graph_url,
+                             ca_bundle=g.ca_bundle)
+    client = GraphClient(settings, TokenSource(settings, g.client_secret))
+    feed = GraphFeed(client, hub, poll_interval=3600)
+    dirty: list[tuple[str, str]] = []
+    task = asyncio.get_running_loop().create_task(feed.watch([ROOM3, ROOM4], lambda room, why: dirty.append(
+        (room, why))))
+    try:
+        await eventually(lambda: len(subscriptions(g)) == 2, what="two subscriptions")
+        assert {(room, "subscribed") for room in (ROOM3, ROOM4)} <= set(dirty)  # a delta after subscribing
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.close()
+    assert subscriptions(g) == []

@@ -76,9 +76,16 @@ class GraphFeed:
         self._logged: tuple[int, int] | None = None
 
     # -- state ---------------------------------------------------------------------------------------------
+    def _urls(self) -> tuple[str, str] | None:
+        """The hub's URLs while notifications can arrive (None until the hub has told them, and while the tunnel
+        is down)."""
+        if self.inbox is None or not self._connected:
+            return None
+        return self.inbox.urls()
+
     def modes(self) -> dict[str, str]:
         """Each room's mode: notifications (its subscription live and the tunnel up) or polling."""
-        live = self._connected and self.inbox is not None
+        live = self._urls() is not None
         return {r: "notifications" if live and r in self.subscriptions else "polling" for r in self.rooms}
 
     def _log_modes(self) -> None:
@@ -151,16 +158,22 @@ class GraphFeed:
     # -- the loop --------------------------------------------------------------------------------------------
     async def watch(self, rooms: Sequence[str], on_dirty: Dirty) -> None:
         self.rooms = sorted({r.lower() for r in rooms})
-        urls = self.inbox.urls() if self.inbox is not None else None
         stop: Callable[[], None] = lambda: None  # noqa: E731
-        if self.inbox is not None and urls is not None:
+        if self.inbox is not None:  # its URLs may come later (the hub's first welcome): asked on every round
             stop = self.inbox.listen(self.poke, self.connected)
             self._connected = self.inbox.connected()
         next_poll = self.clock() + self.poll_interval
+        subscribed_to: tuple[str, str] | None = None
         try:
             while True:
                 self._wake.clear()
-                if self._connected and urls is not None:
+                urls = self._urls()
+                if urls is not None and urls != subscribed_to and self.subscriptions:
+                    # The hub gave other URLs: subscriptions to the old ones would never reach us.
+                    for sub in list(self.subscriptions.values()):
+                        self._drop(sub)
+                if urls is not None:
+                    subscribed_to = urls
                     await self._maintain(urls)
                 now = self.clock()
                 if now >= next_poll:
@@ -175,7 +188,7 @@ class GraphFeed:
                     if inspect.isawaitable(told):
                         await told
                 wait = next_poll - self.clock()
-                if self._connected and urls is not None:
+                if urls is not None:
                     due = [s.renew_at for s in self.subscriptions.values()] + list(self._retry_at.values())
                     if due:
                         wait = min(wait, min(due) - self.clock())
@@ -184,6 +197,19 @@ class GraphFeed:
                         await self._wake.wait()
         finally:
             stop()
+            await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        """Best effort, when the feed ends: remove its subscriptions (else Graph delivers to the hub until they
+        lapse, up to days later, pokes the gateway drops as unknown)."""
+        subs, self.subscriptions, self._by_id = list(self.subscriptions.values()), {}, {}
+        if not subs:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(3):
+                await asyncio.gather(*(self.client.call("DELETE", f"/subscriptions/{sub.id}", mailbox=sub.room,
+                                                        operation="unsubscribe", item=True) for sub in subs),
+                                     return_exceptions=True)
 
     async def _maintain(self, urls: tuple[str, str]) -> None:
         """Subscriptions for rooms without one (those due), renewals due, lifecycle work asked for."""
