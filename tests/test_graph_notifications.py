@@ -21,7 +21,7 @@ from gateway.simulator.control import Control
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.graph.settings import GraphSettings
 from gateway.sync.coordinator import SyncSettings
-from tests.conftest import GraphSim, eventually
+from tests.conftest import GraphSim, eventually, free_port
 from tests.graph_hub import Inbox, stand_in_hub
 from tests.running_gateway import CREATED, Gw, api_key
 
@@ -199,3 +199,17 @@ async def test_a_stopped_feed_removes_its_subscriptions(graph_sim_factory: Any, 
             await task
         await client.close()
     assert subscriptions(g) == []
+
+
+async def test_a_hub_graph_cannot_reach_leaves_the_rooms_polling_with_one_log_line(
+        online: Any, hub: Inbox) -> None:
+    hub.base = f"https://127.0.0.1:{free_port()}"  # Graph's validation of these URLs fails
+    with capture_logs() as logs:
+        gw = await online(poll_interval=1.0)
+        await eventually(lambda: gw.ews.control("GET", "/graph/subscriptions")[1]["validations"] >= 2,
+                         what="both rooms' subscriptions tried")
+        uid = meeting(gw.ews, ROOM3, "Found by polling")
+        await eventually(lambda: created(gw, ROOM3, uid), timeout=20, what="the meeting found by polling")
+    assert subscriptions(gw.ews) == [] and await gw.metric("gateway_graph_rooms", mode="polling") == 2
+    failed = [e for e in logs if e["event"] == "graph.subscribe_failed"]
+    assert len(failed) == 1 and "validation" in failed[0]["reason"].lower()

@@ -74,6 +74,7 @@ class GraphFeed:
         self._wake = asyncio.Event()
         self._connected = False
         self._logged: tuple[int, int] | None = None
+        self._failing: dict[tuple[str, str], set[str]] = {}  # (what, error key) -> rooms: logged once, not per room
 
     # -- state ---------------------------------------------------------------------------------------------
     def _urls(self) -> tuple[str, str] | None:
@@ -94,6 +95,22 @@ class GraphFeed:
         if counts != self._logged:
             self._logged = counts
             log.info("graph.rooms_mode", notifications=counts[0], polling=counts[1], connected=self._connected)
+
+    def _failed(self, what: str, room: str, e: GatewayError) -> None:
+        """One log line when a kind of failure starts (the first room it meets), not one per room and retry."""
+        rooms = self._failing.setdefault((what, e.key), set())
+        if not rooms:
+            log.warning(f"graph.{what}_failed", room=room, key=e.key, reason=str(e.args[0]) if e.args else "",
+                        remedy=e.remedy)
+        rooms.add(room)
+
+    def _succeeded(self, what: str, room: str) -> None:
+        for (done, key), rooms in list(self._failing.items()):
+            if done == what and room in rooms:
+                rooms.discard(room)
+                if not rooms:
+                    del self._failing[(done, key)]
+                    log.info(f"graph.{what}_recovered", key=key)
 
     # -- from the inbox (on the event loop) ------------------------------------------------------------------
     def poke(self, p: Poke) -> None:
@@ -261,13 +278,14 @@ class GraphFeed:
             answer = await self.client.call("POST", "/subscriptions", mailbox=room, operation="subscribe", body=body)
         except GatewayError as e:
             self._retry_at[room] = self.clock() + self.retry_seconds
-            log.warning("graph.subscribe_failed", room=room, key=e.key, reason=str(e.args[0]) if e.args else "")
+            self._failed("subscribe", room, e)
             return
         sub_id = str(answer.body.get("id") or "")
         if not sub_id:
             self._retry_at[room] = self.clock() + self.retry_seconds
             return
         self._retry_at.pop(room, None)
+        self._succeeded("subscribe", room)
         sub = Subscription(room, sub_id, state)
         self._granted(sub, answer.body)
         self.subscriptions[room] = sub
@@ -286,8 +304,9 @@ class GraphFeed:
             return
         except GatewayError as e:
             sub.renew_at = self.clock() + self.retry_seconds
-            log.warning("graph.renew_failed", room=sub.room, key=e.key)
+            self._failed("renew", sub.room, e)
             return
+        self._succeeded("renew", sub.room)
         self._granted(sub, answer.body)
 
     async def _reauthorize(self, sub: Subscription, urls: tuple[str, str]) -> None:
@@ -299,7 +318,7 @@ class GraphFeed:
             await self._subscribe(sub.room, urls)
             return
         except GatewayError as e:
-            log.warning("graph.reauthorize_failed", room=sub.room, key=e.key)
+            self._failed("reauthorize", sub.room, e)
         await self._renew(sub, urls)  # reauthorizing does not extend it; a renewal does both
 
 
