@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.app import GatewayOptions, init_app
-from gateway.model import booking_id_for, meeting_id_for
+from gateway.model import EVENT_TYPES, booking_id_for, meeting_id_for
 from gateway.ports import SourceSpec
 from gateway.simulator.control import Control
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
@@ -202,3 +202,34 @@ async def test_a_change_costs_at_most_three_graph_calls(graph_sim_factory: Any) 
         assert len(calls) <= 3, ("a moved occurrence", calls)
     finally:
         await source.close()
+
+
+async def test_a_meeting_there_before_the_import_is_seen_cancelled_without_waiting_for_a_reconcile(
+        hybrid: Any) -> None:
+    """An import takes the delta token without reading each event's global object id; a later removal of one of
+    its instances still names its meeting (from the window's read), so the cancellation is published at once."""
+    start = soon(50)
+    single: list[str] = []
+    series: list[str] = []
+
+    def existing(g: GraphSim) -> None:
+        single.append(meeting(g, CAROL, [ROOM3], "Was there first", start))
+        series.append(str(g.call(lambda: Control.of(g.sim).create_meeting(
+            organizer=CAROL, rooms=[ROOM3], subject="Weekly, there first", start=start + timedelta(hours=2),
+            end=start + timedelta(hours=2, minutes=30), recurrence={"pattern": "weekly", "count": 3}).uid)))
+        assert g.call(lambda: Control.of(g.sim).settle())
+    gw = await hybrid(existing)
+    await eventually(lambda: gw.imported(ROOM3), what="room3 imported")
+    assert created(gw, ROOM3, single[0]) and len(created(gw, ROOM3, series[0])) == 3
+
+    def live(uid: str) -> set[str]:
+        ids: set[str] = set()
+        for e in gw.events(ROOM3):
+            if e.data.get("uid") == uid:
+                (ids.discard if e.type == EVENT_TYPES["deleted"] or e.data.get("cancelled") else ids.add)(
+                    e.data["id"])
+        return ids
+    gw.ews.call(lambda: Control.of(gw.ews.sim).cancel(single[0]))
+    gw.ews.call(lambda: Control.of(gw.ews.sim).cancel(series[0], occurrence=start + timedelta(hours=2, weeks=1)))
+    await eventually(lambda: not live(single[0]) and len(live(series[0])) == 2, timeout=20,
+                     what="the cancellations published by the next delta (polled every 0.5 s)")

@@ -218,19 +218,22 @@ class GraphSource:
                         series.add(uid)  # the same meeting twice in a page: read the slow, thorough way
             singles = {u: b for u, b in singles.items() if u not in series}
         reported = self._reported.get(room)
-        # A removal of an instance never reported is of one created and removed between two rounds; after a
-        # restart (nothing reported yet) every removal is passed on, and the store ignores the ones it never held.
-        deleted = {i for i in removed if reported is None or i in reported}
+        # A removal of an instance never reported nor read is of one created and removed between two rounds; after
+        # a restart (nothing reported yet) every removal is passed on, and the store ignores the ones it never held.
+        deleted = {i for i in removed if reported is None or i in reported or i in cache}
+        # The meeting of a removed instance is read again (it may be gone, or only its instance, or moved out of the
+        # token's window): the store cannot map instances an import saw only in the window's view.
+        gone = {cache[i] for i in removed if i in cache}
         if reported is not None:
             reported -= set(removed)
-            reported |= set(item_uids)
+            reported |= {str(e["id"]) for e in present}
         for i in removed:
             cache.pop(i, None)
         following = answer.body.get("@odata.nextLink")
         final = answer.body.get("@odata.deltaLink")
         if not following and not final:
             raise SyncStateInvalid(f"Graph's delta page for {room} had neither a next nor a delta link")
-        return Changes(frozenset(item_uids.values()), frozenset(deleted), item_uids,
+        return Changes(frozenset(item_uids.values()) | frozenset(gone), frozenset(deleted), item_uids,
                        f"{end} {following or final}", more=bool(following), complete_uids=frozenset(singles),
                        bookings=tuple(singles.values()))
 
