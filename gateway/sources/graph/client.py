@@ -162,9 +162,10 @@ class GraphClient:
             if retryable and attempt < s.max_attempts and (retry_after or 0) <= s.max_retry_after:
                 delay = retry_after if retry_after is not None else self._back_off(attempt)
                 if answer.status in (429, 503):
+                    if box.until < time.monotonic():  # once per episode, not per request of a storm
+                        log.info("graph.throttled", mailbox=mailbox, status=answer.status, retry_after=delay,
+                                 operation=operation)
                     box.until = max(box.until, time.monotonic() + delay)  # the mailbox's other requests wait too
-                    log.info("graph.throttled", mailbox=mailbox, status=answer.status, retry_after=delay,
-                             operation=operation)
                 else:
                     await asyncio.sleep(delay)
                 continue
