@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import msal
 import pytest
@@ -248,9 +248,12 @@ def test_a_moved_window_needs_a_new_round_and_an_expired_token_answers_410(graph
     status, body = graph_sim.control("POST", "/graph/delta/expire", {"mailbox": room})
     assert status == 200 and body["expired"] >= 1
     status, body, _ = graph_sim.request("GET", link)
-    assert status == 410 and body["error"]["code"] == "syncStateNotFound"
+    assert status == 410 and body["error"]["code"] == "SyncStateNotFound"
     changes, _ = delta_round(graph_sim, url)  # a fresh round works
     assert changes == []
+    graph_sim.control("POST", "/graph/delta/expire", {"code": "resyncRequired"})
+    status, body, _ = graph_sim.request("GET", link)
+    assert status == 410 and body["error"]["code"] == "resyncRequired"
 
 
 # -- limits -----------------------------------------------------------------------------------------------
@@ -436,3 +439,55 @@ def test_the_directory_knows_people_of_both_sides_and_places_by_address(graph_si
     assert status == 200 and body["@odata.type"] == "#microsoft.graph.room" and body["capacity"]
     status, body, _ = graph_sim.request("GET", f"/places/{graph_sim.ews_rooms[0]}")
     assert status == 404
+
+
+def test_seeded_activity_acts_on_both_sides(graph_sim):
+    from gateway.simulator.activity import Activity
+
+    def run() -> set[str]:
+        activity = Activity(Control.of(graph_sim.sim), seed=5)
+        touched = set()
+        for step in activity.plan(60):
+            if activity.execute(step) == "done":
+                touched |= set(step.kwargs().get("rooms", ()))
+        return touched
+    touched = graph_sim.call(run)
+    settle(graph_sim)
+    assert touched & set(graph_sim.graph_rooms) and touched & set(graph_sim.ews_rooms)
+    busy = [r for r in graph_sim.graph_rooms if r in touched]
+    now = datetime.now(UTC)
+    assert view(graph_sim, busy[0], now - timedelta(days=30), now + timedelta(days=60))
+
+
+# Microsoft Graph v1.0's event properties (api-reference/v1.0/resources/event.md of microsoft-graph-docs-contrib;
+# transactionId, hideAttendees and isDraft joined v1.0 later) and the enumerations it documents.
+EVENT_PROPERTIES = {
+    "allowNewTimeProposals", "attendees", "body", "bodyPreview", "categories", "changeKey", "createdDateTime", "end",
+    "hasAttachments", "hideAttendees", "iCalUId", "id", "importance", "isAllDay", "isCancelled", "isDraft",
+    "isOnlineMeeting", "isOrganizer", "isReminderOn", "lastModifiedDateTime", "location", "locations",
+    "onlineMeeting", "onlineMeetingProvider", "onlineMeetingUrl", "organizer", "originalEndTimeZone",
+    "originalStart", "originalStartTimeZone", "recurrence", "reminderMinutesBeforeStart", "responseRequested",
+    "responseStatus", "sensitivity", "seriesMasterId", "showAs", "start", "subject", "transactionId", "type",
+    "webLink",
+}
+ENUMS = {"importance": {"low", "normal", "high"}, "sensitivity": {"normal", "personal", "private", "confidential"},
+         "showAs": {"free", "tentative", "busy", "oof", "workingElsewhere", "unknown"},
+         "type": {"singleInstance", "occurrence", "exception", "seriesMaster"}}
+RESPONSES = {"none", "organizer", "tentativelyAccepted", "accepted", "declined", "notResponded"}
+
+
+def test_events_hold_graph_v1_properties_and_enumerations_only(graph_sim):
+    room, organizer = graph_sim.graph_rooms[0], graph_sim.graph_users[0]
+    start = tomorrow(8)
+    meeting(graph_sim, organizer, [room], "Series", start, recurrence={"pattern": "daily", "count": 3},
+            attendees=[graph_sim.graph_users[1]])
+    events = view(graph_sim, organizer, start, start + timedelta(days=3))
+    master = graph_sim.request("GET", f"/users/{organizer}/events/{events[0]['seriesMasterId']}")[1]
+    for ev in [*events, master]:
+        assert set(ev) - {"@odata.etag", "@odata.context"} <= EVENT_PROPERTIES, set(ev) - EVENT_PROPERTIES
+        for name, allowed in ENUMS.items():
+            assert ev[name] in allowed, (name, ev[name])
+        assert ev["responseStatus"]["response"] in RESPONSES
+        assert all(a["status"]["response"] in RESPONSES and a["type"] in ("required", "optional", "resource")
+                   for a in ev["attendees"])
+        assert set(ev["start"]) == {"dateTime", "timeZone"}

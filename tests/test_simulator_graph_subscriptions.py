@@ -155,6 +155,12 @@ def test_lifecycle_events_reach_the_lifecycle_url(graph_sim, receiver):
     assert graph_sim.request("GET", f"/subscriptions/{sub['id']}")[0] == 404
 
 
+def test_a_notification_ca_that_cannot_be_loaded_is_refused_at_once(graph_sim, tmp_path):
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    status, body = graph_sim.control("PATCH", "/graph/subscriptions", {"notify_ca_bundle": str(tmp_path / "junk.pem")})
+    assert status == 400 and "cannot load" in body["message"]
+
+
 def test_subscriptions_want_https_and_a_graph_mailbox(graph_sim, receiver):
     status, body, _ = graph_sim.request("POST", "/subscriptions", {
         "changeType": "created", "notificationUrl": "http://example.invalid/x",

@@ -8,6 +8,7 @@ import gc
 import json
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ async def run_simulator(args: argparse.Namespace) -> int:
         sim.faults.latency["*"] = args.latency_ms / 1000  # every EWS call takes this long, like a busy server
         sim.graph.config.latency = args.latency_ms / 1000  # and every Graph call
     if getattr(args, "graph_notify_ca", None):
+        ssl.create_default_context(cafile=args.graph_notify_ca)  # an unreadable bundle stops the start, not a delivery
         sim.graph.config.notify_ca_bundle = args.graph_notify_ca
     org = standard_org(sim.directory, rooms=args.rooms, users=args.users)
     graph_rooms = args.rooms // 3 if getattr(args, "graph_rooms", None) is None else min(args.graph_rooms, args.rooms)

@@ -4,6 +4,7 @@ shorten subscriptions and fire lifecycle events. Handlers take (request, Control
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -104,9 +105,9 @@ async def _access_policy(request: web.Request, ctl: Control, body: dict[str, Any
 async def _expire_delta(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
     """Delta tokens (of one mailbox, or all) are forgotten: the next use answers 410 with ``code``."""
     _only(body, ("mailbox", "code"))
-    code = body.get("code", "syncStateNotFound")
-    if code not in ("syncStateNotFound", "resyncRequired"):
-        raise _error("code: expected syncStateNotFound or resyncRequired")
+    code = body.get("code", "SyncStateNotFound")
+    if code not in ("SyncStateNotFound", "resyncRequired"):
+        raise _error("code: expected SyncStateNotFound or resyncRequired")
     mailbox = body.get("mailbox")
     if mailbox is not None and not isinstance(mailbox, str):
         raise _error("mailbox: expected an e-mail address")
@@ -127,6 +128,11 @@ async def _subscriptions(request: web.Request, ctl: Control, body: dict[str, Any
             path = body["notify_ca_bundle"]
             if path is not None and not isinstance(path, str):
                 raise _error("notify_ca_bundle: expected the path of a PEM file, or null for the system CAs")
+            if path is not None:
+                try:
+                    ssl.create_default_context(cafile=path)
+                except (OSError, ssl.SSLError) as e:
+                    raise _error(f"notify_ca_bundle: cannot load {path} as a CA bundle ({e})") from None
             ctl.sim.graph.config.notify_ca_bundle = path
     return {"max_minutes": subs.max_minutes, "validations": subs.validations,
             "subscriptions": [{"id": s.id, "mailbox": s.mailbox, "resource": s.resource,

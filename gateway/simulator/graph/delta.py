@@ -3,8 +3,9 @@
 Pages are linked with ``$skiptoken`` and a round ends with a ``@odata.deltaLink`` carrying a ``$deltatoken``; the
 window (start and end) is frozen into the token, as in Graph. A token names a state kept here (what each event
 looked like when the round ended); when that state is gone (the control API expires it, or too many accumulate)
-the answer is ``410 Gone`` with ``syncStateNotFound``, after which a client must start a fresh round. Events that
-leave the window or the calendar come back as ``{"@odata.type", "id", "@removed": {"reason": "deleted"}}``.
+the answer is ``410 Gone`` with ``SyncStateNotFound`` (as Exchange Online spells it; ``resyncRequired`` on
+request), after which a client must start a fresh round. Events that leave the window or the calendar come back
+as ``{"@odata.type", "id", "@removed": {"reason": "deleted"}}``.
 """
 
 from __future__ import annotations
@@ -67,12 +68,12 @@ class Delta:
         self.reads = reads
         self.states: OrderedDict[str, SyncState] = OrderedDict()
         self.rounds: OrderedDict[str, Round] = OrderedDict()
-        self.expired_code = "syncStateNotFound"  # or resyncRequired (the control API chooses)
+        self.expired_code = "SyncStateNotFound"  # or resyncRequired (the control API chooses)
         r = graph.router
         r.add("GET", "/users/{user}/calendarView/delta", self.delta)
         r.add("GET", "/users/{user}/calendar/calendarView/delta", self.delta)
 
-    def expire(self, mailbox: str | None = None, code: str = "syncStateNotFound") -> int:
+    def expire(self, mailbox: str | None = None, code: str = "SyncStateNotFound") -> int:
         """Forget sync states (of one mailbox, or all): their tokens answer 410 from now on."""
         self.expired_code = code
         gone = [t for t, s in self.states.items() if mailbox is None or s.mailbox == mailbox.lower()]
@@ -84,8 +85,8 @@ class Delta:
         return len(gone) + len(gone_rounds)
 
     def _gone(self) -> GraphError:
-        return GraphError(410, self.expired_code, "The sync state generation is not found or has expired; "
-                                                  "discard the token and start a new synchronization.")
+        return GraphError(410, self.expired_code, "The sync state generation is not found; discard the token and "
+                                                  "start a new synchronization.")
 
     async def delta(self, req: GraphRequest) -> GraphResponse:
         mb = self.graph.mailbox(req.params["user"])

@@ -196,8 +196,8 @@ class Reads:
         return [mb for mb in self.graph.sim.directory.rooms() if mb.side == "graph"]
 
     async def rooms(self, req: GraphRequest) -> GraphResponse:
-        values = [shapes.room_json(mb) for mb in self._online_rooms()]
-        return self.page(req, values, "places/microsoft.graph.room", default=PLACES_PAGE)
+        return self.page(req, self._online_rooms(), "places/microsoft.graph.room", default=PLACES_PAGE,
+                         render=shapes.room_json)
 
     async def room_lists(self, req: GraphRequest) -> GraphResponse:
         d = self.graph.sim.directory
