@@ -186,6 +186,11 @@ async def check_source(spec: SourceSpec, opened: OpenedSource, options: GatewayO
     slots = asyncio.Semaphore(max(1, settings.max_workers if isinstance(settings, EwsSettings) else 4))
 
     urls = spec.inbox.urls() if spec.inbox is not None else None  # Graph: the hub's notification path
+    if isinstance(opened.calendar, GraphSource) and urls is None:
+        report.line("skip", f"{label}change notifications through the hub", "not_checked",
+                    "the hub tells its notification URLs once the tunnel is up: `gateway run` subscribes the rooms "
+                    "then (and polls them until)" if spec.inbox is not None else
+                    "no relay is configured: the rooms are polled (sources[N].poll_interval_seconds)")
 
     async def one(room: str) -> list[Finding]:
         async with slots:

@@ -73,6 +73,7 @@ async def test_a_room_the_access_policy_leaves_out_is_named_with_its_remedy(g: G
     [failed] = [line for line in lines if line.startswith("FAIL")]
     assert ROOM4 in failed and "impersonation_denied" in failed and "New-ApplicationAccessPolicy" in failed
     assert any(line.startswith("ok") and ROOM3 in line for line in lines)
+    assert any(line.startswith("skip") and "no relay" in line for line in lines)
 
 
 async def test_an_expired_secret_is_one_line_and_no_room_is_tried(g: GraphSim, capsys: Any) -> None:
