@@ -310,3 +310,13 @@ rooms:
     window = GraphSource(spec.settings, None, now=lambda: now).delta_window()  # type: ignore[arg-type]
     assert window.start == dt.datetime(2030, 1, 4, tzinfo=dt.UTC)
     assert window.end == dt.datetime(2030, 1, 7, tzinfo=dt.UTC) + dt.timedelta(days=600 + spec.settings.slack_days)
+
+
+async def test_a_client_secret_ends_when_the_configuration_says_or_cannot_be_known(stub: Stub, pki: Any) -> None:
+    dated = settings(stub, pki, secret_expires=dt.date(2027, 6, 30))
+    [expiry] = await GraphCredentials("online", dated, TokenSource(dated, SECRET)).credential_expiry()
+    assert (expiry.kind, expiry.expires_at, expiry.known) == ("client_secret", dt.datetime(2027, 6, 30, tzinfo=dt.UTC),
+                                                              True)
+    undated = settings(stub, pki)
+    [unknown] = await GraphCredentials("online", undated, TokenSource(undated, SECRET)).credential_expiry()
+    assert not unknown.known and "secret_expires" in unknown.detail and SECRET not in repr(unknown)
