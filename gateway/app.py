@@ -52,7 +52,7 @@ from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
 from gateway.observability.metrics import Metrics, StateCollector
-from gateway.ports import CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
+from gateway.ports import FEED_POLLING, CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
 from gateway.relay.tunnel import Tunnel
 from gateway.security.identity import GatewayIdentity
 from gateway.sources.registry import Kinds, SourceRegistry, default_registry
@@ -531,10 +531,17 @@ async def _run_feed(running: RunningSource, coordinator: Coordinator, name: str,
     fresh = [False]  # the feed opened with the source is watched first; later ones are made anew
 
     def on_dirty(room: str, why: str) -> None:
+        if why.startswith(FEED_POLLING):  # one room's notifications cannot arrive for now (the feed runs)
+            task = asyncio.get_running_loop().create_task(
+                coordinator.feed_stopped(why.removeprefix(FEED_POLLING), [room]))
+            running.tasks.append(task)
+            return
         if why == "subscribed" and running.feed_down:
             running.feed_down = False
             task = asyncio.get_running_loop().create_task(coordinator.feed_running(running.rooms))
             running.tasks.append(task)
+        elif why == "subscribed" and room in coordinator.feed_down:
+            running.tasks.append(asyncio.get_running_loop().create_task(coordinator.feed_running([room])))
         coordinator.mark_dirty(room, why)
 
     async def run() -> None:

@@ -56,7 +56,8 @@ async def online(graph_sim_factory: Any, hub: Inbox, pki: Any, tmp_path: Path, a
             sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3, reconcile_seconds=3600.0),
             store_path=store, feed="streaming")
         gw = Gw(g, await aiohttp_client(init_app(options), headers=api_key(store)))
-        await eventually(lambda: gw.imported(ROOM3, ROOM4), what="the rooms imported")
+        await eventually(lambda: all("syncing" in gw.states(r) and gw.states(r)[-1] in ("verified", "polling")
+                                     for r in (ROOM3, ROOM4)), what="the rooms imported")
         return gw
     yield start
 
@@ -112,11 +113,14 @@ async def test_the_hub_away_means_polling_and_back_means_notifications(online: A
         hub.tunnel(False)
         await eventually(lambda: gw.metric("gateway_graph_rooms", mode="polling"), what="polling mode")
         assert await gw.metric("gateway_graph_rooms", mode="polling") == 2
+        await eventually(lambda: gw.state(ROOM3) == gw.state(ROOM4) == "polling", what="the rooms say so")
+        assert "tunnel to the hub is down" in (await gw.rooms())[ROOM3]["reason"]
         uid = meeting(gw.ews, ROOM4, "While the hub was away")
         await eventually(lambda: created(gw, ROOM4, uid), timeout=20, what="the meeting found by polling")
         hub.tunnel(True)
         await eventually(lambda: gw.metric("gateway_graph_rooms", mode="notifications"), what="notifications again")
         assert await gw.metric("gateway_graph_rooms", mode="notifications") == 2
+        await eventually(lambda: gw.state(ROOM3) == gw.state(ROOM4) == "verified", what="the rooms verified again")
     modes = [(e["notifications"], e["polling"]) for e in logs if e["event"] == "graph.rooms_mode"]
     assert (0, 2) in modes and modes[-1] == (2, 0)
 
@@ -211,5 +215,6 @@ async def test_a_hub_graph_cannot_reach_leaves_the_rooms_polling_with_one_log_li
         uid = meeting(gw.ews, ROOM3, "Found by polling")
         await eventually(lambda: created(gw, ROOM3, uid), timeout=20, what="the meeting found by polling")
     assert subscriptions(gw.ews) == [] and await gw.metric("gateway_graph_rooms", mode="polling") == 2
+    await eventually(lambda: gw.state(ROOM3) == gw.state(ROOM4) == "polling", what="the rooms say they are polled")
     failed = [e for e in logs if e["event"] == "graph.subscribe_failed"]
     assert len(failed) == 1 and "validation" in failed[0]["reason"].lower()

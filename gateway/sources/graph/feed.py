@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from gateway.errors import GatewayError, NotFound
-from gateway.ports import Dirty, NotificationInbox, Poke
+from gateway.ports import FEED_POLLING, Dirty, NotificationInbox, Poke
 from gateway.sources.graph.client import GraphClient
 from gateway.sources.graph.mapping import parse_time
 
@@ -75,6 +75,7 @@ class GraphFeed:
         self._connected = False
         self._logged: tuple[int, int] | None = None
         self._failing: dict[tuple[str, str], set[str]] = {}  # (what, error key) -> rooms: logged once, not per room
+        self._told_polling: set[str] = set()  # rooms the coordinator was told are polled (their state says so)
 
     # -- state ---------------------------------------------------------------------------------------------
     def _urls(self) -> tuple[str, str] | None:
@@ -163,14 +164,29 @@ class GraphFeed:
         if up == self._connected:
             return
         self._connected = up
-        if up:
-            for room in self.rooms:  # what happened while the tunnel was down is found by a delta
-                self._dirty.setdefault(room, "notifications_resumed")
+        for room in self.rooms:
+            if room not in self.subscriptions:
+                continue  # (subscribed, or told polling, when it is tried)
+            if up:  # its notifications arrive again; what happened meanwhile is found by a delta
+                self._told_polling.discard(room)
+                self._state(room, "subscribed")
+            else:
+                self._polling(room, "the tunnel to the hub is down")
         self._wake.set()
 
     def _mark(self, room: str, why: str) -> None:
         self._dirty.setdefault(room, why)
         self._wake.set()
+
+    def _state(self, room: str, why: str) -> None:
+        """A change of how the room hears of changes (it implies a sync): the newest one is told."""
+        self._dirty[room] = why
+        self._wake.set()
+
+    def _polling(self, room: str, why: str) -> None:
+        if room not in self._told_polling:
+            self._told_polling.add(room)
+            self._state(room, FEED_POLLING + why)
 
     # -- the loop --------------------------------------------------------------------------------------------
     async def watch(self, rooms: Sequence[str], on_dirty: Dirty) -> None:
@@ -279,6 +295,7 @@ class GraphFeed:
         except GatewayError as e:
             self._retry_at[room] = self.clock() + self.retry_seconds
             self._failed("subscribe", room, e)
+            self._polling(room, f"Graph would not subscribe it ({e.key})")
             return
         sub_id = str(answer.body.get("id") or "")
         if not sub_id:
@@ -290,7 +307,8 @@ class GraphFeed:
         self._granted(sub, answer.body)
         self.subscriptions[room] = sub
         self._by_id[sub_id] = sub
-        self._mark(room, "subscribed")  # anything between the last delta and the subscription is found now
+        self._told_polling.discard(room)
+        self._state(room, "subscribed")  # anything between the last delta and the subscription is found now
 
     async def _renew(self, sub: Subscription, urls: tuple[str, str]) -> None:
         expires = datetime.now(UTC) + timedelta(minutes=self.lifetime_minutes)
