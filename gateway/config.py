@@ -456,7 +456,9 @@ class GraphSourceConfig:
 
     @property
     def max_concurrent_requests(self) -> int:
-        return 3  # Outlook allows 4 concurrent requests per app and mailbox
+        """Rooms synced at once through this source. Graph limits requests per app *and mailbox* (4 at once;
+        the client keeps to 3 per mailbox), not per account as EWS does, so rooms can go side by side."""
+        return 16
 
     @field_validator("mailboxes")
     def _some_rooms(cls, mailboxes: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
