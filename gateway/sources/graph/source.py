@@ -4,9 +4,10 @@
   ``@odata.nextLink``; the meeting's CleanGlobalObjectId comes expanded with it, so a booking has the same id as
   the same meeting read through EWS.
 - Changes: ``calendarView/delta``. The sync state is the whole next or delta link, behind the end of the window it
-  was made for (``<window end> <link>``): Graph freezes the window into the token, so when the gateway's window
-  has rolled past it the token is treated as expired. An expired or rejected token (``410``, ``syncStateNotFound``,
-  ``resyncRequired``) is SyncStateInvalid, upon which the coordinator imports the room afresh: never silence.
+  was made for and the room (``<window end> <room> <link>``): Graph freezes the window into the token, so when the
+  gateway's window has rolled past it the token is treated as expired. An expired or rejected token (``410``,
+  ``syncStateNotFound``, ``resyncRequired``) is SyncStateInvalid, upon which the coordinator imports the room
+  afresh: never silence.
 - Delta pages carry no extended properties, so the UID of a meeting first seen in a page is read with one GET of
   its event (the series master for an occurrence), cached by id.
 """
@@ -17,7 +18,7 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import structlog
 
@@ -172,16 +173,14 @@ class GraphSource:
             w = self.delta_window()
             query = urlencode({"startDateTime": _iso(w.start), "endDateTime": _iso(w.end)})
             return _iso(w.end), self.client.url(f"{self.client.user(room)}/calendarView/delta?{query}")
-        end, _, link = sync_state.partition(" ")
+        end, owner, link = [*sync_state.split(" ", 2), "", ""][:3]
         try:
             until = datetime.fromisoformat(end.replace("Z", "+00:00"))
         except ValueError:
             raise SyncStateInvalid(f"not a Graph delta token for {room}") from None
-        parts = urlsplit(link)
-        base = urlsplit(self.client.url("/"))
-        path = unquote(parts.path).lower()
-        if (parts.scheme, parts.netloc) != (base.scheme, base.netloc) or \
-                not path.endswith(f"/users/{room.lower()}/calendarview/delta"):
+        # Graph may write the mailbox into its links otherwise than asked (an object id): the room is kept apart.
+        parts, base = urlsplit(link), urlsplit(self.client.url("/"))
+        if owner != room.lower() or (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
             raise SyncStateInvalid(f"the delta token is not one of {room}")
         if self.now() + timedelta(days=self.settings.days_ahead) > until:
             raise SyncStateInvalid(f"the delta token of {room} covers a window the sync window has rolled past",
@@ -234,7 +233,7 @@ class GraphSource:
         if not following and not final:
             raise SyncStateInvalid(f"Graph's delta page for {room} had neither a next nor a delta link")
         return Changes(frozenset(item_uids.values()) | frozenset(gone), frozenset(deleted), item_uids,
-                       f"{end} {following or final}", more=bool(following), complete_uids=frozenset(singles),
+                       f"{end} {room} {following or final}", more=bool(following), complete_uids=frozenset(singles),
                        bookings=tuple(singles.values()))
 
     # -- what `gateway doctor` asks besides --------------------------------------------------------------------
