@@ -320,3 +320,25 @@ async def test_a_client_secret_ends_when_the_configuration_says_or_cannot_be_kno
     undated = settings(stub, pki)
     [unknown] = await GraphCredentials("online", undated, TokenSource(undated, SECRET)).credential_expiry()
     assert not unknown.known and "secret_expires" in unknown.detail and SECRET not in repr(unknown)
+
+
+async def test_an_unusable_certificate_from_the_vault_is_said_and_the_old_one_kept(stub: Stub, pki: Any) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.ports import FeedSettings, SourceSpec
+    from gateway.sources.graph.kind import GraphKind
+
+    pem, cert = rsa_certificate()
+    stub.certificate = cert
+    s = settings(stub, pki, credential="certificate")
+    opened = GraphKind(CollectorRegistry()).open(SourceSpec("online", "graph", s, pem, rooms=(ROOM1,)),
+                                                FeedSettings(mode="poll"))
+    try:
+        assert opened.set_secret is not None
+        with capture_logs() as logs:
+            opened.set_secret("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+        assert [e["event"] for e in logs] == ["graph.credentials_unusable"] and "PEM" in logs[0]["reason"]
+        await opened.calendar.verify(ROOM1)  # signed with the certificate it had
+        assert stub.token_requests == 1
+    finally:
+        await opened.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 from typing import Any, ClassVar
 
+import structlog
 from prometheus_client import CollectorRegistry
 
 from gateway.errors import ConfigError
@@ -19,6 +20,8 @@ from gateway.sources.graph.metrics import GraphMetrics
 from gateway.sources.graph.settings import GraphSettings
 from gateway.sources.graph.source import GraphSource
 from gateway.sources.graph.writer import GraphWriter
+
+log = structlog.get_logger("gateway.sources.graph")
 
 
 class GraphCredentials:
@@ -94,7 +97,14 @@ class GraphKind:
             await source.close()
 
         def set_secret(secret: str) -> None:
-            tokens.set_secret(secret)
+            """New credentials from the vault (re-read while Entra ID refuses the old ones); an unusable one (a PEM
+            without its key) is said and the old ones stay."""
+            try:
+                tokens.set_secret(secret)
+            except ConfigError as e:
+                log.error("graph.credentials_unusable", source=spec.name, reason=str(e.args[0]), remedy=e.remedy)
+                return
+            log.info("graph.credentials_changed", source=spec.name)
             client.gate.retry_now()
 
         return OpenedSource(spec.name, self.name, self.capabilities, source, close,
