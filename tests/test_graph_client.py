@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
-from gateway.errors import AuthError, ImpersonationDenied, MailboxNotFound, SyncStateInvalid, TlsError
+from gateway.errors import AuthError, ImpersonationDenied, MailboxNotFound, NotFound, SyncStateInvalid, TlsError
 from gateway.sources.graph.auth import TokenSource
 from gateway.sources.graph.client import GraphClient
 from gateway.sources.graph.kind import GraphCredentials
@@ -342,3 +342,17 @@ async def test_an_unusable_certificate_from_the_vault_is_said_and_the_old_one_ke
         assert stub.token_requests == 1
     finally:
         await opened.close()
+
+
+async def test_a_batch_sends_a_throttled_member_again_and_maps_each_answer(stub: Stub, client: GraphClient) -> None:
+    gets = [f"/users/{ROOM1}/events/{k}" for k in ("a", "b", "c")]
+    stub.answers["/$batch"] = [
+        (200, {"responses": [{"id": "0", "status": 200, "body": {"id": "a"}},
+                             {"id": "1", "status": 429, "headers": {"Retry-After": "0"},
+                              "body": {"error": {"code": "ApplicationThrottled"}}},
+                             {"id": "2", "status": 404, "body": {"error": {"code": "ErrorItemNotFound"}}}]}, {}),
+        (200, {"responses": [{"id": "1", "status": 200, "body": {"id": "b"}}]}, {})]
+    a, b, c = await client.batch(gets, mailbox=ROOM1, operation="getEvent")
+    assert [x.body["id"] for x in (a, b) if not isinstance(x, Exception)] == ["a", "b"]
+    assert isinstance(c, NotFound) and not isinstance(c, MailboxNotFound)
+    assert [p for _, _, p in stub.seen] == ["/$batch", "/$batch"]

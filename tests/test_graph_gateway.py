@@ -195,6 +195,11 @@ async def test_a_change_costs_at_most_three_graph_calls(graph_sim_factory: Any) 
             calls.clear()
             assert uid in await sync()
             assert len(calls) <= 3, (what, calls)
+        # Three new meetings in one page: their global object ids in one $batch, their bookings in the page.
+        several = [meeting(g, CAROL, [ROOM3], f"One of three {k}", soon(40 + k)) for k in range(3)]
+        calls.clear()
+        assert set(several) <= await sync()
+        assert sorted(calls) == ["batch:getEvent", "delta"], calls
         calls.clear()
         g.call(lambda: Control.of(g.sim).move(uid, soon(31), soon(31) + timedelta(minutes=30),
                                               occurrence=soon(30) + timedelta(weeks=1)))

@@ -25,7 +25,7 @@ import structlog
 from gateway.errors import NotFound, SyncStateInvalid
 from gateway.model import Booking, Window
 from gateway.ports import Changes, RoomInfo
-from gateway.sources.graph.client import GraphClient
+from gateway.sources.graph.client import Answer, GraphClient
 from gateway.sources.graph.mapping import EXPAND, booking_from_event, event_uid, parse_time
 from gateway.sources.graph.settings import GraphSettings
 
@@ -96,6 +96,24 @@ class GraphSource:
             if master:
                 self._event_of.setdefault(room, {})[found] = (master, series)
         return found
+
+    async def _read_uids(self, room: str, events: list[dict[str, Any]]) -> None:
+        """The global object ids of the new meetings of a page, in $batch envelopes when there are several (one
+        request, not one per meeting); what is left (a failed member) is read one by one afterwards."""
+        cache = self._uid_of.setdefault(room, {})
+        masters = sorted({m for e in events if not event_uid(e)
+                          for m in [str(e.get("seriesMasterId") or "") or str(e.get("id") or "")]
+                          if m and m not in cache and str(e.get("id")) not in cache})
+        if len(masters) < 2:
+            return
+        answers = await self.client.batch(
+            [f"{self.client.user(room)}/events/{quote(m, safe='')}?$select=id&$expand={EXPAND}" for m in masters],
+            mailbox=room, operation="getEvent")
+        for master, answer in zip(masters, answers):
+            if isinstance(answer, Answer):
+                found = event_uid(answer.body)
+                if found is not None:
+                    cache[master] = found
 
     async def _read_uid(self, room: str, master: str) -> str | None:
         try:
@@ -199,6 +217,7 @@ class GraphSource:
         present = [e for e in events if "@removed" not in e]
         cache = self._uid_of.setdefault(room, {})
         if detailed:
+            await self._read_uids(room, present)
             found = await asyncio.gather(*(self.uid(room, e) for e in present))
         else:  # an import reads the window next (which fills the cache); no GET per event now
             found = [cache.get(str(e["id"])) or cache.get(str(e.get("seriesMasterId") or "")) for e in present]
