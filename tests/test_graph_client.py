@@ -168,6 +168,10 @@ async def test_a_token_is_asked_for_once_and_reused(stub: Stub, client: GraphCli
     for _ in range(4):
         await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
     assert stub.token_requests == 1 and len(stub.seen) == 4
+    client.tokens.forget()  # and when a new one is needed while many requests wait, it is asked for once too
+    await asyncio.gather(*(client.call("GET", client.user(room) + "/calendar", mailbox=room, operation="getCalendar")
+                           for room in (ROOM1, ROOM2) for _ in range(6)))
+    assert stub.token_requests == 2 and len(stub.seen) == 16
 
 
 async def test_a_certificate_signs_the_assertion_and_tells_its_end(stub: Stub, pki: Any) -> None:

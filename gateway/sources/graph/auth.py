@@ -14,6 +14,7 @@ import functools
 import hashlib
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -72,6 +73,10 @@ class TokenSource:
         self._refused: str | None = None  # the refusal last logged (logged once until a token is granted)
         self.certificate: Certificate | None = None
         self._secret = ""
+        # The token in hand until five minutes before it ends (as msal's cache would say), so that requests do not
+        # each take a thread to ask msal; one refresh at a time (a hanging token endpoint holds one thread, not all).
+        self._token: tuple[str, float] | None = None
+        self._refresh = asyncio.Lock()
         self.set_secret(secret)
 
     def set_secret(self, secret: str) -> None:
@@ -80,6 +85,7 @@ class TokenSource:
             self.certificate = Certificate.from_pem(secret) if self.settings.credential == "certificate" else None
             self._secret = secret
             self._app = None
+            self._token = None
 
     def _application(self) -> Any:
         with self._lock:
@@ -102,7 +108,7 @@ class TokenSource:
                     instance_discovery=None if known else False, validate_authority=known)
             return self._app
 
-    def _acquire(self) -> str:
+    def _acquire(self) -> tuple[str, float]:
         s = self.settings
         try:
             result = self._application().acquire_token_for_client(scopes=[s.scope])
@@ -119,7 +125,7 @@ class TokenSource:
             if self._refused is not None:
                 log.info("graph.auth_restored", tenant=s.tenant_id, client=s.client_id)
                 self._refused = None
-            return str(token)
+            return str(token), float(result.get("expires_in") or 3599)
         error = str((result or {}).get("error") or "no_token")
         description = str((result or {}).get("error_description") or "").split("\r\n")[0].split("\n")[0]
         code = description.split(":")[0] if description.startswith("AADSTS") else ""
@@ -141,6 +147,7 @@ class TokenSource:
     def forget(self) -> None:
         """Drop the cached token (Graph refused it before its time: revoked, or the tenant's keys rolled)."""
         with self._lock:
+            self._token = None
             if self._app is not None:
                 self._app.remove_tokens_for_client()
 
@@ -153,7 +160,16 @@ class TokenSource:
 
     async def token(self) -> str:
         """A valid access token (msal's cache first); AuthError or Unreachable when there is none."""
-        return await asyncio.to_thread(self._acquire)
+        held = self._token
+        if held is not None and time.monotonic() < held[1]:
+            return held[0]
+        async with self._refresh:
+            held = self._token
+            if held is not None and time.monotonic() < held[1]:
+                return held[0]
+            token, lasts = await asyncio.to_thread(self._acquire)
+            self._token = (token, time.monotonic() + max(0.0, lasts - 300))
+            return token
 
 
 def _unreachable(e: BaseException, url: str) -> GatewayError:
