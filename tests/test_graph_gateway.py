@@ -23,6 +23,8 @@ from gateway.sources.ews.source import EwsSettings
 from gateway.sources.graph.settings import GraphSettings
 from gateway.sync.coordinator import SyncSettings
 from tests.conftest import GraphSim, eventually
+from tests.graph_stub import SECRET, Stub, serve_stub
+from tests.graph_stub import settings as stub_settings
 from tests.running_gateway import CREATED, Gw, api_key
 
 pytestmark = pytest.mark.e2e
@@ -239,3 +241,28 @@ async def test_a_meeting_there_before_the_import_is_seen_cancelled_without_waiti
     gw.ews.call(lambda: Control.of(gw.ews.sim).cancel(series[0], occurrence=start + timedelta(hours=2, weeks=1)))
     await eventually(lambda: not live(single[0]) and len(live(series[0])) == 2, timeout=20,
                      what="the cancellations published by the next delta (polled every 0.5 s)")
+
+
+@pytest.fixture
+async def stub(pki: Any) -> AsyncIterator[Stub]:
+    async for s in serve_stub(pki):
+        yield s
+
+
+async def test_graph_and_its_token_endpoint_are_reached_through_the_environments_proxy(
+        stub: Stub, pki: Any, http_proxy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = http_proxy.url.replace("http://", f"http://{http_proxy.username}:{http_proxy.password}@")
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    from gateway.sources.graph.auth import TokenSource
+    from gateway.sources.graph.client import GraphClient
+
+    s = stub_settings(stub, pki)
+    c = GraphClient(s, TokenSource(s, SECRET))
+    try:
+        await c.call("GET", c.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    finally:
+        await c.close()
+    assert stub.token_requests == 1 and len(stub.seen) == 1
+    assert http_proxy.connects(stub.base.removeprefix("https://")) >= 2  # msal's requests and the Graph call

@@ -92,9 +92,10 @@ class GraphClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             context = ssl.create_default_context(cafile=self.settings.ca_bundle)
+            # trust_env: an HTTPS_PROXY / NO_PROXY of the environment is used, as msal's requests session uses it
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=context, limit=100),
-                timeout=aiohttp.ClientTimeout(total=self.settings.timeout))
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeout), trust_env=True)
         return self._session
 
     async def close(self) -> None:
