@@ -47,6 +47,7 @@ class Session:
     nonce: str  # this connection's challenge: key rotations sign over it
     ws: web.WebSocketResponse
     connected_at: float = field(default_factory=time.monotonic)
+    replica: tuple[int, int] | None = None  # (ordinal, count) announced in hello: it owns the rooms hashed to it
     pending: dict[str, asyncio.Future[CommandResult]] = field(default_factory=dict)
     events_in: int = 0
     ending: bool = False  # revoked: being closed (the watcher must not end it twice)
@@ -138,6 +139,11 @@ class Tunnels:
                                      "signature", CLOSE_BAD_HANDSHAKE)
             return None
         assert isinstance(gateway_id, str) and isinstance(key_id, str) and isinstance(signature, str)
+        try:
+            replica = protocol.hello_replica(hello)
+        except ProtocolError as e:
+            await self._refuse_hello(ws, "bad_handshake", e.key, str(e), CLOSE_BAD_HANDSHAKE)
+            return None
         record = await self.state.read(self.state.store.gateway, gateway_id)
         key = next((k for k in record.keys if k.key_id == key_id and not k.retired), None) if record else None
         if key is None or not verified(key.public_key, signature,
@@ -164,7 +170,7 @@ class Tunnels:
             await self.state.write(self.state.store.reset_ack, gateway_id, last_seq)
             ack = last_seq
         session = Session(id="s_" + secrets.token_urlsafe(9), gateway_id=gateway_id, customer=record.customer,
-                          key_id=key_id, nonce=nonce, ws=ws)
+                          key_id=key_id, nonce=nonce, ws=ws, replica=replica)
         old = self.state.sessions.get(gateway_id)
         self.state.sessions[gateway_id] = session
         if old is not None:
@@ -174,7 +180,8 @@ class Tunnels:
                                           heartbeat=self.state.settings.heartbeat))
         self.state.metrics.connects.labels("accepted").inc()
         log.info("hub.gateway_connected", gateway_id=gateway_id, customer=record.customer, session=session.id,
-                 key_id=key_id, ack=ack, agent=agent, peer=peer)
+                 key_id=key_id, ack=ack, agent=agent, peer=peer,
+                 replica=None if replica is None else f"{replica[0]}/{replica[1]}")
         return session
 
     async def _refuse_hello(self, ws: web.WebSocketResponse, outcome: str, code: str, message: str,

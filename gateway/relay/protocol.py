@@ -4,7 +4,7 @@ One WebSocket (``wss://HUB/v1/tunnel``, subprotocol ``exchange-gateway.v1``), di
 message is one JSON text frame, an object with a ``type``. In order:
 
     hub     -> challenge {nonce, hub}                        fresh random nonce for this connection only
-    gateway -> hello {protocol, gateway_id, key_id, signature, agent, last_seq}
+    gateway -> hello {protocol, gateway_id, key_id, signature, agent, last_seq, replica?: {ordinal, count}}
     hub     -> welcome {ack, session, window, heartbeat}     or error {code} and close
     gateway -> events {events: [{seq, room_seq, event}]}     seq > ack, increasing; at most `window` unacked
     hub     -> ack {seq}                                     cumulative: every event up to seq is stored durably
@@ -228,6 +228,20 @@ def decode(text: str | bytes, *, limit: int = MAX_MESSAGE_BYTES) -> dict[str, An
     if msg["type"] not in MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {msg['type'][:40]!r}", key="bad_message")
     return msg
+
+
+def hello_replica(hello: dict[str, Any]) -> tuple[int, int] | None:
+    """The optional ``replica`` of a hello: (ordinal, count) of a gateway that is one of several sharing the rooms
+    (gateway/sharding.py); None when absent. ProtocolError (bad_message) when malformed."""
+    raw = hello.get("replica")
+    if raw is None:
+        return None
+    ordinal = raw.get("ordinal") if isinstance(raw, dict) else None
+    count = raw.get("count") if isinstance(raw, dict) else None
+    if type(ordinal) is not int or type(count) is not int or not 0 <= ordinal < count <= 1000:
+        raise ProtocolError("hello.replica must be {ordinal, count} with 0 <= ordinal < count <= 1000",
+                            key="bad_message")
+    return ordinal, count
 
 
 def signed_challenge(nonce: str, gateway_id: str, key_id: str) -> bytes:

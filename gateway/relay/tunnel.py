@@ -98,11 +98,12 @@ class Tunnel:
                  proxy_password: str | None = None, rotate_after: timedelta | None = timedelta(days=90),
                  command_concurrency: int = 32, auth_retry_seconds: float = 300.0,
                  handshake_timeout: float = 30.0, rng: random.Random | None = None,
-                 rotation_check: float = ROTATION_CHECK) -> None:
+                 rotation_check: float = ROTATION_CHECK, replica: tuple[int, int] | None = None) -> None:
         if not settings.hub_url:
             raise ConfigError("relay.hub_url is not set", key="relay_not_configured",
                               remedy="enroll with `gateway enroll` and put the hub_url it prints in the config")
         self.settings = settings
+        self.replica = replica  # (ordinal, count) when one of several replicas sharing the rooms: said in hello
         self.identity = identity
         self.store = store
         self.commands = commands
@@ -305,9 +306,10 @@ class Tunnel:
         key_id = next_key.key_id if self._try_next_key and next_key is not None else identity.key_id
         signature = identity.sign_with(key_id, protocol.signed_challenge(nonce, gateway_id, key_id))
         last_seq = await asyncio.to_thread(self.window.last_seq)
+        replica = {} if self.replica is None else {"replica": {"ordinal": self.replica[0], "count": self.replica[1]}}
         await ws.send_str(protocol.encode("hello", protocol=protocol.PROTOCOL_VERSION, gateway_id=gateway_id,
                                           key_id=key_id, signature=protocol.b64(signature), agent=AGENT,
-                                          last_seq=last_seq))
+                                          last_seq=last_seq, **replica))
         msg = await receive(ws)
         if msg["type"] == "error":
             raise self._refusal_or_error(msg, key_id)

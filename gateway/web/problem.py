@@ -30,7 +30,8 @@ _KEPT_HEADERS: Final = ("allow", "www-authenticate", "retry-after")
 _CLASSES: Final[dict[int, type[web.HTTPException]]] = {
     cls.status_code: cls for cls in (
         web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden, web.HTTPNotFound, web.HTTPConflict,
-        web.HTTPGone, web.HTTPRequestEntityTooLarge, web.HTTPUnprocessableEntity, web.HTTPTooManyRequests,
+        web.HTTPGone, web.HTTPRequestEntityTooLarge, web.HTTPMisdirectedRequest, web.HTTPUnprocessableEntity,
+        web.HTTPTooManyRequests,
         web.HTTPInternalServerError, web.HTTPServiceUnavailable, web.HTTPGatewayTimeout)}
 
 
