@@ -266,3 +266,15 @@ async def test_graph_and_its_token_endpoint_are_reached_through_the_environments
         await c.close()
     assert stub.token_requests == 1 and len(stub.seen) == 1
     assert http_proxy.connects(stub.base.removeprefix("https://")) >= 2  # msal's requests and the Graph call
+
+
+async def test_a_room_throttled_past_its_retries_says_so_and_comes_back(hybrid: Any) -> None:
+    gw = await hybrid(max_retry_after=0.5)  # a Retry-After longer than this is the room's to wait, not the request's
+    await eventually(lambda: gw.imported(ROOM3, ROOM4), what="the online rooms imported")
+    status, _ = gw.ews.control("POST", "/graph/throttle", {"seconds": 3, "retry_after": 2})
+    assert status == 200
+    await eventually(lambda: gw.state(ROOM3) == "throttled", what="room3 throttled (it is polled every 0.5 s)")
+    assert gw.state(ROOM1) == "verified"  # the other side is not held up
+    uid = meeting(gw.ews, CAROL, [ROOM3], "After the throttling", soon())
+    await eventually(lambda: created(gw, ROOM3, uid), timeout=30, what="the meeting after the storm")
+    await eventually(lambda: gw.state(ROOM3) == "verified", what="room3 verified again")

@@ -6,7 +6,7 @@ CA bundle, if any), answers mapped into the gateway's error tree.
 - ``429``/``503`` with ``Retry-After``: that mailbox's requests wait it out and retry; without one, and for other
   5xx answers and broken connections, exponential back-off. Throttling is per app *and mailbox*, so it is never a
   failure every room shares: when the retries are used up the request fails for its room alone
-  (``RequestFailed``, key ``throttled``).
+  (``MailboxThrottled``: the room's state ``throttled``).
 - Every request passes the source's outage gate (sources/outage.py): a refused credential or an unreachable Graph
   costs one request, not one per room.
 - ``403`` from an application access policy (or RBAC for Applications) is the room's misconfiguration, not worth a
@@ -35,6 +35,7 @@ from gateway.errors import (
     HttpError,
     ImpersonationDenied,
     MailboxNotFound,
+    MailboxThrottled,
     NotFound,
     ProtocolError,
     RequestFailed,
@@ -209,7 +210,7 @@ class GraphClient:
             if todo:
                 await asyncio.sleep(min(wait, self.settings.max_retry_after))
         for i in todo:
-            out[i] = RequestFailed(f"Graph throttled {operation} for {mailbox}", key="throttled")
+            out[i] = MailboxThrottled(f"Graph throttled {operation} for {mailbox}")
         return [a if a is not None else ProtocolError("no answer") for a in out]
 
     def _back_off(self, attempt: int) -> float:
@@ -277,9 +278,7 @@ class GraphClient:
             return MailboxNotFound(f"Exchange Online has no mailbox {mailbox} ({said})",
                                    remedy="check the room's address, and that its mailbox lives in Exchange Online")
         if a.status in (429, 503):
-            return RequestFailed(f"Graph throttled {operation} for {mailbox} ({said})", key="throttled",
-                                 remedy="nothing to do: the room is read again after the back-off; if it persists, "
-                                        "fewer requests per mailbox (another app may share its budget)")
+            return MailboxThrottled(f"Graph throttled {operation} for {mailbox} ({said})")
         if a.status >= 500:
             return RequestFailed(f"Graph failed {operation} for {mailbox} ({said})")
         return ProtocolError(f"Graph refused {operation} for {mailbox} ({said})")
