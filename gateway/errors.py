@@ -129,6 +129,7 @@ class MailboxThrottled(RequestFailed):
     key = "throttled"
     remedy = "nothing to do: the room is read again after the back-off; if it persists, another app may share the " \
              "mailbox's budget"
+    own_remedy = True  # not the throttled state's general words (the service account's budget)
 
 
 class Unreachable(Unavailable):
