@@ -10,7 +10,8 @@ Start-up enters the contexts in this order, each reachable through its typed app
                  and started again with back-off (gateway/supervisor.py), its rooms polling meanwhile; room lists
                  that could not be read at start are read here later
     API          the command service and the local API (its keys live in the store)
-    TUNNEL       the tunnel to the hub, when the relay is enabled
+    TUNNEL       the tunnel to the hub, when the relay is enabled; its inbox (INBOX, made before the sources, which
+                 get it as SourceSpec.inbox) passes on the Graph notifications the hub forwards
     (housekeeping)
     GATEWAY      all of them, for tests and the CLI (and readiness)
 
@@ -53,6 +54,7 @@ from gateway.model import ROOM_STATES
 from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
 from gateway.observability.metrics import Metrics, StateCollector
 from gateway.ports import FEED_POLLING, CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
+from gateway.relay.inbox import RelayInbox
 from gateway.relay.tunnel import Tunnel
 from gateway.security.identity import GatewayIdentity
 from gateway.sharding import Shard
@@ -200,6 +202,7 @@ EVENTS = web.AppKey("events", EventHub)
 API = web.AppKey("api", Api)
 COMMANDS = web.AppKey("commands", CommandService)
 TUNNEL = web.AppKey[Tunnel | None]("tunnel")
+INBOX = web.AppKey[RelayInbox | None]("inbox")
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
@@ -317,7 +320,11 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     app = web.Application(middlewares=[auth_middleware(lambda: app.get(API))])
     app[SOURCES] = {}
     app[ROOM_ROUTES] = RoomRoutes()
-    specs = options.calendar_sources
+    # sources subscribe at start-up, before the tunnel connects: they get the inbox now, its URLs come later (one
+    # given in code, a test's stand-in hub, is kept)
+    inbox = app[INBOX] = RelayInbox(metrics.registry) if options.relay.enabled else None
+    specs = tuple(replace(spec, inbox=inbox) if inbox is not None and spec.inbox is None else spec
+                  for spec in options.calendar_sources)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         with _starting("the store"):
@@ -445,7 +452,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                                   remedy="enroll it once with `gateway enroll --hub https://HUB --token TOKEN`")
             shard = options.shard
             tunnel = Tunnel(options.relay, options.identity, app[STORE], app[COMMANDS], notifier=app[EVENTS],
-                            metrics=metrics, proxy_password=options.proxy_password,
+                            metrics=metrics, proxy_password=options.proxy_password, inbox=inbox,
                             replica=None if shard.single else (shard.ordinal, shard.count))
         app[TUNNEL] = tunnel
         task = asyncio.get_running_loop().create_task(tunnel.run(), name="tunnel")

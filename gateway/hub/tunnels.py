@@ -19,6 +19,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.errors import ProtocolError
+from gateway.hub.graph_notifications import graph_urls
 from gateway.hub.messages import event_items, raw_key, result_of, verified
 from gateway.hub.state import HubState
 from gateway.hub.store import Stored
@@ -169,6 +170,10 @@ class Tunnels:
             log.warning("hub.gateway_stream_restarted", gateway_id=gateway_id, hub_ack=ack, gateway_last_seq=last_seq)
             await self.state.write(self.state.store.reset_ack, gateway_id, last_seq)
             ack = last_seq
+        extra: dict[str, Any] = {}
+        if hub_name.startswith("https://"):  # Graph posts to https only
+            route = await self.state.write(self.state.store.graph_route, gateway_id)
+            extra["notifications"] = graph_urls(hub_name, route)
         session = Session(id="s_" + secrets.token_urlsafe(9), gateway_id=gateway_id, customer=record.customer,
                           key_id=key_id, nonce=nonce, ws=ws, replica=replica)
         old = self.state.sessions.get(gateway_id)
@@ -177,7 +182,7 @@ class Tunnels:
             log.info("hub.session_replaced", gateway_id=gateway_id, old=old.id, new=session.id)
             old.end(CLOSE_REPLACED, b"replaced by a newer connection of this gateway")
         await ws.send_str(protocol.encode("welcome", ack=ack, session=session.id, window=protocol.DEFAULT_WINDOW,
-                                          heartbeat=self.state.settings.heartbeat))
+                                          heartbeat=self.state.settings.heartbeat, **extra))
         self.state.metrics.connects.labels("accepted").inc()
         log.info("hub.gateway_connected", gateway_id=gateway_id, customer=record.customer, session=session.id,
                  key_id=key_id, ack=ack, agent=agent, peer=peer,
