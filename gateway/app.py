@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -54,7 +55,7 @@ from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
 from gateway.observability.metrics import Metrics, StateCollector
-from gateway.ports import CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
+from gateway.ports import FEED_POLLING, CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
 from gateway.relay.inbox import RelayInbox
 from gateway.relay.tunnel import Tunnel
 from gateway.security.identity import GatewayIdentity
@@ -218,7 +219,12 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
     registry = registry or default_registry()
     specs = []
     for section in cfg.calendar_sources:
-        settings = registry.kind(section.kind).settings(section, cfg.place_of(section))
+        kind = registry.kind(section.kind)
+        settings = kind.settings(section, cfg.place_of(section))
+        if kind.capabilities.token_window and dataclasses.is_dataclass(settings) and hasattr(settings, "days_ahead"):
+            # A change token made for a time window (Graph's calendarView delta) covers the sync window.
+            settings = dataclasses.replace(settings, days_back=cfg.rooms.days_back,  # type: ignore[type-var]
+                                           days_ahead=cfg.rooms.days_ahead)
         password = resolve_secret(section.secret_ref, cfg.vault, environ).reveal()
         specs.append(SourceSpec(section.name, section.kind, settings, password, section.mailboxes,
                                 section.room_lists, reread_secret=partial(_reveal, section.secret_ref, cfg, environ)))
@@ -410,7 +416,9 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
             def room_states() -> dict[str, dict[str, Any]]:
                 now = time.monotonic()
-                return {email: {"state": w.state, "reason": "", "remedy": ROOM_STATES.get(w.state, ""),
+                return {email: {"state": w.state, "reason": "",
+                                "remedy": (w.stored.remedy if w.stored is not None and w.stored.state == w.state
+                                           else "") or ROOM_STATES.get(w.state, ""),
                                 "last_sync_age_seconds": None if w.last_success is None else
                                 round(now - w.last_success, 3)}
                         for email, w in coordinator.workers.items()}
@@ -436,7 +444,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
             collector = StateCollector(
                 rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
                 outbox=store.outbox_stats if options.relay.enabled else None,  # only a hub acknowledges
-                states=ROOM_STATES)
+                states=ROOM_STATES, source_of=app[ROOM_ROUTES].owner)
             metrics.watch(collector)
         app[API] = api
         yield
@@ -657,10 +665,17 @@ async def _run_feed(running: RunningSource, coordinator: Coordinator, name: str,
     fresh = [False]  # the feed opened with the source is watched first; later ones are made anew
 
     def on_dirty(room: str, why: str) -> None:
+        if why.startswith(FEED_POLLING):  # one room's notifications cannot arrive for now (the feed runs)
+            task = asyncio.get_running_loop().create_task(
+                coordinator.feed_stopped(why.removeprefix(FEED_POLLING), [room]))
+            running.tasks.append(task)
+            return
         if why == "subscribed" and running.feed_down:
             running.feed_down = False
             task = asyncio.get_running_loop().create_task(coordinator.feed_running(running.rooms))
             running.tasks.append(task)
+        elif why == "subscribed" and room in coordinator.feed_down:
+            running.tasks.append(asyncio.get_running_loop().create_task(coordinator.feed_running([room])))
         coordinator.mark_dirty(room, why)
 
     async def run() -> None:

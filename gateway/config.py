@@ -29,6 +29,7 @@ import re
 import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Final, Literal, get_args
@@ -38,8 +39,10 @@ from pydantic import (
     AfterValidator,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     Strict,
+    Tag,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -352,6 +355,7 @@ class RoomsConfig:
 
 
 SourceKind = Literal["ews"]
+GraphKind = Literal["graph"]
 
 
 def _source_name(name: str) -> str:
@@ -371,9 +375,8 @@ class EwsSourceConfig(ExchangeConfig):
                     AfterValidator(_source_name)] = Field(
         description="the source's name (lowercase letters, digits, _), e.g. onprem")
     kind: Annotated[SourceKind, _choice(SourceKind), Hint(
-        graph="Exchange Online through Microsoft Graph is not supported yet",
         exchange="write ews: on-premise Exchange over EWS")] = Field(
-        description="what the source is: ews (on-premise Exchange 2013-2019 over EWS)")
+        description="what the source is: ews (on-premise Exchange 2013-2019 over EWS) or graph (Exchange Online)")
     password_ref: Annotated[SecretRef | None, _secret_ref("NAME")] = Field(
         default=None, json_schema_extra=_not_null(),
         description="where the service account's password is (vault:NAME or env:VARIABLE), never the password; "
@@ -393,7 +396,106 @@ class EwsSourceConfig(ExchangeConfig):
         return mailboxes
 
 
-SourceConfig = EwsSourceConfig  # with a second kind: a union told apart by ``kind``
+def _https(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        raise _bad("{value} is not an https:// URL; Microsoft's endpoints (and the simulator's) are HTTPS only", url)
+    return url.rstrip("/")
+
+
+HttpsUrl = Annotated[str, Strict(), AfterValidator(_https)]
+
+
+@pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
+class GraphSourceConfig:
+    """A calendar source of kind graph: the Exchange Online rooms of one Microsoft 365 tenant, read and written
+    through Microsoft Graph as an app registration (client credentials; a certificate is preferred to a secret)."""
+
+    name: Annotated[Text, BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
+                    AfterValidator(_source_name)] = Field(
+        description="the source's name (lowercase letters, digits, _), e.g. online")
+    kind: Annotated[GraphKind, _choice(GraphKind)] = Field(
+        description="graph: Exchange Online through Microsoft Graph")
+    tenant_id: Text = Field(description="the Microsoft 365 tenant: its id (a GUID) or a verified domain")
+    client_id: Text = Field(description="the application (client) id of the gateway's app registration")
+    authority_host: HttpsUrl = Field(
+        default="https://login.microsoftonline.com",
+        description="the Entra ID sign-in host (national clouds have their own, e.g. https://login.microsoftonline.us)")
+    graph_url: HttpsUrl = Field(
+        default="https://graph.microsoft.com/v1.0",
+        description="the Graph root (national clouds: e.g. https://graph.microsoft.us/v1.0)")
+    ca_bundle: FilePath | None = Field(
+        default=None, description="PEM file of CAs to trust for Graph and the sign-in host; TLS is verified either way")
+    certificate_ref: Annotated[SecretRef | None, _secret_ref("NAME")] = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="where the app's certificate is (one PEM: private key and certificate; vault:NAME or "
+                    "env:VARIABLE); preferred to client_secret_ref")
+    client_secret_ref: Annotated[SecretRef | None, _secret_ref("NAME")] = Field(
+        default=None, json_schema_extra=_not_null(), validate_default=True,
+        description="where the app's client secret is (vault:NAME or env:VARIABLE), when no certificate is used")
+    secret_expires: date | None = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="the client secret's end date (YYYY-MM-DD, as the app registration shows it), for the alert "
+                    "before it expires")
+    timeout_seconds: Annotated[Number, Range(1, 600)] = Field(default=60.0, description="one Graph request")
+    poll_interval_seconds: Annotated[Number, Range(5, 3600)] = Field(
+        default=60.0, description="delta polling of every room while change notifications cannot arrive (no relay, "
+                                  "or its tunnel down)")
+    room_lists: Addresses = Field(
+        default=(), description="room list addresses (Places API), expanded at start-up")
+    mailboxes: Addresses = Field(default=(), validate_default=True, description="room mailbox addresses")
+
+    @property
+    def secret_ref(self) -> SecretRef:
+        """Where the credential is: the certificate if one is configured, else the client secret."""
+        return self.certificate_ref or self.client_secret_ref or SecretRef("vault", self.name)
+
+    @property
+    def credential(self) -> str:
+        return "client_secret" if self.certificate_ref is None and self.client_secret_ref is not None \
+            else "certificate"
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        """Rooms synced at once through this source. Graph limits requests per app *and mailbox* (4 at once;
+        the client keeps to 3 per mailbox), not per account as EWS does, so rooms can go side by side."""
+        return 16
+
+    @field_validator("mailboxes")
+    def _some_rooms(cls, mailboxes: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if not mailboxes and info.data.get("room_lists") == ():
+            raise _bad("required: list the source's room mailboxes (or its room lists under room_lists)")
+        return mailboxes
+
+    @field_validator("certificate_ref", "client_secret_ref")
+    def _ref_set(cls, ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
+        if ref is None and info.field_name == "client_secret_ref" and info.data.get("certificate_ref", 0) is None:
+            raise _bad("required: certificate_ref (preferred) or client_secret_ref: where the app registration's "
+                       "credential is")
+        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
+            raise _bad(f"refers to the environment variable {ref.name}, which is not set")
+        return ref
+
+    @field_validator("ca_bundle")
+    def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is not None and _env(info) is not None and not path.is_file():
+            raise _bad(f"there is no file at {path}; give the path of a PEM file with the CA certificates to trust")
+        return path
+
+
+def _source_kind(value: Any) -> str | None:
+    kind = value.get("kind") if isinstance(value, Mapping) else getattr(value, "kind", None)
+    if kind is None:
+        return "ews"  # (the ews settings then say that kind is required)
+    return kind.lower() if isinstance(kind, str) and kind.lower() in ("ews", "graph") else None
+
+
+# A source's settings, told apart by ``kind``.
+SourceConfig = Annotated[
+    Annotated[EwsSourceConfig, Tag("ews")] | Annotated[GraphSourceConfig, Tag("graph")],
+    Discriminator(_source_kind, custom_error_type="gateway",
+                  custom_error_message="kind must be ews (on-premise Exchange 2013-2019 over EWS) or graph (Exchange "
+                                       "Online through Microsoft Graph)")]
 
 
 @pd.dataclass(frozen=True, config=_SETTINGS)
@@ -849,6 +951,7 @@ __all__ = [
     "DirectoryConfig",
     "EwsSourceConfig",
     "ExchangeConfig",
+    "GraphSourceConfig",
     "LoggingConfig",
     "PrivacyConfig",
     "PrivacyPolicy",

@@ -79,7 +79,7 @@ class SettingsReader:
             return TypeAdapter(model).validate_python(data, context={"env": self.env, **context})
         except ValidationError as e:
             for err in e.errors(include_url=False):
-                key = ((section,) if section else ()) + tuple(p for p in err["loc"] if p != "[key]")
+                key = ((section,) if section else ()) + self._untagged(tuple(p for p in err["loc"] if p != "[key]"))
                 self.problem(key, self._say(err["type"], key, err.get("input"), err["msg"]))
             return None
 
@@ -222,11 +222,43 @@ class SettingsReader:
             return [item.strip() for item in text.split(",") if item.strip()]
         return text
 
+    def _item(self, key: Key) -> Any:
+        node: Any = self.data
+        for part in key:
+            listed = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+            if listed or (isinstance(node, dict) and part in node):
+                node = node[part]
+            else:
+                return None
+        return node
+
+    def _untagged(self, loc: Key) -> Key:
+        """pydantic's place without the tag of a union told apart by ``kind`` (sources[1].graph.x: sources[1].x)."""
+        out: list[str | int] = []
+        for i, part in enumerate(loc):
+            if i and isinstance(loc[i - 1], int) and isinstance(part, str):
+                item = self._item(tuple(out))
+                if isinstance(item, dict) and str(item.get("kind", "")).lower() == part:
+                    continue
+            out.append(part)
+        return tuple(out)
+
+    def _member(self, union: Any, key: Key) -> Any:
+        """The member of a union of models told apart by ``kind`` that the item at ``key`` is (else the first)."""
+        members = [bare(m) for m in get_args(union)]
+        item = self._item(key)
+        said = str(item.get("kind", "")).lower() if isinstance(item, dict) else ""
+        for m in members:
+            field = fields_of(m).get("kind")
+            if field is not None and said in {str(c).lower() for c in get_args(bare(field.annotation))}:
+                return m
+        return members[0]
+
     def _walk(self, key: Key) -> tuple[Any, Any]:
         """(the model that holds the last part of ``key``, pydantic's FieldInfo for it or None)."""
         kind: Any = self.root
         owner, found = None, None
-        for part in key:
+        for at, part in enumerate(key):
             kind = bare(kind)
             if fields := getattr(kind, "__pydantic_fields__", None):
                 owner, found = kind, fields.get(part)
@@ -234,8 +266,11 @@ class SettingsReader:
             elif get_origin(kind) in (dict, Mapping):
                 owner, found, kind = None, None, get_args(kind)[1]
             elif get_origin(kind) is tuple:
-                if isinstance(part, int) and fields_of(bare(get_args(kind)[0])):  # an item with settings of its own
-                    kind = get_args(kind)[0]
+                item = bare(get_args(kind)[0])
+                if get_origin(item) in (Union, UnionType):  # items of several kinds: the one this item is
+                    item = self._member(item, key[:at + 1])
+                if isinstance(part, int) and fields_of(item):  # an item with settings of its own
+                    kind = item
                 # otherwise a plain item stays under its field (rooms.mailboxes[2])
             else:
                 return None, None
@@ -268,6 +303,8 @@ _SAID = {
     "float_type": "must be a number, not {kind}", "float_parsing": "must be a number, not {kind}",
     "bool_type": "must be true or false", "bool_parsing": "must be true or false",
     "string_type": "must be text, not {kind} (put it in quotes)", "path_type": "must be text, not {kind}",
+    **dict.fromkeys(("date_type", "date_parsing", "date_from_datetime_parsing", "date_from_datetime_inexact"),
+                    "must be a date, written YYYY-MM-DD"),
     "tuple_type": "must be a list, not {kind}", "list_type": "must be a list, not {kind}",
     **dict.fromkeys(("dataclass_type", "dataclass_exact_type", "dict_type", "mapping_type"),
                     "must be a mapping of settings (indented `name: value` lines below it)"),

@@ -31,9 +31,10 @@ from aiohttp import web
 from gateway.app import GATEWAY, GatewayOptions, init_app
 from gateway.errors import GatewayError
 from gateway.model import Booking
-from gateway.ports import OutboxEntry
+from gateway.ports import OutboxEntry, SourceSpec
 from gateway.service import serve
 from gateway.sources.ews.source import EwsSettings
+from gateway.sources.graph.settings import GraphSettings
 from gateway.store.apikeys import ApiKeys
 from gateway.sync.coordinator import SyncSettings
 
@@ -241,9 +242,19 @@ async def _run(info: dict[str, Any], store: Path, port: int, out: TextIO) -> int
     # The organizer-scoped account, so booking commands for people become meetings in their calendars (a
     # rooms-only account works too: those bookings then go into the room's own calendar).
     sa = info["organizer_account"]
+    onprem = tuple(r["email"] for r in info["rooms"] if r.get("source", "ews") == "ews")
+    online = tuple(r["email"] for r in info["rooms"] if r.get("source") == "graph")
+    ews = EwsSettings(ews_url=info["ews_url"], username=sa["username"], default_timezone=TZ, max_workers=4)
+    sources: tuple[SourceSpec, ...] = ()
+    if online and "graph" in info:  # a hybrid estate: the online rooms through Graph, one stream for both sides
+        g = info["graph"]
+        graph = GraphSettings(tenant_id=g["tenant_id"], client_id=g["client_id"], credential="client_secret",
+                              authority_host=g["authority"].rsplit("/", 1)[0], graph_url=g["url"],
+                              ca_bundle=g["ca_bundle"], poll_interval_seconds=10.0)
+        sources = (SourceSpec("onprem", "ews", ews, sa["password"], onprem),
+                   SourceSpec("online", "graph", graph, g["client_secret"], online))
     options = GatewayOptions(
-        ews=EwsSettings(ews_url=info["ews_url"], username=sa["username"], default_timezone=TZ, max_workers=4),
-        password=sa["password"], rooms=tuple(r["email"] for r in info["rooms"] if r.get("source", "ews") == "ews"),
+        ews=ews, password=sa["password"], rooms=onprem, sources=sources,
         sync=SyncSettings(debounce_seconds=0.5), store_path=store, feed="streaming", stream_timeout_minutes=5)
     app = init_app(options)
     tz = ZoneInfo(TZ)
@@ -288,7 +299,9 @@ async def _run(info: dict[str, Any], store: Path, port: int, out: TextIO) -> int
     async def announce_import(gw: Any, key: str, bound: int) -> None:
         while not all(w.last_success is not None for w in gw.coordinator.workers.values()):
             await asyncio.sleep(0.2)
-        slot = await asyncio.to_thread(free_slot, options.rooms, gw.store.bookings, datetime.now(UTC), tz)
+        slot = await asyncio.to_thread(free_slot, onprem or online, gw.store.bookings, datetime.now(UTC), tz)
+        online_slot = await asyncio.to_thread(free_slot, online, gw.store.bookings, datetime.now(UTC), tz) \
+            if sources else None
         base = f"http://127.0.0.1:{bound}"
         auth = f"-H 'Authorization: Bearer {key}'"
         book = "(every room is booked for the next two weeks)"
@@ -298,6 +311,13 @@ async def _run(info: dict[str, Any], store: Path, port: int, out: TextIO) -> int
             when = (f"                 ({slot.room}, {slot.start.astimezone(tz):%a %d %b %H:%M}-"
                     f"{slot.end.astimezone(tz):%H:%M %Z}, free now; the room's booking attendant answers within "
                     f"seconds and the result says what it decided)\n")
+        online_book = ""
+        if online_slot is not None:
+            organizer = (info["graph"].get("users") or [info["users"][0]["email"]])[0]
+            command = booking_command(online_slot, organizer).replace('"demo-1"', '"demo-2"')
+            online_book = (f"  book online    curl {auth} -X POST {base}/v1/commands -d '{command}'\n"
+                           f"                 ({online_slot.room} lives in Exchange Online: the same command, "
+                           "written through Microsoft Graph)\n")
         state["importing"] = False
         state["reminder"] = (f"-- reminder: API key {key}\n"
                              f"   rooms: curl {auth} {base}/v1/rooms\n"
@@ -305,12 +325,15 @@ async def _run(info: dict[str, Any], store: Path, port: int, out: TextIO) -> int
         print(f"Imported {counts['created']} bookings from {len(gw.rooms)} rooms.\n"
               f"  API key        {key}   (read, book, metrics; made for this demo)\n"
               f"  local API      curl {auth} {base}/v1/rooms\n"
-              f"                 curl {auth} {base}/v1/rooms/{options.rooms[0]}/bookings\n"
+              f"                 curl {auth} {base}/v1/rooms/{(onprem or online)[0]}/bookings\n"
               f"  event stream   curl -N {auth} {base}/v1/events\n"
               f"  book a room    {book}\n"
               f"{when}"
+              f"{online_book}"
               f"  metrics        {base}/metrics     OpenAPI {base}/openapi.json\n"
               f"  Exchange (sim) {info['ews_url']}  control {info['control_url']}\n"
+              + (f"  Graph (sim)    {info['graph']['url']}  ({len(online)} of {len(onprem) + len(online)} rooms in "
+                 "Exchange Online)\n" if sources else "") +
               f"These hints come back every {HINTS_EVERY} lines. Press Ctrl-C to stop.\n\n"
               f"Live changes (people booking, moving and cancelling in the simulated Outlook):\n{header(tz)}",
               file=out, flush=True)

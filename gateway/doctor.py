@@ -6,7 +6,9 @@ would fail alike, so the report says so in one line and checks no room (a wrong 
 logon, not one per room). Each room is then checked with what the gateway will use: its mailbox and the right to
 impersonate it, what the directory says it is (a person's mailbox is a warning, ``not_a_room``), a SyncFolderItems,
 a subscription of the configured kind (subscribed and removed at once) and, when commands are enabled, an
-availability call (rooms of other kinds: their mailbox, and availability). A failure that every room shares is one
+availability call. A Graph room: its mailbox, a delta, a subscription with the hub's URLs when a relay is configured
+(Graph validates them through the hub: the notification path), availability. Other kinds: their mailbox, and
+availability. A failure that every room shares is one
 line, not one per room; a room in two sources fails.
 
 Every remedy that names a gateway command names it with ``--config PATH``, the file actually used.
@@ -32,6 +34,8 @@ from gateway.ports import OpenedSource, SourceSpec
 from gateway.sources.ews.directory import EwsDirectory
 from gateway.sources.ews.source import EwsSettings, EwsSource
 from gateway.sources.ews.streaming import check_subscription
+from gateway.sources.graph.feed import check_subscription as check_graph_subscription
+from gateway.sources.graph.source import GraphSource
 from gateway.sources.registry import SourceRegistry, default_registry
 
 _COMMAND = re.compile(r"`(gateway [^`]*)`")
@@ -181,18 +185,26 @@ async def check_source(spec: SourceSpec, opened: OpenedSource, options: GatewayO
         names.append(room)
     slots = asyncio.Semaphore(max(1, settings.max_workers if isinstance(settings, EwsSettings) else 4))
 
+    urls = spec.inbox.urls() if spec.inbox is not None else None  # Graph: the hub's notification path
+    if isinstance(opened.calendar, GraphSource) and urls is None:
+        report.line("skip", f"{label}change notifications through the hub", "not_checked",
+                    "the hub tells its notification URLs once the tunnel is up: `gateway run` subscribes the rooms "
+                    "then (and polls them until)" if spec.inbox is not None else
+                    "no relay is configured: the rooms are polled (sources[N].poll_interval_seconds)")
+
     async def one(room: str) -> list[Finding]:
         async with slots:
-            return await check_room(opened, options, room, listed, ews=ews)
+            return await check_room(opened, options, room, listed, ews=ews, notify_urls=urls)
     results = dict(zip(names, await asyncio.gather(*(one(r) for r in names)), strict=True))
     _print_rooms(report, results, label)
     return names, lists_read
 
 
 async def check_room(opened: OpenedSource, options: GatewayOptions, room: str, listed: set[str] | None, *,
-                     ews: bool) -> list[Finding]:
+                     ews: bool, notify_urls: tuple[str, str] | None = None) -> list[Finding]:
     """The findings for one room, in the order the gateway meets them; a failure ends the room's checks. ``ews``:
-    the EWS checks besides (what the directory says the address is, SyncFolderItems, a subscription)."""
+    the EWS checks besides (what the directory says the address is, SyncFolderItems, a subscription). A Graph
+    room: a delta, and a subscription through the hub's ``notify_urls`` when a relay is configured."""
     findings: list[Finding] = []
 
     async def step(what: str, call: Awaitable[Any]) -> bool:
@@ -230,6 +242,12 @@ async def check_room(opened: OpenedSource, options: GatewayOptions, room: str, l
         feed = options.feed
         if feed in ("streaming", "pull") and not await step(f"{feed} subscription",
                                                              check_subscription(source, room, feed)):
+            return findings
+    if isinstance(source, GraphSource):
+        if not await step("delta", source.check_sync(room)):
+            return findings
+        if notify_urls is not None and not await step(
+                "subscription through the hub", check_graph_subscription(source.client, room, notify_urls)):
             return findings
     if options.commands.enabled and opened.writer is not None:
         start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)

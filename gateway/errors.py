@@ -13,6 +13,7 @@
     │   ├── Throttled                the server asked us to wait ``back_off`` seconds
     │   └── Unavailable              a peer failed for now: no connection (cannot_connect), a store down
     │       ├── RequestFailed            the server is there, one request failed for now (exchange_error)
+    │       │   └── MailboxThrottled         throttled for one mailbox only (Graph): that room waits (throttled)
     │       └── Unreachable              the endpoint cannot be used at all, for any mailbox: no connection
     │           │                        (cannot_connect)
     │           ├── UnknownHost              its host name does not resolve (unknown_host)
@@ -40,6 +41,9 @@ from __future__ import annotations
 class GatewayError(Exception):
     key = "error"
     remedy = ""
+    # The remedy names the fix for this very case (an access policy's PowerShell, a Graph app's secret), so a room
+    # in the state it causes shows it instead of the state's general remedy (model.ROOM_STATES).
+    own_remedy = False
 
     def __init__(self, message: str, *, key: str | None = None, remedy: str | None = None) -> None:
         super().__init__(message)
@@ -116,6 +120,16 @@ class RequestFailed(Unavailable):
 
     key = "exchange_error"
     remedy = "retried automatically; if it persists, check the server's health"
+
+
+class MailboxThrottled(RequestFailed):
+    """The server throttles requests for one mailbox (Graph counts per app *and mailbox*): that room waits; the
+    others are not held up, so it is not shared as Throttled is."""
+
+    key = "throttled"
+    remedy = "nothing to do: the room is read again after the back-off; if it persists, another app may share the " \
+             "mailbox's budget"
+    own_remedy = True  # not the throttled state's general words (the service account's budget)
 
 
 class Unreachable(Unavailable):

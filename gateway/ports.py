@@ -91,6 +91,9 @@ class Directory(Protocol):
 
 
 Dirty = Callable[[str, str], Awaitable[None] | None]  # (room, why) -> mark the room for a sync
+# Besides a change, a feed tells through ``on_dirty`` "subscribed" (the room's notifications run, again) and
+# FEED_POLLING + the reason (its notifications cannot arrive for now: it is polled); rooms' states show both.
+FEED_POLLING = "polling: "
 
 
 class ChangeFeed(Protocol):

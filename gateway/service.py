@@ -97,16 +97,23 @@ def rooms(config_path: Path | None) -> int:
     try:
         known = store.rooms()
         configured = {room for source in cfg.calendar_sources for room in source.mailboxes}
+        # Each room's source (a hybrid estate: which side it is on); a room from a room list of one of several
+        # sources is known to the running gateway only (/metrics: gateway_room_source_info).
+        sources = cfg.calendar_sources
+        owner = {room: s.name for s in sources for room in s.mailboxes}
+
+        def source_of(email: str) -> str:
+            return owner.get(email) or (sources[0].name if len(sources) == 1 else "?")
         width = max([len(r.email) for r in known] + [len(c) for c in configured] + [4])
-        print(f"{'ROOM':<{width}}  {'STATE':<22} {'BOOKINGS':>8}  REMEDY")
+        print(f"{'ROOM':<{width}}  {'STATE':<22} {'BOOKINGS':>8}  {'SOURCE':<12} REMEDY")
         seen = set()
         for r in sorted(known, key=lambda r: r.email):
             seen.add(r.email)
             count = len(store.known(r.email))
             remedy = "" if r.state == "verified" else (r.remedy or ROOM_STATES.get(r.state, ""))
-            print(f"{r.email:<{width}}  {r.state:<22} {count:>8}  {remedy}")
+            print(f"{r.email:<{width}}  {r.state:<22} {count:>8}  {source_of(r.email):<12} {remedy}")
         for email in sorted(configured - seen):
-            print(f"{email:<{width}}  {'pending':<22} {0:>8}  {ROOM_STATES['pending']}")
+            print(f"{email:<{width}}  {'pending':<22} {0:>8}  {source_of(email):<12} {ROOM_STATES['pending']}")
     finally:
         store.close()
     return 0

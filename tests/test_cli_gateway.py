@@ -38,6 +38,7 @@ def test_credentials_sync_once_rooms_and_run(ews, tmp_path):  # type: ignore[no-
     assert listing.returncode == 0, listing.stderr
     rows = {line.split()[0]: line.split()[1] for line in listing.stdout.splitlines()[1:]}
     assert rows["room1@contoso.com"] == "verified" and rows["room2@contoso.com"] == "pending"
+    assert listing.stdout.split()[3] == "SOURCE" and listing.stdout.splitlines()[1].split()[3] == "exchange"
 
     created = gateway("api-keys", "create", "room display", "--scope", "read", "--config", str(cfg))
     assert created.returncode == 0, created.stderr

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from gateway.cli import main
 from gateway.config import (
     CommandsConfig,
+    GraphSourceConfig,
     PrivacyPolicy,
     RelayConfig,
     SecretRef,
@@ -396,7 +397,7 @@ def test_the_single_source_form_is_one_source_of_kind_ews_named_exchange(tmp_pat
 
 def test_problems_in_a_source_keep_their_place_and_a_suggestion(tmp_path):
     text = SOURCES.replace("    kind: ews\n    ews_url: https://mail.berlin",
-                           "    kind: graph\n    ews_ulr: https://mail.berlin")
+                           "    kind: ews\n    ews_ulr: https://mail.berlin")
     text = text.replace("name: onprem", "name: On-Prem")
     path = write(tmp_path, text.replace("    mailboxes: [room1@contoso.com, room2@contoso.com]\n",
                                         "    timeout_seconds: 900\n"))
@@ -408,9 +409,41 @@ def test_problems_in_a_source_keep_their_place_and_a_suggestion(tmp_path):
         f"{path}:6: sources[0].timeout_seconds: must be between 1 and 600, not 900",
         f"{path}:7: sources[1].ews_url: required: the EWS endpoint, e.g. https://mail.contoso.com/EWS/Exchange.asmx "
         "(or set autodiscover_email to find it through Autodiscover)",
-        f"{path}:8: sources[1].kind: 'graph' is not one of ews (Exchange Online through Microsoft Graph is not "
-        "supported yet)",
         f"{path}:9: sources[1].ews_ulr: unknown setting; did you mean 'ews_url'?"]
+
+
+GRAPH = """\
+  - name: online
+    kind: graph
+    tenant_id: contoso.onmicrosoft.com
+    client_id: 11111111-2222-3333-4444-555555555555
+    certificate_ref: vault:online
+    mailboxes: [room9@contoso.com]
+"""
+
+
+def test_a_graph_source_sits_beside_an_ews_source(tmp_path):
+    config = load_config(write(tmp_path, SOURCES + GRAPH), env={"BERLIN_PASSWORD": "x"})
+    onprem, berlin, online = config.calendar_sources
+    assert (onprem.kind, berlin.kind, online.kind) == ("ews", "ews", "graph")
+    assert isinstance(online, GraphSourceConfig) and online.mailboxes == ("room9@contoso.com",)
+    assert online.secret_ref == SecretRef("vault", "online") and online.credential == "certificate"
+    assert (online.authority_host, online.graph_url) == ("https://login.microsoftonline.com",
+                                                         "https://graph.microsoft.com/v1.0")
+
+
+def test_a_graph_source_says_what_is_wrong_with_it_and_an_unknown_kind_names_the_kinds(tmp_path):
+    text = GRAPH.replace("    certificate_ref: vault:online\n", "    secret_expires: soon\n").replace(
+        "tenant_id", "tennant_id")
+    path = write(tmp_path, SOURCES + text + "  - name: imap\n    kind: imap\n")
+    assert problems_of(path, {"BERLIN_PASSWORD": "x"}) == [
+        f"{path}:13: sources[2].tenant_id: required: the Microsoft 365 tenant: its id (a GUID) or a verified domain",
+        f"{path}:13: sources[2].client_secret_ref: required: certificate_ref (preferred) or client_secret_ref: where "
+        "the app registration's credential is",
+        f"{path}:15: sources[2].tennant_id: unknown setting; did you mean 'tenant_id'?",
+        f"{path}:17: sources[2].secret_expires: must be a date, written YYYY-MM-DD",
+        f"{path}:19: sources[3]: kind must be ews (on-premise Exchange 2013-2019 over EWS) or graph (Exchange Online "
+        "through Microsoft Graph)"]
 
 
 def test_a_room_belongs_to_exactly_one_source_and_a_name_to_one_source(tmp_path):

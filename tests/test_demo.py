@@ -127,6 +127,10 @@ def test_the_booking_the_demo_proposes_is_accepted(demo_tmp: Path) -> None:
         assert command.startswith("curl ") and "/v1/commands" in command
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
         assert json.loads(result.stdout)["status"] == "accepted", result.stdout + result.stderr
+        # ... and one in Exchange Online, through Microsoft Graph, in the same stream.
+        online = demo.line("book online").split("book online", 1)[1].strip()
+        result = subprocess.run(["bash", "-c", online], capture_output=True, text=True, timeout=120)
+        assert json.loads(result.stdout)["status"] == "accepted", result.stdout + result.stderr
         demo.line("Times are Europe/Berlin time.")  # the zone is named, and why subjects are people's names
         assert any("AddOrganizerToSubject" in ln for ln in demo.lines)
         assert not [ln for ln in demo.lines if ln.split()[2:3] == ["room"] and "syncing" in ln]

@@ -81,3 +81,23 @@ async def test_the_memory_directory_fails_when_told_to(memory_source: MemorySour
     with pytest.raises(Unavailable):
         await memory_source.directory.rooms("all@contoso.com")
     assert await memory_source.directory.rooms("all@contoso.com") == [RoomInfo("room1@contoso.com", "Room 1", 4)]
+
+
+class TestGraphDirectory(DirectoryContract):
+    """Exchange Online's directory through Graph (Places, /users), msal over HTTPS against the simulator with every
+    room and person of the organisation online."""
+
+    @pytest.fixture
+    async def directory(self, graph_sim_factory) -> AsyncIterator[Directory]:  # type: ignore[no-untyped-def]
+        from gateway.sources.graph.auth import TokenSource
+        from gateway.sources.graph.client import GraphClient
+        from gateway.sources.graph.directory import GraphDirectory
+        from gateway.sources.graph.settings import GraphSettings
+
+        g = graph_sim_factory(rooms=5, users=5, graph_rooms=5, graph_users=5)
+        settings = GraphSettings(tenant_id=g.tenant_id, client_id=g.client_id, credential="client_secret",
+                                 authority_host=g.authority.rsplit("/", 1)[0], graph_url=g.graph_url,
+                                 ca_bundle=g.ca_bundle)
+        client = GraphClient(settings, TokenSource(settings, g.client_secret))
+        yield GraphDirectory(client)
+        await client.close()

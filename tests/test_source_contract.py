@@ -418,3 +418,30 @@ class TestEwsSource(SourceContract):
                                        sync_page_size=PAGE_SIZE), SERVICE_PASSWORD)
         yield World(source, SimulatorOutlook(ews), soon())
         await source.close()
+
+
+class TestGraphSource(SourceContract):
+    """Exchange Online through Microsoft Graph: msal over HTTPS against the simulator's Graph side, the rooms and
+    people all online; an application access policy scoped to the rooms keeps the app out of people's mailboxes."""
+
+    @pytest.fixture
+    async def world(self, graph_sim_factory: Any) -> AsyncIterator[World]:
+        from gateway.sources.graph.auth import TokenSource
+        from gateway.sources.graph.client import GraphClient
+        from gateway.sources.graph.settings import GraphSettings
+        from gateway.sources.graph.source import GraphSource
+
+        g = graph_sim_factory(SimulatorConfig(rba_delay=0.01), rooms=2, users=2, graph_rooms=2, graph_users=2)
+
+        def keep_subjects() -> None:
+            for room in (ROOM1, ROOM2):
+                Control.of(g.sim).set_room_settings(room, {"DeleteSubject": False, "AddOrganizerToSubject": False})
+        g.call(keep_subjects)
+        status, _ = g.control("PUT", "/graph/access-policy", {"mailboxes": [ROOM1, ROOM2]})
+        assert status == 200
+        settings = GraphSettings(tenant_id=g.tenant_id, client_id=g.client_id, credential="client_secret",
+                                 authority_host=g.authority.rsplit("/", 1)[0], graph_url=g.graph_url,
+                                 ca_bundle=g.ca_bundle, page_size=PAGE_SIZE)
+        source = GraphSource(settings, GraphClient(settings, TokenSource(settings, g.client_secret)))
+        yield World(source, SimulatorOutlook(g), soon())
+        await source.close()

@@ -63,13 +63,15 @@ class StateCollector(Collector):
     """Gauges read at scrape time from the running parts (rooms, outbox)."""
 
     def __init__(self, rooms: Callable[[], dict[str, tuple[str, float | None]]],
-                 outbox: Callable[[], tuple[int, datetime | None]] | None, *, states: Iterable[str] = ()) -> None:
+                 outbox: Callable[[], tuple[int, datetime | None]] | None, *, states: Iterable[str] = (),
+                 source_of: Callable[[str], str | None] | None = None) -> None:
         """``outbox`` gives (unacknowledged events, time of the oldest) while a hub consumes the outbox; None
         when no relay is configured: then nothing waits for delivery (local SSE clients read the outbox at their
         own pace and never acknowledge), so the depth is 0 rather than every event ever written."""
         self.rooms = rooms
         self.outbox = outbox
         self.states = tuple(states)  # every state is exported, 0 when no room is in it (alerts need the zero)
+        self.source_of = source_of  # the configured source that owns a room (a hybrid estate: which side it is on)
 
     def collect(self) -> Iterator[Any]:
         rooms = self.rooms()
@@ -87,6 +89,12 @@ class StateCollector(Collector):
             if last is not None:
                 age.add_metric([room], now - last)
         yield age
+        if self.source_of is not None:
+            info = GaugeMetricFamily("gateway_room_source_info", "1 for each room, labelled with the source that "
+                                     "owns it", labels=["room", "source"])
+            for room in sorted(rooms):
+                info.add_metric([room, self.source_of(room) or ""], 1)
+            yield info
         depth, oldest = self.outbox() if self.outbox is not None else (0, None)
         yield GaugeMetricFamily("gateway_outbox_depth", "Events waiting for the hub to acknowledge them (0 without a "
                                 "relay: nothing is pending delivery)", value=depth)

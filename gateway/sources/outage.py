@@ -65,6 +65,16 @@ class OutageGate:
                     return True
                 raise held(failure)
 
+    def admit_nowait(self) -> bool | None:
+        """``admit`` for callers on an event loop, which must not block: None where ``admit`` would wait (the very
+        first call is out); the caller tries again shortly."""
+        if self.failure is None and self._settled:
+            return False
+        with self._cond:
+            if self.failure is None and not self._settled and self._probing:
+                return None
+        return self.admit()
+
     def record(self, probe: bool, error: BaseException | None) -> None:
         """After a call: ``error`` is what it raised (mapped into the gateway's tree), None when it succeeded.
         Any answer from the server that is not a shared failure ends an outage."""

@@ -24,6 +24,12 @@ def _ews() -> type[SourceKind]:
     return EwsKind
 
 
+def _graph() -> type[SourceKind]:
+    from gateway.sources.graph.kind import GraphKind  # msal is loaded only when a graph source is used
+
+    return GraphKind
+
+
 def _memory() -> type[SourceKind]:
     from gateway.sources.memory import MemoryKind
 
@@ -69,5 +75,5 @@ class Kinds:
 
 
 def default_registry() -> SourceRegistry:
-    """The kinds the gateway ships: ews, and memory (for tests)."""
-    return SourceRegistry({"ews": _ews, "memory": _memory})
+    """The kinds the gateway ships: ews, graph, and memory (for tests)."""
+    return SourceRegistry({"ews": _ews, "graph": _graph, "memory": _memory})

@@ -4,8 +4,10 @@ and one CalendarWriter; behind them every room's calls go to its own source, wha
 A room belongs to exactly one source (the configuration checks explicit addresses; ``RoomRoutes.add`` checks what
 room lists expand to). A write that names no room but an item the gateway wrote earlier goes to the source of the
 mailbox it is in: a room's own source, or the source an organizer's meeting was written through (remembered in this
-process); after a restart an organizer's item is looked for in each writable source, and a source that does not know
-the mailbox or item says NotFound (or refuses the impersonation) before anything is written.
+process; in a hybrid estate the organizer may live in another source than the room, and a meeting is written, and the
+room's answer read, where the organizer lives); after a restart an organizer's item is looked for in each writable
+source, and a source that does not know the mailbox or item says NotFound (or refuses the impersonation) before
+anything is written.
 """
 
 from __future__ import annotations
@@ -115,10 +117,23 @@ class RoutedWriter:
         self._mailboxes: dict[str, CalendarWriter] = {}  # organizer -> the writer that wrote their meeting
 
     async def create_meeting(self, organizer: str, room: str, cmd: Command) -> Written:
-        writer = self.routes.writer(room)
-        written = await writer.create_meeting(organizer, room, cmd)
-        self._mailboxes[organizer.lower()] = writer
-        return written
+        """In the organizer's calendar, wherever it lives: the room's own source first, then (a hybrid estate: an
+        on-premise organizer booking an online room, or the reverse) each other source that can write, until one
+        knows the organizer (a source that does not refuses before writing anything)."""
+        own = self.routes.writer(room)
+        known = self._mailboxes.get(organizer.lower())
+        candidates = [known] if known is not None else []
+        candidates += [w for w in [own] + [w for _, w in self.routes.writers()] if w not in candidates]
+        for i, writer in enumerate(candidates):
+            try:
+                written = await writer.create_meeting(organizer, room, cmd)
+            except (NotFound, ImpersonationDenied):
+                if i == len(candidates) - 1:
+                    raise
+                continue
+            self._mailboxes[organizer.lower()] = writer
+            return written
+        raise AssertionError("unreachable")
 
     async def create_appointment(self, room: str, cmd: Command) -> Written:
         return await self.routes.writer(room).create_appointment(room, cmd)
@@ -129,7 +144,10 @@ class RoutedWriter:
         return await self._in_mailbox(mailbox, find)
 
     async def room_answer(self, written: Written, room: str) -> RoomAnswer:
-        return await self.routes.writer(room).room_answer(written, room)
+        """From the organizer's copy, through the source that holds it (which may not be the room's)."""
+        async def answer(writer: CalendarWriter) -> RoomAnswer:
+            return await writer.room_answer(written, room)
+        return await self._in_mailbox(written.mailbox, answer)
 
     async def busy(self, room: str, start: datetime, end: datetime) -> list[Busy]:
         return await self.routes.writer(room).busy(room, start, end)

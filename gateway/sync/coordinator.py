@@ -35,6 +35,7 @@ from gateway.errors import (
     HttpError,
     ImpersonationDenied,
     MailboxNotFound,
+    MailboxThrottled,
     RequestFailed,
     SyncStateInvalid,
     Throttled,
@@ -225,7 +226,8 @@ class Coordinator:
                 raise
             except GatewayError as e:
                 shared = is_shared(e)
-                await self._set_state(w, room_state(e).value, _reason(e), shared=shared)
+                await self._set_state(w, room_state(e).value, _reason(e), shared=shared,
+                                      remedy=e.remedy if e.own_remedy else None)
                 if shared:
                     # Every room meets the same answer: wait until a room (or the feed) finds Exchange back.
                     outage, ok = self._outage(self.group(w.email))
@@ -455,7 +457,8 @@ class Coordinator:
     def _room_event(self, room: Room) -> Event:
         return room_event(room, time=self.now(), source=self.source_name)
 
-    async def _set_state(self, w: RoomWorker, state: str, reason: str, *, shared: bool = False) -> None:
+    async def _set_state(self, w: RoomWorker, state: str, reason: str, *, shared: bool = False,
+                         remedy: str | None = None) -> None:
         """Record, announce and log a room's state when it (or its reason) changes. ``shared``: the cause is a
         failure every room shares, logged once by the source, so the room's own line is only info."""
         if state == w.state and (w.stored is None or w.stored.reason == reason):
@@ -463,7 +466,7 @@ class Coordinator:
         previous, w.state = w.state, state
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
             w.stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email) or Room(w.email)
-        room = replace(w.stored, state=RoomState(state), reason=reason, remedy=ROOM_STATES.get(state, ""))
+        room = replace(w.stored, state=RoomState(state), reason=reason, remedy=remedy or ROOM_STATES.get(state, ""))
         w.stored = room
         await self.db(self.store.upsert_room, room)
         entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),
@@ -484,6 +487,7 @@ _ROOM_STATE_OF: dict[type[GatewayError], RoomState] = {
     ImpersonationDenied: RoomState.IMPERSONATION_DENIED,
     MailboxNotFound: RoomState.MAILBOX_NOT_FOUND,
     Throttled: RoomState.THROTTLED,
+    MailboxThrottled: RoomState.THROTTLED,
     Unavailable: RoomState.CANNOT_CONNECT,
     RequestFailed: RoomState.EXCHANGE_ERROR,
     UnknownHost: RoomState.UNKNOWN_HOST,

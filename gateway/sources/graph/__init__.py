@@ -1,0 +1,1 @@
+"""Exchange Online rooms through Microsoft Graph (msal client credentials + aiohttp)."""
