@@ -35,7 +35,8 @@ TIERS: dict[str, tuple[str, ...]] = {
     "unit": ("test_api_commands", "test_api_keys", "test_app_options", "test_commands", "test_config",
              "test_coordinator", "test_engine", "test_errors", "test_ews_mapping", "test_http_layer", "test_identity",
              "test_json_tracebacks", "test_layers", "test_logging", "test_outage", "test_packaging", "test_retry",
-             "test_store", "test_vault", "test_vocabulary"),
+             "test_store", "test_vault", "test_vocabulary",
+             "test_credential_watch"),
     # one suite that every implementation of a port (or of a published schema) passes
     "contract": ("test_directory_port", "test_relay_schemas", "test_source_contract"),
     # the appliance end to end over real sockets: the simulator, the hub, a proxy, subprocesses
