@@ -12,6 +12,8 @@ Start-up enters the contexts in this order, each reachable through its typed app
     API          the command service and the local API (its keys live in the store)
     TUNNEL       the tunnel to the hub, when the relay is enabled
     (housekeeping)
+    CREDENTIALS  the credential watch (every credential's end date and lockout: gateway/credential_watch.py) and the
+                 pickup of secrets replaced in the vault (gateway/secret_pickup.py; SIGHUP too, under `gateway run`)
     GATEWAY      all of them, for tests and the CLI (and readiness)
 
 A part that fails to start raises an error that names it (and logs ``gateway.start_failed``); aiohttp then exits,
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -45,14 +48,16 @@ from aiohttp import web
 
 from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
-from gateway.config import CommandsConfig, Config, RelayConfig
+from gateway.config import CommandsConfig, Config, CredentialsConfig, RelayConfig
+from gateway.credential_watch import CredentialWatch, Watched, account_check, probe_check, relay_check, state_path_for
 from gateway.credentials import open_vault, resolve_secret
 from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
 from gateway.observability.metrics import Metrics, StateCollector
-from gateway.ports import CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
+from gateway.ports import AccountLookup, CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
 from gateway.relay.tunnel import Tunnel
+from gateway.secret_pickup import SecretPickup, SecretUser
 from gateway.security.identity import GatewayIdentity
 from gateway.sources.registry import Kinds, SourceRegistry, default_registry
 from gateway.sources.routing import RoomRoutes, RoutedCalendar, RoutedWriter
@@ -102,6 +107,13 @@ class GatewayOptions:
     password_source: Callable[[], str] | None = field(default=None, repr=False)
     password_check_seconds: float = 30.0
     feed_restart_seconds: float = 5.0  # first back-off before a change feed that failed is started again
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    vault_path: Path | None = None  # watched for secrets replaced with `gateway credentials set` (None: no vault)
+    secret_entries: Mapping[str, str] = field(default_factory=dict)  # source -> its vault entry (for remedies)
+    accounts: AccountLookup | None = None  # the directory's accounts: service accounts' password expiry and lockout
+    directory_accounts: tuple[tuple[str, str], ...] = ()  # (credential label, account) the directory binds as
+    credential_state: Path | None = None  # what the credential watch has told (None: beside the store)
+    reload_on_sighup: bool = False  # `gateway run`: SIGHUP reads every secret again
 
     @property
     def calendar_sources(self) -> tuple[SourceSpec, ...]:
@@ -128,6 +140,7 @@ class RunningSource:
     feed_down: bool = False  # its feed failed and has not subscribed since (its rooms poll)
     rooms_changed: asyncio.Event = field(default_factory=asyncio.Event)  # the feed watches again with the rooms
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its credentials and room-list tasks
+    secret: SecretUser | None = None  # its secret, read again when the vault changes or it is refused
 
     @property
     def feed(self) -> ChangeFeed | None:
@@ -148,6 +161,8 @@ class Gateway:
     api: Api
     commands: CommandService
     tunnel: Tunnel | None = None
+    credentials: CredentialWatch | None = None
+    secrets: SecretPickup | None = None
     runner: web.AppRunner | None = None  # set by start_gateway (no listener): stop_gateway cleans it up
 
     @property
@@ -185,6 +200,8 @@ EVENTS = web.AppKey("events", EventHub)
 API = web.AppKey("api", Api)
 COMMANDS = web.AppKey("commands", CommandService)
 TUNNEL = web.AppKey[Tunnel | None]("tunnel")
+CREDENTIALS = web.AppKey("credentials", CredentialWatch)
+SECRETS = web.AppKey("secrets", SecretPickup)
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
@@ -230,6 +247,10 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         privacy=policy_for,
         commands=cfg.commands,
         relay=cfg.relay,
+        credentials=cfg.credentials,
+        vault_path=cfg.vault.path,
+        secret_entries={section.name: section.secret_ref.name for section in cfg.calendar_sources
+                        if section.secret_ref.scheme == "vault"},
         identity=identity,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
@@ -314,9 +335,12 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                     raise
             app[SOURCES][spec.name] = running
             opened = running.opened
-            if spec.reread_secret is not None and opened.outage is not None and opened.set_secret is not None:
+            if spec.reread_secret is not None and opened.set_secret is not None:
+                running.secret = SecretUser(f"source {spec.name}", spec.reread_secret, opened.set_secret, spec.secret)
+            if running.secret is not None and opened.outage is not None:
                 task = asyncio.get_running_loop().create_task(
-                    _watch_credentials(spec, opened, options.password_check_seconds), name=f"credentials:{spec.name}")
+                    _watch_credentials(running.secret, opened, options.password_check_seconds),
+                    name=f"credentials:{spec.name}")
                 watch_task(f"credentials:{spec.name}", task)
                 running.tasks.append(task)
             yield
@@ -426,9 +450,35 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         yield
         await _stopped(task)
 
+    async def credentials_ctx(app: web.Application) -> AsyncIterator[None]:
+        with _starting("the credential watch"):
+            watch = CredentialWatch(_credential_checks(options, app[SOURCES], app[TUNNEL]),
+                                    state_path=options.credential_state or state_path_for(options.store_path),
+                                    warn_days=options.credentials.warn_days)
+            collector = watch.collector()
+            metrics.watch(collector)
+            users = [s.secret for s in app[SOURCES].values() if s.secret is not None]
+            pickup = SecretPickup(users, options.vault_path, options.credentials.vault_check_seconds,
+                                  on_change=watch.check)
+        app[CREDENTIALS], app[SECRETS] = watch, pickup
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(watch.run(options.credentials.check_interval_seconds), name="credential-watch"),
+                 loop.create_task(pickup.run(), name="secret-pickup")]
+        for task in tasks:
+            watch_task(task.get_name(), task)
+        if options.reload_on_sighup:
+            loop.add_signal_handler(signal.SIGHUP, pickup.wake)
+        yield
+        if options.reload_on_sighup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        for task in tasks:
+            await _stopped(task)
+        metrics.registry.unregister(collector)
+
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY] = Gateway(options, metrics, app[STORE], app[SOURCES], app[ROOM_ROUTES], app[COORDINATOR],
-                                    app[EVENTS], app[API], app[COMMANDS], tunnel=app[TUNNEL])
+                                    app[EVENTS], app[API], app[COMMANDS], tunnel=app[TUNNEL],
+                                    credentials=app[CREDENTIALS], secrets=app[SECRETS])
         log.info("gateway.started", sources=len(gw.sources), rooms=len(gw.rooms), feed=options.feed,
                  store=str(options.store_path), relay=options.relay.enabled)
         yield
@@ -438,7 +488,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     app.cleanup_ctx.extend(source_ctx(spec) for spec in specs)
     app.cleanup_ctx.append(coordinator_ctx)
     app.cleanup_ctx.extend(feed_ctx(spec.name) for spec in specs)
-    app.cleanup_ctx.extend((api_ctx, tunnel_ctx, housekeeping_ctx, gateway_ctx))
+    app.cleanup_ctx.extend((api_ctx, tunnel_ctx, housekeeping_ctx, credentials_ctx, gateway_ctx))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         api = request.app.get(API)
@@ -599,25 +649,38 @@ async def _read_room_lists_later(name: str, running: RunningSource, routes: Room
             running.rooms_changed.set()
 
 
-async def _watch_credentials(spec: SourceSpec, opened: OpenedSource, check_seconds: float) -> None:
+async def _watch_credentials(secret: SecretUser, opened: OpenedSource, check_seconds: float) -> None:
     """While the source refuses its credentials, read its secret again every ``check_seconds`` (a local vault
-    read); a changed one is handed to the source, which tries it at once."""
-    read, outage, set_secret = spec.reread_secret, opened.outage, opened.set_secret
-    assert read is not None and outage is not None and set_secret is not None
-    current = spec.secret
+    read), whatever the vault file's time stamp says; a changed one is handed to the source, which tries it at once.
+    (A vault that changed is picked up within seconds anyway: gateway/secret_pickup.py.)"""
+    outage = opened.outage
+    assert outage is not None
     while True:
         await asyncio.sleep(check_seconds)
-        failure = outage.failure
-        if not isinstance(failure, AuthError):  # the gate holds only shared failures: this is refused credentials
-            continue
-        try:
-            secret = await asyncio.to_thread(read)
-        except Exception as e:  # the vault is being rewritten, or now unreadable: say so, try again later
-            log.warning("credentials.reread_failed", source=spec.name, error=str(e))
-            continue
-        if secret != current:
-            current = secret
-            set_secret(secret)
+        if isinstance(outage.failure, AuthError):  # the gate holds only shared failures: this is refused credentials
+            await secret.refresh()
+
+
+def _credential_checks(options: GatewayOptions, sources: dict[str, RunningSource], tunnel: Tunnel | None) \
+        -> list[Watched]:
+    """Every credential the gateway uses: each source's service account (when its kind logs on with a user name)
+    and what the source knows of its own (a CredentialProbe), the directory's bind accounts, the relay key."""
+    watched = []
+    for name, running in sources.items():
+        opened, label = running.opened, f"source:{name}"
+        entry = options.secret_entries.get(name)
+        username = next((getattr(s.settings, "username", None) for s in options.calendar_sources if s.name == name),
+                        None)
+        if isinstance(username, str) and username:
+            watched.append(Watched(label, "password",
+                                   account_check(label, username, options.accounts, outage=opened.outage), entry))
+        if opened.credentials is not None:
+            watched.append(Watched(label, "secret", probe_check(opened.credentials), entry))
+    for label, account in options.directory_accounts:
+        watched.append(Watched(label, "password", account_check(label, account, options.accounts)))
+    if tunnel is not None:
+        watched.append(Watched("relay", "relay_key", relay_check(tunnel.identity, tunnel.rotate_after)))
+    return watched
 
 
 async def start_gateway(options: GatewayOptions, metrics: Metrics | None = None, *,

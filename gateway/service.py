@@ -77,7 +77,7 @@ async def serve(app: web.Application, host: str, port: int,
 
 async def run(config_path: Path | None) -> int:
     cfg = load_config(config_path)
-    options = options_from_config(cfg)
+    options = replace(options_from_config(cfg), reload_on_sighup=True)  # SIGHUP: read every secret again
     app = init_app(options)
 
     def ready(app: web.Application, port: int) -> None:
