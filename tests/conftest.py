@@ -43,7 +43,8 @@ TIERS: dict[str, tuple[str, ...]] = {
     "e2e": ("test_app", "test_cli_gateway", "test_cli_pipe", "test_commands_e2e", "test_commands_ews",
             "test_config_doctor", "test_crash", "test_demo", "test_diagnosis", "test_ews_series", "test_ews_writer",
             "test_gateway_rooms", "test_gateway_sync", "test_image", "test_outbox_metrics", "test_privacy",
-            "test_relay_e2e", "test_relay_tunnel", "test_sse_replay", "test_state_files", "test_streaming_capacity"),
+            "test_relay_e2e", "test_relay_tunnel", "test_sse_replay", "test_state_files", "test_streaming_capacity",
+            "test_credential_lifecycle"),
     # the Exchange simulator's own tests: what it answers to exchangelib
     "simulator": ("test_activity", "test_availability", "test_booking_attendant", "test_calendar_items", "test_cli",
                   "test_control", "test_directory_ops", "test_notifications", "test_protocol", "test_schema",
