@@ -49,7 +49,14 @@ from aiohttp import web
 from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, CredentialsConfig, RelayConfig
-from gateway.credential_watch import CredentialWatch, Watched, account_check, probe_check, relay_check, state_path_for
+from gateway.credential_watch import (
+    CredentialWatch,
+    Watched,
+    account_check,
+    relay_check,
+    source_watched,
+    state_path_for,
+)
 from gateway.credentials import open_vault, resolve_secret
 from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
@@ -666,16 +673,10 @@ def _credential_checks(options: GatewayOptions, sources: dict[str, RunningSource
     """Every credential the gateway uses: each source's service account (when its kind logs on with a user name)
     and what the source knows of its own (a CredentialProbe), the directory's bind accounts, the relay key."""
     watched = []
+    settings = {spec.name: spec.settings for spec in options.calendar_sources}
     for name, running in sources.items():
-        opened, label = running.opened, f"source:{name}"
-        entry = options.secret_entries.get(name)
-        username = next((getattr(s.settings, "username", None) for s in options.calendar_sources if s.name == name),
-                        None)
-        if isinstance(username, str) and username:
-            watched.append(Watched(label, "password",
-                                   account_check(label, username, options.accounts, outage=opened.outage), entry))
-        if opened.credentials is not None:
-            watched.append(Watched(label, "secret", probe_check(opened.credentials), entry))
+        watched += source_watched(name, settings.get(name), running.opened, options.accounts,
+                                  options.secret_entries.get(name))
     for label, account in options.directory_accounts:
         watched.append(Watched(label, "password", account_check(label, account, options.accounts)))
     if tunnel is not None:

@@ -48,7 +48,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.errors import AccountLocked, GatewayError
-from gateway.ports import AccountLookup, CredentialExpiry, CredentialProbe, Outage
+from gateway.ports import AccountLookup, CredentialExpiry, CredentialProbe, OpenedSource, Outage
 from gateway.security import permissions
 from gateway.security.identity import GatewayIdentity
 
@@ -109,6 +109,21 @@ def relay_check(identity: GatewayIdentity, rotate_after: timedelta | None) -> Ch
         due = identity.key_created_at + rotate_after
         return [CredentialExpiry("relay", "relay_key", due, detail=f"key {identity.key_id}")]
     return check
+
+
+def source_watched(name: str, settings: object, opened: OpenedSource, accounts: AccountLookup | None,
+                   entry: str | None) -> list[Watched]:
+    """A source's credentials: its service account, when its kind logs on with a user name (``settings.username``),
+    and what the source itself knows of its own (its CredentialProbe)."""
+    label = f"source:{name}"
+    watched = []
+    username = getattr(settings, "username", None)
+    if isinstance(username, str) and username:
+        watched.append(Watched(label, "password", account_check(label, username, accounts, outage=opened.outage),
+                               entry))
+    if opened.credentials is not None:
+        watched.append(Watched(label, "secret", probe_check(opened.credentials), entry))
+    return watched
 
 
 # -- remedies ----------------------------------------------------------------------------------------------------
@@ -182,6 +197,19 @@ def describe(expiry: CredentialExpiry, now: datetime, warn_days: Sequence[int] =
     return ("warn" if soon else "ok"), text
 
 
+async def check_all(watched: Sequence[Watched]) -> list[tuple[Watched, list[CredentialExpiry], str | None]]:
+    """Each check's results, and why it failed (None: it did not); a check that raises is shown as not known."""
+    out: list[tuple[Watched, list[CredentialExpiry], str | None]] = []
+    for w in watched:
+        try:
+            out.append((w, await w.check(), None))
+        except Exception as e:  # a check that fails says so; it never stops the others
+            reason = str(e) if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
+            out.append((w, [CredentialExpiry(w.credential, w.kind, None, known=False,
+                                             detail=f"could not be checked: {reason}")], reason))
+    return out
+
+
 class CredentialWatch:
     """Runs the checks, keeps their latest results, tells each warning once (see the module's docstring)."""
 
@@ -201,20 +229,14 @@ class CredentialWatch:
     async def check(self) -> list[CredentialExpiry]:
         """Every check once; the results, each warning or error logged once, the state file updated."""
         results: list[CredentialExpiry] = []
-        for w in self.watched:
-            try:
-                found = await w.check()
-            except Exception as e:  # a check that fails says so; it never stops the others
-                reason = str(e) if isinstance(e, GatewayError) else f"{type(e).__name__}: {e}"
+        for w, found, reason in await check_all(self.watched):
+            if reason is not None:
                 if w.credential not in self._failing:
                     self._failing.add(w.credential)
                     log.warning("credential.check_failed", credential=w.credential, kind=w.kind, error=reason)
-                found = [CredentialExpiry(w.credential, w.kind, None, known=False,
-                                          detail=f"could not be checked: {reason}")]
-            else:
-                if w.credential in self._failing:
-                    self._failing.discard(w.credential)
-                    log.info("credential.check_recovered", credential=w.credential)
+            elif w.credential in self._failing:
+                self._failing.discard(w.credential)
+                log.info("credential.check_recovered", credential=w.credential)
             for expiry in found:
                 self.entries[expiry.credential] = w.entry
             results.extend(found)

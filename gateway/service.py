@@ -24,6 +24,7 @@ from gateway.app import (
     options_from_config,
 )
 from gateway.config import Config, load_config
+from gateway.credential_watch import describe, last_known, problem_of, remedy, state_path_for
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
@@ -109,7 +110,28 @@ def rooms(config_path: Path | None) -> int:
             print(f"{email:<{width}}  {'pending':<22} {0:>8}  {ROOM_STATES['pending']}")
     finally:
         store.close()
+    print_credentials(state_path_for(cfg.store.path), cfg.credentials.warn_days)
     return 0
+
+
+def print_credentials(state: Path, warn_days: tuple[int, ...]) -> None:
+    """The credentials part of `gateway rooms`: each credential as the running gateway last checked it (nothing
+    before it has run once), its end and, when close or past, what to do."""
+    checked_at, found = last_known(state)
+    if not found:
+        return
+    now = datetime.now(UTC)
+    width = max(len(e.credential) for e, _ in found) + 2
+    print(f"{'CREDENTIAL':<{width}}  {'KIND':<13} {'STATE':<5} EXPIRY (checked {_iso_z(checked_at)})")
+    for expiry, entry in found:
+        mark, text = describe(expiry, now, warn_days)
+        if mark != "ok":
+            text += "; " + remedy(expiry, entry, problem_of(expiry, now) or "expires")
+        print(f"{expiry.credential:<{width}}  {expiry.kind:<13} {mark:<5} {text}")
+
+
+def _iso_z(t: datetime | None) -> str:
+    return "never" if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def forget(config_path: Path | None, room: str) -> int:
@@ -199,7 +221,9 @@ async def doctor(config_path: Path | None) -> int:
     room with what the gateway will use (gateway/doctor.py).
     """
     from gateway.config import check_config
-    from gateway.doctor import Report, check_sources
+    from gateway.credential_watch import Watched, relay_check
+    from gateway.doctor import Report, check_credentials, check_sources
+    from gateway.relay.rotation import ROTATE_AFTER
 
     report = Report(config_path)
 
@@ -227,6 +251,8 @@ async def doctor(config_path: Path | None) -> int:
         from gateway.relay.connection import probe
 
         line(True, f"relay identity {options.identity.gateway_id} (key {options.identity.key_id})")
+        await check_credentials([Watched("relay", "relay_key", relay_check(options.identity, ROTATE_AFTER))], report,
+                                options.credentials.warn_days)
         try:
             await probe(options.relay, options.proxy_password)
             line(True, f"hub {options.relay.hub_url}" + (" via the proxy" if options.relay.proxy_url else ""))

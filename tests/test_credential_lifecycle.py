@@ -8,15 +8,19 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
+from gateway import service
+from gateway.ports import AccountStatus
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
-from tests.conftest import ControlClient, free_port, wait_for
+from tests.conftest import ControlClient, eventually, free_port, wait_for
 from tests.gateway_cli import ENV, ROOT, gateway, write_config
+from tests.running_gateway import start
 
 NEW_PASSWORD = "Rotated-Passw0rd-2!"
 ROOM = "room1@contoso.com"
@@ -109,3 +113,60 @@ def test_a_password_replaced_in_the_vault_is_used_by_the_running_gateway_without
         _stop(proc, stderr)
     text = stderr.read_text()
     assert NEW_PASSWORD not in text and SERVICE_PASSWORD not in text
+
+
+class Directory:
+    """The organisation's directory as the credential watch asks it (ports.AccountLookup), answering for the
+    service account; its state is what a test sets (h/ldap's directory answers from Active Directory)."""
+
+    def __init__(self, status: AccountStatus) -> None:
+        self.status = status
+        self.asked: list[str] = []
+
+    async def account(self, name: str) -> AccountStatus:
+        self.asked.append(name)
+        return self.status
+
+
+async def test_a_service_account_expiring_soon_or_locked_out_is_a_metric_a_warning_and_a_line_in_rooms(
+        ews, tmp_path, aiohttp_client, capsys):
+    ends = datetime.now(UTC).replace(microsecond=0) + timedelta(days=5)
+    directory = Directory(AccountStatus(f"CONTOSO\\{SERVICE_ACCOUNT}", ends))
+    store = tmp_path / "data" / "g.sqlite"
+    with capture_logs() as logs:
+        g = await start(aiohttp_client, ews, store, (ROOM,),
+                        options={"accounts": directory, "secret_entries": {"exchange": "exchange"}})
+        expiry = "gateway_credential_expiry_timestamp_seconds"
+        await eventually(lambda: directory.asked, what="the directory asked about the service account")
+        assert directory.asked[0] == f"CONTOSO\\{SERVICE_ACCOUNT}"
+        assert await g.metric(expiry, credential="source:exchange", kind="password") == ends.timestamp()
+        assert await g.metric("gateway_credential_locked_out", credential="source:exchange") == 0
+        watch = g.gw.credentials
+        assert watch is not None
+        await watch.check()  # the next hourly check: nothing new to say
+        soon = [e for e in logs if e["event"] == "credential.expires_soon"]
+        assert len(soon) == 1 and soon[0]["threshold_days"] == 7 and soon[0]["log_level"] == "warning"
+        assert "gateway credentials set exchange" in soon[0]["remedy"]
+
+        directory.status = AccountStatus(directory.status.name, ends, locked_out=True, bad_password_count=5)
+        await watch.check()
+        assert await g.metric("gateway_credential_locked_out", credential="source:exchange") == 1
+        locked = [e for e in logs if e["event"] == "credential.locked_out"]
+        assert len(locked) == 1 and locked[0]["log_level"] == "error" and "Unlock-ADAccount" in locked[0]["remedy"]
+
+    service.print_credentials(store.parent / "credentials.json", (30, 7, 1))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("CREDENTIAL") and "KIND" in out[0]
+    [line] = [row for row in out if row.startswith("source:exchange")]
+    assert "FAIL" in line and "LOCKED OUT" in line and "Unlock-ADAccount" in line
+
+
+def test_doctor_shows_each_credential_and_what_cannot_be_known_without_a_directory(ews, tmp_path):
+    cfg = write_config(tmp_path, ews.url, [ROOM], free_port())
+    assert gateway("credentials", "set", "exchange", "--config", str(cfg), "--stdin",
+                   stdin=SERVICE_PASSWORD).returncode == 0
+    doctor = gateway("doctor", "--config", str(cfg))
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    [line] = [row for row in doctor.stdout.splitlines() if "credential source:exchange (password)" in row]
+    assert line.startswith("ok") and "expiry_unknown" in line and "without a directory" in line, line
+    assert doctor.stdout.rstrip().endswith("all green")
