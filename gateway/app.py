@@ -38,7 +38,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from gateway.credential_watch import (
     CredentialWatch,
     Watched,
     account_check,
+    problem_of,
     relay_check,
     source_watched,
     state_path_for,
@@ -60,7 +61,15 @@ from gateway.credential_watch import (
 from gateway.credentials import open_vault, resolve_secret
 from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
-from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
+from gateway.observability.health import (
+    Part,
+    Readiness,
+    credential_part,
+    readiness,
+    rooms_part,
+    source_part,
+    unread_part,
+)
 from gateway.observability.metrics import Metrics, StateCollector
 from gateway.ports import AccountLookup, CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
 from gateway.relay.tunnel import Tunnel
@@ -196,6 +205,10 @@ class Gateway:
         parts += [Part(f"feed of {name}", "stopped") for name, s in self.sources.items()
                   if s.feed_task is not None and s.feed_task.done()]
         parts.append(rooms_part(w.state for w in workers.values()))
+        if self.credentials is not None:  # a source's credential that stops it (not the relay key: hub outages
+            now = datetime.now(UTC)       # leave the gateway ready)
+            parts += [credential_part(e.credential, problem) for e in self.credentials.current
+                      if e.credential.startswith("source:") and (problem := problem_of(e, now))]
         return readiness(parts)
 
 

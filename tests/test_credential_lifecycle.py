@@ -153,6 +153,10 @@ async def test_a_service_account_expiring_soon_or_locked_out_is_a_metric_a_warni
         assert await g.metric("gateway_credential_locked_out", credential="source:exchange") == 1
         locked = [e for e in logs if e["event"] == "credential.locked_out"]
         assert len(locked) == 1 and locked[0]["log_level"] == "error" and "Unlock-ADAccount" in locked[0]["remedy"]
+        ready = await g.client.get("/readyz")  # the reason is named on the open endpoint too (no address)
+        assert ready.status == 503
+        assert "credential source:exchange: the account is locked out; see `gateway doctor`" in \
+            (await ready.json())["reasons"]
 
     service.print_credentials(store.parent / "credentials.json", (30, 7, 1))
     out = capsys.readouterr().out.splitlines()
