@@ -61,8 +61,6 @@ RELAY_OVERDUE: Final = timedelta(days=1)  # an unrotated relay key is a problem 
 NO_DIRECTORY: Final = ("its password's expiry cannot be known without a directory (configure the LDAP directory "
                        "to read it from Active Directory)")
 
-DISABLED: Final = ": disabled"  # how an account check says the account is disabled (CredentialExpiry has no field)
-
 Check = Callable[[], Awaitable[list[CredentialExpiry]]]
 
 
@@ -88,9 +86,8 @@ def account_check(credential: str, username: str, lookup: AccountLookup | None, 
             return [CredentialExpiry(credential, "password", None, known=False, locked_out=locked,
                                      detail=f"{username}: {NO_DIRECTORY}")]
         status = await lookup.account(username)
-        detail = f"{username}{DISABLED}" if status.disabled else username
         return [CredentialExpiry(credential, "password", status.password_expires_at,
-                                 locked_out=status.locked_out or locked, detail=detail)]
+                                 locked_out=status.locked_out or locked, detail=username, disabled=status.disabled)]
     return check
 
 
@@ -167,7 +164,7 @@ def problem_of(expiry: CredentialExpiry, now: datetime) -> str:
     """``locked_out``, ``disabled``, ``expired`` (for the relay key: rotation overdue), or empty."""
     if expiry.locked_out:
         return "locked_out"
-    if expiry.detail.endswith(DISABLED):
+    if expiry.disabled:
         return "disabled"
     if expiry.known and expiry.expires_at is not None:
         grace = RELAY_OVERDUE if expiry.kind == "relay_key" else timedelta(0)
@@ -250,7 +247,10 @@ class CredentialWatch:
     async def run(self, every: float) -> None:
         """Check now and then every ``every`` seconds, until cancelled."""
         while True:
-            await self.check()
+            try:
+                await self.check()
+            except Exception as e:  # a bug here must not end the watch: the next check may well work
+                log.error("credential.watch_failed", error=f"{type(e).__name__}: {e}")
             await asyncio.sleep(every)
 
     def _tell(self, expiry: CredentialExpiry, now: datetime) -> None:
@@ -291,11 +291,18 @@ class CredentialWatch:
         return True
 
     def _save(self) -> None:
+        # What was told about an end date a credential no longer has (its password was changed) is forgotten; a
+        # credential that could not be checked this time keeps what was told.
+        ends = {e.credential: f"{e.credential}|{_iso(e.expires_at)}|" for e in self.current
+                if e.known and e.expires_at is not None}
+        self._said = {k for k in self._said
+                      if k.count("|") == 1 or k.split("|")[0] not in ends or k.startswith(ends[k.split("|")[0]])}
         if self.state_path is None:
             return
         state = {"said": sorted(self._said), "checked_at": _iso(self.checked_at),
                  "credentials": [{"credential": e.credential, "kind": e.kind, "expires_at": _iso(e.expires_at),
-                                  "known": e.known, "locked_out": e.locked_out, "detail": e.detail,
+                                  "known": e.known, "locked_out": e.locked_out, "disabled": e.disabled,
+                                  "detail": e.detail,
                                   "entry": self.entries.get(e.credential)} for e in self.current]}
         try:
             write_state(self.state_path, state)
@@ -349,7 +356,8 @@ def last_known(path: Path) -> tuple[datetime | None, list[tuple[CredentialExpiry
         with contextlib.suppress(KeyError, TypeError, ValueError):
             found.append((CredentialExpiry(str(item["credential"]), str(item["kind"]), _parse(item["expires_at"]),
                                            known=bool(item["known"]), locked_out=bool(item["locked_out"]),
-                                           detail=str(item["detail"])), item.get("entry")))
+                                           detail=str(item["detail"]), disabled=bool(item.get("disabled"))),
+                          item.get("entry")))
     return _parse(state.get("checked_at")), found
 
 

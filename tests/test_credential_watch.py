@@ -229,3 +229,29 @@ def _fixed(credential: str, kind: str, at: datetime):
         return [CredentialExpiry(credential, kind, at)]
     return check
 
+
+
+async def test_a_check_that_fails_for_a_while_does_not_make_the_warnings_told_again(tmp_path):
+    clock = Clock()
+    directory = Directory(svc=AccountStatus("svc", NOW + timedelta(days=5)))
+    watched = [Watched("source:onprem", "password", account_check("source:onprem", "svc", directory))]
+    state = tmp_path / "credentials.json"
+    with capture_logs() as logs:
+        await CredentialWatch(watched, state_path=state, clock=clock).check()
+        saved = directory.accounts.pop("svc")  # the directory cannot answer for a while
+        await CredentialWatch(watched, state_path=state, clock=clock).check()
+        directory.accounts["svc"] = saved
+        await CredentialWatch(watched, state_path=state, clock=clock).check()
+    assert len(told(logs, "credential.expires_soon")) == 1
+
+
+async def test_a_disabled_account_is_an_error_once_with_its_remedy():
+    directory = Directory(svc=AccountStatus("svc", None, disabled=True))
+    watch = CredentialWatch([Watched("source:onprem", "password", account_check("source:onprem", "svc", directory))],
+                            state_path=None, clock=Clock())
+    with capture_logs() as logs:
+        await watch.check()
+        await watch.check()
+    [disabled] = told(logs, "credential.disabled")
+    assert disabled["log_level"] == "error" and "enable" in disabled["remedy"]
+    assert describe(watch.current[0], NOW) == ("FAIL", "DISABLED; never expires")
