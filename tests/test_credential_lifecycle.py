@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from gateway import service
 from gateway.ports import AccountStatus
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+from gateway.simulator.server import SimulatorConfig
 from tests.conftest import ControlClient, eventually, free_port, wait_for
 from tests.gateway_cli import ENV, ROOT, gateway, write_config
 from tests.running_gateway import start
@@ -129,12 +130,14 @@ class Directory:
 
 
 async def test_a_service_account_expiring_soon_or_locked_out_is_a_metric_a_warning_and_a_line_in_rooms(
-        ews, tmp_path, aiohttp_client, capsys):
+        sim_factory, tmp_path, aiohttp_client, capsys):
+    # (streams that end quickly: the simulator stops at teardown without waiting out a held stream)
+    ews = sim_factory(SimulatorConfig(rba_delay=0.05, stream_minute=2.0, keepalive_seconds=0.5, pull_minute=2.0))
     ends = datetime.now(UTC).replace(microsecond=0) + timedelta(days=5)
     directory = Directory(AccountStatus(f"CONTOSO\\{SERVICE_ACCOUNT}", ends))
     store = tmp_path / "data" / "g.sqlite"
     with capture_logs() as logs:
-        g = await start(aiohttp_client, ews, store, (ROOM,),
+        g = await start(aiohttp_client, ews, store, (ROOM,), feed="poll",
                         options={"accounts": directory, "secret_entries": {"exchange": "exchange"}})
         expiry = "gateway_credential_expiry_timestamp_seconds"
         await eventually(lambda: directory.asked, what="the directory asked about the service account")
@@ -174,3 +177,40 @@ def test_doctor_shows_each_credential_and_what_cannot_be_known_without_a_directo
     [line] = [row for row in doctor.stdout.splitlines() if "credential source:exchange (password)" in row]
     assert line.startswith("ok") and "expiry_unknown" in line and "without a directory" in line, line
     assert doctor.stdout.rstrip().endswith("all green")
+
+
+def _pem(tmp_path: Path, days: int) -> tuple[Path, datetime]:
+    """A certificate and its private key as an app registration's credential is kept (PEM), ending in ``days``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway app")])
+    now = datetime.now(UTC).replace(microsecond=0)
+    ends = now + timedelta(days=days)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(ends).sign(key, hashes.SHA256()))
+    path = tmp_path / "app.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM))
+    return path, ends
+
+
+def test_a_certificate_stored_from_its_pem_file_says_its_end_and_a_damaged_one_is_refused(tmp_path):
+    cfg = write_config(tmp_path, "http://127.0.0.1:9/EWS/Exchange.asmx", [ROOM], free_port())
+    pem, ends = _pem(tmp_path, 20)
+    stored = gateway("credentials", "set", "graph", "--file", str(pem), "--config", str(cfg))
+    assert stored.returncode == 0, stored.stderr
+    assert f"its certificate is valid until {ends.isoformat()}" in stored.stdout
+    assert "picks it up within seconds" in stored.stdout and "PRIVATE KEY" not in stored.stdout + stored.stderr
+
+    damaged = tmp_path / "damaged.pem"
+    damaged.write_text(pem.read_text().replace("-----BEGIN CERTIFICATE-----\n", "-----BEGIN CERTIFICATE-----\nAAAA"))
+    refused = gateway("credentials", "set", "graph-2", "--file", str(damaged), "--config", str(cfg))
+    assert refused.returncode == 2 and "invalid_certificate" not in refused.stdout
+    assert "cannot be read" in refused.stderr and "nothing was stored" in refused.stderr
+    listed = gateway("credentials", "list", "--config", str(cfg))
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["graph"]
