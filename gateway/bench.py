@@ -109,7 +109,7 @@ def peak_rss_mb() -> float:
 
 def start_simulator(args: BenchArgs) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     cmd = [sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", str(args.rooms),
-           "--users", str(max(20, args.rooms // 10)), "--activity", "0", "--rba-delay", "0.05",
+           "--users", str(max(20, args.rooms // 10)), "--activity", "0", "--rba-delay", "0.05", "--graph-rooms", "0",
            "--latency-ms", str(args.latency_ms),
            "--log-level", "warning", "--log-format", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=lambda: _pin(0))
