@@ -56,6 +56,12 @@ TEXTS: Final = AuthTexts(
 
 ROUTES: Final = (
     *(r.under("/v1") for r in BOOKING_ROUTES),
+    Route("people", "GET", "/v1/people", ("read",), {
+        "summary": "The directory's people, as last relayed (person.* events carry each change)",
+        "operationId": "listPeople",
+        "responses": {"200": json_body({"type": "object", "required": ["people"], "properties": {
+            "people": {"type": "array", "items": openapi.packaged_schema("person.v1.json")}}}, "the people"),
+            "404": json_body(ref("Problem"), "no directory is configured")}}),
     Route("openapi", "GET", "/openapi.json", None, {
         "summary": "This document", "operationId": "getOpenApi",
         "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}),
@@ -144,13 +150,15 @@ class Api:
     def __init__(self, store: Store, metrics: Metrics, hub: EventHub, *,
                  room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], Readiness | bool],
                  keys: ApiKeys | None = None, commands: CommandHandler | None = None,
-                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None) -> None:
+                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None,
+                 people: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.hub = hub
         self.room_states = room_states
         self.ready = ready
         self.relay_state = relay_state  # the tunnel's state (connected, backing_off, revoked...), if there is one
+        self.people_of = people  # the directory's people as last relayed (None: no directory is configured)
         if keys is None:
             if not isinstance(store, SqliteStore):
                 raise TypeError("pass keys= when the store is not a SqliteStore")
@@ -207,6 +215,12 @@ class Api:
         items = await self._read(self.store.bookings, room, start, end)
         return web.json_response({"room": room, "start": iso(start), "end": iso(end),
                                   "bookings": [to_json(b) for b in items]})
+
+    async def people(self, request: web.Request) -> web.Response:
+        if self.people_of is None:
+            raise problem(404, "no_directory", "no directory is configured, so the gateway knows no people; see "
+                                               "directory: in the configuration")
+        return web.json_response({"people": await self._read(self.people_of)})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         after = sse.resume_point(request)

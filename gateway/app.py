@@ -59,6 +59,8 @@ from gateway.credential_watch import (
     state_path_for,
 )
 from gateway.credentials import open_vault, resolve_secret
+from gateway.directory.ldap import LdapDirectory
+from gateway.directory_service import DirectoryOptions, DirectoryRunner, directory_options, open_directory
 from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.health import (
@@ -81,6 +83,7 @@ from gateway.store.journal import CommandJournal
 from gateway.store.sqlite import SqliteStore
 from gateway.supervisor import supervise, watch_task
 from gateway.sync.coordinator import Coordinator, SyncSettings
+from gateway.sync.people import DirectoryRoom
 from gateway.sync.privacy import PrivacyPolicy
 
 log = structlog.get_logger("gateway.app")
@@ -130,6 +133,7 @@ class GatewayOptions:
     directory_accounts: tuple[tuple[str, str], ...] = ()  # (credential label, account) the directory binds as
     credential_state: Path | None = None  # what the credential watch has told (None: beside the store)
     reload_on_sighup: bool = False  # `gateway run`: SIGHUP reads every secret again
+    directory: DirectoryOptions | None = None  # the organisation's directory (people, rooms), if configured
 
     @property
     def calendar_sources(self) -> tuple[SourceSpec, ...]:
@@ -223,6 +227,8 @@ TUNNEL = web.AppKey[Tunnel | None]("tunnel")
 CREDENTIALS = web.AppKey("credentials", CredentialWatch)
 SECRETS = web.AppKey("secrets", SecretPickup)
 GATEWAY = web.AppKey("gateway", Gateway)
+DIRECTORY = web.AppKey[DirectoryRunner | None]("directory")
+LDAP = web.AppKey("ldap", LdapDirectory)
 
 
 def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
@@ -274,6 +280,7 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         identity=identity,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
+        directory=directory_options(cfg, environ),
     )
 
 
@@ -429,10 +436,13 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                 tunnel = app[TUNNEL]
                 return str(tunnel.status()["state"]) if tunnel is not None else ""
 
+            directory = options.directory
+            people = None if directory is None else lambda: sorted(
+                (k.data for k in store.people(directory.stream).values()), key=lambda d: d["email"])
             api = Api(store, metrics, app[EVENTS], room_states=room_states, ready=lambda: app[GATEWAY].readiness(),
                       commands=app[COMMANDS] if options.commands.enabled else None,
                       loopback_only=options.api_loopback_only,
-                      relay_state=relay_state if options.relay.enabled else None)
+                      relay_state=relay_state if options.relay.enabled else None, people=people)
             collector = StateCollector(
                 rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
                 outbox=store.outbox_stats if options.relay.enabled else None,  # only a hub acknowledges
@@ -442,6 +452,70 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         yield
         metrics.registry.unregister(collector)
         api.close()
+
+    from_directory: set[str] = set()  # the rooms the directory gave its rooms_source (they come and go with it)
+
+    async def directory_open_ctx(app: web.Application) -> AsyncIterator[None]:
+        """The directory, opened before the coordinator starts: the rooms it gives a source are synced from the
+        start (not released and imported again at every start)."""
+        d = options.directory
+        if d is None:
+            yield
+            return
+        app[LDAP] = directory = open_directory(d)
+        try:
+            if d.rooms_source is not None:
+                running = app[SOURCES].get(d.rooms_source)
+                if running is None:
+                    names = ", ".join(sorted(app[SOURCES].keys())) or "none"
+                    raise ConfigError(f"directory.rooms_source is '{d.rooms_source}', which is not a source",
+                                      remedy=f"name one of the sources: {names}")
+                try:
+                    found = [r.email for r in await directory.read_rooms()]
+                except GatewayError as e:  # start anyway: the rooms known from before stay with the source
+                    log.error("directory.rooms_unreadable", directory=d.name, key=e.key, reason=str(e),
+                              remedy=e.remedy)
+                    found = [r.email for r in await asyncio.to_thread(app[STORE].rooms)
+                             if app[ROOM_ROUTES].owner(r.email) is None]
+                _join_rooms(app[ROOM_ROUTES], d.rooms_source, running, found, from_directory)
+        except BaseException:
+            await directory.close()
+            raise
+        yield
+        await directory.close()
+
+    async def directory_ctx(app: web.Application) -> AsyncIterator[None]:
+        d = options.directory
+        if d is None:
+            app[DIRECTORY] = None
+            yield
+            return
+
+        async def rooms_found(found: list[DirectoryRoom]) -> None:
+            assert d is not None and d.rooms_source is not None
+            running, routes, coordinator = app[SOURCES][d.rooms_source], app[ROOM_ROUTES], app[COORDINATOR]
+            before = set(running.rooms)
+            new = _join_rooms(routes, d.rooms_source, running, [r.email for r in found], from_directory)
+            fixed = {r.lower() for s in specs if s.name == d.rooms_source for r in s.rooms}
+            gone = sorted(from_directory - {r.email for r in found} - fixed)
+            for room in new:
+                coordinator.add_room(room)
+            for room in gone:
+                routes.drop([room])
+                from_directory.discard(room)
+                await coordinator.remove_room(room)
+            running.rooms = sorted(set(running.rooms) - set(gone))
+            if set(running.rooms) != before:
+                log.info("directory.rooms_changed", directory=d.name, source=d.rooms_source, joined=new, left=gone)
+                running.rooms_changed.set()
+
+        runner = app[DIRECTORY] = DirectoryRunner(d, app[LDAP], app[STORE], source=options.source_name,
+                                                  listeners=[app[EVENTS].notify],
+                                                  on_rooms=rooms_found if d.rooms_source else None)
+        task = asyncio.get_running_loop().create_task(runner.run(), name=f"directory:{d.name}")
+        watch_task(f"directory:{d.name}", task)
+        yield
+        await _stopped(task)
 
     async def tunnel_ctx(app: web.Application) -> AsyncIterator[None]:
         if not options.relay.enabled:
@@ -472,12 +546,19 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
     async def credentials_ctx(app: web.Application) -> AsyncIterator[None]:
         with _starting("the credential watch"):
-            watch = CredentialWatch(_credential_checks(options, app[SOURCES], app[TUNNEL]),
+            d, ldap = options.directory, app.get(LDAP)
+            checks = options
+            if d is not None and ldap is not None:  # the directory answers for every account, its own bind included
+                checks = replace(options, accounts=options.accounts or ldap,
+                                 directory_accounts=(*options.directory_accounts, (d.credential, d.settings.bind)))
+            watch = CredentialWatch(_credential_checks(checks, app[SOURCES], app[TUNNEL]),
                                     state_path=options.credential_state or state_path_for(options.store_path),
                                     warn_days=options.credentials.warn_days)
             collector = watch.collector()
             metrics.watch(collector)
             users = [s.secret for s in app[SOURCES].values() if s.secret is not None]
+            if d is not None and ldap is not None and d.reread_secret is not None:
+                users.append(SecretUser(f"directory {d.name}", d.reread_secret, ldap.set_password, d.password))
             pickup = SecretPickup(users, options.vault_path, options.credentials.vault_check_seconds,
                                   on_change=watch.check)
         app[CREDENTIALS], app[SECRETS] = watch, pickup
@@ -506,9 +587,10 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.extend(source_ctx(spec) for spec in specs)
+    app.cleanup_ctx.append(directory_open_ctx)
     app.cleanup_ctx.append(coordinator_ctx)
     app.cleanup_ctx.extend(feed_ctx(spec.name) for spec in specs)
-    app.cleanup_ctx.extend((api_ctx, tunnel_ctx, housekeeping_ctx, credentials_ctx, gateway_ctx))
+    app.cleanup_ctx.extend((api_ctx, directory_ctx, tunnel_ctx, housekeeping_ctx, credentials_ctx, gateway_ctx))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         api = request.app.get(API)
@@ -554,6 +636,23 @@ async def open_source(spec: SourceSpec, kinds: Kinds, feed: FeedSettings) -> Run
         await opened.close()
         raise
     return RunningSource(opened, sorted(set(rooms)), unread=unread, unread_key=key)
+
+
+def _join_rooms(routes: RoomRoutes, name: str, running: RunningSource, found: list[str],
+                from_directory: set[str]) -> list[str]:
+    """Rooms the directory found join their source (a room another source owns stays there); the new ones."""
+    wanted = {r.lower() for r in found}
+    elsewhere = sorted(r for r in wanted if routes.owner(r) not in (None, name))
+    if elsewhere:
+        log.error("directory.room_in_two_sources", source=name, rooms=elsewhere,
+                  remedy="a room belongs to exactly one source: narrow the directory's rooms or remove it from the "
+                         "other source")
+    mine = wanted - set(elsewhere)
+    new = sorted(mine - set(running.rooms))
+    routes.add(name, running.opened.calendar, running.opened.writer, mine)
+    running.rooms = sorted(set(running.rooms) | mine)
+    from_directory.update(mine)
+    return new
 
 
 async def _keep_rooms_of_unread_lists(store: SqliteStore, sources: dict[str, RunningSource],

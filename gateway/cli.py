@@ -121,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(rooms)
     _logging_options(rooms, default_level="warning")
 
+    directory = subs.add_parser("directory", help="what the directory holds: people, rooms, credentials' expiry",
+                                description="Read the configured directory (Active Directory over LDAP) now and "
+                                            "show its people, its rooms with their state in this gateway, and when "
+                                            "the credentials it can tell of expire (its bind account's password).")
+    directory.add_argument("--json", action="store_true",
+                           help="one JSON object with the lists people, rooms and credentials")
+    _config_option(directory)
+    _logging_options(directory, default_level="warning")
+
     once = subs.add_parser("sync-once", help="verify one room and bring it up to date now",
                            description="Verify one room and sync it now (import on first use, otherwise the "
                                        "changes since the last sync and a full comparison); prints what changed.")
@@ -358,6 +367,10 @@ def dispatch(args: argparse.Namespace) -> int:
                                    remedy="gateway rooms forget ROOM --config FILE")
             return service.forget(_config_path(args), args.room)
         return service.rooms(_config_path(args))
+    if args.command == "directory":
+        from gateway import directory_service
+
+        return directory_service.run_cli(_config_path(args), args.json, os.environ)
     if args.command == "sync-once":
         from gateway import service
 
@@ -372,7 +385,8 @@ def dispatch(args: argparse.Namespace) -> int:
     raise SystemExit(f"unknown command {args.command}")
 
 
-CONFIGURED_COMMANDS = ("run", "doctor", "rooms", "sync-once", "credentials", "api-keys", "enroll", "rotate-key")
+CONFIGURED_COMMANDS = ("run", "doctor", "rooms", "directory", "sync-once", "credentials", "api-keys", "enroll",
+                       "rotate-key")
 
 
 def _say_if_no_config(args: argparse.Namespace) -> None:

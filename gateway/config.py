@@ -544,6 +544,97 @@ class LoggingConfig:
         default="auto", description="auto: console on a terminal, JSON lines otherwise")
 
 
+PERSON_FIELDS: Final = ("name", "upn", "department", "manager", "title", "phone")  # what drop_fields may name
+
+
+def _person_fields(fields: tuple[str, ...]) -> tuple[str, ...]:
+    for f in fields:
+        if f not in PERSON_FIELDS:
+            raise _bad("{value} is not a field of a person; drop_fields may name " + ", ".join(PERSON_FIELDS), f)
+    return tuple(dict.fromkeys(fields))
+
+
+def _ldap_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("ldap", "ldaps") or not parts.hostname:
+        raise _bad("{value} is not an LDAP URL; write ldaps://dc1.corp.example:636 (TLS) or ldap://dc1.corp.example "
+                   "(StartTLS)", url)
+    return url
+
+
+def _ldap_filter(text: str) -> str:
+    if text and not (text.startswith("(") and text.endswith(")") and text.count("(") == text.count(")")):
+        raise _bad("{value} is not an LDAP filter; write it in parentheses, e.g. (department=Sales)", text)
+    return text
+
+
+LdapFilter = Annotated[Text, AfterValidator(_ldap_filter)]
+
+
+@pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
+class DirectoryConfig:
+    """The organisation's directory: Active Directory over LDAP. Its people and rooms flow out as events; the
+    gateway reads its service accounts' password expiry and lockout from it."""
+
+    kind: Annotated[Literal["ldap"], Hint(graph="people and rooms from Graph come with a Graph source")] = Field(
+        default="ldap", description="ldap (Active Directory)")
+    name: Annotated[Text, AfterValidator(_source_name)] = Field(
+        default="directory", description="names its event stream (partition key directory:NAME) and its credential")
+    urls: Annotated[tuple[Annotated[Text, AfterValidator(_ldap_url)], ...], _AS_LIST] = Field(
+        description="the domain controllers, tried in this order: ldaps://dc1.corp.example (TLS) or "
+                    "ldap://dc1.corp.example (StartTLS)")
+    bind: Text = Field(description="the account the gateway binds as: a DN, user@domain or DOMAIN\\user")
+    password_ref: Annotated[SecretRef | None, _secret_ref("directory")] = Field(
+        default=SecretRef("vault", "directory"), json_schema_extra=_not_null("vault:directory"),
+        description="where the bind password is (vault:NAME or env:VARIABLE), never the password")
+    ca_bundle: FilePath | None = Field(
+        default=None, description="PEM file of the CA that signed the DCs' certificates; TLS is verified either way")
+    server_name: Text | None = Field(
+        default=None, description="the name in the DCs' certificates, when the URLs name the DCs otherwise")
+    start_tls: Flag = Field(default=True, description="ldap:// URLs: StartTLS before the bind (AD requires TLS or "
+                                                      "signing; false only for a directory that allows clear text)")
+    base_dn: Text = Field(description="the domain's naming context, e.g. DC=corp,DC=example")
+    people_base: Text | None = Field(default=None, description="where people are searched (default: base_dn)")
+    people_filter: LdapFilter = Field(default="", description="ANDed to the people search, e.g. (department=Sales)")
+    people_group: Text | None = Field(
+        default=None, description="only members of this group (its DN), nested membership included")
+    rooms_base: Text | None = Field(default=None, description="where room mailboxes are searched (default: base_dn)")
+    rooms_filter: LdapFilter = Field(default="", description="ANDed to the room search")
+    room_list: Email | None = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="only the rooms of this room list (its address), nested lists included")
+    rooms_source: Text | None = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="the calendar source that syncs the rooms the directory finds (rooms_base, rooms_filter, "
+                    "room_list): a room added in AD is connected, a room removed is dropped, without a restart")
+    drop_fields: Annotated[tuple[Text, ...], _AS_LIST, AfterValidator(_person_fields)] = Field(
+        default=(), description="what of a person never leaves the building (privacy): name, upn, department, "
+                                "manager, title, phone")
+    sync_interval_seconds: Annotated[Number, Range(10, 86400)] = Field(
+        default=300.0, description="how often people and rooms changed since the last sync are read (uSNChanged)")
+    full_compare_interval_seconds: Annotated[Number, Range(60, 7 * 86400)] = Field(
+        default=86400.0, description="how often everyone is read and compared (this finds deleted people)")
+    timeout_seconds: Annotated[Number, Range(1, 600)] = Field(default=15.0, description="one LDAP request")
+    max_concurrent_requests: Annotated[Whole, Range(1, 16)] = Field(default=2, description="LDAP connections")
+
+    @property
+    def secret_ref(self) -> SecretRef:
+        return self.password_ref or SecretRef("vault", "directory")
+
+    @field_validator("password_ref")
+    def _password_ref(cls, ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
+        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
+            raise _bad(f"refers to the environment variable {ref.name}, which is not set")
+        return ref
+
+    @field_validator("ca_bundle")
+    def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is not None and _env(info) is not None and not path.is_file():
+            raise _bad(f"there is no file at {path}; give the path of a PEM file with the CA certificate that "
+                       "signed the domain controllers' certificates")
+        return path
+
+
 @pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
 class Config:
     exchange: ExchangeConfig | None = Field(
@@ -561,6 +652,8 @@ class Config:
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)
+    directory: DirectoryConfig | None = Field(
+        default=None, json_schema_extra=_not_null(), description="Active Directory over LDAP: people, rooms, accounts")
     source: SkipJsonSchema[Path | None] = Field(default=None, init=False)  # the file read (None: environment only)
 
     @property
@@ -722,6 +815,7 @@ __all__ = [
     "ApiConfig",
     "CommandsConfig",
     "Config",
+    "DirectoryConfig",
     "EwsSourceConfig",
     "ExchangeConfig",
     "LoggingConfig",

@@ -25,6 +25,12 @@ class EventType(StrEnum):
     BOOKING_UPDATED = "com.exchangegateway.booking.updated.v1"
     BOOKING_DELETED = "com.exchangegateway.booking.deleted.v1"
     ROOM_STATE_CHANGED = "com.exchangegateway.room.state_changed.v1"
+    # the directory's people (schemas/person.v1.json), partitioned by directory ("directory:NAME") as bookings are
+    # by room
+    PERSON_CREATED = "com.exchangegateway.person.created.v1"
+    PERSON_UPDATED = "com.exchangegateway.person.updated.v1"
+    PERSON_DISABLED = "com.exchangegateway.person.disabled.v1"
+    PERSON_REMOVED = "com.exchangegateway.person.removed.v1"
 
 
 EVENT_TYPES = {  # by the short names the code has always used
@@ -271,7 +277,8 @@ class Event:
             "subject": self.subject,
             "time": _iso(self.time),
             "datacontenttype": "application/json",
-            "dataschema": "https://exchange-gateway.dev/schemas/booking.v1.json" if "booking" in self.type else None,
+            "dataschema": ("https://exchange-gateway.dev/schemas/booking.v1.json" if "booking" in self.type else
+                           "https://exchange-gateway.dev/schemas/person.v1.json" if ".person." in self.type else None),
             "sequence": str(self.sequence),
             "partitionkey": self.room,
             "data": self.data,

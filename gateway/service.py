@@ -221,7 +221,8 @@ async def doctor(config_path: Path | None) -> int:
     room with what the gateway will use (gateway/doctor.py).
     """
     from gateway.config import check_config
-    from gateway.credential_watch import Watched, relay_check
+    from gateway.credential_watch import Watched, account_check, relay_check
+    from gateway.directory_service import open_directory
     from gateway.doctor import Report, check_credentials, check_sources
     from gateway.relay.rotation import ROTATE_AFTER
 
@@ -267,7 +268,19 @@ async def doctor(config_path: Path | None) -> int:
              "" if not issues else "; ".join(issues))
     except GatewayError as e:
         line(False, f"store {store_path}", e.key, e.remedy or str(e))
-    await check_sources(options, report, privacy=cfg.rooms.privacy)
+    d = options.directory
+    ldap = open_directory(d) if d is not None else None
+    try:
+        if d is not None and ldap is not None:  # the directory answers for every account, its own bind included
+            options = replace(options, accounts=ldap,
+                              directory_accounts=(*options.directory_accounts, (d.credential, d.settings.bind)))
+            await check_credentials([Watched(label, "password", account_check(label, account, ldap))
+                                     for label, account in options.directory_accounts], report,
+                                    options.credentials.warn_days)
+        await check_sources(options, report, privacy=cfg.rooms.privacy)
+    finally:
+        if ldap is not None:
+            await ldap.close()
     report.summary()
     return 1 if report.failed else 0
 

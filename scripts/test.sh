@@ -12,9 +12,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 missing=()
-while read -r pkg _; do
-  [ -n "$pkg" ] && [ "${pkg:0:1}" != "#" ] || continue
-  command -v "$pkg" >/dev/null 2>&1 || [ -x "/usr/sbin/$pkg" ] || [ -x "/usr/bin/$pkg" ] || missing+=("$pkg")
+while read -r cmd rest; do
+  [ -n "$cmd" ] && [ "${cmd:0:1}" != "#" ] || continue
+  pkgs=(${rest%%#*})  # the packages that bring the command, when not one named like it
+  [ ${#pkgs[@]} -gt 0 ] || pkgs=("$cmd")
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/usr/bin/$cmd" ] || missing+=("${pkgs[@]}")
 done < packaging/test-packages.txt
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages the tests need: ${missing[*]}" >&2

@@ -24,7 +24,8 @@ from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_P
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.memory import MemorySource
 
-pytest_plugins = ["tests.hub_fixtures"]  # the reference hub: hub_settings, hub, customer, http, vendor
+pytest_plugins = ["tests.hub_fixtures",  # the reference hub: hub_settings, hub, customer, http, vendor
+                  "tests.ldap_server"]  # Active Directory (Samba): samba
 
 TZ = EWSTimeZone("Europe/Berlin")
 
@@ -44,7 +45,7 @@ TIERS: dict[str, tuple[str, ...]] = {
             "test_config_doctor", "test_crash", "test_demo", "test_diagnosis", "test_ews_series", "test_ews_writer",
             "test_gateway_rooms", "test_gateway_sync", "test_image", "test_outbox_metrics", "test_privacy",
             "test_relay_e2e", "test_relay_tunnel", "test_sse_replay", "test_state_files", "test_streaming_capacity",
-            "test_credential_lifecycle"),
+            "test_credential_lifecycle", "test_credential_ad"),
     # the Exchange simulator's own tests: what it answers to exchangelib
     "simulator": ("test_activity", "test_availability", "test_booking_attendant", "test_calendar_items", "test_cli",
                   "test_control", "test_directory_ops", "test_notifications", "test_protocol", "test_schema",

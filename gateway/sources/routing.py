@@ -42,6 +42,11 @@ class RoomRoutes:
         self._writers[name] = writer
         self._owner.update(dict.fromkeys(rooms, name))
 
+    def drop(self, rooms: Iterable[str]) -> None:
+        """Rooms no source owns any more (they left the directory)."""
+        for room in rooms:
+            self._owner.pop(room.lower(), None)
+
     def remove(self, name: str) -> None:
         self._calendars.pop(name, None)
         self._writers.pop(name, None)

@@ -118,6 +118,27 @@ MIGRATIONS: list[str] = [
         revoked_at TEXT
     );
     """,
+    # 3: the directory's people (the people sync's snapshot) and how far each directory's sync has read.
+    """
+    -- One row per person per directory stream (directory:NAME); json: what was last relayed (schemas/person.v1.json).
+    CREATE TABLE people (
+        stream TEXT NOT NULL,
+        id TEXT NOT NULL,
+        dn TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        json TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (stream, id)
+    );
+
+    -- usn: the directory's change counter read up to; dc: the domain controller it counts on.
+    CREATE TABLE people_state (
+        stream TEXT PRIMARY KEY,
+        usn INTEGER NOT NULL,
+        dc TEXT NOT NULL,
+        full_at TEXT
+    );
+    """,
 ]
 
 

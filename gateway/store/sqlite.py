@@ -28,6 +28,7 @@ from gateway.ports import OutboxEntry
 from gateway.security import permissions
 from gateway.store import migrations
 from gateway.sync.engine import Known
+from gateway.sync.people import KnownPerson, PeopleState
 
 BUSY_TIMEOUT_MS = 10_000
 IDLE_READERS = 8  # reader connections kept open between uses; more are opened (and closed) on demand
@@ -371,6 +372,44 @@ class SqliteStore:
         conn.executemany("INSERT INTO outbox_rooms (room, last_seq) VALUES (?, ?) "
                          "ON CONFLICT (room) DO UPDATE SET last_seq = excluded.last_seq",
                          [(rooms[key], seq) for key, seq in last.items()])
+        return entries
+
+    # -- the directory's people -------------------------------------------------------------------------------
+    def people_state(self, stream: str) -> PeopleState | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT usn, dc, full_at FROM people_state WHERE stream = ?", (stream,)).fetchone()
+        return None if row is None else PeopleState(int(row[0]), str(row[1]), _parse_ts(row[2]) if row[2] else None)
+
+    def people(self, stream: str) -> dict[str, KnownPerson]:
+        """What was last relayed of each person of a directory, by id."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT id, dn, content_hash, json FROM people WHERE stream = ?", (stream,)).fetchall()
+        return {pid: KnownPerson(dn, digest, json.loads(doc)) for pid, dn, digest, doc in rows}
+
+    def commit_people(self, stream: str, *, upserts: Sequence[tuple[str, str, str, dict[str, Any]]],
+                      removes: Sequence[str], events: Sequence[Event], state: PeopleState) -> list[OutboxEntry]:
+        """One people sync step in one transaction: snapshot rows (id, dn, hash, data), removals, the outbox events
+        (partition ``stream``) and how far the sync read."""
+        now = self._now()
+        created_at = _ts(now)
+        rows = [(stream, pid, dn, digest, json.dumps(data, separators=(",", ":")), created_at)
+                for pid, dn, digest, data in upserts]
+        event_rows = [(e, json.dumps(e.data, separators=(",", ":"))) for e in events]
+        entries: list[OutboxEntry] = []
+        with self._write() as conn:
+            if removes:
+                conn.executemany("DELETE FROM people WHERE stream = ? AND id = ?", [(stream, pid) for pid in removes])
+            if rows:
+                conn.executemany(
+                    "INSERT INTO people (stream, id, dn, content_hash, json, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (stream, id) DO UPDATE SET dn = excluded.dn, content_hash = excluded.content_hash, "
+                    "json = excluded.json, updated_at = excluded.updated_at", rows)
+            if event_rows:
+                entries = self._append(conn, event_rows, now, created_at)
+            conn.execute("INSERT INTO people_state (stream, usn, dc, full_at) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (stream) DO UPDATE SET usn = excluded.usn, dc = excluded.dc, "
+                         "full_at = excluded.full_at",
+                         (stream, state.usn, state.dc, _ts(state.full_at) if state.full_at else None))
         return entries
 
     # -- the outbox -------------------------------------------------------------------------------------------

@@ -181,6 +181,16 @@ class Coordinator:
             worker.task = asyncio.get_running_loop().create_task(self._run_room(worker), name=f"room:{email}")
         return worker
 
+    async def remove_room(self, email: str) -> None:
+        """Stop syncing a room this gateway no longer owns and release it (gateway/sync/ownership.py)."""
+        worker = self.workers.pop(email.lower(), None)
+        if worker is not None and worker.task is not None:
+            worker.task.cancel()
+            await asyncio.gather(worker.task, return_exceptions=True)
+        if any(r.email == email.lower() for r in await self.db(self.store.rooms)):  # (never verified: nothing kept)
+            dropped = await self.db(ownership.release, self.store, email.lower())
+            log.info("room.released", room=email.lower(), bookings=dropped)
+
     async def stop(self) -> None:
         tasks = [w.task for w in self.workers.values() if w.task]
         for t in tasks:

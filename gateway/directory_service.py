@@ -1,0 +1,228 @@
+"""The organisation's directory in the running gateway and on the command line: its settings from the
+configuration's ``directory:`` section, the loop that keeps its people (and its rooms, for sources that take them
+from it) in sync, and ``gateway directory``, which shows what it holds.
+
+Wiring: it names the LDAP adapter (gateway/directory/ldap.py) and the store; the people sync itself is core
+(gateway/sync/people.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.config import Config, DirectoryConfig, load_config
+from gateway.credentials import resolve_secret
+from gateway.directory.ldap import LdapDirectory, LdapSettings
+from gateway.errors import AuthError, ConfigError, GatewayError, NotFound
+from gateway.ports import AccountStatus, CredentialExpiry, OutboxEntry
+from gateway.retry import Backoff
+from gateway.sync.people import DirectoryRoom, PeopleStore, PeopleSync, stream_of
+
+log = structlog.get_logger("gateway.directory")
+
+
+@dataclass(frozen=True)
+class DirectoryOptions:
+    """What the running gateway needs to keep a directory in sync."""
+
+    name: str
+    settings: LdapSettings
+    password: str = field(repr=False)
+    drop: tuple[str, ...] = ()
+    sync_seconds: float = 300.0
+    full_seconds: float = 86400.0
+    reread_secret: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    rooms_source: str | None = None  # the calendar source that syncs the rooms the directory finds
+
+    @property
+    def stream(self) -> str:
+        return stream_of(self.name)
+
+    @property
+    def credential(self) -> str:
+        return f"directory:{self.name}"
+
+
+def ldap_settings(d: DirectoryConfig) -> LdapSettings:
+    return LdapSettings(urls=tuple(d.urls), bind=d.bind, base_dn=d.base_dn,
+                        ca_file=str(d.ca_bundle) if d.ca_bundle else None, server_name=d.server_name,
+                        start_tls=d.start_tls, people_base=d.people_base, people_filter=d.people_filter,
+                        people_group=d.people_group, rooms_base=d.rooms_base, rooms_filter=d.rooms_filter,
+                        room_list=d.room_list,
+                        timeout_seconds=d.timeout_seconds, max_workers=d.max_concurrent_requests)
+
+
+def directory_options(cfg: Config, env: Mapping[str, str]) -> DirectoryOptions | None:
+    d = cfg.directory
+    if d is None:
+        return None
+    ref, vault = d.secret_ref, cfg.vault
+    return DirectoryOptions(name=d.name, settings=ldap_settings(d),
+                            password=resolve_secret(ref, vault, env).reveal(), drop=tuple(d.drop_fields),
+                            sync_seconds=d.sync_interval_seconds, full_seconds=d.full_compare_interval_seconds,
+                            rooms_source=d.rooms_source,
+                            reread_secret=lambda: resolve_secret(ref, vault, env).reveal())
+
+
+def open_directory(options: DirectoryOptions) -> LdapDirectory:
+    """The directory (no request yet): the Directory port, AccountLookup, and what the people sync reads."""
+    return LdapDirectory(options.settings, options.password)
+
+
+def expiry_of(credential: str, status: AccountStatus) -> CredentialExpiry:
+    """An account's status as a credential's expiry (for the credential watch and `gateway directory`)."""
+    detail = "disabled" if status.disabled else "locked out" if status.locked_out else ""
+    return CredentialExpiry(credential=credential, kind="password", expires_at=status.password_expires_at,
+                            locked_out=status.locked_out, detail=detail)
+
+
+class DirectoryRunner:
+    """Keeps one directory's people in sync: a sync every ``sync_seconds`` (a full comparison when due), with
+    back-off after a failure. A refused bind costs one attempt; the directory itself holds further ones back."""
+
+    def __init__(self, options: DirectoryOptions, directory: LdapDirectory, store: PeopleStore, *,
+                 source: str, listeners: Sequence[Callable[[list[OutboxEntry]], None]] = (),
+                 on_rooms: Callable[[list[DirectoryRoom]], Awaitable[None]] | None = None) -> None:
+        self.options = options
+        self.on_rooms = on_rooms  # the rooms found, each sync (the wiring connects and drops rooms)
+        self.directory = directory
+        self.people = PeopleSync(directory, store, directory=options.name, drop=options.drop,
+                                 full_seconds=options.full_seconds, source=source, listeners=listeners)
+        self.failure: GatewayError | None = None
+        self.syncs = 0
+        self._wake = asyncio.Event()
+        self._password = options.password
+
+    def sync_now(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(base=self.options.sync_seconds / 10, cap=self.options.sync_seconds, floor=1.0)
+        while True:
+            self._wake.clear()
+            try:
+                await self.people.sync()
+                if self.on_rooms is not None:
+                    await self.on_rooms(await self.directory.read_rooms())
+                self.syncs += 1
+                if self.failure is not None:
+                    log.info("directory.recovered", directory=self.options.name)
+                self.failure = None
+                backoff.reset()
+                wait = self.options.sync_seconds
+            except GatewayError as e:
+                if self.failure is None or self.failure.key != e.key:
+                    log.error("directory.sync_failed", directory=self.options.name, key=e.key, reason=str(e),
+                              remedy=e.remedy)
+                self.failure = e
+                wait = backoff.next()
+                if isinstance(e, AuthError):
+                    self._reread_secret()
+            with_wake = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait_for(with_wake, wait)
+            except TimeoutError:
+                pass
+
+    def _reread_secret(self) -> None:
+        """While the bind is refused: a password changed in the vault is tried at once."""
+        read = self.options.reread_secret
+        if read is None:
+            return
+        try:
+            new = read()
+        except GatewayError:
+            return
+        if new != self._password:
+            self._password = new
+            self.directory.set_password(new)
+            log.info("directory.password_changed", directory=self.options.name)
+
+
+# -- gateway directory ------------------------------------------------------------------------------------------
+async def report(cfg: Config, env: Mapping[str, str]) -> dict[str, Any]:
+    """What the directory holds: people, rooms (with their state in this gateway, where it syncs them) and the
+    credentials it can tell the expiry of (its own bind account)."""
+    options = directory_options(cfg, env)
+    if options is None:
+        raise ConfigError("no directory is configured", key="no_directory",
+                          remedy="add a directory: section (config/README.md, \"The directory\")")
+    d = open_directory(options)
+    try:
+        people = await d.read_people()
+        rooms = await d.read_rooms()
+        credentials: list[dict[str, Any]] = []
+        try:
+            status = await d.account(options.settings.bind)
+            credentials.append(_credential_json(expiry_of(options.credential, status), status))
+        except NotFound as e:
+            credentials.append({"credential": options.credential, "kind": "password", "expires_at": None,
+                                "known": False, "locked_out": False, "detail": str(e)})
+    finally:
+        await d.close()
+    states = _room_states(cfg.store.path)
+    return {
+        "directory": options.name,
+        "people": [{"id": p.id, "email": p.email, "name": p.name, "upn": p.upn, "department": p.department,
+                    "enabled": p.enabled, "state": "enabled" if p.enabled else "disabled"}
+                   for p in sorted(people, key=lambda p: p.email)],
+        "rooms": [{"id": r.id, "email": r.email, "name": r.name, "capacity": r.capacity, "location": r.location,
+                   "room_lists": list(r.room_lists), "state": states.get(r.email, "not_synced")}
+                  for r in sorted(rooms, key=lambda r: r.email)],
+        "credentials": credentials,
+    }
+
+
+def _credential_json(e: CredentialExpiry, status: AccountStatus) -> dict[str, Any]:
+    return {"credential": e.credential, "kind": e.kind, "account": status.name,
+            "expires_at": e.expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z") if e.expires_at else None,
+            "never_expires": e.known and e.expires_at is None, "known": e.known, "locked_out": e.locked_out,
+            "disabled": status.disabled, "bad_password_count": status.bad_password_count, "detail": e.detail}
+
+
+def _room_states(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    from gateway.store.sqlite import SqliteStore
+
+    store = SqliteStore(path)
+    try:
+        return {r.email: str(r.state) for r in store.rooms()}
+    finally:
+        store.close()
+
+
+def run_cli(config_path: Path | None, as_json: bool, env: Mapping[str, str]) -> int:
+    cfg = load_config(config_path, env)
+    doc = asyncio.run(report(cfg, env))
+    if as_json:
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        return 0
+    now = datetime.now(UTC)
+    print(f"directory {doc['directory']}: {len(doc['people'])} people, {len(doc['rooms'])} rooms")
+    print("\nPEOPLE")
+    for p in doc["people"]:
+        print(f"  {p['email']:<40} {p['state']:<9} {p['name'] or ''}")
+    print("\nROOMS")
+    for r in doc["rooms"]:
+        cap = "" if r["capacity"] is None else f"{r['capacity']} seats"
+        print(f"  {r['email']:<40} {r['state']:<12} {cap:<9} {r['name'] or ''}  {r['location'] or ''}".rstrip())
+    print("\nCREDENTIALS")
+    for c in doc["credentials"]:
+        if c["expires_at"]:
+            days = (datetime.fromisoformat(c["expires_at"].replace("Z", "+00:00")) - now).days
+            when = f"expires {c['expires_at']} (in {days} days)"
+        else:
+            when = "never expires" if c.get("never_expires") else f"expiry unknown: {c['detail']}"
+        flags = "".join(f", {f}" for f in ("locked_out", "disabled") if c.get(f))
+        print(f"  {c['credential']:<24} {c.get('account', ''):<40} {when}{flags}")
+    return 0
+
