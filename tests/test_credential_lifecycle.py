@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,15 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from gateway import service
-from gateway.ports import AccountStatus
+from gateway.app import GatewayOptions, start_gateway, stop_gateway
+from gateway.config import RelayConfig
+from gateway.ports import AccountStatus, SourceSpec
+from gateway.relay.enroll import enroll
+from gateway.relay.rotation import ROTATE_AFTER
+from gateway.security.identity import GatewayIdentity
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
+from gateway.sources.memory import MemorySource
 from tests.conftest import ControlClient, eventually, free_port, wait_for
 from tests.gateway_cli import ENV, ROOT, gateway, write_config
 from tests.running_gateway import start
@@ -214,3 +221,34 @@ def test_a_certificate_stored_from_its_pem_file_says_its_end_and_a_damaged_one_i
     assert "cannot be read" in refused.stderr and "nothing was stored" in refused.stderr
     listed = gateway("credentials", "list", "--config", str(cfg))
     assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["graph"]
+
+
+async def test_the_relay_keys_rotation_date_follows_the_key_a_real_hub_confirmed(hub, customer, pki, vault, tmp_path):
+    relay = RelayConfig(enabled=True, ca_bundle=pki.ca_file, heartbeat_seconds=5, reconnect_max_seconds=1)
+    identity = await enroll(hub.url, await hub.token(), vault=vault, relay=relay, name="credentials")
+    relay = replace(relay, hub_url=identity.hub_url)
+    rooms = MemorySource()
+    rooms.add_room(ROOM, "Room 1")
+    gw = await start_gateway(GatewayOptions(sources=(SourceSpec("onprem", "memory", rooms, rooms=(ROOM,)),),
+                                            store_path=tmp_path / "data" / "g.sqlite", feed="poll", relay=relay,
+                                            identity=identity))
+    try:
+        watch, tunnel = gw.credentials, gw.tunnel
+        assert watch is not None and tunnel is not None
+
+        def due() -> float | None:
+            return gw.metrics.registry.get_sample_value("gateway_credential_expiry_timestamp_seconds",
+                                                        {"credential": "relay", "kind": "relay_key"})
+        first = GatewayIdentity.load(vault)
+        await eventually(lambda: due() == (first.key_created_at + ROTATE_AFTER).timestamp(),
+                         what="the relay key's rotation date")
+        await eventually(lambda: hub.session(identity.gateway_id) is not None, 30, "the gateway's tunnel")
+        await tunnel.rotate_key()  # confirmed by the hub: the rotation date moves with the new key
+        await watch.check()
+        rotated = GatewayIdentity.load(vault)
+        assert rotated.key_id != first.key_id
+        assert due() == (rotated.key_created_at + ROTATE_AFTER).timestamp()
+        [relay_line] = [e for e in watch.current if e.credential == "relay"]
+        assert relay_line.detail == f"key {rotated.key_id}"
+    finally:
+        await stop_gateway(gw)
