@@ -74,7 +74,8 @@ class SecretPickup:
         self.every = every
         self.on_change = on_change  # after a secret was handed over (the credential watch checks again)
         self._woken = asyncio.Event()
-        self._seen = fingerprint(vault_path)
+        # Not looked at yet: the first look reads every secret (one that changed while the gateway started is used).
+        self._seen: Fingerprint | str = "unread"
 
     def wake(self) -> None:
         """Look now (SIGHUP), whatever the file's time stamp says."""
@@ -99,5 +100,6 @@ class SecretPickup:
             self._woken.clear()
             now = fingerprint(self.vault_path)
             if woken or now != self._seen:
+                why = "signal" if woken else "start" if self._seen == "unread" else "vault_changed"
                 self._seen = now
-                await self.refresh_all("signal" if woken else "vault_changed")
+                await self.refresh_all(why)

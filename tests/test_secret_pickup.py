@@ -21,8 +21,10 @@ async def test_a_secret_replaced_in_the_vault_is_handed_over_once(vault):
     task = asyncio.get_running_loop().create_task(pickup.run())
     try:
         with capture_logs() as logs:
+            # The first look reads every secret (one changed while the gateway started would be used).
+            await eventually(lambda: [e for e in logs if e.get("why") == "start"], what="the first look")
             vault.set("other", Secret("unrelated"))  # the file changed, this secret did not: nothing handed over
-            await eventually(lambda: [e for e in logs if e["event"] == "credentials.reread"], what="a re-read")
+            await eventually(lambda: [e for e in logs if e.get("why") == "vault_changed"], what="a re-read")
             assert handed == []
             vault.set("exchange", Secret("second"))
             await eventually(lambda: handed == ["second"], what="the new secret handed over")
