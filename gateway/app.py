@@ -563,6 +563,13 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                                   on_change=watch.check)
         app[CREDENTIALS], app[SECRETS] = watch, pickup
         loop = asyncio.get_running_loop()
+
+        def outage_changed(failure: Exception | None) -> None:  # from the source's threads
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is stopping
+                loop.call_soon_threadsafe(watch.wake)
+        gates = [s.opened.outage for s in app[SOURCES].values() if s.opened.outage is not None]
+        for gate in gates:
+            gate.listeners.append(outage_changed)
         tasks = [loop.create_task(watch.run(options.credentials.check_interval_seconds), name="credential-watch"),
                  loop.create_task(pickup.run(), name="secret-pickup")]
         for task in tasks:
@@ -572,6 +579,9 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         yield
         if options.reload_on_sighup:
             loop.remove_signal_handler(signal.SIGHUP)
+        for gate in gates:
+            with contextlib.suppress(ValueError):
+                gate.listeners.remove(outage_changed)
         for task in tasks:
             await _stopped(task)
         metrics.registry.unregister(collector)

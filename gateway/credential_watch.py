@@ -220,6 +220,7 @@ class CredentialWatch:
         self.entries: dict[str, str | None] = {}  # credential -> vault entry, for remedies
         self.checked_at: datetime | None = None
         self._failing: set[str] = set()  # checks whose failure was logged (until they work again)
+        self._wake = asyncio.Event()
         state = read_state(state_path)
         self._said: set[str] = set(state.get("said", []))
 
@@ -244,14 +245,21 @@ class CredentialWatch:
         self._save()
         return results
 
+    def wake(self) -> None:
+        """Check now (a source's outage started or ended: a lockout Exchange reports is told at once, not within
+        the hour). On the event loop's thread."""
+        self._wake.set()
+
     async def run(self, every: float) -> None:
-        """Check now and then every ``every`` seconds, until cancelled."""
+        """Check now and then every ``every`` seconds (or when woken), until cancelled."""
         while True:
+            self._wake.clear()
             try:
                 await self.check()
             except Exception as e:  # a bug here must not end the watch: the next check may well work
                 log.error("credential.watch_failed", error=f"{type(e).__name__}: {e}")
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), every)
 
     def _tell(self, expiry: CredentialExpiry, now: datetime) -> None:
         name, entry = expiry.credential, self.entries.get(expiry.credential)

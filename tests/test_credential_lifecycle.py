@@ -17,18 +17,16 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from gateway import service
-from gateway.app import GatewayOptions, start_gateway, stop_gateway
+from gateway.app import GATEWAY, GatewayOptions, init_app, start_gateway, stop_gateway
 from gateway.config import RelayConfig
 from gateway.ports import AccountStatus, SourceSpec
 from gateway.relay.enroll import enroll
 from gateway.relay.rotation import ROTATE_AFTER
 from gateway.security.identity import GatewayIdentity
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
-from gateway.simulator.server import SimulatorConfig
 from gateway.sources.memory import MemorySource
 from tests.conftest import ControlClient, eventually, free_port, wait_for
 from tests.gateway_cli import ENV, ROOT, gateway, write_config
-from tests.running_gateway import start
 
 NEW_PASSWORD = "Rotated-Passw0rd-2!"
 ROOM = "room1@contoso.com"
@@ -136,34 +134,48 @@ class Directory:
         return self.status
 
 
+class LoggingOn(MemorySource):
+    """A calendar source that logs on as a service account (``settings.username``, as an EWS source does)."""
+
+    username = f"CONTOSO\\{SERVICE_ACCOUNT}"
+
+
 async def test_a_service_account_expiring_soon_or_locked_out_is_a_metric_a_warning_and_a_line_in_rooms(
-        sim_factory, tmp_path, aiohttp_client, capsys):
-    # (streams that end quickly: the simulator stops at teardown without waiting out a held stream)
-    ews = sim_factory(SimulatorConfig(rba_delay=0.05, stream_minute=2.0, keepalive_seconds=0.5, pull_minute=2.0))
+        tmp_path, aiohttp_client, capsys):
     ends = datetime.now(UTC).replace(microsecond=0) + timedelta(days=5)
     directory = Directory(AccountStatus(f"CONTOSO\\{SERVICE_ACCOUNT}", ends))
+    exchange = LoggingOn()
+    exchange.add_room(ROOM, "Room 1")
     store = tmp_path / "data" / "g.sqlite"
     with capture_logs() as logs:
-        g = await start(aiohttp_client, ews, store, (ROOM,), feed="poll",
-                        options={"accounts": directory, "secret_entries": {"exchange": "exchange"}})
+        client = await aiohttp_client(init_app(GatewayOptions(
+            sources=(SourceSpec("exchange", "memory", exchange, rooms=(ROOM,)),), store_path=store, feed="poll",
+            accounts=directory, secret_entries={"exchange": "exchange"})))
+        gw = client.app[GATEWAY]
+
+        def metric(name: str, **labels: str) -> float | None:
+            return gw.metrics.registry.get_sample_value(name, labels)
         expiry = "gateway_credential_expiry_timestamp_seconds"
         await eventually(lambda: directory.asked, what="the directory asked about the service account")
         assert directory.asked[0] == f"CONTOSO\\{SERVICE_ACCOUNT}"
-        assert await g.metric(expiry, credential="source:exchange", kind="password") == ends.timestamp()
-        assert await g.metric("gateway_credential_locked_out", credential="source:exchange") == 0
-        watch = g.gw.credentials
+        await eventually(lambda: metric(expiry, credential="source:exchange", kind="password") == ends.timestamp(),
+                         what="the expiry metric")
+        assert metric("gateway_credential_locked_out", credential="source:exchange") == 0
+        watch = gw.credentials
         assert watch is not None
         await watch.check()  # the next hourly check: nothing new to say
         soon = [e for e in logs if e["event"] == "credential.expires_soon"]
         assert len(soon) == 1 and soon[0]["threshold_days"] == 7 and soon[0]["log_level"] == "warning"
         assert "gateway credentials set exchange" in soon[0]["remedy"]
+        await eventually(lambda: gw.coordinator.workers[ROOM].state == "verified", what="the room in sync")
+        assert (await client.get("/readyz")).status == 200  # a close end date leaves the gateway ready
 
         directory.status = AccountStatus(directory.status.name, ends, locked_out=True, bad_password_count=5)
         await watch.check()
-        assert await g.metric("gateway_credential_locked_out", credential="source:exchange") == 1
+        assert metric("gateway_credential_locked_out", credential="source:exchange") == 1
         locked = [e for e in logs if e["event"] == "credential.locked_out"]
         assert len(locked) == 1 and locked[0]["log_level"] == "error" and "Unlock-ADAccount" in locked[0]["remedy"]
-        ready = await g.client.get("/readyz")  # the reason is named on the open endpoint too (no address)
+        ready = await client.get("/readyz")  # the reason is named on the open endpoint too (no address)
         assert ready.status == 503
         assert "credential source:exchange: the account is locked out; see `gateway doctor`" in \
             (await ready.json())["reasons"]

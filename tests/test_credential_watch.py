@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import stat
 from datetime import UTC, datetime, timedelta
@@ -20,6 +22,7 @@ from gateway.credential_watch import (
 from gateway.errors import AccountLocked, NotFound
 from gateway.ports import AccountStatus, CredentialExpiry
 from gateway.security.identity import GatewayIdentity
+from tests.conftest import eventually
 
 NOW = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -255,3 +258,21 @@ async def test_a_disabled_account_is_an_error_once_with_its_remedy():
     [disabled] = told(logs, "credential.disabled")
     assert disabled["log_level"] == "error" and "enable" in disabled["remedy"]
     assert describe(watch.current[0], NOW) == ("FAIL", "DISABLED; never expires")
+
+
+async def test_a_wake_checks_at_once_so_a_lockout_exchange_reports_is_not_an_hour_late():
+    gate = Gate()
+    watch = CredentialWatch([Watched("source:onprem", "password",
+                                     account_check("source:onprem", "svc", None, outage=gate))],
+                            state_path=None, clock=Clock())
+    task = asyncio.get_running_loop().create_task(watch.run(3600))
+    try:
+        await eventually(lambda: watch.checked_at is not None, what="the first check")
+        assert not watch.current[0].locked_out
+        gate.failure = AccountLocked("Exchange says the service account is locked out")
+        watch.wake()  # what the source's outage gate tells the wiring
+        await eventually(lambda: watch.current[0].locked_out, what="the lockout checked at once")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
