@@ -13,6 +13,8 @@ Start-up enters the contexts in this order, each reachable through its typed app
     TUNNEL       the tunnel to the hub, when the relay is enabled; its inbox (INBOX, made before the sources, which
                  get it as SourceSpec.inbox) passes on the Graph notifications the hub forwards
     (housekeeping)
+    CREDENTIALS  the credential watch (every credential's end date and lockout: gateway/credential_watch.py) and the
+                 pickup of secrets replaced in the vault (gateway/secret_pickup.py; SIGHUP too, under `gateway run`)
     GATEWAY      all of them, for tests and the CLI (and readiness)
 
 A part that fails to start raises an error that names it (and logs ``gateway.start_failed``); aiohttp then exits,
@@ -33,11 +35,12 @@ import contextlib
 import dataclasses
 import errno
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,17 +50,43 @@ from aiohttp import web
 
 from gateway.api import ROUTES, Api, EventHub, Peers, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
-from gateway.config import CommandsConfig, Config, RelayConfig
+from gateway.config import CommandsConfig, Config, CredentialsConfig, RelayConfig
+from gateway.credential_watch import (
+    CredentialWatch,
+    Watched,
+    account_check,
+    problem_of,
+    relay_check,
+    source_watched,
+    state_path_for,
+)
 from gateway.credentials import open_vault, resolve_secret
 from gateway.directory.ldap import LdapDirectory
 from gateway.directory_service import DirectoryOptions, DirectoryRunner, directory_options, open_directory
 from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
-from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
+from gateway.observability.health import (
+    Part,
+    Readiness,
+    credential_part,
+    readiness,
+    rooms_part,
+    source_part,
+    unread_part,
+)
 from gateway.observability.metrics import Metrics, StateCollector
-from gateway.ports import FEED_POLLING, CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
+from gateway.ports import (
+    FEED_POLLING,
+    AccountLookup,
+    CalendarSource,
+    ChangeFeed,
+    FeedSettings,
+    OpenedSource,
+    SourceSpec,
+)
 from gateway.relay.inbox import RelayInbox
 from gateway.relay.tunnel import Tunnel
+from gateway.secret_pickup import SecretPickup, SecretUser
 from gateway.security.identity import GatewayIdentity
 from gateway.sharding import Shard
 from gateway.sources.registry import Kinds, SourceRegistry, default_registry
@@ -109,13 +138,20 @@ class GatewayOptions:
     password_source: Callable[[], str] | None = field(default=None, repr=False)
     password_check_seconds: float = 30.0
     feed_restart_seconds: float = 5.0  # first back-off before a change feed that failed is started again
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    vault_path: Path | None = None  # watched for secrets replaced with `gateway credentials set` (None: no vault)
+    secret_entries: Mapping[str, str] = field(default_factory=dict)  # source -> its vault entry (for remedies)
+    accounts: AccountLookup | None = None  # the directory's accounts: service accounts' password expiry and lockout
+    directory_accounts: tuple[tuple[str, str], ...] = ()  # (credential label, account) the directory binds as
+    credential_state: Path | None = None  # what the credential watch has told (None: beside the store)
+    reload_on_sighup: bool = False  # `gateway run`: SIGHUP reads every secret again
+    directory: DirectoryOptions | None = None  # the organisation's directory (people, rooms), if configured
     # One of several replicas sharing the rooms: it syncs only the rooms that hash to its ordinal (gateway/sharding.py)
     shard: Shard = field(default_factory=Shard)
     peer_url: str | None = None  # replicas.peer_url: where a command for another replica's room is forwarded
     # Rooms may change owner (several replicas, or a StatefulSet's pod that may be scaled): a room's event sequence
     # starts from the clock, so it keeps rising across owners (gateway/store/sqlite.py).
     replicated: bool = False
-    directory: DirectoryOptions | None = None  # the organisation's directory (people, rooms), if configured
 
     @property
     def calendar_sources(self) -> tuple[SourceSpec, ...]:
@@ -142,6 +178,7 @@ class RunningSource:
     feed_down: bool = False  # its feed failed and has not subscribed since (its rooms poll)
     rooms_changed: asyncio.Event = field(default_factory=asyncio.Event)  # the feed watches again with the rooms
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its credentials and room-list tasks
+    secret: SecretUser | None = None  # its secret, read again when the vault changes or it is refused
     elsewhere: dict[str, int] = field(default_factory=dict)  # its rooms other replicas own: room -> owner ordinal
 
     def shard(self, shard: Shard, rooms: list[str]) -> list[str]:
@@ -169,6 +206,8 @@ class Gateway:
     api: Api
     commands: CommandService
     tunnel: Tunnel | None = None
+    credentials: CredentialWatch | None = None
+    secrets: SecretPickup | None = None
     runner: web.AppRunner | None = None  # set by start_gateway (no listener): stop_gateway cleans it up
 
     @property
@@ -195,6 +234,10 @@ class Gateway:
         parts += [Part(f"feed of {name}", "stopped") for name, s in self.sources.items()
                   if s.feed_task is not None and s.feed_task.done()]
         parts.append(rooms_part(w.state for w in workers.values()))
+        if self.credentials is not None:  # a source's credential that stops it (not the relay key: hub outages
+            now = datetime.now(UTC)       # leave the gateway ready)
+            parts += [credential_part(e.credential, problem) for e in self.credentials.current
+                      if e.credential.startswith("source:") and (problem := problem_of(e, now))]
         return readiness(parts)
 
 
@@ -206,6 +249,8 @@ EVENTS = web.AppKey("events", EventHub)
 API = web.AppKey("api", Api)
 COMMANDS = web.AppKey("commands", CommandService)
 TUNNEL = web.AppKey[Tunnel | None]("tunnel")
+CREDENTIALS = web.AppKey("credentials", CredentialWatch)
+SECRETS = web.AppKey("secrets", SecretPickup)
 INBOX = web.AppKey[RelayInbox | None]("inbox")
 GATEWAY = web.AppKey("gateway", Gateway)
 DIRECTORY = web.AppKey[DirectoryRunner | None]("directory")
@@ -259,6 +304,10 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         privacy=policy_for,
         commands=cfg.commands,
         relay=cfg.relay,
+        credentials=cfg.credentials,
+        vault_path=cfg.vault.path,
+        secret_entries={section.name: section.secret_ref.name for section in cfg.calendar_sources
+                        if section.secret_ref.scheme == "vault"},
         identity=identity,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
@@ -353,9 +402,12 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                     raise
             app[SOURCES][spec.name] = running
             opened = running.opened
-            if spec.reread_secret is not None and opened.outage is not None and opened.set_secret is not None:
+            if spec.reread_secret is not None and opened.set_secret is not None:
+                running.secret = SecretUser(f"source {spec.name}", spec.reread_secret, opened.set_secret, spec.secret)
+            if running.secret is not None and opened.outage is not None:
                 task = asyncio.get_running_loop().create_task(
-                    _watch_credentials(spec, opened, options.password_check_seconds), name=f"credentials:{spec.name}")
+                    _watch_credentials(running.secret, opened, options.password_check_seconds),
+                    name=f"credentials:{spec.name}")
                 watch_task(f"credentials:{spec.name}", task)
                 running.tasks.append(task)
             yield
@@ -546,9 +598,52 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         yield
         await _stopped(task)
 
+    async def credentials_ctx(app: web.Application) -> AsyncIterator[None]:
+        with _starting("the credential watch"):
+            d, ldap = options.directory, app.get(LDAP)
+            checks = options
+            if d is not None and ldap is not None:  # the directory answers for every account, its own bind included
+                checks = replace(options, accounts=options.accounts or ldap,
+                                 directory_accounts=(*options.directory_accounts, (d.credential, d.settings.bind)))
+            watch = CredentialWatch(_credential_checks(checks, app[SOURCES], app[TUNNEL]),
+                                    state_path=options.credential_state or state_path_for(options.store_path),
+                                    warn_days=options.credentials.warn_days)
+            collector = watch.collector()
+            metrics.watch(collector)
+            users = [s.secret for s in app[SOURCES].values() if s.secret is not None]
+            if d is not None and ldap is not None and d.reread_secret is not None:
+                users.append(SecretUser(f"directory {d.name}", d.reread_secret, ldap.set_password, d.password))
+            pickup = SecretPickup(users, options.vault_path, options.credentials.vault_check_seconds,
+                                  on_change=watch.check)
+        app[CREDENTIALS], app[SECRETS] = watch, pickup
+        loop = asyncio.get_running_loop()
+
+        def outage_changed(failure: Exception | None) -> None:  # from the source's threads
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the gateway is stopping
+                loop.call_soon_threadsafe(watch.wake)
+        gates = [s.opened.outage for s in app[SOURCES].values() if s.opened.outage is not None]
+        for gate in gates:
+            gate.listeners.append(outage_changed)
+        tasks = [loop.create_task(watch.run(options.credentials.check_interval_seconds), name="credential-watch"),
+                 loop.create_task(pickup.run(), name="secret-pickup")]
+        for task in tasks:
+            watch_task(task.get_name(), task)
+        if options.reload_on_sighup:
+            loop.add_signal_handler(signal.SIGHUP, pickup.wake)
+        yield
+        if options.reload_on_sighup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        for gate in gates:
+            with contextlib.suppress(ValueError):
+                gate.listeners.remove(outage_changed)
+        for task in tasks:
+            await _stopped(task)
+        metrics.registry.unregister(collector)
+
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY] = Gateway(options, metrics, app[STORE], app[SOURCES], app[ROOM_ROUTES], app[COORDINATOR],
-                                    app[EVENTS], app[API], app[COMMANDS], tunnel=app[TUNNEL])
+                                    app[EVENTS], app[API], app[COMMANDS], tunnel=app[TUNNEL],
+                                    credentials=app[CREDENTIALS], secrets=app[SECRETS])
         replica = {} if options.shard.single else {
             "replica": options.shard.ordinal, "replicas": options.shard.count,
             "rooms_elsewhere": sum(len(s.elsewhere) for s in gw.sources.values())}
@@ -562,7 +657,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     app.cleanup_ctx.append(directory_open_ctx)
     app.cleanup_ctx.append(coordinator_ctx)
     app.cleanup_ctx.extend(feed_ctx(spec.name) for spec in specs)
-    app.cleanup_ctx.extend((api_ctx, directory_ctx, tunnel_ctx, housekeeping_ctx, gateway_ctx))
+    app.cleanup_ctx.extend((api_ctx, directory_ctx, tunnel_ctx, housekeeping_ctx, credentials_ctx, gateway_ctx))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         api = request.app.get(API)
@@ -748,25 +843,32 @@ async def _read_room_lists_later(name: str, running: RunningSource, routes: Room
             running.rooms_changed.set()
 
 
-async def _watch_credentials(spec: SourceSpec, opened: OpenedSource, check_seconds: float) -> None:
+async def _watch_credentials(secret: SecretUser, opened: OpenedSource, check_seconds: float) -> None:
     """While the source refuses its credentials, read its secret again every ``check_seconds`` (a local vault
-    read); a changed one is handed to the source, which tries it at once."""
-    read, outage, set_secret = spec.reread_secret, opened.outage, opened.set_secret
-    assert read is not None and outage is not None and set_secret is not None
-    current = spec.secret
+    read), whatever the vault file's time stamp says; a changed one is handed to the source, which tries it at once.
+    (A vault that changed is picked up within seconds anyway: gateway/secret_pickup.py.)"""
+    outage = opened.outage
+    assert outage is not None
     while True:
         await asyncio.sleep(check_seconds)
-        failure = outage.failure
-        if not isinstance(failure, AuthError):  # the gate holds only shared failures: this is refused credentials
-            continue
-        try:
-            secret = await asyncio.to_thread(read)
-        except Exception as e:  # the vault is being rewritten, or now unreadable: say so, try again later
-            log.warning("credentials.reread_failed", source=spec.name, error=str(e))
-            continue
-        if secret != current:
-            current = secret
-            set_secret(secret)
+        if isinstance(outage.failure, AuthError):  # the gate holds only shared failures: this is refused credentials
+            await secret.refresh()
+
+
+def _credential_checks(options: GatewayOptions, sources: dict[str, RunningSource], tunnel: Tunnel | None) \
+        -> list[Watched]:
+    """Every credential the gateway uses: each source's service account (when its kind logs on with a user name)
+    and what the source knows of its own (a CredentialProbe), the directory's bind accounts, the relay key."""
+    watched = []
+    settings = {spec.name: spec.settings for spec in options.calendar_sources}
+    for name, running in sources.items():
+        watched += source_watched(name, settings.get(name), running.opened, options.accounts,
+                                  options.secret_entries.get(name))
+    for label, account in options.directory_accounts:
+        watched.append(Watched(label, "password", account_check(label, account, options.accounts)))
+    if tunnel is not None:
+        watched.append(Watched("relay", "relay_key", relay_check(tunnel.identity, tunnel.rotate_after)))
+    return watched
 
 
 async def start_gateway(options: GatewayOptions, metrics: Metrics | None = None, *,

@@ -619,6 +619,27 @@ class CommandsConfig:
         default=30.0, description="how long a create or move waits for the room's booking attendant")
 
 
+def _warn_days(days: tuple[int, ...]) -> tuple[int, ...]:
+    if not days or any(not 1 <= d <= 365 for d in days):
+        raise _bad("must list days ahead between 1 and 365, e.g. [30, 7, 1]")
+    return tuple(sorted(set(days), reverse=True))
+
+
+@pd.dataclass(frozen=True, config=_SETTINGS)
+class CredentialsConfig:
+    """When the gateway checks its credentials' end dates (passwords, secrets, certificates, the relay key) and how
+    far ahead it warns; and how soon it picks up a secret changed with `gateway credentials set`."""
+
+    check_interval_seconds: Annotated[Number, Range(60, 86400)] = Field(
+        default=3600.0, description="how often every credential's end date and lockout are checked")
+    warn_days: Annotated[tuple[int, ...], BeforeValidator(lambda v: [v] if isinstance(v, int) else v),
+                         AfterValidator(_warn_days)] = Field(
+        default=(30, 7, 1), description="days ahead of an end date at which a warning is logged, once each")
+    vault_check_seconds: Annotated[Number, Range(1, 3600)] = Field(
+        default=5.0, description="how often the running gateway looks whether the vault file changed (a new secret "
+                                 "is used without a restart; SIGHUP looks at once)")
+
+
 @pd.dataclass(frozen=True, config=_SETTINGS)
 class ReplicasConfig:
     """Several replicas sharing the rooms (a StatefulSet): each syncs the rooms that rendezvous-hash to its ordinal
@@ -784,9 +805,10 @@ class Config:
     relay: RelayConfig = Field(default_factory=RelayConfig)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
+    credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)
     directory: DirectoryConfig | None = Field(
         default=None, json_schema_extra=_not_null(), description="Active Directory over LDAP: people, rooms, accounts")
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
     source: SkipJsonSchema[Path | None] = Field(default=None, init=False)  # the file read (None: environment only)
 
     @property

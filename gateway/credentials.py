@@ -5,6 +5,7 @@ adapter, so the vault itself knows nothing about the configuration file.
 
     gateway credentials set exchange            # prompts twice, without echo
     printf %s "$PW" | gateway credentials set exchange --stdin
+    gateway credentials set graph --file app.pem  # a certificate and its key (PEM): checked, its end date said
     gateway credentials list                    # names and when they were set, never values
     gateway credentials delete exchange
 """
@@ -16,8 +17,11 @@ import getpass
 import os
 import sys
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
+
+from cryptography import x509
 
 from gateway.config import CONFIG_PATH_ENV, Config, SecretRef, SourceConfig, VaultConfig, load_vault_config
 from gateway.errors import ConfigError, GatewayError
@@ -75,19 +79,52 @@ def resolve_password(config: Config, env: Mapping[str, str] = os.environ, source
 # -- the commands ----------------------------------------------------------------------------------------------
 def set_credential(cfg: VaultConfig, name: str, *, from_stdin: bool = False, env: Mapping[str, str] = os.environ,
                    stdin: TextIO | None = None, out: TextIO | None = None, notices: TextIO | None = None,
-                   prompt: Prompt = getpass.getpass) -> int:
-    """Store one secret: prompted twice without echo on a terminal, or read from standard input (``--stdin``,
-    one trailing newline removed). The key file is created first if there is none yet."""
+                   prompt: Prompt = getpass.getpass, from_file: Path | None = None) -> int:
+    """Store one secret: prompted twice without echo on a terminal, read from standard input (``--stdin``,
+    one trailing newline removed) or from a file (``--file``, e.g. a PEM certificate with its key). A text that
+    holds a certificate must parse, and its end date is said. The key file is created first if there is none yet.
+    A running gateway notices the vault changed within seconds and uses the new secret: no restart."""
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     notices = notices or sys.stderr
     _check_name(name)
     vault = open_vault(cfg, env, create_key=True, notices=notices)
     vault.names()  # a wrong key or a damaged vault fails now, before anyone types a password
-    secret = _read_secret(name, from_stdin, stdin, prompt)
+    secret = _read_file(from_file) if from_file is not None else _read_secret(name, from_stdin, stdin, prompt)
+    ends = certificate_end(secret.reveal())
     vault.set(name, secret)
-    print(f"stored '{name}' in the vault at {vault.path.resolve()}", file=out)
+    print(f"stored '{name}' in the vault at {vault.path.resolve()}; a running gateway picks it up within seconds "
+          "(no restart)", file=out)
+    if ends is not None:
+        print(f"its certificate is valid until {ends.isoformat()}", file=out)
     return 0
+
+
+def certificate_end(text: str) -> datetime | None:
+    """The end (notAfter) of the first certificate in a PEM text, None if the text holds none; a certificate that
+    cannot be read is refused (nothing is stored)."""
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        return None
+    try:
+        certs = x509.load_pem_x509_certificates(text.encode())
+    except ValueError as e:
+        raise ConfigError(f"the text holds a certificate that cannot be read ({e}); nothing was stored",
+                          key="invalid_certificate",
+                          remedy="give the PEM file as exported (-----BEGIN CERTIFICATE----- ... -----END "
+                                 "CERTIFICATE-----), with --file PATH") from None
+    return certs[0].not_valid_after_utc
+
+
+def _read_file(path: Path) -> Secret:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}", key="unreadable_file",
+                          remedy="give a readable text file (a PEM certificate and key, or a secret)") from None
+    if not text.strip():
+        raise ConfigError(f"{path} is empty; nothing was stored", key="secret_empty",
+                          remedy="give the file that holds the secret")
+    return Secret(text)
 
 
 def list_credentials(cfg: VaultConfig, *, env: Mapping[str, str] = os.environ, out: TextIO | None = None,
@@ -153,9 +190,14 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p_set = sub.add_parser("set", help="store a secret: prompted without echo, or piped with --stdin",
                            description="Store a secret under NAME. On a terminal it is asked for twice without "
                                        "echo; with --stdin it is read from standard input (one trailing newline "
-                                       "is removed). Creates the vault key file if there is none yet.")
+                                       "is removed); with --file from a file (a PEM certificate is checked and its "
+                                       "end date said). Creates the vault key file if there is none yet. A running "
+                                       "gateway picks the new secret up within seconds, without a restart.")
     p_set.add_argument("name", help="the entry's name, e.g. exchange (what vault:exchange refers to)")
-    p_set.add_argument("--stdin", action="store_true", help="read the secret from standard input")
+    how = p_set.add_mutually_exclusive_group()
+    how.add_argument("--stdin", action="store_true", help="read the secret from standard input")
+    how.add_argument("--file", metavar="PATH", type=Path,
+                     help="read the secret from a file, e.g. a PEM certificate with its private key")
     p_list = sub.add_parser("list", help="list the entries' names and when they were set (never the values)",
                             description="List the vault's entries: each name and when it was set. Values are "
                                         "never shown.")
@@ -181,7 +223,7 @@ def run_cli(args: argparse.Namespace, *, env: Mapping[str, str] = os.environ, st
         command = args.credentials_command
         if command == "set":
             return set_credential(cfg, args.name, from_stdin=args.stdin, env=env, stdin=stdin, out=stdout,
-                                  notices=stderr, prompt=prompt)
+                                  notices=stderr, prompt=prompt, from_file=getattr(args, "file", None))
         if command == "list":
             return list_credentials(cfg, env=env, out=stdout, notices=stderr)
         if command == "delete":

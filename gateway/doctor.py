@@ -27,10 +27,11 @@ from typing import Any
 
 from gateway.app import GatewayOptions
 from gateway.config import PrivacyConfig, unknown_privacy_rooms
+from gateway.credential_watch import Watched, check_all, describe, problem_of, remedy, source_watched
 from gateway.errors import GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
-from gateway.ports import OpenedSource, SourceSpec
+from gateway.ports import CredentialExpiry, OpenedSource, SourceSpec
 from gateway.sources.ews.directory import EwsDirectory
 from gateway.sources.ews.source import EwsSettings, EwsSource
 from gateway.sources.ews.streaming import check_subscription
@@ -114,6 +115,9 @@ async def check_sources(options: GatewayOptions, report: Report, privacy: Privac
         opened = kinds(spec.kind).open(spec, replace(options.feed_settings, mode="poll"))
         try:
             found = await check_source(spec, opened, options, report, label, owner)
+            watched = source_watched(spec.name, spec.settings, opened, options.accounts,
+                                     options.secret_entries.get(spec.name))
+            await check_credentials(watched, report, options.credentials.warn_days)
         finally:
             await opened.close()
         if found is None:  # the logon failed: its rooms cannot be checked (nor are they missing)
@@ -254,6 +258,26 @@ async def check_room(opened: OpenedSource, options: GatewayOptions, room: str, l
         if not await step("availability", opened.writer.availability([room], start, start + timedelta(hours=1))):
             return findings
     return findings
+
+
+async def check_credentials(watched: list[Watched], report: Report, warn_days: tuple[int, ...]) -> None:
+    """One line per credential: when it ends, a warning when that is close, a failure when it has passed or the
+    account is locked out or disabled, each with its remedy (gateway/credential_watch.py)."""
+    now = datetime.now(UTC)
+    for w, found, _ in await check_all(watched):
+        for expiry in found:
+            credential_line(report, expiry, w.entry, now, warn_days)
+
+
+def credential_line(report: Report, expiry: CredentialExpiry, entry: str | None, now: datetime,
+                    warn_days: tuple[int, ...]) -> None:
+    mark, text = describe(expiry, now, warn_days)
+    problem = problem_of(expiry, now)
+    key = {"locked_out": "account_locked", "disabled": "account_disabled", "expired": "credential_expired"}.get(
+        problem, "credential_expires_soon" if mark == "warn" else "ok" if expiry.known else "expiry_unknown")
+    if mark != "ok":
+        text = f"{text}; {remedy(expiry, entry, problem or 'expires')}"
+    report.line(mark, f"credential {expiry.credential} ({expiry.kind})", key, text)
 
 
 def _print_rooms(report: Report, results: dict[str, list[Finding]], label: str = "") -> None:

@@ -291,6 +291,7 @@ class CredentialExpiry:
     known: bool = True  # False: it cannot be known here (``detail`` says why)
     locked_out: bool = False
     detail: str = ""
+    disabled: bool = False  # the account is disabled (it stops working whatever its end date)
 
 
 @dataclass(frozen=True, slots=True)

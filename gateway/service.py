@@ -24,6 +24,7 @@ from gateway.app import (
     options_from_config,
 )
 from gateway.config import Config, load_config
+from gateway.credential_watch import describe, last_known, problem_of, remedy, state_path_for
 from gateway.errors import GatewayError
 from gateway.model import ROOM_STATES
 from gateway.observability.metrics import Metrics
@@ -77,7 +78,7 @@ async def serve(app: web.Application, host: str, port: int,
 
 async def run(config_path: Path | None) -> int:
     cfg = load_config(config_path)
-    options = options_from_config(cfg)
+    options = replace(options_from_config(cfg), reload_on_sighup=True)  # SIGHUP: read every secret again
     app = init_app(options)
 
     def ready(app: web.Application, port: int) -> None:
@@ -116,7 +117,28 @@ def rooms(config_path: Path | None) -> int:
             print(f"{email:<{width}}  {'pending':<22} {0:>8}  {source_of(email):<12} {ROOM_STATES['pending']}")
     finally:
         store.close()
+    print_credentials(state_path_for(cfg.store.path), cfg.credentials.warn_days)
     return 0
+
+
+def print_credentials(state: Path, warn_days: tuple[int, ...]) -> None:
+    """The credentials part of `gateway rooms`: each credential as the running gateway last checked it (nothing
+    before it has run once), its end and, when close or past, what to do."""
+    checked_at, found = last_known(state)
+    if not found:
+        return
+    now = datetime.now(UTC)
+    width = max(len(e.credential) for e, _ in found) + 2
+    print(f"{'CREDENTIAL':<{width}}  {'KIND':<13} {'STATE':<5} EXPIRY (checked {_iso_z(checked_at)})")
+    for expiry, entry in found:
+        mark, text = describe(expiry, now, warn_days)
+        if mark != "ok":
+            text += "; " + remedy(expiry, entry, problem_of(expiry, now) or "expires")
+        print(f"{expiry.credential:<{width}}  {expiry.kind:<13} {mark:<5} {text}")
+
+
+def _iso_z(t: datetime | None) -> str:
+    return "never" if t is None else t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def forget(config_path: Path | None, room: str) -> int:
@@ -206,7 +228,10 @@ async def doctor(config_path: Path | None) -> int:
     room with what the gateway will use (gateway/doctor.py).
     """
     from gateway.config import check_config
-    from gateway.doctor import Report, check_sources
+    from gateway.credential_watch import Watched, account_check, relay_check
+    from gateway.directory_service import open_directory
+    from gateway.doctor import Report, check_credentials, check_sources
+    from gateway.relay.rotation import ROTATE_AFTER
 
     report = Report(config_path)
 
@@ -234,6 +259,8 @@ async def doctor(config_path: Path | None) -> int:
         from gateway.relay.connection import probe
 
         line(True, f"relay identity {options.identity.gateway_id} (key {options.identity.key_id})")
+        await check_credentials([Watched("relay", "relay_key", relay_check(options.identity, ROTATE_AFTER))], report,
+                                options.credentials.warn_days)
         try:
             await probe(options.relay, options.proxy_password)
             line(True, f"hub {options.relay.hub_url}" + (" via the proxy" if options.relay.proxy_url else ""))
@@ -248,7 +275,19 @@ async def doctor(config_path: Path | None) -> int:
              "" if not issues else "; ".join(issues))
     except GatewayError as e:
         line(False, f"store {store_path}", e.key, e.remedy or str(e))
-    await check_sources(options, report, privacy=cfg.rooms.privacy)
+    d = options.directory
+    ldap = open_directory(d) if d is not None else None
+    try:
+        if d is not None and ldap is not None:  # the directory answers for every account, its own bind included
+            options = replace(options, accounts=ldap,
+                              directory_accounts=(*options.directory_accounts, (d.credential, d.settings.bind)))
+            await check_credentials([Watched(label, "password", account_check(label, account, ldap))
+                                     for label, account in options.directory_accounts], report,
+                                    options.credentials.warn_days)
+        await check_sources(options, report, privacy=cfg.rooms.privacy)
+    finally:
+        if ldap is not None:
+            await ldap.close()
     report.summary()
     return 1 if report.failed else 0
 

@@ -371,7 +371,8 @@ def test_the_network_policy_lets_out_only_dns_exchange_the_hub_and_the_proxy(hel
 def _exported_metrics() -> set[str]:
     """The metric names the gateway exports (counters with their _total), read from where they are declared."""
     names: set[str] = set()
-    for src in (ROOT / "gateway" / "observability" / "metrics.py", ROOT / "gateway" / "sources" / "ews" / "metrics.py"):
+    for src in (ROOT / "gateway" / "observability" / "metrics.py", ROOT / "gateway" / "sources" / "ews" / "metrics.py",
+                ROOT / "gateway" / "credential_watch.py"):
         for kind, name in re.findall(r"(Counter|Gauge|Histogram|GaugeMetricFamily)\(\s*\"(gateway_\w+)\"",
                                      src.read_text()):
             names.add(name + "_total" if kind == "Counter" else name)
@@ -383,7 +384,8 @@ def test_the_alerts_and_the_scrape_use_metrics_the_gateway_exports(helm_render):
     rules = one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
     alerts = {r["alert"] for r in rules}
     assert alerts == {"GatewayRoomNotSynced", "GatewaySourceAuthRequired", "GatewayOutboxBacklogGrowing",
-                      "GatewayTunnelDown"}
+                      "GatewayTunnelDown", "GatewayCredentialExpiresSoon", "GatewayCredentialLockedOut",
+                      "GatewayRelayKeyRotationOverdue"}
     exported = _exported_metrics()
     assert "gateway_room_last_sync_age_seconds" in exported  # the reading above finds them
     for rule in rules:
@@ -393,10 +395,20 @@ def test_the_alerts_and_the_scrape_use_metrics_the_gateway_exports(helm_render):
     monitor = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
     assert monitor["path"] == "/metrics" and monitor["port"] == "api"
     assert monitor["authorization"]["credentials"] == {"name": "gateway-metrics-key", "key": "api-key"}
-    # No relay, no tunnel alert.
+    # Credentials: a warning 7 days ahead, critical from 1 day ahead (and once ended), a lockout critical; the relay
+    # key, which the gateway rotates itself, only when its rotation is overdue.
+    expiring = {r["labels"]["severity"]: r["expr"] for r in rules if r["alert"] == "GatewayCredentialExpiresSoon"}
+    assert set(expiring) == {"warning", "critical"}
+    assert "< 604800" in expiring["warning"] and ">= 86400" in expiring["warning"]
+    assert "< 86400" in expiring["critical"] and ">=" not in expiring["critical"]
+    assert all('kind!="relay_key"' in e and "- time()" in e for e in expiring.values())
+    [locked] = [r for r in rules if r["alert"] == "GatewayCredentialLockedOut"]
+    assert locked["labels"]["severity"] == "critical" and "gateway_credential_locked_out" in locked["expr"]
+    assert "gateway credentials set" in locked["annotations"]["description"]
+    # No relay, no tunnel or relay key alert.
     no_relay = {**ALL_ON, "config": {k: v for k, v in ALL_ON["config"].items() if k != "relay"}}
     rules = one(objects(render(helm_render, no_relay).stdout), "PrometheusRule")["spec"]["groups"][0]["rules"]
-    assert "GatewayTunnelDown" not in {r["alert"] for r in rules}
+    assert not {"GatewayTunnelDown", "GatewayRelayKeyRotationOverdue"} & {r["alert"] for r in rules}
 
 
 def test_a_service_monitor_without_the_metrics_key_is_refused_with_the_remedy(helm_render):

@@ -60,3 +60,14 @@ def rooms_part(room_states: Iterable[str]) -> Part:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items(), key=lambda kv: -kv[1]))
     return Part("", f"no room is in sync ({counts}); see /v1/rooms or `gateway rooms` for each room's reason and "
                     "remedy")
+
+
+CREDENTIAL_PROBLEMS = {"locked_out": "the account is locked out", "disabled": "the account is disabled",
+                       "expired": "it has expired"}
+
+
+def credential_part(credential: str, problem: str) -> Part:
+    """A source's credential that stops it (locked out, disabled, expired), named so that the reason for its rooms'
+    states is on /readyz too; its end date and remedy are in `gateway doctor` and `gateway rooms`."""
+    return Part(f"credential {credential}", f"{CREDENTIAL_PROBLEMS.get(problem, problem)}; see `gateway doctor`")
+

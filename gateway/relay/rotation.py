@@ -27,6 +27,7 @@ log = structlog.get_logger(__name__)
 
 ROTATION_PAUSE: Final = 3600.0  # between automatic key rotation attempts
 ROTATION_CHECK: Final = 300.0  # how often a connected tunnel looks for a rotation asked for in the vault
+ROTATE_AFTER: Final = timedelta(days=90)  # a key older than this is replaced (the credential watch's "due" date)
 
 
 class KeyRotation:

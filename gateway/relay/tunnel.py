@@ -50,7 +50,7 @@ from gateway.relay.connection import (
     receive,
 )
 from gateway.relay.inbox import RelayInbox
-from gateway.relay.rotation import ROTATION_CHECK, KeyRotation
+from gateway.relay.rotation import ROTATE_AFTER, ROTATION_CHECK, KeyRotation
 from gateway.relay.window import FRAME_BUDGET, OutboxWindow, encode_event, frames
 from gateway.retry import Backoff
 from gateway.security.identity import GatewayIdentity
@@ -98,7 +98,7 @@ class Revoked(Refused):
 class Tunnel:
     def __init__(self, settings: RelayConfig, identity: GatewayIdentity, store: Store, commands: CommandHandler,
                  *, notifier: Notifier | None = None, metrics: Metrics | None = None,
-                 proxy_password: str | None = None, rotate_after: timedelta | None = timedelta(days=90),
+                 proxy_password: str | None = None, rotate_after: timedelta | None = ROTATE_AFTER,
                  command_concurrency: int = 32, auth_retry_seconds: float = 300.0,
                  handshake_timeout: float = 30.0, rng: random.Random | None = None,
                  rotation_check: float = ROTATION_CHECK, inbox: RelayInbox | None = None,

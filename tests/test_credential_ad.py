@@ -1,0 +1,97 @@
+"""The credential watch against a real Active Directory (Samba): a service account whose password AD computes to
+expire in five days (msDS-UserPasswordExpiryTimeComputed) is a metric and one warning; the bind account, whose
+password never expires, has no expiry sample; `gateway doctor` and the state file tell the same."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from structlog.testing import capture_logs
+
+from gateway.app import DIRECTORY, GatewayOptions, start_gateway, stop_gateway
+from gateway.credential_watch import last_known
+from gateway.directory.ldap import LdapSettings
+from gateway.directory_service import DirectoryOptions
+from gateway.ports import SourceSpec
+from gateway.sources.memory import MemorySource
+from tests.conftest import eventually
+from tests.gateway_cli import gateway
+from tests.ldap_server import BASE, BIND_DN, DOMAIN, EXPIRING, MAIL, PASSWORD, SERVER_NAME, SambaDC
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ldap")]
+
+
+class LoggingOn(MemorySource):
+    """A calendar source that logs on as an AD service account (what the credential watch asks the directory
+    about: ``settings.username``), as an EWS source does."""
+
+    username = f"{DOMAIN}\\{EXPIRING}"
+
+
+async def test_a_password_ad_says_expires_in_five_days_is_a_metric_and_one_warning(
+        tmp_path: Path, samba: SambaDC) -> None:
+    exchange = LoggingOn()
+    exchange.add_room(f"room1@{MAIL}", "Room 1")
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
+                            server_name=SERVER_NAME)
+    options = GatewayOptions(sources=(SourceSpec("onprem", "memory", exchange, rooms=(f"room1@{MAIL}",)),),
+                             store_path=tmp_path / "data" / "gateway.sqlite", feed="poll",
+                             secret_entries={"onprem": "exchange"},
+                             directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600))
+    with capture_logs() as logs:
+        gw = await start_gateway(options)
+        try:
+            watch = gw.credentials
+            assert watch is not None
+            await eventually(lambda: watch.checked_at is not None, what="the first credential check")
+            assert gw.runner is not None
+            runner = gw.runner.app[DIRECTORY]
+            assert runner is not None  # its first people sync ends before the gateway stops (no bind left in flight)
+            await eventually(lambda: runner.syncs or runner.failure, what="the directory's first sync")
+            await watch.check()  # the next hourly one: nothing new to say
+            by_name = {e.credential: e for e in watch.current}
+            registry = gw.metrics.registry
+            expiry = {c: registry.get_sample_value("gateway_credential_expiry_timestamp_seconds",
+                                                   {"credential": c, "kind": "password"})
+                      for c in ("source:onprem", "directory:corp")}
+            locked = registry.get_sample_value("gateway_credential_locked_out", {"credential": "directory:corp"})
+        finally:
+            await stop_gateway(gw)
+    source = by_name["source:onprem"]
+    assert source.known and source.expires_at is not None and not source.locked_out
+    left = source.expires_at - datetime.now(UTC)
+    assert timedelta(days=4) < left <= timedelta(days=5), left  # its password was set at the session's start
+    assert expiry["source:onprem"] == source.expires_at.timestamp()
+    bind = by_name["directory:corp"]
+    assert bind.known and bind.expires_at is None  # never expires: no sample
+    assert expiry["directory:corp"] is None and locked == 0
+    soon = [e for e in logs if e["event"] == "credential.expires_soon"]
+    assert [(e["credential"], e["threshold_days"]) for e in soon] == [("source:onprem", 7)]
+    assert "gateway credentials set exchange" in soon[0]["remedy"]
+    _, stored = last_known(tmp_path / "data" / "credentials.json")
+    assert {e.credential for e, _ in stored} == {"source:onprem", "directory:corp"}
+
+
+def test_doctor_asks_the_directory_about_each_account(tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "exchange": {"ews_url": ews.url, "allow_insecure_http": True, "username": f"{DOMAIN}\\{EXPIRING}",
+                     "password_ref": "vault:exchange"},
+        "rooms": {"mailboxes": ["room1@contoso.com"]},
+        "store": {"path": str(tmp_path / "data" / "gateway.sqlite")},
+        "vault": {"path": str(tmp_path / "data" / "credentials.vault"), "key_file": str(tmp_path / "vault.key")},
+        "directory": {"name": "corp", "urls": [samba.ldaps_url], "bind": f"{DOMAIN}\\svc-ldap",
+                      "password_ref": "vault:ldap", "ca_bundle": str(samba.ca), "server_name": SERVER_NAME,
+                      "base_dn": BASE}}))
+    for name in ("exchange", "ldap"):
+        assert gateway("credentials", "set", name, "--stdin", "--config", str(cfg), stdin=PASSWORD).returncode == 0
+    doctor = gateway("doctor", "--config", str(cfg))
+    lines = {line.split()[2]: line for line in doctor.stdout.splitlines() if line.split()[1:2] == ["credential"]}
+    assert set(lines) == {"source:exchange", "directory:corp"}, doctor.stdout
+    assert lines["source:exchange"].startswith("warn") and "credential_expires_soon" in lines["source:exchange"]
+    assert f"`gateway credentials set exchange --config {cfg}`" in lines["source:exchange"]
+    assert lines["directory:corp"].startswith("ok") and "never expires" in lines["directory:corp"]
