@@ -154,6 +154,9 @@ class Coordinator:
         self.workers: dict[str, RoomWorker] = {}
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_rooms)
+        # Rooms between verification and the end of their import: a verified room imports at once (its calls would
+        # otherwise queue behind every other room's verification, and nothing imports until all are verified).
+        self._starting = asyncio.Semaphore(self.settings.max_concurrent_rooms)
         self.listeners: list[Callable[[list[OutboxEntry]], None]] = []  # told after each commit (SSE wake-up)
         self._outages: dict[str | None, tuple[OutageLog, asyncio.Event]] = {}  # by source (group)
         self.feed_down: dict[str, str] = {}  # room -> why its change feed is down (it polls meanwhile)
@@ -205,11 +208,12 @@ class Coordinator:
         s = self.settings
         while True:
             try:
-                await self._verify(w)
-                if await self.db(self.store.sync_state, w.email) is None:
-                    await self.import_room(w)
-                else:
-                    await self.reconcile(w)  # a restart may have missed anything; one full read repairs it
+                async with self._starting:
+                    await self._verify(w)
+                    if await self.db(self.store.sync_state, w.email) is None:
+                        await self.import_room(w)
+                    else:
+                        await self.reconcile(w)  # a restart may have missed anything; one full read repairs it
                 await self._loop(w)
             except asyncio.CancelledError:
                 raise
