@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-bookings", action="store_true", help="start with empty calendars (no seeded year)")
     sim.add_argument("--latency-ms", type=float, default=0.0, metavar="MS",
                      help="added to every EWS call, like a loaded server (default: %(default)s)")
+    sim.add_argument("--no-response-validation", action="store_true",
+                     help="do not check answers against the EWS schema (for benchmarks; the test suite checks them)")
     sim.add_argument("--tls", action="store_true",
                      help="serve HTTPS with a certificate generated at start-up (its PEM is in the JSON line)")
     _logging_options(sim)

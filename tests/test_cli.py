@@ -13,6 +13,9 @@ from datetime import timedelta
 from exchangelib import IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSDateTime
 from exchangelib.protocol import close_connections
 
+from gateway.bench import BenchArgs, simulator_command
+from gateway.cli import build_parser
+from gateway.simulator.serve import simulator_config
 from tests.conftest import TZ
 
 ENV = {**os.environ, "GATEWAY_LOG_FORMAT": "json"}
@@ -69,3 +72,11 @@ def test_help_reads_well() -> None:
         assert option in sim.stdout
     bad = subprocess.run([sys.executable, "-m", "gateway", "simulator"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--port" in bad.stderr
+
+
+def test_the_simulator_skips_checking_its_answers_against_the_schema_only_when_a_benchmark_asks() -> None:
+    plain = build_parser().parse_args(["simulator", "--port", "0"])
+    fast = build_parser().parse_args(["simulator", "--port", "0", "--no-response-validation"])
+    assert simulator_config(plain).validate_responses is True
+    assert simulator_config(fast).validate_responses is False
+    assert "--no-response-validation" in simulator_command(BenchArgs(rooms=10))
