@@ -120,8 +120,8 @@ class Store(Protocol):
 
     def sync_state(self, room: str) -> str | None: ...
 
-    def known(self, room: str) -> dict[str, Known]:
-        """The room's booking snapshot, by booking id."""
+    def known(self, room: str, uids: frozenset[str] | None = None) -> dict[str, Known]:
+        """The room's booking snapshot, by booking id (``uids``: only the bookings of these meetings)."""
         ...
 
     def bookings(self, room: str, start: datetime | None = None, end: datetime | None = None) -> list[Booking]: ...

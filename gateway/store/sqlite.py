@@ -252,10 +252,18 @@ class SqliteStore:
             row = conn.execute("SELECT state FROM sync_states WHERE room = ?", (room,)).fetchone()
         return None if row is None else str(row[0])
 
-    def known(self, room: str) -> dict[str, Known]:
+    def known(self, room: str, uids: frozenset[str] | None = None) -> dict[str, Known]:
+        """What the store holds of the room: every booking, or those of the meetings ``uids``."""
+        if uids is not None and not uids:
+            return {}
         with self._read() as conn:
-            rows = conn.execute("SELECT id, content_hash, json, confirmed_at FROM bookings WHERE room = ?",
-                                (room,)).fetchall()
+            if uids is None:
+                rows = conn.execute("SELECT id, content_hash, json, confirmed_at FROM bookings WHERE room = ?",
+                                    (room,)).fetchall()
+            else:
+                rows = conn.execute("SELECT id, content_hash, json, confirmed_at FROM bookings WHERE room = ? AND "
+                                    "uid IN (SELECT value FROM json_each(?))",
+                                    (room, json.dumps(sorted(uids)))).fetchall()
         return {bid: Known(_booking(doc, confirmed_at), content_hash) for bid, content_hash, doc, confirmed_at in rows}
 
     def bookings(self, room: str, start: datetime | None = None, end: datetime | None = None) -> list[Booking]:

@@ -372,8 +372,10 @@ class Coordinator:
             if to_read:
                 async with self._slots:
                     observed += await self.source.read_meetings(w.email, window, to_read)
-            result = plan(await self.db(self.store.known, w.email), self._private(w.email, observed),
-                          Scope(window, frozenset(uids)), self.now())
+            scope = Scope(window, frozenset(uids))
+            # Only the meetings in scope: what the plan compares, and a sync then costs what changed, not the room.
+            result = plan(await self.db(self.store.known, w.email, scope.uids), self._private(w.email, observed),
+                          scope, self.now())
             await self._commit(w, result, sync_state=page.sync_state, item_uids=page.item_uids,
                                removed_items=page.deleted_item_ids, started=started)
             if not page.more:
