@@ -90,16 +90,17 @@ class Booking:
     id: str = field(init=False, compare=False, repr=False)
     meeting_id: str = field(init=False, compare=False, repr=False)
     _hash: str | None = field(init=False, compare=False, repr=False, default=None)
+    _content: dict[str, Any] | None = field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id", booking_id_for(self.room, self.uid, self.original_start))
         object.__setattr__(self, "meeting_id", meeting_id_for(self.uid))
 
     def content(self) -> dict[str, Any]:
-        """Everything a consumer sees, minus freshness."""
-        d = to_json(self)
-        d.pop("confirmed_at", None)
-        return d
+        """Everything a consumer sees, minus freshness. Built once and shared: read it, never change it."""
+        if self._content is None:
+            object.__setattr__(self, "_content", _content(self))
+        return self._content  # type: ignore[return-value]
 
     def content_hash(self) -> str:
         if self._hash is None:
@@ -108,7 +109,11 @@ class Booking:
         return self._hash  # type: ignore[return-value]
 
     def confirmed(self, at: datetime) -> Booking:
-        return replace(self, confirmed_at=at)
+        """The same booking seen again at ``at``: freshness is not content, so the copy keeps content and hash."""
+        copy = replace(self, confirmed_at=at)
+        object.__setattr__(copy, "_content", self.content())
+        object.__setattr__(copy, "_hash", self._hash)
+        return copy
 
 
 def _iso(value: datetime | date | None) -> str | None:
@@ -120,7 +125,13 @@ def _iso(value: datetime | date | None) -> str | None:
 
 
 def to_json(b: Booking) -> dict[str, Any]:
-    """The published JSON form (schemas/booking.v1.json)."""
+    """The published JSON form (schemas/booking.v1.json): the content, then freshness."""
+    d = dict(b.content())
+    d["confirmed_at"] = _iso(b.confirmed_at)
+    return d
+
+
+def _content(b: Booking) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "id": b.id,
@@ -147,7 +158,6 @@ def to_json(b: Booking) -> dict[str, Any]:
         "free_busy": b.free_busy,
         "cancelled": b.cancelled,
         "origin": b.origin,
-        "confirmed_at": _iso(b.confirmed_at),
     }
 
 

@@ -82,6 +82,18 @@ def test_json_round_trip_keeps_everything():
     assert from_json(to_json(b)) == b
 
 
+def test_a_booking_is_serialized_once_however_often_it_is_confirmed_hashed_and_published():
+    # An import serialized each booking five times (content, hash, snapshot row, event, again after confirmed()):
+    # a quarter of the gateway's CPU. Freshness is not content, so a confirmed copy shares both.
+    b = booking("S", sensitivity="private", original_start=NOW)
+    seen = b.confirmed(NOW)
+    assert seen.content() is b.content() and seen.content_hash() == b.content_hash()
+    assert seen.content_hash() == replace(b, confirmed_at=NOW).content_hash()
+    published = to_json(seen)
+    assert list(published)[-1] == "confirmed_at" and published["confirmed_at"] == "2026-11-23T08:00:00Z"
+    assert {k: v for k, v in published.items() if k != "confirmed_at"} == b.content()
+
+
 class RoomChurn(RuleBasedStateMachine):
     """Exchange churns a room; the gateway observes it fully, partially or through a broken (empty) read.
 
