@@ -132,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "rate of changes, EWS calls per change and the gateway's peak RSS; then "
                                          "events per second through one tunnel to a local hub, and the round trip "
                                          "of create commands sent through the hub with a slow booking attendant.")
-    gbench.add_argument("--rooms", type=_count, default=1000, metavar="N", help="rooms (default: %(default)s)")
+    gbench.add_argument("--rooms", type=_counts, default=(1000,), metavar="N[,N...]",
+                        help="rooms (default: 1000); several counts, e.g. 100,1000,10000, run the import and "
+                             "steady state once per count, each in a process of its own, and report import "
+                             "seconds, CPU (gateway, simulator) per booking, EWS calls and RSS for each")
     gbench.add_argument("--rate", type=_rate, default=20.0, metavar="RATE",
                         help="changes per second in the steady phase (default: %(default)s)")
     gbench.add_argument("--duration", type=_seconds, default=30.0, metavar="SECONDS",
@@ -263,6 +266,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a count or counts separated by commas (100,1000)") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("every count must be 1 or more")
+    return counts
+
+
 def _rate(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1000:
@@ -356,7 +369,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from gateway import bench
 
-        return bench.main(bench.BenchArgs(rooms=args.rooms, rate=args.rate, duration=args.duration,
+        return bench.main(bench.BenchArgs(rooms=args.rooms[0], scale=args.rooms, rate=args.rate, duration=args.duration,
                                           latency_ms=args.latency_ms, as_json=args.json,
                                           sync=args.only in (None, "sync"), relay=args.only in (None, "relay"),
                                           events=args.events, commands=args.commands, rba_delay=args.rba_delay))
