@@ -219,10 +219,13 @@ class StreamingFeed:
             return sub_id, acct.affinity_cookie or ""
 
         loop = asyncio.get_running_loop()
+        # Half the source's threads at most: the rest keep reading (imports, syncs) while a thousand rooms subscribe.
+        at_once = asyncio.Semaphore(max(1, self.source.settings.max_workers // 2))
 
         async def attempt(room: str) -> tuple[str, str] | GatewayError:
             try:
-                return await loop.run_in_executor(self.source._pool, subscribe, room)
+                async with at_once:
+                    return await loop.run_in_executor(self.source._pool, subscribe, room)
             except GatewayError as e:
                 return e  # anything else is not an answer from Exchange: the supervisor hears of it
 
