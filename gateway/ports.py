@@ -134,8 +134,10 @@ class Store(Protocol):
     def commit_sync(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
                     confirmed: Sequence[str] = (), confirmed_at: datetime | None = None,
                     item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
-                    sync_state: str | None = None, clear_sync_state: bool = False) -> list[OutboxEntry]:
-        """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state."""
+                    sync_state: str | None = None, clear_sync_state: bool = False,
+                    room_row: Room | None = None) -> list[OutboxEntry]:
+        """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state (and the
+        room's row, when given)."""
         ...
 
     def outbox_after(self, seq: int, limit: int = 500) -> list[OutboxEntry]: ...

@@ -233,13 +233,16 @@ class SqliteStore:
 
     def upsert_room(self, room: Room) -> None:
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO rooms (email, name, capacity, timezone, state, reason, remedy, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET name = excluded.name, "
-                "capacity = excluded.capacity, timezone = excluded.timezone, state = excluded.state, "
-                "reason = excluded.reason, remedy = excluded.remedy, updated_at = excluded.updated_at",
-                (room.email, room.name, room.capacity, room.timezone, room.state, room.reason, room.remedy,
-                 _ts(self._now())))
+            self._upsert_room(conn, room)
+
+    def _upsert_room(self, conn: sqlite3.Connection, room: Room) -> None:
+        conn.execute(
+            "INSERT INTO rooms (email, name, capacity, timezone, state, reason, remedy, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET name = excluded.name, "
+            "capacity = excluded.capacity, timezone = excluded.timezone, state = excluded.state, "
+            "reason = excluded.reason, remedy = excluded.remedy, updated_at = excluded.updated_at",
+            (room.email, room.name, room.capacity, room.timezone, room.state, room.reason, room.remedy,
+             _ts(self._now())))
 
     def remove_room(self, email: str) -> None:
         """Forget a room: its sync state, snapshot and item map go with it; its outbox events stay for delivery."""
@@ -300,8 +303,10 @@ class SqliteStore:
     def commit_sync(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
                     confirmed: Sequence[str] = (), confirmed_at: datetime | None = None,
                     item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
-                    sync_state: str | None = None, clear_sync_state: bool = False) -> list[OutboxEntry]:
-        """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state.
+                    sync_state: str | None = None, clear_sync_state: bool = False,
+                    room_row: Room | None = None) -> list[OutboxEntry]:
+        """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state;
+        ``room_row``: the room's row too (a state change and its event, one transaction instead of two).
 
         Deletes apply before upserts, item removals before additions. Returns the appended outbox entries, each
         event carrying its per-room ``sequence``. Raises NotFound for a room that is not in the store (removed
@@ -322,6 +327,10 @@ class SqliteStore:
         event_rows = [(e, json.dumps(e.data, separators=(",", ":"))) for e in events]
         entries: list[OutboxEntry] = []
         with self._write() as conn:
+            if room_row is not None:
+                if room_row.email != room:
+                    raise ValueError(f"room row {room_row.email} given for {room}")
+                self._upsert_room(conn, room_row)
             if conn.execute("SELECT 1 FROM rooms WHERE email = ?", (room,)).fetchone() is None:
                 raise NotFound(f"room {room} is not in the store", key="room_not_in_store",
                                remedy="add the room (upsert_room) before syncing it")

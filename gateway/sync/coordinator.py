@@ -461,9 +461,8 @@ class Coordinator:
             w.stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email) or Room(w.email)
         room = replace(w.stored, state=RoomState(state), reason=reason, remedy=ROOM_STATES.get(state, ""))
         w.stored = room
-        await self.db(self.store.upsert_room, room)
         entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),
-                                events=[self._room_event(room)])
+                                events=[self._room_event(room)], room_row=room)
         for listener in self.listeners:
             listener(entries)
         quiet = shared or state in ("verified", "syncing", "polling") or state == previous
