@@ -75,3 +75,7 @@ async def test_rooms_import_while_the_feed_is_still_subscribing_the_others(
                      timeout=60, what="a first room imported")
     assert subscribed() < rooms // 2, f"the first import waited for {subscribed()} of {rooms} subscriptions"
     await eventually(lambda: subscribed() == rooms, timeout=60, what="every room subscribed")
+    await eventually(lambda: all(w.last_success is not None for w in gw.coordinator.workers.values()),
+                     timeout=60, what="every room imported")
+    # One GetFolder a room, its verification: reads and subscriptions name the calendar without asking for its id.
+    assert ews.call(lambda: ews.sim.calls[("GetFolder", "NoError")]) == rooms
