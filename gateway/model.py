@@ -91,6 +91,7 @@ class Booking:
     meeting_id: str = field(init=False, compare=False, repr=False)
     _hash: str | None = field(init=False, compare=False, repr=False, default=None)
     _content: dict[str, Any] | None = field(init=False, compare=False, repr=False, default=None)
+    _json: str | None = field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id", booking_id_for(self.room, self.uid, self.original_start))
@@ -102,9 +103,15 @@ class Booking:
             object.__setattr__(self, "_content", _content(self))
         return self._content  # type: ignore[return-value]
 
+    def content_json(self) -> str:
+        """The content as JSON text, keys sorted: what the content hash is taken of (and what the store keeps)."""
+        if self._json is None:
+            object.__setattr__(self, "_json", json.dumps(self.content(), sort_keys=True))
+        return self._json  # type: ignore[return-value]
+
     def content_hash(self) -> str:
         if self._hash is None:
-            digest = hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:32]
+            digest = hashlib.sha256(self.content_json().encode()).hexdigest()[:32]
             object.__setattr__(self, "_hash", digest)
         return self._hash  # type: ignore[return-value]
 
@@ -112,7 +119,8 @@ class Booking:
         """The same booking seen again at ``at``: freshness is not content, so the copy keeps content and hash."""
         copy = replace(self, confirmed_at=at)
         object.__setattr__(copy, "_content", self.content())
-        object.__setattr__(copy, "_hash", self._hash)
+        object.__setattr__(copy, "_json", self.content_json())
+        object.__setattr__(copy, "_hash", self.content_hash())
         return copy
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -88,6 +89,7 @@ def test_a_booking_is_serialized_once_however_often_it_is_confirmed_hashed_and_p
     b = booking("S", sensitivity="private", original_start=NOW)
     seen = b.confirmed(NOW)
     assert seen.content() is b.content() and seen.content_hash() == b.content_hash()
+    assert seen.content_json() is b.content_json() and json.loads(b.content_json()) == b.content()
     assert seen.content_hash() == replace(b, confirmed_at=NOW).content_hash()
     published = to_json(seen)
     assert list(published)[-1] == "confirmed_at" and published["confirmed_at"] == "2026-11-23T08:00:00Z"

@@ -319,10 +319,8 @@ class SqliteStore:
         now = self._now()
         created_at = _ts(now)
         booking_rows = []
-        for b in upserts:
-            content = b.content()
-            booking_rows.append((room, b.id, b.uid, _ts(b.start), _ts(b.end), b.content_hash(),
-                                 json.dumps(content, separators=(",", ":")),
+        for b in upserts:  # the row keeps the JSON text the content hash was taken of: encoded once
+            booking_rows.append((room, b.id, b.uid, _ts(b.start), _ts(b.end), b.content_hash(), b.content_json(),
                                  _ts(b.confirmed_at) if b.confirmed_at else None))
         event_rows = [(e, json.dumps(e.data, separators=(",", ":"))) for e in events]
         entries: list[OutboxEntry] = []
