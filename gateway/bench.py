@@ -121,7 +121,7 @@ def simulator_command(args: BenchArgs) -> list[str]:
     simulator's CPU is the cost of serving, not of checking itself."""
     return [sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", str(args.rooms),
             "--users", str(max(20, args.rooms // 10)), "--activity", "0", "--rba-delay", "0.05",
-            "--latency-ms", str(args.latency_ms), "--no-response-validation",
+            "--graph-rooms", "0", "--latency-ms", str(args.latency_ms), "--no-response-validation",
             "--log-level", "warning", "--log-format", "json"]
 
 

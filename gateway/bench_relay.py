@@ -139,7 +139,7 @@ async def tunnel_throughput(args: RelayBenchArgs, work: Path, pki: Pki) -> dict[
 
 def _simulator(args: RelayBenchArgs, rooms: int) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     cmd = [sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", str(rooms), "--users", "20",
-           "--activity", "0", "--no-bookings", "--rba-delay", str(args.rba_delay),
+           "--activity", "0", "--no-bookings", "--rba-delay", str(args.rba_delay), "--graph-rooms", "0",
            "--latency-ms", str(args.latency_ms), "--log-level", "warning", "--log-format", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

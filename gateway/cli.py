@@ -26,7 +26,10 @@ EPILOG = "Run `gateway COMMAND --help` for a command's options and examples."
 SIMULATOR_EPILOG = """\
 Once it is ready, the simulator prints exactly one JSON line on stdout:
   {"ews_url": ..., "service_account": {"username": ..., "password": ...}, "users": [{"email", "password"}...],
-   "rooms": [{"email", "name"}...], "control_url": ..., "control_token": ...}
+   "rooms": [{"email", "name", "source": "ews"|"graph"}...], "control_url": ..., "control_token": ...,
+   "graph": {"url", "authority", "tenant_id", "client_id", "client_secret", "ca_bundle", "users"}}
+Rooms and users whose source is "graph" live in Exchange Online: reach them through Graph (msal client
+credentials against authority, TLS verified with ca_bundle), not EWS.
 Logs (and the human-readable hints) go to stderr. It runs until SIGINT or SIGTERM.
 
 Point exchangelib at ews_url with the service account (NTLM or Basic; it impersonates the rooms). Drive the
@@ -191,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not check answers against the EWS schema (for benchmarks; the test suite checks them)")
     sim.add_argument("--tls", action="store_true",
                      help="serve HTTPS with a certificate generated at start-up (its PEM is in the JSON line)")
+    sim.add_argument("--graph-rooms", type=int, default=None, metavar="N",
+                     help="rooms (the last N) that live in Exchange Online, reached through Graph (default: a third)")
+    sim.add_argument("--graph-users", type=int, default=None, metavar="N",
+                     help="users (the last N) that live in Exchange Online (default: a third)")
+    sim.add_argument("--graph-port", type=int, default=0, metavar="PORT",
+                     help="TCP port of the Graph side (HTTPS; default: a free one)")
+    sim.add_argument("--graph-notify-ca", default=None, metavar="PEM",
+                     help="CA bundle that verifies Graph notification URLs, e.g. a test hub's (default: system CAs)")
     _logging_options(sim)
 
     bench = subs.add_parser("simulator-bench", help="measure the simulator: EWS calls/s on one core, memory for "

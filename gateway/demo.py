@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,10 @@ def start_simulator(rooms: int, users: int, activity: float, seed: int,
         proc.wait(timeout=10)
         raise GatewayError("the simulator did not start", key="simulator_failed",
                            remedy=f"run `{' '.join(cmd[2:])}` by hand to see why")
-    return proc, json.loads(line)
+    info = json.loads(line)
+    if leftovers is not None and "graph" in info:  # the folder of its Graph CA, which a SIGKILL would leave behind
+        leftovers.add("dir", os.path.dirname(info["graph"]["ca_bundle"]))
+    return proc, info
 
 
 # -- what is printed -------------------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ async def _run(info: dict[str, Any], store: Path, port: int, out: TextIO) -> int
     sa = info["organizer_account"]
     options = GatewayOptions(
         ews=EwsSettings(ews_url=info["ews_url"], username=sa["username"], default_timezone=TZ, max_workers=4),
-        password=sa["password"], rooms=tuple(r["email"] for r in info["rooms"]),
+        password=sa["password"], rooms=tuple(r["email"] for r in info["rooms"] if r.get("source", "ews") == "ews"),
         sync=SyncSettings(debounce_seconds=0.5), store_path=store, feed="streaming", stream_timeout_minutes=5)
     app = init_app(options)
     tz = ZoneInfo(TZ)

@@ -20,7 +20,7 @@ from exchangelib.protocol import BaseProtocol, close_connections
 
 from gateway.security.vault import Vault, parse_key
 from gateway.simulator.harness import SimulatorThread
-from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD, Org, standard_org
+from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD, Org, place_online, standard_org
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.memory import MemorySource
 
@@ -46,7 +46,9 @@ TIERS: dict[str, tuple[str, ...]] = {
     # the Exchange simulator's own tests: what it answers to exchangelib
     "simulator": ("test_activity", "test_availability", "test_booking_attendant", "test_calendar_items", "test_cli",
                   "test_control", "test_directory_ops", "test_notifications", "test_protocol", "test_schema",
-                  "test_schema_conformance", "test_sim_commands", "test_sim_fidelity", "test_smoke", "test_sync"),
+                  "test_schema_conformance", "test_sim_commands", "test_sim_fidelity", "test_simulator_graph",
+                  "test_simulator_graph_subscriptions", "test_simulator_graph_writes",
+                  "test_smoke", "test_sync"),
     # the reference hub's own tests
     "hub": ("test_hostile_input", "test_relay_hub"),
 }
@@ -243,6 +245,136 @@ def sim_factory() -> Iterator[Callable[..., SimFixture]]:
 @pytest.fixture
 def ews(sim_factory) -> SimFixture:
     return sim_factory()
+
+
+class GraphSim(SimFixture):
+    """A hybrid organisation: one simulator serving EWS (``.ews_url``, HTTP + NTLM, as ``ews``) and Microsoft Graph
+    (``.graph_url`` = ``https://127.0.0.1:PORT/v1.0``) with its Entra token endpoint (``.authority`` =
+    ``https://127.0.0.1:PORT/<tenant_id>``) over HTTPS from the same mailboxes.
+
+    - TLS: verify with ``.ca_bundle`` (a PEM path; the simulator's own CA).
+    - Credentials: ``.client_id`` with ``.client_secret``, or ``.client_certificate`` (msal's ``client_credential``
+      dict: private_key, thumbprint, public_certificate; registered with the app). msal needs
+      ``instance_discovery=False`` (the authority is not a Microsoft host) and the CA: beware that msal's
+      ``verify=ca_bundle`` loses to a REQUESTS_CA_BUNDLE environment variable (requests merges the environment over
+      Session.verify), so ``.msal_app()`` passes an ``http_client`` that sets verify on every request. Scope: ``https://graph.microsoft.com/.default``.
+    - Sides: ``.graph_rooms`` / ``.graph_users`` live in Exchange Online (Graph only; EWS impersonation of them
+      fails with ErrorNonExistentMailbox), ``.ews_rooms`` / ``.ews_users`` on premises (Graph answers 404
+      MailboxNotEnabledForRESTAPI). A meeting crossing sides reaches the other side with the same global object id.
+    - ``.call(fn, ...)`` runs on the simulator's loop (``.sim.graph`` is the GraphService: ``.limits``, ``.tokens``,
+      ``.calls``); ``.control(method, path, body)`` is the control API (gateway/simulator/control.py).
+    """
+
+    def __init__(self, thread: SimulatorThread, org: Org, graph_rooms: list[str], graph_users: list[str]) -> None:
+        super().__init__(thread, org)
+        self.graph_rooms = graph_rooms
+        self.graph_users = graph_users
+        self.ews_rooms = [r for r in org.rooms if r not in graph_rooms]
+        self.ews_users = [u for u, _ in org.users if u not in graph_users]
+        self.control = ControlClient(self)
+        self._msal: Any = None
+
+    @property
+    def ews_url(self) -> str:
+        return self.thread.ews_url
+
+    @property
+    def graph_url(self) -> str:
+        return self.sim.graph.graph_url
+
+    @property
+    def authority(self) -> str:
+        return self.sim.graph.authority
+
+    @property
+    def tenant_id(self) -> str:
+        return self.sim.graph.config.tenant_id
+
+    @property
+    def client_id(self) -> str:
+        return self.sim.graph.config.client_id
+
+    @property
+    def client_secret(self) -> str:
+        return self.sim.graph.config.client_secret
+
+    @property
+    def ca_bundle(self) -> str:
+        return self.thread.ca_bundle
+
+    @property
+    def client_certificate(self) -> dict[str, str]:
+        from gateway.simulator.graph.tokens import client_certificate
+
+        if not hasattr(self, "_certificate"):
+            self._certificate = client_certificate(self.client_id)
+            cert = self._certificate["public_certificate"].encode()
+            self.call(lambda: self.sim.graph.tokens.apps[self.client_id].add_certificate(cert))
+        return self._certificate
+
+    def msal_app(self, credential: Any = None) -> Any:
+        import msal
+        import requests
+
+        ca_bundle = self.ca_bundle
+
+        class Verified(requests.Session):
+            # msal's verify= sets Session.verify, which requests lets REQUESTS_CA_BUNDLE (set on many hosts and
+            # images) override; a per-request verify is not overridden.
+            def request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+                kwargs["verify"] = ca_bundle
+                return super().request(*args, **kwargs)
+
+        return msal.ConfidentialClientApplication(
+            self.client_id, client_credential=credential if credential is not None else self.client_secret,
+            authority=self.authority, http_client=Verified(), instance_discovery=False)
+
+    def token(self) -> str:
+        if self._msal is None:
+            self._msal = self.msal_app()
+        result = self._msal.acquire_token_for_client(scopes=["https://graph.microsoft.com/.default"])
+        assert "access_token" in result, result
+        return str(result["access_token"])
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                token: str | None = None) -> tuple[int, Any, dict[str, str]]:
+        """One Graph call (``path`` below /v1.0, or a full URL such as a nextLink): (status, JSON body, headers)."""
+        import requests
+
+        url = path if path.startswith("https://") else self.graph_url + path
+        all_headers = {"Authorization": f"Bearer {token or self.token()}", **(headers or {})}
+        resp = requests.request(method, url, json=body, headers=all_headers, verify=self.ca_bundle, timeout=30)
+        return resp.status_code, (resp.json() if resp.content else None), dict(resp.headers)
+
+
+@pytest.fixture
+def graph_sim_factory() -> Iterator[Callable[..., GraphSim]]:
+    started: list[SimulatorThread] = []
+
+    def start(config: SimulatorConfig | None = None, rooms: int = 4, users: int = 4, graph_rooms: int = 2,
+              graph_users: int = 2) -> GraphSim:
+        holder: dict[str, Any] = {}
+
+        def setup(sim) -> None:
+            org = standard_org(sim.directory, rooms=rooms, users=users)
+            holder["org"] = org
+            holder["online"] = place_online(sim.directory, org, rooms=graph_rooms, users=graph_users)
+
+        thread = SimulatorThread(config or SimulatorConfig(rba_delay=0.05), setup=setup, graph=True).start()
+        started.append(thread)
+        return GraphSim(thread, holder["org"], *holder["online"])
+
+    yield start
+    close_connections()
+    for thread in started:
+        thread.stop()
+
+
+@pytest.fixture
+def graph_sim(graph_sim_factory) -> GraphSim:
+    """A hybrid simulator: rooms room1, room2 and users alice, bob on premises (EWS); rooms room3, room4 and users
+    carol, dave in Exchange Online (Graph). See GraphSim for what it offers."""
+    return graph_sim_factory()
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,7 @@ from gateway.simulator.calendar import (
     ms_id_for,
     zone,
 )
+from gateway.simulator.graph.control import ROUTES as GRAPH_ROUTES
 from gateway.simulator.itemxml import all_day_bounds
 from gateway.simulator.mailboxes import CalendarProcessing, Mailbox
 from gateway.simulator.soap import EwsError
@@ -629,8 +630,8 @@ class Control:
         return mb.processing.as_dict()
 
     def rooms(self) -> list[dict[str, Any]]:
-        return [{"email": mb.smtp, "name": mb.name, "capacity": mb.capacity, "items": len(mb.calendar.items)}
-                for mb in self.directory.rooms()]
+        return [{"email": mb.smtp, "name": mb.name, "capacity": mb.capacity, "items": len(mb.calendar.items),
+                 "source": mb.side} for mb in self.directory.rooms()]
 
     # -- faults and lifecycle -------------------------------------------------------------------------------
     def set_faults(self, *, latency: Mapping[str, Any] | None = None, http_503_next: Any = None,
@@ -1066,6 +1067,7 @@ ROUTES: list[tuple[str, str, Handler, int]] = [
     ("GET", "/control/activity", _activity, 200),
     ("POST", "/control/activity", _activity, 200),
     ("DELETE", "/control/activity", _activity, 200),
+    *GRAPH_ROUTES,
 ]
 
 

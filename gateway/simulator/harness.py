@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from gateway.simulator.graph.tls import CA_FILE, GraphTls
 from gateway.simulator.server import Simulator, SimulatorConfig
 
 T = TypeVar("T")
@@ -19,11 +23,15 @@ class SimulatorThread:
     """``with SimulatorThread(...) as sim:`` serves EWS on 127.0.0.1 until the block ends."""
 
     def __init__(self, config: SimulatorConfig | None = None, *, setup: Callable[[Simulator], Any] | None = None,
-                 host: str = "127.0.0.1", port: int = 0, tls: bool = False) -> None:
+                 host: str = "127.0.0.1", port: int = 0, tls: bool = False, graph: bool = False) -> None:
         self.config = config or SimulatorConfig()
         self.host = host
         self.port = port
         self.tls = tls
+        self.graph = graph  # also serve the Graph side over HTTPS (its own CA, on graph_port)
+        self.graph_port = 0
+        self._graph_dir: str | None = None
+        self._graph_runner: web.AppRunner | None = None
         self.cert_pem: bytes | None = None
         self._setup = setup
         self.loop = asyncio.new_event_loop()
@@ -38,6 +46,16 @@ class SimulatorThread:
     @property
     def ews_url(self) -> str:
         return f"{self.base_url}/EWS/Exchange.asmx"
+
+    @property
+    def graph_base(self) -> str:
+        return f"https://{self.host}:{self.graph_port}"
+
+    @property
+    def ca_bundle(self) -> str:
+        """The PEM file of the CA that signed the Graph side's certificate (verify TLS with it)."""
+        assert self._graph_dir is not None, "start the thread with graph=True"
+        return str(Path(self._graph_dir) / CA_FILE)
 
     def start(self) -> SimulatorThread:
         self._thread.start()
@@ -60,6 +78,20 @@ class SimulatorThread:
         server: Any = site._server
         assert server is not None and server.sockets
         self.port = server.sockets[0].getsockname()[1]
+        if self.graph:
+            await self._start_graph()
+
+    async def _start_graph(self) -> None:
+
+        self._graph_dir = tempfile.mkdtemp(prefix="graph-sim-")
+        tls = GraphTls(Path(self._graph_dir))
+        self._graph_runner = web.AppRunner(self.sim.graph.make_app(), access_log=None, handler_cancellation=True)
+        await self._graph_runner.setup()
+        site = web.TCPSite(self._graph_runner, self.host, self.graph_port, ssl_context=tls.context)
+        await site.start()
+        server: Any = site._server
+        self.graph_port = server.sockets[0].getsockname()[1]
+        self.sim.graph.serving(self.graph_base)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the simulator's loop (its state is not thread-safe) and return the result."""
@@ -73,8 +105,13 @@ class SimulatorThread:
 
     async def _cleanup(self) -> None:
         assert self._runner is not None
-        server = self._runner.server
-        transports = [h.transport for h in server.connections if h.transport] if server is not None else []
+        transports = []
+        for runner in (self._runner, self._graph_runner):
+            server = runner.server if runner is not None else None
+            transports += [h.transport for h in server.connections if h.transport] if server is not None else []
+        if self._graph_runner is not None:
+            await self._graph_runner.cleanup()
+            self._graph_runner = None
         await self._runner.cleanup()
         # A TLS connection is still shutting down when cleanup returns and would outlive the loop: end it now.
         for transport in transports:
@@ -89,6 +126,9 @@ class SimulatorThread:
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self.loop.close()  # its selector and self-pipe, which would otherwise leak until garbage collection
+        if self._graph_dir is not None:
+            shutil.rmtree(self._graph_dir, ignore_errors=True)
+            self._graph_dir = None
 
     def __enter__(self) -> SimulatorThread:
         return self.start()

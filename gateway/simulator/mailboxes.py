@@ -169,6 +169,9 @@ class Mailbox:
     folders: dict[str, Folder] = field(default_factory=dict)  # the distinguished ones made so far, by name
     folder_list: list[Folder | None] = field(default_factory=list)  # by folder number; None once deleted
     working_tz: str = "W. Europe Standard Time"
+    side: str = "ews"  # where the mailbox lives in a hybrid estate: "ews" (on-premise) or "graph" (Exchange Online)
+    building: str = ""  # what the Places API shows of a room
+    floor: int | None = None
 
     @property
     def person(self) -> Person:

@@ -51,7 +51,8 @@ def standard_org(directory: Directory, *, rooms: int = 5, users: int = 5) -> Org
     for i in range(rooms):
         building = BUILDINGS[i % len(BUILDINGS)]
         smtp = f"room{i + 1}@{dom}"
-        d.add_mailbox(smtp, f"{building} Room {i + 1}", "room", capacity=4 + (i % 5) * 4)
+        mb = d.add_mailbox(smtp, f"{building} Room {i + 1}", "room", capacity=4 + (i % 5) * 4)
+        mb.building, mb.floor = building, 1 + (i // len(BUILDINGS)) % 5
         org.rooms.append(smtp)
         per_list.setdefault(building, []).append(smtp)
     for building, members in per_list.items():
@@ -59,6 +60,16 @@ def standard_org(directory: Directory, *, rooms: int = 5, users: int = 5) -> Org
         d.add_room_list(smtp, f"{building} rooms", members)
         org.room_lists.append(smtp)
     return org
+
+
+def place_online(directory: Directory, org: Org, *, rooms: int = 0, users: int = 0) -> tuple[list[str], list[str]]:
+    """Move the last ``rooms`` rooms and ``users`` people of ``org`` to Exchange Online (the Graph side), as a
+    hybrid estate half-way through its migration; returns the (rooms, users) moved."""
+    moved_rooms = org.rooms[len(org.rooms) - rooms:] if rooms > 0 else []
+    moved_users = [email for email, _ in org.users[len(org.users) - users:]] if users > 0 else []
+    for smtp in moved_rooms + moved_users:
+        directory.get(smtp).side = "graph"
+    return moved_rooms, moved_users
 
 
 # -- a year of bookings ------------------------------------------------------------------------------------

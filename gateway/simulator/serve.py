@@ -6,9 +6,13 @@ import argparse
 import asyncio
 import gc
 import json
+import shutil
 import signal
+import ssl
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -32,13 +36,21 @@ async def run_simulator(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from gateway.simulator.control import Control
-    from gateway.simulator.seed import ORGANIZER_ACCOUNT, seed_bookings, standard_org
+    from gateway.simulator.graph.tls import GraphTls
+    from gateway.simulator.seed import ORGANIZER_ACCOUNT, place_online, seed_bookings, standard_org
     from gateway.simulator.server import Simulator, self_signed_context
 
     sim = Simulator(simulator_config(args))
     if getattr(args, "latency_ms", 0):
         sim.faults.latency["*"] = args.latency_ms / 1000  # every EWS call takes this long, like a busy server
+        sim.graph.config.latency = args.latency_ms / 1000  # and every Graph call
+    if getattr(args, "graph_notify_ca", None):
+        ssl.create_default_context(cafile=args.graph_notify_ca)  # an unreadable bundle stops the start, not a delivery
+        sim.graph.config.notify_ca_bundle = args.graph_notify_ca
     org = standard_org(sim.directory, rooms=args.rooms, users=args.users)
+    graph_rooms = args.rooms // 3 if getattr(args, "graph_rooms", None) is None else min(args.graph_rooms, args.rooms)
+    graph_users = args.users // 3 if getattr(args, "graph_users", None) is None else min(args.graph_users, args.users)
+    online_rooms, online_users = place_online(sim.directory, org, rooms=graph_rooms, users=graph_users)
     if not args.no_bookings and args.rooms:
         started = time.perf_counter()
         stats = seed_bookings(sim.directory, seed=args.seed)
@@ -57,6 +69,16 @@ async def run_simulator(args: argparse.Namespace) -> int:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     base = f"{'https' if args.tls else 'http'}://{netloc}"
+    # The Exchange Online side: HTTPS with a CA made now, whose PEM lands in a private temporary folder.
+    graph_dir = Path(tempfile.mkdtemp(prefix="graph-sim-"))
+    graph_tls = GraphTls(graph_dir, ("127.0.0.1", "localhost") if host in ("127.0.0.1", "::1") else (host,))
+    graph_runner = web.AppRunner(sim.graph.make_app(), access_log=None, handler_cancellation=True)
+    await graph_runner.setup()
+    graph_site = web.TCPSite(graph_runner, args.host, getattr(args, "graph_port", 0), ssl_context=graph_tls.context)
+    await graph_site.start()
+    graph_server: Any = graph_site._server
+    graph_port = graph_server.sockets[0].getsockname()[1]
+    sim.graph.serving(f"https://{f'[{host}]' if ':' in host else host}:{graph_port}")
     ctl = Control.of(sim)
     if args.activity > 0:
         ctl.start_activity(args.activity, args.seed)
@@ -66,10 +88,15 @@ async def run_simulator(args: argparse.Namespace) -> int:
         "organizer_account": {"username": f"{sim.directory.netbios}\\{ORGANIZER_ACCOUNT}",
                               "password": org.service_password},
         "users": [{"email": email, "password": password} for email, password in org.users],
-        "rooms": [{"email": smtp, "name": sim.directory.get(smtp).name} for smtp in org.rooms],
+        "rooms": [{"email": smtp, "name": sim.directory.get(smtp).name,
+                   "source": "graph" if smtp in online_rooms else "ews"} for smtp in org.rooms],
         "room_lists": org.room_lists,
         "control_url": f"{base}/control",
         "control_token": sim.config.control_token,
+        "graph": {"url": sim.graph.graph_url, "authority": sim.graph.authority,
+                  "tenant_id": sim.graph.config.tenant_id, "client_id": sim.graph.config.client_id,
+                  "client_secret": sim.graph.config.client_secret, "ca_bundle": str(graph_tls.ca_bundle),
+                  "users": online_users},
     }
     if cert_pem is not None:
         ready["tls_certificate_pem"] = cert_pem.decode()
@@ -88,7 +115,9 @@ async def run_simulator(args: argparse.Namespace) -> int:
     finally:
         log.info("simulator.stopping")
         ctl.stop_activity()
+        await graph_runner.cleanup()
         await runner.cleanup()
+        shutil.rmtree(graph_dir, ignore_errors=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     log.info("simulator.stopped")

@@ -21,6 +21,7 @@ from lxml import etree
 
 from gateway.simulator import schema
 from gateway.simulator.faults import Faults
+from gateway.simulator.graph.service import GraphConfig, GraphService
 from gateway.simulator.mailboxes import Directory, Mailbox
 from gateway.simulator.ntlm import NtlmAcceptor, NtlmError
 from gateway.simulator.ops import OPERATIONS, RESPONSE_CODE, Context, load_all
@@ -51,6 +52,7 @@ class SimulatorConfig:
     keepalive_seconds: float = 45.0  # streaming keep-alive interval
     pull_minute: float = 60.0  # how many real seconds one pull-subscription Timeout minute lasts
     control_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    graph: GraphConfig = field(default_factory=GraphConfig)  # the Exchange Online tenant (gateway/simulator/graph)
 
 
 class _ConnState:
@@ -76,6 +78,7 @@ class Simulator:
         self.notifications = NotificationHub(self)
         self.calendars = Calendars(self)
         self.attendant = BookingAttendant(self)
+        self.graph = GraphService(self, self.config.graph)
         self.calls: Counter[tuple[str, str]] = Counter()  # (operation, response code)
         self.generation = 0  # bumped by restart(); streams of an older generation end
         self.failed_logons = 0  # each one counts towards the account's lockout threshold in Active Directory
@@ -234,6 +237,9 @@ class Simulator:
                            "The impersonation header names no SMTP address or UPN.", fault=True)
         target = self.directory.find(address)
         if target is None:
+            raise EwsError("ErrorNonExistentMailbox",
+                           f"The SMTP address has no mailbox associated with it: {address}", fault=True)
+        if target.side != "ews":  # moved to Exchange Online: on-premise EWS has only a remote mailbox object
             raise EwsError("ErrorNonExistentMailbox",
                            f"The SMTP address has no mailbox associated with it: {address}", fault=True)
         if target is not user and not self.directory.may_impersonate(user, target):
