@@ -371,17 +371,22 @@ class SqliteStore:
             if key not in last:
                 row = conn.execute("SELECT last_seq FROM outbox_rooms WHERE room = ?", (e.room,)).fetchone()
                 last[key] = row[0] if row else 0
+        # The global seqs are handed out here, in one executemany (a statement per event was a tenth of the
+        # writer's time): the next after the highest ever issued, as AUTOINCREMENT would (the write lock is held).
+        (seq,) = conn.execute("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), "
+                              "coalesce((SELECT max(seq) FROM outbox), 0))").fetchone()
         entries: list[OutboxEntry] = []
+        values = []
         for e, data in rows:
             key = e.room.lower()
             last[key] += 1
             room_seq = last[key]
-            (seq,) = conn.execute(
-                "INSERT INTO outbox (room, room_seq, event_id, type, subject, source, time, data, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-                (e.room, room_seq, e.id, e.type, e.subject, e.source, _ts(e.time), data, created_at)).fetchone()
+            seq += 1
+            values.append((seq, e.room, room_seq, e.id, e.type, e.subject, e.source, _ts(e.time), data, created_at))
             entries.append(OutboxEntry(seq=seq, room_seq=room_seq, event=replace(e, sequence=room_seq),
                                        created_at=now))
+        conn.executemany("INSERT INTO outbox (seq, room, room_seq, event_id, type, subject, source, time, data, "
+                         "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
         rooms = {e.room.lower(): e.room for e, _ in rows}
         conn.executemany("INSERT INTO outbox_rooms (room, last_seq) VALUES (?, ?) "
                          "ON CONFLICT (room) DO UPDATE SET last_seq = excluded.last_seq",
