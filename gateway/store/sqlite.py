@@ -326,7 +326,7 @@ class SqliteStore:
         entries: list[OutboxEntry] = []
         with self._write() as conn:
             if room_row is not None:
-                if room_row.email != room:
+                if room_row.email.lower() != room.lower():
                     raise ValueError(f"room row {room_row.email} given for {room}")
                 self._upsert_room(conn, room_row)
             if conn.execute("SELECT 1 FROM rooms WHERE email = ?", (room,)).fetchone() is None:
