@@ -14,11 +14,13 @@ import contextlib
 import ipaddress
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
 
+import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -133,6 +135,35 @@ class LocalKeys:
             log.warning("api.key_use_not_recorded", key_id=key_id, error=str(e))
 
 
+FORWARDED_BY: Final = "X-Gateway-Forwarded-By"  # a command one replica forwarded to another: never forwarded again
+FORWARD_TIMEOUT_SECONDS: Final = 120.0  # a create waits for the booking attendant (commands.attendant_timeout_seconds)
+
+
+@dataclass(frozen=True)
+class Peers:
+    """The other replicas sharing the rooms (gateway/sharding.py), as the local API sees them: which one owns a room
+    this one does not sync, and where its API is (``url_template`` with ``{ordinal}``; None: not reachable, so a
+    command for its room is refused with a pointer instead of forwarded)."""
+
+    ordinal: int
+    elsewhere: Callable[[], Mapping[str, int]]  # the rooms other replicas own, each with its owner's ordinal
+    url_template: str | None = None
+
+    def owner_of(self, room: str) -> int | None:
+        """Another replica's ordinal for a room it owns; None: a room of this replica, or unknown."""
+        return self.elsewhere().get(room.lower())
+
+    def pointer(self, ordinal: int) -> dict[str, Any]:
+        url = None if self.url_template is None else self.url_template.replace("{ordinal}", str(ordinal))
+        return {"ordinal": ordinal, "url": url}
+
+    def misdirected(self, room: str, ordinal: int, what: str) -> web.HTTPException:
+        owner = self.pointer(ordinal)
+        where = f" at {owner['url']}" if owner["url"] else ""
+        return problem(421, "misdirected", f"room {room} is synced by replica {ordinal}{where}, not by this one "
+                       f"(replica {self.ordinal}): {what} it there", owner=owner)
+
+
 class Api:
     """The handlers, and the middleware that authenticates them (see ``auth_middleware`` for the app factory).
 
@@ -144,8 +175,10 @@ class Api:
     def __init__(self, store: Store, metrics: Metrics, hub: EventHub, *,
                  room_states: Callable[[], dict[str, dict[str, Any]]], ready: Callable[[], Readiness | bool],
                  keys: ApiKeys | None = None, commands: CommandHandler | None = None,
-                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None) -> None:
+                 loopback_only: bool = False, relay_state: Callable[[], str] | None = None,
+                 peers: Peers | None = None) -> None:
         self.store = store
+        self.peers = peers  # None: the only replica (every room is here)
         self.metrics = metrics
         self.hub = hub
         self.room_states = room_states
@@ -196,10 +229,20 @@ class Api:
                 "remedy": info.get("remedy") or (r.remedy if r else ""),
                 "last_sync_age_seconds": info.get("last_sync_age_seconds"),
             })
-        return web.json_response({"rooms": out})
+        body: dict[str, Any] = {"rooms": out}
+        if self.peers is not None:
+            body["elsewhere"] = [{"email": room, "owner": self.peers.pointer(ordinal)}
+                                 for room, ordinal in sorted(self.peers.elsewhere().items())]
+        return web.json_response(body)
+
+    def _owner_elsewhere(self, room: str) -> int | None:
+        return None if self.peers is None else self.peers.owner_of(room)
 
     async def bookings(self, request: web.Request) -> web.Response:
         room = request.match_info["room"].lower()
+        if (ordinal := self._owner_elsewhere(room)) is not None:
+            assert self.peers is not None
+            raise self.peers.misdirected(room, ordinal, "read its bookings")
         known = {r.email for r in await self._read(self.store.rooms)} | set(self.room_states())
         if room not in known:
             raise problem(404, "room_unknown", f"no room {room} is connected; see GET /v1/rooms")
@@ -236,6 +279,9 @@ class Api:
         cmd = await command_answers.read_command(request)
         if isinstance(cmd, CommandResult):
             return command_answers.answer(cmd)
+        ordinal = self._owner(cmd, "send the command to")
+        if ordinal is not None:
+            return await self._forward(request, cmd, ordinal)
         result = await self._execute(commands, cmd)
         caller = request.get(PRINCIPAL)
         log.info("api.command", key=cmd.key, type=cmd.type, status=result.status, reason=result.reason,
@@ -252,6 +298,9 @@ class Api:
             cmd = protocol.parse_command(doc)
         except ProtocolError as e:
             raise problem(400, e.key, str(e)) from None
+        if (ordinal := self._owner(cmd, "ask")) is not None:
+            assert self.peers is not None
+            raise self.peers.misdirected(rooms[0], ordinal, "ask for its availability")
         result = await self._execute(commands, cmd)
         if result.status is ResultStatus.ACCEPTED:
             data = result.data or {}
@@ -259,6 +308,49 @@ class Api:
         extra: dict[str, Any] = {"retryable": result.retryable} if result.status is ResultStatus.FAILED else {}
         raise problem(_status_of_refused_read(result), result.reason or result.status,
                       result.message or result.status, **extra)
+
+    def _owner(self, cmd: Command, what: str) -> int | None:
+        """The other replica that owns the command's rooms (None: this one). Rooms of several replicas: 421 with
+        each room's owner (one command per replica's rooms)."""
+        if self.peers is None:
+            return None
+        rooms = [cmd.room] if cmd.room else list(cmd.rooms)
+        owners = {room: self.peers.owner_of(room) for room in rooms}
+        if len(set(owners.values())) > 1:
+            groups = "; ".join(f"{room}: {'this replica' if o is None else f'replica {o}'}"
+                               for room, o in owners.items())
+            raise problem(421, "misdirected", f"these rooms are synced by different replicas ({groups}): {what} each "
+                          "replica for its own rooms", owners={room: self.peers.pointer(self.peers.ordinal if o is None
+                                                                                         else o)
+                                                                for room, o in owners.items()})
+        return next(iter(owners.values()), None)
+
+    async def _forward(self, request: web.Request, cmd: Command, ordinal: int) -> web.Response:
+        """A command for a room another replica owns: forwarded to it inside the cluster with the caller's API key
+        (which must be valid there too), or refused with a pointer when no peer URL is configured or it came
+        forwarded already (the replicas disagree on the count while it changes)."""
+        assert self.peers is not None
+        url = self.peers.pointer(ordinal)["url"]
+        room = cmd.room or (cmd.rooms[0] if cmd.rooms else "")
+        if url is None or request.headers.get(FORWARDED_BY) is not None:
+            raise self.peers.misdirected(room, ordinal, "send the command to")
+        headers = {"Authorization": request.headers.get("Authorization", ""), FORWARDED_BY: str(self.peers.ordinal),
+                   "Content-Type": "application/json"}
+        body = json.dumps(protocol.command_to_json(cmd))
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_SECONDS)) as http, \
+                    http.post(f"{url.rstrip('/')}/v1/commands", data=body, headers=headers) as answer:
+                text = await answer.text()
+                status = answer.status
+                content_type = answer.content_type
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("api.forward_failed", key=cmd.key, room=room, replica=ordinal, error=str(e) or type(e).__name__)
+            result = failed(cmd.key, "gateway_offline", f"replica {ordinal}, which syncs {room}, did not answer at "
+                            f"{url}; retry later with the same key", retryable=True)
+            return command_answers.answer(result, 503)
+        log.info("api.command_forwarded", key=cmd.key, type=cmd.type, room=room, replica=ordinal, status=status)
+        return web.Response(text=text, status=status, content_type=content_type,
+                            headers={"X-Gateway-Replica": str(ordinal)})
 
     def _commands(self) -> CommandHandler:
         if self.commands is None:

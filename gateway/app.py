@@ -10,7 +10,8 @@ Start-up enters the contexts in this order, each reachable through its typed app
                  and started again with back-off (gateway/supervisor.py), its rooms polling meanwhile; room lists
                  that could not be read at start are read here later
     API          the command service and the local API (its keys live in the store)
-    TUNNEL       the tunnel to the hub, when the relay is enabled
+    TUNNEL       the tunnel to the hub, when the relay is enabled; its inbox (INBOX, made before the sources, which
+                 get it as SourceSpec.inbox) passes on the Graph notifications the hub forwards
     (housekeeping)
     GATEWAY      all of them, for tests and the CLI (and readiness)
 
@@ -43,7 +44,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.api import ROUTES, Api, EventHub, auth_middleware, is_loopback
+from gateway.api import ROUTES, Api, EventHub, Peers, auth_middleware, is_loopback
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, RelayConfig
 from gateway.credentials import open_vault, resolve_secret
@@ -52,8 +53,10 @@ from gateway.model import ROOM_STATES
 from gateway.observability.health import Part, Readiness, readiness, rooms_part, source_part, unread_part
 from gateway.observability.metrics import Metrics, StateCollector
 from gateway.ports import CalendarSource, ChangeFeed, FeedSettings, OpenedSource, SourceSpec
+from gateway.relay.inbox import RelayInbox
 from gateway.relay.tunnel import Tunnel
 from gateway.security.identity import GatewayIdentity
+from gateway.sharding import Shard
 from gateway.sources.registry import Kinds, SourceRegistry, default_registry
 from gateway.sources.routing import RoomRoutes, RoutedCalendar, RoutedWriter
 from gateway.store.journal import CommandJournal
@@ -102,6 +105,12 @@ class GatewayOptions:
     password_source: Callable[[], str] | None = field(default=None, repr=False)
     password_check_seconds: float = 30.0
     feed_restart_seconds: float = 5.0  # first back-off before a change feed that failed is started again
+    # One of several replicas sharing the rooms: it syncs only the rooms that hash to its ordinal (gateway/sharding.py)
+    shard: Shard = field(default_factory=Shard)
+    peer_url: str | None = None  # replicas.peer_url: where a command for another replica's room is forwarded
+    # Rooms may change owner (several replicas, or a StatefulSet's pod that may be scaled): a room's event sequence
+    # starts from the clock, so it keeps rising across owners (gateway/store/sqlite.py).
+    replicated: bool = False
 
     @property
     def calendar_sources(self) -> tuple[SourceSpec, ...]:
@@ -128,6 +137,13 @@ class RunningSource:
     feed_down: bool = False  # its feed failed and has not subscribed since (its rooms poll)
     rooms_changed: asyncio.Event = field(default_factory=asyncio.Event)  # the feed watches again with the rooms
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its credentials and room-list tasks
+    elsewhere: dict[str, int] = field(default_factory=dict)  # its rooms other replicas own: room -> owner ordinal
+
+    def shard(self, shard: Shard, rooms: list[str]) -> list[str]:
+        """Keep the rooms this replica owns; the others are another replica's. The owned ones are returned."""
+        owners = {room: shard.owner(room) for room in rooms}
+        self.elsewhere.update({room: o for room, o in owners.items() if o != shard.ordinal})
+        return [room for room, o in owners.items() if o == shard.ordinal]
 
     @property
     def feed(self) -> ChangeFeed | None:
@@ -185,6 +201,7 @@ EVENTS = web.AppKey("events", EventHub)
 API = web.AppKey("api", Api)
 COMMANDS = web.AppKey("commands", CommandService)
 TUNNEL = web.AppKey[Tunnel | None]("tunnel")
+INBOX = web.AppKey[RelayInbox | None]("inbox")
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
@@ -233,6 +250,9 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         identity=identity,
         proxy_password=proxy_password,
         api_loopback_only=is_loopback(cfg.api.host),
+        shard=cfg.replicas.shard(environ),
+        replicated=cfg.replicas.count > 1 or bool(environ.get("POD_NAME")),
+        peer_url=cfg.replicas.peer_url,
     )
 
 
@@ -294,11 +314,16 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     app = web.Application(middlewares=[auth_middleware(lambda: app.get(API))])
     app[SOURCES] = {}
     app[ROOM_ROUTES] = RoomRoutes()
-    specs = options.calendar_sources
+    # sources subscribe at start-up, before the tunnel connects: they get the inbox now, its URLs come later (one
+    # given in code, a test's stand-in hub, is kept)
+    inbox = app[INBOX] = RelayInbox(metrics.registry) if options.relay.enabled else None
+    specs = tuple(replace(spec, inbox=inbox) if inbox is not None and spec.inbox is None else spec
+                  for spec in options.calendar_sources)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         with _starting("the store"):
-            app[STORE] = SqliteStore(options.store_path)  # creates its folder 0700, or names the path and the fix
+            # creates its folder 0700, or names the path and the fix
+            app[STORE] = SqliteStore(options.store_path, sequence_from_clock=options.replicated)
         yield
         app[STORE].close()
         log.info("gateway.stopped")  # the store is the first part started and the last one stopped
@@ -307,6 +332,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         async def ctx(app: web.Application) -> AsyncIterator[None]:
             with _starting(f"source {spec.name}"):
                 running = await open_source(spec, kinds, options.feed_settings)
+                running.rooms = running.shard(options.shard, running.rooms)
                 try:
                     app[ROOM_ROUTES].add(spec.name, running.opened.calendar, running.opened.writer, running.rooms)
                 except BaseException:
@@ -330,7 +356,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     async def coordinator_ctx(app: web.Application) -> AsyncIterator[None]:
         with _starting("the coordinator"):
             routes = app[ROOM_ROUTES]
-            await _keep_rooms_of_unread_lists(app[STORE], app[SOURCES], routes)
+            await _keep_rooms_of_unread_lists(app[STORE], app[SOURCES], routes, options.shard)
             coordinator = Coordinator(RoutedCalendar(routes), app[STORE], options.sync,
                                       policy=options.privacy, metrics=metrics, clock=options.clock,
                                       source_name=options.source_name, group=routes.owner)
@@ -356,7 +382,8 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                     _run_feed(running, app[COORDINATOR], task, options.feed_restart_seconds), name=f"feed:{name}")
             if running.unread:
                 lists = loop.create_task(_read_room_lists_later(name, running, app[ROOM_ROUTES], app[COORDINATOR],
-                                                                options.sync.retry_seconds), name=f"room-lists:{name}")
+                                                                options.sync.retry_seconds, options.shard),
+                                         name=f"room-lists:{name}")
                 watch_task(f"room-lists:{name}", lists)
                 running.tasks.append(lists)
             yield
@@ -385,10 +412,17 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                 tunnel = app[TUNNEL]
                 return str(tunnel.status()["state"]) if tunnel is not None else ""
 
+            def elsewhere() -> dict[str, int]:
+                sources = list(app[SOURCES].values())
+                if len(sources) == 1:
+                    return sources[0].elsewhere
+                return {room: o for s in sources for room, o in s.elsewhere.items()}
+
+            peers = None if options.shard.single else Peers(options.shard.ordinal, elsewhere, options.peer_url)
             api = Api(store, metrics, app[EVENTS], room_states=room_states, ready=lambda: app[GATEWAY].readiness(),
                       commands=app[COMMANDS] if options.commands.enabled else None,
                       loopback_only=options.api_loopback_only,
-                      relay_state=relay_state if options.relay.enabled else None)
+                      relay_state=relay_state if options.relay.enabled else None, peers=peers)
             collector = StateCollector(
                 rooms=lambda: {e: (w.state, w.last_success) for e, w in coordinator.workers.items()},
                 outbox=store.outbox_stats if options.relay.enabled else None,  # only a hub acknowledges
@@ -408,8 +442,10 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
             if options.identity is None:
                 raise ConfigError("relay.enabled is true but no gateway identity was loaded", key="not_enrolled",
                                   remedy="enroll it once with `gateway enroll --hub https://HUB --token TOKEN`")
+            shard = options.shard
             tunnel = Tunnel(options.relay, options.identity, app[STORE], app[COMMANDS], notifier=app[EVENTS],
-                            metrics=metrics, proxy_password=options.proxy_password)
+                            metrics=metrics, proxy_password=options.proxy_password, inbox=inbox,
+                            replica=None if shard.single else (shard.ordinal, shard.count))
         app[TUNNEL] = tunnel
         task = asyncio.get_running_loop().create_task(tunnel.run(), name="tunnel")
         watch_task("tunnel", task)
@@ -429,8 +465,11 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY] = Gateway(options, metrics, app[STORE], app[SOURCES], app[ROOM_ROUTES], app[COORDINATOR],
                                     app[EVENTS], app[API], app[COMMANDS], tunnel=app[TUNNEL])
+        replica = {} if options.shard.single else {
+            "replica": options.shard.ordinal, "replicas": options.shard.count,
+            "rooms_elsewhere": sum(len(s.elsewhere) for s in gw.sources.values())}
         log.info("gateway.started", sources=len(gw.sources), rooms=len(gw.rooms), feed=options.feed,
-                 store=str(options.store_path), relay=options.relay.enabled)
+                 store=str(options.store_path), relay=options.relay.enabled, **replica)
         yield
         log.info("gateway.stopping")
 
@@ -487,7 +526,7 @@ async def open_source(spec: SourceSpec, kinds: Kinds, feed: FeedSettings) -> Run
 
 
 async def _keep_rooms_of_unread_lists(store: SqliteStore, sources: dict[str, RunningSource],
-                                      routes: RoomRoutes) -> None:
+                                      routes: RoomRoutes, shard: Shard) -> None:
     """The rooms known from before that no source owns now stay with the source whose room lists could not be read
     (they are probably in them), instead of being released for want of their list. With several such sources
     a room's source cannot be told (the store does not keep it): they are released, and join again with their
@@ -496,7 +535,7 @@ async def _keep_rooms_of_unread_lists(store: SqliteStore, sources: dict[str, Run
     if not waiting:
         return
     stored = [r.email for r in await asyncio.to_thread(store.rooms)]
-    kept = sorted(r for r in stored if routes.owner(r) is None)
+    kept = sorted(r for r in stored if routes.owner(r) is None and shard.owns(r))  # another replica's: released
     if len(waiting) > 1:
         log.warning("gateway.rooms_not_kept", rooms=len(kept), sources=[name for name, _ in waiting])
         return
@@ -567,7 +606,7 @@ async def _run_feed(running: RunningSource, coordinator: Coordinator, name: str,
 
 
 async def _read_room_lists_later(name: str, running: RunningSource, routes: RoomRoutes, coordinator: Coordinator,
-                                 retry_seconds: float) -> None:
+                                 retry_seconds: float, shard: Shard) -> None:
     """Read the room lists that could not be read at start, once the source answers (every attempt passes the
     source's outage gate, so waiting costs no request); their new rooms join, and the change feed watches again
     with them. Rooms kept from before that are no longer in a list stay until the next start."""
@@ -589,7 +628,7 @@ async def _read_room_lists_later(name: str, running: RunningSource, routes: Room
             log.error("gateway.room_in_two_sources", source=name, rooms=elsewhere,
                       remedy="a room belongs to exactly one source: remove it from the mailboxes or the room list "
                              "of one of them")
-        new = sorted(found - set(running.rooms) - set(elsewhere))
+        new = running.shard(shard, sorted(found - set(running.rooms) - set(elsewhere)))
         if new:
             routes.add(name, running.opened.calendar, running.opened.writer, new)
             running.rooms = sorted(set(running.rooms) | set(new))

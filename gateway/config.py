@@ -54,6 +54,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 from gateway.config_reader import CONFIG_PATH_ENV, ENV_PREFIX, Hint, Problem, SettingsReader
 from gateway.errors import ConfigError
 from gateway.security.secret import NAME_PATTERN
+from gateway.sharding import MAX_REPLICAS, Shard, ordinal_from_name
 
 SCHEMA_ID: Final = "https://exchange-gateway.dev/schemas/config.v1.json"
 
@@ -517,6 +518,57 @@ class CommandsConfig:
 
 
 @pd.dataclass(frozen=True, config=_SETTINGS)
+class ReplicasConfig:
+    """Several replicas sharing the rooms (a StatefulSet): each syncs the rooms that rendezvous-hash to its ordinal
+    (gateway/sharding.py). With count 1 (the default) one gateway syncs every room."""
+
+    count: Annotated[Whole, Range(1, MAX_REPLICAS)] = Field(
+        default=1, description="how many replicas share the rooms (the StatefulSet's replicas)")
+    ordinal: Annotated[Whole, Range(0, MAX_REPLICAS - 1)] | None = Field(
+        default=None, description="this replica's ordinal; unset: from the pod's name in POD_NAME or HOSTNAME "
+                                  "(gateway-2 is 2)")
+    peer_url: Text | None = Field(
+        default=None, description="the local API of the replica with ordinal {ordinal}, e.g. "
+                                  "http://gateway-{ordinal}.gateway-headless:8088: a command for a room another "
+                                  "replica owns is forwarded there (unset: refused with a pointer to its owner)")
+
+    @field_validator("peer_url")
+    def _peer_url(cls, url: str | None) -> str | None:
+        if url is not None and ("{ordinal}" not in url or urlsplit(url.replace("{ordinal}", "0")).scheme not in
+                                ("http", "https")):
+            raise _bad("must be an http(s):// address with {ordinal} in it, e.g. "
+                       "http://gateway-{ordinal}.gateway-headless:8088")
+        return url
+
+    @field_validator("ordinal")
+    def _ordinal(cls, ordinal: int | None, info: ValidationInfo) -> int | None:
+        count = info.data.get("count")
+        if ordinal is not None and isinstance(count, int) and ordinal >= count:
+            raise _bad(f"must be below replicas.count ({count}): the ordinals are 0 to {count - 1}")
+        return ordinal
+
+    def shard(self, env: Mapping[str, str]) -> Shard:
+        """This replica's shard: the configured ordinal, else the one in the pod's name (POD_NAME, HOSTNAME)."""
+        if self.count == 1:
+            return Shard(0, 1)
+        ordinal = self.ordinal
+        if ordinal is None:
+            for var in ("POD_NAME", "HOSTNAME"):
+                if env.get(var) and (ordinal := ordinal_from_name(env[var])) is not None:
+                    break
+        if ordinal is None:
+            raise ConfigError(f"replicas.count is {self.count} but this replica's ordinal is unknown",
+                              key="replica_ordinal_unknown",
+                              remedy="run it as a StatefulSet pod (POD_NAME=gateway-N), or set replicas.ordinal "
+                                     "(GATEWAY_REPLICAS__ORDINAL)")
+        if ordinal >= self.count:
+            raise ConfigError(f"this replica's ordinal {ordinal} is not below replicas.count ({self.count})",
+                              key="replica_ordinal_out_of_range",
+                              remedy="set replicas.count to the StatefulSet's replicas")
+        return Shard(ordinal, self.count)
+
+
+@pd.dataclass(frozen=True, config=_SETTINGS)
 class LoggingConfig:
     level: Annotated[LogLevel, _choice(LogLevel), Hint(warn="use warning")] = "info"
     format: Annotated[LogFormat, _choice(LogFormat)] = Field(
@@ -539,6 +591,7 @@ class Config:
     relay: RelayConfig = Field(default_factory=RelayConfig)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
     source: SkipJsonSchema[Path | None] = Field(default=None, init=False)  # the file read (None: environment only)
 
     @property
@@ -707,6 +760,7 @@ __all__ = [
     "PrivacyPolicy",
     "Problem",
     "RelayConfig",
+    "ReplicasConfig",
     "RoomsConfig",
     "SecretRef",
     "SourceConfig",

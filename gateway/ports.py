@@ -264,7 +264,9 @@ class NotificationInbox(Protocol):
 
     def urls(self) -> tuple[str, str] | None:
         """(notificationUrl, lifecycleNotificationUrl) for Graph subscriptions: public HTTPS URLs on the hub that
-        forward to this gateway; None when no hub is configured."""
+        forward to this gateway; None until the hub has told them (its first ``welcome``, which comes after the
+        sources have started: ask again when ``on_connected(True)`` is called), or when the hub does not relay
+        Graph notifications. Once told they stay (the hub keeps them), also while the tunnel is down."""
         ...
 
     def connected(self) -> bool:

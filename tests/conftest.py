@@ -35,14 +35,15 @@ TIERS: dict[str, tuple[str, ...]] = {
     "unit": ("test_api_commands", "test_api_keys", "test_app_options", "test_commands", "test_config",
              "test_coordinator", "test_engine", "test_errors", "test_ews_mapping", "test_http_layer", "test_identity",
              "test_json_tracebacks", "test_layers", "test_logging", "test_outage", "test_packaging", "test_retry",
-             "test_store", "test_vault", "test_vocabulary"),
+             "test_sharding", "test_store", "test_vault", "test_vocabulary"),
     # one suite that every implementation of a port (or of a published schema) passes
     "contract": ("test_directory_port", "test_relay_schemas", "test_source_contract"),
     # the appliance end to end over real sockets: the simulator, the hub, a proxy, subprocesses
     "e2e": ("test_app", "test_cli_gateway", "test_cli_pipe", "test_commands_e2e", "test_commands_ews",
             "test_config_doctor", "test_crash", "test_demo", "test_diagnosis", "test_ews_series", "test_ews_writer",
             "test_gateway_rooms", "test_gateway_sync", "test_image", "test_outbox_metrics", "test_privacy",
-            "test_relay_e2e", "test_relay_tunnel", "test_sse_replay", "test_state_files", "test_streaming_capacity"),
+            "test_relay_e2e", "test_relay_tunnel", "test_replicas", "test_sse_replay", "test_state_files",
+            "test_streaming_capacity"),
     # the Exchange simulator's own tests: what it answers to exchangelib
     "simulator": ("test_activity", "test_availability", "test_booking_attendant", "test_calendar_items", "test_cli",
                   "test_control", "test_directory_ops", "test_notifications", "test_protocol", "test_schema",

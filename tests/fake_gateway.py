@@ -51,7 +51,8 @@ class FakeGateway:
             return resp.status, doc
 
     async def connect(self, http: aiohttp.ClientSession, url: str, *, key: Ed25519PrivateKey | None = None,
-                      last_seq: int = 0, hello: dict[str, Any] | None = None) -> Link:
+                      last_seq: int = 0, hello: dict[str, Any] | None = None,
+                      replica: tuple[int, int] | None = None) -> Link:
         ws = await http.ws_connect(url.replace("https", "wss", 1) + protocol.TUNNEL_PATH,
                                    protocols=(protocol.SUBPROTOCOL,))
         link = Link(ws)
@@ -64,6 +65,8 @@ class FakeGateway:
         link.hello = hello or {"protocol": protocol.PROTOCOL_VERSION, "gateway_id": self.gateway_id,
                                "key_id": key_id, "signature": protocol.b64(signature), "agent": "fake/1",
                                "last_seq": last_seq}
+        if replica is not None and hello is None:
+            link.hello["replica"] = {"ordinal": replica[0], "count": replica[1]}
         await link.send("hello", **link.hello)
         link.welcome = await link.recv()
         return link

@@ -18,6 +18,7 @@ from gateway.observability.logging import configure_logging
 from gateway.observability.metrics import Metrics
 from gateway.security.identity import GatewayIdentity
 from gateway.security.vault import Vault, parse_key
+from gateway.sharding import Shard
 from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.sources.ews.source import EwsSettings
 from gateway.sync.coordinator import SyncSettings
@@ -47,7 +48,9 @@ async def relay_main(spec: dict) -> None:  # type: ignore[type-arg]
         store_path=Path(spec["store"]), feed="poll",
         relay=RelayConfig(enabled=True, hub_url=spec["hub_url"], ca_bundle=Path(spec["ca"]), heartbeat_seconds=5,
                           reconnect_max_seconds=1),
-        identity=identity)
+        identity=identity,
+        # One of several replicas sharing the rooms (tests/test_replicas.py): [ordinal, count].
+        shard=Shard(*spec.get("shard", (0, 1))), replicated="shard" in spec)
     await start_gateway(options, Metrics())
     await asyncio.Event().wait()
 

@@ -118,6 +118,13 @@ async def test_enrollment_refuses_deep_json_and_lone_surrogates_without_credenti
     quiet.assert_quiet()
 
 
+async def test_an_oversize_enrollment_body_is_413_too_large_not_a_crash(http, hub, quiet):
+    # between the protocol's limit and aiohttp's own (twice it): the handler's own 413 (it once raised a TypeError)
+    body = '{"token": "' + "x" * protocol.MAX_COMMAND_BYTES + '"}'
+    status, doc = await post_raw(http, hub.url + protocol.ENROLL_PATH, body)
+    assert (status, doc["error"]) == (413, "too_large") and str(protocol.MAX_COMMAND_BYTES) in doc["message"]
+
+
 async def test_a_deep_or_undecodable_first_frame_closes_4400_with_bad_message(vendor, http, hub, quiet):
     tunnel = hub.url.replace("https", "wss", 1) + protocol.TUNNEL_PATH
     await vendor.customer()

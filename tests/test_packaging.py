@@ -28,6 +28,7 @@ import yaml
 
 from gateway.config import load_config
 from gateway.security.vault import parse_key
+from gateway.sharding import Shard
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm"
@@ -60,6 +61,10 @@ ALL_ON: dict[str, Any] = {
     "serviceMonitor": {"enabled": True, "apiKeySecret": {"name": "gateway-metrics-key"}},
     "prometheusRule": {"enabled": True},
 }
+# Several replicas sharing the rooms, each enrolling with its own token at its first start.
+REPLICATED: dict[str, Any] = {
+    **ALL_ON, "replicaCount": 3,
+    "enrollment": {"hubUrl": "https://hub.example.com", "tokens": ["tok-0", "tok-1", "tok-2"]}}
 
 
 # -- the tools ---------------------------------------------------------------------------------------------------
@@ -115,9 +120,9 @@ def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[st
     return found[0]
 
 
-@pytest.fixture(scope="module", params=["defaults", "all-on"])
+@pytest.fixture(scope="module", params=["defaults", "all-on", "replicated"])
 def rendered(request: pytest.FixtureRequest, helm_render: str, tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    done = render(helm_render, ALL_ON if request.param == "all-on" else None)
+    done = render(helm_render, {"all-on": ALL_ON, "replicated": REPLICATED}.get(request.param))
     assert done.returncode == 0, done.stderr
     out = tmp_path_factory.mktemp("chart") / f"{request.param}.yaml"
     out.write_text(done.stdout, encoding="utf-8")
@@ -227,7 +232,8 @@ def test_the_validation_would_catch_an_unknown_field(rendered, tmp_path):
 
 @pytest.mark.parametrize(("flag", "named"), [
     ("replicaCount=0", "replicaCount"),
-    ("replicaCount=3", "replicaCount"),  # several replicas would each sync every room until sharding lands
+    ("replicaCount=1001", "replicaCount"),
+    ("enrollment.hubUrl=http://hub.example.com", "enrollment.hubUrl"),  # TLS only
     ("config.sync.mode=push", "config.sync.mode"),
     ("config.api.port=99999", "config.api.port"),
     ("config.exchange.password=hunter2", "config.exchange"),
@@ -265,8 +271,9 @@ def test_every_pod_runs_without_privilege_and_without_a_service_account_token(re
         assert sc["allowPrivilegeEscalation"] is False and sc.get("privileged", False) is False, c["name"]
         assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), c["name"]
         assert sc["seccompProfile"]["type"] == "RuntimeDefault", c["name"]
-        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        if c in pod["containers"]:  # an init container runs to its end: no probes
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
         # Writable places: the state volume and a tmpfs, nothing else.
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -440,3 +447,77 @@ def test_the_compose_trial_starts_the_gateway_against_the_simulator_with_a_confi
     assert config.exchange.username == f"CONTOSO\\{SERVICE_ACCOUNT}"
     assert gw["environment"]["EWS_PASSWORD"] == SERVICE_PASSWORD
     assert gw["ports"] == ["127.0.0.1:8088:8088"] and gw["stop_grace_period"] == "60s"
+
+
+def test_several_replicas_share_the_rooms_and_each_enrols_with_its_own_token(helm_render, tmp_path):
+    done = render(helm_render, REPLICATED)
+    assert done.returncode == 0, done.stderr
+    docs = objects(done.stdout)
+    sts = one(docs, "StatefulSet")
+    assert sts["spec"]["replicas"] == 3
+    # Each pod's configuration: its ordinal from its name, the count, and its peers' API over the headless Service.
+    (tmp_path / "gateway.yaml").write_text(one(docs, "ConfigMap", "gateway")["data"]["gateway.yaml"])
+    env = _pod_env(sts, {"corp-vault-key": {"key": base64.urlsafe_b64encode(os.urandom(32)).decode()},
+                         "proxy-secret": {"password": "p"}})
+    env.update({"EWS_PASSWORD": "x", "POD_NAME": "rel-exchange-room-gateway-2"})  # the downward API's value
+    config = load_config(tmp_path / "gateway.yaml", env=env)
+    assert config.replicas.shard(env) == Shard(2, 3)
+    headless = one(docs, "Service", "-headless")["metadata"]["name"]
+    assert config.replicas.peer_url == f"http://rel-exchange-room-gateway-{{ordinal}}.{headless}.rooms.svc:8088"
+    # One enrolment token per replica, each replica reading its own (token-N for gateway-N), once.
+    tokens = one(docs, "Secret", "-enrollment")["data"]
+    assert {k: base64.b64decode(v).decode() for k, v in tokens.items()} == {
+        "token-0": "tok-0", "token-1": "tok-1", "token-2": "tok-2"}
+    pod = sts["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    script = init["args"][0]
+    assert 'token="/etc/gateway/enroll/token-${POD_NAME##*-}"' in script
+    assert 'gateway enroll --hub "$HUB_URL" --token - --name "$POD_NAME" < "$token"' in script
+    assert '[ "$status" -eq 1 ] && exit 0' in script  # already enrolled: a restart goes on
+    init_env = {e["name"]: e.get("value") for e in init["env"]}
+    assert init_env["HUB_URL"] == "https://hub.example.com"
+    assert init_env["GATEWAY_VAULT__PATH"] == env["GATEWAY_VAULT__PATH"]  # the same vault the gateway reads
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["enroll"]["secret"]["secretName"] == "rel-exchange-room-gateway-enrollment"
+    # The replicas may reach each other's API (forwarded commands), nothing else is opened.
+    policy = one(docs, "NetworkPolicy")["spec"]
+    peers = [r for r in policy["ingress"] if "podSelector" in r["from"][0]]
+    assert peers and peers[0]["from"][0]["podSelector"]["matchLabels"].items() <= \
+        sts["spec"]["template"]["metadata"]["labels"].items()
+    assert any("podSelector" in r["to"][0] and r["ports"] == [{"port": 8088, "protocol": "TCP"}]
+               for r in policy["egress"])
+    # One replica: no peers to forward to, and no enrolment without a hub.
+    single = objects(render(helm_render, ALL_ON).stdout)
+    single_env = {e["name"] for e in one(single, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "GATEWAY_REPLICAS__PEER_URL" not in single_env and "GATEWAY_REPLICAS__COUNT" in single_env
+    assert "initContainers" not in one(single, "StatefulSet")["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(("answer", "status"), [(0, 0), (1, 0), (2, 2)])
+def test_the_enrolment_step_uses_the_replicas_own_token_once(helm_render, tmp_path, answer, status):
+    """The init container's script, run by sh with a stand-in `gateway`: token-N for pod NAME-N, enrolled already
+    (exit 1) is fine, a refusal (exit 2) stops the pod with it."""
+    sts = one(objects(render(helm_render, REPLICATED).stdout), "StatefulSet")
+    script = sts["spec"]["template"]["spec"]["initContainers"][0]["args"][0]
+    tokens = tmp_path / "enroll"
+    tokens.mkdir()
+    for n in range(3):
+        (tokens / f"token-{n}").write_text(f"tok-{n}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gateway").write_text(f'#!/bin/sh\necho "$@" > "{tmp_path}/args"\ncat > "{tmp_path}/stdin"\n'
+                                     f"exit {answer}\n")
+    (bin_dir / "gateway").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "POD_NAME": "rel-exchange-room-gateway-2",
+           "HUB_URL": "https://hub.example.com"}
+    done = subprocess.run(["/bin/sh", "-c", script.replace("/etc/gateway/enroll", str(tokens))], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == status, done.stderr
+    assert (tmp_path / "stdin").read_text() == "tok-2"
+    assert (tmp_path / "args").read_text().split() == ["enroll", "--hub", "https://hub.example.com", "--token", "-",
+                                                       "--name", "rel-exchange-room-gateway-2"]
+    (tokens / "token-2").unlink()  # a replica without a token (not given one): it starts without enrolling
+    (tmp_path / "stdin").unlink()
+    done = subprocess.run(["/bin/sh", "-c", script.replace("/etc/gateway/enroll", str(tokens))], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "not enrolling" in done.stdout and not (tmp_path / "stdin").exists()

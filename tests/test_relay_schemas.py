@@ -118,6 +118,9 @@ async def test_every_message_the_hub_sends_follows_the_schema(http, hub):
     await link.send("rotate_key", public_key=FakeGateway.public_b64(new), key_id=new_id, signature=protocol.b64(
         new.sign(protocol.signed_rotation(link.challenge["nonce"], gw.gateway_id, new_id))))
     await link.recv()
+    async with http.post(link.welcome["notifications"]["url"], json={"value": [{"changeType": "updated"}]}) as resp:
+        assert resp.status == 202
+    await link.recv()
     await link.ws.send_str("not json")
     await link.recv()
     await link.send("ack", seq=1)
@@ -129,7 +132,7 @@ async def test_every_message_the_hub_sends_follows_the_schema(http, hub):
     frames += link.received + refused.received
     frames.append(json.dumps(refused.challenge))
     seen = {check_message(f)["type"] for f in frames}
-    assert seen == {"challenge", "welcome", "ack", "command", "key_rotated", "error"}
+    assert seen == {"challenge", "welcome", "ack", "command", "key_rotated", "error", "notification"}
 
 
 # -- what the gateway sends --------------------------------------------------------------------------------------

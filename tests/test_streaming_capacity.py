@@ -58,7 +58,7 @@ async def test_rooms_import_while_the_feed_is_still_subscribing_the_others(
     # The feed subscribed every room at once, each Subscribe a job in the source's thread pool: a room's import
     # queued behind all of them (a 1,000-room import showed nothing for its first minute).
     rooms = 16
-    ews = sim_factory(SimulatorConfig(rba_delay=0.05), rooms=rooms)
+    ews = sim_factory(SimulatorConfig(rba_delay=0.05, keepalive_seconds=0.5), rooms=rooms)  # streams notice an end
     ews.call(lambda: ews.sim.faults.latency.update({"*": 0.05, "Subscribe": 0.3}))
     options = GatewayOptions(
         ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{SERVICE_ACCOUNT}", default_timezone="Europe/Berlin",
@@ -79,3 +79,6 @@ async def test_rooms_import_while_the_feed_is_still_subscribing_the_others(
                      timeout=60, what="every room imported")
     # One GetFolder a room, its verification: reads and subscriptions name the calendar without asking for its id.
     assert ews.call(lambda: ews.sim.calls[("GetFolder", "NoError")]) == rooms
+    ews.call(lambda: ews.sim.faults.latency.clear())
+    await eventually(lambda: gw.feed is not None and gw.feed.subscriptions == rooms,  # type: ignore[union-attr]
+                     timeout=60, what="every room's stream open (a stream still opening outlives the gateway)")

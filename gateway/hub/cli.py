@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gateway.errors import ConfigError, GatewayError
+from gateway.hub.settings import GRAPH_BURST, GRAPH_RATE
 from gateway.hub.store import DB_NAME, HubStore
 from gateway.security.secret import Secret
 
@@ -108,7 +109,8 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     serve.add_argument("--key", type=Path, metavar="FILE", help="PEM private key of the certificate")
     serve.add_argument("--public-url", metavar="URL",
                        help="the https:// address gateways reach the hub at, for the tunnel_url answered at "
-                            "enrollment (default: the address each enrollment request came to)")
+                            "enrollment and the Graph notification URLs told in welcome (default: the address each "
+                            "request came to)")
     serve.add_argument("--admin-token-env", metavar="VAR", default=None,
                        help=f"environment variable holding the admin API token (default: {ADMIN_TOKEN_ENV}; unset: "
                             "the admin API is off)")
@@ -122,6 +124,12 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     serve.add_argument("--retention-days", type=parse_days, default=30, metavar="N",
                        help="delete stored events older than N days, hourly (events a webhook has not delivered "
                             "yet are kept, and so is the rooms/bookings view); 0 keeps them for ever "
+                            "(default: %(default)s)")
+    serve.add_argument("--graph-rate", type=float, default=GRAPH_RATE, metavar="PER_SECOND",
+                       help="Microsoft Graph notifications accepted per second for one gateway; beyond it (and the "
+                            "burst) the hub answers 429 (default: %(default)s)")
+    serve.add_argument("--graph-burst", type=int, default=GRAPH_BURST, metavar="N",
+                       help="notifications one gateway may get at once before --graph-rate applies "
                             "(default: %(default)s)")
     serve.add_argument("--insecure-http", action="store_true",
                        help="serve plain HTTP; only allowed on a loopback address, for development")
@@ -269,7 +277,8 @@ def _serve(args: argparse.Namespace, data: Path, env: Mapping[str, str], err: Te
                            insecure_http=args.insecure_http, admin_token=Secret(value) if value else None,
                            public_url=args.public_url, command_timeout=args.command_timeout,
                            webhook_ca_file=args.webhook_ca, synchronous=args.synchronous,
-                           retention_days=args.retention_days)
+                           retention_days=args.retention_days, graph_rate=args.graph_rate,
+                           graph_burst=args.graph_burst)
     settings.validate()
 
     def ready(running: RunningHub) -> None:

@@ -1,7 +1,8 @@
 """Vendor commands forwarded down the tunnel to the customer's gateway, and its result back (section 7).
 
 A second request with a key that is still under way shares the first one's outcome instead of forwarding it
-again. Several gateways of one customer: the command goes to the one that relayed its room, else the newest.
+again. Several gateways of one customer: the command goes to the one that relayed its room, else the newest; with
+replicas sharing the rooms (hello.replica), to the replica that owns the room by rendezvous hash, or nowhere.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from gateway import sharding
 from gateway.hub.state import HubState
 from gateway.hub.tunnels import Session
 from gateway.model import Command, CommandResult, failed
@@ -61,23 +63,30 @@ class Forwarder:
         entry = self._inflight.get((customer, key))
         return entry.waiters if entry is not None else 0
 
-    async def _route(self, customer: str, cmd: Command) -> Session | None:
+    async def _route(self, customer: str, cmd: Command) -> Session | CommandResult:
+        """The session that runs ``cmd``, or the failed result that says why none may (docs/relay-protocol.md §7)."""
         live = [s for s in self.state.sessions.values() if s.customer == customer]
-        if len(live) <= 1:
-            return live[0] if live else None
+        if not live:
+            return failed(cmd.key, "gateway_offline", f"no gateway of customer {customer!r} is connected to the hub; "
+                          "retry later with the same key", retryable=True)
+        if len(live) == 1 and live[0].replica is None:
+            return live[0]
         room = cmd.room or (cmd.rooms[0] if cmd.rooms else None)
-        owner = await self.state.read(self.state.store.gateway_for_room, customer, room) if room else None
+        relayed_by = await self.state.read(self.state.store.gateway_for_room, customer, room) if room else None
         for s in live:
-            if s.gateway_id == owner:
+            if s.gateway_id == relayed_by and s.replica is None:  # a gateway of its own (another site), not a replica
                 return s
+        replicas = [s for s in live if s.replica is not None]
+        if replicas:
+            return _owner(customer, cmd, replicas)
         return max(live, key=lambda s: s.connected_at)  # the newest connection: the likeliest to be healthy
 
     async def _forward(self, customer: str, cmd: Command) -> tuple[int, CommandResult]:
         session = await self._route(customer, cmd)
-        offline = failed(cmd.key, "gateway_offline", f"no gateway of customer {customer!r} is connected to the hub; "
-                         "retry later with the same key", retryable=True)
-        if session is None:
-            return status_of(offline), offline
+        if isinstance(session, CommandResult):
+            return status_of(session), session
+        offline = failed(cmd.key, "gateway_offline", f"the tunnel to gateway {session.gateway_id} closed; retry later "
+                         "with the same key", retryable=True)
         fut: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         session.pending[cmd.key] = fut
         started = time.monotonic()
@@ -104,3 +113,30 @@ class Forwarder:
         log.info("hub.command_done", customer=customer, key=cmd.key, type=cmd.type, status=result.status,
                  reason=result.reason, ms=round(elapsed * 1000))
         return status_of(result), result
+
+
+def _owner(customer: str, cmd: Command, replicas: list[Session]) -> Session | CommandResult:
+    """The replica that owns the command's room(s) by rendezvous hash over the count the newest replica announced
+    (during a rolling change of the count, the older count's sessions are on their way out). Never another replica:
+    it does not sync the room, so it must not write to it."""
+    newest = max(replicas, key=lambda s: s.connected_at)
+    assert newest.replica is not None
+    count = newest.replica[1]
+    rooms = [cmd.room] if cmd.room else list(cmd.rooms)
+    by_owner: dict[int, list[str]] = {}
+    for room in rooms:
+        by_owner.setdefault(sharding.owner(room, count), []).append(room)
+    if len(by_owner) > 1:
+        groups = "; ".join(f"replica {o}: {', '.join(r)}" for o, r in sorted(by_owner.items()))
+        return failed(cmd.key, "invalid_command", f"these rooms are synced by different replicas of the gateway "
+                      f"({groups}): send one {cmd.type} command per replica's rooms, or read GET "
+                      f"/v1/customers/{customer}/availability, which answers for every room", retryable=False)
+    ordinal = next(iter(by_owner), 0)
+    owners = [s for s in replicas if s.replica == (ordinal, count)]
+    if not owners:
+        log.info("hub.command_owner_offline", customer=customer, key=cmd.key, room=rooms[0] if rooms else None,
+                 ordinal=ordinal, count=count)
+        return failed(cmd.key, "gateway_offline", f"the replica that owns {rooms[0] if rooms else 'the room'} "
+                      f"(ordinal {ordinal} of {count}) is not connected to the hub; retry later with the same key",
+                      retryable=True)
+    return max(owners, key=lambda s: s.connected_at)

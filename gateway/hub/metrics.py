@@ -17,6 +17,7 @@ from gateway.relay import protocol
 COMMAND_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # the attendant may take 30 s
 CONNECT_OUTCOMES: Final = ("accepted", "unauthorized", "revoked", "bad_handshake", "unsupported_protocol",
                            "hello_timeout", "abandoned")
+GRAPH_OUTCOMES: Final = ("validation", "forwarded", "dropped_offline", "rate_limited", "invalid", "unknown_route")
 COMMAND_REASONS: Final = frozenset((*DECLINE_REASONS, *protocol.ERROR_CODES))  # anything else counts as "other"
 
 
@@ -49,6 +50,13 @@ class HubMetrics:
                                 "(failed ones are retried)", ["outcome"], registry=r)
         for outcome in ("delivered", "failed"):
             self.webhooks.labels(outcome)
+        self.graph_notifications = Counter(
+            "gateway_hub_graph_notifications", "Posts to the gateways' Graph webhook URLs by outcome: validation "
+            "(the handshake answered), forwarded (over the tunnel), dropped_offline (no tunnel: the gateway catches "
+            "up by delta), rate_limited (429), invalid (not JSON, too large), unknown_route (404)", ["outcome"],
+            registry=r)
+        for outcome in GRAPH_OUTCOMES:
+            self.graph_notifications.labels(outcome)
         self.pruned = Counter("gateway_hub_events_pruned", "Events deleted by retention", registry=r)
         r.register(_StoreCollector(store, clock))
 

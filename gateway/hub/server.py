@@ -5,6 +5,8 @@ One aiohttp application, its parts one module each:
 - ``POST /v1/enroll`` (enrollment.py) turns a single-use enrollment token into a gateway identity;
 - ``GET /v1/tunnel`` (tunnels.py) is the WebSocket every gateway dials: challenge, hello, welcome, then events in
   (stored durably before the ack), commands out (forwarding.py), results back, key rotation, revocation;
+- ``POST /v1/graph/{route}/notifications`` and ``.../lifecycle`` (graph_notifications.py) take Microsoft Graph's
+  change notifications for a gateway, with no key (Graph cannot authenticate), and forward them down its tunnel;
 - ``/v1/customers/{customer}/...`` (vendor_api.py) is the vendor's API, one customer per API key: the booking API
   the gateway's local API serves too (gateway/web/routes.py): rooms, bookings, availability, events (SSE), commands;
 - ``/admin/v1/...`` (admin_api.py) is the operator's API (one admin token), and ``/metrics`` (metrics.py) takes the
@@ -34,6 +36,7 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.hub.admin_api import AdminApi
 from gateway.hub.enrollment import Enrollment
 from gateway.hub.forwarding import Forwarder
+from gateway.hub.graph_notifications import MAX_VALIDATION_TOKEN, GraphNotifications
 from gateway.hub.keys import TEXTS, HubKeys, admin_gate
 from gateway.hub.metrics import HubMetrics
 from gateway.hub.retention import Retention
@@ -101,6 +104,21 @@ def _admin(name: str, method: str, path: str, summary: str, status: int = 200, *
     return Route(name, method, path, ("admin",), op)
 
 
+def _graph(name: str, kind: str) -> Route:
+    text = {"200": {"description": "the validation handshake: the decoded validationToken",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "202": {"description": "accepted: forwarded to the gateway if its tunnel is up, else dropped (it polls)"}}
+    return Route(name, "POST", f"/v1/graph/{{route}}/{kind}", None, {
+        "summary": f"Microsoft Graph posts {'lifecycle events' if kind == 'lifecycle' else 'change notifications'} "
+                   "for one gateway here (no key: the route, told to the gateway in welcome, is unguessable)",
+        "operationId": name,
+        "parameters": [{"name": "route", "in": "path", "required": True, "schema": {"type": "string"}},
+                       {"name": "validationToken", "in": "query", "required": False,
+                        "schema": {"type": "string", "maxLength": MAX_VALIDATION_TOKEN}}],
+        "requestBody": {"content": {"application/json": {"schema": {"type": "object", "required": ["value"]}}}},
+        "responses": {**text, "400": PROBLEM, "404": PROBLEM, "413": PROBLEM, "429": PROBLEM}})
+
+
 ROUTES: Final = (
     Route("enroll", "POST", protocol.ENROLL_PATH, None, {
         "summary": "Enroll a gateway with a single-use token and its own public key (docs/relay-protocol.md §3)",
@@ -110,6 +128,7 @@ ROUTES: Final = (
     Route("tunnel", "GET", protocol.TUNNEL_PATH, None, {
         "summary": f"The gateways' WebSocket (subprotocol {protocol.SUBPROTOCOL}, docs/relay-protocol.md §2-10)",
         "operationId": "tunnel", "responses": {"101": {"description": "switching to the WebSocket"}}}),
+    _graph("graph_notifications", "notifications"), _graph("graph_lifecycle", "lifecycle"),
     *(r.under("/v1/customers/{customer}", scopes=("customer:{customer}",), params=[CUSTOMER_PARAM],
               note=_NOTES[r.name]) for r in BOOKING_ROUTES),
     _admin("list_customers", "GET", "/admin/v1/customers", "The customers"),
@@ -157,6 +176,7 @@ class Hub:
         self.vendor = VendorApi(self.state, self.forwarder)
         self.admin = AdminApi(self.state, self.tunnels)
         self.retention = Retention(self.state)
+        self.graph = GraphNotifications(self.state)
 
     @property
     def settings(self) -> HubSettings:
@@ -205,6 +225,7 @@ class Hub:
             "enrollment_token": self.admin.enrollment_token, "api_key": self.admin.api_key,
             "set_webhook": self.admin.set_webhook, "get_webhook": self.admin.get_webhook,
             "list_gateways": self.admin.list_gateways, "revoke": self.admin.revoke,
+            "graph_notifications": self.graph.notifications, "graph_lifecycle": self.graph.lifecycle,
             "healthz": self.healthz, "prometheus": self.admin.prometheus, "openapi": self.openapi}
         return [web.route(r.method, r.path, handlers[r.name], name=r.name) for r in ROUTES]
 
@@ -228,6 +249,7 @@ class Hub:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.graph.close()
             if state.webhooks is not None:
                 await state.webhooks.close()
             await asyncio.to_thread(state.close)

@@ -14,6 +14,8 @@ from gateway.security.secret import Secret
 
 MIN_ADMIN_TOKEN: Final = 16
 LOOPBACK_NAMES: Final = ("localhost",)
+GRAPH_RATE: Final = 20.0
+GRAPH_BURST: Final = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,10 @@ class HubSettings:
     webhook_timeout: float = 10.0
     synchronous: str = "NORMAL"  # SQLite; FULL survives power loss too, at some throughput cost
     retention_days: int = 30  # stored events older than this are deleted (undelivered webhook ones kept); 0: never
+    # Graph change notifications posted to a gateway's route (graph_notifications.py): a token bucket per route, so
+    # a flood of forged posts cannot flood the tunnel (Graph retries what is refused with 429)
+    graph_rate: float = GRAPH_RATE  # posts per second, sustained
+    graph_burst: int = GRAPH_BURST
 
     def validate(self) -> None:
         if not self.insecure_http:
@@ -73,8 +79,11 @@ class HubSettings:
             raise ConfigError(f"the hub setting retention_days must be a whole number of days >= 0, not "
                               f"{self.retention_days!r}", key="invalid_hub_setting",
                               remedy="give --retention-days N (0 keeps events for ever)")
+        if type(self.graph_burst) is not int or self.graph_burst < 1:
+            raise ConfigError(f"the hub setting graph_burst must be a whole number >= 1, not {self.graph_burst!r}",
+                              key="invalid_hub_setting", remedy="give --graph-burst N")
         for name in ("command_timeout", "token_ttl", "heartbeat", "hello_timeout", "revocation_check",
-                     "sse_keepalive", "webhook_retry_base", "webhook_retry_max", "webhook_timeout"):
+                     "sse_keepalive", "webhook_retry_base", "webhook_retry_max", "webhook_timeout", "graph_rate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"the hub setting {name} must be positive", key="invalid_hub_setting")
 

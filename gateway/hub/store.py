@@ -41,6 +41,7 @@ BUSY_TIMEOUT_MS: Final = 10_000
 SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 CUSTOMER_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 CUSTOMER_ID_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+GRAPH_ROUTE_BYTES: Final = 24  # 192 random bits: a Graph webhook route cannot be guessed
 
 
 
@@ -156,6 +157,15 @@ MIGRATIONS: Final = [
         PRIMARY KEY (customer, id)
     );
     CREATE INDEX bookings_by_room ON bookings (customer, room, start_utc);
+    """,
+    # route: the unguessable path segment of a gateway's Graph webhook URLs (gateway/hub/graph_notifications.py),
+    # minted once, so the URLs stay the same across reconnects and restarts.
+    """
+    CREATE TABLE graph_routes (
+        gateway_id TEXT PRIMARY KEY REFERENCES gateways (id),
+        route TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
     """,
 ]
 
@@ -494,6 +504,23 @@ class HubStore:
                          (self._now(), (agent or "")[:200] or None, gateway_id))
             row = conn.execute("SELECT last_seq FROM gateways WHERE id = ?", (gateway_id,)).fetchone()
         return int(row[0]) if row else 0
+
+    def graph_route(self, gateway_id: str) -> str:
+        """The gateway's Graph webhook route, minted the first time it is asked for."""
+        with self._write() as conn:
+            row = conn.execute("SELECT route FROM graph_routes WHERE gateway_id = ?", (gateway_id,)).fetchone()
+            if row is not None:
+                return str(row[0])
+            route = secrets.token_urlsafe(GRAPH_ROUTE_BYTES)
+            conn.execute("INSERT INTO graph_routes (gateway_id, route, created_at) VALUES (?, ?, ?)",
+                         (gateway_id, route, self._now()))
+        return route
+
+    def gateway_for_graph_route(self, route: str) -> str | None:
+        """The gateway a Graph webhook route belongs to; None for an unknown route or a revoked gateway."""
+        row = self._read().execute("SELECT g.id FROM graph_routes r JOIN gateways g ON g.id = r.gateway_id "
+                                   "WHERE r.route = ? AND g.revoked_at IS NULL", (route,)).fetchone()
+        return None if row is None else str(row[0])
 
     def reset_ack(self, gateway_id: str, seq: int) -> None:
         """Lower a gateway's acknowledged sequence (its stream restarted: a new or restored store)."""

@@ -19,6 +19,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.errors import ProtocolError
+from gateway.hub.graph_notifications import graph_urls
 from gateway.hub.messages import event_items, raw_key, result_of, verified
 from gateway.hub.state import HubState
 from gateway.hub.store import Stored
@@ -47,6 +48,7 @@ class Session:
     nonce: str  # this connection's challenge: key rotations sign over it
     ws: web.WebSocketResponse
     connected_at: float = field(default_factory=time.monotonic)
+    replica: tuple[int, int] | None = None  # (ordinal, count) announced in hello: it owns the rooms hashed to it
     pending: dict[str, asyncio.Future[CommandResult]] = field(default_factory=dict)
     events_in: int = 0
     ending: bool = False  # revoked: being closed (the watcher must not end it twice)
@@ -138,6 +140,11 @@ class Tunnels:
                                      "signature", CLOSE_BAD_HANDSHAKE)
             return None
         assert isinstance(gateway_id, str) and isinstance(key_id, str) and isinstance(signature, str)
+        try:
+            replica = protocol.hello_replica(hello)
+        except ProtocolError as e:
+            await self._refuse_hello(ws, "bad_handshake", e.key, str(e), CLOSE_BAD_HANDSHAKE)
+            return None
         record = await self.state.read(self.state.store.gateway, gateway_id)
         key = next((k for k in record.keys if k.key_id == key_id and not k.retired), None) if record else None
         if key is None or not verified(key.public_key, signature,
@@ -163,18 +170,23 @@ class Tunnels:
             log.warning("hub.gateway_stream_restarted", gateway_id=gateway_id, hub_ack=ack, gateway_last_seq=last_seq)
             await self.state.write(self.state.store.reset_ack, gateway_id, last_seq)
             ack = last_seq
+        extra: dict[str, Any] = {}
+        if hub_name.startswith("https://"):  # Graph posts to https only
+            route = await self.state.write(self.state.store.graph_route, gateway_id)
+            extra["notifications"] = graph_urls(hub_name, route)
         session = Session(id="s_" + secrets.token_urlsafe(9), gateway_id=gateway_id, customer=record.customer,
-                          key_id=key_id, nonce=nonce, ws=ws)
+                          key_id=key_id, nonce=nonce, ws=ws, replica=replica)
         old = self.state.sessions.get(gateway_id)
         self.state.sessions[gateway_id] = session
         if old is not None:
             log.info("hub.session_replaced", gateway_id=gateway_id, old=old.id, new=session.id)
             old.end(CLOSE_REPLACED, b"replaced by a newer connection of this gateway")
         await ws.send_str(protocol.encode("welcome", ack=ack, session=session.id, window=protocol.DEFAULT_WINDOW,
-                                          heartbeat=self.state.settings.heartbeat))
+                                          heartbeat=self.state.settings.heartbeat, **extra))
         self.state.metrics.connects.labels("accepted").inc()
         log.info("hub.gateway_connected", gateway_id=gateway_id, customer=record.customer, session=session.id,
-                 key_id=key_id, ack=ack, agent=agent, peer=peer)
+                 key_id=key_id, ack=ack, agent=agent, peer=peer,
+                 replica=None if replica is None else f"{replica[0]}/{replica[1]}")
         return session
 
     async def _refuse_hello(self, ws: web.WebSocketResponse, outcome: str, code: str, message: str,

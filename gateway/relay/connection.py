@@ -45,6 +45,7 @@ class Session:
     window: int
     session_id: str | None
     started: float
+    notification_urls: tuple[str, str] | None = None  # from welcome: this gateway's Graph webhook URLs at the hub
 
 
 def client_ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:

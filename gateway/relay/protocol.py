@@ -4,14 +4,16 @@ One WebSocket (``wss://HUB/v1/tunnel``, subprotocol ``exchange-gateway.v1``), di
 message is one JSON text frame, an object with a ``type``. In order:
 
     hub     -> challenge {nonce, hub}                        fresh random nonce for this connection only
-    gateway -> hello {protocol, gateway_id, key_id, signature, agent, last_seq}
-    hub     -> welcome {ack, session, window, heartbeat}     or error {code} and close
+    gateway -> hello {protocol, gateway_id, key_id, signature, agent, last_seq, replica?: {ordinal, count}}
+    hub     -> welcome {ack, session, window, heartbeat,     or error {code} and close
+                        notifications?}                      the gateway's Graph webhook URLs at the hub
     gateway -> events {events: [{seq, room_seq, event}]}     seq > ack, increasing; at most `window` unacked
     hub     -> ack {seq}                                     cumulative: every event up to seq is stored durably
     hub     -> command {command}                             a booking command (see parse_command)
     gateway -> result {result}                               exactly one per command, matched by key
     gateway -> rotate_key {public_key, key_id, signature}    signed by the new key over the session's nonce
     hub     -> key_rotated {key_id}
+    hub     -> notification {lifecycle, body}                a Graph change notification posted to the hub
     either  -> error {code, message, ref?}                   a bad message: the connection stays up
 
 The signature in ``hello`` is Ed25519 over ``signed_challenge(nonce, gateway_id, key_id)``: a recorded hello
@@ -41,8 +43,12 @@ DEFAULT_WINDOW: Final = 2000  # unacknowledged events in flight
 MAX_BATCH: Final = 500  # events per `events` message
 NONCE_BYTES: Final = 32
 
+MAX_NOTIFICATION_BYTES: Final = 256 << 10  # a Graph notification body (the hub answers 413 above it)
+MAX_NOTIFICATION_URL: Final = 2048
+GRAPH_PATH: Final = "/v1/graph/{route}/"  # + notifications / lifecycle: where Graph posts, on the hub
+
 MESSAGE_TYPES: Final = ("challenge", "hello", "welcome", "events", "ack", "command", "result", "rotate_key",
-                        "key_rotated", "error")
+                        "key_rotated", "error", "notification")
 
 # Error codes: in `error` messages, and as the `reason` of a failed command result.
 ERROR_CODES: Final = {
@@ -228,6 +234,47 @@ def decode(text: str | bytes, *, limit: int = MAX_MESSAGE_BYTES) -> dict[str, An
     if msg["type"] not in MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {msg['type'][:40]!r}", key="bad_message")
     return msg
+
+
+def notification_urls(welcome: dict[str, Any]) -> tuple[str, str] | None:
+    """(url, lifecycle_url) from ``welcome.notifications``: None when the hub sent none (an older hub).
+    ProtocolError (bad_message) when the field is there but is not two https URLs."""
+    raw = welcome.get("notifications")
+    if raw is None:
+        return None
+    urls = (raw.get("url"), raw.get("lifecycle_url")) if isinstance(raw, dict) else (None, None)
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith("https://") or len(url) > MAX_NOTIFICATION_URL:
+            raise ProtocolError(f"welcome.notifications must be {{url, lifecycle_url}}, two https:// URLs of at "
+                                f"most {MAX_NOTIFICATION_URL} characters", key="bad_message")
+    return str(urls[0]), str(urls[1])
+
+
+def parse_notification(msg: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """(lifecycle, body) of a ``notification`` message; ProtocolError (bad_message) otherwise. The body is what Graph
+    posted to the hub (at most MAX_NOTIFICATION_BYTES there), an object with a ``value`` list; decode() bounded its
+    size (the frame) and depth. Nothing in it is trusted: it is a trigger."""
+    lifecycle, body = msg.get("lifecycle"), msg.get("body")
+    if type(lifecycle) is not bool:
+        raise ProtocolError("notification.lifecycle must be true or false", key="bad_message")
+    if not isinstance(body, dict) or not isinstance(body.get("value"), list):
+        raise ProtocolError("notification.body must be an object with a 'value' list (what Graph posted)",
+                            key="bad_message")
+    return lifecycle, body
+
+
+def hello_replica(hello: dict[str, Any]) -> tuple[int, int] | None:
+    """The optional ``replica`` of a hello: (ordinal, count) of a gateway that is one of several sharing the rooms
+    (gateway/sharding.py); None when absent. ProtocolError (bad_message) when malformed."""
+    raw = hello.get("replica")
+    if raw is None:
+        return None
+    ordinal = raw.get("ordinal") if isinstance(raw, dict) else None
+    count = raw.get("count") if isinstance(raw, dict) else None
+    if type(ordinal) is not int or type(count) is not int or not 0 <= ordinal < count <= 1000:
+        raise ProtocolError("hello.replica must be {ordinal, count} with 0 <= ordinal < count <= 1000",
+                            key="bad_message")
+    return ordinal, count
 
 
 def signed_challenge(nonce: str, gateway_id: str, key_id: str) -> bytes:

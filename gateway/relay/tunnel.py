@@ -8,7 +8,9 @@ The gateway dials ``relay.hub_url`` (connection.py: wss only, the hub's certific
 - runs each ``command`` through the CommandHandler (at most ``command_concurrency`` at once) and answers with
   exactly one ``result`` on the connection the command came on (a result whose connection has gone is dropped:
   the hub retries the same idempotency key and gets the journaled answer);
-- rotates its key when asked (``rotate_key()``) or when the key is older than ``rotate_after`` (rotation.py).
+- rotates its key when asked (``rotate_key()``) or when the key is older than ``rotate_after`` (rotation.py);
+- hands the inbox (inbox.py) the Graph webhook URLs from ``welcome``, each ``notification``, and the session going
+  up and down.
 
 Failures: a refused handshake (``unauthorized``, ``revoked``) is logged once and retried rarely (from
 ``auth_retry_seconds``, doubling, capped at an hour; the identity is re-read from the vault first, in case the
@@ -47,6 +49,7 @@ from gateway.relay.connection import (
     proxy_headers,
     receive,
 )
+from gateway.relay.inbox import RelayInbox
 from gateway.relay.rotation import ROTATION_CHECK, KeyRotation
 from gateway.relay.window import FRAME_BUDGET, OutboxWindow, encode_event, frames
 from gateway.retry import Backoff
@@ -98,16 +101,19 @@ class Tunnel:
                  proxy_password: str | None = None, rotate_after: timedelta | None = timedelta(days=90),
                  command_concurrency: int = 32, auth_retry_seconds: float = 300.0,
                  handshake_timeout: float = 30.0, rng: random.Random | None = None,
-                 rotation_check: float = ROTATION_CHECK) -> None:
+                 rotation_check: float = ROTATION_CHECK, inbox: RelayInbox | None = None,
+                 replica: tuple[int, int] | None = None) -> None:
         if not settings.hub_url:
             raise ConfigError("relay.hub_url is not set", key="relay_not_configured",
                               remedy="enroll with `gateway enroll` and put the hub_url it prints in the config")
         self.settings = settings
+        self.replica = replica  # (ordinal, count) when one of several replicas sharing the rooms: said in hello
         self.identity = identity
         self.store = store
         self.commands = commands
         self.notifier = notifier
         self.metrics = metrics
+        self.inbox = inbox
         self.rotate_after = rotate_after
         self.rotation_check = rotation_check
         self.auth_retry_seconds = auth_retry_seconds
@@ -305,9 +311,10 @@ class Tunnel:
         key_id = next_key.key_id if self._try_next_key and next_key is not None else identity.key_id
         signature = identity.sign_with(key_id, protocol.signed_challenge(nonce, gateway_id, key_id))
         last_seq = await asyncio.to_thread(self.window.last_seq)
+        replica = {} if self.replica is None else {"replica": {"ordinal": self.replica[0], "count": self.replica[1]}}
         await ws.send_str(protocol.encode("hello", protocol=protocol.PROTOCOL_VERSION, gateway_id=gateway_id,
                                           key_id=key_id, signature=protocol.b64(signature), agent=AGENT,
-                                          last_seq=last_seq))
+                                          last_seq=last_seq, **replica))
         msg = await receive(ws)
         if msg["type"] == "error":
             raise self._refusal_or_error(msg, key_id)
@@ -319,8 +326,13 @@ class Tunnel:
         window = msg.get("window")
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             window = protocol.DEFAULT_WINDOW
+        try:
+            urls = protocol.notification_urls(msg)
+        except ProtocolError as e:  # optional: without it Graph rooms poll, which is no reason to refuse the hub
+            log.warning("tunnel.bad_notification_urls", error=str(e))
+            urls = None
         session = Session(ws, nonce, key_id, min(window, self.settings.window),
-                           msg.get("session") if isinstance(msg.get("session"), str) else None, time.monotonic())
+                          msg.get("session") if isinstance(msg.get("session"), str) else None, time.monotonic(), urls)
         if self._try_next_key:  # the hub accepted the next key: the rotation happened, record it
             self._try_next_key = False
             await asyncio.to_thread(self.identity.commit_rotation, key_id)
@@ -349,6 +361,8 @@ class Tunnel:
             self.metrics.tunnel_connected.set(1)
         log.info("tunnel.connected", hub=self.settings.hub_url, session=session.session_id, key_id=session.key_id,
                  ack=self.window.acked, window=session.window, resend=len(self.window.resend))
+        if self.inbox is not None:
+            self.inbox.session_up(session.notification_urls)
         sender = asyncio.create_task(self.window.send(session.ws, session.window, self._wake), name="tunnel-send")
         reader = asyncio.create_task(self._read_loop(session), name="tunnel-read")
         rotation = asyncio.create_task(self.rotation.watch(lambda: self._session), name="tunnel-rotation")
@@ -369,6 +383,8 @@ class Tunnel:
                 t.cancel()
             await asyncio.gather(sender, reader, rotation, return_exceptions=True)
             self._session = None
+            if self.inbox is not None:
+                self.inbox.session_down()
             if self.metrics is not None:
                 self.metrics.tunnel_connected.set(0)
             self.rotation.abandon()
@@ -400,6 +416,8 @@ class Tunnel:
                 await self._on_command(session, msg, len(text))
             elif kind == "key_rotated":
                 await self.rotation.on_key_rotated(msg)
+            elif kind == "notification":
+                self._on_notification(msg)
             elif kind == "error":
                 self._on_error(msg)
             else:
@@ -452,6 +470,13 @@ class Tunnel:
                 cmd.key, "too_large", f"the result is {len(text)} bytes, more than a relay message may carry "
                 f"({protocol.MAX_MESSAGE_BYTES}); ask for fewer rooms or a shorter range", retryable=False))
         await self._send(session.ws, text)
+
+    def _on_notification(self, msg: dict[str, Any]) -> None:
+        lifecycle, body = protocol.parse_notification(msg)
+        if self.inbox is None:  # nothing here subscribed (no Graph source): nothing to poke
+            log.debug("tunnel.notification_ignored", lifecycle=lifecycle)
+            return
+        self.inbox.deliver(body, lifecycle=lifecycle)
 
     def _on_error(self, msg: dict[str, Any]) -> None:
         code, text, ref = msg.get("code"), str(msg.get("message", ""))[:500], msg.get("ref")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -91,12 +92,16 @@ class SqliteStore:
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = "NORMAL",
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None, sequence_from_clock: bool = False) -> None:
         if synchronous.upper() not in SYNCHRONOUS:
             raise ConfigError(f"unknown synchronous mode {synchronous!r}", remedy=f"use one of {SYNCHRONOUS}")
         self.path = Path(path)
         self._synchronous = synchronous.upper()
         self._now = clock or (lambda: datetime.now(UTC))
+        # One of several replicas: a room's first sequence here is the wall clock in microseconds, above any a
+        # previous owner handed out (it started earlier, and emits far fewer than one event per microsecond), so a
+        # room's sequence keeps rising across a change of owner (docs/relay-protocol.md §7).
+        self._first_seq: Callable[[], int] = (lambda: time.time_ns() // 1000) if sequence_from_clock else (lambda: 0)
         self._write_lock = threading.Lock()
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
@@ -362,15 +367,14 @@ class SqliteStore:
                              "updated_at = excluded.updated_at", (room, sync_state, created_at))
         return entries
 
-    @staticmethod
-    def _append(conn: sqlite3.Connection, rows: list[tuple[Event, str]], now: datetime,
+    def _append(self, conn: sqlite3.Connection, rows: list[tuple[Event, str]], now: datetime,
                 created_at: str) -> list[OutboxEntry]:
         last: dict[str, int] = {}
         for e, _ in rows:
             key = e.room.lower()
             if key not in last:
                 row = conn.execute("SELECT last_seq FROM outbox_rooms WHERE room = ?", (e.room,)).fetchone()
-                last[key] = row[0] if row else 0
+                last[key] = row[0] if row else self._first_seq()
         # The global seqs are handed out here, in one executemany (a statement per event was a tenth of the
         # writer's time): the next after the highest ever issued, as AUTOINCREMENT would (the write lock is held).
         (seq,) = conn.execute("SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), "

@@ -45,7 +45,14 @@ def schemas() -> dict[str, Any]:
             "updated_at": {"type": "string", "description": "the hub: when its state last changed"},
             "gateway_connected": {"type": "boolean", "description": "the hub: the room's gateway is connected"}}},
         "RoomList": {"type": "object", "required": ["rooms"], "properties": {
-            "rooms": {"type": "array", "items": ref("Room")}}},
+            "rooms": {"type": "array", "items": ref("Room")},
+            "elsewhere": {"type": "array", "description": "the local API of one of several replicas: the rooms "
+                          "another replica syncs, and where (its reads and commands answer 421 misdirected here, or "
+                          "commands are forwarded when replicas.peer_url is set)", "items": {
+                              "type": "object", "required": ["email", "owner"], "properties": {
+                                  "email": {"type": "string"}, "owner": {
+                                      "type": "object", "required": ["ordinal", "url"], "properties": {
+                                          "ordinal": {"type": "integer"}, "url": {"type": ["string", "null"]}}}}}}}},
         "Booking": packaged_schema("booking.v1.json"),
         "BookingList": {"type": "object", "required": ["room", "start", "end", "bookings"], "properties": {
             "room": {"type": "string"}, "start": TIME, "end": TIME,

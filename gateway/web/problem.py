@@ -30,7 +30,8 @@ _KEPT_HEADERS: Final = ("allow", "www-authenticate", "retry-after")
 _CLASSES: Final[dict[int, type[web.HTTPException]]] = {
     cls.status_code: cls for cls in (
         web.HTTPBadRequest, web.HTTPUnauthorized, web.HTTPForbidden, web.HTTPNotFound, web.HTTPConflict,
-        web.HTTPGone, web.HTTPRequestEntityTooLarge, web.HTTPUnprocessableEntity, web.HTTPTooManyRequests,
+        web.HTTPGone, web.HTTPRequestEntityTooLarge, web.HTTPMisdirectedRequest, web.HTTPUnprocessableEntity,
+        web.HTTPTooManyRequests,
         web.HTTPInternalServerError, web.HTTPServiceUnavailable, web.HTTPGatewayTimeout)}
 
 
@@ -43,8 +44,12 @@ def document(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any
 def problem(status: int, code: str, detail: str, *, headers: dict[str, str] | None = None,
             **extra: Any) -> web.HTTPException:
     """An error answer to raise from a handler (a 4xx or 5xx status this module knows)."""
-    return _CLASSES[status](text=json.dumps(document(status, code, detail, **extra)), content_type=PROBLEM_JSON,
-                            headers=headers)
+    cls = _CLASSES[status]
+    body = json.dumps(document(status, code, detail, **extra))
+    if cls is web.HTTPRequestEntityTooLarge:  # its constructor wants the sizes only for a text of its own
+        return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=body, content_type=PROBLEM_JSON,
+                                             headers=headers)
+    return cls(text=body, content_type=PROBLEM_JSON, headers=headers)
 
 
 def problem_middleware(status_of: Callable[[GatewayError], int] | None = None) -> Middleware:
