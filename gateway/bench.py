@@ -4,7 +4,8 @@ Measures, against a simulated Exchange with per-call latency:
 - the initial import (rooms x bookings, seconds, bookings per second);
 - change-to-event latency percentiles under a steady rate of changes (create, move, cancel of room bookings);
 - EWS calls the gateway makes per change in that steady state;
-- the gateway process's peak RSS.
+- the gateway process's peak RSS;
+- with several room counts (``--rooms 100,1000,10000``), each of these once per count, to see how cost grows.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gateway.sync.coordinator import SyncSettings
 @dataclass
 class BenchArgs:
     rooms: int = 1000
+    scale: tuple[int, ...] = ()  # several room counts: one sync run each, in a process of its own
     rate: float = 20.0
     duration: float = 30.0
     latency_ms: float = 20.0
@@ -60,6 +62,8 @@ class Results:
     rss_mb: float = 0.0
     import_cpu_gateway: float = 0.0
     import_cpu_simulator: float = 0.0
+    import_ews_calls: int = 0
+    import_rss_mb: float = 0.0  # the gateway's peak RSS when the import ended
 
     def as_dict(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -68,13 +72,18 @@ class Results:
             if not lat:
                 return None
             return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))] * 1000, 1)
+        def per_booking(cpu: float) -> float | None:
+            return round(cpu * 1000 / self.bookings, 3) if self.bookings else None
         return {
             "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": pct(100), "samples": len(lat)},
             "ews_calls_per_change": round(self.ews_calls / self.changes, 2) if self.changes else None,
             "import": {"rooms": self.rooms, "bookings": self.bookings, "seconds": round(self.import_seconds, 1),
                        "bookings_per_second": round(self.bookings / self.import_seconds) if self.import_seconds
                        else None, "cpu_seconds": {"gateway": round(self.import_cpu_gateway, 1),
-                                                  "simulator": round(self.import_cpu_simulator, 1)}},
+                                                  "simulator": round(self.import_cpu_simulator, 1)},
+                       "cpu_ms_per_booking": {"gateway": per_booking(self.import_cpu_gateway),
+                                              "simulator": per_booking(self.import_cpu_simulator)},
+                       "ews_calls": self.import_ews_calls, "rss_mb": round(self.import_rss_mb, 1)},
             "changes": self.changes,
             "missed_changes": self.missed,
             "rss_mb": round(self.rss_mb, 1),
@@ -107,11 +116,17 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
+def simulator_command(args: BenchArgs) -> list[str]:
+    """The simulator for a benchmark: its answers are not checked against the schema (the suite does that), so the
+    simulator's CPU is the cost of serving, not of checking itself."""
+    return [sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", str(args.rooms),
+            "--users", str(max(20, args.rooms // 10)), "--activity", "0", "--rba-delay", "0.05",
+            "--graph-rooms", "0", "--latency-ms", str(args.latency_ms), "--no-response-validation",
+            "--log-level", "warning", "--log-format", "json"]
+
+
 def start_simulator(args: BenchArgs) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    cmd = [sys.executable, "-m", "gateway", "simulator", "--port", "0", "--rooms", str(args.rooms),
-           "--users", str(max(20, args.rooms // 10)), "--activity", "0", "--rba-delay", "0.05", "--graph-rooms", "0",
-           "--latency-ms", str(args.latency_ms),
-           "--log-level", "warning", "--log-format", "json"]
+    cmd = simulator_command(args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=lambda: _pin(0))
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -171,6 +186,8 @@ async def run(args: BenchArgs) -> Results:
         res.import_seconds = time.monotonic() - t0
         res.import_cpu_gateway = cpu_seconds() - cpu0
         res.import_cpu_simulator = cpu_seconds(proc.pid) - sim_cpu0
+        res.import_ews_calls = ews_requests(metrics)
+        res.import_rss_mb = peak_rss_mb()
         res.bookings = created
         _say(f"  imported {created} bookings in {res.import_seconds:.1f} s")
         feed = gw.feed
@@ -261,11 +278,41 @@ async def steady_state(args: BenchArgs, info: dict[str, Any], rooms: list[str], 
     res.ews_calls = ews_calls() - calls_before
 
 
+def scale_command(args: BenchArgs, rooms: int) -> list[str]:
+    """The sync part for one room count, in a process of its own (so that its peak RSS is its own)."""
+    return [sys.executable, "-m", "gateway", "bench", "--rooms", str(rooms), "--only", "sync", "--json",
+            "--rate", str(args.rate), "--duration", str(args.duration), "--latency-ms", str(args.latency_ms),
+            "--log-level", "warning"]
+
+
+def run_scale(args: BenchArgs, run_one: Callable[[list[str]], str] | None = None) -> list[dict[str, Any]]:
+    """The sync part once per room count of ``args.scale``, each in a fresh process (simulator included)."""
+    def subprocess_run(cmd: list[str]) -> str:
+        return subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+
+    runs = []
+    for rooms in args.scale:
+        _say(f"scale: {rooms} rooms")
+        runs.append(json.loads((run_one or subprocess_run)(scale_command(args, rooms)).strip().splitlines()[-1]))
+    return runs
+
+
+def _print_import(out: dict[str, Any]) -> None:
+    imp = out["import"]
+    per = imp.get("cpu_ms_per_booking") or {}
+    print(f"import:   {imp['rooms']} rooms, {imp['bookings']} bookings in {imp['seconds']} s "
+          f"({imp['bookings_per_second']} bookings/s; CPU: gateway {imp['cpu_seconds']['gateway']} s, "
+          f"simulator {imp['cpu_seconds']['simulator']} s; per booking: gateway {per.get('gateway')} ms, "
+          f"simulator {per.get('simulator')} ms; {imp.get('ews_calls')} EWS calls; RSS {imp.get('rss_mb')} MB)")
+
+
 def main(args: BenchArgs) -> int:
     from gateway import bench_relay
 
     out: dict[str, Any] = {}
-    if args.sync:
+    if args.sync and len(args.scale) > 1:
+        out["scale"] = run_scale(args)
+    elif args.sync:
         out.update(asyncio.run(run(args)).as_dict())
     if args.relay:
         relay = bench_relay.main(bench_relay.RelayBenchArgs(events=args.events, commands=args.commands,
@@ -278,12 +325,13 @@ def main(args: BenchArgs) -> int:
     if args.as_json:
         print(json.dumps(out))
         return 0
-    if args.sync:
+    for run_out in out.get("scale", ()):
+        _print_import(run_out)
+        print(f"          then EWS calls per change {run_out['ews_calls_per_change']}, change-to-event p99 "
+              f"{run_out['latency_ms']['p99']} ms, peak RSS {run_out['rss_mb']} MB")
+    if "import" in out:
         lat = out["latency_ms"]
-        imp = out["import"]
-        print(f"import:   {imp['rooms']} rooms, {imp['bookings']} bookings in {imp['seconds']} s "
-              f"({imp['bookings_per_second']} bookings/s; CPU: gateway {imp['cpu_seconds']['gateway']} s, "
-              f"simulator {imp['cpu_seconds']['simulator']} s)")
+        _print_import(out)
         print(f"latency:  p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, max {lat['max']} ms "
               f"({lat['samples']} changes seen, {out['missed_changes']} missed)")
         print(f"EWS calls per change: {out['ews_calls_per_change']}")

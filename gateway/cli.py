@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "rate of changes, EWS calls per change and the gateway's peak RSS; then "
                                          "events per second through one tunnel to a local hub, and the round trip "
                                          "of create commands sent through the hub with a slow booking attendant.")
-    gbench.add_argument("--rooms", type=_count, default=1000, metavar="N", help="rooms (default: %(default)s)")
+    gbench.add_argument("--rooms", type=_counts, default=(1000,), metavar="N[,N...]",
+                        help="rooms (default: 1000); several counts, e.g. 100,1000,10000, run the import and "
+                             "steady state once per count, each in a process of its own, and report import "
+                             "seconds, CPU (gateway, simulator) per booking, EWS calls and RSS for each")
     gbench.add_argument("--rate", type=_rate, default=20.0, metavar="RATE",
                         help="changes per second in the steady phase (default: %(default)s)")
     gbench.add_argument("--duration", type=_seconds, default=30.0, metavar="SECONDS",
@@ -196,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-bookings", action="store_true", help="start with empty calendars (no seeded year)")
     sim.add_argument("--latency-ms", type=float, default=0.0, metavar="MS",
                      help="added to every EWS call, like a loaded server (default: %(default)s)")
+    sim.add_argument("--no-response-validation", action="store_true",
+                     help="do not check answers against the EWS schema (for benchmarks; the test suite checks them)")
     sim.add_argument("--tls", action="store_true",
                      help="serve HTTPS with a certificate generated at start-up (its PEM is in the JSON line)")
     sim.add_argument("--graph-rooms", type=int, default=None, metavar="N",
@@ -279,6 +284,16 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return value
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a count or counts separated by commas (100,1000)") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("every count must be 1 or more")
+    return counts
 
 
 def _rate(text: str) -> float:
@@ -378,7 +393,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from gateway import bench
 
-        return bench.main(bench.BenchArgs(rooms=args.rooms, rate=args.rate, duration=args.duration,
+        return bench.main(bench.BenchArgs(rooms=args.rooms[0], scale=args.rooms, rate=args.rate, duration=args.duration,
                                           latency_ms=args.latency_ms, as_json=args.json,
                                           sync=args.only in (None, "sync"), relay=args.only in (None, "relay"),
                                           events=args.events, commands=args.commands, rba_delay=args.rba_delay))

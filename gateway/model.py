@@ -45,12 +45,18 @@ def _short_hash(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
+def _utc_text(value: datetime) -> str:
+    """2026-03-29T01:30:59Z: what strftime("%Y-%m-%dT%H:%M:%SZ") gives in UTC, at half its cost (an import
+    formats several times a booking, and booking ids are hashed over this text)."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+
+
 def meeting_id_for(uid: str) -> str:
     return _short_hash("meeting", uid)
 
 
 def booking_id_for(room: str, uid: str, original_start: datetime | None) -> str:
-    anchor = original_start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if original_start else ""
+    anchor = _utc_text(original_start) if original_start else ""
     return _short_hash("booking", room.lower(), uid, anchor)
 
 
@@ -96,37 +102,56 @@ class Booking:
     id: str = field(init=False, compare=False, repr=False)
     meeting_id: str = field(init=False, compare=False, repr=False)
     _hash: str | None = field(init=False, compare=False, repr=False, default=None)
+    _content: dict[str, Any] | None = field(init=False, compare=False, repr=False, default=None)
+    _json: str | None = field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id", booking_id_for(self.room, self.uid, self.original_start))
         object.__setattr__(self, "meeting_id", meeting_id_for(self.uid))
 
     def content(self) -> dict[str, Any]:
-        """Everything a consumer sees, minus freshness."""
-        d = to_json(self)
-        d.pop("confirmed_at", None)
-        return d
+        """Everything a consumer sees, minus freshness. Built once and shared: read it, never change it."""
+        if self._content is None:
+            object.__setattr__(self, "_content", _content(self))
+        return self._content  # type: ignore[return-value]
+
+    def content_json(self) -> str:
+        """The content as JSON text, keys sorted: what the content hash is taken of (and what the store keeps)."""
+        if self._json is None:
+            object.__setattr__(self, "_json", json.dumps(self.content(), sort_keys=True))
+        return self._json  # type: ignore[return-value]
 
     def content_hash(self) -> str:
         if self._hash is None:
-            digest = hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:32]
+            digest = hashlib.sha256(self.content_json().encode()).hexdigest()[:32]
             object.__setattr__(self, "_hash", digest)
         return self._hash  # type: ignore[return-value]
 
     def confirmed(self, at: datetime) -> Booking:
-        return replace(self, confirmed_at=at)
+        """The same booking seen again at ``at``: freshness is not content, so the copy keeps content and hash."""
+        copy = replace(self, confirmed_at=at)
+        object.__setattr__(copy, "_content", self.content())
+        object.__setattr__(copy, "_json", self.content_json())
+        object.__setattr__(copy, "_hash", self.content_hash())
+        return copy
 
 
 def _iso(value: datetime | date | None) -> str | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return _utc_text(value)
     return value.isoformat()
 
 
 def to_json(b: Booking) -> dict[str, Any]:
-    """The published JSON form (schemas/booking.v1.json)."""
+    """The published JSON form (schemas/booking.v1.json): the content, then freshness."""
+    d = dict(b.content())
+    d["confirmed_at"] = _iso(b.confirmed_at)
+    return d
+
+
+def _content(b: Booking) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "id": b.id,
@@ -153,7 +178,6 @@ def to_json(b: Booking) -> dict[str, Any]:
         "free_busy": b.free_busy,
         "cancelled": b.cancelled,
         "origin": b.origin,
-        "confirmed_at": _iso(b.confirmed_at),
     }
 
 

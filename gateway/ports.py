@@ -123,8 +123,8 @@ class Store(Protocol):
 
     def sync_state(self, room: str) -> str | None: ...
 
-    def known(self, room: str) -> dict[str, Known]:
-        """The room's booking snapshot, by booking id."""
+    def known(self, room: str, uids: frozenset[str] | None = None) -> dict[str, Known]:
+        """The room's booking snapshot, by booking id (``uids``: only the bookings of these meetings)."""
         ...
 
     def bookings(self, room: str, start: datetime | None = None, end: datetime | None = None) -> list[Booking]: ...
@@ -137,8 +137,10 @@ class Store(Protocol):
     def commit_sync(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
                     confirmed: Sequence[str] = (), confirmed_at: datetime | None = None,
                     item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
-                    sync_state: str | None = None, clear_sync_state: bool = False) -> list[OutboxEntry]:
-        """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state."""
+                    sync_state: str | None = None, clear_sync_state: bool = False,
+                    room_row: Room | None = None) -> list[OutboxEntry]:
+        """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state (and the
+        room's row, when given)."""
         ...
 
     def outbox_after(self, seq: int, limit: int = 500) -> list[OutboxEntry]: ...

@@ -10,9 +10,13 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
 from exchangelib import IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSDateTime
 from exchangelib.protocol import close_connections
 
+from gateway.bench import BenchArgs, Results, run_scale, simulator_command
+from gateway.cli import build_parser
+from gateway.simulator.serve import simulator_config
 from tests.conftest import TZ
 
 ENV = {**os.environ, "GATEWAY_LOG_FORMAT": "json"}
@@ -69,3 +73,34 @@ def test_help_reads_well() -> None:
         assert option in sim.stdout
     bad = subprocess.run([sys.executable, "-m", "gateway", "simulator"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--port" in bad.stderr
+
+
+def test_the_simulator_skips_checking_its_answers_against_the_schema_only_when_a_benchmark_asks() -> None:
+    plain = build_parser().parse_args(["simulator", "--port", "0"])
+    fast = build_parser().parse_args(["simulator", "--port", "0", "--no-response-validation"])
+    assert simulator_config(plain).validate_responses is True
+    assert simulator_config(fast).validate_responses is False
+    assert "--no-response-validation" in simulator_command(BenchArgs(rooms=10))
+
+
+def test_bench_runs_once_per_room_count_each_in_a_process_of_its_own_and_reports_cost_per_booking() -> None:
+    args = build_parser().parse_args(["bench", "--rooms", "100,1000,10000", "--only", "sync"])
+    assert args.rooms == (100, 1000, 10000)
+    for bad in ("0,10", "10,x", ""):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", "--rooms", bad])
+    ran: list[list[str]] = []
+
+    def one(cmd: list[str]) -> str:
+        ran.append(cmd)
+        rooms = int(cmd[cmd.index("--rooms") + 1])
+        return "a line of something else\n" + json.dumps({"import": {"rooms": rooms}})
+    runs = run_scale(BenchArgs(rooms=100, scale=(100, 1000)), one)
+    assert [r["import"]["rooms"] for r in runs] == [100, 1000]
+    assert all(c[c.index("--only") + 1] == "sync" and "--json" in c for c in ran)
+
+    imp = Results(rooms=10, bookings=2000, import_seconds=4.0, import_cpu_gateway=1.0, import_cpu_simulator=0.5,
+                  import_ews_calls=50, import_rss_mb=99.94).as_dict()["import"]
+    assert imp["cpu_ms_per_booking"] == {"gateway": 0.5, "simulator": 0.25}
+    assert imp["ews_calls"] == 50 and imp["rss_mb"] == 99.9 and imp["cpu_seconds"] == {"gateway": 1.0,
+                                                                                     "simulator": 0.5}

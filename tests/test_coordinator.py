@@ -105,6 +105,33 @@ async def test_a_meeting_created_moved_and_cancelled_is_one_event_each_under_one
     assert g.store.bookings(ROOM1) == [] and g.events(ROOM2, CREATED) == []
 
 
+async def test_a_room_starts_importing_as_soon_as_it_is_verified_not_after_every_room(
+        start: Start, memory_source: MemorySource) -> None:
+    rooms = tuple(f"room{i}@contoso.com" for i in range(10, 30))
+    for room in rooms:
+        memory_source.add_room(room)
+    order: list[tuple[str, str]] = []
+    for op in ("verify", "changes"):
+        def logged(original: Any, name: str) -> Callable[..., Awaitable[Any]]:
+            async def call(room: str, *args: Any, **kwargs: Any) -> Any:
+                order.append((name, room))
+                return await original(room, *args, **kwargs)
+            return call
+        setattr(memory_source, op, logged(getattr(memory_source, op), op))
+    g = await start(rooms, max_concurrent_rooms=2)
+    await eventually(lambda: g.imported(*rooms), what="every room imported")
+    # At no moment are more rooms verified and waiting for their import than rooms may sync at once.
+    waiting: set[str] = set()
+    most = 0
+    for op, room in order:
+        if op == "verify":
+            waiting.add(room)
+        else:
+            waiting.discard(room)
+        most = max(most, len(waiting))
+    assert most <= 2, f"up to {most} rooms were verified before their import began"
+
+
 async def test_a_series_with_a_moved_and_a_cancelled_occurrence(start: Start, memory_source: MemorySource) -> None:
     g = await start((ROOM2,))
     await eventually(lambda: g.imported(ROOM2), what="imported")

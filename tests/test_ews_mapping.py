@@ -114,3 +114,14 @@ def test_the_gateways_meetings_and_appointments_have_origin_gateway_and_outlooks
     # ... and a UID only looks like the gateway's if it is one the gateway makes.
     assert made_by_gateway(gateway_uid()) and gateway_uid() != gateway_uid()
     assert not made_by_gateway("ExchangeGateway-Q3-review@example.org", outlook)
+
+
+def test_an_empty_field_reads_as_empty_and_a_missing_one_as_absent():
+    # The one-pass reading of an item must keep what findtext() gave: stored content hashes depend on it.
+    item = etree.fromstring(
+        f'<t:CalendarItem xmlns:t="{TNS}"><t:ItemId Id="i1"/><t:Subject/><t:Start>2026-03-02T09:00:00Z</t:Start>'
+        '<t:End>2026-03-02T10:00:00Z</t:End><t:UID>uid-empty</t:UID><t:CalendarItemType>Single</t:CalendarItemType>'
+        '</t:CalendarItem>')
+    b = booking_from_xml(item, ROOM)
+    assert b is not None and b.uid == "uid-empty" and b.subject == "" and b.online_meeting_url is None
+    assert b.organizer is None and b.attendees == () and b.response == "unknown" and b.free_busy == "busy"

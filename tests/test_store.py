@@ -90,6 +90,30 @@ def test_bookings_round_trip_through_commit_sync(store: SqliteStore) -> None:
     assert store.booking(R2, rich.id) is None and store.booking(R1, "nope") is None
 
 
+def test_known_can_be_asked_for_some_meetings_only(store: SqliteStore) -> None:
+    # An incremental sync compares only the meetings that changed: reading every booking of the room for it made
+    # each sync cost as much as the room is big.
+    a, b, b2 = booking(R1, "a", 0), booking(R1, "b", 1), booking(R1, "b", 2, original_start=T0 + timedelta(hours=2))
+    create(store, a, b, b2)
+    assert set(store.known(R1, frozenset({"b", "unknown"}))) == {b.id, b2.id}
+    assert store.known(R1, frozenset()) == {}
+    assert set(store.known(R1, None)) == {a.id, b.id, b2.id}
+
+
+def test_a_room_state_and_its_event_are_one_transaction(store: SqliteStore) -> None:
+    # Two transactions per state change (the row, then the event) were a third of an import's commits.
+    syncing = Room(R1, name="Room 1", capacity=8, timezone="Europe/Berlin", state="syncing")
+    [entry] = store.commit_sync(R1, upserts=(), deletes=(), events=[room_event(R1, "state-1")], room_row=syncing)
+    assert entry.event.id == "state-1" and store.rooms()[0] == syncing
+    with pytest.raises(PreconditionFailed):  # the event id is taken: neither the row nor the event is kept
+        store.commit_sync(R1, upserts=(), deletes=(), events=[room_event(R1, "state-1")],
+                          room_row=Room(R1, state="verified"))
+    assert store.rooms()[0] == syncing and len(store.outbox_after(0)) == 1
+    new = Room("room9@contoso.com", state="verified")  # a room the store did not hold yet is added with it
+    store.commit_sync(new.email, upserts=(), deletes=(), events=[room_event(new.email, "state-2")], room_row=new)
+    assert new in store.rooms()
+
+
 def test_bookings_returns_those_overlapping_the_half_open_window(store: SqliteStore) -> None:
     a, b, c = booking(R1, "a", 0, 60), booking(R1, "b", 1, 60), booking(R1, "c", 2, 60)  # 8-9, 9-10, 10-11
     create(store, c, a, b)

@@ -51,3 +51,34 @@ async def test_rooms_from_room_lists_each_get_a_stream_without_starving_the_read
     await asyncio.get_running_loop().run_in_executor(None, book)
     # The change reaches the store only if the stream said so and a read could still get a session.
     await eventually(lambda: len(gw.store.bookings(room)) == 1, timeout=60, what="the new booking synced")
+
+
+async def test_rooms_import_while_the_feed_is_still_subscribing_the_others(
+        sim_factory: Callable[..., SimFixture], tmp_path: Path, aiohttp_client: Any) -> None:
+    # The feed subscribed every room at once, each Subscribe a job in the source's thread pool: a room's import
+    # queued behind all of them (a 1,000-room import showed nothing for its first minute).
+    rooms = 16
+    ews = sim_factory(SimulatorConfig(rba_delay=0.05, keepalive_seconds=0.5), rooms=rooms)  # streams notice an end
+    ews.call(lambda: ews.sim.faults.latency.update({"*": 0.05, "Subscribe": 0.3}))
+    options = GatewayOptions(
+        ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{SERVICE_ACCOUNT}", default_timezone="Europe/Berlin",
+                        max_workers=4),
+        password=SERVICE_PASSWORD, rooms=tuple(ews.org.rooms), sync=SyncSettings(debounce_seconds=0.2),
+        store_path=tmp_path / "gateway.sqlite", feed="streaming", stream_timeout_minutes=1)
+    app = init_app(options)
+    await aiohttp_client(app)
+    gw = app[GATEWAY]
+
+    def subscribed() -> int:
+        return int(ews.call(lambda: ews.sim.calls[("Subscribe", "NoError")]))
+    await eventually(lambda: any(w.last_success is not None for w in gw.coordinator.workers.values()),
+                     timeout=60, what="a first room imported")
+    assert subscribed() < rooms // 2, f"the first import waited for {subscribed()} of {rooms} subscriptions"
+    await eventually(lambda: subscribed() == rooms, timeout=60, what="every room subscribed")
+    await eventually(lambda: all(w.last_success is not None for w in gw.coordinator.workers.values()),
+                     timeout=60, what="every room imported")
+    # One GetFolder a room, its verification: reads and subscriptions name the calendar without asking for its id.
+    assert ews.call(lambda: ews.sim.calls[("GetFolder", "NoError")]) == rooms
+    ews.call(lambda: ews.sim.faults.latency.clear())
+    await eventually(lambda: gw.feed is not None and gw.feed.subscriptions == rooms,  # type: ignore[union-attr]
+                     timeout=60, what="every room's stream open (a stream still opening outlives the gateway)")

@@ -13,11 +13,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+if TYPE_CHECKING:
+    from gateway.simulator.server import SimulatorConfig
+
 log = structlog.get_logger("gateway.simulator")
+
+
+def simulator_config(args: argparse.Namespace) -> SimulatorConfig:
+    """The simulator's settings from its command line. Answers are checked against the EWS schema unless a benchmark
+    asks not to (the check costs about a tenth of the simulator's CPU; the test suite keeps it on)."""
+    from gateway.simulator.server import SimulatorConfig
+
+    return SimulatorConfig(rba_delay=args.rba_delay,
+                           validate_responses=not getattr(args, "no_response_validation", False))
 
 
 async def run_simulator(args: argparse.Namespace) -> int:
@@ -26,9 +38,9 @@ async def run_simulator(args: argparse.Namespace) -> int:
     from gateway.simulator.control import Control
     from gateway.simulator.graph.tls import GraphTls
     from gateway.simulator.seed import ORGANIZER_ACCOUNT, place_online, seed_bookings, standard_org
-    from gateway.simulator.server import Simulator, SimulatorConfig, self_signed_context
+    from gateway.simulator.server import Simulator, self_signed_context
 
-    sim = Simulator(SimulatorConfig(rba_delay=args.rba_delay))
+    sim = Simulator(simulator_config(args))
     if getattr(args, "latency_ms", 0):
         sim.faults.latency["*"] = args.latency_ms / 1000  # every EWS call takes this long, like a busy server
         sim.graph.config.latency = args.latency_ms / 1000  # and every Graph call

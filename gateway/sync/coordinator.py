@@ -155,6 +155,9 @@ class Coordinator:
         self.workers: dict[str, RoomWorker] = {}
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._slots = asyncio.Semaphore(self.settings.max_concurrent_rooms)
+        # Rooms between verification and the end of their import: a verified room imports at once (its calls would
+        # otherwise queue behind every other room's verification, and nothing imports until all are verified).
+        self._starting = asyncio.Semaphore(self.settings.max_concurrent_rooms)
         self.listeners: list[Callable[[list[OutboxEntry]], None]] = []  # told after each commit (SSE wake-up)
         self._outages: dict[str | None, tuple[OutageLog, asyncio.Event]] = {}  # by source (group)
         self.feed_down: dict[str, str] = {}  # room -> why its change feed is down (it polls meanwhile)
@@ -216,11 +219,12 @@ class Coordinator:
         s = self.settings
         while True:
             try:
-                await self._verify(w)
-                if await self.db(self.store.sync_state, w.email) is None:
-                    await self.import_room(w)
-                else:
-                    await self.reconcile(w)  # a restart may have missed anything; one full read repairs it
+                async with self._starting:
+                    await self._verify(w)
+                    if await self.db(self.store.sync_state, w.email) is None:
+                        await self.import_room(w)
+                    else:
+                        await self.reconcile(w)  # a restart may have missed anything; one full read repairs it
                 await self._loop(w)
             except asyncio.CancelledError:
                 raise
@@ -380,8 +384,10 @@ class Coordinator:
             if to_read:
                 async with self._slots:
                     observed += await self.source.read_meetings(w.email, window, to_read)
-            result = plan(await self.db(self.store.known, w.email), self._private(w.email, observed),
-                          Scope(window, frozenset(uids)), self.now())
+            scope = Scope(window, frozenset(uids))
+            # Only the meetings in scope: what the plan compares, and a sync then costs what changed, not the room.
+            result = plan(await self.db(self.store.known, w.email, scope.uids), self._private(w.email, observed),
+                          scope, self.now())
             await self._commit(w, result, sync_state=page.sync_state, item_uids=page.item_uids,
                                removed_items=page.deleted_item_ids, started=started)
             if not page.more:
@@ -468,9 +474,8 @@ class Coordinator:
             w.stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email) or Room(w.email)
         room = replace(w.stored, state=RoomState(state), reason=reason, remedy=remedy or ROOM_STATES.get(state, ""))
         w.stored = room
-        await self.db(self.store.upsert_room, room)
         entries = await self.db(self.store.commit_sync, w.email, upserts=(), deletes=(),
-                                events=[self._room_event(room)])
+                                events=[self._room_event(room)], room_row=room)
         for listener in self.listeners:
             listener(entries)
         quiet = shared or state in ("verified", "syncing", "polling") or state == previous

@@ -70,10 +70,11 @@ def made_by_gateway(uid: str, *elements: etree._Element | None) -> bool:
 
 def _command_key(el: etree._Element) -> str | None:
     for prop in el.iterchildren(_T["ExtendedProperty"]):
-        uri = prop.find(_T["ExtendedFieldURI"])
+        f = _children(prop)
+        uri = f.get(_T["ExtendedFieldURI"])
         if uri is not None and uri.get("DistinguishedPropertySetId") == "PublicStrings" \
                 and uri.get("PropertyName") == COMMAND_KEY_PROPERTY:
-            return prop.findtext(_T["Value"])
+            return _value(f, "Value")
     return None
 
 
@@ -122,22 +123,37 @@ def meeting_uid(item: Any) -> str | None:
 
 def element_uid(el: etree._Element) -> str | None:
     for prop in el.iterchildren(_T["ExtendedProperty"]):
-        uri = prop.find(_T["ExtendedFieldURI"])
+        f = _children(prop)
+        uri = f.get(_T["ExtendedFieldURI"])
         if uri is not None and uri.get("PropertyId") in ("35", "0x23") and uri.get("DistinguishedPropertySetId") \
                 == "Meeting":
-            value = prop.findtext(_T["Value"])
+            value = _value(f, "Value")
             if value:
                 return uid_from_goid(base64.b64decode(value))
-    return el.findtext(_T["UID"])
+    for child in el.iterchildren(_T["UID"]):
+        return child.text or ""
+    return None
 
 
 def item_id(el: etree._Element) -> str | None:
-    ident = el.find(_T["ItemId"])
-    return ident.get("Id") if ident is not None else None
+    for ident in el.iterchildren(_T["ItemId"]):
+        return ident.get("Id")
+    return None
 
 
-def _text(el: etree._Element, name: str) -> str | None:
-    return el.findtext(_T[name])
+def _children(el: etree._Element) -> dict[Any, etree._Element]:
+    """An element's children by tag (the first of each), in one pass: an lxml find() or findtext() by tag costs
+    about as much as this whole pass, and a booking needs a dozen of them."""
+    out: dict[Any, etree._Element] = {}
+    for child in el:
+        out.setdefault(child.tag, child)
+    return out
+
+
+def _value(children: dict[Any, etree._Element], name: str) -> str | None:
+    """What findtext() gives: the child's text, "" for an empty child, None when there is none."""
+    child = children.get(_T[name])
+    return None if child is None else (child.text or "")
 
 
 def _time(value: str | None) -> datetime | None:
@@ -149,31 +165,37 @@ def _time(value: str | None) -> datetime | None:
 def _person(el: etree._Element | None) -> Person | None:
     if el is None:
         return None
-    mb = el.find(_T["Mailbox"])
+    return _mailbox(_children(el))
+
+
+def _mailbox(children: dict[Any, etree._Element]) -> Person | None:
+    mb = children.get(_T["Mailbox"])
     if mb is None:
         return None
-    email = (mb.findtext(_T["EmailAddress"]) or "").lower() or None
-    return Person(email, mb.findtext(_T["Name"]))
+    f = _children(mb)
+    email = (_value(f, "EmailAddress") or "").lower() or None
+    return Person(email, _value(f, "Name"))
 
 
-def _attendees(el: etree._Element) -> tuple[Attendee, ...]:
+def _attendees(el: etree._Element, children: dict[Any, etree._Element] | None = None) -> tuple[Attendee, ...]:
+    f = _children(el) if children is None else children
     out = []
     for kind, tag in (("required", "RequiredAttendees"), ("optional", "OptionalAttendees"),
                       ("resource", "Resources")):
-        group = el.find(_T[tag])
+        group = f.get(_T[tag])
         if group is None:
             continue
         for a in group.iterchildren(_T["Attendee"]):
-            p = _person(a)
+            af = _children(a)
+            p = _mailbox(af)
             if p is None or not p.email:
                 continue
-            out.append(Attendee(p.email, p.name, kind, _RESPONSES.get(a.findtext(_T["ResponseType"]) or "",
-                                                                      "unknown")))
+            out.append(Attendee(p.email, p.name, kind, _RESPONSES.get(_value(af, "ResponseType") or "", "unknown")))
     return tuple(out)
 
 
-def zone_name(el: etree._Element, fallback: str) -> str:
-    tz = el.find(_T["StartTimeZone"])
+def zone_name(el: etree._Element, fallback: str, children: dict[Any, etree._Element] | None = None) -> str:
+    tz = (_children(el) if children is None else children).get(_T["StartTimeZone"])
     ms_id = tz.get("Id") if tz is not None else None
     name = MS_TIMEZONE_TO_IANA_MAP.get(ms_id or "")
     if name is None and ms_id:
@@ -190,24 +212,25 @@ def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
     """One t:CalendarItem of a CalendarView (an instance), with its meeting's details from GetItem if given.
     ``uid``: the meeting's UID when the caller has already read it."""
     uid = uid or element_uid(el) or (element_uid(detail) if detail is not None else None)
-    start, end = _time(_text(el, "Start")), _time(_text(el, "End"))
+    f = _children(el)
+    start, end = _time(_value(f, "Start")), _time(_value(f, "End"))
     if not uid or start is None or end is None:
         return None  # a draft without identity or times is no booking
-    src = detail if detail is not None else el
-    tzname = zone_name(el, default_tz)
-    all_day = _text(el, "IsAllDayEvent") == "true"
+    src = f if detail is None else _children(detail)
+    tzname = zone_name(el, default_tz, f)
+    all_day = _value(f, "IsAllDayEvent") == "true"
     start_date: date | None = None
     end_date: date | None = None
     if all_day:
         zone = ZoneInfo(tzname)
         start_date = start.astimezone(zone).date()
         end_date = end.astimezone(zone).date()
-    kind = _text(el, "CalendarItemType") or "Single"
+    kind = _value(f, "CalendarItemType") or "Single"
     if kind == "RecurringMaster":
         return None  # a series is its occurrences (sources/ews/series.py), never one booking at its first
-    original = _time(_text(el, "OriginalStart")) if kind in ("Occurrence", "Exception") else None
-    organizer = _person(src.find(_T["Organizer"]))
-    subject = _text(el, "Subject")
+    original = _time(_value(f, "OriginalStart")) if kind in ("Occurrence", "Exception") else None
+    organizer = _person(src.get(_T["Organizer"]))
+    subject = _value(f, "Subject")
     return Booking(
         room=room.lower(),
         uid=uid,
@@ -222,13 +245,13 @@ def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
         subject_is_organizer_name=bool(subject and organizer and organizer.name and
                                        subject.strip() == organizer.name.strip()),
         organizer=organizer,
-        attendees=_attendees(src),
-        sensitivity=_SENSITIVITY.get(_text(el, "Sensitivity") or "Normal", "normal"),
-        online_meeting_url=_text(src, "NetShowUrl"),
-        response=_RESPONSES.get(_text(el, "MyResponseType") or "", "unknown"),
-        cancelled=_text(el, "IsCancelled") == "true",
+        attendees=_attendees(el if detail is None else detail, src),
+        sensitivity=_SENSITIVITY.get(_value(f, "Sensitivity") or "Normal", "normal"),
+        online_meeting_url=_value(src, "NetShowUrl"),
+        response=_RESPONSES.get(_value(f, "MyResponseType") or "", "unknown"),
+        cancelled=_value(f, "IsCancelled") == "true",
         series_id=uid if kind != "Single" else None,
         is_exception=kind == "Exception",
-        free_busy=_FREE_BUSY.get(_text(el, "LegacyFreeBusyStatus") or "Busy", "busy"),
+        free_busy=_FREE_BUSY.get(_value(f, "LegacyFreeBusyStatus") or "Busy", "busy"),
         origin="gateway" if made_by_gateway(uid, el, detail) else "exchange",
     )

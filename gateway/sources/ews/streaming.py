@@ -40,7 +40,7 @@ from typing import Any
 
 import structlog
 from exchangelib import errors as xerr
-from exchangelib.services import GetStreamingEvents
+from exchangelib.services import GetStreamingEvents, SubscribeToStreaming
 
 from gateway.errors import GatewayError, is_shared
 from gateway.ports import Dirty
@@ -213,16 +213,21 @@ class StreamingFeed:
             acct = self.source.account(room)
             acct.affinity_cookie = None  # route by the room itself, learn its server's cookie
             with self.source.guarded(room):
-                sub_id = acct.calendar.subscribe_to_streaming()
+                # The service itself: the folder method wants the folder's id from a GetFolder first.
+                sub_id = SubscribeToStreaming(account=acct).get(folders=[self.source.calendar(room)],
+                                                                event_types=SubscribeToStreaming.EVENT_TYPES)
             if not sub_id:
                 raise FeedBroken(f"Exchange answered Subscribe for {room} without a SubscriptionId")
             return sub_id, acct.affinity_cookie or ""
 
         loop = asyncio.get_running_loop()
+        # Half the source's threads at most: the rest keep reading (imports, syncs) while a thousand rooms subscribe.
+        at_once = asyncio.Semaphore(max(1, self.source.settings.max_workers // 2))
 
         async def attempt(room: str) -> tuple[str, str] | GatewayError:
             try:
-                return await loop.run_in_executor(self.source._pool, subscribe, room)
+                async with at_once:
+                    return await loop.run_in_executor(self.source._pool, subscribe, room)
             except GatewayError as e:
                 return e  # anything else is not an answer from Exchange: the supervisor hears of it
 
