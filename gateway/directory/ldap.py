@@ -206,16 +206,18 @@ class LdapDirectory:
             self.binds += 1
             conn.bind()
         except BaseException as e:
-            try:
-                conn.unbind()
-            except Exception:  # the socket is already gone
-                pass
+            _close(conn)
             raise _mapped(e, url, s) from e
         return conn
 
     def _conn(self) -> ldap3.Connection:
         conn: ldap3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
+            if conn is not None:  # dropped by the server: its socket may still be open
+                with self._lock:
+                    if conn in self._connections:
+                        self._connections.remove(conn)
+                _close(conn)
             conn = self._connect()
             self._local.conn = conn
             with self._lock:
@@ -229,10 +231,7 @@ class LdapDirectory:
             with self._lock:
                 if conn in self._connections:
                     self._connections.remove(conn)
-            try:
-                conn.unbind()
-            except Exception:  # a dead socket: nothing left to close
-                pass
+            _close(conn)
 
     def _call(self, work: Callable[[ldap3.Connection], T]) -> T:
         """Run ``work`` on this thread's connection; a connection that broke is replaced once (the next DC)."""
@@ -274,15 +273,13 @@ class LdapDirectory:
 
     async def close(self) -> None:
         def unbind_all() -> None:
+            # the requests in flight first: one finishing later would open a connection nobody closes
+            self._pool.shutdown(wait=True, cancel_futures=True)
             with self._lock:
                 conns, self._connections = self._connections, []
             for c in conns:
-                try:
-                    c.unbind()
-                except Exception:
-                    pass
+                _close(c)
         await asyncio.get_running_loop().run_in_executor(None, unbind_all)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def set_password(self, password: str) -> None:
         """New credentials (from the vault): the next request binds with them at once."""
@@ -528,3 +525,18 @@ def _ad_data(text: str) -> str | None:
     marker = "data "
     i = text.find(marker)
     return text[i + len(marker):].split(",")[0].strip() if i >= 0 else None
+
+
+def _close(conn: ldap3.Connection) -> None:
+    """Unbind and close the socket whatever state the connection is in (ldap3's unbind leaves the socket open when
+    sending the unbind fails, and does nothing for a connection it already marked closed)."""
+    try:
+        conn.unbind()
+    except Exception:  # a dead socket: nothing to say goodbye on
+        pass
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
