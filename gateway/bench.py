@@ -48,6 +48,8 @@ class BenchArgs:
     events: int = 50_000
     commands: int = 100
     rba_delay: float = 0.5
+    graph: bool = False  # Exchange Online rooms through Graph (bench_graph.py): opt-in, it runs two imports
+    poll_interval: float = 5.0  # the Graph part's polling phase
 
 
 @dataclass
@@ -307,7 +309,7 @@ def _print_import(out: dict[str, Any]) -> None:
 
 
 def main(args: BenchArgs) -> int:
-    from gateway import bench_relay
+    from gateway import bench_graph, bench_relay
 
     out: dict[str, Any] = {}
     if args.sync and len(args.scale) > 1:
@@ -322,6 +324,14 @@ def main(args: BenchArgs) -> int:
             out["tunnel"] = relay["tunnel"]
         if "commands" in relay:
             out["command_ms"] = relay["commands"]
+    if args.graph:
+        runs = [{"rooms": rooms, **bench_graph.main(bench_graph.GraphBenchArgs(
+                    rooms=rooms, rate=args.rate, duration=args.duration, latency_ms=args.latency_ms,
+                    poll_interval=args.poll_interval))} for rooms in (args.scale or (args.rooms,))]
+        if len(runs) == 1:
+            out["graph"] = {k: v for k, v in runs[0].items() if k != "rooms"}
+        else:
+            out["graph_scale"] = runs
     if args.as_json:
         print(json.dumps(out))
         return 0
@@ -343,4 +353,6 @@ def main(args: BenchArgs) -> int:
         c = out["command_ms"]
         print(f"commands: create round trip p50 {c['p50']} ms, p95 {c['p95']} ms, p99 {c['p99']} ms, max {c['max']} ms "
               f"({c['samples']} creates, attendant delay {c['rba_delay_s']:g} s; outcomes {c['outcomes']})")
+    for graph in [out["graph"]] if "graph" in out else out.get("graph_scale", ()):
+        bench_graph.print_lines(graph)
     return 0

@@ -160,8 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="create commands sent through the hub, 5 at a time; 0 skips it (default: %(default)s)")
     gbench.add_argument("--rba-delay", type=_seconds, default=0.5, metavar="SECONDS",
                         help="the booking attendant's delay for the commands part (default: %(default)s)")
-    gbench.add_argument("--only", choices=("sync", "relay"),
-                        help="run one part: sync (import, change latency, EWS calls) or relay (tunnel, commands)")
+    gbench.add_argument("--only", choices=("sync", "relay", "graph"),
+                        help="run one part: sync (import, change latency, EWS calls), relay (tunnel, commands) or "
+                             "graph (online rooms through Microsoft Graph: import, change latency and Graph calls "
+                             "per change, with notifications through a local hub, then with polling; not in the "
+                             "default run, as it imports the rooms twice; in --json under graph, or graph_scale "
+                             "with several --rooms)")
+    gbench.add_argument("--poll-interval", type=_seconds, default=5.0, metavar="SECONDS",
+                        help="the graph part's delta polling interval in its polling phase (default: %(default)s)")
     gbench.add_argument("--json", action="store_true", help="print the results as one JSON object")
     _logging_options(gbench, default_level="warning")
 
@@ -396,7 +402,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return bench.main(bench.BenchArgs(rooms=args.rooms[0], scale=args.rooms, rate=args.rate, duration=args.duration,
                                           latency_ms=args.latency_ms, as_json=args.json,
                                           sync=args.only in (None, "sync"), relay=args.only in (None, "relay"),
-                                          events=args.events, commands=args.commands, rba_delay=args.rba_delay))
+                                          events=args.events, commands=args.commands, rba_delay=args.rba_delay,
+                                          graph=args.only == "graph", poll_interval=args.poll_interval))
     raise SystemExit(f"unknown command {args.command}")
 
 

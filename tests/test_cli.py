@@ -104,3 +104,30 @@ def test_bench_runs_once_per_room_count_each_in_a_process_of_its_own_and_reports
     assert imp["cpu_ms_per_booking"] == {"gateway": 0.5, "simulator": 0.25}
     assert imp["ews_calls"] == 50 and imp["rss_mb"] == 99.9 and imp["cpu_seconds"] == {"gateway": 1.0,
                                                                                      "simulator": 0.5}
+
+
+def test_the_graph_bench_runs_tiny_and_reports_both_phases_under_graph() -> None:
+    """`gateway bench --only graph`, a few online rooms for a few seconds: each phase imports every room, hears of
+    the changes (through the hub, then by polling) and counts the Graph calls they cost."""
+    run = subprocess.run([sys.executable, "-m", "gateway", "bench", "--only", "graph", "--rooms", "3", "--rate", "2",
+                          "--duration", "4", "--poll-interval", "1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(out) == {"graph"}, "only the graph part ran"
+    graph = out["graph"]
+    assert set(graph) == {"notifications", "polling"}
+    for mode, phase in graph.items():
+        assert phase["mode"] == mode
+        assert phase["rooms_by_mode"][mode] == 3, f"every room heard of changes by {mode}"
+        assert phase["import"]["rooms"] == 3 and phase["import"]["bookings"] > 0
+        assert phase["import"]["seconds"] > 0 and phase["import"]["graph_calls"] >= 3
+        assert phase["changes"] == 8 and phase["missed_changes"] == 0
+        lat = phase["latency_ms"]
+        assert lat["samples"] == 8 and 0 <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"] < 20_000
+        assert phase["graph_calls"] > 0 and phase["graph_calls_per_change"] > 0
+        assert phase["cpu_seconds"]["gateway"] >= 0 and phase["cpu_seconds"]["simulator"] >= 0
+    assert graph["polling"]["poll_interval_s"] == 1 and graph["notifications"]["poll_interval_s"] is None
+    text = subprocess.run([sys.executable, "-m", "gateway", "bench", "--help"], capture_output=True, text=True,
+                          timeout=30).stdout
+    assert "graph" in text and "--poll-interval" in text

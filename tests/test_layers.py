@@ -11,7 +11,7 @@ def test_no_grab_bag_modules():
     assert not [p for p in ROOT.rglob("*.py") if p.stem in ("utils", "util", "helpers", "misc", "common")]
 
 
-WIRING = {"__init__", "__main__", "cli", "bench", "bench_relay", "demo", "hub", "simulator", "schemas"}
+WIRING = {"__init__", "__main__", "cli", "bench", "bench_relay", "bench_graph", "demo", "hub", "simulator", "schemas"}
 
 
 def test_every_part_of_the_appliance_is_inside_the_border_contract():
