@@ -222,7 +222,9 @@ def ews_requests(metrics: Metrics) -> int:
 
 
 async def steady_state(args: BenchArgs, info: dict[str, Any], rooms: list[str], seen: dict[str, float],
-                       res: Results, ews_calls: Callable[[], int]) -> None:
+                       res: Results, ews_calls: Callable[[], int], settle: float = 2.0) -> None:
+    """``settle``: seconds a meeting is left alone before it is moved or cancelled (changes closer than the
+    debounce, or than a polling interval, coalesce into one and their events never come)."""
     rng = random.Random(1)
     headers = {"Authorization": f"Bearer {info['control_token']}"}
     base = info["control_url"].rstrip("/")
@@ -238,7 +240,7 @@ async def steady_state(args: BenchArgs, info: dict[str, Any], rooms: list[str], 
             due = t_start + n / args.rate
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             room = rng.choice(rooms)
-            ripe = [i for i, (uid, _, _) in enumerate(live) if time.monotonic() - touched.get(uid, 0) > 2.0]
+            ripe = [i for i, (uid, _, _) in enumerate(live) if time.monotonic() - touched.get(uid, 0) > settle]
             action = "create" if len(ripe) < 5 or rng.random() < 0.5 else rng.choice(["move", "cancel"])
             sent = time.monotonic()
             if action == "create":

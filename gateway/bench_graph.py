@@ -28,6 +28,7 @@ from gateway.app import GatewayOptions, start_gateway, stop_gateway
 from gateway.bench import BenchArgs, Results, _pin, _say, cpu_seconds, steady_state
 from gateway.bench_relay import _hub, _identity
 from gateway.config import RelayConfig
+from gateway.hub.server import RunningHub
 from gateway.observability.metrics import Metrics
 from gateway.ports import OutboxEntry, SourceSpec
 from gateway.security.certs import Pki, make_pki
@@ -60,6 +61,16 @@ def graph_requests(metrics: Metrics) -> int:
     """The Graph requests the gateway made so far (gateway_graph_requests_total, every operation and status)."""
     return int(sum(sample.value for family in metrics.registry.collect() if family.name == "gateway_graph_requests"
                    for sample in family.samples if sample.name == "gateway_graph_requests_total"))
+
+
+def hub_posts(running: RunningHub | None) -> dict[str, int]:
+    """The Graph posts the hub answered so far, by outcome (forwarded down the tunnel, rate_limited with 429: Graph
+    retries those later, which shows in the latency)."""
+    if running is None:
+        return {}
+    registry = running.hub.metrics.registry
+    return {o: int(registry.get_sample_value("gateway_hub_graph_notifications_total", {"outcome": o}) or 0)
+            for o in ("forwarded", "rate_limited", "dropped_offline")}
 
 
 def rooms_in_mode(metrics: Metrics, mode: str) -> int:
@@ -138,8 +149,12 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
                 quiet_since = time.monotonic()
         ready_modes = {m: rooms_in_mode(metrics, m) for m in PHASES}
         cpu1, sim_cpu1 = cpu_seconds(), cpu_seconds(proc.pid)
+        posts0 = hub_posts(running)
+        # Polling sees a meeting changed twice within one interval as one change: leave each alone for longer.
+        settle = 2.0 + (args.poll_interval if mode == "polling" else 0.0)
         await steady_state(BenchArgs(rate=args.rate, duration=args.duration), info, rooms, seen, res,
-                           lambda: graph_requests(metrics))
+                           lambda: graph_requests(metrics), settle=settle)
+        posts = {k: v - posts0.get(k, 0) for k, v in hub_posts(running).items()}
         cpu_steady = (cpu_seconds() - cpu1, cpu_seconds(proc.pid) - sim_cpu1)
     finally:
         if gw is not None:
@@ -166,6 +181,7 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         "graph_calls": res.ews_calls,
         "graph_calls_per_change": out["ews_calls_per_change"],
         "cpu_seconds": {"gateway": round(cpu_steady[0], 1), "simulator": round(cpu_steady[1], 1)},
+        "hub_posts": posts or None,  # Graph's posts at the hub during the changes, by outcome
     }
 
 
@@ -191,4 +207,5 @@ def print_lines(graph: dict[str, Any]) -> None:
         print(f"          latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, max {lat['max']} ms "
               f"({lat['samples']} changes seen, {p['missed_changes']} missed, {p['rate_per_s']:g}/s); Graph calls "
               f"per change {p['graph_calls_per_change']}; CPU gateway {p['cpu_seconds']['gateway']} s, "
-              f"simulator {p['cpu_seconds']['simulator']} s")
+              f"simulator {p['cpu_seconds']['simulator']} s"
+              + (f"; hub posts {p['hub_posts']}" if p["hub_posts"] else ""))
