@@ -49,6 +49,7 @@ import structlog
 from aiohttp import web
 
 from gateway.api import ROUTES, Api, EventHub, Peers, auth_middleware, is_loopback
+from gateway.commands.organizers import OrganizerCheck
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, CredentialsConfig, RelayConfig
 from gateway.credential_watch import (
@@ -460,11 +461,14 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         store, coordinator = app[STORE], app[COORDINATOR]
         with _starting("the command service and the local API"):
             journal = CommandJournal(store)
+            d, ldap = options.directory, app.get(LDAP)
+            organizers = None if d is None or ldap is None else OrganizerCheck(
+                ldap, options.commands, people=lambda: store.people(d.stream))
             app[COMMANDS] = CommandService(
                 RoutedWriter(app[ROOM_ROUTES]), store, journal, options.commands,
                 rooms=lambda: coordinator.workers.keys(),
                 resync=lambda room, uids: coordinator.mark_dirty(room, "command", uids), metrics=metrics,
-                window=coordinator.window)
+                window=coordinator.window, organizers=organizers)
 
             def room_states() -> dict[str, dict[str, Any]]:
                 now = time.monotonic()

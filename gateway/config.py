@@ -66,6 +66,7 @@ ExchangeVersion = Literal["Exchange2013", "Exchange2013_SP1", "Exchange2016"]
 SubjectPolicy = Literal["keep", "hash", "drop"]
 SyncMode = Literal["streaming", "pull", "poll"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+OrganizerPolicy = Literal["external", "refuse"]
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -617,6 +618,16 @@ class CommandsConfig:
     burst: Annotated[Whole, Range(1, 100000)] = Field(default=30, description="commands at once above the rate")
     attendant_timeout_seconds: Annotated[Number, Range(1, 600)] = Field(
         default=30.0, description="how long a create or move waits for the room's booking attendant")
+    # The organizer of a create, looked up in the directory (only when a directory: section is configured).
+    unknown_organizer: OrganizerPolicy = Field(
+        default="external", description="an organizer the directory does not know: booked in the room's calendar "
+        "with them as booker (external), or refused")
+    disabled_organizer: OrganizerPolicy = Field(
+        default="refuse", description="an organizer whose account is disabled: refused, or booked in the room's "
+        "calendar with them as booker (external)")
+    booking_group: Text | None = Field(
+        default=None, description="a group's DN or address: only its members (nested groups too) may book through "
+        "the cloud; absent: anyone")
 
 
 def _warn_days(days: tuple[int, ...]) -> tuple[int, ...]:

@@ -357,6 +357,7 @@ class DeclineReason(StrEnum):
     NOT_PERMITTED = "not_permitted"
     ROOM_UNKNOWN = "room_unknown"
     OUTSIDE_SYNC_WINDOW = "outside_sync_window"
+    ORGANIZER_NOT_PERMITTED = "organizer_not_permitted"  # the directory says this organizer may not book
 
 
 COMMAND_TYPES = tuple(CommandType)
