@@ -463,7 +463,8 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
             journal = CommandJournal(store)
             d, ldap = options.directory, app.get(LDAP)
             organizers = None if d is None or ldap is None else OrganizerCheck(
-                ldap, options.commands, people=lambda: store.people(d.stream))
+                ldap, options.commands, people=lambda: store.people(d.stream),
+                people_state=lambda: store.people_state(d.stream))
             app[COMMANDS] = CommandService(
                 RoutedWriter(app[ROOM_ROUTES]), store, journal, options.commands,
                 rooms=lambda: coordinator.workers.keys(),

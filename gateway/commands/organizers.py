@@ -8,6 +8,7 @@ looked up in the directory itself.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -41,19 +42,35 @@ class Verdict:
 
 class OrganizerCheck:
     def __init__(self, directory: OrganizerDirectory, settings: CommandsConfig, *,
-                 people: Callable[[], Mapping[str, Any]] | None = None) -> None:
+                 people: Callable[[], Mapping[str, Any]] | None = None,
+                 people_state: Callable[[], object] | None = None) -> None:
         self._directory = directory
         self._settings = settings
         self._people = people  # the store's people snapshot: id -> KnownPerson (its data has email and enabled)
+        self._people_state = people_state  # changes whenever the people sync commits (None: read every time)
+        self._index: dict[str, bool] = {}  # address -> enabled, built from the snapshot ...
+        self._indexed: object = None  # ... as of this people state
+
+    def _enabled_by_address(self) -> dict[str, bool]:
+        """The snapshot by address, read again only after the people sync committed (blocking: run in a thread)."""
+        assert self._people is not None
+        state = self._people_state() if self._people_state is not None else None
+        if state is None or state != self._indexed:
+            index: dict[str, bool] = {}
+            for known in self._people().values():
+                data = getattr(known, "data", {})
+                if data.get("email"):
+                    index[str(data["email"]).lower()] = bool(data.get("enabled", True))
+            self._index, self._indexed = index, state
+        return self._index
 
     async def lookup(self, email: str) -> Organizer:
         group = self._settings.booking_group
         address = email.strip().lower()
         if group is None and self._people is not None:
-            for known in self._people().values():
-                data = getattr(known, "data", {})
-                if str(data.get("email") or "").lower() == address:
-                    return Organizer("enabled" if data.get("enabled", True) else "disabled")
+            enabled = (await asyncio.to_thread(self._enabled_by_address)).get(address)
+            if enabled is not None:
+                return Organizer("enabled" if enabled else "disabled")
         found = await self._directory.organizer(address, group)
         if found is None:
             return Organizer("unknown", member=group is None)
