@@ -844,6 +844,15 @@ class Config:
             return data
         return {"rooms": {}, **data} if data.get("sources") else {"exchange": {}, "rooms": {}, **data}
 
+    @model_validator(mode="after")
+    def _booking_group(self) -> Config:  # only a directory can tell who is in the group: without one, nobody is
+        if self.commands.booking_group is not None and self.directory is None:
+            raise ValidationError.from_exception_data("commands", [InitErrorDetails(type=_bad(
+                "needs a directory: section (only the directory knows the group's members); add one, or remove "
+                "booking_group to let anyone book"), loc=("commands", "booking_group"),
+                input=self.commands.booking_group)])
+        return self
+
     @field_validator("sources")
     def _apart(cls, sources: tuple[SourceConfig, ...], info: ValidationInfo) -> tuple[SourceConfig, ...]:
         if sources and info.data.get("exchange") is not None:
