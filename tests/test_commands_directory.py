@@ -13,14 +13,18 @@ from typing import Any
 import ldap3
 import pytest
 
+from gateway.app import GatewayOptions, start_gateway, stop_gateway
 from gateway.commands import CommandService
 from gateway.commands.organizers import OrganizerCheck
 from gateway.config import CommandsConfig
 from gateway.directory.ldap import LdapDirectory, LdapSettings
+from gateway.directory_service import DirectoryOptions
 from gateway.model import CommandResult, Room
+from gateway.ports import SourceSpec
 from gateway.simulator.seed import ORGANIZER_ACCOUNT, SERVICE_PASSWORD
 from gateway.sources.ews.source import EwsSettings, EwsSource
 from gateway.sources.ews.writer import EwsWriter
+from gateway.sources.memory import MemorySource
 from gateway.store.journal import CommandJournal
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.people import PeopleSync
@@ -182,3 +186,20 @@ async def test_a_user_disabled_in_the_directory_is_refused_after_the_next_people
         conn.unbind()
     await PeopleSync(directory, g.store, directory="corp", source="test").sync()
     refused(await g.service.execute(command(**organizer(BOB, start=iso(at(2)), end=iso(at(3))))), BOB, "disabled")
+
+
+async def test_the_running_gateway_asks_its_directory_about_organizers(tmp_path, samba, org):
+    exchange = MemorySource()
+    exchange.add_room(ROOM1, "Room 1")
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
+                            server_name=SERVER_NAME, people_base=org)
+    options = GatewayOptions(sources=(SourceSpec("onprem", "memory", exchange, rooms=(ROOM1,)),),
+                             store_path=tmp_path / "gateway.sqlite", feed="poll",
+                             commands=CommandsConfig(unknown_organizer="refuse"),
+                             directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600))
+    gw = await start_gateway(options)
+    try:
+        refused(await gw.commands.execute(command(**organizer(CAROL))), CAROL, "disabled")
+        refused(await gw.commands.execute(command(**organizer(NOBODY))), NOBODY, "commands.unknown_organizer")
+    finally:
+        await stop_gateway(gw)
