@@ -186,6 +186,20 @@ def _env(info: ValidationInfo) -> Mapping[str, str] | None:
     return info.context.get("env") if isinstance(info.context, dict) else None
 
 
+def _env_ref_set(ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
+    """An env:VARIABLE reference names a variable that is set (checked by load_config only)."""
+    if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
+        raise _bad(f"refers to the environment variable {ref.name}, which is not set")
+    return ref
+
+
+def _pem_file(path: Path | None, info: ValidationInfo, what: str) -> Path | None:
+    """A CA bundle setting names a file (checked by load_config only); ``what``: which CA certificates it holds."""
+    if path is not None and _env(info) is not None and not path.is_file():
+        raise _bad(f"there is no file at {path}; give the path of a PEM file with {what}")
+    return path
+
+
 Text = Annotated[str, Strict()]
 Flag = Annotated[bool, Strict()]
 Whole = Annotated[int, Strict()]
@@ -267,16 +281,11 @@ class ExchangeConfig:
 
     @field_validator("password_ref")
     def _password_ref(cls, ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
-        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
-            raise _bad(f"refers to the environment variable {ref.name}, which is not set")
-        return ref
+        return _env_ref_set(ref, info)
 
     @field_validator("ca_bundle")
     def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is not None and _env(info) is not None and not path.is_file():
-            raise _bad(f"there is no file at {path}; give the path of a PEM file with the CA certificates that "
-                       "issued Exchange's certificate")
-        return path
+        return _pem_file(path, info, "the CA certificates that issued Exchange's certificate")
 
 
 @pd.dataclass(frozen=True, config=_SETTINGS)
@@ -473,15 +482,11 @@ class GraphSourceConfig:
         if ref is None and info.field_name == "client_secret_ref" and info.data.get("certificate_ref", 0) is None:
             raise _bad("required: certificate_ref (preferred) or client_secret_ref: where the app registration's "
                        "credential is")
-        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
-            raise _bad(f"refers to the environment variable {ref.name}, which is not set")
-        return ref
+        return _env_ref_set(ref, info)
 
     @field_validator("ca_bundle")
     def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is not None and _env(info) is not None and not path.is_file():
-            raise _bad(f"there is no file at {path}; give the path of a PEM file with the CA certificates to trust")
-        return path
+        return _pem_file(path, info, "the CA certificates to trust")
 
 
 def _source_kind(value: Any) -> str | None:
@@ -788,16 +793,11 @@ class DirectoryConfig:
 
     @field_validator("password_ref")
     def _password_ref(cls, ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
-        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
-            raise _bad(f"refers to the environment variable {ref.name}, which is not set")
-        return ref
+        return _env_ref_set(ref, info)
 
     @field_validator("ca_bundle")
     def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is not None and _env(info) is not None and not path.is_file():
-            raise _bad(f"there is no file at {path}; give the path of a PEM file with the CA certificate that "
-                       "signed the domain controllers' certificates")
-        return path
+        return _pem_file(path, info, "the CA certificate that signed the domain controllers' certificates")
 
 
 @pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
