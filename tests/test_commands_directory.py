@@ -217,6 +217,12 @@ async def test_a_booking_group_may_be_named_by_its_address(make, org):
     refused(await g.service.execute(command(**organizer(BOB, start=iso(at(2)), end=iso(at(3))))), BOB)
 
 
+async def test_a_booking_group_the_directory_does_not_have_refuses_with_the_setting_to_correct(make):
+    g = await make(booking_group="no-such-group@contoso.com")
+    refused(await g.service.execute(command(**organizer(ALICE))), "no-such-group@contoso.com",
+            "not in the organisation's directory", "correct commands.booking_group")
+
+
 async def test_the_people_snapshot_answers_without_asking_the_directory(make, directory):
     g = await make(people=True)
     before = directory.requests

@@ -21,14 +21,15 @@ State = Literal["enabled", "disabled", "unknown"]
 @dataclass(frozen=True, slots=True)
 class Organizer:
     state: State
-    member: bool = True  # of the booking group (True when none is configured)
+    member: bool | None = True  # of the booking group (True when none is configured; None: no such group)
 
 
 class OrganizerDirectory(Protocol):
     """What the lookup needs of a directory (gateway/directory/ldap.py)."""
 
-    async def organizer(self, email: str, group: str | None) -> tuple[bool, bool] | None:
-        """(enabled, a member of ``group``, nested membership included; True without a group), or None: unknown."""
+    async def organizer(self, email: str, group: str | None) -> tuple[bool, bool | None] | None:
+        """(enabled, a member of ``group``, nested membership included; True without a group, None if the directory
+        has no such group), or None: unknown."""
         ...
 
 
@@ -96,6 +97,9 @@ class OrganizerCheck:
                                          "directory (commands.disabled_organizer: refuse); enable the account, or "
                                          "set commands.disabled_organizer: external")
             return Verdict("external")
+        if who.member is None:
+            return Verdict("refuse", f"the booking group {s.booking_group} is not in the organisation's directory, so "
+                                     "nobody can be a member; correct commands.booking_group (a group's DN or address)")
         if not who.member:
             return Verdict("refuse", f"the organizer {email} is not a member of {s.booking_group}, the group that may "
                                      "book through the cloud (commands.booking_group); add them to it")

@@ -384,10 +384,11 @@ class LdapDirectory:
                           key=lambda p: p.email or "")
         return await self.run(read)
 
-    async def organizer(self, email: str, group: str | None) -> tuple[bool, bool] | None:
+    async def organizer(self, email: str, group: str | None) -> tuple[bool, bool | None] | None:
         """A booking's organizer by address (mail or proxyAddresses): (enabled, a member of ``group`` (a DN or a
-        group's address), nested groups included; True without a group), or None if no person has the address."""
-        def read(conn: ldap3.Connection) -> tuple[bool, bool] | None:
+        group's address), nested groups included; True without a group, None if no group has that address), or None
+        if no person has the address."""
+        def read(conn: ldap3.Connection) -> tuple[bool, bool | None] | None:
             a = escape_filter_chars(email)
             who = f"(&{PEOPLE}{NOT_RESOURCES}(|(mail={a})(proxyAddresses=smtp:{a})))"
             found = self.search(conn, self.settings.base_dn, who, ["userAccountControl"])
@@ -398,7 +399,7 @@ class LdapDirectory:
                 return enabled, True
             dn = group if "=" in group else self._group_dn(conn, group)
             if dn is None:
-                return enabled, False
+                return enabled, None
             member = self.search(conn, str(found[0]["dn"]), f"(memberOf:{IN_CHAIN}:={escape_filter_chars(dn)})",
                                  ["objectGUID"], "BASE")
             return enabled, bool(member)
