@@ -423,7 +423,9 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         with _starting("the coordinator"):
             routes = app[ROOM_ROUTES]
             await _keep_rooms_of_unread_lists(app[STORE], app[SOURCES], routes, options.shard)
-            coordinator = Coordinator(RoutedCalendar(routes), app[STORE], options.sync,
+            sync = dataclasses.replace(options.sync, announce_snapshots=options.sync.announce_snapshots
+                                       or options.replicated)  # a room's new owner frames its import
+            coordinator = Coordinator(RoutedCalendar(routes), app[STORE], sync,
                                       policy=options.privacy, metrics=metrics, clock=options.clock,
                                       source_name=options.source_name, group=routes.owner)
             app[EVENTS] = EventHub()
