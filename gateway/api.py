@@ -429,7 +429,7 @@ def auth_middleware(current: Callable[[], Api | None]) -> Middleware:
 def _status_of_refused_read(result: CommandResult) -> int:
     """The HTTP status of a GET that ran a command which was not accepted (it answers data, not a result)."""
     if result.status is ResultStatus.DECLINED:
-        return {"room_unknown": 404, "not_permitted": 403}.get(result.reason or "", 422)
+        return {"room_unknown": 404, "not_permitted": 403, "organizer_not_permitted": 403}.get(result.reason or "", 422)
     if result.reason in ("invalid_command", "unsupported_command"):
         return 400
     if result.reason == "rate_limited":

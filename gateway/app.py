@@ -49,6 +49,7 @@ import structlog
 from aiohttp import web
 
 from gateway.api import ROUTES, Api, EventHub, Peers, auth_middleware, is_loopback
+from gateway.commands.organizers import OrganizerCheck
 from gateway.commands.service import CommandService
 from gateway.config import CommandsConfig, Config, CredentialsConfig, RelayConfig
 from gateway.credential_watch import (
@@ -422,7 +423,9 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         with _starting("the coordinator"):
             routes = app[ROOM_ROUTES]
             await _keep_rooms_of_unread_lists(app[STORE], app[SOURCES], routes, options.shard)
-            coordinator = Coordinator(RoutedCalendar(routes), app[STORE], options.sync,
+            sync = dataclasses.replace(options.sync, announce_snapshots=options.sync.announce_snapshots
+                                       or options.replicated)  # a room's new owner frames its import
+            coordinator = Coordinator(RoutedCalendar(routes), app[STORE], sync,
                                       policy=options.privacy, metrics=metrics, clock=options.clock,
                                       source_name=options.source_name, group=routes.owner)
             app[EVENTS] = EventHub()
@@ -460,11 +463,15 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         store, coordinator = app[STORE], app[COORDINATOR]
         with _starting("the command service and the local API"):
             journal = CommandJournal(store)
+            d, ldap = options.directory, app.get(LDAP)
+            organizers = None if d is None or ldap is None else OrganizerCheck(
+                ldap, options.commands, people=lambda: store.people(d.stream),
+                people_state=lambda: store.people_state(d.stream))
             app[COMMANDS] = CommandService(
                 RoutedWriter(app[ROOM_ROUTES]), store, journal, options.commands,
                 rooms=lambda: coordinator.workers.keys(),
                 resync=lambda room, uids: coordinator.mark_dirty(room, "command", uids), metrics=metrics,
-                window=coordinator.window)
+                window=coordinator.window, organizers=organizers)
 
             def room_states() -> dict[str, dict[str, Any]]:
                 now = time.monotonic()

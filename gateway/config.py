@@ -66,6 +66,7 @@ ExchangeVersion = Literal["Exchange2013", "Exchange2013_SP1", "Exchange2016"]
 SubjectPolicy = Literal["keep", "hash", "drop"]
 SyncMode = Literal["streaming", "pull", "poll"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+OrganizerPolicy = Literal["external", "refuse"]
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -185,6 +186,20 @@ def _env(info: ValidationInfo) -> Mapping[str, str] | None:
     return info.context.get("env") if isinstance(info.context, dict) else None
 
 
+def _env_ref_set(ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
+    """An env:VARIABLE reference names a variable that is set (checked by load_config only)."""
+    if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
+        raise _bad(f"refers to the environment variable {ref.name}, which is not set")
+    return ref
+
+
+def _pem_file(path: Path | None, info: ValidationInfo, what: str) -> Path | None:
+    """A CA bundle setting names a file (checked by load_config only); ``what``: which CA certificates it holds."""
+    if path is not None and _env(info) is not None and not path.is_file():
+        raise _bad(f"there is no file at {path}; give the path of a PEM file with {what}")
+    return path
+
+
 Text = Annotated[str, Strict()]
 Flag = Annotated[bool, Strict()]
 Whole = Annotated[int, Strict()]
@@ -266,16 +281,11 @@ class ExchangeConfig:
 
     @field_validator("password_ref")
     def _password_ref(cls, ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
-        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
-            raise _bad(f"refers to the environment variable {ref.name}, which is not set")
-        return ref
+        return _env_ref_set(ref, info)
 
     @field_validator("ca_bundle")
     def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is not None and _env(info) is not None and not path.is_file():
-            raise _bad(f"there is no file at {path}; give the path of a PEM file with the CA certificates that "
-                       "issued Exchange's certificate")
-        return path
+        return _pem_file(path, info, "the CA certificates that issued Exchange's certificate")
 
 
 @pd.dataclass(frozen=True, config=_SETTINGS)
@@ -472,15 +482,11 @@ class GraphSourceConfig:
         if ref is None and info.field_name == "client_secret_ref" and info.data.get("certificate_ref", 0) is None:
             raise _bad("required: certificate_ref (preferred) or client_secret_ref: where the app registration's "
                        "credential is")
-        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
-            raise _bad(f"refers to the environment variable {ref.name}, which is not set")
-        return ref
+        return _env_ref_set(ref, info)
 
     @field_validator("ca_bundle")
     def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is not None and _env(info) is not None and not path.is_file():
-            raise _bad(f"there is no file at {path}; give the path of a PEM file with the CA certificates to trust")
-        return path
+        return _pem_file(path, info, "the CA certificates to trust")
 
 
 def _source_kind(value: Any) -> str | None:
@@ -617,6 +623,16 @@ class CommandsConfig:
     burst: Annotated[Whole, Range(1, 100000)] = Field(default=30, description="commands at once above the rate")
     attendant_timeout_seconds: Annotated[Number, Range(1, 600)] = Field(
         default=30.0, description="how long a create or move waits for the room's booking attendant")
+    # The organizer of a create, looked up in the directory (only when a directory: section is configured).
+    unknown_organizer: OrganizerPolicy = Field(
+        default="external", description="an organizer the directory does not know: booked in the room's calendar "
+        "with them as booker (external), or refused")
+    disabled_organizer: OrganizerPolicy = Field(
+        default="refuse", description="an organizer whose account is disabled: refused, or booked in the room's "
+        "calendar with them as booker (external)")
+    booking_group: Text | None = Field(
+        default=None, description="a group's DN or address: only its members (nested groups too) may book through "
+        "the cloud; absent: anyone")
 
 
 def _warn_days(days: tuple[int, ...]) -> tuple[int, ...]:
@@ -777,16 +793,11 @@ class DirectoryConfig:
 
     @field_validator("password_ref")
     def _password_ref(cls, ref: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
-        if ref is not None and (env := _env(info)) is not None and ref.scheme == "env" and not env.get(ref.name):
-            raise _bad(f"refers to the environment variable {ref.name}, which is not set")
-        return ref
+        return _env_ref_set(ref, info)
 
     @field_validator("ca_bundle")
     def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is not None and _env(info) is not None and not path.is_file():
-            raise _bad(f"there is no file at {path}; give the path of a PEM file with the CA certificate that "
-                       "signed the domain controllers' certificates")
-        return path
+        return _pem_file(path, info, "the CA certificate that signed the domain controllers' certificates")
 
 
 @pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
@@ -832,6 +843,15 @@ class Config:
         if not isinstance(data, dict):
             return data
         return {"rooms": {}, **data} if data.get("sources") else {"exchange": {}, "rooms": {}, **data}
+
+    @model_validator(mode="after")
+    def _booking_group(self) -> Config:  # only a directory can tell who is in the group: without one, nobody is
+        if self.commands.booking_group is not None and self.directory is None:
+            raise ValidationError.from_exception_data("commands", [InitErrorDetails(type=_bad(
+                "needs a directory: section (only the directory knows the group's members); add one, or remove "
+                "booking_group to let anyone book"), loc=("commands", "booking_group"),
+                input=self.commands.booking_group)])
+        return self
 
     @field_validator("sources")
     def _apart(cls, sources: tuple[SourceConfig, ...], info: ValidationInfo) -> tuple[SourceConfig, ...]:

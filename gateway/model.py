@@ -25,6 +25,9 @@ class EventType(StrEnum):
     BOOKING_UPDATED = "com.exchangegateway.booking.updated.v1"
     BOOKING_DELETED = "com.exchangegateway.booking.deleted.v1"
     ROOM_STATE_CHANGED = "com.exchangegateway.room.state_changed.v1"
+    # A room's complete window follows, between "begin" and "end" (a room imported by a new owner): a consumer
+    # drops the room's bookings in the window that were not announced between the two (docs/relay-protocol.md §7).
+    ROOM_SNAPSHOT = "com.exchangegateway.room.snapshot.v1"
     # the directory's people (schemas/person.v1.json), partitioned by directory ("directory:NAME") as bookings are
     # by room
     PERSON_CREATED = "com.exchangegateway.person.created.v1"
@@ -38,6 +41,7 @@ EVENT_TYPES = {  # by the short names the code has always used
     "updated": EventType.BOOKING_UPDATED,
     "deleted": EventType.BOOKING_DELETED,
     "room_state": EventType.ROOM_STATE_CHANGED,
+    "room_snapshot": EventType.ROOM_SNAPSHOT,
 }
 
 
@@ -357,6 +361,7 @@ class DeclineReason(StrEnum):
     NOT_PERMITTED = "not_permitted"
     ROOM_UNKNOWN = "room_unknown"
     OUTSIDE_SYNC_WINDOW = "outside_sync_window"
+    ORGANIZER_NOT_PERMITTED = "organizer_not_permitted"  # the directory says this organizer may not book
 
 
 COMMAND_TYPES = tuple(CommandType)

@@ -505,3 +505,14 @@ def test_the_example_multi_source_block_loads_in_place_of_exchange(tmp_path):
     assert [(s.name, s.kind, s.secret_ref) for s in config.calendar_sources] == [
         ("onprem", "ews", SecretRef("vault", "onprem")), ("berlin", "ews", SecretRef("env", "BERLIN_EWS_PASSWORD"))]
     assert config.rooms.privacy.for_room("boardroom@contoso.com").subject == "drop"
+
+
+def test_the_organizer_policy_defaults_and_a_booking_group_needs_a_directory(tmp_path):
+    c = load_config(write(tmp_path, MINIMAL), env={}).commands
+    assert (c.unknown_organizer, c.disabled_organizer, c.booking_group) == ("external", "refuse", None)
+    path = write(tmp_path, MINIMAL + "commands:\n  unknown_organizer: ignore\n  booking_group: CN=Bookers,DC=x\n")
+    found = problems_of(path)
+    assert any("commands.unknown_organizer: 'ignore' is not one of external, refuse" in p for p in found), found
+    path = write(tmp_path, MINIMAL + "commands:\n  booking_group: CN=Bookers,DC=x\n")
+    (problem,) = problems_of(path)
+    assert "commands.booking_group: needs a directory: section" in problem and "remove booking_group" in problem

@@ -9,6 +9,7 @@ quiet period. The end-to-end versions over EWS and HTTP stay in test_gateway_syn
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
 from structlog.testing import capture_logs
 
 from gateway import service
@@ -130,6 +133,37 @@ async def test_a_room_starts_importing_as_soon_as_it_is_verified_not_after_every
             waiting.discard(room)
         most = max(most, len(waiting))
     assert most <= 2, f"up to {most} rooms were verified before their import began"
+
+
+@pytest.mark.parametrize("announce", [True, False])
+async def test_a_replicas_import_into_an_empty_snapshot_is_framed_by_room_snapshot_events(
+        start: Start, memory_source: MemorySource, announce: bool) -> None:
+    snapshot = EVENT_TYPES["room_snapshot"]
+    begin = memory_source.now + timedelta(days=2)
+    uid = memory_source.book(ALICE, [ROOM1], begin, begin + timedelta(hours=1), "Before the handover")
+    g = await start((ROOM1,), announce_snapshots=announce)
+    await eventually(lambda: g.imported(ROOM1), what="imported")
+    kinds = [e.type for e in g.events(ROOM1) if e.type != ROOM_STATE]
+    if not announce:  # one gateway owns its rooms for good: nothing to frame
+        assert kinds == [CREATED]
+        return
+    assert kinds == [snapshot, CREATED, snapshot]
+    first, last = g.events(ROOM1, snapshot)
+    assert (first.data["phase"], last.data["phase"]) == ("begin", "end")
+    assert first.data["window"] == last.data["window"] and first.data["room"] == ROOM1
+    schemas = Path(__file__).resolve().parent.parent / "gateway" / "schemas"
+    registry: Registry[Any] = Registry().with_resources(
+        (f"https://exchange-gateway.dev/schemas/{p.relative_to(schemas).as_posix()}",
+         Resource.from_contents(json.loads(p.read_text()))) for p in schemas.rglob("*.json"))
+    check = Draft202012Validator(json.loads((schemas / "relay" / "cloudevent.v1.json").read_text()), registry=registry)
+    for event in (first, last):
+        check.validate(event.to_cloudevent())
+
+    # Later changes, and a full read of a room whose snapshot is not empty, are not framed.
+    memory_source.move(uid, begin + timedelta(hours=2), begin + timedelta(hours=3))
+    await g.caught_up(ROOM1)
+    await g.coordinator.reconcile(g.coordinator.workers[ROOM1], snapshot=True)
+    assert len(g.events(ROOM1, snapshot)) == 2 and len(g.events(ROOM1, UPDATED)) == 1
 
 
 async def test_a_series_with_a_moved_and_a_cancelled_occurrence(start: Start, memory_source: MemorySource) -> None:

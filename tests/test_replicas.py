@@ -368,13 +368,23 @@ async def test_three_replicas_scaled_killed_and_restarted_keep_the_hubs_view_equ
     ews = sim_factory()
     truth: dict[tuple[str, datetime], str] = {}  # (room, start) -> subject: what Exchange holds, as we made it
 
-    def book(room: str, n: int) -> None:
+    gone: set[tuple[str, datetime]] = set()  # deleted in Exchange: a booking.deleted for these is no error
+
+    def book(room: str, n: int) -> datetime:
         start = soon(30 + 2 * n)
         appointment(ews, room, f"{room.split('@')[0]} #{n}", start)
         truth[(room, start)] = room
+        return start
 
-    for n, room in enumerate(SIM_ROOMS):
-        book(room, n)
+    def unbook(room: str, start: datetime) -> None:
+        def on_loop() -> None:
+            calendar = ews.sim.directory.get(room).folders["calendar"]
+            ews.sim.directory.remove_item(next(i for i in calendar.items.values() if i.start == start))
+        ews.call(on_loop)
+        del truth[(room, start)]
+        gone.add((room, start))
+
+    first = {room: book(room, n) for n, room in enumerate(SIM_ROOMS)}
     replicas_: list[Replica] = []
     for k in range(3):
         vault = Vault(tmp_path / f"vault-{k}", parse_key(VAULT_KEY, "test key"))
@@ -395,9 +405,10 @@ async def test_three_replicas_scaled_killed_and_restarted_keep_the_hubs_view_equ
 
     async def converged(what: str) -> None:
         await eventually(lambda: _equal(hub_view, truth), 90, f"the hub's view equals Exchange's ({what})")
-        deleted = [e for e in await hub.hub.read(hub.hub.store.events_after, customer, 0, 100_000)
-                   if e.type == DELETED]
-        assert deleted == [], f"a spurious booking.deleted ({what})"
+        deleted = [(d["room"], datetime.fromisoformat(d["start"].replace("Z", "+00:00")))
+                   for d in (json.loads(e.body)["data"] for e in await hub.hub.read(
+                       hub.hub.store.events_after, customer, 0, 100_000) if e.type == DELETED)]
+        assert set(deleted) <= gone, f"a spurious booking.deleted ({what})"
 
     async def connected(*ks: int) -> None:
         await eventually(lambda: all(hub.session(replicas_[k].gateway_id) is not None for k in ks), 60,
@@ -412,6 +423,9 @@ async def test_three_replicas_scaled_killed_and_restarted_keep_the_hubs_view_equ
         for r in replicas_:  # scaled to 2: every replica restarts with the new count, replica 2 goes away
             r.stop()
         book("room4@contoso.com", 10)  # room4 moves from replica 2 to 0 meanwhile: its new owner imports it
+        # ... and one of its bookings is deleted while nobody syncs it: the new owner's import is framed by
+        # room.snapshot begin/end, and the hub drops what the import did not announce again
+        unbook("room4@contoso.com", first["room4@contoso.com"])
         for r in replicas_[:2]:
             r.start(2)
         await connected(0, 1)

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import structlog
 
 from gateway.commands.locks import KeyedLocks
+from gateway.commands.organizers import OrganizerCheck
 from gateway.commands.policy import Policy, RateLimiter
 from gateway.config import CommandsConfig
 from gateway.errors import (
@@ -76,9 +77,12 @@ DECLINE_TEXT = {
     "not_permitted": "the room's booking policy does not allow this booking",
     "room_unknown": "the gateway does not sync this room",
     "outside_sync_window": "the booking lies outside the gateway's sync window",
+    "organizer_not_permitted": "the organisation's directory does not let this organizer book through the cloud",
 }
 FALLBACK_NOTE = ("the gateway may not act for the organizer in Exchange, so the booking was made in the room's "
                  "calendar with the organizer as booker (no invitation was sent)")
+EXTERNAL_NOTE = ("the organisation's directory does not list the organizer as an enabled user, so the booking was "
+                 "made in the room's calendar with the organizer as booker (no invitation was sent)")
 NO_MAILBOX_NOTE = ("the organizer has no mailbox in this Exchange, so the booking was made in the room's calendar "
                    "with the organizer as booker (no invitation was sent)")
 
@@ -111,7 +115,7 @@ class CommandService:
                  settings: CommandsConfig, *, rooms: Callable[[], Collection[str]], resync: Resync,
                  booking_lookup: BookingLookup | None = None, metrics: Metrics | None = None,
                  window: Callable[[], Window] | None = None, clock: Callable[[], float] = time.monotonic,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, organizers: OrganizerCheck | None = None) -> None:
         self._writer = writer
         self._store = store
         self._journal = journal
@@ -125,6 +129,7 @@ class CommandService:
         self._window = window  # the coordinator's sync window: what the gateway can see (and so undo)
         self._clock = clock
         self._poll = poll_interval
+        self._organizers = organizers  # the directory's word on organizers (None: no directory, trust the cloud)
         self._keys = KeyedLocks()
         self._room_locks = KeyedLocks()
 
@@ -269,6 +274,15 @@ class CommandService:
                 async with self._room_locks.hold(room):
                     return await self._confirm_appointment(run, written, note)
             return await self._await_answer(run, written, created=True)
+        if cmd.organizer is not None and cmd.organizer.email and self._organizers is not None:
+            verdict = await self._organizers.verdict(cmd.organizer.email)
+            if verdict.action == "refuse":
+                log.info("command.organizer_refused", key=cmd.key, room=room)
+                return declined(cmd, "organizer_not_permitted", verdict.why)
+            if verdict.action == "external":
+                log.info("command.organizer_external", key=cmd.key, room=room)
+                as_booker = replace(cmd, organizer=None, booker=cmd.organizer, attendees=())
+                return await self._create_appointment(run, as_booker, EXTERNAL_NOTE)
         if cmd.organizer is not None and cmd.organizer.email:
             run.keep = True
             try:

@@ -384,6 +384,33 @@ class LdapDirectory:
                           key=lambda p: p.email or "")
         return await self.run(read)
 
+    async def organizer(self, email: str, group: str | None) -> tuple[bool, bool | None] | None:
+        """A booking's organizer by address (mail or proxyAddresses): (enabled, a member of ``group`` (a DN or a
+        group's address), nested groups included; True without a group, None if no group has that address), or None
+        if no person has the address."""
+        def read(conn: ldap3.Connection) -> tuple[bool, bool | None] | None:
+            a = escape_filter_chars(email)
+            who = f"(&{PEOPLE}{NOT_RESOURCES}(|(mail={a})(proxyAddresses=smtp:{a})))"
+            found = self.search(conn, self.settings.base_dn, who, ["userAccountControl"])
+            if not found:
+                return None
+            enabled = not (_int(first(found[0], "userAccountControl")) or 0) & ACCOUNTDISABLE
+            if group is None:
+                return enabled, True
+            dn = group if "=" in group else self._group_dn(conn, group)
+            if dn is None:
+                return enabled, None
+            member = self.search(conn, str(found[0]["dn"]), f"(memberOf:{IN_CHAIN}:={escape_filter_chars(dn)})",
+                                 ["objectGUID"], "BASE")
+            return enabled, bool(member)
+        return await self.run(read)
+
+    def _group_dn(self, conn: ldap3.Connection, address: str) -> str | None:
+        a = escape_filter_chars(address.lower())
+        query = f"(&(objectClass=group)(|(mail={a})(proxyAddresses=smtp:{a})))"
+        found = self.search(conn, self.settings.base_dn, query, ["objectGUID"])
+        return str(found[0]["dn"]) if found else None
+
     # -- what the directory sync reads ---------------------------------------------------------------------------
     def _people_query(self, since_usn: int | None = None) -> str:
         s = self.settings

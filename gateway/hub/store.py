@@ -71,6 +71,7 @@ class Unknown(NotFound):
 _BOOKING_UPSERT = frozenset({EVENT_TYPES["created"], EVENT_TYPES["updated"]})
 _BOOKING_DELETE = EVENT_TYPES["deleted"]
 _ROOM_STATE = EVENT_TYPES["room_state"]
+_ROOM_SNAPSHOT = EVENT_TYPES["room_snapshot"]
 
 MIGRATIONS: Final = [
     """
@@ -166,6 +167,11 @@ MIGRATIONS: Final = [
         route TEXT NOT NULL UNIQUE,
         created_at TEXT NOT NULL
     );
+    """,
+    # stale: between a room.snapshot begin and its end, a booking not announced again (gone from Exchange while the
+    # room changed owner); the end drops those.
+    """
+    ALTER TABLE bookings ADD COLUMN stale INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -771,12 +777,21 @@ def _project(conn: sqlite3.Connection, customer: str, gateway_id: str, room: str
         conn.execute("INSERT INTO bookings (customer, id, room, start_utc, end_utc, busy, free_busy, doc) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (customer, id) DO UPDATE SET room = excluded.room, "
                      "start_utc = excluded.start_utc, end_utc = excluded.end_utc, busy = excluded.busy, "
-                     "free_busy = excluded.free_busy, doc = excluded.doc",
+                     "free_busy = excluded.free_busy, doc = excluded.doc, stale = 0",
                      (customer, booking_id, room, start, end, int(busy), free_busy, _dumps(data)))
     elif kind == _BOOKING_DELETE:
         booking_id = data.get("id")
         if isinstance(booking_id, str):
             conn.execute("DELETE FROM bookings WHERE customer = ? AND id = ?", (customer, booking_id))
+    elif kind == _ROOM_SNAPSHOT:
+        window = data.get("window")
+        window = window if isinstance(window, dict) else {}
+        start, end = _utc_text(window.get("start")), _utc_text(window.get("end"))
+        if data.get("phase") == "begin" and start is not None and end is not None:
+            conn.execute("UPDATE bookings SET stale = 1 WHERE customer = ? AND room = ? AND start_utc < ? "
+                         "AND end_utc > ?", (customer, room, end, start))
+        elif data.get("phase") == "end":
+            conn.execute("DELETE FROM bookings WHERE customer = ? AND room = ? AND stale = 1", (customer, room))
     elif kind == _ROOM_STATE:
         state = data.get("state")
         if isinstance(state, str):

@@ -48,7 +48,7 @@ from gateway.model import ROOM_STATES, Booking, Event, Room, RoomState, Window
 from gateway.ports import CalendarSource, OutboxEntry, Store
 from gateway.sync import ownership, privacy
 from gateway.sync.engine import Plan, Scope, plan
-from gateway.sync.events import booking_event, room_event
+from gateway.sync.events import booking_event, room_event, snapshot_event
 
 log = structlog.get_logger("gateway.sync")
 T = TypeVar("T")
@@ -68,6 +68,9 @@ class SyncSettings:
     feed_down_poll_seconds: float = 60.0  # while the change feed is down, every room is synced this often
     outage_remind_seconds: float = 300.0  # while a failure every room shares lasts, the log says so this often
     throttled_quiet_seconds: float = 10.0  # throttling has ended once nothing was throttled for this long
+    # Rooms may change owner (several replicas): an import into an empty snapshot is framed by room.snapshot
+    # begin/end events, so consumers drop what was deleted while the room changed hands (sync/ownership.py).
+    announce_snapshots: bool = False
 
 
 class OutageLog:
@@ -223,8 +226,8 @@ class Coordinator:
                     await self._verify(w)
                     if await self.db(self.store.sync_state, w.email) is None:
                         await self.import_room(w)
-                    else:
-                        await self.reconcile(w)  # a restart may have missed anything; one full read repairs it
+                    else:  # a restart may have missed anything; one full read repairs it
+                        await self.reconcile(w, snapshot=True)
                 await self._loop(w)
             except asyncio.CancelledError:
                 raise
@@ -352,7 +355,7 @@ class Coordinator:
                           item_uids=page.item_uids, sync_state=state)
             if not page.more:
                 break
-        await self.reconcile(w, drift=False)
+        await self.reconcile(w, drift=False, snapshot=True)
         await self._in_sync(w)
 
     async def sync_changes(self, w: RoomWorker) -> None:
@@ -394,8 +397,10 @@ class Coordinator:
                 break
         w.last_success = time.monotonic()
 
-    async def reconcile(self, w: RoomWorker, *, drift: bool = True) -> Plan:
-        """Compare the full window with what we hold; repair and count any difference."""
+    async def reconcile(self, w: RoomWorker, *, drift: bool = True, snapshot: bool = False) -> Plan:
+        """Compare the full window with what we hold; repair and count any difference. ``snapshot``: an import (or
+        the first read after a start); into an empty snapshot of a room that may have changed owner, its events
+        are framed as the room's complete window (settings.announce_snapshots)."""
         window = self.window()
         async with self._slots:
             observed = await self.source.read_window(w.email, window)
@@ -408,7 +413,8 @@ class Coordinator:
             log.warning("sync.held_back", room=w.email, reason=result.reason)
             return result
         w.empty_reads = 0
-        await self._commit(w, result)
+        frame = snapshot and not known and self.settings.announce_snapshots
+        await self._commit(w, result, window=window if frame else None)
         if w.state == "suspect_empty":
             await self._in_sync(w)
         w.horizon = window.end
@@ -441,10 +447,14 @@ class Coordinator:
 
     async def _commit(self, w: RoomWorker, result: Plan, *, sync_state: str | None = None,
                       item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
-                      started: float | None = None) -> None:
+                      started: float | None = None, window: Window | None = None) -> None:
+        """``window``: the plan is the room's complete window, framed by room.snapshot begin and end."""
         events = [self._event("created", b) for b in result.created]
         events += [self._event("updated", b) for b in result.updated]
         events += [self._event("deleted", b, reason="removed_from_exchange") for b in result.deleted]
+        if window is not None:
+            events = [snapshot_event(w.email, "begin", window, time=self.now(), source=self.source_name), *events,
+                      snapshot_event(w.email, "end", window, time=self.now(), source=self.source_name)]
         entries = await self.db(
             self.store.commit_sync, w.email, upserts=result.created + result.updated,
             deletes=[b.id for b in result.deleted], events=events, confirmed=[b.id for b in result.confirmed],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from gateway.model import EVENT_TYPES, Booking, Event, Room, to_json
+from gateway.model import EVENT_TYPES, Booking, Event, Room, Window, to_json
 
 
 def booking_event(kind: str, booking: Booking, *, time: datetime, source: str, reason: str | None = None) -> Event:
@@ -22,3 +22,13 @@ def room_event(room: Room, *, time: datetime, source: str) -> Event:
     data = {"room": room.email, "state": room.state, "reason": room.reason, "remedy": room.remedy}
     return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_state"], room=room.email, subject=room.email,
                  time=time, data=data, source=source)
+
+
+def snapshot_event(room: str, phase: str, window: Window, *, time: datetime, source: str) -> Event:
+    """``phase`` begin or end: every booking of the room in ``window`` is announced between the two (an import by a
+    room's new owner), so a consumer drops the room's bookings there that were not."""
+    data = {"room": room, "phase": phase,
+            "window": {"start": window.start.isoformat().replace("+00:00", "Z"),
+                       "end": window.end.isoformat().replace("+00:00", "Z")}}
+    return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_snapshot"], room=room, subject=room, time=time,
+                 data=data, source=source)
