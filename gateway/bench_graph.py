@@ -168,6 +168,9 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
             proc.kill()
     out = res.as_dict()
     imp = out["import"]
+    lat = out["latency_ms"]
+    _say(f"  {mode}: p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms ({lat['samples']} seen, "
+         f"{out['missed_changes']} missed); Graph calls per change {out['ews_calls_per_change']}")
     return {
         "mode": mode,
         "poll_interval_s": args.poll_interval if mode == "polling" else None,
