@@ -218,3 +218,20 @@ async def test_a_hub_graph_cannot_reach_leaves_the_rooms_polling_with_one_log_li
     await eventually(lambda: gw.state(ROOM3) == gw.state(ROOM4) == "polling", what="the rooms say they are polled")
     failed = [e for e in logs if e["event"] == "graph.subscribe_failed"]
     assert len(failed) == 1 and "validation" in failed[0]["reason"].lower()
+
+
+async def test_a_flood_of_genuine_pokes_costs_one_delta_at_once_and_one_when_the_interval_ends() -> None:
+    from gateway.sources.graph.feed import GraphFeed
+
+    now = [100.0]
+    feed = GraphFeed(None, None, poll_interval=3600, min_poke_interval=0.2, clock=lambda: now[0])  # type: ignore[arg-type]
+    marks: list[tuple[str, float]] = []
+    feed._mark = lambda room, why: marks.append((room, now[0]))  # type: ignore[method-assign]
+    for _ in range(100):  # a hundred pokes for one room within the interval (Graph's, or replayed ones)
+        feed._poked(ROOM3)
+    assert marks == [(ROOM3, 100.0)]  # the first at once, the rest folded into one trailing delta
+    now[0] = 100.2
+    await eventually(lambda: len(marks) == 2, what="the trailing delta")
+    assert marks[1] == (ROOM3, 100.2)
+    feed._poked(ROOM4)  # another room is not held back by the first
+    assert marks[-1] == (ROOM4, 100.2)

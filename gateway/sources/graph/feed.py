@@ -51,7 +51,7 @@ class Subscription:
 
 class GraphFeed:
     def __init__(self, client: GraphClient, inbox: NotificationInbox | None, *, poll_interval: float,
-                 lifetime_minutes: int = 4200, renew_at: float = 0.55, min_poke_interval: float = 2.0,
+                 lifetime_minutes: int = 4200, renew_at: float = 0.55, min_poke_interval: float = 0.5,
                  retry_seconds: float = 60.0, on_poke: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
