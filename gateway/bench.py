@@ -137,6 +137,24 @@ def start_simulator(args: BenchArgs) -> tuple[subprocess.Popen[str], dict[str, A
     return proc, json.loads(line)
 
 
+class Arrivals:
+    """What the gateway commits, as a benchmark watches it (a coordinator listener): bookings created, and when each
+    bench change (a subject starting with bench-) first arrived, by "subject:created|updated"."""
+
+    def __init__(self) -> None:
+        self.created = 0
+        self.seen: dict[str, float] = {}
+
+    def __call__(self, entries: list[OutboxEntry]) -> None:
+        now = time.monotonic()
+        for e in entries:
+            if e.event.type.endswith("booking.created.v1"):
+                self.created += 1
+            subject = (e.event.data or {}).get("subject") or ""
+            if subject.startswith("bench-"):
+                self.seen.setdefault(f"{subject}:{e.event.type.rsplit('.', 2)[-2]}", now)
+
+
 async def run(args: BenchArgs) -> Results:
     _pin(1)
     res = Results(rooms=args.rooms)
@@ -154,18 +172,7 @@ async def run(args: BenchArgs) -> Results:
         sync=SyncSettings(debounce_seconds=0.1, max_concurrent_rooms=10, reconcile_seconds=24 * 3600,
                           roll_seconds=24 * 3600),
         store_path=store, feed="streaming", stream_timeout_minutes=30)
-    seen: dict[str, float] = {}
-    created = 0
-
-    def on_commit(entries: list[OutboxEntry]) -> None:
-        nonlocal created
-        now = time.monotonic()
-        for e in entries:
-            if e.event.type.endswith("booking.created.v1"):
-                created += 1
-            subject = (e.event.data or {}).get("subject") or ""
-            if subject.startswith("bench-"):
-                seen.setdefault(f"{subject}:{e.event.type.rsplit('.', 2)[-2]}", now)
+    arrivals = Arrivals()
 
     gw = None
     try:
@@ -173,7 +180,7 @@ async def run(args: BenchArgs) -> Results:
         cpu0, sim_cpu0 = cpu_seconds(), cpu_seconds(proc.pid)
         metrics = Metrics()
         gw = await start_gateway(options, metrics)
-        gw.coordinator.listeners.append(on_commit)
+        gw.coordinator.listeners.append(arrivals)
         last_report = time.monotonic()
         workers = gw.coordinator.workers
         while not all(w.last_success is not None for w in workers.values()):
@@ -181,7 +188,8 @@ async def run(args: BenchArgs) -> Results:
             if time.monotonic() - last_report > 5:
                 last_report = time.monotonic()
                 done = sum(1 for w in workers.values() if w.last_success is not None)
-                _say(f"  import: {done}/{len(workers)} rooms, {created} bookings ({time.monotonic() - t0:.0f} s)")
+                _say(f"  import: {done}/{len(workers)} rooms, {arrivals.created} bookings "
+                     f"({time.monotonic() - t0:.0f} s)")
             if time.monotonic() - t0 > 1800:
                 _say("  import did not finish within 30 minutes; measuring what there is")
                 break
@@ -190,8 +198,8 @@ async def run(args: BenchArgs) -> Results:
         res.import_cpu_simulator = cpu_seconds(proc.pid) - sim_cpu0
         res.import_ews_calls = ews_requests(metrics)
         res.import_rss_mb = peak_rss_mb()
-        res.bookings = created
-        _say(f"  imported {created} bookings in {res.import_seconds:.1f} s")
+        res.bookings = arrivals.created
+        _say(f"  imported {arrivals.created} bookings in {res.import_seconds:.1f} s")
         feed = gw.feed
         while feed is not None and getattr(feed, "subscriptions", 0) < len(rooms):
             await asyncio.sleep(0.2)
@@ -202,7 +210,7 @@ async def run(args: BenchArgs) -> Results:
             if any(w.dirty.is_set() for w in gw.coordinator.workers.values()):
                 quiet_since = time.monotonic()
         _say(f"  subscribed and idle after {time.monotonic() - t0 - res.import_seconds:.1f} s")
-        await steady_state(args, info, rooms, seen, res, lambda: ews_requests(metrics))
+        await steady_state(args, info, rooms, arrivals.seen, res, lambda: ews_requests(metrics))
     finally:
         res.rss_mb = peak_rss_mb()
         if gw is not None:

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
-from gateway.bench import BenchArgs, Results, _pin, _say, cpu_seconds, steady_state
+from gateway.bench import Arrivals, BenchArgs, Results, _pin, _say, cpu_seconds, steady_state
 from gateway.bench_relay import _hub, _identity
 from gateway.config import RelayConfig
 from gateway.hub.server import RunningHub
 from gateway.observability.metrics import Metrics
-from gateway.ports import OutboxEntry, SourceSpec
+from gateway.ports import SourceSpec
 from gateway.security.certs import Pki, make_pki
 from gateway.sources.graph.settings import GraphSettings
 from gateway.sync.coordinator import SyncSettings
@@ -100,18 +100,7 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
     g = info["graph"]
     rooms = [r["email"] for r in info["rooms"] if r["source"] == "graph"]
     res = Results(rooms=len(rooms))
-    seen: dict[str, float] = {}
-    created = 0
-
-    def on_commit(entries: list[OutboxEntry]) -> None:
-        nonlocal created
-        now = time.monotonic()
-        for e in entries:
-            if e.event.type.endswith("booking.created.v1"):
-                created += 1
-            subject = (e.event.data or {}).get("subject") or ""
-            if subject.startswith("bench-"):
-                seen.setdefault(f"{subject}:{e.event.type.rsplit('.', 2)[-2]}", now)
+    arrivals = Arrivals()
 
     running = gw = None
     try:
@@ -131,15 +120,15 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         t0 = time.monotonic()
         cpu0, sim_cpu0 = cpu_seconds(), cpu_seconds(proc.pid)
         gw = await start_gateway(options, metrics)
-        gw.coordinator.listeners.append(on_commit)
+        gw.coordinator.listeners.append(arrivals)
         workers = gw.coordinator.workers
         await _until(lambda: all(w.last_success is not None for w in workers.values()), 1800, "import")
         res.import_seconds = time.monotonic() - t0
         res.import_cpu_gateway = cpu_seconds() - cpu0
         res.import_cpu_simulator = cpu_seconds(proc.pid) - sim_cpu0
         res.import_ews_calls = graph_requests(metrics)
-        res.bookings = created
-        _say(f"  imported {created} bookings in {res.import_seconds:.1f} s")
+        res.bookings = arrivals.created
+        _say(f"  imported {arrivals.created} bookings in {res.import_seconds:.1f} s")
         await _until(lambda: rooms_in_mode(metrics, mode) == len(rooms), 300, f"every room in {mode} mode")
         # Let the catch-up after subscribing pass before measuring.
         quiet_since, deadline = time.monotonic(), time.monotonic() + 300
@@ -152,7 +141,7 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         posts0 = hub_posts(running)
         # Polling sees a meeting changed twice within one interval as one change: leave each alone for longer.
         settle = 2.0 + (args.poll_interval if mode == "polling" else 0.0)
-        await steady_state(BenchArgs(rate=args.rate, duration=args.duration), info, rooms, seen, res,
+        await steady_state(BenchArgs(rate=args.rate, duration=args.duration), info, rooms, arrivals.seen, res,
                            lambda: graph_requests(metrics), settle=settle)
         posts = {k: v - posts0.get(k, 0) for k, v in hub_posts(running).items()}
         cpu_steady = (cpu_seconds() - cpu1, cpu_seconds(proc.pid) - sim_cpu1)
