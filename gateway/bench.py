@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,12 +129,19 @@ def simulator_command(args: BenchArgs) -> list[str]:
 
 
 def start_simulator(args: BenchArgs) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    cmd = simulator_command(args)
+    return launch_simulator(simulator_command(args))
+
+
+def launch_simulator(cmd: list[str]) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """The simulator on core 0, and its ready line. Its stdout is drained afterwards: it logs there, and once the
+    pipe is full it would stop answering (an import of thousands of rooms logs that much)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=lambda: _pin(0))
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
         raise SystemExit("the simulator did not start; run the command above by hand to see why")
+    out = proc.stdout
+    threading.Thread(target=out.read, name="simulator-stdout", daemon=True).start()
     return proc, json.loads(line)
 
 

@@ -14,7 +14,6 @@ of the bench process (the gateway, and in the notifications phase the hub too) a
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
-from gateway.bench import Arrivals, BenchArgs, Results, _pin, _say, cpu_seconds, steady_state
+from gateway.bench import Arrivals, BenchArgs, Results, _pin, _say, cpu_seconds, launch_simulator, steady_state
 from gateway.bench_relay import _hub, _identity
 from gateway.config import RelayConfig
 from gateway.hub.server import RunningHub
@@ -90,13 +89,7 @@ async def _until(check: Any, seconds: float, what: str) -> bool:
 async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[str, Any]:
     _say(f"graph ({mode}): starting the simulator: {args.rooms} online rooms with a year of bookings, "
          f"{args.latency_ms:g} ms per call")
-    proc = subprocess.Popen(simulator_command(args, pki.ca_file if mode == "notifications" else None),
-                            stdout=subprocess.PIPE, text=True, preexec_fn=lambda: _pin(0))
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise SystemExit("the simulator did not start; run the command above by hand to see why")
-    info = json.loads(line)
+    proc, info = launch_simulator(simulator_command(args, pki.ca_file if mode == "notifications" else None))
     g = info["graph"]
     rooms = [r["email"] for r in info["rooms"] if r["source"] == "graph"]
     res = Results(rooms=len(rooms))

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,8 +97,6 @@ def main() -> int:
         return 0
     t0 = time.monotonic()
     sim, info = start_simulator(BenchArgs(rooms=args.rooms, latency_ms=args.latency_ms))
-    # The simulator logs to its stdout: drain it, or it blocks once the pipe is full.
-    threading.Thread(target=lambda: sim.stdout and sim.stdout.read(), daemon=True).start()
     print(f"simulator ready: {args.rooms} rooms in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp:
