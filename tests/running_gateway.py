@@ -24,6 +24,17 @@ CREATED, UPDATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["updated"], EVEN
 ROOM_STATE = EVENT_TYPES["room_state"]
 
 
+def iso(t: datetime) -> str:
+    """RFC 3339 in UTC, as commands carry times."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def slot(days: int, hour: int = 9, hours: float = 1) -> tuple[datetime, datetime]:
+    """A whole-hour slot ``days`` from now (UTC)."""
+    start = (datetime.now(UTC) + timedelta(days=days)).replace(hour=hour, minute=0, second=0, microsecond=0)
+    return start, start + timedelta(hours=hours)
+
+
 def soon(hours: float = 26) -> datetime:
     return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=hours)
 

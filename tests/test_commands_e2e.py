@@ -29,20 +29,12 @@ from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import SyncSettings
 from tests.conftest import TZ, SimFixture, eventually
+from tests.running_gateway import iso, slot
 
 ROOM1, ROOM2 = "room1@contoso.com", "room2@contoso.com"
 ALICE, BOB = "alice@contoso.com", "bob@contoso.com"
 CREATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["deleted"]
 _keys = itertools.count(1)
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def slot(days: int, hour: int = 9, hours: float = 1) -> tuple[datetime, datetime]:
-    start = (datetime.now(UTC) + timedelta(days=days)).replace(hour=hour, minute=0, second=0, microsecond=0)
-    return start, start + timedelta(hours=hours)
 
 
 class Env:

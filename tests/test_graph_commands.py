@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from gateway.store.apikeys import ApiKeys
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import SyncSettings
 from tests.conftest import GraphSim, eventually
+from tests.running_gateway import iso, slot
 
 pytestmark = pytest.mark.e2e
 
@@ -32,15 +33,6 @@ ROOM1, ROOM2, ROOM3, ROOM4 = (f"room{i}@contoso.com" for i in range(1, 5))  # 1,
 ALICE, CAROL = "alice@contoso.com", "carol@contoso.com"  # alice on premises, carol online
 CREATED, DELETED = EVENT_TYPES["created"], EVENT_TYPES["deleted"]
 _keys = itertools.count(1)
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def slot(days: int, hour: int = 9, hours: float = 1) -> tuple[datetime, datetime]:
-    start = (datetime.now(UTC) + timedelta(days=days)).replace(hour=hour, minute=0, second=0, microsecond=0)
-    return start, start + timedelta(hours=hours)
 
 
 class Env:
