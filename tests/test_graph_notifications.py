@@ -96,6 +96,10 @@ async def test_each_room_is_subscribed_through_the_hub_and_a_change_arrives_by_n
 async def test_a_forged_notification_costs_nothing(online: Any, hub: Inbox) -> None:
     gw = await online()
     await eventually(lambda: len(subscriptions(gw.ews)) == 2, what="two subscriptions")
+    # the feed knows a subscription once it has read Graph's answer, a moment after the simulator stored it
+    async def both_notified() -> bool:
+        return await gw.metric("gateway_graph_rooms", mode="notifications") == 2
+    await eventually(both_notified, what="notification mode")
     [sub, *_] = subscriptions(gw.ews)
     before = await gw.metric("gateway_graph_requests_total", operation="delta", status="200")
     for forged in ({"subscriptionId": sub["id"], "clientState": "guessed"}, {"subscriptionId": "not-ours"}):
@@ -114,7 +118,10 @@ async def test_the_hub_away_means_polling_and_back_means_notifications(online: A
         await eventually(lambda: gw.metric("gateway_graph_rooms", mode="polling"), what="polling mode")
         assert await gw.metric("gateway_graph_rooms", mode="polling") == 2
         await eventually(lambda: gw.state(ROOM3) == gw.state(ROOM4) == "polling", what="the rooms say so")
-        assert "tunnel to the hub is down" in (await gw.rooms())[ROOM3]["reason"]
+
+        async def reason() -> bool:  # the row is stored a moment after the worker's state changed
+            return "tunnel to the hub is down" in (await gw.rooms())[ROOM3]["reason"]
+        await eventually(reason, what="the reason in the room's row")
         uid = meeting(gw.ews, ROOM4, "While the hub was away")
         await eventually(lambda: created(gw, ROOM4, uid), timeout=20, what="the meeting found by polling")
         hub.tunnel(True)
@@ -196,7 +203,9 @@ async def test_a_stopped_feed_removes_its_subscriptions(graph_sim_factory: Any, 
         (room, why))))
     try:
         await eventually(lambda: len(subscriptions(g)) == 2, what="two subscriptions")
-        assert {(room, "subscribed") for room in (ROOM3, ROOM4)} <= set(dirty)  # a delta after subscribing
+        # the simulator records a subscription before the feed has read its answer and marked the room
+        await eventually(lambda: {(room, "subscribed") for room in (ROOM3, ROOM4)} <= set(dirty),
+                         what="a delta after subscribing")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
