@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import re
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from gateway.simulator.mailboxes import Directory
 from gateway.simulator.mapi import ITEM_PROPERTIES, ExtKey, ext_key
 from gateway.simulator.messages import MeetingMessage
 from gateway.simulator.schema import TNS, child_order
-from gateway.simulator.soap import EwsError, parse_bool, parse_datetime, sub, t
+from gateway.simulator.soap import EwsError, fragment, parse_bool, parse_datetime, sub, t, xs_text
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Shape:
     uris: list[str] = field(default_factory=list)
     ext: list[etree._Element] = field(default_factory=list)
     body_type: str = "Best"
+    # render_fast's writers for this shape, worked out on first use (False: not yet; None: no fast path)
+    plan: Any = field(default=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, el: etree._Element | None) -> Shape:
@@ -282,12 +285,29 @@ def _display(atts: Iterable[Attendee]) -> str:
     return "; ".join(a.person.name for a in atts)
 
 
-def _simple(tag: str, getter: Callable[[View], Any]) -> Callable[[etree._Element, View], None]:
-    def write(parent: etree._Element, v: View) -> None:
-        value = getter(v)
+class _Simple:
+    """A field that is one element with text (absent when the value is None or empty)."""
+
+    __slots__ = ("getter", "tag")
+
+    def __init__(self, tag: str, getter: Callable[[View], Any]) -> None:
+        self.tag = tag
+        self.getter = getter
+
+    def __call__(self, parent: etree._Element, v: View) -> None:
+        value = self.getter(v)
         if value is not None and value != "":
-            sub(parent, tag, value)
-    return write
+            sub(parent, self.tag, value)
+
+    def fast(self, v: View) -> str:
+        value = self.getter(v)
+        if value is None or value == "":
+            return ""
+        return _el(self.tag, value)
+
+
+def _simple(tag: str, getter: Callable[[View], Any]) -> _Simple:
+    return _Simple(tag, getter)
 
 
 def _w_item_id(parent: etree._Element, v: View) -> None:
@@ -506,6 +526,153 @@ def ext_text(value: Any) -> str:
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return str(value)
+
+
+# -- the fast path: an item's XML written as text, spliced into the response by the server --------------------
+# The fields of the hot reads (a CalendarView, a GetItem of meetings, a SyncFolderItems page) are written
+# straight as text, byte for byte what the element tree above serialises to (tests/test_simulator_render.py
+# compares the two); a shape with any other field is rendered as elements. See soap.fragment for the splice.
+_TEXT_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"})
+_ATTR_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\n": "&#10;",
+                               "\r": "&#13;", "\t": "&#9;"})
+_TEXT_SPECIAL = re.compile(r"[&<>\r]")
+_ATTR_SPECIAL = re.compile(r'[&<>"\n\r\t]')
+
+
+def _esc(text: str) -> str:
+    return text.translate(_TEXT_ESCAPES) if _TEXT_SPECIAL.search(text) else text
+
+
+def _esc_attr(text: str) -> str:
+    return text.translate(_ATTR_ESCAPES) if _ATTR_SPECIAL.search(text) else text
+
+
+def _el(tag: str, value: Any) -> str:
+    """``sub(parent, tag, value)`` as text (None: an empty element; "": an element with empty text, as lxml)."""
+    if value is None:
+        return f"<{tag}/>"
+    text = value if type(value) is str else xs_text(value)
+    return f"<{tag}>{_esc(text)}</{tag}>"
+
+
+def _empty(tag: str, **attrs: Any) -> str:
+    """``sub(parent, tag, **attrs)`` as text."""
+    pairs = "".join(f' {k}="{_esc_attr(xs_text(v))}"' for k, v in attrs.items() if v is not None)
+    return f"<{tag}{pairs}/>"
+
+
+def _f_mailbox(tag: str, person: Any) -> str:
+    return (f"<{tag}>{_el('t:Name', person.name)}{_el('t:EmailAddress', person.email)}"
+            f"{_el('t:RoutingType', person.routing)}{_el('t:MailboxType', person.mailbox_type)}</{tag}>")
+
+
+def _f_attendees(tag: str, attr: str) -> Callable[[View], str]:
+    def write(v: View) -> str:
+        atts: tuple[Attendee, ...] = getattr(v.item, attr)
+        if not atts:
+            return ""
+        out = [f"<{tag}>"]
+        for a in atts:
+            out.append("<t:Attendee>")
+            out.append(_f_mailbox("t:Mailbox", a.person))
+            if a.response:
+                out.append(_el("t:ResponseType", a.response))
+            if a.response_time is not None:
+                out.append(_el("t:LastResponseTime", a.response_time))
+            out.append("</t:Attendee>")
+        out.append(f"</{tag}>")
+        return "".join(out)
+    return write
+
+
+def _f_item_id(v: View) -> str:
+    iid, ck = v.item_id
+    return _empty("t:ItemId", Id=iid, ChangeKey=ck)
+
+
+def _f_parent(v: View) -> str:
+    f = v.item.folder
+    return _empty("t:ParentFolderId", Id=f.id, ChangeKey=f.change_key)
+
+
+def _f_categories(v: View) -> str:
+    if not v.item.categories:
+        return ""
+    return "<t:Categories>" + "".join(_el("t:String", c) for c in v.item.categories) + "</t:Categories>"
+
+
+def _f_tz(tag: str) -> Callable[[View], str]:
+    return lambda v: _empty(tag, Id=v.item.tz, Name=v.item.tz)
+
+
+# URI -> (the element it writes, its writer as text); _Simple fields join them below.
+_FAST: dict[str, tuple[str, Callable[[View], str]]] = {
+    "item:ItemId": ("t:ItemId", _f_item_id),
+    "item:ParentFolderId": ("t:ParentFolderId", _f_parent),
+    "item:Categories": ("t:Categories", _f_categories),
+    "item:Size": ("t:Size", lambda v: _el("t:Size", 900 + len(v.item.subject or "") + len(v.item.body or ""))),
+    "calendar:Start": ("t:Start", lambda v: _el("t:Start", v.start)),
+    "calendar:End": ("t:End", lambda v: _el("t:End", v.end)),
+    "calendar:OriginalStart": ("t:OriginalStart",
+                               lambda v: _el("t:OriginalStart", v.inst.original_start) if v.inst else ""),
+    "calendar:RecurrenceId": ("t:RecurrenceId",
+                              lambda v: _el("t:RecurrenceId", v.inst.original_start) if v.inst else ""),
+    "calendar:Organizer": ("t:Organizer", lambda v: "<t:Organizer>" + _f_mailbox(
+        "t:Mailbox", v.item.organizer or v.item.mailbox.person) + "</t:Organizer>"),
+    "calendar:StartTimeZone": ("t:StartTimeZone", _f_tz("t:StartTimeZone")),
+    "calendar:EndTimeZone": ("t:EndTimeZone", _f_tz("t:EndTimeZone")),
+    **{uri: (tag, _f_attendees(tag, attr)) for uri, (tag, attr) in _ATTENDEE_URIS.items()},
+    **{uri: (w.tag, w.fast) for uri, w in WRITERS.items() if isinstance(w, _Simple)},
+}
+
+
+def _f_ext(uri_el: etree._Element) -> Callable[[View], str]:
+    key = ext_key(uri_el)
+    field_uri = _empty("t:ExtendedFieldURI", **dict(uri_el.attrib))
+
+    def write(v: View) -> str:
+        value = _ext_value(v, key)
+        if value is None:
+            return ""
+        if isinstance(value, list):
+            values = "<t:Values>" + "".join(_el("t:Value", ext_text(x)) for x in value) + "</t:Values>"
+        else:
+            values = _el("t:Value", ext_text(value))
+        return f"<t:ExtendedProperty>{field_uri}{values}</t:ExtendedProperty>"
+    return write
+
+
+def _plan(shape: Shape) -> tuple[Callable[[View], str], ...] | None:
+    """The writers of a CalendarItem in ``shape``, in schema order; None if a field has no fast writer."""
+    if shape.plan is not False:
+        return shape.plan
+    order = _tag_order("CalendarItemType")
+    steps: list[tuple[int, Callable[[View], str]]] = []
+    plan: tuple[Callable[[View], str], ...] | None = None
+    for uri in shape.field_uris():
+        if uri not in WRITERS and uri not in _ATTENDEE_URIS:
+            continue  # nothing to say about it (the element tree leaves it out too)
+        fast = _FAST.get(uri)
+        if fast is None:
+            break
+        steps.append((order.get(t(fast[0].partition(":")[2]), 999), fast[1]))
+    else:
+        ext_at = order.get(t("ExtendedProperty"), 999)
+        steps += [(ext_at, _f_ext(uri_el)) for uri_el in shape.ext]
+        steps.sort(key=lambda s: s[0])  # stable: as the element tree's sort of the children
+        plan = tuple(w for _, w in steps)
+    shape.plan = plan
+    return plan
+
+
+def render_fast(parent: etree._Element, view: View, shape: Shape) -> None:
+    """``render``, as text spliced in by the server where the shape allows (the hot reads), else as elements."""
+    plan = _plan(shape) if not isinstance(view.item, MeetingMessage) else None
+    if plan is None:
+        render(parent, view, shape)
+        return
+    inner = "".join([w(view) for w in plan])
+    fragment(parent, f"<t:CalendarItem>{inner}</t:CalendarItem>" if inner else "<t:CalendarItem/>")
 
 
 def render(parent: etree._Element, view: View, shape: Shape) -> etree._Element:

@@ -73,15 +73,16 @@ def sub(parent: etree._Element, tag: str, text: Any = None, **attrs: Any) -> etr
         prefix, name = tag.split(":", 1)
         clark = _CLARK[tag] = f"{{{TNS if prefix == 't' else MNS}}}{name}"
     if attrs:
-        el = etree.SubElement(parent, clark, {k: _text(v) for k, v in attrs.items() if v is not None})
+        el = etree.SubElement(parent, clark, {k: xs_text(v) for k, v in attrs.items() if v is not None})
     else:
         el = etree.SubElement(parent, clark)
     if text is not None:
-        el.text = text if type(text) is str else _text(text)
+        el.text = text if type(text) is str else xs_text(text)
     return el
 
 
-def _text(value: Any) -> str:
+def xs_text(value: Any) -> str:
+    """A value as the text of an element or attribute (xs:boolean, xs:dateTime in UTC, ...)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
@@ -151,7 +152,7 @@ def envelope(body_children: Iterable[etree._Element], header_children: Iterable[
         # The usual answer: splice the serialized body into a prebuilt envelope instead of moving the body's
         # subtree into a new document (lxml walks every node of it to fix namespaces).
         head, tail = _envelope_parts()
-        return head + b"".join(etree.tostring(b, with_tail=False) for b in body_children) + tail
+        return head + b"".join(splice(etree.tostring(b, with_tail=False)) for b in body_children) + tail
     return _build_envelope(body_children, header_children)
 
 
@@ -165,7 +166,7 @@ def _build_envelope(body_children: Iterable[etree._Element], header_children: It
     body = etree.SubElement(env, f"{{{SOAP}}}Body")
     for b in body_children:
         body.append(b)
-    return etree.tostring(env, xml_declaration=True, encoding="utf-8")
+    return splice(etree.tostring(env, xml_declaration=True, encoding="utf-8"))
 
 
 @functools.cache
@@ -173,6 +174,44 @@ def _envelope_parts() -> tuple[bytes, bytes]:
     head, body, tail = _build_envelope((), ()).partition(b"<s:Body/>")
     assert body, "the envelope template lost its body"
     return head + b"<s:Body>", b"</s:Body>" + tail
+
+
+# A part of an answer written as text (itemxml.render_fast): it travels in the tree as a processing instruction
+# and is spliced in when the envelope is written. Its text is ASCII with every '>' escaped, so '?>' ends it.
+FRAGMENT_PI = "ews-fragment"
+_OWN_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)  # blanks kept
+_FRAGMENT_OPEN = f"<?{FRAGMENT_PI} ".encode()
+
+
+def fragment(parent: etree._Element, xml: str) -> None:
+    """Append ``xml`` (elements of the t/m prefixes declared on the response's root) to ``parent``."""
+    if not xml.isascii():
+        xml = xml.encode("ascii", "xmlcharrefreplace").decode("ascii")  # as lxml writes non-ASCII text
+    parent.append(etree.PI(FRAGMENT_PI, xml))
+
+
+def splice(data: bytes) -> bytes:
+    """Serialised XML with each fragment's processing instruction replaced by the fragment itself."""
+    if _FRAGMENT_OPEN not in data:
+        return data
+    head, *rest = data.split(_FRAGMENT_OPEN)
+    out = [head]
+    for part in rest:
+        xml, end, tail = part.partition(b"?>")
+        assert end, "a fragment without its end"
+        out += (xml, tail)
+    return b"".join(out)
+
+
+def has_fragments(element: etree._Element) -> bool:
+    return next(element.iter(etree.PI), None) is not None
+
+
+def materialize(element: etree._Element) -> etree._Element:
+    """The element with its fragments parsed into elements (for the schema check and fault injection)."""
+    if not has_fragments(element):
+        return element
+    return etree.fromstring(splice(etree.tostring(element)), _OWN_PARSER)
 
 
 def fault_body(err: EwsError) -> etree._Element:

@@ -20,7 +20,7 @@ from gateway.simulator.itemxml import (
     check_shape,
     ext_key,
     parse_item,
-    render,
+    render_fast,
 )
 from gateway.simulator.mailboxes import Folder
 from gateway.simulator.mapi import split_writes
@@ -128,7 +128,7 @@ async def get_item(ctx: Context, body: etree._Element) -> etree._Element:
             out.error(e)
             continue
         msg = out.success()
-        render(sub(msg, "m:Items"), _view(ctx, item, original), shape)
+        render_fast(sub(msg, "m:Items"), _view(ctx, item, original), shape)
     return out.root
 
 
@@ -165,7 +165,7 @@ async def find_item(ctx: Context, body: etree._Element) -> etree._Element:
         root = sub(msg, "m:RootFolder", **attrs)
         items = sub(root, "t:Items")
         for v in views:
-            render(items, v, shape)
+            render_fast(items, v, shape)
     return out.root
 
 

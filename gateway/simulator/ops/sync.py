@@ -34,7 +34,7 @@ from lxml import etree
 
 from gateway.simulator import ids
 from gateway.simulator.calendar import CalendarItem
-from gateway.simulator.itemxml import Shape, View, check_shape, render
+from gateway.simulator.itemxml import Shape, View, check_shape, render_fast
 from gateway.simulator.mailboxes import Directory, Folder
 from gateway.simulator.ops import Context, operation
 from gateway.simulator.ops.folders import resolve_folder
@@ -168,6 +168,6 @@ async def sync_folder_items(ctx: Context, body: etree._Element) -> etree._Elemen
             sub(change, "t:ItemId", Id=ids.item_id(folder.mailbox.idx, int(what)))
         else:
             item: CalendarItem = what
-            render(change, View(item, None, d), shape)
+            render_fast(change, View(item, None, d), shape)
     return out.root
 
