@@ -13,7 +13,7 @@ from lxml import etree
 
 from gateway.simulator import ids
 from gateway.simulator.calendar import Attendee, CalendarItem, Person
-from gateway.simulator.itemxml import Shape, View, _plan, render, render_fast
+from gateway.simulator.itemxml import Shape, View, _plan, render, render_all, render_fast
 from gateway.simulator.mailboxes import Directory
 from gateway.simulator.schema import MNS, TNS, validate
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD, seed_bookings, standard_org
@@ -126,6 +126,13 @@ def test_fast_path_writes_what_the_element_tree_writes(directory: Directory, nam
         assert etree.tostring(materialize(text), method="c14n") == etree.tostring(tree, method="c14n")
         compared += 1
     assert compared > 500  # every seeded item and instance of the window
+    # A CalendarView's answer: all of them at once (one fragment where they are written as text).
+    tree = etree.Element(f"{{{MNS}}}Items", nsmap=RESP_NSMAP)
+    text = etree.Element(f"{{{MNS}}}Items", nsmap=RESP_NSMAP)
+    for view in views(directory):
+        render(tree, view, shape)
+    render_all(text, views(directory), shape)
+    assert splice(etree.tostring(text)) == etree.tostring(tree)
 
 
 def test_fragments_are_spliced_into_the_envelope(directory: Directory) -> None:

@@ -626,7 +626,14 @@ _FAST: dict[str, tuple[str, Callable[[View], str]]] = {
 }
 
 
-def _f_ext(uri_el: etree._Element) -> Callable[[View], str]:
+# Fields that differ between the occurrences of a series (that are no exceptions); the rest are written once per
+# series and answer: a CalendarView of a room is mostly occurrences of a few weekly series.
+_PER_INSTANCE = {"item:ItemId", "calendar:Start", "calendar:End", "calendar:OriginalStart", "calendar:RecurrenceId",
+                 "calendar:CalendarItemType", "calendar:IsRecurring", "calendar:Duration"}
+
+
+def _f_ext(uri_el: etree._Element) -> tuple[Callable[[View], str], bool]:
+    """The writer of one ExtendedProperty, and whether it differs between occurrences."""
     key = ext_key(uri_el)
     field_uri = _empty("t:ExtendedFieldURI", **dict(uri_el.attrib))
 
@@ -639,40 +646,78 @@ def _f_ext(uri_el: etree._Element) -> Callable[[View], str]:
         else:
             values = _el("t:Value", ext_text(value))
         return f"<t:ExtendedProperty>{field_uri}{values}</t:ExtendedProperty>"
-    return write
+    # computed ones may read the instance (its start, end, ...); the GlobalObjectId carries the instance's date
+    return write, key in ITEM_PROPERTIES or key[:2] == ("Meeting", "3")
 
 
-def _plan(shape: Shape) -> tuple[Callable[[View], str], ...] | None:
-    """The writers of a CalendarItem in ``shape``, in schema order; None if a field has no fast writer."""
+class _Plan:
+    """How render_fast writes a CalendarItem of one request's shape: its writers in schema order, and what it
+    wrote once for each series (the fields every occurrence shares) while the answer is being written."""
+
+    __slots__ = ("per_instance", "series", "writers")
+
+    def __init__(self, steps: list[tuple[Callable[[View], str], bool]]) -> None:
+        self.writers = tuple(w for w, _ in steps)
+        self.per_instance = tuple(p for _, p in steps)
+        self.series: dict[tuple[int, int, int], list[str | None]] = {}
+
+    def text(self, v: View) -> str:
+        inst = v.inst
+        if inst is None or inst.exception is not None:
+            inner = "".join([w(v) for w in self.writers])
+        else:
+            it = v.item
+            key = (it.iid, it.seq, it.version)
+            shared = self.series.get(key)
+            if shared is None:
+                shared = self.series[key] = [None if p else w(v) for w, p in zip(self.writers, self.per_instance,
+                                                                                  strict=True)]
+            inner = "".join([w(v) if s is None else s for w, s in zip(self.writers, shared, strict=True)])
+        return f"<t:CalendarItem>{inner}</t:CalendarItem>" if inner else "<t:CalendarItem/>"
+
+
+def _plan(shape: Shape) -> _Plan | None:
+    """How to write a CalendarItem in ``shape`` as text; None if a field has no fast writer."""
     if shape.plan is not False:
         return shape.plan
     order = _tag_order("CalendarItemType")
-    steps: list[tuple[int, Callable[[View], str]]] = []
-    plan: tuple[Callable[[View], str], ...] | None = None
+    steps: list[tuple[int, Callable[[View], str], bool]] = []
+    plan: _Plan | None = None
     for uri in shape.field_uris():
         if uri not in WRITERS and uri not in _ATTENDEE_URIS:
             continue  # nothing to say about it (the element tree leaves it out too)
         fast = _FAST.get(uri)
         if fast is None:
             break
-        steps.append((order.get(t(fast[0].partition(":")[2]), 999), fast[1]))
+        steps.append((order.get(t(fast[0].partition(":")[2]), 999), fast[1], uri in _PER_INSTANCE))
     else:
         ext_at = order.get(t("ExtendedProperty"), 999)
-        steps += [(ext_at, _f_ext(uri_el)) for uri_el in shape.ext]
+        steps += [(ext_at, *_f_ext(uri_el)) for uri_el in shape.ext]
         steps.sort(key=lambda s: s[0])  # stable: as the element tree's sort of the children
-        plan = tuple(w for _, w in steps)
+        plan = _Plan([(w, p) for _, w, p in steps])
     shape.plan = plan
     return plan
 
 
 def render_fast(parent: etree._Element, view: View, shape: Shape) -> None:
     """``render``, as text spliced in by the server where the shape allows (the hot reads), else as elements."""
-    plan = _plan(shape) if not isinstance(view.item, MeetingMessage) else None
-    if plan is None:
+    render_all(parent, [view], shape)
+
+
+def render_all(parent: etree._Element, views: Iterable[View], shape: Shape) -> None:
+    """``render_fast`` of each view in turn; consecutive ones written as text go in as one fragment."""
+    plan = _plan(shape)
+    texts: list[str] = []
+    for view in views:
+        if plan is not None and not isinstance(view.item, MeetingMessage):
+            texts.append(plan.text(view))
+            continue
+        if texts:
+            fragment(parent, "".join(texts))
+            texts = []
         render(parent, view, shape)
-        return
-    inner = "".join([w(view) for w in plan])
-    fragment(parent, f"<t:CalendarItem>{inner}</t:CalendarItem>" if inner else "<t:CalendarItem/>")
+    if texts:
+        fragment(parent, "".join(texts))
 
 
 def render(parent: etree._Element, view: View, shape: Shape) -> etree._Element:

@@ -20,6 +20,7 @@ from gateway.simulator.itemxml import (
     check_shape,
     ext_key,
     parse_item,
+    render_all,
     render_fast,
 )
 from gateway.simulator.mailboxes import Folder
@@ -163,9 +164,7 @@ async def find_item(ctx: Context, body: etree._Element) -> etree._Element:
         if cal_view is None:
             attrs = {"IndexedPagingOffset": offset + len(views), **attrs}
         root = sub(msg, "m:RootFolder", **attrs)
-        items = sub(root, "t:Items")
-        for v in views:
-            render_fast(items, v, shape)
+        render_all(sub(root, "t:Items"), views, shape)
     return out.root
 
 
