@@ -347,7 +347,7 @@ class CalendarItem:
             else:
                 s, e = original, self.occurrence_end(original)
             if s < end and e > start:
-                yield Instance(self, index, original)
+                yield Instance(self, index, original, e)
 
     def occurrence_end(self, original: datetime) -> datetime:
         """The end of the occurrence starting at ``original``.
@@ -396,12 +396,14 @@ class CalendarItem:
 class Instance:
     """One instance seen through a CalendarView: the single item itself, or occurrence ``index`` of a master."""
 
-    __slots__ = ("index", "item", "original_start")
+    __slots__ = ("_end", "index", "item", "original_start")
 
-    def __init__(self, item: CalendarItem, index: int, original_start: datetime | None) -> None:
+    def __init__(self, item: CalendarItem, index: int, original_start: datetime | None,
+                 end: datetime | None = None) -> None:
         self.item = item
         self.index = index
         self.original_start = original_start
+        self._end = end  # worked out already by the expansion that found the instance (it lives for one request)
 
     @property
     def exception(self) -> Modified | None:
@@ -418,6 +420,8 @@ class Instance:
 
     @property
     def end(self) -> datetime:
+        if self._end is not None:
+            return self._end
         exc = self.exception
         if exc:
             return exc.end

@@ -29,6 +29,7 @@ from gateway.simulator.schema import TNS
 from gateway.simulator.soap import (
     ACCEPTED_VERSIONS,
     EwsError,
+    collect_fragments,
     envelope,
     fault_body,
     materialize,
@@ -147,6 +148,7 @@ class Simulator:
             return self._fault(EwsError("ErrorInvalidRequest", "Content-Type must be text/xml.", fault=True),
                                status=415)
         operation = "?"
+        collect_fragments()
         try:
             req = parse_envelope(data)
             operation = req.operation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -178,15 +179,28 @@ def _envelope_parts() -> tuple[bytes, bytes]:
     return head + b"<s:Body>", b"</s:Body>" + tail
 
 
-# A part of an answer written as text (itemxml.render_fast): it travels in the tree as a processing instruction
-# and is spliced in when the envelope is written. Its text is ASCII with every '>' escaped, so '?>' ends it.
+# A part of an answer written as text (itemxml.render_all) travels in the tree as a processing instruction and
+# is spliced in when the envelope is written. While a request is served, the text is kept aside and the
+# instruction holds its number (lxml would check and copy every character of it twice); otherwise the text is the
+# instruction's own (ASCII, every '>' escaped, so '?>' ends it).
 FRAGMENT_PI = "ews-fragment"
 _OWN_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)  # blanks kept
 _FRAGMENT_OPEN = f"<?{FRAGMENT_PI} ".encode()
+_FRAGMENTS: ContextVar[list[str] | None] = ContextVar("ews_fragments", default=None)
+
+
+def collect_fragments() -> None:
+    """Keep the fragments of the answer about to be written aside (the server, as each request starts)."""
+    _FRAGMENTS.set([])
 
 
 def fragment(parent: etree._Element, xml: str) -> None:
     """Append ``xml`` (elements of the t/m prefixes declared on the response's root) to ``parent``."""
+    store = _FRAGMENTS.get()
+    if store is not None:
+        parent.append(etree.PI(FRAGMENT_PI, f"#{len(store)}"))
+        store.append(xml)
+        return
     if not xml.isascii():
         xml = xml.encode("ascii", "xmlcharrefreplace").decode("ascii")  # as lxml writes non-ASCII text
     parent.append(etree.PI(FRAGMENT_PI, xml))
@@ -196,11 +210,15 @@ def splice(data: bytes) -> bytes:
     """Serialised XML with each fragment's processing instruction replaced by the fragment itself."""
     if _FRAGMENT_OPEN not in data:
         return data
+    store = _FRAGMENTS.get()
     head, *rest = data.split(_FRAGMENT_OPEN)
     out = [head]
     for part in rest:
         xml, end, tail = part.partition(b"?>")
         assert end, "a fragment without its end"
+        if xml[:1] == b"#":
+            assert store is not None, "a fragment kept aside by another request"
+            xml = store[int(xml[1:])].encode("ascii", "xmlcharrefreplace")
         out += (xml, tail)
     return b"".join(out)
 
