@@ -336,6 +336,7 @@ class CalendarItem:
         # A DST change moves an occurrence's end by at most a few hours: occurrences ending well before ``start``
         # are skipped without working out their exact local end.
         reach = self.end - self.start + timedelta(hours=3)
+        length = self._local_length()
         for index, original in self.occurrence_starts(until=end + widen):
             if original in deleted:
                 continue
@@ -345,18 +346,23 @@ class CalendarItem:
             elif original + reach <= start:
                 continue
             else:
-                s, e = original, self.occurrence_end(original)
+                s, e = original, self.occurrence_end(original, length)
             if s < end and e > start:
                 yield Instance(self, index, original, e)
 
-    def occurrence_end(self, original: datetime) -> datetime:
+    def _local_length(self) -> timedelta:
+        tz = zone(self.tz)
+        return self.end.astimezone(tz).replace(tzinfo=None) - self.start.astimezone(tz).replace(tzinfo=None)
+
+    def occurrence_end(self, original: datetime, local_length: timedelta | None = None) -> datetime:
         """The end of the occurrence starting at ``original``.
 
         Exchange keeps a series' start and end as local wall-clock offsets in the series' time zone, so an
         occurrence on a DST-change day keeps its local end (an all-day occurrence lasts 23 or 25 hours).
         """
         tz = zone(self.tz)
-        local_length = self.end.astimezone(tz).replace(tzinfo=None) - self.start.astimezone(tz).replace(tzinfo=None)
+        if local_length is None:
+            local_length = self._local_length()
         local_end = original.astimezone(tz).replace(tzinfo=None) + local_length
         return local_end.replace(tzinfo=tz).astimezone(UTC)
 

@@ -40,8 +40,10 @@ class Shape:
     uris: list[str] = field(default_factory=list)
     ext: list[etree._Element] = field(default_factory=list)
     body_type: str = "Best"
-    # render_fast's writers for this shape, worked out on first use (False: not yet; None: no fast path)
+    # render_fast's writers for this shape, worked out on first use (False: not yet; None: no fast path) ...
     plan: Any = field(default=False, repr=False, compare=False)
+    # ... and the fields each series' occurrences share, written once per answer (a Shape lives for one request)
+    series: dict[tuple[int, int, int], list[str | None]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def parse(cls, el: etree._Element | None) -> Shape:
@@ -557,7 +559,8 @@ def _el(tag: str, value: Any) -> str:
 
 def _empty(tag: str, **attrs: Any) -> str:
     """``sub(parent, tag, **attrs)`` as text."""
-    pairs = "".join(f' {k}="{_esc_attr(xs_text(v))}"' for k, v in attrs.items() if v is not None)
+    pairs = "".join(f' {k}="{_esc_attr(v if type(v) is str else xs_text(v))}"' for k, v in attrs.items()
+                    if v is not None)
     return f"<{tag}{pairs}/>"
 
 
@@ -651,52 +654,60 @@ def _f_ext(uri_el: etree._Element) -> tuple[Callable[[View], str], bool]:
 
 
 class _Plan:
-    """How render_fast writes a CalendarItem of one request's shape: its writers in schema order, and what it
-    wrote once for each series (the fields every occurrence shares) while the answer is being written."""
+    """How render_fast writes a CalendarItem of one shape: its writers in schema order, and which of them differ
+    between the occurrences of a series."""
 
-    __slots__ = ("per_instance", "series", "writers")
+    __slots__ = ("per_instance", "writers")
 
     def __init__(self, steps: list[tuple[Callable[[View], str], bool]]) -> None:
         self.writers = tuple(w for w, _ in steps)
         self.per_instance = tuple(p for _, p in steps)
-        self.series: dict[tuple[int, int, int], list[str | None]] = {}
 
-    def text(self, v: View) -> str:
+    def text(self, v: View, series: dict[tuple[int, int, int], list[str | None]]) -> str:
+        """The item's XML; ``series`` holds what was written for each series in this answer so far."""
         inst = v.inst
         if inst is None or inst.exception is not None:
             inner = "".join([w(v) for w in self.writers])
         else:
             it = v.item
             key = (it.iid, it.seq, it.version)
-            shared = self.series.get(key)
+            shared = series.get(key)
             if shared is None:
-                shared = self.series[key] = [None if p else w(v) for w, p in zip(self.writers, self.per_instance,
-                                                                                  strict=True)]
+                shared = series[key] = [None if p else w(v) for w, p in zip(self.writers, self.per_instance,
+                                                                             strict=True)]
             inner = "".join([w(v) if s is None else s for w, s in zip(self.writers, shared, strict=True)])
         return f"<t:CalendarItem>{inner}</t:CalendarItem>" if inner else "<t:CalendarItem/>"
 
 
 def _plan(shape: Shape) -> _Plan | None:
     """How to write a CalendarItem in ``shape`` as text; None if a field has no fast writer."""
-    if shape.plan is not False:
-        return shape.plan
+    if shape.plan is False:
+        key = (shape.base, tuple(shape.uris), tuple(tuple(el.attrib.items()) for el in shape.ext))
+        if key not in _PLANS:
+            if len(_PLANS) >= 256:
+                _PLANS.clear()
+            _PLANS[key] = _plan_of(shape)
+        shape.plan = _PLANS[key]
+    return shape.plan
+
+
+_PLANS: dict[tuple[Any, ...], _Plan | None] = {}  # clients ask for the same few shapes on every call
+
+
+def _plan_of(shape: Shape) -> _Plan | None:
     order = _tag_order("CalendarItemType")
     steps: list[tuple[int, Callable[[View], str], bool]] = []
-    plan: _Plan | None = None
     for uri in shape.field_uris():
         if uri not in WRITERS and uri not in _ATTENDEE_URIS:
             continue  # nothing to say about it (the element tree leaves it out too)
         fast = _FAST.get(uri)
         if fast is None:
-            break
+            return None
         steps.append((order.get(t(fast[0].partition(":")[2]), 999), fast[1], uri in _PER_INSTANCE))
-    else:
-        ext_at = order.get(t("ExtendedProperty"), 999)
-        steps += [(ext_at, *_f_ext(uri_el)) for uri_el in shape.ext]
-        steps.sort(key=lambda s: s[0])  # stable: as the element tree's sort of the children
-        plan = _Plan([(w, p) for _, w, p in steps])
-    shape.plan = plan
-    return plan
+    ext_at = order.get(t("ExtendedProperty"), 999)
+    steps += [(ext_at, *_f_ext(uri_el)) for uri_el in shape.ext]
+    steps.sort(key=lambda s: s[0])  # stable: as the element tree's sort of the children
+    return _Plan([(w, p) for _, w, p in steps])
 
 
 def render_fast(parent: etree._Element, view: View, shape: Shape) -> None:
@@ -710,7 +721,7 @@ def render_all(parent: etree._Element, views: Iterable[View], shape: Shape) -> N
     texts: list[str] = []
     for view in views:
         if plan is not None and not isinstance(view.item, MeetingMessage):
-            texts.append(plan.text(view))
+            texts.append(plan.text(view, shape.series))
             continue
         if texts:
             fragment(parent, "".join(texts))

@@ -82,14 +82,22 @@ def sub(parent: etree._Element, tag: str, text: Any = None, **attrs: Any) -> etr
     return el
 
 
+# The text of each instant written lately: a calendar's times repeat (the same slots, day after day, room after room).
+_DATETIME_TEXT: dict[datetime, str] = {}
+
+
 def xs_text(value: Any) -> str:
     """A value as the text of an element or attribute (xs:boolean, xs:dateTime in UTC, ...)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
-        if value.tzinfo is UTC:  # as the simulator keeps them
-            return value.isoformat(timespec="seconds")[:19] + "Z"
-        return value.astimezone(UTC).isoformat(timespec="seconds")[:19] + "Z"  # isoformat: 3x faster than strftime
+        text = _DATETIME_TEXT.get(value)
+        if text is None:
+            if len(_DATETIME_TEXT) >= 100_000:
+                _DATETIME_TEXT.clear()
+            # isoformat: 3x faster than strftime, and still 30x slower than the lookup
+            text = _DATETIME_TEXT[value] = value.astimezone(UTC).isoformat(timespec="seconds")[:19] + "Z"
+        return text
     if isinstance(value, date):
         return value.isoformat()
     return str(value)
