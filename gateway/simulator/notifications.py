@@ -209,6 +209,7 @@ class NotificationHub:
         self.subscriptions: dict[str, Subscription] = {}
         self.by_mailbox: dict[int, dict[str, Subscription]] = {}
         self.expired: OrderedDict[str, str] = OrderedDict()  # id -> kind, for ErrorExpiredSubscription
+        self._swept = -1e9  # when sweep() last looked at every subscription (monotonic)
         self.streams: set[Stream] = set()
         self.counters: dict[int, int] = {}
         self.logs: dict[int, deque[Event]] = {}
@@ -270,7 +271,7 @@ class NotificationHub:
     # -- subscribe / find / unsubscribe ----------------------------------------------------------------
     def subscribe(self, kind: str, mailbox: Mailbox, principal: Mailbox, backend: int, folders: frozenset[int] | None,
                   event_types: Iterable[str], *, timeout: int = 0, watermark: str | None = None) -> Subscription:
-        self.sweep()
+        self.sweep(mailbox)
         if len(self.by_mailbox.get(mailbox.idx, {})) >= MAX_SUBSCRIPTIONS_PER_MAILBOX:
             raise EwsError("ErrorExceededSubscriptionCount",
                            "You have exceeded the maximum number of subscriptions for this mailbox.")
@@ -343,9 +344,19 @@ class NotificationHub:
             else:
                 stream.lose(s, code, "The subscription has expired." if expired else "The subscription was removed.")
 
-    def sweep(self) -> None:
-        for s in [s for s in self.subscriptions.values() if self._is_expired(s)]:
-            self._drop(s, expired=True)
+    def sweep(self, mailbox: Mailbox | None = None) -> None:
+        """Drop the subscriptions whose time is up: ``mailbox``'s now, everyone's at most once a second (a sweep of
+        all on every Subscribe made subscribing N rooms cost N² checks). Until then ``find`` expires them one by one.
+        """
+        now = time.monotonic()
+        if now - self._swept >= 1.0:
+            self._swept = now
+            candidates = list(self.subscriptions.values())
+        else:
+            candidates = list(self.by_mailbox.get(mailbox.idx, {}).values()) if mailbox is not None else []
+        for s in candidates:
+            if self._is_expired(s):
+                self._drop(s, expired=True)
 
     # -- pull ----------------------------------------------------------------------------------------------
     def get_events(self, s: Subscription, watermark: str) -> tuple[str, list[Event], bool]:
