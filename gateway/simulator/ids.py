@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ _PREFIX = b"AAMkA"  # real Exchange ids start with AAMkA...; purely cosmetic
 
 def _pack(kind: int, a: int, b: int, c: int = 0) -> str:
     raw = struct.pack(">BIIH", kind, a, b, c)
-    return base64.b64encode(_PREFIX + raw + struct.pack(">I", zlib.crc32(raw))).decode()
+    return binascii.b2a_base64(_PREFIX + raw + struct.pack(">I", zlib.crc32(raw)), newline=False).decode()
 
 
 def _unpack(value: str, kind: int) -> tuple[int, int, int]:
@@ -74,8 +75,9 @@ def parse_folder_id(value: str) -> tuple[int, int]:
     return a, b
 
 
+@functools.lru_cache(maxsize=65536)  # every occurrence of a series carries its master's
 def change_key(iid: int, version: int) -> str:
-    return base64.b64encode(b"DwAAABYA" + struct.pack(">II", iid, version)).decode()
+    return binascii.b2a_base64(b"DwAAABYA" + struct.pack(">II", iid, version), newline=False).decode()
 
 
 def parse_change_key(value: str) -> tuple[int, int] | None:

@@ -551,10 +551,11 @@ def _esc_attr(text: str) -> str:
 
 def _el(tag: str, value: Any) -> str:
     """``sub(parent, tag, value)`` as text (None: an empty element; "": an element with empty text, as lxml)."""
+    if type(value) is str:
+        return f"<{tag}>{_esc(value)}</{tag}>"
     if value is None:
         return f"<{tag}/>"
-    text = value if type(value) is str else xs_text(value)
-    return f"<{tag}>{_esc(text)}</{tag}>"
+    return f"<{tag}>{_esc(xs_text(value))}</{tag}>"
 
 
 def _empty(tag: str, **attrs: Any) -> str:
@@ -590,7 +591,7 @@ def _f_attendees(tag: str, attr: str) -> Callable[[View], str]:
 
 def _f_item_id(v: View) -> str:
     iid, ck = v.item_id
-    return _empty("t:ItemId", Id=iid, ChangeKey=ck)
+    return f'<t:ItemId Id="{iid}" ChangeKey="{ck}"/>'  # base64: nothing to escape
 
 
 def _f_parent(v: View) -> str:
@@ -605,7 +606,10 @@ def _f_categories(v: View) -> str:
 
 
 def _f_tz(tag: str) -> Callable[[View], str]:
-    return lambda v: _empty(tag, Id=v.item.tz, Name=v.item.tz)
+    def write(v: View) -> str:
+        tz = _esc_attr(v.item.tz)
+        return f'<{tag} Id="{tz}" Name="{tz}"/>'
+    return write
 
 
 # URI -> (the element it writes, its writer as text); _Simple fields join them below.
