@@ -326,7 +326,7 @@ class CalendarItem:
     def instances(self, start: datetime, end: datetime) -> Iterator[Instance]:
         """Instances overlapping [start, end): singles yield themselves; masters their live occurrences."""
         if self.recurrence is None:
-            if (self.start < end and self.end > start) or (self.start == self.end and start <= self.start < end):
+            if self.overlaps(start, end):
                 yield Instance(self, 0, None)
             return
         exceptions = self.exceptions or {}
@@ -353,6 +353,10 @@ class CalendarItem:
     def _local_length(self) -> timedelta:
         tz = zone(self.tz)
         return self.end.astimezone(tz).replace(tzinfo=None) - self.start.astimezone(tz).replace(tzinfo=None)
+
+    def overlaps(self, start: datetime, end: datetime) -> bool:
+        """Whether a single item overlaps [start, end) (an item of no length: whether it lies in it)."""
+        return (self.start < end and self.end > start) or (self.start == self.end and start <= self.start < end)
 
     def occurrence_end(self, original: datetime, local_length: timedelta | None = None) -> datetime:
         """The end of the occurrence starting at ``original``.

@@ -25,18 +25,25 @@ def _pack(kind: int, a: int, b: int, c: int = 0) -> str:
 
 
 def _unpack(value: str, kind: int) -> tuple[int, int, int]:
+    found = _try_unpack(value, kind)
+    if found is None:
+        raise EwsError("ErrorInvalidIdMalformed", "Id is malformed.")
+    return found
+
+
+def _try_unpack(value: str, kind: int) -> tuple[int, int, int] | None:
     try:
         raw = base64.b64decode(value.encode(), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise EwsError("ErrorInvalidIdMalformed", "Id is malformed.") from e
+    except (binascii.Error, ValueError):
+        return None
     if len(raw) != len(_PREFIX) + 15 or not raw.startswith(_PREFIX):
-        raise EwsError("ErrorInvalidIdMalformed", "Id is malformed.")
+        return None
     body, crc = raw[len(_PREFIX):-4], struct.unpack(">I", raw[-4:])[0]
     if zlib.crc32(body) != crc:
-        raise EwsError("ErrorInvalidIdMalformed", "Id is malformed.")
+        return None
     k, a, b, c = struct.unpack(">BIIH", body)
     if k != kind:
-        raise EwsError("ErrorInvalidIdMalformed", "Id is malformed.")
+        return None
     return a, b, c
 
 
@@ -59,11 +66,7 @@ def parse_occurrence_id(value: str) -> tuple[int, int, int]:
 
 
 def is_occurrence_id(value: str) -> bool:
-    try:
-        _unpack(value, _OCCURRENCE)
-        return True
-    except EwsError:
-        return False
+    return _try_unpack(value, _OCCURRENCE) is not None  # asked of every ItemId a GetItem names: no exception
 
 
 def folder_id(mailbox_idx: int, folder_no: int) -> str:

@@ -178,7 +178,13 @@ def _calendar_view(ctx: Context, folder: Folder, el: etree._Element) -> tuple[li
     if folder.folder_class != "IPF.Appointment":
         raise EwsError("ErrorCalendarFolderIsInvalidForCalendarView", "CalendarView is only valid for calendars.")
     limit = min(int(el.get("MaxEntriesReturned", FIND_COUNT_LIMIT)), FIND_COUNT_LIMIT)
-    instances = [inst for item in folder.items.values() for inst in item.instances(start, end)]
+    instances: list[Instance] = []
+    for item in folder.items.values():
+        if item.recurrence is None:  # most items: no generator to start and finish
+            if item.overlaps(start, end):
+                instances.append(Instance(item, 0, None))
+        else:
+            instances.extend(item.instances(start, end))
     if ctx.sim.faults.unexpanded_series:  # a server without calendar logic: each series once, as its master
         masters = {i.item.iid: Instance(i.item, 0, None) for i in instances if i.original_start is not None}
         instances = [i for i in instances if i.original_start is None] + list(masters.values())
