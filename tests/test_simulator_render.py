@@ -4,6 +4,7 @@ client reads after a change must be the changed item, through each of the three 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime as dt
 from collections.abc import Iterator
@@ -12,12 +13,14 @@ import pytest
 import requests
 from lxml import etree
 
-from gateway.simulator import ids
+from gateway.simulator import ids, itemxml
 from gateway.simulator.calendar import Attendee, CalendarItem, Person
 from gateway.simulator.itemxml import Shape, View, _plan, render, render_all, render_fast
 from gateway.simulator.mailboxes import Directory
+from gateway.simulator.ops import OPERATIONS, Context
 from gateway.simulator.schema import MNS, TNS, validate
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD, seed_bookings, standard_org
+from gateway.simulator.server import Simulator, SimulatorConfig
 from gateway.simulator.soap import (
     FRAGMENT_PI,
     RESP_NSMAP,
@@ -158,6 +161,53 @@ def test_fragments_are_spliced_into_the_envelope(directory: Directory) -> None:
     assert FRAGMENT_PI.encode() not in body
     answer = etree.fromstring(body).find(f"{{{SOAP}}}Body")[0]
     assert answer.find(f"{{{TNS}}}CalendarItem/{{{TNS}}}Subject").text == item.subject
+
+
+def answer_bytes(sim: Simulator, mailbox: str, operation: str, body: str) -> bytes:
+    """One operation's answer as the server writes it (without HTTP), fragments spliced in."""
+    def run() -> bytes:
+        collect_fragments()
+        service = sim.directory.get(f"{SERVICE_ACCOUNT}@contoso.com")
+        ctx = Context(sim, service, sim.directory.get(mailbox), True, "Exchange2016", None, None, {})  # type: ignore[arg-type]
+        el = etree.fromstring(f'<x xmlns:m="{MNS}" xmlns:t="{TNS}">{body}</x>')[0]
+        return envelope([asyncio.run(OPERATIONS[operation](ctx, el))])  # type: ignore[list-item]
+    return contextvars.copy_context().run(run)
+
+
+def test_the_hot_reads_answer_what_the_element_tree_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FindItem, GetItem and SyncFolderItems (in pages, with deletions) of seeded rooms, byte for byte the same
+    with the fast path as without it."""
+    sim = Simulator(SimulatorConfig())
+    standard_org(sim.directory, rooms=3, users=4)
+    seed_bookings(sim.directory, seed=11, now=NOW, future_days=60)
+    view = shape_xml(VIEW)
+    detail = shape_xml(VIEW + DETAIL)
+    sync = (f'<m:SyncFolderItems>{detail}<m:SyncFolderId><t:DistinguishedFolderId Id="calendar"/></m:SyncFolderId>'
+            '{state}<m:MaxChangesReturned>{size}</m:MaxChangesReturned></m:SyncFolderItems>')
+    first = answer_bytes(sim, ROOM, "SyncFolderItems", sync.format(state="", size=512))
+    state = etree.fromstring(first).findtext(f".//{{{MNS}}}SyncState")
+    singles = [i for i in sim.directory.get(ROOM).calendar.items.values() if i.recurrence is None]
+    sim.directory.remove_item(singles[0])  # a tombstone: the next sync reports a Delete ...
+    singles[1].subject = "Moved & renamed"
+    sim.directory.touch(singles[1])  # ... and an Update
+    calls = [("FindItem", f'<m:FindItem Traversal="Shallow">{view}<m:CalendarView StartDate="2026-11-01T00:00:00Z" '
+                          'EndDate="2027-02-01T00:00:00Z"/><m:ParentFolderIds><t:DistinguishedFolderId '
+                          'Id="calendar"/></m:ParentFolderIds></m:FindItem>')]
+    calls.append(("SyncFolderItems", sync.format(state=f"<m:SyncState>{state}</m:SyncState>", size=512)))
+    calls.append(("SyncFolderItems", sync.format(state="", size=7)))  # a first page of a round
+    fast = [answer_bytes(sim, ROOM, op, body) for op, body in calls]
+    found = etree.fromstring(fast[0]).iter(f"{{{TNS}}}ItemId")
+    item_ids = "".join(f'<t:ItemId Id="{el.get("Id")}"/>' for el in found)
+    get = ("GetItem", f"<m:GetItem>{detail}<m:ItemIds>{item_ids}</m:ItemIds></m:GetItem>")
+    fast.append(answer_bytes(sim, ROOM, *get))
+    assert b"<t:Delete>" in fast[1] and b"<t:Update>" in fast[1] and fast[2].count(b"<t:Create>") == 7
+    assert fast[3].count(b"<t:CalendarItem>") > 50
+    monkeypatch.setattr(itemxml, "_plan", lambda shape: None)  # every item as elements, as before the fast path
+    slow = [answer_bytes(sim, ROOM, op, body) for op, body in [*calls, get]]
+    assert FRAGMENT_PI.encode() not in b"".join(fast)
+    for op, a, b in zip([c[0] for c in [*calls, get]], fast, slow, strict=True):
+        assert a == b, op
+        assert validate(etree.fromstring(a).find(f"{{{SOAP}}}Body")[0]) is None, op
 
 
 def post(ews, body: str) -> etree._Element:

@@ -730,6 +730,14 @@ def render_fast(parent: etree._Element, view: View, shape: Shape) -> None:
     render_all(parent, [view], shape)
 
 
+def item_text(view: View, shape: Shape) -> str | None:
+    """The item's XML as render_fast writes it; None where it is written as elements."""
+    plan = _plan(shape)
+    if plan is None or isinstance(view.item, MeetingMessage):
+        return None
+    return plan.text(view, shape.series)
+
+
 def render_all(parent: etree._Element, views: Iterable[View], shape: Shape) -> None:
     """``render_fast`` of each view in turn; consecutive ones written as text go in as one fragment."""
     plan = _plan(shape)
