@@ -221,7 +221,7 @@ class Simulator:
                 if problem:
                     raise EwsError("ErrorSchemaValidation", f"The request failed schema validation: {problem}",
                                    fault=True, extra={"Violation": problem})
-        problem = schema.validate(body)
+        problem = schema.validate_request(body)
         if problem:
             raise EwsError("ErrorSchemaValidation", f"The request failed schema validation: {problem}",
                            fault=True, extra={"Violation": problem})
@@ -362,7 +362,7 @@ def _unsupported(operation: str) -> etree._Element:
     return answer
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=16384)  # an impersonation header per mailbox: thousands of rooms
 def _header_problem(xml: bytes) -> str | None:
     """Schema check of a SOAP header element, remembered: clients send the same few headers on every call."""
     return schema.validate(etree.fromstring(xml))
