@@ -1,6 +1,7 @@
 """The control API's Graph part (``/control/graph/...``): what a test does to Exchange Online and Entra ID —
 expire the client secret, start a throttling storm, apply an application access policy, expire delta tokens,
-shorten subscriptions and fire lifecycle events. Handlers take (request, Control, body) like control.py's."""
+shorten subscriptions and fire lifecycle events, create, change and delete users, change a room list's rooms.
+Handlers take (request, Control, body) like control.py's."""
 
 from __future__ import annotations
 
@@ -104,7 +105,9 @@ async def _access_policy(request: web.Request, ctl: Control, body: dict[str, Any
 
 async def _expire_delta(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
     """Delta tokens (of one mailbox, or all) are forgotten: the next use answers 410 with ``code``."""
-    _only(body, ("mailbox", "code"))
+    _only(body, ("mailbox", "code", "users"))
+    if body.get("users"):  # the user delta's tokens (/users/delta), not the calendars'
+        return {"expired": ctl.sim.graph.users.expire()}
     code = body.get("code", "SyncStateNotFound")
     if code not in ("SyncStateNotFound", "resyncRequired"):
         raise _error("code: expected SyncStateNotFound or resyncRequired")
@@ -163,6 +166,48 @@ async def _expire_subscriptions(request: web.Request, ctl: Control, body: dict[s
     return {"expired": ctl.sim.graph.subscriptions.expire(ids)}
 
 
+async def _users(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """POST: a user created in Entra ID (``mail`` and properties; a deleted one is restored); PATCH
+    ``/users/{user}``: its properties (accountEnabled, department, jobTitle, displayName, ...); DELETE: deleted
+    (soft, as Entra ID does by default; ``permanent``: for good)."""
+    from gateway.simulator.graph.errors import GraphError
+
+    users = ctl.sim.graph.users
+    try:
+        if request.method == "POST":
+            mail = body.pop("mail", None)
+            if not isinstance(mail, str) or "@" not in mail:
+                raise _error("mail: expected the new user's e-mail address")
+            return users.create(mail, body)
+        user = request.match_info["user"]
+        if request.method == "PATCH":
+            return users.update(user, body)
+        _only(body, ("permanent",))
+        users.delete(user, permanent=bool(body.get("permanent")))
+        return {"deleted": user}
+    except GraphError as e:
+        raise _error(f"no user {request.match_info.get('user')} ({e.code})", "unknown_user", 404) from None
+    except ValueError as e:
+        raise _error(str(e)) from None
+
+
+async def _room_list(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """The rooms of a room list (made if new): Exchange's room lists are the directory's, so EWS's ExpandDL and
+    Graph's Places see the change alike (Add-DistributionGroupMember / Remove-DistributionGroupMember)."""
+    _only(body, ("rooms", "name"))
+    rooms = body.get("rooms")
+    if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
+        raise _error("rooms: expected a list of room addresses")
+    d = ctl.sim.directory
+    unknown = [r for r in rooms if (mb := d.find(r)) is None or mb.kind != "room"]
+    if unknown:
+        raise _error(f"not rooms of the directory: {unknown}", "unknown_room")
+    address = request.match_info["list"].lower()
+    name = body.get("name") or (d.room_lists[address][0] if address in d.room_lists else address.split("@")[0])
+    d.add_room_list(address, str(name), rooms)
+    return {"room_list": address, "name": name, "rooms": [r.lower() for r in rooms]}
+
+
 ROUTES: list[tuple[str, str, Handler, int]] = [
     ("GET", "/control/graph", _state, 200),
     ("POST", "/control/graph/credentials", _credentials, 200),
@@ -174,4 +219,8 @@ ROUTES: list[tuple[str, str, Handler, int]] = [
     ("PATCH", "/control/graph/subscriptions", _subscriptions, 200),
     ("POST", "/control/graph/subscriptions/expire", _expire_subscriptions, 200),
     ("POST", "/control/graph/subscriptions/{id}/lifecycle", _lifecycle, 200),
+    ("POST", "/control/graph/users", _users, 200),
+    ("PATCH", "/control/graph/users/{user}", _users, 200),
+    ("DELETE", "/control/graph/users/{user}", _users, 200),
+    ("PUT", "/control/graph/room-lists/{list}", _room_list, 200),
 ]
