@@ -63,7 +63,16 @@ from gateway.credential_watch import (
 )
 from gateway.credentials import open_vault, resolve_secret
 from gateway.directory.ldap import LdapDirectory
-from gateway.directory_service import DirectoryOptions, DirectoryRunner, directory_options, open_directory
+from gateway.directory_service import (
+    DirectoryOptions,
+    DirectoryRunner,
+    PeopleRunner,
+    SourcePeopleOptions,
+    directory_options,
+    open_directory,
+    people_reader,
+    source_people_options,
+)
 from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.health import (
@@ -147,6 +156,7 @@ class GatewayOptions:
     credential_state: Path | None = None  # what the credential watch has told (None: beside the store)
     reload_on_sighup: bool = False  # `gateway run`: SIGHUP reads every secret again
     directory: DirectoryOptions | None = None  # the organisation's directory (people, rooms), if configured
+    people_sources: tuple[SourcePeopleOptions, ...] = ()  # sources whose own directory relays people (Graph)
     # One of several replicas sharing the rooms: it syncs only the rooms that hash to its ordinal (gateway/sharding.py)
     shard: Shard = field(default_factory=Shard)
     peer_url: str | None = None  # replicas.peer_url: where a command for another replica's room is forwarded
@@ -255,6 +265,7 @@ SECRETS = web.AppKey("secrets", SecretPickup)
 INBOX = web.AppKey[RelayInbox | None]("inbox")
 GATEWAY = web.AppKey("gateway", Gateway)
 DIRECTORY = web.AppKey[DirectoryRunner | None]("directory")
+PEOPLE = web.AppKey[list[PeopleRunner]]("people")
 LDAP = web.AppKey("ldap", LdapDirectory)
 
 
@@ -316,6 +327,7 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         replicated=cfg.replicas.count > 1 or bool(environ.get("POD_NAME")),
         peer_url=cfg.replicas.peer_url,
         directory=directory_options(cfg, environ),
+        people_sources=source_people_options(cfg),
     )
 
 
@@ -492,9 +504,10 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                     return sources[0].elsewhere
                 return {room: o for s in sources for room, o in s.elsewhere.items()}
 
-            directory = options.directory
-            people = None if directory is None else lambda: sorted(
-                (k.data for k in store.people(directory.stream).values()), key=lambda d: d["email"])
+            streams = [d.stream for d in (options.directory, *options.people_sources) if d is not None]
+            people = None if not streams else lambda: sorted(
+                (k.data for stream in streams for k in store.people(stream).values()),
+                key=lambda d: (d["email"], d["directory"]))
             peers = None if options.shard.single else Peers(options.shard.ordinal, elsewhere, options.peer_url)
             api = Api(store, metrics, app[EVENTS], room_states=room_states, ready=lambda: app[GATEWAY].readiness(),
                       commands=app[COMMANDS] if options.commands.enabled else None,
@@ -575,6 +588,26 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         watch_task(f"directory:{d.name}", task)
         yield
         await _stopped(task)
+
+    async def people_ctx(app: web.Application) -> AsyncIterator[None]:
+        """The people of sources that read them (Graph's people:), one sync loop each; one replica relays them."""
+        runners: list[PeopleRunner] = []
+        tasks: list[asyncio.Task[None]] = []
+        with _starting("the people sync"):
+            for p in options.people_sources if options.shard.ordinal == 0 else ():
+                running = app[SOURCES].get(p.source)
+                if running is None:
+                    raise ConfigError(f"people are to come from source {p.source}, which is not a source")
+                runners.append(PeopleRunner(p, people_reader(p.source, running.opened.directory), app[STORE],
+                                            source=options.source_name, listeners=[app[EVENTS].notify]))
+        app[PEOPLE] = runners
+        for runner in runners:
+            task = asyncio.get_running_loop().create_task(runner.run(), name=f"people:{runner.options.source}")
+            watch_task(task.get_name(), task)
+            tasks.append(task)
+        yield
+        for task in tasks:
+            await _stopped(task)
 
     async def tunnel_ctx(app: web.Application) -> AsyncIterator[None]:
         if not options.relay.enabled:
@@ -664,7 +697,8 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     app.cleanup_ctx.append(directory_open_ctx)
     app.cleanup_ctx.append(coordinator_ctx)
     app.cleanup_ctx.extend(feed_ctx(spec.name) for spec in specs)
-    app.cleanup_ctx.extend((api_ctx, directory_ctx, tunnel_ctx, housekeeping_ctx, credentials_ctx, gateway_ctx))
+    app.cleanup_ctx.extend((api_ctx, directory_ctx, people_ctx, tunnel_ctx, housekeeping_ctx, credentials_ctx,
+                            gateway_ctx))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         api = request.app.get(API)

@@ -417,6 +417,20 @@ HttpsUrl = Annotated[str, Strict(), AfterValidator(_https)]
 
 
 @pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
+class GraphPeopleConfig:
+    """The tenant's people (Entra ID's users with a mailbox, rooms left out), read with /users delta and relayed as
+    person events, as the directory: section relays Active Directory's; their stream is directory:<source name>."""
+
+    drop_fields: Annotated[tuple[Text, ...], _AS_LIST, AfterValidator(lambda v: _person_fields(v))] = Field(
+        default=(), description="what of a person never leaves the building (privacy): name, upn, department, "
+                                "manager, title, phone")
+    sync_interval_seconds: Annotated[Number, Range(10, 86400)] = Field(
+        default=300.0, description="how often the people changed since the last sync are read (the delta link)")
+    full_compare_interval_seconds: Annotated[Number, Range(60, 7 * 86400)] = Field(
+        default=86400.0, description="how often everyone is read and compared (a fresh delta round)")
+
+
+@pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
 class GraphSourceConfig:
     """A calendar source of kind graph: the Exchange Online rooms of one Microsoft 365 tenant, read and written
     through Microsoft Graph as an app registration (client credentials; a certificate is preferred to a secret)."""
@@ -454,6 +468,9 @@ class GraphSourceConfig:
     room_lists: Addresses = Field(
         default=(), description="room list addresses (Places API), expanded at start-up")
     mailboxes: Addresses = Field(default=(), validate_default=True, description="room mailbox addresses")
+    people: GraphPeopleConfig | None = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="relay the tenant's people as person events (needs User.Read.All); people: {} for the defaults")
 
     @property
     def secret_ref(self) -> SecretRef:
@@ -746,7 +763,8 @@ class DirectoryConfig:
     """The organisation's directory: Active Directory over LDAP. Its people and rooms flow out as events; the
     gateway reads its service accounts' password expiry and lockout from it."""
 
-    kind: Annotated[Literal["ldap"], Hint(graph="people and rooms from Graph come with a Graph source")] = Field(
+    kind: Annotated[Literal["ldap"], Hint(
+        graph="people from Graph come with a Graph source: set people: {} on it (sources[N].people)")] = Field(
         default="ldap", description="ldap (Active Directory)")
     name: Annotated[Text, AfterValidator(_source_name)] = Field(
         default="directory", description="names its event stream (partition key directory:NAME) and its credential")
@@ -993,6 +1011,7 @@ __all__ = [
     "DirectoryConfig",
     "EwsSourceConfig",
     "ExchangeConfig",
+    "GraphPeopleConfig",
     "GraphSourceConfig",
     "LoggingConfig",
     "PrivacyConfig",
