@@ -1,0 +1,60 @@
+"""A source's room lists are read again while the gateway runs (gateway/app.py): a room added to a list is
+connected, one removed is disconnected and released, without a restart, for each kind (EWS and Graph; the hybrid
+simulator serves both from one directory, whose room lists the control API changes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app import GATEWAY, STORE, GatewayOptions, init_app
+from gateway.ports import SourceSpec
+from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+from gateway.sources.ews.source import EwsSettings
+from gateway.sources.graph.settings import GraphSettings
+from gateway.sync.coordinator import SyncSettings
+from tests.conftest import GraphSim, eventually
+
+pytestmark = pytest.mark.e2e
+
+LIST = "lobby@contoso.com"
+
+
+def ews_source(g: GraphSim) -> SourceSpec:
+    return SourceSpec("onprem", "ews", EwsSettings(ews_url=g.ews_url, username=f"CONTOSO\\{SERVICE_ACCOUNT}",
+                                                   max_workers=4), SERVICE_PASSWORD, room_lists=(LIST,))
+
+
+def graph_source(g: GraphSim) -> SourceSpec:
+    settings = GraphSettings(tenant_id=g.tenant_id, client_id=g.client_id, credential="client_secret",
+                             authority_host=g.authority.rsplit("/", 1)[0], graph_url=g.graph_url,
+                             ca_bundle=g.ca_bundle, poll_interval_seconds=0.5, back_off=0.1)
+    return SourceSpec("online", "graph", settings, g.client_secret, room_lists=(LIST,))
+
+
+@pytest.mark.parametrize("kind", ["ews", "graph"])
+async def test_a_room_added_to_a_room_list_joins_and_a_room_removed_leaves(
+        graph_sim: GraphSim, tmp_path: Path, aiohttp_client: Any, kind: str) -> None:
+    g = graph_sim
+    first, second = (g.ews_rooms if kind == "ews" else g.graph_rooms)[:2]
+    assert g.control("PUT", f"/graph/room-lists/{LIST}", {"rooms": [first]})[0] == 200
+    options = GatewayOptions(sources=(ews_source(g) if kind == "ews" else graph_source(g),),
+                             sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3),
+                             store_path=tmp_path / "gateway.sqlite", feed="poll", room_list_seconds=0.3)
+    client = await aiohttp_client(init_app(options))
+    gw, store = client.app[GATEWAY], client.app[STORE]
+    assert gw.rooms == [first]
+    await eventually(lambda: [r.email for r in store.rooms()] == [first], what=f"{first} imported")
+
+    assert g.control("PUT", f"/graph/room-lists/{LIST}", {"rooms": [first, second]})[0] == 200
+    await eventually(lambda: gw.rooms == sorted([first, second]) and set(gw.coordinator.workers) == {first, second},
+                     what=f"{second} joined")
+    await eventually(lambda: sorted(r.email for r in store.rooms()) == sorted([first, second]),
+                     what=f"{second} imported")
+
+    assert g.control("PUT", f"/graph/room-lists/{LIST}", {"rooms": [second]})[0] == 200
+    await eventually(lambda: gw.rooms == [second] and set(gw.coordinator.workers) == {second}, what=f"{first} left")
+    await eventually(lambda: [r.email for r in store.rooms()] == [second], what=f"{first} released")
+    assert gw.sources[options.sources[0].name].rooms == [second]
