@@ -896,18 +896,18 @@ async def _keep_room_lists(spec: SourceSpec, running: RunningSource, routes: Roo
         owned = set(running.shard(shard, sorted(found - set(elsewhere))))
         new = sorted(owned - set(running.rooms))
         gone = sorted(set(running.rooms) - owned - fixed - from_directory) if complete else []
-        if new:
-            routes.add(name, running.opened.calendar, running.opened.writer, new)
-            for room in new:
-                coordinator.add_room(room)
-        if gone:
-            routes.drop(gone)
-            for room in gone:
-                await coordinator.remove_room(room)
-        if new or gone:
-            running.rooms = sorted((set(running.rooms) | set(new)) - set(gone))
-            log.info("gateway.room_lists_read", source=name, joined=new, left=gone, rooms=len(running.rooms))
-            running.rooms_changed.set()
+        if not new and not gone:
+            continue
+        # The source's rooms and the routes change at once; the workers stop after (an await each).
+        routes.add(name, running.opened.calendar, running.opened.writer, new)
+        routes.drop(gone)
+        running.rooms = sorted((set(running.rooms) | set(new)) - set(gone))
+        for room in new:
+            coordinator.add_room(room)
+        for room in gone:
+            await coordinator.remove_room(room)
+        log.info("gateway.room_lists_read", source=name, joined=new, left=gone, rooms=len(running.rooms))
+        running.rooms_changed.set()
 
 
 async def _watch_credentials(secret: SecretUser, opened: OpenedSource, check_seconds: float) -> None:
