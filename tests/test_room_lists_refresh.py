@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.app import GATEWAY, STORE, GatewayOptions, init_app
 from gateway.ports import SourceSpec
@@ -58,3 +59,32 @@ async def test_a_room_added_to_a_room_list_joins_and_a_room_removed_leaves(
     await eventually(lambda: gw.rooms == [second] and set(gw.coordinator.workers) == {second}, what=f"{first} left")
     await eventually(lambda: [r.email for r in store.rooms()] == [second], what=f"{first} released")
     assert gw.sources[options.sources[0].name].rooms == [second]
+
+
+@pytest.mark.parametrize("kind", ["ews", "graph"])
+async def test_a_room_list_that_cannot_be_read_keeps_its_rooms_and_is_said_once(
+        graph_sim: GraphSim, tmp_path: Path, aiohttp_client: Any, kind: str) -> None:
+    g = graph_sim
+    room = (g.ews_rooms if kind == "ews" else g.graph_rooms)[0]
+    assert g.control("PUT", f"/graph/room-lists/{LIST}", {"rooms": [room]})[0] == 200
+    options = GatewayOptions(sources=(ews_source(g) if kind == "ews" else graph_source(g),),
+                             sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3),
+                             store_path=tmp_path / "gateway.sqlite", feed="poll", room_list_seconds=0.2)
+    with capture_logs() as logs:
+        client = await aiohttp_client(init_app(options))
+        gw = client.app[GATEWAY]
+        directory = gw.sources[options.sources[0].name].opened.directory
+        real, reads = directory.rooms, []
+
+        async def counted(room_list: str) -> Any:  # the evidence that the list was read again
+            reads.append(room_list)
+            return await real(room_list)
+        directory.rooms = counted
+        assert g.control("DELETE", f"/graph/room-lists/{LIST}")[0] == 200
+        await eventually(lambda: sum(e["event"] == "gateway.room_list_failed" for e in logs) >= 1,
+                         what="the list's failure said")
+        after = len(reads)
+        await eventually(lambda: len(reads) >= after + 2, what="the list read again twice")
+    failed = [e for e in logs if e["event"] == "gateway.room_list_failed"]
+    assert len(failed) == 1 and failed[0]["room_list"] == LIST  # said once, not at every read
+    assert gw.rooms == [room] and set(gw.coordinator.workers) == {room}  # nothing accepted is lost

@@ -192,17 +192,22 @@ async def _users(request: web.Request, ctl: Control, body: dict[str, Any]) -> An
 
 
 async def _room_list(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
-    """The rooms of a room list (made if new): Exchange's room lists are the directory's, so EWS's ExpandDL and
-    Graph's Places see the change alike (Add-DistributionGroupMember / Remove-DistributionGroupMember)."""
+    """PUT: the rooms of a room list (made if new); DELETE: the list gone. Exchange's room lists are the
+    directory's, so EWS's ExpandDL and Graph's Places see the change alike (Add-DistributionGroupMember,
+    Remove-DistributionGroupMember, Remove-DistributionGroup)."""
+    d = ctl.sim.directory
+    address = request.match_info["list"].lower()
+    if request.method == "DELETE":  # Remove-DistributionGroup
+        if d.room_lists.pop(address, None) is None:
+            raise _error(f"no room list {address}", "unknown_room_list", 404)
+        return {"deleted": address}
     _only(body, ("rooms", "name"))
     rooms = body.get("rooms")
     if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
         raise _error("rooms: expected a list of room addresses")
-    d = ctl.sim.directory
     unknown = [r for r in rooms if (mb := d.find(r)) is None or mb.kind != "room"]
     if unknown:
         raise _error(f"not rooms of the directory: {unknown}", "unknown_room")
-    address = request.match_info["list"].lower()
     name = body.get("name") or (d.room_lists[address][0] if address in d.room_lists else address.split("@")[0])
     d.add_room_list(address, str(name), rooms)
     return {"room_list": address, "name": name, "rooms": [r.lower() for r in rooms]}
@@ -223,4 +228,5 @@ ROUTES: list[tuple[str, str, Handler, int]] = [
     ("PATCH", "/control/graph/users/{user}", _users, 200),
     ("DELETE", "/control/graph/users/{user}", _users, 200),
     ("PUT", "/control/graph/room-lists/{list}", _room_list, 200),
+    ("DELETE", "/control/graph/room-lists/{list}", _room_list, 200),
 ]
