@@ -51,6 +51,8 @@ def events(store: SqliteStore) -> list[tuple[str, str, dict[str, Any]]]:
 async def test_graph_people_become_person_events_and_rooms_are_not_people(
         graph_sim: GraphSim, people: tuple[PeopleSync, SqliteStore]) -> None:
     sync, store = people
+    control = graph_sim.control
+    assert control("PATCH", "/graph/users/bob@contoso.com", {"manager": "alice@contoso.com"})[0] == 200
     assert await sync.sync() == {"created": len(graph_sim.org.users) + 2}  # the people and two service accounts
     made = {data["email"]: data for kind, _, data in events(store)}
     assert {u for u, _ in graph_sim.org.users} <= set(made)
@@ -58,20 +60,24 @@ async def test_graph_people_become_person_events_and_rooms_are_not_people(
     alice = made["alice@contoso.com"]
     assert {e[1] for e in events(store)} == {"directory:online"}
     assert alice["directory"] == "online" and alice["enabled"] is True and alice["upn"] == "alice@contoso.com"
-    assert alice["name"] == "Alice Anders" and alice["schema_version"] == "1.0"
+    assert alice["name"] == "Alice Anders" and alice["schema_version"] == "1.0" and alice["manager"] is None
+    assert made["bob@contoso.com"]["manager"] == "alice@contoso.com"  # by address, as from AD
 
-    control = graph_sim.control
-    assert control("PATCH", "/graph/users/alice@contoso.com", {"department": "Finance"})[0] == 200
+    assert control("PATCH", "/graph/users/alice@contoso.com", {"department": "Finance",
+                                                               "manager": "dave@contoso.com"})[0] == 200
     assert control("PATCH", "/graph/users/bob@contoso.com", {"accountEnabled": False})[0] == 200
     assert control("PATCH", "/graph/users/dave@contoso.com", {"jobTitle": "Chief"})[0] == 200  # dropped: no event
     assert control("DELETE", "/graph/users/carol@contoso.com", {})[0] == 200
-    assert control("POST", "/graph/users", {"mail": "erin@contoso.com", "displayName": "Erin Eck"})[0] == 200
+    assert control("POST", "/graph/users", {"mail": "erin@contoso.com", "displayName": "Erin Eck",
+                                            "manager": "alice@contoso.com"})[0] == 200
     before = len(events(store))
     assert await sync.sync() == {"created": 1, "updated": 1, "disabled": 1, "removed": 1}
     later = {(kind, data["email"]): data for kind, _, data in events(store)[before:]}
     assert set(later) == {("created", "erin@contoso.com"), ("updated", "alice@contoso.com"),
                           ("disabled", "bob@contoso.com"), ("removed", "carol@contoso.com")}
     assert later[("updated", "alice@contoso.com")]["department"] == "Finance"
+    assert later[("updated", "alice@contoso.com")]["manager"] == "dave@contoso.com"  # read whole, manager expanded
+    assert later[("created", "erin@contoso.com")]["manager"] == "alice@contoso.com"
     assert later[("disabled", "bob@contoso.com")]["enabled"] is False
     assert await sync.sync() == {}  # nothing changed, nothing told
 

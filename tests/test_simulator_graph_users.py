@@ -47,9 +47,11 @@ def test_users_are_paged_and_selected_and_online_rooms_are_users_too(graph_sim):
 
 def test_user_delta_lists_everyone_then_only_what_changed(graph_sim):
     control = graph_sim.control
-    first, delta_link = _round(graph_sim, "/users/delta?$select=displayName,mail,accountEnabled,department", page=2)
+    first, delta_link = _round(graph_sim, "/users/delta?$select=displayName,mail,accountEnabled,department,manager",
+                               page=2)
     by_mail = {u["mail"]: u for u in first}
-    assert set(by_mail["alice@contoso.com"]) == {"id", "displayName", "mail", "accountEnabled", "department"}
+    assert set(by_mail["alice@contoso.com"]) == {"id", "displayName", "mail", "accountEnabled", "department",
+                                                 "manager@delta"}
     assert by_mail["alice@contoso.com"]["accountEnabled"] is True
     alice, bob = by_mail["alice@contoso.com"]["id"], by_mail["bob@contoso.com"]["id"]
     assert "$deltatoken=" in delta_link and "$select" not in delta_link  # the token carries the $select
@@ -59,16 +61,20 @@ def test_user_delta_lists_everyone_then_only_what_changed(graph_sim):
 
     assert control("POST", "/graph/users", {"mail": "erin@contoso.com", "displayName": "Erin Eck",
                                             "department": "Sales"})[0] == 200
-    assert control("PATCH", "/graph/users/alice@contoso.com", {"department": "Finance"})[0] == 200
+    assert control("PATCH", "/graph/users/alice@contoso.com", {"department": "Finance",
+                                                               "manager": "bob@contoso.com"})[0] == 200
     assert control("PATCH", f"/graph/users/{bob}", {"accountEnabled": False})[0] == 200
     assert control("DELETE", "/graph/users/carol@contoso.com", {})[0] == 200
     assert control("DELETE", "/graph/users/dave@contoso.com", {"permanent": True})[0] == 200
     changes, delta_link = _round(graph_sim, delta_link)
     by_id = {u["id"]: u for u in changes}
-    assert by_id[alice] == {"id": alice, "department": "Finance"}  # only what changed
+    assert by_id[alice] == {"id": alice, "department": "Finance",  # only what changed
+                            "manager@delta": [{"@odata.type": "#microsoft.graph.user", "id": bob}]}
     assert by_id[bob] == {"id": bob, "accountEnabled": False}
     [erin] = [u for u in changes if u.get("mail") == "erin@contoso.com"]
     assert erin["displayName"] == "Erin Eck" and erin["department"] == "Sales" and erin["accountEnabled"] is True
+    status, body, _ = graph_sim.request("GET", "/users/alice@contoso.com?$select=mail&$expand=manager($select=id)")
+    assert status == 200 and body["manager"]["id"] == bob  # the manager is a relationship: expanded
     removed = {u["@removed"]["reason"] for u in changes if "@removed" in u}
     assert removed == {"changed", "deleted"}  # soft and permanent deletes
     assert graph_sim.request("GET", "/users/carol@contoso.com")[0] == 404

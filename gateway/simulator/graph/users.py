@@ -12,12 +12,16 @@ changed (their id and only the properties that changed, of those selected) and u
 (``{"id", "@removed": {"reason": "changed"}}`` for a soft delete, ``"deleted"`` for a permanent one). A token whose
 state is gone (the control API expires it) answers ``410 Gone`` ``SyncStateNotFound``.
 
+The manager is a relationship: selected in a delta it comes as ``manager@delta`` (a list of references), read with
+``$expand=manager`` as ``manager``.
+
 What a test changes (the control API, gateway/simulator/graph/control.py): users created, their properties
-(``accountEnabled``, ``department``, ``jobTitle``, ``displayName``) and deletions.
+(``accountEnabled``, ``department``, ``jobTitle``, ``displayName``, ``manager``) and deletions.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,7 +41,8 @@ MAX_STATES = 1_000  # delta states kept; the oldest go first (their tokens answe
 # What /users returns without $select (Graph's default set); the others only when selected.
 DEFAULT_FIELDS = ("id", "displayName", "mail", "userPrincipalName", "businessPhones", "givenName", "surname",
                   "jobTitle", "mobilePhone", "officeLocation", "preferredLanguage")
-SETTABLE = ("displayName", "department", "jobTitle", "accountEnabled", "mobilePhone", "officeLocation")
+SETTABLE = ("displayName", "department", "jobTitle", "accountEnabled", "mobilePhone", "officeLocation", "manager")
+_EXPAND_MANAGER = re.compile(r"^manager(\(\$select=[\w,]+\))?$", re.IGNORECASE)
 
 
 @dataclass
@@ -77,7 +82,7 @@ class Users:
             "id": ids.object_id(mb.smtp), "displayName": mb.name, "mail": mb.smtp, "userPrincipalName": mb.smtp,
             "businessPhones": [], "givenName": first or None, "surname": last or None, "jobTitle": None,
             "mobilePhone": None, "officeLocation": None, "preferredLanguage": None,
-            "accountEnabled": mb.kind != "room", "department": None}
+            "accountEnabled": mb.kind != "room", "department": None, "manager": None}  # manager: the manager's id
         u.update(self.attrs.get(mb.smtp, {}))
         if mb.kind == "room":
             u["givenName"] = u["surname"] = None
@@ -91,9 +96,23 @@ class Users:
         return tuple(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
 
     @staticmethod
-    def shape(u: dict[str, Any], select: tuple[str, ...] | None) -> dict[str, Any]:
+    def shape(u: dict[str, Any], select: tuple[str, ...] | None, req: GraphRequest | None = None,
+              ) -> dict[str, Any]:
+        """A user as ``$select`` (and ``$expand=manager``) shape it. The manager is a relationship: a delta
+        selects it (``manager@delta``, a list of references), a read expands it (``manager``, omitted if none)."""
         fields = DEFAULT_FIELDS if select is None else ("id", *select)
-        return {k: u.get(k) for k in fields}
+        out = {k: u.get(k) for k in fields if k != "manager"}
+        if "manager" in fields:
+            out["manager@delta"] = [{"@odata.type": "#microsoft.graph.user", "id": u["manager"]}] \
+                if u.get("manager") else []
+        expand = req.query.get("$expand") if req is not None else None
+        if expand:
+            if not _EXPAND_MANAGER.match(expand.strip()):
+                raise bad_request(f"The $expand '{expand}' is not supported by the simulator.",
+                                  "Request_UnsupportedQuery")
+            if u.get("manager"):
+                out["manager"] = {"@odata.type": "#microsoft.graph.user", "id": u["manager"]}
+        return out
 
     def find(self, user: str) -> Mailbox:
         mb = self.graph.directory_object(user)
@@ -112,7 +131,7 @@ class Users:
         return self.graph.reads.page(req, [self.shape(u, select) for u in values], "users", default=USERS_PAGE)
 
     async def user(self, req: GraphRequest) -> GraphResponse:
-        u = self.shape(self.json(self.find(req.params["user"])), self.selected(req))
+        u = self.shape(self.json(self.find(req.params["user"])), self.selected(req), req)
         return GraphResponse(200, {"@odata.context": self.graph.context("users/$entity"), **u})
 
     def _gone(self) -> GraphError:
@@ -191,6 +210,8 @@ class Users:
         unknown = sorted(set(values) - set(SETTABLE))
         if unknown:
             raise ValueError(f"unknown propert(ies) {unknown}; settable: {list(SETTABLE)}")
+        if values.get("manager"):  # given by address or id, kept as the id
+            values = {**values, "manager": ids.object_id(self.find(str(values["manager"])).smtp)}
         self.attrs.setdefault(mb.smtp, {}).update(values)
         return self.json(mb)
 

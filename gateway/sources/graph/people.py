@@ -11,6 +11,8 @@ gateway/sync/people.py): the same person events as from Active Directory.
   (``/places/microsoft.graph.room``, read with every sync: it needs Place.Read.All, as room lists do). Users
   without a mailbox (no ``mail``) are not people either. ``/users/delta`` filters only by id, so neither can be
   left out by ``$filter``.
+- The manager: ``manager@delta`` in a round, ``$expand=manager`` in a read; relayed by address when the manager is
+  one of the people (the person's dn is their id, so the sync's manager lookup works as for AD).
 - Permission: User.Read.All (application).
 """
 
@@ -29,6 +31,7 @@ log = structlog.get_logger("gateway.sources.graph")
 
 DIRECTORY = "directory"  # the mailbox label of directory requests (they address no mailbox)
 SELECT = "id,displayName,mail,userPrincipalName,department,jobTitle,businessPhones,mobilePhone,accountEnabled"
+DELTA_SELECT = SELECT + ",manager"  # the manager comes as manager@delta: a list of references
 
 
 def person_of(u: dict[str, Any]) -> DirectoryPerson | None:
@@ -37,10 +40,14 @@ def person_of(u: dict[str, Any]) -> DirectoryPerson | None:
     if not mail or not u.get("id"):
         return None
     phones = [p for p in u.get("businessPhones") or () if isinstance(p, str) and p]
+    # The manager by id, as the person's dn is their id: the sync relays the manager's address.
+    refs = [u["manager"]] if isinstance(u.get("manager"), dict) else u.get("manager@delta") or []
+    managers = [str(r["id"]) for r in refs if isinstance(r, dict) and r.get("id") and "@removed" not in r]
     return DirectoryPerson(id=str(u["id"]), email=mail, name=u.get("displayName"), upn=u.get("userPrincipalName"),
                            department=u.get("department"), title=u.get("jobTitle"),
                            phone=phones[0] if phones else u.get("mobilePhone"),
-                           enabled=u.get("accountEnabled") is not False, dn=str(u["id"]))
+                           enabled=u.get("accountEnabled") is not False, dn=str(u["id"]),
+                           manager=managers[0] if managers else None)
 
 
 class GraphPeople:
@@ -57,7 +64,7 @@ class GraphPeople:
                 log.info("graph.people_token_expired", reason=str(e))  # everyone is read again instead
         full = end is None
         if end is None:
-            values, end = await self._round("/users/delta", params={"$select": SELECT})
+            values, end = await self._round("/users/delta", params={"$select": DELTA_SELECT})
         rooms = await self._rooms()
         people: list[DirectoryPerson] = []
         deleted: list[str] = []
@@ -105,7 +112,8 @@ class GraphPeople:
         """Changed users read whole, twenty to a request; None for one that is gone."""
         if not ids:
             return []
-        answers = await self.client.batch([f"/users/{quote(uid)}?$select={SELECT}" for uid in ids],
+        answers = await self.client.batch([f"/users/{quote(uid)}?$select={SELECT}&$expand=manager($select=id)"
+                                           for uid in ids],
                                           mailbox=DIRECTORY, operation="users")
         out: list[dict[str, Any] | None] = []
         for a in answers:
