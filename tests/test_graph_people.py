@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from gateway import cli
 from gateway.app import STORE, init_app, options_from_config
 from gateway.config import load_config
+from gateway.errors import AccessDenied
 from gateway.sources.graph.auth import TokenSource
 from gateway.sources.graph.client import GraphClient
 from gateway.sources.graph.directory import GraphDirectory
@@ -39,7 +40,7 @@ async def people(graph_sim: GraphSim, tmp_path: Path) -> AsyncIterator[tuple[Peo
     settings = graph_settings(graph_sim)
     client = GraphClient(settings, TokenSource(settings, graph_sim.client_secret))
     store = SqliteStore(tmp_path / "gateway.sqlite")
-    yield PeopleSync(GraphDirectory(client), store, directory="online", drop=("title",)), store
+    yield PeopleSync(GraphDirectory(client, "online"), store, directory="online", drop=("title",)), store
     store.close()
     await client.close()
 
@@ -95,6 +96,18 @@ async def test_an_expired_delta_token_is_a_full_read_never_silence(
     assert any(e["event"] == "graph.people_token_expired" for e in logs)
     assert any(e["event"] == "people.synced" and e["full"] is True for e in logs)
     assert await sync.sync() == {}  # and incremental again from the fresh round's token
+
+
+async def test_without_user_read_all_the_sync_says_which_permission_is_missing(
+        graph_sim: GraphSim, people: tuple[PeopleSync, SqliteStore]) -> None:
+    sync, store = people
+    assert graph_sim.control("POST", "/graph/credentials", {"user_read_all": False})[0] == 200
+    with pytest.raises(AccessDenied) as refused:
+        await sync.sync()
+    assert "User.Read.All" in (refused.value.remedy or "") and "source online" in (refused.value.remedy or "")
+    assert store.people_state("directory:online") is None  # nothing read, nothing committed
+    assert graph_sim.control("POST", "/graph/credentials", {"user_read_all": True})[0] == 200
+    assert (await sync.sync())["created"] > 0
 
 
 def config_file(tmp_path: Path, g: GraphSim, **people: Any) -> Path:

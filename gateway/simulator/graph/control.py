@@ -54,8 +54,13 @@ async def _state(request: web.Request, ctl: Control, body: dict[str, Any]) -> An
 
 
 async def _credentials(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
-    _only(body, ("secret_expired", "remove_certificates", "expire_tokens", "token_lifetime", "add_certificate"))
+    _only(body, ("secret_expired", "remove_certificates", "expire_tokens", "token_lifetime", "add_certificate",
+                 "user_read_all"))
     graph = ctl.sim.graph
+    if "user_read_all" in body:  # the application permission User.Read.All granted (true) or not
+        if not isinstance(body["user_read_all"], bool):
+            raise _error("user_read_all: expected true or false")
+        graph.users.permitted = body["user_read_all"]
     app = graph.tokens.apps[graph.config.client_id]
     if "token_lifetime" in body:  # seconds; msal renews a token with less than five minutes left
         graph.tokens.lifetime = int(_number(body, "token_lifetime", 1, 86_400))

@@ -60,6 +60,7 @@ class Users:
         self.deleted: dict[str, str] = {}  # smtp -> "changed" (soft-deleted) or "deleted" (permanently)
         self.states: OrderedDict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...] | None]] = OrderedDict()
         self.rounds: OrderedDict[str, _Round] = OrderedDict()
+        self.permitted = True  # the app holds User.Read.All (the control API takes it away)
 
     def add_routes(self) -> None:
         r = self.graph.router
@@ -121,8 +122,13 @@ class Users:
                                                               "queried reference-property objects are not present.")
         return mb
 
+    def check_permission(self) -> None:
+        if not self.permitted:
+            raise GraphError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+
     # -- routes ----------------------------------------------------------------------------------------
     async def users(self, req: GraphRequest) -> GraphResponse:
+        self.check_permission()
         values = [self.json(mb) for mb in self.everyone()]
         flt = req.query.get("$filter")
         if flt:
@@ -131,6 +137,7 @@ class Users:
         return self.graph.reads.page(req, [self.shape(u, select) for u in values], "users", default=USERS_PAGE)
 
     async def user(self, req: GraphRequest) -> GraphResponse:
+        self.check_permission()
         u = self.shape(self.json(self.find(req.params["user"])), self.selected(req), req)
         return GraphResponse(200, {"@odata.context": self.graph.context("users/$entity"), **u})
 
@@ -139,6 +146,7 @@ class Users:
                                                     "start a new synchronization.")
 
     async def delta(self, req: GraphRequest) -> GraphResponse:
+        self.check_permission()
         unsupported = {"$filter", "$orderby", "$expand", "$search", "$count", "$skip"} & set(req.query)
         if unsupported:
             raise bad_request(f"The query option(s) {sorted(unsupported)} are not supported by the simulator's "

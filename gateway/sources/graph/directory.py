@@ -25,9 +25,9 @@ def _room(p: dict[str, Any]) -> RoomInfo | None:
 
 
 class GraphDirectory:
-    def __init__(self, client: GraphClient) -> None:
+    def __init__(self, client: GraphClient, source: str = "") -> None:
         self.client = client
-        self._people = GraphPeople(client)
+        self._people = GraphPeople(client, source)
 
     async def read_changes(self, since: Position | None) -> PeopleRead:
         """The tenant's people, or their changes since ``since`` (the people sync's reader)."""

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import structlog
 
-from gateway.errors import MailboxNotFound, NotFound, SyncStateInvalid
+from gateway.errors import AccessDenied, MailboxNotFound, NotFound, SyncStateInvalid
 from gateway.sources.graph.client import Answer, GraphClient
 from gateway.sync.people import DirectoryPerson, PeopleRead, Position
 
@@ -51,10 +51,19 @@ def person_of(u: dict[str, Any]) -> DirectoryPerson | None:
 
 
 class GraphPeople:
-    def __init__(self, client: GraphClient) -> None:
+    def __init__(self, client: GraphClient, source: str = "") -> None:
         self.client = client
+        self.source = source
 
     async def read_changes(self, since: Position | None) -> PeopleRead:
+        try:
+            return await self._read(since)
+        except AccessDenied as e:  # the client's remedy names the calendar permissions: this one is another
+            raise AccessDenied(f"Graph refused to list the tenant's users ({e})",
+                               remedy="grant the app registration the application permission User.Read.All with "
+                                      f"admin consent, or remove people: from source {self.source or 'NAME'}") from e
+
+    async def _read(self, since: Position | None) -> PeopleRead:
         values: list[dict[str, Any]] = []
         end: str | None = None
         if since is not None and since[1]:
