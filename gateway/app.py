@@ -189,6 +189,7 @@ class RunningSource:
     unread: list[str] = field(default_factory=list)  # room lists that could not be read yet (a shared failure)
     unread_key: str = ""  # why (the failure's key)
     failed_lists: set[str] = field(default_factory=set)  # room lists whose last read failed (said once)
+    listed: set[str] = field(default_factory=set)  # the rooms its room lists hold (the directory does not drop them)
     feed_down: bool = False  # its feed failed and has not subscribed since (its rooms poll)
     rooms_changed: asyncio.Event = field(default_factory=asyncio.Event)  # the feed watches again with the rooms
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its credentials and room-list tasks
@@ -573,7 +574,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
             before = set(running.rooms)
             new = _join_rooms(routes, d.rooms_source, running, [r.email for r in found], from_directory,
                               options.shard)
-            fixed = {r.lower() for s in specs if s.name == d.rooms_source for r in s.rooms}
+            fixed = {r.lower() for s in specs if s.name == d.rooms_source for r in s.rooms} | running.listed
             gone = sorted(from_directory - set(running.shard(options.shard, [r.email for r in found])) - fixed)
             for room in new:
                 coordinator.add_room(room)
@@ -750,7 +751,9 @@ async def open_source(spec: SourceSpec, kinds: Kinds, feed: FeedSettings) -> Run
     except BaseException:
         await opened.close()
         raise
-    return RunningSource(opened, sorted(set(rooms)), unread=unread, unread_key=key)
+    fixed = {r.lower() for r in spec.rooms}
+    return RunningSource(opened, sorted(set(rooms)), unread=unread, unread_key=key,
+                         listed={r.lower() for r in rooms} - fixed)
 
 
 def _join_rooms(routes: RoomRoutes, name: str, running: RunningSource, found: list[str],
@@ -894,6 +897,7 @@ async def _keep_room_lists(spec: SourceSpec, running: RunningSource, routes: Roo
                       remedy="a room belongs to exactly one source: remove it from the mailboxes or the room list "
                              "of one of them")
         owned = set(running.shard(shard, sorted(found - set(elsewhere))))
+        running.listed = owned if complete else running.listed | owned
         new = sorted(owned - set(running.rooms))
         gone = sorted(set(running.rooms) - owned - fixed - from_directory) if complete else []
         if not new and not gone:
