@@ -4,19 +4,25 @@ simulator serves both from one directory, whose room lists the control API chang
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
+import ldap3
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.app import GATEWAY, STORE, GatewayOptions, init_app
+from gateway.app import DIRECTORY, GATEWAY, STORE, GatewayOptions, init_app, start_gateway, stop_gateway
+from gateway.directory.ldap import LdapSettings
+from gateway.directory_service import DirectoryOptions
 from gateway.ports import SourceSpec
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.sources.ews.source import EwsSettings
 from gateway.sources.graph.settings import GraphSettings
+from gateway.sources.memory import MemorySource
 from gateway.sync.coordinator import SyncSettings
 from tests.conftest import GraphSim, eventually
+from tests.ldap_server import BASE, BIND_DN, MAIL, PASSWORD, SERVER_NAME, SambaDC, group_ldif, room_ldif
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +94,46 @@ async def test_a_room_list_that_cannot_be_read_keeps_its_rooms_and_is_said_once(
     failed = [e for e in logs if e["event"] == "gateway.room_list_failed"]
     assert len(failed) == 1 and failed[0]["room_list"] == LIST  # said once, not at every read
     assert gw.rooms == [room] and set(gw.coordinator.workers) == {room}  # nothing accepted is lost
+
+
+@pytest.mark.xdist_group("ldap")
+async def test_a_room_the_directory_drops_stays_while_its_source_s_room_list_holds_it(
+        tmp_path: Path, samba: SambaDC) -> None:
+    ou = f"OU=g{uuid.uuid4().hex[:10]},{BASE}"
+    samba.add(f"dn: {ou}\nobjectClass: organizationalUnit\n")
+    both, ad_only = f"r{uuid.uuid4().hex[:6]}a@{MAIL}", f"r{uuid.uuid4().hex[:6]}b@{MAIL}"
+    listed = f"list-{uuid.uuid4().hex[:6]}@{MAIL}"
+    samba.add(room_ldif(both.split("@")[0], ou, name="Room Both") + room_ldif(ad_only.split("@")[0], ou, name="Room AD")
+              + group_ldif(f"List {listed}", ou, [f"CN=Room Both,{ou}", f"CN=Room AD,{ou}"], mail=listed,
+                           room_list=True))
+    exchange = MemorySource()
+    exchange.add_room(both, "Both")
+    exchange.add_room(ad_only, "AD only")
+    exchange.add_room_list("mine@example.test", [both])
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
+                            server_name=SERVER_NAME, people_base=ou, room_list=listed)
+    options = GatewayOptions(sources=(SourceSpec("onprem", "memory", exchange, room_lists=("mine@example.test",)),),
+                             store_path=tmp_path / "gateway.sqlite", feed="poll", room_list_seconds=3600,
+                             directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600,
+                                                        rooms_source="onprem"))
+    gw = await start_gateway(options)
+    try:
+        assert gw.rooms == sorted([both, ad_only])
+        assert gw.runner is not None
+        runner = gw.runner.app[DIRECTORY]
+        assert runner is not None
+        await eventually(lambda: runner.syncs >= 1, what="the first directory sync")
+        conn = samba.connect()
+        conn.modify(f"CN=List {listed},{ou}", {"member": [(ldap3.MODIFY_DELETE, [f"CN=Room Both,{ou}",
+                                                                                  f"CN=Room AD,{ou}"])]})
+        conn.unbind()
+        runner.sync_now()
+        await eventually(lambda: gw.rooms == [both], what="the room only AD listed gone")
+        assert sorted(gw.coordinator.workers) == [both]  # the source's own room list still holds it
+    finally:
+        await stop_gateway(gw)
+        conn = samba.connect()
+        try:
+            conn.delete(ou, controls=[("1.2.840.113556.1.4.805", True, None)])
+        finally:
+            conn.unbind()
