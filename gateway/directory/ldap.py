@@ -436,6 +436,21 @@ class LdapDirectory:
             return [self._person(e) for e in self.search(conn, base, self._people_query(since_usn), PERSON_ATTRS)]
         return await self.run(read)
 
+    async def scope_changed(self, since_usn: int) -> bool:
+        """Whether the people group (people_group) or a group nested in it changed after ``since_usn``: in AD a
+        membership change is a write to the group (its ``member``), not to the person, so an incremental read of
+        the people cannot see who joined or left. One request (a page of groups); the sync then compares in full."""
+        group = self.settings.people_group
+        if not group:
+            return False
+
+        def read(conn: ldap3.Connection) -> bool:
+            g = escape_filter_chars(group)
+            query = (f"(&(objectClass=group)(|(distinguishedName={g})(memberOf:{IN_CHAIN}:={g}))"
+                     f"(uSNChanged>={since_usn + 1}))")
+            return bool(self.search(conn, self.settings.base_dn, query, ["objectGUID"]))
+        return await self.run(read)
+
     async def read_deleted(self, since_usn: int) -> list[str]:
         """The ids of the users deleted after ``since_usn`` (their tombstones in Deleted Objects). Only an account
         allowed to list Deleted Objects sees them (AD grants it to administrators; others see none, and the full

@@ -3,11 +3,13 @@ updated, disabled, removed) through the outbox, exactly once each.
 
 Incremental by the directory's change counter (AD's uSNChanged: every write raises it), with a periodic full
 comparison that also finds the people who are gone (a deleted object leaves no trace a plain search sees) or who
-left the configured scope. Where the directory lets the account list its deleted objects (AD's tombstones:
-administrators, or a delegated right), an incremental sync relays the deleted at once. The counter is per domain
-controller: after a failover to another DC the next sync is a full comparison. The counter is read *before* the
-search, so a change made during a sync is read again by the next one; reading a person twice costs nothing, since an
-event goes out only when what a person looks like from outside (after the privacy policy) changed. The snapshot, the
+left the configured scope. A change to the groups that define the scope (AD: a membership change bumps the group's
+uSNChanged, not the person's) makes the next sync a full comparison, when the reader can tell (``scope_changed``).
+Where the directory lets the account list its deleted objects (AD's tombstones: administrators, or a delegated
+right), an incremental sync relays the deleted at once. The counter is per domain controller: after a failover to
+another DC the next sync is a full comparison. The counter is read *before* the search, so a change made during a
+sync is read again by the next one; reading a person twice costs nothing, since an event goes out only when what a
+person looks like from outside (after the privacy policy) changed. The snapshot, the
 counter and the events are committed in one transaction (the store's ``commit_people``): a crash repeats a sync,
 never an event.
 
@@ -91,7 +93,8 @@ class PeopleState:
 class PeopleReader(Protocol):
     """What the sync needs of a directory (gateway/directory/ldap.py). A reader may also offer
     ``async read_deleted(since_usn) -> list[id]``: the people deleted since, so an incremental sync relays them
-    without waiting for the full comparison."""
+    without waiting for the full comparison; and ``async scope_changed(since_usn) -> bool``: whether what decides who
+    is in scope (a group's membership) changed since, which makes the sync a full comparison."""
 
     async def highest_usn(self) -> tuple[int, str]:
         """(the DC's highest committed change counter, the DC's identity)."""
@@ -208,6 +211,9 @@ class PeopleSync:
         if full is None:
             full = (state is None or state.dc != dc or state.full_at is None
                     or (now - state.full_at).total_seconds() >= self.full_seconds)
+            scope_changed = getattr(self.reader, "scope_changed", None)
+            if not full and state is not None and scope_changed is not None:
+                full = await scope_changed(state.usn)  # who joined or left a group: only a full read can tell
         observed = await self.reader.read_people(None if full or state is None else state.usn)
         deleted: list[str] = []
         read_deleted = getattr(self.reader, "read_deleted", None)
