@@ -23,7 +23,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.app import GatewayOptions
 from gateway.config import PrivacyConfig, unknown_privacy_rooms
@@ -267,6 +267,28 @@ async def check_credentials(watched: list[Watched], report: Report, warn_days: t
     for w, found, _ in await check_all(watched):
         for expiry in found:
             credential_line(report, expiry, w.entry, now, warn_days)
+
+
+class GroupLookup(Protocol):
+    async def group(self, name: str) -> str | None:
+        """A group's DN, named by its DN or its address; None: the directory has no such group."""
+        ...
+
+
+async def check_booking_group(directory: GroupLookup, group: str, report: Report) -> None:
+    """``commands.booking_group`` names a group the directory has: otherwise every organizer is refused."""
+    what = f"booking group {group}"
+    try:
+        found = await directory.group(group)
+    except GatewayError as e:
+        report.error(what, e)
+        return
+    if found is None:
+        report.line("FAIL", what, "booking_group_not_found",
+                    f"the directory has no group {group}, so nobody may book through the cloud (every organizer is "
+                    "refused); correct commands.booking_group (a group's DN or its address)")
+    else:
+        report.ok(what)
 
 
 def credential_line(report: Report, expiry: CredentialExpiry, entry: str | None, now: datetime,

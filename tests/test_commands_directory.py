@@ -16,6 +16,7 @@ from typing import Any
 
 import ldap3
 import pytest
+import yaml
 
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
 from gateway.commands import CommandService
@@ -34,6 +35,7 @@ from gateway.sources.memory import MemorySource
 from gateway.store.journal import CommandJournal
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.people import PeopleSync
+from tests.gateway_cli import gateway
 from tests.ldap_server import BASE, BIND_DN, PASSWORD, SERVER_NAME, SambaDC, group_ldif, user_ldif
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ldap")]
@@ -261,3 +263,37 @@ async def test_the_running_gateway_asks_its_directory_about_organizers(tmp_path,
         refused(await gw.commands.execute(command(**organizer(NOBODY))), NOBODY, "commands.unknown_organizer")
     finally:
         await stop_gateway(gw)
+
+
+def test_doctor_checks_that_the_booking_group_is_in_the_directory(tmp_path: Path, samba: SambaDC, ews: Any,
+                                                                   org: str) -> None:
+    tag = org.split(",")[0][4:]
+
+    def doctor(group: str) -> tuple[int, str]:
+        """doctor's exit code and its line about the booking group."""
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "exchange": {"ews_url": ews.url, "allow_insecure_http": True, "username": f"CONTOSO\\{ORGANIZER_ACCOUNT}",
+                         "password_ref": "vault:exchange"},
+            "rooms": {"mailboxes": [ROOM1]},
+            "store": {"path": str(tmp_path / "data" / "gateway.sqlite")},
+            "vault": {"path": str(tmp_path / "data" / "credentials.vault"), "key_file": str(tmp_path / "vault.key")},
+            "commands": {"enabled": True, "writable_rooms": ["*"], "booking_group": group},
+            "directory": {"name": "corp", "urls": [samba.ldaps_url], "bind": BIND_DN, "password_ref": "vault:ldap",
+                          "ca_bundle": str(samba.ca), "server_name": SERVER_NAME, "base_dn": BASE}}))
+        if not (tmp_path / "data" / "credentials.vault").exists():
+            for name, secret in (("exchange", SERVICE_PASSWORD), ("ldap", PASSWORD)):
+                assert gateway("credentials", "set", name, "--stdin", "--config", str(cfg),
+                               stdin=secret).returncode == 0
+        done = gateway("doctor", "--config", str(cfg))
+        found = [line for line in done.stdout.splitlines() if f"booking group {group} " in line]
+        assert len(found) == 1, done.stdout + done.stderr
+        return done.returncode, found[0]
+
+    for group in (f"bookers-{tag}@contoso.com", bookers(org)):  # by address, by DN
+        code, line = doctor(group)
+        assert line.startswith("ok"), line
+    for group in ("no-such-group@contoso.com", f"CN=Nobody {tag},{org}"):
+        code, line = doctor(group)
+        assert code == 1 and line.startswith("FAIL") and "booking_group_not_found" in line, line
+        assert "commands.booking_group" in line and "nobody" in line  # what it means and the setting to correct

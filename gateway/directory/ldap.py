@@ -405,6 +405,18 @@ class LdapDirectory:
             return enabled, bool(member)
         return await self.run(read)
 
+    async def group(self, name: str) -> str | None:
+        """A group's DN, named by its DN or its address (mail or proxyAddresses); None if the directory has none."""
+        def read(conn: ldap3.Connection) -> str | None:
+            if "=" not in name:
+                return self._group_dn(conn, name)
+            try:
+                found = self.search(conn, name, "(objectClass=group)", ["objectGUID"], "BASE")
+            except lx.LDAPNoSuchObjectResult:
+                return None
+            return str(found[0]["dn"]) if found else None
+        return await self.run(read)
+
     def _group_dn(self, conn: ldap3.Connection, address: str) -> str | None:
         a = escape_filter_chars(address.lower())
         query = f"(&(objectClass=group)(|(mail={a})(proxyAddresses=smtp:{a})))"
