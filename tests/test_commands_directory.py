@@ -248,6 +248,49 @@ async def test_a_user_disabled_in_the_directory_is_refused_after_the_next_people
     refused(await g.service.execute(command(**organizer(BOB, start=iso(at(2)), end=iso(at(3))))), BOB, "disabled")
 
 
+def set_enabled(samba: SambaDC, org: str, name: str, enabled: bool) -> None:
+    conn = samba.connect()
+    try:
+        assert conn.modify(f"CN={name} {org.split(',')[0][4:]},{org}",
+                           {"userAccountControl": [(ldap3.MODIFY_REPLACE, [512 if enabled else 514])]}), conn.result
+    finally:
+        conn.unbind()
+
+
+async def test_an_organizer_disabled_since_the_booking_cannot_move_it_but_may_cancel_it(make, samba, org):
+    g = await make()
+    made = accepted_ok(await g.service.execute(command(**organizer(BOB))))
+    set_enabled(samba, org, "Bob", False)
+    try:
+        moved = await g.service.execute(command(type="update", booking_id=made.booking_id, start=iso(at(2)),
+                                                end=iso(at(3))))
+        refused(moved, BOB, "disabled")
+        assert g.meeting(made.uid)["start"].startswith(iso(at(0))[:16])  # the meeting keeps its time
+        # Cancelling only frees the room: a leaver's meeting must not hold it (policy: cancel is never refused).
+        cancelled = await g.service.execute(parse_command({"key": f"org-{uuid.uuid4().hex[:8]}", "type": "cancel",
+                                                           "room": ROOM1, "booking_id": made.booking_id}))
+        assert cancelled.status == "accepted", cancelled
+    finally:
+        set_enabled(samba, org, "Bob", True)
+
+
+async def test_an_organizer_who_left_the_booking_group_cannot_move_a_booking(make, samba, org):
+    tag = org.split(",")[0][4:]
+    g = await make(booking_group=bookers(org))
+    made = accepted_ok(await g.service.execute(command(**organizer(ALICE))))  # Alice: Planners, in Bookers
+    accepted_ok(await g.service.execute(command(type="update", booking_id=made.booking_id, start=iso(at(1)),
+                                                end=iso(at(2)))))  # a member moves her meeting
+    conn = samba.connect()
+    try:
+        assert conn.modify(f"CN=Planners {tag},{org}", {"member": [(ldap3.MODIFY_DELETE, [f"CN=Alice {tag},{org}"])]})
+    finally:
+        conn.unbind()
+    moved = await g.service.execute(command(type="update", booking_id=made.booking_id, start=iso(at(3)),
+                                            end=iso(at(4))))
+    refused(moved, ALICE, "commands.booking_group")
+    assert g.meeting(made.uid)["start"].startswith(iso(at(1))[:16])
+
+
 async def test_the_running_gateway_asks_its_directory_about_organizers(tmp_path, samba, org):
     exchange = MemorySource()
     exchange.add_room(ROOM1, "Room 1")

@@ -11,6 +11,10 @@ idempotency journal, and are executed through a ``CalendarWriter`` (design.md §
   writer outside the gateway may have raced it), withdrawing its own appointment if it lost.
 - update and cancel touch only what the gateway created (the journal knows each meeting it made); decline
   frees the room from anything, leaving the organizer's meeting intact.
+- With a directory, the organizer is checked again when their meeting is moved: only someone create would book a
+  meeting for (enabled, in the booking group) moves it. Cancel is never refused for the organizer's sake (it only
+  frees the room: a leaver's meeting must not hold it); decline acts as the room; an appointment in the room's
+  calendar was booked for no directory user (external, or the impersonation fallback) and moves as the room's own.
 
 Idempotency: every write command holds its key's lock and a journal row. A retried key gets the stored result;
 a key found ``started`` (crash, timeout, reconnect) continues from the write it recorded, or asks Exchange
@@ -418,6 +422,9 @@ class CommandService:
         moved = run.recorded  # an interrupted update of this key already moved it
         if target.mailbox.lower() != room:  # a meeting: the room's attendant decides again
             if moved is None:
+                refusal = await self._organizer_may_move(run, target.mailbox)
+                if refusal is not None:
+                    return refusal
                 moved = await self._writer.move(target, cmd.start, cmd.end, notify=True)
                 await self._moved(run, origin, moved)
             result = await self._await_answer(run, moved, created=False)
@@ -436,6 +443,21 @@ class CommandService:
                 return declined(cmd, "conflict", "another booking took the room at the same moment; the booking "
                                                  "keeps its previous time")
         return accepted(cmd, "moved", uid=booking.uid, booking_id=booking.id)
+
+    async def _organizer_may_move(self, run: _Run, organizer: str) -> CommandResult | None:
+        """A meeting moves in its organizer's calendar: only while the directory still lets them book as create
+        does (enabled, in the booking group). Anything else refuses, "external" too: the meeting cannot become a
+        room-calendar booking, and the gateway does not act in the calendar of someone the directory disowns."""
+        if self._organizers is None:
+            return None
+        verdict = await self._organizers.verdict(organizer)
+        if verdict.action == "meeting":
+            return None
+        log.info("command.organizer_refused", key=run.cmd.key, room=run.room)
+        why = verdict.why or (f"the organizer {organizer} is no longer an enabled user in the organisation's "
+                              "directory")
+        return declined(run.cmd, "organizer_not_permitted", f"the meeting keeps its time: {why}. Its organizer may "
+                        "no longer move it through the cloud; cancelling it (which frees the room) is still possible")
 
     async def _ours(self, run: _Run) -> tuple[Booking, JournalEntry] | CommandResult:
         """The booking a command names and the journal entry of the create that made it, or the refusal."""
