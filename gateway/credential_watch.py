@@ -6,10 +6,10 @@ What is watched (``Watched``), one check each, run at start and then every ``cre
                                    AccountLookup (AD: msDS-UserPasswordExpiryTimeComputed, lockoutTime); without a
                                    directory its expiry cannot be known (known=False, said so), but a lockout Exchange
                                    reported (AccountLocked) still is
-    source:NAME (its own)          what a source's CredentialProbe says (a Graph secret's end date, a certificate's
-                                   notAfter), under the labels it chooses
                                    (while AD says it is locked out, the source's outage gate holds its logons:
                                    each would only prolong the lockout; it is asked again every minute meanwhile)
+    source:NAME (its own)          what a source's CredentialProbe says (a Graph secret's end date, a certificate's
+                                   notAfter), under the labels it chooses
     directory:NAME (password)      the LDAP bind account, asked of the directory itself
     relay (relay_key)              the relay identity key: the date its rotation is due (created + rotate_after). The
                                    gateway rotates it itself while connected, so no warning comes ahead of that date;
