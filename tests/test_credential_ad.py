@@ -168,3 +168,39 @@ async def test_while_ad_says_the_service_account_is_locked_out_no_logon_goes_to_
             conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
         finally:
             conn.unbind()
+
+
+def test_doctor_makes_no_exchange_logon_while_ad_says_the_service_account_is_locked_out(
+        tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+    ews.call(lambda: ews.sim.directory.add_mailbox(f"{LOCKABLE}@contoso.com", "Lockable Service", "user",
+                                                   password=PASSWORD, impersonation="rooms"))
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "exchange": {"ews_url": ews.url, "allow_insecure_http": True, "username": f"CONTOSO\\{LOCKABLE}",
+                     "password_ref": "vault:exchange"},
+        "rooms": {"mailboxes": ["room1@contoso.com"]},
+        "store": {"path": str(tmp_path / "data" / "gateway.sqlite")},
+        "vault": {"path": str(tmp_path / "data" / "credentials.vault"), "key_file": str(tmp_path / "vault.key")},
+        "directory": {"name": "corp", "urls": [samba.ldaps_url], "bind": f"{DOMAIN}\\svc-ldap",
+                      "password_ref": "vault:ldap", "ca_bundle": str(samba.ca), "server_name": SERVER_NAME,
+                      "base_dn": BASE}}))
+    for name in ("exchange", "ldap"):
+        assert gateway("credentials", "set", name, "--stdin", "--config", str(cfg), stdin=PASSWORD).returncode == 0
+    account = f"CN={LOCKABLE},{SERVICE_OU}"
+    for _ in range(3):
+        with pytest.raises(lx.LDAPInvalidCredentialsResult):
+            samba.connect(account, "wrong")
+    try:
+        doctor = gateway("doctor", "--config", str(cfg))
+    finally:
+        conn = samba.connect()
+        try:
+            conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+        finally:
+            conn.unbind()
+    assert doctor.returncode == 1, doctor.stdout
+    [logon] = [line for line in doctor.stdout.splitlines() if f"Exchange {ews.url}" in line]
+    assert logon.startswith("FAIL") and "account_locked" in logon and "Active Directory says" in logon, logon
+    [credential] = [line for line in doctor.stdout.splitlines() if "credential source:exchange" in line]
+    assert "LOCKED OUT" in credential and "Unlock-ADAccount" in credential
+    assert _ews_calls(ews) == 0 and ews.call(lambda: ews.sim.failed_logons) == 0  # not a single logon
