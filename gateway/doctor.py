@@ -118,7 +118,7 @@ async def check_sources(options: GatewayOptions, report: Report, privacy: Privac
             watched = source_watched(spec.name, spec.settings, opened, options.accounts,
                                      options.secret_entries.get(spec.name))
             if options.accounts is not None:  # the directory's word first: it holds the logon of a locked account
-                await check_all(watched)
+                await check_all([w for w in watched if w.kind == "password"])
             found = await check_source(spec, opened, options, report, label, owner)
             await check_credentials(watched, report, options.credentials.warn_days)  # with what the logon found
         finally:
