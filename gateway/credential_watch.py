@@ -111,6 +111,31 @@ def _tell_gate(outage: Outage, username: str, locked_out: bool) -> None:
             release()
 
 
+async def hold_locked_accounts(lookup: AccountLookup, accounts: Sequence[tuple[str, Outage]], *,
+                               timeout: float = 10.0) -> None:
+    """Before a source's first logon (at start): each (username, outage gate) whose account the directory says is
+    locked out is held at once, not after a logon the credential watch's first check would come too late to stop. A
+    directory that cannot answer (within ``timeout``: a start is not held up by a DC that is down) holds nothing;
+    the watch asks again."""
+    for username, outage in accounts:
+        try:
+            status = await asyncio.wait_for(lookup.account(username), timeout)
+        except (GatewayError, TimeoutError) as e:
+            log.info("credential.lockout_unknown", account=username, error=getattr(e, "key", "timeout"))
+            continue
+        _tell_gate(outage, username, status.locked_out)
+
+
+def source_accounts(sources: Sequence[tuple[object, OpenedSource]]) -> list[tuple[str, Outage]]:
+    """(username, outage gate) of every source (its settings and what its kind opened) that logs on with one."""
+    found = []
+    for settings, opened in sources:
+        username = getattr(settings, "username", None)
+        if isinstance(username, str) and username and opened.outage is not None:
+            found.append((username, opened.outage))
+    return found
+
+
 def probe_check(probe: CredentialProbe) -> Check:
     """What a source knows of its own credentials (a Graph secret or certificate)."""
     return probe.credential_expiry

@@ -204,3 +204,45 @@ def test_doctor_makes_no_exchange_logon_while_ad_says_the_service_account_is_loc
     [credential] = [line for line in doctor.stdout.splitlines() if "credential source:exchange" in line]
     assert "LOCKED OUT" in credential and "Unlock-ADAccount" in credential
     assert _ews_calls(ews) == 0 and ews.call(lambda: ews.sim.failed_logons) == 0  # not a single logon
+
+
+async def test_a_gateway_started_while_ad_says_its_account_is_locked_out_makes_no_logon_until_unlocked(
+        tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+    ews.call(lambda: ews.sim.directory.add_mailbox(f"{LOCKABLE}@contoso.com", "Lockable Service", "user",
+                                                   password=PASSWORD, impersonation="rooms"))
+    rooms = ("room1@contoso.com", "room2@contoso.com")
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
+                            server_name=SERVER_NAME)
+    options = GatewayOptions(
+        ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{LOCKABLE}", default_timezone="Europe/Berlin",
+                        max_workers=4, auth_retry_seconds=3600.0),
+        password=PASSWORD, rooms=rooms, store_path=tmp_path / "data" / "gateway.sqlite", feed="poll",
+        sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3, auth_retry_seconds=0.3),
+        directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600))
+    account = f"CN={LOCKABLE},{SERVICE_OU}"
+    for _ in range(3):
+        with pytest.raises(lx.LDAPInvalidCredentialsResult):
+            samba.connect(account, "wrong")
+    try:
+        gw = await start_gateway(options)
+        try:
+            await eventually(lambda: all(gw.coordinator.workers[r].state == "account_locked" for r in rooms),
+                             what="every room held as account_locked")
+            assert _ews_calls(ews) == 0  # not even the first logon
+            conn = samba.connect()
+            try:
+                conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+            finally:
+                conn.unbind()
+            assert gw.credentials is not None
+            await gw.credentials.check()
+            await eventually(lambda: all(gw.coordinator.workers[r].state == "verified" for r in rooms),
+                             what="recovered")
+        finally:
+            await stop_gateway(gw)
+    finally:
+        conn = samba.connect()
+        try:
+            conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+        finally:
+            conn.unbind()
