@@ -2,7 +2,8 @@
 ``window_minutes`` lock the account for ``duration_minutes`` (0: until an administrator unlocks it). While it is
 locked every logon fails, the right password too, with the text Exchange's IIS answers ("The referenced account is
 currently locked out"); such a logon counts no bad password. A logon that works resets the count, as AD's
-badPwdCount does. Threshold 0 (the default) locks nothing.
+badPwdCount does. Threshold 0 (the default) locks nothing. A connection NTLM authenticated before the lock stays
+authenticated (IIS does the same): a client meets the lock at its next new connection.
 
 Accounts are named by their mailbox's address, whatever logon name (DOMAIN\\user, UPN) was used.
 """
