@@ -8,11 +8,14 @@ that share a ``meeting_id``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+import operator
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii as _str  # what json.dumps writes for a str (ensure_ascii)
 from typing import Any
 
 SCHEMA_VERSION = "1.0"
@@ -55,6 +58,7 @@ def _utc_text(value: datetime) -> str:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
+@functools.lru_cache(maxsize=4096)  # every instance of a series hashes the same UID
 def meeting_id_for(uid: str) -> str:
     return _short_hash("meeting", uid)
 
@@ -122,7 +126,7 @@ class Booking:
     def content_json(self) -> str:
         """The content as JSON text, keys sorted: what the content hash is taken of (and what the store keeps)."""
         if self._json is None:
-            object.__setattr__(self, "_json", json.dumps(self.content(), sort_keys=True))
+            object.__setattr__(self, "_json", _content_json(self.content()))
         return self._json  # type: ignore[return-value]
 
     def content_hash(self) -> str:
@@ -132,12 +136,18 @@ class Booking:
         return self._hash  # type: ignore[return-value]
 
     def confirmed(self, at: datetime) -> Booking:
-        """The same booking seen again at ``at``: freshness is not content, so the copy keeps content and hash."""
-        copy = replace(self, confirmed_at=at)
-        object.__setattr__(copy, "_content", self.content())
-        object.__setattr__(copy, "_json", self.content_json())
-        object.__setattr__(copy, "_hash", self.content_hash())
+        """The same booking seen again at ``at``: freshness is not content, so the copy keeps content, hash and ids
+        (a copy field by field: dataclasses.replace would run __init__ and hash the ids again)."""
+        self.content_hash()
+        copy = object.__new__(Booking)
+        for name, value in zip(_BOOKING_SLOTS, _booking_fields(self), strict=True):
+            object.__setattr__(copy, name, value)
+        object.__setattr__(copy, "confirmed_at", at)
         return copy
+
+
+_BOOKING_SLOTS: tuple[str, ...] = Booking.__slots__
+_booking_fields = operator.attrgetter(*_BOOKING_SLOTS)
 
 
 def _iso(value: datetime | date | None) -> str | None:
@@ -183,6 +193,55 @@ def _content(b: Booking) -> dict[str, Any]:
         "cancelled": b.cancelled,
         "origin": b.origin,
     }
+
+
+_CONTENT_KEYS = 24  # what _content gives; _content_json writes each of them
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if type(value) is not str:
+        raise TypeError(value)
+    return _str(value)
+
+
+def _flag(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    raise TypeError(value)
+
+
+def _content_json(c: dict[str, Any]) -> str:
+    """``json.dumps(c, sort_keys=True)``, character for character (content hashes are taken of it, and the store
+    keeps hashes across versions), in a third of its time: the keys are known. Anything of another type than
+    _content puts there falls back to json.dumps."""
+    try:
+        o = c["organizer"]
+        organizer = "null" if o is None else f'{{"email": {_text(o["email"])}, "name": {_text(o["name"])}}}'
+        attendees = ", ".join(
+            f'{{"email": {_text(a["email"])}, "kind": {_text(a["kind"])}, "name": {_text(a["name"])}, '
+            f'"response": {_text(a["response"])}}}' for a in c["attendees"])
+        text = (
+            f'{{"all_day": {_flag(c["all_day"])}, "attendees": [{attendees}], "cancelled": {_flag(c["cancelled"])}, '
+            f'"end": {_text(c["end"])}, "end_date": {_text(c["end_date"])}, "free_busy": {_text(c["free_busy"])}, '
+            f'"id": {_text(c["id"])}, "is_exception": {_flag(c["is_exception"])}, '
+            f'"meeting_id": {_text(c["meeting_id"])}, "online_meeting_url": {_text(c["online_meeting_url"])}, '
+            f'"organizer": {organizer}, "origin": {_text(c["origin"])}, '
+            f'"original_start": {_text(c["original_start"])}, "response": {_text(c["response"])}, '
+            f'"room": {_text(c["room"])}, "schema_version": {_text(c["schema_version"])}, '
+            f'"sensitivity": {_text(c["sensitivity"])}, "series_id": {_text(c["series_id"])}, '
+            f'"start": {_text(c["start"])}, "start_date": {_text(c["start_date"])}, '
+            f'"subject": {_text(c["subject"])}, '
+            f'"subject_is_organizer_name": {_flag(c["subject_is_organizer_name"])}, '
+            f'"timezone": {_text(c["timezone"])}, "uid": {_text(c["uid"])}}}')
+    except (TypeError, KeyError):
+        return json.dumps(c, sort_keys=True)
+    if len(c) != _CONTENT_KEYS or (o is not None and len(o) != 2) or any(len(a) != 4 for a in c["attendees"]):
+        return json.dumps(c, sort_keys=True)  # a key this text does not know
+    return text
 
 
 def _dt(value: str | None) -> datetime | None:
@@ -292,6 +351,9 @@ class Event:
     data: dict[str, Any]
     sequence: int = 0  # per-room order, assigned by the store
     source: str = "urn:exchange-gateway"
+    # ``data`` as JSON text, when whoever built the event had it at hand (a booking's content is encoded once for
+    # its hash; sync/events.py reuses that text): what the outbox stores. None: the store encodes ``data``.
+    data_json: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", EventType(self.type))

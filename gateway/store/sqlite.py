@@ -328,7 +328,7 @@ class SqliteStore:
         for b in upserts:  # the row keeps the JSON text the content hash was taken of: encoded once
             booking_rows.append((room, b.id, b.uid, _ts(b.start), _ts(b.end), b.content_hash(), b.content_json(),
                                  _ts(b.confirmed_at) if b.confirmed_at else None))
-        event_rows = [(e, json.dumps(e.data, separators=(",", ":"))) for e in events]
+        event_rows = [(e, _event_text(e)) for e in events]
         entries: list[OutboxEntry] = []
         with self._write() as conn:
             if room_row is not None:
@@ -418,7 +418,7 @@ class SqliteStore:
         created_at = _ts(now)
         rows = [(stream, pid, dn, digest, json.dumps(data, separators=(",", ":")), created_at)
                 for pid, dn, digest, data in upserts]
-        event_rows = [(e, json.dumps(e.data, separators=(",", ":"))) for e in events]
+        event_rows = [(e, _event_text(e)) for e in events]
         entries: list[OutboxEntry] = []
         with self._write() as conn:
             if removes:
@@ -492,6 +492,11 @@ class SqliteStore:
             problems = [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]
             problems += [f"foreign key: {r}" for r in conn.execute("PRAGMA foreign_key_check").fetchall()]
         return problems
+
+
+def _event_text(e: Event) -> str:
+    """The event's data as the outbox keeps it: the text its builder encoded, else compact JSON."""
+    return e.data_json if e.data_json is not None else json.dumps(e.data, separators=(",", ":"))
 
 
 def _booking(doc: str, confirmed_at: str | None) -> Booking:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from json.encoder import encode_basestring_ascii as _json_str
 
 from gateway.model import EVENT_TYPES, Booking, Event, Room, Window, to_json
 
@@ -12,10 +13,15 @@ from gateway.model import EVENT_TYPES, Booking, Event, Room, Window, to_json
 def booking_event(kind: str, booking: Booking, *, time: datetime, source: str, reason: str | None = None) -> Event:
     """``kind``: created, updated or deleted; ``reason`` (deleted): removed_from_exchange, room_disconnected."""
     data = to_json(booking)
+    # The stored text is the content's own (already encoded for its hash) with freshness appended: one encoding.
+    confirmed = data["confirmed_at"]
+    tail = f', "confirmed_at": {"null" if confirmed is None else _json_str(confirmed)}'
     if reason:
         data["reason"] = reason
+        tail += f', "reason": {_json_str(reason)}'
+    text = f"{booking.content_json()[:-1]}{tail}}}"
     return Event(id=str(uuid.uuid4()), type=EVENT_TYPES[kind], room=booking.room, subject=booking.id, time=time,
-                 data=data, source=source)
+                 data=data, source=source, data_json=text)
 
 
 def room_event(room: Room, *, time: datetime, source: str) -> Event:
