@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,20 @@ from typing import Any
 from gateway.bench import launch_simulator
 from gateway.model import Room, Window
 from gateway.sources.ews import source as ews_source
-from gateway.sources.ews.mapping import booking_from_xml
+from gateway.sources.ews.mapping import bookings_from_xml
 from gateway.sources.ews.source import EwsSettings, EwsSource
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import Coordinator, SyncSettings
 
 DEFAULT_TZ = "Europe/Berlin"  # as `gateway bench` configures the source
-Capture = list[tuple[Any, str, Any, str | None]]  # (t:CalendarItem, default zone, GetItem detail, uid)
+
+
+@dataclass
+class Capture:
+    """One room's CalendarView instances (meeting UID, t:CalendarItem) and its meetings' GetItem answers by UID."""
+
+    items: list[tuple[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def capture(rooms: int) -> list[Capture]:
@@ -48,22 +56,19 @@ def capture(rooms: int) -> list[Capture]:
         source = EwsSource(EwsSettings(ews_url=info["ews_url"], username=info["service_account"]["username"],
                                        default_timezone=DEFAULT_TZ, max_workers=2),
                            info["service_account"]["password"])
-        calls: Capture = []
-        real = ews_source.booking_from_xml
-
-        def record(el: Any, room: str, default_tz: str = "UTC", detail: Any = None, uid: str | None = None) -> Any:
-            calls.append((el, default_tz, detail, uid))
-            return real(el, room, default_tz, detail, uid=uid)
-
-        ews_source.booking_from_xml = record  # type: ignore[assignment]
         out: list[Capture] = []
+        real = ews_source.bookings_from_xml
+
+        def record(items: Any, room: str, default_tz: str = "UTC", details: Any = None) -> Any:
+            out.append(Capture(list(items), dict(details or {})))
+            return real(out[-1].items, room, default_tz, details)
+
+        ews_source.bookings_from_xml = record  # type: ignore[assignment]
         try:
             for room in (r["email"] for r in info["rooms"]):
-                calls = []
                 asyncio.run(source.read_window(room, window()))
-                out.append(calls)
         finally:
-            ews_source.booking_from_xml = real  # type: ignore[assignment]
+            ews_source.bookings_from_xml = real  # type: ignore[assignment]
         return out
     finally:
         proc.terminate()
@@ -103,11 +108,10 @@ def run_pass(store: SqliteStore, coordinator: Coordinator, captured: list[Captur
     now = datetime.now(UTC)
     for i in range(rooms):
         room = f"bench-{i:05d}@contoso.com"
-        items = captured[i % len(captured)]
+        c = captured[i % len(captured)]
 
-        def mapping(items: Capture = items, room: str = room) -> list[Any]:
-            return [b for b in (booking_from_xml(el, room, tz, detail, uid=uid) for el, tz, detail, uid in items)
-                    if b is not None]
+        def mapping(c: Capture = c, room: str = room) -> list[Any]:
+            return bookings_from_xml(c.items, room, DEFAULT_TZ, c.details)
 
         observed = stages.run("mapping", mapping)
         read += len(observed)
@@ -135,7 +139,7 @@ def main() -> int:
 
     t0 = time.monotonic()
     captured = capture(args.capture)
-    per_room = [len(c) for c in captured]
+    per_room = [len(c.items) for c in captured]
     print(f"captured {sum(per_room)} instances of {len(captured)} rooms ({per_room}) in "
           f"{time.monotonic() - t0:.1f} s", file=sys.stderr)
     path = Path(tempfile.mkdtemp(prefix="bench-pipeline-")) / "gateway.sqlite"
