@@ -358,6 +358,14 @@ class Event:
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", EventType(self.type))
 
+    def sequenced(self, sequence: int) -> Event:
+        """This event with its per-room sequence (a copy field by field: replace() would run __init__ again)."""
+        copy = object.__new__(Event)
+        for name, value in zip(_EVENT_SLOTS, _event_fields(self), strict=True):
+            object.__setattr__(copy, name, value)
+        object.__setattr__(copy, "sequence", sequence)
+        return copy
+
     def to_cloudevent(self) -> dict[str, Any]:
         doc = {
             "specversion": "1.0",
@@ -376,6 +384,10 @@ class Event:
         if doc["dataschema"] is None:  # CloudEvents: absent, or a URI
             del doc["dataschema"]
         return doc
+
+
+_EVENT_SLOTS: tuple[str, ...] = Event.__slots__
+_event_fields = operator.attrgetter(*_EVENT_SLOTS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,9 +118,7 @@ def run_pass(store: SqliteStore, coordinator: Coordinator, captured: list[Captur
         observed = stages.run("privacy", lambda o=observed, r=room: coordinator._private(r, o))
         known = stages.run("known", lambda r=room: store.known(r))
         result = stages.run("plan", lambda k=known, o=observed: plan(k, o, scope, now))
-        evs = stages.run("events", lambda r=result: [coordinator._event("created", b) for b in r.created]
-                         + [coordinator._event("updated", b) for b in r.updated]
-                         + [coordinator._event("deleted", b, reason="removed_from_exchange") for b in r.deleted])
+        evs = stages.run("events", lambda r=result: coordinator.events(r, datetime.now(UTC)))
         stages.run("commit", lambda r=result, e=evs, room=room: store.commit_sync(
             room, upserts=r.created + r.updated, deletes=[b.id for b in r.deleted], events=e,
             confirmed=[b.id for b in r.confirmed], confirmed_at=now))

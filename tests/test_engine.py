@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -15,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from gateway import model
 from gateway.model import Attendee, Booking, Person, Window, booking_id_for, from_json, to_json
 from gateway.sync.engine import MASS_DELETE_MINIMUM, Known, Scope, plan
-from gateway.sync.events import booking_event
+from gateway.sync.events import booking_event, event_id
 
 NOW = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 WINDOW = Window(NOW - timedelta(days=7), NOW + timedelta(days=365))
@@ -153,6 +154,20 @@ def test_a_booking_events_stored_text_is_its_data(b: Booking, reason: str | None
     event = booking_event("deleted" if reason else "created", b, time=NOW, source="urn:test", reason=reason)
     assert event.data_json is not None and json.loads(event.data_json) == event.data == \
         (to_json(b) | ({"reason": reason} if reason else {}))
+
+
+def test_event_ids_are_random_uuids_as_uuid4_writes_them() -> None:
+    ids = [event_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        u = uuid.UUID(text)
+        assert (u.version, u.variant, str(u)) == (4, uuid.RFC_4122, text)
+
+
+def test_an_event_with_its_sequence_is_the_same_event_otherwise() -> None:
+    event = booking_event("created", booking("Q"), time=NOW, source="urn:test")
+    numbered = event.sequenced(7)
+    assert numbered == replace(event, sequence=7) and numbered.data_json == event.data_json and event.sequence == 0
 
 
 def test_a_confirmed_copy_hashes_nothing_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,21 @@ PATH_SETTING = "store.path"  # named in the remedy when the file cannot be creat
 def _ts(value: datetime) -> str:
     """Fixed-width UTC text whose lexical order is time order."""
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+class _Stamps:
+    """_ts of the last time asked, remembered: a step's rows share a few times, each formatted once."""
+
+    __slots__ = ("at", "text")
+
+    def __init__(self) -> None:
+        self.at: datetime | None = None
+        self.text = ""
+
+    def __call__(self, value: datetime) -> str:
+        if value is not self.at:
+            self.at, self.text = value, _ts(value)
+        return self.text
 
 
 def _parse_ts(value: str) -> datetime:
@@ -324,10 +338,11 @@ class SqliteStore:
                 raise ValueError(f"booking {b.id} belongs to {b.room}, not {room}")
         now = self._now()
         created_at = _ts(now)
+        ts = _Stamps()  # a step's bookings share their confirmed_at, its events their time: each formatted once
         booking_rows = []
         for b in upserts:  # the row keeps the JSON text the content hash was taken of: encoded once
             booking_rows.append((room, b.id, b.uid, _ts(b.start), _ts(b.end), b.content_hash(), b.content_json(),
-                                 _ts(b.confirmed_at) if b.confirmed_at else None))
+                                 ts(b.confirmed_at) if b.confirmed_at else None))
         event_rows = [(e, _event_text(e)) for e in events]
         entries: list[OutboxEntry] = []
         with self._write() as conn:
@@ -382,14 +397,14 @@ class SqliteStore:
                               "coalesce((SELECT max(seq) FROM outbox), 0))").fetchone()
         entries: list[OutboxEntry] = []
         values = []
+        ts = _Stamps()
         for e, data in rows:
             key = e.room.lower()
             last[key] += 1
             room_seq = last[key]
             seq += 1
-            values.append((seq, e.room, room_seq, e.id, e.type, e.subject, e.source, _ts(e.time), data, created_at))
-            entries.append(OutboxEntry(seq=seq, room_seq=room_seq, event=replace(e, sequence=room_seq),
-                                       created_at=now))
+            values.append((seq, e.room, room_seq, e.id, e.type, e.subject, e.source, ts(e.time), data, created_at))
+            entries.append(OutboxEntry(seq, room_seq, e.sequenced(room_seq), now))
         conn.executemany("INSERT INTO outbox (seq, room, room_seq, event_id, type, subject, source, time, data, "
                          "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
         rooms = {e.room.lower(): e.room for e, _ in rows}

@@ -449,16 +449,15 @@ class Coordinator:
                       item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
                       started: float | None = None, window: Window | None = None) -> None:
         """``window``: the plan is the room's complete window, framed by room.snapshot begin and end."""
-        events = [self._event("created", b) for b in result.created]
-        events += [self._event("updated", b) for b in result.updated]
-        events += [self._event("deleted", b, reason="removed_from_exchange") for b in result.deleted]
+        now = self.now()  # one step, one time (each event's own clock reading cost more than the event)
+        events = self.events(result, now)
         if window is not None:
-            events = [snapshot_event(w.email, "begin", window, time=self.now(), source=self.source_name), *events,
+            events = [snapshot_event(w.email, "begin", window, time=now, source=self.source_name), *events,
                       snapshot_event(w.email, "end", window, time=self.now(), source=self.source_name)]
         entries = await self.db(
             self.store.commit_sync, w.email, upserts=result.created + result.updated,
             deletes=[b.id for b in result.deleted], events=events, confirmed=[b.id for b in result.confirmed],
-            confirmed_at=self.now(), item_uids=item_uids, removed_items=removed_items, sync_state=sync_state)
+            confirmed_at=now, item_uids=item_uids, removed_items=removed_items, sync_state=sync_state)
         if entries:
             if self.metrics is not None and started is not None:
                 self.metrics.change_latency(time.monotonic() - started)
@@ -467,8 +466,15 @@ class Coordinator:
             for listener in self.listeners:
                 listener(entries)
 
-    def _event(self, kind: str, b: Booking, reason: str | None = None) -> Event:
-        return booking_event(kind, b, time=self.now(), source=self.source_name, reason=reason)
+    def events(self, result: Plan, at: datetime) -> list[Event]:
+        """The booking events of a plan, as of ``at``."""
+        events = [self._event("created", b, at=at) for b in result.created]
+        events += [self._event("updated", b, at=at) for b in result.updated]
+        events += [self._event("deleted", b, reason="removed_from_exchange", at=at) for b in result.deleted]
+        return events
+
+    def _event(self, kind: str, b: Booking, reason: str | None = None, *, at: datetime | None = None) -> Event:
+        return booking_event(kind, b, time=at or self.now(), source=self.source_name, reason=reason)
 
     def _room_event(self, room: Room) -> Event:
         return room_event(room, time=self.now(), source=self.source_name)

@@ -3,11 +3,20 @@ coordinator and an explicit removal (gateway/sync/ownership.py) both build their
 
 from __future__ import annotations
 
-import uuid
+import os
 from datetime import datetime
 from json.encoder import encode_basestring_ascii as _json_str
 
 from gateway.model import EVENT_TYPES, Booking, Event, Room, Window, to_json
+
+
+def event_id() -> str:
+    """A random (version 4) UUID's text, as str(uuid.uuid4()) gives it, at a third of its cost (one per event)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # RFC 4122: the top two bits are 10
 
 
 def booking_event(kind: str, booking: Booking, *, time: datetime, source: str, reason: str | None = None) -> Event:
@@ -20,13 +29,13 @@ def booking_event(kind: str, booking: Booking, *, time: datetime, source: str, r
         data["reason"] = reason
         tail += f', "reason": {_json_str(reason)}'
     text = f"{booking.content_json()[:-1]}{tail}}}"
-    return Event(id=str(uuid.uuid4()), type=EVENT_TYPES[kind], room=booking.room, subject=booking.id, time=time,
+    return Event(id=event_id(), type=EVENT_TYPES[kind], room=booking.room, subject=booking.id, time=time,
                  data=data, source=source, data_json=text)
 
 
 def room_event(room: Room, *, time: datetime, source: str) -> Event:
     data = {"room": room.email, "state": room.state, "reason": room.reason, "remedy": room.remedy}
-    return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_state"], room=room.email, subject=room.email,
+    return Event(id=event_id(), type=EVENT_TYPES["room_state"], room=room.email, subject=room.email,
                  time=time, data=data, source=source)
 
 
@@ -36,5 +45,5 @@ def snapshot_event(room: str, phase: str, window: Window, *, time: datetime, sou
     data = {"room": room, "phase": phase,
             "window": {"start": window.start.isoformat().replace("+00:00", "Z"),
                        "end": window.end.isoformat().replace("+00:00", "Z")}}
-    return Event(id=str(uuid.uuid4()), type=EVENT_TYPES["room_snapshot"], room=room, subject=room, time=time,
+    return Event(id=event_id(), type=EVENT_TYPES["room_snapshot"], room=room, subject=room, time=time,
                  data=data, source=source)
