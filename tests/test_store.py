@@ -90,6 +90,28 @@ def test_bookings_round_trip_through_commit_sync(store: SqliteStore) -> None:
     assert store.booking(R2, rich.id) is None and store.booking(R1, "nope") is None
 
 
+def test_known_decodes_a_stored_booking_only_when_asked_for_it(store: SqliteStore,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reconciliation compares content hashes: decoding every stored booking for it was a third of its CPU.
+    odd = booking(R1, "uid-odd", 1.0001)  # a start with microseconds: known, as published, to the second
+    plain = booking(R1, "uid-plain", 2, confirmed_at=T0)
+    create(store, odd, plain)
+    from gateway.store import sqlite as module
+    decoded: list[str] = []
+    real = module.from_json
+    monkeypatch.setattr(module, "from_json", lambda d: decoded.append(d["uid"]) or real(d))
+    known = store.known(R1)
+    assert decoded == []
+    assert {k.uid: (k.start, k.end, k.content_hash) for k in known.values()} == {
+        "uid-odd": (T0 + timedelta(hours=1), odd.end.replace(microsecond=0), odd.content_hash()),
+        "uid-plain": (plain.start, plain.end, plain.content_hash())}
+    assert decoded == []
+    assert known[plain.id].booking == plain and known[plain.id].booking.confirmed_at == T0
+    assert known[odd.id].booking.start == known[odd.id].start and decoded == ["uid-plain", "uid-odd"]
+    assert known[plain.id].booking is known[plain.id].booking  # decoded once
+    assert decoded == ["uid-plain", "uid-odd"]
+
+
 def test_known_can_be_asked_for_some_meetings_only(store: SqliteStore) -> None:
     # An incremental sync compares only the meetings that changed: reading every booking of the room for it made
     # each sync cost as much as the room is big.

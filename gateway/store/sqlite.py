@@ -12,6 +12,7 @@ outbox events included, in one such transaction (design.md 2).
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -57,7 +58,13 @@ class _Stamps:
 
 
 def _parse_ts(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return datetime.fromisoformat(value)  # (Python 3.11 reads the Z itself)
+
+
+def _second(value: str) -> datetime:
+    """A stored time to the second, as bookings are published (and decoded from what was published)."""
+    t = datetime.fromisoformat(value)
+    return t.replace(microsecond=0) if t.microsecond else t
 
 
 @contextmanager
@@ -279,15 +286,18 @@ class SqliteStore:
         """What the store holds of the room: every booking, or those of the meetings ``uids``."""
         if uids is not None and not uids:
             return {}
+        columns = "id, content_hash, json, confirmed_at, uid, start_utc, end_utc"
         with self._read() as conn:
             if uids is None:
-                rows = conn.execute("SELECT id, content_hash, json, confirmed_at FROM bookings WHERE room = ?",
-                                    (room,)).fetchall()
+                rows = conn.execute(f"SELECT {columns} FROM bookings WHERE room = ?", (room,)).fetchall()
             else:
-                rows = conn.execute("SELECT id, content_hash, json, confirmed_at FROM bookings WHERE room = ? AND "
+                rows = conn.execute(f"SELECT {columns} FROM bookings WHERE room = ? AND "
                                     "uid IN (SELECT value FROM json_each(?))",
                                     (room, json.dumps(sorted(uids)))).fetchall()
-        return {bid: Known(_booking(doc, confirmed_at), content_hash) for bid, content_hash, doc, confirmed_at in rows}
+        # The booking is decoded only if asked for (a deletion); its times are the published ones (to the second).
+        return {bid: Known(None, content_hash, uid=uid, start=_second(start), end=_second(end),
+                           decode=functools.partial(_booking, doc, confirmed_at))
+                for bid, content_hash, doc, confirmed_at, uid, start, end in rows}
 
     def bookings(self, room: str, start: datetime | None = None, end: datetime | None = None) -> list[Booking]:
         """The room's bookings overlapping [start, end), by start time."""

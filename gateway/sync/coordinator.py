@@ -435,7 +435,7 @@ class Coordinator:
         async with self._slots:
             observed = await self.source.read_window(w.email, part)
         observed = [b for b in observed if b.start >= part.start]
-        known = {k: v for k, v in (await self.db(self.store.known, w.email)).items() if v.booking.start >= part.start}
+        known = {k: v for k, v in (await self.db(self.store.known, w.email)).items() if v.start >= part.start}
         result = plan(known, self._private(w.email, observed), Scope(part), self.now(), empty_confirmed=True)
         await self._commit(w, result)
         w.horizon = window.end
