@@ -343,8 +343,9 @@ class SqliteStore:
         while a sync ran), and PreconditionFailed for a constraint violation such as a reused event id; either
         way nothing of the step is kept.
         """
+        key = room.lower()
         for b in upserts:
-            if b.room.lower() != room.lower():
+            if b.room != room and b.room.lower() != key:
                 raise ValueError(f"booking {b.id} belongs to {b.room}, not {room}")
         now = self._now()
         created_at = _ts(now)

@@ -4,6 +4,7 @@ coordinator and an explicit removal (gateway/sync/ownership.py) both build their
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime
 from json.encoder import encode_basestring_ascii as _json_str
 
@@ -11,9 +12,13 @@ from gateway.model import EVENT_TYPES, Booking, Event, Room, Window, to_json
 
 
 def event_id() -> str:
-    """A random (version 4) UUID's text, as str(uuid.uuid4()) gives it, at a third of its cost (one per event)."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    """A time-ordered UUID (RFC 9562 version 7: the milliseconds since 1970, then 74 random bits), as text.
+
+    The outbox keeps event ids unique with an index: random (version 4) ids landed on a different page of it each,
+    and every commit rewrote a page per event (a sixth of an import's commit time); these append at its end."""
+    h = os.urandom(10).hex()
+    ms = f"{time.time_ns() // 1_000_000:012x}"
+    return f"{ms[:8]}-{ms[8:]}-7{h[:3]}-{_VARIANT[h[3]]}{h[4:7]}-{h[8:20]}"
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # RFC 4122: the top two bits are 10
