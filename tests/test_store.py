@@ -407,6 +407,23 @@ def test_the_file_uses_wal_and_foreign_keys(store: SqliteStore) -> None:
     assert store._writer.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
 
 
+def test_a_new_file_has_large_pages_and_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
+    new = SqliteStore(tmp_path / "new.db")
+    assert new.schema_version() == len(migrations.MIGRATIONS)
+    with new.reading() as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (16384,)
+    new.close()
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE t (x)")  # a file SQLite made with its default pages
+    conn.close()
+    store = SqliteStore(old)
+    with store.reading() as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    store.close()
+
+
 # -- durability --------------------------------------------------------------------------------------------------
 WRITER = textwrap.dedent("""
     import sys
