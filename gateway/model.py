@@ -198,14 +198,6 @@ def _content(b: Booking) -> dict[str, Any]:
 _CONTENT_KEYS = 24  # what _content gives; _content_json writes each of them
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return "null"
-    if type(value) is not str:
-        raise TypeError(value)
-    return _str(value)
-
-
 def _flag(value: Any) -> str:
     if value is True:
         return "true"
@@ -216,30 +208,44 @@ def _flag(value: Any) -> str:
 
 def _content_json(c: dict[str, Any]) -> str:
     """``json.dumps(c, sort_keys=True)``, character for character (content hashes are taken of it, and the store
-    keeps hashes across versions), in a third of its time: the keys are known. Anything of another type than
-    _content puts there falls back to json.dumps."""
+    keeps hashes across versions), in a third of its time: the keys are known. A value of another type than
+    _content puts there (TypeError from the string encoder or _flag) or another key falls back to json.dumps."""
+    s = _str
     try:
         o = c["organizer"]
-        organizer = "null" if o is None else f'{{"email": {_text(o["email"])}, "name": {_text(o["name"])}}}'
-        attendees = ", ".join(
-            f'{{"email": {_text(a["email"])}, "kind": {_text(a["kind"])}, "name": {_text(a["name"])}, '
-            f'"response": {_text(a["response"])}}}' for a in c["attendees"])
+        if o is None:
+            organizer = "null"
+        else:
+            if len(o) != 2:
+                raise KeyError(o)
+            email, name = o["email"], o["name"]
+            organizer = (f'{{"email": {"null" if email is None else s(email)}, '
+                         f'"name": {"null" if name is None else s(name)}}}')
+        people = []
+        for a in c["attendees"]:
+            if len(a) != 4:
+                raise KeyError(a)
+            name = a["name"]
+            people.append(f'{{"email": {s(a["email"])}, "kind": {s(a["kind"])}, '
+                          f'"name": {"null" if name is None else s(name)}, "response": {s(a["response"])}}}')
+        end_date, url, original, series = c["end_date"], c["online_meeting_url"], c["original_start"], c["series_id"]
+        start_date, subject = c["start_date"], c["subject"]
         text = (
-            f'{{"all_day": {_flag(c["all_day"])}, "attendees": [{attendees}], "cancelled": {_flag(c["cancelled"])}, '
-            f'"end": {_text(c["end"])}, "end_date": {_text(c["end_date"])}, "free_busy": {_text(c["free_busy"])}, '
-            f'"id": {_text(c["id"])}, "is_exception": {_flag(c["is_exception"])}, '
-            f'"meeting_id": {_text(c["meeting_id"])}, "online_meeting_url": {_text(c["online_meeting_url"])}, '
-            f'"organizer": {organizer}, "origin": {_text(c["origin"])}, '
-            f'"original_start": {_text(c["original_start"])}, "response": {_text(c["response"])}, '
-            f'"room": {_text(c["room"])}, "schema_version": {_text(c["schema_version"])}, '
-            f'"sensitivity": {_text(c["sensitivity"])}, "series_id": {_text(c["series_id"])}, '
-            f'"start": {_text(c["start"])}, "start_date": {_text(c["start_date"])}, '
-            f'"subject": {_text(c["subject"])}, '
+            f'{{"all_day": {_flag(c["all_day"])}, "attendees": [{", ".join(people)}], '
+            f'"cancelled": {_flag(c["cancelled"])}, "end": {s(c["end"])}, '
+            f'"end_date": {"null" if end_date is None else s(end_date)}, "free_busy": {s(c["free_busy"])}, '
+            f'"id": {s(c["id"])}, "is_exception": {_flag(c["is_exception"])}, "meeting_id": {s(c["meeting_id"])}, '
+            f'"online_meeting_url": {"null" if url is None else s(url)}, "organizer": {organizer}, '
+            f'"origin": {s(c["origin"])}, "original_start": {"null" if original is None else s(original)}, '
+            f'"response": {s(c["response"])}, "room": {s(c["room"])}, "schema_version": {s(c["schema_version"])}, '
+            f'"sensitivity": {s(c["sensitivity"])}, "series_id": {"null" if series is None else s(series)}, '
+            f'"start": {s(c["start"])}, "start_date": {"null" if start_date is None else s(start_date)}, '
+            f'"subject": {"null" if subject is None else s(subject)}, '
             f'"subject_is_organizer_name": {_flag(c["subject_is_organizer_name"])}, '
-            f'"timezone": {_text(c["timezone"])}, "uid": {_text(c["uid"])}}}')
+            f'"timezone": {s(c["timezone"])}, "uid": {s(c["uid"])}}}')
     except (TypeError, KeyError):
         return json.dumps(c, sort_keys=True)
-    if len(c) != _CONTENT_KEYS or (o is not None and len(o) != 2) or any(len(a) != 4 for a in c["attendees"]):
+    if len(c) != _CONTENT_KEYS:
         return json.dumps(c, sort_keys=True)  # a key this text does not know
     return text
 
