@@ -206,22 +206,40 @@ class Meeting:
 
 
 def meeting_from_xml(el: etree._Element) -> Meeting:
-    f, commanded = _item_children(el)
-    return Meeting(_person(f.get(_T["Organizer"])), _attendees(el, f), _value(f, "NetShowUrl"), commanded)
+    text, parts, commanded = _item_fields(el)
+    return _meeting(el, text, parts, commanded)
 
 
-def _item_children(el: etree._Element) -> tuple[dict[Any, etree._Element], bool]:
-    """_children of an item, and whether one of its extended properties is a command key (one pass for both)."""
-    out: dict[Any, etree._Element] = {}
+def _meeting(el: etree._Element, text: dict[str, str], parts: dict[str, etree._Element], commanded: bool) -> Meeting:
+    return Meeting(_person(parts.get(_ORGANIZER)), _attendees(el, parts), text.get(_NET_SHOW_URL), commanded)
+
+
+_TZ, _ORGANIZER, _EXT = _T["StartTimeZone"], _T["Organizer"], _T["ExtendedProperty"]
+_START, _END, _ORIGINAL, _SUBJECT, _KIND, _ALL_DAY = (
+    _T[n] for n in ("Start", "End", "OriginalStart", "Subject", "CalendarItemType", "IsAllDayEvent"))
+_SENSITIVITY_, _RESPONSE, _CANCELLED, _FREE_BUSY_, _NET_SHOW_URL = (
+    _T[n] for n in ("Sensitivity", "MyResponseType", "IsCancelled", "LegacyFreeBusyStatus", "NetShowUrl"))
+_PARTS = frozenset((_TZ, _ORGANIZER, _T["RequiredAttendees"], _T["OptionalAttendees"], _T["Resources"]))
+
+
+def _item_fields(el: etree._Element) -> tuple[dict[str, str], dict[str, etree._Element], bool]:
+    """An item's fields in one pass: the text of each simple one (what findtext() gives: "" for an empty one), the
+    elements of those with parts (time zone, organizer, attendees), and whether one of its extended properties is a
+    command key. The first of each tag counts. Texts, not elements: each element kept alive cost more than reading
+    its text (an lxml proxy per child), and an item has a dozen and a half children."""
+    text: dict[str, str] = {}
+    parts: dict[str, etree._Element] = {}
     commanded = False
-    ext = _T["ExtendedProperty"]
     for child in el:
         tag = child.tag
-        if tag == ext:
+        if tag in _PARTS:
+            if tag not in parts:
+                parts[tag] = child
+        elif tag == _EXT:
             commanded = commanded or bool(_command_key_of(child))
-        elif tag not in out:
-            out[tag] = child
-    return out, commanded
+        elif tag not in text:
+            text[tag] = child.text or ""
+    return text, parts, commanded
 
 
 def _command_key_of(prop: etree._Element) -> str | None:
@@ -290,26 +308,26 @@ def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
 def _booking(el: etree._Element, room: str, default_tz: str, uid: str | None,
              meeting: Meeting | None) -> Booking | None:
     """``meeting``: what its GetItem answer says of the meeting; None: the item says it itself."""
-    f, commanded = _item_children(el)
-    start, end = _time(_value(f, "Start")), _time(_value(f, "End"))
+    text, parts, commanded = _item_fields(el)
+    start, end = _time(text.get(_START)), _time(text.get(_END))
     if not uid or start is None or end is None:
         return None  # a draft without identity or times is no booking
-    kind = _value(f, "CalendarItemType") or "Single"
+    kind = text.get(_KIND) or "Single"
     if kind == "RecurringMaster":
         return None  # a series is its occurrences (sources/ews/series.py), never one booking at its first
     if meeting is None:
-        meeting = Meeting(_person(f.get(_T["Organizer"])), _attendees(el, f), _value(f, "NetShowUrl"), commanded)
-    tzname = zone_name(el, default_tz, f)
-    all_day = _value(f, "IsAllDayEvent") == "true"
+        meeting = _meeting(el, text, parts, commanded)
+    tzname = zone_name(el, default_tz, parts)
+    all_day = text.get(_ALL_DAY) == "true"
     start_date: date | None = None
     end_date: date | None = None
     if all_day:
         zone = ZoneInfo(tzname)
         start_date = start.astimezone(zone).date()
         end_date = end.astimezone(zone).date()
-    original = _time(_value(f, "OriginalStart")) if kind in ("Occurrence", "Exception") else None
+    original = _time(text.get(_ORIGINAL)) if kind in ("Occurrence", "Exception") else None
     organizer = meeting.organizer
-    subject = _value(f, "Subject")
+    subject = text.get(_SUBJECT)
     return Booking(
         room=room.lower(),
         uid=uid,
@@ -325,12 +343,12 @@ def _booking(el: etree._Element, room: str, default_tz: str, uid: str | None,
                                        subject.strip() == organizer.name.strip()),
         organizer=organizer,
         attendees=meeting.attendees,
-        sensitivity=_SENSITIVITY.get(_value(f, "Sensitivity") or "Normal", "normal"),
+        sensitivity=_SENSITIVITY.get(text.get(_SENSITIVITY_) or "Normal", "normal"),
         online_meeting_url=meeting.online_meeting_url,
-        response=_RESPONSES.get(_value(f, "MyResponseType") or "", "unknown"),
-        cancelled=_value(f, "IsCancelled") == "true",
+        response=_RESPONSES.get(text.get(_RESPONSE) or "", "unknown"),
+        cancelled=text.get(_CANCELLED) == "true",
         series_id=uid if kind != "Single" else None,
         is_exception=kind == "Exception",
-        free_busy=_FREE_BUSY.get(_value(f, "LegacyFreeBusyStatus") or "Busy", "busy"),
+        free_busy=_FREE_BUSY.get(text.get(_FREE_BUSY_) or "Busy", "busy"),
         origin="gateway" if commanded or meeting.commanded or _GATEWAY_UID.fullmatch(uid) else "exchange",
     )
