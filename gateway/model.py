@@ -160,9 +160,20 @@ def _iso(value: datetime | date | None) -> str | None:
 
 def to_json(b: Booking) -> dict[str, Any]:
     """The published JSON form (schemas/booking.v1.json): the content, then freshness."""
+    global _last_confirmed
     d = dict(b.content())
-    d["confirmed_at"] = _iso(b.confirmed_at)
+    at = b.confirmed_at
+    if at is None:
+        d["confirmed_at"] = None
+    else:
+        last = _last_confirmed  # a sync step's bookings share their confirmed_at: formatted once
+        if last[0] is not at:
+            last = _last_confirmed = (at, _utc_text(at))  # (swapped whole: a thread sees an old or a new pair)
+        d["confirmed_at"] = last[1]
     return d
+
+
+_last_confirmed: tuple[datetime | None, str] = (None, "")
 
 
 def _content(b: Booking) -> dict[str, Any]:
@@ -362,7 +373,8 @@ class Event:
     data_json: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "type", EventType(self.type))
+        if type(self.type) is not EventType:  # the store and old callers give its text
+            object.__setattr__(self, "type", EventType(self.type))
 
     def sequenced(self, sequence: int) -> Event:
         """This event with its per-room sequence (a copy field by field: replace() would run __init__ again)."""

@@ -157,6 +157,13 @@ def test_a_booking_events_stored_text_is_its_data(b: Booking, reason: str | None
         (to_json(b) | ({"reason": reason} if reason else {}))
 
 
+def test_each_publication_carries_its_own_confirmation_time() -> None:
+    # (a step's bookings share one confirmed_at, formatted once: a later step's time is not the earlier one's)
+    b, later = booking("F"), NOW + timedelta(seconds=1)
+    published = [to_json(b.confirmed(at))["confirmed_at"] for at in (NOW, NOW, later, NOW, None)]
+    assert published == ["2026-11-23T08:00:00Z"] * 2 + ["2026-11-23T08:00:01Z", "2026-11-23T08:00:00Z", None]
+
+
 def test_event_ids_are_time_ordered_uuids() -> None:
     # The outbox's unique index on event ids: random ids cost a page write per event and commit; these append.
     before = time.time_ns() // 1_000_000
