@@ -55,6 +55,8 @@ def _short_hash(*parts: str) -> str:
 def _utc_text(value: datetime) -> str:
     """2026-03-29T01:30:59Z: what strftime("%Y-%m-%dT%H:%M:%SZ") gives in UTC, at half its cost (an import
     formats several times a booking, and booking ids are hashed over this text)."""
+    if value.tzinfo is UTC:  # (as Exchange's times are read): its first 19 characters are these, to the second
+        return value.isoformat()[:19] + "Z"
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
@@ -184,10 +186,10 @@ def _content(b: Booking) -> dict[str, Any]:
         "room": b.room,
         "uid": b.uid,
         "series_id": b.series_id,
-        "original_start": _iso(b.original_start),
+        "original_start": None if b.original_start is None else _utc_text(b.original_start),
         "is_exception": b.is_exception,
-        "start": _iso(b.start),
-        "end": _iso(b.end),
+        "start": _utc_text(b.start),
+        "end": _utc_text(b.end),
         "timezone": b.timezone,
         "all_day": b.all_day,
         "start_date": _iso(b.start_date),

@@ -108,6 +108,10 @@ def test_times_are_published_and_hashed_to_the_second_in_utc_as_they_always_were
     b = booking("T", original_start=berlin)
     assert to_json(b)["original_start"] == berlin.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") \
         == "2026-03-29T01:30:59Z"
+    for utc in (berlin.astimezone(UTC), datetime(2026, 3, 29, 1, 30, 59, tzinfo=UTC),
+                datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC)):
+        expected = utc.strftime("%Y-%m-%dT%H:%M:%SZ").rjust(20, "0")
+        assert to_json(booking("U", original_start=utc))["original_start"] == expected
     assert b.id == booking_id_for("room1@contoso.com", "T", berlin) == \
         hashlib.sha256("\x1f".join(("booking", "room1@contoso.com", "T", "2026-03-29T01:30:59Z")).encode()
                        ).hexdigest()[:32]
