@@ -112,6 +112,19 @@ def test_known_decodes_a_stored_booking_only_when_asked_for_it(store: SqliteStor
     assert decoded == ["uid-plain", "uid-odd"]
 
 
+def test_a_bookings_stored_times_are_utc_to_the_microsecond_however_it_was_given(store: SqliteStore) -> None:
+    from zoneinfo import ZoneInfo
+    starts = [T0, T0 + timedelta(microseconds=250), (T0 + timedelta(hours=3)).astimezone(ZoneInfo("Europe/Berlin")),
+              datetime(2025, 3, 10, 9, 0, 0, 5, tzinfo=ZoneInfo("UTC"))]
+    bs = [Booking(room=R1, uid=f"t{i}", start=s, end=s + timedelta(minutes=30)) for i, s in enumerate(starts)]
+    create(store, *bs)
+    with store.reading() as conn:
+        rows = dict(conn.execute("SELECT uid, start_utc || ' ' || end_utc FROM bookings WHERE room = ?", (R1,)))
+    assert rows == {b.uid: " ".join(t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for t in (b.start, b.end))
+                    for b in bs}
+    assert rows["t0"] == "2025-03-10T08:00:00.000000Z 2025-03-10T08:30:00.000000Z"
+
+
 def test_known_can_be_asked_for_some_meetings_only(store: SqliteStore) -> None:
     # An incremental sync compares only the meetings that changed: reading every booking of the room for it made
     # each sync cost as much as the room is big.

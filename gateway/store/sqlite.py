@@ -46,6 +46,14 @@ def _ts(value: datetime) -> str:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
+def _ts_of(value: datetime, published: str) -> str:
+    """_ts of a booking's time, from its published text (to the second) when that says it all: a UTC time on the
+    second (as Exchange's are)."""
+    if value.tzinfo is UTC and not value.microsecond and len(published) == 20:
+        return f"{published[:19]}.000000Z"
+    return _ts(value)
+
+
 class _Stamps:
     """_ts of the last time asked, remembered: a step's rows share a few times, each formatted once."""
 
@@ -358,8 +366,9 @@ class SqliteStore:
         ts = _Stamps()  # a step's bookings share their confirmed_at, its events their time: each formatted once
         booking_rows = []
         for b in upserts:  # the row keeps the JSON text the content hash was taken of: encoded once
-            booking_rows.append((room, b.id, b.uid, _ts(b.start), _ts(b.end), b.content_hash(), b.content_json(),
-                                 ts(b.confirmed_at) if b.confirmed_at else None))
+            c = b.content()
+            booking_rows.append((room, b.id, b.uid, _ts_of(b.start, c["start"]), _ts_of(b.end, c["end"]),
+                                 b.content_hash(), b.content_json(), ts(b.confirmed_at) if b.confirmed_at else None))
         event_rows = [(e, _event_text(e)) for e in events]
         entries: list[OutboxEntry] = []
         with self._write() as conn:
