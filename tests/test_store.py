@@ -240,6 +240,28 @@ def test_a_failing_step_leaves_nothing_behind(store: SqliteStore) -> None:
     assert [e.room_seq for e in create(store, a)] == [2]
 
 
+def test_several_rooms_steps_commit_together_each_whole_or_not_at_all(store: SqliteStore) -> None:
+    # One transaction for several rooms' steps (an import commits a room every few milliseconds); a step that
+    # commit_sync would refuse leaves nothing of itself, and the others are kept with their own sequences.
+    first = booking(R1, "first")
+    create(store, first, sync_state="r1-0")
+    a, b, c = booking(R1, "a"), booking(R2, "b"), booking(R2, "c", 1)
+    reused = event(a, eid=f"created-{first.id}")  # the first step's event id again: refused after rows were written
+    outcomes = store.commit_syncs([
+        (R2, {"upserts": [b], "deletes": (), "events": [event(b)], "sync_state": "r2-1"}),
+        (R1, {"upserts": [a], "deletes": [first.id], "events": [reused], "sync_state": "r1-1"}),
+        ("room9@contoso.com", {"upserts": (), "deletes": (), "events": [], "sync_state": "x"}),  # not in the store
+        (R1, {"upserts": [c], "deletes": (), "events": []}),  # a booking of another room
+        (R2, {"upserts": [c], "deletes": (), "events": [event(c)], "sync_state": "r2-2"}),
+    ])
+    assert [type(o).__name__ for o in outcomes] == ["list", "PreconditionFailed", "NotFound", "ValueError", "list"]
+    assert [[e.room_seq for e in o] for o in outcomes if isinstance(o, list)] == [[1], [2]]
+    assert set(store.known(R1)) == {first.id} and store.sync_state(R1) == "r1-0"
+    assert set(store.known(R2)) == {b.id, c.id} and store.sync_state(R2) == "r2-2"
+    assert [e.event.subject for e in store.outbox_after(0)] == [first.id, b.id, c.id]
+    assert [e.room_seq for e in create(store, a)] == [2]  # R1's counter was not consumed by the refused step
+
+
 def test_an_exception_while_writing_rolls_back_everything(store: SqliteStore) -> None:
     a = booking(R1, "a")
     bad = Event(id="bad", type=EVENT_TYPES["created"], room=R1, subject="x", time=T0, data={"when": T0})

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,25 @@ PATH_SETTING = "store.path"  # named in the remedy when the file cannot be creat
 def _ts(value: datetime) -> str:
     """Fixed-width UTC text whose lexical order is time order."""
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One sync step, its rows made (SqliteStore._prepare)."""
+
+    room: str
+    now: datetime
+    created_at: str
+    booking_rows: list[tuple[Any, ...]]
+    event_rows: list[tuple[Event, str]]
+    deletes: Sequence[str]
+    confirmed: Sequence[str]
+    confirmed_at: str
+    item_uids: dict[str, str] | None
+    removed_items: frozenset[str]
+    sync_state: str | None
+    clear_sync_state: bool
+    room_row: Room | None
 
 
 def _ts_of(value: datetime, published: str) -> str:
@@ -357,10 +377,56 @@ class SqliteStore:
         while a sync ran), and PreconditionFailed for a constraint violation such as a reused event id; either
         way nothing of the step is kept.
         """
+        step = self._prepare(room, upserts=upserts, deletes=deletes, events=events, confirmed=confirmed,
+                             confirmed_at=confirmed_at, item_uids=item_uids, removed_items=removed_items,
+                             sync_state=sync_state, clear_sync_state=clear_sync_state, room_row=room_row)
+        with self._write() as conn:
+            return self._apply(conn, step)
+
+    def commit_syncs(self, steps: Sequence[tuple[str, dict[str, Any]]]) -> list[list[OutboxEntry] | Exception]:
+        """Several sync steps (room, commit_sync's keyword arguments) in one transaction, each atomic on its own:
+        a step commit_sync would refuse (NotFound, PreconditionFailed, ValueError) leaves nothing of itself and
+        the others are kept. Returns each step's entries or refusal, in order. A failure of the transaction itself
+        (the disk full, the file busy) raises, and nothing of any step is kept."""
+        prepared: list[_Step | Exception] = []
+        for room, kw in steps:
+            try:
+                prepared.append(self._prepare(room, **kw))
+            except ValueError as e:
+                prepared.append(e)
+        out: list[list[OutboxEntry] | Exception] = []
+        with self._write() as conn:
+            for step in prepared:
+                if isinstance(step, Exception):
+                    out.append(step)
+                    continue
+                conn.execute("SAVEPOINT step")
+                try:
+                    try:
+                        entries = self._apply(conn, step)
+                    except sqlite3.IntegrityError as e:
+                        raise PreconditionFailed(f"store constraint violated: {e}", key="store_conflict") from e
+                except (NotFound, PreconditionFailed, ValueError) as e:
+                    conn.execute("ROLLBACK TO step")
+                    conn.execute("RELEASE step")
+                    out.append(e)
+                    continue
+                conn.execute("RELEASE step")
+                out.append(entries)
+        return out
+
+    def _prepare(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
+                 confirmed: Sequence[str] = (), confirmed_at: datetime | None = None,
+                 item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
+                 sync_state: str | None = None, clear_sync_state: bool = False,
+                 room_row: Room | None = None) -> _Step:
+        """A sync step's rows, made before the write lock is taken."""
         key = room.lower()
         for b in upserts:
             if b.room != room and b.room.lower() != key:
                 raise ValueError(f"booking {b.id} belongs to {b.room}, not {room}")
+        if room_row is not None and room_row.email.lower() != key:
+            raise ValueError(f"room row {room_row.email} given for {room}")
         now = self._now()
         created_at = _ts(now)
         ts = _Stamps()  # a step's bookings share their confirmed_at, its events their time: each formatted once
@@ -369,44 +435,44 @@ class SqliteStore:
             c = b.content()
             booking_rows.append((room, b.id, b.uid, _ts_of(b.start, c["start"]), _ts_of(b.end, c["end"]),
                                  b.content_hash(), b.content_json(), ts(b.confirmed_at) if b.confirmed_at else None))
-        event_rows = [(e, _event_text(e)) for e in events]
+        return _Step(room, now, created_at, booking_rows, [(e, _event_text(e)) for e in events], deletes, confirmed,
+                     _ts(confirmed_at or now), item_uids, removed_items, sync_state, clear_sync_state, room_row)
+
+    def _apply(self, conn: sqlite3.Connection, step: _Step) -> list[OutboxEntry]:
+        room = step.room
         entries: list[OutboxEntry] = []
-        with self._write() as conn:
-            if room_row is not None:
-                if room_row.email.lower() != room.lower():
-                    raise ValueError(f"room row {room_row.email} given for {room}")
-                self._upsert_room(conn, room_row)
-            if conn.execute("SELECT 1 FROM rooms WHERE email = ?", (room,)).fetchone() is None:
-                raise NotFound(f"room {room} is not in the store", key="room_not_in_store",
-                               remedy="add the room (upsert_room) before syncing it")
-            if deletes:
-                conn.executemany("DELETE FROM bookings WHERE room = ? AND id = ?", [(room, bid) for bid in deletes])
-            if booking_rows:
-                conn.executemany(
-                    "INSERT INTO bookings (room, id, uid, start_utc, end_utc, content_hash, json, confirmed_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (room, id) DO UPDATE SET uid = excluded.uid, "
-                    "start_utc = excluded.start_utc, end_utc = excluded.end_utc, "
-                    "content_hash = excluded.content_hash, json = excluded.json, "
-                    "confirmed_at = excluded.confirmed_at", booking_rows)
-            if confirmed:
-                at = _ts(confirmed_at or now)
-                conn.executemany("UPDATE bookings SET confirmed_at = ? WHERE room = ? AND id = ?",
-                                 [(at, room, bid) for bid in confirmed])
-            if removed_items:
-                conn.executemany("DELETE FROM item_map WHERE room = ? AND item_id = ?",
-                                 [(room, item) for item in removed_items])
-            if item_uids:
-                conn.executemany("INSERT INTO item_map (room, item_id, uid) VALUES (?, ?, ?) "
-                                 "ON CONFLICT (room, item_id) DO UPDATE SET uid = excluded.uid",
-                                 [(room, item, uid) for item, uid in item_uids.items()])
-            if event_rows:
-                entries = self._append(conn, event_rows, now, created_at)
-            if clear_sync_state:
-                conn.execute("DELETE FROM sync_states WHERE room = ?", (room,))
-            elif sync_state is not None:
-                conn.execute("INSERT INTO sync_states (room, state, updated_at) VALUES (?, ?, ?) "
-                             "ON CONFLICT (room) DO UPDATE SET state = excluded.state, "
-                             "updated_at = excluded.updated_at", (room, sync_state, created_at))
+        if step.room_row is not None:
+            self._upsert_room(conn, step.room_row)
+        if conn.execute("SELECT 1 FROM rooms WHERE email = ?", (room,)).fetchone() is None:
+            raise NotFound(f"room {room} is not in the store", key="room_not_in_store",
+                           remedy="add the room (upsert_room) before syncing it")
+        if step.deletes:
+            conn.executemany("DELETE FROM bookings WHERE room = ? AND id = ?", [(room, bid) for bid in step.deletes])
+        if step.booking_rows:
+            conn.executemany(
+                "INSERT INTO bookings (room, id, uid, start_utc, end_utc, content_hash, json, confirmed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (room, id) DO UPDATE SET uid = excluded.uid, "
+                "start_utc = excluded.start_utc, end_utc = excluded.end_utc, "
+                "content_hash = excluded.content_hash, json = excluded.json, "
+                "confirmed_at = excluded.confirmed_at", step.booking_rows)
+        if step.confirmed:
+            conn.executemany("UPDATE bookings SET confirmed_at = ? WHERE room = ? AND id = ?",
+                             [(step.confirmed_at, room, bid) for bid in step.confirmed])
+        if step.removed_items:
+            conn.executemany("DELETE FROM item_map WHERE room = ? AND item_id = ?",
+                             [(room, item) for item in step.removed_items])
+        if step.item_uids:
+            conn.executemany("INSERT INTO item_map (room, item_id, uid) VALUES (?, ?, ?) "
+                             "ON CONFLICT (room, item_id) DO UPDATE SET uid = excluded.uid",
+                             [(room, item, uid) for item, uid in step.item_uids.items()])
+        if step.event_rows:
+            entries = self._append(conn, step.event_rows, step.now, step.created_at)
+        if step.clear_sync_state:
+            conn.execute("DELETE FROM sync_states WHERE room = ?", (room,))
+        elif step.sync_state is not None:
+            conn.execute("INSERT INTO sync_states (room, state, updated_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT (room) DO UPDATE SET state = excluded.state, "
+                         "updated_at = excluded.updated_at", (room, step.sync_state, step.created_at))
         return entries
 
     def _append(self, conn: sqlite3.Connection, rows: list[tuple[Event, str]], now: datetime,
