@@ -33,7 +33,7 @@ from gateway.sources.ews import source as ews_source
 from gateway.sources.ews.mapping import bookings_from_xml
 from gateway.sources.ews.source import EwsSettings, EwsSource
 from gateway.store.sqlite import SqliteStore
-from gateway.sync.coordinator import Coordinator, SyncSettings
+from gateway.sync.coordinator import COMMIT_BATCH, Coordinator, SyncSettings
 
 DEFAULT_TZ = "Europe/Berlin"  # as `gateway bench` configures the source
 
@@ -98,12 +98,13 @@ class Stages:
 
 
 def run_pass(store: SqliteStore, coordinator: Coordinator, captured: list[Capture], rooms: int,
-             stages: Stages) -> tuple[int, int]:
-    """One pass over every room: what the coordinator's reconcile does once the source has read the window.
-    Returns (bookings read, events committed)."""
+             stages: Stages, batch: int = 1) -> tuple[int, int]:
+    """One pass over every room: what the coordinator's reconcile does once the source has read the window, with
+    ``batch`` rooms' steps per store transaction. Returns (bookings read, events committed)."""
     from gateway.sync.engine import Scope, plan
 
     read = events = 0
+    steps: list[tuple[str, dict[str, Any]]] = []
     scope = Scope(window())
     now = datetime.now(UTC)
     for i in range(rooms):
@@ -119,9 +120,15 @@ def run_pass(store: SqliteStore, coordinator: Coordinator, captured: list[Captur
         known = stages.run("known", lambda r=room: store.known(r))
         result = stages.run("plan", lambda k=known, o=observed: plan(k, o, scope, now))
         evs = stages.run("events", lambda r=result: coordinator.events(r, datetime.now(UTC)))
-        stages.run("commit", lambda r=result, e=evs, room=room: store.commit_sync(
-            room, upserts=r.created + r.updated, deletes=[b.id for b in r.deleted], events=e,
-            confirmed=[b.id for b in r.confirmed], confirmed_at=now))
+        steps.append((room, {"upserts": result.created + result.updated, "deletes": [b.id for b in result.deleted],
+                             "events": evs, "confirmed": [b.id for b in result.confirmed], "confirmed_at": now}))
+        if len(steps) >= batch or i == rooms - 1:
+            # as the coordinator commits: the steps that meet at the store share a transaction
+            outcomes = stages.run("commit", lambda s=steps: store.commit_syncs(s))
+            problems = [o for o in outcomes if isinstance(o, Exception)]
+            if problems:
+                raise problems[0]
+            steps = []
         events += len(evs)
     return read, events
 
@@ -132,6 +139,9 @@ def main() -> int:
     parser.add_argument("--capture", type=int, default=5, help="rooms read from the simulator (default 5)")
     parser.add_argument("--profile", choices=("import", "reconcile"), help="cProfile one pass and print its top")
     parser.add_argument("--top", type=int, default=30, help="profile entries to print (default 30)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="rooms' steps per store transaction (the coordinator batches up to "
+                             f"{COMMIT_BATCH} when they meet at the store; default 1)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
@@ -145,13 +155,13 @@ def main() -> int:
     coordinator = Coordinator(source=None, store=store, settings=SyncSettings())  # type: ignore[arg-type]
     for i in range(args.rooms):
         store.upsert_room(Room(f"bench-{i:05d}@contoso.com"))
-    figures: dict[str, Any] = {"rooms": args.rooms}
+    figures: dict[str, Any] = {"rooms": args.rooms, "batch": args.batch}
     for phase in ("import", "reconcile"):
         stages = Stages()
         profiler = cProfile.Profile() if args.profile == phase else None
         if profiler:
             profiler.enable()
-        read, events = run_pass(store, coordinator, captured, args.rooms, stages)
+        read, events = run_pass(store, coordinator, captured, args.rooms, stages, args.batch)
         if profiler:
             profiler.disable()
         total = sum(stages.cpu.values())
