@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
-from gateway.bench import Arrivals, BenchArgs, Results, _pin, _say, cpu_seconds, launch_simulator, steady_state
+from gateway.bench import (
+    Arrivals,
+    BenchArgs,
+    Results,
+    _pin,
+    _say,
+    cpu_seconds,
+    launch_simulator,
+    peak_rss_mb,
+    steady_state,
+)
 from gateway.bench_relay import _hub, _identity
 from gateway.config import RelayConfig
 from gateway.hub.server import RunningHub
@@ -120,6 +130,7 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         res.import_cpu_gateway = cpu_seconds() - cpu0
         res.import_cpu_simulator = cpu_seconds(proc.pid) - sim_cpu0
         res.import_ews_calls = graph_requests(metrics)
+        res.import_rss_mb = peak_rss_mb()
         res.bookings = arrivals.created
         _say(f"  imported {arrivals.created} bookings in {res.import_seconds:.1f} s")
         await _until(lambda: rooms_in_mode(metrics, mode) == len(rooms), 300, f"every room in {mode} mode")
@@ -158,7 +169,8 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         "poll_interval_s": args.poll_interval if mode == "polling" else None,
         "rooms_by_mode": ready_modes,
         "import": {"rooms": imp["rooms"], "bookings": imp["bookings"], "seconds": imp["seconds"],
-                   "graph_calls": imp["ews_calls"], "cpu_seconds": imp["cpu_seconds"]},
+                   "graph_calls": imp["ews_calls"], "cpu_seconds": imp["cpu_seconds"],
+                   "cpu_ms_per_booking": imp["cpu_ms_per_booking"], "rss_mb": imp["rss_mb"]},
         "rate_per_s": args.rate,
         "changes": out["changes"],
         "missed_changes": out["missed_changes"],
@@ -187,8 +199,11 @@ def print_lines(graph: dict[str, Any]) -> None:
             continue  # graph_scale's "rooms"
         imp, lat = p["import"], p["latency_ms"]
         poll = f", polled every {p['poll_interval_s']:g} s" if p["poll_interval_s"] else ""
+        per = imp.get("cpu_ms_per_booking") or {}
         print(f"graph ({mode}{poll}): import of {imp['rooms']} online rooms, {imp['bookings']} bookings in "
-              f"{imp['seconds']} s ({imp['graph_calls']} Graph calls)")
+              f"{imp['seconds']} s ({imp['graph_calls']} Graph calls; CPU gateway {imp['cpu_seconds']['gateway']} s, "
+              f"simulator {imp['cpu_seconds']['simulator']} s; per booking: gateway {per.get('gateway')} ms, "
+              f"simulator {per.get('simulator')} ms; RSS {imp.get('rss_mb')} MB)")
         print(f"          latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, max {lat['max']} ms "
               f"({lat['samples']} changes seen, {p['missed_changes']} missed, {p['rate_per_s']:g}/s); Graph calls "
               f"per change {p['graph_calls_per_change']}; CPU gateway {p['cpu_seconds']['gateway']} s, "

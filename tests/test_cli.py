@@ -122,6 +122,8 @@ def test_the_graph_bench_runs_tiny_and_reports_both_phases_under_graph() -> None
         assert phase["rooms_by_mode"][mode] == 3, f"every room heard of changes by {mode}"
         assert phase["import"]["rooms"] == 3 and phase["import"]["bookings"] > 0
         assert phase["import"]["seconds"] > 0 and phase["import"]["graph_calls"] >= 3
+        per = phase["import"]["cpu_ms_per_booking"]  # as the EWS sync part reports it
+        assert per["gateway"] > 0 and per["simulator"] >= 0 and phase["import"]["rss_mb"] > 0
         assert phase["changes"] == 8 and phase["missed_changes"] == 0
         lat = phase["latency_ms"]
         assert lat["samples"] == 8 and 0 <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"] < 20_000
