@@ -110,9 +110,9 @@ def _attendees(event: dict[str, Any]) -> tuple[Attendee, ...]:
     out = []
     for a in event.get("attendees") or ():
         email = a.get("emailAddress") if isinstance(a, dict) else None
-        address = email.get("address") if isinstance(email, dict) else None
-        if not address:
+        if not isinstance(email, dict) or not email.get("address"):
             continue
+        address = str(email["address"])
         kind = a.get("type")
         status = a.get("status")
         response = status.get("response") if isinstance(status, dict) else None
