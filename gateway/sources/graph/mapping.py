@@ -146,13 +146,16 @@ def _times(event: dict[str, Any], default_tz: str,
 
 
 def in_window(event: dict[str, Any], start: datetime, end: datetime) -> bool:
-    """Whether calendarView over [start, end) lists this instance: it overlaps the window (a zero-length single
-    when it lies within), by the instants Exchange keeps (an all-day event's midnights in its own zone)."""
+    """Whether calendarView over [start, end) lists this instance (see ``listed``)."""
     times = _times(event, "UTC")
-    if times is None:
-        return False
-    s, e = times[0], times[1]
-    return (s < end and e > start) or (s == e and start <= s < end and event.get("type") != "occurrence")
+    return times is not None and listed(times[0], times[1], event.get("type") == "occurrence", start, end)
+
+
+def listed(s: datetime, e: datetime, occurrence: bool, start: datetime, end: datetime) -> bool:
+    """Whether calendarView over [start, end) lists an instance from ``s`` to ``e``: it overlaps the window (a
+    zero-length one that is no occurrence when it lies within), by the instants Exchange keeps (an all-day event's
+    midnights in its own zone)."""
+    return (s < end and e > start) or (s == e and start <= s < end and not occurrence)
 
 
 def booking_from_event(event: dict[str, Any], room: str, uid: str, default_tz: str = "UTC", *,

@@ -33,7 +33,7 @@ from gateway.errors import NotFound, SyncStateInvalid
 from gateway.model import Booking, Window
 from gateway.ports import Changes, RoomInfo
 from gateway.sources.graph.client import Answer, GraphClient
-from gateway.sources.graph.mapping import EXPAND, booking_from_event, event_uid, in_window, parse_time
+from gateway.sources.graph.mapping import EXPAND, booking_from_event, event_uid, in_window, listed, parse_time
 from gateway.sources.graph.settings import GraphSettings
 
 log = structlog.get_logger("gateway.sources.graph")
@@ -65,6 +65,9 @@ class GraphSource:
         self.now = now
         self.prefer = {"Prefer": f'outlook.timezone="UTC", IdType="ImmutableId", '
                                  f'odata.maxpagesize={settings.page_size}'}
+        # An entry of ids is a tenth of an event's size or less: pages ten times as long weigh the same.
+        self._prefer_ids = {"Prefer": f'outlook.timezone="UTC", IdType="ImmutableId", '
+                                      f'odata.maxpagesize={settings.page_size * 10}'}
         self._uid_of: dict[str, dict[str, str]] = {}  # room -> event id (instance or series master) -> meeting UID
         # room -> meeting UID -> (the meeting's event id, whether it is a series master): a changed meeting is read
         # by itself (GET, or a series' instances) rather than with the whole window
@@ -81,11 +84,12 @@ class GraphSource:
 
     # -- plumbing --------------------------------------------------------------------------------------------
     async def _pages(self, room: str, path: str, operation: str, params: dict[str, str] | None = None,
-                     ) -> list[dict[str, Any]]:
+                     headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         link: str | None = path
         while link:
-            answer = await self.client.call("GET", link, mailbox=room, operation=operation, headers=self.prefer,
+            answer = await self.client.call("GET", link, mailbox=room, operation=operation,
+                                            headers=headers or self.prefer,
                                             params=params if link == path else None)
             out += [e for e in answer.body.get("value") or () if isinstance(e, dict)]
             link = answer.body.get("@odata.nextLink")
@@ -165,10 +169,12 @@ class GraphSource:
         return found
 
     async def _bookings(self, room: str, events: list[dict[str, Any]], uids: frozenset[str] | None = None,
-                        ) -> list[Booking]:
+                        within: Window | None = None) -> list[Booking]:
+        """``within``: only the bookings calendarView over that window lists (events of a wider delta round)."""
         # Known UIDs at once; a task only for each event whose UID must be read.
         found = [self._known_uid(room, e) for e in events]
-        missing = [i for i, uid in enumerate(found) if uid is None]
+        missing = [i for i, uid in enumerate(found)
+                   if uid is None and (within is None or in_window(events[i], within.start, within.end))]
         if missing:
             for i, uid in zip(missing, await asyncio.gather(*(self.uid(room, events[i]) for i in missing))):
                 found[i] = uid
@@ -178,9 +184,13 @@ class GraphSource:
             if uid is None or (uids is not None and uid not in uids):
                 continue
             b = booking_from_event(e, room, uid, ours=uid in self.ours)
-            if b is not None and (b.uid, b.original_start) not in seen:
-                seen.add((b.uid, b.original_start))
-                out.append(b)
+            if b is None or (b.uid, b.original_start) in seen:
+                continue
+            if within is not None and not listed(b.start, b.end, b.series_id is not None and not b.is_exception,
+                                                 within.start, within.end):
+                continue
+            seen.add((b.uid, b.original_start))
+            out.append(b)
         return out
 
     # -- CalendarSource --------------------------------------------------------------------------------------
@@ -201,13 +211,18 @@ class GraphSource:
     async def _from_round(self, room: str, kept: _Round, window: Window) -> list[Booking]:
         """The window's bookings from the events of the round just walked; calendarView over the window gives only
         each instance's id and global object id (what a delta page lacks)."""
+        decoded: dict[str, str | None] = {}  # the instances of a series carry one global object id
+        cache = self._uid_of.setdefault(room, {})
         for e in await self._pages(room, f"{self.client.user(room)}/calendarView", "calendarViewIds",
                                    {"startDateTime": _iso(window.start), "endDateTime": _iso(window.end),
-                                    "$select": IDS, "$expand": EXPAND}):
-            self._known_uid(room, e)
-        events = [e for e in kept.events.values() if in_window(e, window.start, window.end)]
-        events.sort(key=lambda e: str((e.get("start") or {}).get("dateTime") or ""))  # as calendarView orders
-        return await self._bookings(room, events)
+                                    "$select": IDS, "$expand": EXPAND}, headers=self._prefer_ids):
+            props = e.get("singleValueExtendedProperties")
+            key = str(props) if props else ""
+            uid = decoded[key] if key in decoded else decoded.setdefault(key, event_uid(e))
+            if uid is not None and e.get("id"):
+                cache[str(e["id"])] = uid
+        events = sorted(kept.events.values(), key=lambda e: str((e.get("start") or {}).get("dateTime") or ""))
+        return await self._bookings(room, events, within=window)  # in calendarView's order
 
     async def read_meetings(self, room: str, window: Window, uids: frozenset[str]) -> list[Booking]:
         """Each meeting by itself when its event is known (one GET, or a series' instances in the window: a few
