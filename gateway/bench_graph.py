@@ -72,6 +72,18 @@ def graph_requests(metrics: Metrics) -> int:
                    for sample in family.samples if sample.name == "gateway_graph_requests_total"))
 
 
+def requests_by_operation(metrics: Metrics) -> dict[str, int]:
+    """The Graph requests so far by operation (delta, getEvent, instances, ...), every status."""
+    out: dict[str, int] = {}
+    for family in metrics.registry.collect():
+        if family.name == "gateway_graph_requests":
+            for sample in family.samples:
+                if sample.name == "gateway_graph_requests_total":
+                    op = sample.labels["operation"]
+                    out[op] = out.get(op, 0) + int(sample.value)
+    return out
+
+
 def hub_posts(running: RunningHub | None) -> dict[str, int]:
     """The Graph posts the hub answered so far, by outcome (forwarded down the tunnel, rate_limited with 429: Graph
     retries those later, which shows in the latency)."""
@@ -143,11 +155,14 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         ready_modes = {m: rooms_in_mode(metrics, m) for m in PHASES}
         cpu1, sim_cpu1 = cpu_seconds(), cpu_seconds(proc.pid)
         posts0 = hub_posts(running)
+        ops0, steady0 = requests_by_operation(metrics), time.monotonic()
         # Polling sees a meeting changed twice within one interval as one change: leave each alone for longer.
         settle = 2.0 + (args.poll_interval if mode == "polling" else 0.0)
         await steady_state(BenchArgs(rate=args.rate, duration=args.duration), info, rooms, arrivals.seen, res,
                            lambda: graph_requests(metrics), settle=settle)
         posts = {k: v - posts0.get(k, 0) for k, v in hub_posts(running).items()}
+        steady_seconds = time.monotonic() - steady0
+        ops = {k: v - ops0.get(k, 0) for k, v in sorted(requests_by_operation(metrics).items())}
         cpu_steady = (cpu_seconds() - cpu1, cpu_seconds(proc.pid) - sim_cpu1)
     finally:
         if gw is not None:
@@ -177,6 +192,10 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         "latency_ms": out["latency_ms"],
         "graph_calls": res.ews_calls,
         "graph_calls_per_change": out["ews_calls_per_change"],
+        # By operation: in the polling phase "delta" is mostly idle polls (rooms / poll_interval per second, the
+        # price of polling, whatever the rate of changes); the rest is what the changes themselves cost.
+        "graph_calls_by_operation": {k: v for k, v in ops.items() if v},
+        "delta_calls_per_s": round(ops.get("delta", 0) / steady_seconds, 1) if steady_seconds else None,
         "cpu_seconds": {"gateway": round(cpu_steady[0], 1), "simulator": round(cpu_steady[1], 1)},
         "hub_posts": posts or None,  # Graph's posts at the hub during the changes, by outcome
     }
@@ -206,6 +225,7 @@ def print_lines(graph: dict[str, Any]) -> None:
               f"simulator {per.get('simulator')} ms; RSS {imp.get('rss_mb')} MB)")
         print(f"          latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, max {lat['max']} ms "
               f"({lat['samples']} changes seen, {p['missed_changes']} missed, {p['rate_per_s']:g}/s); Graph calls "
-              f"per change {p['graph_calls_per_change']}; CPU gateway {p['cpu_seconds']['gateway']} s, "
+              f"per change {p['graph_calls_per_change']} ({p['graph_calls_by_operation']}, "
+              f"{p['delta_calls_per_s']} deltas/s); CPU gateway {p['cpu_seconds']['gateway']} s, "
               f"simulator {p['cpu_seconds']['simulator']} s"
               + (f"; hub posts {p['hub_posts']}" if p["hub_posts"] else ""))
