@@ -177,16 +177,13 @@ class Coordinator:
         writes share its next transaction, each still whole or not at all (Store.commit_syncs): an import of many
         rooms commits a room every few milliseconds, and a transaction apiece cost 40% of a room-state step's CPU
         and a tenth of a room's import commit."""
-        commit_many = getattr(self.store, "commit_syncs", None)
-        if commit_many is None:
-            return await self.db(self.store.commit_sync, room, **step)
         done: asyncio.Future[list[OutboxEntry]] = asyncio.get_running_loop().create_future()
         self._steps.append((room, step, done))
         if self._committing is None or self._committing.done():
-            self._committing = asyncio.get_running_loop().create_task(self._commit_steps(commit_many))
+            self._committing = asyncio.get_running_loop().create_task(self._commit_steps())
         return await done
 
-    async def _commit_steps(self, commit_many: Callable[..., list[Any]]) -> None:
+    async def _commit_steps(self) -> None:
         while self._steps:
             # (a step whose caller was cancelled before it was written is dropped, as an unstarted write was)
             batch = [s for s in self._steps[:COMMIT_BATCH] if not s[2].cancelled()]
@@ -194,7 +191,7 @@ class Coordinator:
             if not batch:
                 continue
             try:
-                outcomes = await self.db(commit_many, [(room, step) for room, step, _ in batch])
+                outcomes = await self.db(self.store.commit_syncs, [(room, step) for room, step, _ in batch])
             except asyncio.CancelledError:
                 for _, _, done in batch + self._steps:
                     done.cancel()
