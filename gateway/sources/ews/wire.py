@@ -121,6 +121,18 @@ def attribute(value: str) -> bytes:
             .replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")).encode()
 
 
+def encode(*, start: EWSDateTime | None = None, end: EWSDateTime | None = None, max_entries: int = 1000,
+           ids: Sequence[str] = (), sync_state: str | None = None, max_changes: int = 512) -> dict[str, bytes]:
+    """The values of a request's slots, escaped; the keywords are those of ``exchangelib_request``."""
+    values = {"entries": b'MaxEntriesReturned="%d"' % max_entries,
+              "ids": b"".join(b'<t:ItemId Id="%s"/>' % attribute(ident) for ident in ids),
+              "state": b"" if not sync_state else b"<m:SyncState>%s</m:SyncState>" % text(sync_state),
+              "max": b"<m:MaxChangesReturned>%d</m:MaxChangesReturned>" % max_changes}
+    if start is not None and end is not None:
+        values["start"], values["end"] = attribute(start.ewsformat()), attribute(end.ewsformat())
+    return values
+
+
 class Wire:
     """The read requests of one EWS source (thread-safe: templates are made once, under a lock)."""
 
@@ -143,11 +155,9 @@ class Wire:
     def calendar_view(self, acct: Account, start: EWSDateTime, end: EWSDateTime, max_entries: int,
                       fields: tuple[str, ...]) -> ViewPage:
         """One FindItem with a CalendarView over [start, end) (occurrences expanded by the server)."""
-        values = {"start": attribute(start.ewsformat()), "end": attribute(end.ewsformat()),
-                  "entries": b'MaxEntriesReturned="%d"' % max_entries}
         items: list[etree._Element] = []
         last = True
-        for root in self._call(acct, "FindItem", fields, values):
+        for root in self._call(acct, "FindItem", fields, encode(start=start, end=end, max_entries=max_entries)):
             if isinstance(root, Exception):
                 continue  # tolerated by exchangelib (ErrorItemNotFound...): nothing to read in this folder
             last = last and (root.get("IncludesLastItemInRange") or "").strip().lower() in ("true", "1")
@@ -164,8 +174,7 @@ class Wire:
         left out, as exchangelib returns it as a value)."""
         out: list[Any] = []
         for i in range(0, len(ids), max(1, chunk)):
-            listed = b"".join(b'<t:ItemId Id="%s"/>' % attribute(ident) for ident in ids[i:i + chunk])
-            for container in self._call(acct, "GetItem", fields, {"ids": listed}):
+            for container in self._call(acct, "GetItem", fields, encode(ids=ids[i:i + chunk])):
                 if not isinstance(container, Exception):
                     out.extend(container)
         return out
@@ -173,8 +182,7 @@ class Wire:
     def sync_items(self, acct: Account, sync_state: str | None, max_changes: int,
                    fields: tuple[str, ...]) -> SyncPage:
         """One SyncFolderItems page of the room's calendar."""
-        values = {"state": b"" if not sync_state else b"<m:SyncState>%s</m:SyncState>" % text(sync_state),
-                  "max": b"<m:MaxChangesReturned>%d</m:MaxChangesReturned>" % max_changes}
+        values = encode(sync_state=sync_state, max_changes=max_changes)
         changes: list[tuple[str, etree._Element]] = []
         state: str | None = None
         last = True
@@ -232,11 +240,10 @@ class Wire:
         """POST the request; its response messages. A version the mailbox refuses is followed by the others, newest
         first, as exchangelib does."""
         protocol = acct.protocol
-        values = {**values, "room": text(acct.primary_smtp_address)}
         hint = acct.version.api_version
         versions = (hint, *(v for v in _SERVICES[operation].supported_api_versions() if v != hint))
         for api_version in versions:
-            body = self._template(acct, operation, fields, api_version).fill(values)
+            body = self.request(acct, operation, fields, api_version, values)
             session = protocol.get_session()
             r, session = post_ratelimited(protocol=protocol, session=session, url=protocol.service_endpoint,
                                           headers={"X-AnchorMailbox": acct.primary_smtp_address}, data=body,
@@ -279,6 +286,12 @@ class Wire:
         return messages.findall(f"{{{MNS}}}{operation}ResponseMessage")
 
     # -- the templates -------------------------------------------------------------------------------------------
+    def request(self, acct: Account, operation: str, fields: tuple[str, ...], api_version: str,
+                values: dict[str, bytes]) -> bytes:
+        """The bytes of a request for the room of ``acct`` (``values``: from ``encode``)."""
+        return self._template(acct, operation, fields, api_version).fill(
+            {**values, "room": text(acct.primary_smtp_address)})
+
     def _template(self, acct: Account, operation: str, fields: tuple[str, ...], api_version: str) -> _Template:
         tz = acct.default_timezone
         key = (operation, fields, acct.version.api_version, api_version, tz.key)
