@@ -9,9 +9,9 @@ import that was about a quarter of the gateway's CPU (scripts/bench-ews-read.py)
   gets are the bytes exchangelib would send (tests/test_ews_wire.py holds them equal), RequestServerVersion,
   ExchangeImpersonation and TimeZoneContext included, and the header X-AnchorMailbox (the room), as exchangelib sends
   it for these operations (they do not ask for server affinity);
-- it is POSTed with exchangelib's own ``post_ratelimited`` on a session of its pool, so authentication (NTLM,
-  Basic), the connection pool, the CA bundle (patches.trust), the retry policy's HTTP status handling and its
-  connection errors stay exchangelib's;
+- it is POSTed on a session of exchangelib's pool the way exchangelib's ``post_ratelimited`` posts (``Wire._send``),
+  so authentication (NTLM, Basic), the connection pool, the CA bundle (patches.trust), the retry policy's HTTP
+  status handling and the errors of a failed connection stay exchangelib's;
 - the answer is parsed once, with a parser that expands no entity, loads no DTD and reads no network; SOAP faults
   and response codes become the exceptions exchangelib raises for them (so ``source.translate`` maps them as
   before), with exchangelib's own rules for which errors come back as values; ErrorServerBusy keeps
@@ -28,15 +28,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import requests
 from exchangelib import Account, EWSDateTime
 from exchangelib import errors as xerr
 from exchangelib.folders import Calendar, Root
 from exchangelib.properties import CalendarView, DistinguishedFolderId, Mailbox
 from exchangelib.services import FindItem, GetFolder, GetItem, SyncFolderItems
 from exchangelib.services.common import EWSService
-from exchangelib.util import post_ratelimited
+from exchangelib.util import CONNECTION_ERRORS, TLS_ERRORS
 from exchangelib.version import Version
 from lxml import etree
+from requests.structures import CaseInsensitiveDict
 
 from gateway.sources.ews import patches
 
@@ -138,6 +140,7 @@ class Wire:
 
     def __init__(self) -> None:
         self._templates: dict[tuple[Any, ...], _Template] = {}
+        self._environments: dict[tuple[Any, ...], dict[str, Any]] = {}  # requests' settings from the environment
         self._lock = threading.Lock()
 
     # -- the operations ------------------------------------------------------------------------------------------
@@ -245,9 +248,7 @@ class Wire:
         for api_version in versions:
             body = self.request(acct, operation, fields, api_version, values)
             session = protocol.get_session()
-            r, session = post_ratelimited(protocol=protocol, session=session, url=protocol.service_endpoint,
-                                          headers={"X-AnchorMailbox": acct.primary_smtp_address}, data=body,
-                                          timeout=protocol.TIMEOUT)
+            r = self._send(protocol, session, {"X-AnchorMailbox": acct.primary_smtp_address}, body)
             protocol.release_session(session)
             try:
                 content = r.content
@@ -258,6 +259,46 @@ class Wire:
             except _VERSION_ERRORS:
                 continue
         raise xerr.ErrorInvalidSchemaVersionForMailboxVersion(f"Tried versions {versions} but all were invalid")
+
+    def _send(self, protocol: Any, session: Any, headers: dict[str, str], data: bytes) -> requests.Response:
+        """exchangelib's ``post_ratelimited`` (util.py) under the fail-fast policy the source configures, the same
+        errors for the same failures, without what requests repeats on every request: the environment's proxies and
+        CA bundle are read once per endpoint (an appliance's environment does not change while it runs), and the
+        session's headers are merged once. The session is retired on any failure, as exchangelib does."""
+        url = protocol.service_endpoint
+        key = (url, session.trust_env, session.verify, session.cert, tuple(sorted(session.proxies.items())))
+        settings = self._environments.get(key)
+        if settings is None:
+            settings = self._environments[key] = session.merge_environment_settings(url, {}, False, None, None)
+        merged = CaseInsensitiveDict(session.headers)
+        merged.update(headers)
+        prepared = requests.PreparedRequest()
+        prepared.prepare(method="POST", url=url, headers=merged, data=data, auth=session.auth,
+                         cookies=session.cookies, hooks=session.hooks)
+        try:
+            r = session.send(prepared, timeout=protocol.TIMEOUT, allow_redirects=False, **settings)
+        except TLS_ERRORS as e:
+            protocol.retire_session(session)
+            raise xerr.TransportError(str(e)) from e  # not retried: persistent
+        except CONNECTION_ERRORS as e:
+            protocol.retire_session(session)
+            raise xerr.ErrorTimeoutExpired(f"Reraised from {e.__class__.__name__}({e})") from e
+        except KeyError as e:
+            protocol.retire_session(session)
+            if e.args[0] != "www-authenticate":
+                raise
+            # An HTTP error status during the NTLM handshake.
+            raise xerr.ErrorInternalServerTransientError(f"Reraised from {e.__class__.__name__}({e})") from e
+        except BaseException:
+            protocol.retire_session(session)
+            raise
+        try:
+            protocol.retry_policy.raise_response_errors(r)
+        except BaseException:
+            r.close()
+            protocol.retire_session(session)
+            raise
+        return r
 
     def _messages(self, acct: Account, operation: str, api_version: str, content: bytes) -> list[etree._Element]:
         """The response messages of an answer; a SOAP fault raised as exchangelib raises it."""
