@@ -443,6 +443,7 @@ class EwsSource:
         out: list[tuple[str, Any]] = []
         step = timedelta(days=self.settings.chunk_days)
         pieces: list[tuple[datetime, datetime]] = []
+        twice = False  # whether an instance can have been read twice (and the list needs deduplicating)
         cursor = start
         while cursor < end:
             pieces.append((cursor, min(end, cursor + step)))
@@ -454,17 +455,22 @@ class EwsSource:
             if (len(items) >= FIND_COUNT_LIMIT or not page.includes_last) and e - s > timedelta(hours=1):
                 mid = s + (e - s) / 2
                 pieces[:0] = [(s, mid), (mid, e)]
+                twice = True
                 continue
             if not page.includes_last:
                 log.warning("ews.calendar_view_incomplete", room=room, start=s.isoformat(), end=e.isoformat(),
                             items=len(items))
-            items = self._series.expand(room, items, s, e, lambda ids, extra: self._get(room, ids, fields + extra))
+            if page.masters:
+                items = self._series.expand(room, items, s, e,
+                                            lambda ids, extra: self._get(room, ids, fields + extra))
+                twice = True  # an exception the view returned may come back with its series
             # An instance that spans a piece boundary appears in both pieces; the first piece keeps all.
             for i in items:
                 uid = element_uid(i)
                 if uid and (s == start or _starts_at_or_after(i, s)):
                     out.append((uid, i))
-        return _dedupe(out)
+            twice = twice or bool(pieces)
+        return _dedupe(out) if twice else out
 
     def _get(self, room: str, ids: list[str], fields: tuple[str, ...]) -> list[Any]:
         """GetItem of some items of the room with ``fields`` (the ones Exchange returns)."""

@@ -58,6 +58,7 @@ _SERVICES: dict[str, type[EWSService]] = {
     "GetFolder": GetFolder, "FindItem": FindItem, "GetItem": GetItem, "SyncFolderItems": SyncFolderItems}
 _CONTAINERS = {"GetFolder": f"{{{MNS}}}Folders", "FindItem": f"{{{MNS}}}RootFolder", "GetItem": f"{{{MNS}}}Items",
                "SyncFolderItems": f"{{{MNS}}}Changes"}
+_MASTER = f"*[{{{TNS}}}CalendarItemType='RecurringMaster']"
 _CHANGE_TYPES = {f"{{{TNS}}}Create": "create", f"{{{TNS}}}Update": "update", f"{{{TNS}}}Delete": "delete",
                  f"{{{TNS}}}ReadFlagChange": "read_flag_change"}
 
@@ -73,6 +74,7 @@ _ENTRIES = 487
 class ViewPage:
     items: list[etree._Element]  # the t:CalendarItem elements (exchangelib's tolerated errors left out)
     includes_last: bool  # False: the server left some out (EWSFindCountLimit): split the range
+    masters: bool = False  # a RecurringMaster among them (a server that does not expand series; series.py)
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class Wire:
                       fields: tuple[str, ...]) -> ViewPage:
         """One FindItem with a CalendarView over [start, end) (occurrences expanded by the server)."""
         items: list[etree._Element] = []
-        last = True
+        last, masters = True, False
         for root in self._call(acct, "FindItem", fields, encode(start=start, end=end, max_entries=max_entries)):
             if isinstance(root, Exception):
                 continue  # tolerated by exchangelib (ErrorItemNotFound...): nothing to read in this folder
@@ -170,7 +172,8 @@ class Wire:
             if found is None:
                 raise xerr.MalformedResponseError("No Items element in the FindItem answer")
             items.extend(found)
-        return ViewPage(items, last)
+            masters = masters or found.find(_MASTER) is not None  # one pass in C, not one findtext per item
+        return ViewPage(items, last, masters)
 
     def get_items(self, acct: Account, ids: Sequence[str], fields: tuple[str, ...], chunk: int) -> list[Any]:
         """GetItem of ``ids``, ``chunk`` at a time: the item elements Exchange returned (an item gone meanwhile is
