@@ -558,11 +558,12 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
             gone = sorted(from_directory - set(running.shard(options.shard, [r.email for r in found])) - fixed)
             for room in new:
                 coordinator.add_room(room)
-            for room in gone:
-                routes.drop([room])
-                from_directory.discard(room)
-                await coordinator.remove_room(room)
+            # The source's rooms and the routes change at once; the workers stop after (an await each).
+            routes.drop(gone)
+            from_directory.difference_update(gone)
             running.rooms = sorted(set(running.rooms) - set(gone))
+            for room in gone:
+                await coordinator.remove_room(room)
             if set(running.rooms) != before:
                 log.info("directory.rooms_changed", directory=d.name, source=d.rooms_source, joined=new, left=gone)
                 running.rooms_changed.set()
