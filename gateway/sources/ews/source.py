@@ -8,8 +8,12 @@
 - exchangelib reports a refused connection, a 503 and a closed connection alike as ErrorServerBusy; the gateway
   tells them apart (cannot_connect, unknown_host, tls_error, http_error, throttled) from the cause chain and the
   HTTP status, so that throttling is only ever what Exchange says it is.
-- A CalendarView never spans more than ``chunk_days`` and is split further while a chunk comes back full, so
-  no request exceeds EWSFindCountLimit (1000) and busy rooms never silently lose bookings.
+- A CalendarView never spans more than ``chunk_days`` and is split further while a chunk comes back full (or the
+  server says it left items out), so no request exceeds EWSFindCountLimit (1000) and busy rooms never silently
+  lose bookings.
+- The reads (GetFolder, FindItem, GetItem, SyncFolderItems) go over the wire without exchangelib's service
+  machinery (wire.py): the same requests, sessions and errors, at a fraction of the CPU. Writes, subscriptions and
+  streams use exchangelib's services.
 """
 
 from __future__ import annotations
