@@ -153,7 +153,7 @@ class Wire:
         for container in self._call(acct, "GetFolder", (), {}):
             if isinstance(container, Exception):
                 out.append(container)
-            else:
+            elif container is not None:
                 out.extend(container)
         return out
 
@@ -163,7 +163,7 @@ class Wire:
         items: list[etree._Element] = []
         last, masters = True, False
         for root in self._call(acct, "FindItem", fields, encode(start=start, end=end, max_entries=max_entries)):
-            if isinstance(root, Exception):
+            if root is None or isinstance(root, Exception):
                 continue  # tolerated by exchangelib (ErrorItemNotFound...): nothing to read in this folder
             last = last and (root.get("IncludesLastItemInRange") or "").strip().lower() in ("true", "1")
             if root.get("TotalItemsInView") == "0":
@@ -181,7 +181,7 @@ class Wire:
         out: list[Any] = []
         for i in range(0, len(ids), max(1, chunk)):
             for container in self._call(acct, "GetItem", fields, encode(ids=ids[i:i + chunk])):
-                if not isinstance(container, Exception):
+                if container is not None and not isinstance(container, Exception):
                     out.extend(container)
         return out
 
@@ -199,7 +199,8 @@ class Wire:
             last = last_el is None or (last_el.text or "").strip().lower() in ("true", "1")
             if isinstance(container, Exception):
                 raise container
-            changes.extend((_CHANGE_TYPES.get(el.tag, "other"), el) for el in container)
+            if container is not None:
+                changes.extend((_CHANGE_TYPES.get(el.tag, "other"), el) for el in container)
         return SyncPage(changes, state, last)
 
     # -- one request ---------------------------------------------------------------------------------------------
@@ -349,10 +350,11 @@ class Wire:
 
 
 def _container(svc: EWSService, message: etree._Element, name: str) -> Any:
-    """exchangelib's reading of a response message (the container, or the error it returns as a value), with
-    BackOffMilliseconds kept when a message says ErrorServerBusy."""
+    """exchangelib's reading of a response message (the container, None for a message with nothing in it, or the
+    error it returns as a value), with BackOffMilliseconds kept when a message says ErrorServerBusy."""
     try:
-        return EWSService._get_element_container(svc, message=message, name=name)
+        found = EWSService._get_element_container(svc, message=message, name=name)
+        return None if isinstance(found, bool) else found
     except xerr.ErrorServerBusy as e:
         if not e.back_off:
             e.back_off = _back_off(message.find(f"{{{MNS}}}MessageXml"))
