@@ -93,6 +93,9 @@ log = structlog.get_logger("gateway.sources.ews")
 T = TypeVar("T")
 
 FIND_COUNT_LIMIT = 1000
+# What the mapping reads from a meeting's GetItem (its identity, whether the gateway wrote it, who is in it); the
+# rest of a booking comes from its CalendarView element, so the details do not carry it twice.
+MEETING_FIELDS = ("clean_global_object_id", "gateway_command_key", *DETAIL_FIELDS)
 _TNS = "http://schemas.microsoft.com/exchange/services/2006/types"
 BUILDS = {"Exchange2013": Build(15, 0, 516), "Exchange2013_SP1": Build(15, 0, 847),
           "Exchange2016": Build(15, 1, 225)}
@@ -490,7 +493,7 @@ class EwsSource:
         if not first:
             return {}
         details: dict[str, Any] = {}
-        for d in self._get(room, list(first.values()), VIEW_FIELDS + DETAIL_FIELDS):
+        for d in self._get(room, list(first.values()), MEETING_FIELDS):
             meeting = element_uid(d)
             if meeting:
                 details[meeting] = d
