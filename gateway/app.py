@@ -8,7 +8,8 @@ Start-up enters the contexts in this order, each reachable through its typed app
     COORDINATOR  the coordinator, syncing every room the sources own (each room's calls routed to its source)
     (feeds)      each source's change feed, watching that source's rooms, supervised: a feed that fails is logged
                  and started again with back-off (gateway/supervisor.py), its rooms polling meanwhile; room lists
-                 that could not be read at start are read here later
+                 that could not be read at start are read here later, and every room list is read again now and
+                 then (rooms that joined it are connected, rooms that left it disconnected)
     API          the command service and the local API (its keys live in the store)
     TUNNEL       the tunnel to the hub, when the relay is enabled; its inbox (INBOX, made before the sources, which
                  get it as SourceSpec.inbox) passes on the Graph notifications the hub forwards
@@ -25,7 +26,7 @@ source exist.
 Room lists that cannot be read at start because of a failure every room shares (refused credentials, Exchange away)
 do not stop the gateway: exiting would be restarted, and every restart would be another failed logon. The rooms known
 from before are kept (none is released for want of its list), the lists are read once the source answers, and their
-rooms join (the feed starts again with them).
+rooms join (the feed starts again with them); the rooms kept that are in none of the lists then leave.
 """
 
 from __future__ import annotations
@@ -63,7 +64,16 @@ from gateway.credential_watch import (
 )
 from gateway.credentials import open_vault, resolve_secret
 from gateway.directory.ldap import LdapDirectory
-from gateway.directory_service import DirectoryOptions, DirectoryRunner, directory_options, open_directory
+from gateway.directory_service import (
+    DirectoryOptions,
+    DirectoryRunner,
+    PeopleRunner,
+    SourcePeopleOptions,
+    directory_options,
+    open_directory,
+    people_reader,
+    source_people_options,
+)
 from gateway.errors import AuthError, ConfigError, GatewayError, is_shared
 from gateway.model import ROOM_STATES
 from gateway.observability.health import (
@@ -147,6 +157,8 @@ class GatewayOptions:
     credential_state: Path | None = None  # what the credential watch has told (None: beside the store)
     reload_on_sighup: bool = False  # `gateway run`: SIGHUP reads every secret again
     directory: DirectoryOptions | None = None  # the organisation's directory (people, rooms), if configured
+    people_sources: tuple[SourcePeopleOptions, ...] = ()  # sources whose own directory relays people (Graph)
+    room_list_seconds: float = 300.0  # how often each source's room lists are read again (rooms join and leave)
     # One of several replicas sharing the rooms: it syncs only the rooms that hash to its ordinal (gateway/sharding.py)
     shard: Shard = field(default_factory=Shard)
     peer_url: str | None = None  # replicas.peer_url: where a command for another replica's room is forwarded
@@ -176,6 +188,8 @@ class RunningSource:
     feed_task: asyncio.Task[None] | None = None
     unread: list[str] = field(default_factory=list)  # room lists that could not be read yet (a shared failure)
     unread_key: str = ""  # why (the failure's key)
+    failed_lists: set[str] = field(default_factory=set)  # room lists whose last read failed (said once)
+    listed: set[str] = field(default_factory=set)  # the rooms its room lists hold (the directory does not drop them)
     feed_down: bool = False  # its feed failed and has not subscribed since (its rooms poll)
     rooms_changed: asyncio.Event = field(default_factory=asyncio.Event)  # the feed watches again with the rooms
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its credentials and room-list tasks
@@ -255,6 +269,7 @@ SECRETS = web.AppKey("secrets", SecretPickup)
 INBOX = web.AppKey[RelayInbox | None]("inbox")
 GATEWAY = web.AppKey("gateway", Gateway)
 DIRECTORY = web.AppKey[DirectoryRunner | None]("directory")
+PEOPLE = web.AppKey[list[PeopleRunner]]("people")
 LDAP = web.AppKey("ldap", LdapDirectory)
 
 
@@ -316,6 +331,8 @@ def options_from_config(cfg: Config, env: Mapping[str, str] | None = None, *,
         replicated=cfg.replicas.count > 1 or bool(environ.get("POD_NAME")),
         peer_url=cfg.replicas.peer_url,
         directory=directory_options(cfg, environ),
+        people_sources=source_people_options(cfg),
+        room_list_seconds=s.room_list_interval_seconds,
     )
 
 
@@ -448,10 +465,12 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                 task = f"feed:{options.feed}" + (f" of {name}" if len(specs) > 1 else "")
                 running.feed_task = loop.create_task(
                     _run_feed(running, app[COORDINATOR], task, options.feed_restart_seconds), name=f"feed:{name}")
-            if running.unread:
-                lists = loop.create_task(_read_room_lists_later(name, running, app[ROOM_ROUTES], app[COORDINATOR],
-                                                                options.sync.retry_seconds, options.shard),
-                                         name=f"room-lists:{name}")
+            spec = next(s for s in specs if s.name == name)
+            if spec.room_lists:
+                lists = loop.create_task(_keep_room_lists(
+                    spec, running, app[ROOM_ROUTES], app[COORDINATOR], retry_seconds=options.sync.retry_seconds,
+                    refresh_seconds=options.room_list_seconds, shard=options.shard, from_directory=from_directory),
+                    name=f"room-lists:{name}")
                 watch_task(f"room-lists:{name}", lists)
                 running.tasks.append(lists)
             yield
@@ -492,9 +511,10 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                     return sources[0].elsewhere
                 return {room: o for s in sources for room, o in s.elsewhere.items()}
 
-            directory = options.directory
-            people = None if directory is None else lambda: sorted(
-                (k.data for k in store.people(directory.stream).values()), key=lambda d: d["email"])
+            streams = [d.stream for d in (options.directory, *options.people_sources) if d is not None]
+            people = None if not streams else lambda: sorted(
+                (k.data for stream in streams for k in store.people(stream).values()),
+                key=lambda d: (d["email"], d["directory"]))
             peers = None if options.shard.single else Peers(options.shard.ordinal, elsewhere, options.peer_url)
             api = Api(store, metrics, app[EVENTS], room_states=room_states, ready=lambda: app[GATEWAY].readiness(),
                       commands=app[COMMANDS] if options.commands.enabled else None,
@@ -554,7 +574,7 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
             before = set(running.rooms)
             new = _join_rooms(routes, d.rooms_source, running, [r.email for r in found], from_directory,
                               options.shard)
-            fixed = {r.lower() for s in specs if s.name == d.rooms_source for r in s.rooms}
+            fixed = {r.lower() for s in specs if s.name == d.rooms_source for r in s.rooms} | running.listed
             gone = sorted(from_directory - set(running.shard(options.shard, [r.email for r in found])) - fixed)
             for room in new:
                 coordinator.add_room(room)
@@ -576,6 +596,26 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
         watch_task(f"directory:{d.name}", task)
         yield
         await _stopped(task)
+
+    async def people_ctx(app: web.Application) -> AsyncIterator[None]:
+        """The people of sources that read them (Graph's people:), one sync loop each; one replica relays them."""
+        runners: list[PeopleRunner] = []
+        tasks: list[asyncio.Task[None]] = []
+        with _starting("the people sync"):
+            for p in options.people_sources if options.shard.ordinal == 0 else ():
+                running = app[SOURCES].get(p.source)
+                if running is None:
+                    raise ConfigError(f"people are to come from source {p.source}, which is not a source")
+                runners.append(PeopleRunner(p, people_reader(p.source, running.opened.directory), app[STORE],
+                                            source=options.source_name, listeners=[app[EVENTS].notify]))
+        app[PEOPLE] = runners
+        for runner in runners:
+            task = asyncio.get_running_loop().create_task(runner.run(), name=f"people:{runner.options.source}")
+            watch_task(task.get_name(), task)
+            tasks.append(task)
+        yield
+        for task in tasks:
+            await _stopped(task)
 
     async def tunnel_ctx(app: web.Application) -> AsyncIterator[None]:
         if not options.relay.enabled:
@@ -665,7 +705,8 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
     app.cleanup_ctx.append(directory_open_ctx)
     app.cleanup_ctx.append(coordinator_ctx)
     app.cleanup_ctx.extend(feed_ctx(spec.name) for spec in specs)
-    app.cleanup_ctx.extend((api_ctx, directory_ctx, tunnel_ctx, housekeeping_ctx, credentials_ctx, gateway_ctx))
+    app.cleanup_ctx.extend((api_ctx, directory_ctx, people_ctx, tunnel_ctx, housekeeping_ctx, credentials_ctx,
+                            gateway_ctx))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         api = request.app.get(API)
@@ -710,7 +751,9 @@ async def open_source(spec: SourceSpec, kinds: Kinds, feed: FeedSettings) -> Run
     except BaseException:
         await opened.close()
         raise
-    return RunningSource(opened, sorted(set(rooms)), unread=unread, unread_key=key)
+    fixed = {r.lower() for r in spec.rooms}
+    return RunningSource(opened, sorted(set(rooms)), unread=unread, unread_key=key,
+                         listed={r.lower() for r in rooms} - fixed)
 
 
 def _join_rooms(routes: RoomRoutes, name: str, running: RunningSource, found: list[str],
@@ -818,37 +861,57 @@ async def _run_feed(running: RunningSource, coordinator: Coordinator, name: str,
     await supervise(name, run, retry_seconds=restart_seconds, on_down=down)
 
 
-async def _read_room_lists_later(name: str, running: RunningSource, routes: RoomRoutes, coordinator: Coordinator,
-                                 retry_seconds: float, shard: Shard) -> None:
-    """Read the room lists that could not be read at start, once the source answers (every attempt passes the
-    source's outage gate, so waiting costs no request); their new rooms join, and the change feed watches again
-    with them. Rooms kept from before that are no longer in a list stay until the next start."""
+async def _keep_room_lists(spec: SourceSpec, running: RunningSource, routes: RoomRoutes, coordinator: Coordinator,
+                           *, retry_seconds: float, refresh_seconds: float, shard: Shard,
+                           from_directory: set[str]) -> None:
+    """Read a source's room lists again while the gateway runs: those that could not be read at start once the
+    source answers (every attempt passes the source's outage gate, so waiting costs no request), then all of them
+    every ``refresh_seconds``. Rooms that joined a list are connected; once every list was read, rooms in none of
+    them are disconnected and released (not those listed under mailboxes, nor those the directory gives the source).
+    The change feed watches again with the rooms."""
+    name = spec.name
     directory = running.opened.directory
     assert directory is not None
-    while running.unread:
-        await asyncio.sleep(retry_seconds)
+    fixed = {r.lower() for r in spec.rooms}
+    while True:
+        await asyncio.sleep(retry_seconds if running.unread else refresh_seconds)
         found: set[str] = set()
-        for room_list in list(running.unread):
+        complete = True  # every list read: a room in none of them has left
+        for room_list in spec.room_lists:
             try:
                 found.update(r.email.lower() for r in await directory.rooms(room_list))
             except GatewayError as e:
+                complete = False
                 if is_shared(e):
                     break  # still away: try again later
-                log.error("gateway.room_list_failed", source=name, room_list=room_list, key=e.key, reason=str(e))
-            running.unread.remove(room_list)
+                if room_list in running.unread or room_list not in running.failed_lists:
+                    log.error("gateway.room_list_failed", source=name, room_list=room_list, key=e.key, reason=str(e))
+                running.failed_lists.add(room_list)
+            else:
+                running.failed_lists.discard(room_list)
+            if room_list in running.unread:
+                running.unread.remove(room_list)
         elsewhere = sorted(r for r in found if routes.owner(r) not in (None, name))
         if elsewhere:
             log.error("gateway.room_in_two_sources", source=name, rooms=elsewhere,
                       remedy="a room belongs to exactly one source: remove it from the mailboxes or the room list "
                              "of one of them")
-        new = running.shard(shard, sorted(found - set(running.rooms) - set(elsewhere)))
-        if new:
-            routes.add(name, running.opened.calendar, running.opened.writer, new)
-            running.rooms = sorted(set(running.rooms) | set(new))
-            for room in new:
-                coordinator.add_room(room)
-            log.info("gateway.room_lists_read", source=name, new_rooms=len(new), rooms=len(running.rooms))
-            running.rooms_changed.set()
+        owned = set(running.shard(shard, sorted(found - set(elsewhere))))
+        running.listed = owned if complete else running.listed | owned
+        new = sorted(owned - set(running.rooms))
+        gone = sorted(set(running.rooms) - owned - fixed - from_directory) if complete else []
+        if not new and not gone:
+            continue
+        # The source's rooms and the routes change at once; the workers stop after (an await each).
+        routes.add(name, running.opened.calendar, running.opened.writer, new)
+        routes.drop(gone)
+        running.rooms = sorted((set(running.rooms) | set(new)) - set(gone))
+        for room in new:
+            coordinator.add_room(room)
+        for room in gone:
+            await coordinator.remove_room(room)
+        log.info("gateway.room_lists_read", source=name, joined=new, left=gone, rooms=len(running.rooms))
+        running.rooms_changed.set()
 
 
 async def _watch_credentials(secret: SecretUser, opened: OpenedSource, check_seconds: float) -> None:

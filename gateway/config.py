@@ -352,8 +352,9 @@ class RoomsConfig:
     """Which room mailboxes to sync (in the single-source form) and over what window."""
 
     room_lists: Addresses = Field(
-        default=(), description="room list (distribution group) addresses, expanded at start-up (the single-source "
-                                "form; with sources:, each source lists its own)")
+        default=(), description="room list (distribution group) addresses, expanded at start-up and every "
+                                "sync.room_list_interval_seconds (the single-source form; with sources:, each source "
+                                "lists its own)")
     mailboxes: Addresses = Field(default=(), description="room mailbox addresses (the single-source form; with "
                                                          "sources:, each source lists its own)")
     days_back: Annotated[Whole, Range(0, 366)] = Field(
@@ -392,7 +393,8 @@ class EwsSourceConfig(ExchangeConfig):
         description="where the service account's password is (vault:NAME or env:VARIABLE), never the password; "
                     "default vault:<the source's name>")
     room_lists: Addresses = Field(
-        default=(), description="room list (distribution group) addresses, expanded at start-up")
+        default=(), description="room list (distribution group) addresses, expanded at start-up and every "
+                                "sync.room_list_interval_seconds")
     mailboxes: Addresses = Field(default=(), validate_default=True, description="room mailbox addresses")
 
     @property
@@ -414,6 +416,20 @@ def _https(url: str) -> str:
 
 
 HttpsUrl = Annotated[str, Strict(), AfterValidator(_https)]
+
+
+@pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
+class GraphPeopleConfig:
+    """The tenant's people (Entra ID's users with a mailbox, rooms left out), read with /users delta and relayed as
+    person events, as the directory: section relays Active Directory's; their stream is directory:<source name>."""
+
+    drop_fields: Annotated[tuple[Text, ...], _AS_LIST, AfterValidator(lambda v: _person_fields(v))] = Field(
+        default=(), description="what of a person never leaves the building (privacy): name, upn, department, "
+                                "manager, title, phone")
+    sync_interval_seconds: Annotated[Number, Range(10, 86400)] = Field(
+        default=300.0, description="how often the people changed since the last sync are read (the delta link)")
+    full_compare_interval_seconds: Annotated[Number, Range(60, 7 * 86400)] = Field(
+        default=86400.0, description="how often everyone is read and compared (a fresh delta round)")
 
 
 @pd.dataclass(frozen=True, kw_only=True, config=_SETTINGS)
@@ -452,8 +468,12 @@ class GraphSourceConfig:
         default=60.0, description="delta polling of every room while change notifications cannot arrive (no relay, "
                                   "or its tunnel down)")
     room_lists: Addresses = Field(
-        default=(), description="room list addresses (Places API), expanded at start-up")
+        default=(), description="room list addresses (Places API), expanded at start-up and every "
+                                "sync.room_list_interval_seconds")
     mailboxes: Addresses = Field(default=(), validate_default=True, description="room mailbox addresses")
+    people: GraphPeopleConfig | None = Field(
+        default=None, json_schema_extra=_not_null(),
+        description="relay the tenant's people as person events (needs User.Read.All); people: {} for the defaults")
 
     @property
     def secret_ref(self) -> SecretRef:
@@ -517,6 +537,9 @@ class SyncConfig:
         default=2.0, description="wait this long after a notification; one change raises several")
     reconcile_interval_seconds: Annotated[Number, Range(60, 7 * 86400)] = Field(
         default=21600.0, description="a full re-read of each room, whatever was notified")
+    room_list_interval_seconds: Annotated[Number, Range(10, 86400)] = Field(
+        default=300.0, description="how often the sources' room lists are read again: a room added to a list is "
+                                   "connected, a room removed is disconnected, without a restart")
     streaming_connection_timeout_minutes: Annotated[Whole, Range(1, 30, "EWS accepts 1 to 30 minutes")] = Field(
         default=5, description="EWS ConnectionTimeout; bounds how long stopping takes")
     group_size: Annotated[Whole, Range(1, 200, "EWS streams at most 200 subscriptions per connection")] = Field(
@@ -746,7 +769,8 @@ class DirectoryConfig:
     """The organisation's directory: Active Directory over LDAP. Its people and rooms flow out as events; the
     gateway reads its service accounts' password expiry and lockout from it."""
 
-    kind: Annotated[Literal["ldap"], Hint(graph="people and rooms from Graph come with a Graph source")] = Field(
+    kind: Annotated[Literal["ldap"], Hint(
+        graph="people from Graph come with a Graph source: set people: {} on it (sources[N].people)")] = Field(
         default="ldap", description="ldap (Active Directory)")
     name: Annotated[Text, AfterValidator(_source_name)] = Field(
         default="directory", description="names its event stream (partition key directory:NAME) and its credential")
@@ -993,6 +1017,7 @@ __all__ = [
     "DirectoryConfig",
     "EwsSourceConfig",
     "ExchangeConfig",
+    "GraphPeopleConfig",
     "GraphSourceConfig",
     "LoggingConfig",
     "PrivacyConfig",

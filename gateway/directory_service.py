@@ -1,9 +1,11 @@
 """The organisation's directory in the running gateway and on the command line: its settings from the
 configuration's ``directory:`` section, the loop that keeps its people (and its rooms, for sources that take them
-from it) in sync, and ``gateway directory``, which shows what it holds.
+from it) in sync, and ``gateway directory``, which shows what it holds. People may also come from a Graph source
+(its ``people:`` setting): the source's own directory reads them (``/users`` with delta) through the same people
+sync, each such source its own stream ``directory:<source name>``.
 
-Wiring: it names the LDAP adapter (gateway/directory/ldap.py) and the store; the people sync itself is core
-(gateway/sync/people.py).
+Wiring: it names the LDAP adapter (gateway/directory/ldap.py) and the store, and opens Graph sources through the
+source registry; the people sync itself is core (gateway/sync/people.py).
 """
 
 from __future__ import annotations
@@ -22,9 +24,16 @@ from gateway.config import Config, DirectoryConfig, load_config
 from gateway.credentials import resolve_secret
 from gateway.directory.ldap import LdapDirectory, LdapSettings
 from gateway.errors import AuthError, ConfigError, GatewayError, NotFound
-from gateway.ports import AccountStatus, CredentialExpiry, OutboxEntry
+from gateway.ports import AccountStatus, CredentialExpiry, FeedSettings, OutboxEntry, SourceSpec
 from gateway.retry import Backoff
-from gateway.sync.people import DirectoryRoom, PeopleStore, PeopleSync, stream_of
+from gateway.sync.people import (
+    ChangeReader,
+    DirectoryPerson,
+    DirectoryRoom,
+    PeopleStore,
+    PeopleSync,
+    stream_of,
+)
 
 log = structlog.get_logger("gateway.directory")
 
@@ -49,6 +58,66 @@ class DirectoryOptions:
     @property
     def credential(self) -> str:
         return f"directory:{self.name}"
+
+
+@dataclass(frozen=True)
+class SourcePeopleOptions:
+    """People read by a calendar source's own directory (a Graph source's ``people:``), under its name."""
+
+    source: str
+    drop: tuple[str, ...] = ()
+    sync_seconds: float = 300.0
+    full_seconds: float = 86400.0
+
+    @property
+    def stream(self) -> str:
+        return stream_of(self.source)
+
+
+def source_people_options(cfg: Config) -> tuple[SourcePeopleOptions, ...]:
+    return tuple(SourcePeopleOptions(s.name, tuple(p.drop_fields), p.sync_interval_seconds,
+                                     p.full_compare_interval_seconds)
+                 for s in cfg.calendar_sources if (p := getattr(s, "people", None)) is not None)
+
+
+def people_reader(source: str, directory: object) -> ChangeReader:
+    """A source's directory as the people sync's reader, or the error that says it cannot be one."""
+    if not isinstance(directory, ChangeReader):
+        raise ConfigError(f"source {source} cannot read people (only a Graph source can)",
+                          remedy=f"remove people: from source {source}")
+    return directory
+
+
+class PeopleRunner:
+    """Keeps the people of a source's directory in sync: a sync every ``sync_seconds`` (a full comparison when
+    due), with back-off after a failure (the source's own outage gate holds back requests while it is away)."""
+
+    def __init__(self, options: SourcePeopleOptions, reader: ChangeReader, store: PeopleStore, *, source: str,
+                 listeners: Sequence[Callable[[list[OutboxEntry]], None]] = ()) -> None:
+        self.options = options
+        self.people = PeopleSync(reader, store, directory=options.source, drop=options.drop,
+                                 full_seconds=options.full_seconds, source=source, listeners=listeners)
+        self.failure: GatewayError | None = None
+        self.syncs = 0
+
+    async def run(self) -> None:
+        backoff = Backoff(base=self.options.sync_seconds / 10, cap=self.options.sync_seconds, floor=1.0)
+        while True:
+            try:
+                await self.people.sync()
+                self.syncs += 1
+                if self.failure is not None:
+                    log.info("directory.recovered", directory=self.options.source)
+                self.failure = None
+                backoff.reset()
+                wait = self.options.sync_seconds
+            except GatewayError as e:
+                if self.failure is None or self.failure.key != e.key:
+                    log.error("directory.sync_failed", directory=self.options.source, key=e.key, reason=str(e),
+                              remedy=e.remedy)
+                self.failure = e
+                wait = backoff.next()
+            await asyncio.sleep(wait)
 
 
 def ldap_settings(d: DirectoryConfig) -> LdapSettings:
@@ -160,35 +229,60 @@ class DirectoryRunner:
 # -- gateway directory ------------------------------------------------------------------------------------------
 async def report(cfg: Config, env: Mapping[str, str]) -> dict[str, Any]:
     """What the directory holds: people, rooms (with their state in this gateway, where it syncs them) and the
-    credentials it can tell the expiry of (its own bind account)."""
+    credentials it can tell the expiry of (its own bind account); and the people of Graph sources with people:."""
     options = directory_options(cfg, env)
-    if options is None:
+    sources = source_people_options(cfg)
+    if options is None and not sources:
         raise ConfigError("no directory is configured", key="no_directory",
-                          remedy="add a directory: section (config/README.md, \"The directory\")")
-    d = open_directory(options)
-    try:
-        people = await d.read_people()
-        rooms = await d.read_rooms()
-        credentials: list[dict[str, Any]] = []
+                          remedy="add a directory: section (config/README.md, \"The directory\"), or people: to a "
+                                 "Graph source")
+    people: list[tuple[str, DirectoryPerson]] = []
+    rooms: list[DirectoryRoom] = []
+    credentials: list[dict[str, Any]] = []
+    if options is not None:
+        d = open_directory(options)
         try:
-            status = await d.account(options.settings.bind)
-            credentials.append(_credential_json(expiry_of(options.credential, status), status))
-        except NotFound as e:
-            credentials.append({"credential": options.credential, "kind": "password", "expires_at": None,
-                                "known": False, "locked_out": False, "detail": str(e)})
-    finally:
-        await d.close()
+            people += [(options.name, p) for p in await d.read_people()]
+            rooms = await d.read_rooms()
+            try:
+                status = await d.account(options.settings.bind)
+                credentials.append(_credential_json(expiry_of(options.credential, status), status))
+            except NotFound as e:
+                credentials.append({"credential": options.credential, "kind": "password", "expires_at": None,
+                                    "known": False, "locked_out": False, "detail": str(e)})
+        finally:
+            await d.close()
+    for p in sources:
+        people += [(p.source, person) for person in await _source_people(cfg, env, p.source)]
     states = _room_states(cfg.store.path)
     return {
-        "directory": options.name,
+        "directory": options.name if options is not None else None,
+        "directories": ([options.name] if options is not None else []) + [p.source for p in sources],
         "people": [{"id": p.id, "email": p.email, "name": p.name, "upn": p.upn, "department": p.department,
-                    "enabled": p.enabled, "state": "enabled" if p.enabled else "disabled"}
-                   for p in sorted(people, key=lambda p: p.email)],
+                    "enabled": p.enabled, "state": "enabled" if p.enabled else "disabled", "directory": name}
+                   for name, p in sorted(people, key=lambda np: (np[1].email, np[0]))],
         "rooms": [{"id": r.id, "email": r.email, "name": r.name, "capacity": r.capacity, "location": r.location,
                    "room_lists": list(r.room_lists), "state": states.get(r.email, "not_synced")}
                   for r in sorted(rooms, key=lambda r: r.email)],
         "credentials": credentials,
     }
+
+
+async def _source_people(cfg: Config, env: Mapping[str, str], name: str) -> list[DirectoryPerson]:
+    """Everyone a source's directory holds (one full read), the source opened through its kind and closed again."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.sources.registry import default_registry
+
+    section = next(s for s in cfg.calendar_sources if s.name == name)
+    kind = default_registry().kinds(CollectorRegistry())(section.kind)
+    spec = SourceSpec(name, section.kind, kind.settings(section, cfg.place_of(section)),
+                      resolve_secret(section.secret_ref, cfg.vault, env).reveal())
+    opened = kind.open(spec, FeedSettings(mode="poll"))
+    try:
+        return (await people_reader(name, opened.directory).read_changes(None)).people
+    finally:
+        await opened.close()
 
 
 def _credential_json(e: CredentialExpiry, status: AccountStatus) -> dict[str, Any]:
@@ -217,7 +311,8 @@ def run_cli(config_path: Path | None, as_json: bool, env: Mapping[str, str]) -> 
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     now = datetime.now(UTC)
-    print(f"directory {doc['directory']}: {len(doc['people'])} people, {len(doc['rooms'])} rooms")
+    names = ", ".join(doc["directories"])
+    print(f"directory {names}: {len(doc['people'])} people, {len(doc['rooms'])} rooms")
     print("\nPEOPLE")
     for p in doc["people"]:
         print(f"  {p['email']:<40} {p['state']:<9} {p['name'] or ''}")

@@ -51,7 +51,7 @@ TIERS: dict[str, tuple[str, ...]] = {
     "simulator": ("test_activity", "test_availability", "test_booking_attendant", "test_calendar_items", "test_cli",
                   "test_control", "test_directory_ops", "test_notifications", "test_protocol", "test_schema",
                   "test_schema_conformance", "test_sim_commands", "test_sim_fidelity", "test_simulator_graph",
-                  "test_simulator_graph_subscriptions", "test_simulator_graph_writes",
+                  "test_simulator_graph_subscriptions", "test_simulator_graph_writes", "test_simulator_graph_users",
                   "test_smoke", "test_sync"),
     # the reference hub's own tests
     "hub": ("test_hostile_input", "test_relay_hub"),

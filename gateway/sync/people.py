@@ -1,8 +1,9 @@
 """The people sync: the organisation's people, read from its directory, relayed as events (a person created,
 updated, disabled, removed) through the outbox, exactly once each.
 
-Incremental by the directory's change counter (AD's uSNChanged: every write raises it), with a periodic full
-comparison that also finds the people who are gone (a deleted object leaves no trace a plain search sees) or who
+Incremental by the directory's change position, which the sync keeps without reading it: AD's uSNChanged (every
+write raises it) and the DC it counts on, or Graph's deltaLink (gateway/sources/graph/people.py). With a periodic
+full comparison that also finds the people who are gone (a deleted object leaves no trace a plain search sees) or who
 left the configured scope. Where the directory lets the account list its deleted objects (AD's tombstones:
 administrators, or a delegated right), an incremental sync relays the deleted at once. The counter is per domain
 controller: after a failover to another DC the next sync is a full comparison. The counter is read *before* the
@@ -24,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -83,15 +84,38 @@ class KnownPerson:
 
 @dataclass(frozen=True, slots=True)
 class PeopleState:
-    usn: int  # the change counter the last sync read up to
-    dc: str  # the domain controller it counts on
+    usn: int  # where the last sync read up to (the reader's Position): AD's change counter (Graph: 0) ...
+    dc: str  # ... and the domain controller it counts on (Graph: the deltaLink to read from next)
     full_at: datetime | None  # the last full comparison
 
 
+Position = tuple[int, str]  # where a directory's changes were read up to: opaque to the sync, kept by the store
+
+
+@dataclass(frozen=True, slots=True)
+class PeopleRead:
+    """What a reader read: the people (everyone in scope when ``full``, else those changed), the ids of people
+    deleted (or gone out of scope) since, and the position to read from next time."""
+
+    people: list[DirectoryPerson]
+    deleted: list[str]
+    position: Position
+    full: bool
+
+
+@runtime_checkable
+class ChangeReader(Protocol):
+    """What the sync needs of a directory: everyone (``since`` None), or the changes since a position it gave. A
+    position it can no longer read from (another DC, an expired delta token) is answered with a full read, never
+    with silence."""
+
+    async def read_changes(self, since: Position | None) -> PeopleRead: ...
+
+
 class PeopleReader(Protocol):
-    """What the sync needs of a directory (gateway/directory/ldap.py). A reader may also offer
-    ``async read_deleted(since_usn) -> list[id]``: the people deleted since, so an incremental sync relays them
-    without waiting for the full comparison."""
+    """A directory that counts its changes, as AD does (gateway/directory/ldap.py); ``UsnReader`` makes it a
+    ChangeReader. It may also offer ``async read_deleted(since_usn) -> list[id]``: the people deleted since, so an
+    incremental sync relays them without waiting for the full comparison."""
 
     async def highest_usn(self) -> tuple[int, str]:
         """(the DC's highest committed change counter, the DC's identity)."""
@@ -100,6 +124,24 @@ class PeopleReader(Protocol):
     async def read_people(self, since_usn: int | None = None) -> list[DirectoryPerson]:
         """Everyone in scope (None), or those changed after ``since_usn``."""
         ...
+
+
+class UsnReader:
+    """A ChangeReader over a counting directory: its position is (the DC's change counter, the DC). The counter is
+    read *before* the search, so a change made during a read is read again next time; after a failover to another
+    DC (which counts its own) the read is a full one."""
+
+    def __init__(self, directory: PeopleReader) -> None:
+        self.directory = directory
+
+    async def read_changes(self, since: Position | None) -> PeopleRead:
+        usn, dc = await self.directory.highest_usn()
+        if since is None or since[1] != dc:
+            return PeopleRead(await self.directory.read_people(None), [], (usn, dc), full=True)
+        people = await self.directory.read_people(since[0])
+        read_deleted = getattr(self.directory, "read_deleted", None)
+        deleted = await read_deleted(since[0]) if read_deleted is not None else []
+        return PeopleRead(people, list(deleted), (usn, dc), full=False)
 
 
 class PeopleStore(Protocol):
@@ -184,11 +226,11 @@ def stream_of(directory: str) -> str:
 class PeopleSync:
     """Runs the people sync of one directory into a store."""
 
-    def __init__(self, reader: PeopleReader, store: PeopleStore, *, directory: str, drop: Iterable[str] = (),
-                 full_seconds: float = 86400.0, source: str = "urn:exchange-gateway",
+    def __init__(self, reader: ChangeReader | PeopleReader, store: PeopleStore, *, directory: str,
+                 drop: Iterable[str] = (), full_seconds: float = 86400.0, source: str = "urn:exchange-gateway",
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  listeners: Sequence[Callable[[list[OutboxEntry]], None]] = ()) -> None:
-        self.reader = reader
+        self.reader: ChangeReader = reader if isinstance(reader, ChangeReader) else UsnReader(reader)
         self.store = store
         self.directory = directory
         self.stream = stream_of(directory)
@@ -203,16 +245,12 @@ class PeopleSync:
         """One sync (full when due, or as asked); returns the count of each kind of event it relayed."""
         started = time.monotonic()
         state = await asyncio.to_thread(self.store.people_state, self.stream)
-        usn, dc = await self.reader.highest_usn()
         now = self.clock()
         if full is None:
-            full = (state is None or state.dc != dc or state.full_at is None
+            full = (state is None or state.full_at is None
                     or (now - state.full_at).total_seconds() >= self.full_seconds)
-        observed = await self.reader.read_people(None if full or state is None else state.usn)
-        deleted: list[str] = []
-        read_deleted = getattr(self.reader, "read_deleted", None)
-        if not full and state is not None and read_deleted is not None:
-            deleted = await read_deleted(state.usn)
+        read = await self.reader.read_changes(None if full or state is None else (state.usn, state.dc))
+        full, observed, deleted, (usn, dc) = read.full, read.people, read.deleted, read.position
         known = await asyncio.to_thread(self.store.people, self.stream)
         p = plan(known, observed, full=full, directory=self.directory, drop=self.drop, deleted=deleted)
         events = [Event(id=str(uuid.uuid4()), type=PERSON_EVENTS[kind], room=self.stream, subject=pid, time=now,
@@ -224,8 +262,8 @@ class PeopleSync:
         counts: dict[str, int] = {}
         for kind, _, _ in p.changes:
             counts[kind] = counts.get(kind, 0) + 1
-        log.info("people.synced", directory=self.directory, full=full, read=len(observed), usn=usn,
-                 seconds=round(self.last_duration, 3), **counts)
+        log.info("people.synced", directory=self.directory, full=full, read=len(observed),
+                 **({"usn": usn} if usn else {}), seconds=round(self.last_duration, 3), **counts)
         if entries:
             for listener in self.listeners:
                 listener(entries)

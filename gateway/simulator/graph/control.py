@@ -1,6 +1,7 @@
 """The control API's Graph part (``/control/graph/...``): what a test does to Exchange Online and Entra ID —
 expire the client secret, start a throttling storm, apply an application access policy, expire delta tokens,
-shorten subscriptions and fire lifecycle events. Handlers take (request, Control, body) like control.py's."""
+shorten subscriptions and fire lifecycle events, create, change and delete users, change a room list's rooms.
+Handlers take (request, Control, body) like control.py's."""
 
 from __future__ import annotations
 
@@ -53,8 +54,13 @@ async def _state(request: web.Request, ctl: Control, body: dict[str, Any]) -> An
 
 
 async def _credentials(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
-    _only(body, ("secret_expired", "remove_certificates", "expire_tokens", "token_lifetime", "add_certificate"))
+    _only(body, ("secret_expired", "remove_certificates", "expire_tokens", "token_lifetime", "add_certificate",
+                 "user_read_all"))
     graph = ctl.sim.graph
+    if "user_read_all" in body:  # the application permission User.Read.All granted (true) or not
+        if not isinstance(body["user_read_all"], bool):
+            raise _error("user_read_all: expected true or false")
+        graph.users.permitted = body["user_read_all"]
     app = graph.tokens.apps[graph.config.client_id]
     if "token_lifetime" in body:  # seconds; msal renews a token with less than five minutes left
         graph.tokens.lifetime = int(_number(body, "token_lifetime", 1, 86_400))
@@ -104,7 +110,9 @@ async def _access_policy(request: web.Request, ctl: Control, body: dict[str, Any
 
 async def _expire_delta(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
     """Delta tokens (of one mailbox, or all) are forgotten: the next use answers 410 with ``code``."""
-    _only(body, ("mailbox", "code"))
+    _only(body, ("mailbox", "code", "users"))
+    if body.get("users"):  # the user delta's tokens (/users/delta), not the calendars'
+        return {"expired": ctl.sim.graph.users.expire()}
     code = body.get("code", "SyncStateNotFound")
     if code not in ("SyncStateNotFound", "resyncRequired"):
         raise _error("code: expected SyncStateNotFound or resyncRequired")
@@ -163,6 +171,53 @@ async def _expire_subscriptions(request: web.Request, ctl: Control, body: dict[s
     return {"expired": ctl.sim.graph.subscriptions.expire(ids)}
 
 
+async def _users(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """POST: a user created in Entra ID (``mail`` and properties; a deleted one is restored); PATCH
+    ``/users/{user}``: its properties (accountEnabled, department, jobTitle, displayName, ...); DELETE: deleted
+    (soft, as Entra ID does by default; ``permanent``: for good)."""
+    from gateway.simulator.graph.errors import GraphError
+
+    users = ctl.sim.graph.users
+    try:
+        if request.method == "POST":
+            mail = body.pop("mail", None)
+            if not isinstance(mail, str) or "@" not in mail:
+                raise _error("mail: expected the new user's e-mail address")
+            return users.create(mail, body)
+        user = request.match_info["user"]
+        if request.method == "PATCH":
+            return users.update(user, body)
+        _only(body, ("permanent",))
+        users.delete(user, permanent=bool(body.get("permanent")))
+        return {"deleted": user}
+    except GraphError as e:
+        raise _error(f"no user {request.match_info.get('user')} ({e.code})", "unknown_user", 404) from None
+    except ValueError as e:
+        raise _error(str(e)) from None
+
+
+async def _room_list(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    """PUT: the rooms of a room list (made if new); DELETE: the list gone. Exchange's room lists are the
+    directory's, so EWS's ExpandDL and Graph's Places see the change alike (Add-DistributionGroupMember,
+    Remove-DistributionGroupMember, Remove-DistributionGroup)."""
+    d = ctl.sim.directory
+    address = request.match_info["list"].lower()
+    if request.method == "DELETE":  # Remove-DistributionGroup
+        if d.room_lists.pop(address, None) is None:
+            raise _error(f"no room list {address}", "unknown_room_list", 404)
+        return {"deleted": address}
+    _only(body, ("rooms", "name"))
+    rooms = body.get("rooms")
+    if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
+        raise _error("rooms: expected a list of room addresses")
+    unknown = [r for r in rooms if (mb := d.find(r)) is None or mb.kind != "room"]
+    if unknown:
+        raise _error(f"not rooms of the directory: {unknown}", "unknown_room")
+    name = body.get("name") or (d.room_lists[address][0] if address in d.room_lists else address.split("@")[0])
+    d.add_room_list(address, str(name), rooms)
+    return {"room_list": address, "name": name, "rooms": [r.lower() for r in rooms]}
+
+
 ROUTES: list[tuple[str, str, Handler, int]] = [
     ("GET", "/control/graph", _state, 200),
     ("POST", "/control/graph/credentials", _credentials, 200),
@@ -174,4 +229,9 @@ ROUTES: list[tuple[str, str, Handler, int]] = [
     ("PATCH", "/control/graph/subscriptions", _subscriptions, 200),
     ("POST", "/control/graph/subscriptions/expire", _expire_subscriptions, 200),
     ("POST", "/control/graph/subscriptions/{id}/lifecycle", _lifecycle, 200),
+    ("POST", "/control/graph/users", _users, 200),
+    ("PATCH", "/control/graph/users/{user}", _users, 200),
+    ("DELETE", "/control/graph/users/{user}", _users, 200),
+    ("PUT", "/control/graph/room-lists/{list}", _room_list, 200),
+    ("DELETE", "/control/graph/room-lists/{list}", _room_list, 200),
 ]

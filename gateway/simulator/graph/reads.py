@@ -1,5 +1,5 @@
 """Reading routes: calendarView (paged, in the requested time zone), events, one event with its
-CleanGlobalObjectId, users, and the Places API's rooms and room lists."""
+CleanGlobalObjectId, and the Places API's rooms and room lists."""
 
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ _FILTER_SVEP = re.compile(r"singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1
 def add_routes(graph: GraphService) -> Reads:
     reads = Reads(graph)
     r = graph.router
-    r.add("GET", "/users", reads.users)
-    r.add("GET", "/users/{user}", reads.user)
     r.add("GET", "/users/{user}/calendarView", reads.calendar_view)
     r.add("GET", "/users/{user}/calendar/calendarView", reads.calendar_view)
     r.add("GET", "/users/{user}/events", reads.events)
@@ -104,23 +102,6 @@ class Reads:
         return GraphResponse(200, body, headers or {})
 
     # -- routes ----------------------------------------------------------------------------------------
-    async def users(self, req: GraphRequest) -> GraphResponse:
-        """The directory's people, on either side (hybrid identities are synchronised to Entra ID)."""
-        people = [mb for mb in self.graph.sim.directory.by_idx if mb.kind == "user"]
-        flt = req.query.get("$filter")
-        if flt:
-            people = [mb for mb in people if user_filter(flt)(user_json(mb))]
-        values = [user_json(mb) for mb in people]
-        select = req.query.get("$select")
-        if select:
-            fields = {name.strip() for name in select.split(",")} | {"id"}
-            values = [{k: v for k, v in u.items() if k in fields} for u in values]
-        return self.page(req, values, "users", default=100)
-
-    async def user(self, req: GraphRequest) -> GraphResponse:
-        mb = self.graph.directory_object(req.params["user"])
-        return GraphResponse(200, {"@odata.context": self.graph.context("users/$entity"), **user_json(mb)})
-
     async def calendar_view(self, req: GraphRequest) -> GraphResponse:
         mb = self.graph.mailbox(req.params["user"])
         start, end = self.window(req)
@@ -232,13 +213,6 @@ class Reads:
         rooms = [mb for smtp in found[1] if (mb := d.find(smtp)) is not None and mb.side == "graph"]
         return self.page(req, [shapes.room_json(mb) for mb in rooms],
                          f"places('{req.params['list']}')/microsoft.graph.roomlist/rooms", default=PLACES_PAGE)
-
-
-def user_json(mb: Mailbox) -> dict[str, Any]:
-    first, _, last = mb.name.partition(" ")
-    return {"id": ids.object_id(mb.smtp), "displayName": mb.name, "mail": mb.smtp, "userPrincipalName": mb.smtp,
-            "businessPhones": [], "givenName": first or None, "surname": last or None, "jobTitle": None,
-            "mobilePhone": None, "officeLocation": None, "preferredLanguage": None}
 
 
 _CLAUSE = re.compile(r"^\s*(?:startswith\((\w+),\s*'((?:[^']|'')*)'\)|(\w+) eq '((?:[^']|'')*)')\s*$", re.IGNORECASE)

@@ -71,6 +71,10 @@ class GraphService:
         from gateway.simulator.graph.delta import Delta
 
         self.reads = reads.add_routes(self)
+        from gateway.simulator.graph.users import Users
+
+        self.users = Users(self)
+        self.users.add_routes()
         self.delta = Delta(self, self.reads)
         from gateway.simulator.graph import writes
 

@@ -1,4 +1,5 @@
-"""GraphDirectory: rooms and room lists through the Places API, people through /users (a Directory)."""
+"""GraphDirectory: rooms and room lists through the Places API, people through /users (a Directory), and the
+tenant's people for the people sync through /users/delta (a ChangeReader: gateway/sources/graph/people.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from gateway.errors import MailboxNotFound, NotFound
 from gateway.model import Person
 from gateway.ports import RoomInfo, RoomList
 from gateway.sources.graph.client import GraphClient
+from gateway.sources.graph.people import GraphPeople
+from gateway.sync.people import PeopleRead, Position
 
 DIRECTORY = "directory"  # the mailbox label of directory requests (they address no mailbox)
 
@@ -22,8 +25,13 @@ def _room(p: dict[str, Any]) -> RoomInfo | None:
 
 
 class GraphDirectory:
-    def __init__(self, client: GraphClient) -> None:
+    def __init__(self, client: GraphClient, source: str = "") -> None:
         self.client = client
+        self._people = GraphPeople(client, source)
+
+    async def read_changes(self, since: Position | None) -> PeopleRead:
+        """The tenant's people, or their changes since ``since`` (the people sync's reader)."""
+        return await self._people.read_changes(since)
 
     async def _all(self, path: str, params: dict[str, str] | None = None, *, item: bool = False,
                    ) -> list[dict[str, Any]]:

@@ -108,7 +108,7 @@ class GraphKind:
             client.gate.retry_now()
 
         return OpenedSource(spec.name, self.name, self.capabilities, source, close,
-                            directory=GraphDirectory(client), writer=GraphWriter(source), feed=new_feed(),
+                            directory=GraphDirectory(client, spec.name), writer=GraphWriter(source), feed=new_feed(),
                             new_feed=new_feed,
                             outage=client.gate, set_secret=set_secret,
                             credentials=GraphCredentials(spec.name, settings, tokens))
