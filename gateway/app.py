@@ -57,8 +57,10 @@ from gateway.credential_watch import (
     CredentialWatch,
     Watched,
     account_check,
+    hold_locked_accounts,
     problem_of,
     relay_check,
+    source_accounts,
     source_watched,
     state_path_for,
 )
@@ -541,6 +543,9 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
             return
         app[LDAP] = directory = open_directory(d)
         try:
+            settings = {spec.name: spec.settings for spec in options.calendar_sources}
+            await hold_locked_accounts(options.accounts or directory, source_accounts(  # before any logon
+                [(settings.get(name), running.opened) for name, running in app[SOURCES].items()]))
             if d.rooms_source is not None:
                 running = app[SOURCES].get(d.rooms_source)
                 if running is None:

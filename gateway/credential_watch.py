@@ -6,6 +6,8 @@ What is watched (``Watched``), one check each, run at start and then every ``cre
                                    AccountLookup (AD: msDS-UserPasswordExpiryTimeComputed, lockoutTime); without a
                                    directory its expiry cannot be known (known=False, said so), but a lockout Exchange
                                    reported (AccountLocked) still is
+                                   (while AD says it is locked out, the source's outage gate holds its logons:
+                                   each would only prolong the lockout; it is asked again every minute meanwhile)
     source:NAME (its own)          what a source's CredentialProbe says (a Graph secret's end date, a certificate's
                                    notAfter), under the labels it chooses
     directory:NAME (password)      the LDAP bind account, asked of the directory itself
@@ -56,6 +58,7 @@ log = structlog.get_logger("gateway.credential_watch")
 
 WARN_DAYS: Final = (30, 7, 1)
 CHECK_SECONDS: Final = 3600.0
+LOCKED_RECHECK_SECONDS: Final = 60.0  # how soon a locked-out account is asked about again
 STATE_FILE: Final = "credentials.json"  # beside the store
 RELAY_OVERDUE: Final = timedelta(days=1)  # an unrotated relay key is a problem this long after its rotation date
 NO_DIRECTORY: Final = ("its password's expiry cannot be known without a directory (configure the LDAP directory "
@@ -86,9 +89,51 @@ def account_check(credential: str, username: str, lookup: AccountLookup | None, 
             return [CredentialExpiry(credential, "password", None, known=False, locked_out=locked,
                                      detail=f"{username}: {NO_DIRECTORY}")]
         status = await lookup.account(username)
+        if outage is not None:
+            _tell_gate(outage, username, status.locked_out)
         return [CredentialExpiry(credential, "password", status.password_expires_at,
                                  locked_out=status.locked_out or locked, detail=username, disabled=status.disabled)]
     return check
+
+
+def _tell_gate(outage: Outage, username: str, locked_out: bool) -> None:
+    """The directory's word on a lockout, to the source's outage gate: hold its logons while AD says the account is
+    locked out (each would only prolong it), let it probe once AD says it is not."""
+    if locked_out:
+        hold = getattr(outage, "hold", None)
+        if hold is not None:
+            hold(AccountLocked(f"Active Directory says the service account {username} is locked out",
+                               remedy="the gateway makes no logon until Active Directory says it is unlocked; "
+                                      "unlock it there (Unlock-ADAccount) and check where a wrong password came from"))
+    elif isinstance(outage.failure, AccountLocked):
+        release = getattr(outage, "release", None)
+        if release is not None:
+            release()
+
+
+async def hold_locked_accounts(lookup: AccountLookup, accounts: Sequence[tuple[str, Outage]], *,
+                               timeout: float = 10.0) -> None:
+    """Before a source's first logon (at start): each (username, outage gate) whose account the directory says is
+    locked out is held at once, not after a logon the credential watch's first check would come too late to stop. A
+    directory that cannot answer (within ``timeout``: a start is not held up by a DC that is down) holds nothing;
+    the watch asks again."""
+    for username, outage in accounts:
+        try:
+            status = await asyncio.wait_for(lookup.account(username), timeout)
+        except (GatewayError, TimeoutError) as e:
+            log.info("credential.lockout_unknown", account=username, error=getattr(e, "key", "timeout"))
+            continue
+        _tell_gate(outage, username, status.locked_out)
+
+
+def source_accounts(sources: Sequence[tuple[object, OpenedSource]]) -> list[tuple[str, Outage]]:
+    """(username, outage gate) of every source (its settings and what its kind opened) that logs on with one."""
+    found = []
+    for settings, opened in sources:
+        username = getattr(settings, "username", None)
+        if isinstance(username, str) and username and opened.outage is not None:
+            found.append((username, opened.outage))
+    return found
 
 
 def probe_check(probe: CredentialProbe) -> Check:
@@ -211,8 +256,10 @@ class CredentialWatch:
     """Runs the checks, keeps their latest results, tells each warning once (see the module's docstring)."""
 
     def __init__(self, watched: Sequence[Watched], *, state_path: Path | None, warn_days: Sequence[int] = WARN_DAYS,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 locked_recheck_seconds: float = LOCKED_RECHECK_SECONDS) -> None:
         self.watched = list(watched)
+        self.locked_recheck_seconds = locked_recheck_seconds
         self.state_path = state_path
         self.warn_days = tuple(sorted(set(warn_days), reverse=True))
         self.clock = clock or (lambda: datetime.now(UTC))
@@ -258,8 +305,10 @@ class CredentialWatch:
                 await self.check()
             except Exception as e:  # a bug here must not end the watch: the next check may well work
                 log.error("credential.watch_failed", error=f"{type(e).__name__}: {e}")
+            # While an account is locked out, its end is looked for soon: the source holds its logons until then.
+            wait = min(every, self.locked_recheck_seconds) if any(e.locked_out for e in self.current) else every
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), every)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     def _tell(self, expiry: CredentialExpiry, now: datetime) -> None:
         name, entry = expiry.credential, self.entries.get(expiry.credential)

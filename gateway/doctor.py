@@ -1,15 +1,16 @@
 """`gateway doctor`: the report, and the Exchange checks, done the way the gateway will do them.
 
-Every configured source is opened through its kind (gateway/sources/registry.py). Its logon is checked once, on its
-own, before any room (the directory's room lists: GetRoomLists, as the service account): when it fails, every room
-would fail alike, so the report says so in one line and checks no room (a wrong password costs one failed
-logon, not one per room). Each room is then checked with what the gateway will use: its mailbox and the right to
-impersonate it, what the directory says it is (a person's mailbox is a warning, ``not_a_room``), a SyncFolderItems,
-a subscription of the configured kind (subscribed and removed at once) and, when commands are enabled, an
-availability call. A Graph room: its mailbox, a delta, a subscription with the hub's URLs when a relay is configured
-(Graph validates them through the hub: the notification path), availability. Other kinds: their mailbox, and
-availability. A failure that every room shares is one
-line, not one per room; a room in two sources fails.
+Every configured source is opened through its kind (gateway/sources/registry.py). The directory is asked about its
+account first: while it says the account is locked out, no logon is tried (it would only prolong the lockout). Its
+logon is checked once, on its own, before any room (the directory's room lists: GetRoomLists, as the service
+account): when it fails, every room would fail alike, so the report says so in one line and checks no room (a wrong
+password costs one failed logon, not one per room). Each room is then checked with what the gateway will use: its
+mailbox and the right to impersonate it, what the directory says it is (a person's mailbox is a warning,
+``not_a_room``), a SyncFolderItems, a subscription of the configured kind (subscribed and removed at once) and, when
+commands are enabled, an availability call. A Graph room: its mailbox, a delta, a subscription with the hub's URLs
+when a relay is configured (Graph validates them through the hub: the notification path), availability. Other kinds:
+their mailbox, and availability. A failure that every room shares is one line, not one per room; a room in two
+sources fails.
 
 Every remedy that names a gateway command names it with ``--config PATH``, the file actually used.
 """
@@ -23,7 +24,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.app import GatewayOptions
 from gateway.config import PrivacyConfig, unknown_privacy_rooms
@@ -114,10 +115,12 @@ async def check_sources(options: GatewayOptions, report: Report, privacy: Privac
         label = f"{spec.name}: " if len(specs) > 1 else ""
         opened = kinds(spec.kind).open(spec, replace(options.feed_settings, mode="poll"))
         try:
-            found = await check_source(spec, opened, options, report, label, owner)
             watched = source_watched(spec.name, spec.settings, opened, options.accounts,
                                      options.secret_entries.get(spec.name))
-            await check_credentials(watched, report, options.credentials.warn_days)
+            if options.accounts is not None:  # the directory's word first: it holds the logon of a locked account
+                await check_all([w for w in watched if w.kind == "password"])
+            found = await check_source(spec, opened, options, report, label, owner)
+            await check_credentials(watched, report, options.credentials.warn_days)  # with what the logon found
         finally:
             await opened.close()
         if found is None:  # the logon failed: its rooms cannot be checked (nor are they missing)
@@ -267,6 +270,28 @@ async def check_credentials(watched: list[Watched], report: Report, warn_days: t
     for w, found, _ in await check_all(watched):
         for expiry in found:
             credential_line(report, expiry, w.entry, now, warn_days)
+
+
+class GroupLookup(Protocol):
+    async def group(self, name: str) -> str | None:
+        """A group's DN, named by its DN or its address; None: the directory has no such group."""
+        ...
+
+
+async def check_booking_group(directory: GroupLookup, group: str, report: Report) -> None:
+    """``commands.booking_group`` names a group the directory has: otherwise every organizer is refused."""
+    what = f"booking group {group}"
+    try:
+        found = await directory.group(group)
+    except GatewayError as e:
+        report.error(what, e)
+        return
+    if found is None:
+        report.line("FAIL", what, "booking_group_not_found",
+                    f"the directory has no group {group}, so nobody may book through the cloud (every organizer is "
+                    "refused); correct commands.booking_group (a group's DN or its address)")
+    else:
+        report.ok(what)
 
 
 def credential_line(report: Report, expiry: CredentialExpiry, entry: str | None, now: datetime,

@@ -230,7 +230,7 @@ async def doctor(config_path: Path | None) -> int:
     from gateway.config import check_config
     from gateway.credential_watch import Watched, account_check, relay_check
     from gateway.directory_service import open_directory
-    from gateway.doctor import Report, check_credentials, check_sources
+    from gateway.doctor import Report, check_booking_group, check_credentials, check_sources
     from gateway.relay.rotation import ROTATE_AFTER
 
     report = Report(config_path)
@@ -284,6 +284,8 @@ async def doctor(config_path: Path | None) -> int:
             await check_credentials([Watched(label, "password", account_check(label, account, ldap))
                                      for label, account in options.directory_accounts], report,
                                     options.credentials.warn_days)
+            if cfg.commands.booking_group is not None:
+                await check_booking_group(ldap, cfg.commands.booking_group, report)
         await check_sources(options, report, privacy=cfg.rooms.privacy)
     finally:
         if ldap is not None:

@@ -18,10 +18,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.commands import CommandService, Policy, RateLimiter
+from gateway.commands.organizers import OrganizerCheck
 from gateway.config import CommandsConfig
 from gateway.errors import (
     AuthError,
     ImpersonationDenied,
+    MailboxNotFound,
     NotFound,
     PreconditionFailed,
     RoomIsOrganizer,
@@ -90,6 +92,7 @@ class FakeWriter:
         self.denied: set[str] = set()  # mailboxes the service account may not impersonate
         self.fail: dict[str, list[BaseException]] = {}  # method -> exceptions to raise on its next calls
         self.fail_after_write: dict[str, BaseException] = {}  # the write happens, then the answer is lost
+        self.no_mailbox: set[str] = set()  # addresses without a mailbox in this Exchange
         self.after: dict[str, Callable[[], None]] = {}  # method -> hook run after it (races from outside)
         self.declined: list[tuple[str, str, str | None]] = []
         self._ids = itertools.count(1)
@@ -102,6 +105,8 @@ class FakeWriter:
             raise self.fail[name].pop(0)
         if mailbox is not None and mailbox in self.denied:
             raise ImpersonationDenied(f"may not impersonate {mailbox}")
+        if mailbox is not None and mailbox in self.no_mailbox:
+            raise MailboxNotFound(f"no mailbox {mailbox}")
 
     def _done(self, name: str) -> None:
         hook = self.after.pop(name, None)
@@ -231,7 +236,8 @@ class Env:
         self.rooms: tuple[str, ...] = SYNCED
 
     def service(self, **settings: Any) -> CommandService:
-        extra = {k: settings.pop(k) for k in ("metrics", "clock", "booking_lookup", "window") if k in settings}
+        extra = {k: settings.pop(k) for k in ("metrics", "clock", "booking_lookup", "window", "organizers")
+                 if k in settings}
         config = CommandsConfig(**{"attendant_timeout_seconds": 5.0, **settings})
 
         async def resync(room: str, uids: frozenset[str] = frozenset()) -> None:
@@ -654,6 +660,37 @@ async def test_a_lost_answer_to_a_write_is_retryable_and_the_retry_books_once(en
     second = await svc.execute(cmd)
     assert second.status == "accepted"
     assert len(env.writer.of_kind("appointment")) == 1
+
+
+class NobodyKnown:
+    """A directory that knows nobody (every organizer is unknown: external by default)."""
+
+    async def organizer(self, email: str, group: str | None) -> tuple[bool, bool | None] | None:
+        return None
+
+
+@pytest.mark.parametrize("why", ["external", "impersonation_denied", "no_mailbox"])
+async def test_a_retried_room_calendar_create_answers_with_the_note_of_an_uninterrupted_one(env, why):
+    organizers = OrganizerCheck(NobodyKnown(), CommandsConfig()) if why == "external" else None
+    if why == "impersonation_denied":
+        env.writer.denied.add(ALICE)
+    elif why == "no_mailbox":
+        env.writer.no_mailbox.add(ALICE)
+    svc = env.service(organizers=organizers)
+    plain = await svc.execute(command(**organizer(start=iso(at(4)), end=iso(at(5)))))
+    assert plain.status == "accepted" and "organizer as booker" in plain.message
+    env.writer.fail_after_write["create_appointment"] = Unavailable("connection reset")
+    cmd = command(**organizer())
+    first = await svc.execute(cmd)
+    assert (first.status, first.retryable) == ("failed", True)
+    second = await svc.execute(cmd)  # the write happened: the retry finds it and confirms it
+    assert second.status == "accepted" and second.message == plain.message
+    env.writer.fail["busy"] = [Unavailable("connection reset")]  # the write recorded, its check failed
+    cmd = command(**organizer(start=iso(at(6)), end=iso(at(7))))
+    assert (await svc.execute(cmd)).status == "failed"
+    third = await svc.execute(cmd)
+    assert third.status == "accepted" and third.message == plain.message
+    assert len(env.writer.of_kind("appointment")) == 3
 
 
 # -- errors from Exchange ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 import ldap3
 import pytest
+import yaml
 
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
 from gateway.commands import CommandService
@@ -34,6 +35,7 @@ from gateway.sources.memory import MemorySource
 from gateway.store.journal import CommandJournal
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.people import PeopleSync
+from tests.gateway_cli import gateway
 from tests.ldap_server import BASE, BIND_DN, PASSWORD, SERVER_NAME, SambaDC, group_ldif, user_ldif
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ldap")]
@@ -246,6 +248,49 @@ async def test_a_user_disabled_in_the_directory_is_refused_after_the_next_people
     refused(await g.service.execute(command(**organizer(BOB, start=iso(at(2)), end=iso(at(3))))), BOB, "disabled")
 
 
+def set_enabled(samba: SambaDC, org: str, name: str, enabled: bool) -> None:
+    conn = samba.connect()
+    try:
+        assert conn.modify(f"CN={name} {org.split(',')[0][4:]},{org}",
+                           {"userAccountControl": [(ldap3.MODIFY_REPLACE, [512 if enabled else 514])]}), conn.result
+    finally:
+        conn.unbind()
+
+
+async def test_an_organizer_disabled_since_the_booking_cannot_move_it_but_may_cancel_it(make, samba, org):
+    g = await make()
+    made = accepted_ok(await g.service.execute(command(**organizer(BOB))))
+    set_enabled(samba, org, "Bob", False)
+    try:
+        moved = await g.service.execute(command(type="update", booking_id=made.booking_id, start=iso(at(2)),
+                                                end=iso(at(3))))
+        refused(moved, BOB, "disabled")
+        assert g.meeting(made.uid)["start"].startswith(iso(at(0))[:16])  # the meeting keeps its time
+        # Cancelling only frees the room: a leaver's meeting must not hold it (policy: cancel is never refused).
+        cancelled = await g.service.execute(parse_command({"key": f"org-{uuid.uuid4().hex[:8]}", "type": "cancel",
+                                                           "room": ROOM1, "booking_id": made.booking_id}))
+        assert cancelled.status == "accepted", cancelled
+    finally:
+        set_enabled(samba, org, "Bob", True)
+
+
+async def test_an_organizer_who_left_the_booking_group_cannot_move_a_booking(make, samba, org):
+    tag = org.split(",")[0][4:]
+    g = await make(booking_group=bookers(org))
+    made = accepted_ok(await g.service.execute(command(**organizer(ALICE))))  # Alice: Planners, in Bookers
+    accepted_ok(await g.service.execute(command(type="update", booking_id=made.booking_id, start=iso(at(1)),
+                                                end=iso(at(2)))))  # a member moves her meeting
+    conn = samba.connect()
+    try:
+        assert conn.modify(f"CN=Planners {tag},{org}", {"member": [(ldap3.MODIFY_DELETE, [f"CN=Alice {tag},{org}"])]})
+    finally:
+        conn.unbind()
+    moved = await g.service.execute(command(type="update", booking_id=made.booking_id, start=iso(at(3)),
+                                            end=iso(at(4))))
+    refused(moved, ALICE, "commands.booking_group")
+    assert g.meeting(made.uid)["start"].startswith(iso(at(1))[:16])
+
+
 async def test_the_running_gateway_asks_its_directory_about_organizers(tmp_path, samba, org):
     exchange = MemorySource()
     exchange.add_room(ROOM1, "Room 1")
@@ -261,3 +306,37 @@ async def test_the_running_gateway_asks_its_directory_about_organizers(tmp_path,
         refused(await gw.commands.execute(command(**organizer(NOBODY))), NOBODY, "commands.unknown_organizer")
     finally:
         await stop_gateway(gw)
+
+
+def test_doctor_checks_that_the_booking_group_is_in_the_directory(tmp_path: Path, samba: SambaDC, ews: Any,
+                                                                   org: str) -> None:
+    tag = org.split(",")[0][4:]
+
+    def doctor(group: str) -> tuple[int, str]:
+        """doctor's exit code and its line about the booking group."""
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "exchange": {"ews_url": ews.url, "allow_insecure_http": True, "username": f"CONTOSO\\{ORGANIZER_ACCOUNT}",
+                         "password_ref": "vault:exchange"},
+            "rooms": {"mailboxes": [ROOM1]},
+            "store": {"path": str(tmp_path / "data" / "gateway.sqlite")},
+            "vault": {"path": str(tmp_path / "data" / "credentials.vault"), "key_file": str(tmp_path / "vault.key")},
+            "commands": {"enabled": True, "writable_rooms": ["*"], "booking_group": group},
+            "directory": {"name": "corp", "urls": [samba.ldaps_url], "bind": BIND_DN, "password_ref": "vault:ldap",
+                          "ca_bundle": str(samba.ca), "server_name": SERVER_NAME, "base_dn": BASE}}))
+        if not (tmp_path / "data" / "credentials.vault").exists():
+            for name, secret in (("exchange", SERVICE_PASSWORD), ("ldap", PASSWORD)):
+                assert gateway("credentials", "set", name, "--stdin", "--config", str(cfg),
+                               stdin=secret).returncode == 0
+        done = gateway("doctor", "--config", str(cfg))
+        found = [line for line in done.stdout.splitlines() if f"booking group {group} " in line]
+        assert len(found) == 1, done.stdout + done.stderr
+        return done.returncode, found[0]
+
+    for group in (f"bookers-{tag}@contoso.com", bookers(org)):  # by address, by DN
+        code, line = doctor(group)
+        assert line.startswith("ok"), line
+    for group in ("no-such-group@contoso.com", f"CN=Nobody {tag},{org}"):
+        code, line = doctor(group)
+        assert code == 1 and line.startswith("FAIL") and "booking_group_not_found" in line, line
+        assert "commands.booking_group" in line and "nobody" in line  # what it means and the setting to correct

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import requests
 from exchangelib import EWSDateTime
+from requests_ntlm import HttpNtlmAuth
 
+from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from tests.conftest import TZ, ControlClient, SimFixture
 
 
@@ -237,3 +241,54 @@ def test_a_meeting_booked_through_ews_can_be_declined_by_its_room_through_contro
     assert status == 200, answer
     item.refresh()
     assert [a.response_type for a in item.resources] == ["Decline"]
+
+
+def _logon(ews: SimFixture, password: str, user: str = f"CONTOSO\\{SERVICE_ACCOUNT}") -> requests.Response:
+    """One NTLM logon to EWS (a fresh connection each: NTLM authenticates a connection)."""
+    with requests.Session() as s:
+        return s.post(ews.url, data=b"<x/>", headers={"Content-Type": "text/xml"},
+                      auth=HttpNtlmAuth(user, password), timeout=20)
+
+
+def test_failed_logons_lock_the_account_for_a_while_and_the_control_api_unlocks_it(ews: SimFixture,
+                                                                                   ctl: ControlClient) -> None:
+    status, policy = ctl("PUT", "/lockout", {"threshold": 3, "window_minutes": 30, "duration_minutes": 30})
+    assert status == 200 and policy["policy"] == {"threshold": 3, "window_minutes": 30, "duration_minutes": 30}
+    assert _logon(ews, "wrong-1").status_code == 401
+    assert _logon(ews, SERVICE_PASSWORD).status_code != 401  # a logon that works resets the count, as AD does
+    for n in range(3):
+        answer = _logon(ews, f"wrong-{n}")
+        assert answer.status_code == 401 and b"locked out" not in answer.content
+    account = f"{SERVICE_ACCOUNT}@contoso.com"
+    state = ctl("GET", "/lockout")[1]["accounts"][account]
+    assert state["locked"] is True and state["bad_password_count"] == 3
+    locked = _logon(ews, SERVICE_PASSWORD)  # the right password no longer helps
+    assert locked.status_code == 401 and b"The referenced account is currently locked out" in locked.content
+    assert ctl("GET", "/lockout")[1]["accounts"][account]["logons_while_locked"] == 1
+    assert ews.call(lambda: ews.sim.failed_logons) == 4  # a logon refused for the lock is no bad password
+
+    assert ctl("POST", "/lockout/unlock", {"account": f"CONTOSO\\{SERVICE_ACCOUNT}"}) == (200, {"unlocked": [account]})
+    assert _logon(ews, SERVICE_PASSWORD).status_code != 401
+    assert ctl("GET", "/lockout")[1]["accounts"][account]["locked"] is False
+
+
+def test_a_lockout_ends_by_itself_after_its_duration(ews: SimFixture, ctl: ControlClient) -> None:
+    ctl("PUT", "/lockout", {"threshold": 1, "window_minutes": 1, "duration_minutes": 0.01})  # 0.6 s
+    assert _logon(ews, "wrong").status_code == 401
+    assert b"locked out" in _logon(ews, SERVICE_PASSWORD).content
+    deadline = time.monotonic() + 20
+    while _logon(ews, SERVICE_PASSWORD).status_code == 401:  # polled: each attempt is a request of its own
+        assert time.monotonic() < deadline, "the lockout did not end"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("body", [{"threshold": -1}, {"threshold": "3"}, {"window_minutes": 0},
+                                  {"duration_minutes": -1}, {"threshold": 3, "colour": "red"}])
+def test_a_bad_lockout_policy_is_refused_with_what_is_wrong(ctl: ControlClient, body: dict[str, Any]) -> None:
+    status, answer = ctl("PUT", "/lockout", body)
+    assert status in (400, 422) and answer["message"], answer  # a malformed field, or one out of range
+
+
+def test_unlocking_an_unknown_account_says_so(ctl: ControlClient) -> None:
+    status, answer = ctl("POST", "/lockout/unlock", {"account": "nobody@contoso.com"})
+    assert status == 404 and "nobody@contoso.com" in answer["message"]

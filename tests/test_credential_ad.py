@@ -8,8 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import ldap3
 import pytest
 import yaml
+from ldap3.core import exceptions as lx
 from structlog.testing import capture_logs
 
 from gateway.app import DIRECTORY, GatewayOptions, start_gateway, stop_gateway
@@ -17,10 +19,23 @@ from gateway.credential_watch import last_known
 from gateway.directory.ldap import LdapSettings
 from gateway.directory_service import DirectoryOptions
 from gateway.ports import SourceSpec
+from gateway.sources.ews.source import EwsSettings
 from gateway.sources.memory import MemorySource
+from gateway.sync.coordinator import SyncSettings
 from tests.conftest import eventually
 from tests.gateway_cli import gateway
-from tests.ldap_server import BASE, BIND_DN, DOMAIN, EXPIRING, MAIL, PASSWORD, SERVER_NAME, SambaDC
+from tests.ldap_server import (
+    BASE,
+    BIND_DN,
+    DOMAIN,
+    EXPIRING,
+    LOCKABLE,
+    MAIL,
+    PASSWORD,
+    SERVER_NAME,
+    SERVICE_OU,
+    SambaDC,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ldap")]
 
@@ -95,3 +110,139 @@ def test_doctor_asks_the_directory_about_each_account(tmp_path: Path, samba: Sam
     assert lines["source:exchange"].startswith("warn") and "credential_expires_soon" in lines["source:exchange"]
     assert f"`gateway credentials set exchange --config {cfg}`" in lines["source:exchange"]
     assert lines["directory:corp"].startswith("ok") and "never expires" in lines["directory:corp"]
+
+
+def _ews_calls(ews: Any) -> int:
+    """The EWS requests the simulated Exchange has answered (each behind a logon on a new connection)."""
+    return int(ews.call(lambda: sum(ews.sim.calls.values())))
+
+
+async def test_while_ad_says_the_service_account_is_locked_out_no_logon_goes_to_exchange(
+        tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+    # The same account in AD (its policy locks it after 3 bad passwords) and in the simulated Exchange.
+    ews.call(lambda: ews.sim.directory.add_mailbox(f"{LOCKABLE}@contoso.com", "Lockable Service", "user",
+                                                   password=PASSWORD, impersonation="rooms"))
+    rooms = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
+                            server_name=SERVER_NAME)
+    options = GatewayOptions(
+        ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{LOCKABLE}", default_timezone="Europe/Berlin",
+                        max_workers=4, auth_retry_seconds=3600.0),
+        password=PASSWORD, rooms=rooms, store_path=tmp_path / "data" / "gateway.sqlite", feed="poll",
+        sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3, auth_retry_seconds=0.3),
+        directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600))
+    account = f"CN={LOCKABLE},{SERVICE_OU}"
+    gw = await start_gateway(options)
+    try:
+        await eventually(lambda: all(gw.coordinator.workers[r].state == "verified" for r in rooms), what="verified")
+        watch = gw.credentials
+        assert watch is not None
+        for _ in range(3):  # someone else tries the account with a wrong password: AD locks it
+            with pytest.raises(lx.LDAPInvalidCredentialsResult):
+                samba.connect(account, "wrong")
+        await watch.check()  # the credential watch asks AD: locked out
+        assert any(e.locked_out for e in watch.current)
+        gate = gw.sources["exchange"].opened.outage
+        assert gate is not None and gate.failure is not None and gate.failure.key == "account_locked"
+        calls = _ews_calls(ews)
+        for r in rooms:
+            gw.coordinator.mark_dirty(r, "test")
+        await eventually(lambda: all(gw.coordinator.workers[r].state == "account_locked" for r in rooms),
+                         what="every room held as account_locked")
+        assert _ews_calls(ews) == calls  # held at the gate: no logon reached Exchange
+        reasons = {r.email: r.reason for r in gw.store.rooms()}
+        assert "Active Directory says the service account" in reasons[rooms[0]], reasons
+
+        conn = samba.connect()  # an administrator unlocks it
+        try:
+            conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+        finally:
+            conn.unbind()
+        await watch.check()  # AD says unlocked: the gate lets one probe through now, not after its hour
+        await eventually(lambda: all(gw.coordinator.workers[r].state == "verified" for r in rooms), what="recovered")
+        assert _ews_calls(ews) > calls
+    finally:
+        await stop_gateway(gw)
+        conn = samba.connect()
+        try:
+            conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+        finally:
+            conn.unbind()
+
+
+def test_doctor_makes_no_exchange_logon_while_ad_says_the_service_account_is_locked_out(
+        tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+    ews.call(lambda: ews.sim.directory.add_mailbox(f"{LOCKABLE}@contoso.com", "Lockable Service", "user",
+                                                   password=PASSWORD, impersonation="rooms"))
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "exchange": {"ews_url": ews.url, "allow_insecure_http": True, "username": f"CONTOSO\\{LOCKABLE}",
+                     "password_ref": "vault:exchange"},
+        "rooms": {"mailboxes": ["room1@contoso.com"]},
+        "store": {"path": str(tmp_path / "data" / "gateway.sqlite")},
+        "vault": {"path": str(tmp_path / "data" / "credentials.vault"), "key_file": str(tmp_path / "vault.key")},
+        "directory": {"name": "corp", "urls": [samba.ldaps_url], "bind": f"{DOMAIN}\\svc-ldap",
+                      "password_ref": "vault:ldap", "ca_bundle": str(samba.ca), "server_name": SERVER_NAME,
+                      "base_dn": BASE}}))
+    for name in ("exchange", "ldap"):
+        assert gateway("credentials", "set", name, "--stdin", "--config", str(cfg), stdin=PASSWORD).returncode == 0
+    account = f"CN={LOCKABLE},{SERVICE_OU}"
+    for _ in range(3):
+        with pytest.raises(lx.LDAPInvalidCredentialsResult):
+            samba.connect(account, "wrong")
+    try:
+        doctor = gateway("doctor", "--config", str(cfg))
+    finally:
+        conn = samba.connect()
+        try:
+            conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+        finally:
+            conn.unbind()
+    assert doctor.returncode == 1, doctor.stdout
+    [logon] = [line for line in doctor.stdout.splitlines() if f"Exchange {ews.url}" in line]
+    assert logon.startswith("FAIL") and "account_locked" in logon and "Active Directory says" in logon, logon
+    [credential] = [line for line in doctor.stdout.splitlines() if "credential source:exchange" in line]
+    assert "LOCKED OUT" in credential and "Unlock-ADAccount" in credential
+    assert _ews_calls(ews) == 0 and ews.call(lambda: ews.sim.failed_logons) == 0  # not a single logon
+
+
+async def test_a_gateway_started_while_ad_says_its_account_is_locked_out_makes_no_logon_until_unlocked(
+        tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+    ews.call(lambda: ews.sim.directory.add_mailbox(f"{LOCKABLE}@contoso.com", "Lockable Service", "user",
+                                                   password=PASSWORD, impersonation="rooms"))
+    rooms = ("room1@contoso.com", "room2@contoso.com")
+    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
+                            server_name=SERVER_NAME)
+    options = GatewayOptions(
+        ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{LOCKABLE}", default_timezone="Europe/Berlin",
+                        max_workers=4, auth_retry_seconds=3600.0),
+        password=PASSWORD, rooms=rooms, store_path=tmp_path / "data" / "gateway.sqlite", feed="poll",
+        sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3, auth_retry_seconds=0.3),
+        directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600))
+    account = f"CN={LOCKABLE},{SERVICE_OU}"
+    for _ in range(3):
+        with pytest.raises(lx.LDAPInvalidCredentialsResult):
+            samba.connect(account, "wrong")
+    try:
+        gw = await start_gateway(options)
+        try:
+            await eventually(lambda: all(gw.coordinator.workers[r].state == "account_locked" for r in rooms),
+                             what="every room held as account_locked")
+            assert _ews_calls(ews) == 0  # not even the first logon
+            conn = samba.connect()
+            try:
+                conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+            finally:
+                conn.unbind()
+            assert gw.credentials is not None
+            await gw.credentials.check()
+            await eventually(lambda: all(gw.coordinator.workers[r].state == "verified" for r in rooms),
+                             what="recovered")
+        finally:
+            await stop_gateway(gw)
+    finally:
+        conn = samba.connect()
+        try:
+            conn.modify(account, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+        finally:
+            conn.unbind()

@@ -276,3 +276,52 @@ async def test_a_wake_checks_at_once_so_a_lockout_exchange_reports_is_not_an_hou
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class HoldingGate(Gate):
+    """A gate that can be told of a lockout (sources/outage.py's hold and release)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[str] = []
+
+    def hold(self, failure: Exception) -> None:
+        self.held.append(f"hold {type(failure).__name__}")
+        self.failure = failure
+
+    def release(self) -> None:
+        self.held.append("release")
+
+
+async def test_a_lockout_the_directory_reports_holds_the_sources_logons_and_its_end_releases_them():
+    gate = HoldingGate()
+    directory = Directory(svc=AccountStatus("svc", None, locked_out=True, bad_password_count=3))
+    check = account_check("source:onprem", "svc", directory, outage=gate)
+    [found] = await check()
+    assert found.locked_out and gate.held == ["hold AccountLocked"]
+    assert "svc" in str(gate.failure) and "Active Directory" in str(gate.failure)
+    directory.accounts["svc"] = AccountStatus("svc", None)
+    await check()
+    assert gate.held == ["hold AccountLocked", "release"]
+    gate.failure = None
+    await check()
+    assert gate.held == ["hold AccountLocked", "release"]  # nothing held: nothing to release
+
+
+async def test_while_an_account_is_locked_out_the_watch_checks_again_within_a_minute():
+    gate = HoldingGate()
+    directory = Directory(svc=AccountStatus("svc", None, locked_out=True))
+    watch = CredentialWatch([Watched("source:onprem", "password",
+                                     account_check("source:onprem", "svc", directory, outage=gate))],
+                            state_path=None, clock=Clock(), locked_recheck_seconds=0.05)
+    task = asyncio.get_running_loop().create_task(watch.run(3600))
+    try:
+        await eventually(lambda: len(directory.asked) >= 3, what="checks while locked, not hourly")
+        directory.accounts["svc"] = AccountStatus("svc", None)
+        gate.failure = None
+        await eventually(lambda: watch.checked_at is not None and not watch.current[0].locked_out,
+                         what="the unlock seen")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

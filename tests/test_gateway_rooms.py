@@ -12,12 +12,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import requests
+from requests_ntlm import HttpNtlmAuth
 from structlog.testing import capture_logs
 
 from gateway import service
 from gateway.model import ROOM_STATES, Booking, Window
 from gateway.simulator.calendar import Recurrence
-from gateway.simulator.seed import SERVICE_PASSWORD
+from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.simulator.server import SimulatorConfig
 from gateway.sources.ews.streaming import PullFeed
 from gateway.store.sqlite import SqliteStore
@@ -89,9 +91,61 @@ def failed_logons(ews: SimFixture) -> int:
     return int(ews.call(lambda: ews.sim.failed_logons))
 
 
+def lockout(ews: SimFixture) -> dict[str, Any]:
+    """The service account's lockout state in the simulated Active Directory (gateway/simulator/lockout.py)."""
+    return dict(ews.call(lambda: ews.sim.lockouts.state())["accounts"].get(f"{SERVICE_ACCOUNT}@contoso.com", {}))
+
+
+def fail_logons(ews: SimFixture, count: int) -> None:
+    """Someone else tries the service account with a wrong password (a forgotten script, an old phone)."""
+    for _ in range(count):
+        with requests.Session() as s:
+            answer = s.post(ews.url, data=b"<x/>", headers={"Content-Type": "text/xml"},
+                            auth=HttpNtlmAuth(f"CONTOSO\\{SERVICE_ACCOUNT}", "Wrong-password-9!"), timeout=20)
+        assert answer.status_code == 401
+
+
+async def test_a_lockout_exchange_reports_stops_every_room_without_a_logon_each_and_is_told_without_a_directory(
+        sim_factory, tmp_path, aiohttp_client):
+    ews = sim_factory(SimulatorConfig(rba_delay=0.05, stream_minute=2.0, keepalive_seconds=0.5), rooms=12)
+    rooms = tuple(f"room{i}@contoso.com" for i in range(1, 13))
+    with capture_logs() as logs:
+        g = await start(aiohttp_client, ews, tmp_path / "g.sqlite", rooms, retry_seconds=0.05,
+                        auth_retry_seconds=0.2, feed_retry=0.05, ews_settings={"auth_retry_seconds": 3600.0})
+        await eventually(lambda: g.imported(*rooms), what="imported")
+        ews.call(lambda: ews.sim.lockouts.set_policy(3, 30, 30))
+        fail_logons(ews, 3)
+        assert lockout(ews)["locked"] is True
+        ews.call(ews.sim.restart)  # the gateway's authenticated connections are gone: the next call logs on anew
+        for r in rooms:
+            g.gw.coordinator.mark_dirty(r, "test")
+        await eventually(lambda: all(g.state(r) == "account_locked" for r in rooms), what="account_locked")
+        gate = g.gw.sources["exchange"].opened.outage
+        assert gate is not None and gate.failure is not None and gate.failure.key == "account_locked"
+        watch = g.gw.credentials
+        assert watch is not None
+        await eventually(lambda: any(e.locked_out for e in watch.current), what="the lockout told (no directory)")
+        assert await g.metric("gateway_credential_locked_out", credential="source:exchange") == 1
+        assert failed_logons(ews) == 3  # the gateway added no bad password
+
+        ews.call(lambda: ews.sim.lockouts.unlock(f"{SERVICE_ACCOUNT}@contoso.com"))  # an administrator unlocks it
+        gate.release()  # what the directory's word does (test_credential_ad.py): one probe now, not in an hour
+        await eventually(lambda: all(g.state(r) == "verified" for r in rooms), what="recovered")
+        # While it was locked: only the calls already out when Exchange first said so (the source's threads and the
+        # feed's), not one a room, and no retry (the gate held them, the rooms waited for its end).
+        assert 1 <= lockout(ews)["logons_while_locked"] < len(rooms), lockout(ews)
+        await watch.check()
+        assert not any(e.locked_out for e in watch.current)
+        assert await g.metric("gateway_credential_locked_out", credential="source:exchange") == 0
+    assert failed_logons(ews) == 3
+    locked = [e for e in logs if e["event"] == "credential.locked_out"]
+    assert len(locked) == 1 and "Unlock-ADAccount" in locked[0]["remedy"]
+
+
 async def test_wrong_password_costs_one_failed_logon_stops_every_room_and_takes_the_fixed_password_at_once(
         sim_factory, tmp_path, aiohttp_client):
     ews = sim_factory(SimulatorConfig(rba_delay=0.05, stream_minute=2.0, keepalive_seconds=0.5), rooms=8)
+    ews.call(lambda: ews.sim.lockouts.set_policy(3, 30, 30))  # AD locks the account after 3 bad passwords
     rooms = tuple(f"room{i}@contoso.com" for i in range(1, 9))
     vault = {"password": "Not-the-password-1!"}  # what `gateway credentials set exchange` last stored
     with capture_logs() as logs:
@@ -106,6 +160,7 @@ async def test_wrong_password_costs_one_failed_logon_stops_every_room_and_takes_
         await eventually(lambda: sum(1 for e in logs if e["event"] == "room.state") >= len(rooms),
                          what="every room's state logged")
         assert failed_logons(ews) == 1
+        assert lockout(ews) == {"locked": False, "bad_password_count": 1, "logons_while_locked": 0}  # 8 rooms
         rows = await g.rooms()
         assert all(rows[r]["state"] == "auth_required" for r in rooms)
         assert all(rows[r]["remedy"] == ROOM_STATES["auth_required"] for r in rooms)

@@ -5,6 +5,7 @@ about service accounts (AccountLookup), and the Directory port's answers."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -147,17 +148,22 @@ async def test_a_dc_that_cannot_be_reached_fails_over_to_the_next(samba: SambaDC
 
 
 async def test_no_dc_reachable_is_named_with_every_url(samba: SambaDC) -> None:
-    a, b = samba.forward(636), samba.forward(636)
-    a.stop()
-    b.stop()
-    d = LdapDirectory(settings(samba, urls=(f"ldaps://127.0.0.1:{a.port}", f"ldaps://127.0.0.1:{b.port}"),
+    # Two ports held bound but not listening: refused, and no other process can take them while the test runs
+    # (a stopped forwarder's freed port was once taken by another test's server on this busy machine).
+    held = [socket.socket(), socket.socket()]
+    for s in held:
+        s.bind(("127.0.0.1", 0))
+    a, b = (s.getsockname()[1] for s in held)
+    d = LdapDirectory(settings(samba, urls=(f"ldaps://127.0.0.1:{a}", f"ldaps://127.0.0.1:{b}"),
                                timeout_seconds=3), PASSWORD)
     try:
         with pytest.raises(Unreachable) as e:
             await d.room_lists()
-        assert str(a.port) in str(e.value) and str(b.port) in str(e.value)
+        assert str(a) in str(e.value) and str(b) in str(e.value)
     finally:
         await d.close()
+        for s in held:
+            s.close()
 
 
 # -- AccountLookup ------------------------------------------------------------------------------------------------

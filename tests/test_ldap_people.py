@@ -21,7 +21,18 @@ from gateway.model import Event
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.people import PERSON_EVENTS, DirectoryPerson, PeopleSync, person_data
 from tests.fake_gateway import cloud_event
-from tests.ldap_server import BASE, BIND_DN, GROUPS_OU, MAIL, PASSWORD, SERVER_NAME, SambaDC, person_ldif, room_ldif
+from tests.ldap_server import (
+    BASE,
+    BIND_DN,
+    GROUPS_OU,
+    MAIL,
+    PASSWORD,
+    SERVER_NAME,
+    SambaDC,
+    group_ldif,
+    person_ldif,
+    room_ldif,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ldap")]
 SCHEMAS = Path(__file__).parents[1] / "gateway" / "schemas"
@@ -235,5 +246,42 @@ async def test_an_account_that_may_list_deleted_objects_relays_a_deletion_at_the
         assert await sync.sync() == {"removed": 1}  # incremental: the tombstone tells
         assert [(k, e) for k, e, _ in relayed(store)][-1] == ("removed", f"abe@{MAIL}")
         assert await sync.sync(full=True) == {}  # and the full comparison finds nothing more
+    finally:
+        await d.close()
+
+
+def members(dc: SambaDC, group: str, op: str, dn: str) -> None:
+    conn = dc.connect()
+    try:
+        conn.modify(group, {"member": [(op, [dn])]})
+    finally:
+        conn.unbind()
+
+
+async def test_leaving_the_people_group_or_a_nested_one_is_relayed_at_the_next_incremental_sync(
+        samba: SambaDC, ou: str, store: SqliteStore) -> None:
+    # In AD a membership change is a write to the GROUP (its member attribute): the person's uSNChanged stays.
+    # Team (the configured group) holds Desk (nested) and ben; Desk holds bea and bo.
+    team, desk = f"CN=Team,{ou}", f"CN=Desk,{ou}"
+    samba.add(person_ldif("bea", ou, name="Bea Bell") + person_ldif("ben", ou, name="Ben Bell")
+              + person_ldif("bo", ou, name="Bo Bell") + person_ldif("bix", ou, name="Bix Bell")
+              + group_ldif("Desk", ou, [f"CN=Bea Bell,{ou}", f"CN=Bo Bell,{ou}"])
+              + group_ldif("Team", ou, [desk, f"CN=Ben Bell,{ou}"]))
+    d = LdapDirectory(settings(samba, people_group=team), PASSWORD)
+    try:
+        sync = PeopleSync(d, store, directory="corp")
+        assert await sync.sync() == {"created": 3}
+        assert await sync.sync() == {}  # nothing moved: the incremental round relays nothing
+
+        members(samba, desk, ldap3.MODIFY_DELETE, f"CN=Bea Bell,{ou}")  # leaves the nested group
+        members(samba, team, ldap3.MODIFY_DELETE, f"CN=Ben Bell,{ou}")  # leaves the configured group
+        members(samba, desk, ldap3.MODIFY_ADD, f"CN=Bix Bell,{ou}")  # joins through the nested group
+        mark = store.last_seq()
+        assert await sync.sync() == {"created": 1, "removed": 2}  # the incremental round, not the full one
+        events = relayed(store, mark)
+        assert sorted((k, e) for k, e, _ in events) == [("created", f"bix@{MAIL}"), ("removed", f"bea@{MAIL}"),
+                                                        ("removed", f"ben@{MAIL}")]
+        assert {data.get("reason") for k, _, data in events if k == "removed"} == {"removed_from_directory"}
+        assert await sync.sync() == {} and await sync.sync(full=True) == {}  # nothing left for the full comparison
     finally:
         await d.close()

@@ -150,3 +150,34 @@ def test_a_locked_account_costs_one_probe_at_the_long_back_off_like_refused_cred
     with pytest.raises(AccountLocked):
         gate.admit()  # held: no request leaves
     assert gate.retry_at - clock.now == 300
+
+
+def test_a_lockout_the_directory_reports_holds_every_call_until_it_says_unlocked_or_the_back_off_ends():
+    clock = Clock()
+    gate = OutageGate(auth_retry_seconds=300, auth_max_retry_seconds=900, clock=clock)
+    heard: list[object] = []
+    gate.listeners.append(heard.append)
+    locked = AccountLocked("Active Directory says the service account is locked out")
+    gate.hold(locked)  # before any call: the very first one is held too, no logon at all
+    with pytest.raises(AccountLocked):
+        gate.admit()
+    assert heard == [locked] and gate.retry_at - clock.now == 300
+    gate.hold(AccountLocked("still locked"))  # the next check says so again: nothing new, no longer wait
+    assert len(heard) == 1 and gate.retry_at - clock.now == 300
+    gate.release()  # the directory says unlocked: the next call probes at once
+    assert gate.admit() is True
+    gate.record(True, None)
+    assert gate.failure is None and heard == [locked, None]
+
+    gate.hold(locked)
+    clock.now = gate.retry_at  # or, without word from the directory, after the auth back-off
+    assert gate.admit() is True
+
+
+def test_release_lets_only_a_lockout_probe_early():
+    clock = Clock()
+    gate = OutageGate(auth_retry_seconds=300, clock=clock)
+    gate.record(gate.admit(), AuthError("refused"))  # a wrong password is not the directory's to lift
+    gate.release()
+    with pytest.raises(AuthError):
+        gate.admit()

@@ -11,6 +11,10 @@ idempotency journal, and are executed through a ``CalendarWriter`` (design.md §
   writer outside the gateway may have raced it), withdrawing its own appointment if it lost.
 - update and cancel touch only what the gateway created (the journal knows each meeting it made); decline
   frees the room from anything, leaving the organizer's meeting intact.
+- With a directory, the organizer is checked again when their meeting is moved: only someone create would book a
+  meeting for (enabled, in the booking group) moves it. Cancel is never refused for the organizer's sake (it only
+  frees the room: a leaver's meeting must not hold it); decline acts as the room; an appointment in the room's
+  calendar was booked for no directory user (external, or the impersonation fallback) and moves as the room's own.
 
 Idempotency: every write command holds its key's lock and a journal row. A retried key gets the stored result;
 a key found ``started`` (crash, timeout, reconnect) continues from the write it recorded, or asks Exchange
@@ -102,6 +106,7 @@ class _Run:
     wrote: bool = False  # a write returned: resync the room
     stale: bool = False  # the snapshot knows something Exchange no longer has: resync the room
     uids: set[str] = field(default_factory=set)  # the meetings the command touched: read back after it
+    organizer_miss: GatewayError | None = None  # recovery: what Exchange said of the organizer's mailbox
 
     @property
     def recorded(self) -> Written | None:
@@ -263,14 +268,14 @@ class CommandService:
             if refusal is not None:
                 return refusal
             if run.entry is not None:
-                written = await self._find_previous(cmd, room)
+                written = await self._find_previous(run)
                 if written is None:
                     run.keep = False  # Exchange has nothing with this key: the write never happened
                 else:
                     await self._record(run, written)
         if written is not None:  # continue what an earlier execution of this key wrote
             if written.mailbox.lower() == room:
-                note = FALLBACK_NOTE if cmd.organizer else ""
+                note = await self._room_calendar_note(run)
                 async with self._room_locks.hold(room):
                     return await self._confirm_appointment(run, written, note)
             return await self._await_answer(run, written, created=True)
@@ -296,21 +301,46 @@ class CommandService:
             return await self._await_answer(run, written, created=True)
         return await self._create_appointment(run, cmd, "")
 
-    async def _find_previous(self, cmd: Command, room: str) -> Written | None:
+    async def _find_previous(self, run: _Run) -> Written | None:
         """Did an earlier execution of this key write before it was interrupted? Exchange knows (the key is on
         the item): the organizer's calendar first, then the room's (the fallback path)."""
+        cmd, room = run.cmd, run.room
         assert cmd.start is not None and cmd.end is not None
         mailboxes = [cmd.organizer.email] if cmd.organizer and cmd.organizer.email else []
         for mailbox in [*mailboxes, room]:
             try:
                 found = await self._writer.find_by_key(mailbox, cmd.key, cmd.start, cmd.end)
-            except (ImpersonationDenied, NotFound):
+            except (ImpersonationDenied, NotFound) as e:
                 if mailbox == room:
                     raise
+                run.organizer_miss = e
                 continue
             if found is not None:
                 return found
         return None
+
+    async def _room_calendar_note(self, run: _Run) -> str:
+        """The note a create that ended in the room's calendar answered with the first time, for a retry that
+        continues it: why the organizer became the booker (the directory's word, or what Exchange said of their
+        mailbox; asked again, as the journal keeps the write, not the reason)."""
+        cmd = run.cmd
+        if cmd.organizer is None or not cmd.organizer.email:
+            return ""
+        if self._organizers is not None:
+            try:
+                if (await self._organizers.verdict(cmd.organizer.email)).action == "external":
+                    return EXTERNAL_NOTE
+            except GatewayError:  # the booking is made: the note is not worth failing its confirmation for
+                pass
+        miss = run.organizer_miss
+        if miss is None and cmd.start is not None and cmd.end is not None:
+            try:
+                await self._writer.find_by_key(cmd.organizer.email, cmd.key, cmd.start, cmd.end)
+            except (ImpersonationDenied, NotFound) as e:
+                miss = e
+            except GatewayError:
+                pass
+        return NO_MAILBOX_NOTE if isinstance(miss, NotFound) else FALLBACK_NOTE
 
     async def _create_appointment(self, run: _Run, cmd: Command, note: str) -> CommandResult:
         assert cmd.start is not None and cmd.end is not None
@@ -418,6 +448,9 @@ class CommandService:
         moved = run.recorded  # an interrupted update of this key already moved it
         if target.mailbox.lower() != room:  # a meeting: the room's attendant decides again
             if moved is None:
+                refusal = await self._organizer_may_move(run, target.mailbox)
+                if refusal is not None:
+                    return refusal
                 moved = await self._writer.move(target, cmd.start, cmd.end, notify=True)
                 await self._moved(run, origin, moved)
             result = await self._await_answer(run, moved, created=False)
@@ -436,6 +469,21 @@ class CommandService:
                 return declined(cmd, "conflict", "another booking took the room at the same moment; the booking "
                                                  "keeps its previous time")
         return accepted(cmd, "moved", uid=booking.uid, booking_id=booking.id)
+
+    async def _organizer_may_move(self, run: _Run, organizer: str) -> CommandResult | None:
+        """A meeting moves in its organizer's calendar: only while the directory still lets them book as create
+        does (enabled, in the booking group). Anything else refuses, "external" too: the meeting cannot become a
+        room-calendar booking, and the gateway does not act in the calendar of someone the directory disowns."""
+        if self._organizers is None:
+            return None
+        verdict = await self._organizers.verdict(organizer)
+        if verdict.action == "meeting":
+            return None
+        log.info("command.organizer_refused", key=run.cmd.key, room=run.room)
+        why = verdict.why or (f"the organizer {organizer} is no longer an enabled user in the organisation's "
+                              "directory")
+        return declined(run.cmd, "organizer_not_permitted", f"the meeting keeps its time: {why}. Its organizer may "
+                        "no longer move it through the cloud; cancelling it (which frees the room) is still possible")
 
     async def _ours(self, run: _Run) -> tuple[Booking, JournalEntry] | CommandResult:
         """The booking a command names and the journal entry of the create that made it, or the refusal."""

@@ -405,6 +405,18 @@ class LdapDirectory:
             return enabled, bool(member)
         return await self.run(read)
 
+    async def group(self, name: str) -> str | None:
+        """A group's DN, named by its DN or its address (mail or proxyAddresses); None if the directory has none."""
+        def read(conn: ldap3.Connection) -> str | None:
+            if "=" not in name:
+                return self._group_dn(conn, name)
+            try:
+                found = self.search(conn, name, "(objectClass=group)", ["objectGUID"], "BASE")
+            except lx.LDAPNoSuchObjectResult:
+                return None
+            return str(found[0]["dn"]) if found else None
+        return await self.run(read)
+
     def _group_dn(self, conn: ldap3.Connection, address: str) -> str | None:
         a = escape_filter_chars(address.lower())
         query = f"(&(objectClass=group)(|(mail={a})(proxyAddresses=smtp:{a})))"
@@ -434,6 +446,21 @@ class LdapDirectory:
         def read(conn: ldap3.Connection) -> list[DirectoryPerson]:
             base = self.settings.people_base or self.settings.base_dn
             return [self._person(e) for e in self.search(conn, base, self._people_query(since_usn), PERSON_ATTRS)]
+        return await self.run(read)
+
+    async def scope_changed(self, since_usn: int) -> bool:
+        """Whether the people group (people_group) or a group nested in it changed after ``since_usn``: in AD a
+        membership change is a write to the group (its ``member``), not to the person, so an incremental read of
+        the people cannot see who joined or left. One request (a page of groups); the sync then compares in full."""
+        group = self.settings.people_group
+        if not group:
+            return False
+
+        def read(conn: ldap3.Connection) -> bool:
+            g = escape_filter_chars(group)
+            query = (f"(&(objectClass=group)(|(distinguishedName={g})(memberOf:{IN_CHAIN}:={g}))"
+                     f"(uSNChanged>={since_usn + 1}))")
+            return bool(self.search(conn, self.settings.base_dn, query, ["objectGUID"]))
         return await self.run(read)
 
     async def read_deleted(self, since_usn: int) -> list[str]:

@@ -129,6 +129,14 @@ def _int(value: Any, what: str, lo: int = 1, hi: int = 10_000) -> int:
     return value
 
 
+def _minutes(value: Any, what: str, *, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(f"{what}: expected minutes (a number), got {value!r}")
+    if not (0 if zero else 0.001) <= value <= 100_000:
+        raise _invalid(f"{what}: {value} is outside {'0' if zero else 'above 0'}..100000 minutes", "out_of_range")
+    return float(value)
+
+
 def _str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise _bad(f"{what}: expected a string, got {type(value).__name__}")
@@ -669,6 +677,34 @@ class Control:
         self.sim.faults.clear()
         return self.faults()
 
+    def set_lockout(self, *, threshold: Any = None, window_minutes: Any = None,
+                    duration_minutes: Any = None) -> dict[str, Any]:
+        """The account lockout policy (gateway/simulator/lockout.py): failed logons that lock, the window they are
+        counted in, and how long the lock lasts (0: until unlocked)."""
+        lockouts = self.sim.lockouts
+        n = lockouts.threshold if threshold is None else _int(threshold, "threshold", 0, 999)
+        window = lockouts.window_minutes if window_minutes is None else _minutes(window_minutes, "window_minutes")
+        duration = (lockouts.duration_minutes if duration_minutes is None
+                    else _minutes(duration_minutes, "duration_minutes", zero=True))
+        lockouts.set_policy(n, window, duration)
+        log.info("control.lockout_set", **lockouts.policy())
+        return lockouts.state()
+
+    def unlock(self, account: Any = None) -> list[str]:
+        """Unlock one account (a logon name or an address) or, without one, every account."""
+        lockouts = self.sim.lockouts
+        if account is None:
+            names = [name for name, a in lockouts.state()["accounts"].items() if a["locked"]]
+        else:
+            name = _str(account, "account").strip()
+            mb = self.directory.logon(name) or self.directory.find(name)
+            if mb is None:
+                raise ControlError(404, "unknown_account", f"account: no account {name!r} in this organisation")
+            names = [mb.smtp]
+        for name in names:
+            lockouts.unlock(name)
+        return names
+
     def expire_subscriptions(self, subscription_ids: Sequence[str] | None = None) -> Any:
         """Make subscriptions expire (all of them, or the given ones), as Exchange does after missed polls."""
         hook = getattr(self.sim.notifications, "expire", None)
@@ -989,6 +1025,19 @@ async def _faults(request: web.Request, ctl: Control, body: dict[str, Any]) -> A
                           http_503_rate=body.get("http_503_rate"))
 
 
+async def _lockout(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    if request.method == "GET":
+        return ctl.sim.lockouts.state()
+    _only(body, ("threshold", "window_minutes", "duration_minutes"))
+    return ctl.set_lockout(threshold=body.get("threshold"), window_minutes=body.get("window_minutes"),
+                           duration_minutes=body.get("duration_minutes"))
+
+
+async def _unlock(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
+    _only(body, ("account",))
+    return {"unlocked": ctl.unlock(body.get("account"))}
+
+
 async def _expire(request: web.Request, ctl: Control, body: dict[str, Any]) -> Any:
     _only(body, ("subscription_ids",))
     ids = body.get("subscription_ids")
@@ -1061,6 +1110,9 @@ ROUTES: list[tuple[str, str, Handler, int]] = [
     ("GET", "/control/faults", _faults, 200),
     ("POST", "/control/faults", _faults, 200),
     ("DELETE", "/control/faults", _faults, 200),
+    ("GET", "/control/lockout", _lockout, 200),
+    ("PUT", "/control/lockout", _lockout, 200),
+    ("POST", "/control/lockout/unlock", _unlock, 200),
     ("POST", "/control/subscriptions/expire", _expire, 200),
     ("POST", "/control/streams/reset", _reset_streams, 200),
     ("POST", "/control/restart", _restart, 200),

@@ -66,6 +66,15 @@ class NtlmAcceptor:
         return Challenge(flags | NegotiateFlags.unicode, self.challenge, target_name=self.domain,
                          target_info=info).pack()
 
+    @staticmethod
+    def identity(authenticate_token: bytes) -> tuple[str, str]:
+        """The (domain, user) an AUTHENTICATE message logs on as, before its password is checked."""
+        try:
+            auth = Authenticate.unpack(authenticate_token)
+        except Exception as e:
+            raise NtlmError("malformed NTLM authenticate message") from e
+        return auth.domain_name or "", auth.user_name or ""
+
     def verify(self, authenticate_token: bytes, password_for: Callable[[str, str], str | None]) -> tuple[str, str]:
         """Check an AUTHENTICATE message; return (domain, user). ``password_for(domain, user)`` looks passwords up."""
         if self.challenge is None:

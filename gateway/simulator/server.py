@@ -22,6 +22,7 @@ from lxml import etree
 from gateway.simulator import schema
 from gateway.simulator.faults import Faults
 from gateway.simulator.graph.service import GraphConfig, GraphService
+from gateway.simulator.lockout import LOCKED_TEXT, Lockouts
 from gateway.simulator.mailboxes import Directory, Mailbox
 from gateway.simulator.ntlm import NtlmAcceptor, NtlmError
 from gateway.simulator.ops import OPERATIONS, RESPONSE_CODE, Context, load_all
@@ -82,6 +83,7 @@ class Simulator:
         self.calls: Counter[tuple[str, str]] = Counter()  # (operation, response code)
         self.generation = 0  # bumped by restart(); streams of an older generation end
         self.failed_logons = 0  # each one counts towards the account's lockout threshold in Active Directory
+        self.lockouts = Lockouts()  # ... which the simulator applies when one is set (control: /control/lockout)
         self._conns: weakref.WeakKeyDictionary[Any, _ConnState] = weakref.WeakKeyDictionary()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Tests set this to see every (operation, request, response) exchange; streams are not recorded.
@@ -296,10 +298,15 @@ class Simulator:
             except (binascii.Error, UnicodeDecodeError):
                 return self._challenge()
             user = self.directory.logon(username)
+            if user is not None and self.lockouts.locked(user.smtp):
+                return self._locked(user)
             if user is None or user.password is None or not secrets.compare_digest(user.password, password):
                 log.info("simulator.logon_failed", scheme="basic", user=username)
                 self.failed_logons += 1
+                if user is not None:
+                    self.lockouts.failed(user.smtp)
                 return self._challenge()
+            self.lockouts.succeeded(user.smtp)
             return user
         if scheme in ("ntlm", "negotiate") and self.config.ntlm_auth:
             try:
@@ -320,18 +327,33 @@ class Simulator:
                                        + base64.b64encode(challenge).decode())
             if msg_type == 3 and conn.ntlm is not None:
                 acceptor, conn.ntlm = conn.ntlm, None
+                account: Mailbox | None = None
                 try:
+                    account = self._account(*acceptor.identity(blob))
+                    if account is not None and self.lockouts.locked(account.smtp):
+                        return self._locked(account)
                     domain, username = acceptor.verify(blob, self._password_for)
                 except NtlmError as e:
                     log.info("simulator.logon_failed", scheme="ntlm", reason=str(e))
                     self.failed_logons += 1
+                    if account is not None:
+                        self.lockouts.failed(account.smtp)
                     return self._challenge()
-                user = self.directory.logon(f"{domain}\\{username}") or self.directory.logon(username)
+                user = self._account(domain, username)
                 if user is None:
                     return self._challenge()
+                self.lockouts.succeeded(user.smtp)
                 conn.user = user
                 return user
         return self._challenge()
+
+    def _account(self, domain: str, user: str) -> Mailbox | None:
+        return (self.directory.logon(f"{domain}\\{user}") if domain else None) or self.directory.logon(user)
+
+    def _locked(self, user: Mailbox) -> web.Response:
+        """A logon as a locked-out account: refused whatever the password, as IIS words it."""
+        log.info("simulator.logon_locked_out", user=user.smtp)
+        return web.Response(status=401, text=LOCKED_TEXT)
 
     def _password_for(self, domain: str, user: str) -> str | None:
         mb = self.directory.logon(f"{domain}\\{user}") if domain else None

@@ -10,6 +10,9 @@ room. Throttling is not held here (the source waits out BackOffMilliseconds itse
 doubling, not gateway/retry.py's jittered one: there is one probe per account, nothing to spread, and the schedule
 is what an administrator weighs against the account's lockout threshold.
 
+The directory may know first: while Active Directory says the account is locked out, the credential watch ``hold``s
+the gate (no logon that would only prolong the lockout), and ``release``s it when AD says unlocked.
+
 The gate only decides who may call; the sync coordinator tells people (one log line when an outage starts and one
 when it ends). ``listeners`` hear of the start and the end, from whichever thread found out.
 """
@@ -21,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from gateway.errors import AuthError, GatewayError, Throttled, is_shared
+from gateway.errors import AccountLocked, AuthError, GatewayError, Throttled, is_shared
 
 
 class OutageGate:
@@ -100,6 +103,24 @@ class OutageGate:
         for news in told:
             for listener in list(self.listeners):
                 listener(news)
+
+    def hold(self, failure: GatewayError) -> None:
+        """Someone who knows says every call would fail (the directory: the account is locked out, and a logon
+        would only add to it): calls are held as if a probe had just failed with ``failure``, the very first one
+        too. One probes again after the back-off, or at once after ``release``."""
+        with self._cond:
+            self._settled = True
+            started = self._fail(failure, probe=False)
+            self._cond.notify_all()
+        if started:
+            for listener in list(self.listeners):
+                listener(failure)
+
+    def release(self) -> None:
+        """The directory says the lockout is over: the next call probes at once (only a lockout is the directory's
+        to lift; refused credentials wait for new ones)."""
+        if isinstance(self.failure, AccountLocked):
+            self.retry_now()
 
     def retry_now(self) -> None:
         """Something changed (new credentials): let the next call probe at once."""

@@ -3,14 +3,15 @@ updated, disabled, removed) through the outbox, exactly once each.
 
 Incremental by the directory's change position, which the sync keeps without reading it: AD's uSNChanged (every
 write raises it) and the DC it counts on, or Graph's deltaLink (gateway/sources/graph/people.py). With a periodic
-full comparison that also finds the people who are gone (a deleted object leaves no trace a plain search sees) or who
-left the configured scope. Where the directory lets the account list its deleted objects (AD's tombstones:
-administrators, or a delegated right), an incremental sync relays the deleted at once. The counter is per domain
-controller: after a failover to another DC the next sync is a full comparison. The counter is read *before* the
-search, so a change made during a sync is read again by the next one; reading a person twice costs nothing, since an
-event goes out only when what a person looks like from outside (after the privacy policy) changed. The snapshot, the
-counter and the events are committed in one transaction (the store's ``commit_people``): a crash repeats a sync,
-never an event.
+full comparison that also finds the people who are gone (a deleted object leaves no trace a plain search sees) or
+who left the configured scope. A change to the groups that define the scope (AD: a membership change bumps the
+group's uSNChanged, not the person's) makes the next read a full one, when the directory can tell
+(``scope_changed``). Where the directory lets the account list its deleted objects (AD's tombstones: administrators,
+or a delegated right), an incremental sync relays the deleted at once. The counter is per domain controller: after a
+failover to another DC the next sync is a full comparison. The counter is read *before* the search, so a change made
+during a sync is read again by the next one; reading a person twice costs nothing, since an event goes out only when
+what a person looks like from outside (after the privacy policy) changed. The snapshot, the counter and the events
+are committed in one transaction (the store's ``commit_people``): a crash repeats a sync, never an event.
 
 The plan is pure (``plan``); ``PeopleSync`` reads, plans and commits.
 """
@@ -115,7 +116,9 @@ class ChangeReader(Protocol):
 class PeopleReader(Protocol):
     """A directory that counts its changes, as AD does (gateway/directory/ldap.py); ``UsnReader`` makes it a
     ChangeReader. It may also offer ``async read_deleted(since_usn) -> list[id]``: the people deleted since, so an
-    incremental sync relays them without waiting for the full comparison."""
+    incremental sync relays them without waiting for the full comparison; and ``async scope_changed(since_usn) ->
+    bool``: whether what decides who is in scope (a group's membership) changed since, which makes the read a full
+    one."""
 
     async def highest_usn(self) -> tuple[int, str]:
         """(the DC's highest committed change counter, the DC's identity)."""
@@ -136,7 +139,9 @@ class UsnReader:
 
     async def read_changes(self, since: Position | None) -> PeopleRead:
         usn, dc = await self.directory.highest_usn()
-        if since is None or since[1] != dc:
+        scope_changed = getattr(self.directory, "scope_changed", None)
+        if since is None or since[1] != dc or (scope_changed is not None and await scope_changed(since[0])):
+            # a group's membership moved: who joined or left it, only a full read can tell
             return PeopleRead(await self.directory.read_people(None), [], (usn, dc), full=True)
         people = await self.directory.read_people(since[0])
         read_deleted = getattr(self.directory, "read_deleted", None)

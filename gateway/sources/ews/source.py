@@ -80,6 +80,7 @@ from gateway.sources.ews.mapping import (
     SYNC_FIELDS,
     VIEW_FIELDS,
     booking_from_xml,
+    bookings_from_xml,
     element_uid,
     item_id,
     register_properties,
@@ -500,13 +501,7 @@ class EwsSource:
         return details
 
     def _bookings(self, room: str, items: list[tuple[str, Any]]) -> list[Booking]:
-        details = self._details(room, items)
-        out = []
-        for uid, i in items:
-            b = booking_from_xml(i, room, self.settings.default_timezone, details.get(uid), uid=uid)
-            if b is not None:
-                out.append(b)
-        return out
+        return bookings_from_xml(items, room, self.settings.default_timezone, self._details(room, items))
 
     # -- what `gateway doctor` asks besides -------------------------------------------------------------------
     async def check_sync(self, room: str) -> None:
