@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
-from gateway.bench import Arrivals, BenchArgs, Results, _pin, _say, cpu_seconds, launch_simulator, steady_state
+from gateway.bench import (
+    Arrivals,
+    BenchArgs,
+    Results,
+    _pin,
+    _say,
+    cpu_seconds,
+    launch_simulator,
+    peak_rss_mb,
+    steady_state,
+)
 from gateway.bench_relay import _hub, _identity
 from gateway.config import RelayConfig
 from gateway.hub.server import RunningHub
@@ -60,6 +70,18 @@ def graph_requests(metrics: Metrics) -> int:
     """The Graph requests the gateway made so far (gateway_graph_requests_total, every operation and status)."""
     return int(sum(sample.value for family in metrics.registry.collect() if family.name == "gateway_graph_requests"
                    for sample in family.samples if sample.name == "gateway_graph_requests_total"))
+
+
+def requests_by_operation(metrics: Metrics) -> dict[str, int]:
+    """The Graph requests so far by operation (delta, getEvent, instances, ...), every status."""
+    out: dict[str, int] = {}
+    for family in metrics.registry.collect():
+        if family.name == "gateway_graph_requests":
+            for sample in family.samples:
+                if sample.name == "gateway_graph_requests_total":
+                    op = sample.labels["operation"]
+                    out[op] = out.get(op, 0) + int(sample.value)
+    return out
 
 
 def hub_posts(running: RunningHub | None) -> dict[str, int]:
@@ -120,11 +142,13 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         res.import_cpu_gateway = cpu_seconds() - cpu0
         res.import_cpu_simulator = cpu_seconds(proc.pid) - sim_cpu0
         res.import_ews_calls = graph_requests(metrics)
+        res.import_rss_mb = peak_rss_mb()
         res.bookings = arrivals.created
         _say(f"  imported {arrivals.created} bookings in {res.import_seconds:.1f} s")
         await _until(lambda: rooms_in_mode(metrics, mode) == len(rooms), 300, f"every room in {mode} mode")
-        # Let the catch-up after subscribing pass before measuring.
-        quiet_since, deadline = time.monotonic(), time.monotonic() + 300
+        # Let the catch-up after subscribing pass before measuring. (Polled rooms have none, and are never quiet for
+        # long: each is marked in its turn of the interval.)
+        quiet_since, deadline = time.monotonic(), time.monotonic() + (300 if mode == "notifications" else 0)
         while time.monotonic() - quiet_since < 3.0 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             if any(w.dirty.is_set() for w in workers.values()):
@@ -132,11 +156,14 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         ready_modes = {m: rooms_in_mode(metrics, m) for m in PHASES}
         cpu1, sim_cpu1 = cpu_seconds(), cpu_seconds(proc.pid)
         posts0 = hub_posts(running)
+        ops0, steady0 = requests_by_operation(metrics), time.monotonic()
         # Polling sees a meeting changed twice within one interval as one change: leave each alone for longer.
         settle = 2.0 + (args.poll_interval if mode == "polling" else 0.0)
         await steady_state(BenchArgs(rate=args.rate, duration=args.duration), info, rooms, arrivals.seen, res,
                            lambda: graph_requests(metrics), settle=settle)
         posts = {k: v - posts0.get(k, 0) for k, v in hub_posts(running).items()}
+        steady_seconds = time.monotonic() - steady0
+        ops = {k: v - ops0.get(k, 0) for k, v in sorted(requests_by_operation(metrics).items())}
         cpu_steady = (cpu_seconds() - cpu1, cpu_seconds(proc.pid) - sim_cpu1)
     finally:
         if gw is not None:
@@ -158,13 +185,18 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         "poll_interval_s": args.poll_interval if mode == "polling" else None,
         "rooms_by_mode": ready_modes,
         "import": {"rooms": imp["rooms"], "bookings": imp["bookings"], "seconds": imp["seconds"],
-                   "graph_calls": imp["ews_calls"], "cpu_seconds": imp["cpu_seconds"]},
+                   "graph_calls": imp["ews_calls"], "cpu_seconds": imp["cpu_seconds"],
+                   "cpu_ms_per_booking": imp["cpu_ms_per_booking"], "rss_mb": imp["rss_mb"]},
         "rate_per_s": args.rate,
         "changes": out["changes"],
         "missed_changes": out["missed_changes"],
         "latency_ms": out["latency_ms"],
         "graph_calls": res.ews_calls,
         "graph_calls_per_change": out["ews_calls_per_change"],
+        # By operation: in the polling phase "delta" is mostly idle polls (rooms / poll_interval per second, the
+        # price of polling, whatever the rate of changes); the rest is what the changes themselves cost.
+        "graph_calls_by_operation": {k: v for k, v in ops.items() if v},
+        "delta_calls_per_s": round(ops.get("delta", 0) / steady_seconds, 1) if steady_seconds else None,
         "cpu_seconds": {"gateway": round(cpu_steady[0], 1), "simulator": round(cpu_steady[1], 1)},
         "hub_posts": posts or None,  # Graph's posts at the hub during the changes, by outcome
     }
@@ -187,10 +219,14 @@ def print_lines(graph: dict[str, Any]) -> None:
             continue  # graph_scale's "rooms"
         imp, lat = p["import"], p["latency_ms"]
         poll = f", polled every {p['poll_interval_s']:g} s" if p["poll_interval_s"] else ""
+        per = imp.get("cpu_ms_per_booking") or {}
         print(f"graph ({mode}{poll}): import of {imp['rooms']} online rooms, {imp['bookings']} bookings in "
-              f"{imp['seconds']} s ({imp['graph_calls']} Graph calls)")
+              f"{imp['seconds']} s ({imp['graph_calls']} Graph calls; CPU gateway {imp['cpu_seconds']['gateway']} s, "
+              f"simulator {imp['cpu_seconds']['simulator']} s; per booking: gateway {per.get('gateway')} ms, "
+              f"simulator {per.get('simulator')} ms; RSS {imp.get('rss_mb')} MB)")
         print(f"          latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, max {lat['max']} ms "
               f"({lat['samples']} changes seen, {p['missed_changes']} missed, {p['rate_per_s']:g}/s); Graph calls "
-              f"per change {p['graph_calls_per_change']}; CPU gateway {p['cpu_seconds']['gateway']} s, "
+              f"per change {p['graph_calls_per_change']} ({p['graph_calls_by_operation']}, "
+              f"{p['delta_calls_per_s']} deltas/s); CPU gateway {p['cpu_seconds']['gateway']} s, "
               f"simulator {p['cpu_seconds']['simulator']} s"
               + (f"; hub posts {p['hub_posts']}" if p["hub_posts"] else ""))

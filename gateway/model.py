@@ -8,11 +8,14 @@ that share a ``meeting_id``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+import operator
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii as _str  # what json.dumps writes for a str (ensure_ascii)
 from typing import Any
 
 SCHEMA_VERSION = "1.0"
@@ -52,9 +55,12 @@ def _short_hash(*parts: str) -> str:
 def _utc_text(value: datetime) -> str:
     """2026-03-29T01:30:59Z: what strftime("%Y-%m-%dT%H:%M:%SZ") gives in UTC, at half its cost (an import
     formats several times a booking, and booking ids are hashed over this text)."""
+    if value.tzinfo is UTC:  # (as Exchange's times are read): its first 19 characters are these, to the second
+        return value.isoformat()[:19] + "Z"
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
+@functools.lru_cache(maxsize=4096)  # every instance of a series hashes the same UID
 def meeting_id_for(uid: str) -> str:
     return _short_hash("meeting", uid)
 
@@ -122,7 +128,8 @@ class Booking:
     def content_json(self) -> str:
         """The content as JSON text, keys sorted: what the content hash is taken of (and what the store keeps)."""
         if self._json is None:
-            object.__setattr__(self, "_json", json.dumps(self.content(), sort_keys=True))
+            c = self._content  # (a dict made already has the times formatted; else the fields are enough)
+            object.__setattr__(self, "_json", _content_json(self) if c is None else _content_json_of(c))
         return self._json  # type: ignore[return-value]
 
     def content_hash(self) -> str:
@@ -132,12 +139,20 @@ class Booking:
         return self._hash  # type: ignore[return-value]
 
     def confirmed(self, at: datetime) -> Booking:
-        """The same booking seen again at ``at``: freshness is not content, so the copy keeps content and hash."""
-        copy = replace(self, confirmed_at=at)
-        object.__setattr__(copy, "_content", self.content())
-        object.__setattr__(copy, "_json", self.content_json())
-        object.__setattr__(copy, "_hash", self.content_hash())
+        """The same booking seen again at ``at``: freshness is not content, so the copy keeps content, hash and ids
+        (a copy field by field: dataclasses.replace would run __init__ and hash the ids again). What is confirmed
+        is published: its content is made here, before its hash, so that its times are formatted once."""
+        self.content()
+        self.content_hash()
+        copy = object.__new__(Booking)
+        for name, value in zip(_BOOKING_SLOTS, _booking_fields(self), strict=True):
+            object.__setattr__(copy, name, value)
+        object.__setattr__(copy, "confirmed_at", at)
         return copy
+
+
+_BOOKING_SLOTS: tuple[str, ...] = Booking.__slots__
+_booking_fields = operator.attrgetter(*_BOOKING_SLOTS)
 
 
 def _iso(value: datetime | date | None) -> str | None:
@@ -150,9 +165,20 @@ def _iso(value: datetime | date | None) -> str | None:
 
 def to_json(b: Booking) -> dict[str, Any]:
     """The published JSON form (schemas/booking.v1.json): the content, then freshness."""
+    global _last_confirmed
     d = dict(b.content())
-    d["confirmed_at"] = _iso(b.confirmed_at)
+    at = b.confirmed_at
+    if at is None:
+        d["confirmed_at"] = None
+    else:
+        last = _last_confirmed  # a sync step's bookings share their confirmed_at: formatted once
+        if last[0] is not at:
+            last = _last_confirmed = (at, _utc_text(at))  # (swapped whole: a thread sees an old or a new pair)
+        d["confirmed_at"] = last[1]
     return d
+
+
+_last_confirmed: tuple[datetime | None, str] = (None, "")
 
 
 def _content(b: Booking) -> dict[str, Any]:
@@ -163,10 +189,10 @@ def _content(b: Booking) -> dict[str, Any]:
         "room": b.room,
         "uid": b.uid,
         "series_id": b.series_id,
-        "original_start": _iso(b.original_start),
+        "original_start": None if b.original_start is None else _utc_text(b.original_start),
         "is_exception": b.is_exception,
-        "start": _iso(b.start),
-        "end": _iso(b.end),
+        "start": _utc_text(b.start),
+        "end": _utc_text(b.end),
         "timezone": b.timezone,
         "all_day": b.all_day,
         "start_date": _iso(b.start_date),
@@ -183,6 +209,94 @@ def _content(b: Booking) -> dict[str, Any]:
         "cancelled": b.cancelled,
         "origin": b.origin,
     }
+
+
+_CONTENT_KEYS = 24  # what _content gives; _content_json_of writes each of them
+
+
+def _flag(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    raise TypeError(value)
+
+
+def _content_json(b: Booking) -> str:
+    """``json.dumps(b.content(), sort_keys=True)``, character for character (content hashes are taken of it, and
+    the store keeps hashes across versions), straight from the booking's fields in a third of its time and without
+    the dict (a reconciliation only compares hashes). A field of another type than the booking declares falls back
+    to json.dumps."""
+    s = _str
+    try:
+        o = b.organizer
+        organizer = "null" if o is None else (f'{{"email": {"null" if o.email is None else s(o.email)}, '
+                                              f'"name": {"null" if o.name is None else s(o.name)}}}')
+        people = ", ".join([f'{{"email": {s(a.email)}, "kind": {s(a.kind)}, '
+                            f'"name": {"null" if a.name is None else s(a.name)}, "response": {s(a.response)}}}'
+                            for a in b.attendees])
+        url, original, series, subject = b.online_meeting_url, b.original_start, b.series_id, b.subject
+        start_date, end_date = _iso(b.start_date), _iso(b.end_date)
+        return (
+            f'{{"all_day": {_flag(b.all_day)}, "attendees": [{people}], "cancelled": {_flag(b.cancelled)}, '
+            f'"end": {s(_utc_text(b.end))}, "end_date": {"null" if end_date is None else s(end_date)}, '
+            f'"free_busy": {s(b.free_busy)}, "id": {s(b.id)}, "is_exception": {_flag(b.is_exception)}, '
+            f'"meeting_id": {s(b.meeting_id)}, "online_meeting_url": {"null" if url is None else s(url)}, '
+            f'"organizer": {organizer}, "origin": {s(b.origin)}, '
+            f'"original_start": {"null" if original is None else s(_utc_text(original))}, '
+            f'"response": {s(b.response)}, "room": {s(b.room)}, "schema_version": {s(SCHEMA_VERSION)}, '
+            f'"sensitivity": {s(b.sensitivity)}, "series_id": {"null" if series is None else s(series)}, '
+            f'"start": {s(_utc_text(b.start))}, "start_date": {"null" if start_date is None else s(start_date)}, '
+            f'"subject": {"null" if subject is None else s(subject)}, '
+            f'"subject_is_organizer_name": {_flag(b.subject_is_organizer_name)}, '
+            f'"timezone": {s(b.timezone)}, "uid": {s(b.uid)}}}')
+    except (TypeError, AttributeError):
+        return json.dumps(b.content(), sort_keys=True)
+
+
+def _content_json_of(c: dict[str, Any]) -> str:
+    """_content_json's text from the content dict, when that is made already (its times are formatted there). A
+    value of another type than _content puts there (TypeError from the string encoder or _flag) or another key
+    falls back to json.dumps."""
+    s = _str
+    try:
+        o = c["organizer"]
+        if o is None:
+            organizer = "null"
+        else:
+            if len(o) != 2:
+                raise KeyError(o)
+            email, name = o["email"], o["name"]
+            organizer = (f'{{"email": {"null" if email is None else s(email)}, '
+                         f'"name": {"null" if name is None else s(name)}}}')
+        people = []
+        for a in c["attendees"]:
+            if len(a) != 4:
+                raise KeyError(a)
+            name = a["name"]
+            people.append(f'{{"email": {s(a["email"])}, "kind": {s(a["kind"])}, '
+                          f'"name": {"null" if name is None else s(name)}, "response": {s(a["response"])}}}')
+        end_date, url, original, series = c["end_date"], c["online_meeting_url"], c["original_start"], c["series_id"]
+        start_date, subject = c["start_date"], c["subject"]
+        text = (
+            f'{{"all_day": {_flag(c["all_day"])}, "attendees": [{", ".join(people)}], '
+            f'"cancelled": {_flag(c["cancelled"])}, "end": {s(c["end"])}, '
+            f'"end_date": {"null" if end_date is None else s(end_date)}, "free_busy": {s(c["free_busy"])}, '
+            f'"id": {s(c["id"])}, "is_exception": {_flag(c["is_exception"])}, "meeting_id": {s(c["meeting_id"])}, '
+            f'"online_meeting_url": {"null" if url is None else s(url)}, "organizer": {organizer}, '
+            f'"origin": {s(c["origin"])}, "original_start": {"null" if original is None else s(original)}, '
+            f'"response": {s(c["response"])}, "room": {s(c["room"])}, "schema_version": {s(c["schema_version"])}, '
+            f'"sensitivity": {s(c["sensitivity"])}, "series_id": {"null" if series is None else s(series)}, '
+            f'"start": {s(c["start"])}, "start_date": {"null" if start_date is None else s(start_date)}, '
+            f'"subject": {"null" if subject is None else s(subject)}, '
+            f'"subject_is_organizer_name": {_flag(c["subject_is_organizer_name"])}, '
+            f'"timezone": {s(c["timezone"])}, "uid": {s(c["uid"])}}}')
+    except (TypeError, KeyError):
+        return json.dumps(c, sort_keys=True)
+    if len(c) != _CONTENT_KEYS:
+        return json.dumps(c, sort_keys=True)  # a key this text does not know
+    return text
+
 
 
 def _dt(value: str | None) -> datetime | None:
@@ -292,9 +406,21 @@ class Event:
     data: dict[str, Any]
     sequence: int = 0  # per-room order, assigned by the store
     source: str = "urn:exchange-gateway"
+    # ``data`` as JSON text, when whoever built the event had it at hand (a booking's content is encoded once for
+    # its hash; sync/events.py reuses that text): what the outbox stores. None: the store encodes ``data``.
+    data_json: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "type", EventType(self.type))
+        if type(self.type) is not EventType:  # the store and old callers give its text
+            object.__setattr__(self, "type", EventType(self.type))
+
+    def sequenced(self, sequence: int) -> Event:
+        """This event with its per-room sequence (a copy field by field: replace() would run __init__ again)."""
+        copy = object.__new__(Event)
+        for name, value in zip(_EVENT_SLOTS, _event_fields(self), strict=True):
+            object.__setattr__(copy, name, value)
+        object.__setattr__(copy, "sequence", sequence)
+        return copy
 
     def to_cloudevent(self) -> dict[str, Any]:
         doc = {
@@ -314,6 +440,10 @@ class Event:
         if doc["dataschema"] is None:  # CloudEvents: absent, or a URI
             del doc["dataschema"]
         return doc
+
+
+_EVENT_SLOTS: tuple[str, ...] = Event.__slots__
+_event_fields = operator.attrgetter(*_EVENT_SLOTS)
 
 
 @dataclass(frozen=True, slots=True)

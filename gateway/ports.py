@@ -143,6 +143,11 @@ class Store(Protocol):
         room's row, when given)."""
         ...
 
+    def commit_syncs(self, steps: Sequence[tuple[str, dict[str, Any]]]) -> list[list[OutboxEntry] | Exception]:
+        """Several rooms' steps (``commit_sync``'s room and keyword arguments) in one transaction, each whole or not
+        at all: per step its entries, or the error that refused it."""
+        ...
+
     def outbox_after(self, seq: int, limit: int = 500) -> list[OutboxEntry]: ...
 
     def last_seq(self) -> int:

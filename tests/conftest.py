@@ -42,7 +42,8 @@ TIERS: dict[str, tuple[str, ...]] = {
     "contract": ("test_directory_port", "test_relay_schemas", "test_source_contract"),
     # the appliance end to end over real sockets: the simulator, the hub, a proxy, subprocesses
     "e2e": ("test_app", "test_cli_gateway", "test_cli_pipe", "test_commands_e2e", "test_commands_ews",
-            "test_config_doctor", "test_crash", "test_demo", "test_diagnosis", "test_ews_series", "test_ews_writer",
+            "test_config_doctor", "test_crash", "test_demo", "test_diagnosis", "test_ews_series", "test_ews_wire",
+            "test_ews_writer",
             "test_gateway_rooms", "test_gateway_sync", "test_image", "test_outbox_metrics", "test_privacy",
             "test_relay_e2e", "test_relay_tunnel", "test_replicas", "test_sse_replay", "test_state_files",
             "test_streaming_capacity", "test_credential_lifecycle", "test_credential_ad"),

@@ -122,10 +122,14 @@ def test_the_graph_bench_runs_tiny_and_reports_both_phases_under_graph() -> None
         assert phase["rooms_by_mode"][mode] == 3, f"every room heard of changes by {mode}"
         assert phase["import"]["rooms"] == 3 and phase["import"]["bookings"] > 0
         assert phase["import"]["seconds"] > 0 and phase["import"]["graph_calls"] >= 3
+        per = phase["import"]["cpu_ms_per_booking"]  # as the EWS sync part reports it
+        assert per["gateway"] > 0 and per["simulator"] >= 0 and phase["import"]["rss_mb"] > 0
         assert phase["changes"] == 8 and phase["missed_changes"] == 0
         lat = phase["latency_ms"]
         assert lat["samples"] == 8 and 0 <= lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"] < 20_000
         assert phase["graph_calls"] > 0 and phase["graph_calls_per_change"] > 0
+        assert sum(phase["graph_calls_by_operation"].values()) == phase["graph_calls"]
+        assert phase["graph_calls_by_operation"]["delta"] > 0 and phase["delta_calls_per_s"] > 0
         assert phase["cpu_seconds"]["gateway"] >= 0 and phase["cpu_seconds"]["simulator"] >= 0
     assert graph["polling"]["poll_interval_s"] == 1 and graph["notifications"]["poll_interval_s"] is None
     assert graph["notifications"]["hub_posts"]["forwarded"] > 0, "the changes came as posts through the hub"

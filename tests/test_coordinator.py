@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -23,7 +24,7 @@ from structlog.testing import capture_logs
 
 from gateway import service
 from gateway.errors import AuthError, Throttled, Unavailable
-from gateway.model import EVENT_TYPES, ROOM_STATES, Event
+from gateway.model import EVENT_TYPES, ROOM_STATES, Event, Room
 from gateway.sources.memory import MemorySource
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import Coordinator, SyncSettings
@@ -133,6 +134,37 @@ async def test_a_room_starts_importing_as_soon_as_it_is_verified_not_after_every
             waiting.discard(room)
         most = max(most, len(waiting))
     assert most <= 2, f"up to {most} rooms were verified before their import began"
+
+
+async def test_rooms_steps_that_meet_at_the_store_share_a_transaction_and_each_is_whole(
+        start: Start, memory_source: MemorySource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An import commits a room every few milliseconds: the steps that arrive while the store writes share its next
+    # transaction. Here the store's writer is held until several rooms' steps wait for it.
+    rooms = tuple(f"room{i}@contoso.com" for i in range(40, 52))
+    for i, room in enumerate(rooms):
+        memory_source.add_room(room)
+        begin = memory_source.clock() + timedelta(hours=i + 1)
+        memory_source.book(ALICE, [room], begin, begin + timedelta(hours=1), f"Meeting {i}")
+    known = SqliteStore(tmp_path / "gateway.sqlite")  # the rooms' rows, as a restarted gateway finds them
+    for room in rooms:
+        known.upsert_room(Room(room))
+    known.close()
+    batches: list[list[str]] = []
+    real = SqliteStore.commit_syncs
+    monkeypatch.setattr(SqliteStore, "commit_syncs",
+                        lambda self, steps: batches.append([room for room, _ in steps]) or real(self, steps))
+    g = await start(rooms, max_concurrent_rooms=12)
+    held = threading.Event()
+    g.coordinator._writer.submit(held.wait, 30)  # (before any room's task has run)
+    # A room's state is set as its step is handed to the store: every room's waits now.
+    await eventually(lambda: all(w.state == "verified" for w in g.coordinator.workers.values()),
+                     what="every room's verified state waiting for the store")
+    held.set()
+    await eventually(lambda: g.imported(*rooms), what="every room imported")
+    assert max(len(b) for b in batches) >= 4
+    for i, room in enumerate(rooms):  # each room's step whole: its booking, its events, its sequence
+        assert [e.data["subject"] for e in g.events(room, CREATED)] == [f"Meeting {i}"]
+        assert [e.sequence for e in g.events(room)] == list(range(1, len(g.events(room)) + 1))
 
 
 @pytest.mark.parametrize("announce", [True, False])

@@ -13,7 +13,15 @@ from pathlib import Path
 from lxml import etree
 
 from gateway.model import to_json
-from gateway.sources.ews.mapping import booking_from_xml, gateway_uid, made_by_gateway, uid_from_goid
+from gateway.sources.ews import mapping
+from gateway.sources.ews.mapping import (
+    booking_from_xml,
+    bookings_from_xml,
+    element_uid,
+    gateway_uid,
+    made_by_gateway,
+    uid_from_goid,
+)
 from gateway.sync.privacy import PrivacyPolicy, apply
 
 TNS = "http://schemas.microsoft.com/exchange/services/2006/types"
@@ -125,3 +133,21 @@ def test_an_empty_field_reads_as_empty_and_a_missing_one_as_absent():
     b = booking_from_xml(item, ROOM)
     assert b is not None and b.uid == "uid-empty" and b.subject == "" and b.online_meeting_url is None
     assert b.organizer is None and b.attendees == () and b.response == "unknown" and b.free_busy == "busy"
+
+
+def test_a_views_instances_map_with_each_meetings_details_read_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A room's import maps ~130 instances of ~30 meetings: organizer and attendees were read from the same GetItem
+    # answer once per instance. Here the recorded items serve both as the view and as the details.
+    root = etree.fromstring((Path(__file__).parent / "data" / "ews" / "room-calendar-getitem.xml").read_bytes())
+    items = [(element_uid(el), el) for el in root.iter(f"{{{TNS}}}CalendarItem")]
+    details = {uid: el for uid, el in items}  # the last of each meeting: what GetItem of its first item answers
+    one_by_one = [booking_from_xml(el, ROOM, "Europe/Berlin", details[uid], uid=uid) for uid, el in items]
+    read: list[object] = []
+    real = mapping.meeting_from_xml
+    monkeypatch.setattr(mapping, "meeting_from_xml", lambda el: read.append(el) or real(el))
+    together = bookings_from_xml(items, ROOM, "Europe/Berlin", details)
+    assert together == one_by_one and len(together) == 6
+    assert [to_json(b) for b in together] == [to_json(b) for b in one_by_one]  # (to the last field and id)
+    assert len(read) == len(details) < len(items)
+    series = [b for b in together if b.series_id]
+    assert len(series) == 4 and all(b.attendees is series[0].attendees for b in series)

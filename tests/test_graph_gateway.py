@@ -212,6 +212,56 @@ async def test_a_change_costs_at_most_three_graph_calls(graph_sim_factory: Any) 
         await source.close()
 
 
+async def test_an_import_reads_each_event_once_the_delta_round_then_only_the_global_object_ids(
+        graph_sim_factory: Any) -> None:
+    """An import walks the delta round (for its token) and then reads the window: that read takes the events from
+    the round just walked and asks calendarView only for their global object ids (no event crosses the wire twice),
+    and gives the bookings a full read gives. A later read of the window (a reconcile) reads it afresh."""
+    from gateway.model import Window
+    from gateway.sources.graph.auth import TokenSource
+    from gateway.sources.graph.client import GraphClient
+    from gateway.sources.graph.source import GraphSource
+
+    g = graph_sim_factory(SimulatorConfig(rba_delay=0.05))
+    inside = {meeting(g, CAROL, [ROOM3], "A single", soon()),
+              str(g.call(lambda: Control.of(g.sim).create_meeting(
+                  organizer=CAROL, rooms=[ROOM3], subject="Weekly", start=soon(30),
+                  end=soon(30) + timedelta(minutes=30), recurrence={"pattern": "weekly", "count": 4}).uid)),
+              str(g.call(lambda: Control.of(g.sim).create_meeting(
+                  organizer=CAROL, rooms=[ROOM3], subject="All day", start=soon(72), end=soon(72), all_day=True,
+                  tz="America/New_York").uid))}
+    # A meeting outside the window read, inside the delta token's: in the round, not in the import.
+    later = meeting(g, CAROL, [ROOM3], "Later", soon(24 * 90))
+    assert g.call(lambda: Control.of(g.sim).settle())
+    calls: list[str] = []
+    settings = graph_settings(g, page_size=2)
+    source = GraphSource(settings, GraphClient(settings, TokenSource(settings, g.client_secret),
+                                               on_call=lambda operation, status: calls.append(operation)))
+    fresh = GraphSource(settings, GraphClient(settings, TokenSource(settings, g.client_secret)))
+    window = Window(soon(-48), soon(24 * 60))
+    try:
+        state: str | None = None
+        while True:
+            page = await source.changes(ROOM3, state, detailed=False)
+            state = page.sync_state
+            if not page.more:
+                break
+        assert set(calls) == {"delta"} and len(calls) > 2, calls
+        calls.clear()
+        imported = await source.read_window(ROOM3, window)
+        assert calls and set(calls) == {"calendarViewIds"}, calls
+        full = await fresh.read_window(ROOM3, window)
+        assert {b.uid for b in full} >= inside and later not in {b.uid for b in full}
+        assert sorted(imported, key=lambda b: b.id) == sorted(full, key=lambda b: b.id)
+        calls.clear()
+        again = await source.read_window(ROOM3, window)
+        assert set(calls) == {"calendarView"}, calls
+        assert sorted(again, key=lambda b: b.id) == sorted(full, key=lambda b: b.id)
+    finally:
+        await source.close()
+        await fresh.close()
+
+
 async def test_a_meeting_there_before_the_import_is_seen_cancelled_without_waiting_for_a_reconcile(
         hybrid: Any) -> None:
     """An import takes the delta token without reading each event's global object id; a later removal of one of

@@ -6,6 +6,7 @@ clientState, renews, follows lifecycle events, and falls back to polling while t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -244,3 +245,33 @@ async def test_a_flood_of_genuine_pokes_costs_one_delta_at_once_and_one_when_the
     assert marks[1] == (ROOM3, 100.2)
     feed._poked(ROOM4)  # another room is not held back by the first
     assert marks[-1] == (ROOM4, 100.2)
+
+
+async def test_polled_rooms_are_polled_each_in_its_turn_once_per_interval_not_all_at_once() -> None:
+    """Delta polling spreads the rooms over the interval: a delta of every room at the same moment is a burst that
+    queues behind itself (and behind an import); each room is still polled once per interval."""
+    from gateway.sources.graph.feed import GraphFeed
+
+    now = [0.0]
+    rooms = [f"room{i}@contoso.com" for i in range(10)]
+    feed = GraphFeed(None, None, poll_interval=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    polls: list[tuple[str, float]] = []
+
+    def dirty(room: str, why: str) -> None:
+        if why == "poll":
+            polls.append((room, now[0]))
+    task = asyncio.create_task(feed.watch(rooms, dirty))
+    try:
+        await eventually(lambda: feed.rooms, what="the feed watching")  # its clock read at 0
+        for second in range(1, 21):  # two intervals, a second at a time
+            now[0] = float(second)
+            feed._wake.set()
+            await eventually(lambda n=second: len(polls) >= n, what=f"the room due at {second} s polled")
+        assert len(polls) == 20, polls
+        assert sorted(t for _, t in polls[:10]) == [float(s) for s in range(1, 11)], "one room a second"
+        assert collections.Counter(room for room, _ in polls) == dict.fromkeys(rooms, 2), "each once per interval"
+        assert all(t2 - t1 == 10.0 for room in rooms
+                   for t1, t2 in [[t for r, t in polls if r == room]]), "each in its own turn"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

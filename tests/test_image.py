@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = "docker.io/library/python:3.11-slim-bookworm"
 IMAGE = "localhost/exchange-room-gateway:test"
 
-pytestmark = pytest.mark.skipif(os.environ.get("GATEWAY_TEST_IMAGE") == "0",
-                                reason="GATEWAY_TEST_IMAGE=0: the container image is not built")
+pytestmark = [pytest.mark.skipif(os.environ.get("GATEWAY_TEST_IMAGE") == "0",
+                                 reason="GATEWAY_TEST_IMAGE=0: the container image is not built"),
+              # building the image (its setup) takes a minute on a quiet machine and more on a busy one; every
+              # step below has its own bound
+              pytest.mark.timeout(900)]
 
 CONTAINERS_CONF = """\
 [containers]

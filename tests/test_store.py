@@ -90,6 +90,41 @@ def test_bookings_round_trip_through_commit_sync(store: SqliteStore) -> None:
     assert store.booking(R2, rich.id) is None and store.booking(R1, "nope") is None
 
 
+def test_known_decodes_a_stored_booking_only_when_asked_for_it(store: SqliteStore,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reconciliation compares content hashes: decoding every stored booking for it was a third of its CPU.
+    odd = booking(R1, "uid-odd", 1.0001)  # a start with microseconds: known, as published, to the second
+    plain = booking(R1, "uid-plain", 2, confirmed_at=T0)
+    create(store, odd, plain)
+    from gateway.store import sqlite as module
+    decoded: list[str] = []
+    real = module.from_json
+    monkeypatch.setattr(module, "from_json", lambda d: decoded.append(d["uid"]) or real(d))
+    known = store.known(R1)
+    assert decoded == []
+    assert {k.uid: (k.start, k.end, k.content_hash) for k in known.values()} == {
+        "uid-odd": (T0 + timedelta(hours=1), odd.end.replace(microsecond=0), odd.content_hash()),
+        "uid-plain": (plain.start, plain.end, plain.content_hash())}
+    assert decoded == []
+    assert known[plain.id].booking == plain and known[plain.id].booking.confirmed_at == T0
+    assert known[odd.id].booking.start == known[odd.id].start and decoded == ["uid-plain", "uid-odd"]
+    assert known[plain.id].booking is known[plain.id].booking  # decoded once
+    assert decoded == ["uid-plain", "uid-odd"]
+
+
+def test_a_bookings_stored_times_are_utc_to_the_microsecond_however_it_was_given(store: SqliteStore) -> None:
+    from zoneinfo import ZoneInfo
+    starts = [T0, T0 + timedelta(microseconds=250), (T0 + timedelta(hours=3)).astimezone(ZoneInfo("Europe/Berlin")),
+              datetime(2025, 3, 10, 9, 0, 0, 5, tzinfo=ZoneInfo("UTC"))]
+    bs = [Booking(room=R1, uid=f"t{i}", start=s, end=s + timedelta(minutes=30)) for i, s in enumerate(starts)]
+    create(store, *bs)
+    with store.reading() as conn:
+        rows = dict(conn.execute("SELECT uid, start_utc || ' ' || end_utc FROM bookings WHERE room = ?", (R1,)))
+    assert rows == {b.uid: " ".join(t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for t in (b.start, b.end))
+                    for b in bs}
+    assert rows["t0"] == "2025-03-10T08:00:00.000000Z 2025-03-10T08:30:00.000000Z"
+
+
 def test_known_can_be_asked_for_some_meetings_only(store: SqliteStore) -> None:
     # An incremental sync compares only the meetings that changed: reading every booking of the room for it made
     # each sync cost as much as the room is big.
@@ -203,6 +238,28 @@ def test_a_failing_step_leaves_nothing_behind(store: SqliteStore) -> None:
     assert store.uids_for_items(R1, frozenset({"item-first", "item-a"})) == {"first"}
     # the per-room counter was not consumed either
     assert [e.room_seq for e in create(store, a)] == [2]
+
+
+def test_several_rooms_steps_commit_together_each_whole_or_not_at_all(store: SqliteStore) -> None:
+    # One transaction for several rooms' steps (an import commits a room every few milliseconds); a step that
+    # commit_sync would refuse leaves nothing of itself, and the others are kept with their own sequences.
+    first = booking(R1, "first")
+    create(store, first, sync_state="r1-0")
+    a, b, c = booking(R1, "a"), booking(R2, "b"), booking(R2, "c", 1)
+    reused = event(a, eid=f"created-{first.id}")  # the first step's event id again: refused after rows were written
+    outcomes = store.commit_syncs([
+        (R2, {"upserts": [b], "deletes": (), "events": [event(b)], "sync_state": "r2-1"}),
+        (R1, {"upserts": [a], "deletes": [first.id], "events": [reused], "sync_state": "r1-1"}),
+        ("room9@contoso.com", {"upserts": (), "deletes": (), "events": [], "sync_state": "x"}),  # not in the store
+        (R1, {"upserts": [c], "deletes": (), "events": []}),  # a booking of another room
+        (R2, {"upserts": [c], "deletes": (), "events": [event(c)], "sync_state": "r2-2"}),
+    ])
+    assert [type(o).__name__ for o in outcomes] == ["list", "PreconditionFailed", "NotFound", "ValueError", "list"]
+    assert [[e.room_seq for e in o] for o in outcomes if isinstance(o, list)] == [[1], [2]]
+    assert set(store.known(R1)) == {first.id} and store.sync_state(R1) == "r1-0"
+    assert set(store.known(R2)) == {b.id, c.id} and store.sync_state(R2) == "r2-2"
+    assert [e.event.subject for e in store.outbox_after(0)] == [first.id, b.id, c.id]
+    assert [e.room_seq for e in create(store, a)] == [2]  # R1's counter was not consumed by the refused step
 
 
 def test_an_exception_while_writing_rolls_back_everything(store: SqliteStore) -> None:
@@ -383,6 +440,23 @@ def test_the_file_uses_wal_and_foreign_keys(store: SqliteStore) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
     assert store._writer.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+
+
+def test_a_new_file_has_large_pages_and_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
+    new = SqliteStore(tmp_path / "new.db")
+    assert new.schema_version() == len(migrations.MIGRATIONS)
+    with new.reading() as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (16384,)
+    new.close()
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE t (x)")  # a file SQLite made with its default pages
+    conn.close()
+    store = SqliteStore(old)
+    with store.reading() as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    store.close()
 
 
 # -- durability --------------------------------------------------------------------------------------------------

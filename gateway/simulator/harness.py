@@ -19,6 +19,10 @@ from gateway.simulator.server import Simulator, SimulatorConfig
 T = TypeVar("T")
 
 
+# A test's simulator stops at once: a client that kept a request open (a stream the gateway's thread still reads)
+# must not hold the test's teardown for aiohttp's default minute.
+_SHUTDOWN_SECONDS = 2.0
+
 class SimulatorThread:
     """``with SimulatorThread(...) as sim:`` serves EWS on 127.0.0.1 until the block ends."""
 
@@ -71,7 +75,8 @@ class SimulatorThread:
             from gateway.simulator.server import self_signed_context
 
             ssl_ctx, self.cert_pem = self_signed_context(self.host)
-        self._runner = web.AppRunner(self.sim.make_app(), access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(self.sim.make_app(), access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=_SHUTDOWN_SECONDS)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_ctx)
         await site.start()
@@ -85,7 +90,8 @@ class SimulatorThread:
 
         self._graph_dir = tempfile.mkdtemp(prefix="graph-sim-")
         tls = GraphTls(Path(self._graph_dir))
-        self._graph_runner = web.AppRunner(self.sim.graph.make_app(), access_log=None, handler_cancellation=True)
+        self._graph_runner = web.AppRunner(self.sim.graph.make_app(), access_log=None, handler_cancellation=True,
+                                           shutdown_timeout=_SHUTDOWN_SECONDS)
         await self._graph_runner.setup()
         site = web.TCPSite(self._graph_runner, self.host, self.graph_port, ssl_context=tls.context)
         await site.start()

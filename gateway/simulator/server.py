@@ -97,6 +97,7 @@ class Simulator:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Tests set this to see every (operation, request, response) exchange; streams are not recorded.
         self.recorder: Callable[[str, bytes, bytes], None] | None = None
+        self.header_recorder: Callable[[str, dict[str, str]], None] | None = None  # (operation, HTTP headers)
         load_all()
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -154,6 +155,8 @@ class Simulator:
         try:
             req = parse_envelope(data)
             operation = req.operation
+            if self.header_recorder is not None:
+                self.header_recorder(operation, dict(request.headers))
             self._validate_request(req.header, req.body)
             version = self._version(req.header)
             target, impersonating = self._impersonate(user, req.header)

@@ -7,7 +7,7 @@ Exchange re-stamped with identical content produces no event.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,12 +16,41 @@ from gateway.model import Booking, Window
 MASS_DELETE_MINIMUM = 5  # a room known with this many bookings that suddenly lists none is held back
 
 
-@dataclass(frozen=True, slots=True)
 class Known:
-    """What the store remembers of one booking."""
+    """What the store remembers of one booking: its content hash, when it is and its meeting, and the booking itself,
+    decoded from what the store keeps only when asked (a reconciliation compares hashes and decodes almost none)."""
 
-    booking: Booking
-    content_hash: str
+    __slots__ = ("_booking", "_decode", "content_hash", "end", "start", "uid")
+
+    def __init__(self, booking: Booking | None, content_hash: str, *, uid: str = "",
+                 start: datetime | None = None, end: datetime | None = None,
+                 decode: Callable[[], Booking] | None = None) -> None:
+        """Either ``booking``, or its ``uid``, ``start``, ``end`` and how to ``decode`` it."""
+        self.content_hash = content_hash
+        self._booking = booking
+        self._decode = decode
+        if booking is not None:
+            uid, start, end = booking.uid, booking.start, booking.end
+        elif decode is None or start is None or end is None:
+            raise ValueError("Known needs the booking, or its uid, start, end and a way to decode it")
+        self.uid, self.start, self.end = uid, start, end
+
+    @property
+    def booking(self) -> Booking:
+        if self._booking is None:
+            assert self._decode is not None
+            self._booking = self._decode()
+        return self._booking
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Known):
+            return NotImplemented
+        return self.content_hash == other.content_hash and self.booking == other.booking
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Known(uid={self.uid!r}, start={self.start!r}, content_hash={self.content_hash!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +60,8 @@ class Scope:
     window: Window
     uids: frozenset[str] | None = None  # None: every meeting in the window (a full read)
 
-    def covers(self, b: Booking) -> bool:
-        return self.window.contains(b) and (self.uids is None or b.uid in self.uids)
+    def covers(self, b: Booking | Known) -> bool:
+        return b.start < self.window.end and b.end > self.window.start and (self.uids is None or b.uid in self.uids)
 
     @property
     def complete(self) -> bool:
@@ -70,7 +99,7 @@ def plan(previous: Mapping[str, Known], observed: Iterable[Booking], scope: Scop
     for b in observed:
         if scope.covers(b) and is_live(b):
             seen[b.id] = b
-    known_in_scope = {bid: k for bid, k in previous.items() if scope.covers(k.booking)}
+    known_in_scope = {bid: k for bid, k in previous.items() if scope.covers(k)}
     if (scope.complete and not seen and len(known_in_scope) >= MASS_DELETE_MINIMUM and not empty_confirmed):
         result.held_back = True
         result.reason = f"the room lists no bookings although {len(known_in_scope)} were known"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -70,11 +72,9 @@ def made_by_gateway(uid: str, *elements: etree._Element | None) -> bool:
 
 def _command_key(el: etree._Element) -> str | None:
     for prop in el.iterchildren(_T["ExtendedProperty"]):
-        f = _children(prop)
-        uri = f.get(_T["ExtendedFieldURI"])
-        if uri is not None and uri.get("DistinguishedPropertySetId") == "PublicStrings" \
-                and uri.get("PropertyName") == COMMAND_KEY_PROPERTY:
-            return _value(f, "Value")
+        value = _command_key_of(prop)
+        if value is not None:
+            return value
     return None
 
 
@@ -159,7 +159,8 @@ def _value(children: dict[Any, etree._Element], name: str) -> str | None:
 def _time(value: str | None) -> datetime | None:
     if not value:
         return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+    t = datetime.fromisoformat(value)  # (Python 3.11 reads the Z itself)
+    return t if t.tzinfo is UTC else t.astimezone(UTC)
 
 
 def _person(el: etree._Element | None) -> Person | None:
@@ -194,17 +195,106 @@ def _attendees(el: etree._Element, children: dict[Any, etree._Element] | None = 
     return tuple(out)
 
 
+@dataclass(frozen=True, slots=True)
+class Meeting:
+    """What every instance of a meeting shares, read once from its GetItem answer (or from an item that has it)."""
+
+    organizer: Person | None
+    attendees: tuple[Attendee, ...]
+    online_meeting_url: str | None
+    commanded: bool  # the item carries the key of the gateway command that wrote it
+
+
+def meeting_from_xml(el: etree._Element) -> Meeting:
+    text, parts, commanded = _item_fields(el)
+    return _meeting(el, text, parts, commanded)
+
+
+def _meeting(el: etree._Element, text: dict[str, str], parts: dict[str, etree._Element], commanded: bool) -> Meeting:
+    return Meeting(_person(parts.get(_ORGANIZER)), _attendees(el, parts), text.get(_NET_SHOW_URL), commanded)
+
+
+_TZ, _ORGANIZER, _EXT = _T["StartTimeZone"], _T["Organizer"], _T["ExtendedProperty"]
+_START, _END, _ORIGINAL, _SUBJECT, _KIND, _ALL_DAY = (
+    _T[n] for n in ("Start", "End", "OriginalStart", "Subject", "CalendarItemType", "IsAllDayEvent"))
+_SENSITIVITY_, _RESPONSE, _CANCELLED, _FREE_BUSY_, _NET_SHOW_URL = (
+    _T[n] for n in ("Sensitivity", "MyResponseType", "IsCancelled", "LegacyFreeBusyStatus", "NetShowUrl"))
+_PARTS = frozenset((_TZ, _ORGANIZER, _T["RequiredAttendees"], _T["OptionalAttendees"], _T["Resources"]))
+
+
+def _item_fields(el: etree._Element) -> tuple[dict[str, str], dict[str, etree._Element], bool]:
+    """An item's fields in one pass: the text of each simple one (what findtext() gives: "" for an empty one), the
+    elements of those with parts (time zone, organizer, attendees), and whether one of its extended properties is a
+    command key. The first of each tag counts. Texts, not elements: each element kept alive cost more than reading
+    its text (an lxml proxy per child), and an item has a dozen and a half children."""
+    text: dict[str, str] = {}
+    parts: dict[str, etree._Element] = {}
+    commanded = False
+    for child in el:
+        tag = child.tag
+        if tag in _PARTS:
+            if tag not in parts:
+                parts[tag] = child
+        elif tag == _EXT:
+            commanded = commanded or bool(_command_key_of(child))
+        elif tag not in text:
+            text[tag] = child.text or ""
+    return text, parts, commanded
+
+
+def _command_key_of(prop: etree._Element) -> str | None:
+    f = _children(prop)
+    uri = f.get(_T["ExtendedFieldURI"])
+    if uri is not None and uri.get("DistinguishedPropertySetId") == "PublicStrings" \
+            and uri.get("PropertyName") == COMMAND_KEY_PROPERTY:
+        return _value(f, "Value")
+    return None
+
+
 def zone_name(el: etree._Element, fallback: str, children: dict[Any, etree._Element] | None = None) -> str:
     tz = (_children(el) if children is None else children).get(_T["StartTimeZone"])
     ms_id = tz.get("Id") if tz is not None else None
-    name = MS_TIMEZONE_TO_IANA_MAP.get(ms_id or "")
-    if name is None and ms_id:
+    if not ms_id:
+        return fallback
+    try:
+        name = _ZONES[ms_id]
+    except KeyError:
+        name = _ZONES[ms_id] = _iana(ms_id)
+    return name or fallback
+
+
+def _iana(ms_id: str) -> str | None:
+    """The IANA name of an Exchange time zone id (an IANA name itself on some servers), None if neither."""
+    name = MS_TIMEZONE_TO_IANA_MAP.get(ms_id)
+    if name is None:
         try:
             ZoneInfo(ms_id)
             name = ms_id
         except (KeyError, ValueError):
             name = None
-    return name or fallback
+    return name
+
+
+_ZONES: dict[str, str | None] = {}  # Exchange's zone id -> IANA name: a handful of zones, read per instance
+
+
+def bookings_from_xml(items: Iterable[tuple[str, etree._Element]], room: str, default_tz: str = "UTC",
+                      details: Mapping[str, etree._Element] | None = None) -> list[Booking]:
+    """The bookings of a CalendarView's (meeting UID, t:CalendarItem) pairs, with each meeting's details from its
+    GetItem answer in ``details`` (by UID), read once per meeting however many instances it has."""
+    meetings: dict[str, Meeting] = {}
+    out = []
+    for uid, el in items:
+        detail = details.get(uid) if details else None
+        meeting = None
+        if detail is not None:
+            meeting = meetings.get(uid)
+            if meeting is None:
+                meeting = meetings[uid] = meeting_from_xml(detail)
+        b = _booking(el, room, default_tz, uid, meeting)
+        if b is not None:
+            out.append(b)
+    return out
 
 
 def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
@@ -212,25 +302,32 @@ def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
     """One t:CalendarItem of a CalendarView (an instance), with its meeting's details from GetItem if given.
     ``uid``: the meeting's UID when the caller has already read it."""
     uid = uid or element_uid(el) or (element_uid(detail) if detail is not None else None)
-    f = _children(el)
-    start, end = _time(_value(f, "Start")), _time(_value(f, "End"))
+    return _booking(el, room, default_tz, uid, None if detail is None else meeting_from_xml(detail))
+
+
+def _booking(el: etree._Element, room: str, default_tz: str, uid: str | None,
+             meeting: Meeting | None) -> Booking | None:
+    """``meeting``: what its GetItem answer says of the meeting; None: the item says it itself."""
+    text, parts, commanded = _item_fields(el)
+    start, end = _time(text.get(_START)), _time(text.get(_END))
     if not uid or start is None or end is None:
         return None  # a draft without identity or times is no booking
-    src = f if detail is None else _children(detail)
-    tzname = zone_name(el, default_tz, f)
-    all_day = _value(f, "IsAllDayEvent") == "true"
+    kind = text.get(_KIND) or "Single"
+    if kind == "RecurringMaster":
+        return None  # a series is its occurrences (sources/ews/series.py), never one booking at its first
+    if meeting is None:
+        meeting = _meeting(el, text, parts, commanded)
+    tzname = zone_name(el, default_tz, parts)
+    all_day = text.get(_ALL_DAY) == "true"
     start_date: date | None = None
     end_date: date | None = None
     if all_day:
         zone = ZoneInfo(tzname)
         start_date = start.astimezone(zone).date()
         end_date = end.astimezone(zone).date()
-    kind = _value(f, "CalendarItemType") or "Single"
-    if kind == "RecurringMaster":
-        return None  # a series is its occurrences (sources/ews/series.py), never one booking at its first
-    original = _time(_value(f, "OriginalStart")) if kind in ("Occurrence", "Exception") else None
-    organizer = _person(src.get(_T["Organizer"]))
-    subject = _value(f, "Subject")
+    original = _time(text.get(_ORIGINAL)) if kind in ("Occurrence", "Exception") else None
+    organizer = meeting.organizer
+    subject = text.get(_SUBJECT)
     return Booking(
         room=room.lower(),
         uid=uid,
@@ -245,13 +342,13 @@ def booking_from_xml(el: etree._Element, room: str, default_tz: str = "UTC",
         subject_is_organizer_name=bool(subject and organizer and organizer.name and
                                        subject.strip() == organizer.name.strip()),
         organizer=organizer,
-        attendees=_attendees(el if detail is None else detail, src),
-        sensitivity=_SENSITIVITY.get(_value(f, "Sensitivity") or "Normal", "normal"),
-        online_meeting_url=_value(src, "NetShowUrl"),
-        response=_RESPONSES.get(_value(f, "MyResponseType") or "", "unknown"),
-        cancelled=_value(f, "IsCancelled") == "true",
+        attendees=meeting.attendees,
+        sensitivity=_SENSITIVITY.get(text.get(_SENSITIVITY_) or "Normal", "normal"),
+        online_meeting_url=meeting.online_meeting_url,
+        response=_RESPONSES.get(text.get(_RESPONSE) or "", "unknown"),
+        cancelled=text.get(_CANCELLED) == "true",
         series_id=uid if kind != "Single" else None,
         is_exception=kind == "Exception",
-        free_busy=_FREE_BUSY.get(_value(f, "LegacyFreeBusyStatus") or "Busy", "busy"),
-        origin="gateway" if made_by_gateway(uid, el, detail) else "exchange",
+        free_busy=_FREE_BUSY.get(text.get(_FREE_BUSY_) or "Busy", "busy"),
+        origin="gateway" if commanded or meeting.commanded or _GATEWAY_UID.fullmatch(uid) else "exchange",
     )

@@ -37,6 +37,13 @@ def bind_calls(sink: CallSink | None) -> None:
     _bound.sink = sink
 
 
+def count(operation: str, code: str) -> None:
+    """Report one EWS request made without exchangelib's services (sources/ews/wire.py) to this thread's sink."""
+    sink: CallSink | None = getattr(_bound, "sink", None)
+    if sink is not None:
+        sink.add(operation, code)
+
+
 def trust(ews_url: str, ca_bundle: str) -> None:
     """Verify the certificate of the host of ``ews_url`` with ``ca_bundle`` (TLS is verified either way)."""
     _trusted[urlsplit(ews_url).netloc.lower()] = ca_bundle

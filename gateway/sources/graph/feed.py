@@ -11,8 +11,9 @@ dirty; the room's delta says what changed.
   assumed). Lifecycle events: ``reauthorizationRequired`` -> reauthorize; ``subscriptionRemoved`` -> a new
   subscription and a delta; ``missed`` -> a delta.
 - Without an inbox, while its tunnel is down, or for a room whose subscription could not be made: delta polling
-  every ``poll_interval_seconds``. When the tunnel comes back every room is marked dirty (what happened meanwhile
-  is found by the delta) and subscriptions resume.
+  every ``poll_interval_seconds``, each room in its own turn (spread over the interval, not all at once). When the
+  tunnel comes back every room is marked dirty (what happened meanwhile is found by the delta) and subscriptions
+  resume.
 - Each room's mode (``notifications`` or ``polling``) shows in ``modes()`` (metrics: ``gateway_graph_rooms``), and
   each change of the counts is one log line.
 """
@@ -195,7 +196,11 @@ class GraphFeed:
         if self.inbox is not None:  # its URLs may come later (the hub's first welcome): asked on every round
             stop = self.inbox.listen(self.poke, self.connected)
             self._connected = self.inbox.connected()
-        next_poll = self.clock() + self.poll_interval
+        # Each polled room in its turn, spread over the interval (not every room's delta at once, a burst that
+        # queues behind itself): room -> when it is polled next. Rooms due within one tick are polled together.
+        start, count = self.clock(), max(1, len(self.rooms))
+        turn = {r: start + self.poll_interval * (i + 1) / count for i, r in enumerate(self.rooms)}
+        tick = self.poll_interval / 20
         subscribed_to: tuple[str, str] | None = None
         try:
             while True:
@@ -209,18 +214,19 @@ class GraphFeed:
                     subscribed_to = urls
                     await self._maintain(urls)
                 now = self.clock()
-                if now >= next_poll:
-                    for room, mode in self.modes().items():
-                        if mode == "polling":
-                            self._dirty.setdefault(room, "poll")
-                    next_poll = now + self.poll_interval
+                polled = [room for room, mode in self.modes().items() if mode == "polling"]
+                for room in polled:
+                    at = turn.setdefault(room, now + self.poll_interval)
+                    if at <= now:
+                        self._dirty.setdefault(room, "poll")
+                        turn[room] = now + self.poll_interval - (now - at) % self.poll_interval  # keeps its turn
                 self._log_modes()
                 dirty, self._dirty = self._dirty, {}
                 for room, why in dirty.items():
                     told = on_dirty(room, why)
                     if inspect.isawaitable(told):
                         await told
-                wait = next_poll - self.clock()
+                wait = max(tick, min((turn[r] for r in polled), default=now + self.poll_interval) - self.clock())
                 if urls is not None:
                     due = [s.renew_at for s in self.subscriptions.values()] + list(self._retry_at.values())
                     if due:

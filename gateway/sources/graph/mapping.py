@@ -31,6 +31,7 @@ _RESPONSES = {"accepted": "accepted", "tentativelyAccepted": "tentative", "decli
 _SHOW_AS = {"free": "free", "tentative": "tentative", "busy": "busy", "oof": "oof",
             "workingElsewhere": "working_elsewhere", "unknown": "busy"}
 _SENSITIVITY = ("normal", "personal", "private", "confidential")
+_KINDS = ("required", "optional", "resource")
 
 
 def uid_from_goid(goid: bytes) -> str:
@@ -68,21 +69,18 @@ def command_key(event: dict[str, Any]) -> str | None:
 def parse_time(value: Any) -> datetime | None:
     """A dateTimeTimeZone (``{dateTime, timeZone}``, UTC as the gateway asks for it) or a DateTimeOffset string."""
     if isinstance(value, dict):
-        text, zone = str(value.get("dateTime") or ""), str(value.get("timeZone") or "UTC")
+        text, zone = value.get("dateTime") or "", value.get("timeZone") or "UTC"
     elif isinstance(value, str):
         text, zone = value, "UTC"
     else:
         return None
     if not text:
         return None
-    text = text.replace("Z", "+00:00")
-    head, dot, rest = text.partition(".")
-    if dot:  # Graph writes seven digits of fraction; fromisoformat takes at most six
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
-    parsed = datetime.fromisoformat(text)
+    # Graph writes seven digits of fraction, which fromisoformat (3.11) reads, truncated to six.
+    parsed = datetime.fromisoformat(str(text))
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=ZoneInfo(iana_zone(zone, "UTC")))
+        return parsed.replace(tzinfo=UTC) if zone == "UTC" else \
+            parsed.replace(tzinfo=ZoneInfo(iana_zone(str(zone), "UTC"))).astimezone(UTC)
     return parsed.astimezone(UTC)
 
 
@@ -104,19 +102,22 @@ def _person(value: Any) -> Person | None:
     email = value.get("emailAddress") if isinstance(value, dict) else None
     if not isinstance(email, dict):
         return None
-    address = (email.get("address") or "").lower() or None
-    return Person(address, email.get("name"))
+    address = email.get("address")
+    return Person(address.lower() if address else None, email.get("name"))
 
 
 def _attendees(event: dict[str, Any]) -> tuple[Attendee, ...]:
     out = []
     for a in event.get("attendees") or ():
-        p = _person(a)
-        if p is None or not p.email:
+        email = a.get("emailAddress") if isinstance(a, dict) else None
+        if not isinstance(email, dict) or not email.get("address"):
             continue
-        kind = a.get("type") if a.get("type") in ("required", "optional", "resource") else "required"
-        response = _RESPONSES.get(str((a.get("status") or {}).get("response") or ""), "unknown")
-        out.append(Attendee(p.email, p.name, kind, response))
+        address = str(email["address"])
+        kind = a.get("type")
+        status = a.get("status")
+        response = status.get("response") if isinstance(status, dict) else None
+        out.append(Attendee(address.lower(), email.get("name"), kind if kind in _KINDS else "required",
+                            _RESPONSES.get(str(response or ""), "unknown")))
     return tuple(out)
 
 
@@ -127,6 +128,36 @@ def made_by_gateway(event: dict[str, Any], uid: str) -> bool:
         str(event.get("transactionId") or "").startswith(TRANSACTION_PREFIX)
 
 
+def _times(event: dict[str, Any], default_tz: str,
+           ) -> tuple[datetime, datetime, str, date | None, date | None] | None:
+    """(start, end, zone, start date, end date) of an event as its booking has them; None without times."""
+    start, end = parse_time(event.get("start")), parse_time(event.get("end"))
+    if start is None or end is None:
+        return None
+    tzname = iana_zone(event.get("originalStartTimeZone"), default_tz)
+    if not event.get("isAllDay"):
+        return start, end, tzname, None, None
+    # Graph gives midnight in the zone asked for (UTC), whatever zone the event was made in: the dates are what
+    # counts; the instants are those midnights in the event's own zone, as Exchange keeps them.
+    zone = ZoneInfo(tzname)
+    start_date, end_date = start.date(), end.date()
+    return (datetime.combine(start_date, time(), zone).astimezone(UTC),
+            datetime.combine(end_date, time(), zone).astimezone(UTC), tzname, start_date, end_date)
+
+
+def in_window(event: dict[str, Any], start: datetime, end: datetime) -> bool:
+    """Whether calendarView over [start, end) lists this instance (see ``listed``)."""
+    times = _times(event, "UTC")
+    return times is not None and listed(times[0], times[1], event.get("type") == "occurrence", start, end)
+
+
+def listed(s: datetime, e: datetime, occurrence: bool, start: datetime, end: datetime) -> bool:
+    """Whether calendarView over [start, end) lists an instance from ``s`` to ``e``: it overlaps the window (a
+    zero-length one that is no occurrence when it lies within), by the instants Exchange keeps (an all-day event's
+    midnights in its own zone)."""
+    return (s < end and e > start) or (s == e and start <= s < end and not occurrence)
+
+
 def booking_from_event(event: dict[str, Any], room: str, uid: str, default_tz: str = "UTC", *,
                        ours: bool = False) -> Booking | None:
     """One instance of a room's calendarView (singleInstance, occurrence or exception) as a booking; None for what
@@ -135,20 +166,11 @@ def booking_from_event(event: dict[str, Any], room: str, uid: str, default_tz: s
     kind = event.get("type") or "singleInstance"
     if kind == "seriesMaster":
         return None  # a series is its occurrences, never one booking at its first
-    start, end = parse_time(event.get("start")), parse_time(event.get("end"))
-    if start is None or end is None:
+    times = _times(event, default_tz)
+    if times is None:
         return None
-    tzname = iana_zone(event.get("originalStartTimeZone"), default_tz)
-    all_day = bool(event.get("isAllDay"))
-    start_date: date | None = None
-    end_date: date | None = None
-    if all_day:
-        # Graph gives midnight in the zone asked for (UTC), whatever zone the event was made in: the dates are
-        # what counts; the instants are those midnights in the event's own zone, as Exchange keeps them.
-        start_date, end_date = start.date(), end.date()
-        zone = ZoneInfo(tzname)
-        start = datetime.combine(start_date, time(), zone).astimezone(UTC)
-        end = datetime.combine(end_date, time(), zone).astimezone(UTC)
+    start, end, tzname, start_date, end_date = times
+    all_day = start_date is not None
     original = parse_time(event.get("originalStart")) if kind in ("occurrence", "exception") else None
     organizer = _person(event.get("organizer"))
     subject = event.get("subject")

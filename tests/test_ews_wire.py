@@ -1,0 +1,290 @@
+"""The EWS read path on the wire (gateway/sources/ews/wire.py): the requests are the ones exchangelib would send, with
+the headers Exchange routes and authorizes by; paging limits hold; throttling, errors and hostile answers mean what
+they meant through exchangelib; every request is counted by operation and answer.
+
+Real parts: exchangelib's own request building for the comparison, the simulator over HTTP + NTLM, and for answers
+no Exchange gives on request (a response message saying ErrorServerBusy, a DTD with entities, a web page) a small
+aiohttp server speaking EWS over a real socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from exchangelib import EWSDateTime, EWSTimeZone
+from lxml import etree
+
+from gateway.errors import GatewayError, HttpError, MailboxNotFound, Throttled
+from gateway.model import Window
+from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
+from gateway.sources.ews import source as ews_source
+from gateway.sources.ews.mapping import DETAIL_FIELDS, SYNC_FIELDS, VIEW_FIELDS
+from gateway.sources.ews.source import EwsSettings, EwsSource
+from gateway.sources.ews.wire import MNS, SOAP, TNS, Wire, encode, exchangelib_request
+from tests.conftest import SimFixture
+from tests.running_gateway import ROOM1, ROOM2, appointment, soon
+
+OPERATIONS = ("GetFolder", "SyncFolderItems", "FindItem", "GetItem")
+
+
+def make_source(url: str, **settings: Any) -> EwsSource:
+    return EwsSource(EwsSettings(ews_url=url, username=f"CONTOSO\\{SERVICE_ACCOUNT}", max_workers=2, timeout=10,
+                                 default_timezone="Europe/Berlin", **settings), SERVICE_PASSWORD)
+
+
+def window() -> Window:
+    return Window(soon() - timedelta(days=1), soon() + timedelta(days=30))
+
+
+async def import_room(src: EwsSource, room: str) -> list[Any]:
+    """What an import asks of the source for one room."""
+    await src.verify(room)
+    state: str | None = None
+    while True:
+        page = await src.changes(room, state, detailed=False)
+        state = page.sync_state
+        if not page.more:
+            break
+    return await src.read_window(room, window())
+
+
+# -- the requests ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", ["Exchange2013", "Exchange2013_SP1", "Exchange2016"])
+async def test_each_read_request_is_byte_for_byte_the_one_exchangelib_builds(version: str) -> None:
+    src = EwsSource(EwsSettings(ews_url="http://127.0.0.1:9/EWS/Exchange.asmx", username="CONTOSO\\svc",
+                                version=version, default_timezone="Europe/Berlin"), "secret")
+    try:
+        acct = src.account("Room.With&Odd<Name>@contoso.com")
+        tz = acct.default_timezone
+        start = EWSDateTime(2026, 12, 7, 9, 30, 15, 123456, tzinfo=tz)
+        end = EWSDateTime(2027, 3, 1, 0, 0, tzinfo=tz)
+        cases: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
+            ("GetFolder", (), {}),
+            ("FindItem", VIEW_FIELDS, {"start": start, "end": end, "max_entries": 1000}),
+            ("GetItem", VIEW_FIELDS + DETAIL_FIELDS, {"ids": ["AAMkA=", 'id"with<odd>&chars']}),
+            ("SyncFolderItems", SYNC_FIELDS, {"sync_state": None, "max_changes": 512}),
+            ("SyncFolderItems", SYNC_FIELDS + VIEW_FIELDS, {"sync_state": "H4sIAAA+/=", "max_changes": 1}),
+        ]
+        wire = Wire()
+        for operation, fields, values in cases:
+            ours = wire.request(acct, operation, fields, version, encode(**values))
+            theirs = exchangelib_request(acct, operation, fields, version, **values)
+            assert ours == theirs, operation
+            head = etree.fromstring(ours).find(f"{{{SOAP}}}Header")
+            assert head is not None
+            assert head.find(f"{{{TNS}}}RequestServerVersion").get("Version") == version
+            assert head.findtext(f"{{{TNS}}}ExchangeImpersonation/{{{TNS}}}ConnectingSID/"
+                                 f"{{{TNS}}}PrimarySmtpAddress") == "room.with&odd<name>@contoso.com"
+    finally:
+        await src.close()
+
+
+async def test_every_read_request_carries_the_rooms_anchor_and_impersonation(ews: SimFixture) -> None:
+    headers: list[tuple[str, dict[str, str]]] = []
+    bodies: list[tuple[str, bytes]] = []
+    ews.call(lambda: setattr(ews.sim, "header_recorder", lambda op, h: headers.append((op, h))))
+    ews.call(lambda: setattr(ews.sim, "recorder", lambda op, req, resp: bodies.append((op, req))))
+    appointment(ews, ROOM2, "Anchored", soon())
+    src = make_source(ews.url)
+    try:
+        bookings = await import_room(src, ROOM2)
+    finally:
+        await src.close()
+    assert [b.subject for b in bookings] == ["Anchored"]
+    assert {op for op, _ in headers} >= set(OPERATIONS)
+    for op, h in headers:
+        # As exchangelib 5.6 sends them for these operations: the room as anchor, no request for server affinity.
+        assert h.get("X-AnchorMailbox") == ROOM2, (op, h)
+        assert "X-PreferServerAffinity" not in h, (op, h)
+    for op, body in bodies:
+        head = etree.fromstring(body).find(f"{{{SOAP}}}Header")
+        assert head is not None
+        assert head.findtext(f".//{{{TNS}}}PrimarySmtpAddress") == ROOM2, op
+        assert head.find(f"{{{TNS}}}RequestServerVersion").get("Version") == "Exchange2013_SP1", op
+        assert head.find(f"{{{TNS}}}TimeZoneContext/{{{TNS}}}TimeZoneDefinition").get("Id") == \
+            EWSTimeZone("Europe/Berlin").ms_id, op
+
+
+# -- paging limits --------------------------------------------------------------------------------------------------
+async def test_a_calendar_view_that_comes_back_full_is_split_until_nothing_is_left_out(
+        ews: SimFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    subjects = {f"Busy {n}" for n in range(9)}
+    for n in range(9):
+        appointment(ews, ROOM1, f"Busy {n}", soon(26 + 3 * n))
+    monkeypatch.setattr(ews_source, "FIND_COUNT_LIMIT", 4)  # Exchange's is 1000: the same rule, smaller
+    src = make_source(ews.url)
+    try:
+        bookings = await src.read_window(ROOM1, window())
+        views = src.calls.counts.get(("FindItem", "NoError"), 0)
+    finally:
+        await src.close()
+    assert {b.subject for b in bookings} == subjects and len(bookings) == 9
+    assert views > 3  # the window was asked in pieces, each answered whole
+
+
+async def test_meetings_are_read_in_chunks_of_get_item_chunk(ews: SimFixture) -> None:
+    for n in range(5):
+        appointment(ews, ROOM1, f"Chunked {n}", soon(26 + 2 * n))
+    src = make_source(ews.url, get_item_chunk=2)
+    try:
+        bookings = await src.read_window(ROOM1, window())
+        counts = dict(src.calls.counts)
+    finally:
+        await src.close()
+    assert len(bookings) == 5 and all(b.organizer is not None for b in bookings)
+    assert counts == {("FindItem", "NoError"): 1, ("GetItem", "NoError"): 3}
+
+
+async def test_changes_come_in_pages_of_sync_page_size_until_the_last(ews: SimFixture) -> None:
+    uids = {appointment(ews, ROOM1, f"Paged {n}", soon(26 + 2 * n)) for n in range(5)}
+    src = make_source(ews.url, sync_page_size=2)
+    try:
+        first = await src.changes(ROOM1, None)
+        seen, state, pages = set(first.changed_uids), first.sync_state, 1
+        more = first.more
+        while more:
+            page = await src.changes(ROOM1, state)
+            seen |= page.changed_uids
+            state, more, pages = page.sync_state, page.more, pages + 1
+            assert len(page.changed_uids) <= 2
+    finally:
+        await src.close()
+    assert len(first.changed_uids) == 2 and first.more
+    assert uids <= seen and pages >= 3
+
+
+# -- answers: counted, and meaning what they meant -------------------------------------------------------------------
+async def test_each_request_is_counted_by_operation_and_answer(ews: SimFixture) -> None:
+    appointment(ews, ROOM1, "Counted", soon())
+    src = make_source(ews.url)
+    try:
+        await import_room(src, ROOM1)
+        with pytest.raises(MailboxNotFound):
+            await src.read_window("nobody@contoso.com", window())
+        counts = dict(src.calls.counts)
+    finally:
+        await src.close()
+    assert counts == {("GetFolder", "NoError"): 1, ("SyncFolderItems", "NoError"): 1, ("FindItem", "NoError"): 1,
+                      ("GetItem", "NoError"): 1, ("FindItem", "ErrorNonExistentMailbox"): 1}
+
+
+async def test_throttling_of_a_window_read_is_throttled_with_exchanges_back_off(ews: SimFixture) -> None:
+    src = make_source(ews.url)
+    try:
+        await src.verify(ROOM1)  # the session is authenticated; from now on every request is refused as busy
+        ews.call(lambda: (setattr(ews.sim.throttle, "max_concurrent", 0),
+                          setattr(ews.sim.throttle, "back_off_ms", 1500)))
+        for read in (lambda: src.read_window(ROOM1, window()), lambda: src.changes(ROOM1, None)):
+            with pytest.raises(Throttled) as caught:
+                await read()
+            assert caught.value.back_off == 1.5
+        assert src.calls.counts[("FindItem", "ErrorServerBusy")] == 1
+    finally:
+        await src.close()
+
+
+Answer = Callable[[str], tuple[int, bytes, str]]
+
+
+def envelope(body: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{SOAP}" xmlns:m="{MNS}" xmlns:t="{TNS}">'
+            f"<s:Body>{body}</s:Body></s:Envelope>").encode()
+
+
+def success(operation: str, inner: str) -> str:
+    return (f"<m:{operation}Response><m:ResponseMessages><m:{operation}ResponseMessage ResponseClass=\"Success\">"
+            f"<m:ResponseCode>NoError</m:ResponseCode>{inner}</m:{operation}ResponseMessage></m:ResponseMessages>"
+            f"</m:{operation}Response>")
+
+
+def calendar_item(subject: str = "Stub meeting") -> str:
+    start = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
+    return (f'<t:CalendarItem><t:ItemId Id="stub1" ChangeKey="ck"/><t:Subject>{subject}</t:Subject>'
+            f"<t:Start>{start.isoformat().replace('+00:00', 'Z')}</t:Start>"
+            f"<t:End>{(start + timedelta(hours=1)).isoformat().replace('+00:00', 'Z')}</t:End>"
+            "<t:CalendarItemType>Single</t:CalendarItemType><t:UID>stub-uid-1</t:UID></t:CalendarItem>")
+
+
+@pytest.fixture
+async def stub(aiohttp_server: Any) -> Callable[[Answer], Awaitable[str]]:
+    """An EWS endpoint that answers each operation as ``answer(operation)`` says: (status, body, content type)."""
+    async def start(answer: Answer) -> str:
+        async def handle(request: web.Request) -> web.Response:
+            data = await request.read()
+            op = next((o for o in OPERATIONS if f"<m:{o}".encode() in data), "?")
+            status, body, ctype = answer(op)
+            return web.Response(status=status, body=body, content_type=ctype)
+        app = web.Application()
+        app.router.add_post("/EWS/Exchange.asmx", handle)
+        server = await aiohttp_server(app)
+        return f"http://127.0.0.1:{server.port}/EWS/Exchange.asmx"
+    return start
+
+
+def ordinary(op: str) -> tuple[int, bytes, str]:
+    if op == "FindItem":
+        return 200, envelope(success("FindItem", '<m:RootFolder TotalItemsInView="1" IncludesLastItemInRange='
+                                     f'"true"><t:Items>{calendar_item()}</t:Items></m:RootFolder>')), "text/xml"
+    if op == "GetItem":
+        return 200, envelope(success("GetItem", f"<m:Items>{calendar_item()}</m:Items>")), "text/xml"
+    return 200, envelope(success("GetFolder", '<m:Folders><t:CalendarFolder><t:FolderId Id="f"/>'
+                                 "</t:CalendarFolder></m:Folders>")), "text/xml"
+
+
+async def test_a_response_message_saying_server_busy_keeps_its_back_off(stub: Any) -> None:
+    def answer(op: str) -> tuple[int, bytes, str]:
+        if op != "FindItem":
+            return ordinary(op)
+        return 200, envelope(
+            '<m:FindItemResponse><m:ResponseMessages><m:FindItemResponseMessage ResponseClass="Error">'
+            "<m:MessageText>The server cannot service this request right now.</m:MessageText>"
+            "<m:ResponseCode>ErrorServerBusy</m:ResponseCode><m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>"
+            '<m:MessageXml><t:Value Name="BackOffMilliseconds">2500</t:Value></m:MessageXml>'
+            "</m:FindItemResponseMessage></m:ResponseMessages></m:FindItemResponse>"), "text/xml"
+    src = make_source(await stub(answer), auth="basic")
+    try:
+        with pytest.raises(Throttled) as caught:
+            await src.read_window(ROOM1, window())
+        assert src.calls.counts == {("FindItem", "ErrorServerBusy"): 1}
+    finally:
+        await src.close()
+    assert caught.value.back_off == 2.5
+
+
+async def test_an_answer_with_entities_expands_none_and_reads_no_file(stub: Any, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT")
+    def answer(op: str) -> tuple[int, bytes, str]:
+        if op != "FindItem":
+            return ordinary(op)
+        doctype = (f'<!DOCTYPE s:Envelope [<!ENTITY xxe SYSTEM "file://{secret}"><!ENTITY a "aaaaaaaaaa">'
+                   '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">'
+                   '<!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;"><!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;">]>')
+        body = envelope(success("FindItem", '<m:RootFolder TotalItemsInView="1" IncludesLastItemInRange="true">'
+                                f"<t:Items>{calendar_item('Hi &xxe; &e;')}</t:Items></m:RootFolder>"))
+        head, rest = body.split(b"?>", 1)
+        return 200, head + b"?>" + doctype.encode() + rest, "text/xml"
+    src = make_source(await stub(answer), auth="basic")
+    try:
+        bookings = await src.read_window(ROOM1, window())
+    finally:
+        await src.close()
+    assert len(bookings) == 1
+    subject = bookings[0].subject or ""
+    assert "TOP-SECRET" not in subject and "aaaaaaaaaa" not in subject
+
+
+@pytest.mark.parametrize("page", [b"<html><body><h1>Welcome</h1></body></html>", b"Service temporarily moved"])
+async def test_an_answer_that_is_not_ews_is_http_error_did_not_answer_as_ews(stub: Any, page: bytes) -> None:
+    src = make_source(await stub(lambda op: (200, page, "text/html")), auth="basic")
+    try:
+        with pytest.raises(GatewayError) as caught:
+            await src.read_window(ROOM1, window())
+    finally:
+        await src.close()
+    assert isinstance(caught.value, HttpError) and "did not answer as Exchange Web Services" in str(caught.value)
