@@ -43,6 +43,7 @@ class BenchArgs:
     rate: float = 20.0
     duration: float = 30.0
     latency_ms: float = 20.0
+    concurrency: int = 10  # EWS requests in flight (exchange.max_concurrent_requests; the docs advise about 10)
     as_json: bool = False
     sync: bool = True  # the import and change-latency part
     relay: bool = True  # the tunnel throughput and command round-trip part
@@ -57,6 +58,7 @@ class BenchArgs:
 class Results:
     rooms: int = 0
     bookings: int = 0
+    concurrency: int = 0
     import_seconds: float = 0.0
     changes: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -80,7 +82,8 @@ class Results:
         return {
             "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": pct(100), "samples": len(lat)},
             "ews_calls_per_change": round(self.ews_calls / self.changes, 2) if self.changes else None,
-            "import": {"rooms": self.rooms, "bookings": self.bookings, "seconds": round(self.import_seconds, 1),
+            "import": {"rooms": self.rooms, "bookings": self.bookings, "concurrency": self.concurrency,
+                       "seconds": round(self.import_seconds, 1),
                        "bookings_per_second": round(self.bookings / self.import_seconds) if self.import_seconds
                        else None, "cpu_seconds": {"gateway": round(self.import_cpu_gateway, 1),
                                                   "simulator": round(self.import_cpu_simulator, 1)},
@@ -165,7 +168,7 @@ class Arrivals:
 
 async def run(args: BenchArgs) -> Results:
     _pin(1)
-    res = Results(rooms=args.rooms)
+    res = Results(rooms=args.rooms, concurrency=args.concurrency)
     _say(f"starting the simulator: {args.rooms} rooms with a year of bookings, {args.latency_ms:g} ms per call")
     t0 = time.monotonic()
     proc, info = start_simulator(args)
@@ -175,9 +178,10 @@ async def run(args: BenchArgs) -> Results:
     store = Path(tempfile.mkdtemp(prefix="gateway-bench-")) / "gateway.sqlite"
     options = GatewayOptions(
         ews=EwsSettings(ews_url=info["ews_url"], username=sa["username"], default_timezone="Europe/Berlin",
-                        max_workers=10),
+                        max_workers=args.concurrency),
         password=sa["password"], rooms=tuple(rooms),
-        sync=SyncSettings(debounce_seconds=0.1, max_concurrent_rooms=10, reconcile_seconds=24 * 3600,
+        sync=SyncSettings(debounce_seconds=0.1, max_concurrent_rooms=args.concurrency,
+                          reconcile_seconds=24 * 3600,
                           roll_seconds=24 * 3600),
         store_path=store, feed="streaming", stream_timeout_minutes=30)
     arrivals = Arrivals()
@@ -302,7 +306,7 @@ def scale_command(args: BenchArgs, rooms: int) -> list[str]:
     """The sync part for one room count, in a process of its own (so that its peak RSS is its own)."""
     return [sys.executable, "-m", "gateway", "bench", "--rooms", str(rooms), "--only", "sync", "--json",
             "--rate", str(args.rate), "--duration", str(args.duration), "--latency-ms", str(args.latency_ms),
-            "--log-level", "warning"]
+            "--concurrency", str(args.concurrency), "--log-level", "warning"]
 
 
 def run_scale(args: BenchArgs, run_one: Callable[[list[str]], str] | None = None) -> list[dict[str, Any]]:

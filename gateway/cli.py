@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of steady changes (default: %(default)s)")
     gbench.add_argument("--latency-ms", type=float, default=20.0, metavar="MS",
                         help="simulated Exchange latency per call (default: %(default)s)")
+    gbench.add_argument("--concurrency", type=_concurrency, default=10, metavar="N",
+                        help="EWS requests the gateway keeps in flight, as exchange.max_concurrent_requests (1-27; "
+                             "default: %(default)s, as Microsoft advises for one service account)")
     gbench.add_argument("--events", type=int, default=50_000, metavar="N",
                         help="events pushed through one tunnel to the hub; 0 skips it (default: %(default)s)")
     gbench.add_argument("--commands", type=int, default=100, metavar="N",
@@ -309,6 +312,13 @@ def _rate(text: str) -> float:
     return value
 
 
+def _concurrency(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 27:
+        raise argparse.ArgumentTypeError("must be between 1 and 27 (Exchange's EWSMaxConcurrency)")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 3600:
@@ -400,7 +410,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from gateway import bench
 
         return bench.main(bench.BenchArgs(rooms=args.rooms[0], scale=args.rooms, rate=args.rate, duration=args.duration,
-                                          latency_ms=args.latency_ms, as_json=args.json,
+                                          latency_ms=args.latency_ms, concurrency=args.concurrency,
+                                          as_json=args.json,
                                           sync=args.only in (None, "sync"), relay=args.only in (None, "relay"),
                                           events=args.events, commands=args.commands, rba_delay=args.rba_delay,
                                           graph=args.only == "graph", poll_interval=args.poll_interval))

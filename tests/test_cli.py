@@ -95,9 +95,14 @@ def test_bench_runs_once_per_room_count_each_in_a_process_of_its_own_and_reports
         ran.append(cmd)
         rooms = int(cmd[cmd.index("--rooms") + 1])
         return "a line of something else\n" + json.dumps({"import": {"rooms": rooms}})
-    runs = run_scale(BenchArgs(rooms=100, scale=(100, 1000)), one)
+    runs = run_scale(BenchArgs(rooms=100, scale=(100, 1000), concurrency=20), one)
     assert [r["import"]["rooms"] for r in runs] == [100, 1000]
     assert all(c[c.index("--only") + 1] == "sync" and "--json" in c for c in ran)
+    assert all(c[c.index("--concurrency") + 1] == "20" for c in ran)  # each count's process keeps it
+    assert build_parser().parse_args(["bench"]).concurrency == 10
+    for bad in ("0", "28"):  # Exchange allows 27 requests in flight per service account
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", "--concurrency", bad])
 
     imp = Results(rooms=10, bookings=2000, import_seconds=4.0, import_cpu_gateway=1.0, import_cpu_simulator=0.5,
                   import_ews_calls=50, import_rss_mb=99.94).as_dict()["import"]
