@@ -304,3 +304,20 @@ async def test_an_answer_that_is_not_ews_is_http_error_did_not_answer_as_ews(stu
     finally:
         await src.close()
     assert isinstance(caught.value, HttpError) and "did not answer as Exchange Web Services" in str(caught.value)
+
+
+async def test_a_first_sync_of_a_room_without_a_calendar_fails_as_its_verification_does(ews: SimFixture) -> None:
+    # A first SyncFolderItems (no state sent) answers ErrorSyncFolderNotFound for a missing calendar: there is no
+    # state to be invalid, so it is the calendar that is not found, as GetFolder says it (the coordinator verifies a
+    # room that has never been imported by its import's first call).
+    ews.call(lambda: ews.sim.directory.get(ROOM1).folders.pop("calendar"))
+    src = make_source(ews.url)
+    try:
+        with pytest.raises(GatewayError) as verified:
+            await src.verify(ROOM1)
+        with pytest.raises(GatewayError) as synced:
+            await src.changes(ROOM1, None, detailed=False)
+    finally:
+        await src.close()
+    assert type(synced.value) is type(verified.value) and synced.value.key == verified.value.key == "not_found"
+    assert "calendar" in str(synced.value) and ROOM1 in str(synced.value)
