@@ -261,8 +261,9 @@ class Api:
 
     async def people(self, request: web.Request) -> web.Response:
         if self.people_of is None:
-            raise problem(404, "no_directory", "no directory is configured, so the gateway knows no people; see "
-                                               "directory: in the configuration")
+            raise problem(404, "no_directory", "no directory is configured, so the gateway knows no people: "
+                                               "configure directory: (Active Directory over LDAP) or people: on a "
+                                               "graph source (Entra ID)")
         return web.json_response({"people": await self._read(self.people_of)})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
