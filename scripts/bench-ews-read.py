@@ -2,8 +2,9 @@
 """The EWS read path alone: what an import asks of EwsSource, for every room of a simulated Exchange, and the CPU
 the gateway's process spends on it (the simulator runs in a process of its own, on the other core).
 
-Per room, as an import does: verify (GetFolder), changes(room, None, detailed=False) until the last page
-(SyncFolderItems), read_window over -7 d .. +365 d (FindItem CalendarView, GetItem of the meetings).
+Per room, as an import of a room never imported does: changes(room, None, detailed=False) until the last page
+(SyncFolderItems; its first call verifies the room, so no GetFolder), read_window over -7 d .. +365 d (FindItem
+CalendarView, GetItem of the meetings).
 
     .venv/bin/python scripts/bench-ews-read.py --rooms 200 [--profile out.prof] [--top 25]
 
@@ -45,7 +46,6 @@ class _Inline(Executor):
 
 
 async def import_room(source: EwsSource, room: str, window: Window) -> int:
-    await source.verify(room)
     state: str | None = None
     while True:
         page = await source.changes(room, state, detailed=False)

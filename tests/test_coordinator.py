@@ -136,6 +136,23 @@ async def test_a_room_starts_importing_as_soon_as_it_is_verified_not_after_every
     assert most <= 2, f"up to {most} rooms were verified before their import began"
 
 
+async def test_a_room_never_imported_is_verified_by_its_imports_first_call_a_known_one_before_its_read(
+        start: Start, memory_source: MemorySource) -> None:
+    # An import's first SyncFolderItems fails as the verification would (tests/test_source_contract.py): one call
+    # less per room. A room with a sync state is verified first, as its first read is a whole window's.
+    begin = memory_source.now + timedelta(days=1)
+    memory_source.book(ALICE, [ROOM1], begin, begin + timedelta(hours=1), "Planning")
+    first = await start((ROOM1,))
+    await eventually(lambda: first.imported(ROOM1), what="imported")
+    assert memory_source.calls["verify"] == 0 and first.states(ROOM1) == ["syncing", "verified"]
+    await first.coordinator.stop()
+
+    second = await start((ROOM1,))
+    await eventually(lambda: second.coordinator.workers[ROOM1].last_success is not None, what="ROOM1 read again")
+    assert memory_source.calls["verify"] == 1 and second.states(ROOM1) == ["syncing", "verified", "verified"]
+    assert len(second.events(ROOM1, CREATED)) == 1
+
+
 async def test_rooms_steps_that_meet_at_the_store_share_a_transaction_and_each_is_whole(
         start: Start, memory_source: MemorySource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An import commits a room every few milliseconds: the steps that arrive while the store writes share its next
@@ -153,12 +170,24 @@ async def test_rooms_steps_that_meet_at_the_store_share_a_transaction_and_each_i
     real = SqliteStore.commit_syncs
     monkeypatch.setattr(SqliteStore, "commit_syncs",
                         lambda self, steps: batches.append([room for room, _ in steps]) or real(self, steps))
+    # Every room's import asks for its first changes; then the store's writer is held, and the answers go out.
+    asked: list[str] = []
+    answer = asyncio.Event()
+    first_changes = memory_source.changes
+
+    async def gathered(room: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(room)
+        await answer.wait()
+        return await first_changes(room, *args, **kwargs)
+    memory_source.changes = gathered  # type: ignore[method-assign]
     g = await start(rooms, max_concurrent_rooms=12)
+    await eventually(lambda: len(asked) >= len(rooms), what="every room's import asking for its first changes")
     held = threading.Event()
-    g.coordinator._writer.submit(held.wait, 30)  # (before any room's task has run)
+    g.coordinator._writer.submit(held.wait, 30)
+    answer.set()
     # A room's state is set as its step is handed to the store: every room's waits now.
-    await eventually(lambda: all(w.state == "verified" for w in g.coordinator.workers.values()),
-                     what="every room's verified state waiting for the store")
+    await eventually(lambda: all(w.state == "syncing" for w in g.coordinator.workers.values()),
+                     what="every room's syncing state waiting for the store")
     held.set()
     await eventually(lambda: g.imported(*rooms), what="every room imported")
     assert max(len(b) for b in batches) >= 4
@@ -286,7 +315,7 @@ async def test_a_room_this_gateway_no_longer_owns_is_released_without_a_word_to_
             ROOM1].last_success is not None, what="ROOM1 synced again")
     assert [(e["room"], e["bookings"]) for e in logs if e["event"] == "room.released"] == [(ROOM2, 1)]
     assert second.events(ROOM2, DELETED) == []
-    assert second.states(ROOM2) == ["verified", "syncing", "verified"]  # as the first left them: nothing new
+    assert second.states(ROOM2) == ["syncing", "verified"]  # as the first left them: nothing new
     assert ROOM2 not in {r.email for r in second.store.rooms()}
     assert second.store.bookings(ROOM2) == [] and second.store.sync_state(ROOM2) is None
     assert len(second.events(ROOM1, CREATED)) == 1 and second.events(ROOM1, DELETED) == []
@@ -351,8 +380,8 @@ async def test_throttling_and_an_outage_are_announced_and_stall_no_other_room(
     g = await start((ROOM1, ROOM2, ROOM3))
     await eventually(lambda: g.imported(ROOM2, ROOM3) and g.states(ROOM1), what="the other rooms imported")
     assert g.states(ROOM1) == ["throttled"] and g.coordinator.workers[ROOM1].state == "throttled"
-    assert g.states(ROOM2) == ["cannot_connect", "verified", "syncing", "verified"]  # announced once, retried
-    assert g.states(ROOM3) == ["verified", "syncing", "verified"]
+    assert g.states(ROOM2) == ["cannot_connect", "syncing", "verified"]  # announced once, retried
+    assert g.states(ROOM3) == ["syncing", "verified"]  # (verified by its import's first call)
 
 
 async def test_refused_credentials_are_auth_required_for_every_room_until_they_work_again(
@@ -362,13 +391,13 @@ async def test_refused_credentials_are_auth_required_for_every_room_until_they_w
         g = await start((ROOM1, ROOM2, ROOM3), auth_retry_seconds=0.1)
         await eventually(lambda: all(g.states(r) == ["auth_required"] for r in (ROOM1, ROOM2, ROOM3)),
                          what="auth_required")
-        probes = memory_source.calls["verify"]
-        await eventually(lambda: memory_source.calls["verify"] > probes, what="a later probe")
+        probes = memory_source.calls["changes"]  # (rooms never imported: their import's first call verifies them)
+        await eventually(lambda: memory_source.calls["changes"] > probes, what="a later probe")
         memory_source.heal()
         await eventually(lambda: g.imported(ROOM1, ROOM2, ROOM3), what="recovered")
     assert [e["event"] for e in logs if e["event"].startswith("exchange.auth")] == [
         "exchange.auth_failed", "exchange.auth_restored"]
-    assert all(g.states(r) == ["auth_required", "verified", "syncing", "verified"] for r in (ROOM1, ROOM2, ROOM3))
+    assert all(g.states(r) == ["auth_required", "syncing", "verified"] for r in (ROOM1, ROOM2, ROOM3))
 
 
 def _iso(value: Any) -> str:

@@ -7,6 +7,7 @@ RemovePrivateProperty $false), an all-day event created in Pacific time, and a w
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -151,3 +152,33 @@ def test_a_views_instances_map_with_each_meetings_details_read_once(monkeypatch)
     assert len(read) == len(details) < len(items)
     series = [b for b in together if b.series_id]
     assert len(series) == 4 and all(b.attendees is series[0].attendees for b in series)
+
+
+def test_each_meetings_id_is_decoded_once_however_many_instances_it_has(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Every instance of a series carries the same CleanGlobalObjectId; an import read (base64 and all) each one.
+    root = etree.fromstring((Path(__file__).parent / "data" / "ews" / "room-calendar-getitem.xml").read_bytes())
+    els = list(root.iter(f"{{{TNS}}}CalendarItem"))
+    expected = [uid_from_goid(base64.b64decode(el.findtext(f"{{{TNS}}}ExtendedProperty/{{{TNS}}}Value") or ""))
+                for el in els]
+    mapping._uid_of.cache_clear()
+    decoded: list[object] = []
+    real = base64.b64decode
+    monkeypatch.setattr(mapping.base64, "b64decode", lambda v: decoded.append(v) or real(v))
+    assert [element_uid(el) for el in els] == expected
+    assert [element_uid(el) for el in els] == expected  # (a second read of the page decodes nothing)
+    assert len(decoded) == len(set(expected)) == 3 < len(els) == 6
+
+
+def test_a_command_key_and_the_meeting_id_are_read_wherever_the_property_puts_its_parts() -> None:
+    # ExtendedFieldURI then Value is the schema's order; read by tag, not by position, either way.
+    goid = base64.b64encode(b"\x04\x00\x00\x00" + b"vCal-Uid\x01\x00\x00\x00" + b"uid-1\x00").decode()
+    item = etree.fromstring(
+        f'<t:CalendarItem xmlns:t="{TNS}"><t:ItemId Id="i1"/><t:Start>2026-03-02T09:00:00Z</t:Start>'
+        '<t:End>2026-03-02T10:00:00Z</t:End><t:CalendarItemType>Single</t:CalendarItemType>'
+        f'<t:ExtendedProperty><t:Value>{goid}</t:Value><t:ExtendedFieldURI DistinguishedPropertySetId="Meeting" '
+        'PropertyId="35" PropertyType="Binary"/></t:ExtendedProperty>'
+        '<t:ExtendedProperty><t:Value>cmd-9</t:Value><t:ExtendedFieldURI DistinguishedPropertySetId="PublicStrings" '
+        f'PropertyName="{mapping.COMMAND_KEY_PROPERTY}" PropertyType="String"/></t:ExtendedProperty>'
+        '</t:CalendarItem>')
+    b = booking_from_xml(item, ROOM)
+    assert b is not None and b.uid == "uid-1" and b.origin == "gateway"

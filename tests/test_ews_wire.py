@@ -84,6 +84,22 @@ async def test_each_read_request_is_byte_for_byte_the_one_exchangelib_builds(ver
         await src.close()
 
 
+async def test_a_calendar_view_asks_only_for_what_a_booking_is_made_of() -> None:
+    # Every field asked for is bytes Exchange writes and the gateway parses, for every instance of every room.
+    src = EwsSource(EwsSettings(ews_url="http://127.0.0.1:9/EWS/Exchange.asmx", username="CONTOSO\\svc",
+                                default_timezone="Europe/Berlin"), "secret")
+    try:
+        acct = src.account(ROOM2)
+        tz = acct.default_timezone
+        body = Wire().request(acct, "FindItem", VIEW_FIELDS, "Exchange2013_SP1", encode(
+            start=EWSDateTime(2026, 12, 7, tzinfo=tz), end=EWSDateTime(2027, 1, 7, tzinfo=tz), max_entries=1000))
+    finally:
+        await src.close()
+    asked = {el.get("FieldURI") for el in etree.fromstring(body).iter(f"{{{TNS}}}FieldURI")}
+    assert "calendar:Location" not in asked and "calendar:IsMeeting" not in asked
+    assert {"calendar:Start", "calendar:End", "item:Subject", "calendar:CalendarItemType"} <= asked
+
+
 async def test_every_read_request_carries_the_rooms_anchor_and_impersonation(ews: SimFixture) -> None:
     headers: list[tuple[str, dict[str, str]]] = []
     bodies: list[tuple[str, bytes]] = []
@@ -288,3 +304,20 @@ async def test_an_answer_that_is_not_ews_is_http_error_did_not_answer_as_ews(stu
     finally:
         await src.close()
     assert isinstance(caught.value, HttpError) and "did not answer as Exchange Web Services" in str(caught.value)
+
+
+async def test_a_first_sync_of_a_room_without_a_calendar_fails_as_its_verification_does(ews: SimFixture) -> None:
+    # A first SyncFolderItems (no state sent) answers ErrorSyncFolderNotFound for a missing calendar: there is no
+    # state to be invalid, so it is the calendar that is not found, as GetFolder says it (the coordinator verifies a
+    # room that has never been imported by its import's first call).
+    ews.call(lambda: ews.sim.directory.get(ROOM1).folders.pop("calendar"))
+    src = make_source(ews.url)
+    try:
+        with pytest.raises(GatewayError) as verified:
+            await src.verify(ROOM1)
+        with pytest.raises(GatewayError) as synced:
+            await src.changes(ROOM1, None, detailed=False)
+    finally:
+        await src.close()
+    assert type(synced.value) is type(verified.value) and synced.value.key == verified.value.key == "not_found"
+    assert "calendar" in str(synced.value) and ROOM1 in str(synced.value)

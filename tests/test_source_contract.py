@@ -135,6 +135,8 @@ class SourceContract:
         assert e.value.key == "impersonation_denied" and world.person in str(e.value)
         with pytest.raises(ImpersonationDenied):
             await world.source.read_window(world.person, world.window)
+        with pytest.raises(ImpersonationDenied):  # (a first sync verifies a room that was never imported)
+            await world.source.changes(world.person, None)
 
     # -- reading ---------------------------------------------------------------------------------------------
     async def test_a_window_lists_single_meetings_and_series_expanded_into_occurrences(self, world: World) -> None:

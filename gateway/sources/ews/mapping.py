@@ -8,6 +8,7 @@ few microseconds, and that decides whether a thousand rooms import in seconds or
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -78,11 +79,11 @@ def _command_key(el: etree._Element) -> str | None:
     return None
 
 
-# Cheap in a CalendarView (FindItem) ...
+# Cheap in a CalendarView (FindItem) ... (only what a booking is made of: every field more is bytes Exchange
+# writes and the gateway parses, per instance; the writer asks for what it needs itself)
 VIEW_FIELDS = (
     "start", "end", "subject", "is_all_day", "legacy_free_busy_status", "sensitivity", "type", "is_cancelled",
-    "my_response_type", "is_meeting", "location", "_start_timezone", "original_start", "clean_global_object_id",
-    "gateway_command_key",
+    "my_response_type", "_start_timezone", "original_start", "clean_global_object_id", "gateway_command_key",
 )
 # ... these only come with GetItem.
 DETAIL_FIELDS = ("organizer", "required_attendees", "optional_attendees", "resources")
@@ -101,6 +102,7 @@ _T = {name: f"{{{TNS}}}{name}" for name in (
     "IsCancelled", "CalendarItemType", "MyResponseType", "Organizer", "Mailbox", "Name", "EmailAddress",
     "RequiredAttendees", "OptionalAttendees", "Resources", "Attendee", "ResponseType", "StartTimeZone",
     "ExtendedProperty", "ExtendedFieldURI", "Value", "UID", "NetShowUrl", "ParentItemId")}
+_URI, _VALUE, _EXT = _T["ExtendedFieldURI"], _T["Value"], _T["ExtendedProperty"]
 
 
 def uid_from_goid(goid: bytes) -> str:
@@ -122,16 +124,27 @@ def meeting_uid(item: Any) -> str | None:
 
 
 def element_uid(el: etree._Element) -> str | None:
-    for prop in el.iterchildren(_T["ExtendedProperty"]):
-        f = _children(prop)
-        uri = f.get(_T["ExtendedFieldURI"])
-        if uri is not None and uri.get("PropertyId") in ("35", "0x23") and uri.get("DistinguishedPropertySetId") \
-                == "Meeting":
-            value = _value(f, "Value")
-            if value:
-                return uid_from_goid(base64.b64decode(value))
+    for prop in el.iterchildren(_EXT):
+        uri = _first(prop, _URI)
+        if uri is not None and uri.get("DistinguishedPropertySetId") == "Meeting" \
+                and uri.get("PropertyId") in ("35", "0x23"):
+            value = _first(prop, _VALUE)
+            if value is not None and value.text:
+                return _uid_of(value.text)
     for child in el.iterchildren(_T["UID"]):
         return child.text or ""
+    return None
+
+
+@functools.lru_cache(maxsize=8192)  # every instance of a meeting carries the same value: decoded once
+def _uid_of(value: str) -> str:
+    return uid_from_goid(base64.b64decode(value))
+
+
+def _first(el: etree._Element, tag: str) -> etree._Element | None:
+    """The first child with this tag (found in C: no proxy is made for the other children)."""
+    for child in el.iterchildren(tag):
+        return child
     return None
 
 
@@ -214,40 +227,43 @@ def _meeting(el: etree._Element, text: dict[str, str], parts: dict[str, etree._E
     return Meeting(_person(parts.get(_ORGANIZER)), _attendees(el, parts), text.get(_NET_SHOW_URL), commanded)
 
 
-_TZ, _ORGANIZER, _EXT = _T["StartTimeZone"], _T["Organizer"], _T["ExtendedProperty"]
+_TZ, _ORGANIZER = _T["StartTimeZone"], _T["Organizer"]
 _START, _END, _ORIGINAL, _SUBJECT, _KIND, _ALL_DAY = (
     _T[n] for n in ("Start", "End", "OriginalStart", "Subject", "CalendarItemType", "IsAllDayEvent"))
 _SENSITIVITY_, _RESPONSE, _CANCELLED, _FREE_BUSY_, _NET_SHOW_URL = (
     _T[n] for n in ("Sensitivity", "MyResponseType", "IsCancelled", "LegacyFreeBusyStatus", "NetShowUrl"))
 _PARTS = frozenset((_TZ, _ORGANIZER, _T["RequiredAttendees"], _T["OptionalAttendees"], _T["Resources"]))
+_TEXTS = frozenset((_START, _END, _ORIGINAL, _SUBJECT, _KIND, _ALL_DAY, _SENSITIVITY_, _RESPONSE, _CANCELLED,
+                    _FREE_BUSY_, _NET_SHOW_URL))  # the simple fields a booking is made of (no other text is read)
 
 
 def _item_fields(el: etree._Element) -> tuple[dict[str, str], dict[str, etree._Element], bool]:
-    """An item's fields in one pass: the text of each simple one (what findtext() gives: "" for an empty one), the
-    elements of those with parts (time zone, organizer, attendees), and whether one of its extended properties is a
-    command key. The first of each tag counts. Texts, not elements: each element kept alive cost more than reading
-    its text (an lxml proxy per child), and an item has a dozen and a half children."""
+    """An item's fields in one pass: the text of each simple field a booking reads (what findtext() gives: "" for
+    an empty one), the elements of those with parts (time zone, organizer, attendees), and whether one of its
+    extended properties is a command key. The first of each tag counts. Texts, not elements: each element kept alive
+    cost more than reading its text (an lxml proxy per child), and an item has a dozen and a half children."""
     text: dict[str, str] = {}
     parts: dict[str, etree._Element] = {}
     commanded = False
     for child in el:
         tag = child.tag
-        if tag in _PARTS:
+        if tag in _TEXTS:
+            if tag not in text:
+                text[tag] = child.text or ""
+        elif tag in _PARTS:
             if tag not in parts:
                 parts[tag] = child
         elif tag == _EXT:
             commanded = commanded or bool(_command_key_of(child))
-        elif tag not in text:
-            text[tag] = child.text or ""
     return text, parts, commanded
 
 
 def _command_key_of(prop: etree._Element) -> str | None:
-    f = _children(prop)
-    uri = f.get(_T["ExtendedFieldURI"])
-    if uri is not None and uri.get("DistinguishedPropertySetId") == "PublicStrings" \
-            and uri.get("PropertyName") == COMMAND_KEY_PROPERTY:
-        return _value(f, "Value")
+    uri = _first(prop, _URI)
+    if uri is not None and uri.get("PropertyName") == COMMAND_KEY_PROPERTY \
+            and uri.get("DistinguishedPropertySetId") == "PublicStrings":
+        value = _first(prop, _VALUE)
+        return None if value is None else (value.text or "")
     return None
 
 

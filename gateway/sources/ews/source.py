@@ -529,7 +529,13 @@ class EwsSource:
             complete: set[str] = set()
             bookings: list[Booking] = []
             fields = SYNC_FIELDS + VIEW_FIELDS + DETAIL_FIELDS if detailed else SYNC_FIELDS
-            answer = self._wire.sync_items(self.account(room), sync_state, self.settings.sync_page_size, fields)
+            try:
+                answer = self._wire.sync_items(self.account(room), sync_state, self.settings.sync_page_size, fields)
+            except xerr.ErrorSyncFolderNotFound as e:
+                if sync_state:
+                    raise
+                # No state was sent, so none can be invalid: the calendar itself is missing (as GetFolder says it).
+                raise xerr.ErrorFolderNotFound(f"Could not find distinguished folder 'calendar' ({e})") from e
             for change_type, elem in answer.changes:
                 if change_type == "delete":
                     ident = item_id(elem)
