@@ -91,10 +91,11 @@ async def test_a_password_ad_says_expires_in_five_days_is_a_metric_and_one_warni
     assert {e.credential for e, _ in stored} == {"source:onprem", "directory:corp"}
 
 
-def test_doctor_asks_the_directory_about_each_account(tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+def doctor_config(tmp_path: Path, samba: SambaDC, ews: Any, username: str) -> Path:
+    """A configuration with one EWS source logging on as ``username`` and the Samba directory, secrets in its vault."""
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(yaml.safe_dump({
-        "exchange": {"ews_url": ews.url, "allow_insecure_http": True, "username": f"{DOMAIN}\\{EXPIRING}",
+        "exchange": {"ews_url": ews.url, "allow_insecure_http": True, "username": username,
                      "password_ref": "vault:exchange"},
         "rooms": {"mailboxes": ["room1@contoso.com"]},
         "store": {"path": str(tmp_path / "data" / "gateway.sqlite")},
@@ -104,6 +105,11 @@ def test_doctor_asks_the_directory_about_each_account(tmp_path: Path, samba: Sam
                       "base_dn": BASE}}))
     for name in ("exchange", "ldap"):
         assert gateway("credentials", "set", name, "--stdin", "--config", str(cfg), stdin=PASSWORD).returncode == 0
+    return cfg
+
+
+def test_doctor_asks_the_directory_about_each_account(tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+    cfg = doctor_config(tmp_path, samba, ews, f"{DOMAIN}\\{EXPIRING}")
     doctor = gateway("doctor", "--config", str(cfg))
     lines = {line.split()[2]: line for line in doctor.stdout.splitlines() if line.split()[1:2] == ["credential"]}
     assert set(lines) == {"source:exchange", "directory:corp"}, doctor.stdout
@@ -174,18 +180,7 @@ def test_doctor_makes_no_exchange_logon_while_ad_says_the_service_account_is_loc
         tmp_path: Path, samba: SambaDC, ews: Any) -> None:
     ews.call(lambda: ews.sim.directory.add_mailbox(f"{LOCKABLE}@contoso.com", "Lockable Service", "user",
                                                    password=PASSWORD, impersonation="rooms"))
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "exchange": {"ews_url": ews.url, "allow_insecure_http": True, "username": f"CONTOSO\\{LOCKABLE}",
-                     "password_ref": "vault:exchange"},
-        "rooms": {"mailboxes": ["room1@contoso.com"]},
-        "store": {"path": str(tmp_path / "data" / "gateway.sqlite")},
-        "vault": {"path": str(tmp_path / "data" / "credentials.vault"), "key_file": str(tmp_path / "vault.key")},
-        "directory": {"name": "corp", "urls": [samba.ldaps_url], "bind": f"{DOMAIN}\\svc-ldap",
-                      "password_ref": "vault:ldap", "ca_bundle": str(samba.ca), "server_name": SERVER_NAME,
-                      "base_dn": BASE}}))
-    for name in ("exchange", "ldap"):
-        assert gateway("credentials", "set", name, "--stdin", "--config", str(cfg), stdin=PASSWORD).returncode == 0
+    cfg = doctor_config(tmp_path, samba, ews, f"CONTOSO\\{LOCKABLE}")
     account = f"CN={LOCKABLE},{SERVICE_OU}"
     for _ in range(3):
         with pytest.raises(lx.LDAPInvalidCredentialsResult):
