@@ -109,6 +109,26 @@ async def test_a_meeting_created_moved_and_cancelled_is_one_event_each_under_one
     assert g.store.bookings(ROOM1) == [] and g.events(ROOM2, CREATED) == []
 
 
+async def test_many_new_rooms_read_the_room_table_once_not_once_a_room(
+        start: Start, memory_source: MemorySource, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each new room looked its row up among every stored room on its first state: 10,000 rooms read 10^8 rows.
+    rooms = tuple(f"many{i}@contoso.com" for i in range(40))
+    for room in rooms:
+        memory_source.add_room(room)
+    reads: list[int] = []
+    every_room = SqliteStore.rooms
+
+    def counted(self: SqliteStore) -> list[Room]:
+        reads.append(1)
+        return every_room(self)
+    monkeypatch.setattr(SqliteStore, "rooms", counted)
+    g = await start(rooms, max_concurrent_rooms=4)
+    await eventually(lambda: g.imported(*rooms), what="every room imported")
+    assert len(reads) == 1  # start()'s, to release rooms no longer owned
+    await g.coordinator.remove_room(rooms[0])
+    assert len(reads) == 1 and rooms[0] not in {r.email for r in every_room(g.store)}
+
+
 async def test_a_known_room_is_read_as_soon_as_it_is_verified_not_after_every_room(
         start: Start, memory_source: MemorySource) -> None:
     # (A room never imported is verified by its import's first call; a room with a sync state is verified first.)

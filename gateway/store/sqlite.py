@@ -292,6 +292,12 @@ class SqliteStore:
                                 "ORDER BY email").fetchall()
         return [Room(*row) for row in rows]
 
+    def room(self, email: str) -> Room | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT email, name, capacity, timezone, state, reason, remedy FROM rooms "
+                               "WHERE email = ?", (email,)).fetchone()
+        return Room(*row) if row else None
+
     def upsert_room(self, room: Room) -> None:
         with self._write() as conn:
             self._upsert_room(conn, room)

@@ -215,8 +215,8 @@ class Coordinator:
         for gone in sorted(set(stored) - wanted):
             dropped = await self.db(ownership.release, self.store, gone)
             log.info("room.released", room=gone, bookings=dropped)
-        for email in sorted(wanted):
-            self.add_room(email).stored = stored.get(email)
+        for email in sorted(wanted):  # (a room not stored yet has its row made: no lookup per room later)
+            self.add_room(email).stored = stored.get(email) or Room(email)
 
     def add_room(self, email: str) -> RoomWorker:
         worker = self.workers.get(email.lower())
@@ -232,7 +232,7 @@ class Coordinator:
         if worker is not None and worker.task is not None:
             worker.task.cancel()
             await asyncio.gather(worker.task, return_exceptions=True)
-        if any(r.email == email.lower() for r in await self.db(self.store.rooms)):  # (never verified: nothing kept)
+        if await self.db(self.store.room, email.lower()) is not None:  # (never verified: nothing kept)
             dropped = await self.db(ownership.release, self.store, email.lower())
             log.info("room.released", room=email.lower(), bookings=dropped)
 
@@ -535,7 +535,7 @@ class Coordinator:
             return
         previous, w.state = w.state, state
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
-            w.stored = {r.email: r for r in await self.db(self.store.rooms)}.get(w.email) or Room(w.email)
+            w.stored = await self.db(self.store.room, w.email) or Room(w.email)
         room = replace(w.stored, state=RoomState(state), reason=reason, remedy=remedy or ROOM_STATES.get(state, ""))
         w.stored = room
         entries = await self.commit(w.email, upserts=(), deletes=(), events=[self._room_event(room)], room_row=room)
