@@ -160,8 +160,9 @@ async def test_drops_mid_stream_and_a_hub_restart_lose_and_duplicate_nothing(
     t = tunnels(identity, store, ca_bundle=pki.ca_file, metrics=metrics)
 
     for threshold in (1000, 2000):  # the hub drops the tunnel while events are in flight
-        await eventually(lambda n=threshold: _count_now(hub) >= n, what=f"{threshold} events at the hub")
-        session = hub.session(identity.gateway_id)
+        # (the count may pass the second threshold before the gateway has reconnected: wait for its session too)
+        session = await eventually(lambda n=threshold: _count_now(hub) >= n and hub.session(identity.gateway_id),
+                                   what=f"{threshold} events at the hub, the gateway connected")
         await session.ws.close(code=1011, message=b"test drop")
     await eventually(lambda: _count_now(hub) >= 3000, what="3000 events at the hub")
     await hub.stop()  # and the hub restarts on the same port and data
