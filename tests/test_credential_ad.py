@@ -123,20 +123,25 @@ def _ews_calls(ews: Any) -> int:
     return int(ews.call(lambda: sum(ews.sim.calls.values())))
 
 
-async def test_while_ad_says_the_service_account_is_locked_out_no_logon_goes_to_exchange(
-        tmp_path: Path, samba: SambaDC, ews: Any) -> None:
-    # The same account in AD (its policy locks it after 3 bad passwords) and in the simulated Exchange.
+def lockable_gateway(tmp_path: Path, samba: SambaDC, ews: Any, rooms: tuple[str, ...]) -> GatewayOptions:
+    """A gateway whose service account is the same in AD (its policy locks it after 3 bad passwords) and in the
+    simulated Exchange, with the Samba directory."""
     ews.call(lambda: ews.sim.directory.add_mailbox(f"{LOCKABLE}@contoso.com", "Lockable Service", "user",
                                                    password=PASSWORD, impersonation="rooms"))
-    rooms = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
     settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
                             server_name=SERVER_NAME)
-    options = GatewayOptions(
+    return GatewayOptions(
         ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{LOCKABLE}", default_timezone="Europe/Berlin",
                         max_workers=4, auth_retry_seconds=3600.0),
         password=PASSWORD, rooms=rooms, store_path=tmp_path / "data" / "gateway.sqlite", feed="poll",
         sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3, auth_retry_seconds=0.3),
         directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600))
+
+
+async def test_while_ad_says_the_service_account_is_locked_out_no_logon_goes_to_exchange(
+        tmp_path: Path, samba: SambaDC, ews: Any) -> None:
+    rooms = ("room1@contoso.com", "room2@contoso.com", "room3@contoso.com")
+    options = lockable_gateway(tmp_path, samba, ews, rooms)
     account = f"CN={LOCKABLE},{SERVICE_OU}"
     gw = await start_gateway(options)
     try:
@@ -203,17 +208,8 @@ def test_doctor_makes_no_exchange_logon_while_ad_says_the_service_account_is_loc
 
 async def test_a_gateway_started_while_ad_says_its_account_is_locked_out_makes_no_logon_until_unlocked(
         tmp_path: Path, samba: SambaDC, ews: Any) -> None:
-    ews.call(lambda: ews.sim.directory.add_mailbox(f"{LOCKABLE}@contoso.com", "Lockable Service", "user",
-                                                   password=PASSWORD, impersonation="rooms"))
     rooms = ("room1@contoso.com", "room2@contoso.com")
-    settings = LdapSettings(urls=(samba.ldaps_url,), bind=BIND_DN, base_dn=BASE, ca_file=str(samba.ca),
-                            server_name=SERVER_NAME)
-    options = GatewayOptions(
-        ews=EwsSettings(ews_url=ews.url, username=f"CONTOSO\\{LOCKABLE}", default_timezone="Europe/Berlin",
-                        max_workers=4, auth_retry_seconds=3600.0),
-        password=PASSWORD, rooms=rooms, store_path=tmp_path / "data" / "gateway.sqlite", feed="poll",
-        sync=SyncSettings(debounce_seconds=0.1, retry_seconds=0.3, auth_retry_seconds=0.3),
-        directory=DirectoryOptions("corp", settings, PASSWORD, sync_seconds=3600))
+    options = lockable_gateway(tmp_path, samba, ews, rooms)
     account = f"CN={LOCKABLE},{SERVICE_OU}"
     for _ in range(3):
         with pytest.raises(lx.LDAPInvalidCredentialsResult):
