@@ -27,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from xml.sax.saxutils import escape
 
 import requests
 from exchangelib import Account, EWSDateTime
@@ -114,15 +115,18 @@ class _Template:
         return b"".join(out)
 
 
+# What lxml escapes in a double-quoted attribute besides &, < and >.
+_ATTRIBUTE = {'"': "&quot;", "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}
+
+
 def text(value: str) -> bytes:
     """A value as XML character data, escaped as lxml serializes it."""
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").encode()
+    return escape(value).encode()
 
 
 def attribute(value: str) -> bytes:
     """A value inside a double-quoted attribute, escaped as lxml serializes it."""
-    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-            .replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")).encode()
+    return escape(value, _ATTRIBUTE).encode()
 
 
 def encode(*, start: EWSDateTime | None = None, end: EWSDateTime | None = None, max_entries: int = 1000,
