@@ -128,8 +128,7 @@ class Booking:
     def content_json(self) -> str:
         """The content as JSON text, keys sorted: what the content hash is taken of (and what the store keeps)."""
         if self._json is None:
-            c = self._content  # (a dict made already has the times formatted; else the fields are enough)
-            object.__setattr__(self, "_json", _content_json(self) if c is None else _content_json_of(c))
+            object.__setattr__(self, "_json", _content_json(self))
         return self._json  # type: ignore[return-value]
 
     def content_hash(self) -> str:
@@ -141,7 +140,7 @@ class Booking:
     def confirmed(self, at: datetime) -> Booking:
         """The same booking seen again at ``at``: freshness is not content, so the copy keeps content, hash and ids
         (a copy field by field: dataclasses.replace would run __init__ and hash the ids again). What is confirmed
-        is published: its content is made here, before its hash, so that its times are formatted once."""
+        is published: its content and hash are made here, once, and the copy shares them."""
         self.content()
         self.content_hash()
         copy = object.__new__(Booking)
@@ -211,9 +210,6 @@ def _content(b: Booking) -> dict[str, Any]:
     }
 
 
-_CONTENT_KEYS = 24  # what _content gives; _content_json_of writes each of them
-
-
 def _flag(value: Any) -> str:
     if value is True:
         return "true"
@@ -252,51 +248,6 @@ def _content_json(b: Booking) -> str:
             f'"timezone": {s(b.timezone)}, "uid": {s(b.uid)}}}')
     except (TypeError, AttributeError):
         return json.dumps(b.content(), sort_keys=True)
-
-
-def _content_json_of(c: dict[str, Any]) -> str:
-    """_content_json's text from the content dict, when that is made already (its times are formatted there). A
-    value of another type than _content puts there (TypeError from the string encoder or _flag) or another key
-    falls back to json.dumps."""
-    s = _str
-    try:
-        o = c["organizer"]
-        if o is None:
-            organizer = "null"
-        else:
-            if len(o) != 2:
-                raise KeyError(o)
-            email, name = o["email"], o["name"]
-            organizer = (f'{{"email": {"null" if email is None else s(email)}, '
-                         f'"name": {"null" if name is None else s(name)}}}')
-        people = []
-        for a in c["attendees"]:
-            if len(a) != 4:
-                raise KeyError(a)
-            name = a["name"]
-            people.append(f'{{"email": {s(a["email"])}, "kind": {s(a["kind"])}, '
-                          f'"name": {"null" if name is None else s(name)}, "response": {s(a["response"])}}}')
-        end_date, url, original, series = c["end_date"], c["online_meeting_url"], c["original_start"], c["series_id"]
-        start_date, subject = c["start_date"], c["subject"]
-        text = (
-            f'{{"all_day": {_flag(c["all_day"])}, "attendees": [{", ".join(people)}], '
-            f'"cancelled": {_flag(c["cancelled"])}, "end": {s(c["end"])}, '
-            f'"end_date": {"null" if end_date is None else s(end_date)}, "free_busy": {s(c["free_busy"])}, '
-            f'"id": {s(c["id"])}, "is_exception": {_flag(c["is_exception"])}, "meeting_id": {s(c["meeting_id"])}, '
-            f'"online_meeting_url": {"null" if url is None else s(url)}, "organizer": {organizer}, '
-            f'"origin": {s(c["origin"])}, "original_start": {"null" if original is None else s(original)}, '
-            f'"response": {s(c["response"])}, "room": {s(c["room"])}, "schema_version": {s(c["schema_version"])}, '
-            f'"sensitivity": {s(c["sensitivity"])}, "series_id": {"null" if series is None else s(series)}, '
-            f'"start": {s(c["start"])}, "start_date": {"null" if start_date is None else s(start_date)}, '
-            f'"subject": {"null" if subject is None else s(subject)}, '
-            f'"subject_is_organizer_name": {_flag(c["subject_is_organizer_name"])}, '
-            f'"timezone": {s(c["timezone"])}, "uid": {s(c["uid"])}}}')
-    except (TypeError, KeyError):
-        return json.dumps(c, sort_keys=True)
-    if len(c) != _CONTENT_KEYS:
-        return json.dumps(c, sort_keys=True)  # a key this text does not know
-    return text
-
 
 
 def _dt(value: str | None) -> datetime | None:
