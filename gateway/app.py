@@ -39,7 +39,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -581,14 +581,8 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
                               options.shard)
             fixed = {r.lower() for s in specs if s.name == d.rooms_source for r in s.rooms} | running.listed
             gone = sorted(from_directory - set(running.shard(options.shard, [r.email for r in found])) - fixed)
-            for room in new:
-                coordinator.add_room(room)
-            # The source's rooms and the routes change at once; the workers stop after (an await each).
-            routes.drop(gone)
             from_directory.difference_update(gone)
-            running.rooms = sorted(set(running.rooms) - set(gone))
-            for room in gone:
-                await coordinator.remove_room(room)
+            await _move_rooms(d.rooms_source, running, routes, coordinator, joined=new, left=gone)
             if set(running.rooms) != before:
                 log.info("directory.rooms_changed", directory=d.name, source=d.rooms_source, joined=new, left=gone)
                 running.rooms_changed.set()
@@ -761,6 +755,19 @@ async def open_source(spec: SourceSpec, kinds: Kinds, feed: FeedSettings) -> Run
                          listed={r.lower() for r in rooms} - fixed)
 
 
+async def _move_rooms(name: str, running: RunningSource, routes: RoomRoutes, coordinator: Coordinator, *,
+                      joined: Sequence[str], left: Sequence[str]) -> None:
+    """Rooms that joined source ``name`` and rooms that left it: the source's rooms and the routes change at once,
+    the workers start, and stop after (an await each)."""
+    routes.add(name, running.opened.calendar, running.opened.writer, joined)
+    routes.drop(left)
+    running.rooms = sorted((set(running.rooms) | set(joined)) - set(left))
+    for room in joined:
+        coordinator.add_room(room)
+    for room in left:
+        await coordinator.remove_room(room)
+
+
 def _join_rooms(routes: RoomRoutes, name: str, running: RunningSource, found: list[str],
                 from_directory: set[str], shard: Shard) -> list[str]:
     """Rooms the directory found join their source (a room another source owns stays there; another replica's
@@ -907,14 +914,7 @@ async def _keep_room_lists(spec: SourceSpec, running: RunningSource, routes: Roo
         gone = sorted(set(running.rooms) - owned - fixed - from_directory) if complete else []
         if not new and not gone:
             continue
-        # The source's rooms and the routes change at once; the workers stop after (an await each).
-        routes.add(name, running.opened.calendar, running.opened.writer, new)
-        routes.drop(gone)
-        running.rooms = sorted((set(running.rooms) | set(new)) - set(gone))
-        for room in new:
-            coordinator.add_room(room)
-        for room in gone:
-            await coordinator.remove_room(room)
+        await _move_rooms(name, running, routes, coordinator, joined=new, left=gone)
         log.info("gateway.room_lists_read", source=name, joined=new, left=gone, rooms=len(running.rooms))
         running.rooms_changed.set()
 
