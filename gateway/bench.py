@@ -100,10 +100,22 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _pin(cpu: int) -> None:
+def _cpus() -> list[int]:
     with contextlib.suppress(AttributeError, OSError):
-        if len(os.sched_getaffinity(0)) > 1:
-            os.sched_setaffinity(0, {cpu})
+        return sorted(os.sched_getaffinity(0))
+    return []
+
+
+# The CPUs this process may use, read before it pins itself: a child started after that (the simulator) inherits
+# the pinned set, and would otherwise stay on the gateway's core.
+_CPUS = _cpus()
+
+
+def _pin(index: int) -> None:
+    """Keep this process on one CPU (the ``index``-th it was allowed at start), when it was allowed several."""
+    if len(_CPUS) > 1:
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setaffinity(0, {_CPUS[index % len(_CPUS)]})
 
 
 def cpu_seconds(pid: int | None = None) -> float:
