@@ -391,6 +391,12 @@ class Coordinator:
         first SyncFolderItems is the room's verification (the room is ``syncing`` once it answered)."""
         if verified:
             await self._set_state(w, "syncing", "")
+        # Whatever marked the room dirty so far (its new subscription, above all) is read by this import, which reads
+        # everything from its first call on: a sync after it for those marks would find nothing new (a call a room).
+        w.dirty.clear()
+        w.dirty_since = None
+        w.reasons.clear()
+        w.reread.clear()
         state: str | None = None
         while True:
             async with self._slots:
