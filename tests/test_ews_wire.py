@@ -69,6 +69,7 @@ async def test_each_read_request_is_byte_for_byte_the_one_exchangelib_builds(ver
             ("GetItem", VIEW_FIELDS + DETAIL_FIELDS, {"ids": ["AAMkA=", 'id"with<odd>&chars']}),
             ("SyncFolderItems", SYNC_FIELDS, {"sync_state": None, "max_changes": 512}),
             ("SyncFolderItems", SYNC_FIELDS + VIEW_FIELDS, {"sync_state": "H4sIAAA+/=", "max_changes": 1}),
+            ("Subscribe", (), {}),
         ]
         wire = Wire()
         for operation, fields, values in cases:

@@ -378,6 +378,11 @@ class EwsSource:
         return Calendar(root=Root(account=acct), _distinguished_id=DistinguishedFolderId(
             id="calendar", mailbox=Mailbox(email_address=acct.primary_smtp_address)))
 
+    def subscribe_streaming(self, room: str) -> str | None:
+        """Blocking (call it inside ``guarded``): a streaming subscription to the room's calendar, its id; the
+        account's affinity cookie is the one the answer set (sources/ews/wire.py)."""
+        return self._wire.subscribe_streaming(self.account(room))
+
     @contextlib.contextmanager
     def guarded(self, room: str | None) -> Iterator[None]:
         """Blocking work for one mailbox (or none), through the outage gate, its errors mapped. Use it in a thread

@@ -40,7 +40,7 @@ from typing import Any
 
 import structlog
 from exchangelib import errors as xerr
-from exchangelib.services import GetStreamingEvents, SubscribeToStreaming
+from exchangelib.services import GetStreamingEvents
 
 from gateway.errors import GatewayError, is_shared
 from gateway.ports import Dirty
@@ -213,9 +213,7 @@ class StreamingFeed:
             acct = self.source.account(room)
             acct.affinity_cookie = None  # route by the room itself, learn its server's cookie
             with self.source.guarded(room):
-                # The service itself: the folder method wants the folder's id from a GetFolder first.
-                sub_id = SubscribeToStreaming(account=acct).get(folders=[self.source.calendar(room)],
-                                                                event_types=SubscribeToStreaming.EVENT_TYPES)
+                sub_id = self.source.subscribe_streaming(room)
             if not sub_id:
                 raise FeedBroken(f"Exchange answered Subscribe for {room} without a SubscriptionId")
             return sub_id, acct.affinity_cookie or ""

@@ -34,12 +34,13 @@ from exchangelib import Account, EWSDateTime
 from exchangelib import errors as xerr
 from exchangelib.folders import Calendar, Root
 from exchangelib.properties import CalendarView, DistinguishedFolderId, Mailbox
-from exchangelib.services import FindItem, GetFolder, GetItem, SyncFolderItems
+from exchangelib.services import FindItem, GetFolder, GetItem, SubscribeToStreaming, SyncFolderItems
 from exchangelib.services.common import EWSService
 from exchangelib.util import CONNECTION_ERRORS, TLS_ERRORS
 from exchangelib.version import Version
 from lxml import etree
 from requests.structures import CaseInsensitiveDict
+from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
 
 from gateway.sources.ews import patches
 
@@ -56,10 +57,17 @@ PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False
 _VERSION_ERRORS = (xerr.ErrorInvalidServerVersion, xerr.ErrorIncorrectSchemaVersion, xerr.ErrorInvalidRequest,
                    xerr.ErrorInvalidSchemaVersionForMailboxVersion)
 _SERVICES: dict[str, type[EWSService]] = {
-    "GetFolder": GetFolder, "FindItem": FindItem, "GetItem": GetItem, "SyncFolderItems": SyncFolderItems}
-_CONTAINERS = {"GetFolder": f"{{{MNS}}}Folders", "FindItem": f"{{{MNS}}}RootFolder", "GetItem": f"{{{MNS}}}Items",
-               "SyncFolderItems": f"{{{MNS}}}Changes"}
-_MASTER = f"*[{{{TNS}}}CalendarItemType='RecurringMaster']"
+    "GetFolder": GetFolder, "FindItem": FindItem, "GetItem": GetItem, "SyncFolderItems": SyncFolderItems,
+    "Subscribe": SubscribeToStreaming}
+_CONTAINERS: dict[str, str | None] = {
+    "GetFolder": f"{{{MNS}}}Folders", "FindItem": f"{{{MNS}}}RootFolder", "GetItem": f"{{{MNS}}}Items",
+    "SyncFolderItems": f"{{{MNS}}}Changes", "Subscribe": None}  # (None: the response message itself)
+# Operations that ask for server affinity, as exchangelib's services of them do (prefer_affinity): the request says
+# X-PreferServerAffinity and the account's X-BackEndOverrideCookie, and the cookie the answer sets is the account's.
+_AFFINITY = frozenset(("Subscribe",))
+# Whether an Items element holds a series master: evaluated by libxml2 (lxml's find() with a predicate walks the
+# items in Python, a quarter of a millisecond for a room's view).
+_HAS_MASTER = etree.XPath("boolean(*[t:CalendarItemType='RecurringMaster'])", namespaces={"t": TNS})
 _CHANGE_TYPES = {f"{{{TNS}}}Create": "create", f"{{{TNS}}}Update": "update", f"{{{TNS}}}Delete": "delete",
                  f"{{{TNS}}}ReadFlagChange": "read_flag_change"}
 
@@ -176,7 +184,7 @@ class Wire:
             if found is None:
                 raise xerr.MalformedResponseError("No Items element in the FindItem answer")
             items.extend(found)
-            masters = masters or found.find(_MASTER) is not None  # one pass in C, not one findtext per item
+            masters = masters or bool(_HAS_MASTER(found))
         return ViewPage(items, last, masters)
 
     def get_items(self, acct: Account, ids: Sequence[str], fields: tuple[str, ...], chunk: int) -> list[Any]:
@@ -206,6 +214,17 @@ class Wire:
             if container is not None:
                 changes.extend((_CHANGE_TYPES.get(el.tag, "other"), el) for el in container)
         return SyncPage(changes, state, last)
+
+    def subscribe_streaming(self, acct: Account) -> str | None:
+        """Subscribe (streaming) to the room's calendar for every event type: the subscription id. With server
+        affinity as exchangelib asks for it: the cookie the answer sets is kept as the account's affinity_cookie,
+        for the GetStreamingEvents of the subscription (sources/ews/streaming.py)."""
+        for message in self._call(acct, "Subscribe", (), {}):
+            if isinstance(message, Exception):
+                raise message
+            if message is not None and not isinstance(message, bool):
+                return message.findtext(f"{{{MNS}}}SubscriptionId")
+        return None
 
     # -- one request ---------------------------------------------------------------------------------------------
     def _call(self, acct: Account, operation: str, fields: tuple[str, ...], values: dict[str, bytes],
@@ -255,8 +274,19 @@ class Wire:
         versions = (hint, *(v for v in _SERVICES[operation].supported_api_versions() if v != hint))
         for api_version in versions:
             body = self.request(acct, operation, fields, api_version, values)
+            headers = {"X-AnchorMailbox": acct.primary_smtp_address}
+            affinity = operation in _AFFINITY
+            if affinity:
+                headers["X-PreferServerAffinity"] = "True"
+                if acct.affinity_cookie:
+                    headers["X-BackEndOverrideCookie"] = acct.affinity_cookie
             session = protocol.get_session()
-            r = self._send(protocol, session, {"X-AnchorMailbox": acct.primary_smtp_address}, body)
+            r = self._send(protocol, session, headers, body)
+            if affinity:  # (the session's cookies are this answer's until the session is given back)
+                for cookie in session.cookies:
+                    if cookie.name == "X-BackEndOverrideCookie":
+                        acct.affinity_cookie = cookie.value
+                        break
             protocol.release_session(session)
             try:
                 content = r.content
@@ -277,7 +307,10 @@ class Wire:
         key = (url, session.trust_env, session.verify, session.cert, tuple(sorted(session.proxies.items())))
         settings = self._environments.get(key)
         if settings is None:
-            settings = self._environments[key] = session.merge_environment_settings(url, {}, False, None, None)
+            settings = session.merge_environment_settings(url, {}, False, None, None)
+            # stream=True, then the body in one read (_read_body): requests reads a body 10 KiB at a time, through
+            # a generator and urllib3's decoder each time, a tenth of the CPU of a call with a room's answer.
+            settings = self._environments[key] = {**settings, "stream": True}
         merged = CaseInsensitiveDict(session.headers)
         merged.update(headers)
         prepared = requests.PreparedRequest()
@@ -285,6 +318,7 @@ class Wire:
                          cookies=session.cookies, hooks=session.hooks)
         try:
             r = session.send(prepared, timeout=protocol.TIMEOUT, allow_redirects=False, **settings)
+            _read_body(r)
         except TLS_ERRORS as e:
             protocol.retire_session(session)
             raise xerr.TransportError(str(e)) from e  # not retried: persistent
@@ -353,7 +387,27 @@ class Wire:
         return found
 
 
-def _container(svc: EWSService, message: etree._Element, name: str) -> Any:
+def _read_body(r: requests.Response) -> None:
+    """The whole body of a streamed response, read at once and kept as requests keeps it (``r.content``), with the
+    exceptions requests raises for a broken read (so ``Wire._send`` maps them as before). A body the authentication
+    hook or the retry policy already read is left as it is. urllib3 gives the connection back to the pool once the
+    body is read whole, and closes it on a failure."""
+    if r._content_consumed or r.raw is None:
+        return
+    try:
+        r._content = r.raw.read(decode_content=True) or b""
+    except ProtocolError as e:
+        raise requests.exceptions.ChunkedEncodingError(e) from e
+    except DecodeError as e:
+        raise requests.exceptions.ContentDecodingError(e) from e
+    except ReadTimeoutError as e:
+        raise requests.exceptions.ConnectionError(e) from e
+    except SSLError as e:
+        raise requests.exceptions.SSLError(e) from e
+    r._content_consumed = True
+
+
+def _container(svc: EWSService, message: etree._Element, name: str | None) -> Any:
     """exchangelib's reading of a response message (the container, None for a message with nothing in it, or the
     error it returns as a value), with BackOffMilliseconds kept when a message says ErrorServerBusy."""
     try:
@@ -414,6 +468,8 @@ def exchangelib_request(acct: Account, operation: str, fields: tuple[str, ...], 
                                   page_size=100, offset=0)
     elif operation == "GetItem":
         payload = svc.get_payload(items=[(i, None) for i in ids], additional_fields=extra, shape="IdOnly")
+    elif operation == "Subscribe":
+        payload = svc.get_payload(folders=[calendar], event_types=SubscribeToStreaming.EVENT_TYPES)
     else:
         payload = svc.get_payload(folder=calendar, shape="IdOnly", additional_fields=extra, sync_state=sync_state,
                                   ignore=None, max_changes_returned=max_changes, sync_scope=None)
