@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
@@ -143,15 +143,24 @@ class Booking:
         is published: its content and hash are made here, once, and the copy shares them."""
         self.content()
         self.content_hash()
-        copy = object.__new__(Booking)
-        for name, value in zip(_BOOKING_SLOTS, _booking_fields(self), strict=True):
-            object.__setattr__(copy, name, value)
-        object.__setattr__(copy, "confirmed_at", at)
-        return copy
+        return _booking_with_confirmed_at(self, at)
 
 
-_BOOKING_SLOTS: tuple[str, ...] = Booking.__slots__
-_booking_fields = operator.attrgetter(*_BOOKING_SLOTS)
+def _copier(cls: type, replaced: str) -> Callable[[Any, Any], Any]:
+    """A function that copies an instance of the frozen slots dataclass ``cls`` field by field, with the field
+    ``replaced`` set to a new value: dataclasses.replace without __init__ (nor what __post_init__ derives), as
+    straight-line code (a loop over the slots cost twice as much, for every booking an import publishes)."""
+    lines = [f"def copy(self, value, _new=object.__new__, _set=object.__setattr__, _cls={cls.__name__}):",
+             "    c = _new(_cls)"]
+    slots: tuple[str, ...] = getattr(cls, "__slots__")  # noqa: B009 - (mypy does not know a class has them)
+    lines += [f"    _set(c, {name!r}, {'value' if name == replaced else f'self.{name}'})" for name in slots]
+    lines.append("    return c")
+    namespace: dict[str, Any] = {cls.__name__: cls}
+    exec("\n".join(lines), namespace)
+    return namespace["copy"]
+
+
+_booking_with_confirmed_at = _copier(Booking, "confirmed_at")
 
 
 def _iso(value: datetime | date | None) -> str | None:
@@ -231,18 +240,24 @@ def _content_json(b: Booking) -> str:
         people = ", ".join([f'{{"email": {s(a.email)}, "kind": {s(a.kind)}, '
                             f'"name": {"null" if a.name is None else s(a.name)}, "response": {s(a.response)}}}'
                             for a in b.attendees])
-        url, original, series, subject = b.online_meeting_url, b.original_start, b.series_id, b.subject
+        url, series, subject = b.online_meeting_url, b.series_id, b.subject
         start_date, end_date = _iso(b.start_date), _iso(b.end_date)
+        c = b._content  # (a confirmed booking's content is made first: its times are formatted there already)
+        if c is None:
+            start, end = _utc_text(b.start), _utc_text(b.end)
+            original = None if b.original_start is None else _utc_text(b.original_start)
+        else:
+            start, end, original = c["start"], c["end"], c["original_start"]
         return (
             f'{{"all_day": {_flag(b.all_day)}, "attendees": [{people}], "cancelled": {_flag(b.cancelled)}, '
-            f'"end": {s(_utc_text(b.end))}, "end_date": {"null" if end_date is None else s(end_date)}, '
+            f'"end": {s(end)}, "end_date": {"null" if end_date is None else s(end_date)}, '
             f'"free_busy": {s(b.free_busy)}, "id": {s(b.id)}, "is_exception": {_flag(b.is_exception)}, '
             f'"meeting_id": {s(b.meeting_id)}, "online_meeting_url": {"null" if url is None else s(url)}, '
             f'"organizer": {organizer}, "origin": {s(b.origin)}, '
-            f'"original_start": {"null" if original is None else s(_utc_text(original))}, '
+            f'"original_start": {"null" if original is None else s(original)}, '
             f'"response": {s(b.response)}, "room": {s(b.room)}, "schema_version": {s(SCHEMA_VERSION)}, '
             f'"sensitivity": {s(b.sensitivity)}, "series_id": {"null" if series is None else s(series)}, '
-            f'"start": {s(_utc_text(b.start))}, "start_date": {"null" if start_date is None else s(start_date)}, '
+            f'"start": {s(start)}, "start_date": {"null" if start_date is None else s(start_date)}, '
             f'"subject": {"null" if subject is None else s(subject)}, '
             f'"subject_is_organizer_name": {_flag(b.subject_is_organizer_name)}, '
             f'"timezone": {s(b.timezone)}, "uid": {s(b.uid)}}}')
@@ -367,11 +382,7 @@ class Event:
 
     def sequenced(self, sequence: int) -> Event:
         """This event with its per-room sequence (a copy field by field: replace() would run __init__ again)."""
-        copy = object.__new__(Event)
-        for name, value in zip(_EVENT_SLOTS, _event_fields(self), strict=True):
-            object.__setattr__(copy, name, value)
-        object.__setattr__(copy, "sequence", sequence)
-        return copy
+        return _event_with_sequence(self, sequence)
 
     def to_cloudevent(self) -> dict[str, Any]:
         doc = {
@@ -393,8 +404,7 @@ class Event:
         return doc
 
 
-_EVENT_SLOTS: tuple[str, ...] = Event.__slots__
-_event_fields = operator.attrgetter(*_EVENT_SLOTS)
+_event_with_sequence = _copier(Event, "sequence")
 
 
 @dataclass(frozen=True, slots=True)
