@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -94,6 +95,9 @@ class Results:
             "missed_changes": self.missed,
             "rss_mb": round(self.rss_mb, 1),
         }
+
+
+STALL_SECONDS = 120.0  # an import that moves no room and no booking for this long has failed: say why
 
 
 def _say(text: str) -> None:
@@ -207,8 +211,18 @@ async def run(args: BenchArgs) -> Results:
         gw.coordinator.listeners.append(arrivals)
         last_report = time.monotonic()
         workers = gw.coordinator.workers
+        progress, moved = (0, 0), time.monotonic()
         while not all(w.last_success is not None for w in workers.values()):
             await asyncio.sleep(0.2)
+            now_at = (sum(1 for w in workers.values() if w.last_success is not None), arrivals.created)
+            if now_at != progress:
+                progress, moved = now_at, time.monotonic()
+            elif time.monotonic() - moved > STALL_SECONDS:
+                states = Counter(f"{w.state}: {w.stored.reason if w.stored else ''}" for w in workers.values()
+                                 if w.last_success is None)
+                raise SystemExit(f"gateway bench: the import made no progress for {STALL_SECONDS:.0f} s; rooms not "
+                                 f"imported, by state: {dict(states.most_common(5))}. The gateway's log (stderr, "
+                                 "--log-level info) says why.")
             if time.monotonic() - last_report > 5:
                 last_report = time.monotonic()
                 done = sum(1 for w in workers.values() if w.last_success is not None)
