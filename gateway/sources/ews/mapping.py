@@ -102,7 +102,7 @@ _T = {name: f"{{{TNS}}}{name}" for name in (
     "IsCancelled", "CalendarItemType", "MyResponseType", "Organizer", "Mailbox", "Name", "EmailAddress",
     "RequiredAttendees", "OptionalAttendees", "Resources", "Attendee", "ResponseType", "StartTimeZone",
     "ExtendedProperty", "ExtendedFieldURI", "Value", "UID", "NetShowUrl", "ParentItemId")}
-_URI, _VALUE, _EXT = _T["ExtendedFieldURI"], _T["Value"], _T["ExtendedProperty"]
+_URI, _VALUE, _EXT, _ITEM_ID = _T["ExtendedFieldURI"], _T["Value"], _T["ExtendedProperty"], _T["ItemId"]
 
 
 def uid_from_goid(goid: bytes) -> str:
@@ -125,12 +125,10 @@ def meeting_uid(item: Any) -> str | None:
 
 def element_uid(el: etree._Element) -> str | None:
     for prop in el.iterchildren(_EXT):
-        uri = _first(prop, _URI)
+        uri, value = _uri_and_value(prop)
         if uri is not None and uri.get("DistinguishedPropertySetId") == "Meeting" \
-                and uri.get("PropertyId") in ("35", "0x23"):
-            value = _first(prop, _VALUE)
-            if value is not None and value.text:
-                return _uid_of(value.text)
+                and uri.get("PropertyId") in ("35", "0x23") and value is not None and value.text:
+            return _uid_of(value.text)
     for child in el.iterchildren(_T["UID"]):
         return child.text or ""
     return None
@@ -148,8 +146,22 @@ def _first(el: etree._Element, tag: str) -> etree._Element | None:
     return None
 
 
+def _uri_and_value(prop: etree._Element) -> tuple[etree._Element | None, etree._Element | None]:
+    """An ExtendedProperty's ExtendedFieldURI and Value: its two children in that order, as Exchange writes them
+    (looked up by index, in C; by tag when the order is another)."""
+    if len(prop) == 2:
+        uri, value = prop[0], prop[1]
+        if uri.tag == _URI and value.tag == _VALUE:
+            return uri, value
+    return _first(prop, _URI), _first(prop, _VALUE)
+
+
 def item_id(el: etree._Element) -> str | None:
-    for ident in el.iterchildren(_T["ItemId"]):
+    if len(el):
+        first = el[0]  # (the ItemId comes first in every item Exchange writes)
+        if first.tag == _ITEM_ID:
+            return first.get("Id")
+    for ident in el.iterchildren(_ITEM_ID):
         return ident.get("Id")
     return None
 
@@ -259,10 +271,9 @@ def _item_fields(el: etree._Element) -> tuple[dict[str, str], dict[str, etree._E
 
 
 def _command_key_of(prop: etree._Element) -> str | None:
-    uri = _first(prop, _URI)
+    uri, value = _uri_and_value(prop)
     if uri is not None and uri.get("PropertyName") == COMMAND_KEY_PROPERTY \
             and uri.get("DistinguishedPropertySetId") == "PublicStrings":
-        value = _first(prop, _VALUE)
         return None if value is None else (value.text or "")
     return None
 
