@@ -179,6 +179,21 @@ async def test_a_room_never_imported_is_verified_by_its_imports_first_call_a_kno
     assert len(second.events(ROOM1, CREATED)) == 1
 
 
+async def test_a_room_marked_dirty_before_its_import_is_not_synced_again_after_it(
+        start: Start, memory_source: MemorySource) -> None:
+    # Every new subscription marks its room dirty (to catch what happened before it); an import that starts after
+    # the mark reads all of that itself, and a sync after it would find nothing (a call per room at 10,000 rooms).
+    begin = memory_source.now + timedelta(days=1)
+    memory_source.book(ALICE, [ROOM1], begin, begin + timedelta(hours=1), "Planning")
+    running = await start((ROOM1,))
+    running.coordinator.mark_dirty(ROOM1, "subscribed")  # (the room's task has not run yet)
+    await eventually(lambda: running.imported(ROOM1), what="imported")
+    await asyncio.sleep(0.3)  # a sync for the mark would start at once (debounce 0)
+    assert memory_source.calls["changes"] == 1
+    running.coordinator.mark_dirty(ROOM1, "notification")  # a mark after the import is synced
+    await eventually(lambda: memory_source.calls["changes"] == 2, what="a sync for the later mark")
+
+
 async def test_rooms_steps_that_meet_at_the_store_share_a_transaction_and_each_is_whole(
         start: Start, memory_source: MemorySource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An import commits a room every few milliseconds: the steps that arrive while the store writes share its next
