@@ -284,8 +284,8 @@ class Api:
 
     def _sse_page(self, after: int) -> sse.Page:
         """In a reader thread: the outbox page after ``after``, encoded."""
-        return sse.page_of(((e.seq, e.event.type, json.dumps(e.event.to_cloudevent(), separators=(",", ":")))
-                            for e in self.store.outbox_after(after, SSE_PAGE)), after)
+        return sse.page_of(((e.seq, e.type, e.cloudevent) for e in self.store.outbox_texts_after(after, SSE_PAGE)),
+                           after)
 
     # -- commands ---------------------------------------------------------------------------------------------
     async def command(self, request: web.Request) -> web.Response:

@@ -392,23 +392,47 @@ class Event:
         return _event_with_sequence(self, sequence)
 
     def to_cloudevent(self) -> dict[str, Any]:
-        doc = {
-            "specversion": "1.0",
-            "id": self.id,
-            "source": f"{self.source}/rooms/{self.room}",
-            "type": self.type,
-            "subject": self.subject,
-            "time": _iso(self.time),
-            "datacontenttype": "application/json",
-            "dataschema": ("https://exchange-gateway.dev/schemas/booking.v1.json" if "booking" in self.type else
-                           "https://exchange-gateway.dev/schemas/person.v1.json" if ".person." in self.type else None),
-            "sequence": str(self.sequence),
-            "partitionkey": self.room,
-            "data": self.data,
-        }
-        if doc["dataschema"] is None:  # CloudEvents: absent, or a URI
-            del doc["dataschema"]
+        doc = _cloudevent_head(self.id, self.type, self.room, self.subject, _utc_text(self.time), self.sequence,
+                               self.source)
+        doc["data"] = self.data
         return doc
+
+
+def _cloudevent_head(event_id: str, type_: str, room: str, subject: str, time_text: str, sequence: int,
+                     source: str) -> dict[str, Any]:
+    """An event's CloudEvent without its data (which comes last)."""
+    doc = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": f"{source}/rooms/{room}",
+        "type": type_,
+        "subject": subject,
+        "time": time_text,
+        "datacontenttype": "application/json",
+        "dataschema": ("https://exchange-gateway.dev/schemas/booking.v1.json" if "booking" in type_ else
+                       "https://exchange-gateway.dev/schemas/person.v1.json" if ".person." in type_ else None),
+        "sequence": str(sequence),
+        "partitionkey": room,
+    }
+    if doc["dataschema"] is None:  # CloudEvents: absent, or a URI
+        del doc["dataschema"]
+    return doc
+
+
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def cloudevent_json(event_id: str, type_: str, room: str, subject: str, stored_time: str, sequence: int,
+                    source: str, data_json: str) -> str:
+    """``Event.to_cloudevent()`` as compact JSON text, from an outbox row as the store keeps it: ``stored_time`` the
+    fixed-width UTC text of the event's time, ``data_json`` its data's JSON text, put in as it is. The relay and the
+    SSE stream send stored events this way: decoding each event's data to encode it again was a fifth of the
+    gateway's CPU while a tunnel carried an import. ``json.loads`` of it equals ``to_cloudevent()`` of the event
+    (tests/test_outbox_text.py)."""
+    time_text = stored_time[:19] + "Z" if len(stored_time) == 27 and stored_time.endswith("Z") \
+        else _utc_text(datetime.fromisoformat(stored_time))  # (to the second, as to_cloudevent gives it)
+    head = _compact(_cloudevent_head(event_id, type_, room, subject, time_text, sequence, source))
+    return f'{head[:-1]},"data":{data_json}}}'
 
 
 _event_with_sequence = _copier(Event, "sequence")

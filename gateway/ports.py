@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -112,6 +112,17 @@ class OutboxEntry:
     created_at: datetime
 
 
+class OutboxText(NamedTuple):
+    """An outbox event as the relay and the SSE stream send it: its CloudEvent as compact JSON text, made from what
+    the store keeps without decoding its data (model.cloudevent_json)."""
+
+    seq: int
+    room_seq: int
+    type: str
+    event_id: str
+    cloudevent: str
+
+
 class Store(Protocol):
     """Durable state: rooms, sync states, the booking snapshot and the outbox (SQLite file by default)."""
 
@@ -151,6 +162,10 @@ class Store(Protocol):
         ...
 
     def outbox_after(self, seq: int, limit: int = 500) -> list[OutboxEntry]: ...
+
+    def outbox_texts_after(self, seq: int, limit: int = 500) -> list[OutboxText]:
+        """What ``outbox_after`` gives, as the text the relay and the SSE stream send."""
+        ...
 
     def last_seq(self) -> int:
         """The highest outbox seq ever handed out (0 for a new store), pruned events included."""

@@ -135,14 +135,14 @@ async def test_local_replay_reads_the_outbox_in_small_pages(local, monkeypatch) 
     gw = await local()
     last = fill(gw.store, 515)
     reads: list[tuple[int, int]] = []  # (limit asked for, rows materialised)
-    real = gw.store.outbox_after
+    real = gw.store.outbox_texts_after
 
     def spy(seq: int, limit: int = 500) -> Any:
         rows = real(seq, limit)
         reads.append((limit, len(rows)))
         return rows
 
-    monkeypatch.setattr(gw.store, "outbox_after", spy)
+    monkeypatch.setattr(gw.store, "outbox_texts_after", spy)
     async with gw.get() as resp:
         ids = await read_ids(resp, last)
     assert ids == list(range(1, last + 1))

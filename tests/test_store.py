@@ -5,6 +5,7 @@ Run as a script for the throughput benchmark: ``.venv/bin/python -m tests.test_s
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError, NotFound, PreconditionFailed, ProtocolError
-from gateway.model import EVENT_TYPES, Attendee, Booking, Event, Person, Room, to_json
+from gateway.model import EVENT_TYPES, Attendee, Booking, Event, Person, Room, Window, to_json
 from gateway.store import SqliteStore, migrations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -588,3 +589,31 @@ if __name__ == "__main__":
             rate = bench(Path(tmp) / "bench.db", batches=count, synchronous=mode)
         print(f"synchronous={mode}: {count} steps, {rate:.1f} steps/s of 200 bookings + 200 events "
               f"({1000 / rate:.1f} ms per step, {rate * 200:.0f} bookings/s)")
+
+
+def test_the_outbox_as_text_is_each_events_cloudevent_without_its_data_decoded(store: SqliteStore) -> None:
+    # The relay and the SSE stream send stored events as text (data put in as stored): it must say what
+    # to_cloudevent() of the decoded event says, for every kind of event and the characters JSON escapes.
+    from gateway.model import EventType
+    from gateway.sync.events import booking_event, snapshot_event
+    from gateway.sync.events import room_event as state_event
+
+    at = T0 + timedelta(microseconds=123456)  # (the store keeps microseconds; a CloudEvent's time is to the second)
+    odd = booking(R1, "uid-ö", subject='Ünïcode "quoted" \\ line\nbreak \u2028 \x01',
+                  organizer=Person("anna@contoso.com", "Änna"),
+                  attendees=(Attendee("bob@contoso.com", None, "required", "accepted"),),
+                  sensitivity="private").confirmed(at)
+    events = [booking_event("created", odd, time=at, source="urn:test"),
+              state_event(Room(R1, state="verified", reason="ok"), time=at, source="urn:test"),
+              snapshot_event(R1, "begin", Window(T0, T0 + timedelta(days=1)), time=at, source="urn:test"),
+              Event(id="p-1", type=EventType.PERSON_CREATED, room="directory:ad", subject="p1", time=at,
+                    data={"id": "p1", "email": "zoë@contoso.com", "manager": None})]
+    store.commit_sync(R1, upserts=[odd], deletes=(), events=events[:3])
+    store.commit_sync(R1, upserts=(), deletes=(), events=events[3:])
+    entries, texts = store.outbox_after(0), store.outbox_texts_after(0)
+    assert len(texts) == len(entries) == 4
+    for e, t in zip(entries, texts, strict=True):
+        assert (t.seq, t.room_seq, t.type, t.event_id) == (e.seq, e.room_seq, e.event.type, e.event.id)
+        assert json.loads(t.cloudevent) == e.event.to_cloudevent()
+        assert t.cloudevent.isascii() and "\n" not in t.cloudevent  # (one SSE data line; its length its size)
+    assert [t.seq for t in store.outbox_texts_after(entries[1].seq, limit=2)] == [entries[2].seq, entries[3].seq]

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, NotFound, PreconditionFailed, ProtocolError, TransientError
-from gateway.model import Booking, Event, EventType, Room, from_json
-from gateway.ports import OutboxEntry
+from gateway.model import Booking, Event, EventType, Room, cloudevent_json, from_json
+from gateway.ports import OutboxEntry, OutboxText
 from gateway.security import permissions
 from gateway.store import migrations
 from gateway.sync.engine import Known
@@ -556,6 +556,15 @@ class SqliteStore:
             rows = conn.execute("SELECT seq, room, room_seq, event_id, type, subject, source, time, data, created_at "
                                 "FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
         return [_entry(*row) for row in rows]
+
+    def outbox_texts_after(self, seq: int, limit: int = 500) -> list[OutboxText]:
+        """``outbox_after``'s events as their CloudEvent text, their data put in as stored (not decoded)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT seq, room, room_seq, event_id, type, subject, source, time, data "
+                                "FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
+        return [OutboxText(seq, room_seq, type_, event_id,
+                           cloudevent_json(event_id, type_, room, subject, time, room_seq, source, data))
+                for seq, room, room_seq, event_id, type_, subject, source, time, data in rows]
 
     def last_seq(self) -> int:
         """The highest seq ever handed out (0 for a new store), pruned events included."""
