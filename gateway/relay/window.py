@@ -171,7 +171,7 @@ class OutboxWindow:
             return [], None
         out = []
         for e in entries:
-            frag = f'{{"seq":{e.seq},"room_seq":{e.room_seq},"event":{e.cloudevent}}}'  # (encode_event's form)
+            frag = _element(e.seq, e.room_seq, e.cloudevent)
             # (ASCII, as the gateway writes every event: its length is its size; another text is measured)
             if (len(frag) if frag.isascii() else len(frag.encode())) > FRAME_BUDGET:
                 # it could never be sent; holding it would stop the stream for good
@@ -193,7 +193,11 @@ async def _wait_for_events(wake: asyncio.Event | None) -> None:
 
 def encode_event(entry: OutboxEntry) -> str:
     """One element of an ``events`` message, as JSON text (ASCII, so its length is its size in bytes)."""
-    return f'{{"seq":{entry.seq},"room_seq":{entry.room_seq},"event":{_dumps(entry.event.to_cloudevent())}}}'
+    return _element(entry.seq, entry.room_seq, _dumps(entry.event.to_cloudevent()))
+
+
+def _element(seq: int, room_seq: int, cloudevent: str) -> str:
+    return f'{{"seq":{seq},"room_seq":{room_seq},"event":{cloudevent}}}'
 
 
 def frames(batch: Iterable[tuple[int, str]]) -> Iterable[list[tuple[int, str]]]:

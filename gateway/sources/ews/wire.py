@@ -1,5 +1,5 @@
-"""The EWS read path on the wire: the GetFolder, FindItem (CalendarView), GetItem and SyncFolderItems requests of
-EwsSource, and their answers, without exchangelib's service machinery.
+"""The EWS read path on the wire: the GetFolder, FindItem (CalendarView), GetItem, SyncFolderItems and (streaming)
+Subscribe requests of EwsSource and its feed, and their answers, without exchangelib's service machinery.
 
 exchangelib builds every request through its object model and walks every answer through generators; for a room's
 import that was about a quarter of the gateway's CPU (scripts/bench-ews-read.py). Here:
@@ -8,7 +8,8 @@ import that was about a quarter of the gateway's CPU (scripts/bench-ews-read.py)
   (its payload and its SOAP envelope, around placeholder values) and filled with escaped values: the bytes Exchange
   gets are the bytes exchangelib would send (tests/test_ews_wire.py holds them equal), RequestServerVersion,
   ExchangeImpersonation and TimeZoneContext included, and the header X-AnchorMailbox (the room), as exchangelib sends
-  it for these operations (they do not ask for server affinity);
+  it for these operations; Subscribe asks for server affinity as exchangelib's service does (X-PreferServerAffinity,
+  the account's X-BackEndOverrideCookie, the cookie of the answer kept as the account's);
 - it is POSTed on a session of exchangelib's pool the way exchangelib's ``post_ratelimited`` posts (``Wire._send``),
   so authentication (NTLM, Basic), the connection pool, the CA bundle (patches.trust), the retry policy's HTTP
   status handling and the errors of a failed connection stay exchangelib's;
@@ -18,7 +19,7 @@ import that was about a quarter of the gateway's CPU (scripts/bench-ews-read.py)
   BackOffMilliseconds, from a fault or from a response message;
 - each request is counted once on the thread's call counter, by operation and answer (patches.count).
 
-Writes, subscriptions and streams stay on exchangelib.
+Writes and the streams themselves (GetStreamingEvents) stay on exchangelib.
 """
 
 from __future__ import annotations
