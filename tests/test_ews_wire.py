@@ -19,7 +19,7 @@ from aiohttp import web
 from exchangelib import EWSDateTime, EWSTimeZone
 from lxml import etree
 
-from gateway.errors import GatewayError, HttpError, MailboxNotFound, Throttled
+from gateway.errors import GatewayError, HttpError, MailboxNotFound, RequestFailed, Throttled
 from gateway.model import Window
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.sources.ews import source as ews_source
@@ -322,3 +322,28 @@ async def test_a_first_sync_of_a_room_without_a_calendar_fails_as_its_verificati
         await src.close()
     assert type(synced.value) is type(verified.value) and synced.value.key == verified.value.key == "not_found"
     assert "calendar" in str(synced.value) and ROOM1 in str(synced.value)
+
+
+async def test_an_answer_cut_off_midway_is_a_transport_failure_not_a_half_read(aiohttp_server: Any) -> None:
+    # The body is read in one piece (wire._read_body): a connection that drops before the announced length has
+    # arrived is the same failure requests reported when it read the body itself, never a parse of half an answer.
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/xml", "Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(envelope(success("FindItem", '<m:RootFolder TotalItemsInView="1" IncludesLastItemInRange='
+                                          '"true"><t:Items>'))[:400])
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    app = web.Application()
+    app.router.add_post("/EWS/Exchange.asmx", handle)
+    server = await aiohttp_server(app)
+    src = make_source(f"http://127.0.0.1:{server.port}/EWS/Exchange.asmx", auth="basic")
+    try:
+        with pytest.raises(GatewayError) as caught:
+            await src.read_window(ROOM1, window())
+    finally:
+        await src.close()
+    assert isinstance(caught.value, RequestFailed) and "Connection broken" in str(caught.value)
+    assert "IncompleteRead(400 bytes read" in str(caught.value)
