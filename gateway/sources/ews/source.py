@@ -161,9 +161,8 @@ _HTTP_REMEDIES = {
 }
 
 
-def _connection_failure(e: BaseException, host: str) -> Unreachable | None:
-    """An Unreachable when a transport failure is anywhere in the cause chain: exchangelib re-raises a refused
-    connection as ErrorTimeoutExpired or ErrorServerBusy, so the original is found by walking the chain."""
+def _causes(e: BaseException) -> list[BaseException]:
+    """The exception and what caused it, outermost first (exchangelib re-raises transport failures as its own)."""
     seen: set[int] = set()
     chain: list[BaseException] = []
     cur: BaseException | None = e
@@ -171,6 +170,13 @@ def _connection_failure(e: BaseException, host: str) -> Unreachable | None:
         seen.add(id(cur))
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
+    return chain
+
+
+def _connection_failure(e: BaseException, host: str) -> Unreachable | None:
+    """An Unreachable when a transport failure is anywhere in the cause chain: exchangelib re-raises a refused
+    connection as ErrorTimeoutExpired or ErrorServerBusy, so the original is found by walking the chain."""
+    chain = _causes(e)
     where = host or "the server"
     for c in chain:
         if isinstance(c, HttpStatusError):
@@ -263,6 +269,12 @@ def translate(e: BaseException, room: str | None = None, endpoint: str = "") -> 
         # with a code exchangelib does not know is an answer, though, for this request only (below).
         return HttpError(f"{host or 'the server'} did not answer as Exchange Web Services: {_short(str(e))}",
                          host=host, remedy="check exchange.ews_url: it must name https://<your CAS>/EWS/Exchange.asmx")
+    cut = next((c for c in _causes(e) if isinstance(c, requests.exceptions.ChunkedEncodingError)), None)
+    if cut is not None:  # (exchangelib calls it ErrorTimeoutExpired: Exchange did answer, the answer did not arrive)
+        return RequestFailed(f"the connection to {host or 'Exchange'} broke while Exchange answered{where}: "
+                             f"{_short(str(cut))}",
+                             remedy="retried automatically; if it persists, check what lies between the gateway and "
+                                    "Exchange (a proxy or load balancer that cuts long answers off or times them out)")
     if isinstance(e, xerr.ErrorTimeoutExpired | xerr.ErrorMailboxStoreUnavailable | xerr.ErrorMailboxMoveInProgress
                   | xerr.ErrorInternalServerTransientError | xerr.RateLimitError
                   | xerr.ErrorExceededConnectionCount):
