@@ -216,7 +216,7 @@ def test_a_confirmed_copy_hashes_nothing_again(monkeypatch) -> None:  # type: ig
 
 
 def test_a_booking_just_read_is_stamped_itself_and_a_confirmed_one_is_copied_and_left_alone() -> None:
-    # A source's fresh booking is held by no one but the sync planning it: stamping it saves a 31-field copy per
+    # A source's fresh booking is held by no one but the sync planning it: stamping it saves a 27-field copy per
     # booking an import publishes. One already confirmed may be stored or published: it never changes.
     fresh = booking("F")
     assert fresh.confirmed_at is None
