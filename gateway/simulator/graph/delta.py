@@ -14,7 +14,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.simulator.calendar import Instance
 from gateway.simulator.graph import ids
@@ -128,23 +128,35 @@ class Delta:
         return self._serve(req, rnd)
 
     def _serve(self, req: GraphRequest, rnd: Round) -> GraphResponse:
-        page, rnd.pending = rnd.pending[:rnd.size], rnd.pending[rnd.size:]
         base = f"{self.graph.graph_url}/users/{req.params['user']}/calendarView/delta"
-        body: dict[str, Any] = {"@odata.context": self.graph.context("Collection(event)"), "value": page}
-        if rnd.pending:
-            skip = secrets.token_urlsafe(24)
-            self.rounds[skip] = rnd
-            self._trim(self.rounds)
-            body["@odata.nextLink"] = f"{base}?$skiptoken={skip}"
-        else:
-            token = secrets.token_urlsafe(24)
-            self.states[token] = rnd.state
-            self._trim(self.states)
-            body["@odata.deltaLink"] = f"{base}?$deltatoken={token}"
+        body = delta_page(rnd, self.rounds, self.states, rnd.state, base, self.graph.context("Collection(event)"))
         _, tz_name = time_zone(rnd.tz_name)
         return GraphResponse(200, body, preference_applied(req, tz_name))
 
-    @staticmethod
-    def _trim(store: OrderedDict[str, Any]) -> None:
-        while len(store) > MAX_STATES:
-            store.popitem(last=False)
+
+class Paged(Protocol):
+    """A delta round being paged through: the changes still to hand out, so many a page."""
+
+    pending: list[dict[str, Any]]
+    size: int
+
+
+def delta_page(rnd: Paged, rounds: OrderedDict[str, Any], states: OrderedDict[str, Any], final: Any, base: str,
+               context: str, limit: int = MAX_STATES) -> dict[str, Any]:
+    """The next page of a delta round, as Graph writes it: its share of the pending changes, then a nextLink (the
+    round kept under a skip token) or, on its last page, a deltaLink (``final``, the state the round ends in, kept
+    under a delta token). Beyond ``limit`` rounds or states the oldest are forgotten: their tokens answer 410."""
+    page, rnd.pending = rnd.pending[:rnd.size], rnd.pending[rnd.size:]
+    body: dict[str, Any] = {"@odata.context": context, "value": page}
+    token = secrets.token_urlsafe(24)
+    if rnd.pending:
+        kept = rounds
+        rounds[token] = rnd
+        body["@odata.nextLink"] = f"{base}?$skiptoken={token}"
+    else:
+        kept = states
+        states[token] = final
+        body["@odata.deltaLink"] = f"{base}?$deltatoken={token}"
+    while len(kept) > limit:
+        kept.popitem(last=False)
+    return body

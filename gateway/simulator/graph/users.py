@@ -22,12 +22,12 @@ What a test changes (the control API, gateway/simulator/graph/control.py): users
 from __future__ import annotations
 
 import re
-import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.simulator.graph import ids
+from gateway.simulator.graph.delta import delta_page
 from gateway.simulator.graph.errors import GraphError, bad_request
 from gateway.simulator.graph.reads import page_size, user_filter
 from gateway.simulator.graph.router import GraphRequest, GraphResponse
@@ -179,20 +179,9 @@ class Users:
         return self._serve(_Round(pending, current, select, page_size(req, USERS_PAGE)))
 
     def _serve(self, rnd: _Round) -> GraphResponse:
-        page, rnd.pending = rnd.pending[:rnd.size], rnd.pending[rnd.size:]
-        base = f"{self.graph.graph_url}/users/delta"
-        body: dict[str, Any] = {"@odata.context": self.graph.context("users"), "value": page}
-        if rnd.pending:
-            skip = secrets.token_urlsafe(24)
-            self.rounds[skip] = rnd
-            _trim(self.rounds)
-            body["@odata.nextLink"] = f"{base}?$skiptoken={skip}"
-        else:
-            token = secrets.token_urlsafe(24)
-            self.states[token] = (rnd.seen, rnd.select)
-            _trim(self.states)
-            body["@odata.deltaLink"] = f"{base}?$deltatoken={token}"
-        return GraphResponse(200, body)
+        return GraphResponse(200, delta_page(rnd, self.rounds, self.states, (rnd.seen, rnd.select),
+                                             f"{self.graph.graph_url}/users/delta", self.graph.context("users"),
+                                             limit=MAX_STATES))
 
     # -- what the control API changes ----------------------------------------------------------------
     def expire(self) -> int:
@@ -226,8 +215,3 @@ class Users:
     def delete(self, user: str, *, permanent: bool = False) -> None:
         mb = self.find(user)
         self.deleted[mb.smtp] = "deleted" if permanent else "changed"
-
-
-def _trim(store: OrderedDict[str, Any]) -> None:
-    while len(store) > MAX_STATES:
-        store.popitem(last=False)
