@@ -316,6 +316,25 @@ class SambaDC:
             raise
         return conn
 
+    def lock_out(self, dn: str, tries: int = 3) -> None:
+        """Lock the account out as someone guessing would: ``tries`` binds with a wrong password, each refused."""
+        import pytest
+        from ldap3.core import exceptions as lx
+
+        for _ in range(tries):
+            with pytest.raises(lx.LDAPInvalidCredentialsResult):
+                self.connect(dn, "wrong")
+
+    def unlock(self, dn: str) -> None:
+        """What an administrator's Unlock-ADAccount does: lockoutTime back to 0."""
+        import ldap3
+
+        conn = self.connect()
+        try:
+            conn.modify(dn, {"lockoutTime": [(ldap3.MODIFY_REPLACE, ["0"])]})
+        finally:
+            conn.unbind()
+
     def add(self, ldif_entries: str) -> None:
         """Add entries written as LDIF (the helpers above) over LDAPS: the running DC sees them at once."""
         conn = self.connect()
