@@ -88,35 +88,54 @@ def people_reader(source: str, directory: object) -> ChangeReader:
     return directory
 
 
-class PeopleRunner:
+class _Syncing:
+    """What a runner's syncs came to: how many were done and failed, the failure that lasts (logged once per kind,
+    and its end), and how long to wait for the next: the interval, or a back-off growing up to it after failures."""
+
+    def __init__(self, name: str, sync_seconds: float) -> None:
+        self.failure: GatewayError | None = None
+        self.syncs = 0
+        self.failed_syncs = 0
+        self._name = name
+        self._interval = sync_seconds
+        self._backoff = Backoff(base=sync_seconds / 10, cap=sync_seconds, floor=1.0)
+
+    def _synced(self) -> float:
+        """A sync succeeded: the wait until the next."""
+        self.syncs += 1
+        if self.failure is not None:
+            log.info("directory.recovered", directory=self._name)
+        self.failure = None
+        self._backoff.reset()
+        return self._interval
+
+    def _failed(self, e: GatewayError) -> float:
+        """A sync failed with ``e``: the wait until the next."""
+        if self.failure is None or self.failure.key != e.key:
+            log.error("directory.sync_failed", directory=self._name, key=e.key, reason=str(e), remedy=e.remedy)
+        self.failure = e
+        self.failed_syncs += 1
+        return self._backoff.next()
+
+
+class PeopleRunner(_Syncing):
     """Keeps the people of a source's directory in sync: a sync every ``sync_seconds`` (a full comparison when
     due), with back-off after a failure (the source's own outage gate holds back requests while it is away)."""
 
     def __init__(self, options: SourcePeopleOptions, reader: ChangeReader, store: PeopleStore, *, source: str,
                  listeners: Sequence[Callable[[list[OutboxEntry]], None]] = ()) -> None:
+        super().__init__(options.source, options.sync_seconds)
         self.options = options
         self.people = PeopleSync(reader, store, directory=options.source, drop=options.drop,
                                  full_seconds=options.full_seconds, source=source, listeners=listeners)
-        self.failure: GatewayError | None = None
-        self.syncs = 0
 
     async def run(self) -> None:
-        backoff = Backoff(base=self.options.sync_seconds / 10, cap=self.options.sync_seconds, floor=1.0)
         while True:
             try:
                 await self.people.sync()
-                self.syncs += 1
-                if self.failure is not None:
-                    log.info("directory.recovered", directory=self.options.source)
-                self.failure = None
-                backoff.reset()
-                wait = self.options.sync_seconds
+                wait = self._synced()
             except GatewayError as e:
-                if self.failure is None or self.failure.key != e.key:
-                    log.error("directory.sync_failed", directory=self.options.source, key=e.key, reason=str(e),
-                              remedy=e.remedy)
-                self.failure = e
-                wait = backoff.next()
+                wait = self._failed(e)
             await asyncio.sleep(wait)
 
 
@@ -153,7 +172,7 @@ def expiry_of(credential: str, status: AccountStatus) -> CredentialExpiry:
                             locked_out=status.locked_out, detail=detail)
 
 
-class DirectoryRunner:
+class DirectoryRunner(_Syncing):
     """Keeps one directory's people in sync: a sync every ``sync_seconds`` (a full comparison when due), with
     back-off after a failure. A refused bind costs one attempt; the directory itself holds further ones back."""
 
@@ -161,15 +180,13 @@ class DirectoryRunner:
                  source: str, listeners: Sequence[Callable[[list[OutboxEntry]], None]] = (),
                  on_rooms: Callable[[list[DirectoryRoom]], Awaitable[None]] | None = None,
                  people: bool = True) -> None:
+        super().__init__(options.name, options.sync_seconds)
         self.options = options
         self.sync_people = people  # False: another replica relays the people (each would relay them all)
         self.on_rooms = on_rooms  # the rooms found, each sync (the wiring connects and drops rooms)
         self.directory = directory
         self.people = PeopleSync(directory, store, directory=options.name, drop=options.drop,
                                  full_seconds=options.full_seconds, source=source, listeners=listeners)
-        self.failure: GatewayError | None = None
-        self.syncs = 0
-        self.failed_syncs = 0
         self._wake = asyncio.Event()
         self._password = options.password
 
@@ -182,7 +199,6 @@ class DirectoryRunner:
         self._wake.set()
 
     async def run(self) -> None:
-        backoff = Backoff(base=self.options.sync_seconds / 10, cap=self.options.sync_seconds, floor=1.0)
         while True:
             self._wake.clear()
             try:
@@ -190,19 +206,9 @@ class DirectoryRunner:
                     await self.people.sync()
                 if self.on_rooms is not None:
                     await self.on_rooms(await self.directory.read_rooms())
-                self.syncs += 1
-                if self.failure is not None:
-                    log.info("directory.recovered", directory=self.options.name)
-                self.failure = None
-                backoff.reset()
-                wait = self.options.sync_seconds
+                wait = self._synced()
             except GatewayError as e:
-                if self.failure is None or self.failure.key != e.key:
-                    log.error("directory.sync_failed", directory=self.options.name, key=e.key, reason=str(e),
-                              remedy=e.remedy)
-                self.failure = e
-                self.failed_syncs += 1
-                wait = backoff.next()
+                wait = self._failed(e)
                 if isinstance(e, AuthError):
                     self._reread_secret()
             with_wake = asyncio.ensure_future(self._wake.wait())
