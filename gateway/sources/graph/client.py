@@ -175,6 +175,21 @@ class GraphClient:
                 continue
             raise error
 
+    async def pages(self, path: str, *, mailbox: str, operation: str, params: dict[str, str] | None = None,
+                    headers: dict[str, str] | None = None, item: bool = False) -> list[dict[str, Any]]:
+        """Every value of a collection, its @odata.nextLink followed to the last page (``params`` go with the first
+        request only: a next link carries them)."""
+        out: list[dict[str, Any]] = []
+        link: str | None = path
+        first = True
+        while link:
+            answer = await self.call("GET", link, mailbox=mailbox, operation=operation, headers=headers,
+                                     params=params if first else None, item=item)
+            first = False
+            out += [v for v in answer.body.get("value") or () if isinstance(v, dict)]
+            link = answer.body.get("@odata.nextLink")
+        return out
+
     async def batch(self, gets: list[str], *, mailbox: str, operation: str) -> list[Answer | GatewayError]:
         """Several GETs of one mailbox in JSON ``$batch`` envelopes of 20 (one request instead of twenty): each
         member's answer, or its error as ``call`` would raise it (a member throttled, 429, is sent again after its

@@ -35,16 +35,7 @@ class GraphDirectory:
 
     async def _all(self, path: str, params: dict[str, str] | None = None, *, item: bool = False,
                    ) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        link: str | None = path
-        first = True
-        while link:
-            answer = await self.client.call("GET", link, mailbox=DIRECTORY, operation="places",
-                                            params=params if first else None, item=item)
-            first = False
-            out += [v for v in answer.body.get("value") or () if isinstance(v, dict)]
-            link = answer.body.get("@odata.nextLink")
-        return out
+        return await self.client.pages(path, mailbox=DIRECTORY, operation="places", params=params, item=item)
 
     async def room_lists(self) -> list[RoomList]:
         return [RoomList(str(p["emailAddress"]).lower(), p.get("displayName"))

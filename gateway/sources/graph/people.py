@@ -136,13 +136,6 @@ class GraphPeople:
 
     async def _rooms(self) -> set[str]:
         """The addresses of the tenant's rooms (Places), which are users too."""
-        found: set[str] = set()
-        link: str | None = "/places/microsoft.graph.room"
-        params: dict[str, str] | None = {"$top": "100"}
-        while link:
-            answer = await self.client.call("GET", link, mailbox=DIRECTORY, operation="places", params=params)
-            params = None
-            found.update(str(p.get("emailAddress") or "").lower() for p in answer.body.get("value") or ()
-                         if isinstance(p, dict))
-            link = answer.body.get("@odata.nextLink")
-        return found
+        places = await self.client.pages("/places/microsoft.graph.room", mailbox=DIRECTORY, operation="places",
+                                         params={"$top": "100"})
+        return {str(p.get("emailAddress") or "").lower() for p in places}

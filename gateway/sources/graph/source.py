@@ -85,15 +85,8 @@ class GraphSource:
     # -- plumbing --------------------------------------------------------------------------------------------
     async def _pages(self, room: str, path: str, operation: str, params: dict[str, str] | None = None,
                      headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        link: str | None = path
-        while link:
-            answer = await self.client.call("GET", link, mailbox=room, operation=operation,
-                                            headers=headers or self.prefer,
-                                            params=params if link == path else None)
-            out += [e for e in answer.body.get("value") or () if isinstance(e, dict)]
-            link = answer.body.get("@odata.nextLink")
-        return out
+        return await self.client.pages(path, mailbox=room, operation=operation, params=params,
+                                       headers=headers or self.prefer)
 
     async def view(self, room: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
         """The room's instances overlapping [start, end) (occurrences expanded), with their CleanGlobalObjectId."""
