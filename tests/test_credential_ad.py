@@ -154,8 +154,9 @@ async def test_while_ad_says_the_service_account_is_locked_out_no_logon_goes_to_
         calls = _ews_calls(ews)
         for r in rooms:
             gw.coordinator.mark_dirty(r, "test")
-        await eventually(lambda: all(gw.coordinator.workers[r].state == "account_locked" for r in rooms),
-                         what="every room held as account_locked")
+        # the stored row, not the worker's state: a worker takes its new state before the store has committed it
+        await eventually(lambda: all(r.state == "account_locked" for r in gw.store.rooms()),
+                         what="every room stored as account_locked")
         assert _ews_calls(ews) == calls  # held at the gate: no logon reached Exchange
         reasons = {r.email: r.reason for r in gw.store.rooms()}
         assert "Active Directory says the service account" in reasons[rooms[0]], reasons
