@@ -204,9 +204,10 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
 
 async def run(args: GraphBenchArgs) -> dict[str, Any]:
     _pin(1)
-    work = Path(tempfile.mkdtemp(prefix="gateway-graph-bench-"))
-    pki = make_pki(work / "pki")
-    return {mode: await phase(args, mode, work, pki) for mode in args.phases}
+    with tempfile.TemporaryDirectory(prefix="gateway-graph-bench-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp)  # the stores and the hub's: removed at the end
+        pki = make_pki(work / "pki")
+        return {mode: await phase(args, mode, work, pki) for mode in args.phases}
 
 
 def main(args: GraphBenchArgs) -> dict[str, Any]:

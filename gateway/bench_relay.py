@@ -213,14 +213,15 @@ async def command_latency(args: RelayBenchArgs, work: Path, pki: Pki) -> dict[st
 
 
 async def run(args: RelayBenchArgs) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="gateway-relay-bench-"))
-    pki = make_pki(work / "pki")
-    results: dict[str, Any] = {}
-    if args.events:
-        results["tunnel"] = await tunnel_throughput(args, work, pki)
-    if args.commands:
-        results["commands"] = await command_latency(args, work, pki)
-    return results
+    with tempfile.TemporaryDirectory(prefix="gateway-relay-bench-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp)  # the tunnel's and the hub's stores: removed at the end
+        pki = make_pki(work / "pki")
+        results: dict[str, Any] = {}
+        if args.events:
+            results["tunnel"] = await tunnel_throughput(args, work, pki)
+        if args.commands:
+            results["commands"] = await command_latency(args, work, pki)
+        return results
 
 
 def main(args: RelayBenchArgs) -> dict[str, Any]:

@@ -150,7 +150,8 @@ def main() -> int:
     per_room = [len(c.items) for c in captured]
     print(f"captured {sum(per_room)} instances of {len(captured)} rooms ({per_room}) in "
           f"{time.monotonic() - t0:.1f} s", file=sys.stderr)
-    path = Path(tempfile.mkdtemp(prefix="bench-pipeline-")) / "gateway.sqlite"
+    work = tempfile.TemporaryDirectory(prefix="bench-pipeline-", ignore_cleanup_errors=True)
+    path = Path(work.name) / "gateway.sqlite"
     store = SqliteStore(path)
     coordinator = Coordinator(source=None, store=store, settings=SyncSettings())  # type: ignore[arg-type]
     for i in range(args.rooms):
@@ -174,6 +175,7 @@ def main() -> int:
             print(f"-- profile of the {phase} pass (own time)", file=sys.stderr)
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(args.top)
     store.close()
+    work.cleanup()
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
