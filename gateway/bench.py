@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway import collector
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
 from gateway.observability.metrics import Metrics
 from gateway.ports import OutboxEntry
@@ -208,6 +209,7 @@ async def run(args: BenchArgs) -> Results:
         t0 = time.monotonic()
         cpu0, sim_cpu0 = cpu_seconds(), cpu_seconds(proc.pid)
         metrics = Metrics()
+        collector.settle()  # as `gateway run` does
         gw = await start_gateway(options, metrics)
         gw.coordinator.listeners.append(arrivals)
         last_report = time.monotonic()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway import collector
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
 from gateway.bench import (
     Arrivals,
@@ -134,6 +135,7 @@ async def phase(args: GraphBenchArgs, mode: str, work: Path, pki: Pki) -> dict[s
         metrics = Metrics()
         t0 = time.monotonic()
         cpu0, sim_cpu0 = cpu_seconds(), cpu_seconds(proc.pid)
+        collector.settle()  # as `gateway run` does
         gw = await start_gateway(options, metrics)
         gw.coordinator.listeners.append(arrivals)
         workers = gw.coordinator.workers

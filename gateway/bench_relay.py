@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway import collector
 from gateway.api import EventHub
 from gateway.app import GatewayOptions, start_gateway, stop_gateway
 from gateway.config import CommandsConfig, RelayConfig
@@ -165,6 +166,7 @@ async def command_latency(args: RelayBenchArgs, work: Path, pki: Pki) -> dict[st
             password=org["password"], rooms=tuple(room_list), sync=SyncSettings(debounce_seconds=0.1),
             store_path=work / "commands.sqlite", feed="streaming", relay=relay, identity=identity,
             commands=CommandsConfig(rate_per_minute=100_000, burst=1000))
+        collector.settle()  # as `gateway run` does
         gw = await start_gateway(options, Metrics())
         while running.hub.sessions.get(identity.gateway_id) is None:
             await asyncio.sleep(0.05)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
+from gateway import collector
 from gateway.app import (
     EVENT_SOURCE,
     GATEWAY,
@@ -80,6 +81,7 @@ async def run(config_path: Path | None) -> int:
     cfg = load_config(config_path)
     options = replace(options_from_config(cfg), reload_on_sighup=True)  # SIGHUP: read every secret again
     app = init_app(options)
+    collector.settle()
 
     def ready(app: web.Application, port: int) -> None:
         gw = app[GATEWAY]

@@ -37,7 +37,7 @@ TIERS: dict[str, tuple[str, ...]] = {
              "test_coordinator", "test_engine", "test_errors", "test_ews_mapping", "test_http_layer", "test_identity",
              "test_json_tracebacks", "test_layers", "test_logging", "test_outage", "test_packaging", "test_retry",
              "test_sharding", "test_store", "test_vault", "test_vocabulary",
-             "test_credential_watch", "test_secret_pickup"),
+             "test_credential_watch", "test_secret_pickup", "test_collector"),
     # one suite that every implementation of a port (or of a published schema) passes
     "contract": ("test_directory_port", "test_relay_schemas", "test_source_contract"),
     # the appliance end to end over real sockets: the simulator, the hub, a proxy, subprocesses
