@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.bench import BenchArgs, _pin, cpu_seconds, start_simulator
+from gateway.bench import BenchArgs, _pin, cpu_seconds, one_at_a_time, start_simulator
 from gateway.model import Window
 from gateway.sources.ews.source import EwsSettings, EwsSource
 
@@ -115,4 +115,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with one_at_a_time():
+        asyncio.run(main())

@@ -8,13 +8,17 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from exchangelib import IMPERSONATION, NTLM, Account, Configuration, Credentials, EWSDateTime
 from exchangelib.protocol import close_connections
 
-from gateway.bench import BenchArgs, Results, run_scale, simulator_command
+from gateway import bench
+from gateway.bench import BenchArgs, Results, one_at_a_time, run_scale, simulator_command
 from gateway.cli import build_parser
 from gateway.simulator.serve import simulator_config
 from tests.conftest import TZ
@@ -109,6 +113,47 @@ def test_bench_runs_once_per_room_count_each_in_a_process_of_its_own_and_reports
     assert imp["cpu_ms_per_booking"] == {"gateway": 0.5, "simulator": 0.25}
     assert imp["ews_calls"] == 50 and imp["rss_mb"] == 99.9 and imp["cpu_seconds"] == {"gateway": 1.0,
                                                                                      "simulator": 0.5}
+
+
+def test_a_second_benchmark_waits_for_the_first_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Two benchmarks at once share the cores and both report wrong figures: the second waits, saying so; the
+    processes the first starts itself (one per room count) share its lock instead of waiting for it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("GATEWAY_BENCH_LOCK_OWNER", raising=False)
+    first_holds, first_may_end, order = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        with one_at_a_time():
+            order.append("first")
+            first_holds.set()
+            first_may_end.wait(10)
+            order.append("first ends")
+    t = threading.Thread(target=first)
+    t.start()
+    assert first_holds.wait(10)
+    assert os.environ["GATEWAY_BENCH_LOCK_OWNER"] == str(os.getpid())
+    monkeypatch.delenv("GATEWAY_BENCH_LOCK_OWNER")  # as another process would see it: no lock of its own
+    second_done = threading.Event()
+
+    def second() -> None:
+        with one_at_a_time():
+            order.append("second")
+        second_done.set()
+    u = threading.Thread(target=second)
+    u.start()
+    assert not second_done.wait(0.5)  # it waits while the first holds the lock
+    first_may_end.set()
+    t.join(10)
+    u.join(10)
+    assert order == ["first", "first ends", "second"]
+    assert f"waiting for the benchmark already running on this machine (pid {os.getpid()}) to end" in \
+        capsys.readouterr().err
+    assert oct((tmp_path / bench.LOCK_NAME).stat().st_mode & 0o777) == "0o600"
+
+    monkeypatch.setenv("GATEWAY_BENCH_LOCK_OWNER", "1")  # a benchmark's own child: in at once
+    with one_at_a_time():
+        pass
 
 
 def test_the_graph_bench_runs_tiny_and_reports_both_phases_under_graph() -> None:
