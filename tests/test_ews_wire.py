@@ -9,12 +9,14 @@ aiohttp server speaking EWS over a real socket.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from aiohttp import web
 from exchangelib import EWSDateTime, EWSTimeZone
 from lxml import etree
@@ -23,6 +25,7 @@ from gateway.errors import GatewayError, HttpError, MailboxNotFound, RequestFail
 from gateway.model import Window
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.sources.ews import source as ews_source
+from gateway.sources.ews import transport
 from gateway.sources.ews.mapping import DETAIL_FIELDS, SYNC_FIELDS, VIEW_FIELDS
 from gateway.sources.ews.source import EwsSettings, EwsSource
 from gateway.sources.ews.wire import MNS, SOAP, TNS, Wire, encode, exchangelib_request
@@ -33,8 +36,8 @@ OPERATIONS = ("GetFolder", "SyncFolderItems", "FindItem", "GetItem")
 
 
 def make_source(url: str, **settings: Any) -> EwsSource:
-    return EwsSource(EwsSettings(ews_url=url, username=f"CONTOSO\\{SERVICE_ACCOUNT}", max_workers=2, timeout=10,
-                                 default_timezone="Europe/Berlin", **settings), SERVICE_PASSWORD)
+    return EwsSource(EwsSettings(ews_url=url, username=f"CONTOSO\\{SERVICE_ACCOUNT}", default_timezone="Europe/Berlin",
+                                 **{"max_workers": 2, "timeout": 10, **settings}), SERVICE_PASSWORD)
 
 
 def window() -> Window:
@@ -350,3 +353,155 @@ async def test_an_answer_cut_off_midway_is_a_transport_failure_not_a_half_read(a
     assert isinstance(e, RequestFailed) and e.key == "exchange_error"
     assert "broke while Exchange answered for room1@contoso.com" in str(e) and "IncompleteRead(400 bytes read" in str(e)
     assert "proxy or load balancer" in (e.remedy or "")
+
+
+# -- straight on the session's connection pool (gateway/sources/ews/transport.py) ---------------------------------
+# It sends what requests would have sent, keeps the session's cookies both ways, lets requests_ntlm authenticate a
+# connection that has not, and fails as requests' way fails.
+ENDPOINT = "/EWS/Exchange.asmx"
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many reads went each way: straight on the pool, or through requests' Session.send."""
+    seen = {"pool": 0, "requests": 0}
+    post, send = transport.post, requests.Session.send
+
+    def counted_post(*args: Any, **kwargs: Any) -> Any:
+        r = post(*args, **kwargs)
+        if r is not None:
+            seen["pool"] += 1
+        return r
+
+    def counted_send(self: requests.Session, *args: Any, **kwargs: Any) -> Any:
+        seen["requests"] += 1
+        return send(self, *args, **kwargs)
+    monkeypatch.setattr(transport, "post", counted_post)
+    monkeypatch.setattr(requests.Session, "send", counted_send)
+    return seen
+
+
+async def test_a_connection_ntlm_has_not_authenticated_goes_requests_way_once_then_reads_skip_it(
+        ews: SimFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    appointment(ews, ROOM2, "Straight", soon())
+    seen = _spy(monkeypatch)
+    src = make_source(ews.url, max_workers=1)
+    try:
+        first = await import_room(src, ROOM2)
+        again = await import_room(src, ROOM2)
+    finally:
+        await src.close()
+    assert [b.subject for b in first] == [b.subject for b in again] == ["Straight"]
+    # The first read found the connection unauthenticated (401): requests_ntlm's handshake on it, through requests;
+    # every read after it went straight on the authenticated connection.
+    assert seen["requests"] == 1, seen
+    assert seen["pool"] >= 7, seen
+
+
+async def test_a_basic_auth_session_keeps_requests_way(ews: SimFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy(monkeypatch)
+    src = make_source(ews.url, auth="basic")
+    try:
+        await import_room(src, ROOM1)
+    finally:
+        await src.close()
+    assert seen["pool"] == 0 and seen["requests"] >= 3, seen
+
+
+async def _recording_server(aiohttp_server: Any, seen: list[dict[str, str]]) -> str:
+    """Answers every read as Exchange would, records each request's headers, and sets a routing cookie."""
+    async def handle(request: web.Request) -> web.Response:
+        data = await request.read()
+        seen.append(dict(request.headers))
+        op = next((o for o in ("GetFolder", "SyncFolderItems", "FindItem", "GetItem") if f"<m:{o}".encode() in data),
+                  "?")
+        status, body, ctype = ordinary(op)
+        resp = web.Response(status=status, body=body, content_type=ctype)
+        resp.set_cookie("X-BackEndCookie", f"route-{len(seen)}", path="/")
+        return resp
+    app = web.Application()
+    app.router.add_post(ENDPOINT, handle)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}{ENDPOINT}"
+
+
+async def test_a_read_sends_the_headers_requests_would_and_keeps_the_cookies_both_ways(
+        aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight: list[dict[str, str]] = []
+    url = await _recording_server(aiohttp_server, straight)
+    seen = _spy(monkeypatch)
+    src = make_source(url, max_workers=1)
+    try:
+        await src.read_window(ROOM1, window())  # (the server asks for no authentication: straight from the first)
+        await src.read_window(ROOM1, window())
+        assert seen == {"pool": len(straight), "requests": 0}
+        monkeypatch.setattr(transport, "post", lambda *args, **kwargs: None)
+        through_requests: list[dict[str, str]] = []
+        url2 = await _recording_server(aiohttp_server, through_requests)
+        src2 = make_source(url2, max_workers=1)
+        try:
+            await src2.read_window(ROOM1, window())
+            await src2.read_window(ROOM1, window())
+        finally:
+            await src2.close()
+    finally:
+        await src.close()
+    assert len(straight) == len(through_requests) >= 4
+
+    def comparable(h: dict[str, str]) -> dict[str, str]:
+        return {k.lower(): v for k, v in h.items() if k.lower() not in ("host", "cookie", "content-length")}
+    assert [comparable(h) for h in straight] == [comparable(h) for h in through_requests]
+    assert straight[0]["X-AnchorMailbox"] == "room1@contoso.com" and straight[0]["Connection"] == "Keep-Alive"
+    # Each answer's cookie went back with the next request, as requests' cookie jar sends it.
+    assert "Cookie" not in straight[0]
+    assert [h.get("Cookie") for h in straight[1:]] == [f"X-BackEndCookie=route-{i}" for i in range(1, len(straight))]
+    assert [h.get("Cookie") for h in straight] == [h.get("Cookie") for h in through_requests]
+
+
+async def test_an_answer_cut_off_midway_fails_as_requests_way_fails(aiohttp_server: Any) -> None:
+    """Straight on the pool, the cut answer is sent again requests' way (a read changes nothing), which fails as it
+    always did: the same error, from one more request."""
+    requests_seen: list[int] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        requests_seen.append(1)
+        resp = web.StreamResponse(headers={"Content-Type": "text/xml", "Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(envelope("<m:FindItemResponse>")[:200])
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    app = web.Application()
+    app.router.add_post(ENDPOINT, handle)
+    server = await aiohttp_server(app)
+    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}")
+    try:
+        with pytest.raises(GatewayError) as caught:
+            await src.read_window(ROOM1, window())
+    finally:
+        await src.close()
+    assert caught.value.key == "exchange_error"
+    assert "broke while Exchange answered for room1@contoso.com" in str(caught.value)
+    assert len(requests_seen) == 2
+
+
+async def test_an_answer_that_never_comes_is_waited_for_once(aiohttp_server: Any) -> None:
+    requests_seen: list[int] = []
+    release = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        requests_seen.append(1)
+        await release.wait()
+        return web.Response(status=503)
+    app = web.Application()
+    app.router.add_post(ENDPOINT, handle)
+    server = await aiohttp_server(app)
+    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", timeout=1)
+    try:
+        with pytest.raises(GatewayError):
+            await src.read_window(ROOM1, window())
+    finally:
+        release.set()
+        await src.close()
+    assert len(requests_seen) == 1  # a timeout is not sent again: it would take as long

@@ -79,7 +79,7 @@ def install() -> None:
     EWSService._get_response_xml = counted_response_xml
     EWSService._get_soap_parts = classmethod(whole_body_soap_parts)
     EwsProtocol.decrease_poolsize = _keep_pool_size
-    BaseProtocol.HTTP_ADAPTER_CLS = _VerifyingAdapter
+    BaseProtocol.HTTP_ADAPTER_CLS = VerifyingAdapter
 
 
 class _WholeBody:
@@ -97,9 +97,14 @@ def _keep_pool_size(self: Any) -> None:
     raise SessionPoolMinSizeReached("the gateway keeps exchangelib's session pool at its configured size")
 
 
-class _VerifyingAdapter(requests.adapters.HTTPAdapter):
+def trusted_bundle(url: str) -> str | None:
+    """The CA bundle the certificate of ``url``'s host is verified with, if one was given for it (``trust``)."""
+    return _trusted.get(urlsplit(url).netloc.lower())
+
+
+class VerifyingAdapter(requests.adapters.HTTPAdapter):
     def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        bundle = _trusted.get(urlsplit(request.url or "").netloc.lower())
+        bundle = trusted_bundle(request.url or "")
         if bundle is not None:
             kwargs["verify"] = bundle
         return super().send(request, *args, **kwargs)

@@ -12,7 +12,8 @@ import that was about a quarter of the gateway's CPU (scripts/bench-ews-read.py)
   the account's X-BackEndOverrideCookie, the cookie of the answer kept as the account's);
 - it is POSTed on a session of exchangelib's pool the way exchangelib's ``post_ratelimited`` posts (``Wire._send``),
   so authentication (NTLM, Basic), the connection pool, the CA bundle (patches.trust), the retry policy's HTTP
-  status handling and the errors of a failed connection stay exchangelib's;
+  status handling and the errors of a failed connection stay exchangelib's; on a connection NTLM has authenticated
+  a read skips requests' per-request layers (sources/ews/transport.py);
 - the answer is parsed once, with a parser that expands no entity, loads no DTD and reads no network; SOAP faults
   and response codes become the exceptions exchangelib raises for them (so ``source.translate`` maps them as
   before), with exchangelib's own rules for which errors come back as values; ErrorServerBusy keeps
@@ -43,7 +44,7 @@ from lxml import etree
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
 
-from gateway.sources.ews import patches
+from gateway.sources.ews import patches, transport
 
 SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 MNS = "http://schemas.microsoft.com/exchange/services/2006/messages"
@@ -285,7 +286,7 @@ class Wire:
                 if acct.affinity_cookie:
                     headers["X-BackEndOverrideCookie"] = acct.affinity_cookie
             session = protocol.get_session()
-            r = self._send(protocol, session, headers, body)
+            r = self._send(protocol, session, headers, body, idempotent=not affinity)
             if affinity:  # (the session's cookies are this answer's until the session is given back)
                 for cookie in session.cookies:
                     if cookie.name == "X-BackEndOverrideCookie":
@@ -302,11 +303,14 @@ class Wire:
                 continue
         raise xerr.ErrorInvalidSchemaVersionForMailboxVersion(f"Tried versions {versions} but all were invalid")
 
-    def _send(self, protocol: Any, session: Any, headers: dict[str, str], data: bytes) -> requests.Response:
+    def _send(self, protocol: Any, session: Any, headers: dict[str, str], data: bytes,
+              idempotent: bool = True) -> requests.Response:
         """exchangelib's ``post_ratelimited`` (util.py) under the fail-fast policy the source configures, the same
         errors for the same failures, without what requests repeats on every request: the environment's proxies and
         CA bundle are read once per endpoint (an appliance's environment does not change while it runs), and the
-        session's headers are merged once. The session is retired on any failure, as exchangelib does."""
+        session's headers are merged once. The session is retired on any failure, as exchangelib does. An
+        ``idempotent`` request (every read but Subscribe) goes straight to the session's connection pool where that
+        loses nothing of requests' (sources/ews/transport.py), and requests' way where it cannot."""
         url = protocol.service_endpoint
         key = (url, session.trust_env, session.verify, session.cert, tuple(sorted(session.proxies.items())))
         settings = self._environments.get(key)
@@ -315,6 +319,19 @@ class Wire:
             # stream=True, then the body in one read (_read_body): requests reads a body 10 KiB at a time, through
             # a generator and urllib3's decoder each time, a tenth of the CPU of a call with a room's answer.
             settings = self._environments[key] = {**settings, "stream": True}
+        if idempotent:
+            try:
+                lean = transport.post(session, url, settings, headers, data, protocol.TIMEOUT)
+            except CONNECTION_ERRORS as e:  # (a timeout: sent again, it would take as long)
+                protocol.retire_session(session)
+                raise xerr.ErrorTimeoutExpired(f"Reraised from {e.__class__.__name__}({e})") from e
+            if lean is not None:
+                try:
+                    protocol.retry_policy.raise_response_errors(lean)
+                except BaseException:
+                    protocol.retire_session(session)
+                    raise
+                return lean
         merged = CaseInsensitiveDict(session.headers)
         merged.update(headers)
         prepared = requests.PreparedRequest()
