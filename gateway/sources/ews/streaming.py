@@ -225,9 +225,14 @@ class StreamingFeed:
         async def attempt(room: str) -> tuple[str, str] | GatewayError:
             try:
                 async with at_once:
-                    return await loop.run_in_executor(self.source._pool, subscribe, room)
+                    found = await loop.run_in_executor(self.source._pool, subscribe, room)
             except GatewayError as e:
                 return e  # anything else is not an answer from Exchange: the supervisor hears of it
+            # Anything that happened before the subscription is fetched by a sync, marked as soon as this room's
+            # subscription exists (Exchange keeps its notifications until the stream opens): a room whose import
+            # had not sent its first call yet reads all of it anyway (Coordinator.import_room), one sync less.
+            dirty(room, "subscribed")
+            return found
 
         # The first room alone: when Exchange refuses the account itself or cannot be reached, every other room
         # would fail alike (and each failed logon counts towards the account's lockout threshold).
@@ -243,7 +248,6 @@ class StreamingFeed:
             group = by_cookie.setdefault(cookie, Group(cookie, []))
             group.rooms.append(room)
             group.subscriptions[sub_id] = room
-            dirty(room, "subscribed")  # anything that happened before the subscription is fetched by a sync
         groups: list[Group] = []
         for g in by_cookie.values():
             items = sorted(g.subscriptions.items(), key=lambda kv: kv[1])
