@@ -69,6 +69,7 @@ class GraphFeed:
         self._by_id: dict[str, Subscription] = {}
         self._retry_at: dict[str, float] = {}  # room -> when a failed subscription is tried again
         self._dirty: dict[str, str] = {}  # room -> why, to be told to the coordinator
+        self._on_dirty: Dirty | None = None  # the coordinator's, while watching
         self._last_poke: dict[str, float] = {}
         self._trailing: set[str] = set()
         self._todo: dict[str, str] = {}  # subscription id -> lifecycle work (reauthorize, recreate)
@@ -190,8 +191,19 @@ class GraphFeed:
             self._state(room, FEED_POLLING + why)
 
     # -- the loop --------------------------------------------------------------------------------------------
+    async def _tell(self) -> None:
+        """Tell the coordinator of the rooms marked so far."""
+        dirty, self._dirty = self._dirty, {}
+        if self._on_dirty is None:
+            return
+        for room, why in dirty.items():
+            told = self._on_dirty(room, why)
+            if inspect.isawaitable(told):
+                await told
+
     async def watch(self, rooms: Sequence[str], on_dirty: Dirty) -> None:
         self.rooms = sorted({r.lower() for r in rooms})
+        self._on_dirty = on_dirty
         stop: Callable[[], None] = lambda: None  # noqa: E731
         if self.inbox is not None:  # its URLs may come later (the hub's first welcome): asked on every round
             stop = self.inbox.listen(self.poke, self.connected)
@@ -221,11 +233,7 @@ class GraphFeed:
                         self._dirty.setdefault(room, "poll")
                         turn[room] = now + self.poll_interval - (now - at) % self.poll_interval  # keeps its turn
                 self._log_modes()
-                dirty, self._dirty = self._dirty, {}
-                for room, why in dirty.items():
-                    told = on_dirty(room, why)
-                    if inspect.isawaitable(told):
-                        await told
+                await self._tell()
                 wait = max(tick, min((turn[r] for r in polled), default=now + self.poll_interval) - self.clock())
                 if urls is not None:
                     due = [s.renew_at for s in self.subscriptions.values()] + list(self._retry_at.values())
@@ -276,6 +284,9 @@ class GraphFeed:
             async def one(job: Any) -> None:
                 async with gate:
                     await job
+                # A room's new subscription is told at once, not after every room's: a room whose import has not
+                # sent its first call yet answers the mark with the import (Coordinator.import_room), a sync less.
+                await self._tell()
             await asyncio.gather(*(one(j) for j in work))
 
     def _granted(self, sub: Subscription, body: dict[str, Any]) -> None:
