@@ -186,7 +186,9 @@ async def test_the_rooms_poll_until_the_hub_tells_its_urls_then_subscribe(online
     await eventually(lambda: gw.metric("gateway_graph_rooms", mode="notifications"), what="notification mode")
 
 
-async def test_a_stopped_feed_removes_its_subscriptions(graph_sim_factory: Any, hub: Inbox, pki: Any) -> None:
+def _feed_alone(graph_sim_factory: Any, hub: Inbox, pki: Any) -> tuple[GraphSim, Any, Any]:
+    """A Graph feed on its own (no gateway around it) against a new simulator that delivers to ``hub``: the
+    simulator, the client (to close) and the feed."""
     from gateway.sources.graph.auth import TokenSource
     from gateway.sources.graph.client import GraphClient
     from gateway.sources.graph.feed import GraphFeed
@@ -198,7 +200,11 @@ async def test_a_stopped_feed_removes_its_subscriptions(graph_sim_factory: Any, 
                              authority_host=g.authority.rsplit("/", 1)[0], graph_url=g.graph_url,
                              ca_bundle=g.ca_bundle)
     client = GraphClient(settings, TokenSource(settings, g.client_secret))
-    feed = GraphFeed(client, hub, poll_interval=3600)
+    return g, client, GraphFeed(client, hub, poll_interval=3600)
+
+
+async def test_a_stopped_feed_removes_its_subscriptions(graph_sim_factory: Any, hub: Inbox, pki: Any) -> None:
+    g, client, feed = _feed_alone(graph_sim_factory, hub, pki)
     dirty: list[tuple[str, str]] = []
     task = asyncio.get_running_loop().create_task(feed.watch([ROOM3, ROOM4], lambda room, why: dirty.append(
         (room, why))))
@@ -220,18 +226,7 @@ async def test_a_rooms_new_subscription_is_told_at_once_not_after_every_rooms(
     # The mark asks for a delta of what happened before the subscription; an import whose first call goes out after
     # it reads all of that itself (Coordinator.import_room). Told only once every room had subscribed, the rooms
     # already importing were read once more for nothing (100 rooms: 447 Graph calls, 404 told at once).
-    from gateway.sources.graph.auth import TokenSource
-    from gateway.sources.graph.client import GraphClient
-    from gateway.sources.graph.feed import GraphFeed
-
-    g = graph_sim_factory(SimulatorConfig(rba_delay=0.05))
-    status, _ = g.control("PATCH", "/graph/subscriptions", {"notify_ca_bundle": str(pki.ca_file)})
-    assert status == 200
-    settings = GraphSettings(tenant_id=g.tenant_id, client_id=g.client_id, credential="client_secret",
-                             authority_host=g.authority.rsplit("/", 1)[0], graph_url=g.graph_url,
-                             ca_bundle=g.ca_bundle)
-    client = GraphClient(settings, TokenSource(settings, g.client_secret))
-    feed = GraphFeed(client, hub, poll_interval=3600)
+    _, client, feed = _feed_alone(graph_sim_factory, hub, pki)
     room3_told = asyncio.Event()
     room4_saw_it: list[bool] = []
     subscribe = feed._subscribe
