@@ -397,6 +397,25 @@ async def test_a_connection_ntlm_has_not_authenticated_goes_requests_way_once_th
     assert seen["pool"] >= 7, seen
 
 
+async def test_straight_reads_over_tls_verify_the_certificate_with_the_trusted_bundle(
+        sim_factory: Callable[..., SimFixture], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tls = sim_factory(tls=True)
+    ca = tmp_path / "simulator-ca.pem"
+    ca.write_bytes(tls.thread.cert_pem or b"")
+    seen = _spy(monkeypatch)
+    src = make_source(tls.url, ca_bundle=str(ca), max_workers=1)
+    try:
+        await import_room(src, ROOM1)
+        await import_room(src, ROOM1)
+        pools = [route.pool for route in list(transport._routes.values())
+                 if route is not None and route.pool.scheme == "https"]
+    finally:
+        await src.close()
+    assert seen["requests"] == 1 and seen["pool"] >= 5, seen
+    # The pool the reads went to checks the server's certificate against the bundle given for this host.
+    assert pools and all(p.cert_reqs == "CERT_REQUIRED" and p.ca_certs == str(ca) for p in pools)
+
+
 async def test_a_basic_auth_session_keeps_requests_way(ews: SimFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = _spy(monkeypatch)
     src = make_source(ews.url, auth="basic")
