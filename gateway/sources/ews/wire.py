@@ -319,42 +319,14 @@ class Wire:
             # stream=True, then the body in one read (_read_body): requests reads a body 10 KiB at a time, through
             # a generator and urllib3's decoder each time, a tenth of the CPU of a call with a room's answer.
             settings = self._environments[key] = {**settings, "stream": True}
+        r = None
         if idempotent:
             try:
-                lean = transport.post(session, url, settings, headers, data, protocol.TIMEOUT)
+                r = transport.post(session, url, settings, headers, data, protocol.TIMEOUT)
             except CONNECTION_ERRORS as e:  # (a timeout: sent again, it would take as long)
-                protocol.retire_session(session)
-                raise xerr.ErrorTimeoutExpired(f"Reraised from {e.__class__.__name__}({e})") from e
-            if lean is not None:
-                try:
-                    protocol.retry_policy.raise_response_errors(lean)
-                except BaseException:
-                    protocol.retire_session(session)
-                    raise
-                return lean
-        merged = CaseInsensitiveDict(session.headers)
-        merged.update(headers)
-        prepared = requests.PreparedRequest()
-        prepared.prepare(method="POST", url=url, headers=merged, data=data, auth=session.auth,
-                         cookies=session.cookies, hooks=session.hooks)
-        try:
-            r = session.send(prepared, timeout=protocol.TIMEOUT, allow_redirects=False, **settings)
-            _read_body(r)
-        except TLS_ERRORS as e:
-            protocol.retire_session(session)
-            raise xerr.TransportError(str(e)) from e  # not retried: persistent
-        except CONNECTION_ERRORS as e:
-            protocol.retire_session(session)
-            raise xerr.ErrorTimeoutExpired(f"Reraised from {e.__class__.__name__}({e})") from e
-        except KeyError as e:
-            protocol.retire_session(session)
-            if e.args[0] != "www-authenticate":
-                raise
-            # An HTTP error status during the NTLM handshake.
-            raise xerr.ErrorInternalServerTransientError(f"Reraised from {e.__class__.__name__}({e})") from e
-        except BaseException:
-            protocol.retire_session(session)
-            raise
+                raise _connection_broke(protocol, session, e) from e
+        if r is None:
+            r = _through_requests(protocol, session, url, settings, headers, data)
         try:
             protocol.retry_policy.raise_response_errors(r)
         except BaseException:
@@ -406,6 +378,41 @@ class Wire:
                 if found is None:
                     found = self._templates[key] = _make_template(acct, operation, fields, api_version)
         return found
+
+
+def _through_requests(protocol: Any, session: Any, url: str, settings: dict[str, Any], headers: dict[str, str],
+                      data: bytes) -> requests.Response:
+    """The request through requests' session (its auth hooks, cookie jar and adapter), the body read whole; a failed
+    connection raised as exchangelib raises it, the session retired."""
+    merged = CaseInsensitiveDict(session.headers)
+    merged.update(headers)
+    prepared = requests.PreparedRequest()
+    prepared.prepare(method="POST", url=url, headers=merged, data=data, auth=session.auth,
+                     cookies=session.cookies, hooks=session.hooks)
+    try:
+        r = session.send(prepared, timeout=protocol.TIMEOUT, allow_redirects=False, **settings)
+        _read_body(r)
+    except TLS_ERRORS as e:
+        protocol.retire_session(session)
+        raise xerr.TransportError(str(e)) from e  # not retried: persistent
+    except CONNECTION_ERRORS as e:
+        raise _connection_broke(protocol, session, e) from e
+    except KeyError as e:
+        protocol.retire_session(session)
+        if e.args[0] != "www-authenticate":
+            raise
+        # An HTTP error status during the NTLM handshake.
+        raise xerr.ErrorInternalServerTransientError(f"Reraised from {e.__class__.__name__}({e})") from e
+    except BaseException:
+        protocol.retire_session(session)
+        raise
+    return r
+
+
+def _connection_broke(protocol: Any, session: Any, e: BaseException) -> xerr.ErrorTimeoutExpired:
+    """What exchangelib raises for a connection that failed or timed out; the session is retired."""
+    protocol.retire_session(session)
+    return xerr.ErrorTimeoutExpired(f"Reraised from {e.__class__.__name__}({e})")
 
 
 def _read_body(r: requests.Response) -> None:
