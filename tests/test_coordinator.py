@@ -23,9 +23,10 @@ from referencing import Registry, Resource
 from structlog.testing import capture_logs
 
 from gateway import service
-from gateway.errors import AuthError, Throttled, Unavailable
+from gateway.errors import AuthError, Throttled, Unavailable, Unreachable
 from gateway.model import EVENT_TYPES, ROOM_STATES, Event, Room
 from gateway.sources.memory import MemorySource
+from gateway.sources.outage import OutageGate
 from gateway.store.sqlite import SqliteStore
 from gateway.sync.coordinator import ROOMS_PER_SLOT, Coordinator, SyncSettings
 from tests.conftest import eventually
@@ -440,6 +441,27 @@ async def test_refused_credentials_are_auth_required_for_every_room_until_they_w
     assert [e["event"] for e in logs if e["event"].startswith("exchange.auth")] == [
         "exchange.auth_failed", "exchange.auth_restored"]
     assert all(g.states(r) == ["auth_required", "syncing", "verified"] for r in (ROOM1, ROOM2, ROOM3))
+
+
+async def test_a_room_held_back_by_an_outage_heard_ended_since_goes_on_without_a_second_outage(
+        start: Start, memory_source: MemorySource) -> None:
+    gate = OutageGate()
+    gate.record(gate.admit(), Unreachable("cannot connect to mail:443: the connection was refused"))
+    try:
+        gate.admit()
+    except Unreachable as e:
+        late = e  # a room's call held back by the outage, its answer not yet heard by the coordinator ...
+    memory_source.fail(late, room=ROOM2)
+    with capture_logs() as logs:
+        g = await start((ROOM1, ROOM2, ROOM3), retry_seconds=30)
+        outage, _ = g.coordinator._outage(None)
+        outage.failed(Unreachable("cannot connect to mail:443: the connection was refused"))
+        g.coordinator.exchange_recovered()  # ... while the probe's answer, which ended the outage, was
+        await eventually(lambda: g.imported(ROOM1, ROOM2, ROOM3), what="imported")
+    assert [e["event"] for e in logs if e["event"].startswith("exchange.")] == [
+        "exchange.outage_started", "exchange.outage_ended"]
+    assert g.states(ROOM2) == ["syncing", "verified"]  # never said cannot_connect, nor waited 30 s to retry
+    assert memory_source.calls["changes"] >= 4  # ROOM2's held call failed, then went on
 
 
 def _iso(value: Any) -> str:

@@ -207,7 +207,7 @@ async def test_an_outage_is_one_state_true_gauges_and_one_line_when_it_starts_an
         await switch.unplug()
 
     started = [e for e in logs if e["event"] == "exchange.outage_started"]
-    assert len(started) == 1, started
+    assert len(started) == 1, [(e["event"], e.get("key")) for e in logs if e["event"].startswith("exchange.")]
     assert started[0]["log_level"] == "warning" and started[0]["key"] == "cannot_connect"
     assert str(switch.port) in started[0]["reason"] and "exchange.ews_url" in started[0]["remedy"]
     ended = [e for e in logs if e["event"] == "exchange.outage_ended"]

@@ -55,6 +55,25 @@ def test_a_room_of_its_own_ends_nothing_and_an_answer_ends_the_outage():
     assert gate.failure is None and gate.admit() is False
 
 
+def test_an_answer_to_a_call_let_through_before_the_outage_began_does_not_end_it():
+    clock = Clock()
+    gate = OutageGate(retry_seconds=5, clock=clock)
+    heard: list[object] = []
+    gate.listeners.append(heard.append)
+    gate.record(gate.admit(), None)  # settled: calls go out side by side
+    since = gate.outages
+    assert gate.admit() is False  # a call goes out while Exchange is there ...
+    gate.record(gate.admit(), down(), gate.outages)  # ... another, sent later, finds it gone ...
+    gate.record(False, None, since)  # ... and the first one's answer is heard after that
+    assert gate.failure is not None and [type(h) for h in heard] == [Unreachable]
+    clock.now += 5
+    since = gate.outages
+    probe = gate.admit()
+    assert probe is True
+    gate.record(probe, None, since)  # the probe's answer ends it
+    assert gate.failure is None and heard[-1] is None
+
+
 def test_probes_are_spaced_by_a_doubling_back_off_and_refused_credentials_wait_longest():
     clock = Clock()
     gate = OutageGate(retry_seconds=5, max_retry_seconds=20, auth_retry_seconds=300, auth_max_retry_seconds=900,
@@ -117,6 +136,26 @@ def test_an_outage_is_logged_when_it_starts_reminded_at_a_low_rate_and_when_it_e
         ("exchange.outage_ended", "info")]
     assert logs[0]["key"] == "cannot_connect" and "mail:443" in logs[0]["reason"] and "check" in logs[0]["remedy"]
     assert logs[-1]["seconds"] == 900
+
+
+def test_a_held_copy_heard_after_the_outage_ended_is_over_and_one_held_in_a_new_outage_is_not():
+    clock = Clock()
+    gate = OutageGate(retry_seconds=5, clock=clock)
+    outage = OutageLog(remind_seconds=300, quiet_seconds=10)
+    gate.record(gate.admit(), down())
+    outage.failed(down())
+    with pytest.raises(Unreachable) as late:  # a room's call held back while the outage lasts ...
+        gate.admit()
+    assert not outage.is_over(late.value)
+    clock.now += 5
+    gate.record(gate.admit(), None)  # ... and the probe that ends it, heard first
+    outage.answered()
+    assert outage.is_over(late.value)
+    assert not outage.is_over(down())  # a failure of a call of its own is never a held copy
+    gate.record(gate.admit(), down())  # a new outage: its held copies are news
+    with pytest.raises(Unreachable) as fresh:
+        gate.admit()
+    assert not outage.is_over(fresh.value)
 
 
 def test_refused_credentials_are_an_error_and_their_recovery_is_named_so():

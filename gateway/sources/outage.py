@@ -39,6 +39,7 @@ class OutageGate:
         self.failure: GatewayError | None = None  # the shared failure going on, if any
         self.retry_at = 0.0
         self.attempts = 0  # failed probes in this outage
+        self.outages = 0  # outages begun so far (a call's answer ends only an outage begun before it was let through)
         self.listeners: list[Callable[[GatewayError | None], None]] = []  # told on start (the error) and end (None)
         self._cond = threading.Condition()
         self._settled = False  # some call has been answered (or refused for all): calls no longer go one by one
@@ -78,9 +79,12 @@ class OutageGate:
                 return None
         return self.admit()
 
-    def record(self, probe: bool, error: BaseException | None) -> None:
+    def record(self, probe: bool, error: BaseException | None, since: int | None = None) -> None:
         """After a call: ``error`` is what it raised (mapped into the gateway's tree), None when it succeeded.
-        Any answer from the server that is not a shared failure ends an outage."""
+        Any answer from the server that is not a shared failure ends an outage, unless the call was let through
+        before the outage began (``since``: ``outages`` read before ``admit``): a request sent before Exchange went
+        away may be answered, and its answer heard, after another request found it gone; that says nothing of
+        now. The probe's answer always does."""
         if not probe and error is None and self.failure is None and self._settled:
             return  # the common case, without the lock
         if isinstance(error, GatewayError) and getattr(error, "held", False):
@@ -91,7 +95,7 @@ class OutageGate:
                 self._probing = False
             if error is None or (isinstance(error, GatewayError) and not is_shared(error)):
                 self._settled = True
-                if self.failure is not None:
+                if self.failure is not None and (probe or since is None or since == self.outages):
                     self.failure = None
                     told.append(None)
             elif isinstance(error, GatewayError):
@@ -135,6 +139,7 @@ class OutageGate:
         current = self.failure
         self.failure = error  # the newest detail (a status, a back-off)
         if current is None or current.key != error.key:
+            self.outages += 1
             self.attempts = 1
             self.retry_at = now + self._delay(error, 1)
             return True
@@ -153,7 +158,10 @@ class OutageGate:
 
 def held(failure: GatewayError) -> GatewayError:
     """A fresh copy of the ongoing failure for a call that was not let through (no traceback shared between
-    threads); marked, so that recording it changes nothing."""
+    threads); marked, so that recording it changes nothing, and stamped (``time.monotonic``) so that whoever
+    receives it late can tell it from a new outage: the probe that ends the outage may be heard first
+    (sync/coordinator.py, OutageLog.is_over)."""
     e = copy.copy(failure)
     e.held = True  # type: ignore[attr-defined]
+    e.held_at = time.monotonic()  # type: ignore[attr-defined]
     return e

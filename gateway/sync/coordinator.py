@@ -92,6 +92,7 @@ class OutageLog:
         self.clock = clock
         self.failure: GatewayError | None = None
         self.since = self.last = self.reminded = 0.0
+        self.ended_at = 0.0  # time.monotonic() when the last outage ended (not the clock above: see is_over)
 
     def failed(self, e: GatewayError) -> None:
         now = self.clock()
@@ -111,6 +112,14 @@ class OutageLog:
         else:
             log.warning("exchange.outage_started", **fields)
 
+    def is_over(self, e: GatewayError) -> bool:
+        """``e`` is a copy of a failure that the outage gate held back before an outage ended that this log has
+        heard end since (sources/outage.py, held): the call it refused may go now. A room's held copy and the
+        probe's answer cross between threads, and the answer can be heard first; logged, the copy would start
+        a second outage that is not there."""
+        held_at = getattr(e, "held_at", None)
+        return self.failure is None and held_at is not None and held_at < self.ended_at
+
     def answered(self) -> None:
         failure = self.failure
         if failure is None:
@@ -119,6 +128,7 @@ class OutageLog:
         if isinstance(failure, Throttled) and now - self.last < self.quiet_seconds:
             return
         self.failure = None
+        self.ended_at = time.monotonic()
         event = "exchange.auth_restored" if _refused(failure) else "exchange.outage_ended"
         log.info(event, key=failure.key, seconds=round(now - self.since, 1), **self._where)
 
@@ -280,6 +290,8 @@ class Coordinator:
                 raise
             except GatewayError as e:
                 shared = is_shared(e)
+                if shared and self._outage(self.group(w.email))[0].is_over(e):
+                    continue  # held back by an outage that has ended since: the room goes on now
                 await self._set_state(w, room_state(e).value, _reason(e), shared=shared,
                                       remedy=e.remedy if e.own_remedy else None)
                 if shared:

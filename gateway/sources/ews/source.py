@@ -399,14 +399,15 @@ class EwsSource:
     def guarded(self, room: str | None) -> Iterator[None]:
         """Blocking work for one mailbox (or none), through the outage gate, its errors mapped. Use it in a thread
         of this source (``run`` does); the feeds use it for their subscriptions."""
+        since = self.gate.outages
         probe = self.gate.admit()
         try:
             with map_ews_errors(room, self.settings.ews_url):
                 yield
         except BaseException as e:
-            self.gate.record(probe, e)
+            self.gate.record(probe, e, since)
             raise
-        self.gate.record(probe, None)
+        self.gate.record(probe, None, since)
 
     def bind_calls(self) -> None:
         """Count the EWS requests the calling thread makes as this source's (for threads outside its pool)."""

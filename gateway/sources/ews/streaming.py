@@ -266,9 +266,10 @@ class StreamingFeed:
             anchor.affinity_cookie = group.cookie or None
             svc = _GetStreamingEvents(account=anchor)
             probe = [False]
+            since = gate.outages
 
-            def opened(probe: list[bool] = probe) -> None:
-                gate.record(probe[0], None)  # Exchange answered: no outage, whatever happens to the stream later
+            def opened(probe: list[bool] = probe, since: int = since) -> None:
+                gate.record(probe[0], None, since)  # Exchange answered: no outage, whatever happens to the stream later
                 probe[0] = False
             svc.on_open = opened
             with self._lock:
@@ -287,7 +288,7 @@ class StreamingFeed:
             except xerr.EWSError as e:
                 bad = _bad_ids(e)
                 if isinstance(e, xerr.ErrorSubscriptionNotFound | xerr.ErrorInvalidSubscription) or bad:
-                    gate.record(probe[0], translate(e, group.anchor))  # an answer: Exchange is there
+                    gate.record(probe[0], translate(e, group.anchor), since)  # an answer: Exchange is there
                     gone = [group.subscriptions.pop(s) for s in (bad or list(group.subscriptions))
                             if s in group.subscriptions]
                     log.info("streaming.subscriptions_lost", rooms=len(gone), anchor=group.anchor)
@@ -310,7 +311,7 @@ class StreamingFeed:
                 failures += 1
                 mapped = translate(error, group.anchor, self.source.settings.ews_url) or error
                 if not svc.opened:  # opening failed; a stream that broke later says nothing about the endpoint
-                    gate.record(probe[0], mapped)
+                    gate.record(probe[0], mapped, since)
                 self._interrupted(group, dirty, mapped, failures, opened=svc.opened)
         return [], None
 

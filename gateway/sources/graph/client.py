@@ -141,26 +141,27 @@ class GraphClient:
             wait = box.until - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            since = self.gate.outages
             probe = await self._admit()
             try:
                 async with box.slots:
                     answer = await self._send(method, path, body, params, headers, operation)
                 error = self._error(answer, mailbox, item, delta, operation)
             except GatewayError as e:
-                self.gate.record(probe, e)
+                self.gate.record(probe, e, since)
                 if isinstance(e, Unreachable) and attempt < s.max_attempts and not isinstance(e, TlsError):
                     await asyncio.sleep(self._back_off(attempt))
                     continue
                 raise
             if error is None:
-                self.gate.record(probe, None)
+                self.gate.record(probe, None, since)
                 return answer
             if answer.status == 401 and not fresh_token:  # a token refused before its time: one new token, once
                 fresh_token = True
-                self.gate.record(probe, None)
+                self.gate.record(probe, None, since)
                 await asyncio.to_thread(self.tokens.forget)
                 continue
-            self.gate.record(probe, error)
+            self.gate.record(probe, error, since)
             retry_after = _retry_after(answer)
             retryable = answer.status in (429, 503) or (answer.status >= 500 and answer.status != 501)
             if retryable and attempt < s.max_attempts and (retry_after or 0) <= s.max_retry_after:
