@@ -132,7 +132,8 @@ async def test_many_new_rooms_read_the_room_table_once_not_once_a_room(
 
 async def test_a_known_room_is_read_as_soon_as_it_is_verified_not_after_every_room(
         start: Start, memory_source: MemorySource) -> None:
-    # (A room never imported is verified by its import's first call; a room with a sync state is verified first.)
+    # (A room is verified by its first call: a room never imported by its import's, a room with a sync state by
+    # the sync from that state.)
     rooms = tuple(f"room{i}@contoso.com" for i in range(10, 30))
     for room in rooms:
         memory_source.add_room(room)
@@ -140,7 +141,7 @@ async def test_a_known_room_is_read_as_soon_as_it_is_verified_not_after_every_ro
     await eventually(lambda: first.imported(*rooms), what="every room imported")
     await first.coordinator.stop()
     order: list[tuple[str, str]] = []
-    for op in ("verify", "read_window"):
+    for op in ("changes", "read_window"):
         def logged(original: Any, name: str) -> Callable[..., Awaitable[Any]]:
             async def call(room: str, *args: Any, **kwargs: Any) -> Any:
                 order.append((name, room))
@@ -150,13 +151,13 @@ async def test_a_known_room_is_read_as_soon_as_it_is_verified_not_after_every_ro
     g = await start(rooms, max_concurrent_rooms=2)
     await eventually(lambda: all(g.coordinator.workers[r].last_success is not None for r in rooms),
                      what="every room read again")
-    assert {room for op, room in order if op == "verify"} == set(rooms)
+    assert {room for op, room in order if op == "changes"} == set(rooms)
     # At no moment are more rooms verified and waiting for their read than rooms may be in their import at once
     # (coordinator.ROOMS_PER_SLOT per request slot): never all twenty.
     waiting: set[str] = set()
     most = 0
     for op, room in order:
-        if op == "verify":
+        if op == "changes":
             waiting.add(room)
         else:
             waiting.discard(room)
@@ -164,21 +165,29 @@ async def test_a_known_room_is_read_as_soon_as_it_is_verified_not_after_every_ro
     assert most <= ROOMS_PER_SLOT * 2 < len(rooms), f"up to {most} rooms were verified before their read began"
 
 
-async def test_a_room_never_imported_is_verified_by_its_imports_first_call_a_known_one_before_its_read(
+async def test_a_room_is_verified_by_its_first_call_an_import_or_after_a_restart_a_sync_from_its_state(
         start: Start, memory_source: MemorySource) -> None:
     # An import's first SyncFolderItems fails as the verification would (tests/test_source_contract.py): one call
-    # less per room. A room with a sync state is verified first, as its first read is a whole window's.
+    # less per room. After a restart, so does the sync from the room's stored state that catches up with what
+    # happened meanwhile, before the room's whole window is read again; it takes the mark of the room's new
+    # subscription with it (a second sync would find nothing).
     begin = memory_source.now + timedelta(days=1)
     memory_source.book(ALICE, [ROOM1], begin, begin + timedelta(hours=1), "Planning")
     first = await start((ROOM1,))
     await eventually(lambda: first.imported(ROOM1), what="imported")
     assert memory_source.calls["verify"] == 0 and first.states(ROOM1) == ["syncing", "verified"]
     await first.coordinator.stop()
+    meanwhile = memory_source.book(BOB, [ROOM1], begin + timedelta(hours=2), begin + timedelta(hours=3), "Meanwhile")
+    calls = memory_source.calls.copy()
 
     second = await start((ROOM1,))
+    second.coordinator.mark_dirty(ROOM1, "subscribed")  # (the room's task has not run yet)
     await eventually(lambda: second.coordinator.workers[ROOM1].last_success is not None, what="ROOM1 read again")
-    assert memory_source.calls["verify"] == 1 and second.states(ROOM1) == ["syncing", "verified", "verified"]
-    assert len(second.events(ROOM1, CREATED)) == 1
+    await asyncio.sleep(0.3)  # a sync for the mark would start at once (debounce 0)
+    assert memory_source.calls - calls == Counter({"changes": 1, "read_meetings": 1, "read_window": 1})
+    assert second.states(ROOM1) == ["syncing", "verified", "verified"]
+    assert [e.data["uid"] for e in second.events(ROOM1, CREATED)] == [first.events(ROOM1, CREATED)[0].data["uid"],
+                                                                      meanwhile]
 
 
 async def test_a_room_marked_dirty_before_its_import_is_not_synced_again_after_it(

@@ -282,8 +282,10 @@ class Coordinator:
                         # right to read it, its calendar) and fails the same way (tests/test_source_contract.py):
                         # it verifies the room, one call less per room.
                         await self.import_room(w, verified=False)
-                    else:  # a restart may have missed anything; one full read repairs it
-                        await self._verify(w)
+                    # A restart may have missed anything: a sync from the stored state catches up (its first call
+                    # fails as the verification would: it verifies the room, one call less per room, and it takes
+                    # the marks of the room's new subscription), then one full read repairs whatever else.
+                    elif not await self.sync_changes(w, verify=True):
                         await self.reconcile(w, snapshot=True)
                 await self._loop(w)
             except asyncio.CancelledError:
@@ -433,23 +435,37 @@ class Coordinator:
         await self.reconcile(w, drift=False, snapshot=True)
         await self._in_sync(w)
 
-    async def sync_changes(self, w: RoomWorker) -> None:
-        """Incremental: SyncFolderItems pages from the stored state; changed meetings re-read over the window."""
-        started = w.dirty_since
-        w.dirty.clear()
-        w.dirty_since = None
-        w.reasons.clear()
-        reread, w.reread = frozenset(w.reread), set()
+    async def sync_changes(self, w: RoomWorker, *, verify: bool = False) -> bool:
+        """Incremental: SyncFolderItems pages from the stored state; changed meetings re-read over the window.
+        ``verify``: the first SyncFolderItems is the room's verification. Returns True when the stored state had
+        expired and the room was imported anew instead (a whole window read)."""
+        started: float | None = None
+        reread: frozenset[str] = frozenset()
+        first = True
         while True:
             state = await self.db(self.store.sync_state, w.email)
             try:
                 async with self._slots:
+                    if first:
+                        # The marks until the first call goes out are what it reads (as in import_room): a mark
+                        # made while the room waited for a slot would cost a sync that finds nothing.
+                        started, reread = w.dirty_since, frozenset(w.reread)
+                        w.dirty.clear()
+                        w.dirty_since = None
+                        w.reasons.clear()
+                        w.reread = set()
                     page = await self.source.changes(w.email, state)
             except SyncStateInvalid:
                 log.warning("sync.state_invalid", room=w.email)
                 await self.commit(w.email, upserts=(), deletes=(), events=(), clear_sync_state=True)
                 await self.import_room(w)
-                return
+                return True
+            if first:
+                first = False
+                if verify:
+                    self.exchange_recovered(self.group(w.email))  # (as _verify: Exchange judged the room itself)
+                    if w.state not in ("verified", "polling", "suspect_empty"):
+                        await self._in_sync(w)
             uids = set(page.changed_uids) | reread
             if page.deleted_item_ids:
                 uids |= await self.db(self.store.uids_for_items, w.email, page.deleted_item_ids)
@@ -470,6 +486,7 @@ class Coordinator:
             if not page.more:
                 break
         w.last_success = time.monotonic()
+        return False
 
     async def reconcile(self, w: RoomWorker, *, drift: bool = True, snapshot: bool = False) -> Plan:
         """Compare the full window with what we hold; repair and count any difference. ``snapshot``: an import (or
