@@ -55,6 +55,7 @@ class BenchArgs:
     rba_delay: float = 0.5
     graph: bool = False  # Exchange Online rooms through Graph (bench_graph.py): opt-in, it runs two imports
     poll_interval: float = 5.0  # the Graph part's polling phase
+    restart: bool = True  # after the steady state, a new gateway on the same store (the sync part)
 
 
 @dataclass
@@ -72,6 +73,12 @@ class Results:
     import_cpu_simulator: float = 0.0
     import_ews_calls: int = 0
     import_rss_mb: float = 0.0  # the gateway's peak RSS when the import ended
+    restart_seconds: float | None = None  # a new gateway on the store: until every room was read in full again
+    restart_cpu_gateway: float = 0.0
+    restart_cpu_simulator: float = 0.0
+    restart_ews_calls: int = 0
+    restart_ews_calls_until_idle: int = 0  # and its subscriptions' catch-up syncs
+    restart_booking_events: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -96,6 +103,14 @@ class Results:
             "changes": self.changes,
             "missed_changes": self.missed,
             "rss_mb": round(self.rss_mb, 1),
+            "restart": None if self.restart_seconds is None else {
+                "seconds": round(self.restart_seconds, 1),
+                "cpu_seconds": {"gateway": round(self.restart_cpu_gateway, 1),
+                                "simulator": round(self.restart_cpu_simulator, 1)},
+                "cpu_ms_per_booking": {"gateway": per_booking(self.restart_cpu_gateway),
+                                       "simulator": per_booking(self.restart_cpu_simulator)},
+                "ews_calls": self.restart_ews_calls, "ews_calls_until_idle": self.restart_ews_calls_until_idle,
+                "booking_events": self.restart_booking_events},
         }
 
 
@@ -210,11 +225,14 @@ class Arrivals:
 
     def __init__(self) -> None:
         self.created = 0
+        self.booking_events = 0  # created, updated or deleted
         self.seen: dict[str, float] = {}
 
     def __call__(self, entries: list[OutboxEntry]) -> None:
         now = time.monotonic()
         for e in entries:
+            if ".booking." in e.event.type:
+                self.booking_events += 1
             if e.event.type.endswith("booking.created.v1"):
                 self.created += 1
             subject = (e.event.data or {}).get("subject") or ""
@@ -251,28 +269,7 @@ async def run(args: BenchArgs) -> Results:
         collector.settle()  # as `gateway run` does
         gw = await start_gateway(options, metrics)
         gw.coordinator.listeners.append(arrivals)
-        last_report = time.monotonic()
-        workers = gw.coordinator.workers
-        progress, moved = (0, 0), time.monotonic()
-        while not all(w.last_success is not None for w in workers.values()):
-            await asyncio.sleep(0.2)
-            now_at = (sum(1 for w in workers.values() if w.last_success is not None), arrivals.created)
-            if now_at != progress:
-                progress, moved = now_at, time.monotonic()
-            elif time.monotonic() - moved > STALL_SECONDS:
-                states = Counter(f"{w.state}: {w.stored.reason if w.stored else ''}" for w in workers.values()
-                                 if w.last_success is None)
-                raise SystemExit(f"gateway bench: the import made no progress for {STALL_SECONDS:.0f} s; rooms not "
-                                 f"imported, by state: {dict(states.most_common(5))}. The gateway's log (stderr, "
-                                 "--log-level info) says why.")
-            if time.monotonic() - last_report > 5:
-                last_report = time.monotonic()
-                done = sum(1 for w in workers.values() if w.last_success is not None)
-                _say(f"  import: {done}/{len(workers)} rooms, {arrivals.created} bookings "
-                     f"({time.monotonic() - t0:.0f} s)")
-            if time.monotonic() - t0 > 1800:
-                _say("  import did not finish within 30 minutes; measuring what there is")
-                break
+        await _until_in_sync(gw, arrivals, t0, "import")
         res.import_seconds = time.monotonic() - t0
         res.import_cpu_gateway = cpu_seconds() - cpu0
         res.import_cpu_simulator = cpu_seconds(proc.pid) - sim_cpu0
@@ -280,17 +277,13 @@ async def run(args: BenchArgs) -> Results:
         res.import_rss_mb = peak_rss_mb()
         res.bookings = arrivals.created
         _say(f"  imported {arrivals.created} bookings in {res.import_seconds:.1f} s")
-        feed = gw.feed
-        while feed is not None and getattr(feed, "subscriptions", 0) < len(rooms):
-            await asyncio.sleep(0.2)
-        # Every new subscription marks its room for a catch-up sync: let that wave pass before measuring.
-        quiet_since, deadline = time.monotonic(), time.monotonic() + 300
-        while time.monotonic() - quiet_since < 3.0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            if any(w.dirty.is_set() for w in gw.coordinator.workers.values()):
-                quiet_since = time.monotonic()
+        await _until_idle(gw, len(rooms))
         _say(f"  subscribed and idle after {time.monotonic() - t0 - res.import_seconds:.1f} s")
         await steady_state(args, info, rooms, arrivals.seen, res, lambda: ews_requests(metrics))
+        if args.restart:
+            await stop_gateway(gw)
+            gw = None
+            gw = await restart(options, res, len(rooms), proc.pid)
     finally:
         res.rss_mb = peak_rss_mb()
         if gw is not None:
@@ -302,6 +295,69 @@ async def run(args: BenchArgs) -> Results:
             proc.kill()
         work.cleanup()
     return res
+
+
+async def restart(options: GatewayOptions, res: Results, rooms: int, simulator: int) -> Any:
+    """A new gateway on the store the first one left (an upgrade, a moved pod): how long until every room has
+    been read in full again, its CPU and EWS calls, and the booking events it emitted (none: nothing changed in
+    Exchange while it was down, so a restart that emits any repairs what was not broken)."""
+    _say(f"restart: a new gateway on the same store, {rooms} rooms known")
+    arrivals = Arrivals()
+    metrics = Metrics()
+    t0 = time.monotonic()
+    cpu0, sim_cpu0 = cpu_seconds(), cpu_seconds(simulator)
+    gw = await start_gateway(options, metrics)
+    gw.coordinator.listeners.append(arrivals)
+    await _until_in_sync(gw, arrivals, t0, "restart")
+    res.restart_seconds = time.monotonic() - t0
+    res.restart_cpu_gateway = cpu_seconds() - cpu0
+    res.restart_cpu_simulator = cpu_seconds(simulator) - sim_cpu0
+    res.restart_ews_calls = ews_requests(metrics)
+    _say(f"  every room read again after {res.restart_seconds:.1f} s")
+    await _until_idle(gw, rooms)
+    res.restart_ews_calls_until_idle = ews_requests(metrics)
+    res.restart_booking_events = arrivals.booking_events
+    return gw
+
+
+async def _until_idle(gw: Any, rooms: int) -> None:
+    """Wait until every room is subscribed and the syncs that its subscription set off are done."""
+    feed = gw.feed
+    while feed is not None and getattr(feed, "subscriptions", 0) < rooms:
+        await asyncio.sleep(0.2)
+    # Every new subscription marks its room for a catch-up sync: let that wave pass before measuring.
+    quiet_since, deadline = time.monotonic(), time.monotonic() + 300
+    while time.monotonic() - quiet_since < 3.0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        if any(w.dirty.is_set() for w in gw.coordinator.workers.values()):
+            quiet_since = time.monotonic()
+
+
+async def _until_in_sync(gw: Any, arrivals: Arrivals, t0: float, what: str) -> None:
+    """Wait until every room of the gateway has been read in full once, saying how far it is every 5 s; fail
+    with the rooms' states when nothing moved for STALL_SECONDS."""
+    last_report = time.monotonic()
+    workers = gw.coordinator.workers
+    progress, moved = (0, 0), time.monotonic()
+    while not all(w.last_success is not None for w in workers.values()):
+        await asyncio.sleep(0.2)
+        now_at = (sum(1 for w in workers.values() if w.last_success is not None), arrivals.created)
+        if now_at != progress:
+            progress, moved = now_at, time.monotonic()
+        elif time.monotonic() - moved > STALL_SECONDS:
+            states = Counter(f"{w.state}: {w.stored.reason if w.stored else ''}" for w in workers.values()
+                             if w.last_success is None)
+            raise SystemExit(f"gateway bench: the {what} made no progress for {STALL_SECONDS:.0f} s; rooms not "
+                             f"read, by state: {dict(states.most_common(5))}. The gateway's log (stderr, "
+                             "--log-level info) says why.")
+        if time.monotonic() - last_report > 5:
+            last_report = time.monotonic()
+            done = sum(1 for w in workers.values() if w.last_success is not None)
+            _say(f"  {what}: {done}/{len(workers)} rooms, {arrivals.created} bookings "
+                 f"({time.monotonic() - t0:.0f} s)")
+        if time.monotonic() - t0 > 1800:
+            _say(f"  {what} did not finish within 30 minutes; measuring what there is")
+            break
 
 
 def ews_requests(metrics: Metrics) -> int:
@@ -375,7 +431,8 @@ def scale_command(args: BenchArgs, rooms: int) -> list[str]:
     """The sync part for one room count, in a process of its own (so that its peak RSS is its own)."""
     return [sys.executable, "-m", "gateway", "bench", "--rooms", str(rooms), "--only", "sync", "--json",
             "--rate", str(args.rate), "--duration", str(args.duration), "--latency-ms", str(args.latency_ms),
-            "--concurrency", str(args.concurrency), "--log-level", "warning"]
+            "--concurrency", str(args.concurrency), "--log-level", "warning",
+            *(() if args.restart else ("--no-restart",))]
 
 
 def run_scale(args: BenchArgs, run_one: Callable[[list[str]], str] | None = None) -> list[dict[str, Any]]:
@@ -397,6 +454,14 @@ def _print_import(out: dict[str, Any]) -> None:
           f"({imp['bookings_per_second']} bookings/s; CPU: gateway {imp['cpu_seconds']['gateway']} s, "
           f"simulator {imp['cpu_seconds']['simulator']} s; per booking: gateway {per.get('gateway')} ms, "
           f"simulator {per.get('simulator')} ms; {imp.get('ews_calls')} EWS calls; RSS {imp.get('rss_mb')} MB)")
+
+
+def _print_restart(out: dict[str, Any]) -> None:
+    r = out.get("restart")
+    if r:
+        print(f"restart:  every room read again in {r['seconds']} s (CPU: gateway {r['cpu_seconds']['gateway']} s, "
+              f"simulator {r['cpu_seconds']['simulator']} s; {r['ews_calls']} EWS calls, "
+              f"{r['ews_calls_until_idle']} until subscribed and idle; {r['booking_events']} booking events)")
 
 
 def main(args: BenchArgs) -> int:
@@ -435,6 +500,7 @@ def _main(args: BenchArgs) -> int:
         _print_import(run_out)
         print(f"          then EWS calls per change {run_out['ews_calls_per_change']}, change-to-event p99 "
               f"{run_out['latency_ms']['p99']} ms, peak RSS {run_out['rss_mb']} MB")
+        _print_restart(run_out)
     if "import" in out:
         lat = out["latency_ms"]
         _print_import(out)
@@ -442,6 +508,7 @@ def _main(args: BenchArgs) -> int:
               f"({lat['samples']} changes seen, {out['missed_changes']} missed)")
         print(f"EWS calls per change: {out['ews_calls_per_change']}")
         print(f"peak RSS: {out['rss_mb']} MB")
+        _print_restart(out)
     if "tunnel" in out:
         t = out["tunnel"]
         print(f"tunnel:   {t['events']} events through one tunnel in {t['seconds']} s: {t['per_second']} events/s")

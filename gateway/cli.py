@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "with several --rooms)")
     gbench.add_argument("--poll-interval", type=_seconds, default=5.0, metavar="SECONDS",
                         help="the graph part's delta polling interval in its polling phase (default: %(default)s)")
+    gbench.add_argument("--no-restart", dest="restart", action="store_false",
+                        help="skip the sync part's last phase: a new gateway started on the store the first one "
+                             "left, measured until every room is read again (seconds, CPU, EWS calls, and the "
+                             "booking events it emits, which should be none)")
     gbench.add_argument("--json", action="store_true", help="print the results as one JSON object")
     _logging_options(gbench, default_level="warning")
 
@@ -414,7 +418,8 @@ def dispatch(args: argparse.Namespace) -> int:
                                           as_json=args.json,
                                           sync=args.only in (None, "sync"), relay=args.only in (None, "relay"),
                                           events=args.events, commands=args.commands, rba_delay=args.rba_delay,
-                                          graph=args.only == "graph", poll_interval=args.poll_interval))
+                                          graph=args.only == "graph", poll_interval=args.poll_interval,
+                                          restart=args.restart))
     raise SystemExit(f"unknown command {args.command}")
 
 

@@ -18,7 +18,7 @@ from exchangelib import IMPERSONATION, NTLM, Account, Configuration, Credentials
 from exchangelib.protocol import close_connections
 
 from gateway import bench
-from gateway.bench import BenchArgs, Results, one_at_a_time, run_scale, simulator_command
+from gateway.bench import BenchArgs, Results, one_at_a_time, run_scale, scale_command, simulator_command
 from gateway.cli import build_parser
 from gateway.simulator.serve import simulator_config
 from tests.conftest import TZ
@@ -103,6 +103,8 @@ def test_bench_runs_once_per_room_count_each_in_a_process_of_its_own_and_reports
     assert [r["import"]["rooms"] for r in runs] == [100, 1000]
     assert all(c[c.index("--only") + 1] == "sync" and "--json" in c for c in ran)
     assert all(c[c.index("--concurrency") + 1] == "20" for c in ran)  # each count's process keeps it
+    assert "--no-restart" not in ran[0] and "--no-restart" in scale_command(BenchArgs(restart=False), 100)
+    assert build_parser().parse_args(["bench", "--no-restart"]).restart is False
     assert build_parser().parse_args(["bench"]).concurrency == 10
     for bad in ("0", "28"):  # Exchange allows 27 requests in flight per service account
         with pytest.raises(SystemExit):
@@ -154,6 +156,25 @@ def test_a_second_benchmark_waits_for_the_first_and_says_why(tmp_path: Path, mon
     monkeypatch.setenv("GATEWAY_BENCH_LOCK_OWNER", "1")  # a benchmark's own child: in at once
     with one_at_a_time():
         pass
+
+
+def test_the_sync_bench_runs_tiny_and_a_restart_on_its_store_reads_every_room_again_without_a_booking_event() -> None:
+    """`gateway bench --only sync`, a few rooms for a few seconds: the import, the changes, then a new gateway on
+    the store the first one left, which reads every room again and emits no booking event (nothing changed)."""
+    run = subprocess.run([sys.executable, "-m", "gateway", "bench", "--only", "sync", "--rooms", "3", "--rate", "2",
+                          "--duration", "2", "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    imp, restart = out["import"], out["restart"]
+    assert imp["rooms"] == 3 and imp["bookings"] > 0 and imp["ews_calls"] >= 3
+    assert out["changes"] == 4 and out["missed_changes"] == 0
+    assert restart["booking_events"] == 0, "a restart repaired what was not broken"
+    # Per room: the sync from its stored state (which verifies it), its window, its meetings' details; the
+    # subscriptions and the syncs their marks set off may come before or after every room is read.
+    assert 3 * 3 <= restart["ews_calls"] <= restart["ews_calls_until_idle"] <= 3 * 6
+    assert restart["seconds"] > 0 and restart["cpu_seconds"]["gateway"] > 0
+    assert restart["cpu_ms_per_booking"]["gateway"] > 0
+    assert Results(rooms=3).as_dict()["restart"] is None  # (--no-restart)
 
 
 def test_the_graph_bench_runs_tiny_and_reports_both_phases_under_graph() -> None:
