@@ -130,16 +130,18 @@ async def test_many_new_rooms_read_the_room_table_once_not_once_a_room(
     assert len(reads) == 1 and rooms[0] not in {r.email for r in every_room(g.store)}
 
 
-async def test_a_known_room_is_read_as_soon_as_it_is_verified_not_after_every_room(
-        start: Start, memory_source: MemorySource) -> None:
-    # (A room is verified by its first call: a room never imported by its import's, a room with a sync state by
-    # the sync from that state.)
+async def test_after_a_restart_every_room_catches_up_before_any_is_read_in_full_a_few_at_a_time(
+        start: Start, memory_source: MemorySource, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A restart owes each room a full read; a change made while no gateway ran, in the last room, is read by that
+    # room's sync from its stored state, which comes before the first full read, not after all of them.
     rooms = tuple(f"room{i}@contoso.com" for i in range(10, 30))
     for room in rooms:
         memory_source.add_room(room)
     first = await start(rooms, max_concurrent_rooms=2)
     await eventually(lambda: first.imported(*rooms), what="every room imported")
     await first.coordinator.stop()
+    begin = memory_source.now + timedelta(days=1)
+    meanwhile = memory_source.book(ALICE, [rooms[-1]], begin, begin + timedelta(hours=1), "Meanwhile")
     order: list[tuple[str, str]] = []
     for op in ("changes", "read_window"):
         def logged(original: Any, name: str) -> Callable[..., Awaitable[Any]]:
@@ -148,21 +150,86 @@ async def test_a_known_room_is_read_as_soon_as_it_is_verified_not_after_every_ro
                 return await original(room, *args, **kwargs)
             return call
         setattr(memory_source, op, logged(getattr(memory_source, op), op))
-    g = await start(rooms, max_concurrent_rooms=2)
-    await eventually(lambda: all(g.coordinator.workers[r].last_success is not None for r in rooms),
-                     what="every room read again")
-    assert {room for op, room in order if op == "changes"} == set(rooms)
-    # At no moment are more rooms verified and waiting for their read than rooms may be in their import at once
-    # (coordinator.ROOMS_PER_SLOT per request slot): never all twenty.
-    waiting: set[str] = set()
+    reading: set[str] = set()
     most = 0
-    for op, room in order:
-        if op == "changes":
-            waiting.add(room)
-        else:
-            waiting.discard(room)
-        most = max(most, len(waiting))
-    assert most <= ROOMS_PER_SLOT * 2 < len(rooms), f"up to {most} rooms were verified before their read began"
+    reconcile = Coordinator.reconcile
+
+    async def counted(self: Coordinator, w: Any, **kwargs: Any) -> Any:
+        nonlocal most
+        reading.add(w.email)
+        most = max(most, len(reading))
+        try:
+            await asyncio.sleep(0.01)  # (a read takes a while)
+            return await reconcile(self, w, **kwargs)
+        finally:
+            reading.discard(w.email)
+    monkeypatch.setattr(Coordinator, "reconcile", counted)
+    g = await start(rooms, max_concurrent_rooms=2)
+    await eventually(lambda: all(g.coordinator.workers[r].horizon is not None for r in rooms),
+                     what="every room read in full again")
+    catch_ups = [i for i, (op, _) in enumerate(order) if op == "changes"]
+    reads = [i for i, (op, _) in enumerate(order) if op == "read_window"]
+    assert {order[i][1] for i in catch_ups} == {order[i][1] for i in reads} == set(rooms)
+    assert max(catch_ups) < min(reads), "a room was read in full before every room had caught up"
+    assert [e.data["uid"] for e in g.events(rooms[-1], CREATED)] == [meanwhile]
+    # The full reads wait their turns: at most ROOMS_PER_SLOT a request slot at once (two slots here).
+    assert 2 <= most <= ROOMS_PER_SLOT * 2 < len(rooms)
+
+
+async def test_a_room_waiting_for_its_full_read_after_a_restart_syncs_its_changes_meanwhile(
+        start: Start, memory_source: MemorySource, monkeypatch: pytest.MonkeyPatch) -> None:
+    rooms = tuple(f"room{i}@contoso.com" for i in range(10, 20))
+    for room in rooms:
+        memory_source.add_room(room)
+    first = await start(rooms, max_concurrent_rooms=1)
+    await eventually(lambda: first.imported(*rooms), what="every room imported")
+    await first.coordinator.stop()
+    held = asyncio.Event()  # the full reads that got their turn do not end until the test says so
+    reconcile = Coordinator.reconcile
+
+    async def slow(self: Coordinator, w: Any, **kwargs: Any) -> Any:
+        await held.wait()
+        return await reconcile(self, w, **kwargs)
+    monkeypatch.setattr(Coordinator, "reconcile", slow)
+    g = await start(rooms, max_concurrent_rooms=1)
+    await eventually(lambda: all(g.coordinator.workers[r].last_success is not None for r in rooms),
+                     what="every room caught up")
+    begin = memory_source.now + timedelta(days=1)
+    uid = memory_source.book(ALICE, [rooms[-1]], begin, begin + timedelta(hours=1), "While the others are read")
+    await eventually(lambda: [e.data["uid"] for e in g.events(rooms[-1], CREATED)] == [uid],
+                     what="the last room's change, while the full reads ahead of it wait")
+    assert all(g.coordinator.workers[r].horizon is None for r in rooms)  # (no full read has ended)
+    held.set()
+    await eventually(lambda: all(g.coordinator.workers[r].horizon is not None for r in rooms),
+                     what="every room read in full again")
+    assert g.coordinator._starting._value == ROOMS_PER_SLOT * 1  # every turn used and given back
+
+
+async def test_a_room_removed_while_its_full_read_waits_its_turn_gives_the_turn_back(
+        start: Start, memory_source: MemorySource, monkeypatch: pytest.MonkeyPatch) -> None:
+    rooms = tuple(f"room{i}@contoso.com" for i in range(10, 16))
+    for room in rooms:
+        memory_source.add_room(room)
+    first = await start(rooms, max_concurrent_rooms=1)
+    await eventually(lambda: first.imported(*rooms), what="every room imported")
+    await first.coordinator.stop()
+    held = asyncio.Event()
+    reconcile = Coordinator.reconcile
+
+    async def slow(self: Coordinator, w: Any, **kwargs: Any) -> Any:
+        await held.wait()
+        return await reconcile(self, w, **kwargs)
+    monkeypatch.setattr(Coordinator, "reconcile", slow)
+    g = await start(rooms, max_concurrent_rooms=1)
+    await eventually(lambda: all(g.coordinator.workers[r].last_success is not None for r in rooms),
+                     what="every room caught up")
+    await asyncio.sleep(0.1)  # (the first rooms hold their turns, the others wait for one)
+    for room in (rooms[0], rooms[-1]):  # one reading, one waiting (another replica owns them now)
+        await g.coordinator.remove_room(room)
+    held.set()
+    await eventually(lambda: all(g.coordinator.workers[r].horizon is not None for r in rooms[1:-1]),
+                     what="the other rooms read in full")
+    await eventually(lambda: g.coordinator._starting._value == ROOMS_PER_SLOT * 1, what="every turn given back")
 
 
 async def test_a_room_is_verified_by_its_first_call_an_import_or_after_a_restart_a_sync_from_its_state(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -282,12 +282,17 @@ class Coordinator:
                         # right to read it, its calendar) and fails the same way (tests/test_source_contract.py):
                         # it verifies the room, one call less per room.
                         await self.import_room(w, verified=False)
-                    # A restart may have missed anything: a sync from the stored state catches up (its first call
-                    # fails as the verification would: it verifies the room, one call less per room, and it takes
-                    # the marks of the room's new subscription), then one full read repairs whatever else.
-                    elif not await self.sync_changes(w, verify=True):
-                        await self.reconcile(w, snapshot=True)
-                await self._loop(w)
+                        repair = False
+                    else:
+                        # A restart may have missed anything: a sync from the stored state catches up (its first
+                        # call fails as the verification would: it verifies the room, one call less per room, and
+                        # it takes the marks of the room's new subscription), then one full read repairs whatever
+                        # else. That read waits its turn among the rooms' imports and full reads (_starting) in
+                        # the room's loop, which syncs the room's changes meanwhile: after a restart every room
+                        # catches up first, and a change in the last room waits for a sync, not for every
+                        # room's full read.
+                        repair = not await self.sync_changes(w, verify=True)
+                await self._loop(w, repair=repair)
             except asyncio.CancelledError:
                 raise
             except GatewayError as e:
@@ -373,36 +378,60 @@ class Coordinator:
             return list(self.workers.values())
         return [w for w in (self.workers.get(r.lower()) for r in rooms) if w is not None]
 
-    async def _loop(self, w: RoomWorker) -> None:
+    async def _loop(self, w: RoomWorker, *, repair: bool = False) -> None:
+        """The room in sync: a sync when it is marked dirty (or polled), a reconciliation and a roll of the window
+        when due. ``repair``: a full read is owed (after a restart); it is made once its turn among the rooms'
+        imports and full reads comes (_starting), and until then the room's changes are synced as they come."""
         s = self.settings
         last_reconcile = time.monotonic()
         last_roll = time.monotonic()
-        while True:
-            timeouts = [s.reconcile_seconds - (time.monotonic() - last_reconcile),
-                        s.roll_seconds - (time.monotonic() - last_roll)]
-            poll = s.poll_seconds
-            if w.email in self.feed_down:
-                poll = min(poll, s.feed_down_poll_seconds) if poll > 0 else s.feed_down_poll_seconds
-            if poll > 0:
-                timeouts.append(poll)
-            try:
-                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives just as the room is
-                # marked dirty (a feed reconnecting while the gateway stops), and stop() then waits forever.
-                async with asyncio.timeout(max(0.05, min(timeouts))):
-                    await w.dirty.wait()
-            except TimeoutError:
-                pass
-            if w.dirty.is_set():
-                await asyncio.sleep(s.debounce_seconds)  # one user action is several events
-                await self.sync_changes(w)
-            elif poll > 0:
-                await self.sync_changes(w)
-            if time.monotonic() - last_reconcile >= s.reconcile_seconds:
-                await self.reconcile(w)
-                last_reconcile = last_roll = time.monotonic()
-            elif time.monotonic() - last_roll >= s.roll_seconds:
-                await self.roll(w)
-                last_roll = time.monotonic()
+        turn: asyncio.Task[bool] | None = None  # the owed full read's place in the queue for _starting
+        try:
+            while True:
+                timeouts = [s.reconcile_seconds - (time.monotonic() - last_reconcile),
+                            s.roll_seconds - (time.monotonic() - last_roll)]
+                poll = s.poll_seconds
+                if w.email in self.feed_down:
+                    poll = min(poll, s.feed_down_poll_seconds) if poll > 0 else s.feed_down_poll_seconds
+                if poll > 0:
+                    timeouts.append(poll)
+                if repair and turn is None:
+                    turn = asyncio.get_running_loop().create_task(self._starting.acquire())
+                try:
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives just as the room
+                    # is marked dirty (a feed reconnecting while the gateway stops), and stop() then waits forever.
+                    async with asyncio.timeout(max(0.05, min(timeouts))):
+                        if turn is None:
+                            await w.dirty.wait()
+                        else:
+                            await _first_of(w.dirty.wait(), turn)
+                except TimeoutError:
+                    pass
+                if turn is not None and turn.done():
+                    turn = None
+                    try:
+                        await self.reconcile(w, snapshot=True)
+                    finally:
+                        self._starting.release()
+                    repair = False
+                    last_reconcile = last_roll = time.monotonic()
+                if w.dirty.is_set():
+                    await asyncio.sleep(s.debounce_seconds)  # one user action is several events
+                    await self.sync_changes(w)
+                elif poll > 0:
+                    await self.sync_changes(w)
+                if time.monotonic() - last_reconcile >= s.reconcile_seconds:
+                    await self.reconcile(w)
+                    last_reconcile = last_roll = time.monotonic()
+                elif time.monotonic() - last_roll >= s.roll_seconds:
+                    await self.roll(w)
+                    last_roll = time.monotonic()
+        finally:
+            if turn is not None:  # (a failure or a stop while the full read waited its turn: give the turn back)
+                if not turn.done():
+                    turn.cancel()  # (Semaphore.acquire hands on a turn it was given when cancelled)
+                elif not turn.cancelled() and turn.exception() is None:
+                    self._starting.release()
 
     async def import_room(self, w: RoomWorker, verified: bool = True) -> None:
         """First connection: take the sync state first, then read the whole window. ``verified``: False when the
@@ -589,6 +618,15 @@ class Coordinator:
                                              reason=reason)
         if self.metrics is not None:
             self.metrics.room_state(w.email, state)
+
+
+async def _first_of(wait: Coroutine[Any, Any, Any], task: asyncio.Task[Any]) -> None:
+    """Until ``wait`` ends or ``task`` is done, whichever comes first; ``wait`` is dropped then, ``task`` never."""
+    waiting = asyncio.ensure_future(wait)
+    try:
+        await asyncio.wait((waiting, task), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
 
 
 # The state a failure puts a room in, by the error's class; the nearest class in its ancestry decides.
