@@ -74,11 +74,13 @@ class Results:
     import_ews_calls: int = 0
     import_rss_mb: float = 0.0  # the gateway's peak RSS when the import ended
     restart_seconds: float | None = None  # a new gateway on the store: until every room was read in full again
+    restart_caught_up_seconds: float = 0.0  # until every room had synced from its stored state
+    restart_change_seconds: float | None = None  # until the meeting booked while it was down had its event
     restart_cpu_gateway: float = 0.0
     restart_cpu_simulator: float = 0.0
     restart_ews_calls: int = 0
     restart_ews_calls_until_idle: int = 0  # and its subscriptions' catch-up syncs
-    restart_booking_events: int = 0
+    restart_booking_events: int = 0  # besides the meeting booked while it was down
 
     def as_dict(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -105,12 +107,15 @@ class Results:
             "rss_mb": round(self.rss_mb, 1),
             "restart": None if self.restart_seconds is None else {
                 "seconds": round(self.restart_seconds, 1),
+                "caught_up_seconds": round(self.restart_caught_up_seconds, 1),
+                "change_made_while_down_seconds": None if self.restart_change_seconds is None else
+                round(self.restart_change_seconds, 1),
                 "cpu_seconds": {"gateway": round(self.restart_cpu_gateway, 1),
                                 "simulator": round(self.restart_cpu_simulator, 1)},
                 "cpu_ms_per_booking": {"gateway": per_booking(self.restart_cpu_gateway),
                                        "simulator": per_booking(self.restart_cpu_simulator)},
                 "ews_calls": self.restart_ews_calls, "ews_calls_until_idle": self.restart_ews_calls_until_idle,
-                "booking_events": self.restart_booking_events},
+                "other_booking_events": self.restart_booking_events},
         }
 
 
@@ -283,7 +288,7 @@ async def run(args: BenchArgs) -> Results:
         if args.restart:
             await stop_gateway(gw)
             gw = None
-            gw = await restart(options, res, len(rooms), proc.pid)
+            gw = await restart(options, res, info, rooms, proc.pid)
     finally:
         res.rss_mb = peak_rss_mb()
         if gw is not None:
@@ -297,26 +302,40 @@ async def run(args: BenchArgs) -> Results:
     return res
 
 
-async def restart(options: GatewayOptions, res: Results, rooms: int, simulator: int) -> Any:
-    """A new gateway on the store the first one left (an upgrade, a moved pod): how long until every room has
-    been read in full again, its CPU and EWS calls, and the booking events it emitted (none: nothing changed in
-    Exchange while it was down, so a restart that emits any repairs what was not broken)."""
-    _say(f"restart: a new gateway on the same store, {rooms} rooms known")
+async def restart(options: GatewayOptions, res: Results, info: dict[str, Any], rooms: list[str],
+                  simulator: int) -> Any:
+    """A new gateway on the store the first one left (an upgrade, a moved pod), with one meeting booked in the last
+    room while none ran: how long until that meeting's event comes, until every room has caught up with what
+    happened meanwhile and until every room has been read in full again; the CPU and EWS calls that cost, and the
+    booking events besides the meeting's (none: a restart that emits any repairs what was not broken)."""
+    _say(f"restart: a new gateway on the same store, {len(rooms)} rooms known, a meeting booked meanwhile")
+    last = max(r.lower() for r in rooms)  # (the rooms start in order: the last is read last)
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {info['control_token']}"}) as http:
+        body = {"organizer": last, "rooms": [], "subject": "bench-restart", "start": start.isoformat(),
+                "end": (start + timedelta(minutes=30)).isoformat()}
+        async with http.post(f"{info['control_url'].rstrip('/')}/meetings", json=body) as r:
+            r.raise_for_status()
     arrivals = Arrivals()
     metrics = Metrics()
     t0 = time.monotonic()
     cpu0, sim_cpu0 = cpu_seconds(), cpu_seconds(simulator)
     gw = await start_gateway(options, metrics)
     gw.coordinator.listeners.append(arrivals)
-    await _until_in_sync(gw, arrivals, t0, "restart")
+    await _until_in_sync(gw, arrivals, t0, "restart: caught up", lambda w: w.last_success is not None)
+    res.restart_caught_up_seconds = time.monotonic() - t0
+    await _until_in_sync(gw, arrivals, t0, "restart: read in full", lambda w: w.horizon is not None)
     res.restart_seconds = time.monotonic() - t0
     res.restart_cpu_gateway = cpu_seconds() - cpu0
     res.restart_cpu_simulator = cpu_seconds(simulator) - sim_cpu0
     res.restart_ews_calls = ews_requests(metrics)
-    _say(f"  every room read again after {res.restart_seconds:.1f} s")
-    await _until_idle(gw, rooms)
+    seen = arrivals.seen.get("bench-restart:created")
+    res.restart_change_seconds = None if seen is None else seen - t0
+    _say(f"  every room caught up after {res.restart_caught_up_seconds:.1f} s, read in full after "
+         f"{res.restart_seconds:.1f} s")
+    await _until_idle(gw, len(rooms))
     res.restart_ews_calls_until_idle = ews_requests(metrics)
-    res.restart_booking_events = arrivals.booking_events
+    res.restart_booking_events = arrivals.booking_events - (seen is not None)
     return gw
 
 
@@ -333,27 +352,28 @@ async def _until_idle(gw: Any, rooms: int) -> None:
             quiet_since = time.monotonic()
 
 
-async def _until_in_sync(gw: Any, arrivals: Arrivals, t0: float, what: str) -> None:
-    """Wait until every room of the gateway has been read in full once, saying how far it is every 5 s; fail
-    with the rooms' states when nothing moved for STALL_SECONDS."""
+async def _until_in_sync(gw: Any, arrivals: Arrivals, t0: float, what: str,
+                         done: Callable[[Any], bool] = lambda w: w.horizon is not None) -> None:
+    """Wait until every room of the gateway is ``done`` (by default: read in full once), saying how far it is
+    every 5 s; fail with the rooms' states when nothing moved for STALL_SECONDS."""
     last_report = time.monotonic()
     workers = gw.coordinator.workers
     progress, moved = (0, 0), time.monotonic()
-    while not all(w.last_success is not None for w in workers.values()):
+    while not all(done(w) for w in workers.values()):
         await asyncio.sleep(0.2)
-        now_at = (sum(1 for w in workers.values() if w.last_success is not None), arrivals.created)
+        now_at = (sum(1 for w in workers.values() if done(w)), arrivals.created)
         if now_at != progress:
             progress, moved = now_at, time.monotonic()
         elif time.monotonic() - moved > STALL_SECONDS:
             states = Counter(f"{w.state}: {w.stored.reason if w.stored else ''}" for w in workers.values()
-                             if w.last_success is None)
+                             if not done(w))
             raise SystemExit(f"gateway bench: the {what} made no progress for {STALL_SECONDS:.0f} s; rooms not "
                              f"read, by state: {dict(states.most_common(5))}. The gateway's log (stderr, "
                              "--log-level info) says why.")
         if time.monotonic() - last_report > 5:
             last_report = time.monotonic()
-            done = sum(1 for w in workers.values() if w.last_success is not None)
-            _say(f"  {what}: {done}/{len(workers)} rooms, {arrivals.created} bookings "
+            count = sum(1 for w in workers.values() if done(w))
+            _say(f"  {what}: {count}/{len(workers)} rooms, {arrivals.created} bookings "
                  f"({time.monotonic() - t0:.0f} s)")
         if time.monotonic() - t0 > 1800:
             _say(f"  {what} did not finish within 30 minutes; measuring what there is")
@@ -459,9 +479,11 @@ def _print_import(out: dict[str, Any]) -> None:
 def _print_restart(out: dict[str, Any]) -> None:
     r = out.get("restart")
     if r:
-        print(f"restart:  every room read again in {r['seconds']} s (CPU: gateway {r['cpu_seconds']['gateway']} s, "
-              f"simulator {r['cpu_seconds']['simulator']} s; {r['ews_calls']} EWS calls, "
-              f"{r['ews_calls_until_idle']} until subscribed and idle; {r['booking_events']} booking events)")
+        print(f"restart:  a meeting booked while down came after {r['change_made_while_down_seconds']} s, every "
+              f"room caught up in {r['caught_up_seconds']} s and read in full in {r['seconds']} s "
+              f"(CPU: gateway {r['cpu_seconds']['gateway']} s, simulator {r['cpu_seconds']['simulator']} s; "
+              f"{r['ews_calls']} EWS calls, {r['ews_calls_until_idle']} until subscribed and idle; "
+              f"{r['other_booking_events']} other booking events)")
 
 
 def main(args: BenchArgs) -> int:
