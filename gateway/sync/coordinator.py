@@ -276,22 +276,22 @@ class Coordinator:
         s = self.settings
         while True:
             try:
-                async with self._starting:
-                    if await self.db(self.store.sync_state, w.email) is None:
+                if await self.db(self.store.sync_state, w.email) is None:
+                    async with self._starting:
                         # Never imported: the import's first call asks what verification asks (the mailbox, the
                         # right to read it, its calendar) and fails the same way (tests/test_source_contract.py):
                         # it verifies the room, one call less per room.
                         await self.import_room(w, verified=False)
-                        repair = False
-                    else:
-                        # A restart may have missed anything: a sync from the stored state catches up (its first
-                        # call fails as the verification would: it verifies the room, one call less per room, and
-                        # it takes the marks of the room's new subscription), then one full read repairs whatever
-                        # else. That read waits its turn among the rooms' imports and full reads (_starting) in
-                        # the room's loop, which syncs the room's changes meanwhile: after a restart every room
-                        # catches up first, and a change in the last room waits for a sync, not for every
-                        # room's full read.
-                        repair = not await self.sync_changes(w, verify=True)
+                    repair = False
+                else:
+                    # A restart may have missed anything: a sync from the stored state catches up (its first call
+                    # fails as the verification would: it verifies the room, one call less per room, and it takes
+                    # the marks of the room's new subscription), then one full read repairs whatever else. The
+                    # sync needs no turn (it holds little; the request slots pace it); the full read waits its turn
+                    # among the rooms' imports and full reads (_starting) in the room's loop, which syncs the
+                    # room's changes meanwhile. So after a restart every room catches up first, and a change in
+                    # the last room waits for a sync, not for every room's full read.
+                    repair = not await self.sync_changes(w, verify=True)
                 await self._loop(w, repair=repair)
             except asyncio.CancelledError:
                 raise
@@ -487,7 +487,8 @@ class Coordinator:
             except SyncStateInvalid:
                 log.warning("sync.state_invalid", room=w.email)
                 await self.commit(w.email, upserts=(), deletes=(), events=(), clear_sync_state=True)
-                await self.import_room(w)
+                async with self._starting:  # (an import takes its turn: Exchange may expire every room's state)
+                    await self.import_room(w)
                 return True
             if first:
                 first = False
