@@ -130,16 +130,33 @@ async def test_many_new_rooms_read_the_room_table_once_not_once_a_room(
     assert len(reads) == 1 and rooms[0] not in {r.email for r in every_room(g.store)}
 
 
+async def imported_then_stopped(start: Start, memory_source: MemorySource, rooms: tuple[str, ...], slots: int) -> None:
+    """The rooms, imported by a coordinator that then stopped: the store a restart finds."""
+    for room in rooms:
+        memory_source.add_room(room)
+    first = await start(rooms, max_concurrent_rooms=slots)
+    await eventually(lambda: first.imported(*rooms), what="every room imported")
+    await first.coordinator.stop()
+
+
+def hold_full_reads(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Full reads (Coordinator.reconcile) wait until the event returned is set."""
+    held = asyncio.Event()
+    reconcile = Coordinator.reconcile
+
+    async def slow(self: Coordinator, w: Any, **kwargs: Any) -> Any:
+        await held.wait()
+        return await reconcile(self, w, **kwargs)
+    monkeypatch.setattr(Coordinator, "reconcile", slow)
+    return held
+
+
 async def test_after_a_restart_every_room_catches_up_before_any_is_read_in_full_a_few_at_a_time(
         start: Start, memory_source: MemorySource, monkeypatch: pytest.MonkeyPatch) -> None:
     # A restart owes each room a full read; a change made while no gateway ran, in the last room, is read by that
     # room's sync from its stored state, which comes before all but the first few full reads, not after them.
     rooms = tuple(f"room{i}@contoso.com" for i in range(10, 30))
-    for room in rooms:
-        memory_source.add_room(room)
-    first = await start(rooms, max_concurrent_rooms=2)
-    await eventually(lambda: first.imported(*rooms), what="every room imported")
-    await first.coordinator.stop()
+    await imported_then_stopped(start, memory_source, rooms, slots=2)
     begin = memory_source.now + timedelta(days=1)
     meanwhile = memory_source.book(ALICE, [rooms[-1]], begin, begin + timedelta(hours=1), "Meanwhile")
     order: list[tuple[str, str]] = []
@@ -180,18 +197,8 @@ async def test_after_a_restart_every_room_catches_up_before_any_is_read_in_full_
 async def test_a_room_waiting_for_its_full_read_after_a_restart_syncs_its_changes_meanwhile(
         start: Start, memory_source: MemorySource, monkeypatch: pytest.MonkeyPatch) -> None:
     rooms = tuple(f"room{i}@contoso.com" for i in range(10, 20))
-    for room in rooms:
-        memory_source.add_room(room)
-    first = await start(rooms, max_concurrent_rooms=1)
-    await eventually(lambda: first.imported(*rooms), what="every room imported")
-    await first.coordinator.stop()
-    held = asyncio.Event()  # the full reads that got their turn do not end until the test says so
-    reconcile = Coordinator.reconcile
-
-    async def slow(self: Coordinator, w: Any, **kwargs: Any) -> Any:
-        await held.wait()
-        return await reconcile(self, w, **kwargs)
-    monkeypatch.setattr(Coordinator, "reconcile", slow)
+    await imported_then_stopped(start, memory_source, rooms, slots=1)
+    held = hold_full_reads(monkeypatch)  # the full reads that got their turn do not end until the test says so
     g = await start(rooms, max_concurrent_rooms=1)
     await eventually(lambda: all(g.coordinator.workers[r].last_success is not None for r in rooms),
                      what="every room caught up")
@@ -209,18 +216,8 @@ async def test_a_room_waiting_for_its_full_read_after_a_restart_syncs_its_change
 async def test_a_room_removed_while_its_full_read_waits_its_turn_gives_the_turn_back(
         start: Start, memory_source: MemorySource, monkeypatch: pytest.MonkeyPatch) -> None:
     rooms = tuple(f"room{i}@contoso.com" for i in range(10, 16))
-    for room in rooms:
-        memory_source.add_room(room)
-    first = await start(rooms, max_concurrent_rooms=1)
-    await eventually(lambda: first.imported(*rooms), what="every room imported")
-    await first.coordinator.stop()
-    held = asyncio.Event()
-    reconcile = Coordinator.reconcile
-
-    async def slow(self: Coordinator, w: Any, **kwargs: Any) -> Any:
-        await held.wait()
-        return await reconcile(self, w, **kwargs)
-    monkeypatch.setattr(Coordinator, "reconcile", slow)
+    await imported_then_stopped(start, memory_source, rooms, slots=1)
+    held = hold_full_reads(monkeypatch)
     g = await start(rooms, max_concurrent_rooms=1)
     await eventually(lambda: all(g.coordinator.workers[r].last_success is not None for r in rooms),
                      what="every room caught up")
