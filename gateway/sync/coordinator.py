@@ -610,6 +610,12 @@ class Coordinator:
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
             w.stored = await self.db(self.store.room, w.email) or Room(w.email)
         room = replace(w.stored, state=RoomState(state), reason=reason, remedy=remedy or ROOM_STATES.get(state, ""))
+        if previous == "pending" and room == w.stored:
+            # A restart found the room as the store left it: nothing to announce (an event a room on every
+            # restart told consumers what they hold already).
+            if self.metrics is not None:
+                self.metrics.room_state(w.email, state)
+            return
         w.stored = room
         entries = await self.commit(w.email, upserts=(), deletes=(), events=[self._room_event(room)], room_row=room)
         for listener in self.listeners:
