@@ -408,13 +408,14 @@ class Coordinator:
                 except TimeoutError:
                     pass
                 if turn is not None and turn.done():
-                    turn = None
-                    try:
-                        await self.reconcile(w, snapshot=True)
-                    finally:
-                        self._starting.release()
-                    repair = False
-                    last_reconcile = last_roll = time.monotonic()
+                    got, turn = not turn.cancelled() and turn.exception() is None, None
+                    if got:  # (a turn cancelled from outside is asked for again)
+                        try:
+                            await self.reconcile(w, snapshot=True)
+                        finally:
+                            self._starting.release()
+                        repair = False
+                        last_reconcile = last_roll = time.monotonic()
                 if w.dirty.is_set():
                     await asyncio.sleep(s.debounce_seconds)  # one user action is several events
                     await self.sync_changes(w)
