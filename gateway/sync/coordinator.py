@@ -155,6 +155,17 @@ class RoomWorker:
         self.reread.update(uids)
         self.dirty.set()
 
+    def take_marks(self) -> tuple[float | None, frozenset[str]]:
+        """The marks so far, cleared: since when the room has been dirty, and the meetings to read back. Taken once
+        the first call's slot is ours, not before waiting for it: a mark made meanwhile is read by that call, and a
+        sync after it for the mark would find nothing (a call a room)."""
+        since, reread = self.dirty_since, frozenset(self.reread)
+        self.dirty.clear()
+        self.dirty_since = None
+        self.reasons.clear()
+        self.reread = set()
+        return since, reread
+
 
 class Coordinator:
     def __init__(self, source: CalendarSource, store: Store, settings: SyncSettings | None = None, *,
@@ -340,6 +351,10 @@ class Coordinator:
     async def _verify(self, w: RoomWorker) -> None:
         async with self._slots:
             await self.source.verify(w.email)
+        await self._verified(w)
+
+    async def _verified(self, w: RoomWorker) -> None:
+        """Exchange answered for the room itself: its source is back, and the room is in sync unless it says so."""
         self.exchange_recovered(self.group(w.email))
         if w.state not in ("verified", "polling", "suspect_empty"):
             await self._in_sync(w)
@@ -443,14 +458,8 @@ class Coordinator:
         first = True
         while True:
             async with self._slots:
-                if first:
-                    # Whatever marked the room dirty until its first call goes out (its new subscription, above all)
-                    # is read by this import, which reads everything from that call on: a sync after it for those
-                    # marks would find nothing new (a call a room). Cleared once a slot is ours, not before waiting.
-                    w.dirty.clear()
-                    w.dirty_since = None
-                    w.reasons.clear()
-                    w.reread.clear()
+                if first:  # (what marked the room until now, its new subscription above all, is read by the import)
+                    w.take_marks()
                     first = False
                 page = await self.source.changes(w.email, state, detailed=False)
             if not verified:
@@ -477,13 +486,7 @@ class Coordinator:
             try:
                 async with self._slots:
                     if first:
-                        # The marks until the first call goes out are what it reads (as in import_room): a mark
-                        # made while the room waited for a slot would cost a sync that finds nothing.
-                        started, reread = w.dirty_since, frozenset(w.reread)
-                        w.dirty.clear()
-                        w.dirty_since = None
-                        w.reasons.clear()
-                        w.reread = set()
+                        started, reread = w.take_marks()
                     page = await self.source.changes(w.email, state)
             except SyncStateInvalid:
                 log.warning("sync.state_invalid", room=w.email)
@@ -494,9 +497,7 @@ class Coordinator:
             if first:
                 first = False
                 if verify:
-                    self.exchange_recovered(self.group(w.email))  # (as _verify: Exchange judged the room itself)
-                    if w.state not in ("verified", "polling", "suspect_empty"):
-                        await self._in_sync(w)
+                    await self._verified(w)
             uids = set(page.changed_uids) | reread
             if page.deleted_item_ids:
                 uids |= await self.db(self.store.uids_for_items, w.email, page.deleted_item_ids)
@@ -611,19 +612,17 @@ class Coordinator:
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
             w.stored = await self.db(self.store.room, w.email) or Room(w.email)
         room = replace(w.stored, state=RoomState(state), reason=reason, remedy=remedy or ROOM_STATES.get(state, ""))
-        if previous == "pending" and room == w.stored:
-            # A restart found the room as the store left it: nothing to announce (an event a room on every
-            # restart told consumers what they hold already).
-            if self.metrics is not None:
-                self.metrics.room_state(w.email, state)
-            return
-        w.stored = room
-        entries = await self.commit(w.email, upserts=(), deletes=(), events=[self._room_event(room)], room_row=room)
-        for listener in self.listeners:
-            listener(entries)
-        quiet = shared or state in ("verified", "syncing", "polling") or state == previous
-        (log.info if quiet else log.warning)("room.state", room=w.email, state=state, previous=previous,
-                                             reason=reason)
+        # A restart that finds the room as the store left it has nothing to announce (an event a room on every
+        # restart told consumers what they hold already).
+        if previous != "pending" or room != w.stored:
+            w.stored = room
+            entries = await self.commit(w.email, upserts=(), deletes=(), events=[self._room_event(room)],
+                                        room_row=room)
+            for listener in self.listeners:
+                listener(entries)
+            quiet = shared or state in ("verified", "syncing", "polling") or state == previous
+            (log.info if quiet else log.warning)("room.state", room=w.email, state=state, previous=previous,
+                                                 reason=reason)
         if self.metrics is not None:
             self.metrics.room_state(w.email, state)
 
