@@ -311,11 +311,8 @@ async def restart(options: GatewayOptions, res: Results, info: dict[str, Any], r
     _say(f"restart: a new gateway on the same store, {len(rooms)} rooms known, a meeting booked meanwhile")
     last = max(r.lower() for r in rooms)  # (the rooms start in order: the last is read last)
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3)
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {info['control_token']}"}) as http:
-        body = {"organizer": last, "rooms": [], "subject": "bench-restart", "start": start.isoformat(),
-                "end": (start + timedelta(minutes=30)).isoformat()}
-        async with http.post(f"{info['control_url'].rstrip('/')}/meetings", json=body) as r:
-            r.raise_for_status()
+    async with _control(info) as http:
+        await _book(http, info, last, "bench-restart", start)
     arrivals = Arrivals()
     metrics = Metrics()
     t0 = time.monotonic()
@@ -337,6 +334,21 @@ async def restart(options: GatewayOptions, res: Results, info: dict[str, Any], r
     res.restart_ews_calls_until_idle = ews_requests(metrics)
     res.restart_booking_events = arrivals.booking_events - (seen is not None)
     return gw
+
+
+def _control(info: dict[str, Any]) -> aiohttp.ClientSession:
+    """A session on the simulator's control API (what people do in Exchange)."""
+    return aiohttp.ClientSession(headers={"Authorization": f"Bearer {info['control_token']}"})
+
+
+async def _book(http: aiohttp.ClientSession, info: dict[str, Any], room: str, subject: str, start: datetime) -> str:
+    """A 30-minute appointment in the room's own calendar, through the simulator; its UID."""
+    body = {"organizer": room, "rooms": [], "subject": subject, "start": start.isoformat(),
+            "end": (start + timedelta(minutes=30)).isoformat()}
+    async with http.post(f"{info['control_url'].rstrip('/')}/meetings", json=body) as r:
+        r.raise_for_status()
+        data = await r.json()
+    return str(data.get("uid") or data.get("meeting", {}).get("uid"))
 
 
 async def _until_idle(gw: Any, rooms: int) -> None:
@@ -391,7 +403,6 @@ async def steady_state(args: BenchArgs, info: dict[str, Any], rooms: list[str], 
     """``settle``: seconds a meeting is left alone before it is moved or cancelled (changes closer than the
     debounce, or than a polling interval, coalesce into one and their events never come)."""
     rng = random.Random(1)
-    headers = {"Authorization": f"Bearer {info['control_token']}"}
     base = info["control_url"].rstrip("/")
     pending: dict[str, float] = {}  # expected event key -> time of the change
     live: list[tuple[str, str, str]] = []  # (uid, subject, room)
@@ -399,7 +410,7 @@ async def steady_state(args: BenchArgs, info: dict[str, Any], rooms: list[str], 
     total = int(args.rate * args.duration)
     calls_before = ews_calls()
     _say(f"steady state: {total} changes at {args.rate:g}/s")
-    async with aiohttp.ClientSession(headers=headers) as http:
+    async with _control(info) as http:
         t_start = time.monotonic()
         for n in range(total):
             due = t_start + n / args.rate
@@ -412,11 +423,7 @@ async def steady_state(args: BenchArgs, info: dict[str, Any], rooms: list[str], 
                 subject = f"bench-{n}"
                 start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=rng.randint(1, 200),
                                                                              minutes=rng.randint(0, 600))
-                body = {"organizer": room, "rooms": [], "subject": subject, "start": start.isoformat(),
-                        "end": (start + timedelta(minutes=30)).isoformat()}
-                async with http.post(f"{base}/meetings", json=body) as r:
-                    data = await r.json()
-                    uid = data.get("uid") or data.get("meeting", {}).get("uid")
+                uid = await _book(http, info, room, subject, start)
                 live.append((uid, subject, room))
                 touched[uid] = time.monotonic()
                 pending[f"{subject}:created"] = (sent + time.monotonic()) / 2
