@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -193,6 +194,22 @@ def test_event_ids_are_time_ordered_uuids() -> None:
         assert (u.version, u.variant, str(u)) == (7, uuid.RFC_4122, text)
         assert before <= u.int >> 80 <= after  # its first 48 bits: the milliseconds since 1970
     assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)  # ordered by time, to the millisecond
+
+
+def test_a_forked_child_never_hands_out_its_parents_random_digits() -> None:
+    # Event ids draw the OS's randomness in blocks: a child process must draw its own, not replay the parent's block.
+    event_id()  # (the parent holds a block now)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, ",".join(event_id()[-17:] for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 4096).decode().split(",")
+    os.waitpid(pid, 0)
+    os.close(read)
+    parent = [event_id()[-17:] for _ in range(5)]
+    assert len(child) == 5 and not set(child) & set(parent)
 
 
 def test_an_event_with_its_sequence_is_the_same_event_otherwise() -> None:
