@@ -450,9 +450,10 @@ async def test_a_read_sends_the_headers_requests_would_and_keeps_the_cookies_bot
     seen = _spy(monkeypatch)
     src = make_source(url, max_workers=1)
     try:
-        await src.read_window(ROOM1, window())  # (the server asks for no authentication: straight from the first)
+        await src.read_window(ROOM1, window())  # (the server asks for no authentication)
         await src.read_window(ROOM1, window())
-        assert seen == {"pool": len(straight), "requests": 0}
+        # The first read opened the connection, requests' way; every read after it went straight on it.
+        assert seen == {"pool": len(straight) - 1, "requests": 1}
         monkeypatch.setattr(transport, "post", lambda *args, **kwargs: None)
         through_requests: list[dict[str, str]] = []
         url2 = await _recording_server(aiohttp_server, through_requests)
@@ -470,10 +471,39 @@ async def test_a_read_sends_the_headers_requests_would_and_keeps_the_cookies_bot
         return {k.lower(): v for k, v in h.items() if k.lower() not in ("host", "cookie", "content-length")}
     assert [comparable(h) for h in straight] == [comparable(h) for h in through_requests]
     assert straight[0]["X-AnchorMailbox"] == "room1@contoso.com" and straight[0]["Connection"] == "Keep-Alive"
+    # Straight or requests' way, the same Host and the headers in the same order.
+    assert {h["Host"] for h in straight} == {url.split("/")[2]}
+    assert len({tuple(k for k in h if k != "Cookie") for h in straight + through_requests}) == 1
     # Each answer's cookie went back with the next request, as requests' cookie jar sends it.
     assert "Cookie" not in straight[0]
     assert [h.get("Cookie") for h in straight[1:]] == [f"X-BackEndCookie=route-{i}" for i in range(1, len(straight))]
     assert [h.get("Cookie") for h in straight] == [h.get("Cookie") for h in through_requests]
+
+
+async def test_answers_in_chunks_and_gzip_as_iis_sends_them_are_read_straight(
+        aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Exchange behind IIS answers in chunks, compressed when asked (the sessions accept gzip and deflate).
+    async def handle(request: web.Request) -> web.Response:
+        data = await request.read()
+        op = next((o for o in ("GetFolder", "SyncFolderItems", "FindItem", "GetItem") if f"<m:{o}".encode() in data),
+                  "?")
+        status, body, ctype = ordinary(op)
+        resp = web.Response(status=status, body=body, content_type=ctype)
+        resp.enable_chunked_encoding()
+        resp.enable_compression(web.ContentCoding.gzip)
+        return resp
+    app = web.Application()
+    app.router.add_post(ENDPOINT, handle)
+    server = await aiohttp_server(app)
+    seen = _spy(monkeypatch)
+    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", max_workers=1)
+    try:
+        first = await src.read_window(ROOM1, window())
+        again = await src.read_window(ROOM1, window())
+    finally:
+        await src.close()
+    assert [b.subject for b in first] == [b.subject for b in again] and first
+    assert seen["requests"] == 1 and seen["pool"] >= 3, seen
 
 
 async def test_an_answer_cut_off_midway_fails_as_requests_way_fails(aiohttp_server: Any) -> None:
@@ -482,7 +512,9 @@ async def test_an_answer_cut_off_midway_fails_as_requests_way_fails(aiohttp_serv
     requests_seen: list[int] = []
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        await request.read()
+        if b"<m:GetFolder" in await request.read():  # (the verification opens the connection, answered whole)
+            status, body, ctype = ordinary("GetFolder")
+            return web.Response(status=status, body=body, content_type=ctype)
         requests_seen.append(1)
         resp = web.StreamResponse(headers={"Content-Type": "text/xml", "Content-Length": "100000"})
         await resp.prepare(request)
@@ -493,8 +525,9 @@ async def test_an_answer_cut_off_midway_fails_as_requests_way_fails(aiohttp_serv
     app = web.Application()
     app.router.add_post(ENDPOINT, handle)
     server = await aiohttp_server(app)
-    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}")
+    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", max_workers=1)
     try:
+        await src.verify(ROOM1)
         with pytest.raises(GatewayError) as caught:
             await src.read_window(ROOM1, window())
     finally:
@@ -504,23 +537,30 @@ async def test_an_answer_cut_off_midway_fails_as_requests_way_fails(aiohttp_serv
     assert len(requests_seen) == 2
 
 
-async def test_an_answer_that_never_comes_is_waited_for_once(aiohttp_server: Any) -> None:
+async def test_an_answer_that_never_comes_is_waited_for_once(aiohttp_server: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     requests_seen: list[int] = []
     release = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
-        await request.read()
+        if b"<m:GetFolder" in await request.read():  # (the verification opens the connection, answered whole)
+            status, body, ctype = ordinary("GetFolder")
+            return web.Response(status=status, body=body, content_type=ctype)
         requests_seen.append(1)
         await release.wait()
         return web.Response(status=503)
     app = web.Application()
     app.router.add_post(ENDPOINT, handle)
     server = await aiohttp_server(app)
-    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", timeout=1)
+    seen = _spy(monkeypatch)
+    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", timeout=1, max_workers=1)
     try:
-        with pytest.raises(GatewayError):
+        await src.verify(ROOM1)
+        with pytest.raises(GatewayError) as caught:
             await src.read_window(ROOM1, window())
     finally:
         release.set()
         await src.close()
+    assert seen["requests"] == 1  # (the verification's: the read that timed out went straight on the pool)
+    assert "Read timed out" in str(caught.value), caught.value
     assert len(requests_seen) == 1  # a timeout is not sent again: it would take as long

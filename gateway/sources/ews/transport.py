@@ -1,22 +1,26 @@
-"""A read request POSTed straight on the urllib3 connection pool of an exchangelib session, when that is safe.
+"""A read request POSTed straight on a connection of an exchangelib session's urllib3 pool, when that is safe.
 
 requests prepares, sends and wraps every request through layers a read of the wire does not need: the URL parsed
 and re-quoted, every header validated, the adapter's pool looked up by the TLS settings, hooks, the response built
-with its cookie jar. That was about half the CPU of a small EWS call (scripts/bench-ews-read.py). Here, per session,
-the pool and the headers that do not change are found once, and each request goes to ``pool.urlopen``.
+with its cookie jar; urllib3 and http.client then write each header on its own and parse the answer's head with the
+email package. Here, per session, the pool, the Host and the headers that do not change are found once, and each
+request is one exchange on a pooled connection's socket (sources/ews/http1.py).
 
 Only where nothing of requests' is lost: a session authenticated by NTLM (which authenticates the connection, not
-the request: a connection already authenticated needs no header), without proxies or a client certificate. The
-session's cookies go out and come back as requests would handle them. Every other answer of the server's than a
-401 is handed back as the ``requests.Response`` requests would build (status, headers, body, URL), for exchangelib's
-retry policy to judge. A 401 (a connection of the pool that has not authenticated yet) and any failure before an
-answer are None: the caller sends the request the usual way, where requests_ntlm authenticates the connection and
-requests raises its own exceptions (the requests are reads, so sending one again changes nothing). A request that
-times out is raised as requests' ReadTimeout or ConnectTimeout at once: sending it again would double the wait.
+the request: a connection already authenticated needs no header), without proxies or a client certificate, on a
+connection that is open. The session's cookies go out and come back as requests would handle them. Every other answer
+of the server's than a 401 is handed back as the ``requests.Response`` requests would build (status, headers, body,
+URL), for exchangelib's retry policy to judge. A 401 (a connection of the pool that has not authenticated yet), a
+connection not open yet, an answer this does not read and any failure before an answer are None: the caller sends
+the request the usual way, where requests_ntlm authenticates the connection and requests raises its own exceptions
+(the requests are reads, so sending one again changes nothing). A request that times out is raised as requests'
+ReadTimeout at once: sending it again would double the wait.
 """
 
 from __future__ import annotations
 
+import http.client
+import io
 import threading
 import weakref
 from dataclasses import dataclass
@@ -29,16 +33,16 @@ from requests.cookies import extract_cookies_to_jar, get_cookie_header
 from requests.structures import CaseInsensitiveDict
 from requests.utils import check_header_validity, get_encoding_from_headers
 from requests_ntlm import HttpNtlmAuth
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, ReadTimeoutError
-from urllib3.util import Timeout
+from urllib3.exceptions import HTTPError, ReadTimeoutError
 
-from gateway.sources.ews import patches
+from gateway.sources.ews import http1, patches
 
 
 @dataclass(frozen=True)
 class _Route:
     pool: Any  # urllib3's HTTP(S)ConnectionPool of the session's adapter, for the endpoint
     path: str
+    host: str  # the Host header, as http.client writes it for the pool's connections
     headers: dict[str, Any]  # the session's, as requests sends them on an NTLM session (Connection: Keep-Alive)
     names: dict[str, str]  # lower-case header name -> its spelling in ``headers``
 
@@ -64,44 +68,46 @@ def post(session: requests.Session, url: str, settings: dict[str, Any], headers:
         cookie = get_cookie_header(session.cookies, _as_request(url, sent))
         if cookie:
             sent["Cookie"] = cookie
+    pool = route.pool
     try:
-        raw = route.pool.urlopen("POST", route.path, body=data, headers=sent, redirect=False, assert_same_host=False,
-                                 preload_content=False, decode_content=False, retries=False,
-                                 timeout=Timeout(connect=timeout, read=timeout))
-    except ReadTimeoutError as e:
-        raise requests.exceptions.ReadTimeout(e) from e
-    except ConnectTimeoutError as e:
-        raise requests.exceptions.ConnectTimeout(e) from e
-    except (HTTPError, OSError):
+        conn = pool._get_conn()  # (urllib3's own way to a connection of its pool: the same in 1.x and 2.x)
+    except (HTTPError, OSError):  # (the pool closed)
         _forget(session)
         return None
+    if conn.sock is None:  # not open yet, or closed by the pool as dropped: requests' way opens and authenticates it
+        pool._put_conn(conn)
+        return None
     try:
-        if raw.status == 401:
-            raw.drain_conn()
-            raw.release_conn()
-            return None
-        body = raw.read(decode_content=True) or b""
-    except ReadTimeoutError as e:
-        raw.release_conn()
-        raise requests.exceptions.ReadTimeout(e) from e
-    except (HTTPError, OSError):
-        raw.release_conn()
+        answer = http1.exchange(conn.sock, http1.request_head(route.path, route.host, sent) + data, timeout)
+    except TimeoutError as e:
+        conn.close()
+        pool._put_conn(conn)
+        raise requests.exceptions.ReadTimeout(
+            ReadTimeoutError(pool, url, f"Read timed out. (read timeout={timeout})")) from e
+    except (http1.ProtocolError, OSError):
+        conn.close()
+        pool._put_conn(conn)
         _forget(session)
         return None
-    raw.release_conn()
+    if not answer.keep_alive:
+        conn.close()
+    pool._put_conn(conn)
+    if answer.status == 401:
+        return None
     r = requests.Response()
-    r.status_code = raw.status
-    r.headers = CaseInsensitiveDict(raw.headers)
+    r.status_code = answer.status
+    r.headers = CaseInsensitiveDict(answer.headers)
     r.encoding = get_encoding_from_headers(r.headers)
-    r.reason = raw.reason
+    r.reason = answer.reason
     r.url = url
-    r.raw = raw
-    r._content = body
+    r._content = answer.body
     r._content_consumed = True
-    if "set-cookie" in raw.headers:
+    if "set-cookie" in answer.headers:
         request = _as_request(url, sent)
-        extract_cookies_to_jar(session.cookies, request, raw)
-        extract_cookies_to_jar(r.cookies, request, raw)
+        original = SimpleNamespace(_original_response=SimpleNamespace(
+            msg=http.client.parse_headers(io.BytesIO(answer.head + b"\r\n\r\n"))))  # (what the jar reads)
+        extract_cookies_to_jar(session.cookies, request, original)
+        extract_cookies_to_jar(r.cookies, request, original)
     return r
 
 
@@ -130,9 +136,22 @@ def _make_route(session: requests.Session, url: str, settings: dict[str, Any]) -
     endpoint = str(prepared.url)
     adapter.cert_verify(pool, endpoint, verify, None)
     headers = {k: v for k, v in prepared.headers.items() if k.lower() not in ("content-length", "cookie")}
+    names = {k.lower(): k for k in headers}
+    if "user-agent" not in names or "accept-encoding" not in names or "host" in names \
+            or not all(isinstance(v, str) for v in headers.values()):
+        return None  # (urllib3 and http.client would write headers of their own: theirs is the way)
     parts = urlsplit(endpoint)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return _Route(pool, path or "/", headers, {k.lower(): k for k in headers})
+    return _Route(pool, path or "/", _host_header(pool), headers, names)
+
+
+def _host_header(pool: Any) -> str:
+    """The Host header http.client writes for a connection of ``pool`` (http.client's putrequest)."""
+    host = pool.host.rstrip(".")  # (urllib3's connections give http.client their host so)
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    default = 443 if pool.scheme == "https" else 80
+    return host if pool.port in (None, default) else f"{host}:{pool.port}"
 
 
 def _as_request(url: str, headers: dict[str, Any]) -> Any:

@@ -1,0 +1,133 @@
+"""The read path's HTTP/1.1 exchange (gateway/sources/ews/http1.py), on a real socket pair: what it sends, and every
+way an answer can be framed, coded, cut or malformed. Through the EWS source end to end: tests/test_ews_wire.py."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import threading
+import zlib
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.sources.ews import http1
+
+REQUEST = http1.request_head("/EWS/Exchange.asmx", "mail.contoso.com",
+                             {"User-Agent": "ua", "Accept-Encoding": "gzip, deflate", "Content-Length": "4"}) + b"body"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def answered(pair: tuple[socket.socket, socket.socket], *parts: bytes, close: bool = False,
+             timeout: float = 5) -> http1.Answer:
+    """The exchange, with the server's answer written in ``parts`` (each a separate send) once the request came."""
+    ours, theirs = pair
+    got = bytearray()
+
+    def server() -> None:
+        while not got.endswith(b"body"):
+            got.extend(theirs.recv(65536))
+        for part in parts:
+            theirs.sendall(part)
+        if close:
+            theirs.shutdown(socket.SHUT_WR)
+    t = threading.Thread(target=server)
+    t.start()
+    try:
+        return http1.exchange(ours, REQUEST, timeout)
+    finally:
+        t.join()
+        assert bytes(got) == REQUEST
+
+
+def test_a_request_is_written_as_http_client_writes_it() -> None:
+    assert REQUEST == (b"POST /EWS/Exchange.asmx HTTP/1.1\r\nHost: mail.contoso.com\r\nUser-Agent: ua\r\n"
+                       b"Accept-Encoding: gzip, deflate\r\nContent-Length: 4\r\n\r\nbody")
+
+
+def test_an_answer_by_content_length_in_pieces_keeps_the_connection(pair) -> None:  # type: ignore[no-untyped-def]
+    a = answered(pair, b"HTTP/1.1 200 OK\r\nContent-Type: text/xml; charset=utf-8\r\nContent-Len",
+                 b"gth: 10\r\n\r\n01234", b"56789")
+    assert (a.status, a.reason, a.body, a.keep_alive) == (200, "OK", b"0123456789", True)
+    assert a.headers["content-type"] == "text/xml; charset=utf-8"
+
+
+def test_a_chunked_answer_with_extensions_and_trailers_is_joined(pair) -> None:  # type: ignore[no-untyped-def]
+    a = answered(pair, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n",
+                 b"1", b"\r\n \r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n")
+    assert (a.body, a.keep_alive) == (b"hello 0123456789", True)
+
+
+@pytest.mark.parametrize("coding,encode", [("gzip", gzip.compress), ("deflate", zlib.compress),
+                                           ("deflate", lambda b: zlib.compress(b)[2:-4])])  # (raw deflate too)
+def test_a_body_in_a_content_coding_is_decoded(pair, coding, encode) -> None:  # type: ignore[no-untyped-def]
+    body = encode(b"<xml>" * 1000)
+    a = answered(pair, b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s"
+                 % (coding.encode(), len(body), body))
+    assert a.body == b"<xml>" * 1000
+
+
+def test_a_gzip_body_of_two_members_is_decoded_whole(pair) -> None:  # type: ignore[no-untyped-def]
+    body = gzip.compress(b"first ") + gzip.compress(b"second")
+    a = answered(pair, b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    assert a.body == b"first second"
+
+
+def test_connection_close_and_http_1_0_end_the_connection(pair) -> None:  # type: ignore[no-untyped-def]
+    a = answered(pair, b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\nContent-Length: 2\r\n\r\nno")
+    assert (a.status, a.body, a.keep_alive) == (500, b"no", False)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        b = answered((ours, theirs), b"HTTP/1.0 200 OK\r\n\r\nto the end", close=True)
+    assert (b.body, b.keep_alive) == (b"to the end", False)
+
+
+def test_repeated_headers_are_joined_and_the_head_kept_for_the_cookie_jar(pair) -> None:  # type: ignore[no-untyped-def]
+    a = answered(pair, b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; path=/\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n")
+    assert a.headers["set-cookie"] == "a=1; path=/, b=2"
+    assert a.head == b"Set-Cookie: a=1; path=/\r\nSet-Cookie: b=2\r\nContent-Length: 0"
+
+
+def test_an_interim_answer_is_skipped_and_a_204_has_no_body(pair) -> None:  # type: ignore[no-untyped-def]
+    a = answered(pair, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+    assert (a.status, a.body, a.keep_alive) == (204, b"", True)
+
+
+def test_bytes_after_the_answer_end_the_connection(pair) -> None:  # type: ignore[no-untyped-def]
+    a = answered(pair, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+    assert (a.body, a.keep_alive) == (b"ok", False)
+
+
+@pytest.mark.parametrize("answer,says", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "closed in the answer's body"),
+    (b"HTTP/1.1 200 OK\r\nContent-Le", "closed in the answer's head"),
+    (b"ICY 200 OK\r\n\r\n", "status line"),
+    (b"HTTP/1.1 2000 OK\r\n\r\n", "status line"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "header line"),
+    (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n", "header line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "transfer coding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", "chunk size"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n", "chunk size"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n", "longer than its size"),
+    (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nbad", "content coding"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"x" * 70000 + b"\r\n\r\n", "head over 64 KiB"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", "101 header lines"),
+])
+def test_an_answer_it_does_not_read_is_a_protocol_error(pair, answer, says) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(http1.ProtocolError, match=says):
+        answered(pair, answer, close=True)
+
+
+def test_an_answer_that_does_not_come_times_out(pair) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TimeoutError):
+        answered(pair, b"HTTP/1.1 200 OK\r\n", timeout=0.2)
