@@ -131,3 +131,9 @@ def test_an_answer_it_does_not_read_is_a_protocol_error(pair, answer, says) -> N
 def test_an_answer_that_does_not_come_times_out(pair) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TimeoutError):
         answered(pair, b"HTTP/1.1 200 OK\r\n", timeout=0.2)
+
+
+def test_a_connection_closed_before_any_answer_is_a_connection_error(pair) -> None:  # type: ignore[no-untyped-def]
+    # (a kept connection the server had closed meanwhile: a read is sent again the usual way, a Subscribe is not)
+    with pytest.raises(ConnectionAbortedError, match="without response"):
+        answered(pair, close=True)

@@ -23,6 +23,7 @@ from lxml import etree
 
 from gateway.errors import GatewayError, HttpError, MailboxNotFound, RequestFailed, Throttled
 from gateway.model import Window
+from gateway.simulator.notifications import affinity_cookie
 from gateway.simulator.seed import SERVICE_ACCOUNT, SERVICE_PASSWORD
 from gateway.sources.ews import source as ews_source
 from gateway.sources.ews import transport
@@ -504,6 +505,55 @@ async def test_answers_in_chunks_and_gzip_as_iis_sends_them_are_read_straight(
         await src.close()
     assert [b.subject for b in first] == [b.subject for b in again] and first
     assert seen["requests"] == 1 and seen["pool"] >= 3, seen
+
+
+async def test_a_subscribe_straight_on_the_pool_keeps_the_affinity_cookie_its_answer_set(
+        ews: SimFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy(monkeypatch)
+    src = make_source(ews.url, max_workers=1)
+    try:
+        await src.verify(ROOM1)  # (opens and authenticates the connection, requests' way)
+        sid = await asyncio.to_thread(lambda: _guarded_subscribe(src, ROOM1))
+        cookie = src.account(ROOM1).affinity_cookie
+    finally:
+        await src.close()
+    backend = ews.call(lambda: ews.sim.directory.get(ROOM1).backend)
+    assert sid and cookie == affinity_cookie(ews.sim, backend)
+    assert seen == {"requests": 1, "pool": 1}, seen  # the verification's, then the Subscribe straight
+
+
+def _guarded_subscribe(src: EwsSource, room: str) -> str | None:
+    with src.guarded(room):
+        return src.subscribe_streaming(room)
+
+
+async def test_a_subscribe_whose_answer_breaks_off_is_not_sent_again(aiohttp_server: Any) -> None:
+    # Sent again, it could subscribe twice: the broken answer is the error, as exchangelib names it.
+    subscribes: list[int] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if b"<m:GetFolder" in await request.read():  # (the verification opens the connection, answered whole)
+            status, body, ctype = ordinary("GetFolder")
+            return web.Response(status=status, body=body, content_type=ctype)
+        subscribes.append(1)
+        resp = web.StreamResponse(headers={"Content-Type": "text/xml", "Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(envelope("<m:SubscribeResponse>")[:200])
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    app = web.Application()
+    app.router.add_post(ENDPOINT, handle)
+    server = await aiohttp_server(app)
+    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", max_workers=1)
+    try:
+        await src.verify(ROOM1)
+        with pytest.raises(GatewayError) as caught:
+            await asyncio.to_thread(lambda: _guarded_subscribe(src, ROOM1))
+    finally:
+        await src.close()
+    assert len(subscribes) == 1
+    assert "broke while Exchange answered for room1@contoso.com" in str(caught.value), caught.value
 
 
 async def test_an_answer_cut_off_midway_fails_as_requests_way_fails(aiohttp_server: Any) -> None:

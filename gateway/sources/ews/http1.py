@@ -8,8 +8,9 @@ its answer a few ``recv`` into one buffer, split where HTTP/1.1 says: a status l
 its chunks, by Content-Length, or up to the close.
 
 Anything it does not expect (a malformed or oversized head, an answer cut short, folded header lines) is a
-``ProtocolError``: the caller closes the connection and sends the read the usual way, where urllib3 and requests
-judge the answer as they always did. A body in a content coding is decoded by urllib3's decoders.
+``ProtocolError``, a connection closed before any answer an OSError: the caller closes the connection and sends a
+read the usual way, where urllib3 and requests judge the answer as they always did. A body in a content coding is
+decoded by urllib3's decoders.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class _Reader:
     def _more(self, what: str) -> None:
         chunk = self.sock.recv(_RECV)
         if not chunk:
+            if not self.buf:  # (a kept connection the server had closed meanwhile, as http.client says it)
+                raise ConnectionAbortedError("Remote end closed connection without response")
             raise ProtocolError(f"the connection closed in the answer's {what}")
         if self.at > _RECV and self.at * 2 > len(self.buf):  # (what was read is dropped, now and then)
             del self.buf[:self.at]

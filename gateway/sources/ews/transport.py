@@ -1,4 +1,4 @@
-"""A read request POSTed straight on a connection of an exchangelib session's urllib3 pool, when that is safe.
+"""An EWS request of the wire POSTed straight on a connection of an exchangelib session's urllib3 pool, if safe.
 
 requests prepares, sends and wraps every request through layers a read of the wire does not need: the URL parsed
 and re-quoted, every header validated, the adapter's pool looked up by the TLS settings, hooks, the response built
@@ -12,9 +12,10 @@ connection that is open. The session's cookies go out and come back as requests 
 of the server's than a 401 is handed back as the ``requests.Response`` requests would build (status, headers, body,
 URL), for exchangelib's retry policy to judge. A 401 (a connection of the pool that has not authenticated yet), a
 connection not open yet, an answer this does not read and any failure before an answer are None: the caller sends
-the request the usual way, where requests_ntlm authenticates the connection and requests raises its own exceptions
-(the requests are reads, so sending one again changes nothing). A request that times out is raised as requests'
-ReadTimeout at once: sending it again would double the wait.
+the request the usual way, where requests_ntlm authenticates the connection and requests raises its own exceptions.
+A read sent again changes nothing; a Subscribe is sent again only if nothing of it was sent, and an answer to it
+that breaks off is raised as requests raises it (ChunkedEncodingError, or ConnectionError if none came). A request
+that times out is raised as requests' ReadTimeout at once: sending it again would double the wait.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ _lock = threading.Lock()
 
 
 def post(session: requests.Session, url: str, settings: dict[str, Any], headers: dict[str, str], data: bytes,
-         timeout: float) -> requests.Response | None:
+         timeout: float, idempotent: bool = True) -> requests.Response | None:
     """The answer to ``data`` POSTed to ``url`` with ``headers`` added to the session's; None: send it the usual
-    way (``settings``: requests' merged environment settings for the endpoint)."""
+    way (``settings``: requests' merged environment settings for the endpoint). A request not ``idempotent`` is
+    never sent twice: an answer that breaks off after it was sent is raised as requests raises it."""
     route = _route(session, url, settings)
     if route is None:
         return None
@@ -84,10 +86,14 @@ def post(session: requests.Session, url: str, settings: dict[str, Any], headers:
         pool._put_conn(conn)
         raise requests.exceptions.ReadTimeout(
             ReadTimeoutError(pool, url, f"Read timed out. (read timeout={timeout})")) from e
-    except (http1.ProtocolError, OSError):
+    except (http1.ProtocolError, OSError) as e:
         conn.close()
         pool._put_conn(conn)
         _forget(session)
+        if not idempotent:  # (as requests' way fails: an answer cut off, or none)
+            broke = requests.exceptions.ChunkedEncodingError if isinstance(e, http1.ProtocolError) \
+                else requests.exceptions.ConnectionError
+            raise broke(f"Connection broken: {e}") from e
         return None
     if not answer.keep_alive:
         conn.close()

@@ -13,7 +13,7 @@ import that was about a quarter of the gateway's CPU (scripts/bench-ews-read.py)
 - it is POSTed on a session of exchangelib's pool the way exchangelib's ``post_ratelimited`` posts (``Wire._send``),
   so authentication (NTLM, Basic), the connection pool, the CA bundle (patches.trust), the retry policy's HTTP
   status handling and the errors of a failed connection stay exchangelib's; on a connection NTLM has authenticated
-  a read skips requests' per-request layers (sources/ews/transport.py);
+  a request skips requests', urllib3's and http.client's layers (sources/ews/transport.py, http1.py);
 - the answer is parsed once, with a parser that expands no entity, loads no DTD and reads no network; SOAP faults
   and response codes become the exceptions exchangelib raises for them (so ``source.translate`` maps them as
   before), with exchangelib's own rules for which errors come back as values; ErrorServerBusy keeps
@@ -308,9 +308,10 @@ class Wire:
         """exchangelib's ``post_ratelimited`` (util.py) under the fail-fast policy the source configures, the same
         errors for the same failures, without what requests repeats on every request: the environment's proxies and
         CA bundle are read once per endpoint (an appliance's environment does not change while it runs), and the
-        session's headers are merged once. The session is retired on any failure, as exchangelib does. An
-        ``idempotent`` request (every read but Subscribe) goes straight to the session's connection pool where that
-        loses nothing of requests' (sources/ews/transport.py), and requests' way where it cannot."""
+        session's headers are merged once. The session is retired on any failure, as exchangelib does. A request
+        goes straight to the session's connection pool where that loses nothing of requests'
+        (sources/ews/transport.py), and requests' way where it cannot. An answer that breaks off is sent again
+        requests' way only if the request is ``idempotent`` (every read but Subscribe, which would subscribe twice)."""
         url = protocol.service_endpoint
         key = (url, session.trust_env, session.verify, session.cert, tuple(sorted(session.proxies.items())))
         settings = self._environments.get(key)
@@ -319,12 +320,10 @@ class Wire:
             # stream=True, then the body in one read (_read_body): requests reads a body 10 KiB at a time, through
             # a generator and urllib3's decoder each time, a tenth of the CPU of a call with a room's answer.
             settings = self._environments[key] = {**settings, "stream": True}
-        r = None
-        if idempotent:
-            try:
-                r = transport.post(session, url, settings, headers, data, protocol.TIMEOUT)
-            except CONNECTION_ERRORS as e:  # (a timeout: sent again, it would take as long)
-                raise _connection_broke(protocol, session, e) from e
+        try:
+            r = transport.post(session, url, settings, headers, data, protocol.TIMEOUT, idempotent=idempotent)
+        except CONNECTION_ERRORS as e:  # (a timeout: sent again, it would take as long)
+            raise _connection_broke(protocol, session, e) from e
         if r is None:
             r = _through_requests(protocol, session, url, settings, headers, data)
         try:
