@@ -140,7 +140,8 @@ class _Reader:
     def exactly(self, n: int) -> bytes:
         while len(self.buf) - self.at < n:
             self._more("body")
-        out = bytes(self.buf[self.at:self.at + n])
+        with memoryview(self.buf) as view:  # (one copy: a slice of the bytearray would be another)
+            out = bytes(view[self.at:self.at + n])
         self.at += n
         return out
 
@@ -171,7 +172,8 @@ class _Reader:
     def to_close(self) -> bytes:
         while chunk := self.sock.recv(_RECV):
             self.buf += chunk
-        out = bytes(self.buf[self.at:])
+        with memoryview(self.buf) as view:
+            out = bytes(view[self.at:])
         self.at = len(self.buf)
         return out
 
