@@ -527,27 +527,42 @@ def _guarded_subscribe(src: EwsSource, room: str) -> str | None:
         return src.subscribe_streaming(room)
 
 
-async def test_a_subscribe_whose_answer_breaks_off_is_not_sent_again(aiohttp_server: Any) -> None:
-    # Sent again, it could subscribe twice: the broken answer is the error, as exchangelib names it.
-    subscribes: list[int] = []
+async def _verified_source(aiohttp_server: Any, rest: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                           **settings: Any) -> tuple[EwsSource, list[web.Request]]:
+    """A source verified against a server that answers its GetFolder whole (which opens the connection, requests'
+    way) and every other request with ``rest``; the list of those other requests."""
+    others: list[web.Request] = []
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if b"<m:GetFolder" in await request.read():  # (the verification opens the connection, answered whole)
+        if b"<m:GetFolder" in await request.read():
             status, body, ctype = ordinary("GetFolder")
             return web.Response(status=status, body=body, content_type=ctype)
-        subscribes.append(1)
-        resp = web.StreamResponse(headers={"Content-Type": "text/xml", "Content-Length": "100000"})
-        await resp.prepare(request)
-        await resp.write(envelope("<m:SubscribeResponse>")[:200])
-        assert request.transport is not None
-        request.transport.close()
-        return resp
+        others.append(request)
+        return await rest(request)
     app = web.Application()
     app.router.add_post(ENDPOINT, handle)
     server = await aiohttp_server(app)
-    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", max_workers=1)
+    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", max_workers=1, **settings)
+    await src.verify(ROOM1)
+    return src, others
+
+
+def _cut_off(opening: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An answer that announces 100,000 bytes, sends 200 and closes the connection."""
+    async def rest(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/xml", "Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(envelope(opening)[:200])
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    return rest
+
+
+async def test_a_subscribe_whose_answer_breaks_off_is_not_sent_again(aiohttp_server: Any) -> None:
+    # Sent again, it could subscribe twice: the broken answer is the error, as exchangelib names it.
+    src, subscribes = await _verified_source(aiohttp_server, _cut_off("<m:SubscribeResponse>"))
     try:
-        await src.verify(ROOM1)
         with pytest.raises(GatewayError) as caught:
             await asyncio.to_thread(lambda: _guarded_subscribe(src, ROOM1))
     finally:
@@ -559,25 +574,8 @@ async def test_a_subscribe_whose_answer_breaks_off_is_not_sent_again(aiohttp_ser
 async def test_an_answer_cut_off_midway_fails_as_requests_way_fails(aiohttp_server: Any) -> None:
     """Straight on the pool, the cut answer is sent again requests' way (a read changes nothing), which fails as it
     always did: the same error, from one more request."""
-    requests_seen: list[int] = []
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if b"<m:GetFolder" in await request.read():  # (the verification opens the connection, answered whole)
-            status, body, ctype = ordinary("GetFolder")
-            return web.Response(status=status, body=body, content_type=ctype)
-        requests_seen.append(1)
-        resp = web.StreamResponse(headers={"Content-Type": "text/xml", "Content-Length": "100000"})
-        await resp.prepare(request)
-        await resp.write(envelope("<m:FindItemResponse>")[:200])
-        assert request.transport is not None
-        request.transport.close()
-        return resp
-    app = web.Application()
-    app.router.add_post(ENDPOINT, handle)
-    server = await aiohttp_server(app)
-    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", max_workers=1)
+    src, requests_seen = await _verified_source(aiohttp_server, _cut_off("<m:FindItemResponse>"))
     try:
-        await src.verify(ROOM1)
         with pytest.raises(GatewayError) as caught:
             await src.read_window(ROOM1, window())
     finally:
@@ -589,23 +587,14 @@ async def test_an_answer_cut_off_midway_fails_as_requests_way_fails(aiohttp_serv
 
 async def test_an_answer_that_never_comes_is_waited_for_once(aiohttp_server: Any,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    requests_seen: list[int] = []
     release = asyncio.Event()
 
-    async def handle(request: web.Request) -> web.Response:
-        if b"<m:GetFolder" in await request.read():  # (the verification opens the connection, answered whole)
-            status, body, ctype = ordinary("GetFolder")
-            return web.Response(status=status, body=body, content_type=ctype)
-        requests_seen.append(1)
+    async def never(request: web.Request) -> web.Response:
         await release.wait()
         return web.Response(status=503)
-    app = web.Application()
-    app.router.add_post(ENDPOINT, handle)
-    server = await aiohttp_server(app)
     seen = _spy(monkeypatch)
-    src = make_source(f"http://127.0.0.1:{server.port}{ENDPOINT}", timeout=1, max_workers=1)
+    src, requests_seen = await _verified_source(aiohttp_server, never, timeout=1)
     try:
-        await src.verify(ROOM1)
         with pytest.raises(GatewayError) as caught:
             await src.read_window(ROOM1, window())
     finally:
