@@ -183,6 +183,18 @@ def test_each_publication_carries_its_own_confirmation_time() -> None:
     assert published == ["2026-11-23T08:00:00Z"] * 2 + ["2026-11-23T08:00:01Z", "2026-11-23T08:00:00Z", None]
 
 
+def test_the_utc_text_of_a_wall_time_the_clock_passes_twice_is_each_instants() -> None:
+    # UTC texts are kept by time (an import formats a few times a booking): two times of one zone at the hour the
+    # clock goes back are equal keys to Python, and other instants.
+    berlin = ZoneInfo("Europe/Berlin")
+    first, second = (datetime(2026, 10, 25, 2, 30, tzinfo=berlin, fold=fold) for fold in (0, 1))
+    assert first == second and hash(first) == hash(second)
+    assert [model._utc_text(t) for t in (first, second, first)] == [
+        "2026-10-25T00:30:00Z", "2026-10-25T01:30:00Z", "2026-10-25T00:30:00Z"]
+    utc = datetime(2026, 10, 25, 0, 30, 59, 999999, tzinfo=UTC)
+    assert model._utc_text(utc) == model._utc_text(utc.replace(microsecond=0)) == "2026-10-25T00:30:59Z"
+
+
 def test_event_ids_are_time_ordered_uuids() -> None:
     # The outbox's unique index on event ids: random ids cost a page write per event and commit; these append.
     before = time.time_ns() // 1_000_000
