@@ -55,8 +55,8 @@ def report() -> None:
         kind[2] += voluntary
         kind[3] += forced
     print("CPU by thread (s): user, system; context switches: voluntary, forced", file=sys.stderr)
-    for kind_name, (user, system, voluntary, forced) in sorted(kinds.items(), key=lambda kv: -kv[1][0] - kv[1][1]):
-        print(f"  {kind_name:16s} {user:8.2f} {system:7.2f} {int(voluntary):9d} {int(forced):9d}", file=sys.stderr)
+    for kind_name, (u, s, v, f) in sorted(kinds.items(), key=lambda kv: -kv[1][0] - kv[1][1]):
+        print(f"  {kind_name:16s} {u:8.2f} {s:7.2f} {int(v):9d} {int(f):9d}", file=sys.stderr)
 
 
 if __name__ == "__main__":
