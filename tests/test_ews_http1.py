@@ -122,6 +122,7 @@ def test_bytes_after_the_answer_end_the_connection(pair) -> None:  # type: ignor
     (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nbad", "content coding"),
     (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"x" * 70000 + b"\r\n\r\n", "head over 64 KiB"),
     (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", "101 header lines"),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + b"HTTP/1.1 200 OK\r\n\r\n", "more than 10 interim answers"),
 ])
 def test_an_answer_it_does_not_read_is_a_protocol_error(pair, answer, says) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(http1.ProtocolError, match=says):

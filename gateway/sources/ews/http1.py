@@ -23,6 +23,7 @@ from urllib3 import HTTPHeaderDict, HTTPResponse
 
 MAX_HEAD = 65536  # bytes of an answer's status line and headers (http.client allows a line this long)
 MAX_HEADERS = 100  # header lines (http.client's limit)
+MAX_INTERIM = 10  # 1xx answers before the real one (a server sending them for ever is not waited for)
 _RECV = 262144  # bytes asked of the socket at a time (a room's answer is some 100 KB)
 
 
@@ -55,10 +56,12 @@ def exchange(sock: socket.socket, request: bytes, timeout: float) -> Answer:
     sock.settimeout(timeout)
     sock.sendall(request)
     reader = _Reader(sock)
-    while True:
+    for _ in range(MAX_INTERIM + 1):
         status, reason, version, headers, head = reader.head()
         if not 100 <= status < 200:
             break  # (an interim answer, 100 Continue: the real one follows, as http.client skips it)
+    else:
+        raise ProtocolError(f"more than {MAX_INTERIM} interim answers")
     connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = ("close" not in connection) if version == "HTTP/1.1" else ("keep-alive" in connection)
     if status in (204, 304):
