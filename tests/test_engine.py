@@ -209,8 +209,9 @@ def test_event_ids_are_time_ordered_uuids() -> None:
 
 
 def test_a_forked_child_never_hands_out_its_parents_random_digits() -> None:
-    # Event ids draw the OS's randomness in blocks: a child process must draw its own, not replay the parent's block.
-    event_id()  # (the parent holds a block now)
+    # Event ids draw on the OS's randomness: a child process must draw its own, not replay what its parent holds
+    # (should ids ever draw it in blocks).
+    event_id()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child

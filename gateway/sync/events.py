@@ -4,7 +4,6 @@ coordinator and an explicit removal (gateway/sync/ownership.py) both build their
 from __future__ import annotations
 
 import os
-import threading
 import time
 from datetime import datetime
 from json.encoder import encode_basestring_ascii as _json_str
@@ -17,41 +16,12 @@ def event_id() -> str:
 
     The outbox keeps event ids unique with an index: random (version 4) ids landed on a different page of it each,
     and every commit rewrote a page per event (a sixth of an import's commit time); these append at its end."""
-    h = _random.take()
+    h = os.urandom(10).hex()
     ms = f"{time.time_ns() // 1_000_000:012x}"
     return f"{ms[:8]}-{ms[8:]}-7{h[:3]}-{_VARIANT[h[3]]}{h[4:7]}-{h[8:20]}"
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # RFC 4122: the top two bits are 10
-
-
-class _Randomness:
-    """The operating system's random bytes as hex, 20 digits at a time, drawn 2,560 bytes at once: os.urandom for
-    each event gave up the GIL in its system call, and the event loop, which makes an import's events, then waited
-    for the GIL behind a dozen busy threads once per booking."""
-
-    _SIZE = 2560
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._hex = ""
-        self._at = 0
-        os.register_at_fork(after_in_child=self._forget)  # (a child must not hand out its parent's digits again)
-
-    def take(self) -> str:
-        with self._lock:
-            at = self._at
-            if at >= len(self._hex):
-                self._hex, at = os.urandom(self._SIZE).hex(), 0
-            self._at = at + 20
-            return self._hex[at:at + 20]
-
-    def _forget(self) -> None:
-        self._lock = threading.Lock()
-        self._hex, self._at = "", 0
-
-
-_random = _Randomness()
 
 
 def booking_event(kind: str, booking: Booking, *, time: datetime, source: str, reason: str | None = None) -> Event:
