@@ -79,25 +79,23 @@ def post(session: requests.Session, url: str, settings: dict[str, Any], headers:
     if conn.sock is None:  # not open yet, or closed by the pool as dropped: requests' way opens and authenticates it
         pool._put_conn(conn)
         return None
+    answer = None
     try:
         answer = http1.exchange(conn.sock, http1.request_head(route.path, route.host, sent) + data, timeout)
     except TimeoutError as e:
-        conn.close()
-        pool._put_conn(conn)
         raise requests.exceptions.ReadTimeout(
             ReadTimeoutError(pool, url, f"Read timed out. (read timeout={timeout})")) from e
     except (http1.ProtocolError, OSError) as e:
-        conn.close()
-        pool._put_conn(conn)
         _forget(session)
         if not idempotent:  # (as requests' way fails: an answer cut off, or none)
             broke = requests.exceptions.ChunkedEncodingError if isinstance(e, http1.ProtocolError) \
                 else requests.exceptions.ConnectionError
             raise broke(f"Connection broken: {e}") from e
         return None
-    if not answer.keep_alive:
-        conn.close()
-    pool._put_conn(conn)
+    finally:
+        if answer is None or not answer.keep_alive:
+            conn.close()  # (a failed exchange leaves the connection in no known state)
+        pool._put_conn(conn)
     if answer.status == 401:
         return None
     r = requests.Response()
