@@ -123,7 +123,7 @@ class _Reader:
             self._more("head")
         if end - self.at > MAX_HEAD:
             raise ProtocolError("an answer's head over 64 KiB")
-        text = bytes(self.buf[self.at:end]).decode("iso-8859-1")
+        text = self.buf[self.at:end].decode("iso-8859-1")
         self.at = end + 4
         status_line, _, rest = text.partition("\r\n")
         parts = status_line.split(None, 2)
