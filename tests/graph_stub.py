@@ -33,7 +33,8 @@ def unb64url(text: str) -> bytes:
 
 @dataclass
 class Stub:
-    """Entra ID's token endpoint and a few Graph routes; ``answers`` scripts a path's next answers."""
+    """Entra ID's token endpoint and a few Graph routes; ``answers`` scripts a path's next answers (a body of bytes is
+    sent as it is)."""
 
     base: str = ""
     secret_expired: bool = False
@@ -102,6 +103,8 @@ class Stub:
                 await asyncio.sleep(self.delay)  # the server's own pace, so that requests overlap
             script = self.answers.get(path)
             status, body, headers = script.pop(0) if script else (200, {"id": "x"}, {})
+            if isinstance(body, bytes):  # (an answer's bytes as they are, JSON or not)
+                return web.Response(body=body, status=status, headers=headers, content_type="application/json")
             return web.json_response(body, status=status, headers=headers)
         finally:
             self.in_flight[mailbox] -= 1

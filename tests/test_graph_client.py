@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.errors import AuthError, ImpersonationDenied, MailboxNotFound, NotFound, SyncStateInvalid, TlsError
+from gateway.errors import (
+    AuthError,
+    HttpError,
+    ImpersonationDenied,
+    MailboxNotFound,
+    NotFound,
+    SyncStateInvalid,
+    TlsError,
+)
 from gateway.sources.graph.auth import TokenSource
 from gateway.sources.graph.client import GraphClient
 from gateway.sources.graph.kind import GraphCredentials
@@ -130,6 +138,17 @@ async def test_an_unknown_mailbox_is_not_found(stub: Stub, client: GraphClient) 
     stub.answers[f"/users/{ROOM1}/calendar"] = [(404, invalid, {})]
     with pytest.raises(MailboxNotFound):
         await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"value": [{"id": "AAMk', b"[" * 100_000 + b"]" * 100_000, b'{"subject": "caf\xe9"}', b"<html>proxy</html>"],
+    ids=["cut off", "nested 100,000 deep", "not UTF-8", "not JSON"])
+async def test_an_answer_that_is_not_json_is_an_http_error_that_names_the_fix(
+        stub: Stub, client: GraphClient, body: bytes) -> None:
+    stub.answers[f"/users/{ROOM1}/calendar"] = [(200, body, {})]
+    with pytest.raises(HttpError, match="something other than JSON") as caught:
+        await client.call("GET", client.user(ROOM1) + "/calendar", mailbox=ROOM1, operation="getCalendar")
+    assert caught.value.remedy == "check graph_url"
 
 
 async def test_a_server_certificate_from_another_ca_is_a_tls_error(stub: Stub, pki: Any) -> None:

@@ -16,7 +16,6 @@ CA bundle, if any), answers mapped into the gateway's error tree.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import ssl
 import time
@@ -26,6 +25,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+import orjson
 import structlog
 
 from gateway.errors import (
@@ -239,7 +239,7 @@ class GraphClient:
         sent = {"Authorization": f"Bearer {token}", "Accept": "application/json", **(headers or {})}
         try:
             async with self._http().request(method, url, json=body, params=params, headers=sent) as r:
-                text = await r.text()
+                raw = await r.read()
                 status, got = r.status, {k.lower(): v for k, v in r.headers.items()}
         except aiohttp.ClientConnectorCertificateError as e:
             raise TlsError(f"TLS with Graph at {self.host} failed: {e.certificate_error}", host=self.host,
@@ -256,9 +256,11 @@ class GraphClient:
         if self.on_call is not None:
             self.on_call(operation, status)
         parsed: dict[str, Any] = {}
-        if text:
+        if raw:
             try:
-                loaded = json.loads(text)
+                # orjson: less than half of json's CPU, which was an eighth of a Graph import's (a delta page carries
+                # whole events, bodies and all: Graph takes no $select there); from the bytes, no text made first.
+                loaded = orjson.loads(raw)
                 parsed = loaded if isinstance(loaded, dict) else {"value": loaded}
             except ValueError:
                 if status < 300:
