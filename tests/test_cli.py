@@ -207,6 +207,7 @@ def test_the_graph_bench_runs_tiny_and_reports_both_phases_under_graph() -> None
     assert graph["polling"]["poll_interval_s"] == 1 and graph["notifications"]["poll_interval_s"] is None
     assert graph["notifications"]["hub_posts"]["forwarded"] > 0, "the changes came as posts through the hub"
     assert graph["polling"]["hub_posts"] is None
+    assert (graph["notifications"]["cpu_of"], graph["polling"]["cpu_of"]) == ("gateway and hub", "gateway")
     text = subprocess.run([sys.executable, "-m", "gateway", "bench", "--help"], capture_output=True, text=True,
                           timeout=30).stdout
     assert "graph" in text and "--poll-interval" in text
