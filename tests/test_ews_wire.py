@@ -70,7 +70,8 @@ async def test_each_read_request_is_byte_for_byte_the_one_exchangelib_builds(ver
         cases: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
             ("GetFolder", (), {}),
             ("FindItem", VIEW_FIELDS, {"start": start, "end": end, "max_entries": 1000}),
-            ("GetItem", VIEW_FIELDS + DETAIL_FIELDS, {"ids": ["AAMkA=", 'id"with<odd>&chars']}),
+            ("GetItem", VIEW_FIELDS + DETAIL_FIELDS, {"ids": ["AAMkA=", 'id"with<odd>&chars', "tab\there\nline\rend"]}),
+            ("GetItem", VIEW_FIELDS + DETAIL_FIELDS, {"ids": ["AAMkA="]}),
             ("SyncFolderItems", SYNC_FIELDS, {"sync_state": None, "max_changes": 512}),
             ("SyncFolderItems", SYNC_FIELDS + VIEW_FIELDS, {"sync_state": "H4sIAAA+/=", "max_changes": 1}),
             ("Subscribe", (), {}),

@@ -146,12 +146,23 @@ def encode(*, start: EWSDateTime | None = None, end: EWSDateTime | None = None, 
            ids: Sequence[str] = (), sync_state: str | None = None, max_changes: int = 512) -> dict[str, bytes]:
     """The values of a request's slots, escaped; the keywords are those of ``exchangelib_request``."""
     values = {"entries": b'MaxEntriesReturned="%d"' % max_entries,
-              "ids": b"".join(b'<t:ItemId Id="%s"/>' % attribute(ident) for ident in ids),
+              "ids": _item_ids(ids),
               "state": b"" if not sync_state else b"<m:SyncState>%s</m:SyncState>" % text(sync_state),
               "max": b"<m:MaxChangesReturned>%d</m:MaxChangesReturned>" % max_changes}
     if start is not None and end is not None:
         values["start"], values["end"] = attribute(start.ewsformat()), attribute(end.ewsformat())
     return values
+
+
+def _item_ids(ids: Sequence[str]) -> bytes:
+    """``<t:ItemId Id="..."/>`` for each id, escaped in one pass over them all (a GetItem names a room's meetings,
+    ~130: escaped one by one, that was most of the request's making)."""
+    if not ids:
+        return b""
+    joined = "\x1f".join(ids)  # (a control character: no item id holds it, and escaping leaves it as it is)
+    if joined.count("\x1f") != len(ids) - 1:
+        return b"".join(b'<t:ItemId Id="%s"/>' % attribute(ident) for ident in ids)
+    return b'<t:ItemId Id="' + attribute(joined).replace(b"\x1f", b'"/><t:ItemId Id="') + b'"/>'
 
 
 class Wire:
