@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from datetime import UTC, date, datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -76,12 +77,20 @@ def parse_time(value: Any) -> datetime | None:
         return None
     if not text:
         return None
-    # Graph writes seven digits of fraction, which fromisoformat (3.11) reads, truncated to six.
+    if zone == "UTC" and type(text) is str:
+        return _utc_time(text)
     parsed = datetime.fromisoformat(str(text))
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC) if zone == "UTC" else \
             parsed.replace(tzinfo=ZoneInfo(iana_zone(str(zone), "UTC"))).astimezone(UTC)
     return parsed.astimezone(UTC)
+
+
+@functools.lru_cache(maxsize=16384)  # (a year of half hours: a room's meetings start and end on few distinct times)
+def _utc_time(text: str) -> datetime:
+    # Graph writes seven digits of fraction, which fromisoformat (3.11) reads, truncated to six.
+    parsed = datetime.fromisoformat(text)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def iana_zone(name: str | None, fallback: str) -> str:
