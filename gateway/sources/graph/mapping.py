@@ -77,12 +77,11 @@ def parse_time(value: Any) -> datetime | None:
         return None
     if not text:
         return None
-    if zone == "UTC" and type(text) is str:
-        return _utc_time(text)
+    if zone == "UTC":
+        return _utc_time(str(text))
     parsed = datetime.fromisoformat(str(text))
     if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC) if zone == "UTC" else \
-            parsed.replace(tzinfo=ZoneInfo(iana_zone(str(zone), "UTC"))).astimezone(UTC)
+        parsed = parsed.replace(tzinfo=ZoneInfo(iana_zone(str(zone), "UTC")))
     return parsed.astimezone(UTC)
 
 
