@@ -423,7 +423,7 @@ class Coordinator:
                 except TimeoutError:
                     pass
                 if turn is not None and turn.done():
-                    got, turn = not turn.cancelled() and turn.exception() is None, None
+                    got, turn = _granted(turn), None
                     if got:  # (a turn cancelled from outside is asked for again)
                         try:
                             await self.reconcile(w, snapshot=True)
@@ -446,7 +446,7 @@ class Coordinator:
             if turn is not None:  # (a failure or a stop while the full read waited its turn: give the turn back)
                 if not turn.done():
                     turn.cancel()  # (Semaphore.acquire hands on a turn it was given when cancelled)
-                elif not turn.cancelled() and turn.exception() is None:
+                elif _granted(turn):
                     self._starting.release()
 
     async def import_room(self, w: RoomWorker, verified: bool = True) -> None:
@@ -634,6 +634,11 @@ async def _first_of(wait: Coroutine[Any, Any, Any], task: asyncio.Task[Any]) -> 
         await asyncio.wait((waiting, task), return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiting.cancel()
+
+
+def _granted(turn: asyncio.Task[Any]) -> bool:
+    """Whether a finished wait for a turn got it (was neither cancelled nor failed): then it must be given back."""
+    return not turn.cancelled() and turn.exception() is None
 
 
 # The state a failure puts a room in, by the error's class; the nearest class in its ancestry decides.
