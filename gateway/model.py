@@ -177,6 +177,45 @@ def _copier(cls: type, replaced: str) -> Callable[[Any, Any], Any]:
 _booking_with_confirmed_at = _copier(Booking, "confirmed_at")
 
 
+class _ByIdentity:
+    """Values derived from objects many bookings share, kept by the object's identity: hashing a tuple of
+    attendees by value costs more than deriving from it. Every instance of a series holds its meeting's one tuple
+    of attendees (a source reads a meeting's people once), so their JSON and dicts are made once a meeting instead
+    of once an instance. An entry holds its object, so no other object can have that id while the entry lives; at
+    ``size`` entries all are dropped. Threads may derive the same value twice; each gets a whole one."""
+
+    def __init__(self, derive: Callable[[Any], Any], size: int = 4096) -> None:
+        self._derive = derive
+        self._size = size
+        self._entries: dict[int, tuple[Any, Any]] = {}
+
+    def __call__(self, obj: Any) -> Any:
+        entry = self._entries.get(id(obj))
+        if entry is not None and entry[0] is obj:
+            return entry[1]
+        value = self._derive(obj)
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[id(obj)] = (obj, value)
+        return value
+
+
+def _dicts_of(attendees: tuple[Attendee, ...]) -> list[dict[str, Any]]:
+    return [{"email": a.email, "name": a.name, "kind": a.kind, "response": a.response} for a in attendees]
+
+
+def _json_of(attendees: tuple[Attendee, ...]) -> str:
+    """The attendees' JSON objects, keys sorted, as json.dumps writes them (the list's brackets left out)."""
+    s = _str
+    return ", ".join([f'{{"email": {s(a.email)}, "kind": {s(a.kind)}, '
+                      f'"name": {"null" if a.name is None else s(a.name)}, "response": {s(a.response)}}}'
+                      for a in attendees])
+
+
+_attendee_dicts = _ByIdentity(_dicts_of)  # (content is shared, never changed: so may its attendees be)
+_attendees_json = _ByIdentity(_json_of)
+
+
 def _iso(value: datetime | date | None) -> str | None:
     if value is None:
         return None
@@ -222,8 +261,7 @@ def _content(b: Booking) -> dict[str, Any]:
         "subject": b.subject,
         "subject_is_organizer_name": b.subject_is_organizer_name,
         "organizer": {"email": b.organizer.email, "name": b.organizer.name} if b.organizer else None,
-        "attendees": [{"email": a.email, "name": a.name, "kind": a.kind, "response": a.response}
-                      for a in b.attendees],
+        "attendees": _attendee_dicts(b.attendees),
         "sensitivity": b.sensitivity,
         "online_meeting_url": b.online_meeting_url,
         "response": b.response,
@@ -251,9 +289,7 @@ def _content_json(b: Booking) -> str:
         o = b.organizer
         organizer = "null" if o is None else (f'{{"email": {"null" if o.email is None else s(o.email)}, '
                                               f'"name": {"null" if o.name is None else s(o.name)}}}')
-        people = ", ".join([f'{{"email": {s(a.email)}, "kind": {s(a.kind)}, '
-                            f'"name": {"null" if a.name is None else s(a.name)}, "response": {s(a.response)}}}'
-                            for a in b.attendees])
+        people = _attendees_json(b.attendees)
         url, series, subject = b.online_meeting_url, b.series_id, b.subject
         start_date, end_date = _iso(b.start_date), _iso(b.end_date)
         c = b._content  # (a confirmed booking's content is made first: its times are formatted there already)

@@ -161,6 +161,30 @@ def test_a_content_hash_needs_no_content_dict() -> None:
     assert b.content_json() == json.dumps(b.content(), sort_keys=True)
 
 
+def test_a_series_shares_its_attendees_encoding_and_no_other_tuple_is_taken_for_theirs() -> None:
+    # Every instance of a series holds its meeting's one tuple of attendees: encoded once, by the tuple's identity.
+    people = (Attendee("bob@contoso.com", "Bob", "required", "accepted"), Attendee("eve@contoso.com", None,
+                                                                                  "optional", "none"))
+    first = booking("S", original_start=NOW, attendees=people)
+    second = booking("S", original_start=NOW + timedelta(days=7), attendees=people)
+    assert first.content()["attendees"] is second.content()["attendees"]
+    for b in (first, second):
+        assert b.content_json() == json.dumps(b.content(), sort_keys=True)
+    # Equal people in another tuple, and other people in a tuple made after the first is gone (it may reuse its
+    # address): each encoded from its own attendees.
+    for other in ((people[0], people[1]), (Attendee("mallory@contoso.com", "M", "required", "declined"),)):
+        b = booking("T", attendees=other)
+        assert b.content()["attendees"] == [{"email": a.email, "name": a.name, "kind": a.kind, "response": a.response}
+                                            for a in other]
+        assert b.content_json() == json.dumps(b.content(), sort_keys=True)
+    # Past its size the cache starts again, and still answers for every tuple.
+    many = [(Attendee(f"p{i}@contoso.com", None, "required", "none"),) for i in range(model._attendees_json._size + 5)]
+    for group in many + many[:3]:
+        b = booking("U", attendees=group)
+        assert json.loads(b.content_json())["attendees"][0]["email"] == group[0].email
+    assert len(model._attendees_json._entries) <= model._attendees_json._size
+
+
 def test_content_of_unexpected_types_is_still_encoded_as_json_dumps_does() -> None:
     for b in (booking("X", subject=12), booking("Y", subject=12)):  # type: ignore[arg-type]  # (a hand-edited row)
         if b.uid == "Y":
