@@ -18,6 +18,8 @@ from enum import StrEnum
 from json.encoder import encode_basestring_ascii as _str  # what json.dumps writes for a str (ensure_ascii)
 from typing import Any
 
+from gateway.frozen import copier, fast_init
+
 SCHEMA_VERSION = "1.0"
 
 
@@ -91,6 +93,7 @@ class Attendee:
     response: str  # accepted, tentative, declined, none, organizer, unknown
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Booking:
     room: str
@@ -160,21 +163,7 @@ class Booking:
         return _booking_with_confirmed_at(self, at)
 
 
-def _copier(cls: type, replaced: str) -> Callable[[Any, Any], Any]:
-    """A function that copies an instance of the frozen slots dataclass ``cls`` field by field, with the field
-    ``replaced`` set to a new value: dataclasses.replace without __init__ (nor what __post_init__ derives), as
-    straight-line code (a loop over the slots cost twice as much, for every booking an import publishes)."""
-    lines = [f"def copy(self, value, _new=object.__new__, _set=object.__setattr__, _cls={cls.__name__}):",
-             "    c = _new(_cls)"]
-    slots: tuple[str, ...] = getattr(cls, "__slots__")  # noqa: B009 - (mypy does not know a class has them)
-    lines += [f"    _set(c, {name!r}, {'value' if name == replaced else f'self.{name}'})" for name in slots]
-    lines.append("    return c")
-    namespace: dict[str, Any] = {cls.__name__: cls}
-    exec("\n".join(lines), namespace)
-    return namespace["copy"]
-
-
-_booking_with_confirmed_at = _copier(Booking, "confirmed_at")
+_booking_with_confirmed_at = copier(Booking, "confirmed_at")
 
 
 class _ByIdentity:
@@ -410,6 +399,7 @@ class Room:
         object.__setattr__(self, "state", RoomState(self.state))  # the store and old callers give its text
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Event:
     """A CloudEvents 1.0 event as stored in the outbox and relayed."""
@@ -478,7 +468,7 @@ def cloudevent_json(event_id: str, type_: str, room: str, subject: str, stored_t
     return f'{head[:-1]},"data":{data_json}}}'
 
 
-_event_with_sequence = _copier(Event, "sequence")
+_event_with_sequence = copier(Event, "sequence")
 
 
 @dataclass(frozen=True, slots=True)

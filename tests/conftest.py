@@ -34,7 +34,8 @@ TZ = EWSTimeZone("Europe/Berlin")
 TIERS: dict[str, tuple[str, ...]] = {
     # one part on its own, in this process: pure code, a SQLite file, an in-process HTTP server; no simulator
     "unit": ("test_api_commands", "test_api_keys", "test_app_options", "test_commands", "test_config",
-             "test_coordinator", "test_engine", "test_errors", "test_ews_http1", "test_ews_mapping", "test_http_layer",
+             "test_coordinator", "test_engine", "test_errors", "test_frozen", "test_ews_http1", "test_ews_mapping",
+             "test_http_layer",
              "test_identity",
              "test_json_tracebacks", "test_layers", "test_logging", "test_outage", "test_packaging", "test_retry",
              "test_sharding", "test_store", "test_vault", "test_vocabulary",
