@@ -105,7 +105,11 @@ def test_what_it_does_not_write_for_is_refused() -> None:
     class Reserved:
         _fz_cls: int
 
-    for cls in (Factory, KeywordOnly, WithInitVar, Reserved):
+    @dataclass(frozen=True, slots=True)
+    class Derived(Plain):
+        more: int = 0
+
+    for cls in (Factory, KeywordOnly, WithInitVar, Reserved, Derived):
         with pytest.raises(TypeError):
             fast_init(cls)
 
