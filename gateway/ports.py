@@ -149,11 +149,13 @@ class Store(Protocol):
 
     def commit_sync(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
                     confirmed: Sequence[str] = (), confirmed_at: datetime | None = None,
+                    confirmed_window: Window | None = None,
                     item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
                     sync_state: str | None = None, clear_sync_state: bool = False,
                     room_row: Room | None = None) -> list[OutboxEntry]:
         """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state (and the
-        room's row, when given)."""
+        room's row, when given). ``confirmed_window``: a complete read of that window, which confirms every booking
+        of the room overlapping it at ``confirmed_at``."""
         ...
 
     def commit_syncs(self, steps: Sequence[tuple[str, dict[str, Any]]]) -> list[list[OutboxEntry] | Exception]:

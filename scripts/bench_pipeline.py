@@ -121,7 +121,7 @@ def run_pass(store: SqliteStore, coordinator: Coordinator, captured: list[Captur
         result = stages.run("plan", lambda k=known, o=observed: plan(k, o, scope, now))
         evs = stages.run("events", lambda r=result: coordinator.events(r, datetime.now(UTC)))
         steps.append((room, {"upserts": result.created + result.updated, "deletes": [b.id for b in result.deleted],
-                             "events": evs, "confirmed": [b.id for b in result.confirmed], "confirmed_at": now}))
+                             "events": evs, "confirmed_at": now, "confirmed_window": scope.window}))
         if len(steps) >= batch or i == rooms - 1:
             # as the coordinator commits: the steps that meet at the store share a transaction
             outcomes = stages.run("commit", lambda s=steps: store.commit_syncs(s))

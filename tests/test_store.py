@@ -174,6 +174,59 @@ def test_update_delete_and_confirm_apply_to_the_snapshot(store: SqliteStore, clo
     assert known[moved.id].content_hash == moved.content_hash()  # freshness is not content
 
 
+def test_a_complete_read_confirms_the_windows_bookings_in_one_row_and_freshness_never_goes_back(
+        store: SqliteStore, clock: Clock) -> None:
+    inside, edge, outside = booking(R1, "in", 1), booking(R1, "edge", 2.75), booking(R1, "out", 5)  # 9:00, 10:45, 13:00
+    own = clock.now - timedelta(days=1)
+    create(store, *(b.confirmed(own) for b in (inside, edge, outside)))
+    other = booking(R2, "other", 1, confirmed_at=own)
+    create(store, other)
+    read = Window(T0, T0 + timedelta(hours=3))  # 8:00-11:00: "in" and "edge" overlap it, "out" does not
+    seen = clock.now + timedelta(minutes=5)
+    rows_before = _rows_written(store)
+    store.commit_sync(R1, upserts=(), deletes=(), events=(), confirmed_at=seen, confirmed_window=read)
+    assert _rows_written(store) == rows_before  # no booking's row was rewritten
+
+    def freshness(room: str = R1) -> dict[str, datetime | None]:
+        by_list = {b.uid: b.confirmed_at for b in store.bookings(room)}
+        by_one = {b.uid: store.booking(room, b.id).confirmed_at for b in store.bookings(room)}  # type: ignore[union-attr]
+        by_known = {k.booking.uid: k.booking.confirmed_at for k in store.known(room).values()}
+        assert by_list == by_one == by_known
+        return by_list
+
+    assert freshness() == {"in": seen, "edge": seen, "out": own}
+    assert freshness(R2) == {"other": own}  # another room's bookings are not its read's
+    # A booking confirmed on its own later than the read keeps its own time.
+    later = seen + timedelta(minutes=10)
+    store.commit_sync(R1, upserts=(), deletes=(), events=(), confirmed=[inside.id], confirmed_at=later)
+    assert freshness() == {"in": later, "edge": seen, "out": own}
+    # The next read's window has moved on past "edge": what the last read confirmed keeps its freshness.
+    moved = Window(T0 + timedelta(hours=4), T0 + timedelta(hours=8))
+    last = later + timedelta(hours=1)
+    store.commit_sync(R1, upserts=(), deletes=(), events=(), confirmed_at=last, confirmed_window=moved)
+    assert freshness() == {"in": later, "edge": seen, "out": last}
+    # A booking made after a read has its own, later time; one deleted is gone with its row.
+    fresh = booking(R1, "fresh", 6).confirmed(last + timedelta(minutes=1))
+    store.commit_sync(R1, upserts=[fresh], deletes=[outside.id], events=[event(fresh), event(outside, "deleted")])
+    assert freshness() == {"in": later, "edge": seen, "fresh": last + timedelta(minutes=1)}
+    # A room removed takes its mark with it.
+    store.remove_room(R1)
+    assert store.bookings(R1) == []
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT count(*) FROM room_confirmations WHERE room = ?", (R1,)).fetchone() == (0,)
+
+
+def _rows_written(store: SqliteStore) -> int:
+    """How many times a bookings row was inserted or updated, by a trigger (the test's own, on this file)."""
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS _writes (n INTEGER)")
+        if conn.execute("SELECT count(*) FROM _writes").fetchone() == (0,):
+            conn.execute("INSERT INTO _writes VALUES (0)")
+        conn.execute("CREATE TRIGGER IF NOT EXISTS _written AFTER UPDATE ON bookings "
+                     "BEGIN UPDATE _writes SET n = n + 1; END")
+        return int(conn.execute("SELECT n FROM _writes").fetchone()[0])
+
+
 def test_item_map_resolves_deleted_items_to_meetings(store: SqliteStore) -> None:
     store.commit_sync(R1, upserts=(), deletes=(), events=(), item_uids={"item-1": "uid-a", "item-2": "uid-b",
                                                                        "item-3": "uid-a"})

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, NotFound, PreconditionFailed, ProtocolError, TransientError
-from gateway.model import Booking, Event, EventType, Room, cloudevent_json, from_json
+from gateway.model import Booking, Event, EventType, Room, Window, cloudevent_json, from_json
 from gateway.ports import OutboxEntry, OutboxText
 from gateway.security import permissions
 from gateway.store import migrations
@@ -59,6 +59,7 @@ class _Step:
     deletes: Sequence[str]
     confirmed: Sequence[str]
     confirmed_at: str
+    confirmed_window: tuple[str, str] | None  # (start, end) as _ts writes them
     item_uids: dict[str, str] | None
     removed_items: frozenset[str]
     sync_state: str | None
@@ -87,6 +88,24 @@ class _Stamps:
         if value is not self.at:
             self.at, self.text = value, _ts(value)
         return self.text
+
+
+Mark = tuple[str, str, str] | None  # a room's last complete read: window start, window end, confirmed_at (_ts texts)
+
+
+def _freshness(confirmed_at: str | None, start_utc: str, end_utc: str, mark: Mark) -> str | None:
+    """A booking's confirmed_at: its own, or its room's last complete read of a window it overlaps if that was later
+    (the texts are fixed-width UTC: their order is time order)."""
+    if mark is not None and start_utc < mark[1] and end_utc > mark[0] \
+            and (confirmed_at is None or mark[2] > confirmed_at):
+        return mark[2]
+    return confirmed_at
+
+
+def _mark(conn: sqlite3.Connection, room: str) -> Mark:
+    row = conn.execute("SELECT window_start, window_end, confirmed_at FROM room_confirmations WHERE room = ?",
+                       (room,)).fetchone()
+    return None if row is None else (row[0], row[1], row[2])
 
 
 def _parse_ts(value: str) -> datetime:
@@ -328,6 +347,8 @@ class SqliteStore:
             return {}
         columns = "id, content_hash, json, confirmed_at, uid, start_utc, end_utc"
         with self._read() as conn:
+            conn.execute("BEGIN")  # (the room's mark and its rows from one snapshot; _read rolls it back)
+            mark = _mark(conn, room)
             if uids is None:
                 rows = conn.execute(f"SELECT {columns} FROM bookings WHERE room = ?", (room,)).fetchall()
             else:
@@ -336,12 +357,12 @@ class SqliteStore:
                                     (room, json.dumps(sorted(uids)))).fetchall()
         # The booking is decoded only if asked for (a deletion); its times are the published ones (to the second).
         return {bid: Known(None, content_hash, uid=uid, start=_second(start), end=_second(end),
-                           decode=functools.partial(_booking, doc, confirmed_at))
+                           decode=functools.partial(_booking, doc, confirmed_at, start, end, mark))
                 for bid, content_hash, doc, confirmed_at, uid, start, end in rows}
 
     def bookings(self, room: str, start: datetime | None = None, end: datetime | None = None) -> list[Booking]:
         """The room's bookings overlapping [start, end), by start time."""
-        sql = "SELECT json, confirmed_at FROM bookings WHERE room = ?"
+        sql = "SELECT json, confirmed_at, start_utc, end_utc FROM bookings WHERE room = ?"
         args: list[Any] = [room]
         if end is not None:
             sql += " AND start_utc < ?"
@@ -351,15 +372,19 @@ class SqliteStore:
             args.append(_ts(start))
         sql += " ORDER BY start_utc, id"
         with self._read() as conn:
+            conn.execute("BEGIN")
+            mark = _mark(conn, room)
             rows = conn.execute(sql, args).fetchall()
-        return [_booking(doc, confirmed_at) for doc, confirmed_at in rows]
+        return [_booking(doc, confirmed_at, start, end, mark) for doc, confirmed_at, start, end in rows]
 
     def booking(self, room: str, booking_id: str) -> Booking | None:
         """One booking of ``room`` by its id (as relayed in events), or None."""
         with self._read() as conn:
-            row = conn.execute("SELECT json, confirmed_at FROM bookings WHERE room = ? AND id = ?",
+            conn.execute("BEGIN")
+            row = conn.execute("SELECT json, confirmed_at, start_utc, end_utc FROM bookings WHERE room = ? AND id = ?",
                                (room, booking_id)).fetchone()
-        return None if row is None else _booking(row[0], row[1])
+            mark = None if row is None else _mark(conn, room)
+        return None if row is None else _booking(row[0], row[1], row[2], row[3], mark)
 
     def uids_for_items(self, room: str, item_ids: frozenset[str]) -> frozenset[str]:
         if not item_ids:
@@ -372,11 +397,14 @@ class SqliteStore:
     # -- the sync step ----------------------------------------------------------------------------------------
     def commit_sync(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
                     confirmed: Sequence[str] = (), confirmed_at: datetime | None = None,
+                    confirmed_window: Window | None = None,
                     item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
                     sync_state: str | None = None, clear_sync_state: bool = False,
                     room_row: Room | None = None) -> list[OutboxEntry]:
         """Apply one sync step atomically: snapshot rows, item map, outbox events, and the new sync state;
         ``room_row``: the room's row too (a state change and its event, one transaction instead of two).
+        ``confirmed_window``: the step is a complete read of this window, and every booking of the room that
+        overlaps it is confirmed at ``confirmed_at`` (one row for the room: ``confirmed`` need not name them).
 
         Deletes apply before upserts, item removals before additions. Returns the appended outbox entries, each
         event carrying its per-room ``sequence``. Raises NotFound for a room that is not in the store (removed
@@ -384,7 +412,8 @@ class SqliteStore:
         way nothing of the step is kept.
         """
         step = self._prepare(room, upserts=upserts, deletes=deletes, events=events, confirmed=confirmed,
-                             confirmed_at=confirmed_at, item_uids=item_uids, removed_items=removed_items,
+                             confirmed_at=confirmed_at, confirmed_window=confirmed_window, item_uids=item_uids,
+                             removed_items=removed_items,
                              sync_state=sync_state, clear_sync_state=clear_sync_state, room_row=room_row)
         with self._write() as conn:
             return self._apply(conn, step)
@@ -423,6 +452,7 @@ class SqliteStore:
 
     def _prepare(self, room: str, *, upserts: Sequence[Booking], deletes: Sequence[str], events: Sequence[Event],
                  confirmed: Sequence[str] = (), confirmed_at: datetime | None = None,
+                 confirmed_window: Window | None = None,
                  item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
                  sync_state: str | None = None, clear_sync_state: bool = False,
                  room_row: Room | None = None) -> _Step:
@@ -441,8 +471,10 @@ class SqliteStore:
             c = b.content()
             booking_rows.append((room, b.id, b.uid, _ts_of(b.start, c["start"]), _ts_of(b.end, c["end"]),
                                  b.content_hash(), b.content_json(), ts(b.confirmed_at) if b.confirmed_at else None))
+        window = None if confirmed_window is None else (_ts(confirmed_window.start), _ts(confirmed_window.end))
         return _Step(room, now, created_at, booking_rows, [(e, _event_text(e)) for e in events], deletes, confirmed,
-                     _ts(confirmed_at or now), item_uids, removed_items, sync_state, clear_sync_state, room_row)
+                     _ts(confirmed_at or now), window, item_uids, removed_items, sync_state, clear_sync_state,
+                     room_row)
 
     def _apply(self, conn: sqlite3.Connection, step: _Step) -> list[OutboxEntry]:
         room = step.room
@@ -464,6 +496,19 @@ class SqliteStore:
         if step.confirmed:
             conn.executemany("UPDATE bookings SET confirmed_at = ? WHERE room = ? AND id = ?",
                              [(step.confirmed_at, room, bid) for bid in step.confirmed])
+        if step.confirmed_window is not None:
+            start, end = step.confirmed_window
+            # What the room's last mark confirmed and this one does not (the window moved on) keeps its freshness
+            # in its own rows: a booking's confirmed_at never goes back.
+            old = _mark(conn, room)
+            if old is not None and (old[0], old[1]) != (start, end):
+                conn.execute("UPDATE bookings SET confirmed_at = ? WHERE room = ? AND start_utc < ? AND end_utc > ? "
+                             "AND NOT (start_utc < ? AND end_utc > ?) AND (confirmed_at IS NULL OR confirmed_at < ?)",
+                             (old[2], room, old[1], old[0], end, start, old[2]))
+            conn.execute("INSERT INTO room_confirmations (room, window_start, window_end, confirmed_at) "
+                         "VALUES (?, ?, ?, ?) ON CONFLICT (room) DO UPDATE SET window_start = excluded.window_start, "
+                         "window_end = excluded.window_end, confirmed_at = excluded.confirmed_at",
+                         (room, *step.confirmed_window, step.confirmed_at))
         if step.removed_items:
             conn.executemany("DELETE FROM item_map WHERE room = ? AND item_id = ?",
                              [(room, item) for item in step.removed_items])
@@ -621,9 +666,9 @@ def _event_text(e: Event) -> str:
     return e.data_json if e.data_json is not None else json.dumps(e.data, separators=(",", ":"))
 
 
-def _booking(doc: str, confirmed_at: str | None) -> Booking:
+def _booking(doc: str, confirmed_at: str | None, start_utc: str, end_utc: str, mark: Mark) -> Booking:
     d = json.loads(doc)
-    d["confirmed_at"] = confirmed_at
+    d["confirmed_at"] = _freshness(confirmed_at, start_utc, end_utc, mark)
     return from_json(d)
 
 

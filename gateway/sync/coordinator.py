@@ -537,7 +537,7 @@ class Coordinator:
             return result
         w.empty_reads = 0
         frame = snapshot and not known and self.settings.announce_snapshots
-        await self._commit(w, result, window=window if frame else None)
+        await self._commit(w, result, window=window if frame else None, read=window)
         if w.state == "suspect_empty":
             await self._in_sync(w)
         w.horizon = window.end
@@ -570,8 +570,11 @@ class Coordinator:
 
     async def _commit(self, w: RoomWorker, result: Plan, *, sync_state: str | None = None,
                       item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
-                      started: float | None = None, window: Window | None = None) -> None:
-        """``window``: the plan is the room's complete window, framed by room.snapshot begin and end."""
+                      started: float | None = None, window: Window | None = None,
+                      read: Window | None = None) -> None:
+        """``window``: the plan is the room's complete window, framed by room.snapshot begin and end. ``read``: the
+        plan is a complete read of that window, which confirms every booking there at once (the store keeps one
+        row for the room instead of rewriting each booking's)."""
         now = self.now()  # one step, one time (each event's own clock reading cost more than the event)
         events = self.events(result, now)
         if window is not None:
@@ -579,7 +582,8 @@ class Coordinator:
                       snapshot_event(w.email, "end", window, time=self.now(), source=self.source_name)]
         entries = await self.commit(
             w.email, upserts=result.created + result.updated, deletes=[b.id for b in result.deleted], events=events,
-            confirmed=[b.id for b in result.confirmed], confirmed_at=now, item_uids=item_uids,
+            confirmed=() if read is not None else [b.id for b in result.confirmed], confirmed_at=now,
+            confirmed_window=read, item_uids=item_uids,
             removed_items=removed_items, sync_state=sync_state)
         if entries:
             if self.metrics is not None and started is not None:
