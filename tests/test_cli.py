@@ -179,6 +179,23 @@ def test_the_sync_bench_runs_tiny_and_a_restart_on_its_store_catches_up_then_rea
     assert Results(rooms=3).as_dict()["restart"] is None  # (--no-restart)
 
 
+def test_the_pipeline_bench_runs_tiny_and_its_reconciliation_finds_nothing_changed() -> None:
+    """`scripts/bench_pipeline.py` (README "Benchmarks"), a room captured and replayed three times: every booking
+    of the import is one created event, and the reconciliation of the same rooms reads them all again, commits as
+    the coordinator does, and finds nothing to publish."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_pipeline.py"
+    run = subprocess.run([sys.executable, str(script), "--rooms", "3", "--capture", "1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    imp, rec = out["import"], out["reconcile"]
+    assert out["rooms"] == 3 and imp["bookings"] > 0 and imp["bookings"] % 3 == 0
+    assert imp["events"] == imp["bookings"] and rec["bookings"] == imp["bookings"] and rec["events"] == 0
+    stages = ("mapping", "privacy", "known", "plan", "events", "commit")
+    for figures in (imp["us_per_booking"], rec["us_per_booking"]):
+        assert all(figures[s] >= 0 for s in stages) and figures["total"] > 0
+
+
 def test_the_graph_bench_runs_tiny_and_reports_both_phases_under_graph() -> None:
     """`gateway bench --only graph`, a few online rooms for a few seconds: each phase imports every room, hears of
     the changes (through the hub, then by polling) and counts the Graph calls they cost."""
