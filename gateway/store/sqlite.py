@@ -508,7 +508,7 @@ class SqliteStore:
             conn.execute("INSERT INTO room_confirmations (room, window_start, window_end, confirmed_at) "
                          "VALUES (?, ?, ?, ?) ON CONFLICT (room) DO UPDATE SET window_start = excluded.window_start, "
                          "window_end = excluded.window_end, confirmed_at = excluded.confirmed_at",
-                         (room, *step.confirmed_window, step.confirmed_at))
+                         (room, start, end, step.confirmed_at))
         if step.removed_items:
             conn.executemany("DELETE FROM item_map WHERE room = ? AND item_id = ?",
                              [(room, item) for item in step.removed_items])
