@@ -393,10 +393,40 @@ async def test_an_invalid_change_token_leads_to_a_new_import_without_duplicates(
         memory_source.book(ALICE, [ROOM2], begin + timedelta(hours=3), begin + timedelta(hours=4), "After")
         await g.caught_up(ROOM2)
     assert [e["room"] for e in logs if e["event"] == "sync.state_invalid"] == [ROOM2]
-    # The new import commits the token before it reads the window and announces the room in sync again.
+    # The new import takes the token before it reads the window, and announces the room in sync again.
     await eventually(lambda: g.states(ROOM2)[-2:] == ["syncing", "verified"], what="the new import announced")
     created = Counter(e.data["subject"] for e in g.events(ROOM2, CREATED))
     assert created == {"Before": 1, "After": 1} and g.events(ROOM2, DELETED) == []
+
+
+async def test_a_new_import_that_reads_a_known_room_empty_is_held_back_and_the_room_stays_suspect(
+        start: Start, memory_source: MemorySource) -> None:
+    """A new import stores its token, what it read and the room's state in one transaction; held back, the room says
+    so until a second empty read confirms the deletions (it was announced verified right after)."""
+    begin = memory_source.now + timedelta(days=1)
+    uids = [memory_source.appointment(ROOM2, begin + timedelta(hours=2 * i), begin + timedelta(hours=2 * i + 1),
+                                      f"Meeting {i}") for i in range(6)]
+    g = await start((ROOM2,))
+    await eventually(lambda: g.imported(ROOM2) and len(g.events(ROOM2, CREATED)) == 6, what="imported")
+    await g.caught_up(ROOM2)
+    # The import's bookings and the room's "verified" were one step (one time of writing), after its token.
+    *_, booked, verified = [e for e in g.store.outbox_after(0, 1000) if e.event.room == ROOM2]
+    assert (booked.event.type, verified.event.data["state"]) == (CREATED, "verified")
+    assert booked.created_at == verified.created_at
+    g.store.commit_sync(ROOM2, upserts=(), deletes=(), events=(), sync_state="not-a-token-of-this-source")
+    for uid in uids:  # (all at once: the sync that finds the token invalid reads the room empty)
+        memory_source.cancel(uid)
+
+    await g.caught_up(ROOM2)
+    worker = g.coordinator.workers[ROOM2]
+    assert g.states(ROOM2)[-2:] == ["syncing", "suspect_empty"] and worker.state == "suspect_empty"
+    assert g.store.room(ROOM2).state == "suspect_empty"
+    assert g.events(ROOM2, DELETED) == [] and len(g.store.bookings(ROOM2)) == 6
+
+    await g.coordinator.reconcile(worker)  # the second empty read confirms them
+    assert len(g.events(ROOM2, DELETED)) == 6 and g.store.bookings(ROOM2) == []
+    last = g.events(ROOM2)[-1]
+    assert last.type == ROOM_STATE and last.data["state"] == "verified" and worker.state == "verified"
 
 
 async def test_the_window_rolls_forward_with_the_clock_and_a_weekly_series_yields_its_next_occurrence(

@@ -361,11 +361,11 @@ class Coordinator:
 
     async def _in_sync(self, w: RoomWorker) -> None:
         """The room is in sync: ``verified``, or ``polling`` while its change feed is down."""
+        await self._set_state(w, *self._in_sync_state(w))
+
+    def _in_sync_state(self, w: RoomWorker) -> tuple[str, str]:
         down = self.feed_down.get(w.email)
-        if down is None:
-            await self._set_state(w, "verified", "")
-        else:
-            await self._set_state(w, "polling", down)
+        return ("verified", "") if down is None else ("polling", down)
 
     # -- the change feed ---------------------------------------------------------------------------------------
     async def feed_stopped(self, why: str, rooms: Iterable[str] | None = None) -> None:
@@ -455,6 +455,7 @@ class Coordinator:
         if verified:
             await self._set_state(w, "syncing", "")
         state: str | None = None
+        items: dict[str, str] = {}
         first = True
         while True:
             async with self._slots:
@@ -467,12 +468,13 @@ class Coordinator:
                 self.exchange_recovered(self.group(w.email))  # (as _verify: Exchange judged the room itself)
                 await self._set_state(w, "syncing", "")
             state = page.sync_state
-            await self.commit(w.email, upserts=(), deletes=(), events=(), item_uids=page.item_uids,
-                              sync_state=state)
+            items.update(page.item_uids)
             if not page.more:
                 break
-        await self.reconcile(w, drift=False, snapshot=True)
-        await self._in_sync(w)
+        # The sync state, taken before the window is read, is stored with what the read finds and the room's new
+        # state, in one transaction: a failure or a crash before it leaves the room to be imported again (three
+        # transactions a room were a sixth of the CPU of an import of empty rooms).
+        await self.reconcile(w, drift=False, snapshot=True, taken=(state, items))
 
     async def sync_changes(self, w: RoomWorker, *, verify: bool = False) -> bool:
         """Incremental: SyncFolderItems pages from the stored state; changed meetings re-read over the window.
@@ -520,26 +522,32 @@ class Coordinator:
         w.last_success = time.monotonic()
         return False
 
-    async def reconcile(self, w: RoomWorker, *, drift: bool = True, snapshot: bool = False) -> Plan:
+    async def reconcile(self, w: RoomWorker, *, drift: bool = True, snapshot: bool = False,
+                        taken: tuple[str | None, dict[str, str]] | None = None) -> Plan:
         """Compare the full window with what we hold; repair and count any difference. ``snapshot``: an import (or
         the first read after a start); into an empty snapshot of a room that may have changed owner, its events
-        are framed as the room's complete window (settings.announce_snapshots)."""
+        are framed as the room's complete window (settings.announce_snapshots). ``taken``: an import's sync state
+        and item map, stored with what the read finds, and the room is in sync after."""
         window = self.window()
         async with self._slots:
             observed = await self.source.read_window(w.email, window)
         known = await self.db(self.store.known, w.email)
         result = plan(known, self._private(w.email, observed), Scope(window), self.now(),
                       empty_confirmed=w.empty_reads >= 1)
+        sync_state, item_uids = taken if taken is not None else (None, None)
         if result.held_back:
             w.empty_reads += 1
+            if taken is not None:  # (the import's sync state is the room's, whatever its read found)
+                await self.commit(w.email, upserts=(), deletes=(), events=(), item_uids=item_uids,
+                                  sync_state=sync_state)
             await self._set_state(w, "suspect_empty", result.reason)
             log.warning("sync.held_back", room=w.email, reason=result.reason)
             return result
         w.empty_reads = 0
         frame = snapshot and not known and self.settings.announce_snapshots
-        await self._commit(w, result, window=window if frame else None, read=window)
-        if w.state == "suspect_empty":
-            await self._in_sync(w)
+        settle = taken is not None or w.state == "suspect_empty"
+        await self._commit(w, result, window=window if frame else None, read=window, sync_state=sync_state,
+                           item_uids=item_uids, settle=settle)
         w.horizon = window.end
         w.last_success = time.monotonic()
         if drift and result.changes and self.metrics is not None:
@@ -571,20 +579,29 @@ class Coordinator:
     async def _commit(self, w: RoomWorker, result: Plan, *, sync_state: str | None = None,
                       item_uids: dict[str, str] | None = None, removed_items: frozenset[str] = frozenset(),
                       started: float | None = None, window: Window | None = None,
-                      read: Window | None = None) -> None:
+                      read: Window | None = None, settle: bool = False) -> None:
         """``window``: the plan is the room's complete window, framed by room.snapshot begin and end. ``read``: the
         plan is a complete read of that window, which confirms every booking there at once (the store keeps one
-        row for the room instead of rewriting each booking's)."""
+        row for the room instead of rewriting each booking's). ``settle``: the room is in sync once this is
+        stored, and its new state is stored (and announced, after its bookings) with it."""
         now = self.now()  # one step, one time (each event's own clock reading cost more than the event)
         events = self.events(result, now)
         if window is not None:
             events = [snapshot_event(w.email, "begin", window, time=now, source=self.source_name), *events,
                       snapshot_event(w.email, "end", window, time=self.now(), source=self.source_name)]
+        state = self._in_sync_state(w) if settle else None
+        change = None if state is None else await self._stage_state(w, *state)
+        room_row = None
+        if change is not None and change[1] is not None:
+            room_row = change[1]
+            events = [*events, self._room_event(room_row)]
         entries = await self.commit(
             w.email, upserts=result.created + result.updated, deletes=[b.id for b in result.deleted], events=events,
             confirmed=() if read is not None else [b.id for b in result.confirmed], confirmed_at=now,
             confirmed_window=read, item_uids=item_uids,
-            removed_items=removed_items, sync_state=sync_state)
+            removed_items=removed_items, sync_state=sync_state, room_row=room_row)
+        if state is not None and change is not None:
+            self._stated(w, *state, previous=change[0], announced=room_row is not None)
         if entries:
             if self.metrics is not None and started is not None:
                 self.metrics.change_latency(time.monotonic() - started)
@@ -610,8 +627,23 @@ class Coordinator:
                          remedy: str | None = None) -> None:
         """Record, announce and log a room's state when it (or its reason) changes. ``shared``: the cause is a
         failure every room shares, logged once by the source, so the room's own line is only info."""
-        if state == w.state and (w.stored is None or w.stored.reason == reason):
+        change = await self._stage_state(w, state, reason, remedy)
+        if change is None:
             return
+        previous, room = change
+        if room is not None:
+            entries = await self.commit(w.email, upserts=(), deletes=(), events=[self._room_event(room)],
+                                        room_row=room)
+            for listener in self.listeners:
+                listener(entries)
+        self._stated(w, state, reason, previous=previous, announced=room is not None, shared=shared)
+
+    async def _stage_state(self, w: RoomWorker, state: str, reason: str,
+                           remedy: str | None = None) -> tuple[str, Room | None] | None:
+        """The worker takes the room's new state at once (a state set meanwhile compares with it); None: no change.
+        Else the state before, and the room's row to store and announce (None: nothing to announce)."""
+        if state == w.state and (w.stored is None or w.stored.reason == reason):
+            return None
         previous, w.state = w.state, state
         if w.stored is None:  # a worker made outside start() (sync-once): look its row up once
             w.stored = await self.db(self.store.room, w.email) or Room(w.email)
@@ -620,10 +652,13 @@ class Coordinator:
         # restart told consumers what they hold already).
         if previous != "pending" or room != w.stored:
             w.stored = room
-            entries = await self.commit(w.email, upserts=(), deletes=(), events=[self._room_event(room)],
-                                        room_row=room)
-            for listener in self.listeners:
-                listener(entries)
+            return previous, room
+        return previous, None
+
+    def _stated(self, w: RoomWorker, state: str, reason: str, *, previous: str, announced: bool,
+                shared: bool = False) -> None:
+        """Log and count a room's state once it is stored."""
+        if announced:
             quiet = shared or state in ("verified", "syncing", "polling") or state == previous
             (log.info if quiet else log.warning)("room.state", room=w.email, state=state, previous=previous,
                                                  reason=reason)
