@@ -4,14 +4,20 @@ way an answer can be framed, coded, cut or malformed. Through the EWS source end
 from __future__ import annotations
 
 import gzip
+import http.client
+import io
 import socket
 import threading
 import zlib
 from collections.abc import Iterator
 
 import pytest
+import requests
+from hypothesis import given
+from hypothesis import strategies as st
+from requests.cookies import extract_cookies_to_jar
 
-from gateway.sources.ews import http1
+from gateway.sources.ews import http1, transport
 
 REQUEST = http1.request_head("/EWS/Exchange.asmx", "mail.contoso.com",
                              {"User-Agent": "ua", "Accept-Encoding": "gzip, deflate", "Content-Length": "4"}) + b"body"
@@ -94,6 +100,36 @@ def test_repeated_headers_are_joined_and_the_head_kept_for_the_cookie_jar(pair) 
     a = answered(pair, b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1; path=/\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n")
     assert a.headers["set-cookie"] == "a=1; path=/, b=2"
     assert a.head == b"Set-Cookie: a=1; path=/\r\nSet-Cookie: b=2\r\nContent-Length: 0"
+
+
+_NAMES = st.sampled_from(["Set-Cookie", "set-cookie", "SET-COOKIE", "Set-Cookie2", "Content-Length", "X-Other"])
+_VALUES = st.text(st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\x7f"), max_size=40)
+_SPACES = st.sampled_from(["", " ", "  ", "\t", " \t"])
+
+
+@given(st.lists(st.tuples(_NAMES, _SPACES, _VALUES), max_size=8))
+def test_the_cookie_jar_reads_a_head_as_http_client_parses_it(lines: list[tuple[str, str, str]]) -> None:
+    """transport.HeadLines stands in for http.client's parsed head when the jar takes an answer's cookies."""
+    head = "\r\n".join(f"{name}:{space}{value}" for name, space, value in lines).encode("iso-8859-1")
+    parsed = http.client.parse_headers(io.BytesIO(head + b"\r\n\r\n"))
+    ours = transport.HeadLines(head)
+    for name in ("Set-Cookie", "set-cookie", "Set-Cookie2", "X-Absent"):
+        assert ours.get_all(name, []) == parsed.get_all(name, [])
+        assert ours.get_all(name) == parsed.get_all(name)
+    request = transport._as_request("https://mail.contoso.com/EWS/Exchange.asmx", {})
+    jars = [requests.cookies.RequestsCookieJar(), requests.cookies.RequestsCookieJar()]
+    for jar, msg in zip(jars, (parsed, ours), strict=True):
+        extract_cookies_to_jar(jar, request, type("R", (), {"_original_response": type("O", (), {"msg": msg})}))
+    assert [vars(c) for c in jars[0]] == [vars(c) for c in jars[1]]
+
+
+def test_an_answers_routing_cookies_reach_the_jar_from_its_head_lines() -> None:
+    head = (b"Content-Length: 0\r\nSet-Cookie: X-BackEndCookie=route-1; path=/; HttpOnly\r\n"
+            b"set-cookie:\tb=2; expires=Tue, 09 Jun 2099 10:18:14 GMT")
+    jar = requests.cookies.RequestsCookieJar()
+    original = type("R", (), {"_original_response": type("O", (), {"msg": transport.HeadLines(head)})})
+    extract_cookies_to_jar(jar, transport._as_request("https://mail.contoso.com/EWS/Exchange.asmx", {}), original)
+    assert jar.get_dict() == {"X-BackEndCookie": "route-1", "b": "2"}
 
 
 def test_an_interim_answer_is_skipped_and_a_204_has_no_body(pair) -> None:  # type: ignore[no-untyped-def]

@@ -20,8 +20,6 @@ that times out is raised as requests' ReadTimeout at once: sending it again woul
 
 from __future__ import annotations
 
-import http.client
-import io
 import threading
 import weakref
 from dataclasses import dataclass
@@ -108,8 +106,7 @@ def post(session: requests.Session, url: str, settings: dict[str, Any], headers:
     r._content_consumed = True
     if "set-cookie" in answer.headers:
         request = _as_request(url, sent)
-        original = SimpleNamespace(_original_response=SimpleNamespace(
-            msg=http.client.parse_headers(io.BytesIO(answer.head + b"\r\n\r\n"))))  # (what the jar reads)
+        original = SimpleNamespace(_original_response=SimpleNamespace(msg=HeadLines(answer.head)))
         extract_cookies_to_jar(session.cookies, request, original)
         extract_cookies_to_jar(r.cookies, request, original)
     return r
@@ -156,6 +153,24 @@ def _host_header(pool: Any) -> str:
         host = f"[{host}]"  # an IPv6 address
     default = 443 if pool.scheme == "https" else 80
     return host if pool.port in (None, default) else f"{host}:{pool.port}"
+
+
+class HeadLines:
+    """An answer's header lines as the cookie jar reads them (http.cookiejar asks only ``get_all``): each value as
+    http.client's parser gives it, without the email package's parser that http.client runs (60 µs an answer, and
+    an Exchange answer may set a routing cookie every time). http1 refuses folded lines, so a line is a header."""
+
+    def __init__(self, head: bytes) -> None:
+        self._lines = head.decode("iso-8859-1").split("\r\n") if head else []
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        key = name.lower()
+        found = []
+        for line in self._lines:
+            field, colon, value = line.partition(":")
+            if colon and field.lower() == key:
+                found.append(value.lstrip(" \t"))
+        return found or failobj
 
 
 def _as_request(url: str, headers: dict[str, Any]) -> Any:
