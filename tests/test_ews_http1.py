@@ -8,6 +8,7 @@ import http.client
 import io
 import socket
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 
@@ -130,6 +131,36 @@ def test_an_answers_routing_cookies_reach_the_jar_from_its_head_lines() -> None:
     original = type("R", (), {"_original_response": type("O", (), {"msg": transport.HeadLines(head)})})
     extract_cookies_to_jar(jar, transport._as_request("https://mail.contoso.com/EWS/Exchange.asmx", {}), original)
     assert jar.get_dict() == {"X-BackEndCookie": "route-1", "b": "2"}
+
+
+def test_the_cookie_header_is_made_again_only_when_the_jars_cookies_change_or_expire(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str | None] = []
+    real = transport.get_cookie_header
+
+    def counted(jar, request):  # type: ignore[no-untyped-def]
+        made.append(real(jar, request))
+        return made[-1]
+    monkeypatch.setattr(transport, "get_cookie_header", counted)
+    url, other = "https://mail.contoso.com/EWS/Exchange.asmx", "https://mail.fabrikam.com/EWS/Exchange.asmx"
+    session = requests.Session()
+    jar = session.cookies
+    jar.set("X-BackEndCookie", "route-1", domain="mail.contoso.com", path="/")
+
+    def header(to: str = url) -> str | None:
+        return transport._cookie_header(session, to, {})
+    assert [header(), header()] == ["X-BackEndCookie=route-1"] * 2 and len(made) == 1
+    jar.set("X-BackEndCookie", "route-2", domain="mail.contoso.com", path="/")  # a new value
+    assert [header(), header()] == ["X-BackEndCookie=route-2"] * 2 and len(made) == 2
+    next(iter(jar)).secure = True  # a cookie changed in place: https still gets it
+    assert header() == "X-BackEndCookie=route-2" and len(made) == 3
+    assert header(other) is None and len(made) == 4  # another host: not its cookie
+    now = time.time()
+    jar.set("b", "2", domain="mail.contoso.com", path="/", expires=int(now) + 60)
+    assert header() == "X-BackEndCookie=route-2; b=2" and len(made) == 5
+    monkeypatch.setattr(time, "time", lambda: now + 61)  # b has expired: not sent, and dropped from the jar
+    assert [header(), header()] == ["X-BackEndCookie=route-2"] * 2 and len(made) == 6
+    assert [c.name for c in jar] == ["X-BackEndCookie"]
 
 
 def test_an_interim_answer_is_skipped_and_a_204_has_no_body(pair) -> None:  # type: ignore[no-untyped-def]
