@@ -233,7 +233,7 @@ class Api:
             out.append({
                 "email": email,
                 "state": info.get("state") or (r.state if r else "pending"),
-                "reason": info.get("reason") or (r.reason if r else ""),
+                "reason": info.get("reason", r.reason if r else ""),  # (a live state: its own, "" included)
                 "remedy": info.get("remedy") or (r.remedy if r else ""),
                 "last_sync_age_seconds": info.get("last_sync_age_seconds"),
             })

@@ -496,7 +496,11 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
             def room_states() -> dict[str, dict[str, Any]]:
                 now = time.monotonic()
-                return {email: {"state": w.state, "reason": "",
+                # (a worker takes its state and row as the step that stores them is queued: the reason shown is
+                # the state's own, not the last stored row's while that step is being written)
+                return {email: {"state": w.state,
+                                "reason": w.stored.reason if w.stored is not None and w.stored.state == w.state
+                                else "",
                                 "remedy": (w.stored.remedy if w.stored is not None and w.stored.state == w.state
                                            else "") or ROOM_STATES.get(w.state, ""),
                                 "last_sync_age_seconds": None if w.last_success is None else

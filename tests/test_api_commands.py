@@ -29,6 +29,7 @@ from gateway.model import (
     Event,
     Person,
     Room,
+    RoomState,
     accepted,
     declined,
     failed,
@@ -115,10 +116,11 @@ def serve(store: SqliteStore, aiohttp_client: Any) -> Iterator[Callable[..., Any
     apis: list[Api] = []
 
     async def start(*, commands: FakeCommands | None = None, enabled: bool = True, loopback_only: bool = False,
-                    keys: ApiKeys | None = None, server_kwargs: dict[str, Any] | None = None) -> Served:
+                    keys: ApiKeys | None = None, server_kwargs: dict[str, Any] | None = None,
+                    room_states: Callable[[], dict[str, dict[str, Any]]] = dict) -> Served:
         keys = keys or ApiKeys(store)
         commands = commands or (FakeCommands() if enabled else None)
-        api = Api(store, Metrics(), EventHub(), room_states=lambda: {}, ready=lambda: True, keys=keys,
+        api = Api(store, Metrics(), EventHub(), room_states=room_states, ready=lambda: True, keys=keys,
                   commands=commands, loopback_only=loopback_only)
         apis.append(api)
         client = await aiohttp_client(api.app(), server_kwargs=server_kwargs or {})
@@ -148,6 +150,19 @@ async def test_without_a_key_v1_answers_401_naming_the_fix_and_open_endpoints_st
     for path in ("/healthz", "/readyz", "/openapi.json"):
         assert (await s.client.get(path)).status == 200, path
     assert s.commands is not None and s.commands.received == []
+
+
+async def test_a_rooms_live_state_is_listed_with_its_own_reason_not_the_stored_rows(serve, store):
+    # The worker takes its new state as the step storing it is queued: while the store still holds the state
+    # before, the list must not pair the new state with the old one's reason.
+    store.upsert_room(Room(ROOM, state=RoomState.POLLING, reason="change feed down (FeedBroken: x)"))
+    live: dict[str, dict[str, Any]] = {ROOM: {"state": "verified", "reason": "", "remedy": ""}}
+    s = await serve(room_states=lambda: live)
+    [listed] = (await (await s.client.get("/v1/rooms", headers=s.auth("all"))).json())["rooms"]
+    assert (listed["state"], listed["reason"]) == ("verified", "")
+    live.clear()  # no worker for the room: its stored row
+    [listed] = (await (await s.client.get("/v1/rooms", headers=s.auth("all"))).json())["rooms"]
+    assert (listed["state"], listed["reason"]) == ("polling", "change feed down (FeedBroken: x)")
 
 
 async def test_wrong_malformed_and_revoked_keys_get_401(serve):
