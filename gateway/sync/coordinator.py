@@ -472,8 +472,8 @@ class Coordinator:
             if not page.more:
                 break
         # The sync state, taken before the window is read, is stored with what the read finds and the room's new
-        # state, in one transaction: a failure or a crash before it leaves the room to be imported again (three
-        # transactions a room were a sixth of the CPU of an import of empty rooms).
+        # state, in one step (there were three, each with its share of a transaction): a failure or a crash before
+        # it leaves the room to be imported again.
         await self.reconcile(w, drift=False, snapshot=True, taken=(state, items))
 
     async def sync_changes(self, w: RoomWorker, *, verify: bool = False) -> bool:
