@@ -104,6 +104,8 @@ async def test_a_calendar_view_asks_only_for_what_a_booking_is_made_of() -> None
     asked = {el.get("FieldURI") for el in etree.fromstring(body).iter(f"{{{TNS}}}FieldURI")}
     assert "calendar:Location" not in asked and "calendar:IsMeeting" not in asked
     assert {"calendar:Start", "calendar:End", "item:Subject", "calendar:CalendarItemType"} <= asked
+    # The meeting's zone is StartTimeZone's; the one exchangelib adds for End is never read.
+    assert "calendar:StartTimeZone" in asked and "calendar:EndTimeZone" not in asked
 
 
 async def test_every_read_request_carries_the_rooms_anchor_and_impersonation(ews: SimFixture) -> None:

@@ -485,8 +485,12 @@ def _calendar(acct: Account) -> Calendar:
 
 
 def additional_fields(acct: Account, names: tuple[str, ...]) -> Any:
-    """exchangelib's field paths for ``names`` of a calendar item (attributes such as the item id always come)."""
-    return {f for f in _calendar(acct).normalize_fields(fields=list(names)) if not f.field.is_attribute}
+    """exchangelib's field paths for ``names`` of a calendar item (attributes such as the item id always come),
+    without the end's time zone exchangelib adds to read End in its own objects: the mapping reads times in UTC and
+    the meeting's zone from StartTimeZone, and every item of an answer carried the unread zone (a whole
+    TimeZoneDefinition, periods and transitions included, where Exchange writes it out)."""
+    return {f for f in _calendar(acct).normalize_fields(fields=list(names))
+            if not f.field.is_attribute and f.field.name != "_end_timezone"}
 
 
 def exchangelib_request(acct: Account, operation: str, fields: tuple[str, ...], api_version: str, *,
