@@ -108,6 +108,88 @@ async def test_a_calendar_view_asks_only_for_what_a_booking_is_made_of() -> None
     assert "calendar:StartTimeZone" in asked and "calendar:EndTimeZone" not in asked
 
 
+# -- reading an answer as exchangelib does ----------------------------------------------------------------------------
+_MESSAGES = {  # a GetItem response message each, as Exchange writes them and as it may
+    "success": '<m:ResponseCode>NoError</m:ResponseCode><m:Items><t:CalendarItem/></m:Items>',
+    "success without the container": "<m:ResponseCode>NoError</m:ResponseCode>",
+    "code after the text": "<m:MessageText>fine</m:MessageText><m:ResponseCode>NoError</m:ResponseCode><m:Items/>",
+    "an item gone": "<m:MessageText>gone</m:MessageText><m:ResponseCode>ErrorItemNotFound</m:ResponseCode>",
+    "success saying an error": "<m:ResponseCode>ErrorItemNotFound</m:ResponseCode><m:Items/>",
+    "empty code": "<m:ResponseCode/><m:Items/>",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MESSAGES))
+@pytest.mark.parametrize("response_class", ["Success", "Error"])
+@pytest.mark.parametrize("container", [f"{{{MNS}}}Items", None])
+async def test_a_response_message_reads_as_exchangelib_reads_it(name: str, response_class: str,
+                                                                 container: str | None) -> None:
+    """wire._container answers Success/NoError itself (every message of a GetItem answer, one per item): the same
+    container, value or error as exchangelib's reading, whatever the message says."""
+    from exchangelib.services import GetItem
+    from exchangelib.services.common import EWSService
+
+    from gateway.sources.ews import wire
+
+    def read(fn: Callable[[], Any]) -> Any:
+        try:
+            found = fn()
+        except Exception as e:
+            return ("raised", type(e), str(e))
+        if isinstance(found, etree._Element):
+            return ("element", found.tag, etree.tostring(found))
+        return ("value", type(found), str(found))
+    message = etree.fromstring(f'<m:GetItemResponseMessage xmlns:m="{MNS}" xmlns:t="{TNS}" ResponseClass='
+                               f'"{response_class}">{_MESSAGES[name]}</m:GetItemResponseMessage>')
+    src = EwsSource(EwsSettings(ews_url="http://127.0.0.1:9/EWS/Exchange.asmx", username="CONTOSO\\svc",
+                                default_timezone="Europe/Berlin"), "secret")
+    try:
+        svc = GetItem(account=src.account(ROOM1))
+        ours = read(lambda: wire._container(svc, message, container))
+        theirs = read(lambda: EWSService._get_element_container(svc, message=message, name=container))
+    finally:
+        await src.close()
+    if theirs[0] == "value" and theirs[1] is bool:
+        theirs = ("value", type(None), "None")  # (a message with nothing in it: None, as before)
+    assert ours == theirs
+
+
+async def test_the_accounts_version_follows_the_servers_as_exchangelib_reads_it() -> None:
+    """A server's ServerVersionInfo is read once per version it says (wire._update_version); the account's version
+    is what exchangelib reads from each answer, the server's build and API version or the requested one."""
+    from exchangelib.version import Version
+
+    from gateway.sources.ews import wire
+
+    src = EwsSource(EwsSettings(ews_url="http://127.0.0.1:9/EWS/Exchange.asmx", username="CONTOSO\\svc",
+                                default_timezone="Europe/Berlin"), "secret")
+    try:
+        first, second = src.account(ROOM1), src.account(ROOM2)
+
+        def header(build: str, version: str | None = None) -> etree._Element:
+            major, minor, major_build, minor_build = build.split(".")
+            said = f' Version="{version}"' if version else ""
+            return etree.fromstring(
+                f'<s:Header xmlns:s="{SOAP}"><h:ServerVersionInfo xmlns:h="{TNS}" MajorVersion="{major}" '
+                f'MinorVersion="{minor}" MajorBuildNumber="{major_build}" MinorBuildNumber="{minor_build}"{said}/>'
+                "</s:Header>")
+        cases = [(first, "Exchange2013_SP1", header("15.1.2507.6", "V2017_07_11")),
+                 (second, "Exchange2013_SP1", header("15.1.2507.6", "V2017_07_11")),  # the same, for another room
+                 (first, "Exchange2016", header("15.1.2507.6", "V2017_07_11")),  # another version requested
+                 (first, "Exchange2013_SP1", header("15.0.1497.2")),  # a server that sends no Version
+                 (second, "Exchange2016", header("15.2.1118.7", "Exchange2016"))]  # another server
+        for acct, requested, h in cases:
+            wire._update_version(acct, requested, h)
+            expected = Version.from_soap_header(requested_api_version=requested, header=h)
+            assert (acct.version.build, acct.version.api_version) == (expected.build, expected.api_version)
+        # A header that is not one ServerVersionInfo of attributes is read by exchangelib alone, and kept out.
+        before = first.version
+        wire._update_version(first, "Exchange2013_SP1", etree.fromstring(f'<s:Header xmlns:s="{SOAP}"/>'))
+        assert first.version is before
+    finally:
+        await src.close()
+
+
 async def test_every_read_request_carries_the_rooms_anchor_and_impersonation(ews: SimFixture) -> None:
     headers: list[tuple[str, dict[str, str]]] = []
     bodies: list[tuple[str, bytes]] = []

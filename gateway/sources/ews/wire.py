@@ -448,6 +448,16 @@ def _read_body(r: requests.Response) -> None:
 def _container(svc: EWSService, message: etree._Element, name: str | None) -> Any:
     """exchangelib's reading of a response message (the container, None for a message with nothing in it, or the
     error it returns as a value), with BackOffMilliseconds kept when a message says ErrorServerBusy."""
+    if message.get("ResponseClass") == "Success" and len(message):
+        # Success and NoError, as almost every message says (GetItem answers a message per item): exchangelib's first
+        # case, read from the message's first child, as Exchange writes it, instead of by its generic lookups.
+        code = message[0]
+        if code.tag == _RESPONSE_CODE and code.text == "NoError":
+            if not name:
+                return message
+            found = message.find(name)
+            if found is not None:
+                return found  # (none: exchangelib's reading below says the answer is malformed)
     try:
         found = EWSService._get_element_container(svc, message=message, name=name)
         return None if isinstance(found, bool) else found
@@ -470,13 +480,32 @@ def _back_off(msg_xml: etree._Element | None) -> float | None:
 
 
 def _update_version(acct: Account, api_version: str, header: etree._Element) -> None:
-    """What exchangelib does with the ServerVersionInfo of an answer: the account's version follows the server."""
-    try:
-        version = Version.from_soap_header(requested_api_version=api_version, header=header)
-    except xerr.TransportError:
-        return
+    """What exchangelib does with the ServerVersionInfo of an answer: the account's version follows the server. Every
+    answer carries it and a server says the same each time: what exchangelib reads of it (the requested version and
+    the element's attributes) is read once."""
+    key = None
+    version = None
+    if len(header) == 1:
+        info = header[0]
+        if info.tag == _SERVER_VERSION_INFO and not len(info):  # (all it says is in its attributes)
+            key = (api_version, tuple(info.items()))
+            version = _versions.get(key)
+    if version is None:
+        try:
+            version = Version.from_soap_header(requested_api_version=api_version, header=header)
+        except xerr.TransportError:
+            return
+        if key is not None:
+            if len(_versions) >= 64:  # (a few servers' versions: bounded all the same)
+                _versions.clear()
+            _versions[key] = version
     if acct.version != version:
         acct.version = version
+
+
+_versions: dict[tuple[str, tuple[tuple[str, str], ...]], Version] = {}
+_SERVER_VERSION_INFO = f"{{{TNS}}}ServerVersionInfo"
+_RESPONSE_CODE = f"{{{MNS}}}ResponseCode"
 
 
 def _calendar(acct: Account) -> Calendar:
