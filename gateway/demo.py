@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
@@ -117,7 +117,7 @@ def header(tz: ZoneInfo) -> str:
             f"{'TIME':<8}  {'ROOM':<8} {'EVENT':<8} {'WHEN':<27} {'SUBJECT':<28} ORGANISER")
 
 
-def _when(d: dict[str, Any], tz: ZoneInfo) -> str:
+def _when(d: Mapping[str, Any], tz: ZoneInfo) -> str:
     if d.get("all_day"):
         return f"{d.get('start_date')} all day"
     if not d.get("start"):

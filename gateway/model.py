@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
@@ -130,7 +130,8 @@ class Booking:
         object.__setattr__(self, "meeting_id", meeting_id_for(self.uid))
 
     def content(self) -> dict[str, Any]:
-        """Everything a consumer sees, minus freshness. Built once and shared: read it, never change it."""
+        """Everything a consumer sees, minus freshness. Built when first asked for and shared: read it, never change
+        it (threads that ask at once may each build an equal one; one is kept)."""
         if self._content is None:
             object.__setattr__(self, "_content", _content(self))
         return self._content  # type: ignore[return-value]
@@ -150,12 +151,12 @@ class Booking:
     def confirmed(self, at: datetime) -> Booking:
         """The same booking seen again at ``at``: freshness is not content, so the copy keeps content, hash and ids
         (a copy field by field: dataclasses.replace would run __init__ and hash the ids again). What is confirmed
-        is published: its content and hash are made here, once, and the copy shares them.
+        is published: its hash (and content JSON) is made here, once, and the copy shares it. Its content as a dict
+        is made when somebody asks for it (an event's data is read by few; the store and relay need the JSON).
 
         A booking never confirmed is one a source has just read, held by no one but the sync that plans it: it is
         stamped itself, once, instead of copied (the copy was a twentieth of an import's CPU). A booking already
-        confirmed (published, stored, perhaps held elsewhere) is never changed."""
-        self.content()
+        confirmed (published, stored, perhaps held elsewhere) is never changed but for what it caches."""
         self.content_hash()
         if self.confirmed_at is None:
             object.__setattr__(self, "confirmed_at", at)
@@ -215,20 +216,75 @@ def _iso(value: datetime | date | None) -> str | None:
 
 def to_json(b: Booking) -> dict[str, Any]:
     """The published JSON form (schemas/booking.v1.json): the content, then freshness."""
-    global _last_confirmed
     d = dict(b.content())
-    at = b.confirmed_at
-    if at is None:
-        d["confirmed_at"] = None
-    else:
-        last = _last_confirmed  # a sync step's bookings share their confirmed_at: formatted once
-        if last[0] is not at:
-            last = _last_confirmed = (at, _utc_text(at))  # (swapped whole: a thread sees an old or a new pair)
-        d["confirmed_at"] = last[1]
+    d["confirmed_at"] = confirmed_text(b)
     return d
 
 
+def confirmed_text(b: Booking) -> str | None:
+    """The booking's confirmed_at as the published form writes it."""
+    global _last_confirmed
+    at = b.confirmed_at
+    if at is None:
+        return None
+    last = _last_confirmed  # a sync step's bookings share their confirmed_at: formatted once
+    if last[0] is not at:
+        last = _last_confirmed = (at, _utc_text(at))  # (swapped whole: a thread sees an old or a new pair)
+    return last[1]
+
+
 _last_confirmed: tuple[datetime | None, str] = (None, "")
+
+
+class BookingData(Mapping[str, Any]):
+    """A booking event's data, ``to_json`` of its booking (and the reason of a deletion), made when first read.
+
+    An event carries its data as the JSON text the outbox stores and the relay sends (made from the content's text,
+    which the content hash needs anyway); the data as a dict is for whoever in the process reads an event's fields.
+    Made for every booking of an import, those dicts and the content dicts behind them were a tenth of the sync's own
+    CPU, and nobody read them. Read-only, like any event's data; threads that read it first at once each make an
+    equal dict and one is kept."""
+
+    __slots__ = ("_booking", "_data", "_reason")
+
+    def __init__(self, booking: Booking, reason: str | None = None) -> None:
+        self._booking = booking
+        self._reason = reason
+        self._data: dict[str, Any] | None = None
+
+    def _made(self) -> dict[str, Any]:
+        d = self._data
+        if d is None:
+            d = to_json(self._booking)
+            if self._reason:
+                d["reason"] = self._reason
+            self._data = d
+        return d
+
+    def __getitem__(self, key: str) -> Any:
+        return self._made()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._made().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._made()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._made())
+
+    def __len__(self) -> int:
+        return len(self._made())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BookingData):
+            other = other._made()
+        return self._made() == other
+
+    __hash__ = None  # type: ignore[assignment]  # (as a dict's)
+
+    def __repr__(self) -> str:
+        return repr(self._made())
 
 
 def _content(b: Booking) -> dict[str, Any]:
@@ -409,7 +465,7 @@ class Event:
     room: str
     subject: str  # the booking id, or the room for room events
     time: datetime
-    data: dict[str, Any]
+    data: Mapping[str, Any]  # a dict, or a booking event's BookingData
     sequence: int = 0  # per-room order, assigned by the store
     source: str = "urn:exchange-gateway"
     # ``data`` as JSON text, when whoever built the event had it at hand (a booking's content is encoded once for
@@ -427,7 +483,8 @@ class Event:
     def to_cloudevent(self) -> dict[str, Any]:
         doc = _cloudevent_head(self.id, self.type, self.room, self.subject, _utc_text(self.time), self.sequence,
                                self.source)
-        doc["data"] = self.data
+        data = self.data
+        doc["data"] = data if type(data) is dict else dict(data)  # (BookingData: JSON encoders take dicts)
         return doc
 
 

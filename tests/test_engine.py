@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gateway import model
 from gateway.model import Attendee, Booking, Person, Window, booking_id_for, from_json, to_json
+from gateway.store import sqlite
 from gateway.sync.engine import MASS_DELETE_MINIMUM, Known, Scope, plan
 from gateway.sync.events import booking_event, event_id
 
@@ -198,6 +199,21 @@ def test_a_booking_events_stored_text_is_its_data(b: Booking, reason: str | None
     event = booking_event("deleted" if reason else "created", b, time=NOW, source="urn:test", reason=reason)
     assert event.data_json is not None and json.loads(event.data_json) == event.data == \
         (to_json(b) | ({"reason": reason} if reason else {}))
+
+
+def test_a_booking_events_data_reads_as_the_dict_it_stands_for() -> None:
+    # (made when first read: an import's events are stored and relayed as their text, and their dicts were never read)
+    b = booking("D", subject="Board")
+    event = booking_event("deleted", b, time=NOW, source="urn:test", reason="removed_from_exchange")
+    expected = to_json(b) | {"reason": "removed_from_exchange"}
+    data = event.data
+    assert data.get("subject") == "Board" and data["reason"] == "removed_from_exchange" and data.get("nope", 1) == 1
+    assert "id" in data and "nope" not in data and len(data) == len(expected) and list(data) == list(expected)
+    assert dict(data) == expected and {**data} == expected and data == expected and expected == data
+    assert event == replace(event) and repr(data) == repr(expected)
+    # Encoders are given a dict: the CloudEvent, and the store's text of an event that came without its text.
+    assert json.loads(json.dumps(event.to_cloudevent()))["data"] == expected
+    assert json.loads(sqlite._event_text(replace(event, data_json=None))) == expected
 
 
 def test_each_publication_carries_its_own_confirmation_time() -> None:

@@ -67,12 +67,17 @@ class _Step:
     room_row: Room | None
 
 
-def _ts_of(value: datetime, published: str) -> str:
-    """_ts of a booking's time, from its published text (to the second) when that says it all: a UTC time on the
-    second (as Exchange's are)."""
-    if value.tzinfo is UTC and not value.microsecond and len(published) == 20:
-        return f"{published[:19]}.000000Z"
+def _ts_of(value: datetime) -> str:
+    """_ts of a booking's time; a UTC time on the second (as Exchange's are) from a cache: meetings share few times."""
+    if value.tzinfo is UTC and not value.microsecond:
+        return _ts_of_utc(value)
     return _ts(value)
+
+
+@functools.lru_cache(maxsize=16384)
+def _ts_of_utc(value: datetime) -> str:
+    # (only UTC times are kept: two times of another zone can be equal keys and other instants)
+    return f"{value.isoformat()[:19]}.000000Z"
 
 
 class _Stamps:
@@ -479,8 +484,7 @@ class SqliteStore:
         ts = _Stamps()  # a step's bookings share their confirmed_at, its events their time: each formatted once
         booking_rows = []
         for b in upserts:  # the row keeps the JSON text the content hash was taken of: encoded once
-            c = b.content()
-            booking_rows.append((room, b.id, b.uid, _ts_of(b.start, c["start"]), _ts_of(b.end, c["end"]),
+            booking_rows.append((room, b.id, b.uid, _ts_of(b.start), _ts_of(b.end),
                                  b.content_hash(), b.content_json(), ts(b.confirmed_at) if b.confirmed_at else None))
         window = None if confirmed_window is None else (_ts(confirmed_window.start), _ts(confirmed_window.end))
         return _Step(room, now, created_at, booking_rows, [(e, _event_text(e)) for e in events], deletes, confirmed,
@@ -674,7 +678,9 @@ class SqliteStore:
 
 def _event_text(e: Event) -> str:
     """The event's data as the outbox keeps it: the text its builder encoded, else compact JSON."""
-    return e.data_json if e.data_json is not None else json.dumps(e.data, separators=(",", ":"))
+    if e.data_json is not None:
+        return e.data_json
+    return json.dumps(e.data if type(e.data) is dict else dict(e.data), separators=(",", ":"))
 
 
 def _booking(doc: str, confirmed_at: str | None, start_utc: str, end_utc: str, mark: Mark) -> Booking:

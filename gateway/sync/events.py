@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 from json.encoder import encode_basestring_ascii as _json_str
 
-from gateway.model import EVENT_TYPES, Booking, Event, Room, Window, to_json
+from gateway.model import EVENT_TYPES, Booking, BookingData, Event, Room, Window, confirmed_text
 
 
 def event_id() -> str:
@@ -26,16 +26,15 @@ _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # RFC 4122: 
 
 def booking_event(kind: str, booking: Booking, *, time: datetime, source: str, reason: str | None = None) -> Event:
     """``kind``: created, updated or deleted; ``reason`` (deleted): removed_from_exchange, room_disconnected."""
-    data = to_json(booking)
     # The stored text is the content's own (already encoded for its hash) with freshness appended: one encoding.
-    confirmed = data["confirmed_at"]
+    # The data as a dict (BookingData) is made only if somebody in the process reads it.
+    confirmed = confirmed_text(booking)
     tail = f', "confirmed_at": {"null" if confirmed is None else _json_str(confirmed)}'
     if reason:
-        data["reason"] = reason
         tail += f', "reason": {_json_str(reason)}'
     text = f"{booking.content_json()[:-1]}{tail}}}"
     return Event(id=event_id(), type=EVENT_TYPES[kind], room=booking.room, subject=booking.id, time=time,
-                 data=data, source=source, data_json=text)
+                 data=BookingData(booking, reason), source=source, data_json=text)
 
 
 def room_event(room: Room, *, time: datetime, source: str) -> Event:
