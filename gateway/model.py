@@ -245,17 +245,23 @@ class BookingData(Mapping[str, Any]):
     CPU, and nobody read them. Read-only, like any event's data; threads that read it first at once each make an
     equal dict and one is kept."""
 
-    __slots__ = ("_booking", "_data", "_reason")
+    __slots__ = ("_booking", "_confirmed", "_data", "_reason")
 
     def __init__(self, booking: Booking, reason: str | None = None) -> None:
         self._booking = booking
+        self._confirmed = confirmed_text(booking)  # (as the event's text says it, whatever becomes of the booking)
         self._reason = reason
         self._data: dict[str, Any] | None = None
+
+    @property
+    def confirmed_at(self) -> str | None:
+        return self._confirmed
 
     def _made(self) -> dict[str, Any]:
         d = self._data
         if d is None:
-            d = to_json(self._booking)
+            d = dict(self._booking.content())
+            d["confirmed_at"] = self._confirmed
             if self._reason:
                 d["reason"] = self._reason
             self._data = d

@@ -214,6 +214,11 @@ def test_a_booking_events_data_reads_as_the_dict_it_stands_for() -> None:
     # Encoders are given a dict: the CloudEvent, and the store's text of an event that came without its text.
     assert json.loads(json.dumps(event.to_cloudevent()))["data"] == expected
     assert json.loads(sqlite._event_text(replace(event, data_json=None))) == expected
+    # Its freshness is the event's, as its text says, even if the booking is stamped after (as a new read is).
+    fresh = booking("E")
+    announced = booking_event("created", fresh, time=NOW, source="urn:test")
+    fresh.confirmed(NOW)
+    assert announced.data["confirmed_at"] is None and announced.data == json.loads(announced.data_json or "")
 
 
 def test_each_publication_carries_its_own_confirmation_time() -> None:

@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 from json.encoder import encode_basestring_ascii as _json_str
 
-from gateway.model import EVENT_TYPES, Booking, BookingData, Event, Room, Window, confirmed_text
+from gateway.model import EVENT_TYPES, Booking, BookingData, Event, Room, Window
 
 
 def event_id() -> str:
@@ -28,13 +28,14 @@ def booking_event(kind: str, booking: Booking, *, time: datetime, source: str, r
     """``kind``: created, updated or deleted; ``reason`` (deleted): removed_from_exchange, room_disconnected."""
     # The stored text is the content's own (already encoded for its hash) with freshness appended: one encoding.
     # The data as a dict (BookingData) is made only if somebody in the process reads it.
-    confirmed = confirmed_text(booking)
+    data = BookingData(booking, reason)
+    confirmed = data.confirmed_at
     tail = f', "confirmed_at": {"null" if confirmed is None else _json_str(confirmed)}'
     if reason:
         tail += f', "reason": {_json_str(reason)}'
     text = f"{booking.content_json()[:-1]}{tail}}}"
     return Event(id=event_id(), type=EVENT_TYPES[kind], room=booking.room, subject=booking.id, time=time,
-                 data=BookingData(booking, reason), source=source, data_json=text)
+                 data=data, source=source, data_json=text)
 
 
 def room_event(room: Room, *, time: datetime, source: str) -> Event:
