@@ -54,7 +54,7 @@ def _short_hash(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
-def _utc_text(value: datetime) -> str:
+def utc_text(value: datetime) -> str:
     """2026-03-29T01:30:59Z: what strftime("%Y-%m-%dT%H:%M:%SZ") gives in UTC, at a tenth of its cost (an import
     formats several times a booking, and booking ids are hashed over this text)."""
     if value.tzinfo is UTC:  # (as Exchange's times are read)
@@ -75,7 +75,7 @@ def meeting_id_for(uid: str) -> str:
 
 
 def booking_id_for(room: str, uid: str, original_start: datetime | None) -> str:
-    anchor = _utc_text(original_start) if original_start else ""
+    anchor = utc_text(original_start) if original_start else ""
     return _short_hash("booking", room.lower(), uid, anchor)
 
 
@@ -210,7 +210,7 @@ def _iso(value: datetime | date | None) -> str | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        return _utc_text(value)
+        return utc_text(value)
     return value.isoformat()
 
 
@@ -229,7 +229,7 @@ def confirmed_text(b: Booking) -> str | None:
         return None
     last = _last_confirmed  # a sync step's bookings share their confirmed_at: formatted once
     if last[0] is not at:
-        last = _last_confirmed = (at, _utc_text(at))  # (swapped whole: a thread sees an old or a new pair)
+        last = _last_confirmed = (at, utc_text(at))  # (swapped whole: a thread sees an old or a new pair)
     return last[1]
 
 
@@ -301,10 +301,10 @@ def _content(b: Booking) -> dict[str, Any]:
         "room": b.room,
         "uid": b.uid,
         "series_id": b.series_id,
-        "original_start": None if b.original_start is None else _utc_text(b.original_start),
+        "original_start": None if b.original_start is None else utc_text(b.original_start),
         "is_exception": b.is_exception,
-        "start": _utc_text(b.start),
-        "end": _utc_text(b.end),
+        "start": utc_text(b.start),
+        "end": utc_text(b.end),
         "timezone": b.timezone,
         "all_day": b.all_day,
         "start_date": _iso(b.start_date),
@@ -345,8 +345,8 @@ def _content_json(b: Booking) -> str:
         start_date, end_date = _iso(b.start_date), _iso(b.end_date)
         c = b._content  # (a confirmed booking's content is made first: its times are formatted there already)
         if c is None:
-            start, end = _utc_text(b.start), _utc_text(b.end)
-            original = None if b.original_start is None else _utc_text(b.original_start)
+            start, end = utc_text(b.start), utc_text(b.end)
+            original = None if b.original_start is None else utc_text(b.original_start)
         else:
             start, end, original = c["start"], c["end"], c["original_start"]
         return (
@@ -487,7 +487,7 @@ class Event:
         return _event_with_sequence(self, sequence)
 
     def to_cloudevent(self) -> dict[str, Any]:
-        doc = _cloudevent_head(self.id, self.type, self.room, self.subject, _utc_text(self.time), self.sequence,
+        doc = _cloudevent_head(self.id, self.type, self.room, self.subject, utc_text(self.time), self.sequence,
                                self.source)
         data = self.data
         doc["data"] = data if type(data) is dict else dict(data)  # (BookingData: JSON encoders take dicts)
@@ -526,7 +526,7 @@ def cloudevent_json(event_id: str, type_: str, room: str, subject: str, stored_t
     gateway's CPU while a tunnel carried an import. ``json.loads`` of it equals ``to_cloudevent()`` of the event
     (tests/test_outbox_text.py)."""
     time_text = stored_time[:19] + "Z" if len(stored_time) == 27 and stored_time.endswith("Z") \
-        else _utc_text(datetime.fromisoformat(stored_time))  # (to the second, as to_cloudevent gives it)
+        else utc_text(datetime.fromisoformat(stored_time))  # (to the second, as to_cloudevent gives it)
     head = _compact(_cloudevent_head(event_id, type_, room, subject, time_text, sequence, source))
     return f'{head[:-1]},"data":{data_json}}}'
 

@@ -234,10 +234,10 @@ def test_the_utc_text_of_a_wall_time_the_clock_passes_twice_is_each_instants() -
     berlin = ZoneInfo("Europe/Berlin")
     first, second = (datetime(2026, 10, 25, 2, 30, tzinfo=berlin, fold=fold) for fold in (0, 1))
     assert first == second and hash(first) == hash(second)
-    assert [model._utc_text(t) for t in (first, second, first)] == [
+    assert [model.utc_text(t) for t in (first, second, first)] == [
         "2026-10-25T00:30:00Z", "2026-10-25T01:30:00Z", "2026-10-25T00:30:00Z"]
     utc = datetime(2026, 10, 25, 0, 30, 59, 999999, tzinfo=UTC)
-    assert model._utc_text(utc) == model._utc_text(utc.replace(microsecond=0)) == "2026-10-25T00:30:59Z"
+    assert model.utc_text(utc) == model.utc_text(utc.replace(microsecond=0)) == "2026-10-25T00:30:59Z"
 
 
 def test_event_ids_are_time_ordered_uuids() -> None:

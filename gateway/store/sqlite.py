@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, NotFound, PreconditionFailed, ProtocolError, TransientError
-from gateway.model import Booking, Event, EventType, Room, Window, cloudevent_json, from_json
+from gateway.model import Booking, Event, EventType, Room, Window, cloudevent_json, from_json, utc_text
 from gateway.ports import OutboxEntry, OutboxText
 from gateway.security import permissions
 from gateway.store import migrations
@@ -68,16 +68,11 @@ class _Step:
 
 
 def _ts_of(value: datetime) -> str:
-    """_ts of a booking's time; a UTC time on the second (as Exchange's are) from a cache: meetings share few times."""
+    """_ts of a booking's time, from its published text (to the second, kept by the model for the few times meetings
+    share) when that says it all: a UTC time on the second (as Exchange's are)."""
     if value.tzinfo is UTC and not value.microsecond:
-        return _ts_of_utc(value)
+        return f"{utc_text(value)[:19]}.000000Z"
     return _ts(value)
-
-
-@functools.lru_cache(maxsize=16384)
-def _ts_of_utc(value: datetime) -> str:
-    # (only UTC times are kept: two times of another zone can be equal keys and other instants)
-    return f"{value.isoformat()[:19]}.000000Z"
 
 
 class _Stamps:
