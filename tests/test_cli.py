@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import selectors
@@ -194,6 +195,38 @@ def test_the_pipeline_bench_runs_tiny_and_its_reconciliation_finds_nothing_chang
     stages = ("mapping", "privacy", "known", "plan", "events", "commit")
     for figures in (imp["us_per_booking"], rec["us_per_booking"]):
         assert all(figures[s] >= 0 for s in stages) and figures["total"] > 0
+
+
+def test_the_function_profile_of_a_bench_names_each_stage_and_adds_up() -> None:
+    """`scripts/bench_functions.py` (README "Benchmarks") over a tiny import: every default stage is timed and
+    called, the stages' sum is within the process's CPU, and a function another module imported by name is timed
+    there too (the coordinator calls plan through its own name)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_functions.py"
+    bench = ["--rooms", "2", "--only", "sync", "--duration", "1", "--no-restart", "--json"]
+    run = subprocess.run([sys.executable, str(script), *bench], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    imported = json.loads(run.stdout.strip().splitlines()[-1])["import"]["bookings"]
+    assert imported > 0
+    table = run.stderr[run.stderr.index("CPU by function"):].splitlines()
+    rows = {line[2:26].strip(): line[26:].split() for line in table[2:] if line.startswith("  ") and line[2] != " "}
+    spec = importlib.util.spec_from_file_location("bench_functions", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # (definitions only: its work is under `if __name__ == "__main__"`)
+    for label, _ in module.STAGES:
+        assert label in rows, f"{label}: never called (a function imported by name was not replaced there?)"
+        seconds, calls = float(rows[label][0]), int(rows[label][1])
+        assert calls > 0 and seconds >= 0, label
+    assert float(rows["(sum)"][0]) > 0
+    assert f"; {imported} bookings imported" in run.stderr
+    process = float(table[-1].split("process CPU ")[1].split(" s;")[0])
+    assert float(rows["(sum)"][0]) <= process * 1.05
+
+    named = subprocess.run([sys.executable, str(script), "--functions", "gateway.sync.engine:plan", *bench],
+                           capture_output=True, text=True, timeout=300)
+    assert named.returncode == 0, named.stderr[-3000:]
+    lines = [line.split() for line in named.stderr.splitlines() if line.startswith("  plan ")]
+    assert len(lines) == 1 and int(lines[0][2]) > 0, named.stderr[-2000:]
 
 
 def test_the_graph_bench_runs_tiny_and_reports_both_phases_under_graph() -> None:
