@@ -92,6 +92,34 @@ def test_series_master_cancelled_declined_and_free_are_what_they_say():
     assert booking_from_event({**occurrence, "start": None}, ROOM, "u") is None
 
 
+def test_the_instances_of_a_meeting_with_equal_attendees_share_them_and_read_as_they_would_alone():
+    """A read keeps one tuple of attendees a meeting (``shared``): instances whose lists are equal get that very tuple
+    (its JSON is then made once), an instance whose list differs gets its own, and every booking is the one read
+    without sharing, field for field and in its published JSON."""
+    series = [e for e in events() if e.get("seriesMasterId")]
+    assert len(series) >= 3
+    other = json.loads(json.dumps(series[-1]))
+    other["attendees"] = [*other["attendees"], {"type": "optional", "status": {"response": "accepted"},
+                                                "emailAddress": {"name": "Guest", "address": "Guest@Fabrikam.com"}}]
+    renamed = json.loads(json.dumps(series[0]))
+    renamed["attendees"][0]["emailAddress"]["name"] = "Someone Else"
+    instances = [*series, other, renamed, series[1]]
+    uid = "meeting-uid"
+    shared: dict[str, Any] = {}
+    alone = [booking_from_event(e, ROOM, uid) for e in instances]
+    together = [booking_from_event(e, ROOM, uid, shared=shared) for e in instances]
+    assert all(b is not None for b in together)
+    assert together == alone
+    assert [b.content_json() for b in together] == [b.content_json() for b in alone]  # type: ignore[union-attr]
+    people = [b.attendees for b in together]  # type: ignore[union-attr]
+    assert all(p is people[0] for p in people[:len(series)]), "equal lists share one tuple"
+    assert people[len(series)] is not people[0] and people[len(series)][-1].email == "guest@fabrikam.com"
+    assert people[len(series) + 1][0].name == "Someone Else" and people[len(series) + 1] is not people[0]
+    assert people[-1] == people[0] and people[-1] is not people[0], "the last list read is the one kept"
+    another = booking_from_event(series[0], ROOM, "another-meeting", shared=shared)
+    assert another is not None and another.attendees is not people[0], "kept by meeting"
+
+
 def test_graph_times_with_seven_fraction_digits_and_other_zones_parse():
     assert parse_time({"dateTime": "2026-03-26T09:00:00.1234567", "timeZone": "UTC"}) == \
         datetime(2026, 3, 26, 9, 0, 0, 123456, tzinfo=UTC)

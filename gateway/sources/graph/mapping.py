@@ -166,11 +166,30 @@ def listed(s: datetime, e: datetime, occurrence: bool, start: datetime, end: dat
     return (s < end and e > start) or (s == e and start <= s < end and not occurrence)
 
 
+Shared = dict[str, tuple[Any, tuple[Attendee, ...]]]  # meeting UID -> an instance's attendees as read, and as made
+
+
+def _shared_attendees(event: dict[str, Any], uid: str, shared: Shared | None) -> tuple[Attendee, ...]:
+    """The event's attendees; with ``shared``, the same tuple as an earlier instance of the meeting whose list was
+    equal (Graph repeats a series' attendees on every instance: read once, and their JSON made once a meeting, as
+    the model keeps it by the tuple's identity, instead of once an instance)."""
+    if shared is None:
+        return _attendees(event)
+    raw = event.get("attendees")
+    known = shared.get(uid)
+    if known is not None and known[0] == raw:
+        return known[1]
+    made = _attendees(event)
+    shared[uid] = (raw, made)
+    return made
+
+
 def booking_from_event(event: dict[str, Any], room: str, uid: str, default_tz: str = "UTC", *,
-                       ours: bool = False) -> Booking | None:
+                       ours: bool = False, shared: Shared | None = None) -> Booking | None:
     """One instance of a room's calendarView (singleInstance, occurrence or exception) as a booking; None for what
     is no booking (a series master, an item without times). ``ours``: the gateway is known to have written the
-    meeting (a room's copy of a meeting carries neither the organizer's transactionId nor its command key)."""
+    meeting (a room's copy of a meeting carries neither the organizer's transactionId nor its command key).
+    ``shared``: the attendees read of each meeting so far in this read (kept by the caller, one dict a read)."""
     kind = event.get("type") or "singleInstance"
     if kind == "seriesMaster":
         return None  # a series is its occurrences, never one booking at its first
@@ -198,7 +217,7 @@ def booking_from_event(event: dict[str, Any], room: str, uid: str, default_tz: s
         subject_is_organizer_name=bool(subject and organizer and organizer.name
                                        and subject.strip() == organizer.name.strip()),
         organizer=organizer,
-        attendees=_attendees(event),
+        attendees=_shared_attendees(event, uid, shared),
         sensitivity=str(sensitivity),
         online_meeting_url=event.get("onlineMeetingUrl") or online.get("joinUrl") or None,
         response=_RESPONSES.get(str((event.get("responseStatus") or {}).get("response") or ""), "unknown"),

@@ -33,7 +33,15 @@ from gateway.errors import NotFound, SyncStateInvalid
 from gateway.model import Booking, Window
 from gateway.ports import Changes, RoomInfo
 from gateway.sources.graph.client import Answer, GraphClient
-from gateway.sources.graph.mapping import EXPAND, booking_from_event, event_uid, in_window, listed, parse_time
+from gateway.sources.graph.mapping import (
+    EXPAND,
+    Shared,
+    booking_from_event,
+    event_uid,
+    in_window,
+    listed,
+    parse_time,
+)
 from gateway.sources.graph.settings import GraphSettings
 
 log = structlog.get_logger("gateway.sources.graph")
@@ -173,10 +181,11 @@ class GraphSource:
                 found[i] = uid
         out: list[Booking] = []
         seen: set[tuple[str, datetime | None]] = set()
+        shared: Shared = {}
         for e, uid in zip(events, found):
             if uid is None or (uids is not None and uid not in uids):
                 continue
-            b = booking_from_event(e, room, uid, ours=uid in self.ours)
+            b = booking_from_event(e, room, uid, ours=uid in self.ours, shared=shared)
             if b is None or (b.uid, b.original_start) in seen:
                 continue
             if within is not None and not listed(b.start, b.end, b.series_id is not None and not b.is_exception,
