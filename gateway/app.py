@@ -496,16 +496,16 @@ def init_app(options: GatewayOptions, *, metrics: Metrics | None = None,
 
             def room_states() -> dict[str, dict[str, Any]]:
                 now = time.monotonic()
-                # (a worker takes its state and row as the step that stores them is queued: the reason shown is
-                # the state's own, not the last stored row's while that step is being written)
-                return {email: {"state": w.state,
-                                "reason": w.stored.reason if w.stored is not None and w.stored.state == w.state
-                                else "",
-                                "remedy": (w.stored.remedy if w.stored is not None and w.stored.state == w.state
-                                           else "") or ROOM_STATES.get(w.state, ""),
-                                "last_sync_age_seconds": None if w.last_success is None else
-                                round(now - w.last_success, 3)}
-                        for email, w in coordinator.workers.items()}
+                out: dict[str, dict[str, Any]] = {}
+                for email, w in coordinator.workers.items():
+                    # (a worker takes its state and row as the step that stores them is queued: the reason shown
+                    # is the state's own, not the last stored row's while that step is being written)
+                    own = w.stored if w.stored is not None and w.stored.state == w.state else None
+                    out[email] = {"state": w.state, "reason": "" if own is None else own.reason,
+                                  "remedy": ("" if own is None else own.remedy) or ROOM_STATES.get(w.state, ""),
+                                  "last_sync_age_seconds": None if w.last_success is None else
+                                  round(now - w.last_success, 3)}
+                return out
 
             def relay_state() -> str:
                 tunnel = app[TUNNEL]
